@@ -1,0 +1,80 @@
+"""What every native model shares: outputs, config round trips, the shift of labels, saving."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+# Keys of a Hugging Face config.json that are derived or bookkeeping, never read back.
+_DERIVED_KEYS = {"dense_act_fn", "is_gated_act", "transformers_version", "architectures", "torch_dtype", "dtype"}
+
+
+@dataclass
+class Seq2SeqOutput:
+    loss: torch.Tensor | None = None  # scalar fp32, mean over labels != -100
+    logits: torch.Tensor | None = None  # (B, Ld, vocab), only when asked for
+    encoder_last_hidden_state: torch.Tensor | None = None  # (B, Le, d_model)
+    decoder_last_hidden_state: torch.Tensor | None = None  # (B, Ld, d_model), before the LM head
+
+
+@dataclass
+class EncoderOutput:
+    last_hidden_state: torch.Tensor  # (B, L, d_model)
+
+
+class HFConfig:
+    """Mixin for config dataclasses that mirror a Hugging Face config.json.
+
+    Known fields map one to one onto config.json keys; other keys are kept in
+    `extra` and written back unchanged.
+    """
+
+    @classmethod
+    def from_hf_dict(cls, data: dict[str, Any]) -> HFConfig:
+        names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        known = {k: v for k, v in data.items() if k in names}
+        extra = {k: v for k, v in data.items() if k not in names and k not in _DERIVED_KEYS}
+        return cls(**known, extra=extra)
+
+    def to_hf_dict(self) -> dict[str, Any]:
+        out = dict(self.extra)
+        for f in dataclasses.fields(self):
+            if f.name != "extra":
+                out[f.name] = getattr(self, f.name)
+        return out
+
+
+def shift_right(labels: torch.Tensor, decoder_start_token_id: int, pad_token_id: int) -> torch.Tensor:
+    """Decoder inputs from labels `(B, L)`: start token first, labels shifted right, -100 -> pad."""
+    shifted = labels.new_zeros(labels.shape)
+    shifted[:, 1:] = labels[:, :-1]
+    shifted[:, 0] = decoder_start_token_id
+    return shifted.masked_fill(shifted == -100, pad_token_id)
+
+
+class PreTrainedModel(nn.Module):
+    """Base of the native models: a config, tied-parameter bookkeeping and `save_pretrained`."""
+
+    config_class: type = HFConfig
+    # Checkpoint keys that older or other exports carry and that this model does not use.
+    ignored_checkpoint_keys: tuple[str, ...] = ()
+
+    def tied_parameters(self) -> dict[str, str]:
+        """State-dict keys that alias another key's parameter (alias -> source)."""
+        return {}
+
+    def tie_weights(self) -> None:
+        """Re-establish parameter sharing (after loading with `assign=True`)."""
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def save_pretrained(self, path, *, max_shard_size: int | str = "5GB") -> None:
+        """Write `config.json` and safetensors weights (sharded above `max_shard_size`), atomically."""
+        from ..checkpoint import save_pretrained
+
+        save_pretrained(self, path, max_shard_size=max_shard_size)

@@ -1,0 +1,306 @@
+"""BlenderbotSmall: a post-LayerNorm encoder-decoder with learned positions and scaled attention."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fastseq.kernels import bucketed_attention, linear_cross_entropy
+
+from .base import EncoderOutput, HFConfig, PreTrainedModel, Seq2SeqOutput, shift_right
+
+_ACTIVATIONS = {
+    "gelu": F.gelu,
+    "relu": F.relu,
+    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
+    "silu": F.silu,
+    "swish": F.silu,
+}
+
+
+@dataclass
+class BlenderbotSmallConfig(HFConfig):
+    vocab_size: int = 50265  # tokens in the vocabulary
+    max_position_embeddings: int = 512  # longest sequence the learned positions cover
+    d_model: int = 512  # width of the residual stream
+    encoder_layers: int = 8
+    decoder_layers: int = 8
+    encoder_attention_heads: int = 16
+    decoder_attention_heads: int = 16
+    encoder_ffn_dim: int = 2048  # inner width of the encoder feed-forward
+    decoder_ffn_dim: int = 2048  # inner width of the decoder feed-forward
+    activation_function: str = "gelu"  # feed-forward activation
+    dropout: float = 0.1  # residual and embedding dropout
+    attention_dropout: float = 0.0  # dropout of attention probabilities
+    activation_dropout: float = 0.0  # dropout after the feed-forward activation
+    init_std: float = 0.02  # standard deviation of the initial weights
+    scale_embedding: bool = False  # multiply encoder token embeddings by sqrt(d_model)
+    tie_word_embeddings: bool = True  # the LM head shares the input embedding matrix
+    pad_token_id: int = 0
+    bos_token_id: int = 1
+    eos_token_id: int = 2
+    decoder_start_token_id: int = 1
+    forced_eos_token_id: int | None = 2
+    model_type: str = "blenderbot-small"
+    extra: dict[str, Any] = field(default_factory=dict)  # other config.json keys, written back as read
+
+    def __post_init__(self) -> None:
+        if self.activation_function not in _ACTIVATIONS:
+            raise ValueError(
+                f"activation_function={self.activation_function!r} is not supported; "
+                f"use one of {sorted(_ACTIVATIONS)}"
+            )
+        for heads, name in ((self.encoder_attention_heads, "encoder"), (self.decoder_attention_heads, "decoder")):
+            if self.d_model % heads:
+                raise ValueError(f"d_model={self.d_model} is not divisible by {name}_attention_heads={heads}")
+
+    def to_hf_dict(self) -> dict[str, Any]:
+        out = super().to_hf_dict()
+        out["is_encoder_decoder"] = True
+        return out
+
+
+class BlenderbotSmallAttention(nn.Module):
+    def __init__(self, d_model: int, num_heads: int, dropout: float):
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = d_model // num_heads
+        self.dropout = dropout
+        self.k_proj = nn.Linear(d_model, d_model)
+        self.v_proj = nn.Linear(d_model, d_model)
+        self.q_proj = nn.Linear(d_model, d_model)
+        self.out_proj = nn.Linear(d_model, d_model)
+
+    def split_heads(self, x: torch.Tensor) -> torch.Tensor:
+        B, L, _ = x.shape
+        return x.view(B, L, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, L, D)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        *,
+        key_padding_mask: torch.Tensor | None,
+        causal: bool = False,
+        kv_states: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        B, L, d = x.shape
+        source = x if kv_states is None else kv_states
+        q = self.split_heads(self.q_proj(x))  # (B, H, Lq, D)
+        k = self.split_heads(self.k_proj(source))  # (B, H, Lk, D)
+        v = self.split_heads(self.v_proj(source))  # (B, H, Lk, D)
+        out = bucketed_attention(
+            q,
+            k,
+            v,
+            None,
+            causal=causal,
+            key_padding_mask=key_padding_mask,
+            scale=self.head_dim**-0.5,
+            dropout_p=self.dropout if self.training else 0.0,
+        )  # (B, H, Lq, D)
+        return self.out_proj(out.transpose(1, 2).reshape(B, L, d))  # (B, Lq, d_model)
+
+
+class _FeedForward(nn.Module):
+    def __init__(self, config: BlenderbotSmallConfig, ffn_dim: int):
+        super().__init__()
+        self.fc1 = nn.Linear(config.d_model, ffn_dim)
+        self.fc2 = nn.Linear(ffn_dim, config.d_model)
+        self.activation = _ACTIVATIONS[config.activation_function]
+        self.activation_dropout = config.activation_dropout
+
+    def ffn(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.activation(self.fc1(x))  # (B, L, ffn_dim)
+        return self.fc2(F.dropout(h, p=self.activation_dropout, training=self.training))
+
+
+class BlenderbotSmallEncoderLayer(_FeedForward):
+    def __init__(self, config: BlenderbotSmallConfig):
+        super().__init__(config, config.encoder_ffn_dim)
+        self.self_attn = BlenderbotSmallAttention(
+            config.d_model, config.encoder_attention_heads, config.attention_dropout
+        )
+        self.self_attn_layer_norm = nn.LayerNorm(config.d_model)
+        self.final_layer_norm = nn.LayerNorm(config.d_model)
+        self.dropout = config.dropout
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        h = self.self_attn(x, key_padding_mask=mask)
+        x = self.self_attn_layer_norm(x + F.dropout(h, p=self.dropout, training=self.training))
+        h = self.ffn(x)
+        x = self.final_layer_norm(x + F.dropout(h, p=self.dropout, training=self.training))
+        if x.dtype == torch.float16 and not torch.isfinite(x).all():
+            limit = torch.finfo(torch.float16).max - 1000
+            x = torch.clamp(x, min=-limit, max=limit)
+        return x
+
+
+class BlenderbotSmallDecoderLayer(_FeedForward):
+    def __init__(self, config: BlenderbotSmallConfig):
+        super().__init__(config, config.decoder_ffn_dim)
+        heads, drop = config.decoder_attention_heads, config.attention_dropout
+        self.self_attn = BlenderbotSmallAttention(config.d_model, heads, drop)
+        self.self_attn_layer_norm = nn.LayerNorm(config.d_model)
+        self.encoder_attn = BlenderbotSmallAttention(config.d_model, heads, drop)
+        self.encoder_attn_layer_norm = nn.LayerNorm(config.d_model)
+        self.final_layer_norm = nn.LayerNorm(config.d_model)
+        self.dropout = config.dropout
+
+    def forward(self, x, mask, encoder_states, encoder_mask) -> torch.Tensor:
+        h = self.self_attn(x, key_padding_mask=mask, causal=True)
+        x = self.self_attn_layer_norm(x + F.dropout(h, p=self.dropout, training=self.training))
+        h = self.encoder_attn(x, key_padding_mask=encoder_mask, kv_states=encoder_states)
+        x = self.encoder_attn_layer_norm(x + F.dropout(h, p=self.dropout, training=self.training))
+        h = self.ffn(x)
+        return self.final_layer_norm(x + F.dropout(h, p=self.dropout, training=self.training))
+
+
+class BlenderbotSmallEncoder(nn.Module):
+    def __init__(self, config: BlenderbotSmallConfig, embed_tokens: nn.Embedding):
+        super().__init__()
+        self.embed_tokens = embed_tokens
+        self.embed_positions = nn.Embedding(config.max_position_embeddings, config.d_model)
+        self.layers = nn.ModuleList([BlenderbotSmallEncoderLayer(config) for _ in range(config.encoder_layers)])
+        self.layernorm_embedding = nn.LayerNorm(config.d_model)
+        self.embed_scale = math.sqrt(config.d_model) if config.scale_embedding else 1.0
+        self.dropout = config.dropout
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        _check_positions(input_ids, self.embed_positions)
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+        x = self.embed_tokens(input_ids) * self.embed_scale + self.embed_positions(positions)  # (B, L, d)
+        x = F.dropout(self.layernorm_embedding(x), p=self.dropout, training=self.training)
+        for layer in self.layers:
+            x = layer(x, attention_mask)
+        return x
+
+
+class BlenderbotSmallDecoder(nn.Module):
+    def __init__(self, config: BlenderbotSmallConfig, embed_tokens: nn.Embedding):
+        super().__init__()
+        self.embed_tokens = embed_tokens
+        self.embed_positions = nn.Embedding(config.max_position_embeddings, config.d_model)
+        self.layers = nn.ModuleList([BlenderbotSmallDecoderLayer(config) for _ in range(config.decoder_layers)])
+        self.layernorm_embedding = nn.LayerNorm(config.d_model)
+        self.dropout = config.dropout
+
+    def forward(self, input_ids, attention_mask, encoder_states, encoder_mask) -> torch.Tensor:
+        _check_positions(input_ids, self.embed_positions)
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+        # The decoder normalises the token embeddings before adding positions, as the reference does.
+        x = self.layernorm_embedding(self.embed_tokens(input_ids)) + self.embed_positions(positions)  # (B, L, d)
+        x = F.dropout(x, p=self.dropout, training=self.training)
+        for layer in self.layers:
+            x = layer(x, attention_mask, encoder_states, encoder_mask)
+        return x
+
+
+def _check_positions(input_ids: torch.Tensor, positions: nn.Embedding) -> None:
+    if input_ids.shape[1] > positions.num_embeddings:
+        raise ValueError(
+            f"sequence length {input_ids.shape[1]} exceeds max_position_embeddings={positions.num_embeddings}; "
+            "truncate the inputs"
+        )
+
+
+class BlenderbotSmallModel(nn.Module):
+    def __init__(self, config: BlenderbotSmallConfig):
+        super().__init__()
+        self.shared = nn.Embedding(config.vocab_size, config.d_model, padding_idx=config.pad_token_id)
+        self.encoder = BlenderbotSmallEncoder(config, self.shared)
+        self.decoder = BlenderbotSmallDecoder(config, self.shared)
+
+
+class _BlenderbotSmallBase(PreTrainedModel):
+    config_class = BlenderbotSmallConfig
+
+    def init_weights(self) -> None:
+        """Hugging Face's initialisation: normal(0, init_std) weights, zero biases, unit LayerNorms."""
+        std = self.config.init_std
+        with torch.no_grad():
+            for module in self.modules():
+                if isinstance(module, nn.Linear):
+                    nn.init.normal_(module.weight, std=std)
+                    if module.bias is not None:
+                        nn.init.zeros_(module.bias)
+                elif isinstance(module, nn.Embedding):
+                    nn.init.normal_(module.weight, std=std)
+                    if module.padding_idx is not None:
+                        module.weight[module.padding_idx].zero_()
+                elif isinstance(module, nn.LayerNorm):
+                    nn.init.ones_(module.weight)
+                    nn.init.zeros_(module.bias)
+
+
+class BlenderbotSmallForConditionalGeneration(_BlenderbotSmallBase):
+    ignored_checkpoint_keys = ()
+
+    def __init__(self, config: BlenderbotSmallConfig):
+        super().__init__()
+        self.config = config
+        self.model = BlenderbotSmallModel(config)
+        self.register_buffer("final_logits_bias", torch.zeros(1, config.vocab_size))
+        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        self.tie_weights()
+        if not any(p.is_meta for p in self.parameters()):
+            self.init_weights()
+            self.tie_weights()
+
+    @property
+    def shared(self) -> nn.Embedding:
+        return self.model.shared
+
+    def tied_parameters(self) -> dict[str, str]:
+        tied = {
+            "model.encoder.embed_tokens.weight": "model.shared.weight",
+            "model.decoder.embed_tokens.weight": "model.shared.weight",
+        }
+        if self.config.tie_word_embeddings:
+            tied["lm_head.weight"] = "model.shared.weight"
+        return tied
+
+    def tie_weights(self) -> None:
+        self.model.encoder.embed_tokens = self.model.shared
+        self.model.decoder.embed_tokens = self.model.shared
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.model.shared.weight
+
+    def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self.model.encoder(input_ids, attention_mask)
+
+    def decode(self, decoder_input_ids, encoder_states, attention_mask=None, decoder_attention_mask=None):
+        return self.model.decoder(decoder_input_ids, decoder_attention_mask, encoder_states, attention_mask)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        decoder_input_ids: torch.Tensor | None = None,
+        decoder_attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        *,
+        encoder_outputs: torch.Tensor | None = None,
+        return_logits: bool | None = None,
+    ) -> Seq2SeqOutput:
+        """As `T5ForConditionalGeneration.forward`; logits include `final_logits_bias`."""
+        if decoder_input_ids is None:
+            if labels is None:
+                raise ValueError("pass decoder_input_ids or labels (decoder inputs are made from labels)")
+            decoder_input_ids = shift_right(labels, self.config.decoder_start_token_id, self.config.pad_token_id)
+        encoder_states = self.encode(input_ids, attention_mask) if encoder_outputs is None else encoder_outputs
+        h = self.decode(decoder_input_ids, encoder_states, attention_mask, decoder_attention_mask)
+        bias = self.final_logits_bias[0]  # (vocab,)
+        loss = None
+        if labels is not None:
+            loss = linear_cross_entropy(h, self.lm_head.weight, labels, bias=bias)
+        if return_logits is None:
+            return_logits = labels is None or not self.training
+        logits = self.lm_head(h) + bias if return_logits else None
+        return Seq2SeqOutput(
+            loss=loss, logits=logits, encoder_last_hidden_state=encoder_states, decoder_last_hidden_state=h
+        )

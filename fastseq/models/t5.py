@@ -1,0 +1,400 @@
+"""T5 (v1.0 and v1.1), mT5 and ByT5: one encoder-decoder, several configurations.
+
+Parameter names are Hugging Face's, so a `transformers` state dict loads with
+`strict=True`. Attention, feed-forward, norms and the loss go through
+`fastseq.kernels`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fastseq.kernels import bucketed_attention, gated_gelu, linear_cross_entropy, rms_norm
+
+from .base import EncoderOutput, HFConfig, PreTrainedModel, Seq2SeqOutput, shift_right
+
+_FFN_KINDS = ("relu", "gated-gelu")
+
+
+@dataclass
+class T5Config(HFConfig):
+    vocab_size: int = 32128  # tokens in the vocabulary (mT5: 250112, ByT5: 384)
+    d_model: int = 512  # width of the residual stream
+    d_kv: int = 64  # width of one attention head
+    d_ff: int = 2048  # inner width of the feed-forward block
+    num_layers: int = 6  # encoder blocks
+    num_decoder_layers: int | None = None  # decoder blocks; None = num_layers
+    num_heads: int = 8  # attention heads
+    relative_attention_num_buckets: int = 32  # rows of the relative-position bias table
+    relative_attention_max_distance: int = 128  # distances beyond this share the last bucket
+    dropout_rate: float = 0.1  # every dropout of the model, attention probabilities included
+    layer_norm_epsilon: float = 1e-6  # RMSNorm epsilon
+    feed_forward_proj: str = "relu"  # "relu" (T5 v1.0) or "gated-gelu" (v1.1, mT5, ByT5, LongT5)
+    tie_word_embeddings: bool = True  # the LM head shares the input embedding matrix
+    scale_decoder_outputs: bool | None = None  # scale by d_model**-0.5 before the head; None = tied
+    initializer_factor: float = 1.0  # multiplies every initial standard deviation
+    pad_token_id: int = 0
+    eos_token_id: int = 1
+    decoder_start_token_id: int = 0  # first decoder input; T5 starts with the pad token
+    model_type: str = "t5"  # "t5" or "mt5": the same architecture, kept for config.json
+    extra: dict[str, Any] = field(default_factory=dict)  # other config.json keys, written back as read
+
+    def __post_init__(self) -> None:
+        if self.num_decoder_layers is None:
+            self.num_decoder_layers = self.num_layers
+        if self.scale_decoder_outputs is None:
+            self.scale_decoder_outputs = self.tie_word_embeddings
+        if self.feed_forward_proj not in _FFN_KINDS:
+            raise ValueError(
+                f"feed_forward_proj={self.feed_forward_proj!r} is not supported; use one of {_FFN_KINDS}"
+            )
+
+    @property
+    def is_gated(self) -> bool:
+        return self.feed_forward_proj == "gated-gelu"
+
+    def to_hf_dict(self) -> dict[str, Any]:
+        out = super().to_hf_dict()
+        out["is_encoder_decoder"] = True
+        return out
+
+
+class T5LayerNorm(nn.Module):
+    def __init__(self, d_model: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(d_model))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return rms_norm(x, self.weight, self.eps)
+
+
+class T5DenseActDense(nn.Module):
+    """T5 v1.0 feed-forward: wo(dropout(relu(wi(x))))."""
+
+    def __init__(self, config: T5Config):
+        super().__init__()
+        self.wi = nn.Linear(config.d_model, config.d_ff, bias=False)
+        self.wo = nn.Linear(config.d_ff, config.d_model, bias=False)
+        self.dropout = nn.Dropout(config.dropout_rate)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.dropout(F.relu(self.wi(x)))  # (B, L, d_ff)
+        return self.wo(h.to(self.wo.weight.dtype))
+
+
+class T5DenseGatedActDense(nn.Module):
+    """T5 v1.1 feed-forward: wo(dropout(gelu_tanh(wi_0(x)) * wi_1(x)))."""
+
+    def __init__(self, config: T5Config):
+        super().__init__()
+        self.wi_0 = nn.Linear(config.d_model, config.d_ff, bias=False)
+        self.wi_1 = nn.Linear(config.d_model, config.d_ff, bias=False)
+        self.wo = nn.Linear(config.d_ff, config.d_model, bias=False)
+        self.dropout = nn.Dropout(config.dropout_rate)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.dropout(gated_gelu(self.wi_0(x), self.wi_1(x)))  # (B, L, d_ff)
+        return self.wo(h.to(self.wo.weight.dtype))
+
+
+class T5LayerFF(nn.Module):
+    def __init__(self, config: T5Config):
+        super().__init__()
+        ffn = T5DenseGatedActDense if config.is_gated else T5DenseActDense
+        self.DenseReluDense = ffn(config)
+        self.layer_norm = T5LayerNorm(config.d_model, config.layer_norm_epsilon)
+        self.dropout = nn.Dropout(config.dropout_rate)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.dropout(self.DenseReluDense(self.layer_norm(x)))
+
+
+class T5Attention(nn.Module):
+    """Multi-head attention with T5's bucketed relative-position bias (no 1/sqrt(d) scale)."""
+
+    def __init__(self, config: T5Config, *, has_relative_attention_bias: bool, is_decoder: bool):
+        super().__init__()
+        self.n_heads = config.num_heads
+        self.d_kv = config.d_kv
+        self.is_decoder = is_decoder
+        self.max_distance = config.relative_attention_max_distance
+        self.dropout = config.dropout_rate
+        inner = config.num_heads * config.d_kv
+        self.q = nn.Linear(config.d_model, inner, bias=False)
+        self.k = nn.Linear(config.d_model, inner, bias=False)
+        self.v = nn.Linear(config.d_model, inner, bias=False)
+        self.o = nn.Linear(inner, config.d_model, bias=False)
+        if has_relative_attention_bias:
+            self.relative_attention_bias = nn.Embedding(config.relative_attention_num_buckets, config.num_heads)
+
+    def split_heads(self, x: torch.Tensor) -> torch.Tensor:
+        B, L, _ = x.shape
+        return x.view(B, L, self.n_heads, self.d_kv).transpose(1, 2)  # (B, H, L, D)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        *,
+        bias_table: torch.Tensor | None,
+        key_padding_mask: torch.Tensor | None,
+        causal: bool = False,
+        kv_states: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        B, L, _ = x.shape
+        source = x if kv_states is None else kv_states
+        q = self.split_heads(self.q(x))  # (B, H, Lq, D)
+        k = self.split_heads(self.k(source))  # (B, H, Lk, D)
+        v = self.split_heads(self.v(source))  # (B, H, Lk, D)
+        out = bucketed_attention(
+            q,
+            k,
+            v,
+            bias_table,
+            bidirectional=not self.is_decoder,
+            max_distance=self.max_distance,
+            causal=causal,
+            key_padding_mask=key_padding_mask,
+            scale=1.0,
+            dropout_p=self.dropout if self.training else 0.0,
+        )  # (B, H, Lq, D)
+        return self.o(out.transpose(1, 2).reshape(B, L, self.n_heads * self.d_kv))  # (B, Lq, d_model)
+
+
+class T5LayerSelfAttention(nn.Module):
+    def __init__(self, config: T5Config, *, has_relative_attention_bias: bool, is_decoder: bool):
+        super().__init__()
+        self.SelfAttention = T5Attention(
+            config, has_relative_attention_bias=has_relative_attention_bias, is_decoder=is_decoder
+        )
+        self.layer_norm = T5LayerNorm(config.d_model, config.layer_norm_epsilon)
+        self.dropout = nn.Dropout(config.dropout_rate)
+        self.causal = is_decoder
+
+    def position_tables(self) -> dict[str, torch.Tensor]:
+        """Bias tables this layer owns (layer 0 owns them; every layer uses them)."""
+        return {"bias_table": self.SelfAttention.relative_attention_bias.weight}
+
+    def forward(self, x: torch.Tensor, tables: dict[str, torch.Tensor], mask: torch.Tensor | None) -> torch.Tensor:
+        out = self.SelfAttention(
+            self.layer_norm(x), bias_table=tables["bias_table"], key_padding_mask=mask, causal=self.causal
+        )
+        return x + self.dropout(out)
+
+
+class T5LayerCrossAttention(nn.Module):
+    def __init__(self, config: T5Config):
+        super().__init__()
+        self.EncDecAttention = T5Attention(config, has_relative_attention_bias=False, is_decoder=True)
+        self.layer_norm = T5LayerNorm(config.d_model, config.layer_norm_epsilon)
+        self.dropout = nn.Dropout(config.dropout_rate)
+
+    def forward(self, x: torch.Tensor, encoder_states: torch.Tensor, encoder_mask: torch.Tensor | None):
+        out = self.EncDecAttention(
+            self.layer_norm(x), bias_table=None, key_padding_mask=encoder_mask, kv_states=encoder_states
+        )
+        return x + self.dropout(out)
+
+
+def _clamp_fp16(x: torch.Tensor) -> torch.Tensor:
+    """Keep fp16 activations finite, as the reference does after each sub-layer."""
+    if x.dtype != torch.float16:
+        return x
+    big = torch.finfo(torch.float16).max
+    limit = torch.where(torch.isinf(x).any(), big - 1000, big)
+    return torch.clamp(x, min=-limit, max=limit)
+
+
+class T5Block(nn.Module):
+    def __init__(self, config: T5Config, self_attention: nn.Module, *, is_decoder: bool):
+        super().__init__()
+        self.layer = nn.ModuleList([self_attention])
+        if is_decoder:
+            self.layer.append(T5LayerCrossAttention(config))
+        self.layer.append(T5LayerFF(config))
+        self.is_decoder = is_decoder
+
+    def forward(self, x, tables, mask, encoder_states=None, encoder_mask=None) -> torch.Tensor:
+        x = _clamp_fp16(self.layer[0](x, tables, mask))
+        if self.is_decoder:
+            x = _clamp_fp16(self.layer[1](x, encoder_states, encoder_mask))
+        return _clamp_fp16(self.layer[-1](x))
+
+
+SelfAttentionFactory = Callable[[int], nn.Module]
+
+
+class T5Stack(nn.Module):
+    """Embedding dropout, blocks, final RMSNorm and dropout. Layer 0 owns the bias tables."""
+
+    def __init__(
+        self, config: T5Config, embed_tokens: nn.Embedding, num_layers: int, *, is_decoder: bool,
+        self_attention: SelfAttentionFactory | None = None,
+    ):
+        super().__init__()
+        if self_attention is None:
+            def self_attention(i: int) -> nn.Module:
+                return T5LayerSelfAttention(config, has_relative_attention_bias=i == 0, is_decoder=is_decoder)
+        self.embed_tokens = embed_tokens
+        self.block = nn.ModuleList(
+            [T5Block(config, self_attention(i), is_decoder=is_decoder) for i in range(num_layers)]
+        )
+        self.final_layer_norm = T5LayerNorm(config.d_model, config.layer_norm_epsilon)
+        self.dropout = nn.Dropout(config.dropout_rate)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        encoder_states: torch.Tensor | None = None,
+        encoder_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        x = self.dropout(self.embed_tokens(input_ids))  # (B, L, d_model)
+        tables = self.block[0].layer[0].position_tables()
+        for block in self.block:
+            x = block(x, tables, attention_mask, encoder_states, encoder_mask)
+        return self.dropout(self.final_layer_norm(x))
+
+
+def _init_t5_module(module: nn.Module, config: T5Config) -> None:
+    """Hugging Face's T5 initialisation, module by module."""
+    factor = config.initializer_factor
+    d_model, d_kv, heads = config.d_model, config.d_kv, config.num_heads
+    if isinstance(module, T5LayerNorm):
+        nn.init.constant_(module.weight, factor)
+    elif isinstance(module, T5DenseActDense):
+        nn.init.normal_(module.wi.weight, std=factor * d_model**-0.5)
+        nn.init.normal_(module.wo.weight, std=factor * config.d_ff**-0.5)
+    elif isinstance(module, T5DenseGatedActDense):
+        nn.init.normal_(module.wi_0.weight, std=factor * d_model**-0.5)
+        nn.init.normal_(module.wi_1.weight, std=factor * d_model**-0.5)
+        nn.init.normal_(module.wo.weight, std=factor * config.d_ff**-0.5)
+    elif isinstance(module, T5Attention):
+        nn.init.normal_(module.q.weight, std=factor * (d_model * d_kv) ** -0.5)
+        nn.init.normal_(module.k.weight, std=factor * d_model**-0.5)
+        nn.init.normal_(module.v.weight, std=factor * d_model**-0.5)
+        nn.init.normal_(module.o.weight, std=factor * (heads * d_kv) ** -0.5)
+        for name in ("relative_attention_bias", "global_relative_attention_bias"):
+            if hasattr(module, name):
+                nn.init.normal_(getattr(module, name).weight, std=factor * d_model**-0.5)
+
+
+class _T5Base(PreTrainedModel):
+    config_class = T5Config
+
+    def init_weights(self) -> None:
+        """Initialise every parameter as Hugging Face does for a new model."""
+        with torch.no_grad():
+            for module in self.modules():
+                _init_t5_module(module, self.config)
+            nn.init.normal_(self.shared.weight, std=self.config.initializer_factor)
+            head = getattr(self, "lm_head", None)
+            if head is not None and head.weight is not self.shared.weight:
+                nn.init.normal_(head.weight, std=self.config.initializer_factor)
+
+
+class T5ForConditionalGeneration(_T5Base):
+    ignored_checkpoint_keys = ("decoder.block.0.layer.1.EncDecAttention.relative_attention_bias.weight",)
+
+    def __init__(self, config: T5Config, *, encoder_self_attention: SelfAttentionFactory | None = None):
+        super().__init__()
+        self.config = config
+        self.shared = nn.Embedding(config.vocab_size, config.d_model)
+        self.encoder = T5Stack(
+            config, self.shared, config.num_layers, is_decoder=False, self_attention=encoder_self_attention
+        )
+        self.decoder = T5Stack(config, self.shared, config.num_decoder_layers, is_decoder=True)
+        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        self.tie_weights()
+        if not any(p.is_meta for p in self.parameters()):
+            self.init_weights()
+
+    def tied_parameters(self) -> dict[str, str]:
+        tied = {"encoder.embed_tokens.weight": "shared.weight", "decoder.embed_tokens.weight": "shared.weight"}
+        if self.config.tie_word_embeddings:
+            tied["lm_head.weight"] = "shared.weight"
+        return tied
+
+    def tie_weights(self) -> None:
+        self.encoder.embed_tokens = self.shared
+        self.decoder.embed_tokens = self.shared
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.shared.weight
+
+    def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """input_ids `(B, Le)` -> encoder states `(B, Le, d_model)`."""
+        return self.encoder(input_ids, attention_mask)
+
+    def decode(
+        self,
+        decoder_input_ids: torch.Tensor,
+        encoder_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        decoder_attention_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Decoder states `(B, Ld, d_model)`, rescaled for the head when the config says so."""
+        h = self.decoder(decoder_input_ids, decoder_attention_mask, encoder_states, attention_mask)
+        if self.config.scale_decoder_outputs:
+            h = h * self.config.d_model**-0.5
+        return h
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        decoder_input_ids: torch.Tensor | None = None,
+        decoder_attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        *,
+        encoder_outputs: torch.Tensor | None = None,
+        return_logits: bool | None = None,
+    ) -> Seq2SeqOutput:
+        """input_ids `(B, Le)`, labels `(B, Ld)` with -100 ignored. Logits `(B, Ld, vocab)` are
+        returned when `return_logits` is True; by default whenever there is no loss or the model
+        is in eval mode (training with labels skips them)."""
+        if decoder_input_ids is None:
+            if labels is None:
+                raise ValueError("pass decoder_input_ids or labels (decoder inputs are made from labels)")
+            decoder_input_ids = shift_right(labels, self.config.decoder_start_token_id, self.config.pad_token_id)
+        encoder_states = self.encode(input_ids, attention_mask) if encoder_outputs is None else encoder_outputs
+        h = self.decode(decoder_input_ids, encoder_states, attention_mask, decoder_attention_mask)
+        loss = None
+        if labels is not None:
+            loss = linear_cross_entropy(h, self.lm_head.weight, labels)
+        if return_logits is None:
+            return_logits = labels is None or not self.training
+        logits = self.lm_head(h) if return_logits else None
+        return Seq2SeqOutput(
+            loss=loss, logits=logits, encoder_last_hidden_state=encoder_states, decoder_last_hidden_state=h
+        )
+
+
+class T5EncoderModel(_T5Base):
+    ignored_checkpoint_keys = ("decoder.*", "lm_head.weight")
+
+    def __init__(self, config: T5Config, *, encoder_self_attention: SelfAttentionFactory | None = None):
+        super().__init__()
+        self.config = config
+        self.shared = nn.Embedding(config.vocab_size, config.d_model)
+        self.encoder = T5Stack(
+            config, self.shared, config.num_layers, is_decoder=False, self_attention=encoder_self_attention
+        )
+        if not any(p.is_meta for p in self.parameters()):
+            self.init_weights()
+
+    def tied_parameters(self) -> dict[str, str]:
+        return {"encoder.embed_tokens.weight": "shared.weight"}
+
+    def tie_weights(self) -> None:
+        self.encoder.embed_tokens = self.shared
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> EncoderOutput:
+        """input_ids `(B, L)` -> last_hidden_state `(B, L, d_model)`."""
+        return EncoderOutput(last_hidden_state=self.encoder(input_ids, attention_mask))
+

@@ -1,0 +1,24 @@
+"""fastseq.kernels: the fused ops of fastseq, each with its PyTorch reference.
+
+Every public function dispatches on `FASTSEQ_BACKEND` (see `_backend`).
+"""
+
+from ._backend import backend
+from .bucketed_attention import bucketed_attention, relative_position_bucket
+from .gated_gelu import gated_gelu
+from .global_aggregate import global_aggregate, global_block_ids
+from .linear_cross_entropy import linear_cross_entropy
+from .local_attention import local_attention
+from .rms_norm import rms_norm
+
+__all__ = [
+    "backend",
+    "bucketed_attention",
+    "gated_gelu",
+    "global_aggregate",
+    "global_block_ids",
+    "linear_cross_entropy",
+    "local_attention",
+    "relative_position_bucket",
+    "rms_norm",
+]

@@ -1,0 +1,54 @@
+"""Backend selection shared by every op.
+
+`FASTSEQ_BACKEND` picks the implementation:
+- `auto` (default): the Triton kernel when the inputs live on a CUDA device and
+  the op has one, the PyTorch reference otherwise.
+- `reference`: always the reference.
+- `triton`: always the Triton kernel; on the CPU this needs `TRITON_INTERPRET=1`.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+_CHOICES = ("auto", "reference", "triton")
+
+
+def backend() -> str:
+    """The backend asked for by `FASTSEQ_BACKEND` (read on every call so tests can switch it)."""
+    value = os.environ.get("FASTSEQ_BACKEND", "auto").strip().lower() or "auto"
+    if value not in _CHOICES:
+        raise ValueError(f"FASTSEQ_BACKEND={value!r} is not one of {_CHOICES}; unset it or pick one of those")
+    return value
+
+
+def interpreting() -> bool:
+    """True when Triton runs its kernels on the CPU through the interpreter."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def use_triton(op: str, has_kernel: bool, *tensors: torch.Tensor | None) -> bool:
+    """Whether `op` runs its Triton kernel for these inputs.
+
+    `has_kernel` says whether the op ships a Triton kernel in this build. Forcing
+    `FASTSEQ_BACKEND=triton` for an op without one, or on CPU tensors without the
+    interpreter, is an error rather than a silent fallback.
+    """
+    choice = backend()
+    if choice == "reference":
+        return False
+    on_cuda = any(t is not None and t.is_cuda for t in tensors)
+    if choice == "auto":
+        return has_kernel and on_cuda
+    if not has_kernel:
+        raise NotImplementedError(
+            f"{op}: no Triton kernel is available for this op; set FASTSEQ_BACKEND=reference or auto"
+        )
+    if not on_cuda and not interpreting():
+        raise RuntimeError(
+            f"{op}: FASTSEQ_BACKEND=triton with CPU tensors needs TRITON_INTERPRET=1 "
+            "(or move the inputs to a CUDA device)"
+        )
+    return True
