@@ -37,7 +37,7 @@ class T5Config(HFConfig):
     layer_norm_epsilon: float = 1e-6  # RMSNorm epsilon
     feed_forward_proj: str = "relu"  # "relu" (T5 v1.0) or "gated-gelu" (v1.1, mT5, ByT5, LongT5)
     tie_word_embeddings: bool = True  # the LM head shares the input embedding matrix
-    scale_decoder_outputs: bool | None = None  # scale by d_model**-0.5 before the head; None = tied
+    scale_decoder_outputs: bool | None = None  # scale by d_model**-0.5 before the head; None: T5 when tied
     initializer_factor: float = 1.0  # multiplies every initial standard deviation
     pad_token_id: int = 0
     eos_token_id: int = 1
@@ -49,7 +49,8 @@ class T5Config(HFConfig):
         if self.num_decoder_layers is None:
             self.num_decoder_layers = self.num_layers
         if self.scale_decoder_outputs is None:
-            self.scale_decoder_outputs = self.tie_word_embeddings
+            # T5 v1.0 rescales because its head is the embedding; mT5 never rescales.
+            self.scale_decoder_outputs = self.tie_word_embeddings and self.model_type != "mt5"
         if self.feed_forward_proj not in _FFN_KINDS:
             raise ValueError(
                 f"feed_forward_proj={self.feed_forward_proj!r} is not supported; use one of {_FFN_KINDS}"
