@@ -16,6 +16,11 @@ import torch
 _CHOICES = ("auto", "reference", "triton")
 
 
+def upcast(x: torch.Tensor) -> torch.Tensor:
+    """x in the dtype the references compute in: fp32 for half precision, else x's own (fp32 or fp64)."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
 def backend() -> str:
     """The backend asked for by `FASTSEQ_BACKEND` (read on every call so tests can switch it)."""
     value = os.environ.get("FASTSEQ_BACKEND", "auto").strip().lower() or "auto"

@@ -11,7 +11,7 @@ import math
 
 import torch
 
-from ._backend import use_triton
+from ._backend import upcast, use_triton
 
 HAS_TRITON_KERNEL = False
 
@@ -62,7 +62,7 @@ def relative_bias(
     buckets = relative_position_bucket(
         distances, bidirectional=bidirectional, num_buckets=bias_table.shape[0], max_distance=max_distance
     )
-    per_distance = bias_table.float()[buckets].t()  # (H, Lq + Lk - 1)
+    per_distance = upcast(bias_table)[buckets].t()  # (H, Lq + Lk - 1)
     i = torch.arange(query_length, device=device)[:, None]
     j = torch.arange(key_length, device=device)[None, :]
     return per_distance[:, j - i + (query_length - 1)]  # (H, Lq, Lk)
@@ -110,14 +110,14 @@ def bucketed_attention_reference(
     A query row with no key to attend (all masked) returns zeros, not NaN.
     """
     Lq, Lk = q.shape[2], k.shape[2]
-    scores = torch.matmul(q.float(), k.float().transpose(-1, -2))  # (B, H, Lq, Lk)
+    scores = torch.matmul(upcast(q), upcast(k).transpose(-1, -2))  # (B, H, Lq, Lk)
     if scale != 1.0:
         scores = scores * scale
     if bias_table is not None:
         bias = relative_bias(
             bias_table, Lq, Lk, bidirectional=bidirectional, max_distance=max_distance, q_offset=q_offset
         )
-        scores = scores + bias.unsqueeze(0)  # (B, H, Lq, Lk)
+        scores = scores + bias.to(scores.dtype).unsqueeze(0)  # (B, H, Lq, Lk)
     allowed = None
     if key_padding_mask is not None:
         allowed = (key_padding_mask != 0)[:, None, None, :]  # (B, 1, 1, Lk)
@@ -134,7 +134,7 @@ def bucketed_attention_reference(
         probs = probs * allowed
     if dropout_p > 0.0:
         probs = torch.nn.functional.dropout(probs, p=dropout_p, training=True)
-    return torch.matmul(probs, v.float()).to(q.dtype)
+    return torch.matmul(probs.to(upcast(v).dtype), upcast(v)).to(q.dtype)
 
 
 def bucketed_attention(

@@ -5,14 +5,14 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._backend import use_triton
+from ._backend import upcast, use_triton
 
 HAS_TRITON_KERNEL = False
 
 
 def gated_gelu_reference(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """fp32 math. gate/up `(..., d_ff)` -> `(..., d_ff)` in gate's dtype."""
-    return (F.gelu(gate.float(), approximate="tanh") * up.float()).to(gate.dtype)
+    return (F.gelu(upcast(gate), approximate="tanh") * upcast(up)).to(gate.dtype)
 
 
 def gated_gelu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:

@@ -51,8 +51,9 @@ def global_aggregate_reference(
     num_globals = L // block_size
     # Tokens in no block go to an extra slot that is dropped.
     slot = torch.where(block_ids < 0, num_globals, block_ids)  # (B, L)
-    sums = hidden.new_zeros(B, num_globals + 1, d, dtype=torch.float32)
-    sums = sums.scatter_add(1, slot[:, :, None].expand(B, L, d), hidden.float())
+    acc = torch.promote_types(hidden.dtype, torch.float32)
+    sums = hidden.new_zeros(B, num_globals + 1, d, dtype=acc)
+    sums = sums.scatter_add(1, slot[:, :, None].expand(B, L, d), hidden.to(acc))
     return sums[:, :num_globals].to(hidden.dtype)
 
 

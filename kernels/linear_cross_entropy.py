@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from ._backend import use_triton
+from ._backend import upcast, use_triton
 
 HAS_TRITON_KERNEL = False
 
@@ -32,17 +32,17 @@ class _LinearCrossEntropy(torch.autograd.Function):
         V = weight.shape[0]
         valid = labels != ignore_index
         count = valid.sum()
-        denom = count.clamp(min=1).float()
+        denom = count.clamp(min=1).to(torch.promote_types(weight.dtype, torch.float32))
         need_h, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
-        w32 = weight.float()
-        b32 = bias.float() if bias is not None else None
-        grad_h = torch.empty_like(hidden, dtype=torch.float32) if need_h else None
+        w32 = upcast(weight)
+        b32 = upcast(bias) if bias is not None else None
+        grad_h = torch.empty_like(hidden, dtype=w32.dtype) if need_h else None
         grad_w = torch.zeros_like(w32) if need_w else None
         grad_b = torch.zeros_like(b32) if need_b else None
-        loss_sum = hidden.new_zeros((), dtype=torch.float32)
+        loss_sum = hidden.new_zeros((), dtype=w32.dtype)
         step = _chunk_rows(N, V)
         for start in range(0, N, step):
-            h = hidden[start : start + step].float()  # (n, d)
+            h = hidden[start : start + step].to(w32.dtype)  # (n, d)
             logits = h @ w32.t()  # (n, V)
             if b32 is not None:
                 logits = logits + b32
@@ -54,7 +54,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             if need_h or need_w or need_b:
                 dlogits = torch.exp(logits - lse[:, None])  # softmax, (n, V)
                 dlogits.scatter_add_(1, target[:, None], -torch.ones_like(picked[:, None]))
-                dlogits = dlogits * (ok.float() / denom)[:, None]
+                dlogits = dlogits * (ok.to(w32.dtype) / denom)[:, None]
                 if need_h:
                     grad_h[start : start + step] = dlogits @ w32
                 if need_w:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._backend import use_triton
+from ._backend import upcast, use_triton
 from .bucketed_attention import relative_bias, relative_position_bucket
 from .global_aggregate import global_block_ids
 
@@ -40,7 +40,7 @@ def _side_bias(
     buckets = relative_position_bucket(
         distances, bidirectional=True, num_buckets=global_bias_table.shape[0], max_distance=max_distance
     )
-    per_distance = global_bias_table.float()[buckets]  # (2G, H)
+    per_distance = upcast(global_bias_table)[buckets]  # (2G, H)
     g = torch.arange(num_globals, device=block_ids.device)
     index = g[None, None, :] - block_ids[:, :, None] + (num_globals - 1)  # (B, L, G)
     return per_distance[index].permute(0, 3, 1, 2)  # (B, H, L, G)
@@ -70,16 +70,16 @@ def local_attention_reference(
         key_valid = torch.ones(B, L, dtype=torch.bool, device=q.device)
     else:
         key_valid = key_padding_mask != 0
-    qf = F.pad(q.float(), (0, 0, 0, pad)).view(B, H, num_blocks, block, D)  # (B, H, nb, W, D)
-    k3 = _three_blocks(F.pad(k.float(), (0, 0, 0, pad)), block)  # (B, H, nb, 3W, D)
-    v3 = _three_blocks(F.pad(v.float(), (0, 0, 0, pad)), block)  # (B, H, nb, 3W, D)
+    qf = F.pad(upcast(q), (0, 0, 0, pad)).view(B, H, num_blocks, block, D)  # (B, H, nb, W, D)
+    k3 = _three_blocks(F.pad(upcast(k), (0, 0, 0, pad)), block)  # (B, H, nb, 3W, D)
+    v3 = _three_blocks(F.pad(upcast(v), (0, 0, 0, pad)), block)  # (B, H, nb, 3W, D)
     scores = torch.matmul(qf, k3.transpose(-1, -2))  # (B, H, nb, W, 3W)
     # Query i of a block sits at offset `block` of its three-block window.
     if bias_table is not None:
         bias = relative_bias(
             bias_table, block, 3 * block, bidirectional=True, max_distance=max_distance, q_offset=block
         )
-        scores = scores + bias[None, :, None]  # (B, H, nb, W, 3W)
+        scores = scores + bias.to(scores.dtype)[None, :, None]  # (B, H, nb, W, 3W)
     rel = torch.arange(3 * block, device=q.device)[None, :] - block - torch.arange(block, device=q.device)[:, None]
     local_ok = rel.abs() <= radius  # (W, 3W)
     valid3 = _three_blocks(F.pad(key_valid, (0, pad))[:, None], block)[:, 0]  # (B, nb, 3W)
@@ -88,9 +88,9 @@ def local_attention_reference(
     if global_k is not None:
         G = global_k.shape[2]
         block_ids, global_valid = global_block_ids(key_valid, global_block_size)
-        side = torch.matmul(q.float(), global_k.float().transpose(-1, -2))  # (B, H, L, G)
+        side = torch.matmul(upcast(q), upcast(global_k).transpose(-1, -2))  # (B, H, L, G)
         if global_bias_table is not None:
-            side = side + _side_bias(global_bias_table, block_ids, G, max_distance)
+            side = side + _side_bias(global_bias_table, block_ids, G, max_distance).to(side.dtype)
         side = F.pad(side, (0, 0, 0, pad)).view(B, H, num_blocks, block, G)  # (B, H, nb, W, G)
         scores = torch.cat([scores, side], dim=-1)  # (B, H, nb, W, 3W + G)
         side_ok = global_valid[:, None, None, None, :].expand(B, 1, num_blocks, block, G)
@@ -102,7 +102,7 @@ def local_attention_reference(
         probs = F.dropout(probs, p=dropout_p, training=True)
     out = torch.matmul(probs[..., : 3 * block], v3)  # (B, H, nb, W, D)
     if global_k is not None:
-        out = out + torch.matmul(probs[..., 3 * block :], global_v.float()[:, :, None])  # (B, H, nb, W, D)
+        out = out + torch.matmul(probs[..., 3 * block :], upcast(global_v)[:, :, None])  # (B, H, nb, W, D)
     return out.reshape(B, H, num_blocks * block, D)[:, :, :L].to(q.dtype)
 
 

@@ -4,17 +4,17 @@ from __future__ import annotations
 
 import torch
 
-from ._backend import use_triton
+from ._backend import upcast, use_triton
 
 HAS_TRITON_KERNEL = False
 _HALF = (torch.float16, torch.bfloat16)
 
 
 def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """x `(..., d)`, weight `(d,)`. The variance is taken in fp32; the normalised
+    """x `(..., d)`, weight `(d,)`. The variance is taken in fp32 (fp64 for fp64 input); the normalised
     value is cast to the weight's dtype when that is half precision, and the
     result follows PyTorch's type promotion of `weight * normalised`, exactly as T5."""
-    variance = x.float().pow(2).mean(-1, keepdim=True)
+    variance = upcast(x).pow(2).mean(-1, keepdim=True)
     normed = x * torch.rsqrt(variance + eps)
     if weight.dtype in _HALF:
         normed = normed.to(weight.dtype)

@@ -12,7 +12,7 @@ from torch import nn
 
 from fastseq.kernels import bucketed_attention, linear_cross_entropy
 
-from .base import EncoderOutput, HFConfig, PreTrainedModel, Seq2SeqOutput, shift_right
+from .base import HFConfig, PreTrainedModel, Seq2SeqOutput, shift_right
 
 _ACTIVATIONS = {
     "gelu": F.gelu,
