@@ -129,12 +129,14 @@ def bucketed_attention_reference(
     if allowed is not None:
         scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)
     probs = torch.softmax(scores, dim=-1)
-    if allowed is not None:
-        # Rows with every key masked would be uniform; zero them instead.
-        probs = probs * allowed
     if dropout_p > 0.0:
         probs = torch.nn.functional.dropout(probs, p=dropout_p, training=True)
-    return torch.matmul(probs.to(upcast(v).dtype), upcast(v)).to(q.dtype)
+    out = torch.matmul(probs.to(upcast(v).dtype), upcast(v))  # (B, H, Lq, D)
+    if allowed is not None:
+        # Masked keys already get exactly zero probability; a row with every key masked would be
+        # uniform instead, so zero those rows on the (Lq, D) output rather than the (Lq, Lk) probabilities.
+        out = out * allowed.any(-1, keepdim=True)
+    return out.to(q.dtype)
 
 
 def bucketed_attention(

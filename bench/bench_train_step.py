@@ -1,0 +1,106 @@
+"""One training step (forward + backward) of the native model against `transformers`, side by side.
+
+Both models hold the same weights (the Hugging Face model is saved and loaded
+through fastseq's loader) and see the same batch. Providers are interleaved
+round by round so that machine noise hits them alike; the median is reported.
+
+    python bench/bench_train_step.py --preset google/t5-v1_1-small --layers 4 --out bench/results/train_step_cpu.csv
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+import fastseq
+from fastseq import presets
+
+
+def _hf_model(name: str, layers: int, attn: str):
+    import transformers as tf
+
+    config = presets.config(name, num_layers=layers, num_decoder_layers=layers, dropout_rate=0.0)
+    hf_cls = {"t5": (tf.T5Config, tf.T5ForConditionalGeneration), "mt5": (tf.MT5Config, tf.MT5ForConditionalGeneration),
+              "longt5": (tf.LongT5Config, tf.LongT5ForConditionalGeneration)}[config.model_type]
+    fields = {k: v for k, v in config.to_hf_dict().items() if k != "model_type"}
+    hf_config = hf_cls[0](**fields)
+    hf_config._attn_implementation = attn
+    torch.manual_seed(0)
+    return hf_cls[1](hf_config)
+
+
+def _step(model, inputs, native: bool) -> None:
+    model.zero_grad(set_to_none=True)
+    out = model(**inputs)
+    out.loss.backward()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", default="google/t5-v1_1-small")
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--source-len", type=int, default=128)
+    parser.add_argument("--target-len", type=int, default=32)
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+
+    torch.manual_seed(0)
+    hf_eager = _hf_model(args.preset, args.layers, "eager").train()
+    with tempfile.TemporaryDirectory() as tmp:
+        hf_eager.save_pretrained(tmp)
+        native = fastseq.from_pretrained(tmp).train()
+    hf_sdpa = _hf_model(args.preset, args.layers, "sdpa").train()
+    hf_sdpa.load_state_dict(hf_eager.state_dict())
+    vocab = native.config.vocab_size
+    g = torch.Generator().manual_seed(1)
+    inputs = {
+        "input_ids": torch.randint(2, vocab, (args.batch, args.source_len), generator=g),
+        "attention_mask": torch.ones(args.batch, args.source_len, dtype=torch.long),
+        "labels": torch.randint(2, vocab, (args.batch, args.target_len), generator=g),
+    }
+    inputs["attention_mask"][0, -17:] = 0
+    providers = {"fastseq": native, "hf_eager": hf_eager, "hf_sdpa": hf_sdpa}
+    losses = {name: model(**inputs).loss.item() for name, model in providers.items()}
+    times: dict[str, list[float]] = {name: [] for name in providers}
+    for name, model in providers.items():  # warm-up
+        _step(model, inputs, name == "fastseq")
+    for _ in range(args.rounds):
+        for name, model in providers.items():
+            start = time.perf_counter()
+            _step(model, inputs, name == "fastseq")
+            times[name].append(time.perf_counter() - start)
+    rows = []
+    base = statistics.median(times["hf_eager"])
+    for name in providers:
+        median = statistics.median(times[name])
+        tokens = args.batch * (args.source_len + args.target_len)
+        rows.append({
+            "provider": name, "preset": args.preset, "layers": args.layers, "batch": args.batch,
+            "source_len": args.source_len, "target_len": args.target_len, "median_s": f"{median:.4f}",
+            "tokens_per_s": f"{tokens / median:.0f}", "speedup_vs_hf_eager": f"{base / median:.3f}",
+            "loss": f"{losses[name]:.6f}", "device": platform.processor() or platform.machine(),
+            "threads": torch.get_num_threads(), "torch": torch.__version__, "date": datetime.date.today().isoformat(),
+        })
+    for row in rows:
+        print(f"{row['provider']:>9}: {row['median_s']} s/step  {row['tokens_per_s']} tok/s  "
+              f"x{row['speedup_vs_hf_eager']} vs hf_eager  loss {row['loss']}")
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        with open(args.out, "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+
+
+if __name__ == "__main__":
+    main()
