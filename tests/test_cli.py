@@ -1,0 +1,48 @@
+"""The `fastseq` command, run through its installed console script."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+
+import torch
+
+import fastseq
+from tests.conftest import batch, hf_model
+
+
+def _fastseq(*args: str) -> subprocess.CompletedProcess:
+    exe = shutil.which("fastseq")
+    assert exe, "the fastseq console script is not installed (pip install -e .)"
+    return subprocess.run([exe, *args], capture_output=True, text=True, timeout=600, check=False)
+
+
+def test_train_default_job_short_run(tmp_path):
+    out = tmp_path / "run"
+    result = _fastseq("train", "--steps", "40", "--eval-examples", "16", "--quiet", "--output-dir", str(out))
+    assert result.returncode == 0, result.stderr
+    assert "held-out exact match" in result.stdout
+    model = fastseq.from_pretrained(out)
+    assert model.config.vocab_size == 384 and model.config.feed_forward_proj == "gated-gelu"
+
+
+def test_convert_to_bfloat16_shards(tmp_path):
+    hf_model("t5_v10_tied").save_pretrained(tmp_path / "src")
+    result = _fastseq("convert", str(tmp_path / "src"), str(tmp_path / "dst"), "--dtype", "bfloat16",
+                      "--max-shard-size", "30KB")
+    assert result.returncode == 0, result.stderr
+    model = fastseq.from_pretrained(tmp_path / "dst", dtype=torch.bfloat16)
+    assert (tmp_path / "dst" / "model.safetensors.index.json").is_file()
+    ref = fastseq.from_pretrained(tmp_path / "src")
+    inputs = batch("t5_v10_tied")
+    with torch.no_grad():
+        a = ref(**inputs).logits
+        b = model.float()(**inputs).logits
+    assert (a - b).abs().max() < 0.05 * a.abs().max()
+
+
+def test_bad_arguments_fail_cleanly(tmp_path):
+    result = _fastseq("convert", str(tmp_path / "missing"), str(tmp_path / "dst"))
+    assert result.returncode == 2
+    assert "error:" in result.stderr and "not a directory" in result.stderr
+    assert "Traceback" not in result.stderr
