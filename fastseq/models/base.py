@@ -9,6 +9,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from fastseq.kernels import linear_cross_entropy
+
 # Keys of a Hugging Face config.json that are derived or bookkeeping, never read back.
 _DERIVED_KEYS = {"dense_act_fn", "is_gated_act", "transformers_version", "architectures", "torch_dtype", "dtype"}
 
@@ -78,3 +80,52 @@ class PreTrainedModel(nn.Module):
         from ..checkpoint import save_pretrained
 
         save_pretrained(self, path, max_shard_size=max_shard_size)
+
+
+class Seq2SeqModel(PreTrainedModel):
+    """Encoder-decoder with an LM head: subclasses supply `encode`, `decode` and the head."""
+
+    lm_head: nn.Linear
+
+    def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def decode(self, decoder_input_ids, encoder_states, attention_mask=None, decoder_attention_mask=None):
+        raise NotImplementedError
+
+    def logits_bias(self) -> torch.Tensor | None:
+        """A bias added to every logit (vocab,), or None."""
+        return None
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        decoder_input_ids: torch.Tensor | None = None,
+        decoder_attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        *,
+        encoder_outputs: torch.Tensor | None = None,
+        return_logits: bool | None = None,
+    ) -> Seq2SeqOutput:
+        """input_ids `(B, Le)`, labels `(B, Ld)` with -100 ignored. Logits `(B, Ld, vocab)` are
+        returned when `return_logits` is True; by default whenever there is no loss or the model
+        is in eval mode (training with labels skips them: the loss never needs them)."""
+        if decoder_input_ids is None:
+            if labels is None:
+                raise ValueError("pass decoder_input_ids or labels (decoder inputs are made from labels)")
+            decoder_input_ids = shift_right(labels, self.config.decoder_start_token_id, self.config.pad_token_id)
+        encoder_states = self.encode(input_ids, attention_mask) if encoder_outputs is None else encoder_outputs
+        h = self.decode(decoder_input_ids, encoder_states, attention_mask, decoder_attention_mask)
+        bias = self.logits_bias()
+        loss = None
+        if labels is not None:
+            loss = linear_cross_entropy(h, self.lm_head.weight, labels, bias=bias)
+        if return_logits is None:
+            return_logits = labels is None or not self.training
+        logits = None
+        if return_logits:
+            logits = self.lm_head(h) if bias is None else self.lm_head(h) + bias
+        return Seq2SeqOutput(
+            loss=loss, logits=logits, encoder_last_hidden_state=encoder_states, decoder_last_hidden_state=h
+        )

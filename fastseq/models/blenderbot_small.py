@@ -10,9 +10,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastseq.kernels import bucketed_attention, linear_cross_entropy
+from fastseq.kernels import bucketed_attention
 
-from .base import HFConfig, PreTrainedModel, Seq2SeqOutput, shift_right
+from .base import HFConfig, PreTrainedModel, Seq2SeqModel
 
 _ACTIVATIONS = {
     "gelu": F.gelu,
@@ -237,7 +237,7 @@ class _BlenderbotSmallBase(PreTrainedModel):
                     nn.init.zeros_(module.bias)
 
 
-class BlenderbotSmallForConditionalGeneration(_BlenderbotSmallBase):
+class BlenderbotSmallForConditionalGeneration(_BlenderbotSmallBase, Seq2SeqModel):
     ignored_checkpoint_keys = ()
 
     def __init__(self, config: BlenderbotSmallConfig):
@@ -276,31 +276,5 @@ class BlenderbotSmallForConditionalGeneration(_BlenderbotSmallBase):
     def decode(self, decoder_input_ids, encoder_states, attention_mask=None, decoder_attention_mask=None):
         return self.model.decoder(decoder_input_ids, decoder_attention_mask, encoder_states, attention_mask)
 
-    def forward(
-        self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        decoder_input_ids: torch.Tensor | None = None,
-        decoder_attention_mask: torch.Tensor | None = None,
-        labels: torch.Tensor | None = None,
-        *,
-        encoder_outputs: torch.Tensor | None = None,
-        return_logits: bool | None = None,
-    ) -> Seq2SeqOutput:
-        """As `T5ForConditionalGeneration.forward`; logits include `final_logits_bias`."""
-        if decoder_input_ids is None:
-            if labels is None:
-                raise ValueError("pass decoder_input_ids or labels (decoder inputs are made from labels)")
-            decoder_input_ids = shift_right(labels, self.config.decoder_start_token_id, self.config.pad_token_id)
-        encoder_states = self.encode(input_ids, attention_mask) if encoder_outputs is None else encoder_outputs
-        h = self.decode(decoder_input_ids, encoder_states, attention_mask, decoder_attention_mask)
-        bias = self.final_logits_bias[0]  # (vocab,)
-        loss = None
-        if labels is not None:
-            loss = linear_cross_entropy(h, self.lm_head.weight, labels, bias=bias)
-        if return_logits is None:
-            return_logits = labels is None or not self.training
-        logits = self.lm_head(h) + bias if return_logits else None
-        return Seq2SeqOutput(
-            loss=loss, logits=logits, encoder_last_hidden_state=encoder_states, decoder_last_hidden_state=h
-        )
+    def logits_bias(self) -> torch.Tensor:
+        return self.final_logits_bias[0]  # (vocab,)

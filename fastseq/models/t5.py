@@ -15,9 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastseq.kernels import bucketed_attention, gated_gelu, linear_cross_entropy, rms_norm
+from fastseq.kernels import bucketed_attention, gated_gelu, rms_norm
 
-from .base import EncoderOutput, HFConfig, PreTrainedModel, Seq2SeqOutput, shift_right
+from .base import EncoderOutput, HFConfig, PreTrainedModel, Seq2SeqModel
 
 _FFN_KINDS = ("relu", "gated-gelu")
 
@@ -300,7 +300,7 @@ class _T5Base(PreTrainedModel):
                 nn.init.normal_(head.weight, std=self.config.initializer_factor)
 
 
-class T5ForConditionalGeneration(_T5Base):
+class T5ForConditionalGeneration(_T5Base, Seq2SeqModel):
     ignored_checkpoint_keys = ("decoder.block.0.layer.1.EncDecAttention.relative_attention_bias.weight",)
 
     def __init__(self, config: T5Config, *, encoder_self_attention: SelfAttentionFactory | None = None):
@@ -344,36 +344,6 @@ class T5ForConditionalGeneration(_T5Base):
         if self.config.scale_decoder_outputs:
             h = h * self.config.d_model**-0.5
         return h
-
-    def forward(
-        self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        decoder_input_ids: torch.Tensor | None = None,
-        decoder_attention_mask: torch.Tensor | None = None,
-        labels: torch.Tensor | None = None,
-        *,
-        encoder_outputs: torch.Tensor | None = None,
-        return_logits: bool | None = None,
-    ) -> Seq2SeqOutput:
-        """input_ids `(B, Le)`, labels `(B, Ld)` with -100 ignored. Logits `(B, Ld, vocab)` are
-        returned when `return_logits` is True; by default whenever there is no loss or the model
-        is in eval mode (training with labels skips them)."""
-        if decoder_input_ids is None:
-            if labels is None:
-                raise ValueError("pass decoder_input_ids or labels (decoder inputs are made from labels)")
-            decoder_input_ids = shift_right(labels, self.config.decoder_start_token_id, self.config.pad_token_id)
-        encoder_states = self.encode(input_ids, attention_mask) if encoder_outputs is None else encoder_outputs
-        h = self.decode(decoder_input_ids, encoder_states, attention_mask, decoder_attention_mask)
-        loss = None
-        if labels is not None:
-            loss = linear_cross_entropy(h, self.lm_head.weight, labels)
-        if return_logits is None:
-            return_logits = labels is None or not self.training
-        logits = self.lm_head(h) if return_logits else None
-        return Seq2SeqOutput(
-            loss=loss, logits=logits, encoder_last_hidden_state=encoder_states, decoder_last_hidden_state=h
-        )
 
 
 class T5EncoderModel(_T5Base):
