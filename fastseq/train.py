@@ -56,7 +56,7 @@ def collate(pairs: list[tuple[str, str]], device: torch.device) -> dict[str, tor
 
 @torch.no_grad()
 def greedy(model: T5ForConditionalGeneration, input_ids, attention_mask, max_new_tokens: int) -> list[list[int]]:
-    """Greedy decoding (recomputes the decoder each step; generation with a KV cache lives in fastseq.generate)."""
+    """Greedy decoding for the held-out score; recomputes the decoder each step (no KV cache)."""
     encoder_states = model.encode(input_ids, attention_mask)
     B = input_ids.shape[0]
     decoder_ids = torch.full((B, 1), model.config.decoder_start_token_id, device=input_ids.device)
