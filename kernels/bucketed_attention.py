@@ -131,7 +131,8 @@ def bucketed_attention_reference(
     probs = torch.softmax(scores, dim=-1)
     if dropout_p > 0.0:
         probs = torch.nn.functional.dropout(probs, p=dropout_p, training=True)
-    out = torch.matmul(probs.to(upcast(v).dtype), upcast(v))  # (B, H, Lq, D)
+    v_acc = upcast(v)
+    out = torch.matmul(probs.to(v_acc.dtype), v_acc)  # (B, H, Lq, D)
     if allowed is not None:
         # Masked keys already get exactly zero probability; a row with every key masked would be
         # uniform instead, so zero those rows on the (Lq, D) output rather than the (Lq, Lk) probabilities.

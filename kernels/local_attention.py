@@ -97,12 +97,14 @@ def local_attention_reference(
         allowed = torch.cat([allowed.expand(B, 1, num_blocks, block, 3 * block), side_ok], dim=-1)
 
     scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)
-    probs = torch.softmax(scores, dim=-1) * allowed  # rows with nothing allowed become zeros
+    probs = torch.softmax(scores, dim=-1)  # masked keys get exactly zero probability
     if dropout_p > 0.0:
         probs = F.dropout(probs, p=dropout_p, training=True)
     out = torch.matmul(probs[..., : 3 * block], v3)  # (B, H, nb, W, D)
     if global_k is not None:
         out = out + torch.matmul(probs[..., 3 * block :], upcast(global_v)[:, :, None])  # (B, H, nb, W, D)
+    # A row with nothing allowed would be uniform; zero it on the (W, D) output, not the probabilities.
+    out = out * allowed.any(-1, keepdim=True)  # (B, H, nb, W, D)
     return out.reshape(B, H, num_blocks * block, D)[:, :, :L].to(q.dtype)
 
 
