@@ -5,6 +5,9 @@
   the op has one, the PyTorch reference otherwise.
 - `reference`: always the reference.
 - `triton`: always the Triton kernel; on the CPU this needs `TRITON_INTERPRET=1`.
+
+`FASTSEQ_BACKEND_<OP>` (for example `FASTSEQ_BACKEND_BUCKETED_ATTENTION=triton`) overrides
+it for one op.
 """
 
 from __future__ import annotations
@@ -21,12 +24,17 @@ def upcast(x: torch.Tensor) -> torch.Tensor:
     return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
-def backend() -> str:
-    """The backend asked for by `FASTSEQ_BACKEND` (read on every call so tests can switch it)."""
-    value = os.environ.get("FASTSEQ_BACKEND", "auto").strip().lower() or "auto"
-    if value not in _CHOICES:
-        raise ValueError(f"FASTSEQ_BACKEND={value!r} is not one of {_CHOICES}; unset it or pick one of those")
-    return value
+def backend(op: str | None = None) -> str:
+    """The backend asked for `op` by `FASTSEQ_BACKEND_<OP>`, else by `FASTSEQ_BACKEND`
+    (read on every call so tests can switch it)."""
+    for name in ([f"FASTSEQ_BACKEND_{op.upper()}"] if op else []) + ["FASTSEQ_BACKEND"]:
+        value = os.environ.get(name, "").strip().lower()
+        if not value:
+            continue
+        if value not in _CHOICES:
+            raise ValueError(f"{name}={value!r} is not one of {_CHOICES}; unset it or pick one of those")
+        return value
+    return "auto"
 
 
 def interpreting() -> bool:
@@ -41,7 +49,7 @@ def use_triton(op: str, has_kernel: bool, *tensors: torch.Tensor | None) -> bool
     `FASTSEQ_BACKEND=triton` for an op without one, or on CPU tensors without the
     interpreter, is an error rather than a silent fallback.
     """
-    choice = backend()
+    choice = backend(op)
     if choice == "reference":
         return False
     on_cuda = any(t is not None and t.is_cuda for t in tensors)

@@ -1,19 +1,35 @@
-"""Attention with T5's bucketed relative-position bias.
+"""Attention with T5's bucketed relative-position bias, fused in Triton, forward and backward.
 
-The bias of query i and key j is `bias_table[bucket(j - (q_offset + i)), h]`,
-where `bucket` is T5's relative-position bucket function. The reference below
-is the semantic specification; the Triton kernel (when present) must match it.
+The bias of query i and key j is `bias_table[bucket(j - (q_offset + i)), h]`, where `bucket` is
+T5's relative-position bucket function. It depends only on the distance `d = j - (q_offset + i)`,
+and every distance at or beyond a cut-off `C` (just past `max_distance`) falls in the last bucket
+of its sign. So the launcher turns the `(num_buckets, H)` table into a per-head table over the
+clamped distances `-C..C` (`2C + 1` entries, exact buckets computed once on the host), and the
+kernels read `dist_table[h, clamp(d, -C, C) + C]`. No `(B, H, Lq, Lk)` tensor exists, forward or
+backward: a key tile lying wholly beyond the cut-off reads one number per head, a tile on the
+band `|d| < C` gathers from the small table.
+
+The gradient of the table is the sum of dS along diagonals. The dQ kernel owns one query tile
+and walks the key tiles, so it reduces each band tile along its diagonals (a skew by
+`tl.gather`, then a column sum) into an fp32 register vector over the `2C + 1` distances, and
+tiles beyond the cut-off into two scalars; each program writes its own row of partials, summed
+on the host. No atomics anywhere: forward and backward are bitwise deterministic.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
+import triton
+import triton.language as tl
 
-from ._backend import upcast, use_triton
+from ._backend import backend, interpreting, upcast, use_triton
 
-HAS_TRITON_KERNEL = False
+HAS_TRITON_KERNEL = True
+
+_LOG2E = 1.4426950408889634
 
 
 def relative_position_bucket(
@@ -68,6 +84,659 @@ def relative_bias(
     return per_distance[:, j - i + (query_length - 1)]  # (H, Lq, Lk)
 
 
+# --------------------------------------------------------------------------------------------
+# Triton kernels
+# --------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _tile_scores(
+    q,
+    k,
+    DT_h,
+    KPM_b,
+    offs_m,
+    offs_n,
+    m0,
+    n0,
+    Lk,
+    q_offset,
+    C,
+    scale_log2,
+    HAS_BIAS: tl.constexpr,
+    HAS_KPM: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """Scores of one (BLOCK_M, BLOCK_N) tile in the log2 domain, masked entries at -inf."""
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
+    if HAS_BIAS:
+        d_min = n0 - (q_offset + m0 + BLOCK_M - 1)
+        d_max = n0 + BLOCK_N - 1 - (q_offset + m0)
+        if d_min >= C:
+            s += tl.load(DT_h + 2 * C) * 1.4426950408889634
+        elif d_max <= -C:
+            s += tl.load(DT_h) * 1.4426950408889634
+        else:
+            d = offs_n[None, :] - (offs_m[:, None] + q_offset)
+            d = tl.minimum(tl.maximum(d, -C), C)
+            s += tl.load(DT_h + d + C) * 1.4426950408889634
+    valid = offs_n[None, :] < Lk
+    if HAS_KPM:
+        keep = tl.load(KPM_b + offs_n, mask=offs_n < Lk, other=0)
+        valid = valid & (keep != 0)[None, :]
+    if CAUSAL:
+        valid = valid & (offs_n[None, :] <= offs_m[:, None] + q_offset)
+    return tl.where(valid, s, float("-inf"))
+
+
+@triton.jit
+def _dropout_keep(seed, bh, offs_m, offs_n, Lk, dropout_p):
+    """Counter-based keep mask: Philox keyed by (seed + b*H + h), counter = i * Lk + j."""
+    r = tl.rand(seed + bh, offs_m[:, None] * Lk + offs_n[None, :])
+    return r >= dropout_p
+
+
+@triton.jit
+def _bucketed_attention_fwd_kernel(
+    # pointers
+    Q,
+    K,
+    V,
+    DT,  # (H, 2C + 1) fp32 bias per clamped distance
+    KPM,  # (B, Lk) int8, nonzero = attend
+    Out,
+    LSE,  # (B, H, Lq) fp32, log2 domain; +inf for rows with no key
+    # strides (the last dim of q, k, v, out is contiguous)
+    stride_qb,
+    stride_qh,
+    stride_qm,
+    stride_kb,
+    stride_kh,
+    stride_kn,
+    stride_vb,
+    stride_vh,
+    stride_vn,
+    stride_ob,
+    stride_oh,
+    stride_om,
+    stride_kpmb,
+    # sizes and scalars
+    H,
+    Lq,
+    Lk,
+    D,
+    q_offset,
+    C,
+    scale_log2,
+    dropout_p,
+    seed,
+    # meta-parameters
+    HAS_BIAS: tl.constexpr,
+    HAS_KPM: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    DROPOUT: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    h = tl.program_id(1)
+    b = tl.program_id(2)
+    bh = b * H + h
+    m0 = pid_m * BLOCK_M
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < D
+    q = tl.load(
+        Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :],
+        mask=(offs_m < Lq)[:, None] & d_ok[None, :],
+        other=0.0,
+    )
+    K_bh = K + b * stride_kb + h * stride_kh
+    V_bh = V + b * stride_vb + h * stride_vh
+    DT_h = DT + h * (2 * C + 1)
+    KPM_b = KPM + b * stride_kpmb
+
+    m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+    l_i = tl.zeros((BLOCK_M,), tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
+    n_end = Lk
+    if CAUSAL:
+        n_end = tl.minimum(Lk, q_offset + m0 + BLOCK_M)
+    for n0 in range(0, n_end, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        kv_mask = (offs_n < Lk)[:, None] & d_ok[None, :]
+        k = tl.load(K_bh + offs_n[:, None] * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(V_bh + offs_n[:, None] * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0)
+        s = _tile_scores(
+            q, k, DT_h, KPM_b, offs_m, offs_n, m0, n0, Lk, q_offset, C, scale_log2,
+            HAS_BIAS, HAS_KPM, CAUSAL, BLOCK_M, BLOCK_N, PRECISION,
+        )  # fmt: skip
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # A row with every key so far masked keeps m = -inf; subtract 0 there so exp2 gives 0, not NaN.
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(s - m_safe[:, None])
+        alpha = tl.math.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if DROPOUT:
+            keep = _dropout_keep(seed, bh, offs_m, offs_n, Lk, dropout_p)
+            p = tl.where(keep, p * (1.0 / (1.0 - dropout_p)), 0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        m_i = m_new
+    has_key = l_i > 0.0
+    out = acc / tl.where(has_key, l_i, 1.0)[:, None]
+    row_ok = offs_m < Lq
+    tl.store(
+        Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :],
+        out.to(Out.dtype.element_ty),
+        mask=row_ok[:, None] & d_ok[None, :],
+    )
+    lse = tl.where(has_key, m_i + tl.math.log2(tl.where(has_key, l_i, 1.0)), float("inf"))
+    tl.store(LSE + bh * Lq + offs_m, lse, mask=row_ok)
+
+
+@triton.jit
+def _bucketed_attention_bwd_preprocess_kernel(
+    Out,
+    DO,
+    DELTA,  # (B, H, Lq) fp32: rowsum(dO * O)
+    stride_ob,
+    stride_oh,
+    stride_om,
+    stride_dob,
+    stride_doh,
+    stride_dom,
+    H,
+    Lq,
+    D,
+    BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    h = tl.program_id(1)
+    b = tl.program_id(2)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = (offs_m < Lq)[:, None] & (offs_d < D)[None, :]
+    o = tl.load(
+        Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :], mask=mask, other=0.0
+    )
+    do = tl.load(
+        DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom + offs_d[None, :], mask=mask, other=0.0
+    )
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(DELTA + (b * H + h) * Lq + offs_m, delta, mask=offs_m < Lq)
+
+
+@triton.jit
+def _bucketed_attention_bwd_dkdv_kernel(
+    # pointers
+    Q,
+    K,
+    V,
+    DT,
+    KPM,
+    DO,
+    LSE,
+    DELTA,
+    DK,
+    DV,
+    # strides (the last dim of every tensor is contiguous); dK and dV share one layout
+    stride_qb,
+    stride_qh,
+    stride_qm,
+    stride_kb,
+    stride_kh,
+    stride_kn,
+    stride_vb,
+    stride_vh,
+    stride_vn,
+    stride_dob,
+    stride_doh,
+    stride_dom,
+    stride_dkb,
+    stride_dkh,
+    stride_dkn,
+    stride_kpmb,
+    # sizes and scalars
+    H,
+    Lq,
+    Lk,
+    D,
+    q_offset,
+    C,
+    scale,
+    scale_log2,
+    dropout_p,
+    seed,
+    # meta-parameters
+    HAS_BIAS: tl.constexpr,
+    HAS_KPM: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    DROPOUT: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    h = tl.program_id(1)
+    b = tl.program_id(2)
+    bh = b * H + h
+    n0 = pid_n * BLOCK_N
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < D
+    kv_mask = (offs_n < Lk)[:, None] & d_ok[None, :]
+    k = tl.load(
+        K + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0
+    )
+    v = tl.load(
+        V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0
+    )
+    Q_bh = Q + b * stride_qb + h * stride_qh
+    DO_bh = DO + b * stride_dob + h * stride_doh
+    DT_h = DT + h * (2 * C + 1)
+    KPM_b = KPM + b * stride_kpmb
+
+    dk = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
+    dv = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
+    m_start = 0
+    if CAUSAL:
+        # The first query tile with a row that may see key n0: q_offset + i >= n0.
+        m_start = (tl.maximum(n0 - q_offset, 0) // BLOCK_M) * BLOCK_M
+    for m0 in range(m_start, Lq, BLOCK_M):
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        row_ok = offs_m < Lq
+        q_mask = row_ok[:, None] & d_ok[None, :]
+        q = tl.load(Q_bh + offs_m[:, None] * stride_qm + offs_d[None, :], mask=q_mask, other=0.0)
+        do = tl.load(DO_bh + offs_m[:, None] * stride_dom + offs_d[None, :], mask=q_mask, other=0.0)
+        lse = tl.load(LSE + bh * Lq + offs_m, mask=row_ok, other=float("inf"))
+        delta = tl.load(DELTA + bh * Lq + offs_m, mask=row_ok, other=0.0)
+        s = _tile_scores(
+            q, k, DT_h, KPM_b, offs_m, offs_n, m0, n0, Lk, q_offset, C, scale_log2,
+            HAS_BIAS, HAS_KPM, CAUSAL, BLOCK_M, BLOCK_N, PRECISION,
+        )  # fmt: skip
+        p = tl.math.exp2(s - lse[:, None])  # rows without keys have lse = +inf: p = 0
+        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+        if DROPOUT:
+            keep = _dropout_keep(seed, bh, offs_m, offs_n, Lk, dropout_p)
+            inv_keep = 1.0 / (1.0 - dropout_p)
+            z = tl.where(keep, p * inv_keep, 0.0)
+            dp = tl.where(keep, dp * inv_keep, 0.0)
+        else:
+            z = p
+        dv += tl.dot(tl.trans(z.to(do.dtype)), do, input_precision=PRECISION)
+        ds = p * (dp - delta[:, None])
+        dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
+    dk = dk * scale
+    dkv_off = b * stride_dkb + h * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :]
+    tl.store(DK + dkv_off, dk.to(DK.dtype.element_ty), mask=kv_mask)
+    tl.store(DV + dkv_off, dv.to(DV.dtype.element_ty), mask=kv_mask)
+
+
+@triton.jit
+def _bucketed_attention_bwd_dq_kernel(
+    # pointers
+    Q,
+    K,
+    V,
+    DT,
+    KPM,
+    DO,
+    LSE,
+    DELTA,
+    DQ,
+    DDT,  # (B, H, num_m_tiles, 2C + 1) fp32 partial gradients of DT, one row per program
+    # strides (the last dim of every tensor is contiguous)
+    stride_qb,
+    stride_qh,
+    stride_qm,
+    stride_kb,
+    stride_kh,
+    stride_kn,
+    stride_vb,
+    stride_vh,
+    stride_vn,
+    stride_dob,
+    stride_doh,
+    stride_dom,
+    stride_dqb,
+    stride_dqh,
+    stride_dqm,
+    stride_kpmb,
+    # sizes and scalars
+    H,
+    Lq,
+    Lk,
+    D,
+    q_offset,
+    C,
+    scale,
+    scale_log2,
+    dropout_p,
+    seed,
+    # meta-parameters
+    HAS_BIAS: tl.constexpr,
+    HAS_KPM: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    DROPOUT: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    SKEW: tl.constexpr,  # next power of two >= BLOCK_M + BLOCK_N - 1: diagonals of one tile
+    T_PAD: tl.constexpr,  # next power of two >= 2C + 1: the clamped distances
+    PRECISION: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    h = tl.program_id(1)
+    b = tl.program_id(2)
+    bh = b * H + h
+    m0 = pid_m * BLOCK_M
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < D
+    row_ok = offs_m < Lq
+    q_mask = row_ok[:, None] & d_ok[None, :]
+    q = tl.load(
+        Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :], mask=q_mask, other=0.0
+    )
+    do = tl.load(
+        DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom + offs_d[None, :], mask=q_mask, other=0.0
+    )
+    lse = tl.load(LSE + bh * Lq + offs_m, mask=row_ok, other=float("inf"))
+    delta = tl.load(DELTA + bh * Lq + offs_m, mask=row_ok, other=0.0)
+    K_bh = K + b * stride_kb + h * stride_kh
+    V_bh = V + b * stride_vb + h * stride_vh
+    DT_h = DT + h * (2 * C + 1)
+    KPM_b = KPM + b * stride_kpmb
+
+    dq = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
+    # Bias-table gradient of this query tile: interior distances |d| < C in registers, the two
+    # clamped ends (d <= -C, d >= C) as scalars.
+    slots = tl.arange(0, T_PAD)
+    interior = (slots > 0) & (slots < 2 * C)
+    ddt = tl.zeros((T_PAD,), tl.float32)
+    d_neg = tl.sum(tl.zeros((1,), tl.float32), 0)
+    d_pos = tl.sum(tl.zeros((1,), tl.float32), 0)
+    rows = tl.arange(0, BLOCK_M)
+    skew = tl.arange(0, SKEW)
+    n_end = Lk
+    if CAUSAL:
+        n_end = tl.minimum(Lk, q_offset + m0 + BLOCK_M)
+    for n0 in range(0, n_end, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        kv_mask = (offs_n < Lk)[:, None] & d_ok[None, :]
+        k = tl.load(K_bh + offs_n[:, None] * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(V_bh + offs_n[:, None] * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0)
+        s = _tile_scores(
+            q, k, DT_h, KPM_b, offs_m, offs_n, m0, n0, Lk, q_offset, C, scale_log2,
+            HAS_BIAS, HAS_KPM, CAUSAL, BLOCK_M, BLOCK_N, PRECISION,
+        )  # fmt: skip
+        p = tl.math.exp2(s - lse[:, None])
+        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+        if DROPOUT:
+            keep = _dropout_keep(seed, bh, offs_m, offs_n, Lk, dropout_p)
+            dp = tl.where(keep, dp * (1.0 / (1.0 - dropout_p)), 0.0)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+        if HAS_BIAS:
+            d_min = n0 - (q_offset + m0 + BLOCK_M - 1)
+            d_max = n0 + BLOCK_N - 1 - (q_offset + m0)
+            if d_min >= C:
+                d_pos += tl.sum(tl.sum(ds, 1), 0)
+            elif d_max <= -C:
+                d_neg += tl.sum(tl.sum(ds, 1), 0)
+            else:
+                # Skew: column t of `sheared` holds the diagonal d = d_min + t of the tile.
+                col = skew[None, :] + rows[:, None] - (BLOCK_M - 1)  # (BLOCK_M, SKEW) key index in tile
+                on_tile = (col >= 0) & (col < BLOCK_N)
+                sheared = tl.gather(ds, tl.minimum(tl.maximum(col, 0), BLOCK_N - 1), 1)
+                diag = tl.sum(tl.where(on_tile, sheared, 0.0), 0)  # (SKEW,)
+                dist = d_min + skew
+                d_pos += tl.sum(tl.where(dist >= C, diag, 0.0), 0)
+                d_neg += tl.sum(tl.where(dist <= -C, diag, 0.0), 0)
+                src = slots - C - d_min  # diagonal feeding each distance slot
+                take = interior & (src >= 0) & (src < SKEW)
+                ddt += tl.where(take, tl.gather(diag, tl.minimum(tl.maximum(src, 0), SKEW - 1), 0), 0.0)
+    dq = dq * scale
+    tl.store(
+        DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqm + offs_d[None, :],
+        dq.to(DQ.dtype.element_ty),
+        mask=q_mask,
+    )
+    if HAS_BIAS:
+        ddt = tl.where(slots == 0, ddt + d_neg, ddt)
+        ddt = tl.where(slots == 2 * C, ddt + d_pos, ddt)
+        num_m = tl.num_programs(0)
+        tl.store(DDT + (bh * num_m + pid_m) * (2 * C + 1) + slots, ddt, mask=slots < 2 * C + 1)
+
+
+# --------------------------------------------------------------------------------------------
+# Launchers
+# --------------------------------------------------------------------------------------------
+
+# Tiles (BLOCK_M, BLOCK_N, num_warps, num_stages) per padded head dim and element size. The
+# compile-only tests build every entry for sm_80 and sm_90 and check shared memory against the
+# smaller chip (sm_80: 163 KiB per block).
+_FWD_CONFIGS = {
+    # (BLOCK_D, element bytes): config
+    (16, 2): (128, 64, 4, 3),
+    (32, 2): (128, 64, 4, 3),
+    (64, 2): (128, 64, 4, 3),
+    (128, 2): (128, 64, 8, 3),
+    (256, 2): (64, 32, 4, 2),
+    (16, 4): (64, 64, 4, 2),
+    (32, 4): (64, 64, 4, 2),
+    (64, 4): (64, 64, 4, 2),
+    (128, 4): (64, 32, 4, 2),
+    (256, 4): (32, 32, 4, 1),
+}
+_BWD_CONFIGS = {
+    (16, 2): (64, 64, 4, 2),
+    (32, 2): (64, 64, 4, 2),
+    (64, 2): (64, 64, 4, 2),
+    (128, 2): (64, 64, 8, 2),
+    (256, 2): (32, 32, 4, 1),
+    (16, 4): (32, 32, 4, 1),
+    (32, 4): (32, 32, 4, 1),
+    (64, 4): (32, 32, 4, 1),
+    (128, 4): (32, 32, 4, 1),
+    (256, 4): (16, 16, 4, 1),
+}
+# Under the interpreter, small tiles so that short test sequences still span many tiles,
+# band tiles and tiles beyond the cut-off.
+_INTERPRET_CONFIG = (16, 16, 4, 1)
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_MAX_HEAD_DIM = 256
+
+
+def _block_d(D: int) -> int:
+    return max(16, triton.next_power_of_2(D))
+
+
+def _fwd_config(D: int, dtype: torch.dtype, Lq: int) -> tuple[int, int, int, int]:
+    if interpreting():
+        return _INTERPRET_CONFIG
+    block_m, block_n, warps, stages = _FWD_CONFIGS[(_block_d(D), dtype.itemsize)]
+    # Incremental decoding (Lq = 1 against a cache) needs no 128-row query tile.
+    block_m = min(block_m, max(16, triton.next_power_of_2(Lq)))
+    return block_m, block_n, warps, stages
+
+
+def _bwd_config(D: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
+    if interpreting():
+        return _INTERPRET_CONFIG
+    return _BWD_CONFIGS[(_block_d(D), dtype.itemsize)]
+
+
+def _precision(dtype: torch.dtype) -> str:
+    """fp32 inputs use exact fp32 products unless PyTorch itself is allowed TF32 for matmuls."""
+    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
+        return "tf32"
+    return "ieee"
+
+
+@functools.lru_cache(maxsize=64)
+def _clamped_buckets(num_buckets: int, max_distance: int, bidirectional: bool) -> tuple[int, tuple[int, ...]]:
+    """The cut-off C and T5's bucket of each clamped distance -C..C.
+
+    C is the smallest distance from which every farther distance of either sign falls in the
+    same bucket as infinitely far ones, found from the bucket function itself (float32 math
+    included), so clamping at C never changes a bucket.
+    """
+    span = 2 * max_distance + 2
+    far = torch.tensor([-(1 << 30), 1 << 30])
+    far_buckets = relative_position_bucket(
+        far, bidirectional=bidirectional, num_buckets=num_buckets, max_distance=max_distance
+    )
+    cut = 1
+    for sign, far_bucket in zip((-1, 1), far_buckets.tolist(), strict=True):
+        d = torch.arange(span + 1) * sign
+        buckets = relative_position_bucket(
+            d, bidirectional=bidirectional, num_buckets=num_buckets, max_distance=max_distance
+        )
+        differs = torch.nonzero(buckets != far_bucket).flatten()
+        if len(differs) and differs[-1].item() == span:
+            raise ValueError(
+                f"bucketed_attention: max_distance={max_distance} with num_buckets={num_buckets} does not "
+                "saturate its buckets; use a max_distance of at least num_buckets"
+            )
+        cut = max(cut, differs[-1].item() + 1 if len(differs) else 1)
+    distances = torch.arange(-cut, cut + 1)
+    buckets = relative_position_bucket(
+        distances, bidirectional=bidirectional, num_buckets=num_buckets, max_distance=max_distance
+    )
+    return cut, tuple(buckets.tolist())
+
+
+def distance_table(bias_table: torch.Tensor, *, bidirectional: bool, max_distance: int) -> torch.Tensor:
+    """The `(H, 2C + 1)` fp32 bias per clamped distance `-C..C` of a `(num_buckets, H)` table.
+
+    A one-hot matmul rather than an index so that its gradient (back to the table) is a
+    deterministic matmul too.
+    """
+    cut, buckets = _clamped_buckets(bias_table.shape[0], max_distance, bidirectional)
+    index = torch.tensor(buckets, device=bias_table.device)
+    one_hot = torch.nn.functional.one_hot(index, bias_table.shape[0]).to(torch.float32)  # (2C + 1, NB)
+    return (one_hot @ bias_table.float()).t().contiguous()  # (H, 2C + 1)
+
+
+def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def _like_heads(B: int, H: int, L: int, D: int, ref: torch.Tensor) -> torch.Tensor:
+    """An empty `(B, H, L, D)` tensor laid out as `(B, L, H, D)`, so that merging the heads after
+    attention (`transpose(1, 2).reshape(B, L, H * D)`) is free."""
+    return torch.empty(B, L, H, D, dtype=ref.dtype, device=ref.device).transpose(1, 2)
+
+
+def _key_mask(key_padding_mask: torch.Tensor | None, q: torch.Tensor) -> torch.Tensor:
+    if key_padding_mask is None:
+        return torch.empty(0, 1, dtype=torch.int8, device=q.device)
+    return (key_padding_mask != 0).to(torch.int8)
+
+
+def _cut(dist_table: torch.Tensor | None) -> int:
+    return 0 if dist_table is None else (dist_table.shape[1] - 1) // 2
+
+
+def _dummy(dist_table: torch.Tensor | None, q: torch.Tensor) -> torch.Tensor:
+    return dist_table if dist_table is not None else torch.empty(1, dtype=torch.float32, device=q.device)
+
+
+def _forward(q, k, v, dist_table, key_padding_mask, seed, causal, q_offset, scale, dropout_p):
+    """Launch the forward. Returns out `(B, H, Lq, D)` (laid out `(B, Lq, H, D)`) and lse `(B, H, Lq)` fp32."""
+    B, H, Lq, D = q.shape
+    Lk = k.shape[2]
+    q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
+    out = _like_heads(B, H, Lq, D, q)
+    lse = torch.empty(B, H, Lq, dtype=torch.float32, device=q.device)
+    if Lq == 0:
+        return out, lse
+    block_m, block_n, warps, stages = _fwd_config(D, q.dtype, Lq)
+    kpm = _key_mask(key_padding_mask, q)
+    grid = (triton.cdiv(Lq, block_m), H, B)
+    _bucketed_attention_fwd_kernel[grid](
+        q, k, v, _dummy(dist_table, q), kpm, out, lse,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        out.stride(0), out.stride(1), out.stride(2),
+        kpm.stride(0),
+        H, Lq, Lk, D, q_offset, _cut(dist_table), scale * _LOG2E, dropout_p, seed,
+        HAS_BIAS=dist_table is not None, HAS_KPM=key_padding_mask is not None, CAUSAL=causal,
+        DROPOUT=dropout_p > 0.0, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=_block_d(D),
+        PRECISION=_precision(q.dtype), num_warps=warps, num_stages=stages,
+    )  # fmt: skip
+    return out, lse
+
+
+def _backward(do, q, k, v, out, lse, dist_table, key_padding_mask, seed, causal, q_offset, scale, dropout_p):
+    """Launch the backward. Returns dq, dk, dv (in the layout of `_like_heads`) and the `(H, 2C + 1)`
+    fp32 gradient of the distance table (empty without a bias)."""
+    B, H, Lq, D = q.shape
+    Lk = k.shape[2]
+    q, k, v, do = (_last_dim_contiguous(t) for t in (q, k, v, do))
+    dq = _like_heads(B, H, Lq, D, q)
+    dk = _like_heads(B, H, Lk, D, k)
+    dv = _like_heads(B, H, Lk, D, v)
+    cut = _cut(dist_table)
+    has_bias = dist_table is not None
+    block_m, block_n, warps, stages = _bwd_config(D, q.dtype)
+    num_m = triton.cdiv(Lq, block_m)
+    ddt = torch.zeros(B, H, num_m, 2 * cut + 1 if has_bias else 0, dtype=torch.float32, device=q.device)
+    if Lq == 0 or Lk == 0:
+        dq.zero_(), dk.zero_(), dv.zero_()
+        return dq, dk, dv, ddt.sum((0, 2))
+    block_d = _block_d(D)
+    delta = torch.empty(B, H, Lq, dtype=torch.float32, device=q.device)
+    _bucketed_attention_bwd_preprocess_kernel[(num_m, H, B)](
+        out, do, delta,
+        out.stride(0), out.stride(1), out.stride(2),
+        do.stride(0), do.stride(1), do.stride(2),
+        H, Lq, D, BLOCK_M=block_m, BLOCK_D=block_d,
+    )  # fmt: skip
+    kpm = _key_mask(key_padding_mask, q)
+    table = _dummy(dist_table, q)
+    common = dict(
+        HAS_BIAS=has_bias, HAS_KPM=key_padding_mask is not None, CAUSAL=causal, DROPOUT=dropout_p > 0.0,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, PRECISION=_precision(q.dtype),
+        num_warps=warps, num_stages=stages,
+    )  # fmt: skip
+    scalars = (H, Lq, Lk, D, q_offset, cut, scale, scale * _LOG2E, dropout_p, seed)
+    _bucketed_attention_bwd_dkdv_kernel[(triton.cdiv(Lk, block_n), H, B)](
+        q, k, v, table, kpm, do, lse, delta, dk, dv,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        do.stride(0), do.stride(1), do.stride(2),
+        dk.stride(0), dk.stride(1), dk.stride(2),
+        kpm.stride(0), *scalars, **common,
+    )  # fmt: skip
+    _bucketed_attention_bwd_dq_kernel[(num_m, H, B)](
+        q, k, v, table, kpm, do, lse, delta, dq, ddt,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        do.stride(0), do.stride(1), do.stride(2),
+        dq.stride(0), dq.stride(1), dq.stride(2),
+        kpm.stride(0), *scalars,
+        SKEW=triton.next_power_of_2(block_m + block_n - 1), T_PAD=triton.next_power_of_2(2 * cut + 1), **common,
+    )  # fmt: skip
+    return dq, dk, dv, ddt.sum((0, 2))
+
+
+# --------------------------------------------------------------------------------------------
+# Reference
+# --------------------------------------------------------------------------------------------
+
+
 def _check_inputs(q, k, v, bias_table, key_padding_mask) -> None:
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError(
@@ -77,13 +746,10 @@ def _check_inputs(q, k, v, bias_table, key_padding_mask) -> None:
     B, H, _, D = q.shape
     if k.shape != v.shape or k.shape[0] != B or k.shape[1] != H or k.shape[3] != D:
         raise ValueError(
-            f"bucketed_attention: k and v must be (B={B}, H={H}, Lk, D={D}); got k {tuple(k.shape)}, "
-            f"v {tuple(v.shape)}"
+            f"bucketed_attention: k and v must be (B={B}, H={H}, Lk, D={D}); got k {tuple(k.shape)}, v {tuple(v.shape)}"
         )
     if bias_table is not None and (bias_table.dim() != 2 or bias_table.shape[1] != H):
-        raise ValueError(
-            f"bucketed_attention: bias_table must be (num_buckets, H={H}); got {tuple(bias_table.shape)}"
-        )
+        raise ValueError(f"bucketed_attention: bias_table must be (num_buckets, H={H}); got {tuple(bias_table.shape)}")
     if key_padding_mask is not None and tuple(key_padding_mask.shape) != (B, k.shape[2]):
         raise ValueError(
             f"bucketed_attention: key_padding_mask must be (B={B}, Lk={k.shape[2]}); "
@@ -140,6 +806,126 @@ def bucketed_attention_reference(
     return out.to(q.dtype)
 
 
+# --------------------------------------------------------------------------------------------
+# Autograd and torch.library registration
+# --------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("fastseq::bucketed_attention_fwd", mutates_args=(), device_types=None)
+def _fwd_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    dist_table: torch.Tensor | None,
+    key_padding_mask: torch.Tensor | None,
+    seed: torch.Tensor | None,
+    causal: bool,
+    q_offset: int,
+    scale: float,
+    dropout_p: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """out `(B, Lq, H, D)` (heads not yet moved to dim 1) and lse `(B, H, Lq)` fp32."""
+    seed_value = int(seed.item()) if seed is not None else 0
+    out, lse = _forward(q, k, v, dist_table, key_padding_mask, seed_value, causal, q_offset, scale, dropout_p)
+    return out.transpose(1, 2), lse
+
+
+@_fwd_op.register_fake
+def _fwd_fake(q, k, v, dist_table, key_padding_mask, seed, causal, q_offset, scale, dropout_p):
+    B, H, Lq, D = q.shape
+    return q.new_empty(B, Lq, H, D), q.new_empty(B, H, Lq, dtype=torch.float32)
+
+
+@torch.library.custom_op("fastseq::bucketed_attention_bwd", mutates_args=(), device_types=None)
+def _bwd_op(
+    do: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    dist_table: torch.Tensor | None,
+    key_padding_mask: torch.Tensor | None,
+    seed: torch.Tensor | None,
+    causal: bool,
+    q_offset: int,
+    scale: float,
+    dropout_p: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """dq `(B, Lq, H, D)`, dk and dv `(B, Lk, H, D)`, and the `(H, 2C + 1)` gradient of dist_table
+    (`(0, 0)` without one)."""
+    seed_value = int(seed.item()) if seed is not None else 0
+    dq, dk, dv, ddt = _backward(
+        do, q, k, v, out, lse, dist_table, key_padding_mask, seed_value, causal, q_offset, scale, dropout_p
+    )
+    if dist_table is None:
+        ddt = ddt.new_zeros(0, 0)
+    return dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2), ddt
+
+
+@_bwd_op.register_fake
+def _bwd_fake(do, q, k, v, out, lse, dist_table, key_padding_mask, seed, causal, q_offset, scale, dropout_p):
+    B, H, Lq, D = q.shape
+    Lk = k.shape[2]
+    ddt = torch.empty_like(dist_table) if dist_table is not None else q.new_empty(0, 0, dtype=torch.float32)
+    return q.new_empty(B, Lq, H, D), k.new_empty(B, Lk, H, D), v.new_empty(B, Lk, H, D), ddt
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, dist_table, key_padding_mask, seed, causal, q_offset, scale, dropout_p = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, dist_table, key_padding_mask, seed)
+    ctx.args = (causal, q_offset, scale, dropout_p)
+    ctx.mark_non_differentiable(lse)
+
+
+def _backward_op(ctx, grad_out, grad_lse):
+    q, k, v, out, lse, dist_table, key_padding_mask, seed = ctx.saved_tensors
+    dq, dk, dv, ddt = torch.ops.fastseq.bucketed_attention_bwd(
+        grad_out.transpose(1, 2), q, k, v, out.transpose(1, 2), lse, dist_table, key_padding_mask, seed, *ctx.args
+    )
+    return (
+        dq.transpose(1, 2),
+        dk.transpose(1, 2),
+        dv.transpose(1, 2),
+        ddt if dist_table is not None else None,
+        None,
+        None,
+        None,
+        None,
+        None,
+        None,
+    )
+
+
+_fwd_op.register_autograd(_backward_op, setup_context=_setup_context)
+
+
+def _bucketed_attention_triton(
+    q, k, v, bias_table, *, bidirectional, max_distance, causal, key_padding_mask, q_offset, scale, dropout_p
+) -> torch.Tensor:
+    dist_table = None
+    if bias_table is not None:
+        dist_table = distance_table(bias_table, bidirectional=bidirectional, max_distance=max_distance)
+    seed = None
+    if dropout_p > 0.0:
+        # Drawn from PyTorch's CPU generator, so torch.manual_seed fixes the dropout mask.
+        seed = torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64)
+    out, _ = torch.ops.fastseq.bucketed_attention_fwd(
+        q, k, v, dist_table, key_padding_mask, seed, causal, q_offset, float(scale), float(dropout_p)
+    )
+    return out.transpose(1, 2)  # (B, H, Lq, D)
+
+
+def _unsupported(q: torch.Tensor) -> str | None:
+    """Why the Triton kernel cannot take these inputs, or None."""
+    if q.dtype not in _DTYPES:
+        return f"dtype {q.dtype} (the kernel takes float16, bfloat16 and float32)"
+    if q.shape[-1] > _MAX_HEAD_DIM:
+        return f"head dim {q.shape[-1]} (the kernel takes up to {_MAX_HEAD_DIM})"
+    return None
+
+
 def bucketed_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -155,16 +941,17 @@ def bucketed_attention(
     dropout_p: float = 0.0,
 ) -> torch.Tensor:
     """T5 attention. q `(B, H, Lq, D)`, k/v `(B, H, Lk, D)`, bias_table `(num_buckets, H)` or None,
-    key_padding_mask `(B, Lk)` (nonzero = attend) -> `(B, H, Lq, D)` in q's dtype."""
+    key_padding_mask `(B, Lk)` (nonzero = attend) -> `(B, H, Lq, D)` in q's dtype.
+
+    The Triton path is deterministic: the same inputs (and seed, with dropout) give bitwise the
+    same outputs and gradients, with no atomics in forward or backward.
+    """
     _check_inputs(q, k, v, bias_table, key_padding_mask)
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"bucketed_attention: dropout_p must be in [0, 1); got {dropout_p}")
-    use_triton("bucketed_attention", HAS_TRITON_KERNEL, q, k, v)
-    return bucketed_attention_reference(
-        q,
-        k,
-        v,
-        bias_table,
+    if q_offset < 0:
+        raise ValueError(f"bucketed_attention: q_offset must be >= 0; got {q_offset}")
+    kwargs = dict(
         bidirectional=bidirectional,
         max_distance=max_distance,
         causal=causal,
@@ -173,3 +960,13 @@ def bucketed_attention(
         scale=scale,
         dropout_p=dropout_p,
     )
+    if use_triton("bucketed_attention", HAS_TRITON_KERNEL, q, k, v):
+        reason = _unsupported(q)
+        if reason is None:
+            return _bucketed_attention_triton(q, k, v, bias_table, **kwargs)
+        if backend("bucketed_attention") == "triton":
+            raise NotImplementedError(
+                f"bucketed_attention: the Triton kernel does not support {reason}; "
+                "set FASTSEQ_BACKEND=reference or auto"
+            )
+    return bucketed_attention_reference(q, k, v, bias_table, **kwargs)

@@ -57,17 +57,14 @@ def global_aggregate_reference(
     return sums[:, :num_globals].to(hidden.dtype)
 
 
-def global_aggregate(
-    hidden: torch.Tensor, key_padding_mask: torch.Tensor | None, block_size: int = 16
-) -> torch.Tensor:
+def global_aggregate(hidden: torch.Tensor, key_padding_mask: torch.Tensor | None, block_size: int = 16) -> torch.Tensor:
     """LongT5 global tokens before their RMSNorm. hidden `(B, L, d_model)`, key_padding_mask `(B, L)`
     or None -> `(B, L // block_size, d_model)`."""
     if hidden.dim() != 3:
         raise ValueError(f"global_aggregate expects hidden of shape (B, L, d_model); got {tuple(hidden.shape)}")
     if key_padding_mask is not None and key_padding_mask.shape != hidden.shape[:2]:
         raise ValueError(
-            f"global_aggregate: key_padding_mask must be {tuple(hidden.shape[:2])}; "
-            f"got {tuple(key_padding_mask.shape)}"
+            f"global_aggregate: key_padding_mask must be {tuple(hidden.shape[:2])}; got {tuple(key_padding_mask.shape)}"
         )
     use_triton("global_aggregate", HAS_TRITON_KERNEL, hidden)
     return global_aggregate_reference(hidden, key_padding_mask, block_size)

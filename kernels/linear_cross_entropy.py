@@ -63,9 +63,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                     grad_w.addmm_(dlogits.t(), h)
                 if need_b:
                     grad_b += dlogits.sum(0)
-        ctx.save_for_backward(
-            *(g if g is not None else torch.empty(0) for g in (grad_h, grad_w, grad_b))
-        )
+        ctx.save_for_backward(*(g if g is not None else torch.empty(0) for g in (grad_h, grad_w, grad_b)))
         ctx.dtypes = (hidden.dtype, weight.dtype, bias.dtype if bias is not None else None)
         return loss_sum / denom
 
