@@ -108,6 +108,7 @@ def _tile_scores(
     CAUSAL: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    SKEW: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
     """Scores of one (BLOCK_M, BLOCK_N) tile in the log2 domain, masked entries at -inf."""
@@ -120,9 +121,15 @@ def _tile_scores(
         elif d_max <= -C:
             s += tl.load(DT_h) * 1.4426950408889634
         else:
-            d = offs_n[None, :] - (offs_m[:, None] + q_offset)
-            d = tl.minimum(tl.maximum(d, -C), C)
-            s += tl.load(DT_h + d + C) * 1.4426950408889634
+            # A band tile has BLOCK_M + BLOCK_N - 1 distinct distances: load those (a short vector)
+            # and spread them over the tile in registers. Loading the tile through a 2-D pointer
+            # gather instead made the pipeliner stage it in shared memory (+82 KiB at 128 x 64).
+            t = tl.arange(0, SKEW)
+            dist = tl.minimum(tl.maximum(d_min + t, -C), C)
+            per_distance = tl.load(DT_h + dist + C, mask=t < BLOCK_M + BLOCK_N - 1, other=0.0)  # (SKEW,)
+            diagonal = tl.arange(0, BLOCK_N)[None, :] - tl.arange(0, BLOCK_M)[:, None] + (BLOCK_M - 1)
+            spread = tl.broadcast_to(per_distance[None, :], (BLOCK_M, SKEW))
+            s += tl.gather(spread, diagonal, 1) * 1.4426950408889634
     valid = offs_n[None, :] < Lk
     if HAS_KPM:
         keep = tl.load(KPM_b + offs_n, mask=offs_n < Lk, other=0)
@@ -181,6 +188,7 @@ def _bucketed_attention_fwd_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    SKEW: tl.constexpr,  # next power of two >= BLOCK_M + BLOCK_N - 1: the diagonals of one tile
     PRECISION: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -214,7 +222,7 @@ def _bucketed_attention_fwd_kernel(
         v = tl.load(V_bh + offs_n[:, None] * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0)
         s = _tile_scores(
             q, k, DT_h, KPM_b, offs_m, offs_n, m0, n0, Lk, q_offset, C, scale_log2,
-            HAS_BIAS, HAS_KPM, CAUSAL, BLOCK_M, BLOCK_N, PRECISION,
+            HAS_BIAS, HAS_KPM, CAUSAL, BLOCK_M, BLOCK_N, SKEW, PRECISION,
         )  # fmt: skip
         m_new = tl.maximum(m_i, tl.max(s, 1))
         # A row with every key so far masked keeps m = -inf; subtract 0 there so exp2 gives 0, not NaN.
@@ -321,6 +329,7 @@ def _bucketed_attention_bwd_dkdv_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    SKEW: tl.constexpr,  # next power of two >= BLOCK_M + BLOCK_N - 1: the diagonals of one tile
     PRECISION: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
@@ -359,7 +368,7 @@ def _bucketed_attention_bwd_dkdv_kernel(
         delta = tl.load(DELTA + bh * Lq + offs_m, mask=row_ok, other=0.0)
         s = _tile_scores(
             q, k, DT_h, KPM_b, offs_m, offs_n, m0, n0, Lk, q_offset, C, scale_log2,
-            HAS_BIAS, HAS_KPM, CAUSAL, BLOCK_M, BLOCK_N, PRECISION,
+            HAS_BIAS, HAS_KPM, CAUSAL, BLOCK_M, BLOCK_N, SKEW, PRECISION,
         )  # fmt: skip
         p = tl.math.exp2(s - lse[:, None])  # rows without keys have lse = +inf: p = 0
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
@@ -428,7 +437,7 @@ def _bucketed_attention_bwd_dq_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
-    SKEW: tl.constexpr,  # next power of two >= BLOCK_M + BLOCK_N - 1: diagonals of one tile
+    SKEW: tl.constexpr,  # next power of two >= BLOCK_M + BLOCK_N - 1: the diagonals of one tile
     T_PAD: tl.constexpr,  # next power of two >= 2C + 1: the clamped distances
     PRECISION: tl.constexpr,
 ):
@@ -475,7 +484,7 @@ def _bucketed_attention_bwd_dq_kernel(
         v = tl.load(V_bh + offs_n[:, None] * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0)
         s = _tile_scores(
             q, k, DT_h, KPM_b, offs_m, offs_n, m0, n0, Lk, q_offset, C, scale_log2,
-            HAS_BIAS, HAS_KPM, CAUSAL, BLOCK_M, BLOCK_N, PRECISION,
+            HAS_BIAS, HAS_KPM, CAUSAL, BLOCK_M, BLOCK_N, SKEW, PRECISION,
         )  # fmt: skip
         p = tl.math.exp2(s - lse[:, None])
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
@@ -520,34 +529,43 @@ def _bucketed_attention_bwd_dq_kernel(
 # Launchers
 # --------------------------------------------------------------------------------------------
 
-# Tiles (BLOCK_M, BLOCK_N, num_warps, num_stages) per padded head dim and element size. The
-# compile-only tests build every entry for sm_80 and sm_90 and check shared memory against the
-# smaller chip (sm_80: 163 KiB per block).
+# Tiles (BLOCK_M, BLOCK_N, num_warps, num_stages) per architecture (80: Ampere and Ada, 90:
+# Hopper and later), padded head dim and element size. The compile-only tests build every entry
+# for its architecture and check its shared memory against the chip's limit. On sm_80 the
+# band-tile bias gather and the dropout mask take their layout conversions through shared
+# memory: a 128-row forward tile with every feature on needs 224-256 KiB there (limit 163 KiB),
+# a 64-row tile 120-136 KiB; sm_90 needs 32-64 KiB for the 128-row tile.
 _FWD_CONFIGS = {
-    # (BLOCK_D, element bytes): config
-    (16, 2): (128, 64, 4, 3),
-    (32, 2): (128, 64, 4, 3),
-    (64, 2): (128, 64, 4, 3),
-    (128, 2): (128, 64, 8, 3),
-    (256, 2): (64, 32, 4, 2),
-    (16, 4): (64, 64, 4, 2),
-    (32, 4): (64, 64, 4, 2),
-    (64, 4): (64, 64, 4, 2),
-    (128, 4): (64, 32, 4, 2),
-    (256, 4): (32, 32, 4, 1),
+    (90, 16, 2): (128, 64, 4, 3),
+    (90, 32, 2): (128, 64, 4, 3),
+    (90, 64, 2): (128, 64, 4, 3),
+    (90, 128, 2): (128, 64, 8, 3),
+    (90, 256, 2): (64, 32, 4, 2),
+    (80, 16, 2): (64, 64, 4, 3),
+    (80, 32, 2): (64, 64, 4, 3),
+    (80, 64, 2): (64, 64, 4, 3),
+    (80, 128, 2): (64, 64, 4, 3),
+    (80, 256, 2): (64, 32, 4, 2),
 }
 _BWD_CONFIGS = {
-    (16, 2): (64, 64, 4, 2),
-    (32, 2): (64, 64, 4, 2),
-    (64, 2): (64, 64, 4, 2),
-    (128, 2): (64, 64, 8, 2),
-    (256, 2): (32, 32, 4, 1),
-    (16, 4): (32, 32, 4, 1),
-    (32, 4): (32, 32, 4, 1),
-    (64, 4): (32, 32, 4, 1),
-    (128, 4): (32, 32, 4, 1),
-    (256, 4): (16, 16, 4, 1),
+    (90, 16, 2): (64, 64, 4, 2),
+    (90, 32, 2): (64, 64, 4, 2),
+    (90, 64, 2): (64, 64, 4, 2),
+    (90, 128, 2): (64, 64, 8, 2),
+    (90, 256, 2): (32, 32, 4, 1),
+    (80, 16, 2): (64, 64, 4, 2),
+    (80, 32, 2): (64, 64, 4, 2),
+    (80, 64, 2): (64, 64, 4, 2),
+    (80, 128, 2): (64, 64, 8, 2),
+    (80, 256, 2): (32, 32, 4, 1),
 }
+for _arch in (80, 90):  # fp32: half the tile of the 16-bit configs' smem budget, both architectures
+    _FWD_CONFIGS.update({(_arch, 16, 4): (64, 64, 4, 2), (_arch, 32, 4): (64, 64, 4, 2),
+                         (_arch, 64, 4): (64, 32, 4, 2), (_arch, 128, 4): (64, 32, 4, 2),
+                         (_arch, 256, 4): (32, 32, 4, 1)})  # fmt: skip
+    _BWD_CONFIGS.update({(_arch, 16, 4): (32, 32, 4, 1), (_arch, 32, 4): (32, 32, 4, 1),
+                         (_arch, 64, 4): (32, 32, 4, 1), (_arch, 128, 4): (32, 32, 4, 1),
+                         (_arch, 256, 4): (16, 16, 4, 1)})  # fmt: skip
 # Under the interpreter, small tiles so that short test sequences still span many tiles,
 # band tiles and tiles beyond the cut-off.
 _INTERPRET_CONFIG = (16, 16, 4, 1)
@@ -555,23 +573,32 @@ _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _MAX_HEAD_DIM = 256
 
 
+def _skew(block_m: int, block_n: int) -> int:
+    return triton.next_power_of_2(block_m + block_n - 1)
+
+
 def _block_d(D: int) -> int:
     return max(16, triton.next_power_of_2(D))
 
 
-def _fwd_config(D: int, dtype: torch.dtype, Lq: int) -> tuple[int, int, int, int]:
+def _arch(device: torch.device) -> int:
+    """The config family of a CUDA device: 90 from Hopper on, 80 below."""
+    return 90 if torch.cuda.get_device_capability(device)[0] >= 9 else 80
+
+
+def _fwd_config(D: int, dtype: torch.dtype, Lq: int, device: torch.device) -> tuple[int, int, int, int]:
     if interpreting():
         return _INTERPRET_CONFIG
-    block_m, block_n, warps, stages = _FWD_CONFIGS[(_block_d(D), dtype.itemsize)]
+    block_m, block_n, warps, stages = _FWD_CONFIGS[(_arch(device), _block_d(D), dtype.itemsize)]
     # Incremental decoding (Lq = 1 against a cache) needs no 128-row query tile.
     block_m = min(block_m, max(16, triton.next_power_of_2(Lq)))
     return block_m, block_n, warps, stages
 
 
-def _bwd_config(D: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
+def _bwd_config(D: int, dtype: torch.dtype, device: torch.device) -> tuple[int, int, int, int]:
     if interpreting():
         return _INTERPRET_CONFIG
-    return _BWD_CONFIGS[(_block_d(D), dtype.itemsize)]
+    return _BWD_CONFIGS[(_arch(device), _block_d(D), dtype.itemsize)]
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -659,7 +686,7 @@ def _forward(q, k, v, dist_table, key_padding_mask, seed, causal, q_offset, scal
     lse = torch.empty(B, H, Lq, dtype=torch.float32, device=q.device)
     if Lq == 0:
         return out, lse
-    block_m, block_n, warps, stages = _fwd_config(D, q.dtype, Lq)
+    block_m, block_n, warps, stages = _fwd_config(D, q.dtype, Lq, q.device)
     kpm = _key_mask(key_padding_mask, q)
     grid = (triton.cdiv(Lq, block_m), H, B)
     _bucketed_attention_fwd_kernel[grid](
@@ -672,7 +699,7 @@ def _forward(q, k, v, dist_table, key_padding_mask, seed, causal, q_offset, scal
         H, Lq, Lk, D, q_offset, _cut(dist_table), scale * _LOG2E, dropout_p, seed,
         HAS_BIAS=dist_table is not None, HAS_KPM=key_padding_mask is not None, CAUSAL=causal,
         DROPOUT=dropout_p > 0.0, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=_block_d(D),
-        PRECISION=_precision(q.dtype), num_warps=warps, num_stages=stages,
+        SKEW=_skew(block_m, block_n), PRECISION=_precision(q.dtype), num_warps=warps, num_stages=stages,
     )  # fmt: skip
     return out, lse
 
@@ -688,7 +715,7 @@ def _backward(do, q, k, v, out, lse, dist_table, key_padding_mask, seed, causal,
     dv = _like_heads(B, H, Lk, D, v)
     cut = _cut(dist_table)
     has_bias = dist_table is not None
-    block_m, block_n, warps, stages = _bwd_config(D, q.dtype)
+    block_m, block_n, warps, stages = _bwd_config(D, q.dtype, q.device)
     num_m = triton.cdiv(Lq, block_m)
     ddt = torch.zeros(B, H, num_m, 2 * cut + 1 if has_bias else 0, dtype=torch.float32, device=q.device)
     if Lq == 0 or Lk == 0:
@@ -706,8 +733,8 @@ def _backward(do, q, k, v, out, lse, dist_table, key_padding_mask, seed, causal,
     table = _dummy(dist_table, q)
     common = dict(
         HAS_BIAS=has_bias, HAS_KPM=key_padding_mask is not None, CAUSAL=causal, DROPOUT=dropout_p > 0.0,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, PRECISION=_precision(q.dtype),
-        num_warps=warps, num_stages=stages,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, SKEW=_skew(block_m, block_n),
+        PRECISION=_precision(q.dtype), num_warps=warps, num_stages=stages,
     )  # fmt: skip
     scalars = (H, Lq, Lk, D, q_offset, cut, scale, scale * _LOG2E, dropout_p, seed)
     _bucketed_attention_bwd_dkdv_kernel[(triton.cdiv(Lk, block_n), H, B)](
@@ -727,7 +754,7 @@ def _backward(do, q, k, v, out, lse, dist_table, key_padding_mask, seed, causal,
         do.stride(0), do.stride(1), do.stride(2),
         dq.stride(0), dq.stride(1), dq.stride(2),
         kpm.stride(0), *scalars,
-        SKEW=triton.next_power_of_2(block_m + block_n - 1), T_PAD=triton.next_power_of_2(2 * cut + 1), **common,
+        T_PAD=triton.next_power_of_2(2 * cut + 1), **common,
     )  # fmt: skip
     return dq, dk, dv, ddt.sum((0, 2))
 
@@ -970,3 +997,41 @@ def bucketed_attention(
                 "set FASTSEQ_BACKEND=reference or auto"
             )
     return bucketed_attention_reference(q, k, v, bias_table, **kwargs)
+
+
+def compile_specs() -> list:
+    """Every configuration the launchers can pick on a GPU, for the compile-only tests (`_compile`):
+    each tile config with every feature on, and the main head dims (64, 128) also in fp16 and with
+    every feature off (the path of cross-attention)."""
+    from ._compile import CompileSpec, signature
+
+    cut, _ = _clamped_buckets(32, 128, True)  # every published T5 model: 32 buckets, max_distance 128
+    all_on = dict(HAS_BIAS=True, HAS_KPM=True, CAUSAL=True, DROPOUT=True)
+    all_off = dict(HAS_BIAS=False, HAS_KPM=False, CAUSAL=False, DROPOUT=False)
+    floats = ("scale", "scale_log2", "dropout_p")
+    variants = []
+    for arch, block_d, itemsize in _FWD_CONFIGS:
+        variants.append((arch, block_d, itemsize, "fp32" if itemsize == 4 else "bf16", all_on))
+        if itemsize == 2 and block_d in (64, 128):
+            variants += [(arch, block_d, itemsize, "fp16", all_on), (arch, block_d, itemsize, "bf16", all_off)]
+    specs = []
+    for arch, block_d, itemsize, dtype, flags in variants:
+        fwd, bwd = _FWD_CONFIGS[(arch, block_d, itemsize)], _BWD_CONFIGS[(arch, block_d, itemsize)]
+        tag = f"sm{arch}-D{block_d}-{dtype}-{'all' if flags['HAS_BIAS'] else 'none'}"
+        pointers = {n: f"*{dtype}" for n in ("Q", "K", "V", "Out", "DO", "DQ", "DK", "DV")}
+        pointers.update(DT="*fp32", LSE="*fp32", DELTA="*fp32", DDT="*fp32", KPM="*i8")
+
+        def add(name, kernel, constexprs, config, tag=tag, pointers=pointers, arch=arch):
+            options = dict(num_warps=config[2], num_stages=config[3])
+            sig = signature(kernel, pointers, floats, constexprs)
+            specs.append(CompileSpec(f"{name}-{tag}", kernel.__name__, sig, constexprs, options, arch))
+
+        for block_m in sorted({fwd[0], 16}):  # 16: the decoding tile (Lq = 1)
+            ce = dict(flags, BLOCK_M=block_m, BLOCK_N=fwd[1], BLOCK_D=block_d, SKEW=_skew(block_m, fwd[1]))
+            add(f"fwd-M{block_m}", _bucketed_attention_fwd_kernel, dict(ce, PRECISION="ieee"), fwd)
+        ce = dict(flags, BLOCK_M=bwd[0], BLOCK_N=bwd[1], BLOCK_D=block_d, SKEW=_skew(bwd[0], bwd[1]), PRECISION="ieee")
+        add("dkdv", _bucketed_attention_bwd_dkdv_kernel, ce, bwd)
+        add("dq", _bucketed_attention_bwd_dq_kernel, dict(ce, T_PAD=triton.next_power_of_2(2 * cut + 1)), bwd)
+        if flags is all_on and dtype != "fp16":
+            add("pre", _bucketed_attention_bwd_preprocess_kernel, dict(BLOCK_M=bwd[0], BLOCK_D=block_d), bwd)
+    return specs
