@@ -90,6 +90,18 @@ def relative_bias(
 
 
 @triton.jit
+def _dot(a, b, PRECISION: tl.constexpr):
+    """a @ b accumulated in fp32. PRECISION "upcast" widens the operands to fp32 first: the
+    interpreter's bf16 dot is wrong, and a bf16 product is exact in fp32, so the result is what
+    the tensor cores compute."""
+    if PRECISION == "upcast":
+        out = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    else:
+        out = tl.dot(a, b, input_precision=PRECISION)
+    return out
+
+
+@triton.jit
 def _tile_scores(
     q,
     k,
@@ -112,7 +124,7 @@ def _tile_scores(
     PRECISION: tl.constexpr,
 ):
     """Scores of one (BLOCK_M, BLOCK_N) tile in the log2 domain, masked entries at -inf."""
-    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
+    s = _dot(q, tl.trans(k), PRECISION) * scale_log2
     if HAS_BIAS:
         d_min = n0 - (q_offset + m0 + BLOCK_M - 1)
         d_max = n0 + BLOCK_N - 1 - (q_offset + m0)
@@ -233,7 +245,7 @@ def _bucketed_attention_fwd_kernel(
         if DROPOUT:
             keep = _dropout_keep(seed, bh, offs_m, offs_n, Lk, dropout_p)
             p = tl.where(keep, p * (1.0 / (1.0 - dropout_p)), 0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, PRECISION)
         m_i = m_new
     has_key = l_i > 0.0
     out = acc / tl.where(has_key, l_i, 1.0)[:, None]
@@ -371,7 +383,7 @@ def _bucketed_attention_bwd_dkdv_kernel(
             HAS_BIAS, HAS_KPM, CAUSAL, BLOCK_M, BLOCK_N, SKEW, PRECISION,
         )  # fmt: skip
         p = tl.math.exp2(s - lse[:, None])  # rows without keys have lse = +inf: p = 0
-        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+        dp = _dot(do, tl.trans(v), PRECISION)
         if DROPOUT:
             keep = _dropout_keep(seed, bh, offs_m, offs_n, Lk, dropout_p)
             inv_keep = 1.0 / (1.0 - dropout_p)
@@ -379,9 +391,9 @@ def _bucketed_attention_bwd_dkdv_kernel(
             dp = tl.where(keep, dp * inv_keep, 0.0)
         else:
             z = p
-        dv += tl.dot(tl.trans(z.to(do.dtype)), do, input_precision=PRECISION)
+        dv += _dot(tl.trans(z.to(do.dtype)), do, PRECISION)
         ds = p * (dp - delta[:, None])
-        dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
+        dk += _dot(tl.trans(ds.to(q.dtype)), q, PRECISION)
     dk = dk * scale
     dkv_off = b * stride_dkb + h * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :]
     tl.store(DK + dkv_off, dk.to(DK.dtype.element_ty), mask=kv_mask)
@@ -487,12 +499,12 @@ def _bucketed_attention_bwd_dq_kernel(
             HAS_BIAS, HAS_KPM, CAUSAL, BLOCK_M, BLOCK_N, SKEW, PRECISION,
         )  # fmt: skip
         p = tl.math.exp2(s - lse[:, None])
-        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+        dp = _dot(do, tl.trans(v), PRECISION)
         if DROPOUT:
             keep = _dropout_keep(seed, bh, offs_m, offs_n, Lk, dropout_p)
             dp = tl.where(keep, dp * (1.0 / (1.0 - dropout_p)), 0.0)
         ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+        dq += _dot(ds.to(k.dtype), k, PRECISION)
         if HAS_BIAS:
             d_min = n0 - (q_offset + m0 + BLOCK_M - 1)
             d_max = n0 + BLOCK_N - 1 - (q_offset + m0)
@@ -603,6 +615,8 @@ def _bwd_config(D: int, dtype: torch.dtype, device: torch.device) -> tuple[int, 
 
 def _precision(dtype: torch.dtype) -> str:
     """fp32 inputs use exact fp32 products unless PyTorch itself is allowed TF32 for matmuls."""
+    if dtype == torch.bfloat16 and interpreting():
+        return "upcast"
     if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
         return "tf32"
     return "ieee"
@@ -641,13 +655,19 @@ def _clamped_buckets(num_buckets: int, max_distance: int, bidirectional: bool) -
     return cut, tuple(buckets.tolist())
 
 
+@torch.compiler.assume_constant_result
+def _constant_buckets(num_buckets: int, max_distance: int, bidirectional: bool) -> tuple[int, tuple[int, ...]]:
+    """`_clamped_buckets`, which torch.compile runs once at trace time and keeps as a constant."""
+    return _clamped_buckets(num_buckets, max_distance, bidirectional)
+
+
 def distance_table(bias_table: torch.Tensor, *, bidirectional: bool, max_distance: int) -> torch.Tensor:
     """The `(H, 2C + 1)` fp32 bias per clamped distance `-C..C` of a `(num_buckets, H)` table.
 
     A one-hot matmul rather than an index so that its gradient (back to the table) is a
     deterministic matmul too.
     """
-    cut, buckets = _clamped_buckets(bias_table.shape[0], max_distance, bidirectional)
+    cut, buckets = _constant_buckets(bias_table.shape[0], max_distance, bidirectional)
     index = torch.tensor(buckets, device=bias_table.device)
     one_hot = torch.nn.functional.one_hot(index, bias_table.shape[0]).to(torch.float32)  # (2C + 1, NB)
     return (one_hot @ bias_table.float()).t().contiguous()  # (H, 2C + 1)

@@ -9,32 +9,96 @@ import torch
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# Without a GPU the Triton kernels run on the CPU through Triton's interpreter. Triton reads this
+# when a kernel is decorated, so it is set before anything imports fastseq.kernels.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 # Every configuration the parity tests cover. Sizes are tiny; lengths exceed
 # max_distance so the logarithmic buckets are exercised.
 T5_BASE = dict(
-    vocab_size=99, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_heads=4,
-    relative_attention_num_buckets=16, relative_attention_max_distance=20, dropout_rate=0.0,
-    pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
+    vocab_size=99,
+    d_model=32,
+    d_kv=8,
+    d_ff=48,
+    num_layers=2,
+    num_heads=4,
+    relative_attention_num_buckets=16,
+    relative_attention_max_distance=20,
+    dropout_rate=0.0,
+    pad_token_id=0,
+    eos_token_id=1,
+    decoder_start_token_id=0,
 )
 KINDS = {
     "t5_v10_tied": ("t5", dict(T5_BASE, feed_forward_proj="relu")),
     "t5_v11_untied": ("t5", dict(T5_BASE, feed_forward_proj="gated-gelu", tie_word_embeddings=False)),
-    "mt5_like": ("mt5", dict(T5_BASE, feed_forward_proj="gated-gelu", tie_word_embeddings=False,
-                            vocab_size=151, num_layers=3, num_decoder_layers=2)),
-    "byt5_like": ("t5", dict(T5_BASE, feed_forward_proj="gated-gelu", tie_word_embeddings=False,
-                            vocab_size=384, num_layers=3, num_decoder_layers=1)),
-    "longt5_local": ("longt5", dict(T5_BASE, feed_forward_proj="gated-gelu", tie_word_embeddings=False,
-                                    encoder_attention_type="local", local_radius=3, global_block_size=4)),
-    "longt5_tglobal": ("longt5", dict(T5_BASE, feed_forward_proj="gated-gelu", tie_word_embeddings=False,
-                                      encoder_attention_type="transient-global", local_radius=3,
-                                      global_block_size=4)),
-    "blenderbot_small": ("blenderbot-small", dict(
-        vocab_size=97, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
-        decoder_attention_heads=4, encoder_ffn_dim=48, decoder_ffn_dim=48, max_position_embeddings=64,
-        dropout=0.0, attention_dropout=0.0, activation_dropout=0.0, pad_token_id=0, bos_token_id=1,
-        eos_token_id=2, decoder_start_token_id=1,
-    )),
+    "mt5_like": (
+        "mt5",
+        dict(
+            T5_BASE,
+            feed_forward_proj="gated-gelu",
+            tie_word_embeddings=False,
+            vocab_size=151,
+            num_layers=3,
+            num_decoder_layers=2,
+        ),
+    ),
+    "byt5_like": (
+        "t5",
+        dict(
+            T5_BASE,
+            feed_forward_proj="gated-gelu",
+            tie_word_embeddings=False,
+            vocab_size=384,
+            num_layers=3,
+            num_decoder_layers=1,
+        ),
+    ),
+    "longt5_local": (
+        "longt5",
+        dict(
+            T5_BASE,
+            feed_forward_proj="gated-gelu",
+            tie_word_embeddings=False,
+            encoder_attention_type="local",
+            local_radius=3,
+            global_block_size=4,
+        ),
+    ),
+    "longt5_tglobal": (
+        "longt5",
+        dict(
+            T5_BASE,
+            feed_forward_proj="gated-gelu",
+            tie_word_embeddings=False,
+            encoder_attention_type="transient-global",
+            local_radius=3,
+            global_block_size=4,
+        ),
+    ),
+    "blenderbot_small": (
+        "blenderbot-small",
+        dict(
+            vocab_size=97,
+            d_model=32,
+            encoder_layers=2,
+            decoder_layers=2,
+            encoder_attention_heads=4,
+            decoder_attention_heads=4,
+            encoder_ffn_dim=48,
+            decoder_ffn_dim=48,
+            max_position_embeddings=64,
+            dropout=0.0,
+            attention_dropout=0.0,
+            activation_dropout=0.0,
+            pad_token_id=0,
+            bos_token_id=1,
+            eos_token_id=2,
+            decoder_start_token_id=1,
+        ),
+    ),
 }
 
 
@@ -105,3 +169,9 @@ def assert_close(
 @pytest.fixture
 def reference_backend(monkeypatch):
     monkeypatch.setenv("FASTSEQ_BACKEND", "reference")
+
+
+@pytest.fixture
+def triton_backend(monkeypatch):
+    """Every op that has a Triton kernel runs it (on the GPU, or through the interpreter)."""
+    monkeypatch.setenv("FASTSEQ_BACKEND", "triton")

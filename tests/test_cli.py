@@ -28,8 +28,9 @@ def test_train_default_job_short_run(tmp_path):
 
 def test_convert_to_bfloat16_shards(tmp_path):
     hf_model("t5_v10_tied").save_pretrained(tmp_path / "src")
-    result = _fastseq("convert", str(tmp_path / "src"), str(tmp_path / "dst"), "--dtype", "bfloat16",
-                      "--max-shard-size", "30KB")
+    result = _fastseq(
+        "convert", str(tmp_path / "src"), str(tmp_path / "dst"), "--dtype", "bfloat16", "--max-shard-size", "30KB"
+    )
     assert result.returncode == 0, result.stderr
     model = fastseq.from_pretrained(tmp_path / "dst", dtype=torch.bfloat16)
     assert (tmp_path / "dst" / "model.safetensors.index.json").is_file()

@@ -50,8 +50,14 @@ def test_parameter_count(name):
 
 
 def test_rounded_sizes_from_the_issue():
-    for name, size in [("t5-small", 60.5e6), ("t5-base", 222.9e6), ("t5-large", 737.7e6),
-                       ("t5-3b", 2.85e9), ("t5-11b", 11.3e9), ("google/mt5-xxl", 12.9e9)]:
+    for name, size in [
+        ("t5-small", 60.5e6),
+        ("t5-base", 222.9e6),
+        ("t5-large", 737.7e6),
+        ("t5-3b", 2.85e9),
+        ("t5-11b", 11.3e9),
+        ("google/mt5-xxl", 12.9e9),
+    ]:
         count = presets.build(name, device="meta").num_parameters()
         assert abs(count - size) / size < 0.002, (name, count)
 

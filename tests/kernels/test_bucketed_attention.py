@@ -5,7 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 from fastseq.kernels import bucketed_attention, relative_position_bucket
-from fastseq.kernels.bucketed_attention import relative_bias
+from fastseq.kernels.bucketed_attention import bucketed_attention_reference, relative_bias
+
+from tests.conftest import DEVICE, assert_close
 
 
 @pytest.mark.parametrize("bidirectional", [True, False])
@@ -26,13 +28,15 @@ def test_bias_matches_transformers_compute_bias(is_decoder, past):
     from transformers import T5Config
     from transformers.models.t5.modeling_t5 import T5Attention
 
-    config = T5Config(num_heads=3, relative_attention_num_buckets=16, relative_attention_max_distance=20,
-                      is_decoder=is_decoder)
+    config = T5Config(
+        num_heads=3, relative_attention_num_buckets=16, relative_attention_max_distance=20, is_decoder=is_decoder
+    )
     attn = T5Attention(config, has_relative_attention_bias=True, layer_idx=0)
     Lq, Lk = (1, past + 1) if past else (29, 31)
     expected = attn.compute_bias(Lq, Lk, past_seen_tokens=past)[0]
-    got = relative_bias(attn.relative_attention_bias.weight, Lq, Lk, bidirectional=not is_decoder,
-                        max_distance=20, q_offset=past)
+    got = relative_bias(
+        attn.relative_attention_bias.weight, Lq, Lk, bidirectional=not is_decoder, max_distance=20, q_offset=past
+    )
     assert torch.equal(got, expected)
 
 
@@ -50,8 +54,9 @@ def _dense_reference(q, k, v, table, *, bidirectional, max_distance, causal, mas
             ok &= (rel <= 0)[None]
         s = torch.einsum("bhd,bhkd->bhk", q[:, :, i].double(), k.double()) * scale
         if table is not None:
-            buckets = relative_position_bucket(rel, bidirectional=bidirectional, num_buckets=table.shape[0],
-                                               max_distance=max_distance)
+            buckets = relative_position_bucket(
+                rel, bidirectional=bidirectional, num_buckets=table.shape[0], max_distance=max_distance
+            )
             s = s + table.double()[buckets].t()[None]
         s = s.masked_fill(~ok[:, None], float("-inf"))
         p = torch.softmax(s, -1).nan_to_num(0.0)
@@ -82,13 +87,21 @@ def test_reference_against_float64_definition(case, with_bias):
         mask = torch.ones(B, case["Lk"], dtype=torch.long)
         mask[0, 2:4] = 0
         mask[1, -3:] = 0
-    kw = dict(bidirectional=case["bidirectional"], max_distance=20, causal=case["causal"], q_offset=case["q_offset"],
-              scale=case["scale"])
+    kw = dict(
+        bidirectional=case["bidirectional"],
+        max_distance=20,
+        causal=case["causal"],
+        q_offset=case["q_offset"],
+        scale=case["scale"],
+    )
     inputs = [q, k, v] + ([table] if with_bias else [])
     expected = _dense_reference(q, k, v, table, mask=mask, **kw)
-    got = bucketed_attention(*(t.float().detach().requires_grad_() for t in (q, k, v)),
-                             table.float().detach().requires_grad_() if with_bias else None,
-                             key_padding_mask=mask, **kw)
+    got = bucketed_attention(
+        *(t.float().detach().requires_grad_() for t in (q, k, v)),
+        table.float().detach().requires_grad_() if with_bias else None,
+        key_padding_mask=mask,
+        **kw,
+    )
     assert torch.allclose(got.double(), expected, atol=1e-5, rtol=1e-5)
     # Gradients: the reference in float64 (fp32 math is exact enough to follow autograd of the definition).
     grad_out = torch.randn_like(expected)
@@ -137,3 +150,326 @@ def test_backend_switch(monkeypatch):
         bucketed_attention(q, q, q)
     monkeypatch.setenv("FASTSEQ_BACKEND", "reference")
     assert bucketed_attention(q, q, q).shape == q.shape
+
+
+# ---------------------------------------------------------------------------------------------
+# The Triton kernel (on the GPU, or on the CPU through Triton's interpreter)
+# ---------------------------------------------------------------------------------------------
+
+TRITON_CASES = [
+    dict(Lq=1, Lk=1, D=16, causal=False, bidirectional=True, mask=False, q_offset=0, scale=1.0, bias=True),
+    dict(Lq=7, Lk=7, D=8, causal=False, bidirectional=True, mask=True, q_offset=0, scale=1.0, bias=True),
+    dict(Lq=33, Lk=33, D=16, causal=True, bidirectional=False, mask=True, q_offset=0, scale=1.0, bias=True),
+    dict(Lq=130, Lk=130, D=16, causal=False, bidirectional=True, mask=True, q_offset=0, scale=1.0, bias=True),
+    dict(Lq=130, Lk=130, D=16, causal=True, bidirectional=False, mask=False, q_offset=0, scale=1.0, bias=True),
+    dict(Lq=1, Lk=40, D=16, causal=True, bidirectional=False, mask=True, q_offset=39, scale=1.0, bias=True),
+    dict(Lq=9, Lk=50, D=16, causal=True, bidirectional=False, mask=False, q_offset=41, scale=1.0, bias=True),
+    dict(Lq=33, Lk=7, D=24, causal=False, bidirectional=True, mask=True, q_offset=0, scale=0.35, bias=False),
+    dict(Lq=40, Lk=40, D=32, causal=False, bidirectional=True, mask=True, q_offset=0, scale=32**-0.5, bias=False),
+]
+
+
+def _random_inputs(case, *, dtype=torch.float32, seed=0, device=DEVICE):
+    g = torch.Generator().manual_seed(seed)
+    B, H, D = 2, 3, case["D"]
+    q = torch.randn(B, H, case["Lq"], D, generator=g, dtype=torch.float64)
+    k = torch.randn(B, H, case["Lk"], D, generator=g, dtype=torch.float64)
+    v = torch.randn(B, H, case["Lk"], D, generator=g, dtype=torch.float64)
+    table = torch.randn(8, H, generator=g, dtype=torch.float64) if case["bias"] else None
+    mask = None
+    if case["mask"]:
+        mask = torch.ones(B, case["Lk"], dtype=torch.long)
+        mask[1, case["Lk"] // 3 : case["Lk"] // 3 + 3] = 0  # padding in the middle of a row
+        mask[0, -2:] = 0
+        mask[0, 0] = 1
+        mask = mask.to(device)
+    leaves = [t.to(device=device, dtype=dtype) for t in (q, k, v)]
+    if table is not None:
+        leaves.append(table.to(device=device, dtype=torch.float32))
+    return [t.requires_grad_() for t in leaves], mask
+
+
+def _kwargs(case):
+    return dict(
+        bidirectional=case["bidirectional"],
+        max_distance=12,
+        causal=case["causal"],
+        q_offset=case["q_offset"],
+        scale=case["scale"],
+    )
+
+
+def _float64_grads(leaves, mask, case, grad_out):
+    ref_leaves = [t.detach().cpu().double().requires_grad_() for t in leaves]
+    table = ref_leaves[3] if len(ref_leaves) == 4 else None
+    out = _dense_reference(*ref_leaves[:3], table, mask=None if mask is None else mask.cpu(), **_kwargs(case))
+    return out, torch.autograd.grad(out, ref_leaves, grad_out.cpu().double())
+
+
+def _run(leaves, mask, case, grad_out, **extra):
+    table = leaves[3] if len(leaves) == 4 else None
+    out = bucketed_attention(*leaves[:3], table, key_padding_mask=mask, **_kwargs(case), **extra)
+    return out, torch.autograd.grad(out, leaves, grad_out)
+
+
+@pytest.mark.parametrize(
+    "case", TRITON_CASES, ids=lambda c: "Lq{Lq}-Lk{Lk}-D{D}-causal{causal}-off{q_offset}".format(**c)
+)
+def test_triton_fp32_against_float64(case, triton_backend):
+    leaves, mask = _random_inputs(case)
+    grad_out = torch.randn(2, 3, case["Lq"], case["D"], device=DEVICE)
+    expected, ref_grads = _float64_grads(leaves, mask, case, grad_out)
+    out, grads = _run(leaves, mask, case, grad_out)
+    assert out.dtype == torch.float32 and torch.isfinite(out).all()
+    assert_close(out.cpu(), expected, rel=1e-5, what="out")
+    for name, g, r in zip(["q", "k", "v", "bias_table"], grads, ref_grads, strict=False):
+        # floor 1: the inputs are O(1); a gradient that is exactly zero (q with one key) leaves rounding noise.
+        assert_close(g.cpu(), r, rel=2e-5, floor=1.0, what=f"grad of {name}")
+
+
+def _torch_in_dtype(leaves, mask, case, grad_out):
+    """The same attention computed by plain PyTorch in the inputs' dtype (scores and products in
+    that dtype, softmax in fp32), as `transformers` does it."""
+    q, k, v = leaves[:3]
+    Lq, Lk = q.shape[2], k.shape[2]
+    scores = torch.matmul(q, k.transpose(-1, -2)) * case["scale"]
+    if len(leaves) == 4:
+        bias = relative_bias(
+            leaves[3], Lq, Lk, bidirectional=case["bidirectional"], max_distance=12, q_offset=case["q_offset"]
+        )
+        scores = scores + bias.to(q.dtype)
+    ok = torch.ones(q.shape[0], 1, Lq, Lk, dtype=torch.bool, device=q.device)
+    if mask is not None:
+        ok = ok & mask.bool()[:, None, None, :]
+    if case["causal"]:
+        ok = ok & (
+            torch.arange(Lk, device=q.device)[None] <= torch.arange(Lq, device=q.device)[:, None] + case["q_offset"]
+        )
+    probs = torch.softmax(scores.float().masked_fill(~ok, float("-inf")), -1).nan_to_num(0.0).to(q.dtype)
+    out = torch.matmul(probs, v)
+    return out, torch.autograd.grad(out, leaves, grad_out)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("case", [TRITON_CASES[3], TRITON_CASES[5], TRITON_CASES[7]], ids=["bidir", "decode", "nobias"])
+def test_triton_half_precision_within_twice_torch_error(case, dtype, triton_backend):
+    leaves, mask = _random_inputs(case, dtype=dtype)
+    grad_out = torch.randn(2, 3, case["Lq"], case["D"], device=DEVICE).to(dtype)
+    expected, ref_grads = _float64_grads(leaves, mask, case, grad_out)
+    out, grads = _run(leaves, mask, case, grad_out)
+    t_out, t_grads = _torch_in_dtype(leaves, mask, case, grad_out)
+    assert out.dtype == dtype
+    names = ["out", "q", "k", "v", "bias_table"]
+    for name, got, torch_got, exact in zip(
+        names, (out, *grads), (t_out, *t_grads), (expected, *ref_grads), strict=False
+    ):
+        err = (got.cpu().double() - exact).abs().max().item()
+        torch_err = (torch_got.cpu().double() - exact).abs().max().item()
+        # Gradients get one unit of the dtype on top: like every flash-style backward, the kernel
+        # takes rowsum(dO * O) from the rounded output, where PyTorch sums P * dP.
+        slack = 0.0 if name == "out" else torch.finfo(dtype).eps * exact.abs().max().item()
+        assert err <= 2 * torch_err + slack, f"{name}: {err:.3e} vs torch {torch_err:.3e} (+{slack:.1e})"
+
+
+def test_triton_fully_masked_rows(triton_backend):
+    case = dict(TRITON_CASES[3], Lq=20, Lk=20)
+    leaves, _ = _random_inputs(case)
+    mask = torch.ones(2, 20, dtype=torch.bool, device=DEVICE)
+    mask[1] = False
+    out = bucketed_attention(*leaves[:3], leaves[3], key_padding_mask=mask, max_distance=12)
+    assert torch.isfinite(out).all() and out[1].abs().max() == 0
+    out.square().sum().backward()
+    for t in leaves:
+        assert torch.isfinite(t.grad).all()
+    assert leaves[0].grad[1].abs().max() == 0 and leaves[1].grad[1].abs().max() == 0
+    expected = bucketed_attention_reference(
+        *(t.detach() for t in leaves[:3]), leaves[3].detach(), key_padding_mask=mask, max_distance=12
+    )
+    assert_close(out.detach().cpu(), expected.cpu(), what="out")
+
+
+def test_triton_backward_is_deterministic(triton_backend):
+    case = TRITON_CASES[2]
+    leaves, mask = _random_inputs(case)
+    grad_out = torch.randn(2, 3, case["Lq"], case["D"], device=DEVICE)
+    first = _run(leaves, mask, case, grad_out, dropout_p=0.0)
+    second = _run(leaves, mask, case, grad_out, dropout_p=0.0)
+    for a, b in zip((first[0], *first[1]), (second[0], *second[1]), strict=True):
+        assert torch.equal(a, b)
+
+
+def _keep_mask(case, seed, dropout_p, leaves, mask):
+    """The kernel's dropout mask, read back exactly: with v = identity (Lk = D) each output entry
+    is p_ij * keep_ij / (1 - dropout_p)."""
+    eye = torch.eye(case["Lk"], device=DEVICE).expand(2, 3, -1, -1)
+    torch.manual_seed(seed)
+    probe = bucketed_attention(
+        leaves[0].detach(),
+        leaves[1].detach(),
+        eye,
+        leaves[3].detach(),
+        key_padding_mask=mask,
+        dropout_p=dropout_p,
+        **_kwargs(case),
+    )
+    plain = bucketed_attention(
+        leaves[0].detach(), leaves[1].detach(), eye, leaves[3].detach(), key_padding_mask=mask, **_kwargs(case)
+    )
+    return probe, plain
+
+
+DROPOUT_CASE = dict(Lq=40, Lk=16, D=16, causal=False, bidirectional=True, mask=True, q_offset=0, scale=1.0, bias=True)
+
+
+def test_triton_dropout_mask_is_exact_and_regenerated_in_backward(triton_backend):
+    case, p = DROPOUT_CASE, 0.25
+    leaves, mask = _random_inputs(case)
+    probe, plain = _keep_mask(case, 7, p, leaves, mask)
+    allowed = plain > 0
+    kept = probe[allowed] > 0
+    # Kept entries are exactly scaled by 1 / (1 - p); dropped ones are zero.
+    assert_close(probe[allowed][kept], plain[allowed][kept] / (1 - p), rel=1e-6, what="kept probabilities")
+    fraction = kept.float().mean().item()
+    assert abs(fraction - (1 - p)) < 0.04, fraction  # 3,500 Bernoulli draws: 4 sigma = 0.03
+    # Same seed -> same mask and outputs; another seed -> another mask.
+    again, _ = _keep_mask(case, 7, p, leaves, mask)
+    other, _ = _keep_mask(case, 8, p, leaves, mask)
+    assert torch.equal(probe, again) and not torch.equal(probe, other)
+    # Backward regenerates that mask: the gradients equal float64 autograd through it.
+    keep = (probe > 0).double().cpu()
+    grad_out = torch.randn(2, 3, case["Lq"], case["D"], device=DEVICE)
+    torch.manual_seed(7)
+    out, grads = _run(leaves, mask, case, grad_out, dropout_p=p)
+    ref = [t.detach().cpu().double().requires_grad_() for t in leaves]
+    eye = torch.eye(case["Lk"], dtype=torch.float64).expand(2, 3, -1, -1)
+    probs = _dense_reference(ref[0], ref[1], eye, ref[3], mask=mask.cpu(), **_kwargs(case))
+    expected = torch.matmul(probs * keep / (1 - p), ref[2])
+    assert_close(out.detach().cpu(), expected.detach(), what="dropout out")
+    for name, g, r in zip(
+        "q k v bias_table".split(), grads, torch.autograd.grad(expected, ref, grad_out.cpu().double()), strict=True
+    ):
+        assert_close(g.cpu(), r, rel=2e-5, what=f"dropout grad of {name}")
+
+
+def test_triton_dropout_gradient_matches_finite_differences(triton_backend):
+    """Directional derivatives at a fixed seed: central differences with Richardson extrapolation."""
+    case, p = DROPOUT_CASE, 0.3
+    leaves, mask = _random_inputs(case, seed=3)
+    g = torch.Generator().manual_seed(5)
+    weights = torch.randn(2, 3, case["Lq"], case["D"], generator=g).to(DEVICE)
+
+    def f(*inputs):
+        torch.manual_seed(11)
+        out = bucketed_attention(*inputs[:3], inputs[3], key_padding_mask=mask, dropout_p=p, **_kwargs(case))
+        return (out.double() * weights.double()).sum()
+
+    grads = torch.autograd.grad(f(*leaves), leaves)
+
+    def central(i, direction, eps):
+        with torch.no_grad():
+            plus = [t + eps * direction if j == i else t for j, t in enumerate(leaves)]
+            minus = [t - eps * direction if j == i else t for j, t in enumerate(leaves)]
+            return (f(*plus) - f(*minus)) / (2 * eps)
+
+    for i, name in enumerate("q k v bias_table".split()):
+        direction = torch.randn(leaves[i].shape, generator=g).to(DEVICE)
+        numeric = (4 * central(i, direction, 1e-2) - central(i, direction, 2e-2)) / 3
+        analytic = (grads[i] * direction).sum().double()
+        # fp32 rounding of f (~1e-5) over 2 eps leaves ~1e-3 of noise on derivatives of size ~10.
+        assert abs(numeric - analytic) <= 1e-3 * max(abs(analytic.item()), 1.0), (name, numeric, analytic)
+
+
+def test_triton_dropout_mean_effect(triton_backend):
+    """Averaged over seeds, attention with dropout is attention without it."""
+    case = DROPOUT_CASE
+    leaves, mask = _random_inputs(case, seed=4)
+    args = [t.detach() for t in leaves]
+    plain = bucketed_attention(*args[:3], args[3], key_padding_mask=mask, **_kwargs(case))
+    torch.manual_seed(0)
+    runs = 24
+    mean = (
+        sum(
+            bucketed_attention(*args[:3], args[3], key_padding_mask=mask, dropout_p=0.2, **_kwargs(case))
+            for _ in range(runs)
+        )
+        / runs
+    )
+    spread = (mean - plain).abs().mean() / plain.abs().mean()
+    assert spread < 0.08, spread.item()  # measured 0.05; without the 1 / (1 - p) rescaling it is 0.2
+
+
+@pytest.mark.parametrize("bidirectional", [True, False])
+@pytest.mark.parametrize("num_buckets,max_distance", [(32, 128), (16, 20), (8, 9), (64, 1000), (32, 33)])
+def test_clamped_distances_keep_every_bucket(bidirectional, num_buckets, max_distance):
+    from fastseq.kernels.bucketed_attention import _clamped_buckets, distance_table
+
+    cut, buckets = _clamped_buckets(num_buckets, max_distance, bidirectional)
+    d = torch.arange(-4 * max_distance - 50, 4 * max_distance + 50)
+    exact = relative_position_bucket(d, bidirectional=bidirectional, num_buckets=num_buckets, max_distance=max_distance)
+    assert torch.equal(torch.tensor(buckets)[d.clamp(-cut, cut) + cut], exact)
+    table = torch.randn(num_buckets, 3)
+    assert torch.equal(
+        distance_table(table, bidirectional=bidirectional, max_distance=max_distance), table[torch.tensor(buckets)].t()
+    )
+
+
+def test_triton_op_traces_under_torch_compile(triton_backend):
+    case = TRITON_CASES[2]
+    leaves, mask = _random_inputs(case)
+
+    def attend(q, k, v, table):
+        return bucketed_attention(q, k, v, table, key_padding_mask=mask, **_kwargs(case))
+
+    compiled = torch.compile(attend, backend="aot_eager", fullgraph=True)
+    out = compiled(*leaves)
+    out.sum().backward()
+    grads = [t.grad.clone() for t in leaves]
+    for t in leaves:
+        t.grad = None
+    eager = attend(*leaves)
+    eager.sum().backward()
+    assert torch.equal(out, eager)
+    for g, t in zip(grads, leaves, strict=True):
+        assert torch.equal(g, t.grad)
+
+
+def test_triton_custom_op_passes_opcheck(triton_backend):
+    from fastseq.kernels.bucketed_attention import distance_table
+
+    case = TRITON_CASES[1]
+    leaves, mask = _random_inputs(case)
+    table = distance_table(leaves[3].detach(), bidirectional=True, max_distance=12).requires_grad_()
+    args = (*leaves[:3], table, mask, None, False, 0, 1.0, 0.0)
+    torch.library.opcheck(torch.ops.fastseq.bucketed_attention_fwd.default, args)
+
+
+def test_triton_refuses_what_it_cannot_run(triton_backend):
+    q = torch.randn(1, 2, 3, 8, dtype=torch.float64, device=DEVICE)
+    with pytest.raises(NotImplementedError, match="float64"):
+        bucketed_attention(q, q, q)
+
+
+@pytest.mark.slow
+def test_every_kernel_config_compiles_for_sm80_and_sm90_within_shared_memory():
+    """Compile-only: no GPU needed. Runs without the interpreter (it replaces the kernels)."""
+    import importlib
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "fastseq.kernels._compile", "bucketed_attention"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=1200,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    specs = importlib.import_module("fastseq.kernels.bucketed_attention").compile_specs()
+    assert {r["name"] for r in results} == {s.name for s in specs}
+    assert {r["capability"] for r in results} == {80, 90}
+    over = [r for r in results if r["shared"] > r["limit"]]
+    assert not over, over

@@ -83,8 +83,9 @@ def test_reference_against_dense_definition(L, radius, with_globals):
         gtable = torch.randn(16, H, generator=g, dtype=torch.float64, requires_grad=True)
         leaves += [gk, gv, gtable]
         extra = dict(global_k=gk, global_v=gv, global_bias_table=gtable, global_block_size=gbs)
-    expected = _dense(q, k, v, table, radius, mask, extra.get("global_k"), extra.get("global_v"),
-                      extra.get("global_bias_table"), gbs)
+    expected = _dense(
+        q, k, v, table, radius, mask, extra.get("global_k"), extra.get("global_v"), extra.get("global_bias_table"), gbs
+    )
     got = local_attention(q, k, v, table, radius=radius, max_distance=20, key_padding_mask=mask, **extra)
     keep = mask.bool()[:, None, :, None].expand_as(got)  # padded queries are unspecified
     assert torch.allclose(got[keep], expected[keep], atol=1e-10)
@@ -98,14 +99,16 @@ def test_matches_dense_bucketed_attention_without_mask():
     q, k, v = (torch.randn(1, 2, 9, 4, dtype=torch.float64) for _ in range(3))
     table = torch.randn(16, 2, dtype=torch.float64)
     # A radius covering the whole sequence is plain bidirectional attention.
-    assert torch.allclose(local_attention(q, k, v, table, radius=20, max_distance=20),
-                          bucketed_attention(q, k, v, table, max_distance=20))
+    assert torch.allclose(
+        local_attention(q, k, v, table, radius=20, max_distance=20), bucketed_attention(q, k, v, table, max_distance=20)
+    )
 
 
 def test_shapes_are_checked():
     q = torch.randn(1, 2, 8, 4)
     with pytest.raises(ValueError, match="global_k and global_v must be"):
-        local_attention(q, q, q, None, global_k=torch.randn(1, 2, 3, 4), global_v=torch.randn(1, 2, 3, 4),
-                        global_block_size=4)
+        local_attention(
+            q, q, q, None, global_k=torch.randn(1, 2, 3, 4), global_v=torch.randn(1, 2, 3, 4), global_block_size=4
+        )
     with pytest.raises(ValueError, match="pass both global_k and global_v"):
         local_attention(q, q, q, None, global_k=torch.randn(1, 2, 2, 4))

@@ -120,4 +120,3 @@ def test_round_trip_is_bit_identical(kind, tmp_path, reference_backend):
 def _saved(kind, path):
     hf_model(kind).save_pretrained(path)
     return path
-
