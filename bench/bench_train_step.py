@@ -28,8 +28,11 @@ def _hf_model(name: str, layers: int, attn: str):
     import transformers as tf
 
     config = presets.config(name, num_layers=layers, num_decoder_layers=layers, dropout_rate=0.0)
-    hf_cls = {"t5": (tf.T5Config, tf.T5ForConditionalGeneration), "mt5": (tf.MT5Config, tf.MT5ForConditionalGeneration),
-              "longt5": (tf.LongT5Config, tf.LongT5ForConditionalGeneration)}[config.model_type]
+    hf_cls = {
+        "t5": (tf.T5Config, tf.T5ForConditionalGeneration),
+        "mt5": (tf.MT5Config, tf.MT5ForConditionalGeneration),
+        "longt5": (tf.LongT5Config, tf.LongT5ForConditionalGeneration),
+    }[config.model_type]
     fields = {k: v for k, v in config.to_hf_dict().items() if k != "model_type"}
     hf_config = hf_cls[0](**fields)
     hf_config._attn_implementation = attn
@@ -84,16 +87,29 @@ def main() -> None:
     for name in providers:
         median = statistics.median(times[name])
         tokens = args.batch * (args.source_len + args.target_len)
-        rows.append({
-            "provider": name, "preset": args.preset, "layers": args.layers, "batch": args.batch,
-            "source_len": args.source_len, "target_len": args.target_len, "median_s": f"{median:.4f}",
-            "tokens_per_s": f"{tokens / median:.0f}", "speedup_vs_hf_eager": f"{base / median:.3f}",
-            "loss": f"{losses[name]:.6f}", "device": platform.processor() or platform.machine(),
-            "threads": torch.get_num_threads(), "torch": torch.__version__, "date": datetime.date.today().isoformat(),
-        })
+        rows.append(
+            {
+                "provider": name,
+                "preset": args.preset,
+                "layers": args.layers,
+                "batch": args.batch,
+                "source_len": args.source_len,
+                "target_len": args.target_len,
+                "median_s": f"{median:.4f}",
+                "tokens_per_s": f"{tokens / median:.0f}",
+                "speedup_vs_hf_eager": f"{base / median:.3f}",
+                "loss": f"{losses[name]:.6f}",
+                "device": platform.processor() or platform.machine(),
+                "threads": torch.get_num_threads(),
+                "torch": torch.__version__,
+                "date": datetime.date.today().isoformat(),
+            }
+        )
     for row in rows:
-        print(f"{row['provider']:>9}: {row['median_s']} s/step  {row['tokens_per_s']} tok/s  "
-              f"x{row['speedup_vs_hf_eager']} vs hf_eager  loss {row['loss']}")
+        print(
+            f"{row['provider']:>9}: {row['median_s']} s/step  {row['tokens_per_s']} tok/s  "
+            f"x{row['speedup_vs_hf_eager']} vs hf_eager  loss {row['loss']}"
+        )
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         with open(args.out, "w", newline="") as handle:

@@ -473,3 +473,40 @@ def test_every_kernel_config_compiles_for_sm80_and_sm90_within_shared_memory():
     assert {r["capability"] for r in results} == {80, 90}
     over = [r for r in results if r["shared"] > r["limit"]]
     assert not over, over
+
+
+CUDA_CASES = [
+    dict(Lq=1000, Lk=1000, D=64, causal=False, bidirectional=True, mask=True, q_offset=0, scale=1.0, bias=True),
+    dict(Lq=777, Lk=777, D=128, causal=True, bidirectional=False, mask=True, q_offset=0, scale=1.0, bias=True),
+    dict(Lq=1, Lk=513, D=64, causal=True, bidirectional=False, mask=False, q_offset=512, scale=1.0, bias=True),
+    dict(Lq=300, Lk=129, D=32, causal=False, bidirectional=True, mask=True, q_offset=0, scale=0.2, bias=False),
+]
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=["bf16", "fp16", "fp32"])
+@pytest.mark.parametrize("case", CUDA_CASES, ids=lambda c: "Lq{Lq}-Lk{Lk}-D{D}-causal{causal}".format(**c))
+def test_cuda_kernel_at_real_tile_sizes(case, dtype, triton_backend):
+    """The compiled kernel with its GPU tiles (128 x 64 and 64 x 64), against float64 on the GPU."""
+    leaves, mask = _random_inputs(case, dtype=dtype)
+    grad_out = torch.randn(2, 3, case["Lq"], case["D"], device=DEVICE).to(dtype)
+    kwargs = dict(_kwargs(case), key_padding_mask=mask)
+    out, grads = _run(leaves, mask, case, grad_out)
+    ref_leaves = [t.detach().double().requires_grad_() for t in leaves]
+    table = ref_leaves[3] if case["bias"] else None
+    expected = bucketed_attention_reference(*ref_leaves[:3], table, **kwargs)
+    ref_grads = torch.autograd.grad(expected, ref_leaves, grad_out.double())
+    if dtype == torch.float32:
+        assert_close(out, expected, rel=2e-5, what="out")
+        for name, g, r in zip("q k v bias_table".split(), grads, ref_grads, strict=False):
+            assert_close(g, r, rel=1e-4, floor=1.0, what=f"grad of {name}")
+        return
+    t_out, t_grads = _torch_in_dtype(leaves, mask, case, grad_out)
+    for name, got, torch_got, exact in zip(
+        ["out", "q", "k", "v", "bias_table"], (out, *grads), (t_out, *t_grads), (expected, *ref_grads), strict=False
+    ):
+        err = (got.double() - exact).abs().max().item()
+        torch_err = (torch_got.double() - exact).abs().max().item()
+        slack = 0.0 if name == "out" else torch.finfo(dtype).eps * exact.abs().max().item()
+        assert err <= 2 * torch_err + slack, f"{name}: {err:.3e} vs torch {torch_err:.3e} (+{slack:.1e})"

@@ -1,0 +1,246 @@
+"""T5 attention with a learnable bucketed relative-position bias: fastseq against the alternatives.
+
+Providers, all measured in one run on the same inputs (q, k, v and a `(32, H)` bias table that
+receives its gradient):
+- `fastseq`: `fastseq.kernels.bucketed_attention` (bias and its gradient inside the kernel);
+- `hf_eager`, `hf_sdpa`: `transformers`' own T5 attention functions, with the `(1, H, L, L)`
+  position bias built by `transformers`' `T5Attention.compute_bias` from the same table;
+- `flex`: `torch.nn.attention.flex_attention` (compiled) with a `score_mod` that adds the bias of
+  a learnable per-distance table gathered from the same bucket table.
+
+Forward, backward and full (forward + backward) times are medians of `triton.testing.do_bench`
+after warm-up. FLOPs: forward 4*B*H*L*L*D, backward 2.5x that, full 3.5x. Peak memory is the
+CUDA allocator's peak during one forward + backward, above what the inputs already hold.
+
+    python bench/bench_bucketed_attention.py --out bench/results/bucketed_attention_h100.csv
+
+`--smoke` runs tiny sizes on the CPU (fastseq through the Triton interpreter, no FlexAttention:
+it has no CPU backward) to check the script itself; its numbers mean nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import math
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+NUM_BUCKETS, MAX_DISTANCE = 32, 128
+
+
+def _providers() -> dict:
+    """name -> factory(table) -> attend(q, k, v); set-up (modules, index tensors) stays out of the timing."""
+    from fastseq.kernels import bucketed_attention
+    from transformers import T5Config
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.models.t5.modeling_t5 import T5Attention, eager_attention_forward
+
+    def hf(interface):
+        def make(table: torch.nn.Parameter):
+            H = table.shape[1]
+            config = T5Config(
+                num_heads=H,
+                d_kv=8,
+                d_model=8 * H,
+                relative_attention_num_buckets=NUM_BUCKETS,
+                relative_attention_max_distance=MAX_DISTANCE,
+                is_decoder=False,
+            )
+            module = T5Attention(config, has_relative_attention_bias=True).to(table.device)
+            module.relative_attention_bias.weight = table  # the same learnable table
+
+            def attend(q, k, v):
+                L = q.shape[2]
+                position_bias = module.compute_bias(L, L, device=q.device).to(q.dtype)  # (1, H, L, L)
+                out, _ = interface(module, q, k, v, None, dropout=0.0, scaling=1.0, position_bias=position_bias)
+                return out.transpose(1, 2)  # transformers returns (B, L, H, D)
+
+            return attend
+
+        return make
+
+    def fastseq_attention(table):
+        return lambda q, k, v: bucketed_attention(q, k, v, table, bidirectional=True, max_distance=MAX_DISTANCE)
+
+    return {
+        "fastseq": fastseq_attention,
+        "hf_eager": hf(eager_attention_forward),
+        "hf_sdpa": hf(sdpa_attention_forward),
+    }
+
+
+def _flex_provider(compiled: bool):
+    from fastseq.kernels import relative_position_bucket
+    from torch.nn.attention.flex_attention import flex_attention
+
+    flex = torch.compile(flex_attention, dynamic=False) if compiled else flex_attention
+
+    def make(table):
+        def attend(q, k, v):
+            L = q.shape[2]
+            distances = torch.arange(-(L - 1), L, device=q.device)
+            buckets = relative_position_bucket(
+                distances, bidirectional=True, num_buckets=NUM_BUCKETS, max_distance=MAX_DISTANCE
+            )
+            per_distance = table[buckets].t().to(q.dtype)  # (H, 2L - 1), learnable through the gather
+
+            def score_mod(score, b, h, q_idx, kv_idx):
+                return score + per_distance[h, kv_idx - q_idx + L - 1]
+
+            return flex(q, k, v, score_mod=score_mod, scale=1.0)
+
+        return attend
+
+    return make
+
+
+def _time_ms(fn, device: str, grad_to_none=None) -> float:
+    if device == "cuda":
+        import triton.testing
+
+        return triton.testing.do_bench(fn, warmup=50, rep=200, grad_to_none=grad_to_none, return_mode="median")
+    fn()
+    samples = []
+    for _ in range(3):
+        start = time.perf_counter()
+        fn()
+        samples.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(samples)
+
+
+def _inputs(B, H, L, D, dtype, device, seed=0):
+    g = torch.Generator(device=device).manual_seed(seed)
+    q, k, v = (torch.randn(B, H, L, D, device=device, dtype=dtype, generator=g).requires_grad_() for _ in range(3))
+    table = torch.nn.Parameter((torch.randn(NUM_BUCKETS, H, device=device, generator=g) * 0.5).to(dtype))
+    return q, k, v, table
+
+
+def measure(name, make, B, H, L, D, dtype, device) -> dict:
+    q, k, v, table = _inputs(B, H, L, D, dtype, device)
+    leaves = [q, k, v, table]
+    grad = torch.randn(B, H, L, D, device=device, dtype=dtype)
+    attend = make(table)
+
+    def forward():
+        return attend(q, k, v)
+
+    def full():
+        forward().backward(grad)
+
+    out = forward()
+    out.backward(grad, retain_graph=True)
+    fwd = _time_ms(lambda: forward(), device)
+    bwd = _time_ms(lambda: out.backward(grad, retain_graph=True), device, grad_to_none=leaves)
+    total = _time_ms(full, device, grad_to_none=leaves)
+    peak = float("nan")
+    if device == "cuda":
+        del out
+        for t in leaves:
+            t.grad = None
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        full()
+        torch.cuda.synchronize()
+        peak = (torch.cuda.max_memory_allocated() - base) / 2**20
+    flops = 4 * B * H * L * L * D
+    return {
+        "provider": name, "B": B, "H": H, "L": L, "D": D, "dtype": str(dtype).replace("torch.", ""),
+        "fwd_ms": round(fwd, 4), "bwd_ms": round(bwd, 4), "full_ms": round(total, 4),
+        "fwd_tflops": round(flops / fwd / 1e9, 1), "bwd_tflops": round(2.5 * flops / bwd / 1e9, 1),
+        "full_tflops": round(3.5 * flops / total / 1e9, 1), "peak_mem_mib": round(peak, 1),
+    }  # fmt: skip
+
+
+def check_agreement(fns, B, H, L, D, dtype, device) -> dict[str, float]:
+    """Largest difference of each provider from hf_eager (outputs and every gradient), relative to its size."""
+    results = {}
+    for name, make in fns.items():
+        q, k, v, table = _inputs(B, H, L, D, dtype, device)
+        out = make(table)(q, k, v)
+        out.float().square().sum().backward()
+        results[name] = [out.detach().float()] + [t.grad.float() for t in (q, k, v, table)]
+    ref = results["hf_eager"]
+    worst = {}
+    for name, tensors in results.items():
+        pairs = zip(tensors, ref, strict=True)
+        worst[name] = max(((a - b).abs().max() / b.abs().max().clamp(min=1e-6)).item() for a, b in pairs)
+    return worst
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokens", type=int, default=16384, help="B * L")
+    parser.add_argument("--lengths", type=int, nargs="+", default=[512, 1024, 2048, 4096])
+    parser.add_argument("--heads", type=int, default=12)
+    parser.add_argument("--head-dim", type=int, default=64)
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    parser.add_argument("--providers", nargs="+", default=["fastseq", "hf_eager", "hf_sdpa", "flex"])
+    parser.add_argument("--out", type=Path, default=None, help="CSV file to write")
+    parser.add_argument("--smoke", action="store_true", help="tiny CPU run through the Triton interpreter")
+    args = parser.parse_args(argv)
+
+    if args.smoke:
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+        os.environ.setdefault("FASTSEQ_BACKEND", "triton")
+        args.tokens, args.lengths, args.heads, args.head_dim, args.dtype = 64, [16, 32], 2, 16, "float32"
+    device = "cuda" if torch.cuda.is_available() and not args.smoke else "cpu"
+    if device == "cpu" and not args.smoke:
+        print("no CUDA device: run with --smoke to check the script on the CPU", file=sys.stderr)
+        return 2
+    dtype = getattr(torch, args.dtype)
+    fns = {k: v for k, v in _providers().items() if k in args.providers}
+    if "flex" in args.providers and device == "cuda":  # FlexAttention has no backward on the CPU
+        fns["flex"] = _flex_provider(compiled=True)
+
+    import triton
+
+    meta = {
+        "gpu": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+        "torch": torch.__version__, "triton": triton.__version__,
+        "date": datetime.date.today().isoformat(),
+        "flops": "fwd 4*B*H*L*L*D; bwd 2.5x; full 3.5x",
+    }  # fmt: skip
+    agreement = check_agreement(fns, 2, args.heads, min(args.lengths), args.head_dim, dtype, device)
+    print("largest relative difference from hf_eager (out and all grads): "
+          + ", ".join(f"{k} {v:.2e}" for k, v in agreement.items()))  # fmt: skip
+    rows = []
+    for L in args.lengths:
+        B = max(1, args.tokens // L)
+        for name, make in fns.items():
+            try:
+                row = measure(name, make, B, args.heads, L, args.head_dim, dtype, device)
+            except torch.OutOfMemoryError:
+                row = {"provider": name, "B": B, "H": args.heads, "L": L, "D": args.head_dim, "fwd_ms": "OOM"}
+                torch.cuda.empty_cache()
+            row.update(meta, max_rel_diff_vs_eager=f"{agreement[name]:.2e}")
+            rows.append(row)
+            print(", ".join(f"{k}={v}" for k, v in row.items() if k not in meta), flush=True)
+    by = {(r["provider"], r["L"]): r for r in rows}
+    for L in args.lengths:
+        ours = by.get(("fastseq", L))
+        if ours is None or not isinstance(ours.get("full_ms"), float):
+            continue
+        ratios = [f"{p} {r['full_ms'] / ours['full_ms']:.2f}x" for (p, length), r in by.items()
+                  if length == L and p != "fastseq" and isinstance(r.get("full_ms"), float)]  # fmt: skip
+        print(f"L={L}: fastseq full {ours['full_tflops']} TFLOP/s; speed-up over " + ", ".join(ratios))
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        fields = list(dict.fromkeys(k for r in rows for k in r))
+        with args.out.open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=fields)
+            writer.writeheader()
+            writer.writerows(rows)
+        print(f"wrote {len(rows)} rows to {args.out}")
+    return 0 if math.isfinite(max(agreement.values())) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Everything a lent GPU machine is for, in one call: install the project, run the CUDA tests,
+# run the benchmarks, and leave logs and CSVs under $OUT (bench/results when run by hand).
+#
+#     bash bench/gpu_check.sh
+set -uo pipefail
+
+OUT="${OUT:-bench/results}"
+mkdir -p "$OUT"
+python3 -m pip install -q --no-build-isolation --no-deps -e . 2>&1 | tail -n 3
+
+nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1
+python3 - <<'PY' > "$OUT/versions.txt"
+import torch, triton
+print(torch.cuda.get_device_name(), "torch", torch.__version__, "triton", triton.__version__)
+PY
+cat "$OUT/versions.txt"
+tag="$(python3 -c 'import torch; print(torch.cuda.get_device_name().split()[1].lower())' 2>/dev/null || echo gpu)"
+
+status=0
+python3 -m pytest -q -m cuda tests 2>&1 | tee "$OUT/pytest_cuda_${tag}.txt" | tail -n 15 || status=1
+python3 bench/bench_bucketed_attention.py --out "$OUT/bucketed_attention_${tag}.csv" 2>&1 \
+    | tee "$OUT/bench_bucketed_attention_${tag}.txt" | tail -n 30 || status=1
+exit $status
