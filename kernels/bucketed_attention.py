@@ -583,6 +583,7 @@ for _arch in (80, 90):  # fp32: half the tile of the 16-bit configs' smem budget
 _INTERPRET_CONFIG = (16, 16, 4, 1)
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _MAX_HEAD_DIM = 256
+_MAX_DISTANCES = 4096  # 2C + 1 per-distance gradients held in the registers of one dQ program
 
 
 def _skew(block_m: int, block_n: int) -> int:
@@ -661,15 +662,30 @@ def _constant_buckets(num_buckets: int, max_distance: int, bidirectional: bool) 
     return _clamped_buckets(num_buckets, max_distance, bidirectional)
 
 
+_ONE_HOT: dict[tuple, torch.Tensor] = {}
+
+
+def _bucket_one_hot(num_buckets: int, max_distance: int, bidirectional: bool, device: torch.device) -> torch.Tensor:
+    """`(2C + 1, num_buckets)` fp32 one-hot of each clamped distance's bucket, kept per device so
+    that eager calls copy nothing from the host (torch.compile bakes it in as a constant)."""
+    key = (num_buckets, max_distance, bidirectional, device)
+    cached = None if torch.compiler.is_compiling() else _ONE_HOT.get(key)
+    if cached is None:
+        _, buckets = _constant_buckets(num_buckets, max_distance, bidirectional)
+        index = torch.tensor(buckets, device=device)
+        cached = torch.nn.functional.one_hot(index, num_buckets).to(torch.float32)
+        if not torch.compiler.is_compiling():
+            _ONE_HOT[key] = cached
+    return cached
+
+
 def distance_table(bias_table: torch.Tensor, *, bidirectional: bool, max_distance: int) -> torch.Tensor:
     """The `(H, 2C + 1)` fp32 bias per clamped distance `-C..C` of a `(num_buckets, H)` table.
 
     A one-hot matmul rather than an index so that its gradient (back to the table) is a
     deterministic matmul too.
     """
-    cut, buckets = _constant_buckets(bias_table.shape[0], max_distance, bidirectional)
-    index = torch.tensor(buckets, device=bias_table.device)
-    one_hot = torch.nn.functional.one_hot(index, bias_table.shape[0]).to(torch.float32)  # (2C + 1, NB)
+    one_hot = _bucket_one_hot(bias_table.shape[0], max_distance, bidirectional, bias_table.device)
     return (one_hot @ bias_table.float()).t().contiguous()  # (H, 2C + 1)
 
 
@@ -964,12 +980,17 @@ def _bucketed_attention_triton(
     return out.transpose(1, 2)  # (B, H, Lq, D)
 
 
-def _unsupported(q: torch.Tensor) -> str | None:
+def _unsupported(q: torch.Tensor, bias_table: torch.Tensor | None, max_distance: int, bidirectional: bool) -> str | None:
     """Why the Triton kernel cannot take these inputs, or None."""
     if q.dtype not in _DTYPES:
         return f"dtype {q.dtype} (the kernel takes float16, bfloat16 and float32)"
     if q.shape[-1] > _MAX_HEAD_DIM:
         return f"head dim {q.shape[-1]} (the kernel takes up to {_MAX_HEAD_DIM})"
+    if bias_table is not None:
+        cut, _ = _constant_buckets(bias_table.shape[0], max_distance, bidirectional)
+        if 2 * cut + 1 > _MAX_DISTANCES:
+            return (f"max_distance={max_distance}: the backward keeps one gradient per clamped distance in "
+                    f"registers, at most {_MAX_DISTANCES} (max_distance up to about {_MAX_DISTANCES // 2 - 2})")
     return None
 
 
@@ -1008,7 +1029,7 @@ def bucketed_attention(
         dropout_p=dropout_p,
     )
     if use_triton("bucketed_attention", HAS_TRITON_KERNEL, q, k, v):
-        reason = _unsupported(q)
+        reason = _unsupported(q, bias_table, max_distance, bidirectional)
         if reason is None:
             return _bucketed_attention_triton(q, k, v, bias_table, **kwargs)
         if backend("bucketed_attention") == "triton":

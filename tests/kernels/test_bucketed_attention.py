@@ -447,6 +447,9 @@ def test_triton_refuses_what_it_cannot_run(triton_backend):
     q = torch.randn(1, 2, 3, 8, dtype=torch.float64, device=DEVICE)
     with pytest.raises(NotImplementedError, match="float64"):
         bucketed_attention(q, q, q)
+    q = q.float()
+    with pytest.raises(NotImplementedError, match="max_distance=5000"):
+        bucketed_attention(q, q, q, torch.randn(32, 2, device=DEVICE), max_distance=5000)
 
 
 @pytest.mark.slow
