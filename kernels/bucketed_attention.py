@@ -980,7 +980,7 @@ def _bucketed_attention_triton(
     return out.transpose(1, 2)  # (B, H, Lq, D)
 
 
-def _unsupported(q: torch.Tensor, bias_table: torch.Tensor | None, max_distance: int, bidirectional: bool) -> str | None:
+def _unsupported(q: torch.Tensor, bias_table, max_distance: int, bidirectional: bool) -> str | None:
     """Why the Triton kernel cannot take these inputs, or None."""
     if q.dtype not in _DTYPES:
         return f"dtype {q.dtype} (the kernel takes float16, bfloat16 and float32)"
@@ -989,8 +989,10 @@ def _unsupported(q: torch.Tensor, bias_table: torch.Tensor | None, max_distance:
     if bias_table is not None:
         cut, _ = _constant_buckets(bias_table.shape[0], max_distance, bidirectional)
         if 2 * cut + 1 > _MAX_DISTANCES:
-            return (f"max_distance={max_distance}: the backward keeps one gradient per clamped distance in "
-                    f"registers, at most {_MAX_DISTANCES} (max_distance up to about {_MAX_DISTANCES // 2 - 2})")
+            return (
+                f"max_distance={max_distance}: the backward keeps one gradient per clamped distance in "
+                f"registers, at most {_MAX_DISTANCES} (max_distance up to about {_MAX_DISTANCES // 2 - 2})"
+            )
     return None
 
 
