@@ -1,7 +1,7 @@
 """Compile-only checks: build every kernel configuration for real GPU targets without a GPU.
 
 `python -m fastseq.kernels._compile <op>` compiles each entry of `<op>.compile_specs()` for the
-CUDA capability it targets (80 or 90) and prints one JSON line per build: its name, the
+CUDA capability it targets (80, 86 or 90) and prints one JSON line per build: its name, the
 capability, the shared memory it uses and the chip's limit. It
 must run without `TRITON_INTERPRET` (the interpreter replaces `@triton.jit` functions at import).
 """

@@ -7,7 +7,7 @@ of its sign. So the launcher turns the `(num_buckets, H)` table into a per-head 
 clamped distances `-C..C` (`2C + 1` entries, exact buckets computed once on the host), and the
 kernels read `dist_table[h, clamp(d, -C, C) + C]`. No `(B, H, Lq, Lk)` tensor exists, forward or
 backward: a key tile lying wholly beyond the cut-off reads one number per head, a tile on the
-band `|d| < C` gathers from the small table.
+band `|d| < C` loads its `BLOCK_M + BLOCK_N - 1` distances and spreads them over the tile.
 
 The gradient of the table is the sum of dS along diagonals. The dQ kernel owns one query tile
 and walks the key tiles, so it reduces each band tile along its diagonals (a skew by
@@ -541,12 +541,13 @@ def _bucketed_attention_bwd_dq_kernel(
 # Launchers
 # --------------------------------------------------------------------------------------------
 
-# Tiles (BLOCK_M, BLOCK_N, num_warps, num_stages) per architecture (80: Ampere and Ada, 90:
-# Hopper and later), padded head dim and element size. The compile-only tests build every entry
-# for its architecture and check its shared memory against the chip's limit. On sm_80 the
-# band-tile bias gather and the dropout mask take their layout conversions through shared
-# memory: a 128-row forward tile with every feature on needs 224-256 KiB there (limit 163 KiB),
-# a 64-row tile 120-136 KiB; sm_90 needs 32-64 KiB for the 128-row tile.
+# Tiles (BLOCK_M, BLOCK_N, num_warps, num_stages) per architecture family (90: Hopper and later,
+# 227 KiB of shared memory per block; 80: A100, 163 KiB; 86: every other GPU, sm_86/sm_89 with
+# 99 KiB), padded head dim and element size. The compile-only tests build every entry for its
+# family and check its shared memory against the chip's limit. Below sm_90 the band-tile bias
+# spread and the dropout mask take their layout conversions through shared memory: a 128 x 64
+# forward tile with every feature on needs 224-272 KiB there, 64 x 64 needs 120-136 KiB and
+# 64 x 32 needs 64-76 KiB; sm_90 needs 32-64 KiB for 128 x 64.
 _FWD_CONFIGS = {
     (90, 16, 2): (128, 64, 4, 3),
     (90, 32, 2): (128, 64, 4, 3),
@@ -558,6 +559,11 @@ _FWD_CONFIGS = {
     (80, 64, 2): (64, 64, 4, 3),
     (80, 128, 2): (64, 64, 4, 3),
     (80, 256, 2): (64, 32, 4, 2),
+    (86, 16, 2): (64, 32, 4, 2),
+    (86, 32, 2): (64, 32, 4, 2),
+    (86, 64, 2): (64, 32, 4, 2),
+    (86, 128, 2): (64, 32, 4, 2),
+    (86, 256, 2): (32, 32, 4, 1),
 }
 _BWD_CONFIGS = {
     (90, 16, 2): (64, 64, 4, 2),
@@ -570,8 +576,13 @@ _BWD_CONFIGS = {
     (80, 64, 2): (64, 64, 4, 2),
     (80, 128, 2): (64, 64, 8, 2),
     (80, 256, 2): (32, 32, 4, 1),
+    (86, 16, 2): (64, 64, 4, 2),
+    (86, 32, 2): (64, 64, 4, 2),
+    (86, 64, 2): (64, 64, 4, 2),
+    (86, 128, 2): (64, 64, 8, 2),
+    (86, 256, 2): (32, 32, 4, 1),
 }
-for _arch in (80, 90):  # fp32: half the tile of the 16-bit configs' smem budget, both architectures
+for _arch in (80, 86, 90):  # fp32: half the tile of the 16-bit configs' smem budget, both architectures
     _FWD_CONFIGS.update({(_arch, 16, 4): (64, 64, 4, 2), (_arch, 32, 4): (64, 64, 4, 2),
                          (_arch, 64, 4): (64, 32, 4, 2), (_arch, 128, 4): (64, 32, 4, 2),
                          (_arch, 256, 4): (32, 32, 4, 1)})  # fmt: skip
@@ -595,8 +606,9 @@ def _block_d(D: int) -> int:
 
 
 def _arch(device: torch.device) -> int:
-    """The config family of a CUDA device: 90 from Hopper on, 80 below."""
-    return 90 if torch.cuda.get_device_capability(device)[0] >= 9 else 80
+    """The config family of a CUDA device: 90 from Hopper on, 80 for A100 (sm_80), 86 otherwise."""
+    capability = torch.cuda.get_device_capability(device)
+    return 90 if capability[0] >= 9 else 80 if capability == (8, 0) else 86
 
 
 def _fwd_config(D: int, dtype: torch.dtype, Lq: int, device: torch.device) -> tuple[int, int, int, int]:
