@@ -8,6 +8,7 @@ runs both on the same batch (padding on the right, on the left and inside a row)
 from __future__ import annotations
 
 import dataclasses
+import importlib
 
 import pytest
 import torch
@@ -49,18 +50,27 @@ def test_seq2seq_parity(kind, train, tmp_path, reference_backend):
     _compare_seq2seq(ref, ours, batch(kind), train=train)
 
 
+KERNEL_OPS = ["bucketed_attention", "local_attention", "global_aggregate", "gated_gelu", "rms_norm",
+              "linear_cross_entropy"]  # fmt: skip
+
+
 @pytest.fixture
-def triton_attention(monkeypatch):
-    """Attention through the Triton kernel (GPU, or the interpreter on the CPU); every other op on
-    its reference, so the comparison isolates the kernel."""
+def triton_kernels(monkeypatch) -> list[str]:
+    """Every op that has a Triton kernel runs it (GPU, or the interpreter on the CPU); the others
+    their reference."""
     monkeypatch.setenv("FASTSEQ_BACKEND", "reference")
-    monkeypatch.setenv("FASTSEQ_BACKEND_BUCKETED_ATTENTION", "triton")
+    ops = [op for op in KERNEL_OPS if importlib.import_module(f"fastseq.kernels.{op}").HAS_TRITON_KERNEL]
+    for op in ops:
+        monkeypatch.setenv(f"FASTSEQ_BACKEND_{op.upper()}", "triton")
+    assert {"bucketed_attention", "rms_norm"} <= set(ops)
+    return ops
 
 
 @pytest.mark.parametrize("kind", SEQ2SEQ)
-def test_seq2seq_parity_with_triton_attention(kind, tmp_path, triton_attention):
-    """Encoder and decoder self-attention with the shared layer-0 table, cross-attention without a
-    bias, BlenderbotSmall's scaled attention: all through the kernel, in train mode with gradients."""
+def test_seq2seq_parity_with_triton_kernels(kind, tmp_path, triton_kernels):
+    """Every Triton kernel on at once, in train mode with gradients. Attention: encoder and decoder
+    self-attention with the shared layer-0 table, cross-attention without a bias, BlenderbotSmall's
+    scaled attention."""
     ref = hf_model(kind)
     ref.save_pretrained(tmp_path)
     ours = fastseq.from_pretrained(tmp_path)
@@ -78,7 +88,7 @@ def test_longer_inputs_and_default_masks(kind, tmp_path, reference_backend):
     _compare_seq2seq(ref, ours, inputs, train=False)
 
 
-def test_longer_inputs_with_triton_attention(tmp_path, triton_attention):
+def test_longer_inputs_with_triton_kernels(tmp_path, triton_kernels):
     """Key tiles wholly beyond max_distance (one bias per head) next to band tiles, with gradients."""
     ref = hf_model("t5_v11_untied")
     ref.save_pretrained(tmp_path)
