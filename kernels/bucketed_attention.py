@@ -152,9 +152,11 @@ def _tile_scores(
 
 
 @triton.jit
-def _dropout_keep(seed, bh, offs_m, offs_n, Lk, dropout_p):
-    """Counter-based keep mask: Philox keyed by (seed + b*H + h), counter = i * Lk + j."""
-    r = tl.rand(seed + bh, offs_m[:, None] * Lk + offs_n[None, :])
+def _dropout_keep(seed, bh, offs_m, offs_n, Lq, Lk, dropout_p):
+    """Counter-based keep mask: Philox keyed by the call's seed, with the element's 64-bit index
+    ((b * H + h) * Lq + i) * Lk + j as counter, so no two elements of any call share a draw."""
+    row = bh.to(tl.int64) * Lq + offs_m
+    r = tl.rand(seed, row[:, None] * Lk + offs_n[None, :])
     return r >= dropout_p
 
 
@@ -243,7 +245,7 @@ def _bucketed_attention_fwd_kernel(
         alpha = tl.math.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
         if DROPOUT:
-            keep = _dropout_keep(seed, bh, offs_m, offs_n, Lk, dropout_p)
+            keep = _dropout_keep(seed, bh, offs_m, offs_n, Lq, Lk, dropout_p)
             p = tl.where(keep, p * (1.0 / (1.0 - dropout_p)), 0.0)
         acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, PRECISION)
         m_i = m_new
@@ -385,7 +387,7 @@ def _bucketed_attention_bwd_dkdv_kernel(
         p = tl.math.exp2(s - lse[:, None])  # rows without keys have lse = +inf: p = 0
         dp = _dot(do, tl.trans(v), PRECISION)
         if DROPOUT:
-            keep = _dropout_keep(seed, bh, offs_m, offs_n, Lk, dropout_p)
+            keep = _dropout_keep(seed, bh, offs_m, offs_n, Lq, Lk, dropout_p)
             inv_keep = 1.0 / (1.0 - dropout_p)
             z = tl.where(keep, p * inv_keep, 0.0)
             dp = tl.where(keep, dp * inv_keep, 0.0)
@@ -501,7 +503,7 @@ def _bucketed_attention_bwd_dq_kernel(
         p = tl.math.exp2(s - lse[:, None])
         dp = _dot(do, tl.trans(v), PRECISION)
         if DROPOUT:
-            keep = _dropout_keep(seed, bh, offs_m, offs_n, Lk, dropout_p)
+            keep = _dropout_keep(seed, bh, offs_m, offs_n, Lq, Lk, dropout_p)
             dp = tl.where(keep, dp * (1.0 / (1.0 - dropout_p)), 0.0)
         ds = p * (dp - delta[:, None])
         dq += _dot(ds.to(k.dtype), k, PRECISION)
