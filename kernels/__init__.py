@@ -5,7 +5,7 @@ Every public function dispatches on `FASTSEQ_BACKEND` (see `_backend`).
 
 from ._backend import backend
 from .bucketed_attention import bucketed_attention, relative_position_bucket
-from .gated_gelu import gated_gelu
+from .gated_gelu import gated_ffn, gated_gelu
 from .global_aggregate import global_aggregate, global_block_ids
 from .linear_cross_entropy import linear_cross_entropy
 from .local_attention import local_attention
@@ -14,6 +14,7 @@ from .rms_norm import rms_norm
 __all__ = [
     "backend",
     "bucketed_attention",
+    "gated_ffn",
     "gated_gelu",
     "global_aggregate",
     "global_block_ids",

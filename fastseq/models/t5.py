@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastseq.kernels import bucketed_attention, gated_gelu, rms_norm
+from fastseq.kernels import bucketed_attention, gated_ffn, rms_norm
 
 from .base import EncoderOutput, HFConfig, PreTrainedModel, Seq2SeqModel
 
@@ -101,8 +101,9 @@ class T5DenseGatedActDense(nn.Module):
         self.dropout = nn.Dropout(config.dropout_rate)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.dropout(gated_gelu(self.wi_0(x), self.wi_1(x)))  # (B, L, d_ff)
-        return self.wo(h.to(self.wo.weight.dtype))
+        # gated_ffn recomputes the (B, L, d_ff) activation in backward instead of keeping it.
+        p = self.dropout.p if self.training else 0.0
+        return gated_ffn(x, self.wi_0.weight, self.wi_1.weight, self.wo.weight, dropout_p=p)  # (B, L, d_model)
 
 
 class T5LayerFF(nn.Module):

@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-OPS = ["bucketed_attention", "rms_norm"]
+OPS = ["bucketed_attention", "gated_gelu", "rms_norm"]
 
 
 @pytest.mark.slow
