@@ -21,16 +21,12 @@ it has no CPU backward) to check the script itself; its numbers mean nothing.
 from __future__ import annotations
 
 import argparse
-import csv
-import datetime
 import math
-import os
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
+from _common import peak_mib, provenance, smoke_setup, time_ms, write_csv
 
 NUM_BUCKETS, MAX_DISTANCE = 32, 128
 
@@ -101,20 +97,6 @@ def _flex_provider(compiled: bool):
     return make
 
 
-def _time_ms(fn, device: str, grad_to_none=None) -> float:
-    if device == "cuda":
-        import triton.testing
-
-        return triton.testing.do_bench(fn, warmup=50, rep=200, grad_to_none=grad_to_none, return_mode="median")
-    fn()
-    samples = []
-    for _ in range(3):
-        start = time.perf_counter()
-        fn()
-        samples.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(samples)
-
-
 def _inputs(B, H, L, D, dtype, device, seed=0):
     g = torch.Generator(device=device).manual_seed(seed)
     q, k, v = (torch.randn(B, H, L, D, device=device, dtype=dtype, generator=g).requires_grad_() for _ in range(3))
@@ -136,20 +118,13 @@ def measure(name, make, B, H, L, D, dtype, device) -> dict:
 
     out = forward()
     out.backward(grad, retain_graph=True)
-    fwd = _time_ms(lambda: forward(), device)
-    bwd = _time_ms(lambda: out.backward(grad, retain_graph=True), device, grad_to_none=leaves)
-    total = _time_ms(full, device, grad_to_none=leaves)
-    peak = float("nan")
-    if device == "cuda":
-        del out
-        for t in leaves:
-            t.grad = None
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        full()
-        torch.cuda.synchronize()
-        peak = (torch.cuda.max_memory_allocated() - base) / 2**20
+    fwd = time_ms(lambda: forward(), device)
+    bwd = time_ms(lambda: out.backward(grad, retain_graph=True), device, grad_to_none=leaves)
+    total = time_ms(full, device, grad_to_none=leaves)
+    out = None  # free the graph before measuring the peak
+    for t in leaves:
+        t.grad = None
+    peak = peak_mib(full, device)
     flops = 4 * B * H * L * L * D
     return {
         "provider": name, "B": B, "H": H, "L": L, "D": D, "dtype": str(dtype).replace("torch.", ""),
@@ -187,27 +162,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--smoke", action="store_true", help="tiny CPU run through the Triton interpreter")
     args = parser.parse_args(argv)
 
+    device = smoke_setup(args.smoke)
     if args.smoke:
-        os.environ.setdefault("TRITON_INTERPRET", "1")
-        os.environ.setdefault("FASTSEQ_BACKEND", "triton")
         args.tokens, args.lengths, args.heads, args.head_dim, args.dtype = 64, [16, 32], 2, 16, "float32"
-    device = "cuda" if torch.cuda.is_available() and not args.smoke else "cpu"
-    if device == "cpu" and not args.smoke:
-        print("no CUDA device: run with --smoke to check the script on the CPU", file=sys.stderr)
-        return 2
     dtype = getattr(torch, args.dtype)
     fns = {k: v for k, v in _providers().items() if k in args.providers}
     if "flex" in args.providers and device == "cuda":  # FlexAttention has no backward on the CPU
         fns["flex"] = _flex_provider(compiled=True)
 
-    import triton
-
-    meta = {
-        "gpu": torch.cuda.get_device_name() if device == "cuda" else "cpu",
-        "torch": torch.__version__, "triton": triton.__version__,
-        "date": datetime.date.today().isoformat(),
-        "flops": "fwd 4*B*H*L*L*D; bwd 2.5x; full 3.5x",
-    }  # fmt: skip
+    meta = provenance(device, "fwd 4*B*H*L*L*D; bwd 2.5x; full 3.5x")
     agreement = check_agreement(fns, 2, args.heads, min(args.lengths), args.head_dim, dtype, device)
     print("largest relative difference from hf_eager (out and all grads): "
           + ", ".join(f"{k} {v:.2e}" for k, v in agreement.items()))  # fmt: skip
@@ -231,14 +194,7 @@ def main(argv: list[str] | None = None) -> int:
         ratios = [f"{p} {r['full_ms'] / ours['full_ms']:.2f}x" for (p, length), r in by.items()
                   if length == L and p != "fastseq" and isinstance(r.get("full_ms"), float)]  # fmt: skip
         print(f"L={L}: fastseq full {ours['full_tflops']} TFLOP/s; speed-up over " + ", ".join(ratios))
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        fields = list(dict.fromkeys(k for r in rows for k in r))
-        with args.out.open("w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=fields)
-            writer.writeheader()
-            writer.writerows(rows)
-        print(f"wrote {len(rows)} rows to {args.out}")
+    write_csv(rows, args.out)
     return 0 if math.isfinite(max(agreement.values())) else 1
 
 
