@@ -1,71 +1,172 @@
 """LM head and cross-entropy in one chunked pass, never holding all `(tokens, vocab)` logits.
 
-The loss is the mean over labels that are not `ignore_index`, as
-`torch.nn.CrossEntropyLoss`; a batch with every label ignored has loss 0 and
-zero gradients (not NaN).
+The loss is the mean over labels that are not `ignore_index`, as `torch.nn.CrossEntropyLoss`; a
+batch with every label ignored has loss 0 and zero gradients (not NaN). Optional terms:
+- `label_smoothing` eps: `(1 - eps) * nll + eps * mean_j(-log p_j)`, as CrossEntropyLoss;
+- `z_loss` z: `+ z * logsumexp(logits)^2` per counted token (keeps the softmax normaliser near 1).
+
+Rows are processed in chunks whose logits stay below `_CHUNK_ELEMENTS`. For each chunk the logits
+come from one matmul; the Triton kernel then reads each row twice (an online max / sum-exp pass,
+then the gradient pass) and writes the gradient of the loss over the logits in place, so the
+chunk's buffer serves as logits and as their gradient; `dhidden = dlogits @ W` and
+`dW += dlogits.T @ h` follow while the chunk is hot. Forward therefore computes every gradient
+for a unit upstream gradient (saved: tensors the size of the inputs, never logits); backward only
+scales them.
 """
 
 from __future__ import annotations
 
 import torch
+import triton
+import triton.language as tl
 
-from ._backend import upcast, use_triton
+from ._backend import backend, upcast, use_triton
 
-HAS_TRITON_KERNEL = False
+HAS_TRITON_KERNEL = True
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
-# Logits of one chunk stay below this many fp32 elements (128 MiB).
+# Logits of one chunk stay below this many elements (128 MiB in fp32).
 _CHUNK_ELEMENTS = 1 << 25
+
+
+@triton.jit
+def _cross_entropy_kernel(
+    # pointers
+    Logits,  # (n, V): read as logits, overwritten with d(loss_sum / count) / d(logits)
+    Labels,  # (n,) int64
+    Loss,  # (n,) fp32 per-row loss (0 for ignored rows)
+    Scale,  # () fp32: 1 / number of counted rows in the whole batch
+    # strides
+    stride_row,
+    # sizes and scalars
+    V,
+    ignore_index,
+    smoothing,
+    z_loss,
+    # meta-parameters
+    BLOCK_V: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    ptr = Logits + row * stride_row
+    label = tl.load(Labels + row)
+    cols = tl.arange(0, BLOCK_V)
+    if label == ignore_index:
+        for v0 in range(0, V, BLOCK_V):
+            tl.store(ptr + v0 + cols, tl.zeros((BLOCK_V,), tl.float32).to(Logits.dtype.element_ty), mask=v0 + cols < V)
+        tl.store(Loss + row, 0.0)
+    else:
+        # Pass 1: online max and sum of exponentials, and the plain sum for label smoothing.
+        m = float("-inf")
+        s = 0.0
+        total = 0.0
+        for v0 in range(0, V, BLOCK_V):
+            mask = v0 + cols < V
+            x = tl.load(ptr + v0 + cols, mask=mask, other=float("-inf")).to(tl.float32)
+            m_new = tl.maximum(m, tl.max(x, 0))
+            s = s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), 0)
+            total += tl.sum(tl.where(mask, x, 0.0), 0)
+            m = m_new
+        lse = m + tl.log(s)
+        x_label = tl.load(ptr + label).to(tl.float32)
+        loss = (1.0 - smoothing) * (lse - x_label) + smoothing * (lse - total / V) + z_loss * lse * lse
+        tl.store(Loss + row, loss)
+        # Pass 2: d loss / d x_j = p_j (1 + 2 z lse) - eps / V - (1 - eps) [j = label], times 1 / count.
+        scale = tl.load(Scale)
+        for v0 in range(0, V, BLOCK_V):
+            mask = v0 + cols < V
+            x = tl.load(ptr + v0 + cols, mask=mask, other=0.0).to(tl.float32)
+            p = tl.exp(x - lse)
+            grad = p * (1.0 + 2.0 * z_loss * lse) - smoothing / V - tl.where(v0 + cols == label, 1.0 - smoothing, 0.0)
+            tl.store(ptr + v0 + cols, (grad * scale).to(Logits.dtype.element_ty), mask=mask)
+
+
+def _block_v(V: int) -> int:
+    return min(triton.next_power_of_2(V), 4096)
 
 
 def _chunk_rows(num_rows: int, vocab: int) -> int:
     return max(1, min(num_rows, _CHUNK_ELEMENTS // max(vocab, 1)))
 
 
+def _loss_and_dlogits_triton(logits, labels, ignore_index, scale, smoothing, z_loss):
+    """Per-row losses; `logits` (n, V) becomes the gradient of loss_sum * scale in place."""
+    n, V = logits.shape
+    losses = torch.empty(n, dtype=torch.float32, device=logits.device)
+    if n:
+        block_v = _block_v(V)
+        _cross_entropy_kernel[(n,)](
+            logits, labels, losses, scale, logits.stride(0), V, ignore_index, smoothing, z_loss,
+            BLOCK_V=block_v, num_warps=8 if block_v >= 2048 else 4,
+        )  # fmt: skip
+    return losses
+
+
+def _loss_and_dlogits_reference(logits, labels, ignore_index, scale, smoothing, z_loss):
+    """The same as the kernel in PyTorch ops (fp32 or fp64 logits): per-row losses; `logits` becomes
+    the gradient in place."""
+    V = logits.shape[1]
+    ok = labels != ignore_index
+    target = torch.where(ok, labels, 0)
+    lse = torch.logsumexp(logits, dim=-1)  # (n,)
+    nll = lse - logits.gather(1, target[:, None])[:, 0]
+    losses = (1.0 - smoothing) * nll + z_loss * lse * lse
+    if smoothing:
+        losses = losses + smoothing * (lse - logits.mean(-1))
+    losses = losses * ok
+    # softmax() rather than exp(x - lse): its fused CPU kernel is several times faster once large
+    # logits push most probabilities into denormals (measured on T5 v1.1 init).
+    probs = torch.softmax(logits, dim=-1)
+    if z_loss:
+        probs.mul_((1.0 + 2.0 * z_loss * lse)[:, None])
+    if smoothing:
+        probs.sub_(smoothing / V)
+    probs.scatter_add_(1, target[:, None], torch.full_like(nll[:, None], -(1.0 - smoothing)))
+    logits.copy_(probs.mul_((ok.to(probs.dtype) * scale)[:, None]))
+    return losses
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
-    """Forward computes the loss and, chunk by chunk, the gradients of hidden,
-    weight and bias for a unit upstream gradient; backward only scales them.
-    Saved for backward: those gradients (the size of the inputs), never logits."""
+    """Forward computes the loss and, chunk by chunk, the gradients of hidden, weight and bias for a
+    unit upstream gradient; backward only scales them. Saved: those gradients, never logits."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, ignore_index):
+    def forward(ctx, hidden, weight, bias, labels, ignore_index, smoothing, z_loss, fused):
         N, _ = hidden.shape
         V = weight.shape[0]
-        valid = labels != ignore_index
-        count = valid.sum()
-        denom = count.clamp(min=1).to(torch.promote_types(weight.dtype, torch.float32))
+        count = (labels != ignore_index).sum()
+        acc = torch.promote_types(weight.dtype, torch.float32)  # fp32, or fp64 for fp64 inputs
+        scale = 1.0 / count.clamp(min=1).to(acc)  # a device tensor: no host sync
         need_h, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
-        w32 = upcast(weight)
-        b32 = upcast(bias) if bias is not None else None
-        grad_h = torch.empty_like(hidden, dtype=w32.dtype) if need_h else None
-        grad_w = torch.zeros_like(w32) if need_w else None
-        grad_b = torch.zeros_like(b32) if need_b else None
-        loss_sum = hidden.new_zeros((), dtype=w32.dtype)
+        # The kernel takes logits in the inputs' dtype (as the LM head produces them); the reference
+        # computes them in fp32.
+        w = weight if fused else upcast(weight)
+        b = (bias if fused else upcast(bias)) if bias is not None else None
+        grad_h = torch.empty_like(hidden, dtype=w.dtype) if need_h else None
+        grad_w = torch.zeros_like(weight, dtype=acc) if need_w else None
+        grad_b = torch.zeros(V, dtype=acc, device=weight.device) if need_b else None
+        loss_sum = hidden.new_zeros((), dtype=acc)
         step = _chunk_rows(N, V)
         for start in range(0, N, step):
-            h = hidden[start : start + step].to(w32.dtype)  # (n, d)
-            logits = h @ w32.t()  # (n, V)
-            if b32 is not None:
-                logits = logits + b32
-            ok = valid[start : start + step]
-            target = torch.where(ok, labels[start : start + step], 0)
-            picked = torch.log_softmax(logits, dim=-1).gather(1, target[:, None])[:, 0]  # (n,)
-            loss_sum = loss_sum - (picked * ok).sum()
-            if need_h or need_w or need_b:
-                # softmax() rather than exp(log_softmax): its fused CPU kernel is several times faster
-                # once large logits push most probabilities into denormals (measured on T5 v1.1 init).
-                dlogits = torch.softmax(logits, dim=-1)  # (n, V)
-                del logits
-                dlogits.scatter_add_(1, target[:, None], -torch.ones_like(picked[:, None]))
-                dlogits.mul_((ok.to(w32.dtype) / denom)[:, None])
-                if need_h:
-                    grad_h[start : start + step] = dlogits @ w32
-                if need_w:
-                    grad_w.addmm_(dlogits.t(), h)
-                if need_b:
-                    grad_b += dlogits.sum(0)
+            h = hidden[start : start + step].to(w.dtype)  # (n, d)
+            logits = h @ w.t()  # (n, V)
+            if b is not None:
+                logits = logits + b
+            chunk_labels = labels[start : start + step]
+            if fused:
+                losses = _loss_and_dlogits_triton(logits, chunk_labels, ignore_index, scale, smoothing, z_loss)
+            else:
+                losses = _loss_and_dlogits_reference(logits, chunk_labels, ignore_index, scale, smoothing, z_loss)
+            loss_sum = loss_sum + losses.sum()
+            dlogits = logits  # (n, V), overwritten in place
+            if need_h:
+                grad_h[start : start + step] = dlogits @ w
+            if need_w:
+                grad_w += (dlogits.t() @ h).to(acc)
+            if need_b:
+                grad_b += dlogits.sum(0, dtype=acc)
         ctx.save_for_backward(*(g if g is not None else torch.empty(0) for g in (grad_h, grad_w, grad_b)))
         ctx.dtypes = (hidden.dtype, weight.dtype, bias.dtype if bias is not None else None)
-        return loss_sum / denom
+        return loss_sum * scale
 
     @staticmethod
     def backward(ctx, grad_loss):
@@ -75,7 +176,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         out_h = (grad_h * grad_loss).to(dh) if needs[0] else None
         out_w = (grad_w * grad_loss).to(dw) if needs[1] else None
         out_b = (grad_b * grad_loss).to(db) if needs[2] else None
-        return out_h, out_w, out_b, None, None
+        return out_h, out_w, out_b, None, None, None, None, None
 
 
 def linear_cross_entropy_reference(
@@ -85,9 +186,18 @@ def linear_cross_entropy_reference(
     ignore_index: int = -100,
     *,
     bias: torch.Tensor | None = None,
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
 ) -> torch.Tensor:
     """fp32 chunked loss. hidden `(N, d)`, weight `(V, d)`, labels `(N,)` int, bias `(V,)` -> scalar fp32."""
-    return _LinearCrossEntropy.apply(hidden, weight, bias, labels, ignore_index)
+    return _LinearCrossEntropy.apply(hidden, weight, bias, labels, ignore_index, label_smoothing, z_loss, False)
+
+
+def _unsupported(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> str | None:
+    dtypes = {hidden.dtype, weight.dtype} | ({bias.dtype} if bias is not None else set())
+    if not dtypes <= set(_DTYPES) or len(dtypes) != 1:
+        return f"dtypes {sorted(map(str, dtypes))} (the kernel takes one of float16, bfloat16, float32 for all)"
+    return None
 
 
 def linear_cross_entropy(
@@ -97,11 +207,13 @@ def linear_cross_entropy(
     ignore_index: int = -100,
     *,
     bias: torch.Tensor | None = None,
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
 ) -> torch.Tensor:
     """Mean cross-entropy of `hidden @ weight.T (+ bias)` against labels.
 
     hidden `(..., d)`, weight `(V, d)`, labels `(...)` int64, bias `(V,)` or None
-    (BlenderbotSmall's final logits bias) -> scalar fp32.
+    (BlenderbotSmall's final logits bias) -> scalar fp32 (fp64 for fp64 inputs).
     """
     if weight.dim() != 2 or hidden.shape[-1] != weight.shape[1]:
         raise ValueError(
@@ -115,6 +227,10 @@ def linear_cross_entropy(
         )
     if bias is not None and tuple(bias.shape) != (weight.shape[0],):
         raise ValueError(f"linear_cross_entropy: bias must be ({weight.shape[0]},); got {tuple(bias.shape)}")
+    if not 0.0 <= label_smoothing <= 1.0:
+        raise ValueError(f"linear_cross_entropy: label_smoothing must be in [0, 1]; got {label_smoothing}")
+    if z_loss < 0.0:
+        raise ValueError(f"linear_cross_entropy: z_loss must be >= 0; got {z_loss}")
     hidden = hidden.reshape(-1, hidden.shape[-1])
     labels = labels.reshape(-1)
     counted = labels[labels != ignore_index]
@@ -124,5 +240,32 @@ def linear_cross_entropy(
             f"linear_cross_entropy: label {bad} is outside the vocabulary [0, {weight.shape[0]}) "
             f"and is not ignore_index={ignore_index}"
         )
-    use_triton("linear_cross_entropy", HAS_TRITON_KERNEL, hidden, weight)
-    return linear_cross_entropy_reference(hidden, weight, labels, ignore_index, bias=bias)
+    fused = False
+    if use_triton("linear_cross_entropy", HAS_TRITON_KERNEL, hidden, weight):
+        reason = _unsupported(hidden, weight, bias)
+        if reason is not None and backend("linear_cross_entropy") == "triton":
+            raise NotImplementedError(
+                f"linear_cross_entropy: the Triton kernel does not support {reason}; set FASTSEQ_BACKEND=reference"
+            )
+        fused = reason is None
+    return _LinearCrossEntropy.apply(
+        hidden, weight, bias, labels, ignore_index, float(label_smoothing), float(z_loss), fused
+    )
+
+
+def compile_specs() -> list:
+    """Every configuration the launcher can pick on a GPU, for the compile-only tests (`_compile`)."""
+    from ._compile import CompileSpec, signature
+
+    specs = []
+    for capability in (80, 86, 90):
+        for dtype in ("bf16", "fp16", "fp32"):
+            for block_v in (512, 4096):  # small vocabularies (ByT5: 384) and every larger one
+                ce = dict(BLOCK_V=block_v)
+                k = _cross_entropy_kernel
+                pointers = dict(Logits=f"*{dtype}", Labels="*i64", Loss="*fp32", Scale="*fp32")
+                sig = signature(k, pointers, ("smoothing", "z_loss"), ce)
+                options = dict(num_warps=8 if block_v >= 2048 else 4)
+                specs.append(CompileSpec(f"ce-sm{capability}-{dtype}-V{block_v}", k.__name__, sig, ce, options,
+                                         capability))  # fmt: skip
+    return specs

@@ -48,3 +48,10 @@ def test_bench_ffn_smoke(tmp_path):
         (op, p) for op in ("ffn", "gated_gelu") for p in ("fastseq", "hf_eager", "torch_compile")
     }
     assert all(float(r["full_ms"]) > 0 for r in rows)
+
+
+def test_bench_cross_entropy_smoke(tmp_path):
+    rows = _smoke("bench_cross_entropy", tmp_path)
+    assert {r["provider"] for r in rows} == {"fastseq", "hf_eager", "torch_compile"}
+    assert {int(r["vocab"]) for r in rows} == {53, 300}
+    assert all(float(r["full_ms"]) > 0 for r in rows)

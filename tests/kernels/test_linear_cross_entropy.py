@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from fastseq.kernels import linear_cross_entropy
 
+from tests.conftest import DEVICE, assert_close
+
 # The package re-exports the function under the module's name; reach the module itself.
 lce_module = importlib.import_module("fastseq.kernels.linear_cross_entropy")
 
@@ -73,3 +75,82 @@ def test_out_of_range_label_is_named():
     labels[3] = 99
     with pytest.raises(ValueError, match="label 99 is outside the vocabulary"):
         linear_cross_entropy(hidden, weight, labels)
+
+
+def _unfused(hidden, weight, labels, bias=None, smoothing=0.0, z_loss=0.0):
+    """The definition over full logits, autograd included (float64 in these tests)."""
+    logits = hidden @ weight.t() + (bias if bias is not None else 0)
+    loss = F.cross_entropy(logits, labels, ignore_index=-100, label_smoothing=smoothing)
+    if z_loss:
+        ok = labels != -100
+        loss = loss + z_loss * (torch.logsumexp(logits, -1) ** 2 * ok).sum() / ok.sum().clamp(min=1)
+    return loss
+
+
+@pytest.mark.parametrize("smoothing,z_loss", [(0.1, 0.0), (0.0, 1e-3), (0.2, 1e-2)])
+def test_reference_label_smoothing_and_z_loss(smoothing, z_loss, monkeypatch):
+    monkeypatch.setattr(lce_module, "_CHUNK_ELEMENTS", 53 * 5)
+    hidden, weight, bias, labels = _case()
+    expected = _unfused(hidden, weight, labels, bias, smoothing, z_loss)
+    got = linear_cross_entropy(hidden, weight, labels, bias=bias, label_smoothing=smoothing, z_loss=z_loss)
+    assert torch.allclose(got, expected, atol=1e-12)
+    leaves = (hidden, weight, bias)
+    for a, e in zip(torch.autograd.grad(got, leaves), torch.autograd.grad(expected, leaves), strict=True):
+        assert torch.allclose(a, e, atol=1e-12)
+
+
+# ---------------------------------------------------------------------------------------------
+# The Triton kernel (on the GPU, or on the CPU through Triton's interpreter)
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("N,V", [(1, 53), (3, 700), (129, 53), (5, 5000)])
+@pytest.mark.parametrize("options", [dict(), dict(label_smoothing=0.1, z_loss=1e-3)], ids=["plain", "smooth-z"])
+def test_triton_fp32_against_float64(N, V, options, triton_backend, monkeypatch):
+    monkeypatch.setattr(lce_module, "_CHUNK_ELEMENTS", 2 * V)  # several chunks
+    hidden, weight, bias, labels = _case(N=N, V=V, ignore=(0,) if N > 1 else ())
+    leaves = [t.detach().float().to(DEVICE).requires_grad_() for t in (hidden, weight, bias)]
+    got = linear_cross_entropy(leaves[0], leaves[1], labels.to(DEVICE), bias=leaves[2], **options)
+    grads = torch.autograd.grad(got * 1.7, leaves)
+    expected = _unfused(hidden, weight, labels, bias, options.get("label_smoothing", 0.0), options.get("z_loss", 0.0))
+    exact = torch.autograd.grad(expected * 1.7, (hidden, weight, bias))
+    assert got.dtype == torch.float32
+    assert_close(got.detach().cpu(), expected.detach(), rel=1e-5, what="loss")
+    for name, g, e in zip(("hidden", "weight", "bias"), grads, exact, strict=True):
+        assert_close(g.cpu(), e, rel=1e-5, floor=1e-3, what=f"grad of {name}")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_triton_half_precision_within_twice_torch_error(dtype, triton_backend):
+    hidden, weight, _, labels = _case(N=40, d=32, V=1000)
+    h, w = (t.detach().to(DEVICE, dtype).requires_grad_() for t in (hidden, weight))
+    got = linear_cross_entropy(h, w, labels.to(DEVICE))
+    grads = torch.autograd.grad(got, (h, w))
+    # PyTorch in that dtype: the LM head in half precision, the loss in fp32 (as transformers does).
+    h2, w2 = (t.detach().requires_grad_() for t in (h, w))
+    theirs = F.cross_entropy((h2 @ w2.t()).float(), labels.to(DEVICE), ignore_index=-100)
+    their_grads = torch.autograd.grad(theirs, (h2, w2))
+    h64, w64 = (t.detach().cpu().double().requires_grad_() for t in (h, w))
+    exact = _unfused(h64, w64, labels)
+    exact_grads = torch.autograd.grad(exact, (h64, w64))
+    for name, a, b, e in zip(("loss", "hidden", "weight"), (got, *grads), (theirs, *their_grads), (exact, *exact_grads),
+                             strict=True):  # fmt: skip
+        err = (a.detach().cpu().double() - e).abs().max().item()
+        torch_err = (b.detach().cpu().double() - e).abs().max().item()
+        slack = torch.finfo(dtype).eps * e.abs().max().item()
+        assert err <= 2 * torch_err + slack, (name, err, torch_err)
+    assert grads[0].dtype == dtype and grads[1].dtype == dtype
+
+
+def test_triton_all_ignored_and_ignored_rows(triton_backend):
+    hidden, weight, _, labels = _case(N=9, V=70, ignore=(0,))
+    h, w = (t.detach().float().to(DEVICE).requires_grad_() for t in (hidden, weight))
+    everything_ignored = torch.full_like(labels, -100).to(DEVICE)
+    loss = linear_cross_entropy(h, w, everything_ignored, label_smoothing=0.1, z_loss=1e-3)
+    loss.backward()
+    assert loss.item() == 0.0 and h.grad.abs().max() == 0 and w.grad.abs().max() == 0
+    labels[[2, 4]] = -100
+    h.grad = None
+    linear_cross_entropy(h, w, labels.to(DEVICE)).backward()
+    assert h.grad[[0, 2, 4]].abs().max() == 0  # row 0 is ignored by _case
+    assert (h.grad[[1, 3, 5, 6, 7, 8]].abs().amax(-1) > 0).all()
