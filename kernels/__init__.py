@@ -5,7 +5,7 @@ Every public function dispatches on `FASTSEQ_BACKEND` (see `_backend`).
 
 from ._backend import backend
 from .bucketed_attention import bucketed_attention, relative_position_bucket
-from .gated_gelu import gated_ffn, gated_gelu
+from .gated_gelu import gated_ffn, gated_gelu, relu_ffn
 from .global_aggregate import global_aggregate, global_block_ids
 from .linear_cross_entropy import linear_cross_entropy
 from .local_attention import local_attention
@@ -21,5 +21,6 @@ __all__ = [
     "linear_cross_entropy",
     "local_attention",
     "relative_position_bucket",
+    "relu_ffn",
     "rms_norm",
 ]

@@ -12,10 +12,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from fastseq.kernels import bucketed_attention, gated_ffn, rms_norm
+from fastseq.kernels import bucketed_attention, gated_ffn, relu_ffn, rms_norm
 
 from .base import EncoderOutput, HFConfig, PreTrainedModel, Seq2SeqModel
 
@@ -86,8 +85,9 @@ class T5DenseActDense(nn.Module):
         self.dropout = nn.Dropout(config.dropout_rate)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.dropout(F.relu(self.wi(x)))  # (B, L, d_ff)
-        return self.wo(h.to(self.wo.weight.dtype))
+        # relu_ffn recomputes the (B, L, d_ff) activation in backward instead of keeping it.
+        p = self.dropout.p if self.training else 0.0
+        return relu_ffn(x, self.wi.weight, self.wo.weight, dropout_p=p)  # (B, L, d_model)
 
 
 class T5DenseGatedActDense(nn.Module):
