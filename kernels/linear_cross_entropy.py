@@ -67,8 +67,10 @@ def _cross_entropy_kernel(
             total += tl.sum(tl.where(mask, x, 0.0), 0)
             m = m_new
         lse = m + tl.log(s)
-        x_label = tl.load(ptr + label).to(tl.float32)
+        in_vocab = (label >= 0) & (label < V)
+        x_label = tl.load(ptr + tl.minimum(tl.maximum(label, 0), V - 1)).to(tl.float32)
         loss = (1.0 - smoothing) * (lse - x_label) + smoothing * (lse - total / V) + z_loss * lse * lse
+        loss = tl.where(in_vocab, loss, float("nan"))
         tl.store(Loss + row, loss)
         # Pass 2: d loss / d x_j = p_j (1 + 2 z lse) - eps / V - (1 - eps) [j = label], times 1 / count.
         scale = tl.load(Scale)
@@ -125,58 +127,106 @@ def _loss_and_dlogits_reference(logits, labels, ignore_index, scale, smoothing, 
     return losses
 
 
+def _loss_and_grads(hidden, weight, bias, labels, ignore_index, smoothing, z_loss, fused, need_h, need_w, need_b):
+    """The mean loss and, chunk by chunk, the gradients of hidden, weight and bias for a unit upstream
+    gradient (`(0,)` where not needed). fp32 accumulation (fp64 for fp64 inputs)."""
+    N, _ = hidden.shape
+    V = weight.shape[0]
+    count = (labels != ignore_index).sum()
+    acc = torch.promote_types(weight.dtype, torch.float32)
+    scale = 1.0 / count.clamp(min=1).to(acc)  # a device tensor: no host sync
+    # The kernel takes logits in the inputs' dtype (as the LM head produces them); the reference
+    # computes them in fp32.
+    w = weight if fused else upcast(weight)
+    b = (bias if fused else upcast(bias)) if bias is not None else None
+    grad_h = torch.empty_like(hidden, dtype=w.dtype) if need_h else hidden.new_empty(0)
+    grad_w = torch.zeros_like(weight, dtype=acc) if need_w else weight.new_empty(0)
+    grad_b = torch.zeros(V, dtype=acc, device=weight.device) if need_b else weight.new_empty(0)
+    loss_sum = hidden.new_zeros((), dtype=acc)
+    step = _chunk_rows(N, V)
+    for start in range(0, N, step):
+        h = hidden[start : start + step].to(w.dtype)  # (n, d)
+        logits = h @ w.t()  # (n, V)
+        if b is not None:
+            logits = logits + b
+        chunk_labels = labels[start : start + step]
+        if fused:
+            losses = _loss_and_dlogits_triton(logits, chunk_labels, ignore_index, scale, smoothing, z_loss)
+        else:
+            losses = _loss_and_dlogits_reference(logits, chunk_labels, ignore_index, scale, smoothing, z_loss)
+        loss_sum = loss_sum + losses.sum()
+        dlogits = logits  # (n, V), overwritten in place
+        if need_h:
+            grad_h[start : start + step] = dlogits @ w
+        if need_w:
+            grad_w += (dlogits.t() @ h).to(acc)
+        if need_b:
+            grad_b += dlogits.sum(0, dtype=acc)
+    return loss_sum * scale, grad_h, grad_w, grad_b
+
+
+def _scaled(grads, dtypes, grad_loss):
+    """The saved unit-upstream gradients times the upstream gradient, in the inputs' dtypes."""
+    return tuple((g * grad_loss).to(d) if d is not None else None for g, d in zip(grads, dtypes, strict=True))
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
-    """Forward computes the loss and, chunk by chunk, the gradients of hidden, weight and bias for a
-    unit upstream gradient; backward only scales them. Saved: those gradients, never logits."""
+    """The reference path. Forward computes the loss and every gradient; backward only scales them.
+    Saved: those gradients (the size of the inputs), never logits."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, ignore_index, smoothing, z_loss, fused):
-        N, _ = hidden.shape
-        V = weight.shape[0]
-        count = (labels != ignore_index).sum()
-        acc = torch.promote_types(weight.dtype, torch.float32)  # fp32, or fp64 for fp64 inputs
-        scale = 1.0 / count.clamp(min=1).to(acc)  # a device tensor: no host sync
-        need_h, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
-        # The kernel takes logits in the inputs' dtype (as the LM head produces them); the reference
-        # computes them in fp32.
-        w = weight if fused else upcast(weight)
-        b = (bias if fused else upcast(bias)) if bias is not None else None
-        grad_h = torch.empty_like(hidden, dtype=w.dtype) if need_h else None
-        grad_w = torch.zeros_like(weight, dtype=acc) if need_w else None
-        grad_b = torch.zeros(V, dtype=acc, device=weight.device) if need_b else None
-        loss_sum = hidden.new_zeros((), dtype=acc)
-        step = _chunk_rows(N, V)
-        for start in range(0, N, step):
-            h = hidden[start : start + step].to(w.dtype)  # (n, d)
-            logits = h @ w.t()  # (n, V)
-            if b is not None:
-                logits = logits + b
-            chunk_labels = labels[start : start + step]
-            if fused:
-                losses = _loss_and_dlogits_triton(logits, chunk_labels, ignore_index, scale, smoothing, z_loss)
-            else:
-                losses = _loss_and_dlogits_reference(logits, chunk_labels, ignore_index, scale, smoothing, z_loss)
-            loss_sum = loss_sum + losses.sum()
-            dlogits = logits  # (n, V), overwritten in place
-            if need_h:
-                grad_h[start : start + step] = dlogits @ w
-            if need_w:
-                grad_w += (dlogits.t() @ h).to(acc)
-            if need_b:
-                grad_b += dlogits.sum(0, dtype=acc)
-        ctx.save_for_backward(*(g if g is not None else torch.empty(0) for g in (grad_h, grad_w, grad_b)))
-        ctx.dtypes = (hidden.dtype, weight.dtype, bias.dtype if bias is not None else None)
-        return loss_sum * scale
+    def forward(ctx, hidden, weight, bias, labels, ignore_index, smoothing, z_loss):
+        needs = ctx.needs_input_grad[:3]
+        loss, *grads = _loss_and_grads(hidden, weight, bias, labels, ignore_index, smoothing, z_loss, False, *needs)
+        ctx.save_for_backward(*grads)
+        ctx.dtypes = tuple(t.dtype if need else None for t, need in zip((hidden, weight, bias), needs, strict=True))
+        return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
-        grad_h, grad_w, grad_b = ctx.saved_tensors
-        dh, dw, db = ctx.dtypes
-        needs = ctx.needs_input_grad
-        out_h = (grad_h * grad_loss).to(dh) if needs[0] else None
-        out_w = (grad_w * grad_loss).to(dw) if needs[1] else None
-        out_b = (grad_b * grad_loss).to(db) if needs[2] else None
-        return out_h, out_w, out_b, None, None, None, None, None
+        return (*_scaled(ctx.saved_tensors, ctx.dtypes, grad_loss), None, None, None, None)
+
+
+@torch.library.custom_op("fastseq::linear_cross_entropy", mutates_args=())
+def _fused_op(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    labels: torch.Tensor,
+    ignore_index: int,
+    smoothing: float,
+    z_loss: float,
+    need_h: bool,
+    need_w: bool,
+    need_b: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The kernel path: loss (fp32 scalar) and the unit-upstream gradients of hidden, weight and bias."""
+    return _loss_and_grads(hidden, weight, bias, labels, ignore_index, smoothing, z_loss, True, need_h, need_w, need_b)
+
+
+@_fused_op.register_fake
+def _fused_fake(hidden, weight, bias, labels, ignore_index, smoothing, z_loss, need_h, need_w, need_b):
+    f32 = torch.float32
+    return (
+        hidden.new_empty((), dtype=f32),
+        torch.empty_like(hidden, dtype=weight.dtype) if need_h else hidden.new_empty(0),
+        torch.empty_like(weight, dtype=f32) if need_w else weight.new_empty(0),
+        weight.new_empty(weight.shape[0], dtype=f32) if need_b else weight.new_empty(0),
+    )
+
+
+def _fused_setup(ctx, inputs, output):
+    hidden, weight, bias = inputs[:3]
+    ctx.save_for_backward(*output[1:])
+    ctx.dtypes = tuple(t.dtype if need else None for t, need in zip((hidden, weight, bias), inputs[7:], strict=True))
+    ctx.mark_non_differentiable(*output[1:])
+
+
+def _fused_backward(ctx, grad_loss, *_):
+    return (*_scaled(ctx.saved_tensors, ctx.dtypes, grad_loss), None, None, None, None, None, None, None)
+
+
+_fused_op.register_autograd(_fused_backward, setup_context=_fused_setup)
 
 
 def linear_cross_entropy_reference(
@@ -190,7 +240,7 @@ def linear_cross_entropy_reference(
     z_loss: float = 0.0,
 ) -> torch.Tensor:
     """fp32 chunked loss. hidden `(N, d)`, weight `(V, d)`, labels `(N,)` int, bias `(V,)` -> scalar fp32."""
-    return _LinearCrossEntropy.apply(hidden, weight, bias, labels, ignore_index, label_smoothing, z_loss, False)
+    return _LinearCrossEntropy.apply(hidden, weight, bias, labels, ignore_index, label_smoothing, z_loss)
 
 
 def _unsupported(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> str | None:
@@ -233,24 +283,27 @@ def linear_cross_entropy(
         raise ValueError(f"linear_cross_entropy: z_loss must be >= 0; got {z_loss}")
     hidden = hidden.reshape(-1, hidden.shape[-1])
     labels = labels.reshape(-1)
-    counted = labels[labels != ignore_index]
+    # A clear error needs the labels on the host; torch.compile traces without that check (the kernel
+    # then returns a NaN loss for an out-of-range label rather than reading outside the row).
+    counted = labels[labels != ignore_index] if not torch.compiler.is_compiling() else labels[:0]
     if counted.numel() and (int(counted.min()) < 0 or int(counted.max()) >= weight.shape[0]):
         bad = counted[(counted < 0) | (counted >= weight.shape[0])][0].item()
         raise ValueError(
             f"linear_cross_entropy: label {bad} is outside the vocabulary [0, {weight.shape[0]}) "
             f"and is not ignore_index={ignore_index}"
         )
-    fused = False
+    smoothing, z_loss = float(label_smoothing), float(z_loss)
     if use_triton("linear_cross_entropy", HAS_TRITON_KERNEL, hidden, weight):
         reason = _unsupported(hidden, weight, bias)
-        if reason is not None and backend("linear_cross_entropy") == "triton":
+        if reason is None:
+            needs = [t is not None and t.requires_grad and torch.is_grad_enabled() for t in (hidden, weight, bias)]
+            op = torch.ops.fastseq.linear_cross_entropy
+            return op(hidden, weight, bias, labels, ignore_index, smoothing, z_loss, *needs)[0]
+        if backend("linear_cross_entropy") == "triton":
             raise NotImplementedError(
                 f"linear_cross_entropy: the Triton kernel does not support {reason}; set FASTSEQ_BACKEND=reference"
             )
-        fused = reason is None
-    return _LinearCrossEntropy.apply(
-        hidden, weight, bias, labels, ignore_index, float(label_smoothing), float(z_loss), fused
-    )
+    return _LinearCrossEntropy.apply(hidden, weight, bias, labels, ignore_index, smoothing, z_loss)
 
 
 def compile_specs() -> list:

@@ -154,3 +154,29 @@ def test_triton_all_ignored_and_ignored_rows(triton_backend):
     linear_cross_entropy(h, w, labels.to(DEVICE)).backward()
     assert h.grad[[0, 2, 4]].abs().max() == 0  # row 0 is ignored by _case
     assert (h.grad[[1, 3, 5, 6, 7, 8]].abs().amax(-1) > 0).all()
+
+
+def test_triton_op_opcheck_and_torch_compile(triton_backend):
+    hidden, weight, bias, labels = _case(N=7, V=60, ignore=(2,))
+    h, w, b = (t.detach().float().to(DEVICE).requires_grad_() for t in (hidden, weight, bias))
+    labels = labels.to(DEVICE)
+    args = (h, w, b, labels, -100, 0.1, 1e-3, True, True, True)
+    torch.library.opcheck(torch.ops.fastseq.linear_cross_entropy.default, args)
+    compiled = torch.compile(lambda *t: linear_cross_entropy(*t, bias=b), backend="aot_eager", fullgraph=True)
+    loss = compiled(h, w, labels)
+    grads = torch.autograd.grad(loss, (h, w, b))
+    eager = linear_cross_entropy(h, w, labels, bias=b)
+    assert torch.equal(loss, eager)
+    for g, e in zip(grads, torch.autograd.grad(eager, (h, w, b)), strict=True):
+        assert torch.equal(g, e)
+
+
+def test_triton_with_a_frozen_weight(triton_backend):
+    hidden, weight, _, labels = _case(N=5, V=40, ignore=(1,))
+    h = hidden.detach().float().to(DEVICE).requires_grad_()
+    w = weight.detach().float().to(DEVICE)  # frozen
+    loss = linear_cross_entropy(h, w, labels.to(DEVICE))
+    (grad,) = torch.autograd.grad(loss, (h,))
+    h64 = hidden.detach().requires_grad_()
+    (expected,) = torch.autograd.grad(_unfused(h64, weight.detach(), labels), (h64,))
+    assert_close(grad.cpu(), expected, rel=1e-5, floor=1e-3, what="grad of hidden")
