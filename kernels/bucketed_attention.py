@@ -114,10 +114,12 @@ def _tile_scores(
     Lk,
     q_offset,
     C,
+    window,
     scale_log2,
     HAS_BIAS: tl.constexpr,
     HAS_KPM: tl.constexpr,
     CAUSAL: tl.constexpr,
+    WINDOWED: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     SKEW: tl.constexpr,
@@ -148,6 +150,9 @@ def _tile_scores(
         valid = valid & (keep != 0)[None, :]
     if CAUSAL:
         valid = valid & (offs_n[None, :] <= offs_m[:, None] + q_offset)
+    if WINDOWED:
+        dist = offs_n[None, :] - (offs_m[:, None] + q_offset)
+        valid = valid & (dist <= window) & (dist >= -window)
     return tl.where(valid, s, float("-inf"))
 
 
@@ -191,6 +196,7 @@ def _bucketed_attention_fwd_kernel(
     D,
     q_offset,
     C,
+    window,  # keys at distance |j - (q_offset + i)| <= window only (with WINDOWED)
     scale_log2,
     dropout_p,
     seed,
@@ -198,6 +204,7 @@ def _bucketed_attention_fwd_kernel(
     HAS_BIAS: tl.constexpr,
     HAS_KPM: tl.constexpr,
     CAUSAL: tl.constexpr,
+    WINDOWED: tl.constexpr,
     DROPOUT: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -226,17 +233,22 @@ def _bucketed_attention_fwd_kernel(
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     l_i = tl.zeros((BLOCK_M,), tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
+    n_start = 0
     n_end = Lk
     if CAUSAL:
         n_end = tl.minimum(Lk, q_offset + m0 + BLOCK_M)
-    for n0 in range(0, n_end, BLOCK_N):
+    if WINDOWED:
+        # Only the key tiles the window of this query tile touches (LongT5's local attention).
+        n_start = (tl.maximum(q_offset + m0 - window, 0) // BLOCK_N) * BLOCK_N
+        n_end = tl.minimum(n_end, q_offset + m0 + BLOCK_M + window)
+    for n0 in range(n_start, n_end, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         kv_mask = (offs_n < Lk)[:, None] & d_ok[None, :]
         k = tl.load(K_bh + offs_n[:, None] * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)
         v = tl.load(V_bh + offs_n[:, None] * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0)
         s = _tile_scores(
-            q, k, DT_h, KPM_b, offs_m, offs_n, m0, n0, Lk, q_offset, C, scale_log2,
-            HAS_BIAS, HAS_KPM, CAUSAL, BLOCK_M, BLOCK_N, SKEW, PRECISION,
+            q, k, DT_h, KPM_b, offs_m, offs_n, m0, n0, Lk, q_offset, C, window, scale_log2,
+            HAS_BIAS, HAS_KPM, CAUSAL, WINDOWED, BLOCK_M, BLOCK_N, SKEW, PRECISION,
         )  # fmt: skip
         m_new = tl.maximum(m_i, tl.max(s, 1))
         # A row with every key so far masked keeps m = -inf; subtract 0 there so exp2 gives 0, not NaN.
@@ -331,6 +343,7 @@ def _bucketed_attention_bwd_dkdv_kernel(
     D,
     q_offset,
     C,
+    window,  # keys at distance |j - (q_offset + i)| <= window only (with WINDOWED)
     scale,
     scale_log2,
     dropout_p,
@@ -339,6 +352,7 @@ def _bucketed_attention_bwd_dkdv_kernel(
     HAS_BIAS: tl.constexpr,
     HAS_KPM: tl.constexpr,
     CAUSAL: tl.constexpr,
+    WINDOWED: tl.constexpr,
     DROPOUT: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -369,10 +383,15 @@ def _bucketed_attention_bwd_dkdv_kernel(
     dk = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
     dv = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
     m_start = 0
+    m_end = Lq
     if CAUSAL:
         # The first query tile with a row that may see key n0: q_offset + i >= n0.
         m_start = (tl.maximum(n0 - q_offset, 0) // BLOCK_M) * BLOCK_M
-    for m0 in range(m_start, Lq, BLOCK_M):
+    if WINDOWED:
+        # Rows with q_offset + i in [n0 - window, n0 + BLOCK_N - 1 + window] see this key tile.
+        m_start = tl.maximum(m_start, (tl.maximum(n0 - window - q_offset, 0) // BLOCK_M) * BLOCK_M)
+        m_end = tl.minimum(Lq, n0 + BLOCK_N + window - q_offset)
+    for m0 in range(m_start, m_end, BLOCK_M):
         offs_m = m0 + tl.arange(0, BLOCK_M)
         row_ok = offs_m < Lq
         q_mask = row_ok[:, None] & d_ok[None, :]
@@ -381,8 +400,8 @@ def _bucketed_attention_bwd_dkdv_kernel(
         lse = tl.load(LSE + bh * Lq + offs_m, mask=row_ok, other=float("inf"))
         delta = tl.load(DELTA + bh * Lq + offs_m, mask=row_ok, other=0.0)
         s = _tile_scores(
-            q, k, DT_h, KPM_b, offs_m, offs_n, m0, n0, Lk, q_offset, C, scale_log2,
-            HAS_BIAS, HAS_KPM, CAUSAL, BLOCK_M, BLOCK_N, SKEW, PRECISION,
+            q, k, DT_h, KPM_b, offs_m, offs_n, m0, n0, Lk, q_offset, C, window, scale_log2,
+            HAS_BIAS, HAS_KPM, CAUSAL, WINDOWED, BLOCK_M, BLOCK_N, SKEW, PRECISION,
         )  # fmt: skip
         p = tl.math.exp2(s - lse[:, None])  # rows without keys have lse = +inf: p = 0
         dp = _dot(do, tl.trans(v), PRECISION)
@@ -439,6 +458,7 @@ def _bucketed_attention_bwd_dq_kernel(
     D,
     q_offset,
     C,
+    window,  # keys at distance |j - (q_offset + i)| <= window only (with WINDOWED)
     scale,
     scale_log2,
     dropout_p,
@@ -447,6 +467,7 @@ def _bucketed_attention_bwd_dq_kernel(
     HAS_BIAS: tl.constexpr,
     HAS_KPM: tl.constexpr,
     CAUSAL: tl.constexpr,
+    WINDOWED: tl.constexpr,
     DROPOUT: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -488,17 +509,22 @@ def _bucketed_attention_bwd_dq_kernel(
     d_pos = tl.sum(tl.zeros((1,), tl.float32), 0)
     rows = tl.arange(0, BLOCK_M)
     skew = tl.arange(0, SKEW)
+    n_start = 0
     n_end = Lk
     if CAUSAL:
         n_end = tl.minimum(Lk, q_offset + m0 + BLOCK_M)
-    for n0 in range(0, n_end, BLOCK_N):
+    if WINDOWED:
+        # Only the key tiles the window of this query tile touches (LongT5's local attention).
+        n_start = (tl.maximum(q_offset + m0 - window, 0) // BLOCK_N) * BLOCK_N
+        n_end = tl.minimum(n_end, q_offset + m0 + BLOCK_M + window)
+    for n0 in range(n_start, n_end, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         kv_mask = (offs_n < Lk)[:, None] & d_ok[None, :]
         k = tl.load(K_bh + offs_n[:, None] * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)
         v = tl.load(V_bh + offs_n[:, None] * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0)
         s = _tile_scores(
-            q, k, DT_h, KPM_b, offs_m, offs_n, m0, n0, Lk, q_offset, C, scale_log2,
-            HAS_BIAS, HAS_KPM, CAUSAL, BLOCK_M, BLOCK_N, SKEW, PRECISION,
+            q, k, DT_h, KPM_b, offs_m, offs_n, m0, n0, Lk, q_offset, C, window, scale_log2,
+            HAS_BIAS, HAS_KPM, CAUSAL, WINDOWED, BLOCK_M, BLOCK_N, SKEW, PRECISION,
         )  # fmt: skip
         p = tl.math.exp2(s - lse[:, None])
         dp = _dot(do, tl.trans(v), PRECISION)
@@ -727,7 +753,7 @@ def _dummy(dist_table: torch.Tensor | None, q: torch.Tensor) -> torch.Tensor:
     return dist_table if dist_table is not None else torch.empty(1, dtype=torch.float32, device=q.device)
 
 
-def _forward(q, k, v, dist_table, key_padding_mask, seed, causal, q_offset, scale, dropout_p):
+def _forward(q, k, v, dist_table, key_padding_mask, seed, causal, q_offset, scale, dropout_p, window=-1):
     """Launch the forward. Returns out `(B, H, Lq, D)` (laid out `(B, Lq, H, D)`) and lse `(B, H, Lq)` fp32."""
     B, H, Lq, D = q.shape
     Lk = k.shape[2]
@@ -746,15 +772,31 @@ def _forward(q, k, v, dist_table, key_padding_mask, seed, causal, q_offset, scal
         v.stride(0), v.stride(1), v.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
         kpm.stride(0),
-        H, Lq, Lk, D, q_offset, _cut(dist_table), scale * _LOG2E, dropout_p, seed,
-        HAS_BIAS=dist_table is not None, HAS_KPM=key_padding_mask is not None, CAUSAL=causal,
+        H, Lq, Lk, D, q_offset, _cut(dist_table), window, scale * _LOG2E, dropout_p, seed,
+        HAS_BIAS=dist_table is not None, HAS_KPM=key_padding_mask is not None, CAUSAL=causal, WINDOWED=window >= 0,
         DROPOUT=dropout_p > 0.0, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=_block_d(D),
         SKEW=_skew(block_m, block_n), PRECISION=_precision(q.dtype), num_warps=warps, num_stages=stages,
     )  # fmt: skip
     return out, lse
 
 
-def _backward(do, q, k, v, out, lse, dist_table, key_padding_mask, seed, causal, q_offset, scale, dropout_p):
+def _backward(
+    do,
+    q,
+    k,
+    v,
+    out,
+    lse,
+    dist_table,
+    key_padding_mask,
+    seed,
+    causal,
+    q_offset,
+    scale,
+    dropout_p,
+    window=-1,
+    grad_lse=None,
+):
     """Launch the backward. Returns dq, dk, dv (in the layout of `_like_heads`) and the `(H, 2C + 1)`
     fp32 gradient of the distance table (empty without a bias)."""
     B, H, Lq, D = q.shape
@@ -782,11 +824,15 @@ def _backward(do, q, k, v, out, lse, dist_table, key_padding_mask, seed, causal,
     kpm = _key_mask(key_padding_mask, q)
     table = _dummy(dist_table, q)
     common = dict(
-        HAS_BIAS=has_bias, HAS_KPM=key_padding_mask is not None, CAUSAL=causal, DROPOUT=dropout_p > 0.0,
+        HAS_BIAS=has_bias, HAS_KPM=key_padding_mask is not None, CAUSAL=causal, WINDOWED=window >= 0,
+        DROPOUT=dropout_p > 0.0,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, SKEW=_skew(block_m, block_n),
         PRECISION=_precision(q.dtype), num_warps=warps, num_stages=stages,
     )  # fmt: skip
-    scalars = (H, Lq, Lk, D, q_offset, cut, scale, scale * _LOG2E, dropout_p, seed)
+    if grad_lse is not None:
+        # d lse_i / d s_ij = p_ij: a gradient on the log-sum-exp enters dS = P * (dP - delta) as -grad_lse.
+        delta -= grad_lse
+    scalars = (H, Lq, Lk, D, q_offset, cut, window, scale, scale * _LOG2E, dropout_p, seed)
     _bucketed_attention_bwd_dkdv_kernel[(triton.cdiv(Lk, block_n), H, B)](
         q, k, v, table, kpm, do, lse, delta, dk, dv,
         q.stride(0), q.stride(1), q.stride(2),
@@ -900,15 +946,18 @@ def _fwd_op(
     q_offset: int,
     scale: float,
     dropout_p: float,
+    window: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """out `(B, Lq, H, D)` (heads not yet moved to dim 1) and lse `(B, H, Lq)` fp32."""
+    """out `(B, Lq, H, D)` (heads not yet moved to dim 1) and the log-sum-exp of each row's scores
+    `(B, H, Lq)` fp32 (-inf for a row with no key), differentiable: LongT5 merges partial softmaxes
+    through it. `window` < 0: no window."""
     seed_value = int(seed.item()) if seed is not None else 0
-    out, lse = _forward(q, k, v, dist_table, key_padding_mask, seed_value, causal, q_offset, scale, dropout_p)
-    return out.transpose(1, 2), lse
+    out, lse2 = _forward(q, k, v, dist_table, key_padding_mask, seed_value, causal, q_offset, scale, dropout_p, window)
+    return out.transpose(1, 2), torch.where(torch.isinf(lse2), float("-inf"), lse2 / _LOG2E)
 
 
 @_fwd_op.register_fake
-def _fwd_fake(q, k, v, dist_table, key_padding_mask, seed, causal, q_offset, scale, dropout_p):
+def _fwd_fake(q, k, v, dist_table, key_padding_mask, seed, causal, q_offset, scale, dropout_p, window):
     B, H, Lq, D = q.shape
     return q.new_empty(B, Lq, H, D), q.new_empty(B, H, Lq, dtype=torch.float32)
 
@@ -921,6 +970,7 @@ def _bwd_op(
     v: torch.Tensor,
     out: torch.Tensor,
     lse: torch.Tensor,
+    grad_lse: torch.Tensor | None,
     dist_table: torch.Tensor | None,
     key_padding_mask: torch.Tensor | None,
     seed: torch.Tensor | None,
@@ -928,20 +978,27 @@ def _bwd_op(
     q_offset: int,
     scale: float,
     dropout_p: float,
+    window: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """dq `(B, Lq, H, D)`, dk and dv `(B, Lk, H, D)`, and the `(H, 2C + 1)` gradient of dist_table
     (`(0, 0)` without one)."""
     seed_value = int(seed.item()) if seed is not None else 0
+    lse2 = torch.where(torch.isinf(lse), float("inf"), lse * _LOG2E)  # rows with no key: p = 0
+    if grad_lse is not None:
+        grad_lse = torch.where(torch.isinf(lse), 0.0, grad_lse)
     dq, dk, dv, ddt = _backward(
-        do, q, k, v, out, lse, dist_table, key_padding_mask, seed_value, causal, q_offset, scale, dropout_p
-    )
+        do, q, k, v, out, lse2, dist_table, key_padding_mask, seed_value, causal, q_offset, scale, dropout_p,
+        window, grad_lse,
+    )  # fmt: skip
     if dist_table is None:
         ddt = ddt.new_zeros(0, 0)
     return dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2), ddt
 
 
 @_bwd_op.register_fake
-def _bwd_fake(do, q, k, v, out, lse, dist_table, key_padding_mask, seed, causal, q_offset, scale, dropout_p):
+def _bwd_fake(
+    do, q, k, v, out, lse, grad_lse, dist_table, key_padding_mask, seed, causal, q_offset, scale, dropout_p, window
+):
     B, H, Lq, D = q.shape
     Lk = k.shape[2]
     ddt = torch.empty_like(dist_table) if dist_table is not None else q.new_empty(0, 0, dtype=torch.float32)
@@ -949,33 +1006,46 @@ def _bwd_fake(do, q, k, v, out, lse, dist_table, key_padding_mask, seed, causal,
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, dist_table, key_padding_mask, seed, causal, q_offset, scale, dropout_p = inputs
+    q, k, v, dist_table, key_padding_mask, seed, causal, q_offset, scale, dropout_p, window = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, dist_table, key_padding_mask, seed)
-    ctx.args = (causal, q_offset, scale, dropout_p)
-    ctx.mark_non_differentiable(lse)
+    ctx.args = (causal, q_offset, scale, dropout_p, window)
 
 
 def _backward_op(ctx, grad_out, grad_lse):
     q, k, v, out, lse, dist_table, key_padding_mask, seed = ctx.saved_tensors
+    if grad_out is None:
+        grad_out = torch.zeros_like(out)
     dq, dk, dv, ddt = torch.ops.fastseq.bucketed_attention_bwd(
-        grad_out.transpose(1, 2), q, k, v, out.transpose(1, 2), lse, dist_table, key_padding_mask, seed, *ctx.args
-    )
+        grad_out.transpose(1, 2), q, k, v, out.transpose(1, 2), lse, grad_lse, dist_table, key_padding_mask, seed,
+        *ctx.args,
+    )  # fmt: skip
     return (
         dq.transpose(1, 2),
         dk.transpose(1, 2),
         dv.transpose(1, 2),
         ddt if dist_table is not None else None,
-        None,
-        None,
-        None,
-        None,
-        None,
-        None,
+        *([None] * 7),
     )
 
 
 _fwd_op.register_autograd(_backward_op, setup_context=_setup_context)
+
+
+def attention_with_lse(
+    q, k, v, dist_table, *, key_padding_mask=None, causal=False, q_offset=0, scale=1.0, dropout_p=0.0, window=-1
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The Triton attention on a prepared `(H, 2C + 1)` distance table (or None), returning the
+    output `(B, H, Lq, D)` and each row's log-sum-exp `(B, H, Lq)` fp32 (-inf where no key is
+    allowed), both differentiable. `window` >= 0 limits keys to |j - (q_offset + i)| <= window."""
+    seed = None
+    if dropout_p > 0.0:
+        # Drawn from PyTorch's CPU generator, so torch.manual_seed fixes the dropout mask.
+        seed = torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64)
+    out, lse = torch.ops.fastseq.bucketed_attention_fwd(
+        q, k, v, dist_table, key_padding_mask, seed, causal, q_offset, float(scale), float(dropout_p), int(window)
+    )
+    return out.transpose(1, 2), lse  # (B, H, Lq, D), (B, H, Lq)
 
 
 def _bucketed_attention_triton(
@@ -984,14 +1054,11 @@ def _bucketed_attention_triton(
     dist_table = None
     if bias_table is not None:
         dist_table = distance_table(bias_table, bidirectional=bidirectional, max_distance=max_distance)
-    seed = None
-    if dropout_p > 0.0:
-        # Drawn from PyTorch's CPU generator, so torch.manual_seed fixes the dropout mask.
-        seed = torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64)
-    out, _ = torch.ops.fastseq.bucketed_attention_fwd(
-        q, k, v, dist_table, key_padding_mask, seed, causal, q_offset, float(scale), float(dropout_p)
-    )
-    return out.transpose(1, 2)  # (B, H, Lq, D)
+    out, _ = attention_with_lse(
+        q, k, v, dist_table, key_padding_mask=key_padding_mask, causal=causal, q_offset=q_offset, scale=scale,
+        dropout_p=dropout_p,
+    )  # fmt: skip
+    return out
 
 
 def _unsupported(q: torch.Tensor, bias_table, max_distance: int, bidirectional: bool) -> str | None:
@@ -1063,8 +1130,8 @@ def compile_specs() -> list:
     from ._compile import CompileSpec, signature
 
     cut, _ = _clamped_buckets(32, 128, True)  # every published T5 model: 32 buckets, max_distance 128
-    all_on = dict(HAS_BIAS=True, HAS_KPM=True, CAUSAL=True, DROPOUT=True)
-    all_off = dict(HAS_BIAS=False, HAS_KPM=False, CAUSAL=False, DROPOUT=False)
+    all_on = dict(HAS_BIAS=True, HAS_KPM=True, CAUSAL=True, WINDOWED=True, DROPOUT=True)
+    all_off = dict(HAS_BIAS=False, HAS_KPM=False, CAUSAL=False, WINDOWED=False, DROPOUT=False)
     floats = ("scale", "scale_log2", "dropout_p")
     variants = []
     for arch, block_d, itemsize in _FWD_CONFIGS:

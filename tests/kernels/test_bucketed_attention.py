@@ -439,7 +439,7 @@ def test_triton_custom_op_passes_opcheck(triton_backend):
     case = TRITON_CASES[1]
     leaves, mask = _random_inputs(case)
     table = distance_table(leaves[3].detach(), bidirectional=True, max_distance=12).requires_grad_()
-    args = (*leaves[:3], table, mask, None, False, 0, 1.0, 0.0)
+    args = (*leaves[:3], table, mask, None, False, 0, 1.0, 0.0, -1)
     torch.library.opcheck(torch.ops.fastseq.bucketed_attention_fwd.default, args)
 
 
