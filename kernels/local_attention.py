@@ -17,11 +17,17 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._backend import upcast, use_triton
-from .bucketed_attention import relative_bias, relative_position_bucket
+from ._backend import backend, upcast, use_triton
+from .bucketed_attention import (
+    _unsupported,
+    attention_with_lse,
+    distance_table,
+    relative_bias,
+    relative_position_bucket,
+)
 from .global_aggregate import global_block_ids
 
-HAS_TRITON_KERNEL = False
+HAS_TRITON_KERNEL = True
 
 
 def _three_blocks(x: torch.Tensor, block: int) -> torch.Tensor:
@@ -44,6 +50,57 @@ def _side_bias(
     g = torch.arange(num_globals, device=block_ids.device)
     index = g[None, None, :] - block_ids[:, :, None] + (num_globals - 1)  # (B, L, G)
     return per_distance[index].permute(0, 3, 1, 2)  # (B, H, L, G)
+
+
+def _local_attention_triton(
+    q,
+    k,
+    v,
+    bias_table,
+    *,
+    radius,
+    max_distance,
+    key_padding_mask,
+    global_k,
+    global_v,
+    global_bias_table,
+    global_block_size,
+    dropout_p,
+) -> torch.Tensor:
+    """The local part runs the attention kernel with a key window of `radius` (a query tile visits
+    only the key tiles its window touches: O(L * radius)). The global part, when present, is
+    `(B, H, L, G)` scores in PyTorch, merged with the local softmax through its log-sum-exp."""
+    dist_table = None
+    if bias_table is not None:
+        dist_table = distance_table(bias_table, bidirectional=True, max_distance=max_distance)
+    out, lse = attention_with_lse(
+        q, k, v, dist_table, key_padding_mask=key_padding_mask, dropout_p=dropout_p, window=radius
+    )  # (B, H, L, D), (B, H, L)
+    if global_k is None:
+        return out
+    B, H, L, D = q.shape
+    G = global_k.shape[2]
+    key_valid = torch.ones(B, L, dtype=torch.bool, device=q.device)
+    if key_padding_mask is not None:
+        key_valid = key_padding_mask != 0
+    block_ids, global_valid = global_block_ids(key_valid, global_block_size)
+    side = torch.matmul(upcast(q), upcast(global_k).transpose(-1, -2))  # (B, H, L, G)
+    if global_bias_table is not None:
+        side = side + _side_bias(global_bias_table, block_ids, G, max_distance).to(side.dtype)
+    side = side.masked_fill(~global_valid[:, None, None, :], float("-inf"))
+    # One softmax over local and global keys, relative to a common per-row maximum; every term stays
+    # finite (and so do the gradients) for rows with no local key, no global key, or neither.
+    top = torch.maximum(lse, side.amax(-1)) if G else lse  # (B, H, L)
+    top = torch.where(torch.isinf(top), 0.0, top)
+    local_mass = torch.exp(lse - top)  # (B, H, L)
+    global_mass = torch.exp(side - top[..., None])  # (B, H, L, G)
+    total = local_mass + global_mass.sum(-1)
+    total = torch.where(total > 0, total, 1.0)
+    global_probs = global_mass / total[..., None]
+    if dropout_p > 0.0:
+        global_probs = F.dropout(global_probs, p=dropout_p, training=True)
+    out = out.to(global_probs.dtype) * (local_mass / total)[..., None] + torch.matmul(global_probs, upcast(global_v))
+    return out.to(q.dtype)
 
 
 def local_attention_reference(
@@ -147,12 +204,9 @@ def local_attention(
                 f"local_attention: global_k and global_v must be {expected} (G = L // global_block_size); "
                 f"got {tuple(global_k.shape)} and {tuple(global_v.shape)}"
             )
-    use_triton("local_attention", HAS_TRITON_KERNEL, q, k, v)
-    return local_attention_reference(
-        q,
-        k,
-        v,
-        bias_table,
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"local_attention: dropout_p must be in [0, 1); got {dropout_p}")
+    kwargs = dict(
         radius=radius,
         max_distance=max_distance,
         key_padding_mask=key_padding_mask,
@@ -162,3 +216,12 @@ def local_attention(
         global_block_size=global_block_size,
         dropout_p=dropout_p,
     )
+    if use_triton("local_attention", HAS_TRITON_KERNEL, q, k, v):
+        reason = _unsupported(q, bias_table, max_distance, True)
+        if reason is None:
+            return _local_attention_triton(q, k, v, bias_table, **kwargs)
+        if backend("local_attention") == "triton":
+            raise NotImplementedError(
+                f"local_attention: the Triton kernel does not support {reason}; set FASTSEQ_BACKEND=reference or auto"
+            )
+    return local_attention_reference(q, k, v, bias_table, **kwargs)

@@ -7,6 +7,8 @@ import torch
 from fastseq.kernels import bucketed_attention, global_aggregate, global_block_ids, local_attention
 from fastseq.kernels.bucketed_attention import relative_position_bucket
 
+from tests.conftest import DEVICE, assert_close
+
 
 def _masks(B, L, seed=0):
     g = torch.Generator().manual_seed(seed)
@@ -112,3 +114,81 @@ def test_shapes_are_checked():
         )
     with pytest.raises(ValueError, match="pass both global_k and global_v"):
         local_attention(q, q, q, None, global_k=torch.randn(1, 2, 2, 4))
+
+
+# ---------------------------------------------------------------------------------------------
+# The Triton path: the attention kernel with a key window, merged with the global tokens
+# ---------------------------------------------------------------------------------------------
+
+RADIUS, GLOBAL_BLOCK = 3, 2
+
+
+def _triton_case(L, with_globals, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    B, H, D = 3, 2, 8
+    leaves = [torch.randn(B, H, L, D, generator=g, dtype=torch.float64) for _ in range(3)]
+    leaves += [torch.randn(8, H, generator=g, dtype=torch.float64) for _ in range(2)]  # local, global tables
+    if with_globals:
+        leaves += [torch.randn(B, H, L // GLOBAL_BLOCK, D, generator=g, dtype=torch.float64) for _ in range(2)]
+    mask = _masks(B, L, seed)
+    return [t.to(DEVICE, dtype if t.dim() == 4 else torch.float32).requires_grad_() for t in leaves], mask.to(DEVICE)
+
+
+def _call(fn, leaves, mask, **extra):
+    with_globals = len(leaves) == 7
+    if with_globals:
+        extra.update(global_k=leaves[5], global_v=leaves[6], global_bias_table=leaves[4])
+    return fn(*leaves[:4], radius=RADIUS, max_distance=12, key_padding_mask=mask, global_block_size=GLOBAL_BLOCK,
+              **extra)  # fmt: skip
+
+
+@pytest.mark.parametrize("L", [1, 5, RADIUS + 1, 2 * (RADIUS + 1) + 3, 37])
+@pytest.mark.parametrize("with_globals", [False, True], ids=["local", "tglobal"])
+def test_triton_against_float64(L, with_globals, triton_backend):
+    from fastseq.kernels.local_attention import local_attention_reference
+
+    leaves, mask = _triton_case(L, with_globals)
+    out = _call(local_attention, leaves, mask)
+    # Outputs at padded query positions are not part of the contract: weight them out.
+    keep = mask.bool()[:, None, :, None].to(out.dtype)
+    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(DEVICE) * keep
+    used = leaves if with_globals else leaves[:4]
+    grads = torch.autograd.grad(out, used, grad_out)
+    ref_leaves = [t.detach().cpu().double().requires_grad_() for t in leaves]
+    expected = _call(local_attention_reference, ref_leaves, mask.cpu())
+    ref_used = ref_leaves if with_globals else ref_leaves[:4]
+    ref_grads = torch.autograd.grad(expected, ref_used, grad_out.cpu().double())
+    assert_close((out * keep).detach().cpu(), expected * keep.cpu(), rel=1e-5, what="out")
+    names = ["q", "k", "v", "bias_table", "global_bias_table", "global_k", "global_v"][: len(grads)]
+    for name, got, ref in zip(names, grads, ref_grads, strict=True):
+        if ref.numel():  # L = 1 has no global token
+            assert_close(got.cpu(), ref, rel=2e-5, floor=1.0, what=f"grad of {name}")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_triton_half_precision_close_to_float64(dtype, triton_backend):
+    from fastseq.kernels.local_attention import local_attention_reference
+
+    leaves, mask = _triton_case(2 * (RADIUS + 1) + 3, True, dtype=dtype)
+    out = _call(local_attention, leaves, mask)
+    assert out.dtype == dtype
+    keep = mask.bool()[:, None, :, None]
+    expected = _call(local_attention_reference, [t.detach().cpu().double() for t in leaves], mask.cpu())
+    theirs = _call(local_attention_reference, [t.detach() for t in leaves], mask)  # fp32 math, rounded once
+    err = ((out.double().cpu() - expected) * keep.cpu()).abs().max().item()
+    torch_err = ((theirs.double().cpu() - expected) * keep.cpu()).abs().max().item()
+    assert err <= 2 * torch_err + torch.finfo(dtype).eps * expected.abs().max().item(), (err, torch_err)
+
+
+def test_triton_dropout_is_seeded_and_unbiased(triton_backend):
+    leaves, mask = _triton_case(21, True, seed=2)
+    args = [t.detach() for t in leaves]
+    torch.manual_seed(3)
+    first = _call(local_attention, args, mask, dropout_p=0.2)
+    torch.manual_seed(3)
+    assert torch.equal(first, _call(local_attention, args, mask, dropout_p=0.2))
+    plain = _call(local_attention, args, mask)
+    mean = sum(_call(local_attention, args, mask, dropout_p=0.2) for _ in range(24)) / 24
+    keep = mask.bool()[:, None, :, None]
+    spread = ((mean - plain) * keep).abs().mean() / (plain * keep).abs().mean()
+    assert spread < 0.1, spread.item()

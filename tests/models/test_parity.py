@@ -88,12 +88,14 @@ def test_longer_inputs_and_default_masks(kind, tmp_path, reference_backend):
     _compare_seq2seq(ref, ours, inputs, train=False)
 
 
-def test_longer_inputs_with_triton_kernels(tmp_path, triton_kernels):
-    """Key tiles wholly beyond max_distance (one bias per head) next to band tiles, with gradients."""
-    ref = hf_model("t5_v11_untied")
+@pytest.mark.parametrize("kind", ["t5_v11_untied", "longt5_tglobal"])
+def test_longer_inputs_with_triton_kernels(kind, tmp_path, triton_kernels):
+    """Key tiles wholly beyond max_distance (one bias per head) next to band tiles; for LongT5 many
+    local windows and global blocks; with gradients."""
+    ref = hf_model(kind)
     ref.save_pretrained(tmp_path)
     ours = fastseq.from_pretrained(tmp_path)
-    _compare_seq2seq(ref, ours, batch("t5_v11_untied", B=2, Le=67, Ld=30), train=True)
+    _compare_seq2seq(ref, ours, batch(kind, B=2, Le=67, Ld=30), train=True)
 
 
 @pytest.mark.parametrize("kind", ENCODERS)
