@@ -69,8 +69,14 @@ def smoke_setup(smoke: bool) -> str:
     import os
 
     if smoke:
-        os.environ.setdefault("TRITON_INTERPRET", "1")
-        os.environ.setdefault("FASTSEQ_BACKEND", "triton")
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # before fastseq.kernels is imported
+        import importlib
+
+        os.environ.setdefault("FASTSEQ_BACKEND", "reference")
+        for op in ("bucketed_attention", "local_attention", "global_aggregate", "gated_gelu", "rms_norm",
+                   "linear_cross_entropy"):  # fmt: skip
+            if importlib.import_module(f"fastseq.kernels.{op}").HAS_TRITON_KERNEL:
+                os.environ.setdefault(f"FASTSEQ_BACKEND_{op.upper()}", "triton")
         return "cpu"
     if not torch.cuda.is_available():
         raise SystemExit("no CUDA device: run with --smoke to check the script on the CPU")

@@ -19,7 +19,7 @@ tag="$(python3 -c 'import torch; print(torch.cuda.get_device_name().split()[1].l
 
 status=0
 python3 -m pytest -q -m cuda tests 2>&1 | tee "$OUT/pytest_cuda_${tag}.txt" | tail -n 15 || status=1
-for bench in bucketed_attention rms_norm ffn cross_entropy; do
+for bench in bucketed_attention local_attention rms_norm ffn cross_entropy; do
     python3 "bench/bench_${bench}.py" --out "$OUT/${bench}_${tag}.csv" 2>&1 \
         | tee "$OUT/bench_${bench}_${tag}.txt" | tail -n 30 || status=1
 done

@@ -1,0 +1,119 @@
+"""LongT5 encoder attention layers (local and transient-global): fastseq's layer against
+`transformers`' `LongT5LocalAttention` / `LongT5TransientGlobalAttention` (eager) holding the same
+weights, forward / backward / full time, TFLOP/s on the attention FLOPs each query computes
+(4 * B * H * L * (2 * radius + 1 + G) * D, G global tokens for tglobal), and peak memory.
+Defaults: L in {2k, 4k, 8k, 16k}, 16k tokens per batch, H = 12, D = 64, radius 127, bf16.
+
+    python bench/bench_local_attention.py --out bench/results/local_attention_h100.csv
+
+`--smoke` runs tiny sizes on the CPU (the kernels through the Triton interpreter) to check the
+script itself; its numbers mean nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+from _common import peak_mib, provenance, smoke_setup, time_ms, write_csv
+
+
+def _layers(kind: str, heads: int, head_dim: int, radius: int, device: str, dtype: torch.dtype):
+    """The `transformers` layer and fastseq's, with the same weights."""
+    from transformers import LongT5Config as HFConfig
+    from transformers.models.longt5 import modeling_longt5 as hf
+
+    from fastseq.models import longt5
+
+    fields = dict(d_model=heads * head_dim, d_kv=head_dim, num_heads=heads, local_radius=radius, global_block_size=16,
+                  relative_attention_num_buckets=32, relative_attention_max_distance=128, dropout_rate=0.0,
+                  encoder_attention_type=kind)  # fmt: skip
+    hf_cls = hf.LongT5LocalAttention if kind == "local" else hf.LongT5TransientGlobalAttention
+    theirs = hf_cls(HFConfig(**fields), has_relative_attention_bias=True).to(device=device, dtype=dtype)
+    ours_cls = longt5.LongT5LocalAttention if kind == "local" else longt5.LongT5TransientGlobalAttention
+    ours = ours_cls(longt5.LongT5Config(**fields), has_relative_attention_bias=True).to(device=device, dtype=dtype)
+    ours.load_state_dict(theirs.state_dict())
+    tables = {"bias_table": ours.relative_attention_bias.weight}
+    if kind != "local":
+        tables["global_bias_table"] = ours.global_relative_attention_bias.weight
+    masks = {}
+
+    def hf_mask(x):
+        """The mask the LongT5 encoder hands this layer (no padding): blocked for local attention,
+        (B, L) for transient-global. Built once per shape, as the encoder builds it once per step."""
+        if x.shape not in masks:
+            ones = torch.ones(x.shape[:2], device=x.device, dtype=x.dtype)
+            masks[x.shape] = hf._get_local_attention_mask(ones, radius + 1, x.device) if kind == "local" else ones
+        return masks[x.shape]
+
+    return {
+        "fastseq": lambda x: ours(x, tables=tables, key_padding_mask=None),
+        "hf_eager": lambda x: theirs(x, mask=hf_mask(x))[0],
+    }
+
+
+def measure(name, layer, B, L, heads, head_dim, radius, kind, dtype, device) -> dict:
+    g = torch.Generator(device=device).manual_seed(0)
+    x = torch.randn(B, L, heads * head_dim, device=device, dtype=dtype, generator=g).requires_grad_()
+    dy = torch.randn(B, L, heads * head_dim, device=device, dtype=dtype, generator=g)
+    out = layer(x)
+    out.backward(dy, retain_graph=True)
+    fwd = time_ms(lambda: layer(x), device)
+    bwd = time_ms(lambda: out.backward(dy, retain_graph=True), device, grad_to_none=[x])
+    full = time_ms(lambda: layer(x).backward(dy), device, grad_to_none=[x])
+    out = None  # free the graph before measuring the peak
+    peak = peak_mib(lambda: layer(x).backward(dy), device)
+    keys = 2 * radius + 1 + (L // 16 if kind != "local" else 0)
+    flops = 4 * B * heads * L * keys * head_dim
+    return {
+        "provider": name, "kind": kind, "B": B, "L": L, "H": heads, "D": head_dim, "radius": radius,
+        "dtype": str(dtype).replace("torch.", ""), "fwd_ms": round(fwd, 4), "bwd_ms": round(bwd, 4),
+        "full_ms": round(full, 4), "fwd_tflops": round(flops / fwd / 1e9, 1),
+        "bwd_tflops": round(2.5 * flops / bwd / 1e9, 1), "full_tflops": round(3.5 * flops / full / 1e9, 1),
+        "peak_mem_mib": round(peak, 1),
+    }  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokens", type=int, default=16384, help="B * L")
+    parser.add_argument("--lengths", type=int, nargs="+", default=[2048, 4096, 8192, 16384])
+    parser.add_argument("--heads", type=int, default=12)
+    parser.add_argument("--head-dim", type=int, default=64)
+    parser.add_argument("--radius", type=int, default=127)
+    parser.add_argument("--kinds", nargs="+", default=["local", "transient-global"])
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    parser.add_argument("--out", type=Path, default=None, help="CSV file to write")
+    parser.add_argument("--smoke", action="store_true", help="tiny CPU run through the Triton interpreter")
+    args = parser.parse_args(argv)
+    device = smoke_setup(args.smoke)
+    if args.smoke:
+        args.tokens, args.lengths, args.heads, args.head_dim, args.radius, args.dtype = 40, [40], 2, 8, 7, "float32"
+    dtype = getattr(torch, args.dtype)
+    meta = provenance(device, "attention FLOPs 4*B*H*L*(2*radius+1+G)*D forward, 2.5x backward, 3.5x full")
+    rows = []
+    for kind in args.kinds:
+        for L in args.lengths:
+            B = max(1, args.tokens // L)
+            layers = _layers(kind, args.heads, args.head_dim, args.radius, device, dtype)
+            probe = torch.randn(1, L, args.heads * args.head_dim, device=device, dtype=dtype)
+            with torch.no_grad():
+                reference = layers["hf_eager"](probe).float()
+                diffs = {n: ((f(probe).float() - reference).abs().max() / reference.abs().max()).item()
+                         for n, f in layers.items()}  # fmt: skip
+            for name, layer in layers.items():
+                try:
+                    row = measure(name, layer, B, L, args.heads, args.head_dim, args.radius, kind, dtype, device)
+                except torch.OutOfMemoryError:
+                    row = {"provider": name, "kind": kind, "B": B, "L": L, "fwd_ms": "OOM"}
+                    torch.cuda.empty_cache()
+                rows.append(dict(row, max_rel_diff_vs_hf=f"{diffs[name]:.2e}", **meta))
+                print(", ".join(f"{k}={v}" for k, v in rows[-1].items() if k not in meta), flush=True)
+    write_csv(rows, args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
