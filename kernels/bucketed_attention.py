@@ -14,6 +14,11 @@ and walks the key tiles, so it reduces each band tile along its diagonals (a ske
 `tl.gather`, then a column sum) into an fp32 register vector over the `2C + 1` distances, and
 tiles beyond the cut-off into two scalars; each program writes its own row of partials, summed
 on the host. No atomics anywhere: forward and backward are bitwise deterministic.
+
+The same kernels serve LongT5's local attention (`attention_with_lse` with a key window: a query
+tile visits only the key tiles within the window), and return each row's log-sum-exp so that a
+caller can merge this softmax with another one (LongT5's global tokens); a gradient on the
+log-sum-exp enters the backward as a shift of rowsum(dO * O).
 """
 
 from __future__ import annotations
