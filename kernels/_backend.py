@@ -13,10 +13,12 @@ it for one op.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 
 import torch
 
 _CHOICES = ("auto", "reference", "triton")
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # what every Triton kernel takes
 
 
 def upcast(x: torch.Tensor) -> torch.Tensor:
@@ -42,19 +44,34 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def use_triton(op: str, has_kernel: bool, *tensors: torch.Tensor | None) -> bool:
+def unsupported_dtypes(*tensors: torch.Tensor | None) -> str | None:
+    """Why a Triton kernel cannot take these tensors' dtypes, or None."""
+    dtypes = {t.dtype for t in tensors if t is not None}
+    if dtypes <= set(KERNEL_DTYPES):
+        return None
+    return f"dtypes {sorted(map(str, dtypes))} (the kernel takes float16, bfloat16 and float32)"
+
+
+def use_triton(
+    op: str,
+    has_kernel: bool,
+    *tensors: torch.Tensor | None,
+    unsupported: Callable[[], str | None] | None = None,
+) -> bool:
     """Whether `op` runs its Triton kernel for these inputs.
 
-    `has_kernel` says whether the op ships a Triton kernel in this build. Forcing
-    `FASTSEQ_BACKEND=triton` for an op without one, or on CPU tensors without the
-    interpreter, is an error rather than a silent fallback.
+    `has_kernel` says whether the op ships a Triton kernel in this build; `unsupported`, asked only
+    when the kernel would run, says why it cannot take these inputs (or None). Forcing
+    `FASTSEQ_BACKEND=triton` for an op without a kernel, for inputs its kernel does not take, or on
+    CPU tensors without the interpreter, is an error rather than a silent fallback; under `auto`
+    such inputs go to the reference.
     """
     choice = backend(op)
     if choice == "reference":
         return False
     on_cuda = any(t is not None and t.is_cuda for t in tensors)
     if choice == "auto":
-        return has_kernel and on_cuda
+        return has_kernel and on_cuda and (unsupported is None or unsupported() is None)
     if not has_kernel:
         raise NotImplementedError(
             f"{op}: no Triton kernel is available for this op; set FASTSEQ_BACKEND=reference or auto"
@@ -63,5 +80,10 @@ def use_triton(op: str, has_kernel: bool, *tensors: torch.Tensor | None) -> bool
         raise RuntimeError(
             f"{op}: FASTSEQ_BACKEND=triton with CPU tensors needs TRITON_INTERPRET=1 "
             "(or move the inputs to a CUDA device)"
+        )
+    reason = unsupported() if unsupported is not None else None
+    if reason is not None:
+        raise NotImplementedError(
+            f"{op}: the Triton kernel does not support {reason}; set FASTSEQ_BACKEND=reference or auto"
         )
     return True

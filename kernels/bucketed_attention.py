@@ -30,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._backend import backend, interpreting, upcast, use_triton
+from ._backend import interpreting, unsupported_dtypes, upcast, use_triton
 
 HAS_TRITON_KERNEL = True
 
@@ -162,6 +162,20 @@ def _tile_scores(
 
 
 @triton.jit
+def _key_tiles(m0, Lk, q_offset, window, CAUSAL: tl.constexpr, WINDOWED: tl.constexpr, BLOCK_M, BLOCK_N):
+    """The key range [n_start, n_end) a query tile starting at m0 visits (n_start a tile start)."""
+    n_start = 0
+    n_end = Lk
+    if CAUSAL:
+        n_end = tl.minimum(Lk, q_offset + m0 + BLOCK_M)
+    if WINDOWED:
+        # Only the key tiles the window of this query tile touches (LongT5's local attention).
+        n_start = (tl.maximum(q_offset + m0 - window, 0) // BLOCK_N) * BLOCK_N
+        n_end = tl.minimum(n_end, q_offset + m0 + BLOCK_M + window)
+    return n_start, n_end
+
+
+@triton.jit
 def _dropout_keep(seed, bh, offs_m, offs_n, Lq, Lk, dropout_p):
     """Counter-based keep mask: Philox keyed by the call's seed, with the element's 64-bit index
     ((b * H + h) * Lq + i) * Lk + j as counter, so no two elements of any call share a draw."""
@@ -238,14 +252,7 @@ def _bucketed_attention_fwd_kernel(
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     l_i = tl.zeros((BLOCK_M,), tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
-    n_start = 0
-    n_end = Lk
-    if CAUSAL:
-        n_end = tl.minimum(Lk, q_offset + m0 + BLOCK_M)
-    if WINDOWED:
-        # Only the key tiles the window of this query tile touches (LongT5's local attention).
-        n_start = (tl.maximum(q_offset + m0 - window, 0) // BLOCK_N) * BLOCK_N
-        n_end = tl.minimum(n_end, q_offset + m0 + BLOCK_M + window)
+    n_start, n_end = _key_tiles(m0, Lk, q_offset, window, CAUSAL, WINDOWED, BLOCK_M, BLOCK_N)
     for n0 in range(n_start, n_end, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         kv_mask = (offs_n < Lk)[:, None] & d_ok[None, :]
@@ -514,14 +521,7 @@ def _bucketed_attention_bwd_dq_kernel(
     d_pos = tl.sum(tl.zeros((1,), tl.float32), 0)
     rows = tl.arange(0, BLOCK_M)
     skew = tl.arange(0, SKEW)
-    n_start = 0
-    n_end = Lk
-    if CAUSAL:
-        n_end = tl.minimum(Lk, q_offset + m0 + BLOCK_M)
-    if WINDOWED:
-        # Only the key tiles the window of this query tile touches (LongT5's local attention).
-        n_start = (tl.maximum(q_offset + m0 - window, 0) // BLOCK_N) * BLOCK_N
-        n_end = tl.minimum(n_end, q_offset + m0 + BLOCK_M + window)
+    n_start, n_end = _key_tiles(m0, Lk, q_offset, window, CAUSAL, WINDOWED, BLOCK_M, BLOCK_N)
     for n0 in range(n_start, n_end, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         kv_mask = (offs_n < Lk)[:, None] & d_ok[None, :]
@@ -625,7 +625,6 @@ for _arch in (80, 86, 90):  # fp32: half the tile of the 16-bit configs' smem bu
 # Under the interpreter, small tiles so that short test sequences still span many tiles,
 # band tiles and tiles beyond the cut-off.
 _INTERPRET_CONFIG = (16, 16, 4, 1)
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _MAX_HEAD_DIM = 256
 _MAX_DISTANCES = 4096  # 2C + 1 per-distance gradients held in the registers of one dQ program
 
@@ -1068,8 +1067,8 @@ def _bucketed_attention_triton(
 
 def _unsupported(q: torch.Tensor, bias_table, max_distance: int, bidirectional: bool) -> str | None:
     """Why the Triton kernel cannot take these inputs, or None."""
-    if q.dtype not in _DTYPES:
-        return f"dtype {q.dtype} (the kernel takes float16, bfloat16 and float32)"
+    if reason := unsupported_dtypes(q):
+        return reason
     if q.shape[-1] > _MAX_HEAD_DIM:
         return f"head dim {q.shape[-1]} (the kernel takes up to {_MAX_HEAD_DIM})"
     if bias_table is not None:
@@ -1116,15 +1115,9 @@ def bucketed_attention(
         scale=scale,
         dropout_p=dropout_p,
     )
-    if use_triton("bucketed_attention", HAS_TRITON_KERNEL, q, k, v):
-        reason = _unsupported(q, bias_table, max_distance, bidirectional)
-        if reason is None:
-            return _bucketed_attention_triton(q, k, v, bias_table, **kwargs)
-        if backend("bucketed_attention") == "triton":
-            raise NotImplementedError(
-                f"bucketed_attention: the Triton kernel does not support {reason}; "
-                "set FASTSEQ_BACKEND=reference or auto"
-            )
+    unsupported = functools.partial(_unsupported, q, bias_table, max_distance, bidirectional)
+    if use_triton("bucketed_attention", HAS_TRITON_KERNEL, q, k, v, unsupported=unsupported):
+        return _bucketed_attention_triton(q, k, v, bias_table, **kwargs)
     return bucketed_attention_reference(q, k, v, bias_table, **kwargs)
 
 

@@ -16,10 +16,9 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._backend import backend, upcast, use_triton
+from ._backend import unsupported_dtypes, upcast, use_triton
 
 HAS_TRITON_KERNEL = True
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _BLOCK = 1024
 _SQRT_2_OVER_PI = 0.7978845608028654
 
@@ -247,13 +246,6 @@ def _backward_op(ctx, dh):
 _fwd_op.register_autograd(_backward_op, setup_context=_setup_context)
 
 
-def _unsupported(*tensors: torch.Tensor) -> str | None:
-    dtypes = {t.dtype for t in tensors}
-    if not dtypes <= set(_DTYPES):
-        return f"dtypes {sorted(map(str, dtypes))} (the kernel takes float16, bfloat16 and float32)"
-    return None
-
-
 def _check(op: str, gate: torch.Tensor, up: torch.Tensor) -> None:
     if gate.shape != up.shape:
         raise ValueError(f"{op}: gate and up must have one shape; got {tuple(gate.shape)} and {tuple(up.shape)}")
@@ -262,13 +254,8 @@ def _check(op: str, gate: torch.Tensor, up: torch.Tensor) -> None:
 
 
 def _triton(op: str, *tensors: torch.Tensor) -> bool:
-    """Whether `op` runs the kernel; an unsupported input with the backend forced is an error."""
-    if not use_triton(op, HAS_TRITON_KERNEL, *tensors):
-        return False
-    reason = _unsupported(*tensors)
-    if reason is not None and backend(op) == "triton":
-        raise NotImplementedError(f"{op}: the Triton kernel does not support {reason}; set FASTSEQ_BACKEND=reference")
-    return reason is None
+    """Whether `op` runs the kernel for these tensors (their dtypes are all it depends on)."""
+    return use_triton(op, HAS_TRITON_KERNEL, *tensors, unsupported=lambda: unsupported_dtypes(*tensors))
 
 
 def gated_gelu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:

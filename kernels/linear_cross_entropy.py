@@ -16,14 +16,15 @@ scales them.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
 
-from ._backend import backend, upcast, use_triton
+from ._backend import unsupported_dtypes, upcast, use_triton
 
 HAS_TRITON_KERNEL = True
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 # Logits of one chunk stay below this many elements (128 MiB in fp32).
 _CHUNK_ELEMENTS = 1 << 25
@@ -244,9 +245,11 @@ def linear_cross_entropy_reference(
 
 
 def _unsupported(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> str | None:
+    if reason := unsupported_dtypes(hidden, weight, bias):
+        return reason
     dtypes = {hidden.dtype, weight.dtype} | ({bias.dtype} if bias is not None else set())
-    if not dtypes <= set(_DTYPES) or len(dtypes) != 1:
-        return f"dtypes {sorted(map(str, dtypes))} (the kernel takes one of float16, bfloat16, float32 for all)"
+    if len(dtypes) != 1:
+        return f"mixed dtypes {sorted(map(str, dtypes))} (the kernel takes one dtype for all)"
     return None
 
 
@@ -293,16 +296,11 @@ def linear_cross_entropy(
             f"and is not ignore_index={ignore_index}"
         )
     smoothing, z_loss = float(label_smoothing), float(z_loss)
-    if use_triton("linear_cross_entropy", HAS_TRITON_KERNEL, hidden, weight):
-        reason = _unsupported(hidden, weight, bias)
-        if reason is None:
-            needs = [t is not None and t.requires_grad and torch.is_grad_enabled() for t in (hidden, weight, bias)]
-            op = torch.ops.fastseq.linear_cross_entropy
-            return op(hidden, weight, bias, labels, ignore_index, smoothing, z_loss, *needs)[0]
-        if backend("linear_cross_entropy") == "triton":
-            raise NotImplementedError(
-                f"linear_cross_entropy: the Triton kernel does not support {reason}; set FASTSEQ_BACKEND=reference"
-            )
+    unsupported = functools.partial(_unsupported, hidden, weight, bias)
+    if use_triton("linear_cross_entropy", HAS_TRITON_KERNEL, hidden, weight, unsupported=unsupported):
+        needs = [t is not None and t.requires_grad and torch.is_grad_enabled() for t in (hidden, weight, bias)]
+        op = torch.ops.fastseq.linear_cross_entropy
+        return op(hidden, weight, bias, labels, ignore_index, smoothing, z_loss, *needs)[0]
     return _LinearCrossEntropy.apply(hidden, weight, bias, labels, ignore_index, smoothing, z_loss)
 
 

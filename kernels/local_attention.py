@@ -14,10 +14,12 @@ Semantics (those of the reference LongT5 implementation):
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
-from ._backend import backend, upcast, use_triton
+from ._backend import upcast, use_triton
 from .bucketed_attention import (
     _unsupported,
     attention_with_lse,
@@ -216,12 +218,7 @@ def local_attention(
         global_block_size=global_block_size,
         dropout_p=dropout_p,
     )
-    if use_triton("local_attention", HAS_TRITON_KERNEL, q, k, v):
-        reason = _unsupported(q, bias_table, max_distance, True)
-        if reason is None:
-            return _local_attention_triton(q, k, v, bias_table, **kwargs)
-        if backend("local_attention") == "triton":
-            raise NotImplementedError(
-                f"local_attention: the Triton kernel does not support {reason}; set FASTSEQ_BACKEND=reference or auto"
-            )
+    unsupported = functools.partial(_unsupported, q, bias_table, max_distance, True)
+    if use_triton("local_attention", HAS_TRITON_KERNEL, q, k, v, unsupported=unsupported):
+        return _local_attention_triton(q, k, v, bias_table, **kwargs)
     return local_attention_reference(q, k, v, bias_table, **kwargs)

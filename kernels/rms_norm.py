@@ -16,11 +16,10 @@ import torch
 import triton
 import triton.language as tl
 
-from ._backend import backend, upcast, use_triton
+from ._backend import unsupported_dtypes, upcast, use_triton
 
 HAS_TRITON_KERNEL = True
 _HALF = (torch.float16, torch.bfloat16)
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _MAX_WIDTH = 65536  # one row per program, held in registers
 
 
@@ -204,8 +203,8 @@ _fwd_op.register_autograd(_backward_op, setup_context=_setup_context)
 
 
 def _unsupported(x: torch.Tensor, weight: torch.Tensor) -> str | None:
-    if x.dtype not in _DTYPES or weight.dtype not in _DTYPES:
-        return f"dtypes x {x.dtype}, weight {weight.dtype} (the kernel takes float16, bfloat16 and float32)"
+    if reason := unsupported_dtypes(x, weight):
+        return reason
     if x.shape[-1] > _MAX_WIDTH:
         return f"width {x.shape[-1]} (the kernel holds a row in registers: at most {_MAX_WIDTH})"
     return None
@@ -217,14 +216,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.
         raise ValueError(
             f"rms_norm: weight must be (d,) with d = x.shape[-1]; got x {tuple(x.shape)}, weight {tuple(weight.shape)}"
         )
-    if use_triton("rms_norm", HAS_TRITON_KERNEL, x, weight):
-        reason = _unsupported(x, weight)
-        if reason is None:
-            return torch.ops.fastseq.rms_norm_fwd(x, weight, float(eps))[0]
-        if backend("rms_norm") == "triton":
-            raise NotImplementedError(
-                f"rms_norm: the Triton kernel does not support {reason}; set FASTSEQ_BACKEND=reference or auto"
-            )
+    if use_triton("rms_norm", HAS_TRITON_KERNEL, x, weight, unsupported=lambda: _unsupported(x, weight)):
+        return torch.ops.fastseq.rms_norm_fwd(x, weight, float(eps))[0]
     return rms_norm_reference(x, weight, eps)
 
 
