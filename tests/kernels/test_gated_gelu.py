@@ -154,7 +154,7 @@ def test_triton_ffn_dropout_mask_regenerated_in_backward(triton_backend):
 
 def test_triton_gated_gelu_opcheck_and_compile(triton_backend):
     gate, up = _pair((3, 37), torch.float32)
-    torch.library.opcheck(torch.ops.fastseq.gated_gelu_fwd.default, (gate, up, None, 0.0))
+    torch.library.opcheck(torch.ops.fastseq.ffn_activation_fwd.default, (gate, up, None, 0.0))
     compiled = torch.compile(gated_gelu, backend="aot_eager", fullgraph=True)
     assert torch.equal(compiled(gate, up), gated_gelu(gate, up))
 
