@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import csv
 import datetime
 import statistics
@@ -38,6 +39,27 @@ def peak_mib(fn: Callable[[], object], device: str) -> float:
     fn()
     torch.cuda.synchronize()
     return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def fwd_bwd_full(call: Callable[[], torch.Tensor], leaves: list[torch.Tensor], grad, device: str):
+    """Median ms of forward, backward and forward + backward of `call()` (backward with `grad`; None
+    for a scalar), and the peak MiB of one forward + backward with the leaves' gradients cleared."""
+    out = call()
+    out.backward(grad, retain_graph=True)
+    fwd = time_ms(call, device)
+    bwd = time_ms(lambda: out.backward(grad, retain_graph=True), device, grad_to_none=leaves)
+    full = time_ms(lambda: call().backward(grad), device, grad_to_none=leaves)
+    out = None  # free the graph before measuring the peak
+    for t in leaves:
+        t.grad = None
+    return fwd, bwd, full, peak_mib(lambda: call().backward(grad), device)
+
+
+def add_common_args(parser: argparse.ArgumentParser) -> None:
+    """--dtype, --out and --smoke, which every benchmark takes."""
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    parser.add_argument("--out", type=Path, default=None, help="CSV file to write")
+    parser.add_argument("--smoke", action="store_true", help="tiny CPU run through the Triton interpreter")
 
 
 def provenance(device: str, formula: str) -> dict[str, str]:

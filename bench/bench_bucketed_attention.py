@@ -23,10 +23,9 @@ from __future__ import annotations
 import argparse
 import math
 import sys
-from pathlib import Path
 
 import torch
-from _common import peak_mib, provenance, smoke_setup, time_ms, write_csv
+from _common import add_common_args, fwd_bwd_full, provenance, smoke_setup, write_csv
 
 NUM_BUCKETS, MAX_DISTANCE = 32, 128
 
@@ -109,22 +108,7 @@ def measure(name, make, B, H, L, D, dtype, device) -> dict:
     leaves = [q, k, v, table]
     grad = torch.randn(B, H, L, D, device=device, dtype=dtype)
     attend = make(table)
-
-    def forward():
-        return attend(q, k, v)
-
-    def full():
-        forward().backward(grad)
-
-    out = forward()
-    out.backward(grad, retain_graph=True)
-    fwd = time_ms(lambda: forward(), device)
-    bwd = time_ms(lambda: out.backward(grad, retain_graph=True), device, grad_to_none=leaves)
-    total = time_ms(full, device, grad_to_none=leaves)
-    out = None  # free the graph before measuring the peak
-    for t in leaves:
-        t.grad = None
-    peak = peak_mib(full, device)
+    fwd, bwd, total, peak = fwd_bwd_full(lambda: attend(q, k, v), leaves, grad, device)
     flops = 4 * B * H * L * L * D
     return {
         "provider": name, "B": B, "H": H, "L": L, "D": D, "dtype": str(dtype).replace("torch.", ""),
@@ -156,10 +140,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lengths", type=int, nargs="+", default=[512, 1024, 2048, 4096])
     parser.add_argument("--heads", type=int, default=12)
     parser.add_argument("--head-dim", type=int, default=64)
-    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     parser.add_argument("--providers", nargs="+", default=["fastseq", "hf_eager", "hf_sdpa", "flex"])
-    parser.add_argument("--out", type=Path, default=None, help="CSV file to write")
-    parser.add_argument("--smoke", action="store_true", help="tiny CPU run through the Triton interpreter")
+    add_common_args(parser)
     args = parser.parse_args(argv)
 
     device = smoke_setup(args.smoke)

@@ -13,11 +13,10 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from _common import peak_mib, provenance, smoke_setup, time_ms, write_csv
+from _common import add_common_args, fwd_bwd_full, provenance, smoke_setup, write_csv
 
 
 def _unfused(hidden, weight, labels):
@@ -40,16 +39,7 @@ def measure(name, fn, tokens, hidden_size, vocab, dtype, device) -> dict:
     weight = torch.nn.Parameter(torch.randn(vocab, hidden_size, device=device, generator=g).to(dtype) * 0.02)
     labels = torch.randint(0, vocab, (tokens,), device=device, generator=g)
     labels[::7] = -100  # padding
-    leaves = [hidden, weight]
-    loss = fn(hidden, weight, labels)
-    loss.backward(retain_graph=True)
-    fwd = time_ms(lambda: fn(hidden, weight, labels), device)
-    bwd = time_ms(lambda: loss.backward(retain_graph=True), device, grad_to_none=leaves)
-    full = time_ms(lambda: fn(hidden, weight, labels).backward(), device, grad_to_none=leaves)
-    loss = None  # free the graph before measuring the peak
-    for t in leaves:
-        t.grad = None
-    peak = peak_mib(lambda: fn(hidden, weight, labels).backward(), device)
+    fwd, bwd, full, peak = fwd_bwd_full(lambda: fn(hidden, weight, labels), [hidden, weight], None, device)
     flops = 2 * tokens * hidden_size * vocab
     return {
         "provider": name, "tokens": tokens, "hidden": hidden_size, "vocab": vocab,
@@ -63,9 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokens", type=int, default=4096)
     parser.add_argument("--hidden", type=int, default=768)
     parser.add_argument("--vocabs", type=int, nargs="+", default=[32128, 250112])
-    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
-    parser.add_argument("--out", type=Path, default=None, help="CSV file to write")
-    parser.add_argument("--smoke", action="store_true", help="tiny CPU run through the Triton interpreter")
+    add_common_args(parser)
     args = parser.parse_args(argv)
     device = smoke_setup(args.smoke)
     if args.smoke:

@@ -13,10 +13,9 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 import torch
-from _common import peak_mib, provenance, smoke_setup, time_ms, write_csv
+from _common import add_common_args, fwd_bwd_full, provenance, smoke_setup, write_csv
 
 SIZES = {"base": (768, 2048), "large": (1024, 2816), "xl": (2048, 5120)}  # T5 v1.1 (d_model, d_ff)
 
@@ -51,16 +50,6 @@ def _gelu_providers(device: str) -> dict:
     return {"fastseq": gated_gelu, "hf_eager": lambda g, u: ACT2FN["gelu_new"](g) * u, "torch_compile": compiled}
 
 
-def _timings(call, leaves, dy, device):
-    out = call()
-    out.backward(dy, retain_graph=True)
-    fwd = time_ms(call, device)
-    bwd = time_ms(lambda: out.backward(dy, retain_graph=True), device, grad_to_none=leaves)
-    full = time_ms(lambda: call().backward(dy), device, grad_to_none=leaves)
-    out = None  # free the graph before measuring the peak
-    return fwd, bwd, full, peak_mib(lambda: call().backward(dy), device)
-
-
 def measure_ffn(name, make, tokens, d_model, d_ff, dtype, device) -> dict:
     g = torch.Generator(device=device).manual_seed(0)
 
@@ -71,7 +60,7 @@ def measure_ffn(name, make, tokens, d_model, d_ff, dtype, device) -> dict:
     x = torch.randn(tokens, d_model, device=device, dtype=dtype, generator=g).requires_grad_()
     dy = torch.randn(tokens, d_model, device=device, dtype=dtype, generator=g)
     ffn = make(wi_0, wi_1, wo)
-    fwd, bwd, full, peak = _timings(lambda: ffn(x), [x, wi_0, wi_1, wo], dy, device)
+    fwd, bwd, full, peak = fwd_bwd_full(lambda: ffn(x), [x, wi_0, wi_1, wo], dy, device)
     flops = 6 * tokens * d_model * d_ff
     return {
         "op": "ffn", "provider": name, "tokens": tokens, "d_model": d_model, "d_ff": d_ff,
@@ -86,7 +75,7 @@ def measure_gelu(name, fn, tokens, d_ff, dtype, device) -> dict:
     g = torch.Generator(device=device).manual_seed(0)
     gate, up = (torch.randn(tokens, d_ff, device=device, dtype=dtype, generator=g).requires_grad_() for _ in range(2))
     dy = torch.randn(tokens, d_ff, device=device, dtype=dtype, generator=g)
-    fwd, bwd, full, peak = _timings(lambda: fn(gate, up), [gate, up], dy, device)
+    fwd, bwd, full, peak = fwd_bwd_full(lambda: fn(gate, up), [gate, up], dy, device)
     size = tokens * d_ff * dtype.itemsize
     return {
         "op": "gated_gelu", "provider": name, "tokens": tokens, "d_ff": d_ff, "dtype": str(dtype).replace("torch.", ""),
@@ -100,9 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=16384)
     parser.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES))
-    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
-    parser.add_argument("--out", type=Path, default=None, help="CSV file to write")
-    parser.add_argument("--smoke", action="store_true", help="tiny CPU run through the Triton interpreter")
+    add_common_args(parser)
     args = parser.parse_args(argv)
     device = smoke_setup(args.smoke)
     sizes = {name: SIZES[name] for name in args.sizes}

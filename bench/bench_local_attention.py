@@ -14,10 +14,9 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 import torch
-from _common import peak_mib, provenance, smoke_setup, time_ms, write_csv
+from _common import add_common_args, fwd_bwd_full, provenance, smoke_setup, write_csv
 
 
 def _layers(kind: str, heads: int, head_dim: int, radius: int, device: str, dtype: torch.dtype):
@@ -58,13 +57,7 @@ def measure(name, layer, B, L, heads, head_dim, radius, kind, dtype, device) -> 
     g = torch.Generator(device=device).manual_seed(0)
     x = torch.randn(B, L, heads * head_dim, device=device, dtype=dtype, generator=g).requires_grad_()
     dy = torch.randn(B, L, heads * head_dim, device=device, dtype=dtype, generator=g)
-    out = layer(x)
-    out.backward(dy, retain_graph=True)
-    fwd = time_ms(lambda: layer(x), device)
-    bwd = time_ms(lambda: out.backward(dy, retain_graph=True), device, grad_to_none=[x])
-    full = time_ms(lambda: layer(x).backward(dy), device, grad_to_none=[x])
-    out = None  # free the graph before measuring the peak
-    peak = peak_mib(lambda: layer(x).backward(dy), device)
+    fwd, bwd, full, peak = fwd_bwd_full(lambda: layer(x), [x], dy, device)
     keys = 2 * radius + 1 + (L // 16 if kind != "local" else 0)
     flops = 4 * B * heads * L * keys * head_dim
     return {
@@ -84,9 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--head-dim", type=int, default=64)
     parser.add_argument("--radius", type=int, default=127)
     parser.add_argument("--kinds", nargs="+", default=["local", "transient-global"])
-    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
-    parser.add_argument("--out", type=Path, default=None, help="CSV file to write")
-    parser.add_argument("--smoke", action="store_true", help="tiny CPU run through the Triton interpreter")
+    add_common_args(parser)
     args = parser.parse_args(argv)
     device = smoke_setup(args.smoke)
     if args.smoke:

@@ -12,10 +12,9 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 import torch
-from _common import peak_mib, provenance, smoke_setup, time_ms, write_csv
+from _common import add_common_args, fwd_bwd_full, provenance, smoke_setup, write_csv
 
 
 def _providers(device: str) -> dict:
@@ -43,14 +42,7 @@ def measure(name, make, tokens, width, dtype, device) -> dict:
     weight = torch.nn.Parameter(torch.rand(width, device=device, generator=g).to(dtype) + 0.5)
     dy = torch.randn(tokens, width, device=device, dtype=dtype, generator=g)
     norm = make(weight)
-    out = norm(x)
-    out.backward(dy, retain_graph=True)
-    leaves = [x, weight]
-    fwd = time_ms(lambda: norm(x), device)
-    bwd = time_ms(lambda: out.backward(dy, retain_graph=True), device, grad_to_none=leaves)
-    full = time_ms(lambda: norm(x).backward(dy), device, grad_to_none=leaves)
-    out = None  # free the graph before measuring the peak
-    peak = peak_mib(lambda: norm(x).backward(dy), device)
+    fwd, bwd, full, peak = fwd_bwd_full(lambda: norm(x), [x, weight], dy, device)
     size = tokens * width * dtype.itemsize
     return {
         "provider": name, "tokens": tokens, "width": width, "dtype": str(dtype).replace("torch.", ""),
@@ -64,9 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=16384)
     parser.add_argument("--widths", type=int, nargs="+", default=[512, 768, 1024, 2048, 4096])
-    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
-    parser.add_argument("--out", type=Path, default=None, help="CSV file to write")
-    parser.add_argument("--smoke", action="store_true", help="tiny CPU run through the Triton interpreter")
+    add_common_args(parser)
     args = parser.parse_args(argv)
     device = smoke_setup(args.smoke)
     if args.smoke:
