@@ -1,8 +1,13 @@
 """LongT5 encoder attention layers (local and transient-global): fastseq's layer against
 `transformers`' `LongT5LocalAttention` / `LongT5TransientGlobalAttention` (eager) holding the same
-weights, forward / backward / full time, TFLOP/s on the attention FLOPs each query computes
-(4 * B * H * L * (2 * radius + 1 + G) * D, G global tokens for tglobal), and peak memory.
-Defaults: L in {2k, 4k, 8k, 16k}, 16k tokens per batch, H = 12, D = 64, radius 127, bf16.
+weights, and fastseq's attention op alone (`fastseq_op`: q, k, v, globals and tables given, no
+projections): forward / backward / full time, TFLOP/s and peak memory.
+
+FLOPs: the op counts the attention each query computes, 4 * B * H * L * (2 * radius + 1 + G) * D
+forward (G = L // 16 global tokens for tglobal, 0 for local), 2.5x that backward, 3.5x full.
+The layers add their projections: 8 * B * L * d^2 forward for q, k, v and o (d = H * D), plus
+4 * B * G * d^2 for the global keys and values. Defaults: L in {2k, 4k, 8k, 16k}, 16k tokens per
+batch, H = 12, D = 64, radius 127, bf16.
 
     python bench/bench_local_attention.py --out bench/results/local_attention_h100.csv
 
@@ -53,13 +58,50 @@ def _layers(kind: str, heads: int, head_dim: int, radius: int, device: str, dtyp
     }
 
 
-def measure(name, layer, B, L, heads, head_dim, radius, kind, dtype, device) -> dict:
-    g = torch.Generator(device=device).manual_seed(0)
-    x = torch.randn(B, L, heads * head_dim, device=device, dtype=dtype, generator=g).requires_grad_()
-    dy = torch.randn(B, L, heads * head_dim, device=device, dtype=dtype, generator=g)
-    fwd, bwd, full, peak = fwd_bwd_full(lambda: layer(x), [x], dy, device)
+def _attention_flops(B, L, heads, head_dim, radius, kind) -> int:
     keys = 2 * radius + 1 + (L // 16 if kind != "local" else 0)
-    flops = 4 * B * heads * L * keys * head_dim
+    return 4 * B * heads * L * keys * head_dim
+
+
+def _op_call(B, L, heads, head_dim, radius, kind, dtype, device):
+    """fastseq's attention op on inputs laid out as the layer makes them ((B, L, H, D) memory)."""
+    from fastseq.kernels import local_attention
+
+    g = torch.Generator(device=device).manual_seed(0)
+    G = L // 16
+
+    def heads_of(n):
+        x = torch.randn(B, n, heads, head_dim, device=device, dtype=dtype, generator=g)
+        return x.transpose(1, 2).requires_grad_()
+
+    q, k, v = heads_of(L), heads_of(L), heads_of(L)
+    table = torch.randn(32, heads, device=device, generator=g).requires_grad_()
+    leaves = [q, k, v, table]
+    extra = {}
+    if kind != "local":
+        gk, gv = heads_of(G), heads_of(G)
+        gtable = torch.randn(32, heads, device=device, generator=g).requires_grad_()
+        leaves += [gk, gv, gtable]
+        extra = dict(global_k=gk, global_v=gv, global_bias_table=gtable, global_block_size=16)
+
+    def call():
+        return local_attention(q, k, v, table, radius=radius, max_distance=128, **extra)
+
+    return call, leaves, torch.randn(B, heads, L, head_dim, device=device, dtype=dtype, generator=g)
+
+
+def measure(name, layer, B, L, heads, head_dim, radius, kind, dtype, device) -> dict:
+    flops = _attention_flops(B, L, heads, head_dim, radius, kind)
+    if layer is None:  # the op alone
+        call, leaves, dy = _op_call(B, L, heads, head_dim, radius, kind, dtype, device)
+        fwd, bwd, full, peak = fwd_bwd_full(call, leaves, dy, device)
+    else:
+        g = torch.Generator(device=device).manual_seed(0)
+        d = heads * head_dim
+        x = torch.randn(B, L, d, device=device, dtype=dtype, generator=g).requires_grad_()
+        dy = torch.randn(B, L, d, device=device, dtype=dtype, generator=g)
+        fwd, bwd, full, peak = fwd_bwd_full(lambda: layer(x), [x], dy, device)
+        flops += 8 * B * L * d * d + (4 * B * (L // 16) * d * d if kind != "local" else 0)
     return {
         "provider": name, "kind": kind, "B": B, "L": L, "H": heads, "D": head_dim, "radius": radius,
         "dtype": str(dtype).replace("torch.", ""), "fwd_ms": round(fwd, 4), "bwd_ms": round(bwd, 4),
@@ -83,7 +125,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.smoke:
         args.tokens, args.lengths, args.heads, args.head_dim, args.radius, args.dtype = 40, [40], 2, 8, 7, "float32"
     dtype = getattr(torch, args.dtype)
-    meta = provenance(device, "attention FLOPs 4*B*H*L*(2*radius+1+G)*D forward, 2.5x backward, 3.5x full")
+    meta = provenance(
+        device,
+        "op: 4*B*H*L*(2*radius+1+G)*D forward, 2.5x backward, 3.5x full; layers add 8*B*L*d^2 (+4*B*G*d^2 tglobal)",
+    )
     rows = []
     for kind in args.kinds:
         for L in args.lengths:
@@ -94,13 +139,14 @@ def main(argv: list[str] | None = None) -> int:
                 reference = layers["hf_eager"](probe).float()
                 diffs = {n: ((f(probe).float() - reference).abs().max() / reference.abs().max()).item()
                          for n, f in layers.items()}  # fmt: skip
-            for name, layer in layers.items():
+            for name, layer in [*layers.items(), ("fastseq_op", None)]:
                 try:
                     row = measure(name, layer, B, L, args.heads, args.head_dim, args.radius, kind, dtype, device)
                 except torch.OutOfMemoryError:
                     row = {"provider": name, "kind": kind, "B": B, "L": L, "fwd_ms": "OOM"}
                     torch.cuda.empty_cache()
-                rows.append(dict(row, max_rel_diff_vs_hf=f"{diffs[name]:.2e}", **meta))
+                diff = f"{diffs[name]:.2e}" if name in diffs else ""
+                rows.append(dict(row, max_rel_diff_vs_hf=diff, **meta))
                 print(", ".join(f"{k}={v}" for k, v in rows[-1].items() if k not in meta), flush=True)
     write_csv(rows, args.out)
     return 0

@@ -15,16 +15,22 @@ and walks the key tiles, so it reduces each band tile along its diagonals (a ske
 tiles beyond the cut-off into two scalars; each program writes its own row of partials, summed
 on the host. No atomics anywhere: forward and backward are bitwise deterministic.
 
-The same kernels serve LongT5's local attention (`attention_with_lse` with a key window: a query
-tile visits only the key tiles within the window), and return each row's log-sum-exp so that a
-caller can merge this softmax with another one (LongT5's global tokens); a gradient on the
-log-sum-exp enters the backward as a shift of rowsum(dO * O).
+The same kernels serve LongT5's encoder (`fastseq.kernels.local_attention`): with a key window a
+query tile visits only the key tiles within `window` of it, and with global tokens
+(`GlobalTokens`) it then goes on over every global token in the same online softmax. The global
+bias depends on `g - position(i)` with `position(i) = min(i // block_size, cap)`, which rises by at
+most one per row, so a tile of global scores is a band too: element (m, n) lies at distance
+`(g0 - highest position) + n + shift[m]`, the same spread (forward) and skew (bias gradient) with a
+per-row shift instead of the diagonal one. The global tokens' dK/dV is the dK/dV kernel run over
+every query tile. The forward also returns each row's log-sum-exp; a gradient on it enters the
+backward as a shift of rowsum(dO * O).
 """
 
 from __future__ import annotations
 
 import functools
 import math
+from typing import NamedTuple
 
 import torch
 import triton
@@ -107,6 +113,27 @@ def _dot(a, b, PRECISION: tl.constexpr):
 
 
 @triton.jit
+def _spread_bias(s, DT_h, d_min, d_max, shift, C, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SKEW: tl.constexpr):
+    """Add to the log2-domain scores `s` the bias of a tile whose element (m, n) lies at distance
+    `d_min + n + shift[m]` (clamped to -C..C), read from the per-distance table `DT_h`."""
+    if d_min >= C:
+        s += tl.load(DT_h + 2 * C) * 1.4426950408889634
+    elif d_max <= -C:
+        s += tl.load(DT_h) * 1.4426950408889634
+    else:
+        # A band tile has at most BLOCK_M + BLOCK_N - 1 distinct distances: load those (a short
+        # vector) and spread them over the tile in registers. Loading the tile through a 2-D pointer
+        # gather instead made the pipeliner stage it in shared memory (+82 KiB at 128 x 64).
+        t = tl.arange(0, SKEW)
+        dist = tl.minimum(tl.maximum(d_min + t, -C), C)
+        per_distance = tl.load(DT_h + dist + C, mask=t < BLOCK_M + BLOCK_N - 1, other=0.0)  # (SKEW,)
+        index = tl.arange(0, BLOCK_N)[None, :] + shift[:, None]
+        spread = tl.broadcast_to(per_distance[None, :], (BLOCK_M, SKEW))
+        s += tl.gather(spread, index, 1) * 1.4426950408889634
+    return s
+
+
+@triton.jit
 def _tile_scores(
     q,
     k,
@@ -130,25 +157,13 @@ def _tile_scores(
     SKEW: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    """Scores of one (BLOCK_M, BLOCK_N) tile in the log2 domain, masked entries at -inf."""
+    """Scores of one (BLOCK_M, BLOCK_N) tile of ordinary keys in the log2 domain, masked entries at -inf."""
     s = _dot(q, tl.trans(k), PRECISION) * scale_log2
     if HAS_BIAS:
+        # Element (m, n) lies at distance n0 + n - (q_offset + m0 + m) = d_min + n + (BLOCK_M - 1 - m).
         d_min = n0 - (q_offset + m0 + BLOCK_M - 1)
         d_max = n0 + BLOCK_N - 1 - (q_offset + m0)
-        if d_min >= C:
-            s += tl.load(DT_h + 2 * C) * 1.4426950408889634
-        elif d_max <= -C:
-            s += tl.load(DT_h) * 1.4426950408889634
-        else:
-            # A band tile has BLOCK_M + BLOCK_N - 1 distinct distances: load those (a short vector)
-            # and spread them over the tile in registers. Loading the tile through a 2-D pointer
-            # gather instead made the pipeliner stage it in shared memory (+82 KiB at 128 x 64).
-            t = tl.arange(0, SKEW)
-            dist = tl.minimum(tl.maximum(d_min + t, -C), C)
-            per_distance = tl.load(DT_h + dist + C, mask=t < BLOCK_M + BLOCK_N - 1, other=0.0)  # (SKEW,)
-            diagonal = tl.arange(0, BLOCK_N)[None, :] - tl.arange(0, BLOCK_M)[:, None] + (BLOCK_M - 1)
-            spread = tl.broadcast_to(per_distance[None, :], (BLOCK_M, SKEW))
-            s += tl.gather(spread, diagonal, 1) * 1.4426950408889634
+        s = _spread_bias(s, DT_h, d_min, d_max, BLOCK_M - 1 - tl.arange(0, BLOCK_M), C, BLOCK_M, BLOCK_N, SKEW)
     valid = offs_n[None, :] < Lk
     if HAS_KPM:
         keep = tl.load(KPM_b + offs_n, mask=offs_n < Lk, other=0)
@@ -159,6 +174,47 @@ def _tile_scores(
         dist = offs_n[None, :] - (offs_m[:, None] + q_offset)
         valid = valid & (dist <= window) & (dist >= -window)
     return tl.where(valid, s, float("-inf"))
+
+
+@triton.jit
+def _global_rows(offs_m, m0, Lq, cap, gbs, BLOCK_M: tl.constexpr):
+    """LongT5's block position of each query row, `min(i // gbs, cap)` (cap: the row's last global
+    token), as the tile's lowest and highest position and each row's shift `highest - position`,
+    which lies in [0, BLOCK_M - 1]: positions never fall and rise by at most one per row."""
+    pos = tl.minimum(offs_m // gbs, cap)
+    pos_lo = tl.minimum(m0 // gbs, cap)
+    pos_hi = tl.minimum((tl.minimum(m0 + BLOCK_M, Lq) - 1) // gbs, cap)
+    shift = tl.minimum(tl.maximum(pos_hi - pos, 0), BLOCK_M - 1)  # rows past Lq clamp; they carry no weight
+    return pos_lo, pos_hi, shift
+
+
+@triton.jit
+def _global_tile_scores(
+    q,
+    gk,
+    GDT_h,
+    offs_g,
+    g0,
+    G,
+    cap,
+    pos_lo,
+    pos_hi,
+    shift,
+    CG,
+    scale_log2,
+    HAS_GBIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    SKEW: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """Scores of one tile of global tokens: bias `GDT[h, g - position(i)]`, globals past `cap` masked."""
+    s = _dot(q, tl.trans(gk), PRECISION) * scale_log2
+    if HAS_GBIAS:
+        # Element (m, n) lies at distance g0 + n - position(m) = (g0 - pos_hi) + n + shift[m].
+        s = _spread_bias(s, GDT_h, g0 - pos_hi, g0 + BLOCK_N - 1 - pos_lo, shift, CG, BLOCK_M, BLOCK_N, SKEW)
+    valid = (offs_g <= cap) & (offs_g < G)
+    return tl.where(valid[None, :], s, float("-inf"))
 
 
 @triton.jit
@@ -176,12 +232,31 @@ def _key_tiles(m0, Lk, q_offset, window, CAUSAL: tl.constexpr, WINDOWED: tl.cons
 
 
 @triton.jit
-def _dropout_keep(seed, bh, offs_m, offs_n, Lq, Lk, dropout_p):
+def _dropout_keep(seed, bh, offs_m, key_ids, Lq, keys, dropout_p):
     """Counter-based keep mask: Philox keyed by the call's seed, with the element's 64-bit index
-    ((b * H + h) * Lq + i) * Lk + j as counter, so no two elements of any call share a draw."""
+    ((b * H + h) * Lq + i) * keys + key_id as counter, so no two elements of any call share a draw.
+    `keys` counts every key of a row: the ordinary ones, then the global tokens."""
     row = bh.to(tl.int64) * Lq + offs_m
-    r = tl.rand(seed, row[:, None] * Lk + offs_n[None, :])
+    r = tl.rand(seed, row[:, None] * keys + key_ids[None, :])
     return r >= dropout_p
+
+
+@triton.jit
+def _softmax_step(
+    s, v, m_i, l_i, acc, seed, bh, offs_m, key_ids, Lq, keys, dropout_p, DROPOUT: tl.constexpr, PRECISION: tl.constexpr
+):
+    """One online-softmax step over a tile of scores (log2 domain) and its values."""
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    # A row with every key so far masked keeps m = -inf; subtract 0 there so exp2 gives 0, not NaN.
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.math.exp2(s - m_safe[:, None])
+    alpha = tl.math.exp2(m_i - m_safe)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    if DROPOUT:
+        keep = _dropout_keep(seed, bh, offs_m, key_ids, Lq, keys, dropout_p)
+        p = tl.where(keep, p * (1.0 / (1.0 - dropout_p)), 0.0)
+    acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, PRECISION)
+    return m_new, l_i, acc
 
 
 @triton.jit
@@ -192,6 +267,10 @@ def _bucketed_attention_fwd_kernel(
     V,
     DT,  # (H, 2C + 1) fp32 bias per clamped distance
     KPM,  # (B, Lk) int8, nonzero = attend
+    GK,  # (B, H, G, D) global keys (with HAS_GLOBAL)
+    GV,
+    GDT,  # (H, 2CG + 1) fp32 bias of the global tokens per clamped distance
+    CAP,  # (B,) int32: last global token of each row (-1: none)
     Out,
     LSE,  # (B, H, Lq) fp32, log2 domain; +inf for rows with no key
     # strides (the last dim of q, k, v, out is contiguous)
@@ -204,6 +283,12 @@ def _bucketed_attention_fwd_kernel(
     stride_vb,
     stride_vh,
     stride_vn,
+    stride_gkb,
+    stride_gkh,
+    stride_gkn,
+    stride_gvb,
+    stride_gvh,
+    stride_gvn,
     stride_ob,
     stride_oh,
     stride_om,
@@ -212,10 +297,13 @@ def _bucketed_attention_fwd_kernel(
     H,
     Lq,
     Lk,
+    G,  # global tokens (0 without)
     D,
     q_offset,
     C,
+    CG,
     window,  # keys at distance |j - (q_offset + i)| <= window only (with WINDOWED)
+    gbs,  # global block size: query i sits at global position min(i // gbs, cap)
     scale_log2,
     dropout_p,
     seed,
@@ -224,6 +312,8 @@ def _bucketed_attention_fwd_kernel(
     HAS_KPM: tl.constexpr,
     CAUSAL: tl.constexpr,
     WINDOWED: tl.constexpr,
+    HAS_GLOBAL: tl.constexpr,
+    HAS_GBIAS: tl.constexpr,
     DROPOUT: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -248,6 +338,7 @@ def _bucketed_attention_fwd_kernel(
     V_bh = V + b * stride_vb + h * stride_vh
     DT_h = DT + h * (2 * C + 1)
     KPM_b = KPM + b * stride_kpmb
+    keys = Lk + G
 
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     l_i = tl.zeros((BLOCK_M,), tl.float32)
@@ -262,17 +353,28 @@ def _bucketed_attention_fwd_kernel(
             q, k, DT_h, KPM_b, offs_m, offs_n, m0, n0, Lk, q_offset, C, window, scale_log2,
             HAS_BIAS, HAS_KPM, CAUSAL, WINDOWED, BLOCK_M, BLOCK_N, SKEW, PRECISION,
         )  # fmt: skip
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        # A row with every key so far masked keeps m = -inf; subtract 0 there so exp2 gives 0, not NaN.
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.math.exp2(s - m_safe[:, None])
-        alpha = tl.math.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        if DROPOUT:
-            keep = _dropout_keep(seed, bh, offs_m, offs_n, Lq, Lk, dropout_p)
-            p = tl.where(keep, p * (1.0 / (1.0 - dropout_p)), 0.0)
-        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, PRECISION)
-        m_i = m_new
+        m_i, l_i, acc = _softmax_step(
+            s, v, m_i, l_i, acc, seed, bh, offs_m, offs_n, Lq, keys, dropout_p, DROPOUT, PRECISION
+        )
+    if HAS_GLOBAL:
+        # LongT5's transient-global tokens: the same softmax goes on over every global token.
+        cap = tl.load(CAP + b)
+        pos_lo, pos_hi, shift = _global_rows(offs_m, m0, Lq, cap, gbs, BLOCK_M)
+        GK_bh = GK + b * stride_gkb + h * stride_gkh
+        GV_bh = GV + b * stride_gvb + h * stride_gvh
+        GDT_h = GDT + h * (2 * CG + 1)
+        for g0 in range(0, tl.minimum(G, cap + 1), BLOCK_N):
+            offs_g = g0 + tl.arange(0, BLOCK_N)
+            g_mask = (offs_g < G)[:, None] & d_ok[None, :]
+            gk = tl.load(GK_bh + offs_g[:, None] * stride_gkn + offs_d[None, :], mask=g_mask, other=0.0)
+            gv = tl.load(GV_bh + offs_g[:, None] * stride_gvn + offs_d[None, :], mask=g_mask, other=0.0)
+            s = _global_tile_scores(
+                q, gk, GDT_h, offs_g, g0, G, cap, pos_lo, pos_hi, shift, CG, scale_log2,
+                HAS_GBIAS, BLOCK_M, BLOCK_N, SKEW, PRECISION,
+            )  # fmt: skip
+            m_i, l_i, acc = _softmax_step(
+                s, gv, m_i, l_i, acc, seed, bh, offs_m, Lk + offs_g, Lq, keys, dropout_p, DROPOUT, PRECISION
+            )
     has_key = l_i > 0.0
     out = acc / tl.where(has_key, l_i, 1.0)[:, None]
     row_ok = offs_m < Lq
@@ -322,10 +424,11 @@ def _bucketed_attention_bwd_preprocess_kernel(
 def _bucketed_attention_bwd_dkdv_kernel(
     # pointers
     Q,
-    K,
+    K,  # the ordinary keys, or the global tokens (GLOBAL_KEYS)
     V,
-    DT,
+    DT,  # the distance table of those keys
     KPM,
+    CAP,  # (B,) int32, with GLOBAL_KEYS: last global token of each row
     DO,
     LSE,
     DELTA,
@@ -351,11 +454,14 @@ def _bucketed_attention_bwd_dkdv_kernel(
     # sizes and scalars
     H,
     Lq,
-    Lk,
+    Lk,  # keys of this launch (G with GLOBAL_KEYS)
     D,
     q_offset,
     C,
     window,  # keys at distance |j - (q_offset + i)| <= window only (with WINDOWED)
+    gbs,
+    key_base,  # dropout index of this launch's first key in a row (Lk of the ordinary keys for globals)
+    keys,  # dropout keys per row: ordinary plus global
     scale,
     scale_log2,
     dropout_p,
@@ -365,6 +471,7 @@ def _bucketed_attention_bwd_dkdv_kernel(
     HAS_KPM: tl.constexpr,
     CAUSAL: tl.constexpr,
     WINDOWED: tl.constexpr,
+    GLOBAL_KEYS: tl.constexpr,
     DROPOUT: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -403,6 +510,11 @@ def _bucketed_attention_bwd_dkdv_kernel(
         # Rows with q_offset + i in [n0 - window, n0 + BLOCK_N - 1 + window] see this key tile.
         m_start = tl.maximum(m_start, (tl.maximum(n0 - window - q_offset, 0) // BLOCK_M) * BLOCK_M)
         m_end = tl.minimum(Lq, n0 + BLOCK_N + window - q_offset)
+    if GLOBAL_KEYS:
+        # Every query sees every global token up to its row's last one.
+        cap = tl.load(CAP + b)
+        if n0 > cap:
+            m_end = 0
     for m0 in range(m_start, m_end, BLOCK_M):
         offs_m = m0 + tl.arange(0, BLOCK_M)
         row_ok = offs_m < Lq
@@ -411,14 +523,21 @@ def _bucketed_attention_bwd_dkdv_kernel(
         do = tl.load(DO_bh + offs_m[:, None] * stride_dom + offs_d[None, :], mask=q_mask, other=0.0)
         lse = tl.load(LSE + bh * Lq + offs_m, mask=row_ok, other=float("inf"))
         delta = tl.load(DELTA + bh * Lq + offs_m, mask=row_ok, other=0.0)
-        s = _tile_scores(
-            q, k, DT_h, KPM_b, offs_m, offs_n, m0, n0, Lk, q_offset, C, window, scale_log2,
-            HAS_BIAS, HAS_KPM, CAUSAL, WINDOWED, BLOCK_M, BLOCK_N, SKEW, PRECISION,
-        )  # fmt: skip
+        if GLOBAL_KEYS:
+            pos_lo, pos_hi, shift = _global_rows(offs_m, m0, Lq, cap, gbs, BLOCK_M)
+            s = _global_tile_scores(
+                q, k, DT_h, offs_n, n0, Lk, cap, pos_lo, pos_hi, shift, C, scale_log2,
+                HAS_BIAS, BLOCK_M, BLOCK_N, SKEW, PRECISION,
+            )  # fmt: skip
+        else:
+            s = _tile_scores(
+                q, k, DT_h, KPM_b, offs_m, offs_n, m0, n0, Lk, q_offset, C, window, scale_log2,
+                HAS_BIAS, HAS_KPM, CAUSAL, WINDOWED, BLOCK_M, BLOCK_N, SKEW, PRECISION,
+            )  # fmt: skip
         p = tl.math.exp2(s - lse[:, None])  # rows without keys have lse = +inf: p = 0
         dp = _dot(do, tl.trans(v), PRECISION)
         if DROPOUT:
-            keep = _dropout_keep(seed, bh, offs_m, offs_n, Lq, Lk, dropout_p)
+            keep = _dropout_keep(seed, bh, offs_m, key_base + offs_n, Lq, keys, dropout_p)
             inv_keep = 1.0 / (1.0 - dropout_p)
             z = tl.where(keep, p * inv_keep, 0.0)
             dp = tl.where(keep, dp * inv_keep, 0.0)
@@ -434,6 +553,42 @@ def _bucketed_attention_bwd_dkdv_kernel(
 
 
 @triton.jit
+def _bias_grad_tile(
+    ds, shift, d_min, d_max, C, ddt, d_neg, d_pos, BLOCK_N: tl.constexpr, SKEW: tl.constexpr, T_PAD: tl.constexpr
+):
+    """Add a tile's dS, element (m, n) at distance `d_min + n + shift[m]`, to the per-distance
+    gradient: interior distances |d| < C into the vector `ddt`, the clamped ends into two scalars."""
+    if d_min >= C:
+        d_pos += tl.sum(tl.sum(ds, 1), 0)
+    elif d_max <= -C:
+        d_neg += tl.sum(tl.sum(ds, 1), 0)
+    else:
+        # Skew: column t of `sheared` holds every element at distance d_min + t.
+        skew = tl.arange(0, SKEW)
+        col = skew[None, :] - shift[:, None]  # (BLOCK_M, SKEW) key index in the tile
+        on_tile = (col >= 0) & (col < BLOCK_N)
+        sheared = tl.gather(ds, tl.minimum(tl.maximum(col, 0), BLOCK_N - 1), 1)
+        diag = tl.sum(tl.where(on_tile, sheared, 0.0), 0)  # (SKEW,)
+        dist = d_min + skew
+        d_pos += tl.sum(tl.where(dist >= C, diag, 0.0), 0)
+        d_neg += tl.sum(tl.where(dist <= -C, diag, 0.0), 0)
+        slots = tl.arange(0, T_PAD)
+        interior = (slots > 0) & (slots < 2 * C)
+        src = slots - C - d_min  # diagonal feeding each distance slot
+        take = interior & (src >= 0) & (src < SKEW)
+        ddt += tl.where(take, tl.gather(diag, tl.minimum(tl.maximum(src, 0), SKEW - 1), 0), 0.0)
+    return ddt, d_neg, d_pos
+
+
+@triton.jit
+def _store_bias_grad(DDT_row, ddt, d_neg, d_pos, C, T_PAD: tl.constexpr):
+    slots = tl.arange(0, T_PAD)
+    ddt = tl.where(slots == 0, ddt + d_neg, ddt)
+    ddt = tl.where(slots == 2 * C, ddt + d_pos, ddt)
+    tl.store(DDT_row + slots, ddt, mask=slots < 2 * C + 1)
+
+
+@triton.jit
 def _bucketed_attention_bwd_dq_kernel(
     # pointers
     Q,
@@ -441,11 +596,16 @@ def _bucketed_attention_bwd_dq_kernel(
     V,
     DT,
     KPM,
+    GK,
+    GV,
+    GDT,
+    CAP,
     DO,
     LSE,
     DELTA,
     DQ,
     DDT,  # (B, H, num_m_tiles, 2C + 1) fp32 partial gradients of DT, one row per program
+    DDTG,  # (B, H, num_m_tiles, 2CG + 1) the same for GDT
     # strides (the last dim of every tensor is contiguous)
     stride_qb,
     stride_qh,
@@ -456,6 +616,12 @@ def _bucketed_attention_bwd_dq_kernel(
     stride_vb,
     stride_vh,
     stride_vn,
+    stride_gkb,
+    stride_gkh,
+    stride_gkn,
+    stride_gvb,
+    stride_gvh,
+    stride_gvn,
     stride_dob,
     stride_doh,
     stride_dom,
@@ -467,10 +633,13 @@ def _bucketed_attention_bwd_dq_kernel(
     H,
     Lq,
     Lk,
+    G,
     D,
     q_offset,
     C,
+    CG,
     window,  # keys at distance |j - (q_offset + i)| <= window only (with WINDOWED)
+    gbs,
     scale,
     scale_log2,
     dropout_p,
@@ -480,12 +649,15 @@ def _bucketed_attention_bwd_dq_kernel(
     HAS_KPM: tl.constexpr,
     CAUSAL: tl.constexpr,
     WINDOWED: tl.constexpr,
+    HAS_GLOBAL: tl.constexpr,
+    HAS_GBIAS: tl.constexpr,
     DROPOUT: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
     SKEW: tl.constexpr,  # next power of two >= BLOCK_M + BLOCK_N - 1: the diagonals of one tile
     T_PAD: tl.constexpr,  # next power of two >= 2C + 1: the clamped distances
+    TG_PAD: tl.constexpr,  # next power of two >= 2CG + 1
     PRECISION: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -510,17 +682,16 @@ def _bucketed_attention_bwd_dq_kernel(
     V_bh = V + b * stride_vb + h * stride_vh
     DT_h = DT + h * (2 * C + 1)
     KPM_b = KPM + b * stride_kpmb
+    keys = Lk + G
+    num_m = tl.num_programs(0)
 
     dq = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
     # Bias-table gradient of this query tile: interior distances |d| < C in registers, the two
     # clamped ends (d <= -C, d >= C) as scalars.
-    slots = tl.arange(0, T_PAD)
-    interior = (slots > 0) & (slots < 2 * C)
     ddt = tl.zeros((T_PAD,), tl.float32)
     d_neg = tl.sum(tl.zeros((1,), tl.float32), 0)
     d_pos = tl.sum(tl.zeros((1,), tl.float32), 0)
-    rows = tl.arange(0, BLOCK_M)
-    skew = tl.arange(0, SKEW)
+    diagonal_shift = BLOCK_M - 1 - tl.arange(0, BLOCK_M)
     n_start, n_end = _key_tiles(m0, Lk, q_offset, window, CAUSAL, WINDOWED, BLOCK_M, BLOCK_N)
     for n0 in range(n_start, n_end, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
@@ -534,29 +705,47 @@ def _bucketed_attention_bwd_dq_kernel(
         p = tl.math.exp2(s - lse[:, None])
         dp = _dot(do, tl.trans(v), PRECISION)
         if DROPOUT:
-            keep = _dropout_keep(seed, bh, offs_m, offs_n, Lq, Lk, dropout_p)
+            keep = _dropout_keep(seed, bh, offs_m, offs_n, Lq, keys, dropout_p)
             dp = tl.where(keep, dp * (1.0 / (1.0 - dropout_p)), 0.0)
         ds = p * (dp - delta[:, None])
         dq += _dot(ds.to(k.dtype), k, PRECISION)
         if HAS_BIAS:
             d_min = n0 - (q_offset + m0 + BLOCK_M - 1)
             d_max = n0 + BLOCK_N - 1 - (q_offset + m0)
-            if d_min >= C:
-                d_pos += tl.sum(tl.sum(ds, 1), 0)
-            elif d_max <= -C:
-                d_neg += tl.sum(tl.sum(ds, 1), 0)
-            else:
-                # Skew: column t of `sheared` holds the diagonal d = d_min + t of the tile.
-                col = skew[None, :] + rows[:, None] - (BLOCK_M - 1)  # (BLOCK_M, SKEW) key index in tile
-                on_tile = (col >= 0) & (col < BLOCK_N)
-                sheared = tl.gather(ds, tl.minimum(tl.maximum(col, 0), BLOCK_N - 1), 1)
-                diag = tl.sum(tl.where(on_tile, sheared, 0.0), 0)  # (SKEW,)
-                dist = d_min + skew
-                d_pos += tl.sum(tl.where(dist >= C, diag, 0.0), 0)
-                d_neg += tl.sum(tl.where(dist <= -C, diag, 0.0), 0)
-                src = slots - C - d_min  # diagonal feeding each distance slot
-                take = interior & (src >= 0) & (src < SKEW)
-                ddt += tl.where(take, tl.gather(diag, tl.minimum(tl.maximum(src, 0), SKEW - 1), 0), 0.0)
+            ddt, d_neg, d_pos = _bias_grad_tile(
+                ds, diagonal_shift, d_min, d_max, C, ddt, d_neg, d_pos, BLOCK_N, SKEW, T_PAD
+            )
+    if HAS_GLOBAL:
+        cap = tl.load(CAP + b)
+        pos_lo, pos_hi, shift = _global_rows(offs_m, m0, Lq, cap, gbs, BLOCK_M)
+        GK_bh = GK + b * stride_gkb + h * stride_gkh
+        GV_bh = GV + b * stride_gvb + h * stride_gvh
+        GDT_h = GDT + h * (2 * CG + 1)
+        gddt = tl.zeros((TG_PAD,), tl.float32)
+        g_neg = tl.sum(tl.zeros((1,), tl.float32), 0)
+        g_pos = tl.sum(tl.zeros((1,), tl.float32), 0)
+        for g0 in range(0, tl.minimum(G, cap + 1), BLOCK_N):
+            offs_g = g0 + tl.arange(0, BLOCK_N)
+            g_mask = (offs_g < G)[:, None] & d_ok[None, :]
+            gk = tl.load(GK_bh + offs_g[:, None] * stride_gkn + offs_d[None, :], mask=g_mask, other=0.0)
+            gv = tl.load(GV_bh + offs_g[:, None] * stride_gvn + offs_d[None, :], mask=g_mask, other=0.0)
+            s = _global_tile_scores(
+                q, gk, GDT_h, offs_g, g0, G, cap, pos_lo, pos_hi, shift, CG, scale_log2,
+                HAS_GBIAS, BLOCK_M, BLOCK_N, SKEW, PRECISION,
+            )  # fmt: skip
+            p = tl.math.exp2(s - lse[:, None])
+            dp = _dot(do, tl.trans(gv), PRECISION)
+            if DROPOUT:
+                keep = _dropout_keep(seed, bh, offs_m, Lk + offs_g, Lq, keys, dropout_p)
+                dp = tl.where(keep, dp * (1.0 / (1.0 - dropout_p)), 0.0)
+            ds = p * (dp - delta[:, None])
+            dq += _dot(ds.to(gk.dtype), gk, PRECISION)
+            if HAS_GBIAS:
+                gddt, g_neg, g_pos = _bias_grad_tile(
+                    ds, shift, g0 - pos_hi, g0 + BLOCK_N - 1 - pos_lo, CG, gddt, g_neg, g_pos, BLOCK_N, SKEW, TG_PAD
+                )
+        if HAS_GBIAS:
+            _store_bias_grad(DDTG + (bh * num_m + pid_m) * (2 * CG + 1), gddt, g_neg, g_pos, CG, TG_PAD)
     dq = dq * scale
     tl.store(
         DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqm + offs_d[None, :],
@@ -564,10 +753,7 @@ def _bucketed_attention_bwd_dq_kernel(
         mask=q_mask,
     )
     if HAS_BIAS:
-        ddt = tl.where(slots == 0, ddt + d_neg, ddt)
-        ddt = tl.where(slots == 2 * C, ddt + d_pos, ddt)
-        num_m = tl.num_programs(0)
-        tl.store(DDT + (bh * num_m + pid_m) * (2 * C + 1) + slots, ddt, mask=slots < 2 * C + 1)
+        _store_bias_grad(DDT + (bh * num_m + pid_m) * (2 * C + 1), ddt, d_neg, d_pos, C, T_PAD)
 
 
 # --------------------------------------------------------------------------------------------
@@ -757,8 +943,32 @@ def _dummy(dist_table: torch.Tensor | None, q: torch.Tensor) -> torch.Tensor:
     return dist_table if dist_table is not None else torch.empty(1, dtype=torch.float32, device=q.device)
 
 
-def _forward(q, k, v, dist_table, key_padding_mask, seed, causal, q_offset, scale, dropout_p, window=-1):
-    """Launch the forward. Returns out `(B, H, Lq, D)` (laid out `(B, Lq, H, D)`) and lse `(B, H, Lq)` fp32."""
+class GlobalTokens(NamedTuple):
+    """LongT5's transient-global tokens as extra keys of every query row: keys and values
+    `(B, H, G, D)`, their `(H, 2CG + 1)` distance table (or None), `caps` `(B,)` int32 (each row's
+    last global token, -1 for none) and the block size. Query i sits at global position
+    `min(i // block_size, caps[b])`; its bias to global g is that of distance `g - position`."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+    dist_table: torch.Tensor | None
+    caps: torch.Tensor
+    block_size: int
+
+
+def _global_args(globals_: GlobalTokens | None, q: torch.Tensor):
+    """Kernel arguments for the global tokens (placeholders without them)."""
+    if globals_ is None:
+        empty = torch.empty(0, 1, 1, 1, dtype=q.dtype, device=q.device)
+        return empty, empty, _dummy(None, q), torch.empty(1, dtype=torch.int32, device=q.device), 0, 0, 1
+    gk, gv = _last_dim_contiguous(globals_.k), _last_dim_contiguous(globals_.v)
+    table = globals_.dist_table
+    return gk, gv, _dummy(table, q), globals_.caps, gk.shape[2], _cut(table), globals_.block_size
+
+
+def _forward(q, k, v, dist_table, key_padding_mask, seed, causal, q_offset, scale, dropout_p, window=-1, globals_=None):
+    """Launch the forward. Returns out `(B, H, Lq, D)` (laid out `(B, Lq, H, D)`) and lse `(B, H, Lq)`
+    fp32 (log2 domain). With `globals_` every row also attends to the global tokens."""
     B, H, Lq, D = q.shape
     Lk = k.shape[2]
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
@@ -768,16 +978,20 @@ def _forward(q, k, v, dist_table, key_padding_mask, seed, causal, q_offset, scal
         return out, lse
     block_m, block_n, warps, stages = _fwd_config(D, q.dtype, Lq, q.device)
     kpm = _key_mask(key_padding_mask, q)
+    gk, gv, gtable, caps, G, cut_g, gbs = _global_args(globals_, q)
     grid = (triton.cdiv(Lq, block_m), H, B)
     _bucketed_attention_fwd_kernel[grid](
-        q, k, v, _dummy(dist_table, q), kpm, out, lse,
+        q, k, v, _dummy(dist_table, q), kpm, gk, gv, gtable, caps, out, lse,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
+        gk.stride(0), gk.stride(1), gk.stride(2),
+        gv.stride(0), gv.stride(1), gv.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
         kpm.stride(0),
-        H, Lq, Lk, D, q_offset, _cut(dist_table), window, scale * _LOG2E, dropout_p, seed,
+        H, Lq, Lk, G, D, q_offset, _cut(dist_table), cut_g, window, gbs, scale * _LOG2E, dropout_p, seed,
         HAS_BIAS=dist_table is not None, HAS_KPM=key_padding_mask is not None, CAUSAL=causal, WINDOWED=window >= 0,
+        HAS_GLOBAL=G > 0, HAS_GBIAS=globals_ is not None and globals_.dist_table is not None,
         DROPOUT=dropout_p > 0.0, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=_block_d(D),
         SKEW=_skew(block_m, block_n), PRECISION=_precision(q.dtype), num_warps=warps, num_stages=stages,
     )  # fmt: skip
@@ -800,23 +1014,35 @@ def _backward(
     dropout_p,
     window=-1,
     grad_lse=None,
+    globals_=None,
 ):
-    """Launch the backward. Returns dq, dk, dv (in the layout of `_like_heads`) and the `(H, 2C + 1)`
-    fp32 gradient of the distance table (empty without a bias)."""
+    """Launch the backward. Returns dq, dk, dv (in the layout of `_like_heads`), the `(H, 2C + 1)`
+    fp32 gradient of the distance table (empty without a bias) and, with `globals_`, the gradients
+    of the global keys, values and distance table (None without)."""
     B, H, Lq, D = q.shape
     Lk = k.shape[2]
     q, k, v, do = (_last_dim_contiguous(t) for t in (q, k, v, do))
     dq = _like_heads(B, H, Lq, D, q)
     dk = _like_heads(B, H, Lk, D, k)
     dv = _like_heads(B, H, Lk, D, v)
+    gk, gv, gtable, caps, G, cut_g, gbs = _global_args(globals_, q)
+    has_gbias = globals_ is not None and globals_.dist_table is not None
+    dgk = dgv = dgdt = None
+    if globals_ is not None:
+        dgk, dgv = _like_heads(B, H, G, D, gk), _like_heads(B, H, G, D, gv)
     cut = _cut(dist_table)
     has_bias = dist_table is not None
     block_m, block_n, warps, stages = _bwd_config(D, q.dtype, q.device)
     num_m = triton.cdiv(Lq, block_m)
     ddt = torch.zeros(B, H, num_m, 2 * cut + 1 if has_bias else 0, dtype=torch.float32, device=q.device)
+    ddtg = torch.zeros(B, H, num_m, 2 * cut_g + 1 if has_gbias else 0, dtype=torch.float32, device=q.device)
+    if has_gbias:
+        dgdt = ddtg.sum((0, 2))
     if Lq == 0 or Lk == 0:
-        dq.zero_(), dk.zero_(), dv.zero_()
-        return dq, dk, dv, ddt.sum((0, 2))
+        for t in (dq, dk, dv, dgk, dgv):
+            if t is not None:
+                t.zero_()
+        return dq, dk, dv, ddt.sum((0, 2)), dgk, dgv, dgdt
     block_d = _block_d(D)
     delta = torch.empty(B, H, Lq, dtype=torch.float32, device=q.device)
     _bucketed_attention_bwd_preprocess_kernel[(num_m, H, B)](
@@ -828,35 +1054,48 @@ def _backward(
     kpm = _key_mask(key_padding_mask, q)
     table = _dummy(dist_table, q)
     common = dict(
-        HAS_BIAS=has_bias, HAS_KPM=key_padding_mask is not None, CAUSAL=causal, WINDOWED=window >= 0,
-        DROPOUT=dropout_p > 0.0,
+        HAS_KPM=key_padding_mask is not None, CAUSAL=causal, WINDOWED=window >= 0, DROPOUT=dropout_p > 0.0,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, SKEW=_skew(block_m, block_n),
         PRECISION=_precision(q.dtype), num_warps=warps, num_stages=stages,
     )  # fmt: skip
     if grad_lse is not None:
         # d lse_i / d s_ij = p_ij: a gradient on the log-sum-exp enters dS = P * (dP - delta) as -grad_lse.
         delta -= grad_lse
-    scalars = (H, Lq, Lk, D, q_offset, cut, window, scale, scale * _LOG2E, dropout_p, seed)
-    _bucketed_attention_bwd_dkdv_kernel[(triton.cdiv(Lk, block_n), H, B)](
-        q, k, v, table, kpm, do, lse, delta, dk, dv,
-        q.stride(0), q.stride(1), q.stride(2),
-        k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2),
-        do.stride(0), do.stride(1), do.stride(2),
-        dk.stride(0), dk.stride(1), dk.stride(2),
-        kpm.stride(0), *scalars, **common,
-    )  # fmt: skip
+    keys = Lk + G
+    tail = (scale, scale * _LOG2E, dropout_p, seed)
+
+    def dkdv(keys_k, keys_v, keys_table, n_keys, keys_cut, key_base, grad_k, grad_v, **flags):
+        _bucketed_attention_bwd_dkdv_kernel[(triton.cdiv(n_keys, block_n), H, B)](
+            q, keys_k, keys_v, keys_table, kpm, caps, do, lse, delta, grad_k, grad_v,
+            q.stride(0), q.stride(1), q.stride(2),
+            keys_k.stride(0), keys_k.stride(1), keys_k.stride(2),
+            keys_v.stride(0), keys_v.stride(1), keys_v.stride(2),
+            do.stride(0), do.stride(1), do.stride(2),
+            grad_k.stride(0), grad_k.stride(1), grad_k.stride(2),
+            kpm.stride(0), H, Lq, n_keys, D, q_offset, keys_cut, window, gbs, key_base, keys, *tail,
+            **dict(common, **flags),
+        )  # fmt: skip
+
+    dkdv(k, v, table, Lk, cut, 0, dk, dv, HAS_BIAS=has_bias, GLOBAL_KEYS=False)
+    if G > 0:
+        dkdv(gk, gv, gtable, G, cut_g, Lk, dgk, dgv, HAS_BIAS=has_gbias, GLOBAL_KEYS=True,
+             HAS_KPM=False, CAUSAL=False, WINDOWED=False)  # fmt: skip
+    elif dgk is not None:
+        dgk.zero_(), dgv.zero_()
     _bucketed_attention_bwd_dq_kernel[(num_m, H, B)](
-        q, k, v, table, kpm, do, lse, delta, dq, ddt,
+        q, k, v, table, kpm, gk, gv, gtable, caps, do, lse, delta, dq, ddt, ddtg,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
+        gk.stride(0), gk.stride(1), gk.stride(2),
+        gv.stride(0), gv.stride(1), gv.stride(2),
         do.stride(0), do.stride(1), do.stride(2),
         dq.stride(0), dq.stride(1), dq.stride(2),
-        kpm.stride(0), *scalars,
-        T_PAD=triton.next_power_of_2(2 * cut + 1), **common,
+        kpm.stride(0), H, Lq, Lk, G, D, q_offset, cut, cut_g, window, gbs, *tail,
+        HAS_BIAS=has_bias, HAS_GLOBAL=G > 0, HAS_GBIAS=has_gbias,
+        T_PAD=triton.next_power_of_2(2 * cut + 1), TG_PAD=triton.next_power_of_2(2 * cut_g + 1), **common,
     )  # fmt: skip
-    return dq, dk, dv, ddt.sum((0, 2))
+    return dq, dk, dv, ddt.sum((0, 2)), dgk, dgv, ddtg.sum((0, 2)) if has_gbias else None
 
 
 # --------------------------------------------------------------------------------------------
@@ -990,7 +1229,7 @@ def _bwd_op(
     lse2 = torch.where(torch.isinf(lse), float("inf"), lse * _LOG2E)  # rows with no key: p = 0
     if grad_lse is not None:
         grad_lse = torch.where(torch.isinf(lse), 0.0, grad_lse)
-    dq, dk, dv, ddt = _backward(
+    dq, dk, dv, ddt, *_ = _backward(
         do, q, k, v, out, lse2, dist_table, key_padding_mask, seed_value, causal, q_offset, scale, dropout_p,
         window, grad_lse,
     )  # fmt: skip
@@ -1128,8 +1367,11 @@ def compile_specs() -> list:
     from ._compile import CompileSpec, signature
 
     cut, _ = _clamped_buckets(32, 128, True)  # every published T5 model: 32 buckets, max_distance 128
-    all_on = dict(HAS_BIAS=True, HAS_KPM=True, CAUSAL=True, WINDOWED=True, DROPOUT=True)
-    all_off = dict(HAS_BIAS=False, HAS_KPM=False, CAUSAL=False, WINDOWED=False, DROPOUT=False)
+    t_pad = triton.next_power_of_2(2 * cut + 1)
+    all_on = dict(HAS_BIAS=True, HAS_KPM=True, CAUSAL=True, WINDOWED=True, HAS_GLOBAL=True, HAS_GBIAS=True,
+                  DROPOUT=True)  # fmt: skip
+    all_off = dict(HAS_BIAS=False, HAS_KPM=False, CAUSAL=False, WINDOWED=False, HAS_GLOBAL=False, HAS_GBIAS=False,
+                   DROPOUT=False)  # fmt: skip
     floats = ("scale", "scale_log2", "dropout_p")
     variants = []
     for arch, block_d, itemsize in _FWD_CONFIGS:
@@ -1140,10 +1382,12 @@ def compile_specs() -> list:
     for arch, block_d, itemsize, dtype, flags in variants:
         fwd, bwd = _FWD_CONFIGS[(arch, block_d, itemsize)], _BWD_CONFIGS[(arch, block_d, itemsize)]
         tag = f"sm{arch}-D{block_d}-{dtype}-{'all' if flags['HAS_BIAS'] else 'none'}"
-        pointers = {n: f"*{dtype}" for n in ("Q", "K", "V", "Out", "DO", "DQ", "DK", "DV")}
-        pointers.update(DT="*fp32", LSE="*fp32", DELTA="*fp32", DDT="*fp32", KPM="*i8")
+        pointers = {n: f"*{dtype}" for n in ("Q", "K", "V", "GK", "GV", "Out", "DO", "DQ", "DK", "DV")}
+        pointers.update(DT="*fp32", GDT="*fp32", LSE="*fp32", DELTA="*fp32", DDT="*fp32", DDTG="*fp32", KPM="*i8",
+                        CAP="*i32")  # fmt: skip
 
         def add(name, kernel, constexprs, config, tag=tag, pointers=pointers, arch=arch):
+            constexprs = {n: v for n, v in constexprs.items() if n in kernel.arg_names}
             options = dict(num_warps=config[2], num_stages=config[3])
             sig = signature(kernel, pointers, floats, constexprs)
             specs.append(CompileSpec(f"{name}-{tag}", kernel.__name__, sig, constexprs, options, arch))
@@ -1152,8 +1396,13 @@ def compile_specs() -> list:
             ce = dict(flags, BLOCK_M=block_m, BLOCK_N=fwd[1], BLOCK_D=block_d, SKEW=_skew(block_m, fwd[1]))
             add(f"fwd-M{block_m}", _bucketed_attention_fwd_kernel, dict(ce, PRECISION="ieee"), fwd)
         ce = dict(flags, BLOCK_M=bwd[0], BLOCK_N=bwd[1], BLOCK_D=block_d, SKEW=_skew(bwd[0], bwd[1]), PRECISION="ieee")
-        add("dkdv", _bucketed_attention_bwd_dkdv_kernel, ce, bwd)
-        add("dq", _bucketed_attention_bwd_dq_kernel, dict(ce, T_PAD=triton.next_power_of_2(2 * cut + 1)), bwd)
+        add("dkdv", _bucketed_attention_bwd_dkdv_kernel, dict(ce, GLOBAL_KEYS=False), bwd)
+        add("dq", _bucketed_attention_bwd_dq_kernel, dict(ce, T_PAD=t_pad, TG_PAD=t_pad if flags["HAS_GLOBAL"] else 1),
+            bwd)  # fmt: skip
+        if flags is all_on:
+            # The global tokens' dK/dV: every query tile against one tile of global tokens.
+            local_off = dict(HAS_KPM=False, CAUSAL=False, WINDOWED=False, GLOBAL_KEYS=True)
+            add("dkdv-global", _bucketed_attention_bwd_dkdv_kernel, dict(ce, **local_off), bwd)
         if flags is all_on and dtype != "fp16":
             add("pre", _bucketed_attention_bwd_preprocess_kernel, dict(BLOCK_M=bwd[0], BLOCK_D=block_d), bwd)
     return specs

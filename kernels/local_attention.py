@@ -6,7 +6,9 @@ Semantics (those of the reference LongT5 implementation):
   with T5's bidirectional bucketed bias of `j - i` from `bias_table`;
 - with `global_k`/`global_v` (transient-global), every query also sees every
   existing global token g with the bias `global_bias_table[bucket(g - block_id(i))]`;
-  block ids and which globals exist follow `global_aggregate.global_block_ids`;
+  block ids and which globals exist follow `global_aggregate.global_block_ids` (a
+  padded query takes the block position its index would have,
+  `global_aggregate.global_positions`);
 - padded keys are never attended. Outputs at padded query positions are
   unspecified (they never reach a real token); a query with nothing to attend
   returns zeros.
@@ -21,13 +23,16 @@ import torch.nn.functional as F
 
 from ._backend import upcast, use_triton
 from .bucketed_attention import (
+    _LOG2E,
+    GlobalTokens,
+    _backward,
+    _forward,
     _unsupported,
-    attention_with_lse,
     distance_table,
     relative_bias,
     relative_position_bucket,
 )
-from .global_aggregate import global_block_ids
+from .global_aggregate import global_block_ids, global_caps, global_positions
 
 HAS_TRITON_KERNEL = True
 
@@ -40,18 +45,149 @@ def _three_blocks(x: torch.Tensor, block: int) -> torch.Tensor:
 
 
 def _side_bias(
-    global_bias_table: torch.Tensor, block_ids: torch.Tensor, num_globals: int, max_distance: int
+    global_bias_table: torch.Tensor, positions: torch.Tensor, num_globals: int, max_distance: int
 ) -> torch.Tensor:
-    """(B, H, L, G) bias of query i to global g: global_bias_table[bucket(g - block_id(i))]."""
-    # block ids lie in [-1, G - 1], so g - block_id lies in [-(G - 1), G].
-    distances = torch.arange(-(num_globals - 1), num_globals + 1, device=block_ids.device)  # (2G,)
+    """(B, H, L, G) bias of query i to global g: global_bias_table[bucket(g - positions[i])]."""
+    # positions lie in [-1, G - 1], so g - position lies in [-(G - 1), G].
+    distances = torch.arange(-(num_globals - 1), num_globals + 1, device=positions.device)  # (2G,)
     buckets = relative_position_bucket(
         distances, bidirectional=True, num_buckets=global_bias_table.shape[0], max_distance=max_distance
     )
     per_distance = upcast(global_bias_table)[buckets]  # (2G, H)
-    g = torch.arange(num_globals, device=block_ids.device)
-    index = g[None, None, :] - block_ids[:, :, None] + (num_globals - 1)  # (B, L, G)
+    g = torch.arange(num_globals, device=positions.device)
+    index = g[None, None, :] - positions[:, :, None] + (num_globals - 1)  # (B, L, G)
     return per_distance[index].permute(0, 3, 1, 2)  # (B, H, L, G)
+
+
+@torch.library.custom_op("fastseq::local_attention_fwd", mutates_args=(), device_types=None)
+def _fwd_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    dist_table: torch.Tensor | None,
+    key_padding_mask: torch.Tensor | None,
+    global_k: torch.Tensor | None,
+    global_v: torch.Tensor | None,
+    global_dist_table: torch.Tensor | None,
+    caps: torch.Tensor | None,
+    seed: torch.Tensor | None,
+    radius: int,
+    global_block_size: int,
+    dropout_p: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """out `(B, L, H, D)` and each row's log-sum-exp `(B, H, L)` fp32 (natural log, -inf for a row
+    with no key) over its window and the global tokens."""
+    globals_ = _globals(global_k, global_v, global_dist_table, caps, global_block_size)
+    out, lse2 = _forward(
+        q, k, v, dist_table, key_padding_mask, _seed_value(seed), False, 0, 1.0, dropout_p, radius, globals_
+    )
+    return out.transpose(1, 2), torch.where(torch.isinf(lse2), float("-inf"), lse2 / _LOG2E)
+
+
+@_fwd_op.register_fake
+def _fwd_fake(q, k, v, *_):
+    B, H, L, D = q.shape
+    return q.new_empty(B, L, H, D), q.new_empty(B, H, L, dtype=torch.float32)
+
+
+@torch.library.custom_op("fastseq::local_attention_bwd", mutates_args=(), device_types=None)
+def _bwd_op(
+    do: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    grad_lse: torch.Tensor | None,
+    dist_table: torch.Tensor | None,
+    key_padding_mask: torch.Tensor | None,
+    global_k: torch.Tensor | None,
+    global_v: torch.Tensor | None,
+    global_dist_table: torch.Tensor | None,
+    caps: torch.Tensor | None,
+    seed: torch.Tensor | None,
+    radius: int,
+    global_block_size: int,
+    dropout_p: float,
+) -> list[torch.Tensor]:
+    """dq `(B, L, H, D)`, dk, dv, the `(H, 2C + 1)` gradient of dist_table, the global keys' and
+    values' `(B, G, H, D)` gradients and the global distance table's; absent ones as empty tensors."""
+    globals_ = _globals(global_k, global_v, global_dist_table, caps, global_block_size)
+    lse2 = torch.where(torch.isinf(lse), float("inf"), lse * _LOG2E)  # rows with no key: p = 0
+    if grad_lse is not None:
+        grad_lse = torch.where(torch.isinf(lse), 0.0, grad_lse)
+    dq, dk, dv, ddt, dgk, dgv, dgdt = _backward(
+        do, q, k, v, out, lse2, dist_table, key_padding_mask, _seed_value(seed), False, 0, 1.0, dropout_p, radius,
+        grad_lse, globals_,
+    )  # fmt: skip
+
+    def heads(t):
+        return t.transpose(1, 2) if t is not None else q.new_empty(0)
+
+    return [
+        heads(dq),
+        heads(dk),
+        heads(dv),
+        ddt if dist_table is not None else q.new_empty(0),
+        heads(dgk),
+        heads(dgv),
+        dgdt if dgdt is not None else q.new_empty(0),
+    ]
+
+
+@_bwd_op.register_fake
+def _bwd_fake(do, q, k, v, out, lse, grad_lse, dist_table, key_padding_mask, global_k, global_v, global_dist_table,
+              *_):  # fmt: skip
+    B, H, L, D = q.shape
+
+    def heads(t):
+        return t.new_empty(t.shape[0], t.shape[2], t.shape[1], t.shape[3]) if t is not None else q.new_empty(0)
+
+    def table(t):
+        return torch.empty_like(t) if t is not None else q.new_empty(0)
+
+    return [heads(q), heads(k), heads(v), table(dist_table), heads(global_k), heads(global_v), table(global_dist_table)]
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, dist_table, kpm, global_k, global_v, global_dist_table, caps, seed, *args = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, dist_table, kpm, global_k, global_v, global_dist_table, caps, seed)
+    ctx.args = args
+
+
+def _backward_op(ctx, grad_out, grad_lse):
+    q, k, v, out, lse, dist_table, kpm, global_k, global_v, global_dist_table, caps, seed = ctx.saved_tensors
+    if grad_out is None:
+        grad_out = torch.zeros_like(out)
+    dq, dk, dv, ddt, dgk, dgv, dgdt = torch.ops.fastseq.local_attention_bwd(
+        grad_out.transpose(1, 2), q, k, v, out.transpose(1, 2), lse, grad_lse, dist_table, kpm, global_k, global_v,
+        global_dist_table, caps, seed, *ctx.args,
+    )  # fmt: skip
+    return (
+        dq.transpose(1, 2),
+        dk.transpose(1, 2),
+        dv.transpose(1, 2),
+        ddt if dist_table is not None else None,
+        None,
+        dgk.transpose(1, 2) if global_k is not None else None,
+        dgv.transpose(1, 2) if global_v is not None else None,
+        dgdt if global_dist_table is not None else None,
+        *([None] * 5),
+    )
+
+
+_fwd_op.register_autograd(_backward_op, setup_context=_setup_context)
+
+
+def _seed_value(seed: torch.Tensor | None) -> int:
+    return int(seed.item()) if seed is not None else 0
+
+
+def _globals(global_k, global_v, global_dist_table, caps, block_size) -> GlobalTokens | None:
+    if global_k is None:
+        return None
+    return GlobalTokens(global_k, global_v, global_dist_table, caps, block_size)
 
 
 def _local_attention_triton(
@@ -69,40 +205,25 @@ def _local_attention_triton(
     global_block_size,
     dropout_p,
 ) -> torch.Tensor:
-    """The local part runs the attention kernel with a key window of `radius` (a query tile visits
-    only the key tiles its window touches: O(L * radius)). The global part, when present, is
-    `(B, H, L, G)` scores in PyTorch, merged with the local softmax through its log-sum-exp."""
-    dist_table = None
+    """One kernel: a query tile visits only the key tiles its window touches (O(L * radius)), then
+    every global token, in one online softmax; the biases come from per-distance tables."""
+    dist_table = global_dist_table = caps = None
     if bias_table is not None:
         dist_table = distance_table(bias_table, bidirectional=True, max_distance=max_distance)
-    out, lse = attention_with_lse(
-        q, k, v, dist_table, key_padding_mask=key_padding_mask, dropout_p=dropout_p, window=radius
-    )  # (B, H, L, D), (B, H, L)
-    if global_k is None:
-        return out
-    B, H, L, D = q.shape
-    G = global_k.shape[2]
-    key_valid = torch.ones(B, L, dtype=torch.bool, device=q.device)
-    if key_padding_mask is not None:
-        key_valid = key_padding_mask != 0
-    block_ids, global_valid = global_block_ids(key_valid, global_block_size)
-    side = torch.matmul(upcast(q), upcast(global_k).transpose(-1, -2))  # (B, H, L, G)
-    if global_bias_table is not None:
-        side = side + _side_bias(global_bias_table, block_ids, G, max_distance).to(side.dtype)
-    side = side.masked_fill(~global_valid[:, None, None, :], float("-inf"))
-    # One softmax over local and global keys, relative to a common per-row maximum; every term stays
-    # finite (and so do the gradients) for rows with no local key, no global key, or neither.
-    top = torch.maximum(lse, side.amax(-1)) if G else lse  # (B, H, L)
-    top = torch.where(torch.isinf(top), 0.0, top)
-    local_mass = torch.exp(lse - top)  # (B, H, L)
-    global_mass = torch.exp(side - top[..., None])  # (B, H, L, G)
-    total = local_mass + global_mass.sum(-1)
-    total = torch.where(total > 0, total, 1.0)
-    global_probs = global_mass / total[..., None]
+    if global_k is not None:
+        B, _, L, _ = q.shape
+        caps = global_caps(key_padding_mask, B, L, global_block_size, q.device)
+        if global_bias_table is not None:
+            global_dist_table = distance_table(global_bias_table, bidirectional=True, max_distance=max_distance)
+    seed = None
     if dropout_p > 0.0:
-        global_probs = F.dropout(global_probs, p=dropout_p, training=True)
-    out = out.to(global_probs.dtype) * (local_mass / total)[..., None] + torch.matmul(global_probs, upcast(global_v))
-    return out.to(q.dtype)
+        # Drawn from PyTorch's CPU generator, so torch.manual_seed fixes the dropout mask.
+        seed = torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64)
+    out, _ = torch.ops.fastseq.local_attention_fwd(
+        q, k, v, dist_table, key_padding_mask, global_k, global_v, global_dist_table, caps, seed, int(radius),
+        int(global_block_size), float(dropout_p),
+    )  # fmt: skip
+    return out.transpose(1, 2)  # (B, H, L, D)
 
 
 def local_attention_reference(
@@ -146,10 +267,11 @@ def local_attention_reference(
 
     if global_k is not None:
         G = global_k.shape[2]
-        block_ids, global_valid = global_block_ids(key_valid, global_block_size)
+        _, global_valid = global_block_ids(key_valid, global_block_size)
         side = torch.matmul(upcast(q), upcast(global_k).transpose(-1, -2))  # (B, H, L, G)
         if global_bias_table is not None:
-            side = side + _side_bias(global_bias_table, block_ids, G, max_distance).to(side.dtype)
+            positions = global_positions(key_valid, global_block_size)
+            side = side + _side_bias(global_bias_table, positions, G, max_distance).to(side.dtype)
         side = F.pad(side, (0, 0, 0, pad)).view(B, H, num_blocks, block, G)  # (B, H, nb, W, G)
         scores = torch.cat([scores, side], dim=-1)  # (B, H, nb, W, 3W + G)
         side_ok = global_valid[:, None, None, None, :].expand(B, 1, num_blocks, block, G)

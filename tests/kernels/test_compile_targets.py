@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-OPS = ["bucketed_attention", "gated_gelu", "linear_cross_entropy", "rms_norm"]
+OPS = ["bucketed_attention", "gated_gelu", "global_aggregate", "linear_cross_entropy", "rms_norm"]
 
 
 @pytest.mark.slow

@@ -192,3 +192,185 @@ def test_triton_dropout_is_seeded_and_unbiased(triton_backend):
     keep = mask.bool()[:, None, :, None]
     spread = ((mean - plain) * keep).abs().mean() / (plain * keep).abs().mean()
     assert spread < 0.1, spread.item()
+
+
+# ---------------------------------------------------------------------------------------------
+# Global tokens inside the kernel: block positions, caps, dropout and determinism
+# ---------------------------------------------------------------------------------------------
+
+
+def _global_masks(L, gbs):
+    """Rows: all real; a hole across block ends in the middle; fewer real tokens than one block
+    (no global token at all); left padding."""
+    mask = torch.ones(4, L, dtype=torch.long)
+    mask[1, L // 3 : L // 3 + 2 * gbs + 1] = 0
+    mask[2, max(gbs - 1, 0) :] = 0
+    mask[3, : L // 2] = 0
+    return mask
+
+
+def _global_case(L, gbs, dtype=torch.float32, seed=0, D=8):
+    g = torch.Generator().manual_seed(seed)
+    B, H, G = 4, 2, L // gbs
+    shapes = [(B, H, L, D)] * 3 + [(8, H), (8, H)] + [(B, H, G, D)] * 2
+    leaves = [torch.randn(*s, generator=g, dtype=torch.float64) for s in shapes]
+    return [t.to(DEVICE, dtype if t.dim() == 4 else torch.float32).requires_grad_() for t in leaves]
+
+
+def _call_globals(fn, leaves, mask, gbs, radius=RADIUS, **extra):
+    q, k, v, table, gtable, gk, gv = leaves
+    return fn(q, k, v, table, radius=radius, max_distance=12, key_padding_mask=mask, global_k=gk, global_v=gv,
+              global_bias_table=gtable, global_block_size=gbs, **extra)  # fmt: skip
+
+
+@pytest.mark.parametrize("L,gbs", [(33, 1), (40, 3), (37, 5), (64, 4), (70, 2)])
+def test_triton_global_tokens_against_float64(L, gbs, triton_backend):
+    """gbs = 1 puts every row of a query tile at its own position (the widest shift a tile can
+    have); max_distance 12 with up to 70 globals reaches both clamped ends of the global table."""
+    from fastseq.kernels.local_attention import local_attention_reference
+
+    leaves = _global_case(L, gbs)
+    mask = _global_masks(L, gbs).to(DEVICE)
+    out = _call_globals(local_attention, leaves, mask, gbs)
+    keep = mask.bool()[:, None, :, None].to(out.dtype)
+    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(DEVICE) * keep
+    grads = torch.autograd.grad(out, leaves, grad_out)
+    ref_leaves = [t.detach().cpu().double().requires_grad_() for t in leaves]
+    expected = _call_globals(local_attention_reference, ref_leaves, mask.cpu(), gbs)
+    ref_grads = torch.autograd.grad(expected, ref_leaves, grad_out.cpu().double())
+    assert_close((out * keep).detach().cpu(), expected * keep.cpu(), rel=1e-5, what="out")
+    names = ["q", "k", "v", "bias_table", "global_bias_table", "global_k", "global_v"]
+    for name, got, ref in zip(names, grads, ref_grads, strict=True):
+        assert_close(got.cpu(), ref, rel=2e-5, floor=1.0, what=f"grad of {name}")
+    # The row without a full block has no global token: no gradient reaches the globals from it.
+    assert grads[5][2].abs().max() == 0 and grads[6][2].abs().max() == 0
+
+
+def test_triton_padded_queries_follow_the_reference(triton_backend):
+    """Padded query rows (outside the contract) still get the reference's numbers, not garbage."""
+    from fastseq.kernels.local_attention import local_attention_reference
+
+    leaves = _global_case(29, 3, seed=4)
+    mask = _global_masks(29, 3).to(DEVICE)
+    out = _call_globals(local_attention, [t.detach() for t in leaves], mask, 3)
+    expected = _call_globals(local_attention_reference, [t.detach().cpu().double() for t in leaves], mask.cpu(), 3)
+    assert_close(out.cpu(), expected, rel=1e-5, what="out, padded rows included")
+
+
+def _dense_with_keep(leaves, mask, gbs, keep, dropout_p):
+    """float64 local + global attention with an explicit dropout keep mask over (L + G) keys."""
+    from fastseq.kernels.global_aggregate import global_positions
+
+    q, k, v, table, gtable, gk, gv = leaves
+    B, H, L, D = q.shape
+    G = gk.shape[2]
+    i, j = torch.arange(L)[:, None], torch.arange(L)[None, :]
+    s = torch.einsum("bhqd,bhkd->bhqk", q, k)
+    s = s + table[relative_position_bucket(j - i, bidirectional=True, num_buckets=8, max_distance=12)].permute(2, 0, 1)
+    ok = ((i - j).abs() <= RADIUS)[None, None] & mask.bool()[:, None, None, :]
+    _, valid = global_block_ids(mask, gbs)
+    rel = torch.arange(G)[None, None, :] - global_positions(mask, gbs)[:, :, None]
+    side = torch.einsum("bhqd,bhgd->bhqg", q, gk)
+    side = side + gtable[relative_position_bucket(rel, bidirectional=True, num_buckets=8, max_distance=12)].permute(
+        0, 3, 1, 2
+    )
+    s = torch.cat([s, side], -1).masked_fill(
+        ~torch.cat([ok.expand(B, 1, L, L), valid[:, None, None, :].expand(B, 1, L, G)], -1), float("-inf")
+    )
+    p = torch.softmax(s, -1).nan_to_num(0.0) * keep / (1 - dropout_p)
+    return torch.einsum("bhqk,bhkd->bhqd", p, torch.cat([v, gv], 2))
+
+
+def test_triton_dropout_over_global_tokens_is_exact(triton_backend):
+    """Read the kernel's keep mask back with one-hot values (local and global), then check that the
+    same seed regenerates it in backward: gradients equal float64 autograd through that mask."""
+    L, gbs, p = 21, 3, 0.3
+    G = L // gbs
+    leaves = _global_case(L, gbs, seed=5, D=L + G)
+    mask = _global_masks(L, gbs).to(DEVICE)
+    eye = torch.eye(L + G, dtype=torch.float32, device=DEVICE)
+    probe = [t.detach() for t in leaves]
+    probe[2] = eye[:L].expand(4, 2, L, L + G).contiguous()
+    probe[6] = eye[L:].expand(4, 2, G, L + G).contiguous()
+    torch.manual_seed(11)
+    dropped = _call_globals(local_attention, probe, mask, gbs, dropout_p=p)
+    torch.manual_seed(11)
+    plain = _call_globals(local_attention, probe, mask, gbs)
+    keep = (dropped != 0).double().cpu()
+    assert (plain > 0).logical_and(dropped == 0).any(), "nothing was dropped"
+    assert_close(dropped[dropped != 0].cpu(), (plain[dropped != 0] / (1 - p)).cpu(), rel=1e-5, what="kept entries")
+
+    torch.manual_seed(11)
+    out = _call_globals(local_attention, leaves, mask, gbs, dropout_p=p)
+    rows = mask.bool()[:, None, :, None].to(out.dtype)
+    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(2)).to(DEVICE) * rows
+    grads = torch.autograd.grad(out, leaves, grad_out)
+    ref_leaves = [t.detach().cpu().double().requires_grad_() for t in leaves]
+    expected = _dense_with_keep(ref_leaves, mask.cpu(), gbs, keep, p)
+    ref_grads = torch.autograd.grad(expected, ref_leaves, grad_out.cpu().double())
+    assert_close((out * rows).detach().cpu(), expected * rows.cpu(), rel=1e-5, what="out")
+    names = ["q", "k", "v", "bias_table", "global_bias_table", "global_k", "global_v"]
+    for name, got, ref in zip(names, grads, ref_grads, strict=True):
+        assert_close(got.cpu(), ref, rel=2e-5, floor=1.0, what=f"grad of {name}")
+
+
+def test_triton_global_backward_is_deterministic(triton_backend):
+    leaves = _global_case(40, 3, seed=6)
+    mask = _global_masks(40, 3).to(DEVICE)
+    runs = []
+    for _ in range(2):
+        out = _call_globals(local_attention, leaves, mask, 3)
+        runs.append(torch.autograd.grad(out, leaves, torch.ones_like(out)))
+    for a, b in zip(*runs, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_triton_local_attention_op_passes_opcheck(triton_backend):
+    from fastseq.kernels.bucketed_attention import distance_table
+    from fastseq.kernels.global_aggregate import global_caps
+
+    q, k, v, table, gtable, gk, gv = _global_case(13, 3, seed=7)
+    mask = _global_masks(13, 3).to(DEVICE)
+    dt = distance_table(table.detach(), bidirectional=True, max_distance=12).requires_grad_()
+    gdt = distance_table(gtable.detach(), bidirectional=True, max_distance=12).requires_grad_()
+    caps = global_caps(mask, 4, 13, 3, DEVICE)
+    args = (q, k, v, dt, mask, gk, gv, gdt, caps, None, RADIUS, 3, 0.0)
+    torch.library.opcheck(torch.ops.fastseq.local_attention_fwd.default, args)
+
+
+# ---------------------------------------------------------------------------------------------
+# global_aggregate's kernels
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("L,gbs", [(2, 4), (17, 1), (40, 3), (37, 5), (64, 4), (130, 16)])
+def test_triton_aggregate_matches_reference(L, gbs, triton_backend):
+    from fastseq.kernels.global_aggregate import global_aggregate_reference
+
+    g = torch.Generator().manual_seed(L)
+    hidden = torch.randn(4, L, 40, generator=g).to(DEVICE).requires_grad_()
+    mask = _global_masks(L, gbs).to(DEVICE)
+    for m in (mask, None):
+        got = global_aggregate(hidden, m, gbs)
+        ref_hidden = hidden.detach().double().requires_grad_()
+        expected = global_aggregate_reference(ref_hidden, m, gbs)
+        assert_close(got.detach().cpu(), expected.cpu(), rel=1e-6, floor=1.0, what="aggregate")
+        grad = torch.randn(got.shape, generator=g).to(DEVICE)
+        (dx,) = torch.autograd.grad(got, hidden, grad)
+        (ref_dx,) = torch.autograd.grad(expected, ref_hidden, grad.double())
+        assert torch.equal(dx.double(), ref_dx)  # each token takes its global's gradient: exact
+
+
+def test_triton_aggregate_half_precision_and_opcheck(triton_backend):
+    from fastseq.kernels.global_aggregate import global_aggregate_reference, global_caps
+
+    hidden = torch.randn(4, 50, 24).to(DEVICE)
+    mask = _global_masks(50, 4).to(DEVICE)
+    expected = global_aggregate_reference(hidden.double(), mask, 4)
+    for dtype in (torch.bfloat16, torch.float16):
+        got = global_aggregate(hidden.to(dtype), mask, 4)
+        assert got.dtype == dtype
+        # fp32 accumulation, one rounding at the end.
+        assert_close(got.double().cpu(), expected.cpu(), rel=torch.finfo(dtype).eps, what=str(dtype))
+    caps = global_caps(mask, 4, 50, 4, DEVICE)
+    torch.library.opcheck(torch.ops.fastseq.global_aggregate_fwd.default, (hidden.requires_grad_(), mask, caps, 4))
