@@ -808,6 +808,20 @@ for _arch in (80, 86, 90):  # fp32: half the tile of the 16-bit configs' smem bu
     _BWD_CONFIGS.update({(_arch, 16, 4): (32, 32, 4, 1), (_arch, 32, 4): (32, 32, 4, 1),
                          (_arch, 64, 4): (32, 32, 4, 1), (_arch, 128, 4): (32, 32, 4, 1),
                          (_arch, 256, 4): (16, 16, 4, 1)})  # fmt: skip
+# With LongT5's global tokens the forward runs a second key loop whose bias spread and dropout
+# mask take their own shared-memory buffers below sm_90: the 16-bit tiles that no longer fit
+# there (compile-only tests: 64 x 64 grows to 252-264 KiB on sm_80, 64 x 32 to 127-148 KiB on
+# sm_86) are narrowed for that case; sm_90 and every fp32 tile keep their configs.
+_FWD_GLOBAL_CONFIGS = {
+    (80, 16, 2): (64, 32, 4, 3),
+    (80, 32, 2): (64, 32, 4, 3),
+    (80, 64, 2): (64, 32, 4, 3),
+    (80, 256, 2): (32, 32, 4, 2),
+    (86, 16, 2): (32, 32, 4, 2),
+    (86, 32, 2): (32, 32, 4, 2),
+    (86, 64, 2): (32, 32, 4, 2),
+    (86, 128, 2): (32, 32, 4, 2),
+}
 # Under the interpreter, small tiles so that short test sequences still span many tiles,
 # band tiles and tiles beyond the cut-off.
 _INTERPRET_CONFIG = (16, 16, 4, 1)
@@ -829,10 +843,14 @@ def _arch(device: torch.device) -> int:
     return 90 if capability[0] >= 9 else 80 if capability == (8, 0) else 86
 
 
-def _fwd_config(D: int, dtype: torch.dtype, Lq: int, device: torch.device) -> tuple[int, int, int, int]:
+def _fwd_config(
+    D: int, dtype: torch.dtype, Lq: int, device: torch.device, has_global: bool = False
+) -> tuple[int, int, int, int]:
     if interpreting():
         return _INTERPRET_CONFIG
-    block_m, block_n, warps, stages = _FWD_CONFIGS[(_arch(device), _block_d(D), dtype.itemsize)]
+    key = (_arch(device), _block_d(D), dtype.itemsize)
+    configs = _FWD_GLOBAL_CONFIGS if has_global and key in _FWD_GLOBAL_CONFIGS else _FWD_CONFIGS
+    block_m, block_n, warps, stages = configs[key]
     # Incremental decoding (Lq = 1 against a cache) needs no 128-row query tile.
     block_m = min(block_m, max(16, triton.next_power_of_2(Lq)))
     return block_m, block_n, warps, stages
@@ -976,9 +994,9 @@ def _forward(q, k, v, dist_table, key_padding_mask, seed, causal, q_offset, scal
     lse = torch.empty(B, H, Lq, dtype=torch.float32, device=q.device)
     if Lq == 0:
         return out, lse
-    block_m, block_n, warps, stages = _fwd_config(D, q.dtype, Lq, q.device)
-    kpm = _key_mask(key_padding_mask, q)
     gk, gv, gtable, caps, G, cut_g, gbs = _global_args(globals_, q)
+    block_m, block_n, warps, stages = _fwd_config(D, q.dtype, Lq, q.device, has_global=G > 0)
+    kpm = _key_mask(key_padding_mask, q)
     grid = (triton.cdiv(Lq, block_m), H, B)
     _bucketed_attention_fwd_kernel[grid](
         q, k, v, _dummy(dist_table, q), kpm, gk, gv, gtable, caps, out, lse,
@@ -1362,25 +1380,30 @@ def bucketed_attention(
 
 def compile_specs() -> list:
     """Every configuration the launchers can pick on a GPU, for the compile-only tests (`_compile`):
-    each tile config with every feature on, and the main head dims (64, 128) also in fp16 and with
-    every feature off (the path of cross-attention)."""
+    each tile config with every feature on (the forward with its global-token config where that
+    differs, and then also without global tokens on its own config), the decoding tile (Lq = 1)
+    with T5's features, the main head dims (64, 128) with every feature off (the path of
+    cross-attention), and fp16 once per architecture (its buffers are bf16's)."""
     from ._compile import CompileSpec, signature
 
     cut, _ = _clamped_buckets(32, 128, True)  # every published T5 model: 32 buckets, max_distance 128
     t_pad = triton.next_power_of_2(2 * cut + 1)
     all_on = dict(HAS_BIAS=True, HAS_KPM=True, CAUSAL=True, WINDOWED=True, HAS_GLOBAL=True, HAS_GBIAS=True,
                   DROPOUT=True)  # fmt: skip
-    all_off = dict(HAS_BIAS=False, HAS_KPM=False, CAUSAL=False, WINDOWED=False, HAS_GLOBAL=False, HAS_GBIAS=False,
-                   DROPOUT=False)  # fmt: skip
+    t5 = dict(all_on, WINDOWED=False, HAS_GLOBAL=False, HAS_GBIAS=False)
+    all_off = {name: False for name in all_on}
     floats = ("scale", "scale_log2", "dropout_p")
     variants = []
     for arch, block_d, itemsize in _FWD_CONFIGS:
         variants.append((arch, block_d, itemsize, "fp32" if itemsize == 4 else "bf16", all_on))
         if itemsize == 2 and block_d in (64, 128):
-            variants += [(arch, block_d, itemsize, "fp16", all_on), (arch, block_d, itemsize, "bf16", all_off)]
+            variants.append((arch, block_d, itemsize, "bf16", all_off))
+        if itemsize == 2 and block_d == 64:
+            variants.append((arch, block_d, itemsize, "fp16", all_on))
     specs = []
     for arch, block_d, itemsize, dtype, flags in variants:
-        fwd, bwd = _FWD_CONFIGS[(arch, block_d, itemsize)], _BWD_CONFIGS[(arch, block_d, itemsize)]
+        key = (arch, block_d, itemsize)
+        fwd, bwd = _FWD_CONFIGS[key], _BWD_CONFIGS[key]
         tag = f"sm{arch}-D{block_d}-{dtype}-{'all' if flags['HAS_BIAS'] else 'none'}"
         pointers = {n: f"*{dtype}" for n in ("Q", "K", "V", "GK", "GV", "Out", "DO", "DQ", "DK", "DV")}
         pointers.update(DT="*fp32", GDT="*fp32", LSE="*fp32", DELTA="*fp32", DDT="*fp32", DDTG="*fp32", KPM="*i8",
@@ -1392,9 +1415,17 @@ def compile_specs() -> list:
             sig = signature(kernel, pointers, floats, constexprs)
             specs.append(CompileSpec(f"{name}-{tag}", kernel.__name__, sig, constexprs, options, arch))
 
-        for block_m in sorted({fwd[0], 16}):  # 16: the decoding tile (Lq = 1)
-            ce = dict(flags, BLOCK_M=block_m, BLOCK_N=fwd[1], BLOCK_D=block_d, SKEW=_skew(block_m, fwd[1]))
-            add(f"fwd-M{block_m}", _bucketed_attention_fwd_kernel, dict(ce, PRECISION="ieee"), fwd)
+        def add_fwd(config, fwd_flags, suffix="", block_d=block_d):
+            block_m, block_n = config[:2]
+            ce = dict(fwd_flags, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, SKEW=_skew(block_m, block_n))
+            add(f"fwd-M{block_m}N{block_n}{suffix}", _bucketed_attention_fwd_kernel, dict(ce, PRECISION="ieee"), config)
+
+        if flags is all_on and key in _FWD_GLOBAL_CONFIGS:
+            add_fwd(_FWD_GLOBAL_CONFIGS[key], flags)
+            add_fwd(fwd, t5, "-t5")
+        else:
+            add_fwd(fwd, flags)
+        add_fwd((16,) + fwd[1:], t5 if flags is all_on else flags, "-decode")
         ce = dict(flags, BLOCK_M=bwd[0], BLOCK_N=bwd[1], BLOCK_D=block_d, SKEW=_skew(bwd[0], bwd[1]), PRECISION="ieee")
         add("dkdv", _bucketed_attention_bwd_dkdv_kernel, dict(ce, GLOBAL_KEYS=False), bwd)
         add("dq", _bucketed_attention_bwd_dq_kernel, dict(ce, T_PAD=t_pad, TG_PAD=t_pad if flags["HAS_GLOBAL"] else 1),
@@ -1403,6 +1434,6 @@ def compile_specs() -> list:
             # The global tokens' dK/dV: every query tile against one tile of global tokens.
             local_off = dict(HAS_KPM=False, CAUSAL=False, WINDOWED=False, GLOBAL_KEYS=True)
             add("dkdv-global", _bucketed_attention_bwd_dkdv_kernel, dict(ce, **local_off), bwd)
-        if flags is all_on and dtype != "fp16":
-            add("pre", _bucketed_attention_bwd_preprocess_kernel, dict(BLOCK_M=bwd[0], BLOCK_D=block_d), bwd)
+            if dtype != "fp16":
+                add("pre", _bucketed_attention_bwd_preprocess_kernel, dict(BLOCK_M=bwd[0], BLOCK_D=block_d), bwd)
     return specs

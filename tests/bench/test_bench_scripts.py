@@ -60,9 +60,9 @@ def test_bench_cross_entropy_smoke(tmp_path):
 def test_bench_local_attention_smoke(tmp_path):
     rows = _smoke("bench_local_attention", tmp_path)
     assert {(r["provider"], r["kind"]) for r in rows} == {
-        (p, k) for p in ("fastseq", "hf_eager") for k in ("local", "transient-global")
+        (p, k) for p in ("fastseq", "hf_eager", "fastseq_op") for k in ("local", "transient-global")
     }
     for row in rows:
         assert float(row["full_ms"]) > 0
-        # The same layer as transformers', weights and all.
-        assert float(row["max_rel_diff_vs_hf"]) < 1e-4
+        if row["provider"] != "fastseq_op":  # the same layer as transformers', weights and all
+            assert float(row["max_rel_diff_vs_hf"]) < 1e-4

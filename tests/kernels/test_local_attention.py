@@ -374,3 +374,25 @@ def test_triton_aggregate_half_precision_and_opcheck(triton_backend):
         assert_close(got.double().cpu(), expected.cpu(), rel=torch.finfo(dtype).eps, what=str(dtype))
     caps = global_caps(mask, 4, 50, 4, DEVICE)
     torch.library.opcheck(torch.ops.fastseq.global_aggregate_fwd.default, (hidden.requires_grad_(), mask, caps, 4))
+
+
+def test_triton_transient_global_layer_traces_under_torch_compile(triton_backend):
+    """Aggregation, norm-free projections and the attention op in one graph, no breaks."""
+    leaves = _global_case(19, 3, seed=8)
+    mask = _global_masks(19, 3).to(DEVICE)
+    hidden = torch.randn(4, 19, 8, device=DEVICE, requires_grad=True)
+    leaves = [*leaves[:5], hidden]
+
+    def layer(q, k, v, table, gtable, hidden):
+        globals_ = global_aggregate(hidden, mask, 3)  # (B, G, 8)
+        gk = globals_[:, None].expand(-1, 2, -1, -1)
+        return local_attention(q, k, v, table, radius=RADIUS, max_distance=12, key_padding_mask=mask, global_k=gk,
+                               global_v=gk * 0.5, global_bias_table=gtable, global_block_size=3)  # fmt: skip
+
+    compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
+    out = compiled(*leaves)
+    grads = torch.autograd.grad(out.sum(), leaves)
+    eager = layer(*leaves)
+    assert torch.equal(out, eager)
+    for a, b in zip(grads, torch.autograd.grad(eager.sum(), leaves), strict=True):
+        assert torch.equal(a, b)
