@@ -242,6 +242,15 @@ def _dropout_keep(seed, bh, offs_m, key_ids, Lq, keys, dropout_p):
 
 
 @triton.jit
+def _load_kv(K_bh, V_bh, offs_n, Lk, stride_kn, stride_vn, offs_d, d_ok):
+    """One tile of keys and values (rows past Lk and columns past D read as zeros)."""
+    kv_mask = (offs_n < Lk)[:, None] & d_ok[None, :]
+    k = tl.load(K_bh + offs_n[:, None] * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)
+    v = tl.load(V_bh + offs_n[:, None] * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0)
+    return k, v
+
+
+@triton.jit
 def _softmax_step(
     s, v, m_i, l_i, acc, seed, bh, offs_m, key_ids, Lq, keys, dropout_p, DROPOUT: tl.constexpr, PRECISION: tl.constexpr
 ):
@@ -346,9 +355,7 @@ def _bucketed_attention_fwd_kernel(
     n_start, n_end = _key_tiles(m0, Lk, q_offset, window, CAUSAL, WINDOWED, BLOCK_M, BLOCK_N)
     for n0 in range(n_start, n_end, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
-        kv_mask = (offs_n < Lk)[:, None] & d_ok[None, :]
-        k = tl.load(K_bh + offs_n[:, None] * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(V_bh + offs_n[:, None] * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0)
+        k, v = _load_kv(K_bh, V_bh, offs_n, Lk, stride_kn, stride_vn, offs_d, d_ok)
         s = _tile_scores(
             q, k, DT_h, KPM_b, offs_m, offs_n, m0, n0, Lk, q_offset, C, window, scale_log2,
             HAS_BIAS, HAS_KPM, CAUSAL, WINDOWED, BLOCK_M, BLOCK_N, SKEW, PRECISION,
@@ -365,9 +372,7 @@ def _bucketed_attention_fwd_kernel(
         GDT_h = GDT + h * (2 * CG + 1)
         for g0 in range(0, tl.minimum(G, cap + 1), BLOCK_N):
             offs_g = g0 + tl.arange(0, BLOCK_N)
-            g_mask = (offs_g < G)[:, None] & d_ok[None, :]
-            gk = tl.load(GK_bh + offs_g[:, None] * stride_gkn + offs_d[None, :], mask=g_mask, other=0.0)
-            gv = tl.load(GV_bh + offs_g[:, None] * stride_gvn + offs_d[None, :], mask=g_mask, other=0.0)
+            gk, gv = _load_kv(GK_bh, GV_bh, offs_g, G, stride_gkn, stride_gvn, offs_d, d_ok)
             s = _global_tile_scores(
                 q, gk, GDT_h, offs_g, g0, G, cap, pos_lo, pos_hi, shift, CG, scale_log2,
                 HAS_GBIAS, BLOCK_M, BLOCK_N, SKEW, PRECISION,
@@ -695,9 +700,7 @@ def _bucketed_attention_bwd_dq_kernel(
     n_start, n_end = _key_tiles(m0, Lk, q_offset, window, CAUSAL, WINDOWED, BLOCK_M, BLOCK_N)
     for n0 in range(n_start, n_end, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
-        kv_mask = (offs_n < Lk)[:, None] & d_ok[None, :]
-        k = tl.load(K_bh + offs_n[:, None] * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(V_bh + offs_n[:, None] * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0)
+        k, v = _load_kv(K_bh, V_bh, offs_n, Lk, stride_kn, stride_vn, offs_d, d_ok)
         s = _tile_scores(
             q, k, DT_h, KPM_b, offs_m, offs_n, m0, n0, Lk, q_offset, C, window, scale_log2,
             HAS_BIAS, HAS_KPM, CAUSAL, WINDOWED, BLOCK_M, BLOCK_N, SKEW, PRECISION,
@@ -726,9 +729,7 @@ def _bucketed_attention_bwd_dq_kernel(
         g_pos = tl.sum(tl.zeros((1,), tl.float32), 0)
         for g0 in range(0, tl.minimum(G, cap + 1), BLOCK_N):
             offs_g = g0 + tl.arange(0, BLOCK_N)
-            g_mask = (offs_g < G)[:, None] & d_ok[None, :]
-            gk = tl.load(GK_bh + offs_g[:, None] * stride_gkn + offs_d[None, :], mask=g_mask, other=0.0)
-            gv = tl.load(GV_bh + offs_g[:, None] * stride_gvn + offs_d[None, :], mask=g_mask, other=0.0)
+            gk, gv = _load_kv(GK_bh, GV_bh, offs_g, G, stride_gkn, stride_gvn, offs_d, d_ok)
             s = _global_tile_scores(
                 q, gk, GDT_h, offs_g, g0, G, cap, pos_lo, pos_hi, shift, CG, scale_log2,
                 HAS_GBIAS, BLOCK_M, BLOCK_N, SKEW, PRECISION,
@@ -935,6 +936,24 @@ def distance_table(bias_table: torch.Tensor, *, bidirectional: bool, max_distanc
     """
     one_hot = _bucket_one_hot(bias_table.shape[0], max_distance, bidirectional, bias_table.device)
     return (one_hot @ bias_table.float()).t().contiguous()  # (H, 2C + 1)
+
+
+def natural_lse(lse2: torch.Tensor) -> torch.Tensor:
+    """The kernels' log2-domain log-sum-exp (+inf: no key) as a natural one (-inf: no key)."""
+    return torch.where(torch.isinf(lse2), float("-inf"), lse2 / _LOG2E)
+
+
+def kernel_lse(lse: torch.Tensor, grad_lse: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`natural_lse` undone for the backward (rows with no key get p = 0), and the gradient on the
+    log-sum-exp with those rows zeroed."""
+    lse2 = torch.where(torch.isinf(lse), float("inf"), lse * _LOG2E)
+    if grad_lse is not None:
+        grad_lse = torch.where(torch.isinf(lse), 0.0, grad_lse)
+    return lse2, grad_lse
+
+
+def seed_value(seed: torch.Tensor | None) -> int:
+    return int(seed.item()) if seed is not None else 0
 
 
 def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
@@ -1212,9 +1231,10 @@ def _fwd_op(
     """out `(B, Lq, H, D)` (heads not yet moved to dim 1) and the log-sum-exp of each row's scores
     `(B, H, Lq)` fp32 (-inf for a row with no key), differentiable: LongT5 merges partial softmaxes
     through it. `window` < 0: no window."""
-    seed_value = int(seed.item()) if seed is not None else 0
-    out, lse2 = _forward(q, k, v, dist_table, key_padding_mask, seed_value, causal, q_offset, scale, dropout_p, window)
-    return out.transpose(1, 2), torch.where(torch.isinf(lse2), float("-inf"), lse2 / _LOG2E)
+    out, lse2 = _forward(
+        q, k, v, dist_table, key_padding_mask, seed_value(seed), causal, q_offset, scale, dropout_p, window
+    )
+    return out.transpose(1, 2), natural_lse(lse2)
 
 
 @_fwd_op.register_fake
@@ -1243,12 +1263,9 @@ def _bwd_op(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """dq `(B, Lq, H, D)`, dk and dv `(B, Lk, H, D)`, and the `(H, 2C + 1)` gradient of dist_table
     (`(0, 0)` without one)."""
-    seed_value = int(seed.item()) if seed is not None else 0
-    lse2 = torch.where(torch.isinf(lse), float("inf"), lse * _LOG2E)  # rows with no key: p = 0
-    if grad_lse is not None:
-        grad_lse = torch.where(torch.isinf(lse), 0.0, grad_lse)
+    lse2, grad_lse = kernel_lse(lse, grad_lse)
     dq, dk, dv, ddt, *_ = _backward(
-        do, q, k, v, out, lse2, dist_table, key_padding_mask, seed_value, causal, q_offset, scale, dropout_p,
+        do, q, k, v, out, lse2, dist_table, key_padding_mask, seed_value(seed), causal, q_offset, scale, dropout_p,
         window, grad_lse,
     )  # fmt: skip
     if dist_table is None:

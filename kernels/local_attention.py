@@ -23,14 +23,16 @@ import torch.nn.functional as F
 
 from ._backend import upcast, use_triton
 from .bucketed_attention import (
-    _LOG2E,
     GlobalTokens,
     _backward,
     _forward,
     _unsupported,
     distance_table,
+    kernel_lse,
+    natural_lse,
     relative_bias,
     relative_position_bucket,
+    seed_value,
 )
 from .global_aggregate import global_block_ids, global_caps, global_positions
 
@@ -79,9 +81,9 @@ def _fwd_op(
     with no key) over its window and the global tokens."""
     globals_ = _globals(global_k, global_v, global_dist_table, caps, global_block_size)
     out, lse2 = _forward(
-        q, k, v, dist_table, key_padding_mask, _seed_value(seed), False, 0, 1.0, dropout_p, radius, globals_
+        q, k, v, dist_table, key_padding_mask, seed_value(seed), False, 0, 1.0, dropout_p, radius, globals_
     )
-    return out.transpose(1, 2), torch.where(torch.isinf(lse2), float("-inf"), lse2 / _LOG2E)
+    return out.transpose(1, 2), natural_lse(lse2)
 
 
 @_fwd_op.register_fake
@@ -113,11 +115,9 @@ def _bwd_op(
     """dq `(B, L, H, D)`, dk, dv, the `(H, 2C + 1)` gradient of dist_table, the global keys' and
     values' `(B, G, H, D)` gradients and the global distance table's; absent ones as empty tensors."""
     globals_ = _globals(global_k, global_v, global_dist_table, caps, global_block_size)
-    lse2 = torch.where(torch.isinf(lse), float("inf"), lse * _LOG2E)  # rows with no key: p = 0
-    if grad_lse is not None:
-        grad_lse = torch.where(torch.isinf(lse), 0.0, grad_lse)
+    lse2, grad_lse = kernel_lse(lse, grad_lse)
     dq, dk, dv, ddt, dgk, dgv, dgdt = _backward(
-        do, q, k, v, out, lse2, dist_table, key_padding_mask, _seed_value(seed), False, 0, 1.0, dropout_p, radius,
+        do, q, k, v, out, lse2, dist_table, key_padding_mask, seed_value(seed), False, 0, 1.0, dropout_p, radius,
         grad_lse, globals_,
     )  # fmt: skip
 
@@ -178,10 +178,6 @@ def _backward_op(ctx, grad_out, grad_lse):
 
 
 _fwd_op.register_autograd(_backward_op, setup_context=_setup_context)
-
-
-def _seed_value(seed: torch.Tensor | None) -> int:
-    return int(seed.item()) if seed is not None else 0
 
 
 def _globals(global_k, global_v, global_dist_table, caps, block_size) -> GlobalTokens | None:
