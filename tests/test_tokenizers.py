@@ -1,0 +1,255 @@
+"""fastseq.tokenizers against transformers' tokenizers, on SentencePiece and BPE models trained here
+from generated text."""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+from collections import Counter
+
+import pytest
+import torch
+
+from fastseq.tokenizers import (
+    BlenderbotSmallTokenizer,
+    ByT5Tokenizer,
+    T5Tokenizer,
+    check_vocabulary,
+    load_tokenizer,
+)
+
+SYLLABLES = ["ka", "to", "ri", "mu", "sen", "pa", "lo", "ne", "qui", "bra", "fo", "ju", "ov", "la", "do", "ca",
+             "fé", "ü", "語", "本", "'s", "!", "?", ",", "."]  # fmt: skip
+
+
+def _corpus(n=3000, seed=0):
+    rng = random.Random(seed)
+    words = ["".join(rng.choice(SYLLABLES) for _ in range(rng.randint(1, 4))) for _ in range(300)]
+    return [" ".join(rng.choice(words) for _ in range(rng.randint(3, 12))) for _ in range(n)]
+
+
+TEXTS = [
+    "kato rimu sen",
+    "  kato   rimu\tsen \n la ",
+    "Kato, RIMU! fé ü 語本?",
+    "kato <extra_id_0> rimu <extra_id_17> sen",
+    "kato<extra_id_1>rimu<extra_id_99>",
+    "kato</s>mu <pad> x <unk>",
+    "unknown ZZZ §§ ∑ chars",
+    "ｋａｔｏ ① Ⅻ",  # NFKC-normalised by the SentencePiece model
+    "",
+    " ",
+    "it's  don't, (para) . .",
+]
+
+
+@pytest.fixture(scope="module")
+def spiece_dir(tmp_path_factory):
+    import sentencepiece as spm
+
+    path = tmp_path_factory.mktemp("t5tok")
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(_corpus()), model_prefix=str(path / "spiece"), vocab_size=200, model_type="unigram",
+        pad_id=0, eos_id=1, unk_id=2, bos_id=-1, character_coverage=1.0, minloglevel=2,
+    )  # fmt: skip
+    return path
+
+
+@pytest.fixture(scope="module")
+def hf_t5(spiece_dir):
+    from transformers import T5Tokenizer as HFT5Tokenizer
+
+    return HFT5Tokenizer.from_pretrained(spiece_dir)
+
+
+def test_t5_encode_and_decode_match_transformers(spiece_dir, hf_t5):
+    ours = load_tokenizer(spiece_dir)
+    assert isinstance(ours, T5Tokenizer)
+    assert len(ours) == len(hf_t5) == 300
+    assert (ours.pad_token_id, ours.eos_token_id, ours.unk_token_id) == (0, 1, 2)
+    assert ours.sentinel_id(0) == hf_t5.convert_tokens_to_ids("<extra_id_0>") == 299
+    assert ours.sentinel_id(99) == hf_t5.convert_tokens_to_ids("<extra_id_99>") == 200
+    for text in [*TEXTS, *_corpus(50, seed=1)]:
+        expected = hf_t5(text).input_ids
+        assert ours.encode(text) == expected, text
+        for skip in (False, True):
+            assert ours.decode(expected, skip_special_tokens=skip) == hf_t5.decode(
+                expected, skip_special_tokens=skip
+            ), (text, skip)
+
+
+def test_t5_decodes_any_ids_as_transformers(spiece_dir, hf_t5):
+    ours = load_tokenizer(spiece_dir)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(50):
+        ids = torch.randint(0, len(ours), (12,), generator=g).tolist()
+        for skip in (False, True):
+            assert ours.decode(ids, skip_special_tokens=skip) == hf_t5.decode(ids, skip_special_tokens=skip), ids
+
+
+def test_t5_sentinel_beyond_the_count_is_an_error(spiece_dir, hf_t5):
+    ours = load_tokenizer(spiece_dir)
+    # transformers splits it into ordinary pieces without a word:
+    assert len(hf_t5("<extra_id_100>").input_ids) > 2
+    with pytest.raises(ValueError, match=r"<extra_id_100>.*100 sentinels"):
+        ours.encode("fill <extra_id_100> here")
+    with pytest.raises(ValueError, match="out of range"):
+        ours.sentinel_id(100)
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_batches_match_transformers(spiece_dir, hf_t5, side):
+    ours = load_tokenizer(spiece_dir)
+    texts = TEXTS[:5] + _corpus(5, seed=2)
+    for kwargs in (
+        dict(padding=True),
+        dict(padding=True, truncation=True, max_length=6),
+        dict(padding="max_length", max_length=40),
+        dict(padding=True, pad_to_multiple_of=8),
+    ):
+        got = ours(texts, padding_side=side, **kwargs)
+        expected = hf_t5(texts, padding_side=side, return_tensors="pt", **kwargs)
+        assert torch.equal(got["input_ids"], expected["input_ids"]), kwargs
+        assert torch.equal(got["attention_mask"], expected["attention_mask"]), kwargs
+    batch = ours(texts, padding=True)
+    assert ours.batch_decode(batch["input_ids"], skip_special_tokens=True) == hf_t5.batch_decode(
+        batch["input_ids"], skip_special_tokens=True
+    )
+
+
+def test_batch_options_are_checked(spiece_dir):
+    ours = load_tokenizer(spiece_dir)
+    with pytest.raises(ValueError, match="padding=True"):
+        ours(["kato", "kato rimu sen"], padding=False)
+    assert ours(["kato", "kato rimu sen"], padding=False, return_tensors=None)["input_ids"][0] == ours.encode("kato")
+    with pytest.raises(ValueError, match="needs max_length"):
+        ours(["kato"], padding="max_length")
+    with pytest.raises(ValueError, match="padding_side"):
+        ours(["kato"], padding_side="middle")
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        ours.decode([5, 300])
+
+
+def test_saved_tokenizer_loads_in_transformers_and_back(spiece_dir, tmp_path, hf_t5):
+    from transformers import AutoTokenizer
+
+    ours = load_tokenizer(spiece_dir)
+    ours.padding_side = "left"
+    ours.save_pretrained(tmp_path)
+    theirs = AutoTokenizer.from_pretrained(tmp_path)
+    again = load_tokenizer(tmp_path)
+    assert again.padding_side == "left"
+    for text in TEXTS:
+        assert theirs(text).input_ids == ours.encode(text) == again.encode(text)
+
+
+def test_byt5_matches_transformers():
+    from transformers import ByT5Tokenizer as HFByT5Tokenizer
+
+    theirs, ours = HFByT5Tokenizer(), ByT5Tokenizer()
+    assert len(ours) == len(theirs) == 384
+    assert ours.sentinel_id(0) == theirs.convert_tokens_to_ids("<extra_id_0>")
+    for text in [*TEXTS, *_corpus(20, seed=3)]:
+        if any(int(n) >= 125 for n in re.findall(r"<extra_id_(\d+)>", text)):
+            continue
+        expected = theirs(text).input_ids
+        assert ours.encode(text) == expected, text
+        for skip in (False, True):
+            assert ours.decode(expected, skip_special_tokens=skip) == theirs.decode(expected, skip_special_tokens=skip)
+    with pytest.raises(ValueError, match="<extra_id_125>"):
+        ours.encode("<extra_id_125>")
+    # A byte sequence cut inside a character decodes what is whole, as transformers does.
+    ids = ours.encode("fé語", add_special_tokens=False)[:-1]
+    assert ours.decode(ids) == theirs.decode(ids)
+
+
+def _learn_bpe(words: Counter, merges: int) -> list[tuple[str, str]]:
+    """Plain BPE learning over words ending in </w>: merge the most frequent pair, repeat."""
+    vocab = {(*w[:-1], w[-1] + "</w>"): n for w, n in words.items()}
+    learned = []
+    for _ in range(merges):
+        pairs = Counter()
+        for symbols, n in vocab.items():
+            for pair in zip(symbols[:-1], symbols[1:], strict=True):
+                pairs[pair] += n
+        if not pairs:
+            break
+        best = max(pairs, key=lambda p: (pairs[p], p))
+        learned.append(best)
+        merged = {}
+        for symbols, n in vocab.items():
+            out, i = [], 0
+            while i < len(symbols):
+                if i < len(symbols) - 1 and (symbols[i], symbols[i + 1]) == best:
+                    out.append(symbols[i] + symbols[i + 1])
+                    i += 2
+                else:
+                    out.append(symbols[i])
+                    i += 1
+            merged[tuple(out)] = n
+        vocab = merged
+    return learned
+
+
+@pytest.fixture(scope="module")
+def bpe_dir(tmp_path_factory):
+    from transformers import BlenderbotSmallTokenizer as HFTokenizer
+
+    path = tmp_path_factory.mktemp("bbtok")
+    corpus = [line.lower() for line in _corpus(400, seed=4)]
+    words = Counter(w for line in corpus for w in line.replace(",", " ,").replace("'", " ' ").split())
+    merges = _learn_bpe(words, 60)
+    (path / "merges.txt").write_text("#version: 0.2\n" + "\n".join(f"{a} {b}" for a, b in merges) + "\n")
+    vocab = {"__null__": 0, "__start__": 1, "__end__": 2, "__unk__": 3}
+    (path / "vocab.json").write_text(json.dumps(vocab))
+    # The vocabulary: every piece the merges produce on the training text, minus a few (so that
+    # held-out pieces exercise the unknown token).
+    pieces = HFTokenizer(str(path / "vocab.json"), str(path / "merges.txt")).tokenize(" ".join(corpus[:300]))
+    for piece in sorted(set(pieces))[:-5]:
+        vocab.setdefault(piece, len(vocab))
+    vocab["__newln__"] = len(vocab)
+    (path / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
+    return path
+
+
+def test_blenderbot_small_matches_transformers(bpe_dir, tmp_path):
+    from transformers import BlenderbotSmallTokenizer as HFTokenizer
+
+    theirs = HFTokenizer(str(bpe_dir / "vocab.json"), str(bpe_dir / "merges.txt"))
+    ours = load_tokenizer(bpe_dir)
+    assert isinstance(ours, BlenderbotSmallTokenizer)
+    assert len(ours) == len(theirs)
+    assert (ours.pad_token_id, ours.bos_token_id, ours.eos_token_id, ours.unk_token_id) == (0, 1, 2, 3)
+    texts = [*TEXTS, *_corpus(40, seed=5), "__start__ kato __end__", "two\nlines here", "ZZQ unknownish"]
+    for text in texts:
+        expected = theirs(text).input_ids
+        assert ours.encode(text) == expected, text
+        for skip in (False, True):
+            assert ours.decode(expected, skip_special_tokens=skip) == theirs.decode(expected, skip_special_tokens=skip)
+    assert ours.unk_token_id in ours.encode("ZZQ unknownish")
+    ours.save_pretrained(tmp_path)
+    assert load_tokenizer(tmp_path).encode(texts[2]) == ours.encode(texts[2])
+
+
+def test_load_tokenizer_errors_and_vocabulary_check(tmp_path, spiece_dir):
+    with pytest.raises(FileNotFoundError, match="no tokenizer found"):
+        load_tokenizer(tmp_path)
+    with pytest.raises(FileNotFoundError, match="not a directory"):
+        load_tokenizer(tmp_path / "missing")
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "ByT5Tokenizer"}))
+    assert isinstance(load_tokenizer(tmp_path), ByT5Tokenizer)
+    check_vocabulary(load_tokenizer(spiece_dir), 300)
+    with pytest.raises(ValueError, match="300 ids but the model's vocabulary has 256"):
+        check_vocabulary(load_tokenizer(spiece_dir), 256)
+
+
+def test_spiece_model_without_t5_special_ids_is_refused(tmp_path):
+    import sentencepiece as spm
+
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(_corpus(500)), model_prefix=str(tmp_path / "spiece"), vocab_size=80,
+        model_type="unigram", minloglevel=2,
+    )  # fmt: skip
+    with pytest.raises(ValueError, match="pad_id=0, eos_id=1, unk_id=2"):
+        load_tokenizer(tmp_path)
