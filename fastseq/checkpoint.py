@@ -33,9 +33,14 @@ BIN_WEIGHTS = "pytorch_model.bin"
 BIN_INDEX = "pytorch_model.bin.index.json"
 _SHARD_RE = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
 _DTYPES = {
-    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
-    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
 }
 
 
@@ -276,11 +281,7 @@ def save_pretrained(model: PreTrainedModel, path: str | os.PathLike, *, max_shar
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     aliases = model.tied_parameters()
-    tensors = {
-        k: v.detach().to("cpu").contiguous()
-        for k, v in model.state_dict().items()
-        if k not in aliases
-    }
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items() if k not in aliases}
     shards = _shards(tensors, _parse_size(max_shard_size))
     metadata = {"format": "pt"}
     written: set[str] = set()

@@ -18,14 +18,22 @@ _T5_V11 = dict(feed_forward_proj="gated-gelu", tie_word_embeddings=False, vocab_
 _MT5 = dict(feed_forward_proj="gated-gelu", tie_word_embeddings=False, vocab_size=250112, model_type="mt5")
 _BYT5 = dict(feed_forward_proj="gated-gelu", tie_word_embeddings=False, vocab_size=384)
 _LONGT5 = dict(
-    feed_forward_proj="gated-gelu", tie_word_embeddings=False, vocab_size=32128,
-    local_radius=127, global_block_size=16,
+    feed_forward_proj="gated-gelu",
+    tie_word_embeddings=False,
+    vocab_size=32128,
+    local_radius=127,
+    global_block_size=16,
 )
 
 
 def _t5(d_model, d_ff, d_kv, heads, layers, decoder_layers=None, **base) -> dict[str, Any]:
     return dict(
-        base, d_model=d_model, d_ff=d_ff, d_kv=d_kv, num_heads=heads, num_layers=layers,
+        base,
+        d_model=d_model,
+        d_ff=d_ff,
+        d_kv=d_kv,
+        num_heads=heads,
+        num_layers=layers,
         num_decoder_layers=decoder_layers if decoder_layers is not None else layers,
     )
 
@@ -53,26 +61,38 @@ PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
     "google/byt5-xl": ("t5", _t5(2560, 6720, 64, 32, 36, 12, **_BYT5)),
     "google/byt5-xxl": ("t5", _t5(4672, 12352, 64, 64, 36, 12, **_BYT5)),
     "google/long-t5-local-base": ("longt5", _t5(768, 2048, 64, 12, 12, encoder_attention_type="local", **_LONGT5)),
-    "google/long-t5-local-large": (
-        "longt5", _t5(1024, 2816, 64, 16, 24, encoder_attention_type="local", **_LONGT5)
-    ),
+    "google/long-t5-local-large": ("longt5", _t5(1024, 2816, 64, 16, 24, encoder_attention_type="local", **_LONGT5)),
     "google/long-t5-local-xl": ("longt5", _t5(2048, 5120, 64, 32, 24, encoder_attention_type="local", **_LONGT5)),
     "google/long-t5-tglobal-base": (
-        "longt5", _t5(768, 2048, 64, 12, 12, encoder_attention_type="transient-global", **_LONGT5)
+        "longt5",
+        _t5(768, 2048, 64, 12, 12, encoder_attention_type="transient-global", **_LONGT5),
     ),
     "google/long-t5-tglobal-large": (
-        "longt5", _t5(1024, 2816, 64, 16, 24, encoder_attention_type="transient-global", **_LONGT5)
+        "longt5",
+        _t5(1024, 2816, 64, 16, 24, encoder_attention_type="transient-global", **_LONGT5),
     ),
     "google/long-t5-tglobal-xl": (
-        "longt5", _t5(2048, 5120, 64, 32, 24, encoder_attention_type="transient-global", **_LONGT5)
+        "longt5",
+        _t5(2048, 5120, 64, 32, 24, encoder_attention_type="transient-global", **_LONGT5),
     ),
     "facebook/blenderbot_small-90M": (
         "blenderbot-small",
         dict(
-            vocab_size=54944, max_position_embeddings=512, d_model=512, encoder_layers=8, decoder_layers=8,
-            encoder_attention_heads=16, decoder_attention_heads=16, encoder_ffn_dim=2048, decoder_ffn_dim=2048,
-            activation_function="gelu", dropout=0.1, attention_dropout=0.0, activation_dropout=0.0,
-            scale_embedding=True, init_std=0.02,
+            vocab_size=54944,
+            max_position_embeddings=512,
+            d_model=512,
+            encoder_layers=8,
+            decoder_layers=8,
+            encoder_attention_heads=16,
+            decoder_attention_heads=16,
+            encoder_ffn_dim=2048,
+            decoder_ffn_dim=2048,
+            activation_function="gelu",
+            dropout=0.1,
+            attention_dropout=0.0,
+            activation_dropout=0.0,
+            scale_embedding=True,
+            init_std=0.02,
         ),
     ),
 }
@@ -91,8 +111,9 @@ def config(name: str, **overrides: Any):
     return config_cls(**{**fields, **overrides})
 
 
-def build(name: str, *, device: torch.device | str | None = None, encoder_only: bool = False, **overrides: Any
-          ) -> PreTrainedModel:
+def build(
+    name: str, *, device: torch.device | str | None = None, encoder_only: bool = False, **overrides: Any
+) -> PreTrainedModel:
     """A freshly initialised model of a preset (on `device`; "meta" allocates nothing)."""
     model_type, _ = _lookup(name)
     _, classes, default = FAMILIES[model_type]

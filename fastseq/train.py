@@ -62,8 +62,9 @@ def greedy(model: T5ForConditionalGeneration, input_ids, attention_mask, max_new
     decoder_ids = torch.full((B, 1), model.config.decoder_start_token_id, device=input_ids.device)
     done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
     for _ in range(max_new_tokens):
-        logits = model(input_ids, attention_mask, decoder_ids, encoder_outputs=encoder_states,
-                       return_logits=True).logits[:, -1]  # (B, vocab)
+        logits = model(
+            input_ids, attention_mask, decoder_ids, encoder_outputs=encoder_states, return_logits=True
+        ).logits[:, -1]  # (B, vocab)
         next_ids = torch.where(done, PAD, logits.argmax(-1))
         decoder_ids = torch.cat([decoder_ids, next_ids[:, None]], dim=1)
         done |= next_ids == EOS
@@ -87,9 +88,18 @@ def exact_match(model, pairs, device, batch_size: int = 128) -> float:
 def default_config() -> T5Config:
     """A small T5 v1.1 with the ByT5 vocabulary."""
     return T5Config(
-        vocab_size=384, d_model=128, d_kv=32, d_ff=384, num_layers=2, num_decoder_layers=2, num_heads=4,
-        relative_attention_num_buckets=32, relative_attention_max_distance=64, dropout_rate=0.0,
-        feed_forward_proj="gated-gelu", tie_word_embeddings=False,
+        vocab_size=384,
+        d_model=128,
+        d_kv=32,
+        d_ff=384,
+        num_layers=2,
+        num_decoder_layers=2,
+        num_heads=4,
+        relative_attention_num_buckets=32,
+        relative_attention_max_distance=64,
+        dropout_rate=0.0,
+        feed_forward_proj="gated-gelu",
+        tie_word_embeddings=False,
     )
 
 

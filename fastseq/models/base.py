@@ -90,8 +90,17 @@ class Seq2SeqModel(PreTrainedModel):
     def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         raise NotImplementedError
 
-    def decode(self, decoder_input_ids, encoder_states, attention_mask=None, decoder_attention_mask=None):
+    def decode(self, decoder_input_ids, encoder_states, attention_mask=None, decoder_attention_mask=None, cache=None):
         raise NotImplementedError
+
+    def num_decoder_layers(self) -> int:
+        raise NotImplementedError
+
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
+        """Greedy decoding or sampling with a KV cache; see `fastseq.generation.generate`."""
+        from fastseq.generation import generate
+
+        return generate(self, input_ids, attention_mask, **kwargs)
 
     def logits_bias(self) -> torch.Tensor | None:
         """A bias added to every logit (vocab,), or None."""

@@ -13,6 +13,7 @@ from torch import nn
 from fastseq.kernels import bucketed_attention
 
 from .base import HFConfig, PreTrainedModel, Seq2SeqModel
+from .cache import LayerCache
 
 _ACTIVATIONS = {
     "gelu": F.gelu,
@@ -52,8 +53,7 @@ class BlenderbotSmallConfig(HFConfig):
     def __post_init__(self) -> None:
         if self.activation_function not in _ACTIVATIONS:
             raise ValueError(
-                f"activation_function={self.activation_function!r} is not supported; "
-                f"use one of {sorted(_ACTIVATIONS)}"
+                f"activation_function={self.activation_function!r} is not supported; use one of {sorted(_ACTIVATIONS)}"
             )
         for heads, name in ((self.encoder_attention_heads, "encoder"), (self.decoder_attention_heads, "decoder")):
             if self.d_model % heads:
@@ -87,18 +87,31 @@ class BlenderbotSmallAttention(nn.Module):
         key_padding_mask: torch.Tensor | None,
         causal: bool = False,
         kv_states: torch.Tensor | None = None,
+        cache: LayerCache | None = None,
     ) -> torch.Tensor:
+        """With `cache`: self-attention appends this call's keys and values and attends to every
+        step so far; cross-attention computes the encoder's once."""
         B, L, d = x.shape
-        source = x if kv_states is None else kv_states
         q = self.split_heads(self.q_proj(x))  # (B, H, Lq, D)
-        k = self.split_heads(self.k_proj(source))  # (B, H, Lk, D)
-        v = self.split_heads(self.v_proj(source))  # (B, H, Lk, D)
+        q_offset = 0
+        if kv_states is not None:
+
+            def project():
+                return self.split_heads(self.k_proj(kv_states)), self.split_heads(self.v_proj(kv_states))
+
+            k, v = project() if cache is None else cache.cross(project)  # (B, H, Lk, D)
+        else:
+            k, v = self.split_heads(self.k_proj(x)), self.split_heads(self.v_proj(x))  # (B, H, Lk, D)
+            if cache is not None:
+                q_offset = cache.owner.length
+                k, v = cache.append(k, v)  # (B, H, past + Lk, D)
         out = bucketed_attention(
             q,
             k,
             v,
             None,
             causal=causal,
+            q_offset=q_offset,
             key_padding_mask=key_padding_mask,
             scale=self.head_dim**-0.5,
             dropout_p=self.dropout if self.training else 0.0,
@@ -151,10 +164,10 @@ class BlenderbotSmallDecoderLayer(_FeedForward):
         self.final_layer_norm = nn.LayerNorm(config.d_model)
         self.dropout = config.dropout
 
-    def forward(self, x, mask, encoder_states, encoder_mask) -> torch.Tensor:
-        h = self.self_attn(x, key_padding_mask=mask, causal=True)
+    def forward(self, x, mask, encoder_states, encoder_mask, cache=None) -> torch.Tensor:
+        h = self.self_attn(x, key_padding_mask=mask, causal=True, cache=cache)
         x = self.self_attn_layer_norm(x + F.dropout(h, p=self.dropout, training=self.training))
-        h = self.encoder_attn(x, key_padding_mask=encoder_mask, kv_states=encoder_states)
+        h = self.encoder_attn(x, key_padding_mask=encoder_mask, kv_states=encoder_states, cache=cache)
         x = self.encoder_attn_layer_norm(x + F.dropout(h, p=self.dropout, training=self.training))
         h = self.ffn(x)
         return self.final_layer_norm(x + F.dropout(h, p=self.dropout, training=self.training))
@@ -189,22 +202,25 @@ class BlenderbotSmallDecoder(nn.Module):
         self.layernorm_embedding = nn.LayerNorm(config.d_model)
         self.dropout = config.dropout
 
-    def forward(self, input_ids, attention_mask, encoder_states, encoder_mask) -> torch.Tensor:
-        _check_positions(input_ids, self.embed_positions)
-        positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+    def forward(self, input_ids, attention_mask, encoder_states, encoder_mask, cache=None) -> torch.Tensor:
+        past = 0 if cache is None else cache.length
+        _check_positions(input_ids, self.embed_positions, past)
+        positions = torch.arange(past, past + input_ids.shape[1], device=input_ids.device)
         # The decoder normalises the token embeddings before adding positions, as the reference does.
         x = self.layernorm_embedding(self.embed_tokens(input_ids)) + self.embed_positions(positions)  # (B, L, d)
         x = F.dropout(x, p=self.dropout, training=self.training)
-        for layer in self.layers:
-            x = layer(x, attention_mask, encoder_states, encoder_mask)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, attention_mask, encoder_states, encoder_mask, None if cache is None else cache[i])
+        if cache is not None:
+            cache.length += input_ids.shape[1]
         return x
 
 
-def _check_positions(input_ids: torch.Tensor, positions: nn.Embedding) -> None:
-    if input_ids.shape[1] > positions.num_embeddings:
+def _check_positions(input_ids: torch.Tensor, positions: nn.Embedding, past: int = 0) -> None:
+    if past + input_ids.shape[1] > positions.num_embeddings:
         raise ValueError(
-            f"sequence length {input_ids.shape[1]} exceeds max_position_embeddings={positions.num_embeddings}; "
-            "truncate the inputs"
+            f"sequence length {past + input_ids.shape[1]} exceeds max_position_embeddings={positions.num_embeddings}; "
+            "truncate the inputs (or generate fewer tokens)"
         )
 
 
@@ -270,11 +286,14 @@ class BlenderbotSmallForConditionalGeneration(_BlenderbotSmallBase, Seq2SeqModel
         if self.config.tie_word_embeddings:
             self.lm_head.weight = self.model.shared.weight
 
+    def num_decoder_layers(self) -> int:
+        return len(self.model.decoder.layers)
+
     def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         return self.model.encoder(input_ids, attention_mask)
 
-    def decode(self, decoder_input_ids, encoder_states, attention_mask=None, decoder_attention_mask=None):
-        return self.model.decoder(decoder_input_ids, decoder_attention_mask, encoder_states, attention_mask)
+    def decode(self, decoder_input_ids, encoder_states, attention_mask=None, decoder_attention_mask=None, cache=None):
+        return self.model.decoder(decoder_input_ids, decoder_attention_mask, encoder_states, attention_mask, cache)
 
     def logits_bias(self) -> torch.Tensor:
         return self.final_logits_bias[0]  # (vocab,)

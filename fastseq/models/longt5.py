@@ -64,9 +64,7 @@ class LongT5TransientGlobalAttention(T5Attention):
         self.radius = config.local_radius
         self.global_block_size = config.global_block_size
         if has_relative_attention_bias:
-            self.global_relative_attention_bias = nn.Embedding(
-                config.relative_attention_num_buckets, config.num_heads
-            )
+            self.global_relative_attention_bias = nn.Embedding(config.relative_attention_num_buckets, config.num_heads)
         self.global_input_layer_norm = T5LayerNorm(config.d_model, config.layer_norm_epsilon)
 
     def forward(self, x: torch.Tensor, *, tables: dict, key_padding_mask: torch.Tensor | None) -> torch.Tensor:

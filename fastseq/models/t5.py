@@ -17,6 +17,7 @@ from torch import nn
 from fastseq.kernels import bucketed_attention, gated_ffn, relu_ffn, rms_norm
 
 from .base import EncoderOutput, HFConfig, PreTrainedModel, Seq2SeqModel
+from .cache import KVCache, LayerCache
 
 _FFN_KINDS = ("relu", "gated-gelu")
 
@@ -51,9 +52,7 @@ class T5Config(HFConfig):
             # T5 v1.0 rescales because its head is the embedding; mT5 never rescales.
             self.scale_decoder_outputs = self.tie_word_embeddings and self.model_type != "mt5"
         if self.feed_forward_proj not in _FFN_KINDS:
-            raise ValueError(
-                f"feed_forward_proj={self.feed_forward_proj!r} is not supported; use one of {_FFN_KINDS}"
-            )
+            raise ValueError(f"feed_forward_proj={self.feed_forward_proj!r} is not supported; use one of {_FFN_KINDS}")
 
     @property
     def is_gated(self) -> bool:
@@ -148,12 +147,24 @@ class T5Attention(nn.Module):
         key_padding_mask: torch.Tensor | None,
         causal: bool = False,
         kv_states: torch.Tensor | None = None,
+        cache: LayerCache | None = None,
     ) -> torch.Tensor:
+        """With `cache` (decoding step by step): self-attention appends this call's keys and values
+        and attends to every step so far; cross-attention computes the encoder's once."""
         B, L, _ = x.shape
-        source = x if kv_states is None else kv_states
         q = self.split_heads(self.q(x))  # (B, H, Lq, D)
-        k = self.split_heads(self.k(source))  # (B, H, Lk, D)
-        v = self.split_heads(self.v(source))  # (B, H, Lk, D)
+        q_offset = 0
+        if kv_states is not None:
+
+            def project():
+                return self.split_heads(self.k(kv_states)), self.split_heads(self.v(kv_states))  # (B, H, Lk, D)
+
+            k, v = project() if cache is None else cache.cross(project)
+        else:
+            k, v = self.split_heads(self.k(x)), self.split_heads(self.v(x))  # (B, H, Lk, D)
+            if cache is not None:
+                q_offset = cache.owner.length
+                k, v = cache.append(k, v)  # (B, H, past + Lk, D)
         out = bucketed_attention(
             q,
             k,
@@ -161,6 +172,7 @@ class T5Attention(nn.Module):
             bias_table,
             bidirectional=not self.is_decoder,
             max_distance=self.max_distance,
+            q_offset=q_offset,
             causal=causal,
             key_padding_mask=key_padding_mask,
             scale=1.0,
@@ -183,9 +195,11 @@ class T5LayerSelfAttention(nn.Module):
         """Bias tables this layer owns (layer 0 owns them; every layer uses them)."""
         return {"bias_table": self.SelfAttention.relative_attention_bias.weight}
 
-    def forward(self, x: torch.Tensor, tables: dict[str, torch.Tensor], mask: torch.Tensor | None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, tables: dict[str, torch.Tensor], mask: torch.Tensor | None, cache=None
+    ) -> torch.Tensor:
         out = self.SelfAttention(
-            self.layer_norm(x), bias_table=tables["bias_table"], key_padding_mask=mask, causal=self.causal
+            self.layer_norm(x), bias_table=tables["bias_table"], key_padding_mask=mask, causal=self.causal, cache=cache
         )
         return x + self.dropout(out)
 
@@ -197,9 +211,9 @@ class T5LayerCrossAttention(nn.Module):
         self.layer_norm = T5LayerNorm(config.d_model, config.layer_norm_epsilon)
         self.dropout = nn.Dropout(config.dropout_rate)
 
-    def forward(self, x: torch.Tensor, encoder_states: torch.Tensor, encoder_mask: torch.Tensor | None):
+    def forward(self, x: torch.Tensor, encoder_states: torch.Tensor, encoder_mask: torch.Tensor | None, cache=None):
         out = self.EncDecAttention(
-            self.layer_norm(x), bias_table=None, key_padding_mask=encoder_mask, kv_states=encoder_states
+            self.layer_norm(x), bias_table=None, key_padding_mask=encoder_mask, kv_states=encoder_states, cache=cache
         )
         return x + self.dropout(out)
 
@@ -222,10 +236,13 @@ class T5Block(nn.Module):
         self.layer.append(T5LayerFF(config))
         self.is_decoder = is_decoder
 
-    def forward(self, x, tables, mask, encoder_states=None, encoder_mask=None) -> torch.Tensor:
-        x = _clamp_fp16(self.layer[0](x, tables, mask))
+    def forward(self, x, tables, mask, encoder_states=None, encoder_mask=None, cache=None) -> torch.Tensor:
+        if cache is None:
+            x = _clamp_fp16(self.layer[0](x, tables, mask))
+        else:
+            x = _clamp_fp16(self.layer[0](x, tables, mask, cache))
         if self.is_decoder:
-            x = _clamp_fp16(self.layer[1](x, encoder_states, encoder_mask))
+            x = _clamp_fp16(self.layer[1](x, encoder_states, encoder_mask, cache))
         return _clamp_fp16(self.layer[-1](x))
 
 
@@ -236,13 +253,20 @@ class T5Stack(nn.Module):
     """Embedding dropout, blocks, final RMSNorm and dropout. Layer 0 owns the bias tables."""
 
     def __init__(
-        self, config: T5Config, embed_tokens: nn.Embedding, num_layers: int, *, is_decoder: bool,
+        self,
+        config: T5Config,
+        embed_tokens: nn.Embedding,
+        num_layers: int,
+        *,
+        is_decoder: bool,
         self_attention: SelfAttentionFactory | None = None,
     ):
         super().__init__()
         if self_attention is None:
+
             def self_attention(i: int) -> nn.Module:
                 return T5LayerSelfAttention(config, has_relative_attention_bias=i == 0, is_decoder=is_decoder)
+
         self.embed_tokens = embed_tokens
         self.block = nn.ModuleList(
             [T5Block(config, self_attention(i), is_decoder=is_decoder) for i in range(num_layers)]
@@ -256,11 +280,14 @@ class T5Stack(nn.Module):
         attention_mask: torch.Tensor | None = None,
         encoder_states: torch.Tensor | None = None,
         encoder_mask: torch.Tensor | None = None,
+        cache: KVCache | None = None,
     ) -> torch.Tensor:
         x = self.dropout(self.embed_tokens(input_ids))  # (B, L, d_model)
         tables = self.block[0].layer[0].position_tables()
-        for block in self.block:
-            x = block(x, tables, attention_mask, encoder_states, encoder_mask)
+        for i, block in enumerate(self.block):
+            x = block(x, tables, attention_mask, encoder_states, encoder_mask, None if cache is None else cache[i])
+        if cache is not None:
+            cache.length += input_ids.shape[1]
         return self.dropout(self.final_layer_norm(x))
 
 
@@ -329,6 +356,9 @@ class T5ForConditionalGeneration(_T5Base, Seq2SeqModel):
         if self.config.tie_word_embeddings:
             self.lm_head.weight = self.shared.weight
 
+    def num_decoder_layers(self) -> int:
+        return len(self.decoder.block)
+
     def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """input_ids `(B, Le)` -> encoder states `(B, Le, d_model)`."""
         return self.encoder(input_ids, attention_mask)
@@ -339,9 +369,11 @@ class T5ForConditionalGeneration(_T5Base, Seq2SeqModel):
         encoder_states: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         decoder_attention_mask: torch.Tensor | None = None,
+        cache: KVCache | None = None,
     ) -> torch.Tensor:
-        """Decoder states `(B, Ld, d_model)`, rescaled for the head when the config says so."""
-        h = self.decoder(decoder_input_ids, decoder_attention_mask, encoder_states, attention_mask)
+        """Decoder states `(B, Ld, d_model)`, rescaled for the head when the config says so. With
+        `cache`, `decoder_input_ids` are the steps after those already cached."""
+        h = self.decoder(decoder_input_ids, decoder_attention_mask, encoder_states, attention_mask, cache)
         if self.config.scale_decoder_outputs:
             h = h * self.config.d_model**-0.5
         return h
@@ -369,4 +401,3 @@ class T5EncoderModel(_T5Base):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> EncoderOutput:
         """input_ids `(B, L)` -> last_hidden_state `(B, L, d_model)`."""
         return EncoderOutput(last_hidden_state=self.encoder(input_ids, attention_mask))
-

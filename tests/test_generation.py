@@ -1,0 +1,104 @@
+"""Generation with the KV cache against transformers' generate, and the cache against full decoding."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fastseq
+from tests.conftest import KINDS, assert_close, batch, hf_model
+
+KIND_NAMES = list(KINDS)
+
+
+def _pair(kind, tmp_path):
+    ref = hf_model(kind)
+    ref.save_pretrained(tmp_path)
+    return ref, fastseq.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("kind", KIND_NAMES)
+def test_greedy_matches_transformers(kind, tmp_path, reference_backend):
+    ref, ours = _pair(kind, tmp_path)
+    inputs = batch(kind)
+    args = (inputs["input_ids"], inputs["attention_mask"])
+    expected = ref.generate(args[0], attention_mask=args[1], max_new_tokens=12, do_sample=False, num_beams=1)
+    got = ours.generate(*args, max_new_tokens=12)
+    assert torch.equal(got, expected), (got, expected)
+    # With an eos that row 0 produces early, that row finishes and is padded, the others go on.
+    eos = int(expected[0, 4])
+    expected = ref.generate(
+        args[0], attention_mask=args[1], max_new_tokens=12, do_sample=False, num_beams=1, eos_token_id=eos
+    )
+    got = ours.generate(*args, max_new_tokens=12, eos_token_id=eos)
+    assert torch.equal(got, expected), (got, expected)
+    assert (got[0, 5:] == ref.config.pad_token_id).all() or got.shape[1] <= 5
+
+
+@pytest.mark.parametrize("kind", ["t5_v11_untied", "longt5_tglobal", "blenderbot_small"])
+def test_cached_steps_equal_full_decoding(kind, tmp_path, reference_backend):
+    from fastseq.models.cache import KVCache
+
+    _, ours = _pair(kind, tmp_path)
+    inputs = batch(kind)
+    decoder_ids = inputs["labels"].clamp(min=0)
+    enc = ours.encode(inputs["input_ids"], inputs["attention_mask"])
+    with torch.no_grad():
+        full = ours.decode(decoder_ids, enc, inputs["attention_mask"])  # (B, Ld, d)
+        cache = KVCache(ours.num_decoder_layers(), capacity=decoder_ids.shape[1])
+        steps = [ours.decode(decoder_ids[:, i : i + 1], enc, inputs["attention_mask"], cache=cache)
+                 for i in range(decoder_ids.shape[1])]  # fmt: skip
+    assert_close(torch.cat(steps, 1), full, rel=1e-5, what="cached decoder states")
+    with pytest.raises(ValueError, match="does not fit"):
+        ours.decode(decoder_ids[:, :1], enc, inputs["attention_mask"], cache=cache)
+
+
+def test_sampling_is_seeded_and_filters(tmp_path, reference_backend):
+    _, ours = _pair("t5_v11_untied", tmp_path)
+    inputs = batch("t5_v11_untied")
+    args = (inputs["input_ids"], inputs["attention_mask"])
+
+    def sample(seed, **kw):
+        return ours.generate(*args, max_new_tokens=10, do_sample=True, generator=torch.Generator().manual_seed(seed),
+                             **kw)  # fmt: skip
+
+    assert torch.equal(sample(0), sample(0))
+    assert not torch.equal(sample(0, temperature=5.0), sample(1, temperature=5.0))
+    greedy = ours.generate(*args, max_new_tokens=10)
+    assert torch.equal(sample(2, top_k=1), greedy)
+    assert torch.equal(sample(3, top_p=1e-6), greedy)
+    assert torch.equal(sample(4, temperature=1e-4), greedy)
+    with pytest.raises(ValueError, match="temperature must be > 0"):
+        sample(0, temperature=0.0)
+    with pytest.raises(ValueError, match="max_new_tokens must be >= 1"):
+        ours.generate(*args, max_new_tokens=0)
+
+
+def test_sampling_follows_the_distribution(tmp_path, reference_backend):
+    """First-step frequencies over many draws match the softmax of the model's logits."""
+    _, ours = _pair("t5_v10_tied", tmp_path)
+    inputs = batch("t5_v10_tied", B=1)
+    ids = inputs["input_ids"].expand(4000, -1)
+    mask = inputs["attention_mask"].expand(4000, -1)
+    tokens = ours.generate(ids, mask, max_new_tokens=1, do_sample=True, top_k=5, eos_token_id=-1,
+                           generator=torch.Generator().manual_seed(0))[:, 1]  # fmt: skip
+    with torch.no_grad():
+        start = torch.zeros(1, 1, dtype=torch.long)
+        h = ours.decode(start, ours.encode(inputs["input_ids"], inputs["attention_mask"]), inputs["attention_mask"])
+        logits = ours.lm_head(h[0, -1]).double()
+    top = torch.topk(logits, 5)
+    expected = torch.softmax(top.values, -1)
+    counts = torch.stack([(tokens == t).sum() for t in top.indices])
+    assert counts.sum() == len(tokens)  # nothing outside the top 5
+    counts = counts.double() / len(tokens)
+    assert (counts - expected).abs().max() < 0.03, (counts, expected)
+
+
+def test_greedy_with_triton_kernels_equals_reference(tmp_path, monkeypatch):
+    _, ours = _pair("t5_v11_untied", tmp_path)
+    inputs = batch("t5_v11_untied")
+    args = (inputs["input_ids"], inputs["attention_mask"])
+    monkeypatch.setenv("FASTSEQ_BACKEND", "reference")
+    expected = ours.generate(*args, max_new_tokens=6)
+    monkeypatch.setenv("FASTSEQ_BACKEND", "triton")
+    assert torch.equal(ours.generate(*args, max_new_tokens=6), expected)
