@@ -1,10 +1,18 @@
-"""Generation for the encoder-decoder models: greedy decoding and sampling with a KV cache.
+"""Generation for the encoder-decoder models: greedy decoding, sampling and beam search with a KV cache.
 
 The encoder runs once; the decoder runs one token per step against `fastseq.models.cache.KVCache`
 (self-attention keys and values appended in place, cross-attention keys and values computed at
 the first step). Rows that have produced eos continue with the pad token, as `transformers` does,
 and decoding stops when every row has finished or after `max_new_tokens`. The result starts with
 the decoder start token, as `transformers`' `generate` returns it.
+
+Beam search follows `transformers`' vectorised algorithm, so its outputs are the same tokens:
+each step keeps the 2K best continuations of the K running beams, the best K that do not end
+(eos, or the length limit) run on, and those that end among the first K enter the K finished
+hypotheses with the score `sum of log-probs / generated_length ** length_penalty`. The search
+stops when every finished slot is filled and no running beam can beat the worst of them
+(`early_stopping=False`, the length taken as the current one), when K hypotheses are finished
+(`early_stopping=True`), or at the length limit.
 """
 
 from __future__ import annotations
@@ -37,6 +45,85 @@ def _sample(logits: torch.Tensor, temperature: float, top_k: int, top_p: float, 
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)  # (B,)
 
 
+def _logits(model, tokens, encoder_states, attention_mask, cache, bias) -> torch.Tensor:
+    h = model.decode(tokens, encoder_states, attention_mask, None, cache=cache)  # (N, 1, d_model)
+    logits = model.lm_head(h[:, -1]).float()  # (N, V)
+    return logits if bias is None else logits + bias.float()
+
+
+def _force(logits: torch.Tensor, token: int) -> torch.Tensor:
+    """Only `token` allowed (score 0, everything else -inf)."""
+    vocab = torch.arange(logits.shape[-1], device=logits.device)
+    return torch.where(vocab == token, 0.0, -torch.inf).expand_as(logits)
+
+
+def _beam_search(
+    model, encoder_states, attention_mask, *, num_beams, max_new_tokens, length_penalty, early_stopping, eos, pad,
+    start, forced_eos,
+) -> torch.Tensor:  # fmt: skip
+    B, K = encoder_states.shape[0], num_beams
+    device = encoder_states.device
+    max_len = 1 + max_new_tokens
+    encoder_states = encoder_states.repeat_interleave(K, dim=0)  # (B * K, Le, d_model)
+    if attention_mask is not None:
+        attention_mask = attention_mask.repeat_interleave(K, dim=0)
+    cache = KVCache(model.num_decoder_layers(), capacity=max_new_tokens)
+    bias = model.logits_bias()
+    keep = 2 * K  # candidates per step: enough that K can run on even if K of them end
+    fill = pad if pad else eos  # transformers fills unused positions with `pad_token_id or eos_token_id`
+    running = torch.full((B, K, max_len), fill, dtype=torch.long, device=device)
+    running[:, :, 0] = start
+    running_scores = torch.zeros(B, K, device=device)
+    running_scores[:, 1:] = -1e9  # the K beams start identical: only the first may expand
+    finished = running.clone()
+    finished_scores = torch.full((B, K), -1e9, device=device)
+    finished_lengths = torch.zeros(B, K, dtype=torch.long, device=device)
+    slot_filled = torch.zeros(B, K, dtype=torch.bool, device=device)
+    open_batch = torch.ones(B, 1, dtype=torch.bool, device=device)  # a running beam may still improve
+    first_k = torch.arange(keep, device=device) < K
+    rows = torch.arange(B, device=device)[:, None]
+    for cur_len in range(1, max_len):
+        tokens = running[:, :, cur_len - 1].reshape(B * K, 1)
+        log_probs = torch.log_softmax(_logits(model, tokens, encoder_states, attention_mask, cache, bias), dim=-1)
+        if forced_eos is not None and cur_len == max_len - 1:
+            log_probs = _force(log_probs, forced_eos)
+        V = log_probs.shape[-1]
+        total = (log_probs.view(B, K, V) + running_scores[:, :, None]).reshape(B, K * V)
+        cand_scores, cand_index = torch.topk(total, keep)  # (B, 2K)
+        cand_beam, cand_token = cand_index // V, cand_index % V
+        candidates = running[rows, cand_beam]  # (B, 2K, max_len)
+        candidates[:, :, cur_len] = cand_token
+        ends = cand_token == eos if eos is not None else torch.zeros_like(cand_token, dtype=torch.bool)
+        ends = ends | (cur_len + 1 >= max_len)
+        # The best K continuations that do not end run on.
+        next_index = torch.topk(cand_scores - ends.float() * 1e9, K).indices  # (B, K)
+        running = candidates[rows, next_index]
+        running_scores = (cand_scores - ends.float() * 1e9).gather(1, next_index)
+        source_beam = cand_beam.gather(1, next_index)  # (B, K)
+        # Endings among the first K candidates compete for the K finished slots.
+        entered = ends & first_k[None, :]
+        scores = cand_scores / ((cur_len + 1 - 1) ** length_penalty)
+        if early_stopping is True:
+            scores = scores - (slot_filled.all(-1, keepdim=True)).float() * 1e9
+        scores = scores - (~open_batch).float() * 1e9 - (~entered).float() * 1e9
+        merged_scores = torch.cat([finished_scores, scores], dim=1)  # (B, 3K)
+        best = torch.topk(merged_scores, K).indices
+        finished = torch.cat([finished, candidates], dim=1)[rows, best]
+        finished_scores = merged_scores.gather(1, best)
+        lengths = torch.full_like(cand_token, cur_len + 1)
+        finished_lengths = torch.cat([finished_lengths, lengths], dim=1).gather(1, best)
+        slot_filled = torch.cat([slot_filled, entered], dim=1).gather(1, best)
+        cache.reorder((rows * K + source_beam).reshape(-1))
+        # Can a running beam still beat the worst finished one (at the current length)?
+        best_running = running_scores[:, :1] / (cur_len**length_penalty)
+        worst = torch.where(slot_filled, finished_scores.min(dim=1, keepdim=True).values, -1e9)
+        open_batch = open_batch & (best_running > worst).any(-1, keepdim=True)
+        if not open_batch.any() or (early_stopping is True and slot_filled.all()) or ends.all():
+            break
+    length = int(finished_lengths[:, 0].max())
+    return finished[:, 0, :length]
+
+
 @torch.no_grad()
 def generate(
     model,
@@ -44,6 +131,9 @@ def generate(
     attention_mask: torch.Tensor | None = None,
     *,
     max_new_tokens: int = 20,
+    num_beams: int = 1,
+    length_penalty: float = 1.0,
+    early_stopping: bool = False,
     do_sample: bool = False,
     temperature: float = 1.0,
     top_k: int = 0,
@@ -56,8 +146,9 @@ def generate(
 ) -> torch.Tensor:
     """Token ids `(B, 1 + n)`, n <= max_new_tokens: the decoder start token, then the generated
     tokens (pad after a row's eos). Greedy by default; `do_sample` draws from the distribution
-    shaped by `temperature`, `top_k` and `top_p` (reproducible with `generator`). Token settings
-    default to the model's config (`forced_eos_token_id` too: eos forced at the last step)."""
+    shaped by `temperature`, `top_k` and `top_p` (reproducible with `generator`); `num_beams` > 1
+    runs beam search (`length_penalty`, `early_stopping`) and returns the best hypothesis. Token
+    settings default to the model's config (`forced_eos_token_id` too: eos forced at the last step)."""
     config = model.config
     eos = _setting(eos_token_id, config, "eos_token_id")
     pad = _setting(pad_token_id, config, "pad_token_id")
@@ -69,23 +160,29 @@ def generate(
         raise ValueError(f"temperature must be > 0; got {temperature} (use do_sample=False for greedy)")
     if not 0 < top_p <= 1:
         raise ValueError(f"top_p must be in (0, 1]; got {top_p}")
+    if num_beams < 1:
+        raise ValueError(f"num_beams must be >= 1; got {num_beams}")
+    if num_beams > 1 and do_sample:
+        raise ValueError("beam sampling is not supported; use num_beams=1 with do_sample, or do_sample=False")
     was_training = model.training
     model.eval()
     try:
         B = input_ids.shape[0]
         encoder_states = model.encode(input_ids, attention_mask)  # (B, Le, d_model)
+        if num_beams > 1:
+            return _beam_search(
+                model, encoder_states, attention_mask, num_beams=num_beams, max_new_tokens=max_new_tokens,
+                length_penalty=length_penalty, early_stopping=early_stopping, eos=eos, pad=pad, start=start,
+                forced_eos=forced_eos,
+            )  # fmt: skip
         cache = KVCache(model.num_decoder_layers(), capacity=max_new_tokens)
         tokens = torch.full((B, 1), start, dtype=torch.long, device=input_ids.device)
         finished = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
         bias = model.logits_bias()
         for step in range(max_new_tokens):
-            h = model.decode(tokens[:, -1:], encoder_states, attention_mask, None, cache=cache)  # (B, 1, d_model)
-            logits = model.lm_head(h[:, -1]).float()  # (B, V)
-            if bias is not None:
-                logits = logits + bias.float()
+            logits = _logits(model, tokens[:, -1:], encoder_states, attention_mask, cache, bias)  # (B, V)
             if forced_eos is not None and step == max_new_tokens - 1:
-                vocab = torch.arange(logits.shape[-1], device=logits.device)
-                logits = torch.where(vocab == forced_eos, 0.0, -torch.inf).expand_as(logits)
+                logits = _force(logits, forced_eos)
             if do_sample:
                 next_tokens = _sample(logits, temperature, top_k, top_p, generator)
             else:

@@ -11,15 +11,26 @@ from tests.conftest import KINDS, assert_close, batch, hf_model
 KIND_NAMES = list(KINDS)
 
 
-def _pair(kind, tmp_path):
+def _pair(kind, tmp_path, sharpen: bool = False):
+    """transformers' model and fastseq's loaded from its checkpoint. `sharpen` scales the weights
+    (norms and biases aside) so that the tiny random model's next-token distributions depend on
+    the input and are peaked: tokens then differ between rows and steps, and beams diverge."""
     ref = hf_model(kind)
+    if sharpen:
+        with torch.no_grad():
+            if hasattr(ref, "final_logits_bias"):
+                ref.final_logits_bias.zero_()
+            factor = 10.0 if KINDS[kind][0] == "blenderbot-small" else 4.0
+            for name, p in ref.named_parameters():
+                if "norm" not in name and name.split(".")[-1] != "bias":
+                    p.mul_(factor)
     ref.save_pretrained(tmp_path)
     return ref, fastseq.from_pretrained(tmp_path)
 
 
 @pytest.mark.parametrize("kind", KIND_NAMES)
 def test_greedy_matches_transformers(kind, tmp_path, reference_backend):
-    ref, ours = _pair(kind, tmp_path)
+    ref, ours = _pair(kind, tmp_path, sharpen=True)
     inputs = batch(kind)
     args = (inputs["input_ids"], inputs["attention_mask"])
     expected = ref.generate(args[0], attention_mask=args[1], max_new_tokens=12, do_sample=False, num_beams=1)
@@ -102,3 +113,31 @@ def test_greedy_with_triton_kernels_equals_reference(tmp_path, monkeypatch):
     expected = ours.generate(*args, max_new_tokens=6)
     monkeypatch.setenv("FASTSEQ_BACKEND", "triton")
     assert torch.equal(ours.generate(*args, max_new_tokens=6), expected)
+
+
+@pytest.mark.parametrize("kind", KIND_NAMES)
+@pytest.mark.parametrize("beams,length_penalty,early_stopping", [(3, 1.0, False), (4, 2.0, True), (2, 0.5, False)])
+def test_beam_search_matches_transformers(kind, beams, length_penalty, early_stopping, tmp_path, reference_backend):
+    ref, ours = _pair(kind, tmp_path, sharpen=True)
+    inputs = batch(kind)
+    args = (inputs["input_ids"], inputs["attention_mask"])
+    greedy = ref.generate(args[0], attention_mask=args[1], max_new_tokens=10, do_sample=False, num_beams=1)
+    # eos among the likely tokens, so that hypotheses finish at different lengths.
+    for eos in (int(greedy[0, 3]), int(greedy[1, 6])):
+        settings = dict(max_new_tokens=10, num_beams=beams, length_penalty=length_penalty,
+                        early_stopping=early_stopping, eos_token_id=eos)  # fmt: skip
+        expected = ref.generate(args[0], attention_mask=args[1], do_sample=False, **settings)
+        got = ours.generate(*args, **settings)
+        assert torch.equal(got, expected), (got, expected)
+        BEAM_OUTCOMES.append((kind, got.shape[1], bool((got == eos).any(-1).all())))
+
+
+BEAM_OUTCOMES: list = []
+
+
+def test_beam_cases_were_not_trivial():
+    """The beam cases above ran to several lengths, and in some every row ended on its eos."""
+    if not BEAM_OUTCOMES:
+        pytest.skip("the beam-search cases did not run in this session")
+    assert len({length for _, length, _ in BEAM_OUTCOMES}) >= 3
+    assert any(ended for *_, ended in BEAM_OUTCOMES) and not all(ended for *_, ended in BEAM_OUTCOMES)
