@@ -1,0 +1,86 @@
+"""fastseq.optim: Adafactor and the schedules against transformers' implementations."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fastseq.optim import Adafactor, make_optimizer, make_schedule, schedule_factor
+
+
+def _params(dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    shapes = [(7, 5), (3, 4, 6), (9,)]
+    return [torch.nn.Parameter(torch.randn(*s, generator=g).to(dtype)) for s in shapes]
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(lr=None, relative_step=True, scale_parameter=True),
+        dict(lr=None, relative_step=True, scale_parameter=True, warmup_init=True),
+        dict(lr=1e-2, relative_step=False, scale_parameter=False, beta1=0.9, weight_decay=0.1),
+        dict(lr=3e-3, relative_step=False, scale_parameter=True, clip_threshold=0.5),
+    ],
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_adafactor_matches_transformers(kwargs, dtype):
+    from transformers.optimization import Adafactor as HFAdafactor
+
+    ours, theirs = _params(dtype), _params(dtype)
+    opt, ref = Adafactor(ours, **kwargs), HFAdafactor(theirs, **kwargs)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(6):
+        for a, b in zip(ours, theirs, strict=True):
+            grad = torch.randn(a.shape, generator=g).to(dtype)
+            a.grad, b.grad = grad.clone(), grad.clone()
+        opt.step()
+        ref.step()
+        for a, b in zip(ours, theirs, strict=True):
+            assert torch.allclose(a.float(), b.float(), rtol=1e-6, atol=1e-7), (a - b).abs().max()
+    # The factored state is O(rows + cols): no full second-moment matrix for a 2-D parameter.
+    assert "exp_avg_sq" not in opt.state[ours[0]] and opt.state[ours[0]]["exp_avg_sq_row"].shape == (7,)
+
+
+def test_optimizer_choices():
+    params = _params()
+    assert isinstance(make_optimizer("adamw", params, lr=1e-3), torch.optim.AdamW)
+    assert make_optimizer("adafactor", params, lr=None).defaults["relative_step"]
+    assert not make_optimizer("adafactor", params, lr=1e-3).defaults["relative_step"]
+    with pytest.raises(ValueError, match="adamw needs a learning rate"):
+        make_optimizer("adamw", params, lr=None)
+    with pytest.raises(ValueError, match="unknown optimizer 'sgd'"):
+        make_optimizer("sgd", params, lr=1e-3)
+    with pytest.raises(ValueError, match="relative_step"):
+        Adafactor(params, lr=1e-3)
+
+
+def test_schedules_match_transformers():
+    from transformers.optimization import (
+        get_constant_schedule_with_warmup,
+        get_inverse_sqrt_schedule,
+        get_linear_schedule_with_warmup,
+    )
+
+    def factors(make):
+        opt = torch.optim.SGD(_params(), lr=1.0)
+        sched = make(opt)
+        out = []
+        for _ in range(60):
+            out.append(opt.param_groups[0]["lr"])
+            opt.step()
+            sched.step()
+        return out
+
+    warmup, total = 10, 50
+    cases = {
+        "constant": lambda o: get_constant_schedule_with_warmup(o, warmup),
+        "linear": lambda o: get_linear_schedule_with_warmup(o, warmup, total),
+        "inverse_sqrt": lambda o: get_inverse_sqrt_schedule(o, warmup),
+    }
+    for name, theirs in cases.items():
+        ours = factors(lambda o, name=name: make_schedule(o, name, warmup_steps=warmup, total_steps=total))
+        assert ours == pytest.approx(factors(theirs), rel=1e-12, abs=1e-12), name
+    assert schedule_factor("linear", 50, 10, 50) == 0.0
+    with pytest.raises(ValueError, match="unknown schedule 'cosine'"):
+        make_schedule(torch.optim.SGD(_params(), lr=1.0), "cosine", warmup_steps=0, total_steps=1)
