@@ -17,12 +17,48 @@ def _convert(args: argparse.Namespace) -> None:
     print(f"fastseq convert: {type(model).__name__} ({model.num_parameters():,} parameters) -> {args.destination}")
 
 
+def _generate(args: argparse.Namespace) -> None:
+    import torch
+
+    from .checkpoint import from_pretrained
+    from .tokenizers import load_tokenizer
+
+    model = from_pretrained(args.model)
+    tokenizer = load_tokenizer(args.tokenizer or args.model)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model.to(device)
+    batch = tokenizer(args.texts, padding=True, truncation=args.max_source_length is not None,
+                      max_length=args.max_source_length)  # fmt: skip
+    generator = torch.Generator(device=device).manual_seed(args.seed)
+    out = model.generate(
+        batch["input_ids"].to(device), batch["attention_mask"].to(device), max_new_tokens=args.max_new_tokens,
+        num_beams=args.num_beams, do_sample=args.do_sample, temperature=args.temperature, top_k=args.top_k,
+        top_p=args.top_p, generator=generator,
+    )  # fmt: skip
+    for text in tokenizer.batch_decode(out[:, 1:], skip_special_tokens=True):
+        print(text)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fastseq", description="Fast training of T5-family models.")
     sub = parser.add_subparsers(dest="command", required=True)
     p_train = sub.add_parser("train", help="train a model (no arguments: the embedded default run)")
     train.add_arguments(p_train)
     p_train.set_defaults(func=train.run)
+    p_gen = sub.add_parser("generate", help="generate text with a trained model directory")
+    p_gen.add_argument("--model", required=True, help="a model directory (with its tokenizer files)")
+    p_gen.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the model's)")
+    p_gen.add_argument("texts", nargs="+", help="input texts, one output line each")
+    p_gen.add_argument("--max-new-tokens", type=int, default=64)
+    p_gen.add_argument("--max-source-length", type=int, default=None)
+    p_gen.add_argument("--num-beams", type=int, default=1)
+    p_gen.add_argument("--do-sample", action="store_true")
+    p_gen.add_argument("--temperature", type=float, default=1.0)
+    p_gen.add_argument("--top-k", type=int, default=0)
+    p_gen.add_argument("--top-p", type=float, default=1.0)
+    p_gen.add_argument("--seed", type=int, default=0)
+    p_gen.add_argument("--device", default=None)
+    p_gen.set_defaults(func=_generate)
     p_convert = sub.add_parser("convert", help="re-save a Hugging Face model directory (dtype, shards)")
     p_convert.add_argument("source")
     p_convert.add_argument("destination")

@@ -143,7 +143,29 @@ def schedule_factor(name: str, step: int, warmup_steps: int, total_steps: int) -
     raise ValueError(f"unknown schedule {name!r}; use one of {SCHEDULES}")
 
 
-def make_schedule(optimizer: Optimizer, name: str, *, warmup_steps: int, total_steps: int) -> LambdaLR:
+class RelativeStep:
+    """In place of a schedule for Adafactor without a learning rate: its relative step size
+    `min(1e-2, 1 / sqrt(step))` is the schedule."""
+
+    def __init__(self):
+        self.last_epoch = 0
+
+    def step(self) -> None:
+        self.last_epoch += 1
+
+    def get_last_lr(self) -> list[None]:
+        return [None]
+
+    def state_dict(self) -> dict:
+        return {"last_epoch": self.last_epoch}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.last_epoch = state["last_epoch"]
+
+
+def make_schedule(optimizer: Optimizer, name: str, *, warmup_steps: int, total_steps: int) -> LambdaLR | RelativeStep:
     if name not in SCHEDULES:
         raise ValueError(f"unknown schedule {name!r}; use one of {SCHEDULES}")
+    if any(group["lr"] is None for group in optimizer.param_groups):
+        return RelativeStep()
     return LambdaLR(optimizer, lambda step: schedule_factor(name, step, warmup_steps, total_steps))

@@ -17,13 +17,34 @@ def _fastseq(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([exe, *args], capture_output=True, text=True, timeout=600, check=False)
 
 
-def test_train_default_job_short_run(tmp_path):
+def test_train_default_job_short_run_then_generate(tmp_path):
     out = tmp_path / "run"
     result = _fastseq("train", "--steps", "40", "--eval-examples", "16", "--quiet", "--output-dir", str(out))
     assert result.returncode == 0, result.stderr
-    assert "held-out exact match" in result.stdout
+    assert "held-out exact match" in result.stdout and "checkpoint in" in result.stdout
     model = fastseq.from_pretrained(out)
     assert model.config.vocab_size == 384 and model.config.feed_forward_proj == "gated-gelu"
+    result = _fastseq("generate", "--model", str(out), "reverse: abc", "reverse: hello", "--max-new-tokens", "8")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert len(lines) == 2
+    # The same text as the library's greedy decoding of that checkpoint.
+    from fastseq.tokenizers import load_tokenizer
+
+    tok = load_tokenizer(out)
+    batch = tok(["reverse: abc", "reverse: hello"])
+    expected = tok.batch_decode(model.generate(batch["input_ids"], batch["attention_mask"], max_new_tokens=8)[:, 1:],
+                                skip_special_tokens=True)  # fmt: skip
+    assert lines == expected
+
+
+def test_train_resume_from_the_command_line(tmp_path):
+    out = tmp_path / "run"
+    common = ["--eval-examples", "4", "--quiet", "--output-dir", str(out), "--batch-size", "4"]
+    assert _fastseq("train", "--steps", "4", *common).returncode == 0
+    result = _fastseq("train", "--steps", "6", "--resume", *common)
+    assert result.returncode == 0, result.stderr
+    assert "steps 4-6" in result.stdout and (out / "checkpoint-6").is_dir()
 
 
 def test_convert_to_bfloat16_shards(tmp_path):

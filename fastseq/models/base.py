@@ -72,6 +72,12 @@ class PreTrainedModel(nn.Module):
     def tie_weights(self) -> None:
         """Re-establish parameter sharing (after loading with `assign=True`)."""
 
+    def gradient_checkpointing_enable(self, enabled: bool = True) -> None:
+        """Recompute each layer's activations in backward instead of keeping them (training only)."""
+        for module in self.modules():
+            if hasattr(module, "gradient_checkpointing"):
+                module.gradient_checkpointing = enabled
+
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from fastseq.kernels import bucketed_attention
 
@@ -174,6 +175,8 @@ class BlenderbotSmallDecoderLayer(_FeedForward):
 
 
 class BlenderbotSmallEncoder(nn.Module):
+    gradient_checkpointing = False
+
     def __init__(self, config: BlenderbotSmallConfig, embed_tokens: nn.Embedding):
         super().__init__()
         self.embed_tokens = embed_tokens
@@ -189,11 +192,16 @@ class BlenderbotSmallEncoder(nn.Module):
         x = self.embed_tokens(input_ids) * self.embed_scale + self.embed_positions(positions)  # (B, L, d)
         x = F.dropout(self.layernorm_embedding(x), p=self.dropout, training=self.training)
         for layer in self.layers:
-            x = layer(x, attention_mask)
+            if self.gradient_checkpointing and self.training:
+                x = checkpoint(layer, x, attention_mask, use_reentrant=False)
+            else:
+                x = layer(x, attention_mask)
         return x
 
 
 class BlenderbotSmallDecoder(nn.Module):
+    gradient_checkpointing = False
+
     def __init__(self, config: BlenderbotSmallConfig, embed_tokens: nn.Embedding):
         super().__init__()
         self.embed_tokens = embed_tokens
@@ -210,7 +218,10 @@ class BlenderbotSmallDecoder(nn.Module):
         x = self.layernorm_embedding(self.embed_tokens(input_ids)) + self.embed_positions(positions)  # (B, L, d)
         x = F.dropout(x, p=self.dropout, training=self.training)
         for i, layer in enumerate(self.layers):
-            x = layer(x, attention_mask, encoder_states, encoder_mask, None if cache is None else cache[i])
+            if self.gradient_checkpointing and self.training and cache is None:
+                x = checkpoint(layer, x, attention_mask, encoder_states, encoder_mask, use_reentrant=False)
+            else:
+                x = layer(x, attention_mask, encoder_states, encoder_mask, None if cache is None else cache[i])
         if cache is not None:
             cache.length += input_ids.shape[1]
         return x

@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from fastseq.kernels import bucketed_attention, gated_ffn, relu_ffn, rms_norm
 
@@ -252,6 +253,8 @@ SelfAttentionFactory = Callable[[int], nn.Module]
 class T5Stack(nn.Module):
     """Embedding dropout, blocks, final RMSNorm and dropout. Layer 0 owns the bias tables."""
 
+    gradient_checkpointing = False
+
     def __init__(
         self,
         config: T5Config,
@@ -284,8 +287,12 @@ class T5Stack(nn.Module):
     ) -> torch.Tensor:
         x = self.dropout(self.embed_tokens(input_ids))  # (B, L, d_model)
         tables = self.block[0].layer[0].position_tables()
+        checkpointed = self.gradient_checkpointing and self.training and cache is None
         for i, block in enumerate(self.block):
-            x = block(x, tables, attention_mask, encoder_states, encoder_mask, None if cache is None else cache[i])
+            if checkpointed:
+                x = checkpoint(block, x, tables, attention_mask, encoder_states, encoder_mask, use_reentrant=False)
+            else:
+                x = block(x, tables, attention_mask, encoder_states, encoder_mask, None if cache is None else cache[i])
         if cache is not None:
             cache.length += input_ids.shape[1]
         return self.dropout(self.final_layer_norm(x))

@@ -1,0 +1,132 @@
+"""The training loop: resume equality, checkpoints, data files, options and their errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import fastseq
+from fastseq.train import TrainArgs, latest_checkpoint, train
+
+
+def _args(tmp_path, **kw) -> TrainArgs:
+    base = dict(steps=20, batch_size=8, eval_examples=8, quiet=True, output_dir=str(tmp_path / "run"), log_every=5,
+                warmup=5, examples_to_show=0)  # fmt: skip
+    return TrainArgs(**{**base, **kw})
+
+
+def _losses(path) -> list[float]:
+    return [r["loss"] for r in map(json.loads, (path / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+
+
+@pytest.mark.parametrize("optimizer,lr", [("adamw", 3e-3), ("adafactor", None)])
+def test_resume_continues_exactly(tmp_path, optimizer, lr, reference_backend):
+    whole = _args(tmp_path / "a", optimizer=optimizer, lr=lr)
+    train(whole)
+    first = _args(tmp_path / "b", optimizer=optimizer, lr=lr, steps=20, save_every=10)
+    # Stop after 10 steps: run 20 with a checkpoint at 10, then drop everything after it.
+    train(first)
+    out = tmp_path / "b" / "run"
+    lines = (out / "metrics.jsonl").read_text().splitlines()[:10]
+    (out / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    (out / "checkpoint-20").rename(tmp_path / "discarded")
+    assert latest_checkpoint(out).name == "checkpoint-10"
+    train(_args(tmp_path / "b", optimizer=optimizer, lr=lr, steps=20, save_every=10, resume="latest"))
+    assert _losses(out) == _losses(tmp_path / "a" / "run")  # bit for bit
+    a = fastseq.from_pretrained(tmp_path / "a" / "run")
+    b = fastseq.from_pretrained(out)
+    for (name, x), y in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
+        assert torch.equal(x, y), name
+
+
+def test_outputs_of_a_run(tmp_path, reference_backend):
+    summary = train(_args(tmp_path, steps=12, eval_every=6, save_every=6, grad_accum=2, gradient_checkpointing=True))
+    out = tmp_path / "run"
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == list(range(1, 13))
+    assert any("exact_match" in r for r in records) and "tokens_per_s" in records[4]
+    assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert {p.name for p in out.glob("checkpoint-*")} == {"checkpoint-6", "checkpoint-12"}
+    assert not list(out.glob(".*tmp*"))  # no temporary directories left behind
+    assert (out / "checkpoint-6" / "trainer_state.safetensors").is_file()
+    assert not list(out.rglob("*.bin")) and not list(out.rglob("*.pt"))  # nothing pickled
+    assert 0.0 <= summary["exact_match"] <= 1.0
+    from transformers import AutoTokenizer, T5ForConditionalGeneration
+
+    T5ForConditionalGeneration.from_pretrained(out)  # the final model loads in transformers
+    AutoTokenizer.from_pretrained(out)
+
+
+def test_seq2seq_file_and_denoise(tmp_path, reference_backend):
+    data = tmp_path / "train.jsonl"
+    rows = [{"q": f"copy: {w}", "a": w} for w in ["alpha", "beta", "gamma", "delta", "epsilon", "zeta"] * 4]
+    data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    summary = train(_args(tmp_path, data=str(data), eval_data=str(data), source_field="q", target_field="a",
+                          steps=4, batch_size=4, max_source_length=16, eval_examples=4))  # fmt: skip
+    assert "exact_match" in summary
+    text = tmp_path / "corpus.txt"
+    text.write_text("\n".join(f"document number {i} with some words to corrupt" for i in range(10)) + "\n")
+    train(_args(tmp_path, data=str(text), task="denoise", steps=3, batch_size=4, max_source_length=32,
+                output_dir=str(tmp_path / "denoise")))  # fmt: skip
+    assert (tmp_path / "denoise" / "checkpoint-3").is_dir()
+
+
+def test_bad_options_are_refused(tmp_path, reference_backend):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    with pytest.raises(ValueError, match="no examples"):
+        train(_args(tmp_path, data=str(empty)))
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"source": "a", "target": "b"}\n{oops\n')
+    with pytest.raises(ValueError, match=r"bad.jsonl:2"):
+        train(_args(tmp_path, data=str(bad)))
+    with pytest.raises(ValueError, match="fp16 is refused for T5-family models"):
+        train(_args(tmp_path, precision="fp16"))
+    with pytest.raises(FileNotFoundError, match="no checkpoint to resume from"):
+        train(_args(tmp_path / "fresh", resume="latest"))
+    with pytest.raises(ValueError, match="needs a tokenizer"):
+        train(_args(tmp_path, model="t5-small"))
+
+
+def test_tokenizer_and_model_vocabulary_mismatch(tmp_path, reference_backend):
+    from tests.conftest import hf_model
+
+    hf_model("t5_v10_tied").save_pretrained(tmp_path / "model")  # vocabulary of 99
+    from fastseq.tokenizers import ByT5Tokenizer
+
+    ByT5Tokenizer().save_pretrained(tmp_path / "model")  # 384 ids
+    with pytest.raises(ValueError, match="384 ids but the model's vocabulary has 99"):
+        train(_args(tmp_path, model=str(tmp_path / "model")))
+
+
+def test_yaml_config_and_flags(tmp_path):
+    import argparse
+
+    from fastseq.train import add_arguments, args_from_namespace
+
+    config = tmp_path / "c.yaml"
+    config.write_text("steps: 7\nlr: 0.01\noptimizer: adafactor\nbatch-size: 3\n")
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = args_from_namespace(parser.parse_args(["--config", str(config), "--steps", "9"]))
+    assert (args.steps, args.lr, args.optimizer, args.batch_size) == (9, 0.01, "adafactor", 3)
+    config.write_text("stepz: 7\n")
+    with pytest.raises(ValueError, match=r"unknown training option\(s\) \['stepz'\]"):
+        args_from_namespace(parser.parse_args(["--config", str(config)]))
+
+
+def test_shipped_training_configs_parse():
+    import argparse
+    from pathlib import Path
+
+    from fastseq.train import add_arguments, args_from_namespace
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    configs = sorted(Path(__file__).parents[1].joinpath("configs", "train").glob("*.yaml"))
+    assert configs
+    for config in configs:
+        args = args_from_namespace(parser.parse_args(["--config", str(config)]))
+        assert args.task in ("seq2seq", "denoise") and args.steps > 0
