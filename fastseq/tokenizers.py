@@ -198,17 +198,28 @@ def _write_json(path: Path, value) -> None:
     os.replace(tmp, path)
 
 
-def _sentinel_check(text: str, extra_ids: int, name: str) -> None:
-    for match in _SENTINEL.finditer(text):
-        if int(match[1]) >= extra_ids:
-            raise ValueError(
-                f"{name}: the text contains {match[0]}, but this tokenizer has {extra_ids} sentinels "
-                f"(<extra_id_0> ... <extra_id_{extra_ids - 1}>); it would be split into ordinary pieces. "
-                "Use a sentinel below the count, or a tokenizer built with more extra_ids"
-            )
+class _SentinelTokenizer(Tokenizer):
+    """A tokenizer with `extra_ids` sentinels `<extra_id_0>` ... (T5's span-corruption markers)."""
+
+    extra_ids: int
+
+    def sentinel_id(self, n: int) -> int:
+        """The id of `<extra_id_n>`."""
+        if not 0 <= n < self.extra_ids:
+            raise ValueError(f"sentinel {n} is out of range: this tokenizer has {self.extra_ids}")
+        return self.special_tokens[f"<extra_id_{n}>"]
+
+    def _check_sentinels(self, text: str) -> None:
+        for match in _SENTINEL.finditer(text):
+            if int(match[1]) >= self.extra_ids:
+                raise ValueError(
+                    f"{type(self).__name__}: the text contains {match[0]}, but this tokenizer has {self.extra_ids} "
+                    f"sentinels (<extra_id_0> ... <extra_id_{self.extra_ids - 1}>); it would be split into ordinary "
+                    "pieces. Use a sentinel below the count, or a tokenizer built with more extra_ids"
+                )
 
 
-class T5Tokenizer(Tokenizer):
+class T5Tokenizer(_SentinelTokenizer):
     """T5 / mT5 SentencePiece tokenizer with sentinels at the top of the vocabulary."""
 
     pad_token, eos_token, unk_token = "<pad>", "</s>", "<unk>"
@@ -237,15 +248,6 @@ class T5Tokenizer(Tokenizer):
     def __len__(self) -> int:
         return self.sp.get_piece_size() + self.extra_ids
 
-    def sentinel_id(self, n: int) -> int:
-        """The id of `<extra_id_n>`."""
-        if not 0 <= n < self.extra_ids:
-            raise ValueError(f"sentinel {n} is out of range: this tokenizer has {self.extra_ids}")
-        return self.special_tokens[f"<extra_id_{n}>"]
-
-    def _check_sentinels(self, text: str) -> None:
-        _sentinel_check(text, self.extra_ids, type(self).__name__)
-
     def _encode_text(self, text: str) -> list[int]:
         return self.sp.encode(text)
 
@@ -272,7 +274,7 @@ class T5Tokenizer(Tokenizer):
         self._write_config(path, {"tokenizer_class": "T5Tokenizer", "extra_ids": self.extra_ids})
 
 
-class ByT5Tokenizer(Tokenizer):
+class ByT5Tokenizer(_SentinelTokenizer):
     """ByT5: every UTF-8 byte is a token (id = byte + 3)."""
 
     pad_token, eos_token, unk_token = "<pad>", "</s>", "<unk>"
@@ -289,14 +291,6 @@ class ByT5Tokenizer(Tokenizer):
 
     def __len__(self) -> int:
         return 256 + self._OFFSET + self.extra_ids
-
-    def sentinel_id(self, n: int) -> int:
-        if not 0 <= n < self.extra_ids:
-            raise ValueError(f"sentinel {n} is out of range: this tokenizer has {self.extra_ids}")
-        return self.special_tokens[f"<extra_id_{n}>"]
-
-    def _check_sentinels(self, text: str) -> None:
-        _sentinel_check(text, self.extra_ids, type(self).__name__)
 
     def _encode_text(self, text: str) -> list[int]:
         return [b + self._OFFSET for b in text.encode("utf-8")]
