@@ -60,6 +60,7 @@ class TrainArgs:
     steps: int = 1000
     batch_size: int = 64
     max_tokens: int | None = None  # token budget per batch instead of batch_size (file data)
+    buffer_size: int = 100_000  # examples read, length-bucketed and shuffled at a time (file data)
     grad_accum: int = 1
     optimizer: str = "adamw"
     lr: float | None = 3e-3
@@ -120,35 +121,49 @@ class SyntheticStream:
 
 
 class FileStream:
-    """The examples of a file in length-bucketed batches, reshuffled each epoch (seeded by the
-    epoch); its position is (epoch, batch)."""
+    """The examples of a file, read as a stream: `buffer_size` examples at a time are cut into
+    length-bucketed batches and shuffled (seeded by epoch and buffer), so memory holds one buffer,
+    never the file. Its position is (epoch, buffer, batch); resuming re-reads up to that buffer."""
 
-    def __init__(self, examples: list, lengths: list[int], *, batch_size: int, max_tokens: int | None, seed: int):
-        if not examples:
+    def __init__(self, open_reader, length, *, batch_size: int, max_tokens: int | None, seed: int,
+                 buffer_size: int = 100_000):  # fmt: skip
+        self.open_reader, self.length = open_reader, length
+        self.batch_size, self.max_tokens, self.seed, self.buffer_size = batch_size, max_tokens, seed, buffer_size
+        self.epoch, self.buffer, self.index = 0, 0, 0
+        self._reader = open_reader()
+        self._fill()
+        if not self._examples:
             raise ValueError("the training data has no examples")
-        self.examples, self.lengths = examples, lengths
-        self.batch_size, self.max_tokens, self.seed = batch_size, max_tokens, seed
-        self.epoch, self.index = 0, 0
-        self._batches = self._epoch_batches()
 
-    def _epoch_batches(self) -> list[list[int]]:
+    def _fill(self) -> None:
+        """Read the next buffer and batch it."""
+        self._examples = [x for _, x in zip(range(self.buffer_size), self._reader, strict=False)]
+        lengths = [self.length(x) for x in self._examples]
         sizes = dict(max_tokens=self.max_tokens) if self.max_tokens else dict(batch_size=self.batch_size)
-        return bucketed_batches(self.examples, self.lengths, seed=self.seed * 100003 + self.epoch, **sizes)
+        seed = (self.seed * 100003 + self.epoch) * 100003 + self.buffer
+        self._batches = bucketed_batches(self._examples, lengths, seed=seed, **sizes) if self._examples else []
 
     def next_batch(self) -> list:
-        if self.index >= len(self._batches):
-            self.epoch, self.index = self.epoch + 1, 0
-            self._batches = self._epoch_batches()
-        batch = [self.examples[i] for i in self._batches[self.index]]
+        while self.index >= len(self._batches):
+            self.buffer, self.index = self.buffer + 1, 0
+            self._fill()
+            if not self._examples:  # the file is done: the next epoch starts over
+                self.epoch, self.buffer = self.epoch + 1, 0
+                self._reader = self.open_reader()
+                self._fill()
+        batch = [self._examples[i] for i in self._batches[self.index]]
         self.index += 1
         return batch
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "index": self.index}
+        return {"epoch": self.epoch, "buffer": self.buffer, "index": self.index}
 
     def load_state_dict(self, state: dict) -> None:
-        self.epoch, self.index = state["epoch"], state["index"]
-        self._batches = self._epoch_batches()
+        self.epoch, self.buffer, self.index = state["epoch"], state["buffer"], state["index"]
+        self._reader = self.open_reader()
+        for _ in zip(range(self.buffer * self.buffer_size), self._reader, strict=False):
+            pass
+        self._fill()
 
 
 # --------------------------------------------------------------------------------------------
@@ -380,17 +395,16 @@ def _data(args: TrainArgs, tokenizer: Tokenizer):
         stream = SyntheticStream(args.batch_size, args.seed)
         held_out = make_examples(args.eval_examples, random.Random(args.seed + 1))
         return stream, Seq2SeqCollator(tokenizer), held_out, Seq2SeqCollator(tokenizer)
+    sizes = dict(batch_size=args.batch_size, max_tokens=args.max_tokens, seed=args.seed,
+                 buffer_size=args.buffer_size)  # fmt: skip
     if args.task == "denoise":
-        texts = list(read_text(args.data))
         collator = SpanCorruptionCollator(tokenizer, input_length=args.max_source_length, seed=args.seed)
-        stream = FileStream(texts, [len(t) for t in texts], batch_size=args.batch_size, max_tokens=args.max_tokens,
-                            seed=args.seed)  # fmt: skip
+        stream = FileStream(lambda: read_text(args.data), len, **sizes)
         return stream, collator, [], None
-    examples = list(read_examples(args.data, args.source_field, args.target_field))
-    lengths = [len(s) + len(t) for s, t in examples]
     collator = Seq2SeqCollator(tokenizer, max_source_length=args.max_source_length,
                                max_target_length=args.max_target_length)  # fmt: skip
-    stream = FileStream(examples, lengths, batch_size=args.batch_size, max_tokens=args.max_tokens, seed=args.seed)
+    stream = FileStream(lambda: read_examples(args.data, args.source_field, args.target_field),
+                        lambda pair: len(pair[0]) + len(pair[1]), **sizes)  # fmt: skip
     held_out = []
     if args.eval_data:
         held_out = list(read_examples(args.eval_data, args.source_field, args.target_field))[: args.eval_examples]
@@ -516,6 +530,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=None, help=f"optimizer steps (default {d.steps})")
     parser.add_argument("--batch-size", type=int, default=None, help=f"default {d.batch_size}")
     parser.add_argument("--max-tokens", type=int, default=None, help="token budget per batch instead of --batch-size")
+    parser.add_argument("--buffer-size", type=int, default=None, help="examples shuffled and bucketed at a time")
     parser.add_argument("--grad-accum", type=int, default=None, help="micro-batches per optimizer step")
     parser.add_argument("--optimizer", default=None, choices=OPTIMIZERS)
     parser.add_argument("--lr", type=float, default=None, help=f"default {d.lr}; with adafactor 0 = relative step")

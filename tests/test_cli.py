@@ -68,3 +68,22 @@ def test_bad_arguments_fail_cleanly(tmp_path):
     assert result.returncode == 2
     assert "error:" in result.stderr and "not a directory" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_convert_pytorch_bin_directory_to_safetensors(tmp_path):
+    import json
+
+    ref = hf_model("t5_v11_untied")
+    src = tmp_path / "bin"
+    src.mkdir()
+    torch.save({k: v.contiguous() for k, v in ref.state_dict().items()}, src / "pytorch_model.bin")
+    (src / "config.json").write_text(json.dumps(ref.config.to_dict()))
+    result = _fastseq("convert", str(src), str(tmp_path / "safe"))
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "safe" / "model.safetensors").is_file() and not list((tmp_path / "safe").glob("*.bin"))
+    from transformers import T5ForConditionalGeneration
+
+    theirs = T5ForConditionalGeneration.from_pretrained(tmp_path / "safe").eval()
+    inputs = batch("t5_v11_untied")
+    with torch.no_grad():
+        assert torch.allclose(theirs(**inputs).logits, ref(**inputs).logits, atol=1e-5)

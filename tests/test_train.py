@@ -130,3 +130,32 @@ def test_shipped_training_configs_parse():
     for config in configs:
         args = args_from_namespace(parser.parse_args(["--config", str(config)]))
         assert args.task in ("seq2seq", "denoise") and args.steps > 0
+
+
+def test_file_stream_reads_a_buffer_at_a_time_and_resumes():
+    from fastseq.train import FileStream
+
+    items = [f"example {i} " + "x" * (i % 7) for i in range(23)]
+    opened = []
+
+    def reader():
+        opened.append(1)
+        yield from items
+
+    stream = FileStream(reader, len, batch_size=2, max_tokens=None, seed=3, buffer_size=5)
+    assert len(stream._examples) == 5  # one buffer in memory, not the file
+    epoch = []
+    while stream.epoch == 0:
+        batch = stream.next_batch()
+        if stream.epoch == 0:
+            epoch += batch
+    assert sorted(epoch) == sorted(items)  # every example once per epoch
+    # Resuming from a position mid-epoch gives the same batches after it.
+    first = FileStream(reader, len, batch_size=2, max_tokens=None, seed=3, buffer_size=5)
+    for _ in range(4):
+        first.next_batch()
+    state = first.state_dict()
+    expected = [first.next_batch() for _ in range(9)]
+    again = FileStream(reader, len, batch_size=2, max_tokens=None, seed=3, buffer_size=5)
+    again.load_state_dict(json.loads(json.dumps(state)))
+    assert [again.next_batch() for _ in range(9)] == expected
