@@ -5,10 +5,11 @@ on a synthetic text-to-text task generated in memory (reverse a word), on whatev
 there. With `--model PRESET_OR_DIR --data FILE --task seq2seq|denoise` it fine-tunes a model on a
 JSONL/CSV/TSV file (seq2seq) or on plain text with T5's span corruption (denoise).
 
-The loop: AdamW or Adafactor, a learning-rate schedule, gradient accumulation, clipping, bf16
-autocast on a GPU (fp16 refused for T5-family models unless forced), gradient checkpointing,
-evaluation (loss and exact match from greedy decoding), metrics to `metrics.jsonl` and the
-console, a progress bar, a loss curve (`loss.png`) and a final summary line.
+The loop: Adafactor (the default, T5's optimizer) or AdamW, a learning-rate schedule, gradient
+accumulation, clipping, bf16 autocast on a GPU (fp16 refused for T5-family models unless
+forced), gradient checkpointing, evaluation (loss and exact match from greedy decoding),
+metrics to `metrics.jsonl` and the console, a progress bar, a loss curve (`loss.png`) and a
+final summary line.
 
 Checkpoints (`OUTPUT/checkpoint-STEP/`, every `--save-every` steps and at the end) hold the model
 and tokenizer in the Hugging Face format plus `trainer_state.json` (step, data position, RNG of
@@ -62,10 +63,10 @@ class TrainArgs:
     max_tokens: int | None = None  # token budget per batch instead of batch_size (file data)
     buffer_size: int = 100_000  # examples read, length-bucketed and shuffled at a time (file data)
     grad_accum: int = 1
-    optimizer: str = "adamw"
-    lr: float | None = 3e-3
-    schedule: str = "linear"
-    warmup: int = 50
+    optimizer: str = "adafactor"  # T5's optimizer
+    lr: float | None = None  # None with adafactor: relative step from scratch, 1e-3 for a pretrained directory
+    schedule: str = "constant"
+    warmup: int = 0
     weight_decay: float = 0.0
     clip: float = 1.0
     max_source_length: int = 512
@@ -420,7 +421,10 @@ def train(args: TrainArgs) -> dict:
     stream, collator, held_out, eval_collator = _data(args, tokenizer)
     if args.grad_accum < 1 or args.steps < 1:
         raise ValueError("--steps and --grad-accum must be >= 1")
-    optimizer = make_optimizer(args.optimizer, model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    lr = args.lr
+    if lr is None and args.optimizer == "adafactor" and args.model is not None and Path(args.model).is_dir():
+        lr = 1e-3  # fine-tuning a pretrained model: a fixed rate, not the relative step of training from scratch
+    optimizer = make_optimizer(args.optimizer, model.parameters(), lr=lr, weight_decay=args.weight_decay)
     scheduler = make_schedule(optimizer, args.schedule, warmup_steps=args.warmup, total_steps=args.steps)
     scaler = torch.amp.GradScaler(device.type, enabled=autocast is torch.float16)
     out = Path(args.output_dir)
@@ -533,7 +537,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--buffer-size", type=int, default=None, help="examples shuffled and bucketed at a time")
     parser.add_argument("--grad-accum", type=int, default=None, help="micro-batches per optimizer step")
     parser.add_argument("--optimizer", default=None, choices=OPTIMIZERS)
-    parser.add_argument("--lr", type=float, default=None, help=f"default {d.lr}; with adafactor 0 = relative step")
+    parser.add_argument("--lr", type=float, default=None,
+                        help="learning rate; adafactor's default: its relative step from scratch, 1e-3 for a "
+                             "pretrained directory (0: relative step); adamw needs one")  # fmt: skip
     parser.add_argument("--schedule", default=None, choices=SCHEDULES)
     parser.add_argument("--warmup", type=int, default=None, help="linear warm-up steps")
     parser.add_argument("--weight-decay", type=float, default=None)

@@ -159,3 +159,11 @@ def test_file_stream_reads_a_buffer_at_a_time_and_resumes():
     again = FileStream(reader, len, batch_size=2, max_tokens=None, seed=3, buffer_size=5)
     again.load_state_dict(json.loads(json.dumps(state)))
     assert [again.next_batch() for _ in range(9)] == expected
+
+
+@pytest.mark.slow
+def test_the_default_run_learns_its_task(tmp_path, reference_backend):
+    """The main job as `fastseq train` runs it: at least 90% held-out exact match within 5 minutes."""
+    summary = train(TrainArgs(quiet=True, output_dir=str(tmp_path / "default"), examples_to_show=0))
+    assert summary["exact_match"] >= 0.9, summary
+    assert summary["seconds"] < 300, summary
