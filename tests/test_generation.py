@@ -141,3 +141,33 @@ def test_beam_cases_were_not_trivial():
         pytest.skip("the beam-search cases did not run in this session")
     assert len({length for _, length, _ in BEAM_OUTCOMES}) >= 3
     assert any(ended for *_, ended in BEAM_OUTCOMES) and not all(ended for *_, ended in BEAM_OUTCOMES)
+
+
+@pytest.mark.parametrize("kind", ["t5_v11_untied", "blenderbot_small"])
+def test_gradient_checkpointing_gives_the_same_gradients(kind, tmp_path, reference_backend, monkeypatch):
+    import importlib
+
+    family = "t5" if kind.startswith("t5") else "blenderbot_small"
+    module = importlib.import_module(f"fastseq.models.{family}")
+    calls = []
+    real = module.checkpoint
+    monkeypatch.setattr(module, "checkpoint", lambda *a, **k: calls.append(1) or real(*a, **k))
+    _, ours = _pair(kind, tmp_path)
+    ours.train()
+    inputs = batch(kind)
+    grads = []
+    for enabled in (False, True):
+        ours.gradient_checkpointing_enable(enabled)
+        ours.zero_grad()
+        torch.manual_seed(0)
+        ours(**inputs).loss.backward()
+        grads.append({n: p.grad.clone() for n, p in ours.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys()
+    assert len(calls) == ours.num_decoder_layers() + _encoder_layers(ours)  # every layer, once, when enabled
+    for name, g in grads[0].items():
+        assert torch.allclose(g, grads[1][name], rtol=1e-5, atol=1e-7), name
+
+
+def _encoder_layers(model) -> int:
+    encoder = model.encoder if hasattr(model, "encoder") else model.model.encoder
+    return len(encoder.block) if hasattr(encoder, "block") else len(encoder.layers)
