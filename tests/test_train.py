@@ -167,3 +167,12 @@ def test_the_default_run_learns_its_task(tmp_path, reference_backend):
     summary = train(TrainArgs(quiet=True, output_dir=str(tmp_path / "default"), examples_to_show=0))
     assert summary["exact_match"] >= 0.9, summary
     assert summary["seconds"] < 300, summary
+
+
+@pytest.mark.parametrize("precision,force", [("bf16", False), ("fp16", True)])
+def test_mixed_precision_runs(tmp_path, precision, force, reference_backend):
+    """bf16 autocast (the GPU default) and forced fp16 with its gradient scaler, here on the CPU."""
+    summary = train(_args(tmp_path, steps=3, precision=precision, force_fp16=force, eval_examples=4))
+    assert summary["loss"] == summary["loss"] and summary["loss"] < 100  # finite
+    model = fastseq.from_pretrained(tmp_path / "run")
+    assert next(model.parameters()).dtype == torch.float32  # master weights stay fp32
