@@ -92,3 +92,27 @@ def test_refusals():
         fpatch.patch(hf_model("blenderbot_small"))
     with pytest.raises(NotImplementedError, match="attention=False"):
         fpatch.patch(hf_model("t5_v10_tied"), attention=True)
+
+
+def test_umt5_patched_equals_unpatched():
+    import transformers as tf
+
+    from tests.conftest import T5_BASE
+
+    torch.manual_seed(0)
+    fields = dict(T5_BASE, feed_forward_proj="gated-gelu", tie_word_embeddings=False)
+    ref = tf.UMT5ForConditionalGeneration(tf.UMT5Config(**fields)).train()
+    ours = fastseq.patch(copy.deepcopy(ref))
+    assert len(fpatch.patched_modules(ours)) > 0
+    inputs = batch("t5_v11_untied")
+    torch.manual_seed(0)
+    expected = ref(**inputs)
+    torch.manual_seed(0)
+    got = ours(**inputs)
+    assert_close(got.logits, expected.logits, what="logits")
+    expected.loss.backward()
+    got.loss.backward()
+    a, b = _grads(ours), _grads(ref)
+    floor = 1e-3 * max(g.abs().max().item() for g in b.values())
+    for name in b:
+        assert_close(a[name], b[name], floor=floor, what=name)
