@@ -26,6 +26,18 @@ def upcast(x: torch.Tensor) -> torch.Tensor:
     return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
+def last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
+    """x itself when its last dim is contiguous (what the kernels index by), else a contiguous copy."""
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def key_mask(key_padding_mask: torch.Tensor | None, device: torch.device) -> torch.Tensor:
+    """A `(B, L)` key mask as the kernels read it: int8, nonzero = attend (an empty `(0, 1)` for None)."""
+    if key_padding_mask is None:
+        return torch.empty(0, 1, dtype=torch.int8, device=device)
+    return (key_padding_mask != 0).to(torch.int8)
+
+
 def backend(op: str | None = None) -> str:
     """The backend asked for `op` by `FASTSEQ_BACKEND_<OP>`, else by `FASTSEQ_BACKEND`
     (read on every call so tests can switch it)."""

@@ -36,7 +36,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._backend import interpreting, unsupported_dtypes, upcast, use_triton
+from ._backend import interpreting, key_mask, last_dim_contiguous, unsupported_dtypes, upcast, use_triton
 
 HAS_TRITON_KERNEL = True
 
@@ -956,20 +956,10 @@ def seed_value(seed: torch.Tensor | None) -> int:
     return int(seed.item()) if seed is not None else 0
 
 
-def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
-    return x if x.stride(-1) == 1 else x.contiguous()
-
-
 def _like_heads(B: int, H: int, L: int, D: int, ref: torch.Tensor) -> torch.Tensor:
     """An empty `(B, H, L, D)` tensor laid out as `(B, L, H, D)`, so that merging the heads after
     attention (`transpose(1, 2).reshape(B, L, H * D)`) is free."""
     return torch.empty(B, L, H, D, dtype=ref.dtype, device=ref.device).transpose(1, 2)
-
-
-def _key_mask(key_padding_mask: torch.Tensor | None, q: torch.Tensor) -> torch.Tensor:
-    if key_padding_mask is None:
-        return torch.empty(0, 1, dtype=torch.int8, device=q.device)
-    return (key_padding_mask != 0).to(torch.int8)
 
 
 def _cut(dist_table: torch.Tensor | None) -> int:
@@ -998,7 +988,7 @@ def _global_args(globals_: GlobalTokens | None, q: torch.Tensor):
     if globals_ is None:
         empty = torch.empty(0, 1, 1, 1, dtype=q.dtype, device=q.device)
         return empty, empty, _dummy(None, q), torch.empty(1, dtype=torch.int32, device=q.device), 0, 0, 1
-    gk, gv = _last_dim_contiguous(globals_.k), _last_dim_contiguous(globals_.v)
+    gk, gv = last_dim_contiguous(globals_.k), last_dim_contiguous(globals_.v)
     table = globals_.dist_table
     return gk, gv, _dummy(table, q), globals_.caps, gk.shape[2], _cut(table), globals_.block_size
 
@@ -1008,14 +998,14 @@ def _forward(q, k, v, dist_table, key_padding_mask, seed, causal, q_offset, scal
     fp32 (log2 domain). With `globals_` every row also attends to the global tokens."""
     B, H, Lq, D = q.shape
     Lk = k.shape[2]
-    q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
+    q, k, v = (last_dim_contiguous(t) for t in (q, k, v))
     out = _like_heads(B, H, Lq, D, q)
     lse = torch.empty(B, H, Lq, dtype=torch.float32, device=q.device)
     if Lq == 0:
         return out, lse
     gk, gv, gtable, caps, G, cut_g, gbs = _global_args(globals_, q)
     block_m, block_n, warps, stages = _fwd_config(D, q.dtype, Lq, q.device, has_global=G > 0)
-    kpm = _key_mask(key_padding_mask, q)
+    kpm = key_mask(key_padding_mask, q.device)
     grid = (triton.cdiv(Lq, block_m), H, B)
     _bucketed_attention_fwd_kernel[grid](
         q, k, v, _dummy(dist_table, q), kpm, gk, gv, gtable, caps, out, lse,
@@ -1058,13 +1048,13 @@ def _backward(
     of the global keys, values and distance table (None without)."""
     B, H, Lq, D = q.shape
     Lk = k.shape[2]
-    q, k, v, do = (_last_dim_contiguous(t) for t in (q, k, v, do))
+    q, k, v, do = (last_dim_contiguous(t) for t in (q, k, v, do))
     dq = _like_heads(B, H, Lq, D, q)
     dk = _like_heads(B, H, Lk, D, k)
     dv = _like_heads(B, H, Lk, D, v)
     gk, gv, gtable, caps, G, cut_g, gbs = _global_args(globals_, q)
     has_gbias = globals_ is not None and globals_.dist_table is not None
-    dgk = dgv = dgdt = None
+    dgk = dgv = None
     if globals_ is not None:
         dgk, dgv = _like_heads(B, H, G, D, gk), _like_heads(B, H, G, D, gv)
     cut = _cut(dist_table)
@@ -1073,13 +1063,15 @@ def _backward(
     num_m = triton.cdiv(Lq, block_m)
     ddt = torch.zeros(B, H, num_m, 2 * cut + 1 if has_bias else 0, dtype=torch.float32, device=q.device)
     ddtg = torch.zeros(B, H, num_m, 2 * cut_g + 1 if has_gbias else 0, dtype=torch.float32, device=q.device)
-    if has_gbias:
-        dgdt = ddtg.sum((0, 2))
+
+    def results():
+        return dq, dk, dv, ddt.sum((0, 2)), dgk, dgv, ddtg.sum((0, 2)) if has_gbias else None
+
     if Lq == 0 or Lk == 0:
         for t in (dq, dk, dv, dgk, dgv):
             if t is not None:
                 t.zero_()
-        return dq, dk, dv, ddt.sum((0, 2)), dgk, dgv, dgdt
+        return results()
     block_d = _block_d(D)
     delta = torch.empty(B, H, Lq, dtype=torch.float32, device=q.device)
     _bucketed_attention_bwd_preprocess_kernel[(num_m, H, B)](
@@ -1088,7 +1080,7 @@ def _backward(
         do.stride(0), do.stride(1), do.stride(2),
         H, Lq, D, BLOCK_M=block_m, BLOCK_D=block_d,
     )  # fmt: skip
-    kpm = _key_mask(key_padding_mask, q)
+    kpm = key_mask(key_padding_mask, q.device)
     table = _dummy(dist_table, q)
     common = dict(
         HAS_KPM=key_padding_mask is not None, CAUSAL=causal, WINDOWED=window >= 0, DROPOUT=dropout_p > 0.0,
@@ -1132,7 +1124,7 @@ def _backward(
         HAS_BIAS=has_bias, HAS_GLOBAL=G > 0, HAS_GBIAS=has_gbias,
         T_PAD=triton.next_power_of_2(2 * cut + 1), TG_PAD=triton.next_power_of_2(2 * cut_g + 1), **common,
     )  # fmt: skip
-    return dq, dk, dv, ddt.sum((0, 2)), dgk, dgv, ddtg.sum((0, 2)) if has_gbias else None
+    return results()
 
 
 # --------------------------------------------------------------------------------------------

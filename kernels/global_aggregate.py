@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._backend import interpreting, unsupported_dtypes, use_triton
+from ._backend import interpreting, key_mask, last_dim_contiguous, unsupported_dtypes, use_triton
 
 HAS_TRITON_KERNEL = True
 
@@ -163,25 +163,19 @@ def _config() -> tuple[int, int, int]:
     return _INTERPRET_CONFIG if interpreting() else _CONFIG
 
 
-def _key_mask(key_padding_mask: torch.Tensor | None, hidden: torch.Tensor) -> torch.Tensor:
-    if key_padding_mask is None:
-        return torch.empty(0, 1, dtype=torch.int8, device=hidden.device)
-    return (key_padding_mask != 0).to(torch.int8)
-
-
 @torch.library.custom_op("fastseq::global_aggregate_fwd", mutates_args=(), device_types=None)
 def _fwd_op(
     hidden: torch.Tensor, key_padding_mask: torch.Tensor | None, caps: torch.Tensor, block_size: int
 ) -> torch.Tensor:
     """`(B, L // block_size, d)` block sums (fp32 accumulation) in hidden's dtype."""
-    hidden = hidden if hidden.stride(-1) == 1 else hidden.contiguous()
+    hidden = last_dim_contiguous(hidden)
     B, L, d = hidden.shape
     G = L // block_size
     out = hidden.new_empty(B, G, d)
     if G == 0 or d == 0:
         return out
     block_l, block_d, warps = _config()
-    kpm = _key_mask(key_padding_mask, hidden)
+    kpm = key_mask(key_padding_mask, hidden.device)
     _global_aggregate_fwd_kernel[(G, triton.cdiv(d, block_d), B)](
         hidden, kpm, caps, out, hidden.stride(0), hidden.stride(1), kpm.stride(0), out.stride(0), out.stride(1),
         L, d, block_size, HAS_KPM=key_padding_mask is not None, BLOCK_L=block_l, BLOCK_D=block_d, num_warps=warps,
@@ -200,7 +194,7 @@ def _bwd_op(
     grad: torch.Tensor, key_padding_mask: torch.Tensor | None, caps: torch.Tensor, length: int, block_size: int
 ) -> torch.Tensor:
     """`(B, length, d)`: each real token gets the gradient of its global token."""
-    grad = grad if grad.stride(-1) == 1 else grad.contiguous()
+    grad = last_dim_contiguous(grad)
     B, G, d = grad.shape
     dx = grad.new_empty(B, length, d)
     if length == 0 or d == 0:
@@ -208,7 +202,7 @@ def _bwd_op(
     if G == 0:
         return dx.zero_()
     block_l, block_d, warps = _config()
-    kpm = _key_mask(key_padding_mask, grad)
+    kpm = key_mask(key_padding_mask, grad.device)
     _global_aggregate_bwd_kernel[(triton.cdiv(length, block_l), triton.cdiv(d, block_d), B)](
         grad, kpm, caps, dx, grad.stride(0), grad.stride(1), kpm.stride(0), dx.stride(0), dx.stride(1),
         length, d, block_size, HAS_KPM=key_padding_mask is not None, BLOCK_L=block_l, BLOCK_D=block_d,

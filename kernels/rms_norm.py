@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._backend import unsupported_dtypes, upcast, use_triton
+from ._backend import last_dim_contiguous, unsupported_dtypes, upcast, use_triton
 
 HAS_TRITON_KERNEL = True
 _HALF = (torch.float16, torch.bfloat16)
@@ -100,8 +100,7 @@ def _rms_norm_bwd_kernel(
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
     """x as `(N, D)` with a contiguous last dim (a view when the layout allows)."""
-    x2 = x.reshape(-1, x.shape[-1])
-    return x2 if x2.stride(-1) == 1 else x2.contiguous()
+    return last_dim_contiguous(x.reshape(-1, x.shape[-1]))
 
 
 def _warps(block_d: int) -> int:
