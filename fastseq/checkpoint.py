@@ -243,7 +243,8 @@ def from_pretrained(
 # ---------------------------------------------------------------- writing
 
 
-def _atomic_write(target: Path, write: Callable[[Path], None]) -> None:
+def atomic_write(target: Path, write: Callable[[Path], None]) -> None:
+    """`write(tmp)` to a temporary name beside `target`, synced, then renamed onto it."""
     tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     try:
         write(tmp)
@@ -256,7 +257,7 @@ def _atomic_write(target: Path, write: Callable[[Path], None]) -> None:
 
 
 def _write_json(target: Path, data: dict) -> None:
-    _atomic_write(target, lambda tmp: tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n"))
+    atomic_write(target, lambda tmp: tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n"))
 
 
 def _shards(tensors: dict[str, torch.Tensor], limit: int) -> list[dict[str, torch.Tensor]]:
@@ -286,13 +287,13 @@ def save_pretrained(model: PreTrainedModel, path: str | os.PathLike, *, max_shar
     metadata = {"format": "pt"}
     written: set[str] = set()
     if len(shards) == 1:
-        _atomic_write(path / SAFE_WEIGHTS, lambda tmp: save_file(shards[0], str(tmp), metadata=metadata))
+        atomic_write(path / SAFE_WEIGHTS, lambda tmp: save_file(shards[0], str(tmp), metadata=metadata))
         written.add(SAFE_WEIGHTS)
     else:
         weight_map = {}
         for i, shard in enumerate(shards, start=1):
             name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-            _atomic_write(path / name, lambda tmp, shard=shard: save_file(shard, str(tmp), metadata=metadata))
+            atomic_write(path / name, lambda tmp, shard=shard: save_file(shard, str(tmp), metadata=metadata))
             weight_map.update(dict.fromkeys(shard, name))
             written.add(name)
         total = sum(t.numel() * t.element_size() for t in tensors.values())

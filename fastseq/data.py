@@ -180,6 +180,17 @@ def _segment_lengths(num_items: int, num_segments: int, rng: random.Random) -> l
     return lengths
 
 
+def rng_state(rng: random.Random) -> list:
+    """A `random.Random`'s state as JSON-ready lists (checkpoints keep it in JSON)."""
+    version, internal, gauss = rng.getstate()
+    return [version, list(internal), gauss]
+
+
+def set_rng_state(rng: random.Random, state: list) -> None:
+    version, internal, gauss = state
+    rng.setstate((version, tuple(internal), gauss))
+
+
 def random_spans_noise_mask(
     length: int, noise_density: float = 0.15, mean_noise_span_length: float = 3.0, *, rng: random.Random
 ) -> list[bool]:
@@ -242,11 +253,10 @@ class SpanCorruptionCollator:
         self.rng = random.Random(seed)
 
     def state_dict(self) -> dict:
-        return {"rng": self.rng.getstate()}
+        return {"rng": rng_state(self.rng)}
 
     def load_state_dict(self, state: dict) -> None:
-        version, internal, gauss = state["rng"]
-        self.rng.setstate((version, tuple(internal), gauss))
+        set_rng_state(self.rng, state["rng"])
 
     def __call__(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
         if not texts:

@@ -102,7 +102,7 @@ def _beam_search(
         source_beam = cand_beam.gather(1, next_index)  # (B, K)
         # Endings among the first K candidates compete for the K finished slots.
         entered = ends & first_k[None, :]
-        scores = cand_scores / ((cur_len + 1 - 1) ** length_penalty)
+        scores = cand_scores / (cur_len**length_penalty)  # over the cur_len tokens generated with this one
         if early_stopping is True:
             scores = scores - (slot_filled.all(-1, keepdim=True)).float() * 1e9
         scores = scores - (~open_batch).float() * 1e9 - (~entered).float() * 1e9

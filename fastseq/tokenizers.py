@@ -25,6 +25,8 @@ from pathlib import Path
 
 import torch
 
+from .checkpoint import atomic_write
+
 _SENTINEL = re.compile(r"<extra_id_(\d+)>")
 
 
@@ -130,21 +132,20 @@ class Tokenizer:
             self.encode(t, add_special_tokens=add_special_tokens, max_length=max_length, truncation=truncation)
             for t in texts
         ]
-        if padding in (False, "do_not_pad"):
-            if return_tensors is not None and len({len(r) for r in rows}) > 1:
-                raise ValueError("rows of different lengths need padding to become a tensor; pass padding=True")
-            target = max((len(r) for r in rows), default=0)
-        elif padding == "max_length":
+        pad = padding not in (False, "do_not_pad")
+        if not pad and return_tensors is not None and len({len(r) for r in rows}) > 1:
+            raise ValueError("rows of different lengths need padding to become a tensor; pass padding=True")
+        if padding == "max_length":
             if max_length is None:
                 raise ValueError("padding='max_length' needs max_length")
             target = max_length
         else:
             target = max((len(r) for r in rows), default=0)
-        if pad_to_multiple_of and padding not in (False, "do_not_pad"):
+        if pad and pad_to_multiple_of:
             target = -(-target // pad_to_multiple_of) * pad_to_multiple_of
         input_ids, attention_mask = [], []
         for row in rows:
-            fill = max(target - len(row), 0) if padding not in (False, "do_not_pad") else 0
+            fill = max(target - len(row), 0) if pad else 0
             pads, ones = [self.pad_token_id] * fill, [1] * len(row)
             if side == "right":
                 input_ids.append(row + pads), attention_mask.append(ones + [0] * fill)
@@ -193,9 +194,14 @@ class Tokenizer:
 
 
 def _write_json(path: Path, value) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(value, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    text = json.dumps(value, indent=2, ensure_ascii=False) + "\n"
+    atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def _copy_into(source: Path, target: Path) -> None:
+    """Copy a vocabulary file into a save directory (nothing to do when it is already there)."""
+    if target.resolve() != source.resolve():
+        atomic_write(target, lambda tmp: tmp.write_bytes(source.read_bytes()))
 
 
 class _SentinelTokenizer(Tokenizer):
@@ -266,11 +272,7 @@ class T5Tokenizer(_SentinelTokenizer):
     def save_pretrained(self, path: str | os.PathLike) -> None:
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        target = path / "spiece.model"
-        if target.resolve() != self.spiece_model.resolve():
-            tmp = target.with_name("spiece.model.tmp")
-            tmp.write_bytes(self.spiece_model.read_bytes())
-            os.replace(tmp, target)
+        _copy_into(self.spiece_model, path / "spiece.model")
         self._write_config(path, {"tokenizer_class": "T5Tokenizer", "extra_ids": self.extra_ids})
 
 
@@ -397,12 +399,8 @@ class BlenderbotSmallTokenizer(Tokenizer):
     def save_pretrained(self, path: str | os.PathLike) -> None:
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        for source, name in ((self.vocab_file, "vocab.json"), (self.merges_file, "merges.txt")):
-            target = path / name
-            if target.resolve() != source.resolve():
-                tmp = target.with_name(name + ".tmp")
-                tmp.write_bytes(source.read_bytes())
-                os.replace(tmp, target)
+        _copy_into(self.vocab_file, path / "vocab.json")
+        _copy_into(self.merges_file, path / "merges.txt")
         self._write_config(path, {"tokenizer_class": "BlenderbotSmallTokenizer", "bos_token": self.bos_token})
 
 

@@ -38,8 +38,16 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from . import presets
-from .checkpoint import from_pretrained
-from .data import Seq2SeqCollator, SpanCorruptionCollator, bucketed_batches, read_examples, read_text
+from .checkpoint import atomic_write, from_pretrained
+from .data import (
+    Seq2SeqCollator,
+    SpanCorruptionCollator,
+    bucketed_batches,
+    read_examples,
+    read_text,
+    rng_state,
+    set_rng_state,
+)
 from .models import T5Config, T5ForConditionalGeneration
 from .optim import OPTIMIZERS, SCHEDULES, make_optimizer, make_schedule
 from .tokenizers import ByT5Tokenizer, Tokenizer, check_vocabulary, load_tokenizer
@@ -97,15 +105,6 @@ def make_examples(n: int, rng: random.Random, min_len: int = 3, max_len: int = 8
     return [(f"reverse: {w}", w[::-1]) for w in words]
 
 
-def _rng_state(rng: random.Random) -> list:
-    version, internal, gauss = rng.getstate()
-    return [version, list(internal), gauss]
-
-
-def _set_rng_state(rng: random.Random, state: list) -> None:
-    rng.setstate((state[0], tuple(state[1]), state[2]))
-
-
 class SyntheticStream:
     def __init__(self, batch_size: int, seed: int):
         self.batch_size = batch_size
@@ -115,10 +114,10 @@ class SyntheticStream:
         return make_examples(self.batch_size, self.rng)
 
     def state_dict(self) -> dict:
-        return {"rng": _rng_state(self.rng)}
+        return {"rng": rng_state(self.rng)}
 
     def load_state_dict(self, state: dict) -> None:
-        _set_rng_state(self.rng, state["rng"])
+        set_rng_state(self.rng, state["rng"])
 
 
 class FileStream:
@@ -198,12 +197,11 @@ def _model_and_tokenizer(args: TrainArgs, device: torch.device):
         model = from_pretrained(args.model)
         tokenizer = load_tokenizer(args.tokenizer or args.model)
     elif args.model in presets.PRESETS:
-        if not args.tokenizer:
-            if "byt5" not in args.model:
-                raise ValueError(
-                    f"preset {args.model!r} is built with random weights and needs a tokenizer: pass "
-                    "--tokenizer DIR (a directory with spiece.model or vocab.json + merges.txt)"
-                )
+        if not args.tokenizer and "byt5" not in args.model:
+            raise ValueError(
+                f"preset {args.model!r} is built with random weights and needs a tokenizer: pass "
+                "--tokenizer DIR (a directory with spiece.model or vocab.json + merges.txt)"
+            )
         model = presets.build(args.model)
         tokenizer = load_tokenizer(args.tokenizer) if args.tokenizer else ByT5Tokenizer()
     else:
@@ -377,10 +375,8 @@ def plot_losses(path: Path, steps: list[int], losses: list[float], evals: list[t
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 # --------------------------------------------------------------------------------------------
@@ -446,7 +442,6 @@ def train(args: TrainArgs) -> dict:
     started = time.perf_counter()
     window_tokens, window_start = 0, time.perf_counter()
     progress = tqdm(range(start_step, args.steps), desc="train", unit="step", disable=args.quiet, file=sys.stderr)
-    summary: dict = {}
 
     def checkpoint(step: int) -> Path:
         path = out / f"checkpoint-{step}"
