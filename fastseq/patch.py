@@ -1,34 +1,58 @@
-"""Drop-in kernel patching of Hugging Face (`transformers`) T5-family models.
+"""Drop-in kernel patching of Hugging Face (`transformers`) T5-family and BlenderbotSmall models.
 
 `patch(model, ...)` swaps the forwards of a model's modules, in place, for kernel-backed ones with
-the same parameters (the state dict is untouched); `unpatch(model)` restores the originals. What
-each family gets is in `REGISTRY`, keyed by `config.model_type`.
+the same parameters (the state dict is untouched); `unpatch(model)` restores the originals.
+`patch_transformers(...)` does the same at class level, for models built afterwards, until
+`unpatch_transformers()`. What each family gets is in `REGISTRY`, keyed by `config.model_type`.
 
-Patched so far: the RMSNorms (`fastseq.kernels.rms_norm`, T5LayerNorm's casting rules) and the
-feed-forward blocks (`gated_ffn` for gated GELU, `relu_ffn` for ReLU; the backward recomputes
-the `(tokens, d_ff)` activation). A module whose configuration the kernel does not cover (another
-activation, biases, a quantised or differently typed output projection) keeps its own forward,
-decided per call, so no patched call returns different numbers. The attention and the loss are
-not patched yet: asking for them is an error rather than a silent no-op.
+- attention: T5's bucketed relative-position bias computed in the kernel (no `(H, Lq, Lk)` bias
+  tensor), LongT5's local and transient-global attention, UMT5's per-layer tables, BlenderbotSmall's
+  plain scaled attention; the `transformers` cache classes work as before (`patch_attention`).
+- norm: the RMSNorms (T5LayerNorm's casting rules). ffn: gated GELU (`gated_ffn`) and ReLU
+  (`relu_ffn`) blocks; the backward recomputes the `(tokens, d_ff)` activation.
+- loss: in training with labels, the LM head and the cross-entropy run as one chunked kernel and
+  the `(tokens, vocab)` logits are never built: the output's `logits` is None. In eval mode, or
+  without labels, the model computes its logits as before. The loss runs inside the LM head's own
+  module call, so DeepSpeed ZeRO-3 gathers the head's weight for it, forward and backward.
+
+A module whose configuration a kernel does not cover (another activation, biases, weights kept in
+another dtype, attention weights asked for, a mask that is not a padding mask) runs its own
+forward, decided per call, so no patched call returns different numbers.
 """
 
 from __future__ import annotations
 
+import inspect
 import types
 
 import torch
 from torch import nn
 
 from fastseq import kernels
+from fastseq.patch_attention import ATTENTION_FORWARDS, CLASS_ORIGINALS, ORIGINAL, original_forward
 
-# model_type -> what the patch can swap in that family
+PARTS = ("attention", "ffn", "norm", "loss")
+# model_type -> what the patch can swap in that family. BlenderbotSmall's norms are LayerNorms and
+# its FFN has biases: neither has a kernel here.
 REGISTRY: dict[str, frozenset[str]] = {
-    "t5": frozenset({"norm", "ffn"}),
-    "mt5": frozenset({"norm", "ffn"}),
-    "umt5": frozenset({"norm", "ffn"}),
-    "longt5": frozenset({"norm", "ffn"}),
+    "t5": frozenset(PARTS),
+    "mt5": frozenset(PARTS),
+    "umt5": frozenset(PARTS),
+    "longt5": frozenset(PARTS),
+    "blenderbot-small": frozenset({"attention", "loss"}),
 }
-_ORIGINAL = "_fastseq_original_forward"
+# model_type -> the transformers module defining its classes (for patch_transformers)
+_MODULES = {
+    "t5": "transformers.models.t5.modeling_t5",
+    "mt5": "transformers.models.mt5.modeling_mt5",
+    "umt5": "transformers.models.umt5.modeling_umt5",
+    "longt5": "transformers.models.longt5.modeling_longt5",
+    "blenderbot-small": "transformers.models.blenderbot_small.modeling_blenderbot_small",
+}
+_MIN_TRANSFORMERS = 5
+
+
+# ---- norm and FFN ----------------------------------------------------------------------------
 
 
 def _activation_name(module: nn.Module) -> str | None:
@@ -41,8 +65,16 @@ def _activation_name(module: nn.Module) -> str | None:
     return None
 
 
-def _plain(*linears: nn.Linear) -> bool:
+def _plain(*linears: nn.Module) -> bool:
     return all(isinstance(m, nn.Linear) and m.bias is None and m.weight.dtype.is_floating_point for m in linears)
+
+
+def _gated_applies(module: nn.Module) -> bool:
+    return _activation_name(module) == "gelu_new" and _plain(module.wi_0, module.wi_1, module.wo)
+
+
+def _relu_applies(module: nn.Module) -> bool:
+    return _activation_name(module) == "relu" and _plain(module.wi, module.wo)
 
 
 def _rms_norm_forward(self, hidden_states):
@@ -51,75 +83,215 @@ def _rms_norm_forward(self, hidden_states):
 
 def _gated_ffn_forward(self, hidden_states):
     weights = (self.wi_0.weight, self.wi_1.weight, self.wo.weight)
-    if any(w.dtype != hidden_states.dtype for w in weights):  # e.g. FLAN-T5's fp32 `wo` under bf16
-        return getattr(self, _ORIGINAL)(hidden_states)
+    # e.g. FLAN-T5's fp32 `wo` under bf16
+    if not _gated_applies(self) or any(w.dtype != hidden_states.dtype for w in weights):
+        return original_forward(self)(hidden_states)
     p = self.dropout.p if self.training else 0.0
     return kernels.gated_ffn(hidden_states, *weights, dropout_p=p)
 
 
 def _relu_ffn_forward(self, hidden_states):
     weights = (self.wi.weight, self.wo.weight)
-    if any(w.dtype != hidden_states.dtype for w in weights):
-        return getattr(self, _ORIGINAL)(hidden_states)
+    if not _relu_applies(self) or any(w.dtype != hidden_states.dtype for w in weights):
+        return original_forward(self)(hidden_states)
     p = self.dropout.p if self.training else 0.0
     return kernels.relu_ffn(hidden_states, *weights, dropout_p=p)
 
 
-def _swap(module: nn.Module, forward) -> None:
-    if hasattr(module, _ORIGINAL):
-        return  # already patched
-    setattr(module, _ORIGINAL, module.forward)
-    module.forward = types.MethodType(forward, module)
+# ---- loss ------------------------------------------------------------------------------------
+
+_CAPTURE = "_fastseq_capture"  # set on the LM head while the model's forward runs for a fused loss
 
 
-def _replacement(module: nn.Module, parts: set[str]):
-    """The kernel-backed forward for this module, or None to leave it as it is."""
-    name = type(module).__name__
-    if "norm" in parts and name.endswith("LayerNorm") and hasattr(module, "variance_epsilon"):
-        return _rms_norm_forward
-    if "ffn" in parts and name.endswith("DenseGatedActDense") and _activation_name(module) == "gelu_new":
-        if _plain(module.wi_0, module.wi_1, module.wo):
-            return _gated_ffn_forward
-    if "ffn" in parts and name.endswith("DenseActDense") and _activation_name(module) == "relu":
-        if _plain(module.wi, module.wo):
-            return _relu_ffn_forward
+def _lm_head_forward(self, hidden_states, labels=None, bias=None):
+    """With labels: the mean cross-entropy of `hidden @ W.T (+ bias)`, as a scalar fp32. While the
+    model's own forward runs for a fused loss: the hidden states themselves (nothing is computed)."""
+    if labels is not None:
+        weight = self.weight
+        if torch.is_autocast_enabled(hidden_states.device.type):  # what F.linear would compute in
+            dtype = torch.get_autocast_dtype(hidden_states.device.type)
+            hidden_states, weight = hidden_states.to(dtype), weight.to(dtype)
+            bias = bias.to(dtype) if bias is not None else None
+        return kernels.linear_cross_entropy(hidden_states, weight, labels, bias=bias)
+    if getattr(self, _CAPTURE, False):
+        return hidden_states
+    return original_forward(self)(hidden_states)
+
+
+def _call_arguments(forward, args, kwargs) -> dict:
+    """`forward`'s arguments by name, its **kwargs merged in."""
+    signature = inspect.signature(forward)
+    bound = signature.bind(*args, **kwargs)
+    arguments = dict(bound.arguments)
+    for name, param in signature.parameters.items():
+        if param.kind is inspect.Parameter.VAR_KEYWORD:
+            arguments.update(arguments.pop(name, {}))
+    return arguments
+
+
+def _shift_right(model: nn.Module, labels: torch.Tensor) -> torch.Tensor:
+    if hasattr(model, "_shift_right"):  # the T5 family
+        return model._shift_right(labels)
+    from transformers.models.blenderbot_small.modeling_blenderbot_small import shift_tokens_right
+
+    return shift_tokens_right(labels, model.config.pad_token_id, model.config.decoder_start_token_id)
+
+
+def _seq2seq_loss_forward(self, *args, **kwargs):
+    """The model's forward with the LM head and the loss fused, in training with labels."""
+    original = original_forward(self)
+    arguments = _call_arguments(original, args, kwargs)
+    labels = arguments.pop("labels", None)
+    head = self.get_output_embeddings()
+    if not (labels is not None and self.training and isinstance(head, nn.Linear) and head.bias is None):
+        return original(*args, **kwargs)
+    _swap(head, _lm_head_forward)  # models built after patch_transformers get theirs on first use
+    return_dict = arguments.pop("return_dict", None)
+    want_tuple = return_dict is False or (return_dict is None and not getattr(self.config, "return_dict", True))
+    if arguments.get("decoder_input_ids") is None and arguments.get("decoder_inputs_embeds") is None:
+        arguments["decoder_input_ids"] = _shift_right(self, labels)
+    bias = None
+    if hasattr(self, "final_logits_bias"):  # BlenderbotSmall: the base model, then head + bias
+        from transformers.modeling_outputs import Seq2SeqLMOutput as output_type
+
+        arguments["use_cache"] = False  # as the model does when given labels
+        out = self.model(**arguments, return_dict=True)
+        hidden = out.last_hidden_state
+        bias = self.final_logits_bias.reshape(-1)
+        fields = {k: v for k, v in out.items() if k != "last_hidden_state"}
+    else:  # the T5 family: the model's own forward, with the head handing back its input
+        setattr(head, _CAPTURE, True)
+        try:
+            out = original(**arguments, return_dict=True)
+        finally:
+            setattr(head, _CAPTURE, False)
+        hidden = out.logits  # the head's input, scaled as the model scales it
+        fields = {k: v for k, v in out.items() if k not in ("loss", "logits")}
+        output_type = type(out)
+    loss = head(hidden, labels=labels.to(hidden.device), bias=bias)  # a module call: ZeRO-3 gathers the weight
+    result = output_type(loss=loss, logits=None, **fields)
+    return result.to_tuple() if want_tuple else result
+
+
+# ---- selection ---------------------------------------------------------------------------------
+
+
+def _replacement(module: nn.Module, parts: set[str], *, check: bool = True):
+    """The kernel-backed forward for this module, or None to leave it as it is. `check` also asks
+    the module's configuration (instance patching); class-level patching checks per call."""
+    name = type(module).__name__ if isinstance(module, nn.Module) else module.__name__
+    if "attention" in parts and name in ATTENTION_FORWARDS:
+        return ATTENTION_FORWARDS[name]
+    if "norm" in parts and name.endswith("LayerNorm") and name != "LayerNorm":
+        if not check or hasattr(module, "variance_epsilon"):
+            return _rms_norm_forward
+    if "ffn" in parts and name.endswith("DenseGatedActDense") and (not check or _gated_applies(module)):
+        return _gated_ffn_forward
+    if "ffn" in parts and name.endswith("DenseActDense") and (not check or _relu_applies(module)):
+        return _relu_ffn_forward
+    if "loss" in parts and name.endswith("ForConditionalGeneration"):
+        return _seq2seq_loss_forward
     return None
 
 
-def patch(model: nn.Module, *, attention: bool = False, ffn: bool = True, norm: bool = True, loss: bool = False):
-    """Swap the forwards of `model`'s norms and FFNs for fastseq's kernels, in place; returns the model.
-    `patched_modules(model)` lists what was swapped."""
+def _class_patched(module: nn.Module) -> bool:
+    return any(cls in CLASS_ORIGINALS for cls in type(module).__mro__)
+
+
+def _swap(module: nn.Module, forward) -> None:
+    if ORIGINAL in module.__dict__ or _class_patched(module):
+        return  # already patched
+    setattr(module, ORIGINAL, module.forward)
+    module.forward = types.MethodType(forward, module)
+
+
+def _check_transformers() -> None:
+    import transformers
+
+    major = int(transformers.__version__.split(".")[0])
+    if major < _MIN_TRANSFORMERS:
+        raise ValueError(
+            f"fastseq.patch needs transformers {_MIN_TRANSFORMERS} or newer (its attention and cache "
+            f"interfaces); found {transformers.__version__}. Upgrade with: pip install -U transformers"
+        )
+
+
+def _parts(attention: bool, ffn: bool, norm: bool, loss: bool) -> set[str]:
+    return {p for p, wanted in zip(PARTS, (attention, ffn, norm, loss), strict=True) if wanted}
+
+
+def patch(model: nn.Module, *, attention: bool = True, ffn: bool = True, norm: bool = True, loss: bool = True):
+    """Swap the forwards of `model`'s attention, FFN, norm and loss for fastseq's kernels, in place;
+    returns the model. `patched_modules(model)` lists what was swapped."""
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     if model_type not in REGISTRY:
         raise ValueError(
             f"fastseq.patch: model_type {model_type!r} is not supported; supported: {', '.join(sorted(REGISTRY))}"
         )
-    import transformers
-
-    if int(transformers.__version__.split(".")[0]) < 5:
-        raise ValueError(f"fastseq.patch needs transformers 5 or newer; found {transformers.__version__}")
-    unavailable = [part for part, wanted in (("attention", attention), ("loss", loss)) if wanted]
-    if unavailable:
-        raise NotImplementedError(
-            f"fastseq.patch: patching {' and '.join(unavailable)} is not available yet; pass "
-            + ", ".join(f"{p}=False" for p in unavailable)
-        )
-    parts = {p for p, wanted in (("norm", norm), ("ffn", ffn)) if wanted} & REGISTRY[model_type]
+    _check_transformers()
+    parts = _parts(attention, ffn, norm, loss) & REGISTRY[model_type]
     for module in model.modules():
         forward = _replacement(module, parts)
         if forward is not None:
             _swap(module, forward)
+    if "loss" in parts and _replacement(model, parts) is _seq2seq_loss_forward:
+        head = model.get_output_embeddings()
+        if isinstance(head, nn.Linear) and head.bias is None:
+            _swap(head, _lm_head_forward)
     return model
 
 
 def unpatch(model: nn.Module) -> nn.Module:
     """Restore every forward `patch` swapped."""
     for module in model.modules():
-        if hasattr(module, _ORIGINAL):
+        if ORIGINAL in module.__dict__:
             del module.forward  # the instance attribute; the class's forward shows again
-            delattr(module, _ORIGINAL)
+            delattr(module, ORIGINAL)
     return model
 
 
 def patched_modules(model: nn.Module) -> list[str]:
-    return [name for name, module in model.named_modules() if hasattr(module, _ORIGINAL)]
+    """Names of the modules running a fastseq forward (instance or class-level patch)."""
+    return [
+        name
+        for name, module in model.named_modules()
+        if ORIGINAL in module.__dict__
+        or (_class_patched(module) and _replacement(type(module), set(PARTS), check=False) is not None)
+    ]
+
+
+def patch_transformers(
+    model_types=None, *, attention: bool = True, ffn: bool = True, norm: bool = True, loss: bool = True
+) -> None:
+    """Patch the `transformers` classes of `model_types` (default: every family in REGISTRY), so models
+    built afterwards (`from_pretrained`, a Trainer's `model_init`) run fastseq's forwards.
+    `unpatch_transformers()` undoes it. The per-call checks are those of `patch`."""
+    import importlib
+
+    _check_transformers()
+    if model_types is None:
+        model_types = list(REGISTRY)
+    elif isinstance(model_types, str):
+        model_types = [model_types]
+    unknown = [t for t in model_types if t not in REGISTRY]
+    if unknown:
+        raise ValueError(f"fastseq.patch_transformers: unsupported model_type {unknown}; supported: {sorted(REGISTRY)}")
+    wanted = _parts(attention, ffn, norm, loss)
+    for model_type in model_types:
+        parts = wanted & REGISTRY[model_type]
+        module = importlib.import_module(_MODULES[model_type])
+        for cls in vars(module).values():
+            if not (isinstance(cls, type) and issubclass(cls, nn.Module) and cls.__module__ == module.__name__):
+                continue
+            forward = _replacement(cls, parts, check=False)
+            if forward is None or cls in CLASS_ORIGINALS:
+                continue
+            CLASS_ORIGINALS[cls] = cls.__dict__["forward"]
+            cls.forward = forward
+
+
+def unpatch_transformers() -> None:
+    """Give every class `patch_transformers` touched its own forward back."""
+    for cls, forward in list(CLASS_ORIGINALS.items()):
+        cls.forward = forward
+        del CLASS_ORIGINALS[cls]

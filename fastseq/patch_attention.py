@@ -1,0 +1,373 @@
+"""Kernel-backed forwards for the attention modules of `transformers` T5, mT5, UMT5, LongT5 and
+BlenderbotSmall models (used by `fastseq.patch`).
+
+What `transformers` hands an attention module, and what these forwards make of it:
+- The mask comes as a 4D tensor (`(B, 1, Lq, Lk)`, additive float for eager attention, bool for
+  SDPA), a 2D key mask, or None. The kernels take a `(B, Lk)` key mask plus a causal flag, so the
+  4D mask is read back into those and, outside `torch.compile`, checked to be exactly that
+  pattern (once per mask object: every layer of a stack gets the same one). A mask that is not
+  (a custom 4D mask, a flex-attention block mask) makes the module run its own forward.
+- T5 computes the `(1, H, Lq, Lk)` position bias in its first layer and hands the tensor to the
+  next layers. Patched, the first layer hands on a `SharedBias` naming its bias tables instead,
+  and every layer computes the bias inside the kernel from the table. UMT5 keeps a table per layer
+  and uses its own.
+- LongT5's local and transient-global encoder layers get a blocked `(B, 1, nb, block, 3 block)`
+  mask (local) or the `(B, L)` mask itself (transient-global); both become the `(B, L)` key mask.
+- When attention weights are asked for (`output_attentions=True`), a layer runs its own forward:
+  the kernels never build the weights. A stack decides that in its first layer, so the other
+  layers follow; a `SharedBias` reaching a layer that must fall back is an error, never a guess.
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
+
+import torch
+
+from fastseq import kernels
+
+ORIGINAL = "_fastseq_original_forward"  # instance attribute holding the forward a patch replaced
+CLASS_ORIGINALS: dict[type, object] = {}  # class -> its own forward, while `patch_transformers` is active
+
+
+def original_forward(module: torch.nn.Module):
+    """The forward `transformers` gave this module (before any fastseq patch), bound to it."""
+    if ORIGINAL in module.__dict__:
+        return module.__dict__[ORIGINAL]
+    for cls in type(module).__mro__:
+        if cls in CLASS_ORIGINALS:
+            return CLASS_ORIGINALS[cls].__get__(module)
+    raise RuntimeError(f"fastseq.patch: {type(module).__name__} has no original forward recorded")
+
+
+@dataclass(frozen=True, eq=False)
+class SharedBias:
+    """What a patched first layer hands to the next layers in place of T5's position-bias tensor."""
+
+    table: torch.Tensor | None  # (num_buckets, H), or None for no bias (cross-attention)
+    global_table: torch.Tensor | None = None  # LongT5 transient-global side bias (num_buckets, H)
+
+
+class _Fallback(Exception):
+    """This call cannot go to the kernel; the module runs its own forward."""
+
+
+def capturing_attentions() -> bool:
+    """True while a `transformers` model collects attention weights (`output_attentions=True`)."""
+    from transformers.utils.output_capturing import _active_collector
+
+    collected = _active_collector.get()
+    return bool(collected) and ("attentions" in collected or "cross_attentions" in collected)
+
+
+# One decoded mask is remembered: every layer of a stack is handed the same mask object.
+_MEMO: dict = {"ref": None, "version": None, "key": None, "value": None}
+
+
+def _memoized(mask: torch.Tensor, key: tuple, decode):
+    if torch.compiler.is_compiling():
+        return decode(False)
+    ref = _MEMO["ref"]
+    if ref is not None and ref() is mask and _MEMO["version"] == mask._version and _MEMO["key"] == key:
+        value = _MEMO["value"]
+    else:
+        try:
+            value = decode(True)
+        except _Fallback as why:
+            value = why
+        _MEMO.update(ref=weakref.ref(mask), version=mask._version, key=key, value=value)
+    if isinstance(value, _Fallback):
+        raise value
+    return value
+
+
+def _attend_from_4d(mask: torch.Tensor, verify: bool) -> torch.Tensor:
+    """The bool `attend` view of a transformers 4D mask (True = attend)."""
+    if mask.dtype == torch.bool:
+        return mask
+    if not mask.dtype.is_floating_point:
+        return mask != 0
+    if verify and not ((mask == 0) | (mask <= torch.finfo(mask.dtype).min / 2)).all():
+        raise _Fallback("the additive mask holds values other than 0 and -inf (a bias, not a mask)")
+    return mask == 0
+
+
+def key_padding(mask, B: int, Lq: int, causal: bool, q_offset: int) -> torch.Tensor | None:
+    """The `(B, Lk)` bool key mask equivalent to `mask` (with `causal` applied by the kernel); raises
+    `_Fallback` when `mask` is not of that form. Reads nothing but the mask, so it runs before any
+    cache is touched."""
+    if mask is None:
+        return None
+    if not isinstance(mask, torch.Tensor):
+        raise _Fallback(f"mask of type {type(mask).__name__}")
+    Lk = mask.shape[-1]
+    if mask.dim() == 2:
+        if mask.shape[0] != B:
+            raise _Fallback(f"2D mask of shape {tuple(mask.shape)}")
+        return mask != 0
+    if mask.dim() != 4 or mask.shape[1] != 1 or mask.shape[0] not in (1, B) or mask.shape[2] not in (1, Lq):
+        raise _Fallback(f"mask of shape {tuple(mask.shape)}")
+
+    def decode(verify: bool) -> torch.Tensor:
+        attend = _attend_from_4d(mask, verify)  # (B or 1, 1, Lq or 1, Lk)
+        # The last query row sees every key that is not padding, causal or not: it sits at the last position.
+        kpm = attend[:, 0, -1, :].expand(B, Lk).contiguous()  # (B, Lk)
+        if verify:
+            expected = kpm[:, None, None, :]  # (B, 1, 1, Lk)
+            if causal:
+                rows = torch.arange(Lq, device=mask.device)[:, None] + q_offset
+                expected = expected & (torch.arange(Lk, device=mask.device)[None, :] <= rows)  # (B, 1, Lq, Lk)
+            shape = (B, 1, Lq, Lk)
+            if not torch.equal(attend.expand(shape), expected.expand(shape)):
+                raise _Fallback("the mask is not a key-padding mask (plus causal)")
+        return kpm
+
+    return _memoized(mask, ("4d", B, Lq, Lk, causal, q_offset), decode)
+
+
+def _heads(x: torch.Tensor, B: int, D: int) -> torch.Tensor:
+    return x.view(B, x.shape[1], -1, D).transpose(1, 2)  # (B, H, L, D)
+
+
+def _project_kv(hidden, kv_states, cache, layer_idx, k_proj, v_proj, D):
+    """Keys and values as `transformers` forms them, through its cache classes -> k `(B, H, Lk, D)`, v."""
+    from transformers.cache_utils import EncoderDecoderCache
+
+    B = hidden.shape[0]
+    is_cross = kv_states is not None
+    layer_cache, is_updated = cache, False
+    if isinstance(cache, EncoderDecoderCache):
+        is_updated = cache.is_updated.get(layer_idx)
+        layer_cache = cache.cross_attention_cache if is_cross else cache.self_attention_cache
+    if is_cross and cache is not None and is_updated:
+        return layer_cache.layers[layer_idx].keys, layer_cache.layers[layer_idx].values
+    source = kv_states if is_cross else hidden
+    k = _heads(k_proj(source), B, D)  # (B, H, Lk, D)
+    v = _heads(v_proj(source), B, D)
+    if cache is not None:
+        k, v = layer_cache.update(k, v, layer_idx)
+        if is_cross and isinstance(cache, EncoderDecoderCache):
+            cache.is_updated[layer_idx] = True
+    return k, v
+
+
+def _dense_attention(module, hidden, kv_states, mask, cache, *, projections, D, scale, table, max_distance):
+    """Shared body of the T5 / UMT5 / BlenderbotSmall forwards -> `(B, Lq, H * D)` before the output
+    projection."""
+    q_proj, k_proj, v_proj = projections
+    B, Lq = hidden.shape[:2]
+    is_cross = kv_states is not None
+    causal = bool(getattr(module, "is_causal", False)) and not is_cross
+    # Tokens already in the self-attention cache (as transformers counts them, before this step's update).
+    q_offset = int(cache.get_seq_length(module.layer_idx)) if cache is not None and not is_cross else 0
+    kpm = key_padding(mask, B, Lq, causal, q_offset)  # before the cache is touched: a fallback must find it as it was
+    q = _heads(q_proj(hidden), B, D)  # (B, H, Lq, D)
+    k, v = _project_kv(hidden, kv_states, cache, module.layer_idx, k_proj, v_proj, D)  # (B, H, Lk, D)
+    if kpm is not None and kpm.shape[1] != k.shape[2]:
+        raise RuntimeError(f"fastseq.patch: the mask covers {kpm.shape[1]} keys but there are {k.shape[2]}")
+    out = kernels.bucketed_attention(
+        q,
+        k,
+        v,
+        table,
+        bidirectional=not module.is_decoder,
+        max_distance=max_distance,
+        causal=causal,
+        key_padding_mask=kpm,
+        q_offset=q_offset,
+        scale=scale,
+        dropout_p=module.dropout if module.training else 0.0,
+    )  # (B, H, Lq, D)
+    return out.transpose(1, 2).reshape(B, Lq, -1)
+
+
+def _refuse_shared(module, position_bias, why: str):
+    if isinstance(position_bias, SharedBias):
+        raise RuntimeError(
+            f"fastseq.patch: {type(module).__name__} must run its own forward ({why}) but an earlier layer "
+            "ran the kernel and passed no position-bias tensor; unpatch the model (fastseq.unpatch) for this call"
+        )
+
+
+def t5_attention_forward(
+    self, hidden_states, mask=None, key_value_states=None, position_bias=None, past_key_values=None, **kwargs
+):
+    """T5 / mT5 / LongT5 (decoder and global) attention -> (output, position bias for the next layer, None)."""
+    shared = position_bias if isinstance(position_bias, SharedBias) else None
+    own = (position_bias is not None and shared is None) or capturing_attentions()
+    if not own:
+        if shared is not None:
+            table = shared.table
+        else:
+            table = self.relative_attention_bias.weight if self.has_relative_attention_bias else None
+        try:
+            out = _dense_attention(
+                self,
+                hidden_states,
+                key_value_states,
+                mask,
+                past_key_values,
+                projections=(self.q, self.k, self.v),
+                D=self.key_value_proj_dim,
+                scale=self.scaling,
+                table=table,
+                max_distance=self.relative_attention_max_distance,
+            )
+            return self.o(out), SharedBias(table), None
+        except _Fallback as why:
+            _refuse_shared(self, position_bias, str(why))
+    _refuse_shared(self, position_bias, "attention weights were asked for")
+    return original_forward(self)(hidden_states, mask, key_value_states, position_bias, past_key_values, **kwargs)
+
+
+def umt5_attention_forward(
+    self, hidden_states, encoder_hidden_states=None, past_key_values=None, attention_mask=None, **kwargs
+):
+    """UMT5 attention (a bias table in every layer) -> (output, None)."""
+    if not capturing_attentions():
+        table = self.relative_attention_bias.weight if self.has_relative_attention_bias else None
+        try:
+            out = _dense_attention(
+                self,
+                hidden_states,
+                encoder_hidden_states,
+                attention_mask,
+                past_key_values,
+                projections=(self.q, self.k, self.v),
+                D=self.key_value_proj_dim,
+                scale=self.scaling,
+                table=table,
+                max_distance=self.relative_attention_max_distance,
+            )
+            return self.o(out), None
+        except _Fallback:
+            pass
+    return original_forward(self)(hidden_states, encoder_hidden_states, past_key_values, attention_mask, **kwargs)
+
+
+def bart_attention_forward(self, hidden_states, key_value_states=None, past_key_values=None, attention_mask=None, **kw):
+    """BlenderbotSmall attention (scaled, projections with biases, no position bias) -> (output, None)."""
+    if not capturing_attentions():
+        try:
+            out = _dense_attention(
+                self,
+                hidden_states,
+                key_value_states,
+                attention_mask,
+                past_key_values,
+                projections=(self.q_proj, self.k_proj, self.v_proj),
+                D=self.head_dim,
+                scale=self.scaling,
+                table=None,
+                max_distance=128,
+            )
+            return self.out_proj(out), None
+        except _Fallback:
+            pass
+    return original_forward(self)(hidden_states, key_value_states, past_key_values, attention_mask, **kw)
+
+
+def _local_key_padding(mask, B: int, L: int, block: int) -> torch.Tensor | None:
+    """The `(B, L)` key mask behind LongT5's blocked local mask `(B, 1, nb, block, 3 block)`."""
+    if mask is None:
+        return None
+    nb = -(-L // block)
+    if not isinstance(mask, torch.Tensor) or tuple(mask.shape) != (B, 1, nb, block, 3 * block):
+        raise _Fallback(f"local mask of shape {tuple(getattr(mask, 'shape', ()))}")
+
+    def decode(verify: bool) -> torch.Tensor:
+        from transformers.models.longt5.modeling_longt5 import _get_local_attention_mask
+
+        idx = torch.arange(block, device=mask.device)
+        # Token t = blk * block + i attends to itself at column block + i of its block's row i.
+        kpm = (mask[:, 0, :, idx, block + idx] != 0).reshape(B, nb * block)[:, :L].contiguous()  # (B, L)
+        if verify and not torch.equal(_get_local_attention_mask(kpm, block, mask.device), mask != 0):
+            raise _Fallback("the local mask is not made from a key-padding mask")
+        return kpm
+
+    return _memoized(mask, ("local", B, L, block), decode)
+
+
+def _global_key_padding(mask, B: int, L: int) -> torch.Tensor | None:
+    if mask is None:
+        return None
+    if not isinstance(mask, torch.Tensor) or tuple(mask.shape) != (B, L):
+        raise _Fallback(f"transient-global mask of shape {tuple(getattr(mask, 'shape', ()))}")
+
+    def decode(verify: bool) -> torch.Tensor:
+        if verify and not ((mask == 0) | (mask == 1)).all():
+            raise _Fallback("the transient-global mask holds values other than 0 and 1")
+        return mask != 0
+
+    return _memoized(mask, ("global", B, L), decode)
+
+
+def _longt5_encoder_attention(self, hidden_states, mask, position_bias, output_attentions, *, transient_global: bool):
+    shared = position_bias if isinstance(position_bias, SharedBias) else None
+    if not output_attentions and not self.is_decoder and (position_bias is None or shared is not None):
+        try:
+            B, L, _ = hidden_states.shape
+            D = self.key_value_proj_dim
+            if transient_global:
+                kpm = _global_key_padding(mask, B, L)
+            else:
+                kpm = _local_key_padding(mask, B, L, self.block_len)
+            if shared is None:
+                own = self.has_relative_attention_bias
+                shared = SharedBias(
+                    self.relative_attention_bias.weight if own else None,
+                    self.global_relative_attention_bias.weight if own and transient_global else None,
+                )
+            q, k, v = (_heads(proj(hidden_states), B, D) for proj in (self.q, self.k, self.v))  # (B, H, L, D)
+            extra = {}
+            if transient_global:
+                globals_ = self.global_input_layer_norm(
+                    kernels.global_aggregate(hidden_states, kpm, self.global_block_size)
+                )  # (B, G, d_model)
+                extra = dict(
+                    global_k=_heads(self.k(globals_), B, D),  # (B, H, G, D)
+                    global_v=_heads(self.v(globals_), B, D),
+                    global_bias_table=shared.global_table,
+                    global_block_size=self.global_block_size,
+                )
+            out = kernels.local_attention(
+                q,
+                k,
+                v,
+                shared.table,
+                radius=self.local_radius,
+                max_distance=self.relative_attention_max_distance,
+                key_padding_mask=kpm,
+                dropout_p=self.dropout if self.training else 0.0,
+                **extra,
+            )  # (B, H, L, D)
+            return (self.o(out.transpose(1, 2).reshape(B, L, -1)), shared)
+        except _Fallback as why:
+            _refuse_shared(self, position_bias, str(why))
+    _refuse_shared(self, position_bias, "attention weights were asked for")
+    return original_forward(self)(hidden_states, mask, position_bias, output_attentions)
+
+
+def longt5_local_forward(self, hidden_states, mask=None, position_bias=None, output_attentions=False):
+    """LongT5 local encoder attention -> (output, SharedBias)."""
+    return _longt5_encoder_attention(
+        self, hidden_states, mask, position_bias, output_attentions, transient_global=False
+    )
+
+
+def longt5_transient_global_forward(self, hidden_states, mask=None, position_bias=None, output_attentions=False):
+    """LongT5 transient-global encoder attention -> (output, SharedBias)."""
+    return _longt5_encoder_attention(self, hidden_states, mask, position_bias, output_attentions, transient_global=True)
+
+
+# class name -> kernel-backed forward
+ATTENTION_FORWARDS = {
+    "T5Attention": t5_attention_forward,
+    "MT5Attention": t5_attention_forward,
+    "LongT5Attention": t5_attention_forward,
+    "UMT5Attention": umt5_attention_forward,
+    "LongT5LocalAttention": longt5_local_forward,
+    "LongT5TransientGlobalAttention": longt5_transient_global_forward,
+    "BlenderbotSmallAttention": bart_attention_forward,
+}
