@@ -22,6 +22,7 @@ forward, decided per call, so no patched call returns different numbers.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import types
 
@@ -198,11 +199,25 @@ def _class_patched(module: nn.Module) -> bool:
     return any(cls in CLASS_ORIGINALS for cls in type(module).__mro__)
 
 
+def _signed(forward, original):
+    """`forward` under `original`'s name and signature (what `inspect.signature` and the Trainer see)."""
+    if original is None:
+        return forward
+
+    @functools.wraps(original)
+    def signed(self, *args, **kwargs):
+        return forward(self, *args, **kwargs)
+
+    return signed
+
+
 def _swap(module: nn.Module, forward) -> None:
     if ORIGINAL in module.__dict__ or _class_patched(module):
         return  # already patched
-    setattr(module, ORIGINAL, module.forward)
-    module.forward = types.MethodType(forward, module)
+    original = module.forward
+    setattr(module, ORIGINAL, original)
+    # The original's signature shows through (`__wrapped__`): the Trainer picks dataset columns by it.
+    module.forward = types.MethodType(_signed(forward, getattr(original, "__func__", None)), module)
 
 
 def _check_transformers() -> None:
@@ -287,7 +302,7 @@ def patch_transformers(
             if forward is None or cls in CLASS_ORIGINALS:
                 continue
             CLASS_ORIGINALS[cls] = cls.__dict__["forward"]
-            cls.forward = forward
+            cls.forward = _signed(forward, CLASS_ORIGINALS[cls])
 
 
 def unpatch_transformers() -> None:

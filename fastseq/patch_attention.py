@@ -195,7 +195,9 @@ def t5_attention_forward(
 ):
     """T5 / mT5 / LongT5 (decoder and global) attention -> (output, position bias for the next layer, None)."""
     shared = position_bias if isinstance(position_bias, SharedBias) else None
-    own = (position_bias is not None and shared is None) or capturing_attentions()
+    # LongT5's decoder still passes output_attentions down; the newer models collect through hooks.
+    weights_wanted = bool(kwargs.get("output_attentions")) or capturing_attentions()
+    own = (position_bias is not None and shared is None) or weights_wanted
     if not own:
         if shared is not None:
             table = shared.table
