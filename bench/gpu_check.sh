@@ -23,4 +23,8 @@ for bench in bucketed_attention local_attention rms_norm ffn cross_entropy; do
     python3 "bench/bench_${bench}.py" --out "$OUT/${bench}_${tag}.csv" 2>&1 \
         | tee "$OUT/bench_${bench}_${tag}.txt" | tail -n 30 || status=1
 done
+# Issue targets for fastseq.patch: transformers T5 v1.1-base, 512 input / 128 target tokens, bf16.
+python3 bench/bench_train_step.py --preset google/t5-v1_1-base --layers 12 --batch 16 --source-len 512 \
+    --target-len 128 --rounds 10 --out "$OUT/train_step_t5_base_${tag}.csv" 2>&1 \
+    | tee "$OUT/bench_train_step_${tag}.txt" | tail -n 8 || status=1
 exit $status

@@ -82,10 +82,33 @@ def _rms_norm_forward(self, hidden_states):
     return kernels.rms_norm(hidden_states, self.weight, self.variance_epsilon)
 
 
+def _zero3_ready(module: nn.Module, weights) -> bool:
+    """Whether DeepSpeed ZeRO-3 (if it partitions these weights) gathers them for `module`'s forward.
+
+    The kernel reads the weights of the module's children without calling them, so ZeRO-3 must know
+    them as the module's external parameters; then it gathers them for its forward and backward.
+    The first call registers them and returns False: that call runs the module's own forward, whose
+    child calls gather them as usual."""
+    if not any(hasattr(w, "ds_id") for w in weights):
+        return True
+    registered = getattr(module, "_external_params", {})
+    if all(id(w) in registered for w in weights):
+        return True
+    from deepspeed.zero import register_external_parameter
+
+    for w in weights:
+        register_external_parameter(module, w)
+    return False
+
+
 def _gated_ffn_forward(self, hidden_states):
     weights = (self.wi_0.weight, self.wi_1.weight, self.wo.weight)
     # e.g. FLAN-T5's fp32 `wo` under bf16
-    if not _gated_applies(self) or any(w.dtype != hidden_states.dtype for w in weights):
+    if (
+        not _gated_applies(self)
+        or any(w.dtype != hidden_states.dtype for w in weights)
+        or not _zero3_ready(self, weights)
+    ):
         return original_forward(self)(hidden_states)
     p = self.dropout.p if self.training else 0.0
     return kernels.gated_ffn(hidden_states, *weights, dropout_p=p)
@@ -93,7 +116,11 @@ def _gated_ffn_forward(self, hidden_states):
 
 def _relu_ffn_forward(self, hidden_states):
     weights = (self.wi.weight, self.wo.weight)
-    if not _relu_applies(self) or any(w.dtype != hidden_states.dtype for w in weights):
+    if (
+        not _relu_applies(self)
+        or any(w.dtype != hidden_states.dtype for w in weights)
+        or not _zero3_ready(self, weights)
+    ):
         return original_forward(self)(hidden_states)
     p = self.dropout.p if self.training else 0.0
     return kernels.relu_ffn(hidden_states, *weights, dropout_p=p)

@@ -8,20 +8,21 @@ What `transformers` hands an attention module, and what these forwards make of i
   pattern (once per mask object: every layer of a stack gets the same one). A mask that is not
   (a custom 4D mask, a flex-attention block mask) makes the module run its own forward.
 - T5 computes the `(1, H, Lq, Lk)` position bias in its first layer and hands the tensor to the
-  next layers. Patched, the first layer hands on a `SharedBias` naming its bias tables instead,
-  and every layer computes the bias inside the kernel from the table. UMT5 keeps a table per layer
-  and uses its own.
+  next layers. Patched, the first layer hands on its `(num_buckets, H)` bias table instead (LongT5
+  transient-global: both tables stacked, `(2, num_buckets, H)`), and every layer computes the bias
+  inside the kernel from it. The table is read through its embedding module's call, so DeepSpeed
+  ZeRO-3 gathers it, and it travels as a tensor, so gradients reach it through re-entrant
+  activation checkpointing. UMT5 keeps a table per layer and uses its own.
 - LongT5's local and transient-global encoder layers get a blocked `(B, 1, nb, block, 3 block)`
   mask (local) or the `(B, L)` mask itself (transient-global); both become the `(B, L)` key mask.
 - When attention weights are asked for (`output_attentions=True`), a layer runs its own forward:
   the kernels never build the weights. A stack decides that in its first layer, so the other
-  layers follow; a `SharedBias` reaching a layer that must fall back is an error, never a guess.
+  layers follow; a table reaching a layer that must fall back is an error, never a guess.
 """
 
 from __future__ import annotations
 
 import weakref
-from dataclasses import dataclass
 
 import torch
 
@@ -41,12 +42,19 @@ def original_forward(module: torch.nn.Module):
     raise RuntimeError(f"fastseq.patch: {type(module).__name__} has no original forward recorded")
 
 
-@dataclass(frozen=True, eq=False)
-class SharedBias:
-    """What a patched first layer hands to the next layers in place of T5's position-bias tensor."""
+def shared_tables(position_bias) -> tuple[torch.Tensor | None, torch.Tensor | None] | None:
+    """The (table, global table) a patched first layer handed on as `position_bias`, or None when
+    `position_bias` is a bias tensor of `transformers`' own (4D for T5, 5D for LongT5) or None."""
+    if isinstance(position_bias, torch.Tensor) and position_bias.dim() == 2:
+        return position_bias, None
+    if isinstance(position_bias, torch.Tensor) and position_bias.dim() == 3:
+        return position_bias[0], position_bias[1]
+    return None
 
-    table: torch.Tensor | None  # (num_buckets, H), or None for no bias (cross-attention)
-    global_table: torch.Tensor | None = None  # LongT5 transient-global side bias (num_buckets, H)
+
+def bias_table(embedding: torch.nn.Embedding) -> torch.Tensor:
+    """The `(num_buckets, H)` table through the embedding's own call (ZeRO-3 gathers it there)."""
+    return embedding(torch.arange(embedding.num_embeddings, device=embedding.weight.device))
 
 
 class _Fallback(Exception):
@@ -183,7 +191,7 @@ def _dense_attention(module, hidden, kv_states, mask, cache, *, projections, D, 
 
 
 def _refuse_shared(module, position_bias, why: str):
-    if isinstance(position_bias, SharedBias):
+    if shared_tables(position_bias) is not None:
         raise RuntimeError(
             f"fastseq.patch: {type(module).__name__} must run its own forward ({why}) but an earlier layer "
             "ran the kernel and passed no position-bias tensor; unpatch the model (fastseq.unpatch) for this call"
@@ -194,15 +202,15 @@ def t5_attention_forward(
     self, hidden_states, mask=None, key_value_states=None, position_bias=None, past_key_values=None, **kwargs
 ):
     """T5 / mT5 / LongT5 (decoder and global) attention -> (output, position bias for the next layer, None)."""
-    shared = position_bias if isinstance(position_bias, SharedBias) else None
+    shared = shared_tables(position_bias)
     # LongT5's decoder still passes output_attentions down; the newer models collect through hooks.
     weights_wanted = bool(kwargs.get("output_attentions")) or capturing_attentions()
     own = (position_bias is not None and shared is None) or weights_wanted
     if not own:
         if shared is not None:
-            table = shared.table
+            table = shared[0]
         else:
-            table = self.relative_attention_bias.weight if self.has_relative_attention_bias else None
+            table = bias_table(self.relative_attention_bias) if self.has_relative_attention_bias else None
         try:
             out = _dense_attention(
                 self,
@@ -216,7 +224,7 @@ def t5_attention_forward(
                 table=table,
                 max_distance=self.relative_attention_max_distance,
             )
-            return self.o(out), SharedBias(table), None
+            return self.o(out), table, None
         except _Fallback as why:
             _refuse_shared(self, position_bias, str(why))
     _refuse_shared(self, position_bias, "attention weights were asked for")
@@ -228,7 +236,7 @@ def umt5_attention_forward(
 ):
     """UMT5 attention (a bias table in every layer) -> (output, None)."""
     if not capturing_attentions():
-        table = self.relative_attention_bias.weight if self.has_relative_attention_bias else None
+        table = bias_table(self.relative_attention_bias) if self.has_relative_attention_bias else None
         try:
             out = _dense_attention(
                 self,
@@ -306,7 +314,7 @@ def _global_key_padding(mask, B: int, L: int) -> torch.Tensor | None:
 
 
 def _longt5_encoder_attention(self, hidden_states, mask, position_bias, output_attentions, *, transient_global: bool):
-    shared = position_bias if isinstance(position_bias, SharedBias) else None
+    shared = shared_tables(position_bias)
     if not output_attentions and not self.is_decoder and (position_bias is None or shared is not None):
         try:
             B, L, _ = hidden_states.shape
@@ -317,10 +325,11 @@ def _longt5_encoder_attention(self, hidden_states, mask, position_bias, output_a
                 kpm = _local_key_padding(mask, B, L, self.block_len)
             if shared is None:
                 own = self.has_relative_attention_bias
-                shared = SharedBias(
-                    self.relative_attention_bias.weight if own else None,
-                    self.global_relative_attention_bias.weight if own and transient_global else None,
+                shared = (
+                    bias_table(self.relative_attention_bias) if own else None,
+                    bias_table(self.global_relative_attention_bias) if own and transient_global else None,
                 )
+            table, global_table = shared
             q, k, v = (_heads(proj(hidden_states), B, D) for proj in (self.q, self.k, self.v))  # (B, H, L, D)
             extra = {}
             if transient_global:
@@ -330,21 +339,22 @@ def _longt5_encoder_attention(self, hidden_states, mask, position_bias, output_a
                 extra = dict(
                     global_k=_heads(self.k(globals_), B, D),  # (B, H, G, D)
                     global_v=_heads(self.v(globals_), B, D),
-                    global_bias_table=shared.global_table,
+                    global_bias_table=global_table,
                     global_block_size=self.global_block_size,
                 )
             out = kernels.local_attention(
                 q,
                 k,
                 v,
-                shared.table,
+                table,
                 radius=self.local_radius,
                 max_distance=self.relative_attention_max_distance,
                 key_padding_mask=kpm,
                 dropout_p=self.dropout if self.training else 0.0,
                 **extra,
             )  # (B, H, L, D)
-            return (self.o(out.transpose(1, 2).reshape(B, L, -1)), shared)
+            handed_on = table if global_table is None else torch.stack([table, global_table])
+            return (self.o(out.transpose(1, 2).reshape(B, L, -1)), handed_on)
         except _Fallback as why:
             _refuse_shared(self, position_bias, str(why))
     _refuse_shared(self, position_bias, "attention weights were asked for")
@@ -352,14 +362,14 @@ def _longt5_encoder_attention(self, hidden_states, mask, position_bias, output_a
 
 
 def longt5_local_forward(self, hidden_states, mask=None, position_bias=None, output_attentions=False):
-    """LongT5 local encoder attention -> (output, SharedBias)."""
+    """LongT5 local encoder attention -> (output, bias table for the next layer)."""
     return _longt5_encoder_attention(
         self, hidden_states, mask, position_bias, output_attentions, transient_global=False
     )
 
 
 def longt5_transient_global_forward(self, hidden_states, mask=None, position_bias=None, output_attentions=False):
-    """LongT5 transient-global encoder attention -> (output, SharedBias)."""
+    """LongT5 transient-global encoder attention -> (output, both bias tables for the next layer)."""
     return _longt5_encoder_attention(self, hidden_states, mask, position_bias, output_attentions, transient_global=True)
 
 

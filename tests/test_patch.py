@@ -179,8 +179,10 @@ def test_umt5_uses_each_layers_own_table(monkeypatch):
     with torch.no_grad():
         model(**inputs("umt5"))
     encoder_tables = [blk.layer[0].SelfAttention.relative_attention_bias.weight for blk in model.encoder.block]
-    assert len({id(t) for t in encoder_tables}) == len(encoder_tables)  # one table per layer
-    assert [id(t) for t in seen[: len(encoder_tables)]] == [id(t) for t in encoder_tables]
+    assert len(seen) == 3 * len(encoder_tables)  # encoder, decoder self- and cross-attention
+    for layer, (used, own) in enumerate(zip(seen, encoder_tables, strict=False)):
+        assert torch.equal(used, own), f"encoder layer {layer} did not use its own table"
+    assert not torch.equal(encoder_tables[0], encoder_tables[1])
 
 
 @pytest.mark.parametrize("kind", ["t5_v11_untied", "longt5_local", "longt5_tglobal", "blenderbot_small"])
