@@ -108,7 +108,8 @@ def test_generate_identical(kind, backend, monkeypatch):
     # The interpreter runs each decoding step's kernels one by one: two rows (right and left padding), few steps.
     data = inputs(kind, B=2) if backend == "triton" else inputs(kind)
     for num_beams in (1, 2):
-        args = dict(attention_mask=data["attention_mask"], max_new_tokens=4, do_sample=False, num_beams=num_beams)
+        steps = 3 if backend == "triton" else 5
+        args = dict(attention_mask=data["attention_mask"], max_new_tokens=steps, do_sample=False, num_beams=num_beams)
         expected = ref.generate(data["input_ids"], **args)
         assert torch.equal(ours.generate(data["input_ids"], **args), expected), f"num_beams={num_beams}"
 
@@ -235,10 +236,13 @@ def test_a_layer_that_cannot_follow_the_first_one_raises(monkeypatch):
 
 
 @pytest.mark.parametrize("kind", ["t5_v10_tied", "longt5_tglobal", "blenderbot_small"])
-def test_gradient_checkpointing(kind):
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_gradient_checkpointing(kind, reentrant):
     ref = build(kind).train()
     ours = fastseq.patch(copy.deepcopy(ref))
-    ours.activation_checkpointing_enable()
+    # Re-entrant checkpointing passes gradients only through tensors a layer returns: the bias
+    # table the first layer hands on must be one for the other layers' bias gradients to reach it.
+    ours.activation_checkpointing_enable({"use_reentrant": reentrant})
     data = inputs(kind)
     expected, got = ref(**data).loss, ours(**data).loss
     assert_close(got, expected, what="loss")
@@ -285,7 +289,7 @@ def test_30_steps_patched_and_unpatched_give_the_same_losses(kind, reference_bac
 def test_training_through_the_triton_kernels_follows_the_unpatched_model(triton_backend):
     ref = build("t5_v11_untied").train()
     ours = fastseq.patch(copy.deepcopy(ref))
-    expected, got = _train(ref, 4, "t5_v11_untied"), _train(ours, 4, "t5_v11_untied")
+    expected, got = _train(ref, 2, "t5_v11_untied"), _train(ours, 2, "t5_v11_untied")
     for step, (a, b) in enumerate(zip(got, expected, strict=True)):
         assert abs(a - b) <= 1e-5 * abs(b), f"step {step}: patched {a} vs unpatched {b}"
 
