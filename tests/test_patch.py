@@ -376,3 +376,26 @@ def test_refusals(monkeypatch):
     monkeypatch.setattr(tf, "__version__", "4.46.0")
     with pytest.raises(ValueError, match="needs transformers 5 or newer.*found 4.46.0"):
         fpatch.patch(build("t5_v10_tied"))
+
+
+@pytest.mark.parametrize("kind", ["t5_v11_untied", "longt5_tglobal", "blenderbot_small"])
+def test_base_model_without_a_head(kind):
+    import transformers as tf
+
+    model_type, fields = KINDS[kind]
+    prefix = {"t5": "T5", "longt5": "LongT5", "blenderbot-small": "BlenderbotSmall"}[model_type]
+    config = getattr(tf, f"{prefix}Config")(**fields)
+    config._attn_implementation = "eager"
+    torch.manual_seed(0)
+    ref = getattr(tf, f"{prefix}Model")(config).train()
+    ours = fastseq.patch(copy.deepcopy(ref))
+    assert any(name.startswith("decoder.") for name in fpatch.patched_modules(ours))
+    data = inputs(kind)
+    decoder_ids = data["labels"].clamp(min=0)
+    outs = []
+    for model in (ref, ours):
+        out = model(input_ids=data["input_ids"], attention_mask=data["attention_mask"], decoder_input_ids=decoder_ids)
+        (out.last_hidden_state * torch.linspace(-1, 1, out.last_hidden_state.shape[-1])).sum().backward()
+        outs.append(out.last_hidden_state.detach())
+    assert_close(outs[1], outs[0], what="decoder last_hidden_state")
+    assert_same_grads(ours, ref)
