@@ -12,6 +12,18 @@ from . import train
 def _convert(args: argparse.Namespace) -> None:
     from .checkpoint import from_pretrained
 
+    destination = args.to or args.destination
+    if args.from_deepspeed:
+        from .checkpoint import _resolve_dtype
+        from .distributed.convert import convert
+
+        if not destination or args.source:
+            raise ValueError("use: fastseq convert --from-deepspeed OUTPUT/checkpoint-STEP --to DIR")
+        convert(args.from_deepspeed, destination, max_shard_size=args.max_shard_size, dtype=_resolve_dtype(args.dtype))
+        return
+    if not args.source or not destination:
+        raise ValueError("use: fastseq convert SRC DST, or fastseq convert --from-deepspeed CKPT --to DIR")
+    args.destination = destination
     model = from_pretrained(args.source, dtype=args.dtype)
     model.save_pretrained(args.destination, max_shard_size=args.max_shard_size)
     print(f"fastseq convert: {type(model).__name__} ({model.num_parameters():,} parameters) -> {args.destination}")
@@ -59,9 +71,14 @@ def build_parser() -> argparse.ArgumentParser:
     p_gen.add_argument("--seed", type=int, default=0)
     p_gen.add_argument("--device", default=None)
     p_gen.set_defaults(func=_generate)
-    p_convert = sub.add_parser("convert", help="re-save a Hugging Face model directory (dtype, shards)")
-    p_convert.add_argument("source")
-    p_convert.add_argument("destination")
+    p_convert = sub.add_parser(
+        "convert", help="re-save a Hugging Face model directory (dtype, shards), or write one from a DeepSpeed run"
+    )
+    p_convert.add_argument("source", nargs="?")
+    p_convert.add_argument("destination", nargs="?")
+    p_convert.add_argument("--from-deepspeed", default=None, metavar="CKPT",
+                           help="a checkpoint of `fastseq train --deepspeed` (OUTPUT/checkpoint-STEP)")  # fmt: skip
+    p_convert.add_argument("--to", default=None, metavar="DIR", help="the Hugging Face directory to write")
     p_convert.add_argument("--dtype", default=None, help="float32, bfloat16 or float16")
     p_convert.add_argument("--max-shard-size", default="5GB")
     p_convert.set_defaults(func=_convert)

@@ -94,10 +94,10 @@ def _zero3_ready(module: nn.Module, weights) -> bool:
     registered = getattr(module, "_external_params", {})
     if all(id(w) in registered for w in weights):
         return True
-    from deepspeed.zero import register_external_parameter
+    import deepspeed
 
     for w in weights:
-        register_external_parameter(module, w)
+        deepspeed.zero.register_external_parameter(module, w)
     return False
 
 

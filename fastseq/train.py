@@ -89,6 +89,7 @@ class TrainArgs:
     seed: int = 0
     device: str | None = None
     resume: str | None = None  # "latest" or a checkpoint directory
+    deepspeed: str | None = None  # a DeepSpeed JSON config: train under the `deepspeed` launcher
     quiet: bool = False
     examples_to_show: int = 3
     extra: dict = field(default_factory=dict)
@@ -409,6 +410,10 @@ def _data(args: TrainArgs, tokenizer: Tokenizer):
 
 
 def train(args: TrainArgs) -> dict:
+    if args.deepspeed:
+        from .distributed.engine import train_deepspeed
+
+        return train_deepspeed(args)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     torch.manual_seed(args.seed)
     model, tokenizer = _model_and_tokenizer(args, device)
@@ -553,6 +558,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resume", nargs="?", const="latest", default=None,
                         help="continue from the latest checkpoint in --output-dir (or from the one given)")  # fmt: skip
     parser.add_argument("--quiet", action="store_true", default=None, help="no progress bar")
+    parser.add_argument("--deepspeed", default=None,
+                        help="a DeepSpeed JSON config (configs/deepspeed/*.json); start with `deepspeed`")  # fmt: skip
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
 
 
 def args_from_namespace(ns: argparse.Namespace) -> TrainArgs:
@@ -564,7 +572,8 @@ def args_from_namespace(ns: argparse.Namespace) -> TrainArgs:
         if not isinstance(loaded, dict):
             raise ValueError(f"{ns.config}: expected a mapping of options")
         values.update({k.replace("-", "_"): v for k, v in loaded.items()})
-    values.update({k: v for k, v in vars(ns).items() if v is not None and k not in ("config", "func", "command")})
+    skipped = ("config", "func", "command", "local_rank")  # the launcher's --local_rank: LOCAL_RANK says the same
+    values.update({k: v for k, v in vars(ns).items() if v is not None and k not in skipped})
     known = {f.name for f in dataclasses.fields(TrainArgs)}
     unknown = sorted(set(values) - known)
     if unknown:

@@ -50,6 +50,20 @@ class HFConfig:
         return out
 
 
+class LMHead(nn.Linear):
+    """The output projection. Given labels it returns the loss instead of the logits, computed in
+    chunks by `linear_cross_entropy` inside its own call, so DeepSpeed ZeRO-3 gathers its weight
+    for the loss (forward and backward) as for any Linear."""
+
+    def forward(
+        self, hidden: torch.Tensor, labels: torch.Tensor | None = None, bias: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """hidden `(..., d)` -> logits `(..., vocab)`; with labels `(...)`: the mean loss, scalar fp32."""
+        if labels is None:
+            return super().forward(hidden)
+        return linear_cross_entropy(hidden, self.weight, labels, bias=bias)
+
+
 def shift_right(labels: torch.Tensor, decoder_start_token_id: int, pad_token_id: int) -> torch.Tensor:
     """Decoder inputs from labels `(B, L)`: start token first, labels shifted right, -100 -> pad."""
     shifted = labels.new_zeros(labels.shape)
@@ -135,7 +149,7 @@ class Seq2SeqModel(PreTrainedModel):
         bias = self.logits_bias()
         loss = None
         if labels is not None:
-            loss = linear_cross_entropy(h, self.lm_head.weight, labels, bias=bias)
+            loss = self.lm_head(h, labels=labels, bias=bias)
         if return_logits is None:
             return_logits = labels is None or not self.training
         logits = None

@@ -13,7 +13,7 @@ from torch.utils.checkpoint import checkpoint
 
 from fastseq.kernels import bucketed_attention
 
-from .base import HFConfig, PreTrainedModel, Seq2SeqModel
+from .base import HFConfig, LMHead, PreTrainedModel, Seq2SeqModel
 from .cache import LayerCache
 
 _ACTIVATIONS = {
@@ -272,7 +272,7 @@ class BlenderbotSmallForConditionalGeneration(_BlenderbotSmallBase, Seq2SeqModel
         self.config = config
         self.model = BlenderbotSmallModel(config)
         self.register_buffer("final_logits_bias", torch.zeros(1, config.vocab_size))
-        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        self.lm_head = LMHead(config.d_model, config.vocab_size, bias=False)
         self.tie_weights()
         if not any(p.is_meta for p in self.parameters()):
             self.init_weights()

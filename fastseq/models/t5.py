@@ -17,7 +17,7 @@ from torch.utils.checkpoint import checkpoint
 
 from fastseq.kernels import bucketed_attention, gated_ffn, relu_ffn, rms_norm
 
-from .base import EncoderOutput, HFConfig, PreTrainedModel, Seq2SeqModel
+from .base import EncoderOutput, HFConfig, LMHead, PreTrainedModel, Seq2SeqModel
 from .cache import KVCache, LayerCache
 
 _FFN_KINDS = ("relu", "gated-gelu")
@@ -346,7 +346,7 @@ class T5ForConditionalGeneration(_T5Base, Seq2SeqModel):
             config, self.shared, config.num_layers, is_decoder=False, self_attention=encoder_self_attention
         )
         self.decoder = T5Stack(config, self.shared, config.num_decoder_layers, is_decoder=True)
-        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        self.lm_head = LMHead(config.d_model, config.vocab_size, bias=False)
         self.tie_weights()
         if not any(p.is_meta for p in self.parameters()):
             self.init_weights()
