@@ -42,7 +42,10 @@ def _model_config(args):
         return default_config()
     if Path(args.model).is_dir():
         data = read_config(args.model)
-        return FAMILIES[data["model_type"]][0].from_hf_dict(data)
+        config = FAMILIES[data["model_type"]][0].from_hf_dict(data)
+        if getattr(config, "tie_word_embeddings", False) and zero.head_is_distinct(args.model):
+            config.tie_word_embeddings = False  # as from_pretrained does: the directory holds a head of its own
+        return config
     return presets.config(args.model)
 
 

@@ -100,6 +100,20 @@ def _checkpoint_files(path: Path) -> list[Path]:
     )
 
 
+def head_is_distinct(path: str | Path) -> bool:
+    """Whether a model directory stores an LM head that differs from its input embedding (read
+    lazily: two tensors)."""
+    found = {}
+    for file in _checkpoint_files(Path(path)):
+        with safe_open(str(file), framework="pt", device="cpu") as handle:
+            for key in ("lm_head.weight", "shared.weight", "model.shared.weight"):
+                if key in handle.keys():
+                    found[key] = handle.get_tensor(key)
+    head = found.get("lm_head.weight")
+    embedding = found.get("shared.weight", found.get("model.shared.weight"))
+    return head is not None and embedding is not None and not torch.equal(head, embedding)
+
+
 @torch.no_grad()
 def load_partitioned(model: nn.Module, path: str | Path) -> None:
     """Copy a model directory's tensors into this rank's ZeRO-3 partitions, one tensor at a time
@@ -140,6 +154,8 @@ def _copy_partition(param: torch.Tensor, full: torch.Tensor, rank: int, where: s
     part.zero_()
     if take:
         part.narrow(0, 0, take).copy_(flat.narrow(0, start, take))
+    if param.numel() == full.numel():  # whole on every rank already (a small, persistent parameter)
+        param.data.copy_(full.to(param.dtype))
 
 
 def gathered_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:

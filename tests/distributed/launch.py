@@ -1,0 +1,38 @@
+"""Run fastseq under the real `deepspeed` launcher: two ranks on the CPU (gloo)."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def deepspeed(*args: str, ranks: int = 2, module: str | None = "fastseq.train", expect_fail: bool = False):
+    """`deepspeed --num_gpus RANKS [--module MODULE] ARGS...`; returns the finished process."""
+    env = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONPATH=str(ROOT), FASTSEQ_BACKEND="reference",
+               OMP_NUM_THREADS="1")  # fmt: skip
+    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks),
+           "--master_port", str(free_port())]  # fmt: skip
+    cmd += ["--module", module, *args] if module else list(args)
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    if expect_fail:
+        assert proc.returncode != 0, proc.stdout[-2000:]
+    else:
+        assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    return proc
+
+
+def losses(output_dir: Path) -> list[float]:
+    lines = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+    return [line["loss"] for line in lines if "loss" in line and "eval_loss" not in line]

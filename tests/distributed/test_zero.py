@@ -1,0 +1,78 @@
+"""ZeRO-2 and ZeRO-3 through the real `deepspeed` launcher with two ranks (CPU, gloo): the losses of
+one process, exact resumption, loading a model directory into the partitions, and conversion back
+to a Hugging Face directory that `transformers` loads."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fastseq
+from fastseq.train import TrainArgs, train
+from tests.conftest import assert_close, batch, hf_model
+from tests.distributed.launch import ROOT, deepspeed, losses
+
+COMMON = ["--batch-size", "4", "--optimizer", "adamw", "--lr", "1e-3", "--quiet", "--eval-examples", "0"]
+pytestmark = pytest.mark.slow
+
+
+def _one_process(tmp_path, steps: int, model: str | None = None) -> list[float]:
+    """Two ranks with one micro-batch each see what one process sees with two accumulated."""
+    args = TrainArgs(model=model, steps=steps, batch_size=4, grad_accum=2, optimizer="adamw", lr=1e-3, quiet=True,
+                     eval_examples=0, output_dir=str(tmp_path / "one"), device="cpu")  # fmt: skip
+    train(args)
+    return losses(tmp_path / "one")
+
+
+def _close(got, expected, rel=1e-5):
+    assert len(got) == len(expected)
+    for step, (a, b) in enumerate(zip(got, expected, strict=True)):
+        assert abs(a - b) <= rel * abs(b), f"step {step + 1}: {a} vs {b}"
+
+
+def test_zero2_and_zero3_match_one_process_resume_exactly_and_convert(tmp_path):
+    expected = _one_process(tmp_path, 5)
+    deepspeed("--deepspeed", str(ROOT / "configs/deepspeed/zero2.json"), "--steps", "5",
+              "--output-dir", str(tmp_path / "z2"), *COMMON)  # fmt: skip
+    _close(losses(tmp_path / "z2"), expected)
+
+    z3 = tmp_path / "z3"
+    deepspeed("--deepspeed", str(ROOT / "configs/deepspeed/zero3.json"), "--steps", "5", "--save-every", "3",
+              "--output-dir", str(z3), *COMMON)  # fmt: skip
+    straight = losses(z3)
+    _close(straight, expected)
+    assert sorted(p.name for p in z3.glob("checkpoint-*")) == ["checkpoint-3", "checkpoint-5"]
+
+    resumed = tmp_path / "z3_resumed"
+    deepspeed("--deepspeed", str(ROOT / "configs/deepspeed/zero3.json"), "--steps", "5",
+              "--resume", str(z3 / "checkpoint-3"), "--output-dir", str(resumed), *COMMON)  # fmt: skip
+    assert losses(resumed) == straight[3:]  # bit for bit
+
+    converted = tmp_path / "hf"
+    from fastseq.cli import main
+
+    assert main(["convert", "--from-deepspeed", str(z3 / "checkpoint-5"), "--to", str(converted)]) == 0
+    ours = fastseq.from_pretrained(converted)
+    final = fastseq.from_pretrained(z3)  # the model the run saved at the top of its output
+    for name, value in final.state_dict().items():
+        torch.testing.assert_close(ours.state_dict()[name], value, rtol=0, atol=0)
+    import transformers as tf
+
+    reference = tf.AutoModelForSeq2SeqLM.from_pretrained(converted).eval()
+    data = batch("byt5_like")
+    with torch.no_grad():
+        expected_logits = ours(**data).logits
+        got = reference(**data).logits
+    assert_close(got, expected_logits, what="transformers logits of the converted directory")
+
+
+def test_zero3_loads_a_model_directory_into_the_partitions(tmp_path):
+    source = tmp_path / "model"
+    hf_model("byt5_like").save_pretrained(source)  # a transformers directory, with ByT5's vocabulary
+    from fastseq.tokenizers import ByT5Tokenizer
+
+    ByT5Tokenizer().save_pretrained(source)
+    expected = _one_process(tmp_path, 2, model=str(source))
+    deepspeed("--deepspeed", str(ROOT / "configs/deepspeed/zero3.json"), "--model", str(source), "--steps", "2",
+              "--output-dir", str(tmp_path / "z3"), *COMMON)  # fmt: skip
+    _close(losses(tmp_path / "z3"), expected)
