@@ -41,24 +41,28 @@ def register_external_parameters(model: nn.Module) -> int:
     return len(pairs)
 
 
+def init_blenderbot_module(module: nn.Module, std: float) -> None:
+    """BlenderbotSmall's initialisation of one module: normal weights, zero biases, unit LayerNorms."""
+    if isinstance(module, nn.Linear):
+        nn.init.normal_(module.weight, std=std)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.Embedding):
+        nn.init.normal_(module.weight, std=std)
+        if module.padding_idx is not None:
+            module.weight[module.padding_idx].zero_()
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
+
+
 def _init_groups(model: nn.Module) -> Iterator[tuple[nn.Module, callable]]:
     """(module, init) pairs covering every parameter, each init touching only that module's subtree."""
     config = model.config
     if isinstance(model, _BlenderbotSmallBase):
-        std = config.init_std
 
         def init_blenderbot(module: nn.Module) -> None:
-            if isinstance(module, nn.Linear):
-                nn.init.normal_(module.weight, std=std)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.Embedding):
-                nn.init.normal_(module.weight, std=std)
-                if module.padding_idx is not None:
-                    module.weight[module.padding_idx].zero_()
-            elif isinstance(module, nn.LayerNorm):
-                nn.init.ones_(module.weight)
-                nn.init.zeros_(module.bias)
+            init_blenderbot_module(module, config.init_std)
 
         for module in model.modules():
             if isinstance(module, (nn.Linear, nn.Embedding, nn.LayerNorm)):
