@@ -49,6 +49,12 @@ def _model_config(args):
     return presets.config(args.model)
 
 
+def _num_layers(model_config) -> int:
+    if model_config.model_type == "blenderbot-small":
+        return model_config.encoder_layers + model_config.decoder_layers
+    return model_config.num_layers + model_config.num_decoder_layers
+
+
 def _tokenizer(args):
     if args.tokenizer:
         return load_tokenizer(args.tokenizer)
@@ -191,7 +197,7 @@ def train_deepspeed(args) -> dict:
         raw, model_config=model_config, world_size=world, micro_batch_size=args.batch_size,
         grad_accum=args.grad_accum, clip=args.clip, precision=args.precision, force_fp16=args.force_fp16,
         lr=lr, weight_decay=args.weight_decay, on_gpu=on_gpu,
-        num_layers=model_config.num_layers + getattr(model_config, "num_decoder_layers", model_config.num_layers),
+        num_layers=_num_layers(model_config),
     )  # fmt: skip
     if ds_config.pipeline_stages(config):
         from .pipeline import train_pipeline

@@ -1,0 +1,147 @@
+"""Pipeline stages through the real `deepspeed` launcher (two ranks, CPU, gloo): the losses of one
+process, exact resumption, conversion to a directory `transformers` loads; the partitioning of the
+11B presets on the meta device; refusals."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fastseq
+from fastseq import presets
+from fastseq.distributed.pipeline import layer_parameter_counts, stage_parameter_counts
+from fastseq.tokenizers import ByT5Tokenizer
+from fastseq.train import TrainArgs, train
+from tests.conftest import T5_BASE, assert_close, batch
+from tests.distributed.launch import ROOT, deepspeed, losses
+
+PIPELINE = str(ROOT / "configs/deepspeed/pipeline.json")
+COMMON = ["--batch-size", "4", "--grad-accum", "2", "--optimizer", "adamw", "--lr", "1e-3", "--quiet",
+          "--eval-examples", "0"]  # fmt: skip
+
+
+def _directory(path, kind: str):
+    """A transformers model with ByT5's vocabulary, saved with its tokenizer."""
+    import transformers as tf
+
+    torch.manual_seed(0)
+    if kind == "t5_tied":
+        model = tf.T5ForConditionalGeneration(
+            tf.T5Config(**dict(T5_BASE, vocab_size=384, feed_forward_proj="relu", tie_word_embeddings=True))
+        )
+    elif kind == "longt5_tglobal":
+        fields = dict(T5_BASE, vocab_size=384, feed_forward_proj="gated-gelu", tie_word_embeddings=False,
+                      encoder_attention_type="transient-global", local_radius=3, global_block_size=4)  # fmt: skip
+        model = tf.LongT5ForConditionalGeneration(tf.LongT5Config(**fields))
+    else:
+        model = tf.BlenderbotSmallForConditionalGeneration(
+            tf.BlenderbotSmallConfig(
+                vocab_size=384,
+                d_model=32,
+                encoder_layers=2,
+                decoder_layers=2,
+                encoder_attention_heads=4,
+                decoder_attention_heads=4,
+                encoder_ffn_dim=48,
+                decoder_ffn_dim=48,
+                max_position_embeddings=128,
+                dropout=0.0,
+                attention_dropout=0.0,
+                activation_dropout=0.0,
+                pad_token_id=0,
+                bos_token_id=1,
+                eos_token_id=1,
+                decoder_start_token_id=1,
+            )  # fmt: skip
+        )
+        model.final_logits_bias.normal_()
+    model.save_pretrained(path)
+    ByT5Tokenizer().save_pretrained(path)
+    return path
+
+
+def _one_process(tmp_path, model, steps: int) -> list[float]:
+    args = TrainArgs(model=str(model), steps=steps, batch_size=4, grad_accum=2, optimizer="adamw", lr=1e-3,
+                     quiet=True, eval_examples=0, output_dir=str(tmp_path / "one"), device="cpu")  # fmt: skip
+    train(args)
+    return losses(tmp_path / "one")
+
+
+def _close(got, expected, rel=1e-5):
+    assert len(got) == len(expected)
+    for step, (a, b) in enumerate(zip(got, expected, strict=True)):
+        assert abs(a - b) <= rel * abs(b), f"step {step + 1}: pipeline {a} vs one process {b}"
+
+
+@pytest.mark.slow
+def test_two_stages_of_a_tied_t5_match_one_process_resume_and_convert(tmp_path):
+    source = _directory(tmp_path / "model", "t5_tied")
+    expected = _one_process(tmp_path, source, 5)
+    run = tmp_path / "pp"
+    deepspeed("--deepspeed", PIPELINE, "--model", str(source), "--steps", "5", "--save-every", "3",
+              "--output-dir", str(run), *COMMON)  # fmt: skip
+    straight = losses(run)
+    _close(straight, expected)
+    layer_files = sorted(p.name for p in (run / "checkpoint-5").glob("layer_*-model_states.pt"))
+    assert layer_files[0] == "layer_00-model_states.pt" and len(layer_files) > 4  # both stages wrote theirs
+
+    resumed = tmp_path / "pp_resumed"
+    deepspeed("--deepspeed", PIPELINE, "--model", str(source), "--steps", "5", "--resume",
+              str(run / "checkpoint-3"), "--output-dir", str(resumed), *COMMON)  # fmt: skip
+    assert losses(resumed) == straight[3:]  # bit for bit
+
+    from fastseq.cli import main
+
+    converted = tmp_path / "hf"
+    assert main(["convert", "--from-deepspeed", str(run / "checkpoint-5"), "--to", str(converted)]) == 0
+    ours = fastseq.from_pretrained(converted)
+    one = fastseq.from_pretrained(tmp_path / "one")
+    for name, value in one.state_dict().items():
+        assert_close(ours.state_dict()[name], value, what=name)
+    import transformers as tf
+
+    reference = tf.AutoModelForSeq2SeqLM.from_pretrained(converted).eval()
+    assert reference.lm_head.weight.data_ptr() == reference.shared.weight.data_ptr()  # still tied
+    data = batch("byt5_like")
+    with torch.no_grad():
+        assert_close(reference(**data).logits, ours(**data).logits, what="transformers logits")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["longt5_tglobal", "blenderbot_small"])
+def test_two_stages_of_longt5_and_blenderbot_match_one_process(tmp_path, kind):
+    source = _directory(tmp_path / "model", kind)
+    expected = _one_process(tmp_path, source, 3)
+    deepspeed("--deepspeed", PIPELINE, "--model", str(source), "--steps", "3", "--output-dir", str(tmp_path / "pp"),
+              *COMMON)  # fmt: skip
+    _close(losses(tmp_path / "pp"), expected)
+
+
+@pytest.mark.parametrize("preset", ["t5-11b", "google/mt5-xxl"])
+@pytest.mark.parametrize("stages", [4, 8])
+def test_11b_presets_partition_evenly_on_the_meta_device(preset, stages):
+    config = presets.config(preset)
+    counts = stage_parameter_counts(config, stages)
+    assert len(counts) == stages
+    assert max(counts) <= 1.15 * min(counts), [f"{c / 1e9:.2f}B" for c in counts]
+    # Every parameter of the model sits on some stage (the tied embedding once per stage using it).
+    model = presets.build(preset, device="meta")
+    embedding = config.vocab_size * config.d_model
+    assert sum(layer_parameter_counts(config)) >= model.num_parameters()
+    assert sum(layer_parameter_counts(config)) - model.num_parameters() <= 2 * embedding
+
+
+@pytest.mark.slow
+def test_bad_configurations_are_refused_through_the_launcher(tmp_path):
+    import json
+
+    config = tmp_path / "pipe_zero3.json"
+    config.write_text(json.dumps({"zero_optimization": {"stage": 3}, "pipeline": {"stages": 2}}))
+    proc = deepspeed("--deepspeed", str(config), "--steps", "1", "--output-dir", str(tmp_path / "x"), *COMMON,
+                     expect_fail=True)  # fmt: skip
+    assert "pipeline parallelism works only with ZeRO stage 0 or 1; the config asks for stage 3" in proc.stderr
+    many = tmp_path / "many.json"
+    many.write_text(json.dumps({"pipeline": {"stages": 2}}))
+    proc = deepspeed("--deepspeed", str(many), "--steps", "1", "--output-dir", str(tmp_path / "y"), "--precision",
+                     "fp16", *COMMON, expect_fail=True)  # fmt: skip
+    assert "fp16 is refused for T5-family models" in proc.stderr
