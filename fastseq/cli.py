@@ -82,6 +82,11 @@ def build_parser() -> argparse.ArgumentParser:
     p_convert.add_argument("--dtype", default=None, help="float32, bfloat16 or float16")
     p_convert.add_argument("--max-shard-size", default="5GB")
     p_convert.set_defaults(func=_convert)
+    p_plan = sub.add_parser("plan", help="which DeepSpeed strategy fits a model on a cluster, and its memory")
+    from .distributed import plan as _plan
+
+    _plan.add_arguments(p_plan)
+    p_plan.set_defaults(func=_plan.run)
     return parser
 
 
