@@ -27,4 +27,11 @@ done
 python3 bench/bench_train_step.py --preset google/t5-v1_1-base --layers 12 --batch 16 --source-len 512 \
     --target-len 128 --rounds 10 --out "$OUT/train_step_t5_base_${tag}.csv" 2>&1 \
     | tee "$OUT/bench_train_step_${tag}.txt" | tail -n 8 || status=1
+# DeepSpeed ZeRO-3 on this one GPU: t5-3b (random weights, the synthetic task), tokens/s and peak memory per step.
+python3 -c "from fastseq.tokenizers import ByT5Tokenizer; ByT5Tokenizer().save_pretrained('$OUT/byt5_tokenizer')"
+deepspeed --num_gpus 1 --module fastseq.train --deepspeed configs/deepspeed/zero3.json --model t5-3b \
+    --tokenizer "$OUT/byt5_tokenizer" --steps 30 --batch-size 8 --optimizer adamw --lr 1e-4 --quiet \
+    --output-dir "$OUT/zero3_t5_3b_${tag}" 2>&1 | tail -n 5 || status=1
+cp "$OUT/zero3_t5_3b_${tag}/metrics.jsonl" "$OUT/zero3_t5_3b_${tag}.jsonl" 2>/dev/null
+rm -rf "$OUT/zero3_t5_3b_${tag}"  # the 3B checkpoint itself is not a result
 exit $status

@@ -241,6 +241,7 @@ def train_deepspeed(args) -> dict:
         return save(engine, out, step, model=model, model_config=model_config, tokenizer=tokenizer, stream=stream,
                     collator=collator, args=args)  # fmt: skip
 
+    window = time.perf_counter()
     for step in range(start, args.steps):
         loss_sum = torch.zeros((), device=device)
         tokens = 0
@@ -258,7 +259,12 @@ def train_deepspeed(args) -> dict:
             raise FloatingPointError(f"the loss is {mean_loss} at step {done}; lower --lr")
         losses.append(mean_loss)
         if rank == 0:
-            record = {"step": done, "loss": mean_loss, "lr": lr_scheduler.get_last_lr()[0], "tokens_rank0": tokens}
+            now = time.perf_counter()
+            record = {"step": done, "loss": mean_loss, "lr": lr_scheduler.get_last_lr()[0], "tokens_rank0": tokens,
+                      "tokens_per_s": tokens * world / max(now - window, 1e-9)}  # fmt: skip
+            window = now
+            if on_gpu:
+                record["peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
             with log_path.open("a") as f:
                 f.write(json.dumps(record) + "\n")
             if not args.quiet and (done % args.log_every == 0 or done == args.steps):
