@@ -319,6 +319,9 @@ def pipeline_module(config, stages: int, *, activation_checkpoint_interval: int 
         loss_fn=cross_entropy,
         partition_method="parameters",
         activation_checkpoint_interval=activation_checkpoint_interval,
+        # Only the blocks' layers: DeepSpeed's re-entrant checkpoint needs an input that requires grad,
+        # which an embedding's integer ids are not.
+        checkpointable_layers=["T5SubLayerPipe", "BlenderbotLayerPipe", "BlenderbotInputPipe"],
         dynamic_shape=True,
     )
 

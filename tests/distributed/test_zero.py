@@ -68,7 +68,9 @@ def test_zero2_and_zero3_match_one_process_resume_exactly_and_convert(tmp_path):
 
 def test_zero3_loads_a_model_directory_into_the_partitions(tmp_path):
     source = tmp_path / "model"
-    hf_model("byt5_like").save_pretrained(source)  # a transformers directory, with ByT5's vocabulary
+    # A transformers directory with ByT5's vocabulary, in several safetensors shards.
+    hf_model("byt5_like").save_pretrained(source, max_shard_size="200KB")
+    assert len(list(source.glob("model-*.safetensors"))) > 1
     from fastseq.tokenizers import ByT5Tokenizer
 
     ByT5Tokenizer().save_pretrained(source)
