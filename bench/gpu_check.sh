@@ -19,14 +19,9 @@ tag="$(python3 -c 'import torch; print(torch.cuda.get_device_name().split()[1].l
 
 status=0
 python3 -m pytest -q -m cuda tests 2>&1 | tee "$OUT/pytest_cuda_${tag}.txt" | tail -n 15 || status=1
-for bench in bucketed_attention local_attention rms_norm ffn cross_entropy; do
-    python3 "bench/bench_${bench}.py" --out "$OUT/${bench}_${tag}.csv" 2>&1 \
-        | tee "$OUT/bench_${bench}_${tag}.txt" | tail -n 30 || status=1
-done
-# Issue targets for fastseq.patch: transformers T5 v1.1-base, 512 input / 128 target tokens, bf16.
-python3 bench/bench_train_step.py --preset google/t5-v1_1-base --layers 12 --batch 16 --source-len 512 \
-    --target-len 128 --rounds 10 --out "$OUT/train_step_t5_base_${tag}.csv" 2>&1 \
-    | tee "$OUT/bench_train_step_${tag}.txt" | tail -n 8 || status=1
+# Every benchmark (kernels and end-to-end training, torch.compile included), CSVs + plots + table in $OUT.
+# The training list holds the fastseq.patch target: transformers T5 v1.1-base, 512 / 128 tokens, bf16.
+fastseq bench --compile --out "$OUT" 2>&1 | tee "$OUT/bench_${tag}.txt" | tail -n 60 || status=1
 # DeepSpeed ZeRO-3 on this one GPU: t5-3b (random weights, the synthetic task), tokens/s and peak memory per step.
 python3 -c "from fastseq.tokenizers import ByT5Tokenizer; ByT5Tokenizer().save_pretrained('$OUT/byt5_tokenizer')"
 deepspeed --num_gpus 1 --module fastseq.train --deepspeed configs/deepspeed/zero3.json --model t5-3b \

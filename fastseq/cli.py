@@ -87,6 +87,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     _plan.add_arguments(p_plan)
     p_plan.set_defaults(func=_plan.run)
+    from . import bench as _bench
+
+    p_bench = sub.add_parser("bench", help="run the benchmarks and write their CSVs, plots and table")
+    _bench.add_arguments(p_bench)
+    p_bench.set_defaults(func=_bench.run)
     return parser
 
 

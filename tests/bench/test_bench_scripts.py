@@ -1,4 +1,5 @@
-"""The benchmark scripts run end to end (tiny CPU sizes; their numbers are not checked)."""
+"""The benchmark scripts run end to end (tiny CPU sizes; their numbers are not checked) and write
+the results schema."""
 
 from __future__ import annotations
 
@@ -7,62 +8,90 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "bench"))
+from _common import LONG_FIELDS  # noqa: E402
 
 
-def test_bench_bucketed_attention_smoke(tmp_path):
-    out = tmp_path / "attention.csv"
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "bench_bucketed_attention.py"), "--smoke", "--out", str(out)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = list(csv.DictReader(out.open()))
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory) -> Path:
+    """`fastseq bench --quick` once: every script at tiny CPU sizes, then the plots and the table."""
+    out = tmp_path_factory.mktemp("bench")
+    proc = subprocess.run([sys.executable, "-m", "fastseq.cli", "bench", "--quick", "--out", str(out)],
+                          capture_output=True, text=True, timeout=1200, cwd=ROOT)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return out
+
+
+def _smoke(script: str, out: Path) -> list[dict]:
+    rows = list(csv.DictReader((out / f"{script.removeprefix('bench_')}_cpu.csv").open()))
+    assert rows and list(rows[0]) == LONG_FIELDS
+    for row in rows:
+        assert float(row["p20"]) <= float(row["p50"]) <= float(row["p80"]) or row["p50"] == "nan", row
+        assert row["gpu"] == "cpu" and row["torch"] and row["date"] and row["formula"]
+    return rows
+
+
+def _values(rows, mode: str, metric: str) -> dict[tuple[str, str], float]:
+    return {(r["provider"], r["x_value"]): float(r["p50"]) for r in rows if r["mode"] == mode and r["metric"] == metric}
+
+
+def test_bench_bucketed_attention_smoke(quick):
+    rows = _smoke("bench_bucketed_attention", quick)
     assert {r["provider"] for r in rows} == {"fastseq", "hf_eager", "hf_sdpa"}
-    assert {int(r["L"]) for r in rows} == {16, 32}
-    for row in rows:
-        assert float(row["full_ms"]) > 0 and row["gpu"] == "cpu"
-        # Every provider computed the same attention and gradients as transformers' eager one.
-        assert float(row["max_rel_diff_vs_eager"]) < 1e-4
+    assert all(v > 0 for v in _values(rows, "full", "time").values())
+    # Every provider computed the same attention and gradients as transformers' eager one.
+    assert all(v < 1e-4 for v in _values(rows, "full", "max_rel_diff").values())
+    assert {r["unit"] for r in rows if r["metric"] == "tflops"} == {"TFLOP/s"}
 
 
-def _smoke(script: str, tmp_path) -> list[dict]:
-    out = tmp_path / f"{script}.csv"
-    proc = subprocess.run([sys.executable, str(ROOT / "bench" / f"{script}.py"), "--smoke", "--out", str(out)],
-                          capture_output=True, text=True, timeout=600)  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return list(csv.DictReader(out.open()))
-
-
-def test_bench_rms_norm_smoke(tmp_path):
-    rows = _smoke("bench_rms_norm", tmp_path)
+def test_bench_rms_norm_smoke(quick):
+    rows = _smoke("bench_rms_norm", quick)
     assert {r["provider"] for r in rows} == {"fastseq", "hf_eager", "torch_compile"}
-    assert all(float(r["full_ms"]) > 0 for r in rows)
+    assert all(v > 0 for v in _values(rows, "full", "time").values())
 
 
-def test_bench_ffn_smoke(tmp_path):
-    rows = _smoke("bench_ffn", tmp_path)
-    assert {(r["op"], r["provider"]) for r in rows} == {
-        (op, p) for op in ("ffn", "gated_gelu") for p in ("fastseq", "hf_eager", "torch_compile")
-    }
-    assert all(float(r["full_ms"]) > 0 for r in rows)
-
-
-def test_bench_cross_entropy_smoke(tmp_path):
-    rows = _smoke("bench_cross_entropy", tmp_path)
+def test_bench_ffn_smoke(quick):
+    rows = _smoke("bench_ffn", quick)
     assert {r["provider"] for r in rows} == {"fastseq", "hf_eager", "torch_compile"}
-    assert {int(r["vocab"]) for r in rows} == {53, 300}
-    assert all(float(r["full_ms"]) > 0 for r in rows)
+    assert {r["x_value"].split(",")[0] for r in rows} == {"ffn", "gated_gelu"}
+    assert all(v > 0 for v in _values(rows, "full", "time").values())
 
 
-def test_bench_local_attention_smoke(tmp_path):
-    rows = _smoke("bench_local_attention", tmp_path)
-    assert {(r["provider"], r["kind"]) for r in rows} == {
-        (p, k) for p in ("fastseq", "hf_eager", "fastseq_op") for k in ("local", "transient-global")
-    }
-    for row in rows:
-        assert float(row["full_ms"]) > 0
-        if row["provider"] != "fastseq_op":  # the same layer as transformers', weights and all
-            assert float(row["max_rel_diff_vs_hf"]) < 1e-4
+def test_bench_cross_entropy_smoke(quick):
+    rows = _smoke("bench_cross_entropy", quick)
+    assert {r["provider"] for r in rows} == {"fastseq", "hf_eager", "torch_compile"}
+    assert all(v > 0 for v in _values(rows, "full", "time").values())
+
+
+def test_bench_local_attention_smoke(quick):
+    rows = _smoke("bench_local_attention", quick)
+    assert {r["provider"] for r in rows} == {"fastseq", "hf_eager", "fastseq_op"}
+    assert all(v > 0 for v in _values(rows, "full", "time").values())
+    # The same layer as transformers', weights and all.
+    assert all(v < 1e-4 for (p, _), v in _values(rows, "full", "max_rel_diff").items() if p != "fastseq_op")
+
+
+def test_bench_train_quick(quick):
+    rows = _smoke("bench_train", quick)
+    models = {r["x_value"].split(",")[0] for r in rows}
+    assert models == {"t5-small", "google/t5-v1_1-small", "google/long-t5-tglobal-base@4k",
+                      "facebook/blenderbot_small-90M"}  # fmt: skip
+    for model in models:
+        mine = [r for r in rows if r["x_value"].startswith(model + ",")]
+        providers = {r["provider"] for r in mine}
+        assert {"fastseq", "hf_eager", "hf_patched"} <= providers
+        # Every provider trains the same weights on the same batch: the same loss before the timed steps.
+        first = {r["provider"]: float(r["p50"]) for r in mine if r["metric"] == "loss"}
+        assert max(first.values()) - min(first.values()) <= 1e-4 * max(first.values())
+        assert all(float(r["p50"]) > 0 for r in mine if r["metric"] in ("time", "tokens_per_s"))
+
+
+def test_plots_and_the_results_table(quick):
+    for name in ("train", "bucketed_attention", "local_attention", "rms_norm", "ffn", "cross_entropy"):
+        png = quick / f"{name}.png"
+        assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    readme = (quick / "README.md").read_text()
+    assert "### train" in readme and "fastseq vs hf_eager" in readme and "hf_patched vs hf_sdpa" in readme

@@ -1,0 +1,228 @@
+"""End-to-end training steps (forward + backward + AdamW step): fastseq's native model, `transformers`
+eager, `transformers` SDPA, `transformers` patched by fastseq, and `torch.compile` of each (with
+`--compile`), on the same weights and the same random batch, all in one process.
+
+Metrics per provider and workload: time per step (CUDA events on a GPU; p20/p50/p80 of `--steps`
+timed steps after `--warmup`), tokens/s (input + target tokens), model FLOP utilization against the
+GPU's dense bf16 peak, peak memory of one step. bf16 autocast on a GPU, fp32 on the CPU.
+
+    python bench/bench_train.py --out bench/results/train_h100.csv             # the full list, on a GPU
+    python bench/bench_train.py --quick --out bench/results/train_cpu.csv      # tiny models, CPU
+
+Model FLOPs per step (written next to the numbers): 6 x (encoder parameters x input tokens +
+decoder parameters x target tokens + vocab x d_model x target tokens) + the attention scores:
+12 x layers x H x D x (L_q x L_k) for each attention (encoder self, decoder self, cross); LongT5's
+encoder attends to 3 blocks of (radius + 1) keys plus its global tokens instead of L keys.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+import tempfile
+import time
+
+import torch
+from _common import Timing, provenance, write_csv
+
+import fastseq
+from fastseq import presets
+
+# preset -> (input tokens, target tokens, batch) on a GPU
+WORKLOADS = {
+    "t5-small": (512, 128, 32),
+    "t5-base": (512, 128, 16),
+    "t5-large": (512, 128, 8),
+    "google/t5-v1_1-small": (512, 128, 32),
+    "google/t5-v1_1-base": (512, 128, 16),
+    "google/t5-v1_1-large": (512, 128, 8),
+    "google/mt5-base": (512, 128, 16),
+    "google/byt5-small": (1024, 256, 8),
+    "google/long-t5-tglobal-base@4k": (4096, 128, 4),
+    "google/long-t5-tglobal-base@16k": (16384, 128, 1),
+    "facebook/blenderbot_small-90M": (128, 64, 32),
+}
+# Tiny versions of each family for --quick (CPU, fp32): what runs is the code path, not the size.
+QUICK = {
+    "t5-small": (64, 16, 2),
+    "google/t5-v1_1-small": (64, 16, 2),
+    "google/long-t5-tglobal-base@4k": (96, 16, 2),
+    "facebook/blenderbot_small-90M": (64, 16, 2),
+}
+_TINY = dict(num_layers=2, num_decoder_layers=2, d_model=64, d_kv=16, num_heads=4, d_ff=128, vocab_size=512)
+_TINY_BB = dict(encoder_layers=2, decoder_layers=2, d_model=64, encoder_attention_heads=4, decoder_attention_heads=4,
+                encoder_ffn_dim=128, decoder_ffn_dim=128, vocab_size=512)  # fmt: skip
+PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense, per the vendors' data sheets
+
+
+def _config(name: str, quick: bool):
+    preset = name.split("@")[0]
+    overrides = {}
+    if "blenderbot" in preset:
+        overrides = dict(_TINY_BB) if quick else {}
+        overrides.update(dropout=0.0, attention_dropout=0.0, activation_dropout=0.0)
+    else:
+        overrides = dict(_TINY) if quick else {}
+        overrides["dropout_rate"] = 0.0
+        if "long-t5" in preset and quick:
+            overrides.update(local_radius=7, global_block_size=4)
+    return presets.config(preset, **overrides)
+
+
+def _hf_model(config, attn: str):
+    import transformers as tf
+
+    classes = {
+        "t5": (tf.T5Config, tf.T5ForConditionalGeneration),
+        "mt5": (tf.MT5Config, tf.MT5ForConditionalGeneration),
+        "longt5": (tf.LongT5Config, tf.LongT5ForConditionalGeneration),
+        "blenderbot-small": (tf.BlenderbotSmallConfig, tf.BlenderbotSmallForConditionalGeneration),
+    }
+    config_cls, model_cls = classes[config.model_type]
+    hf_config = config_cls(**{k: v for k, v in config.to_hf_dict().items() if k != "model_type"})
+    hf_config._attn_implementation = attn
+    return model_cls(hf_config)
+
+
+def providers(config, device: str, compile_too: bool) -> dict:
+    """name -> model, all with one set of weights."""
+    torch.manual_seed(0)
+    eager = _hf_model(config, "eager").train()
+    with tempfile.TemporaryDirectory() as tmp:
+        eager.save_pretrained(tmp)
+        native = fastseq.from_pretrained(tmp).train()
+    out = {"fastseq": native, "hf_eager": eager}
+    try:
+        sdpa = _hf_model(config, "sdpa").train()
+        sdpa.load_state_dict(eager.state_dict())
+        out["hf_sdpa"] = sdpa
+    except (ValueError, NotImplementedError) as err:  # LongT5 has no SDPA attention in transformers
+        print(f"  hf_sdpa skipped: {str(err).splitlines()[0]}", file=sys.stderr)
+    base = out.get("hf_sdpa", eager)
+    out["hf_patched"] = fastseq.patch(copy.deepcopy(base))
+    for model in out.values():
+        model.to(device)
+    if compile_too:
+        for name in list(out):
+            out[f"{name}+compile"] = torch.compile(out[name])
+    return out
+
+
+def model_flops(config, batch: int, source: int, target: int, params: dict[str, int]) -> float:
+    """Training FLOPs of one step (the formula in the module docstring)."""
+    dense = 6 * batch * (params["encoder"] * source + params["decoder"] * target + params["head"] * target)
+    if config.model_type == "blenderbot-small":
+        enc, dec, hd = config.encoder_layers, config.decoder_layers, config.d_model
+    else:
+        enc, dec, hd = config.num_layers, config.num_decoder_layers, config.num_heads * config.d_kv
+    keys = source
+    if config.model_type == "longt5":
+        keys = min(source, 3 * (config.local_radius + 1)) + source // config.global_block_size
+    attention = 12 * batch * hd * (enc * source * keys + dec * (target * target + target * source))
+    return float(dense + attention)
+
+
+def _param_groups(model) -> dict[str, int]:
+    encoder = sum(p.numel() for n, p in model.named_parameters() if ".encoder." in f".{n}" and "embed_tokens" not in n)
+    decoder = sum(p.numel() for n, p in model.named_parameters() if ".decoder." in f".{n}" and "embed_tokens" not in n)
+    return {"encoder": encoder, "decoder": decoder, "head": model.config.vocab_size * model.config.d_model}
+
+
+def _step(model, optimizer, batch, device: str) -> None:
+    with torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
+        loss = model(**batch).loss
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def _timed(model, optimizer, batch, device: str) -> float:
+    if device == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        _step(model, optimizer, batch, device)
+        end.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(end)
+    start = time.perf_counter()
+    _step(model, optimizer, batch, device)
+    return (time.perf_counter() - start) * 1e3
+
+
+def measure(name: str, quick: bool, device: str, *, steps: int, warmup: int, compile_too: bool) -> list[dict]:
+    source, target, batch_size = (QUICK if quick else WORKLOADS)[name]
+    config = _config(name, quick)
+    g = torch.Generator().manual_seed(1)
+    batch = {
+        "input_ids": torch.randint(3, config.vocab_size, (batch_size, source), generator=g),
+        "attention_mask": torch.ones(batch_size, source, dtype=torch.long),
+        "labels": torch.randint(3, config.vocab_size, (batch_size, target), generator=g),
+    }
+    batch = {k: v.to(device) for k, v in batch.items()}
+    models = providers(config, device, compile_too)
+    params = _param_groups(models["fastseq"])
+    flops = model_flops(config, batch_size, source, target, params)
+    gpu = torch.cuda.get_device_name() if device == "cuda" else "cpu"
+    peak_tflops = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in gpu), None)
+    meta = provenance(device, f"tokens/s = batch x (input + target) / step; MFU = model FLOPs / step / GPU bf16 "
+                              f"peak; model FLOPs/step = {flops:.4g} (see bench_train.py)")  # fmt: skip
+    rows = []
+    optimizers = {n: torch.optim.AdamW(m.parameters(), lr=1e-5) for n, m in models.items()}
+    times: dict[str, list[float]] = {n: [] for n in models}
+    peaks, losses = {}, {}
+    for n, m in models.items():  # warm-up (and compilation), then one step's peak memory
+        for _ in range(warmup):
+            _step(m, optimizers[n], batch, device)
+        with torch.no_grad():
+            losses[n] = float(m(**batch).loss)
+        if device == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            _step(m, optimizers[n], batch, device)
+            torch.cuda.synchronize()
+            peaks[n] = torch.cuda.max_memory_allocated() / 2**20
+        else:
+            peaks[n] = float("nan")
+    for _ in range(steps):  # interleaved, so that machine noise hits every provider alike
+        for n, m in models.items():
+            times[n].append(_timed(m, optimizers[n], batch, device))
+    tokens = batch_size * (source + target)
+    for n in models:
+        t = Timing.of(times[n])
+        row = {"provider": n, "model": name, "batch": batch_size, "input": source, "target": target,
+               "precision": "bf16" if device == "cuda" else "fp32", "step_ms": round(t, 3),
+               "step_tokens_per_s": round(tokens / float(t) * 1e3, 1), "step_peak_mib": round(peaks[n], 1),
+               "loss": round(losses[n], 5)}  # fmt: skip
+        if peak_tflops:
+            row["step_mfu_pct"] = round(100 * flops / (float(t) / 1e3) / (peak_tflops * 1e12), 2)
+        rows.append(row | meta)
+        print(f"{name:>34} {n:>22}: {float(t):9.2f} ms/step  {row['step_tokens_per_s']:>10} tok/s  "
+              f"peak {row['step_peak_mib']} MiB  loss {row['loss']}", flush=True)  # fmt: skip
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=None, help=f"default: all of {list(WORKLOADS)}")
+    parser.add_argument("--quick", "--smoke", dest="quick", action="store_true", help="tiny models on the CPU")
+    parser.add_argument("--steps", type=int, default=None, help="timed steps per provider (default 20; quick 3)")
+    parser.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 3; quick 1)")
+    parser.add_argument("--compile", action="store_true", help="also torch.compile each provider")
+    parser.add_argument("--out", type=__import__("pathlib").Path, default=None)
+    args = parser.parse_args(argv)
+    device = "cpu" if args.quick or not torch.cuda.is_available() else "cuda"
+    if device == "cpu" and not args.quick:
+        raise SystemExit("no CUDA device: run with --quick for the CPU check")
+    names = args.models or list(QUICK if args.quick else WORKLOADS)
+    steps = args.steps or (3 if args.quick else 20)
+    warmup = args.warmup or (1 if args.quick else 3)
+    rows = []
+    for name in names:
+        rows += measure(name, args.quick, device, steps=steps, warmup=warmup, compile_too=args.compile)
+    write_csv(rows, args.out, benchmark="train")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,70 @@
+"""`fastseq bench [NAME ...] [--quick]`: run the benchmark scripts of the repository's `bench/`
+directory, then write one plot per benchmark and the results table of `bench/README.md`."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+NAMES = ("train", "bucketed_attention", "local_attention", "rms_norm", "ffn", "cross_entropy")
+
+
+def bench_dir() -> Path:
+    path = Path(__file__).resolve().parents[1] / "bench"
+    if not (path / "bench_train.py").is_file():
+        raise FileNotFoundError(
+            f"{path} has no benchmark scripts: `fastseq bench` runs the scripts of a fastseq clone "
+            "(pip install -e . from the repository)"
+        )
+    return path
+
+
+def _device_tag(quick: bool) -> str:
+    if quick:
+        return "cpu"
+    import torch
+
+    if not torch.cuda.is_available():
+        raise ValueError("no CUDA device: run `fastseq bench --quick` for the CPU check")
+    return torch.cuda.get_device_name().split()[1].lower() if " " in torch.cuda.get_device_name() else "gpu"
+
+
+def run(args) -> None:
+    here = bench_dir()
+    names = args.names or list(NAMES)
+    unknown = [n for n in names if n not in NAMES]
+    if unknown:
+        raise ValueError(f"unknown benchmark {unknown}; choose from {', '.join(NAMES)}")
+    out = Path(args.out) if args.out else here / "results"
+    out.mkdir(parents=True, exist_ok=True)
+    tag = _device_tag(args.quick)
+    failed = []
+    for name in names:
+        cmd = [sys.executable, str(here / f"bench_{name}.py"), "--out", str(out / f"{name}_{tag}.csv")]
+        if args.quick:
+            cmd.append("--quick" if name == "train" else "--smoke")
+        if args.compile and name == "train":
+            cmd.append("--compile")
+        print(f"fastseq bench: {name}", flush=True)
+        if subprocess.run(cmd, cwd=here).returncode != 0:
+            failed.append(name)
+    sys.path.insert(0, str(here))
+    from report import report
+
+    default_readme = here / "README.md" if out.resolve() == (here / "results").resolve() else out / "README.md"
+    readme = Path(args.readme) if args.readme else default_readme
+    written = report(out, readme)
+    print(f"fastseq bench: {len(names) - len(failed)}/{len(names)} benchmarks ran; wrote "
+          f"{', '.join(p.name for p in written)} in {out}")  # fmt: skip
+    if failed:
+        print(f"fastseq bench: failed: {', '.join(failed)} (their output is above)", file=sys.stderr)
+        raise SystemExit(1)
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("names", nargs="*", help=f"benchmarks to run (default: all of {', '.join(NAMES)})")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes on the CPU: checks that every script works")
+    parser.add_argument("--out", default=None, help="results directory (default: bench/results)")
+    parser.add_argument("--readme", default=None, help="the README whose results table is rewritten")
+    parser.add_argument("--compile", action="store_true", help="also time torch.compile of each training provider")
