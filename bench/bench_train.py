@@ -105,7 +105,7 @@ def providers(config, device: str, compile_too: bool) -> dict:
         model.to(device)
     if compile_too:
         for name in list(out):
-            out[f"{name}+compile"] = torch.compile(out[name])
+            out[f"{name}+compile"] = torch.compile(copy.deepcopy(out[name]))  # weights of its own to update
     return out
 
 
