@@ -78,3 +78,12 @@ def test_zero3_loads_a_model_directory_into_the_partitions(tmp_path):
     deepspeed("--deepspeed", str(ROOT / "configs/deepspeed/zero3.json"), "--model", str(source), "--steps", "2",
               "--output-dir", str(tmp_path / "z3"), *COMMON)  # fmt: skip
     _close(losses(tmp_path / "z3"), expected)
+
+
+@pytest.mark.parametrize("name", ["zero2_offload", "zero3_offload"])
+def test_offload_configs_match_one_process(tmp_path, name):
+    """The optimizer (and for ZeRO-3 the parameters) on the CPU, with DeepSpeed's own AdamW."""
+    expected = _one_process(tmp_path, 3)
+    deepspeed("--deepspeed", str(ROOT / f"configs/deepspeed/{name}.json"), "--steps", "3",
+              "--output-dir", str(tmp_path / name), *COMMON)  # fmt: skip
+    _close(losses(tmp_path / name), expected)
