@@ -205,7 +205,7 @@ def train_deepspeed(args) -> dict:
         return train_pipeline(args, config, model_config, tokenizer, device)
     model = build_model(args, model_config, config, device)
     model.gradient_checkpointing_enable(args.gradient_checkpointing)
-    stream, collator, _, _ = _data(args, tokenizer)  # held-out evaluation: run `fastseq` on the saved model
+    stream, collator, held_out, eval_collator = _data(args, tokenizer)
     if args.optimizer == "adafactor" and "optimizer" not in config:
         log.warning(
             "ZeRO hands the optimizer flat partitions of the parameters, so Adafactor's factored second moments "
@@ -241,6 +241,17 @@ def train_deepspeed(args) -> dict:
         return save(engine, out, step, model=model, model_config=model_config, tokenizer=tokenizer, stream=stream,
                     collator=collator, args=args)  # fmt: skip
 
+    def evaluate_held_out(step: int) -> dict:
+        """Loss and exact match on the held-out examples. Every rank runs it (under ZeRO-3 each forward
+        gathers the layers collectively); the ranks see the same examples, so they decode in step."""
+        from fastseq.train import evaluate
+
+        scores, outputs = evaluate(model, tokenizer, held_out, eval_collator, device)
+        if rank == 0:
+            with log_path.open("a") as f:
+                f.write(json.dumps({"step": step, **scores}) + "\n")
+        return scores
+
     window = time.perf_counter()
     for step in range(start, args.steps):
         loss_sum = torch.zeros((), device=device)
@@ -269,8 +280,11 @@ def train_deepspeed(args) -> dict:
                 f.write(json.dumps(record) + "\n")
             if not args.quiet and (done % args.log_every == 0 or done == args.steps):
                 print(f"step {done}: loss {mean_loss:.4f}", file=sys.stderr)
+        if held_out and args.eval_every and done % args.eval_every == 0 and done != args.steps:
+            evaluate_held_out(done)
         if args.save_every and done % args.save_every == 0 and done != args.steps:
             checkpoint(done)
+    final = evaluate_held_out(args.steps) if held_out else {}
     path = checkpoint(args.steps)
     save_final(config, out, model, model_config, tokenizer)
     elapsed = time.perf_counter() - started
@@ -278,6 +292,8 @@ def train_deepspeed(args) -> dict:
         stage = ds_config.zero_stage(config)
         print(
             f"fastseq train (DeepSpeed ZeRO-{stage}, {world} ranks): steps {start}-{args.steps} in {elapsed:.1f}s, "
-            f"final loss {losses[-1]:.4f}, checkpoint in {out} ({path.name})"
+            f"final loss {losses[-1]:.4f}"
+            + (f", held-out exact match {final['exact_match']:.1%} ({len(held_out)} examples)" if final else "")
+            + f", checkpoint in {out} ({path.name})"
         )
-    return {"loss": losses[-1], "losses": losses, "seconds": elapsed}
+    return {"loss": losses[-1], "losses": losses, "seconds": elapsed, **final}

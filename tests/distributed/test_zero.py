@@ -38,7 +38,7 @@ def test_zero2_and_zero3_match_one_process_resume_exactly_and_convert(tmp_path):
 
     z3 = tmp_path / "z3"
     deepspeed("--deepspeed", str(ROOT / "configs/deepspeed/zero3.json"), "--steps", "5", "--save-every", "3",
-              "--output-dir", str(z3), *COMMON)  # fmt: skip
+              "--output-dir", str(z3), *COMMON, "--eval-examples", "16")  # fmt: skip
     straight = losses(z3)
     _close(straight, expected)
     assert sorted(p.name for p in z3.glob("checkpoint-*")) == ["checkpoint-3", "checkpoint-5"]
@@ -47,6 +47,23 @@ def test_zero2_and_zero3_match_one_process_resume_exactly_and_convert(tmp_path):
     deepspeed("--deepspeed", str(ROOT / "configs/deepspeed/zero3.json"), "--steps", "5",
               "--resume", str(z3 / "checkpoint-3"), "--output-dir", str(resumed), *COMMON)  # fmt: skip
     assert losses(resumed) == straight[3:]  # bit for bit
+
+    # The held-out evaluation every rank ran (greedy decoding under ZeRO-3) is one process's of the saved model.
+    import json
+    import random
+
+    from fastseq.data import Seq2SeqCollator
+    from fastseq.tokenizers import ByT5Tokenizer
+    from fastseq.train import evaluate, make_examples
+
+    logged = [json.loads(line) for line in (z3 / "metrics.jsonl").read_text().splitlines()]
+    scores = [line for line in logged if "exact_match" in line]
+    assert len(scores) == 1 and scores[0]["step"] == 5
+    held_out = make_examples(16, random.Random(1))  # the default task's held-out set for --seed 0
+    collator = Seq2SeqCollator(ByT5Tokenizer())
+    expected_scores, _ = evaluate(fastseq.from_pretrained(z3), ByT5Tokenizer(), held_out, collator, torch.device("cpu"))
+    assert scores[0]["exact_match"] == expected_scores["exact_match"]
+    assert abs(scores[0]["eval_loss"] - expected_scores["eval_loss"]) <= 1e-5 * expected_scores["eval_loss"]
 
     converted = tmp_path / "hf"
     from fastseq.cli import main
