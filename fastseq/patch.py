@@ -101,29 +101,23 @@ def _zero3_ready(module: nn.Module, weights) -> bool:
     return False
 
 
+def _ffn(module: nn.Module, hidden_states, applies: bool, weights: tuple, kernel: str):
+    """The FFN through `kernels.<kernel>`, or the module's own forward where the kernel does not
+    apply (another activation, biases, a weight in another dtype such as FLAN-T5's fp32 `wo` under
+    bf16, or ZeRO-3 weights not yet registered)."""
+    if not applies or any(w.dtype != hidden_states.dtype for w in weights) or not _zero3_ready(module, weights):
+        return original_forward(module)(hidden_states)
+    p = module.dropout.p if module.training else 0.0
+    return getattr(kernels, kernel)(hidden_states, *weights, dropout_p=p)
+
+
 def _gated_ffn_forward(self, hidden_states):
     weights = (self.wi_0.weight, self.wi_1.weight, self.wo.weight)
-    # e.g. FLAN-T5's fp32 `wo` under bf16
-    if (
-        not _gated_applies(self)
-        or any(w.dtype != hidden_states.dtype for w in weights)
-        or not _zero3_ready(self, weights)
-    ):
-        return original_forward(self)(hidden_states)
-    p = self.dropout.p if self.training else 0.0
-    return kernels.gated_ffn(hidden_states, *weights, dropout_p=p)
+    return _ffn(self, hidden_states, _gated_applies(self), weights, "gated_ffn")
 
 
 def _relu_ffn_forward(self, hidden_states):
-    weights = (self.wi.weight, self.wo.weight)
-    if (
-        not _relu_applies(self)
-        or any(w.dtype != hidden_states.dtype for w in weights)
-        or not _zero3_ready(self, weights)
-    ):
-        return original_forward(self)(hidden_states)
-    p = self.dropout.p if self.training else 0.0
-    return kernels.relu_ffn(hidden_states, *weights, dropout_p=p)
+    return _ffn(self, hidden_states, _relu_applies(self), (self.wi.weight, self.wo.weight), "relu_ffn")
 
 
 # ---- loss ------------------------------------------------------------------------------------

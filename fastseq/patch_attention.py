@@ -190,6 +190,23 @@ def _dense_attention(module, hidden, kv_states, mask, cache, *, projections, D, 
     return out.transpose(1, 2).reshape(B, Lq, -1)
 
 
+def _t5_family_attention(module, hidden, kv_states, mask, cache, table) -> torch.Tensor:
+    """T5 / mT5 / UMT5 / LongT5 attention through the kernel, output projection included -> `(B, Lq, d_model)`."""
+    out = _dense_attention(
+        module,
+        hidden,
+        kv_states,
+        mask,
+        cache,
+        projections=(module.q, module.k, module.v),
+        D=module.key_value_proj_dim,
+        scale=module.scaling,
+        table=table,
+        max_distance=module.relative_attention_max_distance,
+    )
+    return module.o(out)
+
+
 def _refuse_shared(module, position_bias, why: str):
     if shared_tables(position_bias) is not None:
         raise RuntimeError(
@@ -212,19 +229,8 @@ def t5_attention_forward(
         else:
             table = bias_table(self.relative_attention_bias) if self.has_relative_attention_bias else None
         try:
-            out = _dense_attention(
-                self,
-                hidden_states,
-                key_value_states,
-                mask,
-                past_key_values,
-                projections=(self.q, self.k, self.v),
-                D=self.key_value_proj_dim,
-                scale=self.scaling,
-                table=table,
-                max_distance=self.relative_attention_max_distance,
-            )
-            return self.o(out), table, None
+            out = _t5_family_attention(self, hidden_states, key_value_states, mask, past_key_values, table)
+            return out, table, None
         except _Fallback as why:
             _refuse_shared(self, position_bias, str(why))
     _refuse_shared(self, position_bias, "attention weights were asked for")
@@ -238,19 +244,8 @@ def umt5_attention_forward(
     if not capturing_attentions():
         table = bias_table(self.relative_attention_bias) if self.has_relative_attention_bias else None
         try:
-            out = _dense_attention(
-                self,
-                hidden_states,
-                encoder_hidden_states,
-                attention_mask,
-                past_key_values,
-                projections=(self.q, self.k, self.v),
-                D=self.key_value_proj_dim,
-                scale=self.scaling,
-                table=table,
-                max_distance=self.relative_attention_max_distance,
-            )
-            return self.o(out), None
+            kv_states, cache = encoder_hidden_states, past_key_values
+            return _t5_family_attention(self, hidden_states, kv_states, attention_mask, cache, table), None
         except _Fallback:
             pass
     return original_forward(self)(hidden_states, encoder_hidden_states, past_key_values, attention_mask, **kwargs)

@@ -4,34 +4,19 @@ the real `deepspeed` launcher, every parameter partitioned (the LM head too)."""
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from tests.conftest import batch, hf_model
+from tests.distributed.launch import ROOT, deepspeed
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+WORKER = ROOT / "tests" / "workers" / "patch_zero3.py"
 
 
 def launch(out: Path, *extra: str) -> dict:
-    env = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONPATH=str(ROOT), FASTSEQ_BACKEND="reference")
-    cmd = [
-        sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(_free_port()),
-        str(ROOT / "tests" / "workers" / "patch_zero3.py"), "--out", str(out), *extra,
-    ]  # fmt: skip
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    deepspeed(str(WORKER), "--out", str(out), *extra, module=None)
     return json.loads(out.read_text())
 
 

@@ -101,7 +101,7 @@ def _batches(stream, collator, world: int, rank: int, device):
     return {k: v.to(device) for k, v in collator(examples).items()}
 
 
-def save(engine, out: Path, step: int, *, model, model_config, tokenizer, stream, collator, args) -> Path:
+def save(engine, out: Path, step: int, *, model_config, tokenizer, stream, collator, args) -> Path:
     """`OUTPUT/checkpoint-STEP/`: DeepSpeed's files (model, optimizer and scheduler partitions), plus
     trainer_state.json, config.json and the tokenizer. Written under a temporary name and renamed
     once every rank has finished, so a crash never leaves a half-written checkpoint."""
@@ -238,7 +238,7 @@ def train_deepspeed(args) -> dict:
     losses = []
 
     def checkpoint(step: int) -> Path:
-        return save(engine, out, step, model=model, model_config=model_config, tokenizer=tokenizer, stream=stream,
+        return save(engine, out, step, model_config=model_config, tokenizer=tokenizer, stream=stream,
                     collator=collator, args=args)  # fmt: skip
 
     def evaluate_held_out(step: int) -> dict:

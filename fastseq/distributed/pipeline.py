@@ -388,7 +388,7 @@ def load_directory(module, config, path: str | Path) -> None:
 def init_random(module, config) -> None:
     """Hugging Face's initialisation of this rank's layers."""
     if config.model_type == "blenderbot-small":
-        from .zero import init_blenderbot_module
+        from fastseq.models.blenderbot_small import init_blenderbot_module
 
         for part in module.modules():
             init_blenderbot_module(part, config.init_std)
@@ -468,7 +468,7 @@ def train_pipeline(args, config: dict, model_config, tokenizer, device) -> dict:
     started, losses = time.perf_counter(), []
 
     def checkpoint(step: int) -> Path:
-        return save(engine, out, step, model=module, model_config=model_config, tokenizer=tokenizer, stream=stream,
+        return save(engine, out, step, model_config=model_config, tokenizer=tokenizer, stream=stream,
                     collator=collator, args=args)  # fmt: skip
 
     for step in range(start, args.steps):

@@ -68,14 +68,15 @@ def activation_bytes(config, batch: int, seq: int, target: int, layer_fraction: 
     return layer_fraction * batch * (seq * per_encoder_token + target * per_decoder_token)
 
 
-def plan(preset: str, *, gpus: int, gpus_per_node: int | None = None, gpu_mem_gb: float = 80.0,
-         cpu_mem_gb: float = 1000.0, batch: int = 1, seq: int = 512, target: int = 128) -> list[Row]:  # fmt: skip
-    """Per-GPU and per-node memory of each strategy for `preset` on `gpus` GPUs."""
+def plan(preset: str, *, gpus: int, gpus_per_node: int | None = None, batch: int = 1, seq: int = 512,
+         target: int = 128, sizes: tuple | None = None) -> list[Row]:  # fmt: skip
+    """Per-GPU and per-node memory of each strategy for `preset` on `gpus` GPUs (`sizes`: what
+    `model_sizes(preset)` returns, when the caller has it already)."""
     gpus_per_node = gpus_per_node or min(gpus, 8)
     if gpus % gpus_per_node:
         raise ValueError(f"--gpus {gpus} is not a multiple of --gpus-per-node {gpus_per_node}")
     nodes = gpus // gpus_per_node
-    P, largest, config = model_sizes(preset)
+    P, largest, config = sizes or model_sizes(preset)
     acts = activation_bytes(config, batch, seq, target)
     gathered = 4 * largest
     rows = [
@@ -130,9 +131,10 @@ def table(rows: list[Row], *, gpu_mem_gb: float, cpu_mem_gb: float, gpus_per_nod
 
 def run(args) -> None:
     gpus_per_node = args.gpus_per_node or min(args.gpus, 8)
-    rows = plan(args.model, gpus=args.gpus, gpus_per_node=gpus_per_node, gpu_mem_gb=args.gpu_mem,
-                cpu_mem_gb=args.cpu_mem, batch=args.batch, seq=args.seq, target=args.target)  # fmt: skip
-    P, largest, _ = model_sizes(args.model)
+    sizes = model_sizes(args.model)
+    rows = plan(args.model, gpus=args.gpus, gpus_per_node=gpus_per_node, batch=args.batch, seq=args.seq,
+                target=args.target, sizes=sizes)  # fmt: skip
+    P, largest, _ = sizes
     print(f"{args.model}: {P / 1e9:.2f}B parameters (largest layer {largest / 1e6:.0f}M) on {args.gpus} GPUs "
           f"({gpus_per_node} per node) of {args.gpu_mem:g} GB, {args.cpu_mem:g} GB CPU per node; "
           f"micro-batch {args.batch} x {args.seq} -> {args.target} tokens, bf16 + Adam. GiB:")  # fmt: skip

@@ -13,7 +13,7 @@ from safetensors import safe_open
 from torch import nn
 
 from fastseq.checkpoint import SAFE_INDEX, SAFE_WEIGHTS, CheckpointError
-from fastseq.models.blenderbot_small import _BlenderbotSmallBase
+from fastseq.models.blenderbot_small import _BlenderbotSmallBase, init_blenderbot_module
 from fastseq.models.t5 import T5Attention, T5DenseActDense, T5DenseGatedActDense, T5LayerNorm, T5Stack, _init_t5_module
 
 
@@ -39,21 +39,6 @@ def register_external_parameters(model: nn.Module) -> int:
     for module, param in pairs:
         deepspeed.zero.register_external_parameter(module, param)
     return len(pairs)
-
-
-def init_blenderbot_module(module: nn.Module, std: float) -> None:
-    """BlenderbotSmall's initialisation of one module: normal weights, zero biases, unit LayerNorms."""
-    if isinstance(module, nn.Linear):
-        nn.init.normal_(module.weight, std=std)
-        if module.bias is not None:
-            nn.init.zeros_(module.bias)
-    elif isinstance(module, nn.Embedding):
-        nn.init.normal_(module.weight, std=std)
-        if module.padding_idx is not None:
-            module.weight[module.padding_idx].zero_()
-    elif isinstance(module, nn.LayerNorm):
-        nn.init.ones_(module.weight)
-        nn.init.zeros_(module.bias)
 
 
 def _init_groups(model: nn.Module) -> Iterator[tuple[nn.Module, callable]]:

@@ -243,25 +243,30 @@ class BlenderbotSmallModel(nn.Module):
         self.decoder = BlenderbotSmallDecoder(config, self.shared)
 
 
+def init_blenderbot_module(module: nn.Module, std: float) -> None:
+    """BlenderbotSmall's initialisation of one module (its own parameters only): normal weights, zero
+    biases, unit LayerNorms. Also used where modules are initialized one at a time (ZeRO-3, pipeline)."""
+    if isinstance(module, nn.Linear):
+        nn.init.normal_(module.weight, std=std)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.Embedding):
+        nn.init.normal_(module.weight, std=std)
+        if module.padding_idx is not None:
+            module.weight[module.padding_idx].zero_()
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
+
+
 class _BlenderbotSmallBase(PreTrainedModel):
     config_class = BlenderbotSmallConfig
 
     def init_weights(self) -> None:
         """Hugging Face's initialisation: normal(0, init_std) weights, zero biases, unit LayerNorms."""
-        std = self.config.init_std
         with torch.no_grad():
             for module in self.modules():
-                if isinstance(module, nn.Linear):
-                    nn.init.normal_(module.weight, std=std)
-                    if module.bias is not None:
-                        nn.init.zeros_(module.bias)
-                elif isinstance(module, nn.Embedding):
-                    nn.init.normal_(module.weight, std=std)
-                    if module.padding_idx is not None:
-                        module.weight[module.padding_idx].zero_()
-                elif isinstance(module, nn.LayerNorm):
-                    nn.init.ones_(module.weight)
-                    nn.init.zeros_(module.bias)
+                init_blenderbot_module(module, self.config.init_std)
 
 
 class BlenderbotSmallForConditionalGeneration(_BlenderbotSmallBase, Seq2SeqModel):

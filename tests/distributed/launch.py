@@ -36,3 +36,22 @@ def deepspeed(*args: str, ranks: int = 2, module: str | None = "fastseq.train", 
 def losses(output_dir: Path) -> list[float]:
     lines = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
     return [line["loss"] for line in lines if "loss" in line and "eval_loss" not in line]
+
+
+def one_process(output_dir: Path, steps: int, model=None) -> list[float]:
+    """The losses of `fastseq train` in this process with two micro-batches of 4 accumulated: what
+    two data-parallel ranks with one micro-batch each (or a two-stage pipeline accumulating two)
+    must reproduce."""
+    from fastseq.train import TrainArgs, train
+
+    args = TrainArgs(model=None if model is None else str(model), steps=steps, batch_size=4, grad_accum=2,
+                     optimizer="adamw", lr=1e-3, quiet=True, eval_examples=0, output_dir=str(output_dir),
+                     device="cpu")  # fmt: skip
+    train(args)
+    return losses(output_dir)
+
+
+def assert_losses_close(got: list[float], expected: list[float], rel: float = 1e-5) -> None:
+    assert len(got) == len(expected)
+    for step, (a, b) in enumerate(zip(got, expected, strict=True)):
+        assert abs(a - b) <= rel * abs(b), f"step {step + 1}: {a} vs one process {b}"

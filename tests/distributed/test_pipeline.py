@@ -11,9 +11,8 @@ import fastseq
 from fastseq import presets
 from fastseq.distributed.pipeline import layer_parameter_counts, stage_parameter_counts
 from fastseq.tokenizers import ByT5Tokenizer
-from fastseq.train import TrainArgs, train
-from tests.conftest import T5_BASE, assert_close, batch
-from tests.distributed.launch import ROOT, deepspeed, losses
+from tests.conftest import KINDS, T5_BASE, assert_close, batch
+from tests.distributed.launch import ROOT, assert_losses_close, deepspeed, losses, one_process
 
 PIPELINE = str(ROOT / "configs/deepspeed/pipeline.json")
 COMMON = ["--batch-size", "4", "--grad-accum", "2", "--optimizer", "adamw", "--lr", "1e-3", "--quiet",
@@ -34,54 +33,24 @@ def _directory(path, kind: str):
                       encoder_attention_type="transient-global", local_radius=3, global_block_size=4)  # fmt: skip
         model = tf.LongT5ForConditionalGeneration(tf.LongT5Config(**fields))
     else:
-        model = tf.BlenderbotSmallForConditionalGeneration(
-            tf.BlenderbotSmallConfig(
-                vocab_size=384,
-                d_model=32,
-                encoder_layers=2,
-                decoder_layers=2,
-                encoder_attention_heads=4,
-                decoder_attention_heads=4,
-                encoder_ffn_dim=48,
-                decoder_ffn_dim=48,
-                max_position_embeddings=128,
-                dropout=0.0,
-                attention_dropout=0.0,
-                activation_dropout=0.0,
-                pad_token_id=0,
-                bos_token_id=1,
-                eos_token_id=1,
-                decoder_start_token_id=1,
-            )  # fmt: skip
-        )
+        # The tiny BlenderbotSmall of the parity tests, with ByT5's vocabulary and longer positions.
+        fields = dict(KINDS["blenderbot_small"][1], vocab_size=384, max_position_embeddings=128)
+        model = tf.BlenderbotSmallForConditionalGeneration(tf.BlenderbotSmallConfig(**fields))
         model.final_logits_bias.normal_()
     model.save_pretrained(path)
     ByT5Tokenizer().save_pretrained(path)
     return path
 
 
-def _one_process(tmp_path, model, steps: int) -> list[float]:
-    args = TrainArgs(model=str(model), steps=steps, batch_size=4, grad_accum=2, optimizer="adamw", lr=1e-3,
-                     quiet=True, eval_examples=0, output_dir=str(tmp_path / "one"), device="cpu")  # fmt: skip
-    train(args)
-    return losses(tmp_path / "one")
-
-
-def _close(got, expected, rel=1e-5):
-    assert len(got) == len(expected)
-    for step, (a, b) in enumerate(zip(got, expected, strict=True)):
-        assert abs(a - b) <= rel * abs(b), f"step {step + 1}: pipeline {a} vs one process {b}"
-
-
 @pytest.mark.slow
 def test_two_stages_of_a_tied_t5_match_one_process_resume_and_convert(tmp_path):
     source = _directory(tmp_path / "model", "t5_tied")
-    expected = _one_process(tmp_path, source, 5)
+    expected = one_process(tmp_path / "one", 5, model=source)
     run = tmp_path / "pp"
     deepspeed("--deepspeed", PIPELINE, "--model", str(source), "--steps", "5", "--save-every", "3",
               "--output-dir", str(run), *COMMON)  # fmt: skip
     straight = losses(run)
-    _close(straight, expected)
+    assert_losses_close(straight, expected)
     layer_files = sorted(p.name for p in (run / "checkpoint-5").glob("layer_*-model_states.pt"))
     assert layer_files[0] == "layer_00-model_states.pt" and len(layer_files) > 4  # both stages wrote theirs
 
@@ -111,11 +80,11 @@ def test_two_stages_of_a_tied_t5_match_one_process_resume_and_convert(tmp_path):
 @pytest.mark.parametrize("kind", ["longt5_tglobal", "blenderbot_small"])
 def test_two_stages_of_longt5_and_blenderbot_with_checkpointing_match_one_process(tmp_path, kind):
     source = _directory(tmp_path / "model", kind)
-    expected = _one_process(tmp_path, source, 3)
+    expected = one_process(tmp_path / "one", 3, model=source)
     # With every block layer checkpointed (activation_checkpoint_interval 1): the same numbers.
     deepspeed("--deepspeed", PIPELINE, "--model", str(source), "--steps", "3", "--output-dir", str(tmp_path / "pp"),
               "--gradient-checkpointing", *COMMON)  # fmt: skip
-    _close(losses(tmp_path / "pp"), expected)
+    assert_losses_close(losses(tmp_path / "pp"), expected)
 
 
 @pytest.mark.parametrize("preset", ["t5-11b", "google/mt5-xxl"])

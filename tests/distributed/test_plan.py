@@ -40,7 +40,7 @@ def test_model_states_agree_with_deepspeed_within_5_percent(preset, gpus, per_no
 
 
 def test_t5_11b_on_8_x_80gb(capsys):
-    rows = {r.strategy: r for r in plan("t5-11b", gpus=8, gpus_per_node=8, gpu_mem_gb=80, cpu_mem_gb=1000)}
+    rows = {r.strategy: r for r in plan("t5-11b", gpus=8, gpus_per_node=8)}
     zero3 = rows["ZeRO-3"]
     assert 23 <= (zero3.params + zero3.grads + zero3.optimizer) / GIB <= 25  # about 24 GiB of model states
     assert {"pipeline 2 stages x 4 data parallel", "pipeline 8 stages x 1 data parallel"} <= set(rows)

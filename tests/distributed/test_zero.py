@@ -8,39 +8,24 @@ import pytest
 import torch
 
 import fastseq
-from fastseq.train import TrainArgs, train
 from tests.conftest import assert_close, batch, hf_model
-from tests.distributed.launch import ROOT, deepspeed, losses
+from tests.distributed.launch import ROOT, assert_losses_close, deepspeed, losses, one_process
 
 COMMON = ["--batch-size", "4", "--optimizer", "adamw", "--lr", "1e-3", "--quiet", "--eval-examples", "0"]
 pytestmark = pytest.mark.slow
 
 
-def _one_process(tmp_path, steps: int, model: str | None = None) -> list[float]:
-    """Two ranks with one micro-batch each see what one process sees with two accumulated."""
-    args = TrainArgs(model=model, steps=steps, batch_size=4, grad_accum=2, optimizer="adamw", lr=1e-3, quiet=True,
-                     eval_examples=0, output_dir=str(tmp_path / "one"), device="cpu")  # fmt: skip
-    train(args)
-    return losses(tmp_path / "one")
-
-
-def _close(got, expected, rel=1e-5):
-    assert len(got) == len(expected)
-    for step, (a, b) in enumerate(zip(got, expected, strict=True)):
-        assert abs(a - b) <= rel * abs(b), f"step {step + 1}: {a} vs {b}"
-
-
 def test_zero2_and_zero3_match_one_process_resume_exactly_and_convert(tmp_path):
-    expected = _one_process(tmp_path, 5)
+    expected = one_process(tmp_path / "one", 5)
     deepspeed("--deepspeed", str(ROOT / "configs/deepspeed/zero2.json"), "--steps", "5",
               "--output-dir", str(tmp_path / "z2"), *COMMON)  # fmt: skip
-    _close(losses(tmp_path / "z2"), expected)
+    assert_losses_close(losses(tmp_path / "z2"), expected)
 
     z3 = tmp_path / "z3"
     deepspeed("--deepspeed", str(ROOT / "configs/deepspeed/zero3.json"), "--steps", "5", "--save-every", "3",
               "--output-dir", str(z3), *COMMON, "--eval-examples", "16")  # fmt: skip
     straight = losses(z3)
-    _close(straight, expected)
+    assert_losses_close(straight, expected)
     assert sorted(p.name for p in z3.glob("checkpoint-*")) == ["checkpoint-3", "checkpoint-5"]
 
     resumed = tmp_path / "z3_resumed"
@@ -91,16 +76,16 @@ def test_zero3_loads_a_model_directory_into_the_partitions(tmp_path):
     from fastseq.tokenizers import ByT5Tokenizer
 
     ByT5Tokenizer().save_pretrained(source)
-    expected = _one_process(tmp_path, 2, model=str(source))
+    expected = one_process(tmp_path / "one", 2, model=source)
     deepspeed("--deepspeed", str(ROOT / "configs/deepspeed/zero3.json"), "--model", str(source), "--steps", "2",
               "--output-dir", str(tmp_path / "z3"), *COMMON)  # fmt: skip
-    _close(losses(tmp_path / "z3"), expected)
+    assert_losses_close(losses(tmp_path / "z3"), expected)
 
 
 @pytest.mark.parametrize("name", ["zero2_offload", "zero3_offload"])
 def test_offload_configs_match_one_process(tmp_path, name):
     """The optimizer (and for ZeRO-3 the parameters) on the CPU, with DeepSpeed's own AdamW."""
-    expected = _one_process(tmp_path, 3)
+    expected = one_process(tmp_path / "one", 3)
     deepspeed("--deepspeed", str(ROOT / f"configs/deepspeed/{name}.json"), "--steps", "3",
               "--output-dir", str(tmp_path / name), *COMMON)  # fmt: skip
-    _close(losses(tmp_path / name), expected)
+    assert_losses_close(losses(tmp_path / name), expected)
