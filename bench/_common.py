@@ -113,6 +113,8 @@ _OTHER = {
     "max_rel_diff_vs_eager": ("full", "max_rel_diff", "ratio"),  # the check that a provider computes the same
     "max_rel_diff_vs_hf": ("full", "max_rel_diff", "ratio"),
     "loss": ("step", "loss", "nats"),
+    "run_ms": ("run", "time", "ms"),
+    "exact_match": ("run", "exact_match", "fraction"),
 }
 _MODES = ("fwd", "bwd", "full", "step")
 PROVENANCE = ("gpu", "torch", "triton", "date", "formula")

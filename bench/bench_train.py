@@ -8,6 +8,11 @@ GPU's dense bf16 peak, peak memory of one step. bf16 autocast on a GPU, fp32 on 
 
     python bench/bench_train.py --out bench/results/train_h100.csv             # the full list, on a GPU
     python bench/bench_train.py --quick --out bench/results/train_cpu.csv      # tiny models, CPU
+    python bench/bench_train.py --default-run --out bench/results/default_run_cpu.csv  # the main job
+
+`--default-run` times the main job itself (`fastseq train` with no arguments: 1000 Adafactor steps of
+the embedded default, then the held-out evaluation and the checkpoint) on whatever device is there,
+and records its held-out exact match next to the time.
 
 Model FLOPs per step (written next to the numbers): 6 x (encoder parameters x input tokens +
 decoder parameters x target tokens + vocab x d_model x target tokens) + the attention scores:
@@ -202,6 +207,26 @@ def measure(name: str, quick: bool, device: str, *, steps: int, warmup: int, com
     return rows
 
 
+def default_run(runs: int) -> list[dict]:
+    """The main job end to end, `runs` times: wall seconds (p20/p50/p80), seconds per step, exact match."""
+    from fastseq.train import TrainArgs, train
+
+    seconds, scores = [], []
+    for _ in range(runs):
+        with tempfile.TemporaryDirectory() as tmp:
+            summary = train(TrainArgs(quiet=True, output_dir=tmp, examples_to_show=0))
+        seconds.append(summary["seconds"] * 1e3)
+        scores.append(summary["exact_match"])
+        print(f"default run: {summary['seconds']:.1f} s, exact match {summary['exact_match']:.1%}", flush=True)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    t = Timing.of(seconds)
+    steps = TrainArgs().steps
+    row = {"provider": "fastseq train (default)", "model": "default", "steps": steps, "run_ms": round(t, 1),
+           "step_ms": round(Timing(float(t) / steps, t.p20 / steps, t.p80 / steps), 3),
+           "exact_match": round(min(scores), 4)}  # fmt: skip
+    return [row | provenance(device, "wall time of `fastseq train` with no arguments, evaluation and save included")]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=None, help=f"default: all of {list(WORKLOADS)}")
@@ -210,7 +235,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 3; quick 1)")
     parser.add_argument("--compile", action="store_true", help="also torch.compile each provider")
     parser.add_argument("--out", type=__import__("pathlib").Path, default=None)
+    parser.add_argument(
+        "--default-run",
+        type=int,
+        nargs="?",
+        const=3,
+        default=0,
+        metavar="RUNS",
+        help="time the main job (`fastseq train` with no arguments) RUNS times (default 3) instead",
+    )
     args = parser.parse_args(argv)
+    if args.default_run:
+        write_csv(default_run(args.default_run), args.out, benchmark="default_run")
+        return 0
     device = "cpu" if args.quick or not torch.cuda.is_available() else "cuda"
     if device == "cpu" and not args.quick:
         raise SystemExit("no CUDA device: run with --quick for the CPU check")

@@ -23,14 +23,16 @@ forward, decided per call, so no patched call returns different numbers.
 from __future__ import annotations
 
 import functools
-import inspect
+import importlib
+import importlib.metadata
 import types
+import warnings
 
 import torch
 from torch import nn
 
 from fastseq import kernels
-from fastseq.patch_attention import ATTENTION_FORWARDS, CLASS_ORIGINALS, ORIGINAL, original_forward
+from fastseq.patch_attention import ATTENTION_FORWARDS, CLASS_ORIGINALS, ORIGINAL, call_arguments, original_forward
 
 PARTS = ("attention", "ffn", "norm", "loss")
 # model_type -> what the patch can swap in that family. BlenderbotSmall's norms are LayerNorms and
@@ -50,7 +52,11 @@ _MODULES = {
     "longt5": "transformers.models.longt5.modeling_longt5",
     "blenderbot-small": "transformers.models.blenderbot_small.modeling_blenderbot_small",
 }
-_MIN_TRANSFORMERS = 5
+# The transformers releases (major, minor) the patch is tested against, oldest and newest: CI runs
+# the patch tests under both. Older releases are refused; a newer one is patched with a warning
+# (the patch reads `transformers` internals, which a release may change). pyproject's test extra
+# asks for at least TRANSFORMERS_TESTED[0] (a test checks the two agree).
+TRANSFORMERS_TESTED = ((5, 23), (5, 24))
 
 
 # ---- norm and FFN ----------------------------------------------------------------------------
@@ -140,17 +146,6 @@ def _lm_head_forward(self, hidden_states, labels=None, bias=None):
     return original_forward(self)(hidden_states)
 
 
-def _call_arguments(forward, args, kwargs) -> dict:
-    """`forward`'s arguments by name, its **kwargs merged in."""
-    signature = inspect.signature(forward)
-    bound = signature.bind(*args, **kwargs)
-    arguments = dict(bound.arguments)
-    for name, param in signature.parameters.items():
-        if param.kind is inspect.Parameter.VAR_KEYWORD:
-            arguments.update(arguments.pop(name, {}))
-    return arguments
-
-
 def _shift_right(model: nn.Module, labels: torch.Tensor) -> torch.Tensor:
     if hasattr(model, "_shift_right"):  # the T5 family
         return model._shift_right(labels)
@@ -162,7 +157,7 @@ def _shift_right(model: nn.Module, labels: torch.Tensor) -> torch.Tensor:
 def _seq2seq_loss_forward(self, *args, **kwargs):
     """The model's forward with the LM head and the loss fused, in training with labels."""
     original = original_forward(self)
-    arguments = _call_arguments(original, args, kwargs)
+    arguments = call_arguments(original, args, kwargs)
     labels = arguments.pop("labels", None)
     head = self.get_output_embeddings()
     if not (labels is not None and self.training and isinstance(head, nn.Linear) and head.bias is None):
@@ -241,15 +236,43 @@ def _swap(module: nn.Module, forward) -> None:
     module.forward = types.MethodType(_signed(forward, getattr(original, "__func__", None)), module)
 
 
-def _check_transformers() -> None:
-    import transformers
+def _release(version: str) -> tuple[int, int]:
+    """(major, minor) of a version string such as "5.24.0" or "5.25.0.dev0"."""
+    parts = [int("".join(c for c in part if c.isdigit()) or 0) for part in version.split(".")[:2]]
+    return parts[0], parts[1] if len(parts) > 1 else 0
 
-    major = int(transformers.__version__.split(".")[0])
-    if major < _MIN_TRANSFORMERS:
+
+def _tested_range() -> str:
+    (a, b), (c, d) = TRANSFORMERS_TESTED
+    return f"{a}.{b} to {c}.{d}"
+
+
+def installed_transformers() -> str:
+    """The version of the installed transformers distribution."""
+    return importlib.metadata.version("transformers")
+
+
+def _check_transformers() -> None:
+    """Refuse a transformers older than the tested range; warn once for a newer one."""
+    version = installed_transformers()
+    found = _release(version)
+    oldest, newest = TRANSFORMERS_TESTED
+    if found < oldest:
         raise ValueError(
-            f"fastseq.patch needs transformers {_MIN_TRANSFORMERS} or newer (its attention and cache "
-            f"interfaces); found {transformers.__version__}. Upgrade with: pip install -U transformers"
+            f"fastseq.patch supports transformers {_tested_range()} (tested); found {version}. "
+            f"Upgrade with: pip install 'transformers>={oldest[0]}.{oldest[1]}'"
         )
+    if found > newest and not _WARNED.get(version):
+        _WARNED[version] = True
+        warnings.warn(
+            f"fastseq.patch is tested with transformers {_tested_range()}; found {version}, which "
+            "may have changed the internals the patch replaces. If patched and unpatched outputs differ, install "
+            f"'transformers<{newest[0]}.{newest[1] + 1}' and report it",
+            stacklevel=3,
+        )
+
+
+_WARNED: dict[str, bool] = {}
 
 
 def _parts(attention: bool, ffn: bool, norm: bool, loss: bool) -> set[str]:
@@ -302,8 +325,6 @@ def patch_transformers(
     """Patch the `transformers` classes of `model_types` (default: every family in REGISTRY), so models
     built afterwards (`from_pretrained`, a Trainer's `model_init`) run fastseq's forwards.
     `unpatch_transformers()` undoes it. The per-call checks are those of `patch`."""
-    import importlib
-
     _check_transformers()
     if model_types is None:
         model_types = list(REGISTRY)

@@ -22,6 +22,8 @@ What `transformers` hands an attention module, and what these forwards make of i
 
 from __future__ import annotations
 
+import functools
+import inspect
 import weakref
 
 import torch
@@ -40,6 +42,39 @@ def original_forward(module: torch.nn.Module):
         if cls in CLASS_ORIGINALS:
             return CLASS_ORIGINALS[cls].__get__(module)
     raise RuntimeError(f"fastseq.patch: {type(module).__name__} has no original forward recorded")
+
+
+@functools.lru_cache(maxsize=64)
+def _signature(function, bound: bool) -> inspect.Signature:
+    signature = inspect.signature(function)
+    if bound:  # a method's signature as seen through an instance: without `self`
+        signature = signature.replace(parameters=list(signature.parameters.values())[1:])
+    return signature
+
+
+def call_arguments(forward, args, kwargs) -> dict:
+    """The arguments of a call to `forward` by name, as `forward` binds them (its **kwargs merged in).
+    Patched forwards read their inputs this way, so a `transformers` release that renames or
+    reorders an argument of the forward they replace is followed, not misread."""
+    signature = _signature(getattr(forward, "__func__", forward), hasattr(forward, "__func__"))
+    bound = signature.bind(*args, **kwargs)
+    arguments = dict(bound.arguments)
+    for name, param in signature.parameters.items():
+        if param.kind is inspect.Parameter.VAR_KEYWORD:
+            arguments.update(arguments.pop(name, {}))
+    return arguments
+
+
+# The KV cache argument of the attention forwards: `cache` from transformers 5.24, `past_key_values` before.
+CACHE_ARGUMENTS = ("cache", "past_key_values")
+
+
+def cache_argument(call: dict):
+    """The `transformers` cache object of an attention call (bound by `call_arguments`), or None."""
+    for name in CACHE_ARGUMENTS:
+        if call.get(name) is not None:
+            return call[name]
+    return None
 
 
 def shared_tables(position_bias) -> tuple[torch.Tensor | None, torch.Tensor | None] | None:
@@ -215,13 +250,13 @@ def _refuse_shared(module, position_bias, why: str):
         )
 
 
-def t5_attention_forward(
-    self, hidden_states, mask=None, key_value_states=None, position_bias=None, past_key_values=None, **kwargs
-):
+def t5_attention_forward(self, *args, **kwargs):
     """T5 / mT5 / LongT5 (decoder and global) attention -> (output, position bias for the next layer, None)."""
+    call = call_arguments(original_forward(self), args, kwargs)
+    position_bias = call.get("position_bias")
     shared = shared_tables(position_bias)
     # LongT5's decoder still passes output_attentions down; the newer models collect through hooks.
-    weights_wanted = bool(kwargs.get("output_attentions")) or capturing_attentions()
+    weights_wanted = bool(call.get("output_attentions")) or capturing_attentions()
     own = (position_bias is not None and shared is None) or weights_wanted
     if not own:
         if shared is not None:
@@ -229,38 +264,40 @@ def t5_attention_forward(
         else:
             table = bias_table(self.relative_attention_bias) if self.has_relative_attention_bias else None
         try:
-            out = _t5_family_attention(self, hidden_states, key_value_states, mask, past_key_values, table)
+            kv_states, mask = call.get("key_value_states"), call.get("mask")
+            out = _t5_family_attention(self, call["hidden_states"], kv_states, mask, cache_argument(call), table)
             return out, table, None
         except _Fallback as why:
             _refuse_shared(self, position_bias, str(why))
     _refuse_shared(self, position_bias, "attention weights were asked for")
-    return original_forward(self)(hidden_states, mask, key_value_states, position_bias, past_key_values, **kwargs)
+    return original_forward(self)(*args, **kwargs)
 
 
-def umt5_attention_forward(
-    self, hidden_states, encoder_hidden_states=None, past_key_values=None, attention_mask=None, **kwargs
-):
+def umt5_attention_forward(self, *args, **kwargs):
     """UMT5 attention (a bias table in every layer) -> (output, None)."""
     if not capturing_attentions():
+        call = call_arguments(original_forward(self), args, kwargs)
         table = bias_table(self.relative_attention_bias) if self.has_relative_attention_bias else None
         try:
-            kv_states, cache = encoder_hidden_states, past_key_values
-            return _t5_family_attention(self, hidden_states, kv_states, attention_mask, cache, table), None
+            hidden, kv_states = call["hidden_states"], call.get("encoder_hidden_states")
+            out = _t5_family_attention(self, hidden, kv_states, call.get("attention_mask"), cache_argument(call), table)
+            return out, None
         except _Fallback:
             pass
-    return original_forward(self)(hidden_states, encoder_hidden_states, past_key_values, attention_mask, **kwargs)
+    return original_forward(self)(*args, **kwargs)
 
 
-def bart_attention_forward(self, hidden_states, key_value_states=None, past_key_values=None, attention_mask=None, **kw):
+def bart_attention_forward(self, *args, **kwargs):
     """BlenderbotSmall attention (scaled, projections with biases, no position bias) -> (output, None)."""
     if not capturing_attentions():
+        call = call_arguments(original_forward(self), args, kwargs)
         try:
             out = _dense_attention(
                 self,
-                hidden_states,
-                key_value_states,
-                attention_mask,
-                past_key_values,
+                call["hidden_states"],
+                call.get("key_value_states"),
+                call.get("attention_mask"),
+                cache_argument(call),
                 projections=(self.q_proj, self.k_proj, self.v_proj),
                 D=self.head_dim,
                 scale=self.scaling,
@@ -270,7 +307,7 @@ def bart_attention_forward(self, hidden_states, key_value_states=None, past_key_
             return self.out_proj(out), None
         except _Fallback:
             pass
-    return original_forward(self)(hidden_states, key_value_states, past_key_values, attention_mask, **kw)
+    return original_forward(self)(*args, **kwargs)
 
 
 def _local_key_padding(mask, B: int, L: int, block: int) -> torch.Tensor | None:
@@ -308,9 +345,11 @@ def _global_key_padding(mask, B: int, L: int) -> torch.Tensor | None:
     return _memoized(mask, ("global", B, L), decode)
 
 
-def _longt5_encoder_attention(self, hidden_states, mask, position_bias, output_attentions, *, transient_global: bool):
+def _longt5_encoder_attention(self, args, kwargs, *, transient_global: bool):
+    call = call_arguments(original_forward(self), args, kwargs)
+    hidden_states, mask, position_bias = call["hidden_states"], call.get("mask"), call.get("position_bias")
     shared = shared_tables(position_bias)
-    if not output_attentions and not self.is_decoder and (position_bias is None or shared is not None):
+    if not call.get("output_attentions") and not self.is_decoder and (position_bias is None or shared is not None):
         try:
             B, L, _ = hidden_states.shape
             D = self.key_value_proj_dim
@@ -353,19 +392,17 @@ def _longt5_encoder_attention(self, hidden_states, mask, position_bias, output_a
         except _Fallback as why:
             _refuse_shared(self, position_bias, str(why))
     _refuse_shared(self, position_bias, "attention weights were asked for")
-    return original_forward(self)(hidden_states, mask, position_bias, output_attentions)
+    return original_forward(self)(*args, **kwargs)
 
 
-def longt5_local_forward(self, hidden_states, mask=None, position_bias=None, output_attentions=False):
+def longt5_local_forward(self, *args, **kwargs):
     """LongT5 local encoder attention -> (output, bias table for the next layer)."""
-    return _longt5_encoder_attention(
-        self, hidden_states, mask, position_bias, output_attentions, transient_global=False
-    )
+    return _longt5_encoder_attention(self, args, kwargs, transient_global=False)
 
 
-def longt5_transient_global_forward(self, hidden_states, mask=None, position_bias=None, output_attentions=False):
+def longt5_transient_global_forward(self, *args, **kwargs):
     """LongT5 transient-global encoder attention -> (output, both bias tables for the next layer)."""
-    return _longt5_encoder_attention(self, hidden_states, mask, position_bias, output_attentions, transient_global=True)
+    return _longt5_encoder_attention(self, args, kwargs, transient_global=True)
 
 
 # class name -> kernel-backed forward

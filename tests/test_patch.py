@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import copy
 import importlib
+import re
+import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,6 +16,7 @@ from tests.conftest import KINDS, T5_BASE, assert_close, batch, hf_model
 
 fpatch = importlib.import_module("fastseq.patch")  # the module (`fastseq.patch` is the function)
 fattn = importlib.import_module("fastseq.patch_attention")
+ROOT = Path(__file__).resolve().parents[1]
 
 # UMT5 is not a native family, so it is not in KINDS: built here, fed T5 batches.
 UMT5_FIELDS = dict(T5_BASE, feed_forward_proj="gated-gelu", tie_word_embeddings=False, num_layers=3)
@@ -380,8 +384,31 @@ def test_refusals(monkeypatch):
         fpatch.patch(bart)
     with pytest.raises(ValueError, match="unsupported model_type"):
         fastseq.patch_transformers("bart")
-    monkeypatch.setattr(tf, "__version__", "4.46.0")
-    with pytest.raises(ValueError, match="needs transformers 5 or newer.*found 4.46.0"):
+    monkeypatch.setattr(fpatch, "installed_transformers", lambda: "4.46.0")
+    with pytest.raises(ValueError, match=r"supports transformers 5\.23 to 5\.24 \(tested\); found 4\.46\.0"):
+        fpatch.patch(build("t5_v10_tied"))
+    monkeypatch.setattr(fpatch, "installed_transformers", lambda: "5.22.1")
+    with pytest.raises(ValueError, match="found 5.22.1"):
+        fastseq.patch_transformers()
+
+
+def test_transformers_range_declared_once_and_checked(monkeypatch):
+    """The tested range lives in fastseq.patch; pyproject's lower bound is its oldest release; a
+    release newer than the range is patched with one warning that names the range."""
+    (major, minor), _ = fpatch.TRANSFORMERS_TESTED
+    declared = re.findall(r'"transformers>=([0-9.]+)"', (ROOT / "pyproject.toml").read_text())
+    assert declared == [f"{major}.{minor}"]
+    for version in ("5.23.0", "5.24.0"):
+        monkeypatch.setattr(fpatch, "installed_transformers", lambda v=version: v)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            fpatch.patch(build("t5_v10_tied"))
+    monkeypatch.setattr(fpatch, "installed_transformers", lambda: "5.99.0.dev0")
+    monkeypatch.setattr(fpatch, "_WARNED", {})
+    with pytest.warns(UserWarning, match=r"tested with transformers 5\.23 to 5\.24; found 5\.99\.0\.dev0"):
+        fpatch.patch(build("t5_v10_tied"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once per version
         fpatch.patch(build("t5_v10_tied"))
 
 

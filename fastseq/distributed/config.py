@@ -39,6 +39,13 @@ def pipeline_stages(config: dict) -> int:
     return int(stages)
 
 
+def precision(config: dict) -> str:
+    """What a resolved config trains in: "bf16", "fp16" or "fp32"."""
+    if config.get("bf16", {}).get("enabled") is True:
+        return "bf16"
+    return "fp16" if config.get("fp16", {}).get("enabled") is True else "fp32"
+
+
 def _fill(section: dict, key: str, value) -> None:
     if section.get(key) == "auto":
         section[key] = value

@@ -78,9 +78,13 @@ def build_model(args, model_config, config: dict, device: torch.device):
     cls = _model_class(model_config)
     pretrained = args.model is not None and Path(args.model).is_dir()
     if ds_config.zero_stage(config) == 3:
-        dtype = torch.bfloat16 if config.get("bf16", {}).get("enabled") else torch.float32
-        with deepspeed.zero.Init(config_dict_or_path=config, dtype=dtype):
+        # dtype=None: zero.Init then takes the precision from the config's bf16/fp16 sections. An explicit
+        # dtype goes through DeepSpeed's accelerator probe instead (`dtype or fp16 if is_fp16_supported()
+        # else bf16 ...`), which on a CPU without oneDNN fp16 support builds an fp32 run's parameters in bf16.
+        with deepspeed.zero.Init(config_dict_or_path=config, dtype=None):
             model = cls(model_config)
+        dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+        zero.check_dtype(model, dtypes[ds_config.precision(config)])
         if pretrained:
             zero.load_partitioned(model, args.model)
         else:

@@ -21,6 +21,13 @@ def is_partitioned(param: torch.Tensor) -> bool:
     return hasattr(param, "ds_id")
 
 
+def check_dtype(model: nn.Module, dtype: torch.dtype) -> None:
+    """Raise unless every partition of `model` holds `dtype` (what the run's config asks for)."""
+    found = {p.ds_tensor.dtype for p in model.parameters() if is_partitioned(p)}
+    if found - {dtype}:
+        raise RuntimeError(f"ZeRO-3 built the parameters in {sorted(map(str, found))}; the config asks for {dtype}")
+
+
 def register_external_parameters(model: nn.Module) -> int:
     """Tell ZeRO-3 which parameters a module's forward reads from another module: the FFN kernels
     read their Linear children's weights and a stack reads its first layer's bias tables. DeepSpeed

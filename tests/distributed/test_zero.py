@@ -9,12 +9,32 @@ import torch
 
 import fastseq
 from tests.conftest import assert_close, batch, hf_model
-from tests.distributed.launch import ROOT, assert_losses_close, deepspeed, losses, one_process
+from tests.distributed.launch import ROOT, assert_losses_close, deepspeed, free_port, losses, one_process
 
 COMMON = ["--batch-size", "4", "--optimizer", "adamw", "--lr", "1e-3", "--quiet", "--eval-examples", "0"]
-pytestmark = pytest.mark.slow
 
 
+def test_zero3_builds_the_parameters_in_the_configs_dtype_on_any_cpu(tmp_path):
+    """DeepSpeed's zero.Init given an explicit dtype asks the accelerator instead of the config and,
+    on a CPU without oneDNN fp16 (seen on an AMD EPYC), built an fp32 run's parameters in bf16; the
+    engine lets the config decide. Both answers of the accelerator are tried here."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONPATH=str(ROOT), MASTER_PORT=str(free_port()),
+               ZERO3_CONFIG=str(ROOT / "configs/deepspeed/zero3.json"), OMP_NUM_THREADS="1")  # fmt: skip
+    proc = subprocess.run([sys.executable, "-m", "tests.workers.zero3_dtype"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    found = json.loads(proc.stdout.strip().splitlines()[-1])
+    for answer in (False, True):
+        assert found[f"fp16_supported={answer} fp32"] == ["torch.float32"], found
+        assert found[f"fp16_supported={answer} bf16"] == ["torch.bfloat16"], found
+
+
+@pytest.mark.slow
 def test_zero2_and_zero3_match_one_process_resume_exactly_and_convert(tmp_path):
     expected = one_process(tmp_path / "one", 5)
     deepspeed("--deepspeed", str(ROOT / "configs/deepspeed/zero2.json"), "--steps", "5",
@@ -68,6 +88,7 @@ def test_zero2_and_zero3_match_one_process_resume_exactly_and_convert(tmp_path):
     assert_close(got, expected_logits, what="transformers logits of the converted directory")
 
 
+@pytest.mark.slow
 def test_zero3_loads_a_model_directory_into_the_partitions(tmp_path):
     source = tmp_path / "model"
     # A transformers directory with ByT5's vocabulary, in several safetensors shards.
@@ -82,6 +103,7 @@ def test_zero3_loads_a_model_directory_into_the_partitions(tmp_path):
     assert_losses_close(losses(tmp_path / "z3"), expected)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["zero2_offload", "zero3_offload"])
 def test_offload_configs_match_one_process(tmp_path, name):
     """The optimizer (and for ZeRO-3 the parameters) on the CPU, with DeepSpeed's own AdamW."""
