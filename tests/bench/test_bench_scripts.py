@@ -38,6 +38,7 @@ def _values(rows, mode: str, metric: str) -> dict[tuple[str, str], float]:
     return {(r["provider"], r["x_value"]): float(r["p50"]) for r in rows if r["mode"] == mode and r["metric"] == metric}
 
 
+@pytest.mark.slow
 def test_bench_bucketed_attention_smoke(quick):
     rows = _smoke("bench_bucketed_attention", quick)
     assert {r["provider"] for r in rows} == {"fastseq", "hf_eager", "hf_sdpa"}

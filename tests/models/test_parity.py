@@ -66,7 +66,9 @@ def triton_kernels(monkeypatch) -> list[str]:
     return ops
 
 
-@pytest.mark.parametrize("kind", SEQ2SEQ)
+@pytest.mark.parametrize(
+    "kind", [k if k == "t5_v11_untied" else pytest.param(k, marks=pytest.mark.slow) for k in SEQ2SEQ]
+)  # noqa: E501
 def test_seq2seq_parity_with_triton_kernels(kind, tmp_path, triton_kernels):
     """Every Triton kernel on at once, in train mode with gradients. Attention: encoder and decoder
     self-attention with the shared layer-0 table, cross-attention without a bias, BlenderbotSmall's
@@ -88,6 +90,7 @@ def test_longer_inputs_and_default_masks(kind, tmp_path, reference_backend):
     _compare_seq2seq(ref, ours, inputs, train=False)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["t5_v11_untied", "longt5_tglobal"])
 def test_longer_inputs_with_triton_kernels(kind, tmp_path, triton_kernels):
     """Key tiles wholly beyond max_distance (one bias per head) next to band tiles; for LongT5 many
