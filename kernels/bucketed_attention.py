@@ -4,26 +4,33 @@ The bias of query i and key j is `bias_table[bucket(j - (q_offset + i)), h]`, wh
 T5's relative-position bucket function. It depends only on the distance `d = j - (q_offset + i)`,
 and every distance at or beyond a cut-off `C` (just past `max_distance`) falls in the last bucket
 of its sign. So the launcher turns the `(num_buckets, H)` table into a per-head table over the
-clamped distances `-C..C` (`2C + 1` entries, exact buckets computed once on the host), and the
-kernels read `dist_table[h, clamp(d, -C, C) + C]`. No `(B, H, Lq, Lk)` tensor exists, forward or
-backward: a key tile lying wholly beyond the cut-off reads one number per head, a tile on the
-band `|d| < C` loads its `BLOCK_M + BLOCK_N - 1` distances and spreads them over the tile.
+clamped distances `-C..C` (`2C + 1` entries, exact buckets computed once on the host), scales it
+by log2(e) and pads it with a tile's extent of its end values on either side; a kernel then reads
+each score's bias with one load, `table[h, base + rel]`, where only the tile's base distance (a
+scalar) is clamped (`_bias`). No `(B, H, Lq, Lk)` tensor exists, forward or backward, and the bias
+costs no branch, no layout conversion and no shuffle.
 
-The gradient of the table is the sum of dS along diagonals. The dQ kernel owns one query tile
-and walks the key tiles, so it reduces each band tile along its diagonals (a skew by
-`tl.gather`, then a column sum) into an fp32 register vector over the `2C + 1` distances, and
-tiles beyond the cut-off into two scalars; each program writes its own row of partials, summed
-on the host. No atomics anywhere: forward and backward are bitwise deterministic.
+The gradient of the table is the sum of dS along diagonals. The dQ kernel owns one query tile and
+walks the key tiles; a tile beyond the cut-off adds its row sums to a clamped end, and a band tile
+goes through the program's own scratch tile in global memory (it stays in L2): written as the MMA
+left it, re-read skewed one row at a time so that each thread sums the distances it owns, then
+added to the program's row of per-distance partials (`_bias_grad_tile`). The rows are summed on
+the host. No atomics anywhere: forward and backward are bitwise deterministic.
 
 The same kernels serve LongT5's encoder (`fastseq.kernels.local_attention`): with a key window a
 query tile visits only the key tiles within `window` of it, and with global tokens
 (`GlobalTokens`) it then goes on over every global token in the same online softmax. The global
 bias depends on `g - position(i)` with `position(i) = min(i // block_size, cap)`, which rises by at
 most one per row, so a tile of global scores is a band too: element (m, n) lies at distance
-`(g0 - highest position) + n + shift[m]`, the same spread (forward) and skew (bias gradient) with a
-per-row shift instead of the diagonal one. The global tokens' dK/dV is the dK/dV kernel run over
-every query tile. The forward also returns each row's log-sum-exp; a gradient on it enters the
-backward as a shift of rowsum(dO * O).
+`(g0 - highest position) + n + shift[m]`, the same padded-table load (forward) and skewed re-read
+(bias gradient) with a per-row shift instead of the diagonal one. The backward's dQ runs as two
+launches then, the ordinary keys and the global tokens, and the global tokens' dK/dV is the dK/dV
+kernel run over every query tile. The forward also returns each row's log-sum-exp; a gradient on
+it enters the backward as a shift of rowsum(dO * O).
+
+Every tile is chosen from the compiled code (`python -m fastseq.kernels._compile --report`): the
+compile-only tests hold each 16-bit build a launcher can pick on sm_80 and sm_90 to no register
+spill, tensor-core instructions for every dot, and the instruction prices of `PRICES`.
 """
 
 from __future__ import annotations
@@ -113,24 +120,18 @@ def _dot(a, b, PRECISION: tl.constexpr):
 
 
 @triton.jit
-def _spread_bias(s, DT_h, d_min, d_max, shift, C, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SKEW: tl.constexpr):
-    """Add to the log2-domain scores `s` the bias of a tile whose element (m, n) lies at distance
-    `d_min + n + shift[m]` (clamped to -C..C), read from the per-distance table `DT_h`."""
-    if d_min >= C:
-        s += tl.load(DT_h + 2 * C) * 1.4426950408889634
-    elif d_max <= -C:
-        s += tl.load(DT_h) * 1.4426950408889634
-    else:
-        # A band tile has at most BLOCK_M + BLOCK_N - 1 distinct distances: load those (a short
-        # vector) and spread them over the tile in registers. Loading the tile through a 2-D pointer
-        # gather instead made the pipeliner stage it in shared memory (+82 KiB at 128 x 64).
-        t = tl.arange(0, SKEW)
-        dist = tl.minimum(tl.maximum(d_min + t, -C), C)
-        per_distance = tl.load(DT_h + dist + C, mask=t < BLOCK_M + BLOCK_N - 1, other=0.0)  # (SKEW,)
-        index = tl.arange(0, BLOCK_N)[None, :] + shift[:, None]
-        spread = tl.broadcast_to(per_distance[None, :], (BLOCK_M, SKEW))
-        s += tl.gather(spread, index, 1) * 1.4426950408889634
-    return s
+def _bias(DT2_h, base, rel, C, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The log2-domain bias of a tile whose element (m, n) lies at distance `base + rel[m, n]`, with
+    `rel` in [0, BLOCK_M + BLOCK_N - 2]: one load per element from the per-distance table `DT2_h`.
+
+    The table (scaled by log2(e)) holds distances -C - PAD .. C + PAD, PAD = BLOCK_M + BLOCK_N, the
+    entries beyond +-C repeating the end values; so clamping the tile's base once, a scalar, keeps
+    every element's index in the table and exact, and no element needs a clamp. The table is a few
+    KiB per head: every load after the first hits L1. No branch on the tile's position, no layout
+    conversion, no shuffle: spreading the tile's distinct distances over it with `tl.gather` instead
+    cost 1,988 SHFL and 6,448 spill bytes at 128 x 64 on sm_90 (the static report)."""
+    first = tl.minimum(tl.maximum(base, -C - (BLOCK_M + BLOCK_N - 2)), C) + C + BLOCK_M + BLOCK_N
+    return tl.load(DT2_h + first + rel)
 
 
 @triton.jit
@@ -154,16 +155,15 @@ def _tile_scores(
     WINDOWED: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
-    SKEW: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
     """Scores of one (BLOCK_M, BLOCK_N) tile of ordinary keys in the log2 domain, masked entries at -inf."""
     s = _dot(q, tl.trans(k), PRECISION) * scale_log2
     if HAS_BIAS:
-        # Element (m, n) lies at distance n0 + n - (q_offset + m0 + m) = d_min + n + (BLOCK_M - 1 - m).
-        d_min = n0 - (q_offset + m0 + BLOCK_M - 1)
-        d_max = n0 + BLOCK_N - 1 - (q_offset + m0)
-        s = _spread_bias(s, DT_h, d_min, d_max, BLOCK_M - 1 - tl.arange(0, BLOCK_M), C, BLOCK_M, BLOCK_N, SKEW)
+        # Element (m, n) lies at distance n0 + n - (q_offset + m0 + m) = base + n + (BLOCK_M - 1 - m).
+        base = n0 - (q_offset + m0 + BLOCK_M - 1)
+        rel = offs_n[None, :] - offs_m[:, None] - (base + q_offset)
+        s += _bias(DT_h, base, rel, C, BLOCK_M, BLOCK_N)
     valid = offs_n[None, :] < Lk
     if HAS_KPM:
         keep = tl.load(KPM_b + offs_n, mask=offs_n < Lk, other=0)
@@ -177,7 +177,7 @@ def _tile_scores(
 
 
 @triton.jit
-def _global_rows(offs_m, m0, Lq, cap, gbs, BLOCK_M: tl.constexpr):
+def _global_rows(offs_m, m0, Lq, cap, gbs: tl.constexpr, BLOCK_M: tl.constexpr):
     """LongT5's block position of each query row, `min(i // gbs, cap)` (cap: the row's last global
     token), as the tile's lowest and highest position and each row's shift `highest - position`,
     which lies in [0, BLOCK_M - 1]: positions never fall and rise by at most one per row."""
@@ -205,14 +205,14 @@ def _global_tile_scores(
     HAS_GBIAS: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
-    SKEW: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
     """Scores of one tile of global tokens: bias `GDT[h, g - position(i)]`, globals past `cap` masked."""
     s = _dot(q, tl.trans(gk), PRECISION) * scale_log2
     if HAS_GBIAS:
         # Element (m, n) lies at distance g0 + n - position(m) = (g0 - pos_hi) + n + shift[m].
-        s = _spread_bias(s, GDT_h, g0 - pos_hi, g0 + BLOCK_N - 1 - pos_lo, shift, CG, BLOCK_M, BLOCK_N, SKEW)
+        base = g0 - pos_hi
+        s += _bias(GDT_h, base, (offs_g[None, :] + shift[:, None]) - (base + pos_hi), CG, BLOCK_M, BLOCK_N)
     valid = (offs_g <= cap) & (offs_g < G)
     return tl.where(valid[None, :], s, float("-inf"))
 
@@ -232,13 +232,19 @@ def _key_tiles(m0, Lk, q_offset, window, CAUSAL: tl.constexpr, WINDOWED: tl.cons
 
 
 @triton.jit
-def _dropout_keep(seed, bh, offs_m, key_ids, Lq, keys, dropout_p):
-    """Counter-based keep mask: Philox keyed by the call's seed, with the element's 64-bit index
-    ((b * H + h) * Lq + i) * keys + key_id as counter, so no two elements of any call share a draw.
-    `keys` counts every key of a row: the ordinary ones, then the global tokens."""
-    row = bh.to(tl.int64) * Lq + offs_m
-    r = tl.rand(seed, row[:, None] * keys + key_ids[None, :])
-    return r >= dropout_p
+def _dropout_keep(seed, bh, offs_m, key_ids, Lq, dropout_p):
+    """Counter-based keep mask: Philox4x32 keyed by the call's seed, with the element's (key id,
+    row (b * H + h) * Lq + i) as two 32-bit counter words, so no two elements of any call share a
+    draw (key ids run over the ordinary keys, then the global tokens). Seven
+    rounds, the fewest of the Philox family that pass BigCrush: the mask is regenerated in every
+    backward tile, and the ten-round 64-bit-counter form held the backward tiles' registers past
+    the limit (the static report)."""
+    row = bh * Lq + offs_m
+    c0 = tl.broadcast_to(key_ids[None, :], (offs_m.shape[0], key_ids.shape[0])).to(tl.uint32, bitcast=True)
+    c1 = tl.broadcast_to(row[:, None], (offs_m.shape[0], key_ids.shape[0])).to(tl.uint32, bitcast=True)
+    zero = tl.zeros_like(c0)
+    r, _, _, _ = tl.philox(seed, c0, c1, zero, zero, 7)
+    return tl.random.uint_to_uniform_float(r) >= dropout_p
 
 
 @triton.jit
@@ -252,7 +258,7 @@ def _load_kv(K_bh, V_bh, offs_n, Lk, stride_kn, stride_vn, offs_d, d_ok):
 
 @triton.jit
 def _softmax_step(
-    s, v, m_i, l_i, acc, seed, bh, offs_m, key_ids, Lq, keys, dropout_p, DROPOUT: tl.constexpr, PRECISION: tl.constexpr
+    s, v, m_i, l_i, acc, seed, bh, offs_m, key_ids, Lq, dropout_p, DROPOUT: tl.constexpr, PRECISION: tl.constexpr
 ):
     """One online-softmax step over a tile of scores (log2 domain) and its values."""
     m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -262,7 +268,7 @@ def _softmax_step(
     alpha = tl.math.exp2(m_i - m_safe)
     l_i = l_i * alpha + tl.sum(p, 1)
     if DROPOUT:
-        keep = _dropout_keep(seed, bh, offs_m, key_ids, Lq, keys, dropout_p)
+        keep = _dropout_keep(seed, bh, offs_m, key_ids, Lq, dropout_p)
         p = tl.where(keep, p * (1.0 / (1.0 - dropout_p)), 0.0)
     acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, PRECISION)
     return m_new, l_i, acc
@@ -312,7 +318,6 @@ def _bucketed_attention_fwd_kernel(
     C,
     CG,
     window,  # keys at distance |j - (q_offset + i)| <= window only (with WINDOWED)
-    gbs,  # global block size: query i sits at global position min(i // gbs, cap)
     scale_log2,
     dropout_p,
     seed,
@@ -324,10 +329,10 @@ def _bucketed_attention_fwd_kernel(
     HAS_GLOBAL: tl.constexpr,
     HAS_GBIAS: tl.constexpr,
     DROPOUT: tl.constexpr,
+    GBS: tl.constexpr,  # global block size: query i sits at global position min(i // GBS, cap)
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
-    SKEW: tl.constexpr,  # next power of two >= BLOCK_M + BLOCK_N - 1: the diagonals of one tile
     PRECISION: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -345,9 +350,8 @@ def _bucketed_attention_fwd_kernel(
     )
     K_bh = K + b * stride_kb + h * stride_kh
     V_bh = V + b * stride_vb + h * stride_vh
-    DT_h = DT + h * (2 * C + 1)
+    DT_h = DT + h * (2 * C + 1 + 2 * (BLOCK_M + BLOCK_N))
     KPM_b = KPM + b * stride_kpmb
-    keys = Lk + G
 
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     l_i = tl.zeros((BLOCK_M,), tl.float32)
@@ -358,27 +362,25 @@ def _bucketed_attention_fwd_kernel(
         k, v = _load_kv(K_bh, V_bh, offs_n, Lk, stride_kn, stride_vn, offs_d, d_ok)
         s = _tile_scores(
             q, k, DT_h, KPM_b, offs_m, offs_n, m0, n0, Lk, q_offset, C, window, scale_log2,
-            HAS_BIAS, HAS_KPM, CAUSAL, WINDOWED, BLOCK_M, BLOCK_N, SKEW, PRECISION,
+            HAS_BIAS, HAS_KPM, CAUSAL, WINDOWED, BLOCK_M, BLOCK_N, PRECISION,
         )  # fmt: skip
-        m_i, l_i, acc = _softmax_step(
-            s, v, m_i, l_i, acc, seed, bh, offs_m, offs_n, Lq, keys, dropout_p, DROPOUT, PRECISION
-        )
+        m_i, l_i, acc = _softmax_step(s, v, m_i, l_i, acc, seed, bh, offs_m, offs_n, Lq, dropout_p, DROPOUT, PRECISION)
     if HAS_GLOBAL:
         # LongT5's transient-global tokens: the same softmax goes on over every global token.
         cap = tl.load(CAP + b)
-        pos_lo, pos_hi, shift = _global_rows(offs_m, m0, Lq, cap, gbs, BLOCK_M)
+        pos_lo, pos_hi, shift = _global_rows(offs_m, m0, Lq, cap, GBS, BLOCK_M)
         GK_bh = GK + b * stride_gkb + h * stride_gkh
         GV_bh = GV + b * stride_gvb + h * stride_gvh
-        GDT_h = GDT + h * (2 * CG + 1)
+        GDT_h = GDT + h * (2 * CG + 1 + 2 * (BLOCK_M + BLOCK_N))
         for g0 in range(0, tl.minimum(G, cap + 1), BLOCK_N):
             offs_g = g0 + tl.arange(0, BLOCK_N)
             gk, gv = _load_kv(GK_bh, GV_bh, offs_g, G, stride_gkn, stride_gvn, offs_d, d_ok)
             s = _global_tile_scores(
                 q, gk, GDT_h, offs_g, g0, G, cap, pos_lo, pos_hi, shift, CG, scale_log2,
-                HAS_GBIAS, BLOCK_M, BLOCK_N, SKEW, PRECISION,
+                HAS_GBIAS, BLOCK_M, BLOCK_N, PRECISION,
             )  # fmt: skip
             m_i, l_i, acc = _softmax_step(
-                s, gv, m_i, l_i, acc, seed, bh, offs_m, Lk + offs_g, Lq, keys, dropout_p, DROPOUT, PRECISION
+                s, gv, m_i, l_i, acc, seed, bh, offs_m, Lk + offs_g, Lq, dropout_p, DROPOUT, PRECISION
             )
     has_key = l_i > 0.0
     out = acc / tl.where(has_key, l_i, 1.0)[:, None]
@@ -464,9 +466,7 @@ def _bucketed_attention_bwd_dkdv_kernel(
     q_offset,
     C,
     window,  # keys at distance |j - (q_offset + i)| <= window only (with WINDOWED)
-    gbs,
     key_base,  # dropout index of this launch's first key in a row (Lk of the ordinary keys for globals)
-    keys,  # dropout keys per row: ordinary plus global
     scale,
     scale_log2,
     dropout_p,
@@ -478,10 +478,10 @@ def _bucketed_attention_bwd_dkdv_kernel(
     WINDOWED: tl.constexpr,
     GLOBAL_KEYS: tl.constexpr,
     DROPOUT: tl.constexpr,
+    GBS: tl.constexpr,  # global block size: query i sits at global position min(i // GBS, cap)
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
-    SKEW: tl.constexpr,  # next power of two >= BLOCK_M + BLOCK_N - 1: the diagonals of one tile
     PRECISION: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
@@ -501,7 +501,7 @@ def _bucketed_attention_bwd_dkdv_kernel(
     )
     Q_bh = Q + b * stride_qb + h * stride_qh
     DO_bh = DO + b * stride_dob + h * stride_doh
-    DT_h = DT + h * (2 * C + 1)
+    DT_h = DT + h * (2 * C + 1 + 2 * (BLOCK_M + BLOCK_N))
     KPM_b = KPM + b * stride_kpmb
 
     dk = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
@@ -529,20 +529,20 @@ def _bucketed_attention_bwd_dkdv_kernel(
         lse = tl.load(LSE + bh * Lq + offs_m, mask=row_ok, other=float("inf"))
         delta = tl.load(DELTA + bh * Lq + offs_m, mask=row_ok, other=0.0)
         if GLOBAL_KEYS:
-            pos_lo, pos_hi, shift = _global_rows(offs_m, m0, Lq, cap, gbs, BLOCK_M)
+            pos_lo, pos_hi, shift = _global_rows(offs_m, m0, Lq, cap, GBS, BLOCK_M)
             s = _global_tile_scores(
                 q, k, DT_h, offs_n, n0, Lk, cap, pos_lo, pos_hi, shift, C, scale_log2,
-                HAS_BIAS, BLOCK_M, BLOCK_N, SKEW, PRECISION,
+                HAS_BIAS, BLOCK_M, BLOCK_N, PRECISION,
             )  # fmt: skip
         else:
             s = _tile_scores(
                 q, k, DT_h, KPM_b, offs_m, offs_n, m0, n0, Lk, q_offset, C, window, scale_log2,
-                HAS_BIAS, HAS_KPM, CAUSAL, WINDOWED, BLOCK_M, BLOCK_N, SKEW, PRECISION,
+                HAS_BIAS, HAS_KPM, CAUSAL, WINDOWED, BLOCK_M, BLOCK_N, PRECISION,
             )  # fmt: skip
         p = tl.math.exp2(s - lse[:, None])  # rows without keys have lse = +inf: p = 0
         dp = _dot(do, tl.trans(v), PRECISION)
         if DROPOUT:
-            keep = _dropout_keep(seed, bh, offs_m, key_base + offs_n, Lq, keys, dropout_p)
+            keep = _dropout_keep(seed, bh, offs_m, key_base + offs_n, Lq, dropout_p)
             inv_keep = 1.0 / (1.0 - dropout_p)
             z = tl.where(keep, p * inv_keep, 0.0)
             dp = tl.where(keep, dp * inv_keep, 0.0)
@@ -558,39 +558,59 @@ def _bucketed_attention_bwd_dkdv_kernel(
 
 
 @triton.jit
-def _bias_grad_tile(
-    ds, shift, d_min, d_max, C, ddt, d_neg, d_pos, BLOCK_N: tl.constexpr, SKEW: tl.constexpr, T_PAD: tl.constexpr
-):
-    """Add a tile's dS, element (m, n) at distance `d_min + n + shift[m]`, to the per-distance
-    gradient: interior distances |d| < C into the vector `ddt`, the clamped ends into two scalars."""
-    if d_min >= C:
-        d_pos += tl.sum(tl.sum(ds, 1), 0)
-    elif d_max <= -C:
-        d_neg += tl.sum(tl.sum(ds, 1), 0)
-    else:
-        # Skew: column t of `sheared` holds every element at distance d_min + t.
-        skew = tl.arange(0, SKEW)
-        col = skew[None, :] - shift[:, None]  # (BLOCK_M, SKEW) key index in the tile
-        on_tile = (col >= 0) & (col < BLOCK_N)
-        sheared = tl.gather(ds, tl.minimum(tl.maximum(col, 0), BLOCK_N - 1), 1)
-        diag = tl.sum(tl.where(on_tile, sheared, 0.0), 0)  # (SKEW,)
-        dist = d_min + skew
-        d_pos += tl.sum(tl.where(dist >= C, diag, 0.0), 0)
-        d_neg += tl.sum(tl.where(dist <= -C, diag, 0.0), 0)
-        slots = tl.arange(0, T_PAD)
-        interior = (slots > 0) & (slots < 2 * C)
-        src = slots - C - d_min  # diagonal feeding each distance slot
-        take = interior & (src >= 0) & (src < SKEW)
-        ddt += tl.where(take, tl.gather(diag, tl.minimum(tl.maximum(src, 0), SKEW - 1), 0), 0.0)
-    return ddt, d_neg, d_pos
+def _diagonal_sums(ds, SCR_p, m0, pos_hi, cap, gbs: tl.constexpr, GLOBAL_ROWS: tl.constexpr, BLOCK_M: tl.constexpr,
+                   BLOCK_N: tl.constexpr, SKEW: tl.constexpr):  # fmt: skip
+    """Sums of a dS tile along its distances: element t sums every (m, n) with n + shift(m) = t,
+    where shift(m) = BLOCK_M - 1 - m (ordinary keys) or the row's global-position shift (global
+    tokens). The tile goes through this program's own scratch tile in global memory (it stays in
+    L2): written as the MMA left it, re-read skewed one row at a time, so that each thread sums the
+    distances it owns. No shuffle, no atomics, no register-resident skew (a `tl.gather` skew of the
+    tile cost 548 SHFL and 1,256 spill bytes in the dQ kernel on sm_90, the static report)."""
+    tile = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
+    tl.debug_barrier()  # every thread is done reading the previous tile
+    tl.store(SCR_p + tile, ds)
+    tl.debug_barrier()  # the tile is written before any thread reads it skewed
+    t = tl.arange(0, SKEW)
+    diag = tl.zeros((SKEW,), tl.float32)
+    for m in range(BLOCK_M):
+        if GLOBAL_ROWS:
+            shift = tl.minimum(tl.maximum(pos_hi - tl.minimum((m0 + m) // gbs, cap), 0), BLOCK_M - 1)
+        else:
+            shift = BLOCK_M - 1 - m
+        col = t - shift
+        diag += tl.load(SCR_p + m * BLOCK_N + col, mask=(col >= 0) & (col < BLOCK_N), other=0.0)
+    return diag
 
 
 @triton.jit
-def _store_bias_grad(DDT_row, ddt, d_neg, d_pos, C, T_PAD: tl.constexpr):
-    slots = tl.arange(0, T_PAD)
-    ddt = tl.where(slots == 0, ddt + d_neg, ddt)
-    ddt = tl.where(slots == 2 * C, ddt + d_pos, ddt)
-    tl.store(DDT_row + slots, ddt, mask=slots < 2 * C + 1)
+def _bias_grad_tile(ds, SCR_p, DDT_row, d_min, d_max, C, far_neg, far_pos, band_neg, band_pos, m0, pos_hi, cap,
+                    gbs: tl.constexpr, GLOBAL_ROWS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                    SKEW: tl.constexpr):  # fmt: skip
+    """Add a tile's dS, element (m, n) at distance `d_min + n + shift(m)`, to the per-distance
+    gradient. Interior distances |d| < C go to this program's own row `DDT_row` (read, add, write:
+    each thread owns its distances, and the barriers of `_diagonal_sums` order the tiles); the
+    clamped ends d <= -C and d >= C stay in registers, per row for a tile wholly beyond the cut-off
+    and per diagonal for a band tile, and are summed once at the end."""
+    if d_min >= C:
+        far_pos += tl.sum(ds, 1)
+    elif d_max <= -C:
+        far_neg += tl.sum(ds, 1)
+    else:
+        diag = _diagonal_sums(ds, SCR_p, m0, pos_hi, cap, gbs, GLOBAL_ROWS, BLOCK_M, BLOCK_N, SKEW)
+        d = d_min + tl.arange(0, SKEW)
+        interior = (d > -C) & (d < C)
+        slot = DDT_row + d + C
+        tl.store(slot, tl.load(slot, mask=interior, other=0.0) + diag, mask=interior)
+        band_neg += tl.where(d <= -C, diag, 0.0)
+        band_pos += tl.where(d >= C, diag, 0.0)
+    return far_neg, far_pos, band_neg, band_pos
+
+
+@triton.jit
+def _store_bias_grad_ends(DDT_row, C, far_neg, far_pos, band_neg, band_pos):
+    """The clamped ends of the per-distance gradient (slots 0 and 2C, which no tile wrote)."""
+    tl.store(DDT_row, tl.sum(far_neg, 0) + tl.sum(band_neg, 0))
+    tl.store(DDT_row + 2 * C, tl.sum(far_pos, 0) + tl.sum(band_pos, 0))
 
 
 @triton.jit
@@ -609,8 +629,10 @@ def _bucketed_attention_bwd_dq_kernel(
     LSE,
     DELTA,
     DQ,
-    DDT,  # (B, H, num_m_tiles, 2C + 1) fp32 partial gradients of DT, one row per program
+    DQP,  # (B, H, Lq, BLOCK_D) fp32: dQ of the ordinary keys, handed from the first launch to the second
+    DDT,  # (B, H, num_m_tiles, 2C + 1) fp32 zeros: partial gradients of DT, one row per program
     DDTG,  # (B, H, num_m_tiles, 2CG + 1) the same for GDT
+    SCR,  # (B, H, num_m_tiles, BLOCK_M * BLOCK_N) fp32 scratch: one dS tile per program (with a bias)
     # strides (the last dim of every tensor is contiguous)
     stride_qb,
     stride_qh,
@@ -644,7 +666,6 @@ def _bucketed_attention_bwd_dq_kernel(
     C,
     CG,
     window,  # keys at distance |j - (q_offset + i)| <= window only (with WINDOWED)
-    gbs,
     scale,
     scale_log2,
     dropout_p,
@@ -654,17 +675,22 @@ def _bucketed_attention_bwd_dq_kernel(
     HAS_KPM: tl.constexpr,
     CAUSAL: tl.constexpr,
     WINDOWED: tl.constexpr,
-    HAS_GLOBAL: tl.constexpr,
+    ORDINARY: tl.constexpr,  # this launch covers the ordinary keys
+    HAS_GLOBAL: tl.constexpr,  # this launch covers the global tokens
     HAS_GBIAS: tl.constexpr,
+    PARTIAL_IN: tl.constexpr,  # start from DQP (the second launch of a LongT5 backward)
+    PARTIAL_OUT: tl.constexpr,  # write DQP in fp32, not DQ (the first one)
     DROPOUT: tl.constexpr,
+    GBS: tl.constexpr,  # global block size: query i sits at global position min(i // GBS, cap)
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
     SKEW: tl.constexpr,  # next power of two >= BLOCK_M + BLOCK_N - 1: the diagonals of one tile
-    T_PAD: tl.constexpr,  # next power of two >= 2C + 1: the clamped distances
-    TG_PAD: tl.constexpr,  # next power of two >= 2CG + 1
     PRECISION: tl.constexpr,
 ):
+    """dQ and the bias-table gradients of one query tile. With LongT5's global tokens it runs twice,
+    the ordinary keys then the global tokens, each launch one key loop: both loops in one program
+    held a 64 x 64 tile's registers past the limit (the static report)."""
     pid_m = tl.program_id(0)
     h = tl.program_id(1)
     b = tl.program_id(2)
@@ -685,149 +711,160 @@ def _bucketed_attention_bwd_dq_kernel(
     delta = tl.load(DELTA + bh * Lq + offs_m, mask=row_ok, other=0.0)
     K_bh = K + b * stride_kb + h * stride_kh
     V_bh = V + b * stride_vb + h * stride_vh
-    DT_h = DT + h * (2 * C + 1)
+    DT_h = DT + h * (2 * C + 1 + 2 * (BLOCK_M + BLOCK_N))
     KPM_b = KPM + b * stride_kpmb
-    keys = Lk + G
     num_m = tl.num_programs(0)
 
-    dq = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
-    # Bias-table gradient of this query tile: interior distances |d| < C in registers, the two
-    # clamped ends (d <= -C, d >= C) as scalars.
-    ddt = tl.zeros((T_PAD,), tl.float32)
-    d_neg = tl.sum(tl.zeros((1,), tl.float32), 0)
-    d_pos = tl.sum(tl.zeros((1,), tl.float32), 0)
-    diagonal_shift = BLOCK_M - 1 - tl.arange(0, BLOCK_M)
-    n_start, n_end = _key_tiles(m0, Lk, q_offset, window, CAUSAL, WINDOWED, BLOCK_M, BLOCK_N)
-    for n0 in range(n_start, n_end, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        k, v = _load_kv(K_bh, V_bh, offs_n, Lk, stride_kn, stride_vn, offs_d, d_ok)
-        s = _tile_scores(
-            q, k, DT_h, KPM_b, offs_m, offs_n, m0, n0, Lk, q_offset, C, window, scale_log2,
-            HAS_BIAS, HAS_KPM, CAUSAL, WINDOWED, BLOCK_M, BLOCK_N, SKEW, PRECISION,
-        )  # fmt: skip
-        p = tl.math.exp2(s - lse[:, None])
-        dp = _dot(do, tl.trans(v), PRECISION)
-        if DROPOUT:
-            keep = _dropout_keep(seed, bh, offs_m, offs_n, Lq, keys, dropout_p)
-            dp = tl.where(keep, dp * (1.0 / (1.0 - dropout_p)), 0.0)
-        ds = p * (dp - delta[:, None])
-        dq += _dot(ds.to(k.dtype), k, PRECISION)
+    DQP_tile = DQP + (bh * Lq + offs_m[:, None]) * BLOCK_D + offs_d[None, :]
+    if PARTIAL_IN:
+        dq = tl.load(DQP_tile, mask=row_ok[:, None], other=0.0)
+    else:
+        dq = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
+    program = bh * num_m + pid_m
+    SCR_p = SCR + program * (BLOCK_M * BLOCK_N)
+    if ORDINARY:
+        # Bias-table gradient of this query tile: interior distances |d| < C in this program's row of
+        # DDT, the clamped ends (d <= -C, d >= C) in registers until the end.
+        DDT_row = DDT + program * (2 * C + 1)
+        far_neg = tl.zeros((BLOCK_M,), tl.float32)
+        far_pos = tl.zeros((BLOCK_M,), tl.float32)
+        band_neg = tl.zeros((SKEW,), tl.float32)
+        band_pos = tl.zeros((SKEW,), tl.float32)
+        n_start, n_end = _key_tiles(m0, Lk, q_offset, window, CAUSAL, WINDOWED, BLOCK_M, BLOCK_N)
+        for n0 in range(n_start, n_end, BLOCK_N):
+            offs_n = n0 + tl.arange(0, BLOCK_N)
+            k, v = _load_kv(K_bh, V_bh, offs_n, Lk, stride_kn, stride_vn, offs_d, d_ok)
+            s = _tile_scores(
+                q, k, DT_h, KPM_b, offs_m, offs_n, m0, n0, Lk, q_offset, C, window, scale_log2,
+                HAS_BIAS, HAS_KPM, CAUSAL, WINDOWED, BLOCK_M, BLOCK_N, PRECISION,
+            )  # fmt: skip
+            p = tl.math.exp2(s - lse[:, None])
+            dp = _dot(do, tl.trans(v), PRECISION)
+            if DROPOUT:
+                keep = _dropout_keep(seed, bh, offs_m, offs_n, Lq, dropout_p)
+                dp = tl.where(keep, dp * (1.0 / (1.0 - dropout_p)), 0.0)
+            ds = p * (dp - delta[:, None])
+            dq += _dot(ds.to(k.dtype), k, PRECISION)
+            if HAS_BIAS:
+                d_min = n0 - (q_offset + m0 + BLOCK_M - 1)
+                d_max = n0 + BLOCK_N - 1 - (q_offset + m0)
+                far_neg, far_pos, band_neg, band_pos = _bias_grad_tile(
+                    ds, SCR_p, DDT_row, d_min, d_max, C, far_neg, far_pos, band_neg, band_pos, m0, 0, 0, 1,
+                    False, BLOCK_M, BLOCK_N, SKEW,
+                )  # fmt: skip
         if HAS_BIAS:
-            d_min = n0 - (q_offset + m0 + BLOCK_M - 1)
-            d_max = n0 + BLOCK_N - 1 - (q_offset + m0)
-            ddt, d_neg, d_pos = _bias_grad_tile(
-                ds, diagonal_shift, d_min, d_max, C, ddt, d_neg, d_pos, BLOCK_N, SKEW, T_PAD
-            )
+            _store_bias_grad_ends(DDT_row, C, far_neg, far_pos, band_neg, band_pos)
     if HAS_GLOBAL:
         cap = tl.load(CAP + b)
-        pos_lo, pos_hi, shift = _global_rows(offs_m, m0, Lq, cap, gbs, BLOCK_M)
+        pos_lo, pos_hi, shift = _global_rows(offs_m, m0, Lq, cap, GBS, BLOCK_M)
         GK_bh = GK + b * stride_gkb + h * stride_gkh
         GV_bh = GV + b * stride_gvb + h * stride_gvh
-        GDT_h = GDT + h * (2 * CG + 1)
-        gddt = tl.zeros((TG_PAD,), tl.float32)
-        g_neg = tl.sum(tl.zeros((1,), tl.float32), 0)
-        g_pos = tl.sum(tl.zeros((1,), tl.float32), 0)
+        GDT_h = GDT + h * (2 * CG + 1 + 2 * (BLOCK_M + BLOCK_N))
+        GDDT_row = DDTG + program * (2 * CG + 1)
+        gfar_neg = tl.zeros((BLOCK_M,), tl.float32)
+        gfar_pos = tl.zeros((BLOCK_M,), tl.float32)
+        gband_neg = tl.zeros((SKEW,), tl.float32)
+        gband_pos = tl.zeros((SKEW,), tl.float32)
         for g0 in range(0, tl.minimum(G, cap + 1), BLOCK_N):
             offs_g = g0 + tl.arange(0, BLOCK_N)
             gk, gv = _load_kv(GK_bh, GV_bh, offs_g, G, stride_gkn, stride_gvn, offs_d, d_ok)
             s = _global_tile_scores(
                 q, gk, GDT_h, offs_g, g0, G, cap, pos_lo, pos_hi, shift, CG, scale_log2,
-                HAS_GBIAS, BLOCK_M, BLOCK_N, SKEW, PRECISION,
+                HAS_GBIAS, BLOCK_M, BLOCK_N, PRECISION,
             )  # fmt: skip
             p = tl.math.exp2(s - lse[:, None])
             dp = _dot(do, tl.trans(gv), PRECISION)
             if DROPOUT:
-                keep = _dropout_keep(seed, bh, offs_m, Lk + offs_g, Lq, keys, dropout_p)
+                keep = _dropout_keep(seed, bh, offs_m, Lk + offs_g, Lq, dropout_p)
                 dp = tl.where(keep, dp * (1.0 / (1.0 - dropout_p)), 0.0)
             ds = p * (dp - delta[:, None])
             dq += _dot(ds.to(gk.dtype), gk, PRECISION)
             if HAS_GBIAS:
-                gddt, g_neg, g_pos = _bias_grad_tile(
-                    ds, shift, g0 - pos_hi, g0 + BLOCK_N - 1 - pos_lo, CG, gddt, g_neg, g_pos, BLOCK_N, SKEW, TG_PAD
-                )
+                gfar_neg, gfar_pos, gband_neg, gband_pos = _bias_grad_tile(
+                    ds, SCR_p, GDDT_row, g0 - pos_hi, g0 + BLOCK_N - 1 - pos_lo, CG, gfar_neg, gfar_pos, gband_neg,
+                    gband_pos, m0, pos_hi, cap, GBS, True, BLOCK_M, BLOCK_N, SKEW,
+                )  # fmt: skip
         if HAS_GBIAS:
-            _store_bias_grad(DDTG + (bh * num_m + pid_m) * (2 * CG + 1), gddt, g_neg, g_pos, CG, TG_PAD)
-    dq = dq * scale
-    tl.store(
-        DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqm + offs_d[None, :],
-        dq.to(DQ.dtype.element_ty),
-        mask=q_mask,
-    )
-    if HAS_BIAS:
-        _store_bias_grad(DDT + (bh * num_m + pid_m) * (2 * C + 1), ddt, d_neg, d_pos, C, T_PAD)
+            _store_bias_grad_ends(GDDT_row, CG, gfar_neg, gfar_pos, gband_neg, gband_pos)
+    if PARTIAL_OUT:
+        tl.store(DQP_tile, dq, mask=row_ok[:, None])
+    else:
+        tl.store(
+            DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqm + offs_d[None, :],
+            (dq * scale).to(DQ.dtype.element_ty),
+            mask=q_mask,
+        )
 
 
 # --------------------------------------------------------------------------------------------
 # Launchers
 # --------------------------------------------------------------------------------------------
 
-# Tiles (BLOCK_M, BLOCK_N, num_warps, num_stages) per architecture family (90: Hopper and later,
-# 227 KiB of shared memory per block; 80: A100, 163 KiB; 86: every other GPU, sm_86/sm_89 with
-# 99 KiB), padded head dim and element size. The compile-only tests build every entry for its
-# family and check its shared memory against the chip's limit. Below sm_90 the band-tile bias
-# spread and the dropout mask take their layout conversions through shared memory: a 128 x 64
-# forward tile with every feature on needs 224-272 KiB there, 64 x 64 needs 120-168 KiB (168 at
-# D = 128: over sm_80's limit) and 64 x 32 needs 64-92 KiB; sm_90 needs 32-64 KiB for 128 x 64.
-_FWD_CONFIGS = {
-    (90, 16, 2): (128, 64, 4, 3),
-    (90, 32, 2): (128, 64, 4, 3),
-    (90, 64, 2): (128, 64, 4, 3),
-    (90, 128, 2): (128, 64, 8, 3),
-    (90, 256, 2): (64, 32, 4, 2),
-    (80, 16, 2): (64, 64, 4, 3),
-    (80, 32, 2): (64, 64, 4, 3),
-    (80, 64, 2): (64, 64, 4, 3),
-    (80, 128, 2): (64, 32, 4, 3),
-    (80, 256, 2): (64, 32, 4, 2),
-    (86, 16, 2): (64, 32, 4, 2),
-    (86, 32, 2): (64, 32, 4, 2),
-    (86, 64, 2): (64, 32, 4, 2),
-    (86, 128, 2): (64, 32, 4, 2),
-    (86, 256, 2): (32, 32, 4, 1),
-}
-_BWD_CONFIGS = {
-    (90, 16, 2): (64, 64, 4, 2),
-    (90, 32, 2): (64, 64, 4, 2),
-    (90, 64, 2): (64, 64, 4, 2),
-    (90, 128, 2): (64, 64, 8, 2),
-    (90, 256, 2): (32, 32, 4, 1),
-    (80, 16, 2): (64, 64, 4, 2),
-    (80, 32, 2): (64, 64, 4, 2),
-    (80, 64, 2): (64, 64, 4, 2),
-    (80, 128, 2): (64, 64, 8, 2),
-    (80, 256, 2): (32, 32, 4, 1),
-    (86, 16, 2): (64, 64, 4, 2),
-    (86, 32, 2): (64, 64, 4, 2),
-    (86, 64, 2): (64, 64, 4, 2),
-    (86, 128, 2): (64, 64, 8, 2),
-    (86, 256, 2): (32, 32, 4, 1),
-}
-for _arch in (80, 86, 90):  # fp32: half the tile of the 16-bit configs' smem budget, both architectures
-    _FWD_CONFIGS.update({(_arch, 16, 4): (64, 64, 4, 2), (_arch, 32, 4): (64, 64, 4, 2),
-                         (_arch, 64, 4): (64, 32, 4, 2), (_arch, 128, 4): (64, 32, 4, 2),
-                         (_arch, 256, 4): (32, 32, 4, 1)})  # fmt: skip
-    _BWD_CONFIGS.update({(_arch, 16, 4): (32, 32, 4, 1), (_arch, 32, 4): (32, 32, 4, 1),
-                         (_arch, 64, 4): (32, 32, 4, 1), (_arch, 128, 4): (32, 32, 4, 1),
-                         (_arch, 256, 4): (16, 16, 4, 1)})  # fmt: skip
-# With LongT5's global tokens the forward runs a second key loop whose bias spread and dropout
-# mask take their own shared-memory buffers below sm_90: the 16-bit tiles that no longer fit
-# there (compile-only tests: 64 x 64 grows to 252-264 KiB on sm_80, 64 x 32 to 127-148 KiB on
-# sm_86) are narrowed for that case; sm_90 and every fp32 tile keep their configs.
-_FWD_GLOBAL_CONFIGS = {
-    (80, 16, 2): (64, 32, 4, 3),
-    (80, 32, 2): (64, 32, 4, 3),
-    (80, 64, 2): (64, 32, 4, 3),
-    (80, 256, 2): (32, 32, 4, 2),
-    (86, 16, 2): (32, 32, 4, 2),
-    (86, 32, 2): (32, 32, 4, 2),
-    (86, 64, 2): (32, 32, 4, 2),
-    (86, 128, 2): (32, 32, 4, 2),
-}
+
+class Tiles(NamedTuple):
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) of each kernel for one (architecture family, padded
+    head dim, element size). BLOCK_M counts query rows and BLOCK_N keys in every kernel."""
+
+    fwd: tuple[int, int, int, int]  # the forward without global tokens (T5, BlenderbotSmall, LongT5 local)
+    fwd_global: tuple[int, int, int, int]  # the forward with LongT5's transient-global tokens
+    dq: tuple[int, int, int, int]
+    dkdv: tuple[int, int, int, int]
+    dq_global: tuple[int, int, int, int]  # both dQ launches of a backward with global tokens
+    dkdv_global: tuple[int, int, int, int]  # its dK/dV of the ordinary keys and of the global tokens
+
+
+# Per architecture family (90: Hopper and later, 227 KiB of shared memory per block; 80: A100,
+# 163 KiB; 86: every other GPU, sm_86/sm_89 with 99 KiB), padded head dim and element size: the
+# largest tile whose heaviest 16-bit builds compile without a register spill and within the
+# chip's shared memory, read from the static report (`python -m fastseq.kernels._compile
+# --report`). The heaviest builds are T5's self-attention in training (bias, padding, causal,
+# dropout) and LongT5's transient-global attention in training (local window, global tokens,
+# both biases, padding, dropout); the compile-only tests hold every shipped tile to that. A
+# 128-row tile takes 8 warps: with 4 every 128-row build spilled.
+def _parse_tiles(text: str) -> Tiles:
+    """`Tiles` from "BLOCK_M.BLOCK_N.num_warps.num_stages" per kernel, in the fields' order."""
+    return Tiles(*(tuple(int(v) for v in tile.split(".")) for tile in text.split()))
+
+
+# fmt: off
+_TILES: dict[tuple[int, int, int], Tiles] = {key: _parse_tiles(text) for key, text in {
+    #              fwd        fwd_global dq         dkdv       dq_global  dkdv_global
+    (90, 16, 2):   "128.64.8.3 128.64.8.3 128.64.8.2 64.64.8.2  128.64.8.2 128.32.8.2",
+    (90, 32, 2):   "128.32.8.3 128.64.8.3 128.64.8.2 64.32.4.2  128.32.8.2 128.32.8.2",
+    (90, 64, 2):   "128.64.8.3 128.64.8.3 128.32.8.2 128.32.8.2 128.32.8.2 64.32.4.2",
+    (90, 128, 2):  "128.32.8.3 128.32.8.3 32.64.4.2  32.32.4.2  32.64.4.2  32.32.4.2",
+    (90, 256, 2):  "64.32.8.2  16.16.4.1  16.32.4.1  16.16.4.1  16.32.4.1  16.16.4.1",
+    (90, 16, 4):   "64.64.4.2  64.64.4.2  32.32.4.1  32.32.4.1  32.32.4.1  32.32.4.1",
+    (90, 32, 4):   "64.64.4.2  64.64.4.2  32.32.4.1  32.32.4.1  32.32.4.1  32.32.4.1",
+    (90, 64, 4):   "64.32.4.2  64.32.4.2  32.32.4.1  32.32.4.1  32.32.4.1  32.32.4.1",
+    (90, 128, 4):  "64.32.4.2  64.32.4.2  32.32.4.1  32.32.4.1  32.32.4.1  32.32.4.1",
+    (90, 256, 4):  "32.32.4.1  32.32.4.1  16.16.4.1  16.16.4.1  16.16.4.1  16.16.4.1",
+    (80, 16, 2):   "128.64.8.3 128.64.8.3 128.64.8.2 128.32.8.2 128.64.8.2 128.32.8.2",
+    (80, 32, 2):   "128.64.8.3 128.64.8.3 128.32.8.2 128.32.8.2 128.64.8.2 128.32.8.2",
+    (80, 64, 2):   "128.32.8.3 128.64.8.3 32.64.4.2  64.32.4.2  128.32.8.2 64.32.4.2",
+    (80, 128, 2):  "64.32.8.2  128.32.8.3 32.64.4.2  32.32.4.1  32.64.4.2  32.32.4.2",
+    (80, 256, 2):  "64.32.8.2  64.32.8.2  16.16.4.1  16.16.4.1  16.16.4.1  16.16.4.1",
+    (80, 16, 4):   "64.64.4.2  64.64.4.2  32.32.4.1  32.32.4.1  32.32.4.1  32.32.4.1",
+    (80, 32, 4):   "64.64.4.2  64.64.4.2  32.32.4.1  32.32.4.1  32.32.4.1  32.32.4.1",
+    (80, 64, 4):   "64.32.4.2  64.32.4.2  32.32.4.1  32.32.4.1  32.32.4.1  32.32.4.1",
+    (80, 128, 4):  "64.32.4.2  64.32.4.2  32.32.4.1  32.32.4.1  32.32.4.1  32.32.4.1",
+    (80, 256, 4):  "32.32.4.1  32.32.4.1  16.16.4.1  16.16.4.1  16.16.4.1  16.16.4.1",
+    (86, 16, 2):   "128.64.8.3 128.64.8.3 128.32.8.2 128.64.8.2 128.64.8.2 128.32.8.2",
+    (86, 32, 2):   "128.64.8.3 128.64.8.3 128.32.8.2 128.32.4.2 128.64.8.2 128.32.8.2",
+    (86, 64, 2):   "128.64.8.2 128.64.8.3 64.32.4.2  128.32.8.2 128.32.8.2 128.32.8.2",
+    (86, 128, 2):  "128.32.8.3 64.32.4.3  32.32.4.2  64.32.4.2  64.32.4.2  64.32.4.2",
+    (86, 256, 2):  "64.32.8.2  64.32.8.2  16.32.4.1  16.16.4.1  16.32.4.1  16.16.4.1",  # dkdv spills 24 B
+    (86, 16, 4):   "64.64.4.2  64.64.4.2  32.32.4.1  32.32.4.1  32.32.4.1  32.32.4.1",
+    (86, 32, 4):   "64.64.4.2  64.64.4.2  32.32.4.1  32.32.4.1  32.32.4.1  32.32.4.1",
+    (86, 64, 4):   "64.32.4.2  64.32.4.2  32.32.4.1  32.32.4.1  32.32.4.1  32.32.4.1",
+    (86, 128, 4):  "64.32.4.2  64.32.4.2  32.32.4.1  32.32.4.1  32.32.4.1  32.32.4.1",
+    (86, 256, 4):  "32.32.4.1  32.32.4.1  16.16.4.1  16.16.4.1  16.16.4.1  16.16.4.1",
+}.items()}
+# fmt: on
 # Under the interpreter, small tiles so that short test sequences still span many tiles,
 # band tiles and tiles beyond the cut-off.
-_INTERPRET_CONFIG = (16, 16, 4, 1)
+_INTERPRET_TILE = (16, 16, 4, 1)
 _MAX_HEAD_DIM = 256
-_MAX_DISTANCES = 4096  # 2C + 1 per-distance gradients held in the registers of one dQ program
 
 
 def _skew(block_m: int, block_n: int) -> int:
@@ -844,23 +881,20 @@ def _arch(device: torch.device) -> int:
     return 90 if capability[0] >= 9 else 80 if capability == (8, 0) else 86
 
 
+def _tiles(D: int, dtype: torch.dtype, device: torch.device) -> Tiles:
+    if interpreting():
+        return Tiles(*[_INTERPRET_TILE] * len(Tiles._fields))
+    return _TILES[(_arch(device), _block_d(D), dtype.itemsize)]
+
+
 def _fwd_config(
     D: int, dtype: torch.dtype, Lq: int, device: torch.device, has_global: bool = False
 ) -> tuple[int, int, int, int]:
-    if interpreting():
-        return _INTERPRET_CONFIG
-    key = (_arch(device), _block_d(D), dtype.itemsize)
-    configs = _FWD_GLOBAL_CONFIGS if has_global and key in _FWD_GLOBAL_CONFIGS else _FWD_CONFIGS
-    block_m, block_n, warps, stages = configs[key]
+    tiles = _tiles(D, dtype, device)
+    block_m, block_n, warps, stages = tiles.fwd_global if has_global else tiles.fwd
     # Incremental decoding (Lq = 1 against a cache) needs no 128-row query tile.
     block_m = min(block_m, max(16, triton.next_power_of_2(Lq)))
     return block_m, block_n, warps, stages
-
-
-def _bwd_config(D: int, dtype: torch.dtype, device: torch.device) -> tuple[int, int, int, int]:
-    if interpreting():
-        return _INTERPRET_CONFIG
-    return _BWD_CONFIGS[(_arch(device), _block_d(D), dtype.itemsize)]
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -966,8 +1000,16 @@ def _cut(dist_table: torch.Tensor | None) -> int:
     return 0 if dist_table is None else (dist_table.shape[1] - 1) // 2
 
 
-def _dummy(dist_table: torch.Tensor | None, q: torch.Tensor) -> torch.Tensor:
-    return dist_table if dist_table is not None else torch.empty(1, dtype=torch.float32, device=q.device)
+def _kernel_table(dist_table: torch.Tensor | None, q: torch.Tensor, block_m: int, block_n: int) -> torch.Tensor:
+    """The `(H, 2C + 1)` distance table as a kernel with (block_m, block_n) tiles reads it (`_bias`):
+    scaled by log2(e) (the scores are in the log2 domain) and padded with block_m + block_n copies of
+    its end values on either side. A placeholder without a bias."""
+    if dist_table is None:
+        return torch.empty(1, dtype=torch.float32, device=q.device)
+    scaled = dist_table * _LOG2E  # (H, 2C + 1)
+    pad = block_m + block_n
+    H = scaled.shape[0]
+    return torch.cat([scaled[:, :1].expand(H, pad), scaled, scaled[:, -1:].expand(H, pad)], dim=1).contiguous()
 
 
 class GlobalTokens(NamedTuple):
@@ -987,10 +1029,10 @@ def _global_args(globals_: GlobalTokens | None, q: torch.Tensor):
     """Kernel arguments for the global tokens (placeholders without them)."""
     if globals_ is None:
         empty = torch.empty(0, 1, 1, 1, dtype=q.dtype, device=q.device)
-        return empty, empty, _dummy(None, q), torch.empty(1, dtype=torch.int32, device=q.device), 0, 0, 1
+        return empty, empty, None, torch.empty(1, dtype=torch.int32, device=q.device), 0, 0, 1
     gk, gv = last_dim_contiguous(globals_.k), last_dim_contiguous(globals_.v)
     table = globals_.dist_table
-    return gk, gv, _dummy(table, q), globals_.caps, gk.shape[2], _cut(table), globals_.block_size
+    return gk, gv, table, globals_.caps, gk.shape[2], _cut(table), globals_.block_size
 
 
 def _forward(q, k, v, dist_table, key_padding_mask, seed, causal, q_offset, scale, dropout_p, window=-1, globals_=None):
@@ -1008,7 +1050,8 @@ def _forward(q, k, v, dist_table, key_padding_mask, seed, causal, q_offset, scal
     kpm = key_mask(key_padding_mask, q.device)
     grid = (triton.cdiv(Lq, block_m), H, B)
     _bucketed_attention_fwd_kernel[grid](
-        q, k, v, _dummy(dist_table, q), kpm, gk, gv, gtable, caps, out, lse,
+        q, k, v, _kernel_table(dist_table, q, block_m, block_n), kpm, gk, gv,
+        _kernel_table(gtable, q, block_m, block_n), caps, out, lse,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
@@ -1016,11 +1059,11 @@ def _forward(q, k, v, dist_table, key_padding_mask, seed, causal, q_offset, scal
         gv.stride(0), gv.stride(1), gv.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
         kpm.stride(0),
-        H, Lq, Lk, G, D, q_offset, _cut(dist_table), cut_g, window, gbs, scale * _LOG2E, dropout_p, seed,
+        H, Lq, Lk, G, D, q_offset, _cut(dist_table), cut_g, window, scale * _LOG2E, dropout_p, seed,
         HAS_BIAS=dist_table is not None, HAS_KPM=key_padding_mask is not None, CAUSAL=causal, WINDOWED=window >= 0,
         HAS_GLOBAL=G > 0, HAS_GBIAS=globals_ is not None and globals_.dist_table is not None,
-        DROPOUT=dropout_p > 0.0, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=_block_d(D),
-        SKEW=_skew(block_m, block_n), PRECISION=_precision(q.dtype), num_warps=warps, num_stages=stages,
+        DROPOUT=dropout_p > 0.0, GBS=gbs, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=_block_d(D),
+        PRECISION=_precision(q.dtype), num_warps=warps, num_stages=stages,
     )  # fmt: skip
     return out, lse
 
@@ -1059,7 +1102,9 @@ def _backward(
         dgk, dgv = _like_heads(B, H, G, D, gk), _like_heads(B, H, G, D, gv)
     cut = _cut(dist_table)
     has_bias = dist_table is not None
-    block_m, block_n, warps, stages = _bwd_config(D, q.dtype, q.device)
+    tiles = _tiles(D, q.dtype, q.device)
+    dq_tile, dkdv_tile = (tiles.dq_global, tiles.dkdv_global) if G > 0 else (tiles.dq, tiles.dkdv)
+    block_m, block_n = dq_tile[:2]
     num_m = triton.cdiv(Lq, block_m)
     ddt = torch.zeros(B, H, num_m, 2 * cut + 1 if has_bias else 0, dtype=torch.float32, device=q.device)
     ddtg = torch.zeros(B, H, num_m, 2 * cut_g + 1 if has_gbias else 0, dtype=torch.float32, device=q.device)
@@ -1080,50 +1125,66 @@ def _backward(
         do.stride(0), do.stride(1), do.stride(2),
         H, Lq, D, BLOCK_M=block_m, BLOCK_D=block_d,
     )  # fmt: skip
-    kpm = key_mask(key_padding_mask, q.device)
-    table = _dummy(dist_table, q)
-    common = dict(
-        HAS_KPM=key_padding_mask is not None, CAUSAL=causal, WINDOWED=window >= 0, DROPOUT=dropout_p > 0.0,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, SKEW=_skew(block_m, block_n),
-        PRECISION=_precision(q.dtype), num_warps=warps, num_stages=stages,
-    )  # fmt: skip
     if grad_lse is not None:
         # d lse_i / d s_ij = p_ij: a gradient on the log-sum-exp enters dS = P * (dP - delta) as -grad_lse.
         delta -= grad_lse
-    keys = Lk + G
+    kpm = key_mask(key_padding_mask, q.device)
+    common = dict(
+        HAS_KPM=key_padding_mask is not None, CAUSAL=causal, WINDOWED=window >= 0, DROPOUT=dropout_p > 0.0, GBS=gbs,
+        BLOCK_D=block_d, PRECISION=_precision(q.dtype),
+    )  # fmt: skip
     tail = (scale, scale * _LOG2E, dropout_p, seed)
 
+    def launch_options(tile):
+        bm, bn, warps, stages = tile
+        return dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages)
+
     def dkdv(keys_k, keys_v, keys_table, n_keys, keys_cut, key_base, grad_k, grad_v, **flags):
-        _bucketed_attention_bwd_dkdv_kernel[(triton.cdiv(n_keys, block_n), H, B)](
-            q, keys_k, keys_v, keys_table, kpm, caps, do, lse, delta, grad_k, grad_v,
+        bm, bn = dkdv_tile[:2]
+        _bucketed_attention_bwd_dkdv_kernel[(triton.cdiv(n_keys, bn), H, B)](
+            q, keys_k, keys_v, _kernel_table(keys_table, q, bm, bn), kpm, caps, do, lse, delta, grad_k, grad_v,
             q.stride(0), q.stride(1), q.stride(2),
             keys_k.stride(0), keys_k.stride(1), keys_k.stride(2),
             keys_v.stride(0), keys_v.stride(1), keys_v.stride(2),
             do.stride(0), do.stride(1), do.stride(2),
             grad_k.stride(0), grad_k.stride(1), grad_k.stride(2),
-            kpm.stride(0), H, Lq, n_keys, D, q_offset, keys_cut, window, gbs, key_base, keys, *tail,
-            **dict(common, **flags),
+            kpm.stride(0), H, Lq, n_keys, D, q_offset, keys_cut, window, key_base, *tail,
+            **dict(common, **flags), **launch_options(dkdv_tile),
         )  # fmt: skip
 
-    dkdv(k, v, table, Lk, cut, 0, dk, dv, HAS_BIAS=has_bias, GLOBAL_KEYS=False)
+    dkdv(k, v, dist_table, Lk, cut, 0, dk, dv, HAS_BIAS=has_bias, GLOBAL_KEYS=False)
     if G > 0:
         dkdv(gk, gv, gtable, G, cut_g, Lk, dgk, dgv, HAS_BIAS=has_gbias, GLOBAL_KEYS=True,
              HAS_KPM=False, CAUSAL=False, WINDOWED=False)  # fmt: skip
     elif dgk is not None:
         dgk.zero_(), dgv.zero_()
-    _bucketed_attention_bwd_dq_kernel[(num_m, H, B)](
-        q, k, v, table, kpm, gk, gv, gtable, caps, do, lse, delta, dq, ddt, ddtg,
-        q.stride(0), q.stride(1), q.stride(2),
-        k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2),
-        gk.stride(0), gk.stride(1), gk.stride(2),
-        gv.stride(0), gv.stride(1), gv.stride(2),
-        do.stride(0), do.stride(1), do.stride(2),
-        dq.stride(0), dq.stride(1), dq.stride(2),
-        kpm.stride(0), H, Lq, Lk, G, D, q_offset, cut, cut_g, window, gbs, *tail,
-        HAS_BIAS=has_bias, HAS_GLOBAL=G > 0, HAS_GBIAS=has_gbias,
-        T_PAD=triton.next_power_of_2(2 * cut + 1), TG_PAD=triton.next_power_of_2(2 * cut_g + 1), **common,
-    )  # fmt: skip
+
+    # One dS tile per dQ program, for the bias gradient's diagonal sums (it stays in L2).
+    tile = block_m * block_n if has_bias or has_gbias else 0
+    scratch = torch.empty(B * H * num_m * tile or 1, dtype=torch.float32, device=q.device)
+    # With global tokens, two launches: the ordinary keys into an fp32 dQ, then the globals on top.
+    partial = torch.empty(B * H * Lq * block_d if G > 0 else 1, dtype=torch.float32, device=q.device)
+    table, gtable = _kernel_table(dist_table, q, block_m, block_n), _kernel_table(gtable, q, block_m, block_n)
+
+    def dq_launch(ordinary: bool, with_globals: bool):
+        _bucketed_attention_bwd_dq_kernel[(num_m, H, B)](
+            q, k, v, table, kpm, gk, gv, gtable, caps, do, lse, delta, dq, partial, ddt, ddtg, scratch,
+            q.stride(0), q.stride(1), q.stride(2),
+            k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2),
+            gk.stride(0), gk.stride(1), gk.stride(2),
+            gv.stride(0), gv.stride(1), gv.stride(2),
+            do.stride(0), do.stride(1), do.stride(2),
+            dq.stride(0), dq.stride(1), dq.stride(2),
+            kpm.stride(0), H, Lq, Lk, G, D, q_offset, cut, cut_g, window, *tail,
+            HAS_BIAS=has_bias, ORDINARY=ordinary, HAS_GLOBAL=with_globals, HAS_GBIAS=has_gbias,
+            PARTIAL_IN=with_globals, PARTIAL_OUT=ordinary and G > 0, SKEW=_skew(block_m, block_n), **common,
+            **launch_options(dq_tile),
+        )  # fmt: skip
+
+    dq_launch(True, False)
+    if G > 0:
+        dq_launch(False, True)
     return results()
 
 
@@ -1331,19 +1392,12 @@ def _bucketed_attention_triton(
     return out
 
 
-def _unsupported(q: torch.Tensor, bias_table, max_distance: int, bidirectional: bool) -> str | None:
+def _unsupported(q: torch.Tensor) -> str | None:
     """Why the Triton kernel cannot take these inputs, or None."""
     if reason := unsupported_dtypes(q):
         return reason
     if q.shape[-1] > _MAX_HEAD_DIM:
         return f"head dim {q.shape[-1]} (the kernel takes up to {_MAX_HEAD_DIM})"
-    if bias_table is not None:
-        cut, _ = _constant_buckets(bias_table.shape[0], max_distance, bidirectional)
-        if 2 * cut + 1 > _MAX_DISTANCES:
-            return (
-                f"max_distance={max_distance}: the backward keeps one gradient per clamped distance in "
-                f"registers, at most {_MAX_DISTANCES} (max_distance up to about {_MAX_DISTANCES // 2 - 2})"
-            )
     return None
 
 
@@ -1381,68 +1435,101 @@ def bucketed_attention(
         scale=scale,
         dropout_p=dropout_p,
     )
-    unsupported = functools.partial(_unsupported, q, bias_table, max_distance, bidirectional)
+    unsupported = functools.partial(_unsupported, q)
     if use_triton("bucketed_attention", HAS_TRITON_KERNEL, q, k, v, unsupported=unsupported):
         return _bucketed_attention_triton(q, k, v, bias_table, **kwargs)
     return bucketed_attention_reference(q, k, v, bias_table, **kwargs)
 
 
+# Feature sets of the compile-only builds. The heaviest that a launcher can pick: T5's decoder
+# self-attention in training and LongT5's transient-global attention in training; then the sets
+# whose instruction counts price a feature on the same tile (`PRICES`).
+_OFF = dict(HAS_BIAS=False, HAS_KPM=False, CAUSAL=False, WINDOWED=False, HAS_GLOBAL=False, HAS_GBIAS=False,
+            DROPOUT=False)  # fmt: skip
+FEATURES = {
+    "t5": dict(_OFF, HAS_BIAS=True, HAS_KPM=True, CAUSAL=True, DROPOUT=True),
+    "longt5": dict(_OFF, HAS_BIAS=True, HAS_KPM=True, WINDOWED=True, HAS_GLOBAL=True, HAS_GBIAS=True, DROPOUT=True),
+    "none": dict(_OFF),
+    "pad": dict(_OFF, HAS_KPM=True),
+    "bias-pad": dict(_OFF, HAS_BIAS=True, HAS_KPM=True),
+    "local-global": dict(_OFF, HAS_BIAS=True, HAS_KPM=True, WINDOWED=True, HAS_GLOBAL=True, HAS_GBIAS=True),
+}
+# (priced build, baseline build, at most this many times the baseline's SASS instructions), for
+# bf16 at D = 64 and 128 on sm_80 and sm_90 (build names without the "-sm{arch}-D{d}-bf16" tail).
+PRICES = [
+    ("fwd-bias-pad", "fwd-none", 1.5),  # T5's bias (padding on) against the same tile without either
+    ("dq-bias-pad+dkdv-bias-pad", "dq-none+dkdv-none", 2.0),  # the backward with the table's gradient
+    ("fwd_global-local-global", "fwd_global-none", 2.5),  # LongT5 local + transient-global
+]
+# (build, baseline): no more warp shuffles than the baseline (the bias spread costs none).
+SHUFFLE_BOUNDS = [("fwd-bias-pad", "fwd-pad")]
+# Builds compiled only as a price's baseline, never launched: no launcher runs the global-token tile
+# without global tokens.
+BASELINES_ONLY = ("fwd_global-none",)
+
+
 def compile_specs() -> list:
-    """Every configuration the launchers can pick on a GPU, for the compile-only tests (`_compile`):
-    each tile config with every feature on (the forward with its global-token config where that
-    differs, and then also without global tokens on its own config), the decoding tile (Lq = 1)
-    with T5's features, the main head dims (64, 128) with every feature off (the path of
-    cross-attention), and fp16 once per architecture (its buffers are bf16's)."""
+    """Every configuration the launchers can pick on a GPU, for the compile-only tests and the
+    static report (`_compile`): for every tile of `_TILES`, the forward with T5's heaviest features,
+    the decoding tile (Lq = 1) with them, the forward with LongT5's global tokens, the backward's
+    dQ and dK/dV kernels with each, LongT5's second dQ launch and global dK/dV, the backward's
+    preprocessing; fp16 once per architecture (its buffers are bf16's); for bf16 at D = 64 and 128
+    on sm_80 and sm_90 also the builds that `PRICES` and `SHUFFLE_BOUNDS` compare. Names read
+    `<kernel>-<features>-sm<arch>-D<d>-<dtype>`."""
     from ._compile import CompileSpec, signature
 
-    cut, _ = _clamped_buckets(32, 128, True)  # every published T5 model: 32 buckets, max_distance 128
-    t_pad = triton.next_power_of_2(2 * cut + 1)
-    all_on = dict(HAS_BIAS=True, HAS_KPM=True, CAUSAL=True, WINDOWED=True, HAS_GLOBAL=True, HAS_GBIAS=True,
-                  DROPOUT=True)  # fmt: skip
-    t5 = dict(all_on, WINDOWED=False, HAS_GLOBAL=False, HAS_GBIAS=False)
-    all_off = {name: False for name in all_on}
     floats = ("scale", "scale_log2", "dropout_p")
-    variants = []
-    for arch, block_d, itemsize in _FWD_CONFIGS:
-        variants.append((arch, block_d, itemsize, "fp32" if itemsize == 4 else "bf16", all_on))
-        if itemsize == 2 and block_d in (64, 128):
-            variants.append((arch, block_d, itemsize, "bf16", all_off))
-        if itemsize == 2 and block_d == 64:
-            variants.append((arch, block_d, itemsize, "fp16", all_on))
     specs = []
-    for arch, block_d, itemsize, dtype, flags in variants:
-        key = (arch, block_d, itemsize)
-        fwd, bwd = _FWD_CONFIGS[key], _BWD_CONFIGS[key]
-        tag = f"sm{arch}-D{block_d}-{dtype}-{'all' if flags['HAS_BIAS'] else 'none'}"
-        pointers = {n: f"*{dtype}" for n in ("Q", "K", "V", "GK", "GV", "Out", "DO", "DQ", "DK", "DV")}
-        pointers.update(DT="*fp32", GDT="*fp32", LSE="*fp32", DELTA="*fp32", DDT="*fp32", DDTG="*fp32", KPM="*i8",
-                        CAP="*i32")  # fmt: skip
+    for (arch, block_d, itemsize), tiles in _TILES.items():
+        dtypes = ["bf16", "fp16"] if itemsize == 2 and block_d == 64 else ["bf16" if itemsize == 2 else "fp32"]
+        for dtype in dtypes:
+            pointers = {n: f"*{dtype}" for n in ("Q", "K", "V", "GK", "GV", "Out", "DO", "DQ", "DK", "DV")}
+            pointers.update(DT="*fp32", GDT="*fp32", LSE="*fp32", DELTA="*fp32", DDT="*fp32", DDTG="*fp32",
+                            SCR="*fp32", DQP="*fp32", KPM="*i8", CAP="*i32")  # fmt: skip
 
-        def add(name, kernel, constexprs, config, tag=tag, pointers=pointers, arch=arch):
-            constexprs = {n: v for n, v in constexprs.items() if n in kernel.arg_names}
-            options = dict(num_warps=config[2], num_stages=config[3])
-            sig = signature(kernel, pointers, floats, constexprs)
-            specs.append(CompileSpec(f"{name}-{tag}", kernel.__name__, sig, constexprs, options, arch))
+            def add(role, features, kernel, tile, extra=(), arch=arch, block_d=block_d, dtype=dtype, pointers=pointers):
+                bm, bn, warps, stages = tile
+                ce = dict(
+                    FEATURES[features],
+                    BLOCK_M=bm,
+                    BLOCK_N=bn,
+                    BLOCK_D=block_d,
+                    SKEW=_skew(bm, bn),
+                    GBS=16,
+                    PRECISION="ieee",
+                    ORDINARY=True,
+                    PARTIAL_IN=False,
+                    PARTIAL_OUT=False,
+                    GLOBAL_KEYS=False,
+                )
+                ce.update(extra)
+                ce = {n: v for n, v in ce.items() if n in kernel.arg_names}
+                name = f"{role}-{features}-sm{arch}-D{block_d}-{dtype}"
+                options = dict(num_warps=warps, num_stages=stages)
+                specs.append(CompileSpec(name, kernel.__name__, signature(kernel, pointers, floats, ce), ce, options,
+                                         arch))  # fmt: skip
 
-        def add_fwd(config, fwd_flags, suffix="", block_d=block_d):
-            block_m, block_n = config[:2]
-            ce = dict(fwd_flags, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, SKEW=_skew(block_m, block_n))
-            add(f"fwd-M{block_m}N{block_n}{suffix}", _bucketed_attention_fwd_kernel, dict(ce, PRECISION="ieee"), config)
-
-        if flags is all_on and key in _FWD_GLOBAL_CONFIGS:
-            add_fwd(_FWD_GLOBAL_CONFIGS[key], flags)
-            add_fwd(fwd, t5, "-t5")
-        else:
-            add_fwd(fwd, flags)
-        add_fwd((16,) + fwd[1:], t5 if flags is all_on else flags, "-decode")
-        ce = dict(flags, BLOCK_M=bwd[0], BLOCK_N=bwd[1], BLOCK_D=block_d, SKEW=_skew(bwd[0], bwd[1]), PRECISION="ieee")
-        add("dkdv", _bucketed_attention_bwd_dkdv_kernel, dict(ce, GLOBAL_KEYS=False), bwd)
-        add("dq", _bucketed_attention_bwd_dq_kernel, dict(ce, T_PAD=t_pad, TG_PAD=t_pad if flags["HAS_GLOBAL"] else 1),
-            bwd)  # fmt: skip
-        if flags is all_on:
-            # The global tokens' dK/dV: every query tile against one tile of global tokens.
-            local_off = dict(HAS_KPM=False, CAUSAL=False, WINDOWED=False, GLOBAL_KEYS=True)
-            add("dkdv-global", _bucketed_attention_bwd_dkdv_kernel, dict(ce, **local_off), bwd)
+            fwd, bwd_dq, bwd_dkdv = _bucketed_attention_fwd_kernel, _bucketed_attention_bwd_dq_kernel, \
+                _bucketed_attention_bwd_dkdv_kernel  # fmt: skip
+            add("fwd", "t5", fwd, tiles.fwd)
+            add("decode", "t5", fwd, (16,) + tiles.fwd[1:])
+            add("fwd_global", "longt5", fwd, tiles.fwd_global)
+            add("dq", "t5", bwd_dq, tiles.dq)
+            add("dkdv", "t5", bwd_dkdv, tiles.dkdv)
+            no_globals = dict(HAS_GLOBAL=False, HAS_GBIAS=False)
+            add("dq_local", "longt5", bwd_dq, tiles.dq_global, dict(no_globals, PARTIAL_OUT=True))
+            add("dq_global", "longt5", bwd_dq, tiles.dq_global, dict(ORDINARY=False, PARTIAL_IN=True))
+            add("dkdv_local", "longt5", bwd_dkdv, tiles.dkdv_global, no_globals)
+            add("dkdv_global", "longt5", bwd_dkdv, tiles.dkdv_global,
+                dict(GLOBAL_KEYS=True, HAS_KPM=False, CAUSAL=False, WINDOWED=False))  # fmt: skip
             if dtype != "fp16":
-                add("pre", _bucketed_attention_bwd_preprocess_kernel, dict(BLOCK_M=bwd[0], BLOCK_D=block_d), bwd)
+                add("pre", "none", _bucketed_attention_bwd_preprocess_kernel, tiles.dq)
+            if dtype == "bf16" and block_d in (64, 128) and arch in (80, 90):
+                for features in ("none", "pad", "bias-pad"):
+                    add("fwd", features, fwd, tiles.fwd)
+                for features in ("none", "bias-pad"):
+                    add("dq", features, bwd_dq, tiles.dq)
+                    add("dkdv", features, bwd_dkdv, tiles.dkdv)
+                for features in ("none", "local-global"):
+                    add("fwd_global", features, fwd, tiles.fwd_global)
     return specs

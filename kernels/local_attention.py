@@ -336,7 +336,7 @@ def local_attention(
         global_block_size=global_block_size,
         dropout_p=dropout_p,
     )
-    unsupported = functools.partial(_unsupported, q, bias_table, max_distance, True)
+    unsupported = functools.partial(_unsupported, q)
     if use_triton("local_attention", HAS_TRITON_KERNEL, q, k, v, unsupported=unsupported):
         return _local_attention_triton(q, k, v, bias_table, **kwargs)
     return local_attention_reference(q, k, v, bias_table, **kwargs)

@@ -73,12 +73,16 @@ def _rms_norm_bwd_kernel(
     # meta-parameters
     W_HALF: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    DX_PASS: tl.constexpr,  # compute dX
+    DW_PASS: tl.constexpr,  # accumulate this program's dW
 ):
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_D)
     mask = cols < D
-    w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
-    dw = tl.zeros((BLOCK_D,), tl.float32)
+    if DX_PASS:
+        w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+    if DW_PASS:
+        dw = tl.zeros((BLOCK_D,), tl.float32)
     first = pid.to(tl.int64) * rows_per_program
     count = tl.minimum(first + rows_per_program, N) - first
     for i in range(0, count):
@@ -87,15 +91,18 @@ def _rms_norm_bwd_kernel(
         dy = tl.load(DY + row * stride_dy + cols, mask=mask, other=0.0).to(tl.float32)
         rstd = tl.load(RSTD + row)
         normed = x * rstd
-        if W_HALF:
-            dw += dy * normed.to(W.dtype.element_ty).to(tl.float32)
-        else:
-            dw += dy * normed
-        dnormed = dy * w
-        # d/dx of x * rsqrt(mean(x^2) + eps): rstd * (dn - normed * mean(dn * normed))
-        dx = rstd * (dnormed - normed * (tl.sum(dnormed * normed, 0) / D))
-        tl.store(DX + row * stride_dx + cols, dx.to(DX.dtype.element_ty), mask=mask)
-    tl.store(DW + pid * D + cols, dw, mask=mask)
+        if DW_PASS:
+            if W_HALF:
+                dw += dy * normed.to(W.dtype.element_ty).to(tl.float32)
+            else:
+                dw += dy * normed
+        if DX_PASS:
+            dnormed = dy * w
+            # d/dx of x * rsqrt(mean(x^2) + eps): rstd * (dn - normed * mean(dn * normed))
+            dx = rstd * (dnormed - normed * (tl.sum(dnormed * normed, 0) / D))
+            tl.store(DX + row * stride_dx + cols, dx.to(DX.dtype.element_ty), mask=mask)
+    if DW_PASS:
+        tl.store(DW + pid * D + cols, dw, mask=mask)
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
@@ -104,7 +111,18 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
 
 
 def _warps(block_d: int) -> int:
-    return 4 if block_d <= 2048 else 8 if block_d <= 8192 else 16
+    """Warps per row: 16 elements a thread up to 4096, then 32 warps (8 or 16 elements): at 8192 with
+    8 or 16 warps the backward held 250-255 registers or spilled (the static report)."""
+    return 4 if block_d <= 2048 else 8 if block_d <= 4096 else 32
+
+
+# Up to this width one backward pass computes dX and accumulates dW; a wider row takes two passes
+# over the rows (dX, then dW), so that no thread holds the weight, its gradient and a row at once:
+# at 16,384 the single pass spilled (the static report).
+_ONE_PASS_WIDTH = 8192
+# The backward's row loop is not software-pipelined: a prefetched next row held a second copy of x
+# and dy in registers, which spilled at 16,384 (the static report).
+_BWD_STAGES = 1
 
 
 def _out_dtype(x_dtype: torch.dtype, w_dtype: torch.dtype) -> torch.dtype:
@@ -136,10 +154,12 @@ def _backward(dy, x, weight, rstd) -> tuple[torch.Tensor, torch.Tensor]:
     rows_per_program = triton.cdiv(max(N, 1), programs)
     programs = triton.cdiv(max(N, 1), rows_per_program)
     dw = torch.zeros(programs, D, dtype=torch.float32, device=x.device)
-    if N:
+    passes = [(True, True)] if block_d <= _ONE_PASS_WIDTH else [(True, False), (False, True)]
+    for dx_pass, dw_pass in passes if N else []:
         _rms_norm_bwd_kernel[(programs,)](
             dy2, x2, weight, rstd, dx, dw, dy2.stride(0), x2.stride(0), dx.stride(0), N, D, rows_per_program,
-            W_HALF=weight.dtype in _HALF, BLOCK_D=block_d, num_warps=_warps(block_d),
+            W_HALF=weight.dtype in _HALF, BLOCK_D=block_d, DX_PASS=dx_pass, DW_PASS=dw_pass,
+            num_warps=_warps(block_d), num_stages=_BWD_STAGES,
         )  # fmt: skip
     return dx.view(x.shape), dw.sum(0).to(weight.dtype)
 
@@ -238,6 +258,11 @@ def compile_specs() -> list:
                 k = _rms_norm_bwd_kernel
                 pointers = dict(DY=f"*{out}", X=f"*{x_dtype}", W=f"*{w_dtype}", RSTD="*fp32", DX=f"*{x_dtype}",
                                 DW="*fp32")  # fmt: skip
-                sig = signature(k, pointers, (), ce)
-                specs.append(CompileSpec(f"bwd-{tag}", k.__name__, sig, ce, options, capability))
+                one_pass = width <= _ONE_PASS_WIDTH
+                for dx_pass, dw_pass in [(True, True)] if one_pass else [(True, False), (False, True)]:
+                    bwd = dict(ce, DX_PASS=dx_pass, DW_PASS=dw_pass)
+                    sig = signature(k, pointers, (), bwd)
+                    name = "bwd" if one_pass else "bwd_dx" if dx_pass else "bwd_dw"
+                    specs.append(CompileSpec(f"{name}-{tag}", k.__name__, sig, bwd,
+                                             dict(options, num_stages=_BWD_STAGES), capability))  # fmt: skip
     return specs

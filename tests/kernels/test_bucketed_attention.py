@@ -395,7 +395,9 @@ def test_triton_dropout_mean_effect(triton_backend):
         / runs
     )
     spread = (mean - plain).abs().mean() / plain.abs().mean()
-    assert spread < 0.08, spread.item()  # measured 0.05; without the 1 / (1 - p) rescaling it is 0.2
+    # Measured 0.077-0.092 over four seeds (24 runs of 1,440 outputs each); without the 1 / (1 - p)
+    # rescaling it is 0.2.
+    assert spread < 0.12, spread.item()
 
 
 @pytest.mark.parametrize("bidirectional", [True, False])
@@ -447,9 +449,22 @@ def test_triton_refuses_what_it_cannot_run(triton_backend):
     q = torch.randn(1, 2, 3, 8, dtype=torch.float64, device=DEVICE)
     with pytest.raises(NotImplementedError, match="float64"):
         bucketed_attention(q, q, q)
-    q = q.float()
-    with pytest.raises(NotImplementedError, match="max_distance=5000"):
-        bucketed_attention(q, q, q, torch.randn(32, 2, device=DEVICE), max_distance=5000)
+
+
+def test_triton_takes_a_large_max_distance(triton_backend):
+    """The backward keeps its per-distance gradients in memory, not in registers: a table over
+    10,000 clamped distances runs, and matches the reference, gradients of the table included."""
+    g = torch.Generator().manual_seed(9)
+    leaves = [torch.randn(1, 2, 7, 8, generator=g).to(DEVICE).requires_grad_() for _ in range(3)]
+    leaves.append(torch.randn(32, 2, generator=g).to(DEVICE).requires_grad_())
+    kwargs = dict(bidirectional=False, max_distance=5000, causal=True)
+    out = bucketed_attention(*leaves, **kwargs)
+    expected = bucketed_attention_reference(*leaves, **kwargs)
+    assert_close(out, expected, what="out")
+    weights = torch.randn(out.shape, generator=g).to(DEVICE)
+    for name, got, want in zip("q k v bias_table".split(), torch.autograd.grad((out * weights).sum(), leaves),
+                               torch.autograd.grad((expected * weights).sum(), leaves), strict=True):  # fmt: skip
+        assert_close(got, want, what=name)
 
 
 CUDA_CASES = [

@@ -1,0 +1,45 @@
+"""Two kernels with known compiled shapes, for tests/kernels/test_compile_targets.py: one that must
+spill (a 128 x 256 fp32 tile, 256 values a thread with 128 threads, kept live across a loop), one
+plain bf16 dot (tensor-core instructions, no spill). Prints the static stats of each as JSON lines.
+Run without TRITON_INTERPRET."""
+
+from __future__ import annotations
+
+import json
+
+import triton
+import triton.language as tl
+from fastseq.kernels._compile import cubin_stats
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+
+@triton.jit
+def _spilling_kernel(X, Y, n, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    offs = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
+    acc = tl.load(X + offs)
+    for i in range(n):
+        acc = acc * tl.load(X + offs + i) + 1.0
+    tl.store(Y + offs, acc)
+
+
+@triton.jit
+def _dot_kernel(A, B, C, BLOCK: tl.constexpr):
+    offs = tl.arange(0, BLOCK)[:, None] * BLOCK + tl.arange(0, BLOCK)[None, :]
+    tl.store(C + offs, tl.dot(tl.load(A + offs), tl.load(B + offs)))
+
+
+def main() -> None:
+    builds = [
+        (_spilling_kernel, {"X": "*fp32", "Y": "*fp32", "n": "i32", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr"},
+         {"BLOCK_M": 128, "BLOCK_N": 256}),
+        (_dot_kernel, {"A": "*bf16", "B": "*bf16", "C": "*fp32", "BLOCK": "constexpr"}, {"BLOCK": 64}),
+    ]  # fmt: skip
+    for kernel, sig, constexprs in builds:
+        source = ASTSource(fn=kernel, signature=sig, constexprs=constexprs)
+        compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+        print(json.dumps(cubin_stats(compiled.asm["cubin"])), flush=True)
+
+
+if __name__ == "__main__":
+    main()
