@@ -10,7 +10,6 @@ from __future__ import annotations
 import importlib
 import json
 import os
-import re
 import subprocess
 import sys
 
@@ -18,7 +17,6 @@ import pytest
 from fastseq.kernels import _compile
 
 OPS = list(_compile.OPS)
-SIXTEEN_BIT = re.compile(r"-x?(bf16|fp16)(-|$)")  # the activations' dtype in a build's name
 # Kernels whose matrix products are `tl.dot`s (the other ops' matmuls are PyTorch's).
 DOT_KERNELS = {"_bucketed_attention_fwd_kernel", "_bucketed_attention_bwd_dq_kernel",
                "_bucketed_attention_bwd_dkdv_kernel"}  # fmt: skip
@@ -42,7 +40,7 @@ def test_every_config_compiles_lean(op):
     over = [(r["name"], r["shared"], r["limit"]) for r in results if r["shared"] > r["limit"]]
     assert not over, over
     baselines = importlib.import_module(f"fastseq.kernels.{op}").__dict__.get("BASELINES_ONLY", ())
-    shipped = [r for r in results if r["capability"] in (80, 90) and SIXTEEN_BIT.search(r["name"])
+    shipped = [r for r in results if r["capability"] in (80, 90) and _compile.SIXTEEN_BIT.search(r["name"])
                and not r["name"].startswith(baselines)]  # fmt: skip
     assert shipped
     spilling = [(r["name"], r["spill_bytes"], r["registers"]) for r in shipped if r["spill_bytes"] or r["local_stores"]]
