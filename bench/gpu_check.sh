@@ -5,6 +5,9 @@
 #
 #     bash bench/gpu_check.sh                  # results in bench/results (OUT=... elsewhere)
 #
+# A machine without DeepSpeed gets it from a wheel built beforehand where the registries are
+# reachable, `pip wheel --no-deps deepspeed -w .whl` (.whl/ is ignored by git: carry it along).
+#
 # 1. the CUDA tests at real tiles (the 16-bit tensor-core path, which the interpreter cannot run);
 # 2. bucketed attention forward and backward, L = 512, 2048, 4096 (B * L = 16k, H = 12, D = 64,
 #    bf16) against transformers' SDPA with the same bias and FlexAttention with a learnable bias;
