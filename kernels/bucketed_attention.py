@@ -813,6 +813,11 @@ class Tiles(NamedTuple):
     dkdv_global: tuple[int, int, int, int]  # its dK/dV of the ordinary keys and of the global tokens
 
 
+def _parse_tiles(text: str) -> Tiles:
+    """`Tiles` from "BLOCK_M.BLOCK_N.num_warps.num_stages" per kernel, in the fields' order."""
+    return Tiles(*(tuple(int(v) for v in tile.split(".")) for tile in text.split()))
+
+
 # Per architecture family (90: Hopper and later, 227 KiB of shared memory per block; 80: A100,
 # 163 KiB; 86: every other GPU, sm_86/sm_89 with 99 KiB), padded head dim and element size: the
 # largest tile whose heaviest 16-bit builds compile without a register spill and within the
@@ -820,12 +825,7 @@ class Tiles(NamedTuple):
 # --report`). The heaviest builds are T5's self-attention in training (bias, padding, causal,
 # dropout) and LongT5's transient-global attention in training (local window, global tokens,
 # both biases, padding, dropout); the compile-only tests hold every shipped tile to that. A
-# 128-row tile takes 8 warps: with 4 every 128-row build spilled.
-def _parse_tiles(text: str) -> Tiles:
-    """`Tiles` from "BLOCK_M.BLOCK_N.num_warps.num_stages" per kernel, in the fields' order."""
-    return Tiles(*(tuple(int(v) for v in tile.split(".")) for tile in text.split()))
-
-
+# 128-row tile takes 8 warps on sm_80 and sm_90: with 4 those builds spilled.
 # fmt: off
 _TILES: dict[tuple[int, int, int], Tiles] = {key: _parse_tiles(text) for key, text in {
     #              fwd        fwd_global dq         dkdv       dq_global  dkdv_global

@@ -1,7 +1,7 @@
-"""Two kernels with known compiled shapes, for tests/kernels/test_compile_targets.py: one that must
+"""Kernels with known compiled shapes, for tests/kernels/test_compile_targets.py: one that must
 spill (a 128 x 256 fp32 tile, 256 values a thread with 128 threads, kept live across a loop), one
-plain bf16 dot (tensor-core instructions, no spill). Prints the static stats of each as JSON lines.
-Run without TRITON_INTERPRET."""
+plain bf16 dot (tensor-core instructions, no spill), one fp32 dot with exact products (CUDA cores).
+Prints the static stats of each as JSON lines. Run without TRITON_INTERPRET."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import json
 
 import triton
 import triton.language as tl
-from fastseq.kernels._compile import cubin_stats
+from fastseq.kernels._compile import cubin_stats, dot_stats
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
@@ -24,21 +24,24 @@ def _spilling_kernel(X, Y, n, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
-def _dot_kernel(A, B, C, BLOCK: tl.constexpr):
+def _dot_kernel(A, B, C, BLOCK: tl.constexpr, PRECISION: tl.constexpr):
     offs = tl.arange(0, BLOCK)[:, None] * BLOCK + tl.arange(0, BLOCK)[None, :]
-    tl.store(C + offs, tl.dot(tl.load(A + offs), tl.load(B + offs)))
+    tl.store(C + offs, tl.dot(tl.load(A + offs), tl.load(B + offs), input_precision=PRECISION))
 
 
 def main() -> None:
     builds = [
         (_spilling_kernel, {"X": "*fp32", "Y": "*fp32", "n": "i32", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr"},
          {"BLOCK_M": 128, "BLOCK_N": 256}),
-        (_dot_kernel, {"A": "*bf16", "B": "*bf16", "C": "*fp32", "BLOCK": "constexpr"}, {"BLOCK": 64}),
+        (_dot_kernel, {"A": "*bf16", "B": "*bf16", "C": "*fp32", "BLOCK": "constexpr", "PRECISION": "constexpr"},
+         {"BLOCK": 64, "PRECISION": "ieee"}),
+        (_dot_kernel, {"A": "*fp32", "B": "*fp32", "C": "*fp32", "BLOCK": "constexpr", "PRECISION": "constexpr"},
+         {"BLOCK": 64, "PRECISION": "ieee"}),
     ]  # fmt: skip
     for kernel, sig, constexprs in builds:
         source = ASTSource(fn=kernel, signature=sig, constexprs=constexprs)
         compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
-        print(json.dumps(cubin_stats(compiled.asm["cubin"])), flush=True)
+        print(json.dumps(cubin_stats(compiled.asm["cubin"]) | dot_stats(compiled.asm["ttgir"])), flush=True)
 
 
 if __name__ == "__main__":

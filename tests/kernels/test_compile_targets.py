@@ -45,7 +45,9 @@ def test_every_config_compiles_lean(op):
     assert shipped
     spilling = [(r["name"], r["spill_bytes"], r["registers"]) for r in shipped if r["spill_bytes"] or r["local_stores"]]
     assert not spilling, spilling
-    no_mma = [r["name"] for r in shipped if r["kernel"] in DOT_KERNELS and r["tensor_core"] == 0]
+    attention = [r for r in shipped if r["kernel"] in DOT_KERNELS]
+    no_mma = [(r["name"], r["dots"], r["fma_dots"], r["tensor_core"]) for r in attention
+              if r["dots"] == 0 or r["fma_dots"] or r["tensor_core"] == 0]  # fmt: skip
     assert not no_mma, no_mma
     if op == "bucketed_attention":
         _check_prices(results)
@@ -75,14 +77,17 @@ def _check_prices(results: list[dict]) -> None:
 
 def test_cubin_stats_read_a_real_spill():
     """The reader sees a spill and a tensor-core instruction where the compiler put them: a kernel
-    that holds more than 255 registers' worth of values live, and a plain 16-bit dot."""
+    that holds more than 255 registers' worth of values live, a plain 16-bit dot, and an fp32 dot
+    with exact products (which stays on the CUDA cores)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run([sys.executable, "-m", "tests.kernels.spill_probe"], capture_output=True, text=True,
                           env=env, timeout=600)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
-    spill, dot = (json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{"))
+    spill, dot, fma = (json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{"))
     assert spill["spill_bytes"] > 0 and spill["local_stores"] > 0 and spill["local_loads"] > 0, spill
     assert dot["spill_bytes"] == 0 and dot["tensor_core"] > 0 and dot["instructions"] > dot["tensor_core"], dot
+    assert (dot["dots"], dot["fma_dots"]) == (1, 0), dot
+    assert (fma["dots"], fma["fma_dots"], fma["tensor_core"]) == (1, 1, 0), fma  # fp32, exact products
 
 
 # Ops whose Triton kernels live in another op's module (and are compile-checked there).
