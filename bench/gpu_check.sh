@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The harvest of a lent GPU machine, bounded to about 8 minutes on a fresh H100/H200, install
-# included (the step limits add up to 7 min 25 s), ordered by value. Each step has its own time limit and writes its log or CSV to $OUT
-# as soon as it ends, so a run cut short still returns what finished.
+# included (the step limits add up to 7 min 25 s), ordered by value. Each step has its own time
+# limit and writes its log or CSV to $OUT as soon as it ends, so a run cut short still returns
+# what finished.
 #
 #     bash bench/gpu_check.sh                  # results in bench/results (OUT=... elsewhere)
 #
