@@ -48,7 +48,8 @@ class CheckpointError(ValueError):
     """A model directory that cannot be loaded as it is; the message says why and what to do."""
 
 
-def _resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype:
+def resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype:
+    """A torch dtype from a dtype or its name ("bf16", "float32", ...); None is float32."""
     if dtype is None:
         return torch.float32
     if isinstance(dtype, torch.dtype):
@@ -232,7 +233,7 @@ def from_pretrained(
         with torch.device("meta"):
             model = model_cls(config)
     state = _match_state(model, state, path)
-    target = _resolve_dtype(dtype)
+    target = resolve_dtype(dtype)
     device = torch.device(device) if device is not None else torch.device("cpu")
     state = {k: (v.to(dtype=target) if v.is_floating_point() else v).to(device) for k, v in state.items()}
     model.load_state_dict(state, strict=True, assign=True)

@@ -14,12 +14,12 @@ def _convert(args: argparse.Namespace) -> None:
 
     destination = args.to or args.destination
     if args.from_deepspeed:
-        from .checkpoint import _resolve_dtype
+        from .checkpoint import resolve_dtype
         from .distributed.convert import convert
 
         if not destination or args.source:
             raise ValueError("use: fastseq convert --from-deepspeed OUTPUT/checkpoint-STEP --to DIR")
-        convert(args.from_deepspeed, destination, max_shard_size=args.max_shard_size, dtype=_resolve_dtype(args.dtype))
+        convert(args.from_deepspeed, destination, max_shard_size=args.max_shard_size, dtype=resolve_dtype(args.dtype))
         return
     if not args.source or not destination:
         raise ValueError("use: fastseq convert SRC DST, or fastseq convert --from-deepspeed CKPT --to DIR")

@@ -262,8 +262,8 @@ def _check_transformers() -> None:
             f"fastseq.patch supports transformers {_tested_range()} (tested); found {version}. "
             f"Upgrade with: pip install 'transformers>={oldest[0]}.{oldest[1]}'"
         )
-    if found > newest and not _WARNED.get(version):
-        _WARNED[version] = True
+    if found > newest and version not in _WARNED:
+        _WARNED.add(version)
         warnings.warn(
             f"fastseq.patch is tested with transformers {_tested_range()}; found {version}, which "
             "may have changed the internals the patch replaces. If patched and unpatched outputs differ, install "
@@ -272,7 +272,7 @@ def _check_transformers() -> None:
         )
 
 
-_WARNED: dict[str, bool] = {}
+_WARNED: set[str] = set()  # the newer releases already warned about
 
 
 def _parts(attention: bool, ffn: bool, norm: bool, loss: bool) -> set[str]:

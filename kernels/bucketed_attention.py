@@ -235,10 +235,10 @@ def _key_tiles(m0, Lk, q_offset, window, CAUSAL: tl.constexpr, WINDOWED: tl.cons
 def _dropout_keep(seed, bh, offs_m, key_ids, Lq, dropout_p):
     """Counter-based keep mask: Philox4x32 keyed by the call's seed, with the element's (key id,
     row (b * H + h) * Lq + i) as two 32-bit counter words, so no two elements of any call share a
-    draw (key ids run over the ordinary keys, then the global tokens). Seven
-    rounds, the fewest of the Philox family that pass BigCrush: the mask is regenerated in every
-    backward tile, and the ten-round 64-bit-counter form held the backward tiles' registers past
-    the limit (the static report)."""
+    draw (key ids run over the ordinary keys, then the global tokens). Seven rounds, the fewest of
+    the Philox family that pass BigCrush: the mask is regenerated in every backward tile, and the
+    ten-round 64-bit-counter form held the backward tiles' registers past the limit (the static
+    report)."""
     row = bh * Lq + offs_m
     c0 = tl.broadcast_to(key_ids[None, :], (offs_m.shape[0], key_ids.shape[0])).to(tl.uint32, bitcast=True)
     c1 = tl.broadcast_to(row[:, None], (offs_m.shape[0], key_ids.shape[0])).to(tl.uint32, bitcast=True)

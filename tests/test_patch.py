@@ -412,7 +412,7 @@ def test_transformers_range_declared_once_and_checked(monkeypatch):
             warnings.simplefilter("error")
             fpatch.patch(build("t5_v10_tied"))
     monkeypatch.setattr(fpatch, "installed_transformers", lambda: "5.99.0.dev0")
-    monkeypatch.setattr(fpatch, "_WARNED", {})
+    monkeypatch.setattr(fpatch, "_WARNED", set())
     with pytest.warns(UserWarning, match=r"tested with transformers 5\.23 to 5\.24; found 5\.99\.0\.dev0"):
         fpatch.patch(build("t5_v10_tied"))
     with warnings.catch_warnings():

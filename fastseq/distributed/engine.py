@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from fastseq import presets
-from fastseq.checkpoint import from_pretrained, read_config
+from fastseq.checkpoint import from_pretrained, read_config, resolve_dtype
 from fastseq.models import FAMILIES
 from fastseq.optim import make_optimizer, make_schedule
 from fastseq.tokenizers import ByT5Tokenizer, check_vocabulary, load_tokenizer
@@ -83,8 +83,7 @@ def build_model(args, model_config, config: dict, device: torch.device):
         # else bf16 ...`), which on a CPU without oneDNN fp16 support builds an fp32 run's parameters in bf16.
         with deepspeed.zero.Init(config_dict_or_path=config, dtype=None):
             model = cls(model_config)
-        dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-        zero.check_dtype(model, dtypes[ds_config.precision(config)])
+        zero.check_dtype(model, resolve_dtype(ds_config.precision(config)))
         if pretrained:
             zero.load_partitioned(model, args.model)
         else:
