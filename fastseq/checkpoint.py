@@ -14,24 +14,19 @@ import fnmatch
 import json
 import logging
 import os
-import re
-import uuid
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
-from .models import FAMILIES, PreTrainedModel, architecture_name
+from .files import SAFE_INDEX, SAFE_WEIGHTS, save_pretrained
+from .models import FAMILIES, PreTrainedModel
 
 log = logging.getLogger(__name__)
 
-SAFE_WEIGHTS = "model.safetensors"
-SAFE_INDEX = "model.safetensors.index.json"
 BIN_WEIGHTS = "pytorch_model.bin"
 BIN_INDEX = "pytorch_model.bin.index.json"
-_SHARD_RE = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
 _DTYPES = {
     "float32": torch.float32,
     "fp32": torch.float32,
@@ -59,16 +54,6 @@ def resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype:
     return _DTYPES[dtype]
 
 
-def _parse_size(size: int | str) -> int:
-    if isinstance(size, int):
-        return size
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]i?B|B)?\s*", size, flags=re.IGNORECASE)
-    if not match:
-        raise ValueError(f"max_shard_size={size!r} is not a size; write it like 5GB, 500MB or 2GiB")
-    units = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
-    return int(float(match.group(1)) * units[(match.group(2) or "B").lower()])
-
-
 # ---------------------------------------------------------------- reading
 
 
@@ -85,12 +70,31 @@ def read_config(path: str | os.PathLike) -> dict:
             f"{config_file} is missing; a model directory needs the config.json written by save_pretrained"
         )
     try:
-        return json.loads(config_file.read_text())
-    except json.JSONDecodeError as err:
+        data = json.loads(config_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise CheckpointError(f"{config_file} is not valid JSON ({err}); re-save the model") from err
+    except OSError as err:
+        raise _unreadable(config_file, err) from err
+    if not isinstance(data, dict):
+        raise CheckpointError(
+            f"{config_file} holds a JSON {type(data).__name__}, not an object of settings; re-save the model"
+        )
+    return data
+
+
+def _unreadable(file: Path, err: OSError) -> CheckpointError:
+    """An OS error reading a file that exists: say which (permissions, a directory, ...), not "corrupted"."""
+    reason = err.strerror or type(err).__name__
+    fix = "make it readable (chmod u+r)" if isinstance(err, PermissionError) else "check the file"
+    return CheckpointError(f"{file} exists but cannot be read ({reason}); {fix}")
 
 
 def _read_safetensors(file: Path) -> dict[str, torch.Tensor]:
+    try:
+        with open(file, "rb"):  # permissions and the like first: safetensors reports every failure alike
+            pass
+    except OSError as err:
+        raise _unreadable(file, err) from err
     try:
         with safe_open(str(file), framework="pt", device="cpu") as handle:
             return {key: handle.get_tensor(key) for key in handle.keys()}
@@ -103,6 +107,11 @@ def _read_safetensors(file: Path) -> dict[str, torch.Tensor]:
 
 def _read_bin(file: Path) -> dict[str, torch.Tensor]:
     try:
+        with open(file, "rb"):
+            pass
+    except OSError as err:
+        raise _unreadable(file, err) from err
+    try:
         state = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as err:
         raise CheckpointError(
@@ -114,22 +123,58 @@ def _read_bin(file: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def _read_index(index_file: Path, reader: Callable[[Path], dict]) -> dict[str, torch.Tensor]:
+def _weight_map(index_file: Path) -> dict[str, str]:
     try:
         weight_map = json.loads(index_file.read_text())["weight_map"]
-    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        if not isinstance(weight_map, dict):
+            raise TypeError(f"weight_map is a {type(weight_map).__name__}")
+    except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as err:
         raise CheckpointError(f"{index_file} is not a valid shard index (no weight_map): {err}") from err
+    except OSError as err:
+        raise _unreadable(index_file, err) from err
+    return weight_map
+
+
+def shard_files(index_file: Path) -> list[Path]:
+    """The shards an index lists, each a file of the index's own directory: a name with a directory
+    part, `..` or an absolute path is refused, so loading never reads outside the model directory."""
+    shards = sorted(set(map(str, _weight_map(index_file).values())))
+    for shard in shards:
+        if Path(shard).name != shard or shard in ("", ".", ".."):
+            raise CheckpointError(
+                f"{index_file} lists shard {shard!r}, which is not a file name inside {index_file.parent}; "
+                "fastseq reads only the model directory's own files: fix the index's weight_map"
+            )
+    missing = [s for s in shards if not (index_file.parent / s).is_file()]
+    if missing:
+        raise CheckpointError(f"{index_file} lists shard {missing[0]}, which is missing from {index_file.parent}")
+    return [index_file.parent / s for s in shards]
+
+
+def _read_index(index_file: Path, reader: Callable[[Path], dict]) -> dict[str, torch.Tensor]:
+    weight_map = _weight_map(index_file)
     state: dict[str, torch.Tensor] = {}
-    for shard in sorted(set(weight_map.values())):
-        shard_file = index_file.parent / shard
-        if not shard_file.is_file():
-            raise CheckpointError(f"{index_file} lists shard {shard}, which is missing from {index_file.parent}")
+    for shard_file in shard_files(index_file):
         state.update(reader(shard_file))
     listed = set(weight_map)
     if listed != set(state):
         missing = sorted(listed - set(state))[:10]
         raise CheckpointError(f"{index_file} lists keys that no shard holds: {missing}")
     return state
+
+
+def weight_files(path: str | os.PathLike) -> list[Path]:
+    """The safetensors files of a model directory (one file or the shards of its index), for readers
+    that stream tensors one at a time (ZeRO-3 partitions, pipeline stages)."""
+    path = Path(path)
+    if (path / SAFE_WEIGHTS).is_file():
+        return [path / SAFE_WEIGHTS]
+    if (path / SAFE_INDEX).is_file():
+        return shard_files(path / SAFE_INDEX)
+    raise FileNotFoundError(
+        f"{path} holds no safetensors weights ({SAFE_WEIGHTS} or {SAFE_INDEX}); re-save the model with "
+        "`fastseq convert SRC DST`"
+    )
 
 
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -146,6 +191,24 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     raise FileNotFoundError(
         f"{path} holds no weights: expected {SAFE_WEIGHTS}, {SAFE_INDEX}, {BIN_WEIGHTS} or {BIN_INDEX}"
     )
+
+
+def head_is_distinct(path: str | os.PathLike) -> bool:
+    """Whether a model directory stores an LM head that differs from its input embedding (from
+    safetensors, read lazily: two tensors)."""
+    keys = ("lm_head.weight", "shared.weight", "model.shared.weight")
+    found = {}
+    try:
+        files = weight_files(path)
+    except FileNotFoundError:  # legacy pickled weights: read them whole (weights_only)
+        found = {k: v for k, v in read_state_dict(path).items() if k in keys}
+        files = []
+    for file in files:
+        with safe_open(str(file), framework="pt", device="cpu") as handle:
+            found.update({key: handle.get_tensor(key) for key in keys if key in handle.keys()})
+    head = found.get("lm_head.weight")
+    embedding = found.get("shared.weight", found.get("model.shared.weight"))
+    return head is not None and embedding is not None and not torch.equal(head, embedding)
 
 
 def _model_class(data: dict, config_file: Path, architecture: str | None):
@@ -170,7 +233,7 @@ def _format_keys(keys: list[str], limit: int = 20) -> str:
     return shown + (f" ... and {len(keys) - limit} more" if len(keys) > limit else "")
 
 
-def _match_state(model: PreTrainedModel, state: dict[str, torch.Tensor], where: Path) -> dict[str, torch.Tensor]:
+def match_state(model: PreTrainedModel, state: dict[str, torch.Tensor], where: Path) -> dict[str, torch.Tensor]:
     """Fill tied aliases, then check keys and shapes against the model; raise on any mismatch."""
     state = dict(state)
     for alias, source in model.tied_parameters().items():
@@ -232,7 +295,7 @@ def from_pretrained(
         config.tie_word_embeddings = False
         with torch.device("meta"):
             model = model_cls(config)
-    state = _match_state(model, state, path)
+    state = match_state(model, state, path)
     target = resolve_dtype(dtype)
     device = torch.device(device) if device is not None else torch.device("cpu")
     state = {k: (v.to(dtype=target) if v.is_floating_point() else v).to(device) for k, v in state.items()}
@@ -241,71 +304,4 @@ def from_pretrained(
     return model.eval()
 
 
-# ---------------------------------------------------------------- writing
-
-
-def atomic_write(target: Path, write: Callable[[Path], None]) -> None:
-    """`write(tmp)` to a temporary name beside `target`, synced, then renamed onto it."""
-    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, target)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
-def _write_json(target: Path, data: dict) -> None:
-    atomic_write(target, lambda tmp: tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n"))
-
-
-def _shards(tensors: dict[str, torch.Tensor], limit: int) -> list[dict[str, torch.Tensor]]:
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    size = 0
-    for key, tensor in tensors.items():
-        nbytes = tensor.numel() * tensor.element_size()
-        if shards[-1] and size + nbytes > limit:
-            shards.append({})
-            size = 0
-        shards[-1][key] = tensor
-        size += nbytes
-    return shards
-
-
-def save_pretrained(model: PreTrainedModel, path: str | os.PathLike, *, max_shard_size: int | str = "5GB") -> None:
-    """Write config.json and safetensors weights that `transformers` and fastseq both load.
-
-    Tied aliases are not stored (as Hugging Face does). Weights above
-    `max_shard_size` are split into `model-0000k-of-0000n.safetensors` with an index.
-    """
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    aliases = model.tied_parameters()
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items() if k not in aliases}
-    shards = _shards(tensors, _parse_size(max_shard_size))
-    metadata = {"format": "pt"}
-    written: set[str] = set()
-    if len(shards) == 1:
-        atomic_write(path / SAFE_WEIGHTS, lambda tmp: save_file(shards[0], str(tmp), metadata=metadata))
-        written.add(SAFE_WEIGHTS)
-    else:
-        weight_map = {}
-        for i, shard in enumerate(shards, start=1):
-            name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-            atomic_write(path / name, lambda tmp, shard=shard: save_file(shard, str(tmp), metadata=metadata))
-            weight_map.update(dict.fromkeys(shard, name))
-            written.add(name)
-        total = sum(t.numel() * t.element_size() for t in tensors.values())
-        _write_json(path / SAFE_INDEX, {"metadata": {"total_size": total}, "weight_map": weight_map})
-        written.add(SAFE_INDEX)
-    config = model.config.to_hf_dict()
-    config["architectures"] = [architecture_name(model)]
-    floating = [p.dtype for p in model.parameters() if p.is_floating_point()]
-    config["dtype"] = str(floating[0]).removeprefix("torch.") if floating else "float32"
-    _write_json(path / "config.json", config)
-    # Weights of an earlier save in another layout would shadow or contradict this one.
-    for stale in path.iterdir():
-        if stale.name not in written and (stale.name in (SAFE_WEIGHTS, SAFE_INDEX) or _SHARD_RE.fullmatch(stale.name)):
-            stale.unlink()
+__all__ = ["save_pretrained"]

@@ -34,44 +34,73 @@ Example = tuple[str, str]  # (source, target)
 # --------------------------------------------------------------------------------------------
 
 
+def _lines(path: Path, **open_args) -> Iterator[str]:
+    """The lines of a text file, with errors that name the file (and the line) and the fix."""
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist; pass the path of a data file")
+    if path.is_dir():
+        raise ValueError(f"{path} is a directory; pass a data file (.jsonl, .csv, .tsv, or .txt for denoise)")
+    try:
+        f = path.open(encoding="utf-8", **open_args)
+    except OSError as err:
+        raise ValueError(f"{path} cannot be read ({err.strerror}); check its permissions") from err
+    number = 0
+    with f:
+        try:
+            for line in f:
+                number += 1
+                yield line
+        except UnicodeDecodeError as err:
+            raise ValueError(f"{path}:{number + 1}: not UTF-8 text ({err.reason}); convert the file to UTF-8") from None
+
+
+def _valid_text(text: str, where: str) -> str:
+    """Text that can be encoded: JSON's \\ud800 escapes decode to lone surrogates, which no tokenizer can."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise ValueError(
+            f"{where}: the text holds {text[err.start]!r}, a lone surrogate that is not a Unicode character; "
+            "fix or drop that example"
+        ) from None
+    return text
+
+
 def read_jsonl(path: str | Path, source_field: str = "source", target_field: str = "target") -> Iterator[Example]:
     path = Path(path)
-    with path.open(encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{number}: not valid JSON ({e.msg} at column {e.colno})") from None
-            yield _fields(record, source_field, target_field, f"{path}:{number}")
+    for number, line in enumerate(_lines(path), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{number}: not valid JSON ({e.msg} at column {e.colno})") from None
+        yield _fields(record, source_field, target_field, f"{path}:{number}")
 
 
 def read_csv(path: str | Path, source_field: str = "source", target_field: str = "target") -> Iterator[Example]:
     """CSV with a header row; tab-separated when the file ends in `.tsv`."""
     path = Path(path)
     delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
-    with path.open(encoding="utf-8", newline="") as f:
-        reader = csv.reader(f, delimiter=delimiter)
-        header = next(reader, None)
-        if header is None:
-            return
-        for row in reader:
-            where = f"{path}:{reader.line_num}"
-            if not row:
-                continue
-            if len(row) != len(header):
-                raise ValueError(f"{where}: {len(row)} fields, but the header has {len(header)} ({header})")
-            yield _fields(dict(zip(header, row, strict=True)), source_field, target_field, where)
+    reader = csv.reader(_lines(path, newline=""), delimiter=delimiter)
+    header = next(reader, None)
+    if header is None:
+        return
+    for row in reader:
+        where = f"{path}:{reader.line_num}"
+        if not row:
+            continue
+        if len(row) != len(header):
+            raise ValueError(f"{where}: {len(row)} fields, but the header has {len(header)} ({header})")
+        yield _fields(dict(zip(header, row, strict=True)), source_field, target_field, where)
 
 
 def read_text(path: str | Path) -> Iterator[str]:
     """One document per non-blank line, stripped."""
     path = Path(path)
-    with path.open(encoding="utf-8") as f:
-        for line in f:
-            if line.strip():
-                yield line.strip()
+    for number, line in enumerate(_lines(path), start=1):
+        if line.strip():
+            yield _valid_text(line.strip(), f"{path}:{number}")
 
 
 def _fields(record, source_field: str, target_field: str, where: str) -> Example:
@@ -86,7 +115,7 @@ def _fields(record, source_field: str, target_field: str, where: str) -> Example
     source, target = record[source_field], record[target_field]
     if not isinstance(source, str) or not isinstance(target, str):
         raise ValueError(f"{where}: {source_field!r} and {target_field!r} must be strings")
-    return source, target
+    return _valid_text(source, where), _valid_text(target, where)
 
 
 def read_examples(path: str | Path, source_field: str = "source", target_field: str = "target") -> Iterator[Example]:

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import atomic_write
+from .files import atomic_write
 
 _SENTINEL = re.compile(r"<extra_id_(\d+)>")
 

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 import fastseq
-from fastseq.train import TrainArgs, latest_checkpoint, train
+from fastseq.train import TrainArgs, train
+from fastseq.train.state import latest_checkpoint
 
 
 def _args(tmp_path, **kw) -> TrainArgs:
@@ -104,36 +105,36 @@ def test_tokenizer_and_model_vocabulary_mismatch(tmp_path, reference_backend):
 def test_yaml_config_and_flags(tmp_path):
     import argparse
 
-    from fastseq.train import add_arguments, args_from_namespace
+    from fastseq.cli import add_train_arguments, train_args
 
     config = tmp_path / "c.yaml"
     config.write_text("steps: 7\nlr: 0.01\noptimizer: adafactor\nbatch-size: 3\n")
     parser = argparse.ArgumentParser()
-    add_arguments(parser)
-    args = args_from_namespace(parser.parse_args(["--config", str(config), "--steps", "9"]))
+    add_train_arguments(parser)
+    args = train_args(parser.parse_args(["--config", str(config), "--steps", "9"]))
     assert (args.steps, args.lr, args.optimizer, args.batch_size) == (9, 0.01, "adafactor", 3)
     config.write_text("stepz: 7\n")
     with pytest.raises(ValueError, match=r"unknown training option\(s\) \['stepz'\]"):
-        args_from_namespace(parser.parse_args(["--config", str(config)]))
+        train_args(parser.parse_args(["--config", str(config)]))
 
 
 def test_shipped_training_configs_parse():
     import argparse
     from pathlib import Path
 
-    from fastseq.train import add_arguments, args_from_namespace
+    from fastseq.cli import add_train_arguments, train_args
 
     parser = argparse.ArgumentParser()
-    add_arguments(parser)
+    add_train_arguments(parser)
     configs = sorted(Path(__file__).parents[1].joinpath("configs", "train").glob("*.yaml"))
     assert configs
     for config in configs:
-        args = args_from_namespace(parser.parse_args(["--config", str(config)]))
+        args = train_args(parser.parse_args(["--config", str(config)]))
         assert args.task in ("seq2seq", "denoise") and args.steps > 0
 
 
 def test_file_stream_reads_a_buffer_at_a_time_and_resumes():
-    from fastseq.train import FileStream
+    from fastseq.train.data import FileStream
 
     items = [f"example {i} " + "x" * (i % 7) for i in range(23)]
     opened = []

@@ -3,7 +3,25 @@ checkpoints that resume exactly and convert back to Hugging Face directories, an
 
 Everything here runs under the `deepspeed` launcher (`DS_ACCELERATOR=cpu` and gloo on a CPU)."""
 
+from __future__ import annotations
+
 from .config import load as load_config
 from .config import resolve as resolve_config
 
-__all__ = ["load_config", "resolve_config"]
+
+def deepspeed_engine(args, model_config):
+    """The engine `--deepspeed CONFIG` asks for: pipeline stages when the config has a "pipeline"
+    section, ZeRO otherwise. It joins the process group; the model is built by `engine.build`."""
+    from . import config as ds_config
+
+    raw = ds_config.load(args.deepspeed)
+    if ds_config.pipeline_stages(raw):
+        from .pipeline import PipelineEngine
+
+        return PipelineEngine(args, model_config, raw)
+    from .engine import ZeroEngine
+
+    return ZeroEngine(args, model_config, raw)
+
+
+__all__ = ["deepspeed_engine", "load_config", "resolve_config"]

@@ -19,9 +19,12 @@ def load(path_or_dict) -> dict:
         hint = f"; the shipped ones are in {shipped.parent}" if shipped.parent.is_dir() else ""
         raise FileNotFoundError(f"--deepspeed {path}: no such file{hint}")
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"--deepspeed {path}: not valid JSON ({err})") from None
+        config = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"--deepspeed {path}: not valid JSON ({err}); fix the file") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"--deepspeed {path}: a DeepSpeed config is a JSON object, not a {type(config).__name__}")
+    return config
 
 
 def zero_stage(config: dict) -> int:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from fastseq.checkpoint import CheckpointError, _match_state, read_config
+from fastseq.checkpoint import CheckpointError, match_state, read_config
 from fastseq.models import FAMILIES
 
 _TOKENIZER_FILES = ("spiece.model", "vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json",
@@ -71,7 +71,7 @@ def deepspeed_state_dict(ckpt: Path, model_config) -> dict[str, torch.Tensor]:
     layers = _layer_files(ckpt)
     with safe_torch_load():
         if layers:
-            from .pipeline import state_dict_from_layers
+            from .stages import state_dict_from_layers
 
             return state_dict_from_layers(model_config, {i: torch.load(p, map_location="cpu") for i, p in layers})
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
@@ -95,7 +95,7 @@ def convert(ckpt: str | Path, dest: str | Path, *, max_shard_size: str | int = "
     state = deepspeed_state_dict(ckpt, model_config)
     with torch.device("meta"):
         model = classes[default](model_config)
-    state = _match_state(model, state, ckpt)
+    state = match_state(model, state, ckpt)
     target = dtype or torch.float32
     model.load_state_dict({k: v.to(target) if v.is_floating_point() else v for k, v in state.items()},
                           strict=True, assign=True)  # fmt: skip

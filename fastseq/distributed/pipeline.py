@@ -1,496 +1,67 @@
-"""Pipeline stages for the encoder-decoder (`deepspeed.pipe.PipelineModule`).
-
-The model is a list of layers; DeepSpeed cuts it into contiguous stages by parameter count and each
-rank builds only its own (`LayerSpec`). What flows between layers is a tuple of tensors:
-
-    encoder side:  (hidden, encoder mask, decoder input ids[, bias table])
-    decoder side:  (encoder output, encoder mask, hidden[, bias table])
-    head:          hidden -> logits, and the loss against the labels on the last stage
-
-The integer masks and ids ride along untouched. T5's relative-position bias table (LongT5
-transient-global: both tables, stacked) leaves the first block of each stack as a tensor and every
-later block computes its bias from it in the kernel, on whatever stage it sits: its gradient flows
-back through the pipeline to the block that owns it. A stack's last block also applies the final
-norm and drops the table, so no tensor crosses a stage without being used there (DeepSpeed sends a
-gradient back for every floating tensor it received).
-
-The token embedding is a `TiedLayerSpec` ("embed") wherever it is used: encoder input, decoder
-input and, when the model ties it, the LM head; DeepSpeed keeps the copies on different stages
-equal by summing their gradients. An untied head (T5 v1.1, mT5) is a layer of its own.
-
-Partitioning counts each layer's parameters on the meta device (nothing is allocated), so an 11B
-model is cut without being built; an embedding counts once per stage that holds a copy of it.
-"""
+"""Pipeline stages as an engine of the training loop: `PipelineEngine` runs DeepSpeed's pipeline
+schedule over the layers of `fastseq.distributed.stages`, each rank building only its stage."""
 
 from __future__ import annotations
 
-import json
-import math
-import sys
-import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
-from safetensors import safe_open
-from torch import nn
 
-from fastseq.models.blenderbot_small import (
-    BlenderbotSmallConfig,
-    BlenderbotSmallDecoderLayer,
-    BlenderbotSmallEncoderLayer,
-)
-from fastseq.models.longt5 import _encoder_self_attention
-from fastseq.models.t5 import (
-    T5LayerCrossAttention,
-    T5LayerFF,
-    T5LayerNorm,
-    T5LayerSelfAttention,
-    _clamp_fp16,
-    _init_t5_module,
-)
+from fastseq.models.base import shift_right
+from fastseq.optim import make_optimizer
+from fastseq.train.engine import schedule
 
-# ---- layers ------------------------------------------------------------------------------------
+from .config import pipeline_stages
+from .convert import convert
+from .engine import DeepSpeedEngine
+from .stages import init_random, load_directory, pipeline_module
 
 
-def _tables_tensor(tables: dict[str, torch.Tensor]) -> torch.Tensor:
-    if "global_bias_table" in tables:
-        return torch.stack([tables["bias_table"], tables["global_bias_table"]])  # (2, num_buckets, H)
-    return tables["bias_table"] * 1.0  # (num_buckets, H), a tensor of the graph (not the parameter itself)
+class PipelineEngine(DeepSpeedEngine):
+    """`stages` pipeline stages x (ranks / stages) data-parallel replicas. One `train_batch` runs a
+    step's micro-batches through the schedule, backward and the optimizer step included, so the
+    loss is known only after the step (a non-finite one still stops the run before any save).
+    Held-out evaluation needs the whole model on one rank: evaluate the converted directory."""
 
+    def __init__(self, args, model_config, raw_config: dict):
+        super().__init__(args, model_config, raw_config)
+        self.stages = pipeline_stages(self.config)
+        self.data_parallel = self.world // self.stages
+        self.name = f"DeepSpeed pipeline, {self.stages} stages x {self.data_parallel} data-parallel"
 
-def _tables_dict(table: torch.Tensor) -> dict[str, torch.Tensor]:
-    if table.dim() == 3:
-        return {"bias_table": table[0], "global_bias_table": table[1]}
-    return {"bias_table": table}
+    def build(self, model_config) -> None:
+        import deepspeed
 
-
-class T5SubLayerPipe(nn.Module):
-    """One sub-layer of a T5 / LongT5 block: its self-attention, cross-attention or FFN. Cutting at
-    sub-layers (an FFN of T5-11B is 134M parameters, a whole decoder block 268M) lets the stages
-    balance. The stack's first self-attention hands on its bias table and its last one drops it;
-    the stack's last FFN applies the final norm."""
-
-    def __init__(self, config, index: int, num_layers: int, part: str, *, is_decoder: bool):
-        super().__init__()
-        if part == "self" and is_decoder:
-            self.sublayer = T5LayerSelfAttention(config, has_relative_attention_bias=index == 0, is_decoder=True)
-        elif part == "self" and config.model_type == "longt5":
-            self.sublayer = _encoder_self_attention(config)(index)
-        elif part == "self":
-            self.sublayer = T5LayerSelfAttention(config, has_relative_attention_bias=index == 0, is_decoder=False)
-        elif part == "cross":
-            self.sublayer = T5LayerCrossAttention(config)
+        args = self.args
+        interval = int(self.config["pipeline"].get("activation_checkpoint_interval", 0))
+        if args.gradient_checkpointing and not interval:
+            interval = 1
+        module = pipeline_module(model_config, self.stages, activation_checkpoint_interval=interval)
+        if args.pretrained:
+            load_directory(module, model_config, args.model)
         else:
-            self.sublayer = T5LayerFF(config)
-        self.part, self.is_decoder = part, is_decoder
-        self.first, self.last = index == 0, index == num_layers - 1
-        if part == "ff" and self.last:
-            self.final_layer_norm = T5LayerNorm(config.d_model, config.layer_norm_epsilon)
-        self.dropout = config.dropout_rate
-        self.scale = config.d_model**-0.5 if is_decoder and config.scale_decoder_outputs else None
-
-    def forward(self, inputs: tuple) -> tuple | torch.Tensor:
-        if self.is_decoder:
-            encoder_states, encoder_mask, x, *table = inputs
-        else:
-            x, mask, decoder_ids, *table = inputs
-        if self.part == "self":
-            table = [_tables_tensor(self.sublayer.position_tables())] if self.first else table
-            x = _clamp_fp16(self.sublayer(x, _tables_dict(table[0]), None if self.is_decoder else mask))
-            if self.last:
-                table = []  # no later layer reads it: it must not cross a stage unused
-        elif self.part == "cross":
-            x = _clamp_fp16(self.sublayer(x, encoder_states, encoder_mask))
-        else:
-            x = _clamp_fp16(self.sublayer(x))
-            if self.last:
-                x = F.dropout(self.final_layer_norm(x), p=self.dropout, training=self.training)
-                if self.is_decoder:
-                    return x * self.scale if self.scale is not None else x
-        return (encoder_states, encoder_mask, x, *table) if self.is_decoder else (x, mask, decoder_ids, *table)
-
-
-class BlenderbotInputPipe(nn.Module):
-    """BlenderbotSmall's learned positions and embedding LayerNorm, after the tied token embedding."""
-
-    def __init__(self, config: BlenderbotSmallConfig, *, is_decoder: bool):
-        super().__init__()
-        self.embed_positions = nn.Embedding(config.max_position_embeddings, config.d_model)
-        self.layernorm_embedding = nn.LayerNorm(config.d_model)
-        self.is_decoder, self.dropout = is_decoder, config.dropout
-
-    def forward(self, inputs: tuple) -> tuple:
-        if self.is_decoder:
-            encoder_states, encoder_mask, tokens = inputs
-        else:
-            tokens, mask, decoder_ids = inputs
-        positions = self.embed_positions(torch.arange(tokens.shape[1], device=tokens.device))
-        if self.is_decoder:  # the decoder normalises the token embeddings before adding positions
-            x = self.layernorm_embedding(tokens) + positions
-        else:
-            x = self.layernorm_embedding(tokens + positions)
-        x = F.dropout(x, p=self.dropout, training=self.training)
-        return (encoder_states, encoder_mask, x) if self.is_decoder else (x, mask, decoder_ids)
-
-
-class BlenderbotLayerPipe(nn.Module):
-    def __init__(self, config: BlenderbotSmallConfig, index: int, num_layers: int, *, is_decoder: bool):
-        super().__init__()
-        self.layer = BlenderbotSmallDecoderLayer(config) if is_decoder else BlenderbotSmallEncoderLayer(config)
-        self.is_decoder, self.last = is_decoder, index == num_layers - 1
-
-    def forward(self, inputs: tuple) -> tuple | torch.Tensor:
-        if self.is_decoder:
-            encoder_states, encoder_mask, x = inputs
-            x = self.layer(x, None, encoder_states, encoder_mask)
-            return x if self.last else (encoder_states, encoder_mask, x)
-        x, mask, decoder_ids = inputs
-        return self.layer(x, mask), mask, decoder_ids
-
-
-class HeadPipe(nn.Linear):
-    """An untied LM head: hidden -> logits."""
-
-    def __init__(self, d_model: int, vocab_size: int):
-        super().__init__(d_model, vocab_size, bias=False)
-
-
-class LogitsBiasPipe(nn.Module):
-    """BlenderbotSmall's final logits bias (a buffer) added to the logits."""
-
-    def __init__(self, vocab_size: int):
-        super().__init__()
-        self.register_buffer("final_logits_bias", torch.zeros(1, vocab_size))
-
-    def forward(self, logits: torch.Tensor) -> torch.Tensor:
-        return logits + self.final_logits_bias
-
-
-class TokenEmbedding(nn.Embedding):
-    """The shared token embedding. Its own forward is the encoder's input (the first use, which
-    DeepSpeed saves with the layer files); the decoder input and a tied head are `forward_fn`s."""
-
-    def __init__(self, config):
-        blenderbot = config.model_type == "blenderbot-small"
-        super().__init__(config.vocab_size, config.d_model, padding_idx=config.pad_token_id if blenderbot else None)
-        self.scale = math.sqrt(config.d_model) if getattr(config, "scale_embedding", False) else 1.0
-        self.p = 0.0 if blenderbot else config.dropout_rate  # BlenderbotSmall drops out after its LayerNorm
-
-    def forward(self, inputs: tuple) -> tuple:
-        input_ids, mask, decoder_ids = inputs
-        x = super().forward(input_ids)
-        if self.scale != 1.0:
-            x = x * self.scale
-        return F.dropout(x, p=self.p, training=self.training), mask, decoder_ids
-
-
-def _embed_decoder(module: TokenEmbedding, inputs: tuple) -> tuple:
-    encoder_states, mask, decoder_ids = inputs
-    x = nn.Embedding.forward(module, decoder_ids)
-    return encoder_states, mask, F.dropout(x, p=module.p, training=module.training)
-
-
-def _tied_head(module: TokenEmbedding, hidden: torch.Tensor) -> torch.Tensor:
-    return F.linear(hidden, module.weight)
-
-
-# ---- the layer list ------------------------------------------------------------------------------
-
-
-@dataclass
-class Layer:
-    """One entry of the pipeline: how to build it, and the Hugging Face name of each of its tensors."""
-
-    cls: type
-    args: tuple
-    kwargs: dict = field(default_factory=dict)
-    tied: str | None = None
-    forward_fn: object = None
-    prefix: str = ""  # local name -> prefix + local name
-    renames: dict = field(default_factory=dict)  # local name -> Hugging Face name, where not a prefix
-
-    def hf_name(self, local: str) -> str:
-        if local in self.renames:
-            return self.renames[local]
-        for head, target in self.renames.items():
-            if head.endswith(".") and local.startswith(head):
-                return target + local[len(head) :]
-        return self.prefix + local
-
-
-def _t5_sublayers(config, num_layers: int, *, is_decoder: bool) -> list[Layer]:
-    stack = "decoder" if is_decoder else "encoder"
-    parts = ("self", "cross", "ff") if is_decoder else ("self", "ff")
-    out = []
-    for i in range(num_layers):
-        for position, part in enumerate(parts):
-            renames = {"sublayer.": f"{stack}.block.{i}.layer.{position}."}
-            if part == "ff" and i == num_layers - 1:
-                renames["final_layer_norm.weight"] = f"{stack}.final_layer_norm.weight"
-            out.append(
-                Layer(T5SubLayerPipe, (config, i, num_layers, part), {"is_decoder": is_decoder}, renames=renames)
-            )
-    return out
-
-
-def layers(config) -> list[Layer]:
-    """The pipeline's layers for a model config (T5, mT5, LongT5 or BlenderbotSmall)."""
-    blenderbot = config.model_type == "blenderbot-small"
-    shared = "model.shared.weight" if blenderbot else "shared.weight"
-    embed = dict(cls=TokenEmbedding, args=(config,), tied="embed", renames={"weight": shared})
-    out = [Layer(**embed)]
-    if blenderbot:
-        enc, dec = config.encoder_layers, config.decoder_layers
-        out.append(Layer(BlenderbotInputPipe, (config,), {"is_decoder": False}, prefix="model.encoder."))
-        out += [Layer(BlenderbotLayerPipe, (config, i, enc), {"is_decoder": False},
-                      renames={"layer.": f"model.encoder.layers.{i}."}) for i in range(enc)]  # fmt: skip
-    else:
-        enc, dec = config.num_layers, config.num_decoder_layers
-        out += _t5_sublayers(config, enc, is_decoder=False)
-    out.append(Layer(**embed, forward_fn=_embed_decoder))
-    if blenderbot:
-        out.append(Layer(BlenderbotInputPipe, (config,), {"is_decoder": True}, prefix="model.decoder."))
-        out += [Layer(BlenderbotLayerPipe, (config, i, dec), {"is_decoder": True},
-                      renames={"layer.": f"model.decoder.layers.{i}."}) for i in range(dec)]  # fmt: skip
-    else:
-        out += _t5_sublayers(config, dec, is_decoder=True)
-    if config.tie_word_embeddings:
-        out.append(Layer(**embed, forward_fn=_tied_head))
-    else:
-        out.append(Layer(HeadPipe, (config.d_model, config.vocab_size), renames={"weight": "lm_head.weight"}))
-    if blenderbot:
-        out.append(Layer(LogitsBiasPipe, (config.vocab_size,)))
-    return out
-
-
-def layer_parameter_counts(config) -> list[int]:
-    """Parameters of each layer, counted on the meta device (nothing is allocated)."""
-    counts = []
-    with torch.device("meta"):
-        for layer in layers(config):
-            module = layer.cls(*layer.args, **layer.kwargs)
-            counts.append(sum(p.numel() for p in module.parameters()))
-    return counts
-
-
-def partition(config, stages: int) -> list[int]:
-    """Stage boundaries (stages + 1 layer indices), as DeepSpeed's "parameters" method cuts them."""
-    from deepspeed.runtime import utils as ds_utils
-
-    counts = layer_parameter_counts(config)
-    if stages > len(counts):
-        raise ValueError(f"{stages} pipeline stages for {len(counts)} pipeline layers; use at most {len(counts)}")
-    return ds_utils.partition_balanced(weights=counts, num_parts=stages)
-
-
-def stage_parameter_counts(config, stages: int) -> list[int]:
-    counts = layer_parameter_counts(config)
-    bounds = partition(config, stages)
-    return [sum(counts[bounds[s] : bounds[s + 1]]) for s in range(stages)]
-
-
-# ---- the DeepSpeed module ------------------------------------------------------------------------
-
-
-def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean over labels != -100, in fp32."""
-    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
-
-
-def pipeline_module(config, stages: int, *, activation_checkpoint_interval: int = 0):
-    """The `PipelineModule` of `config`: each rank builds only the layers of its stage."""
-    from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
-
-    class _Module(PipelineModule):
-        def _count_layer_params(self):  # on the meta device, not by building every layer on this rank
-            return layer_parameter_counts(config)
-
-    specs = []
-    for layer in layers(config):
-        if layer.tied:
-            specs.append(TiedLayerSpec(layer.tied, layer.cls, *layer.args, forward_fn=layer.forward_fn, **layer.kwargs))
-        else:
-            specs.append(LayerSpec(layer.cls, *layer.args, **layer.kwargs))
-    return _Module(
-        layers=specs,
-        num_stages=stages,
-        loss_fn=cross_entropy,
-        partition_method="parameters",
-        activation_checkpoint_interval=activation_checkpoint_interval,
-        # Only the blocks' layers: DeepSpeed's re-entrant checkpoint needs an input that requires grad,
-        # which an embedding's integer ids are not.
-        checkpointable_layers=["T5SubLayerPipe", "BlenderbotLayerPipe", "BlenderbotInputPipe"],
-        dynamic_shape=True,
-    )
-
-
-def local_layers(module) -> list[tuple[int, nn.Module]]:
-    """(global layer index, module) of the layers this rank built (a tied layer's later uses are
-    functions of the first one and hold nothing of their own)."""
-    return [
-        (module._local_start + i, layer) for i, layer in enumerate(module.forward_funcs) if isinstance(layer, nn.Module)
-    ]
-
-
-def _local_tensors(module, config) -> dict[str, list[torch.Tensor]]:
-    """Hugging Face name -> this rank's tensors that hold it (a tied embedding: one per stage)."""
-    specs = layers(config)
-    wanted: dict[str, list[torch.Tensor]] = {}
-    for index, layer in local_layers(module):
-        for local, tensor in layer.state_dict(keep_vars=True).items():
-            wanted.setdefault(specs[index].hf_name(local), []).append(tensor)
-    first_tied = {spec.tied: spec for spec in reversed(specs) if spec.tied}
-    for key, tied in module.tied_modules.items():
-        for local, tensor in tied.state_dict(keep_vars=True).items():
-            name = first_tied[key].hf_name(local)
-            if not any(t is tensor for t in wanted.get(name, [])):
-                wanted.setdefault(name, []).append(tensor)
-    return wanted
-
-
-# Where a directory may keep the shared embedding instead.
-_ALIASES = {
-    "shared.weight": ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight"),
-    "model.shared.weight": ("model.encoder.embed_tokens.weight", "model.decoder.embed_tokens.weight"),
-}
-
-
-@torch.no_grad()
-def load_directory(module, config, path: str | Path) -> None:
-    """Fill this rank's layers from a model directory, reading only the tensors its stage holds."""
-    from .zero import _checkpoint_files
-
-    wanted = _local_tensors(module, config)
-    found: set[str] = set()
-    for file in _checkpoint_files(Path(path)):
-        with safe_open(str(file), framework="pt", device="cpu") as handle:
-            keys = set(handle.keys())
-            for name, tensors in wanted.items():
-                key = next((k for k in (name, *_ALIASES.get(name, ())) if k in keys), None)
-                if key is None or name in found:
-                    continue
-                value = handle.get_tensor(key)
-                for tensor in tensors:
-                    if tuple(tensor.shape) != tuple(value.shape):
-                        raise ValueError(
-                            f"{file.name}:{key} is {tuple(value.shape)}; the model wants {tuple(tensor.shape)}"
-                        )
-                    tensor.copy_(value)
-                found.add(name)
-    missing = sorted(n for n in set(wanted) - found if n != "final_logits_bias")
-    if missing:
-        raise ValueError(f"{path} has no weights for {missing[:10]}; check that config.json belongs to them")
-
-
-@torch.no_grad()
-def init_random(module, config) -> None:
-    """Hugging Face's initialisation of this rank's layers."""
-    if config.model_type == "blenderbot-small":
-        from fastseq.models.blenderbot_small import init_blenderbot_module
-
-        for part in module.modules():
-            init_blenderbot_module(part, config.init_std)
-        return
-    for part in module.modules():
-        _init_t5_module(part, config)
-        if isinstance(part, (TokenEmbedding, HeadPipe)):
-            nn.init.normal_(part.weight, std=config.initializer_factor)
-
-
-def state_dict_from_layers(config, layer_states: dict[int, dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """Hugging Face names for the layer files of a pipeline checkpoint (`layer_XX-model_states.pt`)."""
-    specs = layers(config)
-    state = {}
-    for index, tensors in layer_states.items():
-        for local, tensor in tensors.items():
-            state[specs[index].hf_name(local)] = tensor
-    if config.model_type == "blenderbot-small":
-        state.setdefault("final_logits_bias", torch.zeros(1, config.vocab_size))
-    return state
-
-
-def _micro_batches(stream, collator, model_config, data_parallel: int, dp_rank: int):
-    """((input_ids, attention_mask, decoder_input_ids), labels) for this data-parallel rank, forever."""
-    from fastseq.models.base import shift_right
-
-    start, pad = model_config.decoder_start_token_id, model_config.pad_token_id
-    while True:
-        examples = [stream.next_batch() for _ in range(data_parallel)][dp_rank]
-        batch = collator(examples)
-        decoder_ids = shift_right(batch["labels"], start, pad)
-        yield (batch["input_ids"], batch["attention_mask"], decoder_ids), batch["labels"]
-
-
-def train_pipeline(args, config: dict, model_config, tokenizer, device) -> dict:
-    import deepspeed
-
-    from fastseq.optim import make_optimizer, make_schedule
-    from fastseq.train import _data
-
-    from .config import pipeline_stages
-    from .engine import _resume, save
-
-    stages = pipeline_stages(config)
-    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
-    interval = int(config["pipeline"].get("activation_checkpoint_interval", 0))
-    if args.gradient_checkpointing and not interval:
-        interval = 1
-    module = pipeline_module(model_config, stages, activation_checkpoint_interval=interval)
-    if args.model is not None and Path(args.model).is_dir():
-        load_directory(module, model_config, args.model)
-    else:
-        init_random(module, model_config)
-    module.to(device)
-    lr = args.lr
-    if lr is None and args.optimizer == "adafactor" and args.model is not None and Path(args.model).is_dir():
-        lr = 1e-3
-    optimizer = make_optimizer(args.optimizer, [p for p in module.parameters() if p.requires_grad], lr=lr,
-                               weight_decay=args.weight_decay)  # fmt: skip
-
-    def scheduler(opt):
-        return make_schedule(opt, args.schedule, warmup_steps=args.warmup, total_steps=args.steps)
-
-    engine, _, _, lr_scheduler = deepspeed.initialize(model=module, optimizer=optimizer, lr_scheduler=scheduler,
-                                                      config=config)  # fmt: skip
-    stream, collator, _, _ = _data(args, tokenizer)
-    out = Path(args.output_dir)
-    if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-    torch.distributed.barrier()
-    start = _resume(engine, out, args.resume, stream, collator) if args.resume else 0
-    data_parallel = world // stages
-    batches = _micro_batches(stream, collator, model_config, data_parallel, engine.grid.data_parallel_id)
-    log_path = out / "metrics.jsonl"
-    if rank == 0 and not args.resume and log_path.exists():
-        log_path.unlink()
-    started, losses = time.perf_counter(), []
-
-    def checkpoint(step: int) -> Path:
-        return save(engine, out, step, model_config=model_config, tokenizer=tokenizer, stream=stream,
-                    collator=collator, args=args)  # fmt: skip
-
-    for step in range(start, args.steps):
-        loss = engine.train_batch(data_iter=batches).item()
-        done = step + 1
-        if not math.isfinite(loss):
-            raise FloatingPointError(f"the loss is {loss} at step {done}; lower --lr")
-        losses.append(loss)
-        if rank == 0:
-            with log_path.open("a") as f:
-                f.write(json.dumps({"step": done, "loss": loss, "lr": lr_scheduler.get_last_lr()[0]}) + "\n")
-            if not args.quiet and (done % args.log_every == 0 or done == args.steps):
-                print(f"step {done}: loss {loss:.4f}", file=sys.stderr)
-        if args.save_every and done % args.save_every == 0 and done != args.steps:
-            checkpoint(done)
-    path = checkpoint(args.steps)
-    if rank == 0:
-        from .convert import convert
-
-        convert(path, out)  # the trained model as a Hugging Face directory at the top of OUTPUT
-        print(f"fastseq train (DeepSpeed pipeline, {stages} stages x {data_parallel} data-parallel): steps "
-              f"{start}-{args.steps} in {time.perf_counter() - started:.1f}s, final loss {losses[-1]:.4f}, "
-              f"checkpoint in {out} ({path.name})")  # fmt: skip
-    torch.distributed.barrier()
-    return {"loss": losses[-1], "losses": losses}
+            init_random(module, model_config)
+        module.to(self.device)
+        optimizer = make_optimizer(args.optimizer, [p for p in module.parameters() if p.requires_grad],
+                                   lr=args.learning_rate(), weight_decay=args.weight_decay)  # fmt: skip
+        self.engine, _, _, self.lr_scheduler = deepspeed.initialize(
+            model=module, optimizer=optimizer, lr_scheduler=schedule(args), config=self.config
+        )
+        self.data_rank = self.engine.grid.data_parallel_id
+        self.start, self.pad = model_config.decoder_start_token_id, model_config.pad_token_id
+
+    def forward_backward(self, micro_batches):
+        inputs = iter(
+            ((b["input_ids"], b["attention_mask"], shift_right(b["labels"], self.start, self.pad)), b["labels"])
+            for b in micro_batches
+        )
+        return self.engine.train_batch(data_iter=inputs)  # the mean over the data-parallel ranks, on every stage
+
+    def step(self):
+        return None  # `train_batch` has stepped
+
+    def save_model(self, out: Path, checkpoint: Path) -> None:
+        """The model as a Hugging Face directory, written by rank 0 from the checkpoint's layer files."""
+        if self.rank == 0:
+            convert(checkpoint, out)
+        torch.distributed.barrier()

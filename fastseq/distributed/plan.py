@@ -88,7 +88,7 @@ def plan(preset: str, *, gpus: int, gpus_per_node: int | None = None, batch: int
         Row("ZeRO-3 + offload optimizer", 2 * P / gpus + gathered, 0, 0, acts, 16 * P / nodes * _BUFFER),
         Row("ZeRO-3 + offload params+optimizer", gathered, 0, 0, acts, 18 * P / nodes * _BUFFER),
     ]
-    from .pipeline import layer_parameter_counts, stage_parameter_counts
+    from .stages import layer_parameter_counts, stage_parameter_counts
 
     layer_count = len(layer_parameter_counts(config))
     stages = 2

@@ -4,7 +4,6 @@ module by module, and gather the whole model back only one tensor at a time."""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -12,9 +11,9 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from fastseq.checkpoint import SAFE_INDEX, SAFE_WEIGHTS, CheckpointError
-from fastseq.models.blenderbot_small import _BlenderbotSmallBase, init_blenderbot_module
-from fastseq.models.t5 import T5Attention, T5DenseActDense, T5DenseGatedActDense, T5LayerNorm, T5Stack, _init_t5_module
+from fastseq.checkpoint import CheckpointError, weight_files
+from fastseq.models.blenderbot_small import BlenderbotSmallBase, init_blenderbot_module
+from fastseq.models.t5 import T5Attention, T5DenseActDense, T5DenseGatedActDense, T5LayerNorm, T5Stack, init_t5_module
 
 
 def is_partitioned(param: torch.Tensor) -> bool:
@@ -51,7 +50,7 @@ def register_external_parameters(model: nn.Module) -> int:
 def _init_groups(model: nn.Module) -> Iterator[tuple[nn.Module, callable]]:
     """(module, init) pairs covering every parameter, each init touching only that module's subtree."""
     config = model.config
-    if isinstance(model, _BlenderbotSmallBase):
+    if isinstance(model, BlenderbotSmallBase):
 
         def init_blenderbot(module: nn.Module) -> None:
             init_blenderbot_module(module, config.init_std)
@@ -62,7 +61,7 @@ def _init_groups(model: nn.Module) -> Iterator[tuple[nn.Module, callable]]:
         return
     for module in model.modules():
         if isinstance(module, (T5LayerNorm, T5DenseActDense, T5DenseGatedActDense, T5Attention)):
-            yield module, lambda m: _init_t5_module(m, config)
+            yield module, lambda m: init_t5_module(m, config)
     factor = config.initializer_factor
     yield model.shared, lambda m: nn.init.normal_(m.weight, std=factor)
     head = getattr(model, "lm_head", None)
@@ -84,32 +83,6 @@ def init_partitioned(model: nn.Module) -> None:
                 init(module)
 
 
-def _checkpoint_files(path: Path) -> list[Path]:
-    if (path / SAFE_WEIGHTS).is_file():
-        return [path / SAFE_WEIGHTS]
-    if (path / SAFE_INDEX).is_file():
-        weight_map = json.loads((path / SAFE_INDEX).read_text())["weight_map"]
-        return [path / shard for shard in sorted(set(weight_map.values()))]
-    raise FileNotFoundError(
-        f"{path} holds no safetensors weights ({SAFE_WEIGHTS} or {SAFE_INDEX}); ZeRO-3 loading reads safetensors "
-        "only: re-save the model with `fastseq convert`"
-    )
-
-
-def head_is_distinct(path: str | Path) -> bool:
-    """Whether a model directory stores an LM head that differs from its input embedding (read
-    lazily: two tensors)."""
-    found = {}
-    for file in _checkpoint_files(Path(path)):
-        with safe_open(str(file), framework="pt", device="cpu") as handle:
-            for key in ("lm_head.weight", "shared.weight", "model.shared.weight"):
-                if key in handle.keys():
-                    found[key] = handle.get_tensor(key)
-    head = found.get("lm_head.weight")
-    embedding = found.get("shared.weight", found.get("model.shared.weight"))
-    return head is not None and embedding is not None and not torch.equal(head, embedding)
-
-
 @torch.no_grad()
 def load_partitioned(model: nn.Module, path: str | Path) -> None:
     """Copy a model directory's tensors into this rank's ZeRO-3 partitions, one tensor at a time
@@ -119,7 +92,7 @@ def load_partitioned(model: nn.Module, path: str | Path) -> None:
     aliases = model.tied_parameters()
     rank = torch.distributed.get_rank()
     loaded: set[str] = set()
-    for file in _checkpoint_files(path):
+    for file in weight_files(path):
         with safe_open(str(file), framework="pt", device="cpu") as handle:
             for key in handle.keys():
                 names = [key] + [alias for alias, source in aliases.items() if source == key]

@@ -7,41 +7,21 @@ from .blenderbot_small import BlenderbotSmallConfig, BlenderbotSmallForCondition
 from .longt5 import LongT5Config, LongT5EncoderModel, LongT5ForConditionalGeneration
 from .t5 import T5Config, T5EncoderModel, T5ForConditionalGeneration
 
-# model_type -> (config class, {architecture name: model class}, default architecture)
-FAMILIES: dict[str, tuple[type, dict[str, type], str]] = {
-    "t5": (
-        T5Config,
-        {"T5ForConditionalGeneration": T5ForConditionalGeneration, "T5EncoderModel": T5EncoderModel},
-        "T5ForConditionalGeneration",
-    ),
-    "mt5": (
-        T5Config,
-        {"MT5ForConditionalGeneration": T5ForConditionalGeneration, "MT5EncoderModel": T5EncoderModel},
-        "MT5ForConditionalGeneration",
-    ),
-    "longt5": (
-        LongT5Config,
-        {
-            "LongT5ForConditionalGeneration": LongT5ForConditionalGeneration,
-            "LongT5EncoderModel": LongT5EncoderModel,
-        },
-        "LongT5ForConditionalGeneration",
-    ),
-    "blenderbot-small": (
-        BlenderbotSmallConfig,
-        {"BlenderbotSmallForConditionalGeneration": BlenderbotSmallForConditionalGeneration},
-        "BlenderbotSmallForConditionalGeneration",
-    ),
-}
-
-
-def architecture_name(model: PreTrainedModel) -> str:
-    """The Hugging Face architecture name to write into config.json for a model."""
-    _, classes, _ = FAMILIES[model.config.model_type]
-    for name, cls in classes.items():
-        if type(model) is cls:
-            return name
-    raise ValueError(f"{type(model).__name__} is not a model of family {model.config.model_type!r}")
+_CONFIGS = {"t5": T5Config, "mt5": T5Config, "longt5": LongT5Config, "blenderbot-small": BlenderbotSmallConfig}
+# The seq2seq class first: it is a family's default.
+_CLASSES = (
+    T5ForConditionalGeneration,
+    T5EncoderModel,
+    LongT5ForConditionalGeneration,
+    LongT5EncoderModel,
+    BlenderbotSmallForConditionalGeneration,
+)
+# model_type -> (config class, {architecture name: model class}, default architecture), from each class's
+# `hf_architectures`.
+FAMILIES: dict[str, tuple[type, dict[str, type], str]] = {}
+for _type, _config in _CONFIGS.items():
+    _named = {cls.hf_architectures[_type]: cls for cls in _CLASSES if _type in cls.hf_architectures}
+    FAMILIES[_type] = (_config, _named, next(iter(_named)))
 
 
 __all__ = [
@@ -57,5 +37,4 @@ __all__ = [
     "T5Config",
     "T5EncoderModel",
     "T5ForConditionalGeneration",
-    "architecture_name",
 ]

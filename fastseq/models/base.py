@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from fastseq.files import save_pretrained
 from fastseq.kernels import linear_cross_entropy
 
 # Keys of a Hugging Face config.json that are derived or bookkeeping, never read back.
@@ -76,6 +77,8 @@ class PreTrainedModel(nn.Module):
     """Base of the native models: a config, tied-parameter bookkeeping and `save_pretrained`."""
 
     config_class: type = HFConfig
+    # model_type -> the Hugging Face class name written to config.json ("architectures")
+    hf_architectures: dict[str, str] = {}
     # Checkpoint keys that older or other exports carry and that this model does not use.
     ignored_checkpoint_keys: tuple[str, ...] = ()
 
@@ -97,9 +100,16 @@ class PreTrainedModel(nn.Module):
 
     def save_pretrained(self, path, *, max_shard_size: int | str = "5GB") -> None:
         """Write `config.json` and safetensors weights (sharded above `max_shard_size`), atomically."""
-        from ..checkpoint import save_pretrained
-
         save_pretrained(self, path, max_shard_size=max_shard_size)
+
+    def hf_config(self) -> dict[str, Any]:
+        """The config.json of this model: its config, its Hugging Face class and its dtype."""
+        name = self.hf_architectures.get(self.config.model_type)
+        if name is None:
+            raise ValueError(f"{type(self).__name__} is not a model of family {self.config.model_type!r}")
+        floating = [p.dtype for p in self.parameters() if p.is_floating_point()]
+        dtype = str(floating[0]).removeprefix("torch.") if floating else "float32"
+        return {**self.config.to_hf_dict(), "architectures": [name], "dtype": dtype}
 
 
 class Seq2SeqModel(PreTrainedModel):

@@ -259,7 +259,7 @@ def init_blenderbot_module(module: nn.Module, std: float) -> None:
         nn.init.zeros_(module.bias)
 
 
-class _BlenderbotSmallBase(PreTrainedModel):
+class BlenderbotSmallBase(PreTrainedModel):
     config_class = BlenderbotSmallConfig
 
     def init_weights(self) -> None:
@@ -269,7 +269,8 @@ class _BlenderbotSmallBase(PreTrainedModel):
                 init_blenderbot_module(module, self.config.init_std)
 
 
-class BlenderbotSmallForConditionalGeneration(_BlenderbotSmallBase, Seq2SeqModel):
+class BlenderbotSmallForConditionalGeneration(BlenderbotSmallBase, Seq2SeqModel):
+    hf_architectures = {"blenderbot-small": "BlenderbotSmallForConditionalGeneration"}
     ignored_checkpoint_keys = ()
 
     def __init__(self, config: BlenderbotSmallConfig):

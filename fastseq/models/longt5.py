@@ -121,7 +121,7 @@ class LongT5LayerTransientGlobalSelfAttention(_LongT5LayerSelfAttention):
     attention_name = "TransientGlobalSelfAttention"
 
 
-def _encoder_self_attention(config: LongT5Config):
+def encoder_self_attention(config: LongT5Config):
     def make(i: int) -> nn.Module:
         if config.encoder_attention_type == "local":
             return LongT5LayerLocalSelfAttention(
@@ -135,14 +135,16 @@ def _encoder_self_attention(config: LongT5Config):
 
 
 class LongT5ForConditionalGeneration(T5ForConditionalGeneration):
+    hf_architectures = {"longt5": "LongT5ForConditionalGeneration"}
     config_class = LongT5Config
 
     def __init__(self, config: LongT5Config):
-        super().__init__(config, encoder_self_attention=_encoder_self_attention(config))
+        super().__init__(config, encoder_self_attention=encoder_self_attention(config))
 
 
 class LongT5EncoderModel(T5EncoderModel):
+    hf_architectures = {"longt5": "LongT5EncoderModel"}
     config_class = LongT5Config
 
     def __init__(self, config: LongT5Config):
-        super().__init__(config, encoder_self_attention=_encoder_self_attention(config))
+        super().__init__(config, encoder_self_attention=encoder_self_attention(config))

@@ -219,7 +219,7 @@ class T5LayerCrossAttention(nn.Module):
         return x + self.dropout(out)
 
 
-def _clamp_fp16(x: torch.Tensor) -> torch.Tensor:
+def clamp_fp16(x: torch.Tensor) -> torch.Tensor:
     """Keep fp16 activations finite, as the reference does after each sub-layer."""
     if x.dtype != torch.float16:
         return x
@@ -239,12 +239,12 @@ class T5Block(nn.Module):
 
     def forward(self, x, tables, mask, encoder_states=None, encoder_mask=None, cache=None) -> torch.Tensor:
         if cache is None:
-            x = _clamp_fp16(self.layer[0](x, tables, mask))
+            x = clamp_fp16(self.layer[0](x, tables, mask))
         else:
-            x = _clamp_fp16(self.layer[0](x, tables, mask, cache))
+            x = clamp_fp16(self.layer[0](x, tables, mask, cache))
         if self.is_decoder:
-            x = _clamp_fp16(self.layer[1](x, encoder_states, encoder_mask, cache))
-        return _clamp_fp16(self.layer[-1](x))
+            x = clamp_fp16(self.layer[1](x, encoder_states, encoder_mask, cache))
+        return clamp_fp16(self.layer[-1](x))
 
 
 SelfAttentionFactory = Callable[[int], nn.Module]
@@ -298,7 +298,7 @@ class T5Stack(nn.Module):
         return self.dropout(self.final_layer_norm(x))
 
 
-def _init_t5_module(module: nn.Module, config: T5Config) -> None:
+def init_t5_module(module: nn.Module, config: T5Config) -> None:
     """Hugging Face's T5 initialisation, module by module."""
     factor = config.initializer_factor
     d_model, d_kv, heads = config.d_model, config.d_kv, config.num_heads
@@ -328,7 +328,7 @@ class _T5Base(PreTrainedModel):
         """Initialise every parameter as Hugging Face does for a new model."""
         with torch.no_grad():
             for module in self.modules():
-                _init_t5_module(module, self.config)
+                init_t5_module(module, self.config)
             nn.init.normal_(self.shared.weight, std=self.config.initializer_factor)
             head = getattr(self, "lm_head", None)
             if head is not None and head.weight is not self.shared.weight:
@@ -336,6 +336,7 @@ class _T5Base(PreTrainedModel):
 
 
 class T5ForConditionalGeneration(_T5Base, Seq2SeqModel):
+    hf_architectures = {"t5": "T5ForConditionalGeneration", "mt5": "MT5ForConditionalGeneration"}
     ignored_checkpoint_keys = ("decoder.block.0.layer.1.EncDecAttention.relative_attention_bias.weight",)
 
     def __init__(self, config: T5Config, *, encoder_self_attention: SelfAttentionFactory | None = None):
@@ -387,6 +388,7 @@ class T5ForConditionalGeneration(_T5Base, Seq2SeqModel):
 
 
 class T5EncoderModel(_T5Base):
+    hf_architectures = {"t5": "T5EncoderModel", "mt5": "MT5EncoderModel"}
     ignored_checkpoint_keys = ("decoder.*", "lm_head.weight")
 
     def __init__(self, config: T5Config, *, encoder_self_attention: SelfAttentionFactory | None = None):

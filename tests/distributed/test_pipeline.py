@@ -9,7 +9,7 @@ import torch
 
 import fastseq
 from fastseq import presets
-from fastseq.distributed.pipeline import layer_parameter_counts, stage_parameter_counts
+from fastseq.distributed.stages import layer_parameter_counts, stage_parameter_counts
 from fastseq.tokenizers import ByT5Tokenizer
 from tests.conftest import KINDS, T5_BASE, assert_close, batch
 from tests.distributed.launch import ROOT, assert_losses_close, deepspeed, losses, one_process

@@ -59,7 +59,8 @@ def test_zero2_and_zero3_match_one_process_resume_exactly_and_convert(tmp_path):
 
     from fastseq.data import Seq2SeqCollator
     from fastseq.tokenizers import ByT5Tokenizer
-    from fastseq.train import evaluate, make_examples
+    from fastseq.train import evaluate
+    from fastseq.train.data import make_examples
 
     logged = [json.loads(line) for line in (z3 / "metrics.jsonl").read_text().splitlines()]
     scores = [line for line in logged if "exact_match" in line]

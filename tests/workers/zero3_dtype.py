@@ -8,12 +8,12 @@ import json
 import os
 
 import deepspeed
-import torch
 from deepspeed.accelerator import get_accelerator
 
 from fastseq.distributed import config as ds_config
-from fastseq.distributed.engine import build_model
-from fastseq.train import TrainArgs, default_config
+from fastseq.distributed.engine import ZeroEngine
+from fastseq.train import TrainArgs
+from fastseq.train.engine import default_config
 
 
 def main() -> None:
@@ -25,12 +25,9 @@ def main() -> None:
     for fp16_supported in (False, True):
         accelerator.is_fp16_supported = lambda answer=fp16_supported: answer
         for precision in ("fp32", "bf16"):
-            config = ds_config.resolve(
-                ds_config.load(os.environ["ZERO3_CONFIG"]), model_config=model_config, world_size=1,
-                micro_batch_size=2, grad_accum=1, clip=1.0, precision=precision, force_fp16=False, lr=1e-3,
-                weight_decay=0.0, on_gpu=False, num_layers=4,
-            )  # fmt: skip
-            model = build_model(TrainArgs(), model_config, config, torch.device("cpu"))
+            args = TrainArgs(batch_size=2, precision=precision, lr=1e-3, device="cpu")
+            engine = ZeroEngine(args, model_config, ds_config.load(os.environ["ZERO3_CONFIG"]))
+            model = engine.build_model(model_config)
             dtypes = sorted({str(p.ds_tensor.dtype) for p in model.parameters()})
             found[f"fp16_supported={fp16_supported} {precision}"] = dtypes
     print(json.dumps(found))

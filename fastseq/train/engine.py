@@ -1,0 +1,276 @@
+"""The engines the training loop runs on. An engine builds the model and optimizer, runs
+forward-backward on the micro-batches of a step, steps the optimizer, saves and loads its state,
+and writes the trained model; nothing else. The loop (`fastseq.train.loop`) does the rest, the
+same for every engine.
+
+`LocalEngine` is one process on one device. DeepSpeed ZeRO and pipeline stages are in
+`fastseq.distributed`."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from fastseq import presets
+from fastseq.checkpoint import from_pretrained, head_is_distinct, read_config
+from fastseq.models import FAMILIES, T5Config
+from fastseq.optim import make_optimizer, make_schedule
+from fastseq.tokenizers import ByT5Tokenizer, Tokenizer, check_vocabulary, load_tokenizer
+
+from .args import TrainArgs
+from .state import read_tensors
+
+_T5_FAMILY = ("t5", "mt5", "longt5", "umt5")
+
+
+class NonFiniteError(FloatingPointError):
+    """The loss or the gradient of a step is not finite; nothing of that step was kept or saved."""
+
+
+class Engine:
+    """How a run executes. Attributes the loop reads:
+    - `name`: how the summary line calls it;
+    - `device`, `rank`, `world`: this process, and how many run;
+    - `data_parallel`, `data_rank`: how many different micro-batches a step's micro-batch slot
+      gets, and which one is this rank's;
+    - `model`: the module to evaluate (greedy decoding), or None where the engine cannot;
+    - `autocast`: the dtype evaluation runs under, or None."""
+
+    name = "engine"
+    device = torch.device("cpu")
+    rank, world = 0, 1
+    data_parallel, data_rank = 1, 0
+    model: nn.Module | None = None
+    autocast: torch.dtype | None = None
+
+    def build(self, config) -> None:
+        """Build the model (random, or from `--model`'s directory) and the optimizer."""
+        raise NotImplementedError
+
+    def on_first_rank(self, fn, *args):
+        """`fn(*args)` on the first rank; its result, or its error raised on every rank."""
+        return fn(*args)
+
+    def forward_backward(self, micro_batches: list[dict[str, torch.Tensor]]) -> torch.Tensor:
+        """Forward and backward over a step's micro-batches (host tensors); the mean loss on this
+        rank, a device scalar not yet read (reading it would synchronise)."""
+        raise NotImplementedError
+
+    def step(self) -> float | None:
+        """Apply the step's gradients; the gradient norm before clipping, where the engine knows it.
+        Raises `NonFiniteError`, leaving the parameters as they were, on a non-finite gradient."""
+        raise NotImplementedError
+
+    def learning_rate(self) -> float | None:
+        raise NotImplementedError
+
+    def sum_over_ranks(self, values: list[float]) -> list[float]:
+        """Each value summed over the ranks (one collective for all)."""
+        return values
+
+    def barrier(self) -> None:
+        """Wait for every rank."""
+
+    def save(self, directory: Path) -> dict:
+        """Write this engine's state (model, optimizer, schedule) into `directory`, on every rank;
+        returns what `load` needs besides the files (JSON)."""
+        raise NotImplementedError
+
+    def load(self, directory: Path, meta: dict) -> None:
+        raise NotImplementedError
+
+    def save_model(self, out: Path, checkpoint: Path) -> None:
+        """The trained model as a Hugging Face directory at `out` (from the final `checkpoint`)."""
+        raise NotImplementedError
+
+
+# ---- the model and tokenizer of a run -----------------------------------------------------------
+
+
+def default_config() -> T5Config:
+    """The embedded default: a small T5 v1.1 with the ByT5 vocabulary."""
+    return T5Config(
+        vocab_size=384,
+        d_model=128,
+        d_kv=32,
+        d_ff=384,
+        num_layers=2,
+        num_decoder_layers=2,
+        num_heads=4,
+        relative_attention_num_buckets=32,
+        relative_attention_max_distance=64,
+        dropout_rate=0.0,
+        feed_forward_proj="gated-gelu",
+        tie_word_embeddings=False,
+    )
+
+
+def model_config(args: TrainArgs):
+    """The config of the model the run trains, without building it."""
+    if args.model is None:
+        return default_config()
+    if Path(args.model).is_dir():
+        data = read_config(args.model)
+        if data.get("model_type") not in FAMILIES:
+            raise ValueError(f"--model {args.model}: model_type {data.get('model_type')!r} is not one fastseq trains "
+                             f"({', '.join(FAMILIES)})")  # fmt: skip
+        config = FAMILIES[data["model_type"]][0].from_hf_dict(data)
+        if getattr(config, "tie_word_embeddings", False) and head_is_distinct(args.model):
+            config.tie_word_embeddings = False  # as from_pretrained does: the directory holds a head of its own
+        return config
+    if args.model in presets.PRESETS:
+        return presets.config(args.model)
+    raise ValueError(f"--model {args.model!r} is neither a directory nor a preset; known presets: "
+                     f"{', '.join(presets.PRESETS)}")  # fmt: skip
+
+
+def model_class(config) -> type:
+    _, classes, default = FAMILIES[config.model_type]
+    return classes[default]
+
+
+def run_tokenizer(args: TrainArgs, config) -> Tokenizer:
+    if args.tokenizer:
+        tokenizer = load_tokenizer(args.tokenizer)
+    elif args.pretrained:
+        tokenizer = load_tokenizer(args.model)
+    elif args.model is not None and "byt5" not in args.model:
+        raise ValueError(
+            f"preset {args.model!r} is built with random weights and needs a tokenizer: pass "
+            "--tokenizer DIR (a directory with spiece.model or vocab.json + merges.txt)"
+        )
+    else:
+        tokenizer = ByT5Tokenizer()
+    check_vocabulary(tokenizer, config.vocab_size)
+    return tokenizer
+
+
+def run_device(args: TrainArgs) -> torch.device:
+    if args.device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(args.device)
+    except RuntimeError as err:
+        raise ValueError(f"--device {args.device!r} is not a device; use cpu, cuda or cuda:N") from err
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ValueError(f"--device {args.device}: this machine has no CUDA device; use --device cpu")
+        if device.index is not None and device.index >= count:
+            raise ValueError(f"--device {args.device}: this machine has {count} CUDA device(s) (cuda:0 ...)")
+    elif device.type != "cpu":
+        raise ValueError(f"--device {args.device}: fastseq trains on cpu or cuda")
+    return device
+
+
+def autocast_dtype(args: TrainArgs, config, device: torch.device) -> torch.dtype | None:
+    """None for fp32; bf16/fp16 autocast otherwise."""
+    precision = args.precision
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" else "fp32"
+    if precision == "fp16" and config.model_type in _T5_FAMILY and not args.force_fp16:
+        raise ValueError(
+            "fp16 is refused for T5-family models: their activations (the FFN output in particular) "
+            "overflow fp16's range of 65504 in pretrained checkpoints and the loss turns to NaN. Use "
+            "--precision bf16 (Ampere or newer), fp32, or pass --force-fp16 to train in fp16 anyway"
+        )
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def schedule(args: TrainArgs):
+    """The learning-rate schedule as a function of the optimizer (what DeepSpeed takes)."""
+    return lambda optimizer: make_schedule(optimizer, args.schedule, warmup_steps=args.warmup, total_steps=args.steps)
+
+
+# ---- one process ------------------------------------------------------------------------------
+
+
+class LocalEngine(Engine):
+    """One process on one device: autocast (bf16, or fp16 with a loss scaler), clipping, and a
+    gradient check before every optimizer step."""
+
+    def __init__(self, args: TrainArgs, device: torch.device):
+        self.name, self.device, self.args = str(device), device, args
+
+    def build(self, config) -> None:
+        args, device = self.args, self.device
+        if args.pretrained:
+            model = from_pretrained(args.model)
+        else:
+            with torch.device(device):
+                model = model_class(config)(config)
+        self.model = model.to(device)
+        self.model.gradient_checkpointing_enable(args.gradient_checkpointing)
+        self.model.train()
+        self.autocast = autocast_dtype(args, config, device)
+        self.optimizer = make_optimizer(args.optimizer, self.model.parameters(), lr=args.learning_rate(),
+                                        weight_decay=args.weight_decay)  # fmt: skip
+        self.scheduler = schedule(args)(self.optimizer)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.autocast is torch.float16)
+
+    def forward_backward(self, micro_batches):
+        total = torch.zeros((), device=self.device)
+        for batch in micro_batches:
+            batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+            with torch.autocast(self.device.type, dtype=self.autocast, enabled=self.autocast is not None):
+                loss = self.model(**batch).loss / len(micro_batches)
+            self.scaler.scale(loss).backward()
+            total += loss.detach()
+        return total
+
+    def step(self):
+        self.scaler.unscale_(self.optimizer)
+        clip = self.args.clip if self.args.clip > 0 else math.inf
+        norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip))
+        if not math.isfinite(norm) and not self.scaler.is_enabled():  # fp16's scaler skips such a step itself
+            self.optimizer.zero_grad(set_to_none=True)
+            raise NonFiniteError(f"the gradient norm is {norm}")
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return norm
+
+    def learning_rate(self):
+        return self.scheduler.get_last_lr()[0]
+
+    def save(self, directory):
+        self.model.save_pretrained(directory)
+        state = self.optimizer.state_dict()
+        tensors, scalars = {}, {}
+        for index, values in state["state"].items():
+            for name, value in values.items():
+                if isinstance(value, torch.Tensor):
+                    tensors[f"optimizer/{index}/{name}"] = value.detach().cpu().contiguous()
+                else:
+                    scalars.setdefault(str(index), {})[name] = value
+        save_file(tensors, str(directory / "trainer_state.safetensors"))
+        scheduler = {k: v for k, v in self.scheduler.state_dict().items() if k != "lr_lambdas"}
+        return {"optimizer": {"scalars": scalars, "param_groups": state["param_groups"]}, "scheduler": scheduler,
+                "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None}  # fmt: skip
+
+    def load(self, directory, meta):
+        state = from_pretrained(directory).state_dict()
+        with torch.no_grad():
+            for name, value in self.model.state_dict().items():
+                value.copy_(state[name])
+        optimizer: dict[int, dict] = {}
+        for key, value in read_tensors(directory / "trainer_state.safetensors").items():
+            _, index, name = key.split("/", 2)
+            optimizer.setdefault(int(index), {})[name] = value
+        for index, values in meta["optimizer"]["scalars"].items():
+            optimizer.setdefault(int(index), {}).update(values)
+        self.optimizer.load_state_dict({"state": optimizer, "param_groups": meta["optimizer"]["param_groups"]})
+        scheduler = dict(meta["scheduler"])
+        if "base_lrs" in scheduler:  # a LambdaLR: its functions are rebuilt, not stored
+            scheduler["lr_lambdas"] = [None] * len(self.optimizer.param_groups)
+        self.scheduler.load_state_dict(scheduler)
+        if meta.get("scaler"):
+            self.scaler.load_state_dict(meta["scaler"])
+
+    def save_model(self, out, checkpoint):
+        self.model.save_pretrained(out)
