@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 
+import pytest
 import torch
 
 import fastseq
@@ -87,3 +88,52 @@ def test_convert_pytorch_bin_directory_to_safetensors(tmp_path):
     inputs = batch("t5_v11_untied")
     with torch.no_grad():
         assert torch.allclose(theirs(**inputs).logits, ref(**inputs).logits, atol=1e-5)
+
+
+def _metric_losses(out) -> list[float]:
+    import json
+
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in records if "loss" in r]
+
+
+def wait_for_steps(out, steps: int, proc: subprocess.Popen, timeout: float = 600) -> None:
+    """Until the run in `proc` has logged `steps` steps (it must still be running)."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    metrics = out / "metrics.jsonl"
+    while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= steps):
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, "the run logged no steps"
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize("signame", ["SIGINT", "SIGTERM"])
+def test_a_signal_ends_the_run_with_a_checkpoint_that_resumes_exactly(tmp_path, signame):
+    """Ctrl-C (SIGINT) or a scheduler's SIGTERM: the step finishes, a checkpoint is written, the
+    run says how to resume; resumed, it gives the losses of a run never interrupted, bit for bit."""
+    import signal
+
+    from fastseq.train.state import latest_checkpoint
+
+    out = tmp_path / "run"
+    common = ["--batch-size", "8", "--optimizer", "adamw", "--lr", "1e-3", "--eval-examples", "0", "--quiet"]
+    proc = subprocess.Popen([shutil.which("fastseq"), "train", "--steps", "100000", *common, "--output-dir", str(out)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    wait_for_steps(out, 3, proc)
+    proc.send_signal(getattr(signal, signame))
+    stdout, stderr = proc.communicate(timeout=600)
+    assert proc.returncode == 128 + getattr(signal, signame), stderr
+    checkpoint = latest_checkpoint(out)
+    stopped = int(checkpoint.name.split("-")[1])
+    assert f"stopped by {signame} after step {stopped}; continue with the same command and --resume" in stdout
+    assert len(_metric_losses(out)) == stopped and "Traceback" not in stderr
+    result = _fastseq("train", "--steps", str(stopped + 3), "--resume", *common, "--output-dir", str(out))
+    assert result.returncode == 0, result.stderr
+    straight = tmp_path / "straight"
+    assert _fastseq("train", "--steps", str(stopped + 3), *common, "--output-dir", str(straight)).returncode == 0
+    assert _metric_losses(out) == _metric_losses(straight)  # bit for bit
+    a, b = fastseq.from_pretrained(out), fastseq.from_pretrained(straight)
+    for (name, x), y in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
+        assert torch.equal(x, y), name

@@ -244,8 +244,8 @@ def train(args: TrainArgs) -> dict:
                     else "no checkpoint was written"
                 )
                 raise NonFiniteError(
-                    f"step {done}: {err}, so the run stopped before saving anything of it ({where}); lower --lr "
-                    "(or use --precision fp32) and start again or --resume"
+                    f"step {done}: {err}, so the run stopped before saving anything of it ({where}); lower --lr, "
+                    "then start again or --resume"
                 ) from None
             record = {"step": done, "loss": mean_loss, "lr": engine.learning_rate()}
             if grad_norm is not None:

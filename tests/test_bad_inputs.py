@@ -1,0 +1,303 @@
+"""Bad input to `fastseq train` (and `convert`), as a new user would give it: each is refused
+before any work starts, in one line that names the problem and the fix (exit status 2, no
+traceback), and loses nothing. The launcher's side of the same cases is in
+tests/distributed/test_bad_inputs.py."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import fastseq
+from fastseq.cli import main
+from fastseq.tokenizers import ByT5Tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+QUICK = ["--steps", "3", "--batch-size", "4", "--eval-examples", "4", "--quiet"]
+
+
+def _refused(capfd, argv: list[str], *expected: str) -> str:
+    """Run the CLI in this process; it must exit 2 with one error line holding `expected`."""
+    code = main(argv)
+    err = capfd.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("fastseq ")]
+    assert code == 2, err
+    assert "Traceback" not in err and len(lines) == 1, err
+    for text in expected:
+        assert text in lines[0], lines[0]
+    return lines[0]
+
+
+def _model_dir(path: Path, d_model: int = 64) -> Path:
+    """A small T5 v1.1 with the ByT5 vocabulary, saved with its tokenizer."""
+    import dataclasses
+
+    from fastseq.models import T5ForConditionalGeneration
+    from fastseq.train.engine import default_config
+
+    config = dataclasses.replace(default_config(), d_model=d_model, extra={})
+    T5ForConditionalGeneration(config).save_pretrained(path)
+    ByT5Tokenizer().save_pretrained(path)
+    return path
+
+
+def _strict_json(line: str):
+    def refuse(constant):
+        raise AssertionError(f"{constant} is not JSON: {line}")
+
+    return json.loads(line, parse_constant=refuse)
+
+
+# ---- 1 and 5: every count, size, rate and path is checked before any work ----------------------------
+
+
+def _cases(tmp: Path) -> dict[str, tuple[list[str], tuple[str, ...]]]:
+    out = ["--output-dir", str(tmp / "out")]
+    bad_yaml = tmp / "list.yaml"
+    bad_yaml.write_text("- steps\n- 3\n")
+    typo_yaml = tmp / "typo.yaml"
+    typo_yaml.write_text("steps: many\n")
+    surrogate = tmp / "surrogate.jsonl"
+    surrogate.write_text('{"source": "a", "target": "b"}\n{"source": "x \\ud800", "target": "y"}\n')
+    latin1 = tmp / "latin1.jsonl"
+    latin1.write_bytes(b'{"source": "caf\xe9", "target": "x"}\n')
+    listed = tmp / "listed"
+    listed.mkdir()
+    (listed / "config.json").write_text("[1, 2]\n")
+    ds_list = tmp / "ds.json"
+    ds_list.write_text("[]\n")
+    a_file = tmp / "a_file"
+    a_file.write_text("x")
+    return {
+        "negative batch size": (["--batch-size", "-3", *out], ("--batch-size must be at least 1", "-3")),
+        "zero batch size": (["--batch-size", "0", *out], ("--batch-size must be at least 1",)),
+        "zero steps": (["--steps", "0", *out], ("--steps must be at least 1",)),
+        "zero accumulation": (["--grad-accum", "0", *out], ("--grad-accum must be at least 1",)),
+        "zero token budget": (["--max-tokens", "0", *out], ("--max-tokens must be at least 1",)),
+        "zero log interval": (["--log-every", "0", *out], ("--log-every must be at least 1",)),
+        "NaN learning rate": (["--lr", "nan", *out], ("--lr must be a finite number", "nan")),
+        "infinite learning rate": (["--lr", "inf", *out], ("--lr must be a finite number",)),
+        "negative learning rate": (["--lr=-1e-3", *out], ("--lr must be a finite number >= 0",)),
+        "NaN clipping": (["--clip", "nan", *out], ("--clip must be a finite number",)),
+        "adamw without a rate": (["--optimizer", "adamw", *out], ("adamw needs a learning rate", "--lr")),
+        "a directory as data": (["--data", str(tmp), *out], ("--data", "is a directory; pass a file")),
+        "missing data": (["--data", str(tmp / "nope.jsonl"), *out], ("does not exist",)),
+        "a directory as eval data": (["--eval-data", str(tmp), *out], ("--eval-data", "is a directory")),
+        "denoise without data": (["--task", "denoise", *out], ("--task denoise needs a text corpus",)),
+        "lone surrogate": (["--data", str(surrogate), *out], ("surrogate.jsonl:2", "lone surrogate")),
+        "not UTF-8": (["--data", str(latin1), *out], ("latin1.jsonl:1", "not UTF-8", "convert the file")),
+        "a file as output directory": (["--output-dir", str(a_file)], ("is a file; pass a directory",)),
+        "YAML list": (["--config", str(bad_yaml), *out], ("expected a mapping of options",)),
+        "YAML word for a count": (["--config", str(typo_yaml), *out], ("option steps", "'many' is not a int")),
+        "unknown model": (["--model", "t5-smol", *out], ("neither a directory nor a preset",)),
+        "config.json that is a list": (["--model", str(listed), *out], ("holds a JSON list", "re-save")),
+        "missing tokenizer": (["--tokenizer", str(tmp / "none"), *out], ("--tokenizer", "is not a directory")),
+        "no CUDA": (["--device", "cuda", *out], ("--device cuda", "no CUDA device", "--device cpu")),
+        "not a device": (["--device", "tpu0", *out], ("--device 'tpu0' is not a device",)),
+        "resume nothing": (["--resume", *out], ("no checkpoint to resume from",)),
+        "resume a non-directory": (["--resume", str(a_file), *out], ("is not a checkpoint directory",)),
+        "resume and overwrite": (["--resume", "--overwrite", *out], ("pass one",)),
+        "missing DeepSpeed config": (["--deepspeed", str(tmp / "ds.nope"), *out], ("--deepspeed", "does not exist")),
+        "DeepSpeed config that is a list": (["--deepspeed", str(ds_list), *out], ("JSON object, not a list",)),
+    }
+
+
+CASE_NAMES = [
+    "negative batch size", "zero batch size", "zero steps", "zero accumulation", "zero token budget",
+    "zero log interval", "NaN learning rate", "infinite learning rate", "negative learning rate", "NaN clipping",
+    "adamw without a rate", "a directory as data", "missing data", "a directory as eval data",
+    "denoise without data", "lone surrogate", "not UTF-8", "a file as output directory", "YAML list",
+    "YAML word for a count", "unknown model", "config.json that is a list", "missing tokenizer", "no CUDA",
+    "not a device", "resume nothing", "resume a non-directory", "resume and overwrite", "missing DeepSpeed config",
+    "DeepSpeed config that is a list",
+]  # fmt: skip
+
+
+def test_the_case_table_is_complete(tmp_path):
+    assert sorted(_cases(tmp_path)) == sorted(CASE_NAMES)
+
+
+@pytest.mark.parametrize("name", CASE_NAMES)
+def test_a_bad_option_is_one_line_before_any_work(tmp_path, capfd, name):
+    if name == "no CUDA" and torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA device")
+    argv, expected = _cases(tmp_path)[name]
+    _refused(capfd, ["train", *argv], *expected)
+    assert not (tmp_path / "out" / "metrics.jsonl").exists()  # nothing was run or written
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    with pytest.raises(ValueError, match="--batch-size must be at least 1"):
+        main(["train", "--batch-size", "0", "--debug", "--output-dir", str(tmp_path / "out")])
+
+
+def test_yaml_numbers_written_as_text_are_numbers(tmp_path):
+    import argparse
+
+    from fastseq.cli import add_train_arguments, train_args
+
+    config = tmp_path / "c.yaml"
+    config.write_text("lr: 1e-3\nsteps: '12'\nquiet: yes\n")  # YAML 1.1 reads 1e-3 as a string
+    parser = argparse.ArgumentParser()
+    add_train_arguments(parser)
+    args = train_args(parser.parse_args(["--config", str(config)]))
+    assert (args.lr, args.steps, args.quiet) == (1e-3, 12, True)
+
+
+def test_the_hang_is_gone_through_the_installed_command(tmp_path):
+    """`fastseq train --batch-size -3` hung at full CPU; it is now an immediate one-line error."""
+    exe = shutil.which("fastseq")
+    argv = [exe, "train", "--batch-size", "-3", "--output-dir", str(tmp_path / "out")]
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("fastseq train: error: --batch-size must be at least 1")
+    assert "Traceback" not in proc.stderr
+
+
+# ---- 2: another run's files --------------------------------------------------------------------------------
+
+
+def test_a_fresh_run_refuses_a_used_output_directory_unless_overwrite(tmp_path, capfd):
+    out = tmp_path / "out"
+    assert main(["train", *QUICK, "--output-dir", str(out)]) == 0
+    before = (out / "metrics.jsonl").read_text()
+    (out / "notes.txt").write_text("mine")
+    capfd.readouterr()
+    _refused(capfd, ["train", *QUICK, "--output-dir", str(out)], "already holds files", "--overwrite", "--resume")
+    assert (out / "metrics.jsonl").read_text() == before  # the other run's log is untouched
+    assert main(["train", *QUICK, "--steps", "2", "--overwrite", "--output-dir", str(out)]) == 0
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2"]  # the old run's are gone
+    assert (out / "notes.txt").read_text() == "mine"  # what a run does not write is kept
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == [1, 2]
+
+
+def test_resume_refuses_another_runs_checkpoint(tmp_path, capfd):
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps({"source": f"copy {w}", "target": w}) + "\n" for w in "abcdefgh"))
+    other = tmp_path / "other.jsonl"
+    other.write_text("".join(json.dumps({"source": f"swap {w}", "target": w}) + "\n" for w in "abcdefgh"))
+    out = tmp_path / "out"
+    assert main(["train", *QUICK, "--data", str(data), "--output-dir", str(out)]) == 0
+    capfd.readouterr()
+    line = _refused(capfd, ["train", *QUICK, "--steps", "5", "--data", str(other), "--resume", "--output-dir",
+                            str(out)], "belongs to another run", "data.train")  # fmt: skip
+    assert "start a fresh run" in line
+    small = _model_dir(tmp_path / "small")  # d_model 64, the default model's is 128
+    _refused(capfd, ["train", *QUICK, "--steps", "5", "--data", str(data), "--model", str(small), "--resume",
+                     str(out / "checkpoint-3"), "--output-dir", str(tmp_path / "elsewhere")],
+             "belongs to another run", "model.d_model 128 there, 64 here")  # fmt: skip
+    # The same run resumes.
+    assert main(["train", *QUICK, "--steps", "5", "--data", str(data), "--resume", "--output-dir", str(out)]) == 0
+
+
+# ---- 3: NaN and infinity -----------------------------------------------------------------------------------
+
+
+def test_a_diverging_run_stops_before_saving_and_keeps_valid_metrics(tmp_path, capfd):
+    out = tmp_path / "out"
+    argv = ["train", "--steps", "6", "--batch-size", "4", "--eval-examples", "4", "--quiet", "--optimizer", "adamw",
+            "--lr", "1e30", "--save-every", "1", "--output-dir", str(out)]  # fmt: skip
+    line = _refused(capfd, argv, "the loss is nan", "stopped before saving anything of it", "checkpoint-1")
+    assert "lower --lr" in line
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint-1", "metrics.jsonl"]  # no model of the bad step
+    records = [_strict_json(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1]
+    model = fastseq.from_pretrained(out / "checkpoint-1")
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+# ---- 5: damaged checkpoints --------------------------------------------------------------------------------
+
+
+def test_damaged_trainer_state_is_one_line(tmp_path, capfd):
+    out = tmp_path / "out"
+    assert main(["train", *QUICK, "--save-every", "2", "--output-dir", str(out)]) == 0
+    state = out / "checkpoint-3" / "trainer_state.safetensors"
+    state.write_bytes(state.read_bytes()[:100])
+    capfd.readouterr()
+    _refused(capfd, ["train", *QUICK, "--steps", "5", "--resume", "--output-dir", str(out)],
+             "trainer_state.safetensors is truncated or corrupted", "--resume OUTPUT/checkpoint-STEP")  # fmt: skip
+    (out / "checkpoint-3" / "trainer_state.json").write_text('{"step": 3, "da')
+    _refused(capfd, ["train", *QUICK, "--steps", "5", "--resume", "--output-dir", str(out)],
+             "trainer_state.json is truncated or corrupted")  # fmt: skip
+    # The earlier checkpoint still resumes.
+    assert main(["train", *QUICK, "--steps", "5", "--resume", str(out / "checkpoint-2"), "--output-dir",
+                 str(out)]) == 0  # fmt: skip
+
+
+# ---- 6 and 7: model directories ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shard", ["../elsewhere/model-00001-of-00001.safetensors", "ABSOLUTE"])
+def test_a_shard_index_cannot_point_outside_the_model_directory(tmp_path, capfd, shard):
+    source = _model_dir(tmp_path / "model")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    target = elsewhere / "model-00001-of-00001.safetensors"
+    os.replace(source / "model.safetensors", target)
+    shard = str(target) if shard == "ABSOLUTE" else shard
+    from safetensors import safe_open
+
+    with safe_open(str(target), framework="pt") as handle:
+        keys = list(handle.keys())
+    (source / "model.safetensors.index.json").write_text(json.dumps({"weight_map": dict.fromkeys(keys, shard)}))
+    expected = ("is not a file name inside", "fix the index's weight_map")
+    _refused(capfd, ["convert", str(source), str(tmp_path / "dst")], *expected)
+    _refused(capfd, ["train", *QUICK, "--model", str(source), "--output-dir", str(tmp_path / "out")], *expected)
+
+
+def _without_file_override() -> list[str]:
+    """A command prefix under which a chmod 000 file cannot be read: root reads anything, so as root
+    the command runs without CAP_DAC_OVERRIDE and CAP_DAC_READ_SEARCH."""
+    if os.geteuid() != 0:
+        return []
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        pytest.skip("running as root without setpriv: a permission cannot be denied")
+    caps = "-dac_override,-dac_read_search"
+    return [setpriv, f"--inh-caps={caps}", f"--bounding-set={caps}"]
+
+
+def test_unreadable_weights_and_output_directory_say_so(tmp_path):
+    source = _model_dir(tmp_path / "model")
+    (source / "model.safetensors").chmod(0)
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    env = dict(os.environ, PYTHONPATH=str(ROOT), FASTSEQ_BACKEND="reference")
+    prefix = _without_file_override()
+    try:
+        runs = {
+            "weights": ["convert", str(source), str(tmp_path / "dst")],
+            "output": ["train", *QUICK, "--output-dir", str(locked / "run")],
+        }
+        for what, argv in runs.items():
+            proc = subprocess.run([*prefix, sys.executable, "-m", "fastseq.cli", *argv], env=env, capture_output=True,
+                                  text=True, timeout=300, check=False)  # fmt: skip
+            assert proc.returncode == 2, proc.stderr
+            line = proc.stderr.strip().splitlines()[-1]
+            assert "Traceback" not in proc.stderr
+            if what == "weights":
+                assert "exists but cannot be read (Permission denied)" in line and "chmod" in line, line
+                assert "corrupted" not in line
+            else:
+                assert "is not writable (Permission denied)" in line, line
+    finally:
+        (source / "model.safetensors").chmod(0o644)
+        locked.chmod(0o755)
+
+
+def test_metrics_are_strict_json(tmp_path):
+    out = tmp_path / "out"
+    assert main(["train", *QUICK, "--output-dir", str(out)]) == 0
+    for line in (out / "metrics.jsonl").read_text().splitlines():
+        record = _strict_json(line)
+        assert all(not isinstance(v, float) or math.isfinite(v) for v in record.values())
