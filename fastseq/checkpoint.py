@@ -89,12 +89,20 @@ def _unreadable(file: Path, err: OSError) -> CheckpointError:
     return CheckpointError(f"{file} exists but cannot be read ({reason}); {fix}")
 
 
+def _readable(files: list[Path]) -> list[Path]:
+    """`files`, each checked to open: permissions and the like first, since safetensors reports
+    every failure alike."""
+    for file in files:
+        try:
+            with open(file, "rb"):
+                pass
+        except OSError as err:
+            raise _unreadable(file, err) from err
+    return files
+
+
 def _read_safetensors(file: Path) -> dict[str, torch.Tensor]:
-    try:
-        with open(file, "rb"):  # permissions and the like first: safetensors reports every failure alike
-            pass
-    except OSError as err:
-        raise _unreadable(file, err) from err
+    _readable([file])
     try:
         with safe_open(str(file), framework="pt", device="cpu") as handle:
             return {key: handle.get_tensor(key) for key in handle.keys()}
@@ -106,11 +114,7 @@ def _read_safetensors(file: Path) -> dict[str, torch.Tensor]:
 
 
 def _read_bin(file: Path) -> dict[str, torch.Tensor]:
-    try:
-        with open(file, "rb"):
-            pass
-    except OSError as err:
-        raise _unreadable(file, err) from err
+    _readable([file])
     try:
         state = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as err:
@@ -168,9 +172,9 @@ def weight_files(path: str | os.PathLike) -> list[Path]:
     that stream tensors one at a time (ZeRO-3 partitions, pipeline stages)."""
     path = Path(path)
     if (path / SAFE_WEIGHTS).is_file():
-        return [path / SAFE_WEIGHTS]
+        return _readable([path / SAFE_WEIGHTS])
     if (path / SAFE_INDEX).is_file():
-        return shard_files(path / SAFE_INDEX)
+        return _readable(shard_files(path / SAFE_INDEX))
     raise FileNotFoundError(
         f"{path} holds no safetensors weights ({SAFE_WEIGHTS} or {SAFE_INDEX}); re-save the model with "
         "`fastseq convert SRC DST`"

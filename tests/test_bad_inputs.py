@@ -176,6 +176,12 @@ def test_a_fresh_run_refuses_a_used_output_directory_unless_overwrite(tmp_path, 
     assert main(["train", *QUICK, "--steps", "2", "--overwrite", "--output-dir", str(out)]) == 0
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2"]  # the old run's are gone
     assert (out / "notes.txt").read_text() == "mine"  # what a run does not write is kept
+    # Resuming a checkpoint into another used directory is a fresh start there: refused the same way.
+    used = tmp_path / "used"
+    used.mkdir()
+    (used / "x").write_text("theirs")
+    argv = ["train", *QUICK, "--steps", "4", "--resume", str(out / "checkpoint-2"), "--output-dir", str(used)]
+    _refused(capfd, argv, "already holds files")
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "loss" in r] == [1, 2]
 
@@ -255,7 +261,7 @@ def test_a_shard_index_cannot_point_outside_the_model_directory(tmp_path, capfd,
     _refused(capfd, ["train", *QUICK, "--model", str(source), "--output-dir", str(tmp_path / "out")], *expected)
 
 
-def _without_file_override() -> list[str]:
+def without_file_override() -> list[str]:
     """A command prefix under which a chmod 000 file cannot be read: root reads anything, so as root
     the command runs without CAP_DAC_OVERRIDE and CAP_DAC_READ_SEARCH."""
     if os.geteuid() != 0:
@@ -273,7 +279,7 @@ def test_unreadable_weights_and_output_directory_say_so(tmp_path):
     locked = tmp_path / "locked"
     locked.mkdir(mode=0o500)
     env = dict(os.environ, PYTHONPATH=str(ROOT), FASTSEQ_BACKEND="reference")
-    prefix = _without_file_override()
+    prefix = without_file_override()
     try:
         runs = {
             "weights": ["convert", str(source), str(tmp_path / "dst")],

@@ -162,7 +162,7 @@ def test_pickle_with_code_is_refused(tmp_path, capsys):
 
 
 def test_failed_write_keeps_the_previous_file(tmp_path, monkeypatch):
-    import fastseq.checkpoint as ckpt
+    import fastseq.files as files
 
     model = fastseq.from_pretrained(_hf(tmp_path))
     target = tmp_path / "out"
@@ -174,7 +174,7 @@ def test_failed_write_keeps_the_previous_file(tmp_path, monkeypatch):
             handle.write(b"partial")
         raise OSError("disk full")
 
-    monkeypatch.setattr(ckpt, "save_file", broken)
+    monkeypatch.setattr(files, "save_file", broken)
     with pytest.raises(OSError, match="disk full"):
         model.save_pretrained(target)
     assert (target / "model.safetensors").read_bytes() == before

@@ -67,6 +67,14 @@ class TrainArgs:
     def pretrained(self) -> bool:
         return self.model is not None and Path(self.model).is_dir()
 
+    @property
+    def continues_in_output_dir(self) -> bool:
+        """Whether --resume continues a run in --output-dir (rather than from a checkpoint elsewhere
+        into a new directory, which must then be empty like a fresh run's)."""
+        if self.resume is None:
+            return False
+        return self.resume == "latest" or Path(self.resume).resolve().parent == Path(self.output_dir).resolve()
+
     def learning_rate(self) -> float | None:
         """The rate the optimizer gets: Adafactor's relative step (None) from scratch, 1e-3 when
         fine-tuning a pretrained directory, else --lr."""
@@ -109,7 +117,7 @@ class TrainArgs:
                 f"--resume {self.resume} is not a checkpoint directory; pass OUTPUT/checkpoint-STEP, or --resume "
                 "alone for the latest one in --output-dir"
             )
-        if self.resume and self.overwrite:
+        if self.continues_in_output_dir and self.overwrite:
             raise ValueError("--resume continues the run in --output-dir and --overwrite replaces it; pass one")
 
 

@@ -212,7 +212,7 @@ def train(args: TrainArgs) -> dict:
     if start >= args.steps:
         raise ValueError(f"the checkpoint is at step {start}, already past --steps {args.steps}; raise --steps")
     first = engine.rank == 0
-    metrics = _Metrics(out / "metrics.jsonl", start if args.resume else None, first)
+    metrics = _Metrics(out / "metrics.jsonl", start if args.continues_in_output_dir else None, first)
     evaluating = bool(data.held_out) and engine.model is not None
     if data.held_out and engine.model is None:
         log.warning("%s cannot evaluate held-out examples; evaluate the trained model directory instead", engine.name)

@@ -58,7 +58,7 @@ def prepare_output_dir(args: TrainArgs) -> Path:
         raise ValueError(
             f"--output-dir {out} is not writable ({err.strerror}); choose a directory you can write"
         ) from err
-    if args.resume:
+    if args.continues_in_output_dir:
         return out
     entries = sorted(p.name for p in out.iterdir())
     if entries and not args.overwrite:

@@ -18,11 +18,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def deepspeed(*args: str, ranks: int = 2, module: str | None = "fastseq.train", expect_fail: bool = False):
-    """`deepspeed --num_gpus RANKS [--module MODULE] ARGS...`; returns the finished process."""
+def deepspeed(*args: str, ranks: int = 2, module: str | None = "fastseq.train", expect_fail: bool = False,
+              prefix: tuple[str, ...] = ()):  # fmt: skip
+    """`[PREFIX] deepspeed --num_gpus RANKS [--module MODULE] ARGS...`; returns the finished process."""
     env = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONPATH=str(ROOT), FASTSEQ_BACKEND="reference",
                OMP_NUM_THREADS="1")  # fmt: skip
-    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks),
+    cmd = [*prefix, sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks),
            "--master_port", str(free_port())]  # fmt: skip
     cmd += ["--module", module, *args] if module else list(args)
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.distributed.launch import ROOT, assert_losses_close, deepspeed, free_port, losses, one_process
+from tests.test_bad_inputs import without_file_override
 
 ZERO2 = str(ROOT / "configs/deepspeed/zero2.json")
 ZERO3 = str(ROOT / "configs/deepspeed/zero3.json")
@@ -63,7 +64,7 @@ def test_zero_resume_refuses_another_runs_checkpoint_and_a_diverging_run_stops(t
 
 
 @pytest.mark.slow
-def test_zero3_refuses_a_shard_index_pointing_outside_the_directory(tmp_path):
+def test_zero3_refuses_a_shard_outside_the_directory_and_an_unreadable_one(tmp_path):
     from fastseq.models import T5ForConditionalGeneration
     from fastseq.tokenizers import ByT5Tokenizer
     from fastseq.train.engine import default_config
@@ -80,6 +81,19 @@ def test_zero3_refuses_a_shard_index_pointing_outside_the_directory(tmp_path):
     proc = deepspeed("--deepspeed", ZERO3, "--model", str(model), "--steps", "2", *COMMON, "--output-dir",
                      str(tmp_path / "run"), expect_fail=True)  # fmt: skip
     assert _error_lines(proc) and all("is not a file name inside" in line for line in _error_lines(proc))
+
+    # Back in place but unreadable: said so by every rank (not "corrupted").
+    os.replace(tmp_path / "elsewhere" / first, model / first)
+    index["weight_map"] = {k: v.removeprefix("../elsewhere/") for k, v in index["weight_map"].items()}
+    (model / "model.safetensors.index.json").write_text(json.dumps(index))
+    (model / first).chmod(0)
+    try:
+        proc = deepspeed("--deepspeed", ZERO3, "--model", str(model), "--steps", "2", *COMMON, "--output-dir",
+                         str(tmp_path / "run2"), expect_fail=True, prefix=tuple(without_file_override()))  # fmt: skip
+    finally:
+        (model / first).chmod(0o644)
+    lines = _error_lines(proc)
+    assert lines and all(f"{first} exists but cannot be read (Permission denied)" in line for line in lines), lines
 
 
 def _interrupted(tmp_path: Path, name: str, config: str, extra: list[str]) -> tuple[Path, int]:
