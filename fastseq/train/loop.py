@@ -150,7 +150,13 @@ class _Run:
         self.args, self.engine, self.tokenizer, self.data, self.identity, self.out = (
             args, engine, tokenizer, data, identity, out)  # fmt: skip
         self.last_checkpoint: Path | None = None
+        self.metrics: _Metrics | None = None
+        self.evaluating = bool(data.held_out) and engine.model is not None
+        self.losses: list[tuple[int, float]] = []  # (step, loss)
+        self.evals: list[tuple[int, float]] = []  # (step, eval loss)
+        self.final: dict = {}  # the final held-out scores
         self.outputs: list[str] = []  # the greedy outputs of the last evaluation
+        self.window, self.window_tokens = time.perf_counter(), 0.0  # tokens/s since the last logged step
 
     def resume(self) -> int:
         path = find_checkpoint(self.args)
@@ -187,17 +193,89 @@ class _Run:
         self.last_checkpoint = final
         return final
 
-    def evaluate(self) -> dict:
+    def step(self, done: int, signals: _Signals) -> tuple[dict, bool]:
+        """Step `done` (1-based): its record in metrics.jsonl, and whether a signal ends the run."""
+        args, engine, data = self.args, self.engine, self.data
+        micro = [data.micro_batch(engine.data_parallel, engine.data_rank) for _ in range(args.grad_accum)]
+        loss = engine.forward_backward([batch for batch, _ in micro])
+        # The step's only synchronisation: the loss, the tokens and any signal, summed over the ranks.
+        signalled = float(signals.received is not None)
+        loss_sum, tokens, stop = engine.sum_over_ranks([float(loss), float(sum(n for _, n in micro)), signalled])
+        mean_loss = loss_sum / engine.world
+        try:
+            if not math.isfinite(mean_loss):
+                raise NonFiniteError(f"the loss is {mean_loss}")
+            grad_norm = engine.step()
+        except NonFiniteError as err:
+            last = self.last_checkpoint
+            where = f"the last checkpoint, {last}, is intact" if last else "no checkpoint was written"
+            raise NonFiniteError(
+                f"step {done}: {err}, so the run stopped before saving anything of it ({where}); lower --lr, "
+                "then start again or --resume"
+            ) from None
+        record = {"step": done, "loss": mean_loss, "lr": engine.learning_rate()}
+        if grad_norm is not None:
+            record["grad_norm"] = grad_norm
+        self.window_tokens += tokens * engine.data_parallel / engine.world  # pipeline stages share batches
+        if done % args.log_every == 0 or done == args.steps:
+            now = time.perf_counter()
+            record["tokens_per_s"] = self.window_tokens / max(now - self.window, 1e-9)
+            self.window_tokens, self.window = 0, now
+            if engine.device.type == "cuda":
+                record["peak_gib"] = torch.cuda.max_memory_allocated(engine.device) / 2**30
+        self.losses.append((done, mean_loss))
+        if self.evaluating and args.eval_every and done % args.eval_every == 0 and done != args.steps:
+            record.update(self.evaluate(done))
+        self.metrics.write(record)
+        if stop and done != args.steps:
+            return record, True
+        if args.save_every and done % args.save_every == 0 and done != args.steps:
+            self.checkpoint(done)
+        return record, False
+
+    def finish(self) -> Path:
+        """The final evaluation, checkpoint and model directory; returns the checkpoint."""
+        if self.evaluating:
+            self.final = self.evaluate(self.args.steps)
+            self.metrics.write({"step": self.args.steps, **self.final})
+        path = self.checkpoint(self.args.steps)
+        self.engine.save_model(self.out, path)
+        if self.engine.rank == 0:
+            self.tokenizer.save_pretrained(self.out)
+            steps, losses = zip(*self.losses, strict=True)
+            plot_losses(self.out / "loss.png", list(steps), list(losses), self.evals)
+        return path
+
+    def summary(self, start: int, elapsed: float, path: Path, stopped_by: int | None) -> dict:
+        """The summary line (and a few held-out outputs) on the first rank; the summary dict."""
+        last_step, loss = self.losses[-1]
+        interrupted = _SIGNALS[stopped_by] if stopped_by is not None else None
+        if self.engine.rank == 0:
+            line = f"fastseq train ({self.engine.name}): steps {start}-{last_step} in {elapsed:.1f}s"
+            line += f", final loss {loss:.4f}"
+            if "exact_match" in self.final:
+                line += f", held-out exact match {self.final['exact_match']:.1%} ({len(self.data.held_out)} examples)"
+            print(line + f", checkpoint in {self.out} ({path.name})")
+            if interrupted:
+                print(f"fastseq train: stopped by {interrupted} after step {last_step}; continue with the same "
+                      "command and --resume")  # fmt: skip
+            shown = min(self.args.examples_to_show, len(self.outputs))
+            for (source, target), output in zip(self.data.held_out[:shown], self.outputs[:shown], strict=True):
+                print(f"  {source!r} -> {output!r} (target {target!r})")
+        losses = [value for _, value in self.losses]
+        return {"loss": loss, "losses": losses, "seconds": elapsed, "interrupted": interrupted, **self.final}
+
+    def evaluate(self, step: int) -> dict:
         engine = self.engine
-        scores, outputs = evaluate(engine.model, self.tokenizer, self.data.held_out, self.data.eval_collator,
-                                   engine.device, autocast=engine.autocast)  # fmt: skip
-        self.outputs = outputs
+        scores, self.outputs = evaluate(engine.model, self.tokenizer, self.data.held_out, self.data.eval_collator,
+                                        engine.device, autocast=engine.autocast)  # fmt: skip
+        self.evals.append((step, scores["eval_loss"]))
         return scores
 
 
 def train(args: TrainArgs) -> dict:
     """Run `fastseq train`; returns the summary (final loss, losses, seconds, held-out scores,
-    and `interrupted`: the signal that stopped the run, or None)."""
+    and `interrupted`: the name of the signal that stopped the run, or None)."""
     args.validate()
     config = model_config(args)
     tokenizer = run_tokenizer(args, config)
@@ -211,93 +289,22 @@ def train(args: TrainArgs) -> dict:
     start = run.resume() if args.resume else 0
     if start >= args.steps:
         raise ValueError(f"the checkpoint is at step {start}, already past --steps {args.steps}; raise --steps")
-    first = engine.rank == 0
-    metrics = _Metrics(out / "metrics.jsonl", start if args.continues_in_output_dir else None, first)
-    evaluating = bool(data.held_out) and engine.model is not None
+    run.metrics = _Metrics(out / "metrics.jsonl", start if args.continues_in_output_dir else None, engine.rank == 0)
     if data.held_out and engine.model is None:
         log.warning("%s cannot evaluate held-out examples; evaluate the trained model directory instead", engine.name)
-    losses, steps, evals, final = [], [], [], {}
-    started = window = time.perf_counter()
-    window_tokens = 0
-    progress = tqdm(range(start, args.steps), desc="train", unit="step", disable=args.quiet or not first,
+    progress = tqdm(range(start, args.steps), desc="train", unit="step", disable=args.quiet or engine.rank != 0,
                     file=sys.stderr)  # fmt: skip
-    stopped_by = None
+    started = time.perf_counter()
     with _Signals() as signals:
         for step in progress:
-            done = step + 1
-            micro = [data.micro_batch(engine.data_parallel, engine.data_rank) for _ in range(args.grad_accum)]
-            loss = engine.forward_backward([batch for batch, _ in micro])
-            tokens = sum(n for _, n in micro)
-            # The step's only synchronisation: the loss, the tokens and any signal, summed over the ranks.
-            loss_sum, tokens_sum, stop = engine.sum_over_ranks(
-                [float(loss), float(tokens), float(bool(signals.received))]
-            )
-            mean_loss = loss_sum / engine.world
-            try:
-                if not math.isfinite(mean_loss):
-                    raise NonFiniteError(f"the loss is {mean_loss}")
-                grad_norm = engine.step()
-            except NonFiniteError as err:
-                where = (
-                    f"the last checkpoint, {run.last_checkpoint}, is intact"
-                    if run.last_checkpoint
-                    else "no checkpoint was written"
-                )
-                raise NonFiniteError(
-                    f"step {done}: {err}, so the run stopped before saving anything of it ({where}); lower --lr, "
-                    "then start again or --resume"
-                ) from None
-            record = {"step": done, "loss": mean_loss, "lr": engine.learning_rate()}
-            if grad_norm is not None:
-                record["grad_norm"] = grad_norm
-            window_tokens += tokens_sum * engine.data_parallel / engine.world
-            if done % args.log_every == 0 or done == args.steps:
-                now = time.perf_counter()
-                record["tokens_per_s"] = window_tokens / max(now - window, 1e-9)
-                window_tokens, window = 0, now
-                if engine.device.type == "cuda":
-                    record["peak_gib"] = torch.cuda.max_memory_allocated(engine.device) / 2**30
-                progress.set_postfix(loss=f"{mean_loss:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
-            losses.append(mean_loss)
-            steps.append(done)
-            if evaluating and args.eval_every and done % args.eval_every == 0 and done != args.steps:
-                scores = run.evaluate()
-                record.update(scores)
-                evals.append((done, scores["eval_loss"]))
-            metrics.write(record)
-            if stop and done != args.steps:
-                stopped_by = signals.received or signal.SIGTERM  # another rank received it
-                path = run.checkpoint(done)
+            record, stop = run.step(step + 1, signals)
+            progress.set_postfix(loss=f"{record['loss']:.4f}")
+            if stop:
+                stopped_by = signals.received or signal.SIGTERM  # or another rank received it
+                path = run.checkpoint(step + 1)
                 break
-            if args.save_every and done % args.save_every == 0 and done != args.steps:
-                run.checkpoint(done)
+        else:
+            stopped_by = None
+            path = run.finish()
         progress.close()
-        if stopped_by is None:
-            if evaluating:
-                final = run.evaluate()
-                evals.append((args.steps, final["eval_loss"]))
-                metrics.write({"step": args.steps, **final})
-            path = run.checkpoint(args.steps)
-            engine.save_model(out, path)
-            if first:
-                tokenizer.save_pretrained(out)
-                plot_losses(out / "loss.png", steps, losses, evals)
-    elapsed = time.perf_counter() - started
-    summary = {"loss": losses[-1], "losses": losses, "seconds": elapsed, "interrupted": None, **final}
-    if first:
-        line = f"fastseq train ({engine.name}): steps {start}-{steps[-1]} in {elapsed:.1f}s"
-        line += f", final loss {losses[-1]:.4f}"
-        if "exact_match" in final:
-            line += f", held-out exact match {final['exact_match']:.1%} ({len(data.held_out)} examples)"
-        print(line + f", checkpoint in {out} ({path.name})")
-    if stopped_by is not None:
-        summary["interrupted"] = _SIGNALS[stopped_by]
-        if first:
-            print(f"fastseq train: stopped by {_SIGNALS[stopped_by]} after step {steps[-1]}; continue with the same "
-                  "command and --resume")  # fmt: skip
-        return summary
-    if first:
-        shown = min(args.examples_to_show, len(run.outputs))
-        for (source, target), output in zip(data.held_out[:shown], run.outputs[:shown], strict=True):
-            print(f"  {source!r} -> {output!r} (target {target!r})")
-    return summary
+    return run.summary(start, time.perf_counter() - started, path, stopped_by)
