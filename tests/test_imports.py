@@ -90,3 +90,11 @@ def test_no_import_cycle_in_fastseq():
     graph = {name: _imports(name, file, modules) for name, file in modules.items()}
     cycle = find_cycle(graph)
     assert cycle is None, "import cycle: " + " -> ".join(cycle)
+
+
+def test_every_package_is_listed_for_installation():
+    """A subpackage pyproject.toml does not list would be missing from a built wheel."""
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    listed = set(config["packages"])
+    packages = {name for name, file in _modules().items() if file.name == "__init__.py"}
+    assert packages == listed
