@@ -30,21 +30,23 @@ def _device_tag(quick: bool) -> str:
     return torch.cuda.get_device_name().split()[1].lower() if " " in torch.cuda.get_device_name() else "gpu"
 
 
-def run(args) -> None:
+def run(names: list[str], *, quick: bool = False, out: str | None = None, readme: str | None = None,
+        compile: bool = False) -> None:  # fmt: skip
+    """`fastseq bench`: run the scripts, then write the plots and the results table."""
     here = bench_dir()
-    names = args.names or list(NAMES)
+    names = names or list(NAMES)
     unknown = [n for n in names if n not in NAMES]
     if unknown:
         raise ValueError(f"unknown benchmark {unknown}; choose from {', '.join(NAMES)}")
-    out = Path(args.out) if args.out else here / "results"
+    out = Path(out) if out else here / "results"
     out.mkdir(parents=True, exist_ok=True)
-    tag = _device_tag(args.quick)
+    tag = _device_tag(quick)
     failed = []
     for name in names:
         cmd = [sys.executable, str(here / f"bench_{name}.py"), "--out", str(out / f"{name}_{tag}.csv")]
-        if args.quick:
+        if quick:
             cmd.append("--quick" if name == "train" else "--smoke")
-        if args.compile and name == "train":
+        if compile and name == "train":
             cmd.append("--compile")
         print(f"fastseq bench: {name}", flush=True)
         if subprocess.run(cmd, cwd=here).returncode != 0:
@@ -53,18 +55,10 @@ def run(args) -> None:
     from report import report
 
     default_readme = here / "README.md" if out.resolve() == (here / "results").resolve() else out / "README.md"
-    readme = Path(args.readme) if args.readme else default_readme
+    readme = Path(readme) if readme else default_readme
     written = report(out, readme)
     print(f"fastseq bench: {len(names) - len(failed)}/{len(names)} benchmarks ran; wrote "
           f"{', '.join(p.name for p in written)} in {out}")  # fmt: skip
     if failed:
         print(f"fastseq bench: failed: {', '.join(failed)} (their output is above)", file=sys.stderr)
         raise SystemExit(1)
-
-
-def add_arguments(parser) -> None:
-    parser.add_argument("names", nargs="*", help=f"benchmarks to run (default: all of {', '.join(NAMES)})")
-    parser.add_argument("--quick", action="store_true", help="tiny sizes on the CPU: checks that every script works")
-    parser.add_argument("--out", default=None, help="results directory (default: bench/results)")
-    parser.add_argument("--readme", default=None, help="the README whose results table is rewritten")
-    parser.add_argument("--compile", action="store_true", help="also time torch.compile of each training provider")

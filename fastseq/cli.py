@@ -9,6 +9,7 @@ import signal
 import sys
 from pathlib import Path
 
+from .bench import NAMES as BENCHMARKS
 from .optim import OPTIMIZERS, SCHEDULES
 from .train import TrainArgs, train
 
@@ -130,6 +131,19 @@ def _yaml_options(path: Path) -> dict:
     return {str(k).replace("-", "_"): v for k, v in loaded.items()}
 
 
+def _plan(ns: argparse.Namespace) -> None:
+    from .distributed.plan import show
+
+    show(ns.model, gpus=ns.gpus, gpus_per_node=ns.gpus_per_node, gpu_mem=ns.gpu_mem, cpu_mem=ns.cpu_mem,
+         batch=ns.batch, seq=ns.seq, target=ns.target)  # fmt: skip
+
+
+def _bench(ns: argparse.Namespace) -> None:
+    from .bench import run
+
+    run(ns.names, quick=ns.quick, out=ns.out, readme=ns.readme, compile=ns.compile)
+
+
 def _train(ns: argparse.Namespace) -> int:
     summary = train(train_args(ns))
     stopped = summary["interrupted"]
@@ -174,15 +188,22 @@ def build_parser() -> argparse.ArgumentParser:
     p_plan = sub.add_parser(
         "plan", parents=[common], help="which DeepSpeed strategy fits a model on a cluster, and its memory"
     )
-    from .distributed import plan as _plan
-
-    _plan.add_arguments(p_plan)
-    p_plan.set_defaults(func=_plan.run)
-    from . import bench as _bench
-
+    p_plan.add_argument("--model", required=True, help="a preset name (fastseq.presets.PRESETS)")
+    p_plan.add_argument("--gpus", type=int, required=True, help="GPUs in all")
+    p_plan.add_argument("--gpus-per-node", type=int, default=None, help="default: min(gpus, 8)")
+    p_plan.add_argument("--gpu-mem", type=float, default=80.0, help="GB of memory per GPU")
+    p_plan.add_argument("--cpu-mem", type=float, default=1000.0, help="GB of CPU memory per node")
+    p_plan.add_argument("--batch", type=int, default=1, help="micro-batch per GPU")
+    p_plan.add_argument("--seq", type=int, default=512, help="input tokens")
+    p_plan.add_argument("--target", type=int, default=128, help="target tokens")
+    p_plan.set_defaults(func=_plan)
     p_bench = sub.add_parser("bench", parents=[common], help="run the benchmarks and write their CSVs, plots and table")
-    _bench.add_arguments(p_bench)
-    p_bench.set_defaults(func=_bench.run)
+    p_bench.add_argument("names", nargs="*", help=f"benchmarks to run (default: all of {', '.join(BENCHMARKS)})")
+    p_bench.add_argument("--quick", action="store_true", help="tiny sizes on the CPU: checks that every script works")
+    p_bench.add_argument("--out", default=None, help="results directory (default: bench/results)")
+    p_bench.add_argument("--readme", default=None, help="the README whose results table is rewritten")
+    p_bench.add_argument("--compile", action="store_true", help="also time torch.compile of each training provider")
+    p_bench.set_defaults(func=_bench)
     return parser
 
 

@@ -129,26 +129,16 @@ def table(rows: list[Row], *, gpu_mem_gb: float, cpu_mem_gb: float, gpus_per_nod
     return "\n".join(lines)
 
 
-def run(args) -> None:
-    gpus_per_node = args.gpus_per_node or min(args.gpus, 8)
-    sizes = model_sizes(args.model)
-    rows = plan(args.model, gpus=args.gpus, gpus_per_node=gpus_per_node, batch=args.batch, seq=args.seq,
-                target=args.target, sizes=sizes)  # fmt: skip
+def show(model: str, *, gpus: int, gpus_per_node: int | None, gpu_mem: float, cpu_mem: float, batch: int, seq: int,
+         target: int) -> None:  # fmt: skip
+    """`fastseq plan`: print the table of strategies for `model` on the cluster, and what fits."""
+    gpus_per_node = gpus_per_node or min(gpus, 8)
+    sizes = model_sizes(model)
+    rows = plan(model, gpus=gpus, gpus_per_node=gpus_per_node, batch=batch, seq=seq, target=target, sizes=sizes)
     P, largest, _ = sizes
-    print(f"{args.model}: {P / 1e9:.2f}B parameters (largest layer {largest / 1e6:.0f}M) on {args.gpus} GPUs "
-          f"({gpus_per_node} per node) of {args.gpu_mem:g} GB, {args.cpu_mem:g} GB CPU per node; "
-          f"micro-batch {args.batch} x {args.seq} -> {args.target} tokens, bf16 + Adam. GiB:")  # fmt: skip
-    print(table(rows, gpu_mem_gb=args.gpu_mem, cpu_mem_gb=args.cpu_mem, gpus_per_node=gpus_per_node))
-    fitting = [r.strategy for r in rows if fits(r, args.gpu_mem, args.cpu_mem)]
+    print(f"{model}: {P / 1e9:.2f}B parameters (largest layer {largest / 1e6:.0f}M) on {gpus} GPUs "
+          f"({gpus_per_node} per node) of {gpu_mem:g} GB, {cpu_mem:g} GB CPU per node; "
+          f"micro-batch {batch} x {seq} -> {target} tokens, bf16 + Adam. GiB:")  # fmt: skip
+    print(table(rows, gpu_mem_gb=gpu_mem, cpu_mem_gb=cpu_mem, gpus_per_node=gpus_per_node))
+    fitting = [r.strategy for r in rows if fits(r, gpu_mem, cpu_mem)]
     print(f"fits: {', '.join(fitting) if fitting else 'nothing; add GPUs or CPU memory, or shorten the batch'}")
-
-
-def add_arguments(parser) -> None:
-    parser.add_argument("--model", required=True, help="a preset name (fastseq.presets.PRESETS)")
-    parser.add_argument("--gpus", type=int, required=True, help="GPUs in all")
-    parser.add_argument("--gpus-per-node", type=int, default=None, help="default: min(gpus, 8)")
-    parser.add_argument("--gpu-mem", type=float, default=80.0, help="GB of memory per GPU")
-    parser.add_argument("--cpu-mem", type=float, default=1000.0, help="GB of CPU memory per node")
-    parser.add_argument("--batch", type=int, default=1, help="micro-batch per GPU")
-    parser.add_argument("--seq", type=int, default=512, help="input tokens")
-    parser.add_argument("--target", type=int, default=128, help="target tokens")
