@@ -115,3 +115,43 @@ def test_bad_configurations_are_refused_through_the_launcher(tmp_path):
     proc = deepspeed("--deepspeed", str(many), "--steps", "1", "--output-dir", str(tmp_path / "y"), "--precision",
                      "fp16", *COMMON, expect_fail=True)  # fmt: skip
     assert "fp16 is refused for T5-family models" in proc.stderr
+
+
+@pytest.mark.parametrize("kind", ["t5_tied", "t5_untied", "blenderbot"])
+def test_the_last_stage_takes_the_fused_loss_of_the_head_without_logits(kind):
+    """The head layers hand (hidden, weight[, bias]) to the loss function, which computes the
+    cross entropy with `linear_cross_entropy`: the value and gradients of the logits' cross entropy."""
+    import torch.nn.functional as F
+
+    from fastseq.distributed.stages import HeadPipe, LogitsBiasPipe, TokenEmbedding, _tied_head, head_loss
+    from fastseq.models import BlenderbotSmallConfig, T5Config
+
+    torch.manual_seed(0)
+    if kind == "blenderbot":
+        config = BlenderbotSmallConfig(**{k: v for k, v in KINDS["blenderbot_small"][1].items()
+                                          if k in BlenderbotSmallConfig.__dataclass_fields__})  # fmt: skip
+    else:
+        config = T5Config(**{k: v for k, v in T5_BASE.items() if k in T5Config.__dataclass_fields__})
+    hidden = torch.randn(2, 7, config.d_model, requires_grad=True)
+    labels = torch.randint(0, config.vocab_size, (2, 7))
+    labels[1, 4:] = -100
+    if kind == "t5_untied":
+        head = HeadPipe(config.d_model, config.vocab_size)
+        out = head(hidden)
+    else:
+        embedding = TokenEmbedding(config)
+        out = _tied_head(embedding, hidden)
+    if kind == "blenderbot":
+        bias = LogitsBiasPipe(config.vocab_size)
+        bias.final_logits_bias.normal_()
+        out = bias(out)
+    assert out[0] is hidden and out[1].shape == (config.vocab_size, config.d_model)  # no logits: the head's inputs
+    loss = head_loss(out, labels)
+    weight = out[1]
+    logits = hidden @ weight.T + (out[2] if len(out) > 2 else 0)
+    expected = F.cross_entropy(logits.reshape(-1, config.vocab_size), labels.reshape(-1), ignore_index=-100)
+    grads = torch.autograd.grad(loss, (hidden, weight))
+    expected_grads = torch.autograd.grad(expected, (hidden, weight))
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
+    for got, want in zip(grads, expected_grads, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
