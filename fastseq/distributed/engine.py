@@ -37,6 +37,18 @@ def num_layers(model_config) -> int:
     return model_config.num_layers + model_config.num_decoder_layers
 
 
+def _release_shared_memory(rank: int) -> None:
+    """Unlink this rank's /dev/shm buffer of DeepSpeed's CPU all-reduce once every rank has mapped
+    every buffer (DeepSpeed maps them all while it initializes and never unlinks them: each
+    two-rank run left 2 x 66 MB in /dev/shm until the tmpfs filled and the OOM killer ended runs).
+    The mappings stay valid; only the name goes."""
+    torch.distributed.barrier()
+    name = f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR')}_{os.environ.get('MASTER_PORT')}"
+    buffer = Path("/dev/shm") / f"{name}_{rank}"
+    if buffer.exists():
+        buffer.unlink()
+
+
 class DeepSpeedEngine(Engine):
     """The process group (NCCL on GPUs, gloo on the CPU) and the resolved DeepSpeed config."""
 
@@ -50,6 +62,8 @@ class DeepSpeedEngine(Engine):
         self.device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}") if on_gpu else torch.device("cpu")
         if on_gpu:
             torch.cuda.set_device(self.device)
+        else:
+            _release_shared_memory(self.rank)
         self.config = ds_config.resolve(
             raw_config, model_config=model_config, world_size=self.world, micro_batch_size=args.batch_size,
             grad_accum=args.grad_accum, clip=args.clip, precision=args.precision, force_fp16=args.force_fp16,

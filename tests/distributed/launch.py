@@ -23,15 +23,26 @@ def deepspeed(*args: str, ranks: int = 2, module: str | None = "fastseq.train", 
     """`[PREFIX] deepspeed --num_gpus RANKS [--module MODULE] ARGS...`; returns the finished process."""
     env = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONPATH=str(ROOT), FASTSEQ_BACKEND="reference",
                OMP_NUM_THREADS="1")  # fmt: skip
+    port = free_port()
     cmd = [*prefix, sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks),
-           "--master_port", str(free_port())]  # fmt: skip
+           "--master_port", str(port)]  # fmt: skip
     cmd += ["--module", module, *args] if module else list(args)
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    left = shared_memory_left(port)
+    if not expect_fail:  # a rank stopped by the launcher before it released its buffer may leave one
+        assert not left, f"the run left DeepSpeed's all-reduce buffers in /dev/shm: {left}"
+    for buffer in left:
+        buffer.unlink()
     if expect_fail:
         assert proc.returncode != 0, proc.stdout[-2000:]
     else:
         assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     return proc
+
+
+def shared_memory_left(port: int) -> list[Path]:
+    """DeepSpeed's CPU all-reduce buffers in /dev/shm of the run on `port`."""
+    return list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
 
 
 def losses(output_dir: Path) -> list[float]:

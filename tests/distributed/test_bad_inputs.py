@@ -14,7 +14,15 @@ from pathlib import Path
 
 import pytest
 
-from tests.distributed.launch import ROOT, assert_losses_close, deepspeed, free_port, losses, one_process
+from tests.distributed.launch import (
+    ROOT,
+    assert_losses_close,
+    deepspeed,
+    free_port,
+    losses,
+    one_process,
+    shared_memory_left,
+)
 from tests.test_bad_inputs import without_file_override
 
 ZERO2 = str(ROOT / "configs/deepspeed/zero2.json")
@@ -103,7 +111,8 @@ def _interrupted(tmp_path: Path, name: str, config: str, extra: list[str]) -> tu
     out = tmp_path / name
     env = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONPATH=str(ROOT), FASTSEQ_BACKEND="reference",
                OMP_NUM_THREADS="1")  # fmt: skip
-    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(free_port()),
+    port = free_port()
+    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(port),
            "--module", "fastseq.train", "--deepspeed", config, "--steps", "100000", *COMMON, *extra,
            "--output-dir", str(out)]  # fmt: skip
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -117,6 +126,7 @@ def _interrupted(tmp_path: Path, name: str, config: str, extra: list[str]) -> tu
     assert len(checkpoints) == 1, stdout[-2000:] + stderr[-2000:]
     stopped = int(checkpoints[0].name.split("-")[1])
     assert f"stopped by SIGTERM after step {stopped}" in stdout
+    assert not shared_memory_left(port)  # released even though the launcher ended the ranks
     assert sorted(p.name for p in checkpoints[0].glob("rng-*")) == ["rng-0.safetensors", "rng-1.safetensors"]
     return out, stopped
 
