@@ -37,12 +37,14 @@ def num_layers(model_config) -> int:
     return model_config.num_layers + model_config.num_decoder_layers
 
 
-def _release_shared_memory(rank: int) -> None:
+def release_shared_memory() -> None:
     """Unlink this rank's /dev/shm buffer of DeepSpeed's CPU all-reduce once every rank has mapped
     every buffer (DeepSpeed maps them all while it initializes and never unlinks them: each
     two-rank run left 2 x 66 MB in /dev/shm until the tmpfs filled and the OOM killer ended runs).
-    The mappings stay valid; only the name goes."""
+    The mappings stay valid; only the name goes. Call it on every rank after
+    `deepspeed.init_distributed` on the CPU (the engines here do)."""
     torch.distributed.barrier()
+    rank = torch.distributed.get_rank()
     name = f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR')}_{os.environ.get('MASTER_PORT')}"
     buffer = Path("/dev/shm") / f"{name}_{rank}"
     if buffer.exists():
@@ -63,7 +65,7 @@ class DeepSpeedEngine(Engine):
         if on_gpu:
             torch.cuda.set_device(self.device)
         else:
-            _release_shared_memory(self.rank)
+            release_shared_memory()
         self.config = ds_config.resolve(
             raw_config, model_config=model_config, world_size=self.world, micro_batch_size=args.batch_size,
             grad_accum=args.grad_accum, clip=args.clip, precision=args.precision, force_fp16=args.force_fp16,

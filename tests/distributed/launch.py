@@ -29,10 +29,10 @@ def deepspeed(*args: str, ranks: int = 2, module: str | None = "fastseq.train", 
     cmd += ["--module", module, *args] if module else list(args)
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     left = shared_memory_left(port)
+    for buffer in left:  # removed first, so that a failing run does not fill /dev/shm either
+        buffer.unlink()
     if not expect_fail:  # a rank stopped by the launcher before it released its buffer may leave one
         assert not left, f"the run left DeepSpeed's all-reduce buffers in /dev/shm: {left}"
-    for buffer in left:
-        buffer.unlink()
     if expect_fail:
         assert proc.returncode != 0, proc.stdout[-2000:]
     else:

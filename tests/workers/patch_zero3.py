@@ -11,6 +11,7 @@ import deepspeed
 import torch
 
 import fastseq
+from fastseq.distributed.engine import release_shared_memory
 from tests.conftest import batch, hf_model
 
 fpatch = importlib.import_module("fastseq.patch")
@@ -25,6 +26,7 @@ def main() -> None:
     parser.add_argument("--local_rank", type=int, default=0)
     args = parser.parse_args()
     deepspeed.init_distributed(dist_backend="gloo")
+    release_shared_memory()
     rank = torch.distributed.get_rank()
 
     calls = {"linear_cross_entropy": 0}
