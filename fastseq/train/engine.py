@@ -87,6 +87,9 @@ class Engine:
         """The trained model as a Hugging Face directory at `out` (from the final `checkpoint`)."""
         raise NotImplementedError
 
+    def close(self) -> None:
+        """Release what the engine holds beyond the process (a process group) once the run is over."""
+
 
 # ---- the model and tokenizer of a run -----------------------------------------------------------
 

@@ -307,4 +307,6 @@ def train(args: TrainArgs) -> dict:
             stopped_by = None
             path = run.finish()
         progress.close()
-    return run.summary(start, time.perf_counter() - started, path, stopped_by)
+    summary = run.summary(start, time.perf_counter() - started, path, stopped_by)
+    engine.close()
+    return summary
