@@ -142,7 +142,11 @@ def _weight_map(index_file: Path) -> dict[str, str]:
 def shard_files(index_file: Path) -> list[Path]:
     """The shards an index lists, each a file of the index's own directory: a name with a directory
     part, `..` or an absolute path is refused, so loading never reads outside the model directory."""
-    shards = sorted(set(map(str, _weight_map(index_file).values())))
+    return _shard_paths(index_file, _weight_map(index_file))
+
+
+def _shard_paths(index_file: Path, weight_map: dict[str, str]) -> list[Path]:
+    shards = sorted(set(map(str, weight_map.values())))
     for shard in shards:
         if Path(shard).name != shard or shard in ("", ".", ".."):
             raise CheckpointError(
@@ -158,7 +162,7 @@ def shard_files(index_file: Path) -> list[Path]:
 def _read_index(index_file: Path, reader: Callable[[Path], dict]) -> dict[str, torch.Tensor]:
     weight_map = _weight_map(index_file)
     state: dict[str, torch.Tensor] = {}
-    for shard_file in shard_files(index_file):
+    for shard_file in _shard_paths(index_file, weight_map):
         state.update(reader(shard_file))
     listed = set(weight_map)
     if listed != set(state):

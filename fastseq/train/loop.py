@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import shutil
 import signal
 import sys
 import time
@@ -174,8 +175,6 @@ class _Run:
         engine, first = self.engine, self.engine.rank == 0
         final, tmp = self.out / f"checkpoint-{step}", self.out / f".checkpoint-{step}.tmp"
         if first and tmp.exists():
-            import shutil
-
             shutil.rmtree(tmp)
         engine.barrier()
         if first:
