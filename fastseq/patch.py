@@ -134,13 +134,8 @@ _CAPTURE = "_fastseq_capture"  # set on the LM head while the model's forward ru
 def _lm_head_forward(self, hidden_states, labels=None, bias=None):
     """With labels: the mean cross-entropy of `hidden @ W.T (+ bias)`, as a scalar fp32. While the
     model's own forward runs for a fused loss: the hidden states themselves (nothing is computed)."""
-    if labels is not None:
-        weight = self.weight
-        if torch.is_autocast_enabled(hidden_states.device.type):  # what F.linear would compute in
-            dtype = torch.get_autocast_dtype(hidden_states.device.type)
-            hidden_states, weight = hidden_states.to(dtype), weight.to(dtype)
-            bias = bias.to(dtype) if bias is not None else None
-        return kernels.linear_cross_entropy(hidden_states, weight, labels, bias=bias)
+    if labels is not None:  # under autocast the kernel casts as F.linear would
+        return kernels.linear_cross_entropy(hidden_states, self.weight, labels, bias=bias)
     if getattr(self, _CAPTURE, False):
         return hidden_states
     return original_forward(self)(hidden_states)

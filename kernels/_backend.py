@@ -13,6 +13,7 @@ it for one op.
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -32,10 +33,34 @@ def last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
 
 
 def key_mask(key_padding_mask: torch.Tensor | None, device: torch.device) -> torch.Tensor:
-    """A `(B, L)` key mask as the kernels read it: int8, nonzero = attend (an empty `(0, 1)` for None)."""
+    """A `(B, L)` key mask as the kernels read it: int8, nonzero = attend, rows contiguous (the kernels
+    index keys with a unit stride, so a transposed or strided mask is copied); an empty `(0, 1)` for None."""
     if key_padding_mask is None:
         return torch.empty(0, 1, dtype=torch.int8, device=device)
-    return (key_padding_mask != 0).to(torch.int8)
+    return (key_padding_mask != 0).to(torch.int8).contiguous()
+
+
+def autocast_dtype(*tensors: torch.Tensor | None) -> torch.dtype | None:
+    """The dtype autocast gives a matmul of these tensors (their device type's autocast dtype), or None
+    when autocast is off for that device type."""
+    device_type = next((t.device.type for t in tensors if t is not None), "cpu")
+    if not torch.is_autocast_enabled(device_type):
+        return None
+    return torch.get_autocast_dtype(device_type)
+
+
+def autocast_cast(dtype: torch.dtype, *tensors: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+    """The tensors as autocast casts a matmul's inputs: floating tensors other than fp64 to `dtype`
+    (differentiably, so a parameter's gradient comes back in its own dtype), the rest unchanged."""
+    return tuple(
+        t.to(dtype) if t is not None and t.is_floating_point() and t.dtype != torch.float64 else t for t in tensors
+    )
+
+
+def autocast_off(tensor: torch.Tensor) -> torch.autocast:
+    """A context with autocast disabled on `tensor`'s device type: an op that has cast its inputs runs
+    its own fp32 math and casts inside it, untouched by autocast."""
+    return torch.autocast(tensor.device.type, enabled=False)
 
 
 def backend(op: str | None = None) -> str:
@@ -49,6 +74,29 @@ def backend(op: str | None = None) -> str:
             raise ValueError(f"{name}={value!r} is not one of {_CHOICES}; unset it or pick one of those")
         return value
     return "auto"
+
+
+def cuda_device(*tensors: torch.Tensor | None) -> torch.device | None:
+    """The CUDA device of the first tensor that lives on one, or None."""
+    return next((t.device for t in tensors if t is not None and t.is_cuda), None)
+
+
+# The oldest GPU the kernels are built for: sm_80 (A100) has bf16 tensor cores and the shared memory
+# the smallest tiles need; sm_75 (T4) and sm_70 (V100) have neither.
+MIN_CAPABILITY = (8, 0)
+_WARNED: set[str] = set()
+
+
+def unsupported_gpu(device: torch.device) -> str | None:
+    """Why the Triton kernels cannot run on this CUDA device, or None."""
+    capability = torch.cuda.get_device_capability(device)
+    if tuple(capability) >= MIN_CAPABILITY:
+        return None
+    major, minor = capability
+    return (
+        f"{torch.cuda.get_device_name(device)} (sm_{major}{minor}): the kernels need sm_{MIN_CAPABILITY[0]}"
+        f"{MIN_CAPABILITY[1]} or newer (bf16 tensor cores, the shared memory of their tiles)"
+    )
 
 
 def interpreting() -> bool:
@@ -73,7 +121,8 @@ def use_triton(
     """Whether `op` runs its Triton kernel for these inputs.
 
     `has_kernel` says whether the op ships a Triton kernel in this build; `unsupported`, asked only
-    when the kernel would run, says why it cannot take these inputs (or None). Forcing
+    when the kernel would run, says why it cannot take these inputs (or None). A GPU older than
+    `MIN_CAPABILITY` runs the reference, with one warning per device kind. Forcing
     `FASTSEQ_BACKEND=triton` for an op without a kernel, for inputs its kernel does not take, or on
     CPU tensors without the interpreter, is an error rather than a silent fallback; under `auto`
     such inputs go to the reference.
@@ -81,7 +130,15 @@ def use_triton(
     choice = backend(op)
     if choice == "reference":
         return False
-    on_cuda = any(t is not None and t.is_cuda for t in tensors)
+    device = cuda_device(*tensors)
+    on_cuda = device is not None
+    if on_cuda and (reason := unsupported_gpu(device)):
+        if choice == "triton":
+            raise NotImplementedError(f"{op}: the Triton kernels do not support {reason}; set FASTSEQ_BACKEND=auto")
+        if reason not in _WARNED:
+            _WARNED.add(reason)
+            warnings.warn(f"fastseq runs its PyTorch reference ops on {reason}", stacklevel=3)
+        return False
     if choice == "auto":
         return has_kernel and on_cuda and (unsupported is None or unsupported() is None)
     if not has_kernel:

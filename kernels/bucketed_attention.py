@@ -43,7 +43,17 @@ import torch
 import triton
 import triton.language as tl
 
-from ._backend import interpreting, key_mask, last_dim_contiguous, unsupported_dtypes, upcast, use_triton
+from ._backend import (
+    autocast_cast,
+    autocast_dtype,
+    autocast_off,
+    interpreting,
+    key_mask,
+    last_dim_contiguous,
+    unsupported_dtypes,
+    upcast,
+    use_triton,
+)
 
 HAS_TRITON_KERNEL = True
 
@@ -966,10 +976,12 @@ def distance_table(bias_table: torch.Tensor, *, bidirectional: bool, max_distanc
     """The `(H, 2C + 1)` fp32 bias per clamped distance `-C..C` of a `(num_buckets, H)` table.
 
     A one-hot matmul rather than an index so that its gradient (back to the table) is a
-    deterministic matmul too.
+    deterministic matmul too; fp32 under autocast as well (`transformers` adds the bias in fp32: a
+    bf16 table would move T5's scores by up to 0.08).
     """
     one_hot = _bucket_one_hot(bias_table.shape[0], max_distance, bidirectional, bias_table.device)
-    return (one_hot @ bias_table.float()).t().contiguous()  # (H, 2C + 1)
+    with autocast_off(bias_table):
+        return (one_hot @ bias_table.float()).t().contiguous()  # (H, 2C + 1)
 
 
 def natural_lse(lse2: torch.Tensor) -> torch.Tensor:
@@ -1332,7 +1344,8 @@ def _bwd_fake(
 ):
     B, H, Lq, D = q.shape
     Lk = k.shape[2]
-    ddt = torch.empty_like(dist_table) if dist_table is not None else q.new_empty(0, 0, dtype=torch.float32)
+    # The table's gradient is fp32 whatever the table's dtype, as `_backward` returns it.
+    ddt = q.new_empty(dist_table.shape if dist_table is not None else (0, 0), dtype=torch.float32)
     return q.new_empty(B, Lq, H, D), k.new_empty(B, Lk, H, D), v.new_empty(B, Lk, H, D), ddt
 
 
@@ -1416,7 +1429,9 @@ def bucketed_attention(
     dropout_p: float = 0.0,
 ) -> torch.Tensor:
     """T5 attention. q `(B, H, Lq, D)`, k/v `(B, H, Lk, D)`, bias_table `(num_buckets, H)` or None,
-    key_padding_mask `(B, Lk)` (nonzero = attend) -> `(B, H, Lq, D)` in q's dtype.
+    key_padding_mask `(B, Lk)` (nonzero = attend) -> `(B, H, Lq, D)` in q's dtype. Under autocast
+    q, k and v are cast to autocast's dtype (as for `F.scaled_dot_product_attention`); the bias stays
+    fp32 and the softmax runs in fp32, as in `transformers`.
 
     The Triton path is deterministic: the same inputs (and seed, with dropout) give bitwise the
     same outputs and gradients, with no atomics in forward or backward.
@@ -1435,6 +1450,9 @@ def bucketed_attention(
         scale=scale,
         dropout_p=dropout_p,
     )
+    if dtype := autocast_dtype(q, k, v):
+        with autocast_off(q):
+            return bucketed_attention(*autocast_cast(dtype, q, k, v), bias_table, **kwargs)
     unsupported = functools.partial(_unsupported, q)
     if use_triton("bucketed_attention", HAS_TRITON_KERNEL, q, k, v, unsupported=unsupported):
         return _bucketed_attention_triton(q, k, v, bias_table, **kwargs)

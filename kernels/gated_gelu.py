@@ -16,7 +16,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._backend import unsupported_dtypes, upcast, use_triton
+from ._backend import autocast_cast, autocast_dtype, autocast_off, unsupported_dtypes, upcast, use_triton
 
 HAS_TRITON_KERNEL = True
 _BLOCK = 1024
@@ -235,6 +235,11 @@ class _FFN(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
+        with autocast_off(dy):  # a backward run inside an autocast region computes what forward did
+            return _FFN._backward(ctx, dy)
+
+    @staticmethod
+    def _backward(ctx, dy):
         x, wi_0, wi_1, wo, gate, up, seed = ctx.saved_tensors
         need_x, need_wi_0, need_wi_1, need_wo = ctx.needs_input_grad[:4]
         dh = (dy @ wo).to(gate.dtype)  # (tokens, d_ff)
@@ -269,7 +274,8 @@ def gated_ffn(
     x: torch.Tensor, wi_0: torch.Tensor, wi_1: torch.Tensor, wo: torch.Tensor, dropout_p: float = 0.0
 ) -> torch.Tensor:
     """`wo(dropout(gelu_tanh(x @ wi_0.T) * (x @ wi_1.T)))`. x `(..., d_model)`, wi_0/wi_1
-    `(d_ff, d_model)`, wo `(d_model, d_ff)` -> `(..., d_model)`; `dropout_p` applies in training."""
+    `(d_ff, d_model)`, wo `(d_model, d_ff)` -> `(..., d_model)`; `dropout_p` applies in training.
+    Under autocast every input is cast to autocast's dtype first, as for `F.linear`."""
     d_ff, d_model = wi_0.shape
     if wi_1.shape != wi_0.shape or tuple(wo.shape) != (d_model, d_ff) or x.shape[-1] != d_model:
         raise ValueError(
@@ -278,6 +284,9 @@ def gated_ffn(
         )
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"gated_ffn: dropout_p must be in [0, 1); got {dropout_p}")
+    if dtype := autocast_dtype(x):
+        with autocast_off(x):
+            return gated_ffn(*autocast_cast(dtype, x, wi_0, wi_1, wo), dropout_p)
     if _triton("gated_gelu", x, wi_0, wi_1, wo) and x.dtype == wi_0.dtype == wi_1.dtype:
         return _fused_ffn(x, wi_0, wi_1, wo, dropout_p)
     return gated_ffn_reference(x, wi_0, wi_1, wo, dropout_p)
@@ -294,7 +303,7 @@ def relu_ffn_reference(x: torch.Tensor, wi: torch.Tensor, wo: torch.Tensor, drop
 def relu_ffn(x: torch.Tensor, wi: torch.Tensor, wo: torch.Tensor, dropout_p: float = 0.0) -> torch.Tensor:
     """`wo(dropout(relu(x @ wi.T)))`, T5 v1.0's FFN. x `(..., d_model)`, wi `(d_ff, d_model)`, wo
     `(d_model, d_ff)` -> `(..., d_model)`. Backward keeps x and the pre-activation, not the
-    activation, its dropout mask and its copy for `wo`."""
+    activation, its dropout mask and its copy for `wo`. Under autocast as `gated_ffn`."""
     d_ff, d_model = wi.shape
     if tuple(wo.shape) != (d_model, d_ff) or x.shape[-1] != d_model:
         raise ValueError(
@@ -303,6 +312,9 @@ def relu_ffn(x: torch.Tensor, wi: torch.Tensor, wo: torch.Tensor, dropout_p: flo
         )
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"relu_ffn: dropout_p must be in [0, 1); got {dropout_p}")
+    if dtype := autocast_dtype(x):
+        with autocast_off(x):
+            return relu_ffn(*autocast_cast(dtype, x, wi, wo), dropout_p)
     if _triton("gated_gelu", x, wi, wo) and x.dtype == wi.dtype:
         return _fused_ffn(x, wi, None, wo, dropout_p)
     return relu_ffn_reference(x, wi, wo, dropout_p)

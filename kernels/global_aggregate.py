@@ -27,7 +27,16 @@ import torch
 import triton
 import triton.language as tl
 
-from ._backend import interpreting, key_mask, last_dim_contiguous, unsupported_dtypes, use_triton
+from ._backend import (
+    autocast_cast,
+    autocast_dtype,
+    autocast_off,
+    interpreting,
+    key_mask,
+    last_dim_contiguous,
+    unsupported_dtypes,
+    use_triton,
+)
 
 HAS_TRITON_KERNEL = True
 
@@ -256,7 +265,8 @@ def global_aggregate_reference(
 
 def global_aggregate(hidden: torch.Tensor, key_padding_mask: torch.Tensor | None, block_size: int = 16) -> torch.Tensor:
     """LongT5 global tokens before their RMSNorm. hidden `(B, L, d_model)`, key_padding_mask `(B, L)`
-    or None -> `(B, L // block_size, d_model)`."""
+    or None -> `(B, L // block_size, d_model)`. Under autocast hidden is cast to autocast's dtype
+    first: `transformers` sums the blocks with an einsum, which autocast runs in that dtype."""
     if hidden.dim() != 3:
         raise ValueError(f"global_aggregate expects hidden of shape (B, L, d_model); got {tuple(hidden.shape)}")
     if key_padding_mask is not None and key_padding_mask.shape != hidden.shape[:2]:
@@ -265,6 +275,9 @@ def global_aggregate(hidden: torch.Tensor, key_padding_mask: torch.Tensor | None
         )
     if block_size < 1:
         raise ValueError(f"global_block_size must be >= 1; got {block_size}")
+    if dtype := autocast_dtype(hidden):
+        with autocast_off(hidden):
+            return global_aggregate(autocast_cast(dtype, hidden)[0], key_padding_mask, block_size)
     if use_triton("global_aggregate", HAS_TRITON_KERNEL, hidden, unsupported=lambda: unsupported_dtypes(hidden)):
         B, L, _ = hidden.shape
         caps = global_caps(key_padding_mask, B, L, block_size, hidden.device)

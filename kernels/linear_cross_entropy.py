@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._backend import unsupported_dtypes, upcast, use_triton
+from ._backend import autocast_cast, autocast_dtype, autocast_off, unsupported_dtypes, upcast, use_triton
 
 HAS_TRITON_KERNEL = True
 
@@ -266,7 +266,9 @@ def linear_cross_entropy(
     """Mean cross-entropy of `hidden @ weight.T (+ bias)` against labels.
 
     hidden `(..., d)`, weight `(V, d)`, labels `(...)` int64, bias `(V,)` or None
-    (BlenderbotSmall's final logits bias) -> scalar fp32 (fp64 for fp64 inputs).
+    (BlenderbotSmall's final logits bias) -> scalar fp32 (fp64 for fp64 inputs). Under autocast
+    hidden, weight and bias are cast to autocast's dtype first, as for the LM head's `F.linear`; the
+    loss is fp32 as autocast's `cross_entropy`.
     """
     if weight.dim() != 2 or hidden.shape[-1] != weight.shape[1]:
         raise ValueError(
@@ -284,6 +286,12 @@ def linear_cross_entropy(
         raise ValueError(f"linear_cross_entropy: label_smoothing must be in [0, 1]; got {label_smoothing}")
     if z_loss < 0.0:
         raise ValueError(f"linear_cross_entropy: z_loss must be >= 0; got {z_loss}")
+    if dtype := autocast_dtype(hidden, weight):
+        with autocast_off(hidden):
+            hidden, weight, bias = autocast_cast(dtype, hidden, weight, bias)
+            return linear_cross_entropy(
+                hidden, weight, labels, ignore_index, bias=bias, label_smoothing=label_smoothing, z_loss=z_loss
+            )
     hidden = hidden.reshape(-1, hidden.shape[-1])
     labels = labels.reshape(-1)
     # A clear error needs the labels on the host; torch.compile traces without that check (the kernel

@@ -21,7 +21,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from ._backend import upcast, use_triton
+from ._backend import autocast_cast, autocast_dtype, autocast_off, upcast, use_triton
 from .bucketed_attention import (
     GlobalTokens,
     _backward,
@@ -301,7 +301,9 @@ def local_attention(
     dropout_p: float = 0.0,
 ) -> torch.Tensor:
     """LongT5 local / transient-global attention. q/k/v `(B, H, L, D)`, bias tables `(num_buckets, H)`,
-    key_padding_mask `(B, L)`, global_k/global_v `(B, H, L // global_block_size, D)` -> `(B, H, L, D)`."""
+    key_padding_mask `(B, L)`, global_k/global_v `(B, H, L // global_block_size, D)` -> `(B, H, L, D)`.
+    Under autocast as `bucketed_attention`: q, k, v and the global tokens in autocast's dtype, the
+    biases and the softmax in fp32."""
     if q.dim() != 4 or q.shape != k.shape or q.shape != v.shape:
         raise ValueError(
             f"local_attention expects q, k, v of one shape (B, H, L, D); got {tuple(q.shape)}, "
@@ -336,6 +338,10 @@ def local_attention(
         global_block_size=global_block_size,
         dropout_p=dropout_p,
     )
+    if dtype := autocast_dtype(q, k, v):
+        with autocast_off(q):
+            q, k, v, global_k, global_v = autocast_cast(dtype, q, k, v, global_k, global_v)
+            return local_attention(q, k, v, bias_table, **dict(kwargs, global_k=global_k, global_v=global_v))
     unsupported = functools.partial(_unsupported, q)
     if use_triton("local_attention", HAS_TRITON_KERNEL, q, k, v, unsupported=unsupported):
         return _local_attention_triton(q, k, v, bias_table, **kwargs)

@@ -1,0 +1,78 @@
+"""The dispatch every op shares: masks in the layout the kernels index, and GPUs the kernels do not
+support running the reference with one warning."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from fastseq.kernels import _backend, bucketed_attention, rms_norm
+from fastseq.kernels._backend import key_mask
+
+from tests.conftest import assert_close
+
+
+def _transposed_mask(B: int, L: int) -> torch.Tensor:
+    """A `(B, L)` padding mask stored key-major (a transposed view): stride (1, B)."""
+    mask = torch.ones(L, B, dtype=torch.long)
+    mask[L - 4 :, 0] = 0
+    mask[3:9, 1] = 0
+    return mask.t()
+
+
+def test_key_mask_rows_are_contiguous():
+    mask = _transposed_mask(3, 11)
+    assert mask.stride() == (1, 3)
+    got = key_mask(mask, mask.device)
+    assert got.stride() == (11, 1)
+    assert torch.equal(got, (mask != 0).to(torch.int8))
+
+
+def test_a_transposed_padding_mask_gives_what_a_contiguous_one_gives(triton_backend):
+    g = torch.Generator().manual_seed(0)
+    B, H, L, D = 3, 2, 21, 16
+    q, k, v = (torch.randn(B, H, L, D, generator=g) for _ in range(3))
+    table = torch.randn(16, H, generator=g)
+    mask = _transposed_mask(B, L)
+    got = bucketed_attention(q, k, v, table, max_distance=20, key_padding_mask=mask)
+    expected = bucketed_attention(q, k, v, table, max_distance=20, key_padding_mask=mask.contiguous())
+    assert_close(got, expected, what="attention with a transposed mask")
+
+
+class _FakeGPU:
+    """Makes dispatch see a CUDA device of the given capability for CPU tensors."""
+
+    def __init__(self, monkeypatch, capability, name):
+        monkeypatch.setattr(_backend, "cuda_device", lambda *tensors: torch.device("cuda", 0))
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+        monkeypatch.setattr(_backend, "_WARNED", set())
+
+
+def test_a_gpu_below_sm80_runs_the_reference_with_one_warning(monkeypatch):
+    monkeypatch.delenv("FASTSEQ_BACKEND", raising=False)
+    _FakeGPU(monkeypatch, (7, 5), "Tesla T4")
+    x, w = torch.randn(4, 32), torch.rand(32) + 0.5
+    with pytest.warns(UserWarning, match=r"Tesla T4 \(sm_75\).*sm_80") as caught:
+        first = rms_norm(x, w)
+        second = rms_norm(x, w)
+    assert len([c for c in caught if "sm_75" in str(c.message)]) == 1
+    assert torch.equal(first, second)
+    assert _backend.use_triton("rms_norm", True, x) is False
+
+
+def test_forcing_the_kernels_on_an_unsupported_gpu_is_an_error(monkeypatch):
+    monkeypatch.setenv("FASTSEQ_BACKEND", "triton")
+    _FakeGPU(monkeypatch, (7, 0), "Tesla V100")
+    with pytest.raises(NotImplementedError, match=r"Tesla V100 \(sm_70\).*FASTSEQ_BACKEND=auto"):
+        _backend.use_triton("rms_norm", True, torch.randn(2, 8))
+
+
+@pytest.mark.parametrize("capability", [(8, 0), (8, 6), (9, 0), (10, 0)])
+def test_sm80_and_newer_take_the_kernels(monkeypatch, capability):
+    monkeypatch.delenv("FASTSEQ_BACKEND", raising=False)
+    _FakeGPU(monkeypatch, capability, "GPU")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert _backend.use_triton("rms_norm", True, torch.randn(2, 8)) is True
