@@ -86,12 +86,21 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
 
 
 def provenance(device: str, formula: str) -> dict[str, str]:
+    """The columns every row carries: the device, the versions (torch's names its CUDA, as in
+    2.11.0+cu130; transformers is the baselines' and the patched models' version) and the date."""
+    import importlib.metadata
+
     import triton
 
+    try:
+        transformers = importlib.metadata.version("transformers")
+    except importlib.metadata.PackageNotFoundError:
+        transformers = ""
     return {
         "gpu": torch.cuda.get_device_name() if device == "cuda" else "cpu",
         "torch": torch.__version__,
         "triton": triton.__version__,
+        "transformers": transformers,
         "date": datetime.date.today().isoformat(),
         "formula": formula,
     }
@@ -117,7 +126,7 @@ _OTHER = {
     "exact_match": ("run", "exact_match", "fraction"),
 }
 _MODES = ("fwd", "bwd", "full", "step")
-PROVENANCE = ("gpu", "torch", "triton", "date", "formula")
+PROVENANCE = ("gpu", "torch", "triton", "transformers", "date", "formula")
 LONG_FIELDS = ["benchmark", "provider", "mode", "metric", "unit", "x_name", "x_value", "p20", "p50", "p80",
                *PROVENANCE]  # fmt: skip
 

@@ -1,67 +1,219 @@
 #!/usr/bin/env bash
-# The harvest of a lent GPU machine, bounded to about 8 minutes on a fresh H100/H200, install
-# included (the step limits add up to 7 min 25 s), ordered by value. Each step has its own time
-# limit and writes its log or CSV to $OUT as soon as it ends, so a run cut short still returns
-# what finished.
+# The harvest of a lent GPU machine in one call: about 7.5 minutes on a fresh H100/H200, install
+# included. The step limits below add up to GPU_CHECK_BUDGET (450 s), which also caps each step at
+# what is left of it. Steps are ordered by value, and a step that fails does not stop the next.
 #
-#     bash bench/gpu_check.sh                  # results in bench/results (OUT=... elsewhere)
+#     bash bench/gpu_check.sh              # results in $OUT (default out/gpu_check)
 #
-# A machine without DeepSpeed gets it from a wheel built beforehand where the registries are
-# reachable, `pip wheel --no-deps deepspeed -w .whl` (.whl/ is ignored by git: carry it along).
-#
+# 0. install (below) and versions: GPU, driver, Python, torch, CUDA, Triton, transformers, DeepSpeed;
 # 1. the CUDA tests at real tiles (the 16-bit tensor-core path, which the interpreter cannot run);
 # 2. bucketed attention forward and backward, L = 512, 2048, 4096 (B * L = 16k, H = 12, D = 64,
 #    bf16) against transformers' SDPA with the same bias and FlexAttention with a learnable bias;
 # 3. LongT5 local and transient-global attention at 16k tokens;
 # 4. the FFN, the norm and the fused loss;
 # 5. one patched transformers T5 v1.1-base training step against the unpatched model;
-# 6. a one-GPU ZeRO-3 run of t5-base, with a DeepSpeed wheel carried in .whl/ when the machine has none.
+# 6. a one-GPU ZeRO-3 run of t5-base.
+#
+# What it writes: the device tool returns at most 8 files from $OUT, at most 2 folders deep, 16 MiB
+# each. Everything is written as the run goes, so a run cut short returns every step that finished:
+#   steps.txt       one line per finished step (exit status, seconds, limit) and the step's last lines
+#   versions.txt    what the machine has, and where each package was imported from
+#   results.tar.gz  gpu_check/: every step's log (versions.log is versions.txt), every CSV and JSONL,
+#                   steps.txt; re-packed after each step (written beside, then renamed: never half an archive)
+#   current.log     the log of the step that was running when the run was cut short (absent otherwise)
+#
+# Install, and why this way. The machine reaches no registry, has transformers 5.17 (fastseq.patch
+# needs >= 5.23) and no DeepSpeed. `python bench/carry.py fetch` builds those wheels and DeepSpeed's
+# missing dependencies into .whl/ beforehand, and the run carries .whl. Here `bench/carry.py select`
+# picks the wheels this interpreter can install and lacks (missing, or older), and they go into a
+# folder of this run with `pip install --no-index --no-deps --target`, first on PYTHONPATH. The
+# machine's own site-packages stay as they are: nothing there is upgraded or removed, so what was
+# resolved against its transformers 5.17 keeps it, no registry is asked, and a wheel that does not
+# fit cannot leave an installed package half replaced. fastseq itself: `pip install -e .` only when
+# the interpreter does not already import this checkout's fastseq; GPU_CHECK_INSTALL=0 never does.
+#
+# Environment: OUT; PYTHON (default python3); WHEELS (default .whl); GPU_CHECK_BUDGET (seconds);
+# GPU_CHECK_INSTALL=0 (install nothing into the Python environment); GPU_CHECK_ONLY="STEP ..." (a
+# rerun of these steps alone, after the install and the versions). Without CUDA every GPU step
+# fails within seconds: the benchmark scripts stop at "no CUDA device", the CUDA tests skip, the
+# ZeRO-3 run is not started. tests/bench/test_gpu_check.py dry-runs the script so on the CPU.
 set -uo pipefail
 
-OUT="${OUT:-bench/results}"
-mkdir -p "$OUT"
+cd "$(dirname "$0")/.." || exit 1
+export PY="${PYTHON:-python3}" WHEELS="${WHEELS:-.whl}" GPU_CHECK_INSTALL="${GPU_CHECK_INSTALL:-1}"
+BUDGET="${GPU_CHECK_BUDGET:-450}"
+OUT="${OUT:-out/gpu_check}"
+mkdir -p "$OUT" && OUT="$(cd "$OUT" && pwd)" || exit 1
+rm -f "$OUT"/{steps.txt,steps.txt.part,versions.txt,results.tar.gz,results.tar.gz.part,current.log}
+WORK="$(mktemp -d "${TMPDIR:-/tmp}/gpu_check.XXXXXX")" || exit 1
+export RES="$WORK/gpu_check" SITE="$WORK/site" WORK  # RES is what results.tar.gz holds
+mkdir -p "$RES" "$SITE"
+: > "$RES/steps.txt"
+export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 started=$(date +%s)
-step() {  # step NAME SECONDS COMMAND...: run with a time limit, log to $OUT/NAME.txt, note the outcome
-    local name=$1 limit=$2
-    shift 2
-    local t0=$(date +%s)
-    timeout --signal=TERM --kill-after=10 "$limit" "$@" > "$OUT/$name.txt" 2>&1
-    local rc=$?
-    echo "$name: exit $rc in $(( $(date +%s) - t0 )) s (limit $limit s)" | tee -a "$OUT/steps.txt"
-    tail -n 8 "$OUT/$name.txt"
+has_cuda=0
+tag=nocuda
+current=""  # the step running now
+child=""    # its `timeout` process
+
+pack() {  # $RES into results.tar.gz, then steps.txt beside it: each step in steps.txt is in the archive
+    tar -C "$WORK" -czf "$OUT/results.tar.gz.part" gpu_check && mv -f "$OUT/results.tar.gz.part" "$OUT/results.tar.gz"
+    cp "$RES/steps.txt" "$OUT/steps.txt.part" && mv -f "$OUT/steps.txt.part" "$OUT/steps.txt"
 }
 
-python3 -m pip install -q --no-build-isolation --no-deps -e . 2>&1 | tail -n 3
-if ! python3 -c "import deepspeed" 2>/dev/null && ls .whl/deepspeed-*.whl > /dev/null 2>&1; then
-    python3 -m pip install -q --no-index --no-deps .whl/deepspeed-*.whl 2>&1 | tail -n 3
-fi
-nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1
-python3 - <<'PY' > "$OUT/versions.txt" 2>&1
-import importlib, torch, triton
-print(torch.cuda.get_device_name(), "torch", torch.__version__, "triton", triton.__version__)
-for name in ("transformers", "deepspeed"):
-    try:
-        print(name, importlib.import_module(name).__version__)
-    except Exception as err:  # noqa: BLE001 - a missing package is a line of the report
-        print(name, "missing:", err)
-PY
-cat "$OUT/versions.txt"
-tag="$(python3 -c 'import torch; print(torch.cuda.get_device_name().split()[1].lower())' 2>/dev/null || echo gpu)"
+finish() {  # finish NAME EXIT SECONDS LIMIT: file the step's log, note its outcome, re-pack
+    mv -f "$OUT/current.log" "$RES/$1.log"
+    current=""
+    { echo "$1: exit $2 in $3 s (limit $4 s)"; tail -n 6 "$RES/$1.log" | sed 's/^/    /'; } | tee -a "$RES/steps.txt"
+    pack
+}
 
-step pytest_cuda_${tag} 120 python3 -m pytest -q -m cuda tests -x -p no:cacheprovider
-step bucketed_attention_${tag} 120 python3 bench/bench_bucketed_attention.py --lengths 512 2048 4096 \
-    --out "$OUT/bucketed_attention_${tag}.csv"
-step local_attention_${tag} 50 python3 bench/bench_local_attention.py --lengths 16384 \
-    --out "$OUT/local_attention_${tag}.csv"
-step ffn_${tag} 25 python3 bench/bench_ffn.py --out "$OUT/ffn_${tag}.csv"
-step rms_norm_${tag} 15 python3 bench/bench_rms_norm.py --out "$OUT/rms_norm_${tag}.csv"
-step cross_entropy_${tag} 25 python3 bench/bench_cross_entropy.py --out "$OUT/cross_entropy_${tag}.csv"
-step train_${tag} 45 python3 bench/bench_train.py --models google/t5-v1_1-base --steps 10 --warmup 2 \
-    --out "$OUT/train_${tag}.csv"
-python3 -c "from fastseq.tokenizers import ByT5Tokenizer; ByT5Tokenizer().save_pretrained('$OUT/byt5_tokenizer')"
-step zero3_t5_base_${tag} 45 deepspeed --num_gpus 1 --module fastseq.train \
-    --deepspeed configs/deepspeed/zero3.json --model t5-base --tokenizer "$OUT/byt5_tokenizer" --steps 20 \
-    --batch-size 8 --optimizer adamw --lr 1e-4 --quiet --eval-examples 0 --output-dir "$OUT/zero3_run"
-cp "$OUT/zero3_run/metrics.jsonl" "$OUT/zero3_t5_base_${tag}.jsonl" 2>/dev/null
-rm -rf "$OUT/zero3_run" "$OUT/byt5_tokenizer"  # the checkpoint itself is not a result
-echo "gpu_check: $(( $(date +%s) - started )) s in all; steps in $OUT/steps.txt"
+step() {  # step [--cuda] NAME SECONDS COMMAND...: run COMMAND with a time limit, log to current.log
+    local need_cuda=0
+    if [ "$1" = --cuda ]; then need_cuda=1; shift; fi
+    local name=$1 limit=$2 rc t0
+    shift 2
+    if [ -n "${GPU_CHECK_ONLY:-}" ] && [[ " install versions $GPU_CHECK_ONLY " != *" $name "* ]]; then return; fi
+    t0=$(date +%s)
+    local left=$(( BUDGET - (t0 - started) ))
+    if (( limit > left )); then limit=$(( left > 0 ? left : 0 )); fi
+    current=$name
+    echo "\$ $*" > "$OUT/current.log"
+    if (( limit < 5 )); then
+        echo "the run's $BUDGET s are spent: not run" >> "$OUT/current.log"
+        rc=124
+    elif (( need_cuda && !has_cuda )); then
+        echo "no CUDA device: not run" >> "$OUT/current.log"
+        rc=2
+    else
+        # In the background and waited for, so that a signal to this script is handled at once.
+        timeout --signal=TERM --kill-after=10 "$limit" "$@" >> "$OUT/current.log" 2>&1 &
+        child=$!
+        wait "$child"
+        rc=$?
+        child=""
+    fi
+    finish "$name" "$rc" $(( $(date +%s) - t0 )) "$limit"
+}
+
+cut_short() {  # on TERM, INT or HUP: stop the step, keep its log so far, re-pack, leave
+    trap - TERM INT HUP
+    if [ -n "$child" ]; then
+        kill -TERM "$child" 2>/dev/null
+        wait "$child"
+    fi
+    if [ -n "$current" ]; then
+        echo "(cut short by a signal)" >> "$OUT/current.log"
+        finish "$current" 143 "?" "?"
+    fi
+    echo "gpu_check: cut short by a signal after $(( $(date +%s) - started )) s" >> "$RES/steps.txt"
+    pack
+    rm -rf "$WORK"
+    exit 143
+}
+trap cut_short TERM INT HUP
+
+install() {  # the carried wheels into $SITE, then fastseq itself if this interpreter lacks it
+    local wheels rc=0
+    if [ -d "$WHEELS" ]; then
+        wheels=$("$PY" bench/carry.py select "$WHEELS") || rc=1
+        if [ -n "$wheels" ]; then
+            # shellcheck disable=SC2086  # one path a line, no spaces
+            "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$SITE" $wheels || rc=1
+        fi
+    else
+        echo "no $WHEELS folder: nothing carried"
+    fi
+    # Installed editable from this checkout? (read from its record, without importing torch)
+    if "$PY" -c "
+import importlib.metadata, json, pathlib, sys
+try:
+    url = json.loads(importlib.metadata.distribution('fastseq').read_text('direct_url.json') or '{}')
+except importlib.metadata.PackageNotFoundError:
+    url = {}
+ours = url.get('url') == pathlib.Path.cwd().resolve().as_uri() and url.get('dir_info', {}).get('editable')
+sys.exit(0 if ours else 1)"; then
+        echo "fastseq: installed from this checkout (editable)"
+    elif [ "$GPU_CHECK_INSTALL" = 0 ]; then
+        echo "fastseq: not importable from this checkout, and GPU_CHECK_INSTALL=0: not installed"
+        rc=1
+    else
+        "$PY" -m pip install -q --no-index --no-build-isolation --no-deps -e . || rc=1
+    fi
+    return $rc
+}
+
+versions() {
+    if command -v nvidia-smi > /dev/null; then nvidia-smi 2>&1 | head -n 20; else echo "no nvidia-smi"; fi
+    "$PY" - <<'PY'
+import datetime
+import importlib
+import platform
+import subprocess
+import sys
+
+print("date:", datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
+print("python:", platform.python_version(), sys.executable)
+commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+print("commit:", commit or "(no git here)")
+for name in ("torch", "triton", "transformers", "deepspeed", "fastseq"):
+    try:
+        module = importlib.import_module(name)
+        print(f"{name}: {module.__version__} from {module.__file__}")
+    except Exception as err:  # noqa: BLE001 - a missing package is a line of the report
+        print(f"{name}: missing ({type(err).__name__}: {err})")
+import importlib.metadata
+import os
+import pathlib
+
+site = pathlib.Path(os.environ["SITE"])
+for dist in importlib.metadata.distributions(path=[str(site)]):
+    name = dist.metadata["Name"]
+    seen = pathlib.Path(importlib.metadata.distribution(name).locate_file("")) == site
+    print(f"carried: {name} {dist.version}" + ("" if seen else " (shadowed by another copy!)"))
+import torch
+
+print("cuda runtime:", torch.version.cuda, "cudnn:", torch.backends.cudnn.version())
+if torch.cuda.is_available():
+    p = torch.cuda.get_device_properties(0)
+    print(f"device: {p.name}, sm_{p.major}{p.minor}, {p.multi_processor_count} SMs, {p.total_memory / 2**30:.1f} GiB")
+    print("tag:", p.name.split()[1].lower() if " " in p.name else "gpu")
+else:
+    print("device: no CUDA device")
+PY
+}
+
+zero3() {  # ZeRO-3 on one GPU: a ByT5 tokenizer (nothing to download), 20 steps of t5-base
+    "$PY" -c "import sys; from fastseq.tokenizers import ByT5Tokenizer; ByT5Tokenizer().save_pretrained(sys.argv[1])" \
+        "$WORK/byt5_tokenizer" || return
+    "$PY" -m deepspeed.launcher.runner --num_gpus 1 --module fastseq.train \
+        --deepspeed configs/deepspeed/zero3.json --model t5-base --tokenizer "$WORK/byt5_tokenizer" --steps 20 \
+        --batch-size 8 --optimizer adamw --lr 1e-4 --quiet --eval-examples 0 --output-dir "$WORK/zero3_run" || return
+    cp "$WORK/zero3_run/metrics.jsonl" "$RES/zero3_t5_base_$tag.jsonl"
+}
+export -f install versions zero3
+
+step install 40 bash -c install
+step versions 20 bash -c versions
+cp "$RES/versions.log" "$OUT/versions.txt"
+if grep -q "^tag: " "$RES/versions.log"; then
+    has_cuda=1
+    tag=$(sed -n 's/^tag: //p' "$RES/versions.log")
+fi
+export tag
+
+step pytest_cuda 100 "$PY" -m pytest -q -m cuda tests -p no:cacheprovider -rfEs --tb=short \
+    --continue-on-collection-errors
+step bucketed_attention 105 "$PY" bench/bench_bucketed_attention.py --lengths 512 2048 4096 \
+    --out "$RES/bucketed_attention_$tag.csv"
+step local_attention 45 "$PY" bench/bench_local_attention.py --lengths 16384 --out "$RES/local_attention_$tag.csv"
+step ffn 25 "$PY" bench/bench_ffn.py --out "$RES/ffn_$tag.csv"
+step rms_norm 15 "$PY" bench/bench_rms_norm.py --out "$RES/rms_norm_$tag.csv"
+step cross_entropy 25 "$PY" bench/bench_cross_entropy.py --out "$RES/cross_entropy_$tag.csv"
+step train 40 "$PY" bench/bench_train.py --models google/t5-v1_1-base --steps 10 --warmup 2 --out "$RES/train_$tag.csv"
+step --cuda zero3_t5_base 35 bash -c zero3
+
+echo "gpu_check: done in $(( $(date +%s) - started )) s" >> "$RES/steps.txt"
+pack
+rm -rf "$WORK"
+ls -l "$OUT"

@@ -30,7 +30,7 @@ def _smoke(script: str, out: Path) -> list[dict]:
     assert rows and list(rows[0]) == LONG_FIELDS
     for row in rows:
         assert float(row["p20"]) <= float(row["p50"]) <= float(row["p80"]) or row["p50"] == "nan", row
-        assert row["gpu"] == "cpu" and row["torch"] and row["date"] and row["formula"]
+        assert row["gpu"] == "cpu" and row["torch"] and row["transformers"] and row["date"] and row["formula"]
     return rows
 
 

@@ -1,0 +1,227 @@
+"""`bench/gpu_check.sh` run on the CPU (every GPU step fails fast) returns what a lent GPU machine can
+give back: at most 8 files, at most 2 folders deep, plain names, 16 MiB each; and a run cut short
+still returns every step that finished. Also the wheels it carries (`bench/carry.py`)."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import io
+import os
+import re
+import signal
+import subprocess
+import sys
+import sysconfig
+import tarfile
+import time
+import zipfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+SCRIPT = ROOT / "bench" / "gpu_check.sh"
+sys.path.insert(0, str(ROOT / "bench"))
+import carry  # noqa: E402
+
+STEPS = ["install", "versions", "pytest_cuda", "bucketed_attention", "local_attention", "ffn", "rms_norm",
+         "cross_entropy", "train", "zero3_t5_base"]  # fmt: skip
+BENCH_STEPS = ["bucketed_attention", "local_attention", "ffn", "rms_norm", "cross_entropy", "train"]
+NAME = re.compile(r"^[A-Za-z0-9._-]+$")
+MIB = 2**20
+
+
+def assert_returnable(out: Path) -> None:
+    """What the device tool gives back from $OUT: at most 8 files, 16 MiB each and 64 MiB together,
+    none more than 2 folders down, every file and folder named in letters, digits, '.', '_', '-'."""
+    files = [p for p in out.rglob("*") if p.is_file()]
+    assert 0 < len(files) <= 8, sorted(p.name for p in files)
+    for path in out.rglob("*"):
+        rel = path.relative_to(out)
+        assert all(NAME.match(part) for part in rel.parts), rel
+        assert not path.is_symlink(), rel
+        if path.is_file():
+            assert len(rel.parts) <= 3, f"{rel} is more than 2 folders down"
+            assert path.stat().st_size <= 16 * MIB, rel
+    assert sum(p.stat().st_size for p in files) <= 64 * MIB
+
+
+def step_lines(steps_txt: Path) -> dict[str, int]:
+    """step name -> exit status, from the outcome lines of steps.txt (its indented lines are the tails)."""
+    outcomes = {}
+    for line in steps_txt.read_text().splitlines():
+        m = re.match(r"^(\w+): exit (\d+) in ", line)
+        if m:
+            outcomes[m[1]] = int(m[2])
+    return outcomes
+
+
+def bundle(out: Path) -> dict[str, str]:
+    """results.tar.gz: member name under gpu_check/ -> text."""
+    with tarfile.open(out / "results.tar.gz") as tar:
+        return {Path(m.name).name: tar.extractfile(m).read().decode() for m in tar.getmembers() if m.isfile()}
+
+
+def make_wheel(folder: Path, name: str, version: str) -> Path:
+    """A minimal pure-Python wheel: one module `name` with VERSION = version."""
+    dist_info = f"{name}-{version}.dist-info"
+    files = {
+        f"{name}.py": f"VERSION = {version!r}\n",
+        f"{dist_info}/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n",
+        f"{dist_info}/WHEEL": "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
+    }
+    record = io.StringIO()
+    for path, text in files.items():
+        digest = base64.urlsafe_b64encode(hashlib.sha256(text.encode()).digest()).rstrip(b"=").decode()
+        record.write(f"{path},sha256={digest},{len(text.encode())}\n")
+    record.write(f"{dist_info}/RECORD,,\n")
+    files[f"{dist_info}/RECORD"] = record.getvalue()
+    wheel = folder / f"{name}-{version}-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as z:
+        for path, text in files.items():
+            z.writestr(path, text)
+    return wheel
+
+
+def script_env(tmp_path: Path, **extra: str) -> dict[str, str]:
+    """The dry run's environment: this interpreter, no CUDA, no install into it, temporaries in tmp_path."""
+    env = dict(os.environ, PYTHON=sys.executable, GPU_CHECK_INSTALL="0", CUDA_VISIBLE_DEVICES="",
+               OUT=str(tmp_path / "out"), TMPDIR=str(tmp_path), WHEELS=str(tmp_path / "wheels"))  # fmt: skip
+    env.pop("PYTHONPATH", None)
+    return env | extra
+
+
+@pytest.mark.slow
+def test_dry_run_returns_every_step_within_the_limits(tmp_path):
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    make_wheel(wheels, "gpu_check_probe", "1.0")
+    # A wheel for another interpreter (pydantic-core for CPython 3.12 on this machine's 3.11, say) is
+    # skipped, and does not stop the install of the others.
+    (wheels / "gpu_check_other-1.0-cp27-cp27mu-manylinux1_x86_64.whl").write_bytes(b"not for this interpreter")
+    site_packages = Path(sysconfig.get_paths()["purelib"])
+    before = {p.name: p.stat().st_mtime_ns for p in site_packages.iterdir()}
+    proc = subprocess.run(["bash", str(SCRIPT)], env=script_env(tmp_path), capture_output=True, text=True,
+                          timeout=600)  # fmt: skip
+    out = tmp_path / "out"
+    # Nothing was installed into this environment (GPU_CHECK_INSTALL=0 and the carried wheels' own folder).
+    assert {p.name: p.stat().st_mtime_ns for p in site_packages.iterdir()} == before
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert_returnable(out)
+    # A run that ended leaves no partial file: the three files and nothing else.
+    assert sorted(p.name for p in out.iterdir()) == ["results.tar.gz", "steps.txt", "versions.txt"]
+    outcomes = step_lines(out / "steps.txt")
+    assert list(outcomes) == STEPS
+    assert (out / "steps.txt").read_text().splitlines()[-1].startswith("gpu_check: done in ")
+    logs = bundle(out)
+    assert {f"{s}.log" for s in STEPS} <= set(logs)
+    assert logs["steps.txt"] == (out / "steps.txt").read_text()
+    assert logs["versions.log"] == (out / "versions.txt").read_text()
+    # The carried wheel went into the run's own folder, first on the path of the later steps.
+    assert "installing gpu-check-probe 1.0 (missing here)" in logs["install.log"]
+    assert "gpu_check_other-1.0-cp27-cp27mu-manylinux1_x86_64.whl is not for this interpreter" in logs["install.log"]
+    assert "carried: gpu_check_probe 1.0\n" in logs["versions.log"]
+    assert "device: no CUDA device" in logs["versions.log"]
+    with pytest.raises(ImportError):
+        __import__("gpu_check_probe")
+    # Every GPU step failed fast for the want of CUDA, not for a wrong argument or a missing module.
+    assert outcomes["versions"] == 0
+    assert outcomes["pytest_cuda"] in (0, 5), logs["pytest_cuda.log"]
+    summary = logs["pytest_cuda.log"].strip().splitlines()[-1]  # "12 skipped, 541 deselected in 5.14s"
+    assert "skipped" in summary and "error" not in summary, summary
+    for name in BENCH_STEPS:
+        assert outcomes[name] == 1 and "no CUDA device" in logs[f"{name}.log"], logs[f"{name}.log"]
+    assert outcomes["zero3_t5_base"] == 2 and "no CUDA device: not run" in logs["zero3_t5_base.log"]
+
+
+@pytest.mark.slow
+def test_a_run_cut_short_returns_what_finished(tmp_path):
+    out = tmp_path / "out"
+    proc = subprocess.Popen(["bash", str(SCRIPT)], env=script_env(tmp_path), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
+    try:
+        finished: list[str] = []
+        while "bucketed_attention" not in finished:  # a step past the install and the versions
+            assert proc.poll() is None, "the script ended before it was cut short"
+            time.sleep(0.1)
+            finished = list(step_lines(out / "steps.txt")) if (out / "steps.txt").is_file() else []
+        # Written as it goes: every step that steps.txt lists is already in the archive, so even a
+        # kill that leaves no time to clean up returns it.
+        assert {f"{s}.log" for s in finished} <= set(bundle(out))
+        os.killpg(proc.pid, signal.SIGTERM)  # what a time limit sends to the command
+        assert proc.wait(timeout=60) == 143
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert_returnable(out)
+    text = (out / "steps.txt").read_text()
+    assert text.splitlines()[-1].startswith("gpu_check: cut short by a signal after ")
+    finished = list(step_lines(out / "steps.txt"))
+    assert finished[:4] == STEPS[:4] and "zero3_t5_base" not in finished
+    logs = bundle(out)
+    assert {f"{s}.log" for s in finished} <= set(logs)
+    assert logs["steps.txt"] == text
+    assert not (out / "current.log").exists()  # the step that was running is filed, its log so far kept
+
+
+def test_no_time_left_runs_no_step_and_still_returns_the_bundle(tmp_path):
+    """GPU_CHECK_BUDGET caps every step at what is left of it: with none left, each step is noted as
+    not run, and the files come back all the same."""
+    proc = subprocess.run(["bash", str(SCRIPT)], env=script_env(tmp_path, GPU_CHECK_BUDGET="0"),
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    out = tmp_path / "out"
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert_returnable(out)
+    outcomes = step_lines(out / "steps.txt")
+    assert list(outcomes) == STEPS and set(outcomes.values()) == {124}
+    logs = bundle(out)
+    assert all("s are spent: not run" in logs[f"{s}.log"] for s in STEPS)
+
+
+def test_a_rerun_of_some_steps_runs_those_alone(tmp_path):
+    env = script_env(tmp_path, GPU_CHECK_BUDGET="0", GPU_CHECK_ONLY="ffn zero3_t5_base")
+    proc = subprocess.run(["bash", str(SCRIPT)], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert list(step_lines(tmp_path / "out" / "steps.txt")) == ["install", "versions", "ffn", "zero3_t5_base"]
+
+
+def test_select_takes_the_wheels_this_interpreter_lacks(tmp_path):
+    import packaging
+
+    for name in ("packaging-0.1-py3-none-any.whl", "packaging-999.0-py3-none-any.whl",
+                 "gpu_check_missing-1.0-py3-none-any.whl", "gpu_check_other-1.0-cp27-cp27mu-manylinux1_x86_64.whl",
+                 f"packaging-{packaging.__version__}-py3-none-any.whl"):  # fmt: skip
+        (tmp_path / name).write_bytes(b"")
+    chosen = {path.name: why for path, why in carry.select(tmp_path)}
+    assert chosen == {
+        "packaging-999.0-py3-none-any.whl": f"packaging 999.0 (here {packaging.__version__})",
+        "gpu_check_missing-1.0-py3-none-any.whl": "gpu-check-missing 1.0 (missing here)",
+    }
+
+
+def test_size_counts_the_tree_and_the_carried_paths(tmp_path, capsys):
+    (tmp_path / "a.whl").write_bytes(b"x" * 3 * MIB)
+    tree, extra = carry.carried_bytes(ROOT, [tmp_path])
+    assert extra == 3 * MIB
+    assert tree == sum(p.stat().st_size for p in carry.travelling_files(ROOT))
+    assert (ROOT / "bench" / "gpu_check.sh") in carry.travelling_files(ROOT)
+    assert carry.main(["size", str(tmp_path)]) == 0
+    assert carry.main(["size", str(tmp_path), "--limit-mib", "3"]) == 1  # the tree is more than nothing
+    assert "over the 3 MiB" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not (ROOT / ".whl").is_dir(), reason="no .whl folder: `python bench/carry.py fetch` makes one")
+def test_the_carried_wheels_fit(capsys):
+    """The wheels built by `carry.py fetch` and the checkout stay within the 64 MiB a run carries, and
+    hold one version of each carried package."""
+    assert carry.main(["size", ".whl"]) == 0, capsys.readouterr()
+    names = [p.name.split("-")[0].replace("_", "-").lower() for p in (ROOT / ".whl").glob("*.whl")]
+    assert sorted(names) == sorted(carry.CARRIED)
+
+
+def test_the_carried_transformers_is_the_newest_tested():
+    from fastseq.patch import TRANSFORMERS_TESTED
+
+    major, minor, _ = (int(part) for part in carry.CARRIED["transformers"].split("."))
+    assert (major, minor) == TRANSFORMERS_TESTED[1]
