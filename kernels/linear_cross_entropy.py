@@ -75,6 +75,11 @@ def _cross_entropy_kernel(
         tl.store(Loss + row, loss)
         # Pass 2: d loss / d x_j = p_j (1 + 2 z lse) - eps / V - (1 - eps) [j = label], times 1 / count.
         scale = tl.load(Scale)
+        # Pass 2 overwrites the row in place, and logits[label] belongs to one thread while every thread
+        # read it above: all of them must have read it before that thread's store (one bar.sync per row;
+        # pass 1 alone has several per block, for its reductions). Pass 2 itself is race-free: each
+        # thread rewrites only the elements it loaded.
+        tl.debug_barrier()
         for v0 in range(0, V, BLOCK_V):
             mask = v0 + cols < V
             x = tl.load(ptr + v0 + cols, mask=mask, other=0.0).to(tl.float32)

@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import importlib
+import json
+import os
+import re
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -180,3 +185,122 @@ def test_triton_with_a_frozen_weight(triton_backend):
     h64 = hidden.detach().requires_grad_()
     (expected,) = torch.autograd.grad(_unfused(h64, weight.detach(), labels), (h64,))
     assert_close(grad.cpu(), expected, rel=1e-5, floor=1e-3, what="grad of hidden")
+
+
+# ---------------------------------------------------------------------------------------------
+# The compiled kernel: PTX of every sm_80 and sm_90 build (compiled without a GPU)
+# ---------------------------------------------------------------------------------------------
+
+_PTX_OF_EVERY_BUILD = """
+import importlib, json
+from fastseq.kernels import _compile
+for spec in importlib.import_module("fastseq.kernels.linear_cross_entropy").compile_specs():
+    if spec.capability in (80, 90):
+        print(json.dumps({"name": spec.name, "ptx": _compile.compile_spec("linear_cross_entropy", spec).asm["ptx"]}))
+"""
+_PTX_INSTRUCTION = re.compile(r"^(@!?%\w+\s+)?([a-z][\w.]*)\s*(.*);$")
+_PTX_LABEL = re.compile(r"^(\$?[\w.$]+):$")
+_PTX_REGISTER = re.compile(r"%\w+")
+_PTX_BARRIERS = ("bar.sync", "barrier.sync", "bar.cta.sync", "barrier.cta.sync")  # a CTA barrier that waits
+
+
+def _ptx_operands(text: str) -> list[str]:
+    """Operands split at the commas outside `{...}` and `[...]`."""
+    parts, depth, current = [], 0, ""
+    for ch in text:
+        depth += (ch in "{[") - (ch in "}]")
+        if ch == "," and not depth:
+            parts.append(current.strip())
+            current = ""
+        else:
+            current += ch
+    return parts + [current.strip()] * bool(current.strip())
+
+
+def _ptx_program(ptx: str) -> tuple[list[tuple[bool, str, list[str]]], dict[str, int]]:
+    """The kernel's instructions as (predicated, opcode, operands), and the instruction index of each label."""
+    body = ptx[ptx.index("{", ptx.index(".entry")) + 1 :]
+    instructions, labels = [], {}
+    for line in body.splitlines():
+        line = line.split("//")[0].strip()
+        if not line or line.startswith(".") or line in ("{", "}"):
+            continue
+        if found := _PTX_LABEL.match(line):
+            labels[found.group(1)] = len(instructions)
+            continue
+        found = _PTX_INSTRUCTION.match(line)
+        assert found, f"unparsed PTX line {line!r}"
+        instructions.append((bool(found.group(1)), found.group(2), _ptx_operands(found.group(3))))
+    return instructions, labels
+
+
+def _unordered_row_accesses(ptx: str, row_param: str) -> tuple[int, int, list[str]]:
+    """The numbers of global loads and stores whose address derives from the pointer parameter
+    `row_param`, and each load with the first such store that a path reaches from it without a CTA
+    barrier: another thread's store may then land before the load. A load in the store's own loop is
+    exempt (there a thread rewrites what it read)."""
+    instructions, labels = _ptx_program(ptx)
+    derived = {r for _, op, ops in instructions if op.startswith("ld.param") and ops[1] == f"[{row_param}]"
+               for r in _PTX_REGISTER.findall(ops[0])}  # fmt: skip
+    grown = True
+    while grown:  # registers computed from the pointer (a store writes no register)
+        grown = False
+        for _, op, ops in instructions:
+            if op.startswith(("st.", "bra", "bar.")) or not ops:
+                continue
+            written = set(_PTX_REGISTER.findall(ops[0]))
+            if not written <= derived and any(derived & set(_PTX_REGISTER.findall(o)) for o in ops[1:]):
+                derived |= written
+                grown = True
+
+    def of_row(ops):
+        return any(derived & set(_PTX_REGISTER.findall(o)) for o in ops if o.startswith("["))
+
+    loads = [i for i, (_, op, ops) in enumerate(instructions) if op.startswith("ld.global") and of_row(ops)]
+    stores = {i for i, (_, op, ops) in enumerate(instructions) if op.startswith("st.global") and of_row(ops)}
+    loops = [(labels[ops[0]], i) for i, (_, op, ops) in enumerate(instructions)
+             if op.startswith("bra") and labels[ops[0]] <= i]  # fmt: skip
+
+    def loop(i):  # the innermost loop around instruction i, by its backward branch
+        return min(((a, b) for a, b in loops if a <= i <= b), key=lambda ab: ab[1] - ab[0], default=None)
+
+    def successors(i):
+        predicated, op, ops = instructions[i]
+        if op.startswith("bra"):
+            return [labels[ops[0]]] + [i + 1] * predicated
+        return [i + 1] * (predicated or op not in ("ret", "exit"))
+
+    unordered = []
+    for load in loads:
+        seen, todo = set(), successors(load)
+        while todo:
+            i = todo.pop()
+            if i in seen or i >= len(instructions) or instructions[i][1].startswith(_PTX_BARRIERS):
+                continue
+            seen.add(i)
+            if i in stores and (loop(i) is None or loop(i) != loop(load)):
+                unordered.append(f"{instructions[load][1]} #{load} -> {instructions[i][1]} #{i}")
+                break
+            todo.extend(successors(i))
+    return len(loads), len(stores), unordered
+
+
+def test_ptx_label_logit_is_read_before_pass_two_overwrites_the_row():
+    """Every thread reads logits[label] after pass 1; pass 2 then overwrites the row in place and
+    logits[label] belongs to one thread's block. In the PTX of every sm_80 and sm_90 build, each load
+    of the row is separated from every store to it by a bar.sync, except pass 2's own load and store
+    of the same elements. Read from the compiled code: the interpreter runs one thread at a time."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", _PTX_OF_EVERY_BUILD], capture_output=True, text=True, env=env,
+                          timeout=900)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    builds = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert len(builds) == 12, [b["name"] for b in builds]
+    racy = {}
+    for build in builds:
+        # the Logits pointer is the kernel's first parameter
+        loads, stores, unordered = _unordered_row_accesses(build["ptx"], "_cross_entropy_kernel_param_0")
+        assert loads > 2 and stores > 1, (build["name"], loads, stores)  # pass 1, the label, pass 2; fills, pass 2
+        if unordered:
+            racy[build["name"]] = unordered
+    assert not racy, f"a store to the row may overtake a load of it (PTX instruction numbers): {racy}"
