@@ -20,6 +20,12 @@ from tests.conftest import DEVICE, assert_close
 lce_module = importlib.import_module("fastseq.kernels.linear_cross_entropy")
 
 
+def _chunk_elements(monkeypatch, elements: int) -> None:
+    """Chunks whose logits stay below `elements`, however few rows that leaves."""
+    monkeypatch.setattr(lce_module, "_CHUNK_ELEMENTS", elements)
+    monkeypatch.setattr(lce_module, "_MIN_CHUNK_ROWS", 1)
+
+
 def _case(N=37, d=16, V=53, seed=0, ignore=(0, 5, 36)):
     g = torch.Generator().manual_seed(seed)
     hidden = torch.randn(N, d, generator=g, dtype=torch.float64, requires_grad=True)
@@ -33,7 +39,7 @@ def _case(N=37, d=16, V=53, seed=0, ignore=(0, 5, 36)):
 @pytest.mark.parametrize("chunk_elements", [1 << 25, 53 * 4, 1])
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_loss_and_gradients(chunk_elements, with_bias, monkeypatch):
-    monkeypatch.setattr(lce_module, "_CHUNK_ELEMENTS", chunk_elements)
+    _chunk_elements(monkeypatch, chunk_elements)
     hidden, weight, bias, labels = _case()
     b = bias if with_bias else None
     logits = hidden @ weight.t() + (bias if with_bias else 0)
@@ -94,7 +100,7 @@ def _unfused(hidden, weight, labels, bias=None, smoothing=0.0, z_loss=0.0):
 
 @pytest.mark.parametrize("smoothing,z_loss", [(0.1, 0.0), (0.0, 1e-3), (0.2, 1e-2)])
 def test_reference_label_smoothing_and_z_loss(smoothing, z_loss, monkeypatch):
-    monkeypatch.setattr(lce_module, "_CHUNK_ELEMENTS", 53 * 5)
+    _chunk_elements(monkeypatch, 53 * 5)
     hidden, weight, bias, labels = _case()
     expected = _unfused(hidden, weight, labels, bias, smoothing, z_loss)
     got = linear_cross_entropy(hidden, weight, labels, bias=bias, label_smoothing=smoothing, z_loss=z_loss)
@@ -112,7 +118,7 @@ def test_reference_label_smoothing_and_z_loss(smoothing, z_loss, monkeypatch):
 @pytest.mark.parametrize("N,V", [(1, 53), (3, 700), (129, 53), (5, 5000)])
 @pytest.mark.parametrize("options", [dict(), dict(label_smoothing=0.1, z_loss=1e-3)], ids=["plain", "smooth-z"])
 def test_triton_fp32_against_float64(N, V, options, triton_backend, monkeypatch):
-    monkeypatch.setattr(lce_module, "_CHUNK_ELEMENTS", 2 * V)  # several chunks
+    _chunk_elements(monkeypatch, 2 * V)  # several chunks
     hidden, weight, bias, labels = _case(N=N, V=V, ignore=(0,) if N > 1 else ())
     leaves = [t.detach().float().to(DEVICE).requires_grad_() for t in (hidden, weight, bias)]
     got = linear_cross_entropy(leaves[0], leaves[1], labels.to(DEVICE), bias=leaves[2], **options)
@@ -145,6 +151,29 @@ def test_triton_half_precision_within_twice_torch_error(dtype, triton_backend):
         slack = torch.finfo(dtype).eps * e.abs().max().item()
         assert err <= 2 * torch_err + slack, (name, err, torch_err)
     assert grads[0].dtype == dtype and grads[1].dtype == dtype
+
+
+def test_triton_bf16_weight_gradient_is_summed_in_fp32_over_many_chunks(triton_backend, monkeypatch):
+    """64 chunks of 8 rows whose shares of the weight gradient are large while their sum is small: a
+    zero-initialised head (a uniform softmax, as muP's zero readout starts), every label equally often,
+    and hidden states with a common offset, whose shares cancel across chunks. Rounding each chunk's
+    share to bf16 before the sum leaves errors the size of the shares (9x PyTorch's here); summed in
+    fp32, the bf16 gradient is within twice the error of PyTorch's own bf16 computation (one matmul
+    over every row, rounded once), both against float64."""
+    N, d, V, rows = 512, 32, 32, 8
+    _chunk_elements(monkeypatch, rows * V)
+    g = torch.Generator().manual_seed(0)
+    h = (4.0 + 0.3 * torch.randn(N, d, generator=g)).to(DEVICE, torch.bfloat16)
+    w = torch.zeros(V, d, device=DEVICE, dtype=torch.bfloat16, requires_grad=True)
+    labels = (torch.arange(N) % V)[torch.randperm(N, generator=g)].to(DEVICE)
+    (got,) = torch.autograd.grad(linear_cross_entropy(h, w, labels), (w,))
+    w2 = w.detach().requires_grad_()
+    (theirs,) = torch.autograd.grad(F.cross_entropy((h @ w2.t()).float(), labels), (w2,))
+    w64 = w.detach().cpu().double().requires_grad_()
+    (exact,) = torch.autograd.grad(_unfused(h.cpu().double(), w64, labels.cpu()), (w64,))
+    err, torch_err = ((t.cpu().double() - exact).abs().max().item() for t in (got, theirs))
+    assert got.dtype == torch.bfloat16
+    assert 0 < torch_err and err <= 2 * torch_err, (err, torch_err)
 
 
 def test_triton_all_ignored_and_ignored_rows(triton_backend):
