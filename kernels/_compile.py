@@ -112,15 +112,19 @@ def dot_stats(ttgir: str) -> dict[str, int]:
     return {"dots": len(dots), "fma_dots": sum("parent = #blocked" in d for d in dots)}
 
 
-def _build(op: str, spec: CompileSpec) -> dict:
+def compile_spec(op: str, spec: CompileSpec):
+    """The compiled kernel of one spec (`.asm` holds its ttgir, ptx and cubin)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    module = importlib.import_module(f"fastseq.kernels.{op}")
-    kernel = getattr(module, spec.kernel_name)
+    kernel = getattr(importlib.import_module(f"fastseq.kernels.{op}"), spec.kernel_name)
     source = ASTSource(fn=kernel, signature=spec.signature, constexprs=spec.constexprs)
-    compiled = triton.compile(source, target=GPUTarget("cuda", spec.capability, 32), options=spec.options)
+    return triton.compile(source, target=GPUTarget("cuda", spec.capability, 32), options=spec.options)
+
+
+def _build(op: str, spec: CompileSpec) -> dict:
+    compiled = compile_spec(op, spec)
     return {
         "op": op,
         "name": spec.name,

@@ -5,11 +5,12 @@ batch with every label ignored has loss 0 and zero gradients (not NaN). Optional
 - `label_smoothing` eps: `(1 - eps) * nll + eps * mean_j(-log p_j)`, as CrossEntropyLoss;
 - `z_loss` z: `+ z * logsumexp(logits)^2` per counted token (keeps the softmax normaliser near 1).
 
-Rows are processed in chunks whose logits stay below `_CHUNK_ELEMENTS`. For each chunk the logits
-come from one matmul; the Triton kernel then reads each row twice (an online max / sum-exp pass,
-then the gradient pass) and writes the gradient of the loss over the logits in place, so the
-chunk's buffer serves as logits and as their gradient; `dhidden = dlogits @ W` and
-`dW += dlogits.T @ h` follow while the chunk is hot. Forward therefore computes every gradient
+Rows are processed in chunks whose logits stay below `_CHUNK_ELEMENTS` (the kernel path takes at
+least `_MIN_CHUNK_ROWS` rows). For each chunk the logits come from one matmul; the Triton kernel then reads
+each row twice (an online max / sum-exp pass, then the gradient pass) and writes the gradient of
+the loss over the logits in place, so the chunk's buffer serves as logits and as their gradient;
+`dhidden = dlogits @ W` and `dW += dlogits.T @ h` follow while the chunk is hot, the latter summed
+in fp32 without rounding a chunk's product to 16 bits. Forward therefore computes every gradient
 for a unit upstream gradient (saved: tensors the size of the inputs, never logits); backward only
 scales them.
 """
@@ -26,8 +27,18 @@ from ._backend import autocast_cast, autocast_dtype, autocast_off, unsupported_d
 
 HAS_TRITON_KERNEL = True
 
-# Logits of one chunk stay below this many elements (128 MiB in fp32).
+# Logits of one chunk stay below this many elements (128 MiB in fp32), except that the kernel path
+# takes at least _MIN_CHUNK_ROWS rows. There each chunk passes over (V, d) twice in 16 bits (logits,
+# dhidden) and once in fp32 (dW, read and written): 12 bytes per weight element against 6 * rows
+# FLOPs, so 512 rows do 256 FLOPs per byte, near an H100's balance in bf16 (~300). mT5 (V = 250,112)
+# would get 134 rows, 490 passes over its 366 MiB weight (d = 768) at 65k tokens; 512 rows make it 128
+# passes, for 244 MiB of logits. The reference computes in fp32 without tensor cores: its matmuls are
+# compute-bound at any chunk size, and it keeps the element bound alone.
 _CHUNK_ELEMENTS = 1 << 25
+_MIN_CHUNK_ROWS = 512
+# torch.addmm with 16-bit factors into an fp32 `self` and `out` (cuBLAS accumulates in fp32): CUDA only;
+# an fp32 `self` is accepted since pytorch#167931 (November 2025), in torch 2.11 and later.
+_ADDMM_INTO_FP32 = torch.torch_version.TorchVersion(torch.__version__) >= (2, 11)
 
 
 @triton.jit
@@ -75,6 +86,11 @@ def _cross_entropy_kernel(
         tl.store(Loss + row, loss)
         # Pass 2: d loss / d x_j = p_j (1 + 2 z lse) - eps / V - (1 - eps) [j = label], times 1 / count.
         scale = tl.load(Scale)
+        # Pass 2 overwrites the row in place, and logits[label] belongs to one thread while every thread
+        # read it above: all of them must have read it before that thread's store (one bar.sync per row;
+        # pass 1 alone has several per block, for its reductions). Pass 2 itself is race-free: each
+        # thread rewrites only the elements it loaded.
+        tl.debug_barrier()
         for v0 in range(0, V, BLOCK_V):
             mask = v0 + cols < V
             x = tl.load(ptr + v0 + cols, mask=mask, other=0.0).to(tl.float32)
@@ -87,8 +103,19 @@ def _block_v(V: int) -> int:
     return min(triton.next_power_of_2(V), 4096)
 
 
-def _chunk_rows(num_rows: int, vocab: int) -> int:
-    return max(1, min(num_rows, _CHUNK_ELEMENTS // max(vocab, 1)))
+def _chunk_rows(num_rows: int, vocab: int, min_rows: int) -> int:
+    return max(1, min(num_rows, max(min_rows, _CHUNK_ELEMENTS // max(vocab, 1))))
+
+
+def _add_product(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """acc += a @ b, summed in acc's dtype (fp32 or fp64): a 16-bit product is never rounded to 16 bits
+    before it is added."""
+    if a.dtype == acc.dtype:
+        acc.addmm_(a, b)
+    elif a.is_cuda and _ADDMM_INTO_FP32:
+        torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
+    else:  # no 16-bit matmul with an fp32 result here (the CPU): fp32 copies of one chunk's factors
+        acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))
 
 
 def _loss_and_dlogits_triton(logits, labels, ignore_index, scale, smoothing, z_loss):
@@ -144,7 +171,7 @@ def _loss_and_grads(hidden, weight, bias, labels, ignore_index, smoothing, z_los
     grad_w = torch.zeros_like(weight, dtype=acc) if need_w else weight.new_empty(0)
     grad_b = torch.zeros(V, dtype=acc, device=weight.device) if need_b else weight.new_empty(0)
     loss_sum = hidden.new_zeros((), dtype=acc)
-    step = _chunk_rows(N, V)
+    step = _chunk_rows(N, V, _MIN_CHUNK_ROWS if fused else 1)
     for start in range(0, N, step):
         h = hidden[start : start + step].to(w.dtype)  # (n, d)
         logits = h @ w.t()  # (n, V)
@@ -158,9 +185,9 @@ def _loss_and_grads(hidden, weight, bias, labels, ignore_index, smoothing, z_los
         loss_sum = loss_sum + losses.sum()
         dlogits = logits  # (n, V), overwritten in place
         if need_h:
-            grad_h[start : start + step] = dlogits @ w
+            torch.mm(dlogits, w, out=grad_h[start : start + step])
         if need_w:
-            grad_w += (dlogits.t() @ h).to(acc)
+            _add_product(grad_w, dlogits.t(), h)
         if need_b:
             grad_b += dlogits.sum(0, dtype=acc)
     return loss_sum * scale, grad_h, grad_w, grad_b
