@@ -9,7 +9,7 @@ off, asserted bit for bit. Accuracy, as STYLE.md measures it: against float64 on
 computes with (the cast inputs), the Triton kernels' output and every gradient are at most twice the
 error of PyTorch's own composition (the reference function run directly under autocast, which rounds
 where torch's autocast rounds: the scores and the probabilities in bf16, as `transformers` does; for
-the global aggregates, `transformers`' einsum).
+the global aggregates `transformers`' einsum, for the fused loss its LM head and `cross_entropy`).
 """
 
 from __future__ import annotations
@@ -31,7 +31,6 @@ from fastseq.kernels._backend import interpreting
 from fastseq.kernels.bucketed_attention import bucketed_attention_reference, distance_table
 from fastseq.kernels.gated_gelu import gated_ffn_reference, gated_gelu_reference, relu_ffn_reference
 from fastseq.kernels.global_aggregate import global_block_ids
-from fastseq.kernels.linear_cross_entropy import linear_cross_entropy_reference
 from fastseq.kernels.local_attention import local_attention_reference
 from fastseq.kernels.rms_norm import rms_norm_reference
 
@@ -79,6 +78,11 @@ def _lce(op, h, w, b):
     return op(h.reshape(-1, h.shape[-1]), w, labels, bias=b)
 
 
+def _head_and_loss(hidden, weight, labels, *, bias):
+    """The LM head and the loss as `transformers` computes them: logits, then `cross_entropy`."""
+    return F.cross_entropy(F.linear(hidden, weight) + bias, labels, ignore_index=-100)
+
+
 def _einsum_aggregate(hidden, key_padding_mask, block_size):
     """LongT5's global aggregates as `transformers` computes them: an einsum with the one-hot block ids."""
     block_ids, _ = global_block_ids(key_padding_mask, block_size)  # (B, L), -1 in no block
@@ -101,7 +105,7 @@ OPS = {
         lambda op, *a: op(*a), [_randn(3, 7, 32, seed=1), _randn(48, 32, seed=2, scale=0.2),
                                 _randn(32, 48, seed=4, scale=0.2)], {0, 1, 2}), BF16),
     # autocast's cross_entropy runs in fp32
-    "linear_cross_entropy": (linear_cross_entropy, linear_cross_entropy_reference, lambda: (
+    "linear_cross_entropy": (linear_cross_entropy, _head_and_loss, lambda: (
         _lce, [_randn(3, 11, 32, seed=1), _randn(97, 32, seed=2, scale=0.3), _randn(97, seed=3)], {0, 1, 2}),
         torch.float32),
     # T5LayerNorm: fp32 variance, and fp32 * fp32 stays fp32; autocast casts nothing
