@@ -13,10 +13,12 @@ with one warning: `kernels_usable`), a newer one runs with one warning naming th
 from __future__ import annotations
 
 import functools
+import operator
 import warnings
 
 import torch
 import triton
+import triton.language as tl
 
 TRITON_TESTED = ((3, 6), (3, 9))
 TORCH_TESTED = ((2, 11), (2, 14))
@@ -98,3 +100,43 @@ def _verdict(triton_version: str, torch_version: str) -> str | None:
     found = ", ".join(f"{name} {version}" for name, version, _, _ in old)
     wanted = " ".join(f"'{name}>={a}.{b},<{c}.{d + 1}'" for name, _, (a, b), (c, d) in old)
     return f"fastseq's Triton kernels need {_ranges()}; found {found}. Install with: pip install {wanted}"
+
+
+def fix_interpreter() -> None:
+    """Let Triton's interpreter take a runtime loop bound under NumPy 2.4 and later.
+
+    The interpreter holds every scalar, kernel arguments included, as a 1-element array and turns a
+    `range()` bound into an int with `int(array)`, which NumPy 2.4 refuses for arrays of one
+    dimension. Triton 3.6's interpreter does exactly that (fixed later upstream, triton-lang/triton
+    #9171), so every kernel with a loop over a runtime bound fails there. Where the installed
+    interpreter has the problem, its tensor patch is wrapped so that `__index__` takes the array's
+    one element. The compiled kernels are untouched: this is the interpreter's Python only.
+    """
+    from triton.runtime import interpreter
+
+    if not all(hasattr(interpreter, name) for name in ("_patch_lang_tensor", "_LangPatchScope", "TensorHandle")):
+        return  # an interpreter organised otherwise: nothing known to fix
+    if _index_works(interpreter):
+        return
+    patch_lang_tensor = interpreter._patch_lang_tensor
+
+    def patch_with_index(tensor, scope) -> None:
+        patch_lang_tensor(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(())))
+
+    interpreter._patch_lang_tensor = patch_with_index
+
+
+def _index_works(interpreter) -> bool:
+    """Whether the interpreter turns its own 1-element scalar into an int."""
+    import numpy as np
+
+    scope = interpreter._LangPatchScope()
+    try:
+        interpreter._patch_lang_tensor(tl.tensor, scope)
+        operator.index(tl.tensor(interpreter.TensorHandle(np.ones(1, np.int32), tl.int32), tl.int32))
+        return True
+    except TypeError:
+        return False
+    finally:
+        scope.restore()

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 from fastseq.kernels import _backend, _versions, rms_norm
 from fastseq.kernels.rms_norm import rms_norm_reference
 
@@ -110,3 +112,18 @@ def test_the_check_keeps_a_torch_compile_graph_whole(installed, triton_backend):
     with pytest.warns(UserWarning, match=rf"tested with {RANGES}; found triton 3\.10\.0\."):
         out = compiled(x, w)
     assert torch.equal(out, rms_norm(x, w, 1e-6))
+
+
+@triton.jit
+def _count_kernel(OUT, N, n):
+    for i in range(0, n):  # a bound passed as an argument
+        tl.store(OUT + i, i + 1)
+    for i in range(n, tl.load(N)):  # a bound loaded from memory
+        tl.store(OUT + i, -i)
+
+
+def test_a_loop_over_a_runtime_bound_runs():
+    """Triton 3.6's interpreter failed on both loops under NumPy 2.4 (`_versions.fix_interpreter`)."""
+    out = torch.zeros(7, dtype=torch.int32, device=DEVICE)
+    _count_kernel[(1,)](out, torch.tensor([6], dtype=torch.int32, device=DEVICE), 4)
+    assert out.tolist() == [1, 2, 3, 4, -4, -5, 0]
