@@ -18,6 +18,8 @@ from collections.abc import Callable
 
 import torch
 
+from . import _versions
+
 _CHOICES = ("auto", "reference", "triton")
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # what every Triton kernel takes
 
@@ -126,6 +128,12 @@ def use_triton(
     `FASTSEQ_BACKEND=triton` for an op without a kernel, for inputs its kernel does not take, or on
     CPU tensors without the interpreter, is an error rather than a silent fallback; under `auto`
     such inputs go to the reference.
+
+    Before a kernel runs, the installed Triton and torch are checked against the tested ranges
+    (`_versions`): a newer release runs with one warning. An older one is an error under `triton`;
+    under `auto` every op runs its reference, with one warning saying what to install: the reference
+    computes the same function, so a run that works without the kernels is not stopped for want of
+    their speed, as with inputs the kernels do not take.
     """
     choice = backend(op)
     if choice == "reference":
@@ -140,7 +148,9 @@ def use_triton(
             warnings.warn(f"fastseq runs its PyTorch reference ops on {reason}", stacklevel=3)
         return False
     if choice == "auto":
-        return has_kernel and on_cuda and (unsupported is None or unsupported() is None)
+        if not (has_kernel and on_cuda and (unsupported is None or unsupported() is None)):
+            return False
+        return _versions.kernels_usable()
     if not has_kernel:
         raise NotImplementedError(
             f"{op}: no Triton kernel is available for this op; set FASTSEQ_BACKEND=reference or auto"
@@ -155,4 +165,4 @@ def use_triton(
         raise NotImplementedError(
             f"{op}: the Triton kernel does not support {reason}; set FASTSEQ_BACKEND=reference or auto"
         )
-    return True
+    return _versions.require_kernels()
