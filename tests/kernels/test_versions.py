@@ -18,7 +18,13 @@ from tests.conftest import DEVICE, assert_close
 
 ROOT = Path(__file__).resolve().parents[2]
 RANGES = r"triton 3\.6 to 3\.9 and torch 2\.11 to 2\.14"
-ON_CUDA = types.SimpleNamespace(is_cuda=True)  # what `use_triton` reads of an input on a GPU
+# What `use_triton` reads of an input on an sm_90 GPU (`cuda_device`, then the device's capability).
+ON_CUDA = types.SimpleNamespace(is_cuda=True, device=torch.device("cuda", 0))
+
+
+@pytest.fixture(autouse=True)
+def _an_sm90_gpu(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
 
 
 @pytest.fixture
