@@ -339,19 +339,20 @@ def _bucketed_attention_fwd_kernel(
     h = tl.program_id(1)
     b = tl.program_id(2)
     bh = b * H + h
+    b64 = b.to(tl.int64)  # batch offsets in 64 bits: (B - 1) * stride_qb passes 2**31 at t5-11b sizes
     m0 = pid_m * BLOCK_M
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
     q = tl.load(
-        Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :],
+        Q + b64 * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :],
         mask=(offs_m < Lq)[:, None] & d_ok[None, :],
         other=0.0,
     )
-    K_bh = K + b * stride_kb + h * stride_kh
-    V_bh = V + b * stride_vb + h * stride_vh
+    K_bh = K + b64 * stride_kb + h * stride_kh
+    V_bh = V + b64 * stride_vb + h * stride_vh
     DT_h = DT + h * (2 * C + 1 + 2 * (BLOCK_M + BLOCK_N))
-    KPM_b = KPM + b * stride_kpmb
+    KPM_b = KPM + b64 * stride_kpmb
 
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     l_i = tl.zeros((BLOCK_M,), tl.float32)
@@ -369,8 +370,8 @@ def _bucketed_attention_fwd_kernel(
         # LongT5's transient-global tokens: the same softmax goes on over every global token.
         cap = tl.load(CAP + b)
         pos_lo, pos_hi, shift = _global_rows(offs_m, m0, Lq, cap, GBS, BLOCK_M)
-        GK_bh = GK + b * stride_gkb + h * stride_gkh
-        GV_bh = GV + b * stride_gvb + h * stride_gvh
+        GK_bh = GK + b64 * stride_gkb + h * stride_gkh
+        GV_bh = GV + b64 * stride_gvb + h * stride_gvh
         GDT_h = GDT + h * (2 * CG + 1 + 2 * (BLOCK_M + BLOCK_N))
         for g0 in range(0, tl.minimum(G, cap + 1), BLOCK_N):
             offs_g = g0 + tl.arange(0, BLOCK_N)
@@ -386,12 +387,12 @@ def _bucketed_attention_fwd_kernel(
     out = acc / tl.where(has_key, l_i, 1.0)[:, None]
     row_ok = offs_m < Lq
     tl.store(
-        Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :],
+        Out + b64 * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :],
         out.to(Out.dtype.element_ty),
         mask=row_ok[:, None] & d_ok[None, :],
     )
     lse = tl.where(has_key, m_i + tl.math.log2(tl.where(has_key, l_i, 1.0)), float("inf"))
-    tl.store(LSE + bh * Lq + offs_m, lse, mask=row_ok)
+    tl.store(LSE + bh.to(tl.int64) * Lq + offs_m, lse, mask=row_ok)
 
 
 @triton.jit
@@ -413,18 +414,18 @@ def _bucketed_attention_bwd_preprocess_kernel(
 ):
     pid_m = tl.program_id(0)
     h = tl.program_id(1)
-    b = tl.program_id(2)
+    b64 = tl.program_id(2).to(tl.int64)  # batch offsets in 64 bits
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     mask = (offs_m < Lq)[:, None] & (offs_d < D)[None, :]
     o = tl.load(
-        Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :], mask=mask, other=0.0
+        Out + b64 * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :], mask=mask, other=0.0
     )
     do = tl.load(
-        DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom + offs_d[None, :], mask=mask, other=0.0
+        DO + b64 * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom + offs_d[None, :], mask=mask, other=0.0
     )
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-    tl.store(DELTA + (b * H + h) * Lq + offs_m, delta, mask=offs_m < Lq)
+    tl.store(DELTA + (b64 * H + h) * Lq + offs_m, delta, mask=offs_m < Lq)
 
 
 @triton.jit
@@ -488,21 +489,24 @@ def _bucketed_attention_bwd_dkdv_kernel(
     h = tl.program_id(1)
     b = tl.program_id(2)
     bh = b * H + h
+    b64 = b.to(tl.int64)  # batch offsets in 64 bits: (B - 1) * stride_kb passes 2**31 at t5-11b sizes
     n0 = pid_n * BLOCK_N
     offs_n = n0 + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
     kv_mask = (offs_n < Lk)[:, None] & d_ok[None, :]
     k = tl.load(
-        K + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0
+        K + b64 * stride_kb + h * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0
     )
     v = tl.load(
-        V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0
+        V + b64 * stride_vb + h * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0
     )
-    Q_bh = Q + b * stride_qb + h * stride_qh
-    DO_bh = DO + b * stride_dob + h * stride_doh
+    Q_bh = Q + b64 * stride_qb + h * stride_qh
+    DO_bh = DO + b64 * stride_dob + h * stride_doh
     DT_h = DT + h * (2 * C + 1 + 2 * (BLOCK_M + BLOCK_N))
-    KPM_b = KPM + b * stride_kpmb
+    KPM_b = KPM + b64 * stride_kpmb
+    LSE_bh = LSE + bh.to(tl.int64) * Lq
+    DELTA_bh = DELTA + bh.to(tl.int64) * Lq
 
     dk = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
     dv = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
@@ -526,8 +530,8 @@ def _bucketed_attention_bwd_dkdv_kernel(
         q_mask = row_ok[:, None] & d_ok[None, :]
         q = tl.load(Q_bh + offs_m[:, None] * stride_qm + offs_d[None, :], mask=q_mask, other=0.0)
         do = tl.load(DO_bh + offs_m[:, None] * stride_dom + offs_d[None, :], mask=q_mask, other=0.0)
-        lse = tl.load(LSE + bh * Lq + offs_m, mask=row_ok, other=float("inf"))
-        delta = tl.load(DELTA + bh * Lq + offs_m, mask=row_ok, other=0.0)
+        lse = tl.load(LSE_bh + offs_m, mask=row_ok, other=float("inf"))
+        delta = tl.load(DELTA_bh + offs_m, mask=row_ok, other=0.0)
         if GLOBAL_KEYS:
             pos_lo, pos_hi, shift = _global_rows(offs_m, m0, Lq, cap, GBS, BLOCK_M)
             s = _global_tile_scores(
@@ -552,9 +556,10 @@ def _bucketed_attention_bwd_dkdv_kernel(
         ds = p * (dp - delta[:, None])
         dk += _dot(tl.trans(ds.to(q.dtype)), q, PRECISION)
     dk = dk * scale
-    dkv_off = b * stride_dkb + h * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :]
-    tl.store(DK + dkv_off, dk.to(DK.dtype.element_ty), mask=kv_mask)
-    tl.store(DV + dkv_off, dv.to(DV.dtype.element_ty), mask=kv_mask)
+    dkv_bh = b64 * stride_dkb + h * stride_dkh
+    dkv_off = offs_n[:, None] * stride_dkn + offs_d[None, :]
+    tl.store(DK + dkv_bh + dkv_off, dk.to(DK.dtype.element_ty), mask=kv_mask)
+    tl.store(DV + dkv_bh + dkv_off, dv.to(DV.dtype.element_ty), mask=kv_mask)
 
 
 @triton.jit
@@ -695,6 +700,7 @@ def _bucketed_attention_bwd_dq_kernel(
     h = tl.program_id(1)
     b = tl.program_id(2)
     bh = b * H + h
+    b64 = b.to(tl.int64)  # batch offsets in 64 bits: (B - 1) * stride_qb passes 2**31 at t5-11b sizes
     m0 = pid_m * BLOCK_M
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -702,25 +708,25 @@ def _bucketed_attention_bwd_dq_kernel(
     row_ok = offs_m < Lq
     q_mask = row_ok[:, None] & d_ok[None, :]
     q = tl.load(
-        Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :], mask=q_mask, other=0.0
+        Q + b64 * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :], mask=q_mask, other=0.0
     )
     do = tl.load(
-        DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom + offs_d[None, :], mask=q_mask, other=0.0
+        DO + b64 * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom + offs_d[None, :], mask=q_mask, other=0.0
     )
-    lse = tl.load(LSE + bh * Lq + offs_m, mask=row_ok, other=float("inf"))
-    delta = tl.load(DELTA + bh * Lq + offs_m, mask=row_ok, other=0.0)
-    K_bh = K + b * stride_kb + h * stride_kh
-    V_bh = V + b * stride_vb + h * stride_vh
+    lse = tl.load(LSE + bh.to(tl.int64) * Lq + offs_m, mask=row_ok, other=float("inf"))
+    delta = tl.load(DELTA + bh.to(tl.int64) * Lq + offs_m, mask=row_ok, other=0.0)
+    K_bh = K + b64 * stride_kb + h * stride_kh
+    V_bh = V + b64 * stride_vb + h * stride_vh
     DT_h = DT + h * (2 * C + 1 + 2 * (BLOCK_M + BLOCK_N))
-    KPM_b = KPM + b * stride_kpmb
+    KPM_b = KPM + b64 * stride_kpmb
     num_m = tl.num_programs(0)
 
-    DQP_tile = DQP + (bh * Lq + offs_m[:, None]) * BLOCK_D + offs_d[None, :]
+    DQP_tile = DQP + bh.to(tl.int64) * Lq * BLOCK_D + offs_m[:, None] * BLOCK_D + offs_d[None, :]
     if PARTIAL_IN:
         dq = tl.load(DQP_tile, mask=row_ok[:, None], other=0.0)
     else:
         dq = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
-    program = bh * num_m + pid_m
+    program = bh.to(tl.int64) * num_m + pid_m
     SCR_p = SCR + program * (BLOCK_M * BLOCK_N)
     if ORDINARY:
         # Bias-table gradient of this query tile: interior distances |d| < C in this program's row of
@@ -757,8 +763,8 @@ def _bucketed_attention_bwd_dq_kernel(
     if HAS_GLOBAL:
         cap = tl.load(CAP + b)
         pos_lo, pos_hi, shift = _global_rows(offs_m, m0, Lq, cap, GBS, BLOCK_M)
-        GK_bh = GK + b * stride_gkb + h * stride_gkh
-        GV_bh = GV + b * stride_gvb + h * stride_gvh
+        GK_bh = GK + b64 * stride_gkb + h * stride_gkh
+        GV_bh = GV + b64 * stride_gvb + h * stride_gvh
         GDT_h = GDT + h * (2 * CG + 1 + 2 * (BLOCK_M + BLOCK_N))
         GDDT_row = DDTG + program * (2 * CG + 1)
         gfar_neg = tl.zeros((BLOCK_M,), tl.float32)
@@ -790,7 +796,7 @@ def _bucketed_attention_bwd_dq_kernel(
         tl.store(DQP_tile, dq, mask=row_ok[:, None])
     else:
         tl.store(
-            DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqm + offs_d[None, :],
+            DQ + b64 * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqm + offs_d[None, :],
             (dq * scale).to(DQ.dtype.element_ty),
             mask=q_mask,
         )
@@ -996,6 +1002,20 @@ def _like_heads(B: int, H: int, L: int, D: int, ref: torch.Tensor) -> torch.Tens
     return torch.empty(B, L, H, D, dtype=ref.dtype, device=ref.device).transpose(1, 2)
 
 
+def _check_batch_span(*tensors: torch.Tensor | None) -> None:
+    """The kernels offset into a batch element in 32 bits (only the batch offsets are 64-bit): refuse a
+    `(B, H, L, D)` tensor whose one batch element spans 2**31 elements or more."""
+    for t in tensors:
+        if t is None:
+            continue
+        span = sum((size - 1) * abs(stride) for size, stride in zip(t.shape[1:], t.stride()[1:], strict=True))
+        if span >= 2**31:
+            raise ValueError(
+                f"bucketed_attention: one batch element of a {tuple(t.shape)} tensor with strides {t.stride()} spans "
+                f"{span + 1} elements; the kernels take up to 2**31 per batch element (split the heads or the sequence)"
+            )
+
+
 def _cut(dist_table: torch.Tensor | None) -> int:
     return 0 if dist_table is None else (dist_table.shape[1] - 1) // 2
 
@@ -1041,6 +1061,7 @@ def _forward(q, k, v, dist_table, key_padding_mask, seed, causal, q_offset, scal
     B, H, Lq, D = q.shape
     Lk = k.shape[2]
     q, k, v = (last_dim_contiguous(t) for t in (q, k, v))
+    _check_batch_span(q, k, v, *((globals_.k, globals_.v) if globals_ is not None else ()))
     out = _like_heads(B, H, Lq, D, q)
     lse = torch.empty(B, H, Lq, dtype=torch.float32, device=q.device)
     if Lq == 0:
@@ -1092,6 +1113,7 @@ def _backward(
     B, H, Lq, D = q.shape
     Lk = k.shape[2]
     q, k, v, do = (last_dim_contiguous(t) for t in (q, k, v, do))
+    _check_batch_span(q, k, v, do, out, *((globals_.k, globals_.v) if globals_ is not None else ()))
     dq = _like_heads(B, H, Lq, D, q)
     dk = _like_heads(B, H, Lk, D, k)
     dv = _like_heads(B, H, Lk, D, v)
@@ -1506,8 +1528,9 @@ def compile_specs() -> list:
                 ce = {n: v for n, v in ce.items() if n in kernel.arg_names}
                 name = f"{role}-{features}-sm{arch}-D{block_d}-{dtype}"
                 options = dict(num_warps=warps, num_stages=stages)
+                batch_strides = tuple(n for n in kernel.arg_names if n.startswith("stride_") and n.endswith("b"))
                 specs.append(CompileSpec(name, kernel.__name__, signature(kernel, pointers, floats, ce), ce, options,
-                                         arch))  # fmt: skip
+                                         arch, wide=batch_strides))  # fmt: skip
 
             fwd, bwd_dq, bwd_dkdv = _bucketed_attention_fwd_kernel, _bucketed_attention_bwd_dq_kernel, \
                 _bucketed_attention_bwd_dkdv_kernel  # fmt: skip

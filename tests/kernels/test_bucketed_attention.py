@@ -502,3 +502,15 @@ def test_cuda_kernel_at_real_tile_sizes(case, dtype, triton_backend):
         torch_err = (torch_got.double() - exact).abs().max().item()
         slack = 0.0 if name == "out" else torch.finfo(dtype).eps * exact.abs().max().item()
         assert err <= 2 * torch_err + slack, f"{name}: {err:.3e} vs torch {torch_err:.3e} (+{slack:.1e})"
+
+
+def test_launchers_refuse_a_batch_element_past_32_bit_offsets():
+    """Only the batch offsets are 64-bit in the kernels: a tensor whose one batch element spans 2**31
+    elements is refused with the reason, while any number of smaller batch elements is taken."""
+    from fastseq.kernels.bucketed_attention import _check_batch_span, _forward
+
+    q = torch.empty(2, 3, 2**15, 2**15, dtype=torch.bfloat16, device="meta")  # 3 * 2**30 elements per batch element
+    with pytest.raises(ValueError, match=r"2\*\*31 per batch element"):
+        _forward(q, q, q, None, None, 0, False, 0, 1.0, 0.0)
+    _check_batch_span(torch.empty(2, 2, 2**15, 2**15, device="meta"))  # the largest offset is 2**31 - 1
+    _check_batch_span(torch.empty(2**24, 8, 128, 64, device="meta"))  # 2**40 elements in all
