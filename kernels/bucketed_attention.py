@@ -15,7 +15,11 @@ walks the key tiles; a tile beyond the cut-off adds its row sums to a clamped en
 goes through the program's own scratch tile in global memory (it stays in L2): written as the MMA
 left it, re-read skewed one row at a time so that each thread sums the distances it owns, then
 added to the program's row of per-distance partials (`_bias_grad_tile`). The rows are summed on
-the host. No atomics anywhere: forward and backward are bitwise deterministic.
+the host. Tiles and rows are slots of buffers that a launch's programs own while it runs: the
+backward launches dQ in chunks whose slots fit in `_DQ_SCRATCH_BYTES`, so these buffers do not grow
+with B * H * L (one slot per program of the whole backward took 4 GiB at t5-11b, B = 32, L = 4096),
+and adds each launch's rows to the gradient in a fixed order. No atomics anywhere: forward and
+backward are bitwise deterministic.
 
 The same kernels serve LongT5's encoder (`fastseq.kernels.local_attention`): with a key window a
 query tile visits only the key tiles within `window` of it, and with global tokens
@@ -634,10 +638,11 @@ def _bucketed_attention_bwd_dq_kernel(
     LSE,
     DELTA,
     DQ,
-    DQP,  # (B, H, Lq, BLOCK_D) fp32: dQ of the ordinary keys, handed from the first launch to the second
-    DDT,  # (B, H, num_m_tiles, 2C + 1) fp32 zeros: partial gradients of DT, one row per program
-    DDTG,  # (B, H, num_m_tiles, 2CG + 1) the same for GDT
-    SCR,  # (B, H, num_m_tiles, BLOCK_M * BLOCK_N) fp32 scratch: one dS tile per program (with a bias)
+    # Per-program buffers, one slot per program of the launch (`_dq_chunks` bounds the launch):
+    DQP,  # (slots, BLOCK_M, BLOCK_D) fp32: dQ of the ordinary keys, handed from the first launch to the second
+    DDT,  # (slots, 2C + 1) fp32 zeros: partial gradients of DT, one row per program
+    DDTG,  # (slots, 2CG + 1) the same for GDT
+    SCR,  # (slots, BLOCK_M * BLOCK_N) fp32 scratch: one dS tile per program (with a bias)
     # strides (the last dim of every tensor is contiguous)
     stride_qb,
     stride_qh,
@@ -671,6 +676,9 @@ def _bucketed_attention_bwd_dq_kernel(
     C,
     CG,
     window,  # keys at distance |j - (q_offset + i)| <= window only (with WINDOWED)
+    m_base,  # this launch's first query tile, head and batch element: program (i, j, k) takes
+    h_base,  # query tile m_base + i of head h_base + j in batch element b_base + k
+    b_base,
     scale,
     scale_log2,
     dropout_p,
@@ -696,9 +704,9 @@ def _bucketed_attention_bwd_dq_kernel(
     """dQ and the bias-table gradients of one query tile. With LongT5's global tokens it runs twice,
     the ordinary keys then the global tokens, each launch one key loop: both loops in one program
     held a 64 x 64 tile's registers past the limit (the static report)."""
-    pid_m = tl.program_id(0)
-    h = tl.program_id(1)
-    b = tl.program_id(2)
+    pid_m = m_base + tl.program_id(0)
+    h = h_base + tl.program_id(1)
+    b = b_base + tl.program_id(2)
     bh = b * H + h
     b64 = b.to(tl.int64)  # batch offsets in 64 bits: (B - 1) * stride_qb passes 2**31 at t5-11b sizes
     m0 = pid_m * BLOCK_M
@@ -719,19 +727,19 @@ def _bucketed_attention_bwd_dq_kernel(
     V_bh = V + b64 * stride_vb + h * stride_vh
     DT_h = DT + h * (2 * C + 1 + 2 * (BLOCK_M + BLOCK_N))
     KPM_b = KPM + b64 * stride_kpmb
-    num_m = tl.num_programs(0)
 
-    DQP_tile = DQP + bh.to(tl.int64) * Lq * BLOCK_D + offs_m[:, None] * BLOCK_D + offs_d[None, :]
+    # This program's slot in the launch's buffers: the launches of one backward share them in turn.
+    slot = (tl.program_id(2) * tl.num_programs(1) + tl.program_id(1)) * tl.num_programs(0) + tl.program_id(0)
+    DQP_tile = DQP + slot * (BLOCK_M * BLOCK_D) + tl.arange(0, BLOCK_M)[:, None] * BLOCK_D + offs_d[None, :]
     if PARTIAL_IN:
         dq = tl.load(DQP_tile, mask=row_ok[:, None], other=0.0)
     else:
         dq = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
-    program = bh.to(tl.int64) * num_m + pid_m
-    SCR_p = SCR + program * (BLOCK_M * BLOCK_N)
+    SCR_p = SCR + slot * (BLOCK_M * BLOCK_N)
     if ORDINARY:
         # Bias-table gradient of this query tile: interior distances |d| < C in this program's row of
         # DDT, the clamped ends (d <= -C, d >= C) in registers until the end.
-        DDT_row = DDT + program * (2 * C + 1)
+        DDT_row = DDT + slot * (2 * C + 1)
         far_neg = tl.zeros((BLOCK_M,), tl.float32)
         far_pos = tl.zeros((BLOCK_M,), tl.float32)
         band_neg = tl.zeros((SKEW,), tl.float32)
@@ -766,7 +774,7 @@ def _bucketed_attention_bwd_dq_kernel(
         GK_bh = GK + b64 * stride_gkb + h * stride_gkh
         GV_bh = GV + b64 * stride_gvb + h * stride_gvh
         GDT_h = GDT + h * (2 * CG + 1 + 2 * (BLOCK_M + BLOCK_N))
-        GDDT_row = DDTG + program * (2 * CG + 1)
+        GDDT_row = DDTG + slot * (2 * CG + 1)
         gfar_neg = tl.zeros((BLOCK_M,), tl.float32)
         gfar_pos = tl.zeros((BLOCK_M,), tl.float32)
         gband_neg = tl.zeros((SKEW,), tl.float32)
@@ -1002,6 +1010,28 @@ def _like_heads(B: int, H: int, L: int, D: int, ref: torch.Tensor) -> torch.Tens
     return torch.empty(B, L, H, D, dtype=ref.dtype, device=ref.device).transpose(1, 2)
 
 
+# The dQ programs' slots (`_backward`) take at most this many bytes per launch: a backward runs as
+# many launches as it needs, so that they do not grow with B * H * L (one slot per program of a
+# whole backward took 4 GiB at t5-11b, B = 32, L = 4096).
+_DQ_SCRATCH_BYTES = 64 * 2**20
+
+
+def _even_chunk(total: int, most: int) -> int:
+    """The size of the fewest equal chunks (the last one shorter) that cover `total` with at most `most` each."""
+    return triton.cdiv(total, triton.cdiv(total, max(1, most)))
+
+
+def _dq_chunks(num_m: int, H: int, B: int, slot_bytes: int) -> tuple[int, int, int]:
+    """Query tiles, heads and batch elements of one dQ launch (its grid), so that its programs' slots
+    of `slot_bytes` each fit in _DQ_SCRATCH_BYTES: whole columns of query tiles first, then whole
+    heads. The grid's y and z stay within CUDA's 65,535."""
+    programs = _DQ_SCRATCH_BYTES // slot_bytes if slot_bytes else num_m * H * B
+    m_chunk = _even_chunk(num_m, programs)
+    h_chunk = _even_chunk(H, programs // m_chunk) if m_chunk == num_m else 1
+    b_chunk = _even_chunk(B, min(programs // (m_chunk * h_chunk), 65535)) if h_chunk == H else 1
+    return m_chunk, h_chunk, b_chunk
+
+
 def _check_batch_span(*tensors: torch.Tensor | None) -> None:
     """The kernels offset into a batch element in 32 bits (only the batch offsets are 64-bit): refuse a
     `(B, H, L, D)` tensor whose one batch element spans 2**31 elements or more."""
@@ -1128,11 +1158,11 @@ def _backward(
     dq_tile, dkdv_tile = (tiles.dq_global, tiles.dkdv_global) if G > 0 else (tiles.dq, tiles.dkdv)
     block_m, block_n = dq_tile[:2]
     num_m = triton.cdiv(Lq, block_m)
-    ddt = torch.zeros(B, H, num_m, 2 * cut + 1 if has_bias else 0, dtype=torch.float32, device=q.device)
-    ddtg = torch.zeros(B, H, num_m, 2 * cut_g + 1 if has_gbias else 0, dtype=torch.float32, device=q.device)
+    ddt = torch.zeros(H, 2 * cut + 1 if has_bias else 0, dtype=torch.float32, device=q.device)
+    ddtg = torch.zeros(H, 2 * cut_g + 1 if has_gbias else 0, dtype=torch.float32, device=q.device)
 
     def results():
-        return dq, dk, dv, ddt.sum((0, 2)), dgk, dgv, ddtg.sum((0, 2)) if has_gbias else None
+        return dq, dk, dv, ddt, dgk, dgv, ddtg if has_gbias else None
 
     if Lq == 0 or Lk == 0:
         for t in (dq, dk, dv, dgk, dgv):
@@ -1181,16 +1211,24 @@ def _backward(
     elif dgk is not None:
         dgk.zero_(), dgv.zero_()
 
-    # One dS tile per dQ program, for the bias gradient's diagonal sums (it stays in L2).
+    # Each dQ program has a slot: a dS tile for the bias gradient's diagonal sums (it stays in L2), a
+    # row of per-distance partials per table and, with global tokens (two launches: the ordinary keys
+    # into an fp32 dQ, then the globals on top), its fp32 dQ tile. The launches go in chunks whose
+    # slots fit in _DQ_SCRATCH_BYTES, each reusing the same buffers.
     tile = block_m * block_n if has_bias or has_gbias else 0
-    scratch = torch.empty(B * H * num_m * tile or 1, dtype=torch.float32, device=q.device)
-    # With global tokens, two launches: the ordinary keys into an fp32 dQ, then the globals on top.
-    partial = torch.empty(B * H * Lq * block_d if G > 0 else 1, dtype=torch.float32, device=q.device)
+    row, grow = (2 * cut + 1 if has_bias else 0), (2 * cut_g + 1 if has_gbias else 0)
+    partial_tile = block_m * block_d if G > 0 else 0
+    chunk = _dq_chunks(num_m, H, B, 4 * (tile + row + grow + partial_tile))
+    slots = math.prod(chunk)
+    scratch = torch.empty(slots * tile or 1, dtype=torch.float32, device=q.device)
+    rows = torch.empty(slots, row, dtype=torch.float32, device=q.device)
+    grows = torch.empty(slots, grow, dtype=torch.float32, device=q.device)
+    partial = torch.empty(slots * partial_tile or 1, dtype=torch.float32, device=q.device)
     table, gtable = _kernel_table(dist_table, q, block_m, block_n), _kernel_table(gtable, q, block_m, block_n)
 
-    def dq_launch(ordinary: bool, with_globals: bool):
-        _bucketed_attention_bwd_dq_kernel[(num_m, H, B)](
-            q, k, v, table, kpm, gk, gv, gtable, caps, do, lse, delta, dq, partial, ddt, ddtg, scratch,
+    def dq_launch(grid, bases, ordinary: bool, with_globals: bool):
+        _bucketed_attention_bwd_dq_kernel[grid](
+            q, k, v, table, kpm, gk, gv, gtable, caps, do, lse, delta, dq, partial, rows, grows, scratch,
             q.stride(0), q.stride(1), q.stride(2),
             k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2),
@@ -1198,15 +1236,25 @@ def _backward(
             gv.stride(0), gv.stride(1), gv.stride(2),
             do.stride(0), do.stride(1), do.stride(2),
             dq.stride(0), dq.stride(1), dq.stride(2),
-            kpm.stride(0), H, Lq, Lk, G, D, q_offset, cut, cut_g, window, *tail,
+            kpm.stride(0), H, Lq, Lk, G, D, q_offset, cut, cut_g, window, *bases, *tail,
             HAS_BIAS=has_bias, ORDINARY=ordinary, HAS_GLOBAL=with_globals, HAS_GBIAS=has_gbias,
             PARTIAL_IN=with_globals, PARTIAL_OUT=ordinary and G > 0, SKEW=_skew(block_m, block_n), **common,
             **launch_options(dq_tile),
         )  # fmt: skip
 
-    dq_launch(True, False)
-    if G > 0:
-        dq_launch(False, True)
+    for b0 in range(0, B, chunk[2]):
+        for h0 in range(0, H, chunk[1]):
+            for m0 in range(0, num_m, chunk[0]):
+                grid = (min(chunk[0], num_m - m0), min(chunk[1], H - h0), min(chunk[2], B - b0))
+                rows.zero_(), grows.zero_()
+                dq_launch(grid, (m0, h0, b0), True, False)
+                if G > 0:
+                    dq_launch(grid, (m0, h0, b0), False, True)
+                # The slots' rows, (batch, head, query tile) in the launch, summed per head in a fixed order.
+                for grad, partials in ((ddt, rows), (ddtg, grows)):
+                    if partials.shape[1]:
+                        per_head = partials[: math.prod(grid)].view(*grid[::-1], -1).sum((0, 2))
+                        grad[h0 : h0 + grid[1]] += per_head
     return results()
 
 
