@@ -1544,8 +1544,9 @@ def compile_specs() -> list:
     the decoding tile (Lq = 1) with them, the forward with LongT5's global tokens, the backward's
     dQ and dK/dV kernels with each, LongT5's second dQ launch and global dK/dV, the backward's
     preprocessing; fp16 once per architecture (its buffers are bf16's); for bf16 at D = 64 and 128
-    on sm_80 and sm_90 also the builds that `PRICES` and `SHUFFLE_BOUNDS` compare. Names read
-    `<kernel>-<features>-sm<arch>-D<d>-<dtype>`."""
+    on sm_80 and sm_90 also the builds that `PRICES` and `SHUFFLE_BOUNDS` compare. Each is built as
+    Triton specializes it for the usual inputs (aligned buffers, strides and D multiples of 16), and
+    its batch strides are held to 64-bit products. Names read `<kernel>-<features>-sm<arch>-D<d>-<dtype>`."""
     from ._compile import CompileSpec, signature
 
     floats = ("scale", "scale_log2", "dropout_p")
@@ -1576,9 +1577,17 @@ def compile_specs() -> list:
                 ce = {n: v for n, v in ce.items() if n in kernel.arg_names}
                 name = f"{role}-{features}-sm{arch}-D{block_d}-{dtype}"
                 options = dict(num_warps=warps, num_stages=stages)
+                sig = signature(kernel, pointers, floats, ce)
                 batch_strides = tuple(n for n in kernel.arg_names if n.startswith("stride_") and n.endswith("b"))
-                specs.append(CompileSpec(name, kernel.__name__, signature(kernel, pointers, floats, ce), ce, options,
-                                         arch, wide=batch_strides))  # fmt: skip
+                # What Triton specializes at launch for inputs with D = BLOCK_D: fresh (16-byte aligned)
+                # buffers, and the strides of (B, H, L, D) tensors, multiples of D.
+                aligned = tuple(
+                    n
+                    for n in kernel.arg_names
+                    if sig[n].startswith("*") or n == "D" or (n.startswith("stride_") and n != "stride_kpmb")
+                )
+                specs.append(CompileSpec(name, kernel.__name__, sig, ce, options, arch, wide=batch_strides,
+                                         aligned=aligned))  # fmt: skip
 
             fwd, bwd_dq, bwd_dkdv = _bucketed_attention_fwd_kernel, _bucketed_attention_bwd_dq_kernel, \
                 _bucketed_attention_bwd_dkdv_kernel  # fmt: skip
