@@ -566,6 +566,24 @@ def _bucketed_attention_bwd_dkdv_kernel(
     tl.store(DV + dkv_bh + dkv_off, dv.to(DV.dtype.element_ty), mask=kv_mask)
 
 
+if interpreting():
+
+    @triton.jit
+    def _block_barrier():
+        tl.debug_barrier()  # the interpreter runs one program at a time; it has no inline assembly
+
+else:
+
+    @triton.jit
+    def _block_barrier():
+        """`bar.sync 0` (what `tl.debug_barrier` emits), as inline assembly with side effects, so that no
+        pass moves a memory access across it. Triton's software pipeliner leaves a loop with a
+        `tl.debug_barrier` in it unpipelined: the dQ key loop with a bias had no `cp.async` (the
+        static report). The barriers here order only this program's scratch tile and per-distance
+        row; the loads the pipeliner moves ahead (keys, values, the bias table) are read-only."""
+        tl.inline_asm_elementwise("bar.sync 0;", "=r", [], dtype=tl.int32, is_pure=False, pack=1)
+
+
 @triton.jit
 def _diagonal_sums(ds, SCR_p, m0, pos_hi, cap, gbs: tl.constexpr, GLOBAL_ROWS: tl.constexpr, BLOCK_M: tl.constexpr,
                    BLOCK_N: tl.constexpr, SKEW: tl.constexpr):  # fmt: skip
@@ -576,9 +594,9 @@ def _diagonal_sums(ds, SCR_p, m0, pos_hi, cap, gbs: tl.constexpr, GLOBAL_ROWS: t
     distances it owns. No shuffle, no atomics, no register-resident skew (a `tl.gather` skew of the
     tile cost 548 SHFL and 1,256 spill bytes in the dQ kernel on sm_90, the static report)."""
     tile = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
-    tl.debug_barrier()  # every thread is done reading the previous tile
+    _block_barrier()  # every thread is done reading the previous tile
     tl.store(SCR_p + tile, ds)
-    tl.debug_barrier()  # the tile is written before any thread reads it skewed
+    _block_barrier()  # the tile is written before any thread reads it skewed
     t = tl.arange(0, SKEW)
     diag = tl.zeros((SKEW,), tl.float32)
     for m in range(BLOCK_M):
