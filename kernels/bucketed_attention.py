@@ -126,16 +126,26 @@ def _dot(a, b, PRECISION: tl.constexpr):
 @triton.jit
 def _bias(DT2_h, base, rel, C, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """The log2-domain bias of a tile whose element (m, n) lies at distance `base + rel[m, n]`, with
-    `rel` in [0, BLOCK_M + BLOCK_N - 2]: one load per element from the per-distance table `DT2_h`.
+    `rel` in [0, BLOCK_M + BLOCK_N - 2], from the per-distance table `DT2_h`.
 
     The table (scaled by log2(e)) holds distances -C - PAD .. C + PAD, PAD = BLOCK_M + BLOCK_N, the
-    entries beyond +-C repeating the end values; so clamping the tile's base once, a scalar, keeps
-    every element's index in the table and exact, and no element needs a clamp. The table is a few
-    KiB per head: every load after the first hits L1. No branch on the tile's position, no layout
-    conversion, no shuffle: spreading the tile's distinct distances over it with `tl.gather` instead
-    cost 1,988 SHFL and 6,448 spill bytes at 128 x 64 on sm_90 (the static report)."""
-    first = tl.minimum(tl.maximum(base, -C - (BLOCK_M + BLOCK_N - 2)), C) + C + BLOCK_M + BLOCK_N
-    return tl.load(DT2_h + first + rel)
+    entries beyond +-C repeating the end values. A tile wholly at or beyond a cut-off (most tiles of
+    a long sequence) takes that end's value with one load; a band tile loads each element's entry,
+    an index that stays in the table without a clamp. The table is a few KiB per head: every load
+    after the first hits L1. The branch also keeps the band's gather out of Triton's software
+    pipeliner, which copied it through shared memory one 4-byte `cp.async` per element (twice the
+    forward's shared memory on sm_90, and the bias cost 1.59x the forward's instructions at D = 64).
+    No layout conversion, no shuffle: spreading the tile's distinct distances over it with
+    `tl.gather` instead cost 1,988 SHFL and 6,448 spill bytes at 128 x 64 on sm_90 (the static
+    report)."""
+    PAD: tl.constexpr = BLOCK_M + BLOCK_N
+    if base >= C:
+        bias = tl.zeros(rel.shape, tl.float32) + tl.load(DT2_h + 2 * C + PAD)
+    elif base <= -C - (BLOCK_M + BLOCK_N - 2):
+        bias = tl.zeros(rel.shape, tl.float32) + tl.load(DT2_h + PAD)
+    else:
+        bias = tl.load(DT2_h + (base + C + PAD) + rel)
+    return bias
 
 
 @triton.jit
@@ -166,7 +176,7 @@ def _tile_scores(
     if HAS_BIAS:
         # Element (m, n) lies at distance n0 + n - (q_offset + m0 + m) = base + n + (BLOCK_M - 1 - m).
         base = n0 - (q_offset + m0 + BLOCK_M - 1)
-        rel = offs_n[None, :] - offs_m[:, None] - (base + q_offset)
+        rel = tl.arange(0, BLOCK_N)[None, :] - tl.arange(0, BLOCK_M)[:, None] + (BLOCK_M - 1)  # the same in every tile
         s += _bias(DT_h, base, rel, C, BLOCK_M, BLOCK_N)
     valid = offs_n[None, :] < Lk
     if HAS_KPM:
@@ -216,7 +226,7 @@ def _global_tile_scores(
     if HAS_GBIAS:
         # Element (m, n) lies at distance g0 + n - position(m) = (g0 - pos_hi) + n + shift[m].
         base = g0 - pos_hi
-        s += _bias(GDT_h, base, (offs_g[None, :] + shift[:, None]) - (base + pos_hi), CG, BLOCK_M, BLOCK_N)
+        s += _bias(GDT_h, base, tl.arange(0, BLOCK_N)[None, :] + shift[:, None], CG, BLOCK_M, BLOCK_N)
     valid = (offs_g <= cap) & (offs_g < G)
     return tl.where(valid[None, :], s, float("-inf"))
 
@@ -618,10 +628,11 @@ def _bias_grad_tile(ds, SCR_p, DDT_row, d_min, d_max, C, far_neg, far_pos, band_
     each thread owns its distances, and the barriers of `_diagonal_sums` order the tiles); the
     clamped ends d <= -C and d >= C stay in registers, per row for a tile wholly beyond the cut-off
     and per diagonal for a band tile, and are summed once at the end."""
-    if d_min >= C:
-        far_pos += tl.sum(ds, 1)
-    elif d_max <= -C:
-        far_neg += tl.sum(ds, 1)
+    if (d_min >= C) | (d_max <= -C):
+        rows = tl.sum(ds, 1)
+        beyond = d_min >= C
+        far_pos += tl.where(beyond, rows, 0.0)
+        far_neg += tl.where(beyond, 0.0, rows)
     else:
         diag = _diagonal_sums(ds, SCR_p, m0, pos_hi, cap, gbs, GLOBAL_ROWS, BLOCK_M, BLOCK_N, SKEW)
         d = d_min + tl.arange(0, SKEW)
