@@ -15,7 +15,11 @@ walks the key tiles; a tile beyond the cut-off adds its row sums to a clamped en
 goes through the program's own scratch tile in global memory (it stays in L2): written as the MMA
 left it, re-read skewed one row at a time so that each thread sums the distances it owns, then
 added to the program's row of per-distance partials (`_bias_grad_tile`). The rows are summed on
-the host. No atomics anywhere: forward and backward are bitwise deterministic.
+the host. Tiles and rows are slots of buffers that a launch's programs own while it runs: the
+backward launches dQ in chunks whose slots fit in `_DQ_SCRATCH_BYTES`, so these buffers do not grow
+with B * H * L (one slot per program of the whole backward took 4 GiB at t5-11b, B = 32, L = 4096),
+and adds each launch's rows to the gradient in a fixed order. No atomics anywhere: forward and
+backward are bitwise deterministic.
 
 The same kernels serve LongT5's encoder (`fastseq.kernels.local_attention`): with a key window a
 query tile visits only the key tiles within `window` of it, and with global tokens
@@ -132,16 +136,26 @@ def _dot(a, b, PRECISION: tl.constexpr):
 @triton.jit
 def _bias(DT2_h, base, rel, C, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """The log2-domain bias of a tile whose element (m, n) lies at distance `base + rel[m, n]`, with
-    `rel` in [0, BLOCK_M + BLOCK_N - 2]: one load per element from the per-distance table `DT2_h`.
+    `rel` in [0, BLOCK_M + BLOCK_N - 2], from the per-distance table `DT2_h`.
 
     The table (scaled by log2(e)) holds distances -C - PAD .. C + PAD, PAD = BLOCK_M + BLOCK_N, the
-    entries beyond +-C repeating the end values; so clamping the tile's base once, a scalar, keeps
-    every element's index in the table and exact, and no element needs a clamp. The table is a few
-    KiB per head: every load after the first hits L1. No branch on the tile's position, no layout
-    conversion, no shuffle: spreading the tile's distinct distances over it with `tl.gather` instead
-    cost 1,988 SHFL and 6,448 spill bytes at 128 x 64 on sm_90 (the static report)."""
-    first = tl.minimum(tl.maximum(base, -C - (BLOCK_M + BLOCK_N - 2)), C) + C + BLOCK_M + BLOCK_N
-    return tl.load(DT2_h + first + rel)
+    entries beyond +-C repeating the end values. A tile wholly at or beyond a cut-off (most tiles of
+    a long sequence) takes that end's value with one load; a band tile loads each element's entry,
+    an index that stays in the table without a clamp. The table is a few KiB per head: every load
+    after the first hits L1. The branch also keeps the band's gather out of Triton's software
+    pipeliner, which copied it through shared memory one 4-byte `cp.async` per element (twice the
+    forward's shared memory on sm_90, and the bias cost 1.59x the forward's instructions at D = 64).
+    No layout conversion, no shuffle: spreading the tile's distinct distances over it with
+    `tl.gather` instead cost 1,988 SHFL and 6,448 spill bytes at 128 x 64 on sm_90 (the static
+    report)."""
+    PAD: tl.constexpr = BLOCK_M + BLOCK_N
+    if base >= C:
+        bias = tl.zeros(rel.shape, tl.float32) + tl.load(DT2_h + 2 * C + PAD)
+    elif base <= -C - (BLOCK_M + BLOCK_N - 2):
+        bias = tl.zeros(rel.shape, tl.float32) + tl.load(DT2_h + PAD)
+    else:
+        bias = tl.load(DT2_h + (base + C + PAD) + rel)
+    return bias
 
 
 @triton.jit
@@ -172,7 +186,7 @@ def _tile_scores(
     if HAS_BIAS:
         # Element (m, n) lies at distance n0 + n - (q_offset + m0 + m) = base + n + (BLOCK_M - 1 - m).
         base = n0 - (q_offset + m0 + BLOCK_M - 1)
-        rel = offs_n[None, :] - offs_m[:, None] - (base + q_offset)
+        rel = tl.arange(0, BLOCK_N)[None, :] - tl.arange(0, BLOCK_M)[:, None] + (BLOCK_M - 1)  # the same in every tile
         s += _bias(DT_h, base, rel, C, BLOCK_M, BLOCK_N)
     valid = offs_n[None, :] < Lk
     if HAS_KPM:
@@ -222,7 +236,7 @@ def _global_tile_scores(
     if HAS_GBIAS:
         # Element (m, n) lies at distance g0 + n - position(m) = (g0 - pos_hi) + n + shift[m].
         base = g0 - pos_hi
-        s += _bias(GDT_h, base, (offs_g[None, :] + shift[:, None]) - (base + pos_hi), CG, BLOCK_M, BLOCK_N)
+        s += _bias(GDT_h, base, tl.arange(0, BLOCK_N)[None, :] + shift[:, None], CG, BLOCK_M, BLOCK_N)
     valid = (offs_g <= cap) & (offs_g < G)
     return tl.where(valid[None, :], s, float("-inf"))
 
@@ -349,19 +363,20 @@ def _bucketed_attention_fwd_kernel(
     h = tl.program_id(1)
     b = tl.program_id(2)
     bh = b * H + h
+    b64 = b.to(tl.int64)  # batch offsets in 64 bits: (B - 1) * stride_qb passes 2**31 at t5-11b sizes
     m0 = pid_m * BLOCK_M
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
     q = tl.load(
-        Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :],
+        Q + b64 * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :],
         mask=(offs_m < Lq)[:, None] & d_ok[None, :],
         other=0.0,
     )
-    K_bh = K + b * stride_kb + h * stride_kh
-    V_bh = V + b * stride_vb + h * stride_vh
+    K_bh = K + b64 * stride_kb + h * stride_kh
+    V_bh = V + b64 * stride_vb + h * stride_vh
     DT_h = DT + h * (2 * C + 1 + 2 * (BLOCK_M + BLOCK_N))
-    KPM_b = KPM + b * stride_kpmb
+    KPM_b = KPM + b64 * stride_kpmb
 
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     l_i = tl.zeros((BLOCK_M,), tl.float32)
@@ -379,8 +394,8 @@ def _bucketed_attention_fwd_kernel(
         # LongT5's transient-global tokens: the same softmax goes on over every global token.
         cap = tl.load(CAP + b)
         pos_lo, pos_hi, shift = _global_rows(offs_m, m0, Lq, cap, GBS, BLOCK_M)
-        GK_bh = GK + b * stride_gkb + h * stride_gkh
-        GV_bh = GV + b * stride_gvb + h * stride_gvh
+        GK_bh = GK + b64 * stride_gkb + h * stride_gkh
+        GV_bh = GV + b64 * stride_gvb + h * stride_gvh
         GDT_h = GDT + h * (2 * CG + 1 + 2 * (BLOCK_M + BLOCK_N))
         for g0 in range(0, tl.minimum(G, cap + 1), BLOCK_N):
             offs_g = g0 + tl.arange(0, BLOCK_N)
@@ -396,12 +411,12 @@ def _bucketed_attention_fwd_kernel(
     out = acc / tl.where(has_key, l_i, 1.0)[:, None]
     row_ok = offs_m < Lq
     tl.store(
-        Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :],
+        Out + b64 * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :],
         out.to(Out.dtype.element_ty),
         mask=row_ok[:, None] & d_ok[None, :],
     )
     lse = tl.where(has_key, m_i + tl.math.log2(tl.where(has_key, l_i, 1.0)), float("inf"))
-    tl.store(LSE + bh * Lq + offs_m, lse, mask=row_ok)
+    tl.store(LSE + bh.to(tl.int64) * Lq + offs_m, lse, mask=row_ok)
 
 
 @triton.jit
@@ -423,18 +438,18 @@ def _bucketed_attention_bwd_preprocess_kernel(
 ):
     pid_m = tl.program_id(0)
     h = tl.program_id(1)
-    b = tl.program_id(2)
+    b64 = tl.program_id(2).to(tl.int64)  # batch offsets in 64 bits
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     mask = (offs_m < Lq)[:, None] & (offs_d < D)[None, :]
     o = tl.load(
-        Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :], mask=mask, other=0.0
+        Out + b64 * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :], mask=mask, other=0.0
     )
     do = tl.load(
-        DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom + offs_d[None, :], mask=mask, other=0.0
+        DO + b64 * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom + offs_d[None, :], mask=mask, other=0.0
     )
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-    tl.store(DELTA + (b * H + h) * Lq + offs_m, delta, mask=offs_m < Lq)
+    tl.store(DELTA + (b64 * H + h) * Lq + offs_m, delta, mask=offs_m < Lq)
 
 
 @triton.jit
@@ -498,21 +513,24 @@ def _bucketed_attention_bwd_dkdv_kernel(
     h = tl.program_id(1)
     b = tl.program_id(2)
     bh = b * H + h
+    b64 = b.to(tl.int64)  # batch offsets in 64 bits: (B - 1) * stride_kb passes 2**31 at t5-11b sizes
     n0 = pid_n * BLOCK_N
     offs_n = n0 + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
     kv_mask = (offs_n < Lk)[:, None] & d_ok[None, :]
     k = tl.load(
-        K + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0
+        K + b64 * stride_kb + h * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0
     )
     v = tl.load(
-        V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0
+        V + b64 * stride_vb + h * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0
     )
-    Q_bh = Q + b * stride_qb + h * stride_qh
-    DO_bh = DO + b * stride_dob + h * stride_doh
+    Q_bh = Q + b64 * stride_qb + h * stride_qh
+    DO_bh = DO + b64 * stride_dob + h * stride_doh
     DT_h = DT + h * (2 * C + 1 + 2 * (BLOCK_M + BLOCK_N))
-    KPM_b = KPM + b * stride_kpmb
+    KPM_b = KPM + b64 * stride_kpmb
+    LSE_bh = LSE + bh.to(tl.int64) * Lq
+    DELTA_bh = DELTA + bh.to(tl.int64) * Lq
 
     dk = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
     dv = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
@@ -536,8 +554,8 @@ def _bucketed_attention_bwd_dkdv_kernel(
         q_mask = row_ok[:, None] & d_ok[None, :]
         q = tl.load(Q_bh + offs_m[:, None] * stride_qm + offs_d[None, :], mask=q_mask, other=0.0)
         do = tl.load(DO_bh + offs_m[:, None] * stride_dom + offs_d[None, :], mask=q_mask, other=0.0)
-        lse = tl.load(LSE + bh * Lq + offs_m, mask=row_ok, other=float("inf"))
-        delta = tl.load(DELTA + bh * Lq + offs_m, mask=row_ok, other=0.0)
+        lse = tl.load(LSE_bh + offs_m, mask=row_ok, other=float("inf"))
+        delta = tl.load(DELTA_bh + offs_m, mask=row_ok, other=0.0)
         if GLOBAL_KEYS:
             pos_lo, pos_hi, shift = _global_rows(offs_m, m0, Lq, cap, GBS, BLOCK_M)
             s = _global_tile_scores(
@@ -562,9 +580,28 @@ def _bucketed_attention_bwd_dkdv_kernel(
         ds = p * (dp - delta[:, None])
         dk += _dot(tl.trans(ds.to(q.dtype)), q, PRECISION)
     dk = dk * scale
-    dkv_off = b * stride_dkb + h * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :]
-    tl.store(DK + dkv_off, dk.to(DK.dtype.element_ty), mask=kv_mask)
-    tl.store(DV + dkv_off, dv.to(DV.dtype.element_ty), mask=kv_mask)
+    dkv_bh = b64 * stride_dkb + h * stride_dkh
+    dkv_off = offs_n[:, None] * stride_dkn + offs_d[None, :]
+    tl.store(DK + dkv_bh + dkv_off, dk.to(DK.dtype.element_ty), mask=kv_mask)
+    tl.store(DV + dkv_bh + dkv_off, dv.to(DV.dtype.element_ty), mask=kv_mask)
+
+
+if interpreting():
+
+    @triton.jit
+    def _block_barrier():
+        tl.debug_barrier()  # the interpreter runs one program at a time; it has no inline assembly
+
+else:
+
+    @triton.jit
+    def _block_barrier():
+        """`bar.sync 0` (what `tl.debug_barrier` emits), as inline assembly with side effects, so that no
+        pass moves a memory access across it. Triton's software pipeliner leaves a loop with a
+        `tl.debug_barrier` in it unpipelined: the dQ key loop with a bias had no `cp.async` (the
+        static report). The barriers here order only this program's scratch tile and per-distance
+        row; the loads the pipeliner moves ahead (keys, values, the bias table) are read-only."""
+        tl.inline_asm_elementwise("bar.sync 0;", "=r", [], dtype=tl.int32, is_pure=False, pack=1)
 
 
 @triton.jit
@@ -577,9 +614,9 @@ def _diagonal_sums(ds, SCR_p, m0, pos_hi, cap, gbs: tl.constexpr, GLOBAL_ROWS: t
     distances it owns. No shuffle, no atomics, no register-resident skew (a `tl.gather` skew of the
     tile cost 548 SHFL and 1,256 spill bytes in the dQ kernel on sm_90, the static report)."""
     tile = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
-    tl.debug_barrier()  # every thread is done reading the previous tile
+    _block_barrier()  # every thread is done reading the previous tile
     tl.store(SCR_p + tile, ds)
-    tl.debug_barrier()  # the tile is written before any thread reads it skewed
+    _block_barrier()  # the tile is written before any thread reads it skewed
     t = tl.arange(0, SKEW)
     diag = tl.zeros((SKEW,), tl.float32)
     for m in range(BLOCK_M):
@@ -601,10 +638,11 @@ def _bias_grad_tile(ds, SCR_p, DDT_row, d_min, d_max, C, far_neg, far_pos, band_
     each thread owns its distances, and the barriers of `_diagonal_sums` order the tiles); the
     clamped ends d <= -C and d >= C stay in registers, per row for a tile wholly beyond the cut-off
     and per diagonal for a band tile, and are summed once at the end."""
-    if d_min >= C:
-        far_pos += tl.sum(ds, 1)
-    elif d_max <= -C:
-        far_neg += tl.sum(ds, 1)
+    if (d_min >= C) | (d_max <= -C):
+        rows = tl.sum(ds, 1)
+        beyond = d_min >= C
+        far_pos += tl.where(beyond, rows, 0.0)
+        far_neg += tl.where(beyond, 0.0, rows)
     else:
         diag = _diagonal_sums(ds, SCR_p, m0, pos_hi, cap, gbs, GLOBAL_ROWS, BLOCK_M, BLOCK_N, SKEW)
         d = d_min + tl.arange(0, SKEW)
@@ -639,10 +677,11 @@ def _bucketed_attention_bwd_dq_kernel(
     LSE,
     DELTA,
     DQ,
-    DQP,  # (B, H, Lq, BLOCK_D) fp32: dQ of the ordinary keys, handed from the first launch to the second
-    DDT,  # (B, H, num_m_tiles, 2C + 1) fp32 zeros: partial gradients of DT, one row per program
-    DDTG,  # (B, H, num_m_tiles, 2CG + 1) the same for GDT
-    SCR,  # (B, H, num_m_tiles, BLOCK_M * BLOCK_N) fp32 scratch: one dS tile per program (with a bias)
+    # Per-program buffers, one slot per program of the launch (`_dq_chunks` bounds the launch):
+    DQP,  # (slots, BLOCK_M, BLOCK_D) fp32: dQ of the ordinary keys, handed from the first launch to the second
+    DDT,  # (slots, 2C + 1) fp32 zeros: partial gradients of DT, one row per program
+    DDTG,  # (slots, 2CG + 1) the same for GDT
+    SCR,  # (slots, BLOCK_M * BLOCK_N) fp32 scratch: one dS tile per program (with a bias)
     # strides (the last dim of every tensor is contiguous)
     stride_qb,
     stride_qh,
@@ -676,6 +715,9 @@ def _bucketed_attention_bwd_dq_kernel(
     C,
     CG,
     window,  # keys at distance |j - (q_offset + i)| <= window only (with WINDOWED)
+    m_base,  # this launch's first query tile, head and batch element: program (i, j, k) takes
+    h_base,  # query tile m_base + i of head h_base + j in batch element b_base + k
+    b_base,
     scale,
     scale_log2,
     dropout_p,
@@ -701,10 +743,11 @@ def _bucketed_attention_bwd_dq_kernel(
     """dQ and the bias-table gradients of one query tile. With LongT5's global tokens it runs twice,
     the ordinary keys then the global tokens, each launch one key loop: both loops in one program
     held a 64 x 64 tile's registers past the limit (the static report)."""
-    pid_m = tl.program_id(0)
-    h = tl.program_id(1)
-    b = tl.program_id(2)
+    pid_m = m_base + tl.program_id(0)
+    h = h_base + tl.program_id(1)
+    b = b_base + tl.program_id(2)
     bh = b * H + h
+    b64 = b.to(tl.int64)  # batch offsets in 64 bits: (B - 1) * stride_qb passes 2**31 at t5-11b sizes
     m0 = pid_m * BLOCK_M
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -712,30 +755,30 @@ def _bucketed_attention_bwd_dq_kernel(
     row_ok = offs_m < Lq
     q_mask = row_ok[:, None] & d_ok[None, :]
     q = tl.load(
-        Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :], mask=q_mask, other=0.0
+        Q + b64 * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :], mask=q_mask, other=0.0
     )
     do = tl.load(
-        DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom + offs_d[None, :], mask=q_mask, other=0.0
+        DO + b64 * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom + offs_d[None, :], mask=q_mask, other=0.0
     )
-    lse = tl.load(LSE + bh * Lq + offs_m, mask=row_ok, other=float("inf"))
-    delta = tl.load(DELTA + bh * Lq + offs_m, mask=row_ok, other=0.0)
-    K_bh = K + b * stride_kb + h * stride_kh
-    V_bh = V + b * stride_vb + h * stride_vh
+    lse = tl.load(LSE + bh.to(tl.int64) * Lq + offs_m, mask=row_ok, other=float("inf"))
+    delta = tl.load(DELTA + bh.to(tl.int64) * Lq + offs_m, mask=row_ok, other=0.0)
+    K_bh = K + b64 * stride_kb + h * stride_kh
+    V_bh = V + b64 * stride_vb + h * stride_vh
     DT_h = DT + h * (2 * C + 1 + 2 * (BLOCK_M + BLOCK_N))
-    KPM_b = KPM + b * stride_kpmb
-    num_m = tl.num_programs(0)
+    KPM_b = KPM + b64 * stride_kpmb
 
-    DQP_tile = DQP + (bh * Lq + offs_m[:, None]) * BLOCK_D + offs_d[None, :]
+    # This program's slot in the launch's buffers: the launches of one backward share them in turn.
+    slot = (tl.program_id(2) * tl.num_programs(1) + tl.program_id(1)) * tl.num_programs(0) + tl.program_id(0)
+    DQP_tile = DQP + slot * (BLOCK_M * BLOCK_D) + tl.arange(0, BLOCK_M)[:, None] * BLOCK_D + offs_d[None, :]
     if PARTIAL_IN:
         dq = tl.load(DQP_tile, mask=row_ok[:, None], other=0.0)
     else:
         dq = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
-    program = bh * num_m + pid_m
-    SCR_p = SCR + program * (BLOCK_M * BLOCK_N)
+    SCR_p = SCR + slot * (BLOCK_M * BLOCK_N)
     if ORDINARY:
         # Bias-table gradient of this query tile: interior distances |d| < C in this program's row of
         # DDT, the clamped ends (d <= -C, d >= C) in registers until the end.
-        DDT_row = DDT + program * (2 * C + 1)
+        DDT_row = DDT + slot * (2 * C + 1)
         far_neg = tl.zeros((BLOCK_M,), tl.float32)
         far_pos = tl.zeros((BLOCK_M,), tl.float32)
         band_neg = tl.zeros((SKEW,), tl.float32)
@@ -767,10 +810,10 @@ def _bucketed_attention_bwd_dq_kernel(
     if HAS_GLOBAL:
         cap = tl.load(CAP + b)
         pos_lo, pos_hi, shift = _global_rows(offs_m, m0, Lq, cap, GBS, BLOCK_M)
-        GK_bh = GK + b * stride_gkb + h * stride_gkh
-        GV_bh = GV + b * stride_gvb + h * stride_gvh
+        GK_bh = GK + b64 * stride_gkb + h * stride_gkh
+        GV_bh = GV + b64 * stride_gvb + h * stride_gvh
         GDT_h = GDT + h * (2 * CG + 1 + 2 * (BLOCK_M + BLOCK_N))
-        GDDT_row = DDTG + program * (2 * CG + 1)
+        GDDT_row = DDTG + slot * (2 * CG + 1)
         gfar_neg = tl.zeros((BLOCK_M,), tl.float32)
         gfar_pos = tl.zeros((BLOCK_M,), tl.float32)
         gband_neg = tl.zeros((SKEW,), tl.float32)
@@ -800,7 +843,7 @@ def _bucketed_attention_bwd_dq_kernel(
         tl.store(DQP_tile, dq, mask=row_ok[:, None])
     else:
         tl.store(
-            DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqm + offs_d[None, :],
+            DQ + b64 * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqm + offs_d[None, :],
             (dq * scale).to(DQ.dtype.element_ty),
             mask=q_mask,
         )
@@ -1008,6 +1051,42 @@ def _like_heads(B: int, H: int, L: int, D: int, ref: torch.Tensor) -> torch.Tens
     return torch.empty(B, L, H, D, dtype=ref.dtype, device=ref.device).transpose(1, 2)
 
 
+# The dQ programs' slots (`_backward`) take at most this many bytes per launch: a backward runs as
+# many launches as it needs, so that they do not grow with B * H * L (one slot per program of a
+# whole backward took 4 GiB at t5-11b, B = 32, L = 4096).
+_DQ_SCRATCH_BYTES = 64 * 2**20
+
+
+def _even_chunk(total: int, most: int) -> int:
+    """The size of the fewest equal chunks (the last one shorter) that cover `total` with at most `most` each."""
+    return triton.cdiv(total, triton.cdiv(total, max(1, most)))
+
+
+def _dq_chunks(num_m: int, H: int, B: int, slot_bytes: int) -> tuple[int, int, int]:
+    """Query tiles, heads and batch elements of one dQ launch (its grid), so that its programs' slots
+    of `slot_bytes` each fit in _DQ_SCRATCH_BYTES: whole columns of query tiles first, then whole
+    heads. The grid's y and z stay within CUDA's 65,535."""
+    programs = _DQ_SCRATCH_BYTES // slot_bytes if slot_bytes else num_m * H * B
+    m_chunk = _even_chunk(num_m, programs)
+    h_chunk = _even_chunk(H, programs // m_chunk) if m_chunk == num_m else 1
+    b_chunk = _even_chunk(B, min(programs // (m_chunk * h_chunk), 65535)) if h_chunk == H else 1
+    return m_chunk, h_chunk, b_chunk
+
+
+def _check_batch_span(*tensors: torch.Tensor | None) -> None:
+    """The kernels offset into a batch element in 32 bits (only the batch offsets are 64-bit): refuse a
+    `(B, H, L, D)` tensor whose one batch element spans 2**31 elements or more."""
+    for t in tensors:
+        if t is None:
+            continue
+        span = sum((size - 1) * abs(stride) for size, stride in zip(t.shape[1:], t.stride()[1:], strict=True))
+        if span >= 2**31:
+            raise ValueError(
+                f"bucketed_attention: one batch element of a {tuple(t.shape)} tensor with strides {t.stride()} spans "
+                f"{span + 1} elements; the kernels take up to 2**31 per batch element (split the heads or the sequence)"
+            )
+
+
 def _cut(dist_table: torch.Tensor | None) -> int:
     return 0 if dist_table is None else (dist_table.shape[1] - 1) // 2
 
@@ -1053,6 +1132,7 @@ def _forward(q, k, v, dist_table, key_padding_mask, seed, causal, q_offset, scal
     B, H, Lq, D = q.shape
     Lk = k.shape[2]
     q, k, v = (last_dim_contiguous(t) for t in (q, k, v))
+    _check_batch_span(q, k, v, *((globals_.k, globals_.v) if globals_ is not None else ()))
     out = _like_heads(B, H, Lq, D, q)
     lse = torch.empty(B, H, Lq, dtype=torch.float32, device=q.device)
     if Lq == 0:
@@ -1104,6 +1184,7 @@ def _backward(
     B, H, Lq, D = q.shape
     Lk = k.shape[2]
     q, k, v, do = (last_dim_contiguous(t) for t in (q, k, v, do))
+    _check_batch_span(q, k, v, do, out, *((globals_.k, globals_.v) if globals_ is not None else ()))
     dq = _like_heads(B, H, Lq, D, q)
     dk = _like_heads(B, H, Lk, D, k)
     dv = _like_heads(B, H, Lk, D, v)
@@ -1118,11 +1199,11 @@ def _backward(
     dq_tile, dkdv_tile = (tiles.dq_global, tiles.dkdv_global) if G > 0 else (tiles.dq, tiles.dkdv)
     block_m, block_n = dq_tile[:2]
     num_m = triton.cdiv(Lq, block_m)
-    ddt = torch.zeros(B, H, num_m, 2 * cut + 1 if has_bias else 0, dtype=torch.float32, device=q.device)
-    ddtg = torch.zeros(B, H, num_m, 2 * cut_g + 1 if has_gbias else 0, dtype=torch.float32, device=q.device)
+    ddt = torch.zeros(H, 2 * cut + 1 if has_bias else 0, dtype=torch.float32, device=q.device)
+    ddtg = torch.zeros(H, 2 * cut_g + 1 if has_gbias else 0, dtype=torch.float32, device=q.device)
 
     def results():
-        return dq, dk, dv, ddt.sum((0, 2)), dgk, dgv, ddtg.sum((0, 2)) if has_gbias else None
+        return dq, dk, dv, ddt, dgk, dgv, ddtg if has_gbias else None
 
     if Lq == 0 or Lk == 0:
         for t in (dq, dk, dv, dgk, dgv):
@@ -1171,16 +1252,24 @@ def _backward(
     elif dgk is not None:
         dgk.zero_(), dgv.zero_()
 
-    # One dS tile per dQ program, for the bias gradient's diagonal sums (it stays in L2).
+    # Each dQ program has a slot: a dS tile for the bias gradient's diagonal sums (it stays in L2), a
+    # row of per-distance partials per table and, with global tokens (two launches: the ordinary keys
+    # into an fp32 dQ, then the globals on top), its fp32 dQ tile. The launches go in chunks whose
+    # slots fit in _DQ_SCRATCH_BYTES, each reusing the same buffers.
     tile = block_m * block_n if has_bias or has_gbias else 0
-    scratch = torch.empty(B * H * num_m * tile or 1, dtype=torch.float32, device=q.device)
-    # With global tokens, two launches: the ordinary keys into an fp32 dQ, then the globals on top.
-    partial = torch.empty(B * H * Lq * block_d if G > 0 else 1, dtype=torch.float32, device=q.device)
+    row, grow = (2 * cut + 1 if has_bias else 0), (2 * cut_g + 1 if has_gbias else 0)
+    partial_tile = block_m * block_d if G > 0 else 0
+    chunk = _dq_chunks(num_m, H, B, 4 * (tile + row + grow + partial_tile))
+    slots = math.prod(chunk)
+    scratch = torch.empty(slots * tile or 1, dtype=torch.float32, device=q.device)
+    rows = torch.empty(slots, row, dtype=torch.float32, device=q.device)
+    grows = torch.empty(slots, grow, dtype=torch.float32, device=q.device)
+    partial = torch.empty(slots * partial_tile or 1, dtype=torch.float32, device=q.device)
     table, gtable = _kernel_table(dist_table, q, block_m, block_n), _kernel_table(gtable, q, block_m, block_n)
 
-    def dq_launch(ordinary: bool, with_globals: bool):
-        _bucketed_attention_bwd_dq_kernel[(num_m, H, B)](
-            q, k, v, table, kpm, gk, gv, gtable, caps, do, lse, delta, dq, partial, ddt, ddtg, scratch,
+    def dq_launch(grid, bases, ordinary: bool, with_globals: bool):
+        _bucketed_attention_bwd_dq_kernel[grid](
+            q, k, v, table, kpm, gk, gv, gtable, caps, do, lse, delta, dq, partial, rows, grows, scratch,
             q.stride(0), q.stride(1), q.stride(2),
             k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2),
@@ -1188,15 +1277,25 @@ def _backward(
             gv.stride(0), gv.stride(1), gv.stride(2),
             do.stride(0), do.stride(1), do.stride(2),
             dq.stride(0), dq.stride(1), dq.stride(2),
-            kpm.stride(0), H, Lq, Lk, G, D, q_offset, cut, cut_g, window, *tail,
+            kpm.stride(0), H, Lq, Lk, G, D, q_offset, cut, cut_g, window, *bases, *tail,
             HAS_BIAS=has_bias, ORDINARY=ordinary, HAS_GLOBAL=with_globals, HAS_GBIAS=has_gbias,
             PARTIAL_IN=with_globals, PARTIAL_OUT=ordinary and G > 0, SKEW=_skew(block_m, block_n), **common,
             **launch_options(dq_tile),
         )  # fmt: skip
 
-    dq_launch(True, False)
-    if G > 0:
-        dq_launch(False, True)
+    for b0 in range(0, B, chunk[2]):
+        for h0 in range(0, H, chunk[1]):
+            for m0 in range(0, num_m, chunk[0]):
+                grid = (min(chunk[0], num_m - m0), min(chunk[1], H - h0), min(chunk[2], B - b0))
+                rows.zero_(), grows.zero_()
+                dq_launch(grid, (m0, h0, b0), True, False)
+                if G > 0:
+                    dq_launch(grid, (m0, h0, b0), False, True)
+                # The slots' rows, (batch, head, query tile) in the launch, summed per head in a fixed order.
+                for grad, partials in ((ddt, rows), (ddtg, grows)):
+                    if partials.shape[1]:
+                        per_head = partials[: math.prod(grid)].view(*grid[::-1], -1).sum((0, 2))
+                        grad[h0 : h0 + grid[1]] += per_head
     return results()
 
 
@@ -1492,8 +1591,9 @@ def compile_specs() -> list:
     the decoding tile (Lq = 1) with them, the forward with LongT5's global tokens, the backward's
     dQ and dK/dV kernels with each, LongT5's second dQ launch and global dK/dV, the backward's
     preprocessing; fp16 once per architecture (its buffers are bf16's); for bf16 at D = 64 and 128
-    on sm_80 and sm_90 also the builds that `PRICES` and `SHUFFLE_BOUNDS` compare. Names read
-    `<kernel>-<features>-sm<arch>-D<d>-<dtype>`."""
+    on sm_80 and sm_90 also the builds that `PRICES` and `SHUFFLE_BOUNDS` compare. Each is built as
+    Triton specializes it for the usual inputs (aligned buffers, strides and D multiples of 16), and
+    its batch strides are held to 64-bit products. Names read `<kernel>-<features>-sm<arch>-D<d>-<dtype>`."""
     from ._compile import CompileSpec, signature
 
     floats = ("scale", "scale_log2", "dropout_p")
@@ -1524,8 +1624,17 @@ def compile_specs() -> list:
                 ce = {n: v for n, v in ce.items() if n in kernel.arg_names}
                 name = f"{role}-{features}-sm{arch}-D{block_d}-{dtype}"
                 options = dict(num_warps=warps, num_stages=stages)
-                specs.append(CompileSpec(name, kernel.__name__, signature(kernel, pointers, floats, ce), ce, options,
-                                         arch))  # fmt: skip
+                sig = signature(kernel, pointers, floats, ce)
+                batch_strides = tuple(n for n in kernel.arg_names if n.startswith("stride_") and n.endswith("b"))
+                # What Triton specializes at launch for inputs with D = BLOCK_D: fresh (16-byte aligned)
+                # buffers, and the strides of (B, H, L, D) tensors, multiples of D.
+                aligned = tuple(
+                    n
+                    for n in kernel.arg_names
+                    if sig[n].startswith("*") or n == "D" or (n.startswith("stride_") and n != "stride_kpmb")
+                )
+                specs.append(CompileSpec(name, kernel.__name__, sig, ce, options, arch, wide=batch_strides,
+                                         aligned=aligned))  # fmt: skip
 
             fwd, bwd_dq, bwd_dkdv = _bucketed_attention_fwd_kernel, _bucketed_attention_bwd_dq_kernel, \
                 _bucketed_attention_bwd_dkdv_kernel  # fmt: skip

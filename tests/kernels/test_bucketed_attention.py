@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import importlib
+import sys
+
 import pytest
 import torch
 from fastseq.kernels import bucketed_attention, relative_position_bucket
@@ -298,6 +301,86 @@ def test_triton_backward_is_deterministic(triton_backend):
         assert torch.equal(a, b)
 
 
+def _attention_modules():
+    """Every loaded copy of the kernels' module. From a checkout, `import transformers` (its probe
+    for the hub's `kernels` package) also imports the repository's `kernels/` as a top-level package,
+    and that copy's registration then serves the custom ops."""
+    names = ("fastseq.kernels.bucketed_attention", "kernels.bucketed_attention")
+    return [sys.modules[name] for name in names if name in sys.modules]
+
+
+class _Recorder:
+    """Stands in for `kernel` in `kernel[grid](...)`, calling `record(grid, kernel)` for the launch."""
+
+    def __init__(self, kernel, record):
+        self.kernel, self.record = kernel, record
+
+    def __getitem__(self, grid):
+        return self.record(grid, self.kernel)
+
+
+def record_dq_launches(monkeypatch, budget=None) -> list:
+    """Stand in for the dQ kernel (with `budget` as _DQ_SCRATCH_BYTES): a list that receives each
+    launch's grid and the bytes of its per-program buffers (one-element placeholders of buffers a
+    launch does not use left out)."""
+    launches = []
+
+    def record(grid, kernel):
+        def launch(*args, **kwargs):
+            named = dict(zip(kernel.arg_names, args, strict=False))  # the constexprs come as keywords
+            buffers = [named[n] for n in ("DQP", "DDT", "DDTG", "SCR") if named[n].numel() > 1]
+            launches.append((grid, sum(t.numel() * t.element_size() for t in buffers)))
+            return kernel[grid](*args, **kwargs)
+
+        return launch
+
+    for module in _attention_modules():
+        kernel = module._bucketed_attention_bwd_dq_kernel
+        kernel = kernel.kernel if isinstance(kernel, _Recorder) else kernel
+        monkeypatch.setattr(module, "_bucketed_attention_bwd_dq_kernel", _Recorder(kernel, record))
+        if budget is not None:
+            monkeypatch.setattr(module, "_DQ_SCRATCH_BYTES", budget, raising=False)
+    return launches
+
+
+def dq_slot_bytes(D, dtype, cut, global_cut=None):
+    """The bytes of one dQ program's buffers: its dS tile, a per-distance row per table, and with
+    global tokens its fp32 dQ tile (`_backward`)."""
+    ba = importlib.import_module("fastseq.kernels.bucketed_attention")
+    tiles = ba._tiles(D, dtype, torch.device(DEVICE))
+    block_m, block_n = (tiles.dq if global_cut is None else tiles.dq_global)[:2]
+    words = block_m * block_n + 2 * cut + 1
+    if global_cut is not None:
+        words += 2 * global_cut + 1 + block_m * ba._block_d(D)
+    return 4 * words
+
+
+@pytest.mark.parametrize("slots", [3, 7, 16])
+def test_triton_dq_scratch_is_bounded(slots, triton_backend, monkeypatch):
+    """The dQ programs' buffers (a dS tile and a per-distance row each, for the bias gradient) take at
+    most _DQ_SCRATCH_BYTES per launch, whatever B * H * L; one buffer per program of the whole
+    backward took 4 GiB at t5-11b (B = 32, L = 4096). Squeezed to 3, 7 or 16 programs' worth, the
+    backward runs in chunks of query tiles, of heads or of batch elements; dQ, dK and dV are bitwise
+    those of one launch, and the table's gradient adds the same partials in another order."""
+    ba = importlib.import_module("fastseq.kernels.bucketed_attention")
+    case = dict(Lq=70, Lk=70, D=16, causal=False, bidirectional=True, mask=True, q_offset=0, scale=1.0, bias=True)
+    leaves, mask = _random_inputs(case)
+    grad_out = torch.randn(2, 3, case["Lq"], case["D"], device=DEVICE)
+    one = record_dq_launches(monkeypatch)
+    expected = _run(leaves, mask, case, grad_out)
+    assert len(one) == 1
+
+    budget = slots * dq_slot_bytes(case["D"], torch.float32, ba._clamped_buckets(8, 12, True)[0])
+    chunked = record_dq_launches(monkeypatch, budget)
+    got = _run(leaves, mask, case, grad_out)
+    over = [(grid, size) for grid, size in chunked if size > budget]
+    assert not over, f"dQ buffers over the {budget} bytes allowed: {over}"
+    assert len(chunked) > 1
+    for a, b in zip((expected[0], *expected[1][:3]), (got[0], *got[1][:3]), strict=True):
+        assert torch.equal(a, b)
+    assert_close(got[1][3], expected[1][3], rel=1e-6, what="grad of bias_table")
+
+
 def _keep_mask(case, seed, dropout_p, leaves, mask):
     """The kernel's dropout mask, read back exactly: with v = identity (Lk = D) each output entry
     is p_ij * keep_ij / (1 - dropout_p)."""
@@ -502,3 +585,15 @@ def test_cuda_kernel_at_real_tile_sizes(case, dtype, triton_backend):
         torch_err = (torch_got.double() - exact).abs().max().item()
         slack = 0.0 if name == "out" else torch.finfo(dtype).eps * exact.abs().max().item()
         assert err <= 2 * torch_err + slack, f"{name}: {err:.3e} vs torch {torch_err:.3e} (+{slack:.1e})"
+
+
+def test_launchers_refuse_a_batch_element_past_32_bit_offsets():
+    """Only the batch offsets are 64-bit in the kernels: a tensor whose one batch element spans 2**31
+    elements is refused with the reason, while any number of smaller batch elements is taken."""
+    from fastseq.kernels.bucketed_attention import _check_batch_span, _forward
+
+    q = torch.empty(2, 3, 2**15, 2**15, dtype=torch.bfloat16, device="meta")  # 3 * 2**30 elements per batch element
+    with pytest.raises(ValueError, match=r"2\*\*31 per batch element"):
+        _forward(q, q, q, None, None, 0, False, 0, 1.0, 0.0)
+    _check_batch_span(torch.empty(2, 2, 2**15, 2**15, device="meta"))  # the largest offset is 2**31 - 1
+    _check_batch_span(torch.empty(2**24, 8, 128, 64, device="meta"))  # 2**40 elements in all

@@ -22,10 +22,16 @@ DOT_KERNELS = {"_bucketed_attention_fwd_kernel", "_bucketed_attention_bwd_dq_ker
                "_bucketed_attention_bwd_dkdv_kernel"}  # fmt: skip
 
 
-def _build(op: str) -> list[dict]:
+# The heaviest build of every attention kernel (forward, LongT5's forward, the backward's
+# preprocessing, dK/dV, LongT5's global dK/dV, dQ, LongT5's two dQ launches) on sm_80 and sm_90.
+EVERY_ATTENTION_KERNEL = (r"^(fwd-t5|fwd_global-longt5|pre-none|dkdv-t5|dkdv_global-longt5|dq-t5|dq_local-longt5"
+                          r"|dq_global-longt5)-sm(80|90)-D128-bf16$")  # fmt: skip
+
+
+def _build(op: str, only: str | None = None) -> list[dict]:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-m", "fastseq.kernels._compile", op], capture_output=True, text=True,
-                          env=env, timeout=1500)  # fmt: skip
+    command = [sys.executable, "-m", "fastseq.kernels._compile", op] + (["--only", only] if only else [])
+    proc = subprocess.run(command, capture_output=True, text=True, env=env, timeout=1500)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
 
@@ -49,6 +55,10 @@ def test_every_config_compiles_lean(op):
     no_mma = [(r["name"], r["dots"], r["fma_dots"], r["tensor_core"]) for r in attention
               if r["dots"] == 0 or r["fma_dots"] or r["tensor_core"] == 0]  # fmt: skip
     assert not no_mma, no_mma
+    narrow = [(r["name"], r["narrow_offsets"]) for r in results if r["narrow_offsets"]]
+    assert not narrow, narrow
+    unpipelined = [r["name"] for r in attention if r["num_stages"] > 1 and not r["async_copies"]]
+    assert not unpipelined, unpipelined
     if op == "bucketed_attention":
         _check_prices(results)
 
@@ -73,6 +83,51 @@ def _check_prices(results: list[dict]) -> None:
                 got, base = total(build, tail, "shuffles"), total(baseline, tail, "shuffles")
                 assert got <= base, f"{build}{tail}: {got} SHFL against {base} in {baseline}"
     assert checked == 4 * len(PRICES)
+
+
+@pytest.mark.slow
+def test_attention_batch_offsets_are_64_bit():
+    """`b * stride_b` in 32 bits wraps once (B - 1) * L * H * D >= 2**31: t5-11b (H * D = 16,384) at
+    L = 4096 from B = 33. Only a GPU would show it, so the PTX of every attention kernel for sm_80 and
+    sm_90 is read: no batch stride enters a 32-bit product (`mul.lo.s32`, `mad.lo.s32`)."""
+    results = _build("bucketed_attention", EVERY_ATTENTION_KERNEL)
+    assert len(results) == 16
+    narrow = [(r["name"], r["narrow_offsets"]) for r in results if r["narrow_offsets"]]
+    assert not narrow, narrow
+
+
+@pytest.mark.slow
+def test_dq_key_loop_is_pipelined_with_a_bias():
+    """The dQ key loop with T5's bias or LongT5's global bias loads its keys and values with vector
+    `cp.async` on sm_80 and sm_90 (software-pipelined): a `tl.debug_barrier` in the loop (the bias
+    gradient's scratch tile) kept Triton's pipeliner off it."""
+    results = _build("bucketed_attention", r"^dq(-t5|-bias-pad|_local-longt5|_global-longt5)-sm(80|90)-D(64|128)-bf16$")
+    assert len(results) == 16 and all(r["num_stages"] > 1 for r in results)
+    unpipelined = [r["name"] for r in results if not r["async_copies"]]
+    assert not unpipelined, unpipelined
+
+
+def test_ptx_stats_read_narrow_products_and_async_copies():
+    """The PTX reader follows a parameter through moves and conversions into 32-bit products, not
+    64-bit ones, and counts the vector asynchronous copies only (8 or 16 bytes)."""
+    ptx = """
+\tld.param.b32 \t%r5, [k_param_3];
+\tmov.u32 \t%r6, %ctaid.z;
+\tcvt.u32.u32 \t%r8, %r5;
+\tmad.lo.s32 \t%r7, %r6, %r8, %r1;
+\tld.param.s32 \t%rd2, [k_param_4];
+\tmul.lo.s64 \t%rd3, %rd2, %rd1;
+\tld.param.b32 \t%r9, [k_param_5];
+\tmul.wide.s32 \t%rd4, %r9, %r6;
+\tld.param.b32 \t%r10, [k_param_6];
+\tmul.lo.s32 \t%r11, %r10, %r6;
+\tcp.async.cg.shared.global [ %r1 + 0 ], [ %rd4 + 0 ], 0x10, %r2;
+\tcp.async.ca.shared.global [ %r1 + 0 ], [ %rd4 + 0 ], 0x4, %r2;
+\tcp.async.ca.shared.global [ %r1 + 0 ], [ %rd4 + 0 ], 0x8, %r2;
+"""
+    assert _compile.ptx_stats(ptx, {3, 4, 5}) == {"async_copies": 2, "narrow_offsets": 1}
+    assert _compile.ptx_stats(ptx, {3, 4, 5, 6})["narrow_offsets"] == 2
+    assert _compile.ptx_stats(ptx, {4, 5})["narrow_offsets"] == 0
 
 
 def test_cubin_stats_read_a_real_spill():
