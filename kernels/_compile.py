@@ -11,9 +11,9 @@ Each entry of `<op>.compile_specs()` is compiled for the CUDA capability whose l
 Triton wheel: registers, spill bytes (the local-memory stack frame), local loads and stores (LDL,
 STL), SASS instructions, tensor-core instructions (HGMMA on sm_90, HMMA below), warp shuffles
 (SHFL) and the shared memory the launch needs against the chip's limit; its TTGIR gives the
-`tl.dot`s and how many of them stayed on the CUDA cores; its PTX the vector asynchronous copies
-(a software-pipelined tile load) and the 32-bit products of arguments that need 64 bits (batch
-strides). A spill or a flood of shuffles in a hot loop costs more than any tile tuning wins, so the
+`tl.dot`s and how many of them stayed on the CUDA cores; its PTX the asynchronous copies (what
+Triton's software pipeliner makes of a load) and the 32-bit products of arguments that need 64
+bits (batch strides). A spill or a flood of shuffles in a hot loop costs more than any tile tuning wins, so the
 compile-only tests hold these numbers to bounds. Runs without `TRITON_INTERPRET` (the interpreter replaces `@triton.jit`
 functions at import).
 """
@@ -122,14 +122,12 @@ def dot_stats(ttgir: str) -> dict[str, int]:
 _PARAM_LOAD = re.compile(r"^\s*ld\.param\.[bsu](?:32|64)\s+(%\w+),\s*\[\w+_param_(\d+)\];")
 _MOVE = re.compile(r"^\s*(?:mov|cvt)\.[\w.]+\s+(%\w+),\s*(%\w+);")
 _NARROW_PRODUCT = re.compile(r"^\s*(?:mul|mad)(?:\.lo)?\.[su]32\s+%\w+,\s*([^;]*);|^\s*mul24[\w.]*\s+%\w+,\s*([^;]*);")
-_ASYNC_COPY = re.compile(r"^\s*cp\.async\.c[ag]\.shared\.global\S*\s+\[[^]]*\],\s*\[[^]]*\],\s*(?:16|0x10|8|0x8)\b|"
-                         r"^\s*cp\.async\.bulk")  # fmt: skip
+_ASYNC_COPY = re.compile(r"^\s*cp\.async\.(?:c[ag]\.shared\.global|bulk)")
 
 
 def ptx_stats(ptx: str, wide: set[int]) -> dict[str, int]:
-    """From a kernel's PTX: its vector asynchronous copies (`cp.async` of 8 or 16 bytes, or bulk tensor
-    copies: what the software pipeliner makes of a vectorized tile load; a 4-byte one copies a single
-    gathered element, like a bias-table entry), and how many of the
+    """From a kernel's PTX: its asynchronous copies (`cp.async` to shared memory, or bulk tensor
+    copies: what Triton's software pipeliner makes of a load in a loop), and how many of the
     parameters `wide` (positions among the kernel's non-constexpr arguments) enter a 32-bit product
     (`mul.lo.s32`, `mad.lo.s32`), directly or through a move or conversion: such a product wraps at
     2**31."""

@@ -98,9 +98,9 @@ def test_attention_batch_offsets_are_64_bit():
 
 @pytest.mark.slow
 def test_dq_key_loop_is_pipelined_with_a_bias():
-    """The dQ key loop with T5's bias or LongT5's global bias loads its keys and values with vector
-    `cp.async` on sm_80 and sm_90 (software-pipelined): a `tl.debug_barrier` in the loop (the bias
-    gradient's scratch tile) kept Triton's pipeliner off it."""
+    """The dQ key loop with T5's bias or LongT5's global bias loads its keys and values with `cp.async`
+    on sm_80 and sm_90 (software-pipelined): a `tl.debug_barrier` in the loop (the bias gradient's
+    scratch tile) kept Triton's pipeliner off it."""
     results = _build("bucketed_attention", r"^dq(-t5|-bias-pad|_local-longt5|_global-longt5)-sm(80|90)-D(64|128)-bf16$")
     assert len(results) == 16 and all(r["num_stages"] > 1 for r in results)
     unpipelined = [r["name"] for r in results if not r["async_copies"]]
@@ -109,7 +109,7 @@ def test_dq_key_loop_is_pipelined_with_a_bias():
 
 def test_ptx_stats_read_narrow_products_and_async_copies():
     """The PTX reader follows a parameter through moves and conversions into 32-bit products, not
-    64-bit ones, and counts the vector asynchronous copies only (8 or 16 bytes)."""
+    64-bit ones, and counts the asynchronous copies to shared memory, not the other cp.async lines."""
     ptx = """
 \tld.param.b32 \t%r5, [k_param_3];
 \tmov.u32 \t%r6, %ctaid.z;
@@ -124,8 +124,10 @@ def test_ptx_stats_read_narrow_products_and_async_copies():
 \tcp.async.cg.shared.global [ %r1 + 0 ], [ %rd4 + 0 ], 0x10, %r2;
 \tcp.async.ca.shared.global [ %r1 + 0 ], [ %rd4 + 0 ], 0x4, %r2;
 \tcp.async.ca.shared.global [ %r1 + 0 ], [ %rd4 + 0 ], 0x8, %r2;
+\tcp.async.commit_group;
+\tcp.async.wait_group 0;
 """
-    assert _compile.ptx_stats(ptx, {3, 4, 5}) == {"async_copies": 2, "narrow_offsets": 1}
+    assert _compile.ptx_stats(ptx, {3, 4, 5}) == {"async_copies": 3, "narrow_offsets": 1}
     assert _compile.ptx_stats(ptx, {3, 4, 5, 6})["narrow_offsets"] == 2
     assert _compile.ptx_stats(ptx, {4, 5})["narrow_offsets"] == 0
 
