@@ -124,8 +124,9 @@ install() {  # the carried wheels into $SITE, then fastseq itself if this interp
     else
         echo "no $WHEELS folder: nothing carried"
     fi
-    # Installed editable from this checkout? (read from its record, without importing torch)
-    if "$PY" -c "
+    # Installed editable from this checkout? (read from its record, without importing torch; -I keeps a
+    # stale fastseq.egg-info in the checkout, first on the path with -c, from hiding the record)
+    if "$PY" -I -c "
 import importlib.metadata, json, pathlib, sys
 try:
     url = json.loads(importlib.metadata.distribution('fastseq').read_text('direct_url.json') or '{}')
