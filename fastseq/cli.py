@@ -101,6 +101,19 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quiet", action="store_true", default=None, help="no progress bar")
     parser.add_argument("--deepspeed", default=None,
                         help="a DeepSpeed JSON config (configs/deepspeed/*.json); start with `deepspeed`")  # fmt: skip
+    parser.add_argument("--metric", default=None,
+                        help="held-out metrics, comma separated: exact_match (default), rouge, bleu, chrf")  # fmt: skip
+    parser.add_argument("--num-beams", type=int, default=None, help="evaluation's beams (default 1: greedy)")
+    parser.add_argument("--max-new-tokens", type=int, default=None,
+                        help="evaluation's generation limit (default: --max-target-length)")  # fmt: skip
+    parser.add_argument("--metric-for-best-model", default=None,
+                        help="a held-out score (eval_loss, rougeL, bleu ...) picking the best checkpoint")  # fmt: skip
+    parser.add_argument("--greater-is-better", type=str.lower, default=None, choices=["true", "false"],
+                        help="whether a larger --metric-for-best-model wins (default: not for a loss)")  # fmt: skip
+    parser.add_argument("--save-total-limit", type=int, default=None,
+                        help="keep at most N checkpoints, never the best or the latest")  # fmt: skip
+    parser.add_argument("--report-to", default=None, choices=["none", "tensorboard"],
+                        help="also log metrics.jsonl's scalars to TensorBoard under OUTPUT/runs")  # fmt: skip
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
 
 

@@ -24,6 +24,12 @@ def _rms(x: torch.Tensor) -> torch.Tensor:
     return x.norm(2) / (x.numel() ** 0.5)
 
 
+def relative_step_size(step: int, *, warmup_init: bool = False) -> float:
+    """Adafactor's relative step size at its step `step` (1-based): `min(1e-2, 1 / sqrt(step))`
+    (`min(1e-6 * step, ...)` with `warmup_init`), before the scale of each parameter."""
+    return min(1e-6 * step if warmup_init else 1e-2, 1.0 / math.sqrt(step))
+
+
 class Adafactor(Optimizer):
     def __init__(
         self,
@@ -51,8 +57,7 @@ class Adafactor(Optimizer):
     def _lr(group: dict, state: dict) -> float:
         lr = group["lr"]
         if group["relative_step"]:
-            min_step = 1e-6 * state["step"] if group["warmup_init"] else 1e-2
-            lr = min(min_step, 1.0 / math.sqrt(state["step"]))
+            lr = relative_step_size(state["step"], warmup_init=group["warmup_init"])
         scale = max(group["eps"][1], state["RMS"]) if group["scale_parameter"] else 1.0
         return scale * lr
 
@@ -145,16 +150,31 @@ def schedule_factor(name: str, step: int, warmup_steps: int, total_steps: int) -
 
 class RelativeStep:
     """In place of a schedule for Adafactor without a learning rate: its relative step size
-    `min(1e-2, 1 / sqrt(step))` is the schedule."""
+    `min(1e-2, 1 / sqrt(step))` is the schedule.
 
-    def __init__(self):
+    `get_last_lr()` gives, per parameter group, the relative step size the optimizer's next step
+    applies (what a schedule's `get_last_lr()` means after its `step()`), read from the optimizer's
+    own step count, so a step the fp16 scaler skipped is not counted. With `scale_parameter` (the
+    default) each parameter's update is that rate times max(1e-3, RMS(parameter)), which differs per
+    parameter; the reported rate is before that scale."""
+
+    def __init__(self, optimizer: Optimizer):
+        self.optimizer = optimizer
         self.last_epoch = 0
 
     def step(self) -> None:
         self.last_epoch += 1
 
-    def get_last_lr(self) -> list[None]:
-        return [None]
+    def get_last_lr(self) -> list[float]:
+        return [relative_step_size(self._steps_done(group) + 1, warmup_init=group.get("warmup_init", False))
+                for group in self.optimizer.param_groups]  # fmt: skip
+
+    def _steps_done(self, group: dict) -> int:
+        for param in group["params"]:
+            state = self.optimizer.state.get(param)
+            if state and "step" in state:
+                return int(state["step"])
+        return 0
 
     def state_dict(self) -> dict:
         return {"last_epoch": self.last_epoch}
@@ -167,5 +187,5 @@ def make_schedule(optimizer: Optimizer, name: str, *, warmup_steps: int, total_s
     if name not in SCHEDULES:
         raise ValueError(f"unknown schedule {name!r}; use one of {SCHEDULES}")
     if any(group["lr"] is None for group in optimizer.param_groups):
-        return RelativeStep()
+        return RelativeStep(optimizer)
     return LambdaLR(optimizer, lambda step: schedule_factor(name, step, warmup_steps, total_steps))

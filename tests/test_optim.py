@@ -84,3 +84,29 @@ def test_schedules_match_transformers():
     assert schedule_factor("linear", 50, 10, 50) == 0.0
     with pytest.raises(ValueError, match="unknown schedule 'cosine'"):
         make_schedule(torch.optim.SGD(_params(), lr=1.0), "cosine", warmup_steps=0, total_steps=1)
+
+
+def test_relative_step_reports_the_rate_adafactor_applies():
+    """Without a learning rate, the schedule reports Adafactor's relative step size for the next step
+    (before each parameter's scale), read from the optimizer's own step count: what transformers'
+    Adafactor applies at that step, divided by the parameter's scale."""
+    from transformers.optimization import Adafactor as HFAdafactor
+
+    params = _params()
+    optimizer = make_optimizer("adafactor", params, lr=None)
+    schedule = make_schedule(optimizer, "constant", warmup_steps=0, total_steps=10)
+    assert schedule.get_last_lr() == [1e-2]  # step 1: min(1e-2, 1)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    optimizer.step()
+    schedule.step()
+    for state in optimizer.state.values():  # as if 39,999 steps were done: the next one is 40,000
+        state["step"] = 39_999
+    reported = schedule.get_last_lr()[0]
+    assert reported == 1 / 200
+    optimizer.step()
+    group = optimizer.param_groups[0]
+    for p in group["params"]:
+        state = optimizer.state[p]
+        assert state["step"] == 40_000
+        assert reported * max(1e-3, state["RMS"]) == pytest.approx(HFAdafactor._get_lr(group, state), rel=1e-12)

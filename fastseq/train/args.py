@@ -8,10 +8,12 @@ import typing
 from dataclasses import dataclass
 from pathlib import Path
 
+from fastseq.metrics import check_available, greater_is_better, metric_keys, parse_metrics
 from fastseq.optim import OPTIMIZERS, SCHEDULES
 
 TASKS = ("seq2seq", "denoise")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+REPORT_TO = ("none", "tensorboard")
 
 
 @dataclass
@@ -51,6 +53,13 @@ class TrainArgs:
     deepspeed: str | None = None  # a DeepSpeed JSON config: train under the `deepspeed` launcher
     quiet: bool = False
     examples_to_show: int = 3
+    metric: str = "exact_match"  # held-out metrics, comma separated: exact_match, rouge, bleu, chrf
+    num_beams: int = 1  # evaluation's decoding: 1 is greedy
+    max_new_tokens: int | None = None  # evaluation's generation limit; None: max_target_length
+    metric_for_best_model: str | None = None  # a score (eval_loss, rougeL, bleu ...) that picks the best checkpoint
+    greater_is_better: bool | None = None  # None: lower for a loss, higher for the other scores
+    save_total_limit: int | None = None  # keep at most N checkpoints (never the best or the latest)
+    report_to: str = "none"  # or "tensorboard": the metrics.jsonl scalars also under OUTPUT/runs
 
     @classmethod
     def from_dict(cls, values: dict) -> TrainArgs:
@@ -74,6 +83,31 @@ class TrainArgs:
         if self.resume is None:
             return False
         return self.resume == "latest" or Path(self.resume).resolve().parent == Path(self.output_dir).resolve()
+
+    @property
+    def metrics(self) -> tuple[str, ...]:
+        """The metric names of --metric."""
+        return parse_metrics(self.metric)
+
+    @property
+    def eval_max_new_tokens(self) -> int:
+        return self.max_new_tokens if self.max_new_tokens is not None else self.max_target_length
+
+    @property
+    def best_model_key(self) -> str | None:
+        """--metric-for-best-model as the key of a metrics.jsonl record ("loss" means "eval_loss", and
+        an "eval_" prefix is accepted before any score, as HF's Trainer takes it)."""
+        name = self.metric_for_best_model
+        if name is None:
+            return None
+        name = name.removeprefix("eval_")
+        return "eval_loss" if name == "loss" else name
+
+    @property
+    def best_is_greater(self) -> bool:
+        if self.greater_is_better is not None:
+            return self.greater_is_better
+        return greater_is_better(self.best_model_key or "eval_loss")
 
     def learning_rate(self) -> float | None:
         """The rate the optimizer gets: Adafactor's relative step (None) from scratch, 1e-3 when
@@ -119,6 +153,41 @@ class TrainArgs:
             )
         if self.continues_in_output_dir and self.overwrite:
             raise ValueError("--resume continues the run in --output-dir and --overwrite replaces it; pass one")
+        self._validate_evaluation()
+
+    def _validate_evaluation(self) -> None:
+        """Evaluation's metrics, decoding, best checkpoint and logging options."""
+        check_available(self.metrics)
+        for name in ("num_beams", "max_new_tokens", "save_total_limit"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"--{_flag(name)} must be at least 1; got {value}")
+        if self.report_to not in REPORT_TO:
+            raise ValueError(f"--report-to must be one of {', '.join(REPORT_TO)}; got {self.report_to!r}")
+        if self.report_to == "tensorboard":
+            try:
+                import tensorboard  # noqa: F401
+            except ImportError:
+                raise ValueError(
+                    "--report-to tensorboard needs the tensorboard package, which is not installed; pip install "
+                    '"fastseq[finetune]"'
+                ) from None
+        key = self.best_model_key
+        if key is None:
+            return
+        known = ("eval_loss", *metric_keys(self.metrics))
+        if key not in known:
+            raise ValueError(
+                f"--metric-for-best-model {self.metric_for_best_model!r} is not a score this run computes; use one "
+                f"of {', '.join(known)} (or add its metric to --metric)"
+            )
+        if self.task == "denoise" or self.eval_examples == 0 or (self.data is not None and self.eval_data is None):
+            raise ValueError("--metric-for-best-model needs held-out examples: pass --eval-data FILE (seq2seq)")
+        if self.save_every and not (self.eval_every and self.save_every % self.eval_every == 0):
+            raise ValueError(
+                f"--metric-for-best-model compares the checkpoints of evaluated steps: --save-every {self.save_every} "
+                f"must be a multiple of --eval-every {self.eval_every}"
+            )
 
 
 def _flag(name: str) -> str:

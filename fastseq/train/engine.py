@@ -65,7 +65,10 @@ class Engine:
         Raises `NonFiniteError`, leaving the parameters as they were, on a non-finite gradient."""
         raise NotImplementedError
 
-    def learning_rate(self) -> float | None:
+    def learning_rate(self) -> float:
+        """The learning rate of the first parameter group after the step's schedule update, i.e. what the
+        next step applies (as HF's Trainer logs it); Adafactor's relative step size when it runs
+        without a learning rate (`fastseq.optim.RelativeStep`)."""
         raise NotImplementedError
 
     def sum_over_ranks(self, values: list[float]) -> list[float]:

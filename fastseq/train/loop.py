@@ -24,6 +24,7 @@ import torch
 from tqdm import tqdm
 
 from fastseq.files import atomic_write, publish_directory
+from fastseq.metrics import compute
 from fastseq.tokenizers import Tokenizer
 
 from .args import TrainArgs
@@ -45,12 +46,19 @@ log = logging.getLogger("fastseq.train")
 _SIGNALS = {signal.SIGINT: "SIGINT", signal.SIGTERM: "SIGTERM"}
 
 
+_SHOWN_CHARS = 200  # the summary line shows held-out sources and outputs up to this length
+
+
 @torch.no_grad()
-def evaluate(model, tokenizer: Tokenizer, examples, collator, device, *, batch_size: int = 64, autocast=None):
-    """Mean loss over target tokens and exact match of greedy outputs (special tokens skipped)."""
+def evaluate(model, tokenizer: Tokenizer, examples, collator, device, *, batch_size: int = 64, autocast=None,
+             metrics: tuple[str, ...] = ("exact_match",), num_beams: int = 1,
+             max_new_tokens: int = 128) -> tuple[dict[str, float], list[str]]:  # fmt: skip
+    """The mean loss over target tokens (`eval_loss`) and the scores of `metrics` (`fastseq.metrics`)
+    of the outputs generated for `examples` ((source, target) pairs; greedy for `num_beams` 1, at
+    most `max_new_tokens` each, special tokens skipped); and the outputs."""
     was_training = model.training
     model.eval()
-    total_loss, total_tokens, hits, outputs = 0.0, 0, 0, []
+    total_loss, total_tokens, outputs = 0.0, 0, []
     for i in range(0, len(examples), batch_size):
         chunk = examples[i : i + batch_size]
         batch = {k: v.to(device) for k, v in collator(chunk).items()}
@@ -59,15 +67,68 @@ def evaluate(model, tokenizer: Tokenizer, examples, collator, device, *, batch_s
             tokens = int((batch["labels"] != -100).sum())
             total_loss += loss.item() * tokens
             total_tokens += tokens
-            generated = model.generate(
-                batch["input_ids"], batch["attention_mask"], max_new_tokens=batch["labels"].shape[1] + 2
-            )
-        texts = tokenizer.batch_decode(generated[:, 1:], skip_special_tokens=True)
-        for text, (_, target) in zip(texts, chunk, strict=True):
-            hits += text.strip() == target.strip()
-            outputs.append(text)
+            generated = model.generate(batch["input_ids"], batch["attention_mask"], max_new_tokens=max_new_tokens,
+                                       num_beams=num_beams)  # fmt: skip
+        outputs += tokenizer.batch_decode(generated[:, 1:], skip_special_tokens=True)
     model.train(was_training)
-    return {"eval_loss": total_loss / max(total_tokens, 1), "exact_match": hits / max(len(examples), 1)}, outputs
+    scores = compute(metrics, outputs, [target for _, target in examples])
+    return {"eval_loss": total_loss / max(total_tokens, 1), **scores}, outputs
+
+
+def write_predictions(path: Path, examples: list[tuple[str, str]], outputs: list[str]) -> None:
+    """One JSON object per held-out example, in order: its source, target and prediction."""
+    rows = (json.dumps({"source": s, "target": t, "prediction": p}, ensure_ascii=False)
+            for (s, t), p in zip(examples, outputs, strict=True))  # fmt: skip
+    atomic_write(path, lambda tmp: tmp.write_text("".join(row + "\n" for row in rows), encoding="utf-8"))
+
+
+def write_generated_predictions(path: Path, outputs: list[str]) -> None:
+    """The outputs as `run_summarization.py`/`run_translation.py` write `generated_predictions.txt`:
+    each stripped, joined by newlines."""
+    atomic_write(path, lambda tmp: tmp.write_text("\n".join(text.strip() for text in outputs), encoding="utf-8"))
+
+
+def prune_checkpoints(out: Path, limit: int, keep: set[Path]) -> list[Path]:
+    """Remove the oldest `checkpoint-STEP` directories of `out` so that at most `limit` remain, never
+    one of `keep` nor the newest (HF's `save_total_limit`: with a limit of 1 and a best checkpoint
+    that is not the newest, both stay). Each goes under a temporary name first, so a crash never
+    leaves a half-removed checkpoint under its real name. Returns the removed ones."""
+    found = sorted((p for p in out.glob("checkpoint-*") if p.is_dir() and p.name[11:].isdigit()),
+                   key=lambda p: int(p.name[11:]))  # fmt: skip
+    if not found:
+        return []
+    protected = {p.resolve() for p in keep | {found[-1]}}
+    removable = [p for p in found if p.resolve() not in protected][: max(len(found) - limit, 0)]
+    for path in removable:
+        doomed = path.with_name(f".{path.name}.old")
+        path.rename(doomed)
+        shutil.rmtree(doomed)
+    return removable
+
+
+def best_checkpoint(out: Path, evaluated: dict[int, dict], key: str, greater: bool) -> tuple[Path, float] | None:
+    """The checkpoint of `out` whose step's evaluation (`evaluated`: step -> scores) has the best
+    `key`, and that score; the earliest of equal scores, as HF's Trainer keeps its first best."""
+    sign = 1.0 if greater else -1.0
+    candidates = []
+    for step, scores in evaluated.items():
+        path = out / f"checkpoint-{step}"
+        if isinstance(scores.get(key), (int, float)) and path.is_dir():
+            candidates.append((sign * scores[key], -step, path))
+    if not candidates:
+        return None
+    value, _, path = max(candidates)
+    return path, sign * value
+
+
+def shorten(text: str, limit: int = _SHOWN_CHARS) -> str:
+    """`text` cut to `limit` characters, with "…" where it was cut."""
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _format_score(key: str, value: float) -> str:
+    return f"{key} {value:.1%}" if key == "exact_match" else f"{key} {value:.4f}" if key.endswith("loss") else (
+        f"{key} {value:.2f}")  # fmt: skip
 
 
 def plot_losses(path: Path, steps: list[int], losses: list[float], evals: list[tuple[int, float]]) -> None:
@@ -121,27 +182,64 @@ class _Signals:
 
 
 class _Metrics:
-    """`metrics.jsonl` on the first rank: one JSON object per line, never NaN or infinity."""
+    """`metrics.jsonl` on the first rank: one JSON object per line, never NaN or infinity (the schema
+    is in the README). Every record gets the run's `epoch` (`Data.epoch`, None where unknown) and
+    `elapsed` seconds since the run started, counting those before the checkpoint a run resumed
+    from; with `--report-to tensorboard` its numbers also go to TensorBoard under OUTPUT/runs, each
+    tagged with its key. `evaluated` holds each evaluated step's record (this run's and, on resume,
+    those kept from before)."""
 
-    def __init__(self, path: Path, resume_step: int | None, enabled: bool):
-        self.path, self.enabled = path, enabled
-        if enabled and resume_step is not None and path.exists():  # drop what came after the checkpoint
-            kept = [line for line in path.read_text().splitlines() if _step_of(line) <= resume_step]
-            atomic_write(path, lambda tmp: tmp.write_text("".join(line + "\n" for line in kept)))
+    def __init__(self, out: Path, args: TrainArgs, data: Data, start: int, enabled: bool):
+        self.path, self.data, self.enabled = out / "metrics.jsonl", data, enabled
+        self.evaluated: dict[int, dict] = {}
+        self.writer = None
+        history = self._history(args, start) if enabled else []
+        if enabled and args.continues_in_output_dir:  # drop what came after the checkpoint
+            kept = "".join(json.dumps(record, allow_nan=False) + "\n" for record in history)
+            atomic_write(self.path, lambda tmp: tmp.write_text(kept))
+        self.evaluated = {r["step"]: r for r in history if "eval_loss" in r and isinstance(r.get("step"), int)}
+        previous = [r["elapsed"] for r in history if isinstance(r.get("elapsed"), (int, float))]
+        self.started = time.perf_counter() - (previous[-1] if previous else 0.0)
+        if enabled and args.report_to == "tensorboard":
+            from torch.utils.tensorboard import SummaryWriter
+
+            # purge_step: TensorBoard hides the events an earlier attempt logged after the checkpoint.
+            self.writer = SummaryWriter(str(out / "runs"), purge_step=start + 1 if start else None)
+
+    def _history(self, args: TrainArgs, start: int) -> list[dict]:
+        """The records up to step `start` of the run a resume continues (its metrics.jsonl beside the
+        checkpoint); none for a fresh run."""
+        if args.resume is None:
+            return []
+        source = self.path if args.continues_in_output_dir else Path(args.resume).parent / "metrics.jsonl"
+        if not source.is_file():
+            return []
+        records = []
+        for line in source.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue  # a line cut short by a crash
+            if isinstance(record, dict) and record.get("step", math.inf) <= start:
+                records.append(record)
+        return records
 
     def write(self, record: dict) -> None:
         if not self.enabled:
             return
+        record = {**record, "epoch": getattr(self.data, "epoch", None), "elapsed": time.perf_counter() - self.started}
         clean = {k: (v if not isinstance(v, float) or math.isfinite(v) else None) for k, v in record.items()}
         with self.path.open("a") as f:
             f.write(json.dumps(clean, allow_nan=False) + "\n")
+        if self.writer is not None:
+            for key, value in clean.items():
+                if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
+                    self.writer.add_scalar(key, value, clean["step"])
+            self.writer.flush()
 
-
-def _step_of(line: str) -> float:
-    try:
-        return json.loads(line).get("step", math.inf)
-    except ValueError:
-        return math.inf
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
 
 
 class _Run:
@@ -156,7 +254,8 @@ class _Run:
         self.losses: list[tuple[int, float]] = []  # (step, loss)
         self.evals: list[tuple[int, float]] = []  # (step, eval loss)
         self.final: dict = {}  # the final held-out scores
-        self.outputs: list[str] = []  # the greedy outputs of the last evaluation
+        self.outputs: list[str] = []  # the generated outputs of the last evaluation
+        self.best: tuple[Path, float] | None = None  # the best checkpoint by --metric-for-best-model, its score
         self.window, self.window_tokens = time.perf_counter(), 0.0  # tokens/s since the last logged step
 
     def resume(self) -> int:
@@ -230,14 +329,24 @@ class _Run:
             return record, True
         if args.save_every and done % args.save_every == 0 and done != args.steps:
             self.checkpoint(done)
+            self.prune()
         return record, False
 
     def finish(self) -> Path:
-        """The final evaluation, checkpoint and model directory; returns the checkpoint."""
+        """The final checkpoint, evaluation (after the checkpoint, so a failing evaluation loses no
+        training) and model directory; returns the checkpoint."""
+        steps = self.args.steps
+        path = self.checkpoint(steps)
         if self.evaluating:
-            self.final = self.evaluate(self.args.steps)
-            self.metrics.write({"step": self.args.steps, **self.final})
-        path = self.checkpoint(self.args.steps)
+            self.final = self.evaluate(steps)
+        self.prune()
+        if self.evaluating:
+            record = {"step": steps, "lr": self.engine.learning_rate(), **self.final}
+            if self.best is not None:
+                record.update(best_checkpoint=self.best[0].name, best_metric=self.best[1])
+            self.metrics.write(record)
+            if self.engine.rank == 0:
+                write_generated_predictions(self.out / "generated_predictions.txt", self.outputs)
         self.engine.save_model(self.out, path)
         if self.engine.rank == 0:
             self.tokenizer.save_pretrained(self.out)
@@ -249,27 +358,51 @@ class _Run:
         """The summary line (and a few held-out outputs) on the first rank; the summary dict."""
         last_step, loss = self.losses[-1]
         interrupted = _SIGNALS[stopped_by] if stopped_by is not None else None
+        best = {} if self.best is None else {"best_checkpoint": str(self.best[0]), "best_metric": self.best[1]}
         if self.engine.rank == 0:
             line = f"fastseq train ({self.engine.name}): steps {start}-{last_step} in {elapsed:.1f}s"
             line += f", final loss {loss:.4f}"
-            if "exact_match" in self.final:
-                line += f", held-out exact match {self.final['exact_match']:.1%} ({len(self.data.held_out)} examples)"
-            print(line + f", checkpoint in {self.out} ({path.name})")
+            if self.final:
+                scores = ", ".join(_format_score(key, value) for key, value in self.final.items())
+                line += f", held-out ({len(self.data.held_out)} examples) {scores}"
+            line += f", checkpoint in {self.out} ({path.name})"
+            if self.best is not None:
+                line += f", best_checkpoint {self.best[0].name} ({self.args.best_model_key} {self.best[1]:.4g})"
+            print(line)
             if interrupted:
                 print(f"fastseq train: stopped by {interrupted} after step {last_step}; continue with the same "
                       "command and --resume")  # fmt: skip
             shown = min(self.args.examples_to_show, len(self.outputs))
             for (source, target), output in zip(self.data.held_out[:shown], self.outputs[:shown], strict=True):
-                print(f"  {source!r} -> {output!r} (target {target!r})")
+                print(f"  {shorten(source)!r} -> {shorten(output)!r} (target {shorten(target)!r})")
+        self.metrics.close()
         losses = [value for _, value in self.losses]
-        return {"loss": loss, "losses": losses, "seconds": elapsed, "interrupted": interrupted, **self.final}
+        return {"loss": loss, "losses": losses, "seconds": elapsed, "interrupted": interrupted, **self.final, **best}
 
     def evaluate(self, step: int) -> dict:
-        engine = self.engine
+        """Evaluate the held-out examples; their predictions go to OUTPUT/eval_predictions-STEP.jsonl."""
+        args, engine = self.args, self.engine
         scores, self.outputs = evaluate(engine.model, self.tokenizer, self.data.held_out, self.data.eval_collator,
-                                        engine.device, autocast=engine.autocast)  # fmt: skip
+                                        engine.device, autocast=engine.autocast, metrics=args.metrics,
+                                        num_beams=args.num_beams, max_new_tokens=args.eval_max_new_tokens)  # fmt: skip
         self.evals.append((step, scores["eval_loss"]))
+        self.metrics.evaluated[step] = scores
+        if engine.rank == 0:
+            write_predictions(self.out / f"eval_predictions-{step}.jsonl", self.data.held_out, self.outputs)
         return scores
+
+    def prune(self) -> None:
+        """After a checkpoint is published (first rank): find the best checkpoint by
+        --metric-for-best-model among the evaluated ones, then apply --save-total-limit."""
+        args = self.args
+        if self.engine.rank != 0:
+            return
+        if args.best_model_key is not None:
+            self.best = best_checkpoint(self.out, self.metrics.evaluated, args.best_model_key, args.best_is_greater)
+        if args.save_total_limit is not None:
+            keep = {self.best[0]} if self.best is not None else set()
+            for removed in prune_checkpoints(self.out, args.save_total_limit, keep):
+                log.info("removed %s (--save-total-limit %d)", removed, args.save_total_limit)
 
 
 def train(args: TrainArgs) -> dict:
@@ -288,7 +421,7 @@ def train(args: TrainArgs) -> dict:
     start = run.resume() if args.resume else 0
     if start >= args.steps:
         raise ValueError(f"the checkpoint is at step {start}, already past --steps {args.steps}; raise --steps")
-    run.metrics = _Metrics(out / "metrics.jsonl", start if args.continues_in_output_dir else None, engine.rank == 0)
+    run.metrics = _Metrics(out, args, data, start, engine.rank == 0)
     if data.held_out and engine.model is None:
         log.warning("%s cannot evaluate held-out examples; evaluate the trained model directory instead", engine.name)
     progress = tqdm(range(start, args.steps), desc="train", unit="step", disable=args.quiet or engine.rank != 0,

@@ -28,8 +28,10 @@ STATE_FILE = "trainer_state.json"
 FORMAT = 2
 # What a run writes at the top of its output directory (besides checkpoint-STEP/).
 _RUN_FILES = {"metrics.jsonl", "loss.png", "config.json", SAFE_WEIGHTS, SAFE_INDEX, "spiece.model", "vocab.json",
-              "merges.txt", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json"}  # fmt: skip
+              "merges.txt", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+              "generated_predictions.txt", "runs"}  # fmt: skip
 _CHECKPOINT = re.compile(r"\.?checkpoint-\d+(\.tmp|\.old)?")
+_PREDICTIONS = re.compile(r"eval_predictions-\d+\.jsonl")
 
 
 class ResumeError(ValueError):
@@ -41,7 +43,9 @@ class ResumeError(ValueError):
 
 def _run_files(out: Path) -> list[Path]:
     return [
-        p for p in out.iterdir() if p.name in _RUN_FILES or _CHECKPOINT.fullmatch(p.name) or SHARD_RE.fullmatch(p.name)
+        p
+        for p in out.iterdir()
+        if p.name in _RUN_FILES or any(pattern.fullmatch(p.name) for pattern in (_CHECKPOINT, _PREDICTIONS, SHARD_RE))
     ]
 
 
