@@ -127,8 +127,9 @@ def shorten(text: str, limit: int = _SHOWN_CHARS) -> str:
 
 
 def _format_score(key: str, value: float) -> str:
-    return f"{key} {value:.1%}" if key == "exact_match" else f"{key} {value:.4f}" if key.endswith("loss") else (
-        f"{key} {value:.2f}")  # fmt: skip
+    if key == "exact_match":
+        return f"exact match {value:.1%}"
+    return f"{key} {value:.4f}" if key.endswith("loss") else f"{key} {value:.2f}"
 
 
 def plot_losses(path: Path, steps: list[int], losses: list[float], evals: list[tuple[int, float]]) -> None:
@@ -191,13 +192,12 @@ class _Metrics:
 
     def __init__(self, out: Path, args: TrainArgs, data: Data, start: int, enabled: bool):
         self.path, self.data, self.enabled = out / "metrics.jsonl", data, enabled
-        self.evaluated: dict[int, dict] = {}
         self.writer = None
         history = self._history(args, start) if enabled else []
         if enabled and args.continues_in_output_dir:  # drop what came after the checkpoint
             kept = "".join(json.dumps(record, allow_nan=False) + "\n" for record in history)
             atomic_write(self.path, lambda tmp: tmp.write_text(kept))
-        self.evaluated = {r["step"]: r for r in history if "eval_loss" in r and isinstance(r.get("step"), int)}
+        self.evaluated: dict[int, dict] = {r["step"]: r for r in history if "eval_loss" in r}
         previous = [r["elapsed"] for r in history if isinstance(r.get("elapsed"), (int, float))]
         self.started = time.perf_counter() - (previous[-1] if previous else 0.0)
         if enabled and args.report_to == "tensorboard":
@@ -220,7 +220,7 @@ class _Metrics:
                 record = json.loads(line)
             except ValueError:
                 continue  # a line cut short by a crash
-            if isinstance(record, dict) and record.get("step", math.inf) <= start:
+            if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= start:
                 records.append(record)
         return records
 
@@ -363,8 +363,9 @@ class _Run:
             line = f"fastseq train ({self.engine.name}): steps {start}-{last_step} in {elapsed:.1f}s"
             line += f", final loss {loss:.4f}"
             if self.final:
-                scores = ", ".join(_format_score(key, value) for key, value in self.final.items())
-                line += f", held-out ({len(self.data.held_out)} examples) {scores}"
+                ordered = [key for key in self.final if key != "eval_loss"] + ["eval_loss"]
+                scores = ", ".join(_format_score(key, self.final[key]) for key in ordered)
+                line += f", held-out {scores} ({len(self.data.held_out)} examples)"
             line += f", checkpoint in {self.out} ({path.name})"
             if self.best is not None:
                 line += f", best_checkpoint {self.best[0].name} ({self.args.best_model_key} {self.best[1]:.4g})"

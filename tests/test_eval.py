@@ -1,0 +1,286 @@
+"""Evaluation and logging through the `fastseq train` command on tiny models: task metrics, the
+predictions files, the best checkpoint and --save-total-limit, the metrics.jsonl schema,
+TensorBoard, the summary line, and the options' errors."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import sacrebleu
+from rouge_score import rouge_scorer
+
+from fastseq.cli import main
+from fastseq.tokenizers import ByT5Tokenizer
+from fastseq.train.loop import best_checkpoint, prune_checkpoints, shorten
+
+WORDS = ["cat", "dog", "cow", "pig", "hen", "fox", "owl", "bee"]
+
+
+def _model_dir(path: Path) -> Path:
+    """A tiny T5 v1.1 (d_model 32) with the ByT5 vocabulary, saved with its tokenizer."""
+    from fastseq.models import T5ForConditionalGeneration
+    from fastseq.train.engine import default_config
+
+    config = dataclasses.replace(default_config(), d_model=32, d_kv=8, d_ff=64, num_heads=4, num_layers=2,
+                                 num_decoder_layers=2, extra={})  # fmt: skip
+    T5ForConditionalGeneration(config).save_pretrained(path)
+    ByT5Tokenizer().save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    return _model_dir(tmp_path_factory.mktemp("model") / "tiny")
+
+
+def _jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def _records(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def _predictions(out: Path, step: int) -> list[dict]:
+    return [json.loads(line) for line in (out / f"eval_predictions-{step}.jsonl").read_text().splitlines()]
+
+
+def _train(capfd, tiny: Path | None, out: Path, *argv: str) -> tuple[int, str]:
+    """`fastseq train` on the tiny model (None: the embedded default model, trained from scratch)."""
+    model = ["--model", str(tiny)] if tiny is not None else []
+    code = main(["train", *model, "--output-dir", str(out), "--batch-size", "4", "--quiet", "--max-source-length",
+                 "48", "--max-target-length", "24", *argv])  # fmt: skip
+    captured = capfd.readouterr()
+    assert code == 0, captured.err
+    return code, captured.out
+
+
+def test_summarization_with_rouge_keeps_the_best_checkpoint(tmp_path, capfd, tiny, reference_backend):
+    rows = [{"document": f"the {w} sat on the mat. it was a happy {w}.", "summary": f"the {w} sat.\nit was happy."}
+            for w in WORDS]  # fmt: skip
+    data = _jsonl(tmp_path / "train.jsonl", rows)
+    out = tmp_path / "out"
+    _, printed = _train(capfd, tiny, out, "--data", str(data), "--eval-data", str(data), "--source-field",
+                        "document", "--target-field", "summary", "--steps", "6", "--eval-every", "2", "--save-every",
+                        "2", "--eval-examples", "3", "--metric", "rouge", "--metric-for-best-model", "rougeLsum",
+                        "--save-total-limit", "1", "--max-new-tokens", "6", "--num-beams", "2",
+                        "--lr", "3e-3")  # fmt: skip
+    records = _records(out)
+    evals = {r["step"]: r for r in records if "eval_loss" in r}
+    assert sorted(evals) == [2, 4, 6]
+    scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL", "rougeLsum"], use_stemmer=True)
+    for step, record in evals.items():
+        rows_out = _predictions(out, step)
+        assert [(r["source"], r["target"]) for r in rows_out] == [(x["document"], x["summary"]) for x in rows[:3]]
+        assert all(len(r["prediction"].encode()) <= 6 for r in rows_out)  # at most 6 byte tokens
+        for key in ("rouge1", "rouge2", "rougeL", "rougeLsum"):
+            direct = [scorer.score(r["target"], r["prediction"])[key].fmeasure for r in rows_out]
+            assert record[key] == pytest.approx(100 * sum(direct) / 3, rel=1e-12), (step, key)
+    final = _predictions(out, 6)
+    assert (out / "generated_predictions.txt").read_text() == "\n".join(r["prediction"].strip() for r in final)
+    # The best checkpoint by rougeLsum (the earliest of equal scores) is kept with the latest; the rest is pruned.
+    best_step = max(sorted(evals), key=lambda s: (evals[s]["rougeLsum"], -s))
+    assert evals[6]["best_checkpoint"] == f"checkpoint-{best_step}"
+    assert evals[6]["best_metric"] == evals[best_step]["rougeLsum"]
+    assert {p.name for p in out.glob("checkpoint-*")} == {f"checkpoint-{best_step}", "checkpoint-6"}
+    assert not list(out.glob(".*"))  # nothing half-removed left behind
+    summary = printed.splitlines()[0]
+    assert f"best_checkpoint checkpoint-{best_step} (rougeLsum " in summary
+    assert f"held-out rouge1 {evals[6]['rouge1']:.2f}, rouge2 " in summary
+    assert f"rougeL {evals[6]['rougeL']:.2f}" in summary
+    assert f"eval_loss {evals[6]['eval_loss']:.4f} (3 examples)" in summary
+
+
+def test_translation_with_bleu_chrf_and_the_record_schema(tmp_path, capfd, tiny, reference_backend):
+    rows = [{"en": f"the {w} is here", "de": f"der {w} ist hier"} for w in WORDS]
+    data = _jsonl(tmp_path / "train.jsonl", rows)
+    out = tmp_path / "out"
+    _train(capfd, tiny, out, "--data", str(data), "--eval-data", str(data), "--source-field", "en",
+           "--target-field", "de", "--steps", "4", "--eval-every", "2", "--eval-examples", "4", "--metric",
+           "bleu,chrf", "--max-new-tokens", "5", "--log-every", "2")  # fmt: skip
+    records = _records(out)
+    for record in records:  # train and eval records alike
+        assert {"step", "epoch", "elapsed", "lr"} <= set(record), record
+        assert record["lr"] == 1e-3  # adafactor's fixed rate for a pretrained directory
+        assert record["elapsed"] >= 0
+    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4]
+    elapsed = [r["elapsed"] for r in records]
+    assert elapsed == sorted(elapsed)
+    for step in (2, 4):
+        (record,) = [r for r in records if r["step"] == step and "eval_loss" in r]
+        rows_out = _predictions(out, step)
+        predictions, targets = [r["prediction"] for r in rows_out], [r["target"] for r in rows_out]
+        assert record["bleu"] == sacrebleu.corpus_bleu(predictions, [targets]).score
+        assert record["chrf"] == sacrebleu.corpus_chrf(predictions, [targets]).score
+        assert "exact_match" not in record and "rouge1" not in record  # only the metrics asked for
+
+
+def test_tensorboard_holds_the_metrics_jsonl_scalars(tmp_path, capfd, reference_backend):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "out"
+    _train(capfd, None, out, "--steps", "3", "--eval-every", "2", "--eval-examples", "2", "--max-new-tokens", "4",
+           "--report-to", "tensorboard", "--optimizer", "adafactor")  # fmt: skip
+    records = _records(out)
+    # From scratch Adafactor runs on its relative step size, min(1e-2, 1/sqrt(step)): no longer null.
+    assert [r["lr"] for r in records] == [1e-2] * len(records)
+    expected: dict[str, dict[int, float]] = {}
+    for record in records:
+        for key, value in record.items():
+            if key != "step" and isinstance(value, (int, float)):
+                expected.setdefault(key, {})[record["step"]] = value
+    (events,) = (out / "runs").iterdir()
+    accumulator = EventAccumulator(str(events.parent))
+    accumulator.Reload()
+    assert set(accumulator.Tags()["scalars"]) == set(expected)
+    for key, values in expected.items():
+        logged = {event.step: event.value for event in accumulator.Scalars(key)}
+        assert logged.keys() == values.keys(), key
+        for step, value in values.items():
+            assert logged[step] == pytest.approx(value, rel=1e-6), (key, step)
+
+
+def test_elapsed_continues_across_resume(tmp_path, capfd, tiny, reference_backend):
+    out = tmp_path / "out"
+    common = ["--steps", "4", "--save-every", "2", "--eval-examples", "0", "--report-to", "tensorboard"]
+    _train(capfd, tiny, out, *common)
+    first = _records(out)
+    (out / "checkpoint-4").rename(tmp_path / "later")  # as if the run had stopped after step 2's checkpoint
+    _train(capfd, tiny, out, *common, "--resume")
+    again = _records(out)
+    assert [r["step"] for r in again] == [1, 2, 3, 4]
+    assert again[:2] == first[:2]
+    assert again[2]["elapsed"] >= first[1]["elapsed"]  # counted from the run's start, not the resume's
+
+
+def test_the_summary_line_shortens_long_texts(tmp_path, capfd, tiny, reference_backend):
+    long_source = "a very long document " * 30
+    data = _jsonl(tmp_path / "d.jsonl", [{"source": long_source, "target": "short"}] * 4)
+    _, printed = _train(capfd, tiny, tmp_path / "out", "--data", str(data), "--eval-data", str(data), "--steps",
+                        "1", "--eval-examples", "1", "--max-new-tokens", "3",
+                        "--max-source-length", "600")  # fmt: skip
+    summary, shown = printed.splitlines()[:2]
+    assert "held-out exact match 0.0%, eval_loss " in summary or "held-out exact match 100.0%, eval_loss" in summary
+    assert repr(long_source[:199] + "…") in shown and long_source not in shown
+    assert shorten("x" * 200) == "x" * 200 and shorten("x" * 201) == "x" * 199 + "…"
+
+
+def test_prune_keeps_the_best_and_the_latest(tmp_path):
+    for step in (2, 4, 6, 8, 10):
+        (tmp_path / f"checkpoint-{step}").mkdir()
+    (tmp_path / "checkpoint-x").mkdir()  # not a checkpoint name: never touched
+
+    def left() -> list[int]:
+        return sorted(int(p.name.split("-")[1]) for p in tmp_path.glob("checkpoint-*") if p.name[11:].isdigit())
+
+    assert prune_checkpoints(tmp_path, 3, {tmp_path / "checkpoint-4"}) == [tmp_path / "checkpoint-2",
+                                                                            tmp_path / "checkpoint-6"]  # fmt: skip
+    assert left() == [4, 8, 10]
+    prune_checkpoints(tmp_path, 1, {tmp_path / "checkpoint-4"})  # a limit of 1 keeps the best and the latest
+    assert left() == [4, 10]
+    prune_checkpoints(tmp_path, 1, set())
+    assert left() == [10] and (tmp_path / "checkpoint-x").is_dir()
+    assert prune_checkpoints(tmp_path / "checkpoint-x", 1, set()) == []
+
+
+def test_best_checkpoint_by_direction(tmp_path):
+    for step in (2, 4, 6):
+        (tmp_path / f"checkpoint-{step}").mkdir()
+    evaluated = {2: {"eval_loss": 3.0, "bleu": 5.0}, 4: {"eval_loss": 2.0, "bleu": 9.0},
+                 6: {"eval_loss": 2.0, "bleu": 1.0}, 8: {"eval_loss": 0.5, "bleu": 99.0}}  # fmt: skip
+    # Step 8 has no checkpoint; of equal losses the earliest wins.
+    assert best_checkpoint(tmp_path, evaluated, "eval_loss", greater=False) == (tmp_path / "checkpoint-4", 2.0)
+    assert best_checkpoint(tmp_path, evaluated, "bleu", greater=True) == (tmp_path / "checkpoint-4", 9.0)
+    assert best_checkpoint(tmp_path, evaluated, "bleu", greater=False) == (tmp_path / "checkpoint-6", 1.0)
+    assert best_checkpoint(tmp_path, {}, "bleu", greater=True) is None
+
+
+def test_greater_is_better_and_loss_as_the_best_metric(tmp_path, capfd, tiny, reference_backend):
+    out = tmp_path / "out"
+    _, printed = _train(capfd, tiny, out, "--steps", "4", "--eval-every", "2", "--save-every", "2",
+                        "--eval-examples", "2", "--max-new-tokens", "3", "--metric-for-best-model", "loss",
+                        "--greater-is-better", "True")  # fmt: skip
+    evals = {r["step"]: r["eval_loss"] for r in _records(out) if "eval_loss" in r}
+    best = max(sorted(evals), key=lambda s: (evals[s], -s))  # greater is better, as asked
+    assert f"best_checkpoint checkpoint-{best} (eval_loss " in printed
+
+
+def test_overwrite_removes_the_evaluation_files(tmp_path, capfd, tiny, reference_backend):
+    out = tmp_path / "out"
+    argv = ["--steps", "2", "--eval-every", "1", "--eval-examples", "1", "--max-new-tokens", "2", "--report-to",
+            "tensorboard"]  # fmt: skip
+    _train(capfd, tiny, out, *argv)
+    assert (out / "eval_predictions-1.jsonl").is_file() and (out / "runs").is_dir()
+    (out / "notes.txt").write_text("mine")
+    _train(capfd, tiny, out, "--overwrite", "--steps", "1", "--eval-examples", "0")
+    assert sorted(p.name for p in out.iterdir() if "predictions" in p.name or p.name == "runs") == []
+    assert (out / "notes.txt").read_text() == "mine"
+
+
+def _refused(capfd, argv: list[str], *expected: str) -> str:
+    code = main(["train", *argv])
+    err = capfd.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("fastseq ")]
+    assert code == 2, err
+    assert "Traceback" not in err and len(lines) == 1, err
+    for text in expected:
+        assert text in lines[0], lines[0]
+    return lines[0]
+
+
+BAD = {
+    "unknown metric": (["--metric", "rouge,rogue"], ("--metric 'rouge,rogue': unknown metric rogue", "rouge, bleu")),
+    "zero beams": (["--num-beams", "0"], ("--num-beams must be at least 1; got 0",)),
+    "zero new tokens": (["--max-new-tokens", "0"], ("--max-new-tokens must be at least 1; got 0",)),
+    "zero checkpoints kept": (["--save-total-limit", "0"], ("--save-total-limit must be at least 1; got 0",)),
+    "best metric not computed": (["--metric", "rouge", "--metric-for-best-model", "bleu"],
+                                 ("--metric-for-best-model 'bleu' is not a score", "eval_loss, rouge1")),
+    "best metric without held-out data": (["--data", "DATA", "--metric-for-best-model", "loss"],
+                                          ("needs held-out examples", "--eval-data")),
+    "saves between evaluations": (["--metric-for-best-model", "exact_match", "--save-every", "3", "--eval-every",
+                                   "2"], ("--save-every 3 must be a multiple of --eval-every 2",)),
+    "bad boolean": (["--greater-is-better", "maybe"], ("invalid choice",)),
+    "unknown reporter": (["--report-to", "wandb"], ("invalid choice",)),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", sorted(BAD))
+def test_bad_evaluation_options_are_one_line(tmp_path, capfd, name):
+    argv, expected = BAD[name]
+    data = _jsonl(tmp_path / "d.jsonl", [{"source": "a", "target": "b"}])
+    argv = [str(data) if a == "DATA" else a for a in argv]
+    out = tmp_path / "out"
+    if "invalid choice" in expected:  # argparse's own refusal: exit 2 with usage
+        with pytest.raises(SystemExit) as exit_:
+            main(["train", *argv, "--output-dir", str(out)])
+        assert exit_.value.code == 2 and "invalid choice" in capfd.readouterr().err
+    else:
+        _refused(capfd, [*argv, "--output-dir", str(out)], *expected)
+    assert not out.exists() or not any(out.iterdir())  # refused before any work
+
+
+@pytest.mark.parametrize("option,module", [(["--metric", "rouge"], "rouge_score"), (["--metric", "chrf"], "sacrebleu"),
+                                           (["--report-to", "tensorboard"], "tensorboard")])  # fmt: skip
+def test_a_missing_package_is_one_line_naming_the_extra(tmp_path, capfd, monkeypatch, option, module):
+    monkeypatch.setitem(sys.modules, module, None)
+    _refused(capfd, [*option, "--output-dir", str(tmp_path / "out")], "needs the", 'pip install "fastseq[finetune]"')
+    assert not (tmp_path / "out").exists()
+
+
+def test_metrics_jsonl_stays_strict_json(tmp_path, capfd, tiny, reference_backend):
+    out = tmp_path / "out"
+    _train(capfd, tiny, out, "--steps", "2", "--eval-every", "1", "--eval-examples", "1", "--max-new-tokens", "2",
+           "--metric", "rouge,bleu,chrf,exact_match")  # fmt: skip
+
+    def refuse(constant):
+        raise AssertionError(constant)
+
+    for line in (out / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line, parse_constant=refuse)
+        assert all(not isinstance(v, float) or math.isfinite(v) for v in record.values())
