@@ -198,7 +198,7 @@ def test_a_data_file_deleted_before_the_next_epoch(tmp_path, capfd, monkeypatch)
     out = tmp_path / "out"
     common = [*QUICK[2:], *ADAMW, "--steps", "5", "--eval-examples", "0"]
     _refused(capfd, ["train", *common, "--data", str(data), "--output-dir", str(out)],
-             "train.jsonl: No such file or directory", f"after step 2 is saved in {out / 'checkpoint-2'}")  # fmt: skip
+             "train.jsonl", f"after step 2 is saved in {out / 'checkpoint-2'}")  # fmt: skip
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2"]
     # The same file back: the run continues as if it had never failed.
     monkeypatch.setattr(loop._Run, "step", step)
@@ -479,4 +479,5 @@ def test_yaml_aliases_are_refused(tmp_path, capfd):
              f"--config {laughs}:1: YAML anchor &a is not accepted", "write each option out")  # fmt: skip
     alias = tmp_path / "alias.yaml"
     alias.write_text("steps: 3\nlog-every: *x\n")
-    _refused(capfd, ["train", "--config", str(alias), "--output-dir", str(tmp_path / "out")], "is not valid YAML")
+    _refused(capfd, ["train", "--config", str(alias), "--output-dir", str(tmp_path / "out")],
+             f"--config {alias}:2: YAML alias *x is not accepted")  # fmt: skip

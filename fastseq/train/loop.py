@@ -1,8 +1,8 @@
 """The training loop, once for every engine: steps, accumulation, the schedule, logging to
 `metrics.jsonl`, evaluation, checkpoints, resume, signals and the summary line.
 
-Checkpoints (`OUTPUT/checkpoint-STEP/`, every `--save-every` steps, on SIGINT/SIGTERM and at the
-end) hold the engine's state (a Hugging Face model directory and the optimizer in safetensors for
+Checkpoints (`OUTPUT/checkpoint-STEP/`, every `--save-every` steps, on SIGINT/SIGTERM/SIGHUP, on an
+error mid-run and at the end) hold the engine's state (a Hugging Face model directory and the optimizer in safetensors for
 one process; DeepSpeed's files otherwise), the tokenizer, `trainer_state.json` (step, data
 position, the run's identity) and each rank's RNG. Each is written under a temporary name and
 renamed into place once every rank has finished, so a crash never leaves a half-written one.
