@@ -244,7 +244,7 @@ def fingerprint(path: str | os.PathLike) -> str:
     try:
         cache = json.loads(cache_file.read_text())
         cache = cache if isinstance(cache, dict) else {}
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):  # a damaged cache only costs time
         cache = {}
     before = dict(cache)
     if path.is_dir():

@@ -2,9 +2,10 @@
 `metrics.jsonl`, evaluation, checkpoints, resume, signals and the summary line.
 
 Checkpoints (`OUTPUT/checkpoint-STEP/`, every `--save-every` steps, on SIGINT/SIGTERM/SIGHUP, on an
-error mid-run and at the end) hold the engine's state (a Hugging Face model directory and the optimizer in safetensors for
-one process; DeepSpeed's files otherwise), the tokenizer, `trainer_state.json` (step, data
-position, the run's identity) and each rank's RNG. Each is written under a temporary name and
+error mid-run and at the end) hold the engine's state (a Hugging Face model directory and the
+optimizer in safetensors for one process; DeepSpeed's files otherwise), the tokenizer,
+`trainer_state.json` (step, data position, the run's identity, engine, ranks and optimizer) and
+each rank's RNG. Each is written under a temporary name and
 renamed into place once every rank has finished, so a crash never leaves a half-written one.
 `--resume` continues from one exactly: on the CPU, 10 steps + resume + 10 steps give bit-for-bit
 the losses of 20 steps, and so does a run stopped by a signal and resumed.

@@ -227,7 +227,7 @@ def read_state(path: Path) -> dict:
     file = path / STATE_FILE
     try:
         state = json.loads(file.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as err:
+    except (ValueError, UnicodeDecodeError, RecursionError) as err:  # RecursionError: nested beyond reason
         raise ResumeError(f"--resume: {file} is truncated or corrupted ({err}); {instead(path)}") from err
     if not isinstance(state, dict):
         raise ResumeError(f"--resume: {file} holds a JSON {type(state).__name__}, not an object; {instead(path)}")
