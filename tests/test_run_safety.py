@@ -144,7 +144,7 @@ def test_a_second_run_is_refused_while_the_first_runs_and_sighup_checkpoints(tmp
 # ---- a failure mid-run saves the last completed step -------------------------------------------------------
 
 
-def test_bad_json_mid_file_saves_the_last_step_and_resumes_exactly(tmp_path, capfd):
+def test_bad_json_mid_file_saves_the_last_completed_step(tmp_path, capfd):
     """Line 21 is read with the sixth buffer of four examples: steps 1-5 are done, and kept."""
     data = _jsonl(tmp_path / "train.jsonl", 40, bad_line=21)
     out = tmp_path / "out"
