@@ -136,12 +136,24 @@ def _yaml_options(path: Path) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"--config {path} is not a file; pass a YAML file of training options")
     try:
-        loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        text = path.read_text(encoding="utf-8")
+        _refuse_aliases(yaml, path, text)
+        loaded = yaml.safe_load(text) or {}
     except (yaml.YAMLError, UnicodeDecodeError) as err:
         raise ValueError(f"--config {path} is not valid YAML ({str(err).splitlines()[0]}); fix the file") from err
     if not isinstance(loaded, dict):
         raise ValueError(f"--config {path}: expected a mapping of options (steps: 100, lr: 1.0e-3, ...)")
     return {str(k).replace("-", "_"): v for k, v in loaded.items()}
+
+
+def _refuse_aliases(yaml, path: Path, text: str) -> None:
+    """Anchors and aliases are refused: nested aliases ("billion laughs") expand a few lines into
+    gigabytes. The events are read one by one, so nothing is expanded to find them."""
+    for event in yaml.parse(text, Loader=yaml.SafeLoader):
+        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None):
+            kind = "alias *" if isinstance(event, yaml.AliasEvent) else "anchor &"
+            raise ValueError(f"--config {path}:{event.start_mark.line + 1}: YAML {kind}{event.anchor} is not "
+                             "accepted in a training config; write each option out")  # fmt: skip
 
 
 def _plan(ns: argparse.Namespace) -> None:
@@ -221,13 +233,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _one_line(err: BaseException) -> str:
+    """The error and its notes (where a failed run's state was saved) in one line."""
     if isinstance(err, OSError) and err.strerror:  # raised by the OS: "[Errno 13] ..." says less than this
         text = f"{err.filename}: {err.strerror}" if err.filename else err.strerror
     elif isinstance(err, KeyError) and err.args:
         text = str(err.args[0])
     else:
         text = str(err)
-    return " ".join(text.split()) or type(err).__name__
+    text = " ".join(text.split()) or type(err).__name__
+    return "; ".join([text, *(" ".join(note.split()) for note in getattr(err, "__notes__", []))])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -240,11 +254,14 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"fastseq {args.command}: error: {_one_line(err)}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as err:  # before training starts, or Ctrl-C twice: no checkpoint waited for
         if args.debug:
             raise
-        print(f"fastseq {args.command}: interrupted", file=sys.stderr)
-        return 130
+        number = getattr(err, "number", signal.SIGINT)
+        said = "" if number == signal.SIGINT else f" by {signal.Signals(number).name}"
+        notes = "".join(f"; {note}" for note in getattr(err, "__notes__", []))
+        print(f"fastseq {args.command}: interrupted{said}{notes}", file=sys.stderr)
+        return 128 + number
     except Exception as err:
         if args.debug:
             raise

@@ -1,15 +1,23 @@
-"""Files written so that a crash never leaves a half-written one under its real name, and the
-safetensors half of a Hugging Face model directory. Nothing here knows the models: a model is
-anything with `state_dict()`, `tied_parameters()`, `hf_config()`."""
+"""Files written so that a crash never leaves a half-written one under its real name, the lock of a
+directory that one run uses, fingerprints of data files, and the safetensors half of a Hugging Face
+model directory. Nothing here knows the models: a model is anything with `state_dict()`,
+`tied_parameters()`, `hf_config()`."""
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import hashlib
 import json
+import logging
 import os
 import re
 import shutil
+import signal
+import socket
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -18,6 +26,12 @@ from safetensors.torch import save_file
 SAFE_WEIGHTS = "model.safetensors"
 SAFE_INDEX = "model.safetensors.index.json"
 SHARD_RE = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
+LOCK_FILE = ".fastseq.lock"
+# What a full disk or a file-size limit (`ulimit -f`) raises: a user's problem, not fastseq's.
+DISK_FULL = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
+_DISK_FULL_TEXT = ("No space left on device", "File too large", "Disk quota exceeded", "os error 28", "os error 27",
+                   "os error 122")  # fmt: skip
+log = logging.getLogger("fastseq.files")
 
 
 def parse_size(size: int | str) -> int:
@@ -59,15 +73,195 @@ def atomic_directory(target: Path, write: Callable[[Path], None]) -> None:
 
 
 def publish_directory(tmp: Path, target: Path) -> None:
-    """Rename a finished temporary directory onto `target` (an older `target` is removed after)."""
+    """Rename a finished temporary directory onto `target` (an older `target` is removed after).
+    Signals wait until both renames are done, so a forced exit never leaves `target` missing."""
     old = target.with_name(f".{target.name}.old")
     if old.exists():
         shutil.rmtree(old)
-    if target.exists():
-        os.replace(target, old)
-    os.replace(tmp, target)
+    with _signals_deferred():
+        if target.exists():
+            os.replace(target, old)
+        os.replace(tmp, target)
     if old.exists():
         shutil.rmtree(old)
+
+
+@contextlib.contextmanager
+def _signals_deferred() -> Iterator[None]:
+    """SIGINT, SIGTERM and SIGHUP are held (delivered after the block) in the main thread."""
+    deferred = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, deferred)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+def is_disk_full(err: BaseException) -> bool:
+    """Whether `err` says the disk (or the quota, or the file-size limit) is full. safetensors' own
+    error type carries the OS error only in its text."""
+    if isinstance(err, OSError) and err.errno in DISK_FULL:
+        return True
+    return any(text in str(err) for text in _DISK_FULL_TEXT)
+
+
+def directory_size(path: Path) -> int:
+    """Bytes of the files under `path` (0 if it does not exist)."""
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file()) if Path(path).is_dir() else 0
+
+
+# ---- the lock of a directory a run uses -----------------------------------------------------------
+
+
+def _process_start(pid: int) -> str | None:
+    """When process `pid` started (clock ticks since boot, from /proc), or None where unknown: a
+    PID reused by another process after the holder died has another start time."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[1].split()[19]  # field 22, counted after the command name
+
+
+def _alive(pid: int, start: str | None) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return start is None or _process_start(pid) in (None, start)
+
+
+@dataclass
+class DirectoryLock:
+    """`DIR/.fastseq.lock`, holding the host, PID and start time of the process that uses DIR. It is
+    created with O_EXCL (so of two runs exactly one gets it) and removed by `release`."""
+
+    path: Path
+    holder: dict
+
+    @classmethod
+    def acquire(cls, directory: Path, what: str = "--output-dir") -> DirectoryLock:
+        path = Path(directory) / LOCK_FILE
+        holder = {"host": socket.gethostname(), "pid": os.getpid(), "start": _process_start(os.getpid())}
+        for _ in range(3):  # a stale lock is taken over at most a couple of times before giving up
+            with _signals_deferred():  # never an empty lock file left by a Ctrl-C between the two
+                try:
+                    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+                except FileExistsError:
+                    fd = None
+                else:
+                    with os.fdopen(fd, "w") as f:
+                        f.write(json.dumps(holder) + "\n")
+            if fd is None:
+                cls._take_over_if_stale(path, holder, what)
+                continue
+            return cls(path, holder)
+        raise ValueError(f"{what} {directory}: could not take its lock {path}; another run keeps taking it")
+
+    @staticmethod
+    def _take_over_if_stale(path: Path, holder: dict, what: str) -> None:
+        """Remove the lock of a process that no longer runs on this host; refuse any other."""
+        try:
+            text = path.read_text()
+            other = json.loads(text)
+            host, pid, start = other["host"], int(other["pid"]), other.get("start")
+        except FileNotFoundError:
+            return  # released meanwhile: try again
+        except (OSError, ValueError, KeyError, TypeError):
+            raise ValueError(
+                f"{what} {path.parent} is locked by {path} (unreadable: another run may be starting); if no run "
+                f"uses the directory, remove {path}"
+            ) from None
+        if host != holder["host"] or _alive(pid, start):
+            raise ValueError(
+                f"{what} {path.parent} is in use by another run (PID {pid} on {host}, lock {path}); wait for it to "
+                f"end or choose another {what}; if that run is gone, remove {path}"
+            )
+        # Renamed away, then checked: if another process replaced the stale lock with its own in
+        # between, it is put back and this run is refused.
+        moved = path.with_name(f"{path.name}.stale-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+        try:
+            os.replace(path, moved)
+        except FileNotFoundError:
+            return
+        if moved.read_text() != text:
+            with contextlib.suppress(FileExistsError):
+                os.link(moved, path)
+            moved.unlink()
+            raise ValueError(f"{what} {path.parent} is in use by another run (lock {path}); choose another {what}")
+        moved.unlink()
+        log.warning("%s %s: took over the lock of PID %d on %s, which is no longer running", what, path.parent, pid,
+                    host)  # fmt: skip
+
+    def release(self) -> None:
+        """Remove the lock if this process holds it (a copy sent to another rank does not)."""
+        if self.holder["pid"] != os.getpid():
+            return
+        try:
+            if json.loads(self.path.read_text()) == self.holder:
+                self.path.unlink()
+        except (OSError, ValueError):
+            pass
+
+
+# ---- fingerprints of data ---------------------------------------------------------------------------
+
+
+def _cache_file() -> Path:
+    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(root) / "fastseq" / "fingerprints.json"
+
+
+_CACHE_ENTRIES = 1000  # the newest fingerprints kept; each is one short line
+
+
+def _file_digest(file: Path, cache: dict) -> str:
+    """SHA-256 of every byte of `file`, from `cache` when its size, mtime and inode are those hashed."""
+    stat = file.stat()
+    key = str(file.resolve())
+    stamp = [stat.st_size, stat.st_mtime_ns, stat.st_ino]
+    cached = cache.get(key)
+    if isinstance(cached, dict) and cached.get("stamp") == stamp and isinstance(cached.get("sha256"), str):
+        return cached["sha256"]
+    digest = hashlib.sha256()
+    with file.open("rb") as f:
+        for block in iter(lambda: f.read(2**20), b""):
+            digest.update(block)
+    cache.pop(key, None)
+    cache[key] = {"stamp": stamp, "sha256": digest.hexdigest()}
+    return digest.hexdigest()
+
+
+def fingerprint(path: str | os.PathLike) -> str:
+    """SHA-256 of a file's bytes, or of a directory's files (every file under it, in sorted order,
+    each with its path relative to the directory). It does not depend on where the data lies.
+    Each file's hash is cached (`$XDG_CACHE_HOME/fastseq/fingerprints.json`) under its size, mtime
+    and inode, so a large corpus is hashed once, not at every start."""
+    path = Path(path)
+    cache_file = _cache_file()
+    try:
+        cache = json.loads(cache_file.read_text())
+        cache = cache if isinstance(cache, dict) else {}
+    except (OSError, ValueError, RecursionError):  # a damaged cache only costs time
+        cache = {}
+    before = dict(cache)
+    if path.is_dir():
+        digest = hashlib.sha256(b"directory")
+        for file in sorted(p for p in path.rglob("*") if p.is_file()):
+            digest.update(file.relative_to(path).as_posix().encode() + b"\0" + _file_digest(file, cache).encode())
+        result = digest.hexdigest()
+    else:
+        result = _file_digest(path, cache)
+    if cache != before:
+        kept = dict(list(cache.items())[-_CACHE_ENTRIES:])
+        try:
+            cache_file.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write(cache_file, lambda tmp: tmp.write_text(json.dumps(kept)))
+        except OSError as err:  # a cache that cannot be written only costs time
+            log.debug("fingerprint cache %s not written: %s", cache_file, err)
+    return result
 
 
 def _shards(tensors: dict[str, torch.Tensor], limit: int) -> list[dict[str, torch.Tensor]]:

@@ -231,7 +231,7 @@ def test_damaged_trainer_state_is_one_line(tmp_path, capfd):
     state.write_bytes(state.read_bytes()[:100])
     capfd.readouterr()
     _refused(capfd, ["train", *QUICK, "--steps", "5", "--resume", "--output-dir", str(out)],
-             "trainer_state.safetensors is truncated or corrupted", "--resume OUTPUT/checkpoint-STEP")  # fmt: skip
+             "trainer_state.safetensors is truncated or corrupted", f"--resume {out / 'checkpoint-2'}")  # fmt: skip
     (out / "checkpoint-3" / "trainer_state.json").write_text('{"step": 3, "da')
     _refused(capfd, ["train", *QUICK, "--steps", "5", "--resume", "--output-dir", str(out)],
              "trainer_state.json is truncated or corrupted")  # fmt: skip

@@ -22,7 +22,7 @@ import torch
 from fastseq.checkpoint import from_pretrained, resolve_dtype
 from fastseq.optim import make_optimizer
 from fastseq.train.args import TrainArgs
-from fastseq.train.engine import Engine, NonFiniteError, model_class, schedule
+from fastseq.train.engine import Engine, NonFiniteError, apply_rates, model_class, schedule
 
 from . import config as ds_config
 from . import zero
@@ -118,6 +118,9 @@ class DeepSpeedEngine(Engine):
 
         (directory / "config.json").write_text(json.dumps(self.model_config.to_hf_dict(), indent=2) + "\n")
 
+    def set_rates(self, lr, weight_decay):
+        apply_rates(self.engine.optimizer, self.lr_scheduler, lr, weight_decay)
+
     def load(self, directory, meta):
         with safe_torch_load():  # DeepSpeed's readers unpickle: only tensors and plain values
             path, _ = self.engine.load_checkpoint(str(directory.parent), tag=directory.name,
@@ -135,6 +138,7 @@ class ZeroEngine(DeepSpeedEngine):
         super().__init__(args, model_config, raw_config)
         self.stage = ds_config.zero_stage(self.config)
         self.name = f"DeepSpeed ZeRO-{self.stage}, {self.world} ranks"
+        self.kind = f"DeepSpeed ZeRO-{self.stage}"
 
     def build(self, model_config) -> None:
         import deepspeed

@@ -28,6 +28,7 @@ class PipelineEngine(DeepSpeedEngine):
         self.stages = pipeline_stages(self.config)
         self.data_parallel = self.world // self.stages
         self.name = f"DeepSpeed pipeline, {self.stages} stages x {self.data_parallel} data-parallel"
+        self.kind = f"DeepSpeed pipeline of {self.stages} stages"
 
     def build(self, model_config) -> None:
         import deepspeed

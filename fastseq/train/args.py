@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import typing
 from dataclasses import dataclass
 from pathlib import Path
@@ -154,6 +155,7 @@ class TrainArgs:
         if self.continues_in_output_dir and self.overwrite:
             raise ValueError("--resume continues the run in --output-dir and --overwrite replaces it; pass one")
         self._validate_evaluation()
+        self._check_output_dir_apart()
 
     def _validate_evaluation(self) -> None:
         """Evaluation's metrics, decoding, best checkpoint and logging options."""
@@ -188,6 +190,28 @@ class TrainArgs:
                 f"--metric-for-best-model compares the checkpoints of evaluated steps: --save-every {self.save_every} "
                 f"must be a multiple of --eval-every {self.eval_every}"
             )
+
+    def _check_output_dir_apart(self) -> None:
+        """The output directory may not be, hold or lie inside an input: `--overwrite` would delete what
+        the run is about to read, and the run's checkpoints would replace it."""
+        out = Path(os.path.realpath(self.output_dir))
+        inputs = {"model": self.model, "tokenizer": self.tokenizer, "data": self.data, "eval_data": self.eval_data}
+        if self.resume not in (None, "latest") and not self.continues_in_output_dir:
+            inputs["resume"] = self.resume  # a checkpoint of the run in --output-dir is what --resume continues
+        for name, value in inputs.items():
+            if value is None or not Path(value).exists():
+                continue
+            path = Path(os.path.realpath(value))
+            if path == out:
+                where = f"is the --{_flag(name)} {'directory' if path.is_dir() else 'file'}"
+            elif out in path.parents:
+                where = f"holds --{_flag(name)} {value}"
+            elif path in out.parents:
+                where = f"lies inside --{_flag(name)} {value}"
+            else:
+                continue
+            raise ValueError(f"--output-dir {self.output_dir} {where}: the run writes there (and --overwrite deletes) "
+                             "what it reads; choose an --output-dir outside the run's inputs")  # fmt: skip
 
 
 def _flag(name: str) -> str:

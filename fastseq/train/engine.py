@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 from torch import nn
+from torch.optim.lr_scheduler import LambdaLR
 
 from fastseq import presets
 from fastseq.checkpoint import from_pretrained, head_is_distinct, read_config
@@ -34,6 +35,8 @@ class NonFiniteError(FloatingPointError):
 class Engine:
     """How a run executes. Attributes the loop reads:
     - `name`: how the summary line calls it;
+    - `kind`: what its checkpoints are ("one process", "DeepSpeed ZeRO-2", ...): a checkpoint
+      resumes only on the kind and number of ranks that wrote it;
     - `device`, `rank`, `world`: this process, and how many run;
     - `data_parallel`, `data_rank`: how many different micro-batches a step's micro-batch slot
       gets, and which one is this rank's;
@@ -41,6 +44,7 @@ class Engine:
     - `autocast`: the dtype evaluation runs under, or None."""
 
     name = "engine"
+    kind = "one process"
     device = torch.device("cpu")
     rank, world = 0, 1
     data_parallel, data_rank = 1, 0
@@ -88,6 +92,10 @@ class Engine:
 
     def save_model(self, out: Path, checkpoint: Path) -> None:
         """The trained model as a Hugging Face directory at `out` (from the final `checkpoint`)."""
+        raise NotImplementedError
+
+    def set_rates(self, lr: float | None, weight_decay: float) -> None:
+        """Use `lr` and `weight_decay` from now on instead of those a resumed checkpoint had."""
         raise NotImplementedError
 
     def close(self) -> None:
@@ -187,6 +195,21 @@ def autocast_dtype(args: TrainArgs, config, device: torch.device) -> torch.dtype
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
+def apply_rates(optimizer, scheduler, lr: float | None, weight_decay: float) -> None:
+    """Set every parameter group's weight decay and, for a schedule (`LambdaLR`), its base rate: the
+    rate now is `lr` times the schedule's factor at the current step. Adafactor's relative step
+    (`lr` None) has no rate to set."""
+    for group in optimizer.param_groups:
+        group["weight_decay"] = weight_decay
+    if lr is None or not isinstance(scheduler, LambdaLR):
+        return
+    groups = scheduler.optimizer.param_groups
+    scheduler.base_lrs = [lr] * len(groups)
+    for group, factor in zip(groups, scheduler.lr_lambdas, strict=True):
+        group["initial_lr"], group["lr"] = lr, lr * factor(scheduler.last_epoch)
+    scheduler._last_lr = [group["lr"] for group in groups]  # what get_last_lr() reports
+
+
 def schedule(args: TrainArgs):
     """The learning-rate schedule as a function of the optimizer (what DeepSpeed takes)."""
     return lambda optimizer: make_schedule(optimizer, args.schedule, warmup_steps=args.warmup, total_steps=args.steps)
@@ -277,6 +300,9 @@ class LocalEngine(Engine):
         self.scheduler.load_state_dict(scheduler)
         if meta.get("scaler"):
             self.scaler.load_state_dict(meta["scaler"])
+
+    def set_rates(self, lr, weight_decay):
+        apply_rates(self.optimizer, self.scheduler, lr, weight_decay)
 
     def save_model(self, out, checkpoint):
         self.model.save_pretrained(out)

@@ -1,13 +1,18 @@
 """The training loop, once for every engine: steps, accumulation, the schedule, logging to
 `metrics.jsonl`, evaluation, checkpoints, resume, signals and the summary line.
 
-Checkpoints (`OUTPUT/checkpoint-STEP/`, every `--save-every` steps, on SIGINT/SIGTERM and at the
-end) hold the engine's state (a Hugging Face model directory and the optimizer in safetensors for
-one process; DeepSpeed's files otherwise), the tokenizer, `trainer_state.json` (step, data
-position, the run's identity) and each rank's RNG. Each is written under a temporary name and
+Checkpoints (`OUTPUT/checkpoint-STEP/`, every `--save-every` steps, on SIGINT/SIGTERM/SIGHUP, on an
+error mid-run and at the end) hold the engine's state (a Hugging Face model directory and the
+optimizer in safetensors for one process; DeepSpeed's files otherwise), the tokenizer,
+`trainer_state.json` (step, data position, the run's identity, engine, ranks and optimizer) and
+each rank's RNG. Each is written under a temporary name and
 renamed into place once every rank has finished, so a crash never leaves a half-written one.
 `--resume` continues from one exactly: on the CPU, 10 steps + resume + 10 steps give bit-for-bit
-the losses of 20 steps, and so does a run stopped by a signal and resumed."""
+the losses of 20 steps, and so does a run stopped by a signal and resumed.
+
+Once training has started, an error writes a checkpoint of the last completed step before the
+error line (which says where it is); a full disk is said as such, with the space a checkpoint
+needs. The output directory is locked for the run and released at its end, errors included."""
 
 from __future__ import annotations
 
@@ -23,7 +28,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from fastseq.files import atomic_write, publish_directory
+from fastseq.checkpoint import CheckpointError
+from fastseq.files import atomic_write, directory_size, is_disk_full, publish_directory
 from fastseq.metrics import compute
 from fastseq.tokenizers import Tokenizer
 
@@ -31,19 +37,26 @@ from .args import TrainArgs
 from .data import Data, build_data
 from .engine import Engine, LocalEngine, NonFiniteError, model_config, run_device, run_tokenizer
 from .state import (
+    STATE_FILE,
+    ResumeError,
     args_record,
+    check_engine,
     check_identity,
+    check_rates,
+    engine_record,
     find_checkpoint,
+    instead,
     load_rng,
     prepare_output_dir,
     read_state,
+    rng_states,
     run_identity,
     save_rng,
     write_state,
 )
 
 log = logging.getLogger("fastseq.train")
-_SIGNALS = {signal.SIGINT: "SIGINT", signal.SIGTERM: "SIGTERM"}
+_SIGNALS = {signal.SIGINT: "SIGINT", signal.SIGTERM: "SIGTERM", signal.SIGHUP: "SIGHUP"}
 
 
 _SHOWN_CHARS = 200  # the summary line shows held-out sources and outputs up to this length
@@ -161,12 +174,33 @@ def make_engine(args: TrainArgs, config) -> Engine:
     return LocalEngine(args, run_device(args))
 
 
+class Interrupted(KeyboardInterrupt):
+    """A signal that ends the run at once: during start-up (nothing to save yet), or a second
+    SIGINT (Ctrl-C pressed again) that will not wait for a checkpoint."""
+
+    def __init__(self, number: int):
+        super().__init__(_SIGNALS[number])
+        self.number = number
+
+
+class DiskFull(ValueError):
+    """The disk (or the quota, or the file-size limit) is full: a user's problem, said in one line."""
+
+
+class _StopEvaluation(Exception):
+    """A signal arrived during an evaluation: it is dropped, and the run ends with a checkpoint."""
+
+
 class _Signals:
-    """SIGINT and SIGTERM (a scheduler's notice before preemption) end the run after the current
-    step, with a checkpoint. The handlers are this run's only while it runs."""
+    """SIGINT, SIGTERM (a scheduler's notice before preemption) and SIGHUP (a closed terminal or
+    SSH session) end the run after the current step, with a checkpoint (an evaluation stops at its
+    next batch). Before training starts there is nothing to save: a signal ends the run at once
+    (`Interrupted`), and so does a second SIGINT. The handlers are this run's only while it runs."""
 
     def __init__(self):
         self.received: int | None = None
+        self.training = False  # whether a signal waits for the step to end
+        self.sigints = 0
         self._previous = {}
 
     def __enter__(self):
@@ -175,11 +209,33 @@ class _Signals:
         return self
 
     def _handle(self, number, frame) -> None:
-        self.received = number
+        # Only a second SIGINT forces the exit: under the `deepspeed` launcher one Ctrl-C reaches a
+        # rank as SIGINT from the terminal and SIGTERM from the launcher.
+        self.sigints += number == signal.SIGINT
+        if not self.training or self.sigints > 1:
+            raise Interrupted(number)
+        if self.received is None:
+            self.received = number
 
     def __exit__(self, *exc):
         for number, handler in self._previous.items():
             signal.signal(number, handler)
+
+
+class _StoppableCollator:
+    """The held-out collator, asking before each evaluation batch whether a signal ends the run
+    (every rank evaluates the same batches, so the ranks agree on it in one small collective)."""
+
+    def __init__(self, collator, signals: _Signals, engine: Engine):
+        self.collator, self.signals, self.engine = collator, signals, engine
+
+    def __call__(self, examples):
+        if self.engine.sum_over_ranks([float(self.signals.received is not None)])[0]:
+            raise _StopEvaluation
+        return self.collator(examples)
+
+    def __getattr__(self, name):
+        return getattr(self.collator, name)
 
 
 class _Metrics:
@@ -249,6 +305,13 @@ class _Run:
         self.args, self.engine, self.tokenizer, self.data, self.identity, self.out = (
             args, engine, tokenizer, data, identity, out)  # fmt: skip
         self.last_checkpoint: Path | None = None
+        # The last completed step (its optimizer step applied): its number, and the data position and
+        # RNG states right after it, which a checkpoint of it needs once the run has gone further.
+        self.completed: tuple[int, dict, dict] | None = None
+        self.pending: dict | None = None  # the completed step's record, until metrics.jsonl has it
+        # What the run does now: an error while reading data ("data") or evaluating ("evaluate")
+        # is met by every rank alike, so all of them can still write a checkpoint together.
+        self.phase = "start"
         self.metrics: _Metrics | None = None
         self.evaluating = bool(data.held_out) and engine.model is not None
         self.losses: list[tuple[int, float]] = []  # (step, loss)
@@ -259,42 +322,130 @@ class _Run:
         self.window, self.window_tokens = time.perf_counter(), 0.0  # tokens/s since the last logged step
 
     def resume(self) -> int:
+        """Load the checkpoint `--resume` names, after checking that this run may continue it (its
+        identity, engine, ranks and optimizer); returns its step."""
         path = find_checkpoint(self.args)
         state = read_state(path)
-        check_identity(path, state.get("run"), self.identity)
-        if state.get("world_size", 1) != self.engine.world:
-            log.warning("resuming a %s-rank checkpoint on %s ranks", state.get("world_size"), self.engine.world)
-        self.engine.load(path, state["engine"])
-        self.data.load_state_dict(state["data"])
+        check_identity(path, state["run"], self.identity)
+        check_engine(path, state, self.engine.kind, self.engine.world, self.args)
+        rates = check_rates(path, state, self.args)
+        try:
+            self.engine.load(path, state["engine"])
+        except (ResumeError, OSError):
+            raise
+        except CheckpointError as err:  # its advice is for a downloaded model: here it is the checkpoint before
+            cause = str(err).removesuffix(": re-download or re-save it")
+            raise ResumeError(f"--resume: {cause}; {instead(path)}") from err
+        except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as err:
+            raise ResumeError(f"--resume: {path} does not load ({type(err).__name__}: {err}); the checkpoint was "
+                              f"edited or damaged: {instead(path)}") from err  # fmt: skip
+        try:
+            self.data.load_state_dict(state["data"])
+        except (KeyError, TypeError, ValueError, IndexError) as err:
+            raise ResumeError(f"--resume: {path / STATE_FILE}: data holds no data position this run can restore "
+                              f"({type(err).__name__}: {err}); {instead(path)}") from err  # fmt: skip
         load_rng(path, self.engine.rank)
+        if rates is not None:
+            self.engine.set_rates(*rates)
         self.last_checkpoint = path
-        return int(state["step"])
+        return state["step"]
 
-    def checkpoint(self, step: int) -> Path:
+    def checkpoint(self, step: int, completed: tuple[int, dict, dict] | None = None) -> Path:
+        """`OUTPUT/checkpoint-STEP`, written under a temporary name (removed again if writing fails)
+        and renamed into place once every rank is done. `completed`: the step's data position and RNG
+        states, when the run has moved past the step (an error in the next one)."""
         engine, first = self.engine, self.engine.rank == 0
         final, tmp = self.out / f"checkpoint-{step}", self.out / f".checkpoint-{step}.tmp"
-        if first and tmp.exists():
-            shutil.rmtree(tmp)
-        engine.barrier()
-        if first:
-            tmp.mkdir()
-        engine.barrier()
-        meta = engine.save(tmp)
-        save_rng(tmp, engine.rank)
-        engine.barrier()
-        if first:
-            self.tokenizer.save_pretrained(tmp)
-            write_state(tmp, {"step": step, "run": self.identity, "data": self.data.state_dict(), "engine": meta,
-                              "world_size": engine.world, "args": args_record(self.args)})  # fmt: skip
-            publish_directory(tmp, final)
-        engine.barrier()
+        data_state, rng = (completed[1], completed[2]) if completed else (self.data.state_dict(), None)
+        self.phase = "checkpoint"
+        try:
+            if first and tmp.exists():
+                shutil.rmtree(tmp)
+            engine.barrier()
+            if first:
+                tmp.mkdir()
+            engine.barrier()
+            meta = engine.save(tmp)
+            save_rng(tmp, engine.rank, rng)
+            engine.barrier()
+            if first:
+                self.tokenizer.save_pretrained(tmp)
+                write_state(tmp, {"step": step, "run": self.identity, "data": data_state, "engine": meta,
+                                  "world_size": engine.world, "engine_kind": engine.kind,
+                                  "optimizer": engine_record(self.args), "args": args_record(self.args)})  # fmt: skip
+                publish_directory(tmp, final)
+            engine.barrier()
+        except BaseException as err:
+            if first:  # never a half-written checkpoint left behind, even under its temporary name
+                shutil.rmtree(tmp, ignore_errors=True)
+            if isinstance(err, Exception) and is_disk_full(err):
+                raise self.disk_full(err, final) from err
+            raise
         self.last_checkpoint = final
         return final
+
+    def disk_full(self, err: Exception, writing: Path) -> DiskFull:
+        """The error line for a full disk (or quota, or file-size limit) while writing `writing`: the
+        directory, the space a checkpoint needs (the last one's size, or the model's weights and two
+        optimizer moments in fp32) and the space free there."""
+        if self.last_checkpoint is not None and self.last_checkpoint.is_dir():
+            needed = directory_size(self.last_checkpoint)
+        else:
+            params = self.engine.model.parameters() if self.engine.model is not None else []
+            needed = 3 * 4 * sum(getattr(p, "ds_numel", p.numel()) for p in params)
+        free = shutil.disk_usage(self.out).free
+        limit = "a file of it is larger than the file-size limit (ulimit -f)" if "too large" in str(err).lower() else (
+            f"{free / 2**20:.1f} MiB is free there")  # fmt: skip
+        return DiskFull(
+            f"no space left to write {writing} ({_reason(err)}): a checkpoint needs about {needed / 2**20:.1f} MiB "
+            f"and {limit}; {_kept(self.last_checkpoint)}. Free space in {self.out} (or choose another "
+            "--output-dir), then continue with --resume"
+        )
+
+    def save_completed(self) -> Path | None:
+        """After an error or a signal mid-step: the checkpoint of the last completed step (the one
+        already written if it is that step's), with its record in metrics.jsonl; None when no step
+        was completed in this run."""
+        if self.pending is not None:
+            self.metrics.write(self.pending)
+            self.pending = None
+        if self.completed is None:
+            return None
+        step = self.completed[0]
+        if self.last_checkpoint is not None and self.last_checkpoint.name == f"checkpoint-{step}":
+            return self.last_checkpoint
+        return self.checkpoint(step, self.completed)
+
+    def failed(self, err: Exception) -> None:
+        """An error once training has started: the last completed step is saved where every rank met
+        the error alike (all do in one process), and a note on the error says where it is."""
+        if isinstance(err, NonFiniteError):
+            return  # its line names the last checkpoint: nothing of the bad step, or after it, is kept
+        phase, kept = self.phase, _kept(self.last_checkpoint)
+        if phase == "checkpoint" or (self.engine.world > 1 and phase not in ("data", "evaluate")):
+            err.add_note(f"nothing more was saved ({kept})")
+            return
+        try:
+            path = self.save_completed()
+        except Exception as again:  # the first error is the one to report
+            err.add_note(f"saving step {self.completed[0]} failed too ({_reason(again)}); {kept}")
+            return
+        if path is None:
+            err.add_note(f"no step was completed ({kept})")
+            return
+        note = (f"the run's state after step {self.completed[0]} is saved in {path}: fix the cause, then continue "
+                "with the same command and --resume")  # fmt: skip
+        if phase == "data":  # a fixed file is other data, which the checkpoint refuses
+            note += f" (if the fix changes the data file, start a new run from it with --model {path})"
+        err.add_note(note)
 
     def step(self, done: int, signals: _Signals) -> tuple[dict, bool]:
         """Step `done` (1-based): its record in metrics.jsonl, and whether a signal ends the run."""
         args, engine, data = self.args, self.engine, self.data
+        self.phase = "data"
         micro = [data.micro_batch(engine.data_parallel, engine.data_rank) for _ in range(args.grad_accum)]
+        position = data.state_dict()
+        self.phase = "compute"
         loss = engine.forward_backward([batch for batch, _ in micro])
         # The step's only synchronisation: the loss, the tokens and any signal, summed over the ranks.
         signalled = float(signals.received is not None)
@@ -311,6 +462,7 @@ class _Run:
                 f"step {done}: {err}, so the run stopped before saving anything of it ({where}); lower --lr, "
                 "then start again or --resume"
             ) from None
+        self.completed, self.phase = (done, position, rng_states()), "evaluate"
         record = {"step": done, "loss": mean_loss, "lr": engine.learning_rate()}
         if grad_norm is not None:
             record["grad_norm"] = grad_norm
@@ -322,9 +474,12 @@ class _Run:
             if engine.device.type == "cuda":
                 record["peak_gib"] = torch.cuda.max_memory_allocated(engine.device) / 2**30
         self.losses.append((done, mean_loss))
+        self.pending = record
         if self.evaluating and args.eval_every and done % args.eval_every == 0 and done != args.steps:
             record.update(self.evaluate(done))
+        self.phase = "log"
         self.metrics.write(record)
+        self.pending = None
         if stop and done != args.steps:
             return record, True
         if args.save_every and done % args.save_every == 0 and done != args.steps:
@@ -406,14 +561,34 @@ class _Run:
                 log.info("removed %s (--save-total-limit %d)", removed, args.save_total_limit)
 
 
+def _kept(last: Path | None) -> str:
+    return f"the last checkpoint, {last}, is intact" if last else "no checkpoint was written"
+
+
+def _reason(err: BaseException) -> str:
+    """An error in a few words, for a note on another one."""
+    if isinstance(err, OSError) and err.strerror:
+        return err.strerror
+    return " ".join(str(err).split())[:200] or type(err).__name__
+
+
 def train(args: TrainArgs) -> dict:
     """Run `fastseq train`; returns the summary (final loss, losses, seconds, held-out scores,
-    and `interrupted`: the name of the signal that stopped the run, or None)."""
+    and `interrupted`: the name of the signal that stopped the run, or None). The output directory
+    is locked (on the first rank) from before anything is written there to the end of the run."""
     args.validate()
-    config = model_config(args)
-    tokenizer = run_tokenizer(args, config)
-    engine = make_engine(args, config)
-    out = engine.on_first_rank(prepare_output_dir, args)
+    with _Signals() as signals:
+        config = model_config(args)
+        tokenizer = run_tokenizer(args, config)
+        engine = make_engine(args, config)
+        out, lock = engine.on_first_rank(prepare_output_dir, args)
+        try:
+            return _train(args, config, tokenizer, engine, out, signals)
+        finally:
+            lock.release()
+
+
+def _train(args: TrainArgs, config, tokenizer: Tokenizer, engine: Engine, out: Path, signals: _Signals) -> dict:
     data = build_data(args, tokenizer)
     identity = run_identity(args, config, tokenizer)
     torch.manual_seed(args.seed)
@@ -425,10 +600,13 @@ def train(args: TrainArgs) -> dict:
     run.metrics = _Metrics(out, args, data, start, engine.rank == 0)
     if data.held_out and engine.model is None:
         log.warning("%s cannot evaluate held-out examples; evaluate the trained model directory instead", engine.name)
+    if run.evaluating:
+        data.eval_collator = _StoppableCollator(data.eval_collator, signals, engine)
     progress = tqdm(range(start, args.steps), desc="train", unit="step", disable=args.quiet or engine.rank != 0,
                     file=sys.stderr)  # fmt: skip
     started = time.perf_counter()
-    with _Signals() as signals:
+    signals.training = True
+    try:
         for step in progress:
             record, stop = run.step(step + 1, signals)
             progress.set_postfix(loss=f"{record['loss']:.4f}")
@@ -437,8 +615,25 @@ def train(args: TrainArgs) -> dict:
                 path = run.checkpoint(step + 1)
                 break
         else:
-            stopped_by = None
+            run.phase = "evaluate"
             path = run.finish()
+            stopped_by = None
+            if signals.received is not None:
+                log.warning("%s arrived as the run was finishing; it finished", _SIGNALS[signals.received])
+    except _StopEvaluation:
+        stopped_by = signals.received or signal.SIGTERM
+        path = run.save_completed()
+    except Interrupted as err:
+        err.add_note(f"stopped at once, without a checkpoint; {_kept(run.last_checkpoint)}")
+        raise
+    except DiskFull:
+        raise
+    except Exception as err:
+        if is_disk_full(err):
+            raise run.disk_full(err, out) from err
+        run.failed(err)
+        raise
+    finally:
         progress.close()
     summary = run.summary(start, time.perf_counter() - started, path, stopped_by)
     engine.close()

@@ -1,15 +1,18 @@
 """What a run writes besides the model: its output directory, the identity of the run, and the
 trainer state of a checkpoint (`trainer_state.json`, one `rng-RANK.safetensors` per rank).
 
-A checkpoint records the run it belongs to (model config, tokenizer, data and task); `--resume`
-refuses another run's. A fresh run refuses an output directory that already holds files unless
-`--overwrite` is given, and then removes only what a run writes there."""
+A checkpoint records the run it belongs to (model config, tokenizer, data and task) and how it was
+run (engine, ranks, optimizer); `--resume` refuses another run's, and a checkpoint whose state does
+not check out, naming the file and the checkpoint to resume from instead. A fresh run refuses an
+output directory that already holds files unless `--overwrite` is given, and then removes only what
+a run writes there. The output directory is locked while a run uses it (`fastseq.files.DirectoryLock`)."""
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
 import json
+import logging
 import math
 import re
 import shutil
@@ -19,7 +22,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from fastseq.files import SAFE_INDEX, SAFE_WEIGHTS, SHARD_RE
+from fastseq.files import LOCK_FILE, SAFE_INDEX, SAFE_WEIGHTS, SHARD_RE, DirectoryLock, fingerprint
 from fastseq.tokenizers import Tokenizer
 
 from .args import TrainArgs
@@ -30,6 +33,7 @@ FORMAT = 2
 _RUN_FILES = {"metrics.jsonl", "loss.png", "config.json", SAFE_WEIGHTS, SAFE_INDEX, "spiece.model", "vocab.json",
               "merges.txt", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
               "generated_predictions.txt", "runs"}  # fmt: skip
+log = logging.getLogger("fastseq.train")
 _CHECKPOINT = re.compile(r"\.?checkpoint-\d+(\.tmp|\.old)?")
 _PREDICTIONS = re.compile(r"eval_predictions-\d+\.jsonl")
 
@@ -49,8 +53,9 @@ def _run_files(out: Path) -> list[Path]:
     ]
 
 
-def prepare_output_dir(args: TrainArgs) -> Path:
-    """Create the output directory (rank 0) and check that this run may write there."""
+def prepare_output_dir(args: TrainArgs) -> tuple[Path, DirectoryLock]:
+    """Create the output directory (rank 0), lock it for this run, and check that this run may write
+    there; returns it and its lock (released by the caller when the run ends)."""
     out = Path(args.output_dir)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--output-dir {out} is a file; pass a directory")
@@ -62,9 +67,19 @@ def prepare_output_dir(args: TrainArgs) -> Path:
         raise ValueError(
             f"--output-dir {out} is not writable ({err.strerror}); choose a directory you can write"
         ) from err
+    lock = DirectoryLock.acquire(out)
+    try:
+        _check_output_dir(args, out)
+    except BaseException:
+        lock.release()
+        raise
+    return out, lock
+
+
+def _check_output_dir(args: TrainArgs, out: Path) -> None:
     if args.continues_in_output_dir:
-        return out
-    entries = sorted(p.name for p in out.iterdir())
+        return
+    entries = sorted(p.name for p in out.iterdir() if p.name != LOCK_FILE)
     if entries and not args.overwrite:
         shown = ", ".join(entries[:5]) + (" ..." if len(entries) > 5 else "")
         raise ValueError(
@@ -73,23 +88,9 @@ def prepare_output_dir(args: TrainArgs) -> Path:
         )
     for path in _run_files(out):
         shutil.rmtree(path) if path.is_dir() else path.unlink()
-    return out
 
 
 # ---- the identity of a run ---------------------------------------------------------------------
-
-
-def _file_fingerprint(path: str) -> str:
-    """Size and SHA-256 of the first and last MiB: cheap for a corpus of any size, and it does not
-    depend on where the file is."""
-    file = Path(path)
-    size = file.stat().st_size
-    digest = hashlib.sha256(str(size).encode())
-    with file.open("rb") as f:
-        digest.update(f.read(2**20))
-        f.seek(max(size - 2**20, 0))
-        digest.update(f.read(2**20))
-    return digest.hexdigest()[:16]
 
 
 def _tokenizer_fingerprint(tokenizer: Tokenizer) -> str:
@@ -104,7 +105,7 @@ def _tokenizer_fingerprint(tokenizer: Tokenizer) -> str:
 def run_identity(args: TrainArgs, model_config, tokenizer: Tokenizer) -> dict:
     """What makes a checkpoint this run's: the model, the tokenizer, the data and how it is read."""
     data = {
-        "train": "synthetic" if args.data is None else _file_fingerprint(args.data),
+        "train": "synthetic" if args.data is None else "sha256:" + fingerprint(args.data),
         "task": args.task,
         "fields": [args.source_field, args.target_field],
         "seed": args.seed,
@@ -140,20 +141,53 @@ def check_identity(path: Path, recorded: dict | None, identity: dict) -> None:
 # ---- checkpoints -------------------------------------------------------------------------------
 
 
-def latest_checkpoint(output_dir: Path) -> Path | None:
+def _checkpoints(output_dir: Path) -> list[tuple[int, Path]]:
+    """The `checkpoint-STEP` directories of `output_dir`, oldest first."""
     found = []
     for p in Path(output_dir).glob("checkpoint-*"):
         match = re.fullmatch(r"checkpoint-(\d+)", p.name)
-        if match and (p / STATE_FILE).is_file():
+        if match and p.is_dir():
             found.append((int(match[1]), p))
-    return max(found)[1] if found else None
+    return sorted(found)
+
+
+def latest_checkpoint(output_dir: Path) -> Path | None:
+    found = [p for _, p in _checkpoints(output_dir) if (p / STATE_FILE).is_file()]
+    return found[-1] if found else None
+
+
+def earlier_checkpoint(path: Path) -> Path | None:
+    """The newest checkpoint beside `path` from an earlier step, with its trainer state."""
+    match = re.fullmatch(r"checkpoint-(\d+)", path.name)
+    step = int(match[1]) if match else None
+    found = [p for s, p in _checkpoints(path.parent) if (step is None or s < step) and (p / STATE_FILE).is_file()]
+    return found[-1] if found else None
+
+
+def instead(path: Path) -> str:
+    """What to resume from when checkpoint `path` cannot be resumed."""
+    earlier = earlier_checkpoint(path)
+    if earlier is None:
+        return "no earlier checkpoint is left beside it: start a fresh run"
+    return f"resume from the checkpoint before it: --resume {earlier}"
 
 
 def find_checkpoint(args: TrainArgs) -> Path:
     out = Path(args.output_dir)
-    path = latest_checkpoint(out) if args.resume == "latest" else Path(args.resume)
-    if path is None:
-        raise FileNotFoundError(f"--resume: no checkpoint to resume from in {out}; run without --resume to start")
+    if args.resume != "latest":
+        path = Path(args.resume)
+    else:
+        found = _checkpoints(out)
+        if not found:
+            raise FileNotFoundError(f"--resume: no checkpoint to resume from in {out}; run without --resume to start")
+        path = found[-1][1]
+        if not (path / STATE_FILE).is_file():  # not skipped: the run would go on from an older one, then replace it
+            older = latest_checkpoint(out)
+            hint = f"resume from {older.name} with --resume {older}" if older else "start a fresh run elsewhere"
+            raise ResumeError(
+                f"--resume: {path}, the latest checkpoint in {out}, has no {STATE_FILE} (it is incomplete or not "
+                f"written by `fastseq train`); move it out of {out}, or {hint}"
+            )
     if not (path / STATE_FILE).is_file():
         raise FileNotFoundError(f"--resume: {path} has no {STATE_FILE}, so it is not a checkpoint of `fastseq train`")
     return path
@@ -163,38 +197,145 @@ def write_state(directory: Path, state: dict) -> None:
     (directory / STATE_FILE).write_text(json.dumps({"format": FORMAT, **state}, indent=1, allow_nan=False) + "\n")
 
 
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_rate(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
+
+
+# What each field of trainer_state.json must be: (check, what it must be). Optional fields are
+# those older checkpoints of the same format do not have.
+_FIELDS = {
+    "step": (lambda v: _is_int(v) and v >= 0, "a whole number >= 0"),
+    "run": (lambda v: isinstance(v, dict), "an object (the run's identity)"),
+    "data": (lambda v: isinstance(v, dict), "an object (the data position)"),
+    "engine": (lambda v: isinstance(v, dict), "an object (the engine's state)"),
+    "world_size": (lambda v: _is_int(v) and v >= 1, "a whole number >= 1"),
+}
+_OPTIONAL = {
+    "args": (lambda v: isinstance(v, dict), "an object (the run's options)"),
+    "engine_kind": (lambda v: isinstance(v, str), "a string"),
+    "optimizer": (
+        lambda v: isinstance(v, dict) and isinstance(v.get("name"), str) and (v.get("lr") is None or _is_rate(v["lr"]))
+        and _is_rate(v.get("weight_decay")),
+        'an object {"name": ..., "lr": a rate >= 0 or null, "weight_decay": a rate >= 0}',
+    ),
+}  # fmt: skip
+
+
 def read_state(path: Path) -> dict:
+    """`path/trainer_state.json`, every field checked (types and ranges); an error names the file,
+    the field and the checkpoint to resume from instead."""
+    file = path / STATE_FILE
     try:
-        state = json.loads((path / STATE_FILE).read_text())
-        if not isinstance(state, dict) or "step" not in state:
-            raise ValueError("no step recorded")
-    except (ValueError, UnicodeDecodeError) as err:
-        raise ResumeError(
-            f"--resume: {path / STATE_FILE} is truncated or corrupted ({err}); resume from an earlier checkpoint "
-            "(--resume OUTPUT/checkpoint-STEP)"
-        ) from err
+        state = json.loads(file.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError, RecursionError) as err:  # RecursionError: nested beyond reason
+        raise ResumeError(f"--resume: {file} is truncated or corrupted ({err}); {instead(path)}") from err
+    if not isinstance(state, dict):
+        raise ResumeError(f"--resume: {file} holds a JSON {type(state).__name__}, not an object; {instead(path)}")
     if state.get("format") != FORMAT:
         raise ResumeError(f"--resume: {path} was written in another checkpoint format; start a fresh run")
+    for name, (check, meaning) in {**_FIELDS, **_OPTIONAL}.items():
+        if name not in state and name in _OPTIONAL:
+            continue
+        if name not in state or not check(state[name]):
+            found = "missing" if name not in state else f"{state[name]!r}"[:60]
+            raise ResumeError(f"--resume: {file}: {name} is {found}, not {meaning}; the file was edited or damaged: "
+                              f"{instead(path)}")  # fmt: skip
+    match = re.fullmatch(r"checkpoint-(\d+)", path.name)
+    if match and int(match[1]) != state["step"]:
+        raise ResumeError(f"--resume: {file} records step {state['step']} in {path.name}; the file was edited or "
+                          f"moved: {instead(path)}")  # fmt: skip
     return state
+
+
+def engine_record(args: TrainArgs) -> dict:
+    """The optimizer settings a checkpoint records, to check them on resume."""
+    return {"name": args.optimizer, "lr": args.learning_rate(), "weight_decay": args.weight_decay}
+
+
+def check_engine(path: Path, state: dict, kind: str, world: int, args: TrainArgs) -> None:
+    """Refuse a checkpoint written by another engine or another number of ranks (its files and the
+    data position depend on both)."""
+    recorded_world, recorded_kind = state["world_size"], state.get("engine_kind")
+    if recorded_kind is None:  # older checkpoints: one process keeps its optimizer's state in trainer_state.json
+        recorded_kind = "one process" if state["engine"] else "DeepSpeed"
+    same_kind = recorded_kind == kind or (recorded_kind == "DeepSpeed" and kind.startswith("DeepSpeed"))
+    if same_kind and recorded_world == world:
+        return
+    theirs = f"{recorded_kind} on {recorded_world} rank{'s' * (recorded_world != 1)}"
+    ours = f"{kind} on {world} rank{'s' * (world != 1)}"
+    config = (state.get("args") or {}).get("deepspeed")
+    if recorded_kind.startswith("DeepSpeed") and not args.deepspeed:
+        how = (f"resume it under the `deepspeed` launcher (--num_gpus {recorded_world}) with --deepspeed "
+               f"{config or 'and the config it was written with'}")  # fmt: skip
+    elif recorded_kind == "one process":
+        how = "resume it without --deepspeed in one process"
+    else:
+        how = f"resume it with {recorded_world} ranks and --deepspeed {config or 'and the config it was written with'}"
+    raise ResumeError(f"--resume: {path} was written by {theirs}, and this run is {ours}; {how}, or convert its "
+                      "model and start a fresh run from it")  # fmt: skip
+
+
+def check_rates(path: Path, state: dict, args: TrainArgs) -> tuple[float | None, float] | None:
+    """The checkpoint's optimizer against this run's options: another optimizer (or Adafactor's
+    relative step against a fixed rate) is refused, since its state means something else; another
+    --lr or --weight-decay is what this run asks for (after a diverging run, a lower --lr is the
+    fix): returned, with a line, for the engine to apply. None when nothing changes."""
+    recorded = state.get("optimizer")
+    if recorded is None:  # older checkpoints: from the options they recorded
+        options = state.get("args") or {}
+        recorded = {"name": options.get("optimizer", args.optimizer), "lr": options.get("lr", args.lr),
+                    "weight_decay": options.get("weight_decay", args.weight_decay)}  # fmt: skip
+    ours = engine_record(args)
+    if recorded["name"] != ours["name"]:
+        raise ResumeError(
+            f"--resume: {path} was trained with --optimizer {recorded['name']} and this run asks for "
+            f"--optimizer {ours['name']}; an optimizer's state does not carry over to another: resume with "
+            f"--optimizer {recorded['name']}, or start a fresh run from its model"
+        )
+    if (recorded["lr"] is None) != (ours["lr"] is None):
+        theirs = "its relative step size (no --lr)" if recorded["lr"] is None else f"a fixed --lr {recorded['lr']}"
+        asked = "its relative step size (no --lr)" if ours["lr"] is None else f"a fixed --lr {ours['lr']}"
+        keep = "without --lr" if recorded["lr"] is None else f"with --lr {recorded['lr']}"
+        raise ResumeError(f"--resume: {path}'s Adafactor steps with {theirs} and this run asks for {asked}; resume "
+                          f"{keep}, or start a fresh run from its model")  # fmt: skip
+    if (recorded["lr"], recorded["weight_decay"]) == (ours["lr"], ours["weight_decay"]):
+        return None
+    for flag, old, new in (("--lr", recorded["lr"], ours["lr"]), ("--weight-decay", recorded["weight_decay"],
+                                                                   ours["weight_decay"])):  # fmt: skip
+        if old != new:
+            log.warning("--resume: %s %s replaces the checkpoint's %s from step %d on", flag, new, old,
+                        state["step"] + 1)  # fmt: skip
+    return ours["lr"], ours["weight_decay"]
 
 
 def args_record(args: TrainArgs) -> dict:
     return {k: v for k, v in dataclasses.asdict(args).items() if not (isinstance(v, float) and not math.isfinite(v))}
 
 
-def save_rng(directory: Path, rank: int) -> None:
+def rng_states() -> dict[str, torch.Tensor]:
+    """This process's RNG states (CPU, and every CUDA device's)."""
     tensors = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         tensors.update({f"cuda/{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
-    save_file(tensors, str(directory / f"rng-{rank}.safetensors"))
+    return tensors
+
+
+def save_rng(directory: Path, rank: int, states: dict[str, torch.Tensor] | None = None) -> None:
+    """`rng-RANK.safetensors`: `states` (default: the RNG states now)."""
+    save_file(states if states is not None else rng_states(), str(directory / f"rng-{rank}.safetensors"))
 
 
 def load_rng(directory: Path, rank: int) -> None:
     file = directory / f"rng-{rank}.safetensors"
     if not file.is_file():
-        raise ResumeError(f"--resume: {file} is missing: the checkpoint was written by fewer ranks; resume with "
-                          "as many ranks as wrote it")  # fmt: skip
+        raise ResumeError(f"--resume: {file} is missing: the checkpoint is incomplete; {instead(directory)}")
     tensors = read_tensors(file)
+    if not isinstance(tensors.get("torch"), torch.Tensor) or tensors["torch"].dtype != torch.uint8:
+        raise ResumeError(f"--resume: {file} holds no RNG state; {instead(directory)}")
     torch.set_rng_state(tensors["torch"])
     cuda = [tensors[k] for k in sorted(k for k in tensors if k.startswith("cuda/"))]
     if cuda and torch.cuda.is_available():
@@ -202,13 +343,13 @@ def load_rng(directory: Path, rank: int) -> None:
 
 
 def read_tensors(file: Path) -> dict[str, torch.Tensor]:
-    """A safetensors file of a checkpoint, with an error that says what to do when it is damaged."""
+    """A safetensors file of a checkpoint, with an error that says what to do when it is missing or
+    damaged (and which checkpoint to resume from instead)."""
+    if not file.is_file():
+        raise ResumeError(f"--resume: {file} is missing: the checkpoint is incomplete; {instead(file.parent)}")
     try:
         return load_file(str(file))
     except OSError as err:
         raise ResumeError(f"--resume: {file} cannot be read ({err.strerror}); check its permissions") from err
     except Exception as err:  # safetensors has its own error types
-        raise ResumeError(
-            f"--resume: {file} is truncated or corrupted ({err}); resume from an earlier checkpoint "
-            "(--resume OUTPUT/checkpoint-STEP)"
-        ) from err
+        raise ResumeError(f"--resume: {file} is truncated or corrupted ({err}); {instead(file.parent)}") from err
