@@ -250,7 +250,8 @@ class _Run:
         last_step, loss = self.losses[-1]
         interrupted = _SIGNALS[stopped_by] if stopped_by is not None else None
         if self.engine.rank == 0:
-            line = f"fastseq train ({self.engine.name}): steps {start}-{last_step} in {elapsed:.1f}s"
+            weights = "" if self.args.pretrained else ", random weights"
+            line = f"fastseq train ({self.engine.name}{weights}): steps {start}-{last_step} in {elapsed:.1f}s"
             line += f", final loss {loss:.4f}"
             if "exact_match" in self.final:
                 line += f", held-out exact match {self.final['exact_match']:.1%} ({len(self.data.held_out)} examples)"
