@@ -50,7 +50,7 @@ def model_directory(name: str | os.PathLike) -> Path:
         return path
     text = str(name)
     if not is_repo_id(text):
-        raise HubModelNotFound(f"{text} is not a directory (nor a Hugging Face Hub id)")
+        raise HubModelNotFound(f"{text} is neither a directory nor a Hugging Face Hub id (ORG/NAME)")
     return _snapshot(text)
 
 
@@ -65,24 +65,23 @@ def _snapshot(repo_id: str) -> Path:
         RevisionNotFoundError,
     )
 
-    where = "offline (HF_HUB_OFFLINE=1)" if offline() else "online"
     try:
         folder = Path(snapshot_download(repo_id, allow_patterns=_MODEL_FILES))
         if not any(folder.glob("*.safetensors")) and not offline():
             folder = Path(snapshot_download(repo_id, allow_patterns=_LEGACY_WEIGHTS))
     except IncompleteSnapshotError as err:
         raise HubModelNotFound(
-            f"{repo_id}: its copy in the Hugging Face cache ({cache_dir()}) is incomplete; download it again "
-            "online (unset HF_HUB_OFFLINE)"
+            f"{repo_id}: its copy in the Hugging Face cache ({cache_dir()}) is incomplete; download it again online"
         ) from err
     except LocalEntryNotFoundError as err:
+        why = "offline: HF_HUB_OFFLINE=1" if offline() else "and the hub could not be reached"
         raise HubModelNotFound(
-            f"{repo_id} is not a directory, and the Hugging Face cache ({cache_dir()}) does not hold it ({where})"
+            f"{repo_id} is neither a directory nor a model in the Hugging Face cache ({cache_dir()}, {why})"
         ) from err
     except (RepositoryNotFoundError, GatedRepoError, RevisionNotFoundError) as err:
         raise HubModelNotFound(
-            f"{repo_id} is not a directory, and the Hugging Face Hub has no model of that name that this machine "
-            f"may read ({type(err).__name__})"
+            f"{repo_id} is neither a directory nor a model of the Hugging Face Hub that this machine may read "
+            f"({type(err).__name__})"
         ) from err
     except HfHubHTTPError as err:
         raise HubModelNotFound(f"{repo_id} is not a directory, and the Hugging Face Hub failed ({err})") from err

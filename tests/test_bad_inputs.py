@@ -97,7 +97,8 @@ def _cases(tmp: Path) -> dict[str, tuple[list[str], tuple[str, ...]]]:
         "a file as output directory": (["--output-dir", str(a_file)], ("is a file; pass a directory",)),
         "YAML list": (["--config", str(bad_yaml), *out], ("expected a mapping of options",)),
         "YAML word for a count": (["--config", str(typo_yaml), *out], ("option steps", "'many' is not a int")),
-        "unknown model": (["--model", "t5-smol", *out], ("neither a directory nor a preset",)),
+        "unknown model": (["--model", "t5-smol", *out], ("neither a directory nor a model in the Hugging Face cache",
+                                                         "--random-init")),  # fmt: skip
         "config.json that is a list": (["--model", str(listed), *out], ("holds a JSON list", "re-save")),
         "missing tokenizer": (["--tokenizer", str(tmp / "none"), *out], ("--tokenizer", "is not a directory")),
         "no CUDA": (["--device", "cuda", *out], ("--device cuda", "no CUDA device", "--device cpu")),

@@ -137,10 +137,12 @@ def model_config(args: TrainArgs):
     try:
         args.model = str(model_directory(args.model))
     except HubModelNotFound as err:
-        hint = " (a preset: add --random-init to train it from random weights)" if args.model in presets.PRESETS else ""
+        preset = "name a preset with --random-init for random weights"
+        if args.model in presets.PRESETS:
+            preset = f"add --random-init to train preset {args.model} from random weights"
         raise ValueError(
-            f"--model {args.model}: {err}. Pass a model directory or a hub id this machine can download, or "
-            f"--random-init to train a preset from random weights{hint}"
+            f"--model {err}: pass a model directory or a hub id (downloaded when online; `hf download NAME` fills "
+            f"the cache), or {preset}"
         ) from None
     config, _ = read_model_config(args.model)
     if config.model_type not in FAMILIES:
