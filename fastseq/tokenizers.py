@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from .files import atomic_write
+from .hub import HubModelNotFound, model_directory
 
 _SENTINEL = re.compile(r"<extra_id_(\d+)>")
 
@@ -457,11 +458,17 @@ class BlenderbotSmallTokenizer(Tokenizer):
 
 
 def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
-    """The tokenizer of a Hugging Face model directory: `spiece.model` (T5, mT5), `vocab.json` +
-    `merges.txt` (BlenderbotSmall), or a `tokenizer_config.json` naming `ByT5Tokenizer`."""
+    """The tokenizer of a Hugging Face model directory (or hub id, through `huggingface_hub`'s cache):
+    `spiece.model` (T5, mT5), `vocab.json` + `merges.txt` (BlenderbotSmall), or a
+    `tokenizer_config.json` naming `ByT5Tokenizer`."""
     path = Path(path)
     if not path.is_dir():
-        raise FileNotFoundError(f"{path}: not a directory; pass a model directory holding the tokenizer files")
+        try:
+            path = model_directory(path)
+        except HubModelNotFound as err:
+            raise FileNotFoundError(
+                f"{path}: not a directory; pass a model directory holding the tokenizer files, or a hub id ({err})"
+            ) from None
     config = _tokenizer_config(path / "tokenizer_config.json")
     kwargs = {k: config[k] for k in ("padding_side", "model_max_length") if config.get(k) is not None}
     name = config.get("tokenizer_class") or ""
