@@ -365,3 +365,63 @@ def _tiny_model(path):
 
     config = T5Config(vocab_size=384, d_model=16, d_kv=4, d_ff=16, num_layers=1, num_heads=2, dropout_rate=0.0)
     T5ForConditionalGeneration(config).save_pretrained(path)
+
+
+# ---- a trained model directory is one transformers reads whole ----------------------------------------------
+
+
+def _tiny(family: str, vocab_size: int):
+    from fastseq.models import (
+        BlenderbotSmallConfig,
+        BlenderbotSmallForConditionalGeneration,
+        T5Config,
+        T5ForConditionalGeneration,
+    )
+
+    if family == "blenderbot-small":
+        config = BlenderbotSmallConfig(vocab_size=vocab_size, d_model=32, encoder_layers=1, decoder_layers=1,
+                                       encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=32,
+                                       decoder_ffn_dim=32, max_position_embeddings=128, dropout=0.0)  # fmt: skip
+        return BlenderbotSmallForConditionalGeneration(config)
+    config = T5Config(vocab_size=vocab_size, d_model=32, d_kv=8, d_ff=32, num_layers=1, num_heads=4, dropout_rate=0.0,
+                      feed_forward_proj="gated-gelu", tie_word_embeddings=False)  # fmt: skip
+    return T5ForConditionalGeneration(config)
+
+
+@pytest.mark.parametrize("family", ["t5", "byt5", "blenderbot-small"])
+def test_a_trained_directory_loads_in_transformers_auto_classes(tmp_path, spiece_dir, bpe_dir, family):
+    """`fastseq train` writes the final model and each checkpoint with generation_config.json and the
+    tokenizer files: AutoTokenizer and AutoModelForSeq2SeqLM read them and generate what fastseq generates
+    (transformers 5 has no text2text-generation or summarization pipeline; they were this, in one call)."""
+    import transformers
+
+    import fastseq
+    from fastseq.cli import main
+
+    source = {"t5": spiece_dir, "byt5": None, "blenderbot-small": bpe_dir}[family]
+    tokenizer = ByT5Tokenizer() if source is None else load_tokenizer(source)
+    start = tmp_path / "start"
+    _tiny("blenderbot-small" if family == "blenderbot-small" else "t5", len(tokenizer)).save_pretrained(start)
+    tokenizer.save_pretrained(start)
+    out = tmp_path / "out"
+    argv = ["train", "--model", str(start), "--steps", "2", "--batch-size", "4", "--eval-examples", "4", "--quiet",
+            "--optimizer", "adamw", "--lr", "1e-3", "--output-dir", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    texts = ["kato rimu sen", "Fé ü, la!"]
+    for directory in (out, out / "checkpoint-2"):
+        assert (directory / "generation_config.json").is_file()
+        theirs_tok = transformers.AutoTokenizer.from_pretrained(directory)
+        theirs = transformers.AutoModelForSeq2SeqLM.from_pretrained(directory).eval()
+        ours_tok, ours = load_tokenizer(directory), fastseq.from_pretrained(directory)
+        assert theirs.generation_config.decoder_start_token_id == ours.config.decoder_start_token_id
+        assert theirs.generation_config.eos_token_id == ours.config.eos_token_id
+        batch = theirs_tok(texts, padding=True, return_tensors="pt")
+        assert torch.equal(batch["input_ids"], ours_tok(texts)["input_ids"])
+        with torch.no_grad():
+            expected = theirs.generate(**batch, max_new_tokens=5, num_beams=1, do_sample=False)
+        got = ours.generate(batch["input_ids"], batch["attention_mask"], max_new_tokens=5)
+        width = min(expected.shape[1], got.shape[1])
+        assert torch.equal(got[:, :width], expected[:, :width])
+        assert ours_tok.batch_decode(got, skip_special_tokens=True) == theirs_tok.batch_decode(
+            got, skip_special_tokens=True
+        )
