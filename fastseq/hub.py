@@ -50,7 +50,7 @@ def model_directory(name: str | os.PathLike) -> Path:
         return path
     text = str(name)
     if not is_repo_id(text):
-        raise HubModelNotFound(f"{text} is neither a directory nor a Hugging Face Hub id (ORG/NAME)")
+        raise HubModelNotFound(f"{text} is not a directory, nor a Hugging Face Hub id (ORG/NAME)")
     return _snapshot(text)
 
 

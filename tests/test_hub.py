@@ -145,7 +145,7 @@ def test_names_that_are_not_there_are_one_line_with_both_options(hub, tmp_path, 
                              str(tmp_path / "hf_home" / "hub"), "HF_HUB_OFFLINE=1", "name a preset with --random-init"),
         "google/t5-v1_1-small": ("neither a directory nor a model in the Hugging Face cache",
                                  "add --random-init to train preset google/t5-v1_1-small"),
-        "no/such/path": ("neither a directory nor a Hugging Face Hub id",),
+        "no/such/path": ("is not a directory, nor a Hugging Face Hub id",),
     }  # fmt: skip
     for name, expected in cases.items():
         commands = [["train", "--model", name, "--output-dir", str(tmp_path / "out")]]
