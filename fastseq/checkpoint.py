@@ -265,9 +265,10 @@ def read_model_config(path: str | os.PathLike, architecture: str | None = None):
 
 def _model_class(data: dict, config_file: Path, architecture: str | None):
     model_type = data.get("model_type")
-    if model_type not in FAMILIES:
+    if not isinstance(model_type, str) or model_type not in FAMILIES:
+        hint = "; UMT5 runs as a transformers model patched by fastseq.patch" if model_type == "umt5" else ""
         raise CheckpointError(
-            f"model_type={model_type!r} in {config_file} is not supported; fastseq reads {sorted(FAMILIES)}"
+            f"model_type={model_type!r} in {config_file} is not supported; fastseq reads {sorted(FAMILIES)}{hint}"
         )
     config_cls, classes, default = FAMILIES[model_type]
     name = architecture or (data.get("architectures") or [default])[0]

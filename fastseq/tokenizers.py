@@ -29,6 +29,7 @@ from .files import atomic_write
 from .hub import HubModelNotFound, model_directory
 
 _SENTINEL = re.compile(r"<extra_id_(\d+)>")
+_MAX_EXTRA_IDS = 10_000  # T5 has 100 sentinels, ByT5 125; each is a special token matched in every text
 
 
 class Tokenizer:
@@ -494,8 +495,10 @@ def _tokenizer_config(file: Path) -> dict:
     if not isinstance(config, dict):
         raise ValueError(f"{file} holds a JSON {type(config).__name__}, not an object of settings; fix or remove it")
     extra = config.get("extra_ids", 0)
-    if isinstance(extra, bool) or not isinstance(extra, int) or extra < 0:
-        raise ValueError(f"{file}: extra_ids is {extra!r}; it must be an integer >= 0 (the number of sentinels)")
+    if isinstance(extra, bool) or not isinstance(extra, int) or not 0 <= extra <= _MAX_EXTRA_IDS:
+        raise ValueError(
+            f"{file}: extra_ids is {extra!r}; it must be an integer in 0 ... {_MAX_EXTRA_IDS} (the number of sentinels)"
+        )
     if config.get("padding_side") not in (None, "left", "right"):
         raise ValueError(f"{file}: padding_side is {config['padding_side']!r}; it must be 'left' or 'right'")
     length = config.get("model_max_length")

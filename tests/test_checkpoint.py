@@ -318,3 +318,13 @@ def test_non_finite_weights_are_refused_naming_the_tensor(saved, value):
         fastseq.from_pretrained(saved)
     assert "weight decoder.block.1.layer.2.DenseReluDense.wo.weight holds 1 NaN or infinite value(s)" in str(err.value)
     assert "earlier checkpoint" in str(err.value) and "--lr" not in str(err.value)
+
+
+@pytest.mark.parametrize("model_type", [["t5"], "umt5"])
+def test_model_type_that_is_not_a_family_name(saved, model_type):
+    config = json.loads((saved / "config.json").read_text())
+    config["model_type"] = model_type
+    (saved / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=r"model_type=.* is not supported") as err:
+        fastseq.from_pretrained(saved)
+    assert ("fastseq.patch" in str(err.value)) == (model_type == "umt5")
