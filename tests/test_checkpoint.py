@@ -328,3 +328,16 @@ def test_model_type_that_is_not_a_family_name(saved, model_type):
     with pytest.raises(CheckpointError, match=r"model_type=.* is not supported") as err:
         fastseq.from_pretrained(saved)
     assert ("fastseq.patch" in str(err.value)) == (model_type == "umt5")
+
+
+def test_pipeline_stages_refuse_separate_embeddings():
+    """Pipeline stages share one token embedding (a tied layer): a model with its own encoder or decoder
+    embedding is refused there, never tied silently."""
+    from fastseq.distributed.stages import layers
+    from fastseq.models import T5Config
+
+    config = T5Config(vocab_size=40, d_model=16, d_kv=4, d_ff=16, num_layers=1, num_heads=2)
+    assert layers(config)
+    config.separate_embeddings = ["decoder"]
+    with pytest.raises(ValueError, match="token embeddings of its own for decoder.*train it with ZeRO"):
+        layers(config)
