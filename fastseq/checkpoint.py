@@ -211,38 +211,54 @@ def _embedding_keys(config) -> tuple[str, dict[str, str]]:
     return f"{prefix}shared.weight", {s: f"{prefix}{s}.embed_tokens.weight" for s in ("encoder", "decoder")}
 
 
-def embedding_tensors(path: str | os.PathLike, config) -> dict[str, torch.Tensor]:
-    """The embedding and head tensors a directory stores (at most four, read lazily from
-    safetensors): what `fit_embeddings` needs, without loading the model."""
+_COMPARE_ROWS = 4096  # rows of two stored matrices compared at a time (mT5-xxl's embedding: 64 MiB a block)
+
+
+def stored_embeddings(path: str | os.PathLike, config) -> tuple[set[str], Callable[[str, str], bool]]:
+    """The embedding and head keys a directory stores, and whether two of them differ, compared a
+    block of rows at a time from safetensors (stopping at the first difference): what `fit_embeddings`
+    needs, without loading the model or a whole matrix."""
     shared, stacks = _embedding_keys(config)
     wanted = {shared, *stacks.values(), "lm_head.weight"}
     try:
         files = weight_files(path)
     except FileNotFoundError:  # legacy pickled weights: read them whole (weights_only)
-        return {k: v for k, v in read_state_dict(path).items() if k in wanted}
-    found = {}
+        state = {k: v for k, v in read_state_dict(path).items() if k in wanted}
+        return set(state), lambda a, b: not torch.equal(state[a], state[b])
+    where: dict[str, Path] = {}
     for file in files:
         with safe_open(str(file), framework="pt", device="cpu") as handle:
-            found.update({key: handle.get_tensor(key) for key in wanted if key in handle.keys()})
-    return found
+            where.update({key: file for key in handle.keys() if key in wanted})
+
+    def differs(a: str, b: str) -> bool:
+        with safe_open(str(where[a]), framework="pt") as ha, safe_open(str(where[b]), framework="pt") as hb:
+            sa, sb = ha.get_slice(a), hb.get_slice(b)
+            if sa.get_shape() != sb.get_shape() or sa.get_dtype() != sb.get_dtype():
+                return True
+            rows = sa.get_shape()[0] if sa.get_shape() else 0
+            return any(not torch.equal(sa[r : r + _COMPARE_ROWS], sb[r : r + _COMPARE_ROWS])
+                       for r in range(0, rows, _COMPARE_ROWS))  # fmt: skip
+
+    return set(where), differs
 
 
-def fit_embeddings(config, tensors: dict[str, torch.Tensor]) -> None:
-    """Set the config's tying to what a checkpoint stores (`tensors`: at least its embedding and
-    head tensors), as `transformers` 5 loads it: a stack's token embedding or an LM head stored with
-    values other than the shared embedding's is a matrix of its own, never aliased to it; one that is
-    absent or equal is tied. A T5-family head is tied whenever the checkpoint has none, whatever
-    `tie_word_embeddings` says (transformers 5 forces the tie for that family)."""
+def fit_embeddings(config, stored: set[str], differs: Callable[[str, str], bool]) -> None:
+    """Set the config's tying to what a checkpoint stores (`stored`: its keys, at least the embedding
+    and head ones; `differs(a, b)`: whether two stored tensors differ), as `transformers` 5 loads it: a
+    stack's token embedding or an LM head stored with values other than the shared embedding's is a
+    matrix of its own, never aliased to it; one that is absent or equal is tied. A T5-family head is
+    tied whenever the checkpoint has none, whatever `tie_word_embeddings` says (transformers 5 forces
+    the tie for that family)."""
     shared_key, stacks = _embedding_keys(config)
-    shared, head = tensors.get(shared_key), tensors.get("lm_head.weight")
+    has_shared, has_head = shared_key in stored, "lm_head.weight" in stored
 
-    def distinct(value: torch.Tensor | None) -> bool:
-        return value is not None and shared is not None and not torch.equal(value, shared)
+    def distinct(key: str) -> bool:
+        return key in stored and has_shared and differs(key, shared_key)
 
-    config.separate_embeddings = [stack for stack, key in stacks.items() if distinct(tensors.get(key))]
-    if distinct(head):
+    config.separate_embeddings = [stack for stack, key in stacks.items() if distinct(key)]
+    if distinct("lm_head.weight"):
         config.tie_word_embeddings = False
-    elif config.model_type in _T5_FAMILY and (head is None or shared is not None):
+    elif config.model_type in _T5_FAMILY and (not has_head or has_shared):
         config.tie_word_embeddings = True
     separate = [f"{stack}.embed_tokens" for stack in config.separate_embeddings]
     separate += [] if config.tie_word_embeddings else ["lm_head"]
@@ -362,7 +378,7 @@ def from_pretrained(
     path = model_directory(path)
     config, model_cls = read_model_config(path, architecture)
     state = read_state_dict(path)
-    fit_embeddings(config, state)
+    fit_embeddings(config, set(state), lambda a, b: not torch.equal(state[a], state[b]))
     with torch.device("meta"):
         model = model_cls(config)
     state = match_state(model, state, path)

@@ -191,7 +191,7 @@ def _hf(tmp_path):
 # ---- separate embeddings ----------------------------------------------------------------------------------
 
 
-def _separate_embeddings_model(kind: str, path, *, seed: int = 0):
+def _separate_embeddings_model(kind: str, path, *, seed: int = 0, **overrides):
     """A tiny model built and saved by transformers with `tie_word_embeddings=False` set on its config
     after construction (as a user does), so its encoder and decoder embeddings are matrices of their own."""
     import transformers as tf
@@ -200,7 +200,7 @@ def _separate_embeddings_model(kind: str, path, *, seed: int = 0):
 
     model_type, fields = KINDS[kind]
     config_cls = {"t5": tf.T5Config, "longt5": tf.LongT5Config, "blenderbot-small": tf.BlenderbotSmallConfig}
-    config = config_cls[model_type](**fields)
+    config = config_cls[model_type](**{**fields, **overrides})
     config.tie_word_embeddings = False
     config._attn_implementation = "eager"
     torch.manual_seed(seed)
@@ -341,3 +341,43 @@ def test_pipeline_stages_refuse_separate_embeddings():
     config.separate_embeddings = ["decoder"]
     with pytest.raises(ValueError, match="token embeddings of its own for decoder.*train it with ZeRO"):
         layers(config)
+
+
+def test_training_config_reads_the_tying_lazily_as_from_pretrained_does(tmp_path, monkeypatch, capfd):
+    """`fastseq train` decides the tying from the stored matrices, compared a block of rows at a time (no
+    whole matrix in memory), sharded or not, and trains and saves the separate matrices."""
+    import fastseq.checkpoint as checkpoint
+    from fastseq.checkpoint import fit_embeddings, stored_embeddings
+    from fastseq.cli import main
+    from fastseq.tokenizers import ByT5Tokenizer
+
+    monkeypatch.setattr(checkpoint, "_COMPARE_ROWS", 7)
+    _separate_embeddings_model("t5_v10_tied", tmp_path / "hf", vocab_size=384)  # ByT5's ids
+    ours = fastseq.from_pretrained(tmp_path / "hf")
+    ours.save_pretrained(tmp_path / "sharded", max_shard_size="20KB")
+    state = load_file(tmp_path / "hf" / "model.safetensors")
+    state["decoder.embed_tokens.weight"] = state["shared.weight"].clone()
+    state["decoder.embed_tokens.weight"][-1, -1] += 1.0  # differs in the last block only
+    state["encoder.embed_tokens.weight"] = state["shared.weight"].clone()  # equal: tied
+    (tmp_path / "edited").mkdir()
+    save_file(state, tmp_path / "edited" / "model.safetensors", metadata={"format": "pt"})
+    (tmp_path / "edited" / "config.json").write_text((tmp_path / "hf" / "config.json").read_text())
+    for name, separate in (
+        ("hf", ["encoder", "decoder"]),
+        ("sharded", ["encoder", "decoder"]),
+        ("edited", ["decoder"]),
+    ):
+        config, _ = checkpoint.read_model_config(tmp_path / name)
+        fit_embeddings(config, *stored_embeddings(tmp_path / name, config))
+        assert config.separate_embeddings == separate, name
+        assert config.to_hf_dict() == fastseq.from_pretrained(tmp_path / name).config.to_hf_dict(), name
+    model = tmp_path / "sharded"
+    assert len(list(model.glob("model-*.safetensors"))) > 2
+    ByT5Tokenizer().save_pretrained(model)
+    out = tmp_path / "out"
+    argv = ["train", "--model", str(model), "--steps", "1", "--batch-size", "2", "--eval-examples", "0", "--quiet",
+            "--optimizer", "adamw", "--lr", "1e-3", "--output-dir", str(out)]  # fmt: skip
+    assert main(argv) == 0, capfd.readouterr().err
+    trained = load_file(out / "model.safetensors")
+    assert {"encoder.embed_tokens.weight", "decoder.embed_tokens.weight", "shared.weight"} <= set(trained)
+    assert not torch.equal(trained["encoder.embed_tokens.weight"], trained["shared.weight"])

@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from fastseq import presets
-from fastseq.checkpoint import embedding_tensors, fit_embeddings, from_pretrained, read_model_config
+from fastseq.checkpoint import fit_embeddings, from_pretrained, read_model_config, stored_embeddings
 from fastseq.hub import HubModelNotFound, model_directory
 from fastseq.models import FAMILIES, T5Config
 from fastseq.optim import make_optimizer, make_schedule
@@ -148,7 +148,7 @@ def model_config(args: TrainArgs):
     if config.model_type not in FAMILIES:
         raise ValueError(f"--model {args.model}: model_type {config.model_type!r} is not one fastseq trains "
                          f"({', '.join(FAMILIES)})")  # fmt: skip
-    fit_embeddings(config, embedding_tensors(args.model, config))  # as from_pretrained does
+    fit_embeddings(config, *stored_embeddings(args.model, config))  # as from_pretrained does
     return config
 
 
