@@ -21,6 +21,7 @@ import torch
 from safetensors import safe_open
 
 from .files import SAFE_INDEX, SAFE_WEIGHTS, save_pretrained
+from .hub import model_directory
 from .models import FAMILIES, PreTrainedModel
 
 log = logging.getLogger(__name__)
@@ -201,29 +202,89 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     )
 
 
-def head_is_distinct(path: str | os.PathLike) -> bool:
-    """Whether a model directory stores an LM head that differs from its input embedding (from
-    safetensors, read lazily: two tensors)."""
-    keys = ("lm_head.weight", "shared.weight", "model.shared.weight")
-    found = {}
+_T5_FAMILY = ("t5", "mt5", "longt5")
+
+
+def _embedding_keys(config) -> tuple[str, dict[str, str]]:
+    """The shared embedding's key and {stack: its token-embedding key} of a config's family."""
+    prefix = "model." if config.model_type == "blenderbot-small" else ""
+    return f"{prefix}shared.weight", {s: f"{prefix}{s}.embed_tokens.weight" for s in ("encoder", "decoder")}
+
+
+_COMPARE_ROWS = 4096  # rows of two stored matrices compared at a time (mT5-xxl's embedding: 64 MiB a block)
+
+
+def stored_embeddings(path: str | os.PathLike, config) -> tuple[set[str], Callable[[str, str], bool]]:
+    """The embedding and head keys a directory stores, and whether two of them differ, compared a
+    block of rows at a time from safetensors (stopping at the first difference): what `fit_embeddings`
+    needs, without loading the model or a whole matrix."""
+    shared, stacks = _embedding_keys(config)
+    wanted = {shared, *stacks.values(), "lm_head.weight"}
     try:
         files = weight_files(path)
     except FileNotFoundError:  # legacy pickled weights: read them whole (weights_only)
-        found = {k: v for k, v in read_state_dict(path).items() if k in keys}
-        files = []
+        state = {k: v for k, v in read_state_dict(path).items() if k in wanted}
+        return set(state), lambda a, b: not torch.equal(state[a], state[b])
+    where: dict[str, Path] = {}
     for file in files:
         with safe_open(str(file), framework="pt", device="cpu") as handle:
-            found.update({key: handle.get_tensor(key) for key in keys if key in handle.keys()})
-    head = found.get("lm_head.weight")
-    embedding = found.get("shared.weight", found.get("model.shared.weight"))
-    return head is not None and embedding is not None and not torch.equal(head, embedding)
+            where.update({key: file for key in handle.keys() if key in wanted})
+
+    def differs(a: str, b: str) -> bool:
+        with safe_open(str(where[a]), framework="pt") as ha, safe_open(str(where[b]), framework="pt") as hb:
+            sa, sb = ha.get_slice(a), hb.get_slice(b)
+            if sa.get_shape() != sb.get_shape() or sa.get_dtype() != sb.get_dtype():
+                return True
+            rows = sa.get_shape()[0] if sa.get_shape() else 0
+            return any(not torch.equal(sa[r : r + _COMPARE_ROWS], sb[r : r + _COMPARE_ROWS])
+                       for r in range(0, rows, _COMPARE_ROWS))  # fmt: skip
+
+    return set(where), differs
+
+
+def fit_embeddings(config, stored: set[str], differs: Callable[[str, str], bool]) -> None:
+    """Set the config's tying to what a checkpoint stores (`stored`: its keys, at least the embedding
+    and head ones; `differs(a, b)`: whether two stored tensors differ), as `transformers` 5 loads it: a
+    stack's token embedding or an LM head stored with values other than the shared embedding's is a
+    matrix of its own, never aliased to it; one that is absent or equal is tied. A T5-family head is
+    tied whenever the checkpoint has none, whatever `tie_word_embeddings` says (transformers 5 forces
+    the tie for that family)."""
+    shared_key, stacks = _embedding_keys(config)
+    has_shared, has_head = shared_key in stored, "lm_head.weight" in stored
+
+    def distinct(key: str) -> bool:
+        return key in stored and has_shared and differs(key, shared_key)
+
+    config.separate_embeddings = [stack for stack, key in stacks.items() if distinct(key)]
+    if distinct("lm_head.weight"):
+        config.tie_word_embeddings = False
+    elif config.model_type in _T5_FAMILY and (not has_head or has_shared):
+        config.tie_word_embeddings = True
+    separate = [f"{stack}.embed_tokens" for stack in config.separate_embeddings]
+    separate += [] if config.tie_word_embeddings else ["lm_head"]
+    if separate:
+        log.info("matrices of their own (not tied to %s): %s", shared_key, ", ".join(separate))
+
+
+def read_model_config(path: str | os.PathLike, architecture: str | None = None):
+    """The config object and model class of a model directory, every field checked: an error names
+    config.json, the field, its value and the allowed range."""
+    path = Path(path)
+    data = read_config(path)
+    config_cls, model_cls = _model_class(data, path / "config.json", architecture)
+    try:
+        config = config_cls.from_hf_dict(data)
+    except (ValueError, TypeError) as err:
+        raise CheckpointError(f"{path / 'config.json'}: {err}; fix the file or use the model's own") from err
+    return config, model_cls
 
 
 def _model_class(data: dict, config_file: Path, architecture: str | None):
     model_type = data.get("model_type")
-    if model_type not in FAMILIES:
+    if not isinstance(model_type, str) or model_type not in FAMILIES:
+        hint = "; UMT5 runs as a transformers model patched by fastseq.patch" if model_type == "umt5" else ""
         raise CheckpointError(
-            f"model_type={model_type!r} in {config_file} is not supported; fastseq reads {sorted(FAMILIES)}"
+            f"model_type={model_type!r} in {config_file} is not supported; fastseq reads {sorted(FAMILIES)}{hint}"
         )
     config_cls, classes, default = FAMILIES[model_type]
     name = architecture or (data.get("architectures") or [default])[0]
@@ -245,6 +306,11 @@ def match_state(model: PreTrainedModel, state: dict[str, torch.Tensor], where: P
     """Fill tied aliases, then check keys and shapes against the model; raise on any mismatch."""
     state = dict(state)
     for alias, source in model.tied_parameters().items():
+        if alias in state and source in state and not torch.equal(state[alias], state[source]):
+            raise CheckpointError(
+                f"{where} stores {alias} with values other than {source}, but the model ties them; load it with "
+                "fastseq.from_pretrained, which keeps such a matrix separate"
+            )
         if source not in state and alias in state:
             state[source] = state[alias]
         state.pop(alias, None)
@@ -276,6 +342,24 @@ def match_state(model: PreTrainedModel, state: dict[str, torch.Tensor], where: P
     return {k: state[k] for k in expected}
 
 
+def check_weights(state: dict[str, torch.Tensor], model: PreTrainedModel, where: Path) -> None:
+    """Floating-point weights where the model has them, and every one finite (a NaN or infinity
+    would only show as a NaN loss later): one tensor at a time, so the check costs one pass."""
+    expected = model.state_dict()
+    for key, value in state.items():
+        if expected[key].is_floating_point() and not value.is_floating_point():
+            raise CheckpointError(
+                f"{where}: weight {key} is stored as {str(value.dtype).removeprefix('torch.')}; model weights are "
+                "floating point (float32, bfloat16, float16): re-save the model from its floating-point weights"
+            )
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            bad = int((~torch.isfinite(value)).sum())
+            raise CheckpointError(
+                f"{where}: weight {key} holds {bad} NaN or infinite value(s); the model is damaged (saved by a run "
+                "that diverged?): use an earlier checkpoint or the original model"
+            )
+
+
 def from_pretrained(
     path: str | os.PathLike,
     *,
@@ -283,27 +367,22 @@ def from_pretrained(
     device: torch.device | str | None = None,
     architecture: str | None = None,
 ) -> PreTrainedModel:
-    """Load a Hugging Face model directory into the native model of its `model_type`.
+    """Load a Hugging Face model directory (or a hub id, through `huggingface_hub`'s cache or a
+    download) into the native model of its `model_type`.
 
     dtype: floating tensors are cast to it (default float32, the dtype to train in).
     device: where the parameters live (default CPU). architecture: a Hugging Face
     class name overriding config.json's `architectures` (e.g. "T5EncoderModel").
     The model is returned in eval mode, as Hugging Face does.
     """
-    path = Path(path)
-    data = read_config(path)
-    config_cls, model_cls = _model_class(data, path / "config.json", architecture)
-    config = config_cls.from_hf_dict(data)
+    path = model_directory(path)
+    config, model_cls = read_model_config(path, architecture)
     state = read_state_dict(path)
+    fit_embeddings(config, set(state), lambda a, b: not torch.equal(state[a], state[b]))
     with torch.device("meta"):
         model = model_cls(config)
-    head, tied_to = "lm_head.weight", model.tied_parameters().get("lm_head.weight")
-    if tied_to and head in state and tied_to in state and not torch.equal(state[head], state[tied_to]):
-        log.info("%s holds an lm_head distinct from the input embedding; loading it untied", path)
-        config.tie_word_embeddings = False
-        with torch.device("meta"):
-            model = model_cls(config)
     state = match_state(model, state, path)
+    check_weights(state, model, path)
     target = resolve_dtype(dtype)
     device = torch.device(device) if device is not None else torch.device("cpu")
     state = {k: (v.to(dtype=target) if v.is_floating_point() else v).to(device) for k, v in state.items()}

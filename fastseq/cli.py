@@ -62,7 +62,10 @@ def _generate(args: argparse.Namespace) -> None:
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     d = TrainArgs()
     parser.add_argument("--config", default=None, help="a YAML file of these options (command-line flags win)")
-    parser.add_argument("--model", default=None, help="preset name or checkpoint directory (default: a small T5 v1.1)")
+    parser.add_argument("--model", default=None, help="model directory or hub id (ORG/NAME, through the Hugging Face "
+                        "cache); a preset name with --random-init (default: a small T5 v1.1)")  # fmt: skip
+    parser.add_argument("--random-init", action="store_true", default=None,
+                        help="train --model's config (a preset or a directory) from random weights")  # fmt: skip
     parser.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the model's)")
     parser.add_argument("--data", default=None, help=".jsonl/.csv/.tsv (seq2seq) or .txt (denoise); default: synthetic")
     parser.add_argument("--eval-data", default=None)

@@ -1,5 +1,8 @@
 """Named configurations of the published checkpoints (their config.json hyperparameters).
 
+UMT5 (`google/umt5-*`) has no preset: its attention keeps a bias table in every layer, which the
+native T5 model does not; `fastseq.patch` runs UMT5 models of `transformers`.
+
 `PRESETS[name]` is the family and the config fields; `config(name)` builds the
 config object and `build(name)` the model (pass `device="meta"` to build an
 11B model without allocating it).
@@ -50,6 +53,12 @@ PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
     "google/t5-v1_1-large": ("t5", _t5(1024, 2816, 64, 16, 24, **_T5_V11)),
     "google/t5-v1_1-xl": ("t5", _t5(2048, 5120, 64, 32, 24, **_T5_V11)),
     "google/t5-v1_1-xxl": ("t5", _t5(4096, 10240, 64, 64, 24, **_T5_V11)),
+    # FLAN-T5: T5 v1.1's architecture and vocabulary (32,128 ids for 32,100 tokens), instruction-tuned.
+    "google/flan-t5-small": ("t5", _t5(512, 1024, 64, 6, 8, **_T5_V11)),
+    "google/flan-t5-base": ("t5", _t5(768, 2048, 64, 12, 12, **_T5_V11)),
+    "google/flan-t5-large": ("t5", _t5(1024, 2816, 64, 16, 24, **_T5_V11)),
+    "google/flan-t5-xl": ("t5", _t5(2048, 5120, 64, 32, 24, **_T5_V11)),
+    "google/flan-t5-xxl": ("t5", _t5(4096, 10240, 64, 64, 24, **_T5_V11)),
     "google/mt5-small": ("mt5", _t5(512, 1024, 64, 6, 8, **_MT5)),
     "google/mt5-base": ("mt5", _t5(768, 2048, 64, 12, 12, **_MT5)),
     "google/mt5-large": ("mt5", _t5(1024, 2816, 64, 16, 24, **_MT5)),

@@ -26,8 +26,10 @@ from pathlib import Path
 import torch
 
 from .files import atomic_write
+from .hub import HubModelNotFound, model_directory
 
 _SENTINEL = re.compile(r"<extra_id_(\d+)>")
+_MAX_EXTRA_IDS = 10_000  # T5 has 100 sentinels, ByT5 125; each is a special token matched in every text
 
 
 class Tokenizer:
@@ -42,6 +44,7 @@ class Tokenizer:
     strip_around: frozenset[str] = frozenset()  # special tokens that swallow the whitespace beside them
     padding_side: str = "right"
     model_max_length: int | None = None
+    drops_unknown_ids: bool = True  # decode drops ids past the vocabulary (else: the subclass maps them)
 
     def __init__(self, special_tokens: dict[str, int]):
         self.special_tokens = dict(special_tokens)  # token text -> id
@@ -163,13 +166,14 @@ class Tokenizer:
     # --- decoding ----------------------------------------------------------------------------
 
     def decode(self, ids: Iterable[int] | torch.Tensor, *, skip_special_tokens: bool = False) -> str:
+        """The text of `ids`. An id the tokenizer does not have (a padded vocabulary's: FLAN-T5 has
+        32,128 ids and 32,100 tokens, mT5 250,112 and 250,100) is dropped, as `transformers` does."""
         if isinstance(ids, torch.Tensor):
             ids = ids.tolist()
         ids = [int(i) for i in ids]
-        size = len(self)
-        bad = [i for i in ids if not 0 <= i < size]
-        if bad:
-            raise ValueError(f"token id {bad[0]} is outside the vocabulary (0 ... {size - 1})")
+        if self.drops_unknown_ids:
+            size = len(self)
+            ids = [i for i in ids if 0 <= i < size]
         return self._decode_ids(ids, skip_special_tokens=skip_special_tokens)
 
     def batch_decode(self, rows, *, skip_special_tokens: bool = False) -> list[str]:
@@ -191,6 +195,45 @@ class Tokenizer:
         if sentinels:
             specials["additional_special_tokens"] = sorted(sentinels, key=lambda t: int(_SENTINEL.fullmatch(t)[1]))
         _write_json(path / "special_tokens_map.json", specials)
+
+
+def _first_line(err: BaseException) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0]
+
+
+def _read_text(file: Path) -> str:
+    """A tokenizer file's text; an unreadable or non-UTF-8 file is an error that names it."""
+    try:
+        return file.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{file} is not UTF-8 text ({err.reason} at byte {err.start}); copy it again") from err
+
+
+def _read_json(file: Path):
+    try:
+        return json.loads(_read_text(file))
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{file} is not valid JSON ({err.msg} at line {err.lineno}); fix or replace the file") from err
+
+
+def _read_vocab(file: Path) -> dict[str, int]:
+    """BlenderbotSmall's vocab.json: an object of token -> id, the ids exactly 0 ... N-1 (a gap would be a
+    model id the tokenizer cannot read back)."""
+    vocab = _read_json(file)
+    if not isinstance(vocab, dict):
+        raise ValueError(f"{file} holds a JSON {type(vocab).__name__}; a vocab.json is an object of token -> id")
+    bad = next(((t, i) for t, i in vocab.items() if isinstance(i, bool) or not isinstance(i, int) or i < 0), None)
+    if bad is not None:
+        raise ValueError(f"{file}: token {bad[0]!r} has id {bad[1]!r}; every id must be an integer >= 0")
+    ids = set(vocab.values())
+    if len(ids) != len(vocab) or ids != set(range(len(vocab))):
+        missing = next((i for i in range(len(vocab)) if i not in ids), None)
+        problem = f"id {missing} is missing" if missing is not None else "an id appears twice"
+        raise ValueError(
+            f"{file}: the ids must be 0 ... {len(vocab) - 1}, one per token, but {problem}; use the vocab.json the "
+            "model was trained with"
+        )
+    return vocab
 
 
 def _write_json(path: Path, value) -> None:
@@ -234,7 +277,14 @@ class T5Tokenizer(_SentinelTokenizer):
         import sentencepiece as spm
 
         self.spiece_model = Path(spiece_model)
-        self.sp = spm.SentencePieceProcessor(model_file=str(self.spiece_model))
+        self.sp = spm.SentencePieceProcessor()
+        try:
+            self.sp.load(str(self.spiece_model))
+        except (RuntimeError, OSError) as err:  # sentencepiece raises RuntimeError or OSError for a bad file
+            raise ValueError(
+                f"{self.spiece_model} is not a SentencePiece model ({_first_line(err)}); it is empty, truncated or "
+                "another kind of file: copy spiece.model again from the model it belongs to"
+            ) from err
         self.extra_ids = extra_ids
         size = self.sp.get_piece_size()
         expected = {self.pad_token: 0, self.eos_token: 1, self.unk_token: 2}
@@ -322,12 +372,13 @@ class BlenderbotSmallTokenizer(Tokenizer):
 
     pad_token, eos_token, unk_token, bos_token = "__null__", "__end__", "__unk__", "__start__"
     add_eos = False
+    drops_unknown_ids = False
 
     def __init__(self, vocab_file: str | os.PathLike, merges_file: str | os.PathLike, **config):
         self.vocab_file, self.merges_file = Path(vocab_file), Path(merges_file)
-        self.encoder: dict[str, int] = json.loads(self.vocab_file.read_text(encoding="utf-8"))
+        self.encoder: dict[str, int] = _read_vocab(self.vocab_file)
         self.decoder = {i: t for t, i in self.encoder.items()}
-        lines = self.merges_file.read_text(encoding="utf-8").split("\n")[1:-1]  # a version header, a last newline
+        lines = _read_text(self.merges_file).split("\n")[1:-1]  # a version header, a last newline
         self.ranks = {tuple(line.split()): rank for rank, line in enumerate(lines)}
         missing = [t for t in (self.pad_token, self.eos_token, self.unk_token, self.bos_token) if t not in self.encoder]
         if missing:
@@ -393,7 +444,10 @@ class BlenderbotSmallTokenizer(Tokenizer):
         return ids
 
     def _decode_ids(self, ids: list[int], *, skip_special_tokens: bool) -> str:
-        tokens = [self.decoder[i] for i in ids if not (skip_special_tokens and i in self.special_ids)]
+        # An id the vocabulary lacks reads as the unknown token, as in `transformers`.
+        tokens = [
+            self.decoder.get(i, self.unk_token) for i in ids if not (skip_special_tokens and i in self.special_ids)
+        ]
         return " ".join(tokens).replace("@@ ", "").strip()
 
     def save_pretrained(self, path: str | os.PathLike) -> None:
@@ -405,28 +459,54 @@ class BlenderbotSmallTokenizer(Tokenizer):
 
 
 def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
-    """The tokenizer of a Hugging Face model directory: `spiece.model` (T5, mT5), `vocab.json` +
-    `merges.txt` (BlenderbotSmall), or a `tokenizer_config.json` naming `ByT5Tokenizer`."""
+    """The tokenizer of a Hugging Face model directory (or hub id, through `huggingface_hub`'s cache):
+    `spiece.model` (T5, mT5), `vocab.json` + `merges.txt` (BlenderbotSmall), or a
+    `tokenizer_config.json` naming `ByT5Tokenizer`."""
     path = Path(path)
     if not path.is_dir():
-        raise FileNotFoundError(f"{path}: not a directory; pass a model directory holding the tokenizer files")
-    config = {}
-    if (path / "tokenizer_config.json").exists():
-        config = json.loads((path / "tokenizer_config.json").read_text(encoding="utf-8"))
+        try:
+            path = model_directory(path)
+        except HubModelNotFound as err:
+            raise FileNotFoundError(
+                f"{path}: not a directory; pass a model directory holding the tokenizer files, or a hub id ({err})"
+            ) from None
+    config = _tokenizer_config(path / "tokenizer_config.json")
     kwargs = {k: config[k] for k in ("padding_side", "model_max_length") if config.get(k) is not None}
-    if isinstance(kwargs.get("model_max_length"), (int, float)) and kwargs["model_max_length"] > 1e12:
-        kwargs.pop("model_max_length")  # transformers' "no limit" marker
-    name = config.get("tokenizer_class", "")
+    name = config.get("tokenizer_class") or ""
     if (path / "spiece.model").exists():
         return T5Tokenizer(path / "spiece.model", extra_ids=config.get("extra_ids", 100), **kwargs)
     if (path / "vocab.json").exists() and (path / "merges.txt").exists():
         return BlenderbotSmallTokenizer(path / "vocab.json", path / "merges.txt", **kwargs)
-    if name.startswith("ByT5"):
+    if isinstance(name, str) and name.startswith("ByT5"):
         return ByT5Tokenizer(extra_ids=config.get("extra_ids", 125), **kwargs)
     raise FileNotFoundError(
         f"{path}: no tokenizer found. Expected spiece.model (T5, mT5), vocab.json + merges.txt "
         "(BlenderbotSmall), or a tokenizer_config.json with tokenizer_class ByT5Tokenizer"
     )
+
+
+def _tokenizer_config(file: Path) -> dict:
+    """tokenizer_config.json (empty when absent), its fields checked: `extra_ids` an integer >= 0,
+    `padding_side` left or right, `model_max_length` a positive integer (transformers' "no limit"
+    marker, about 1e30, reads as none)."""
+    if not file.exists():
+        return {}
+    config = _read_json(file)
+    if not isinstance(config, dict):
+        raise ValueError(f"{file} holds a JSON {type(config).__name__}, not an object of settings; fix or remove it")
+    extra = config.get("extra_ids", 0)
+    if isinstance(extra, bool) or not isinstance(extra, int) or not 0 <= extra <= _MAX_EXTRA_IDS:
+        raise ValueError(
+            f"{file}: extra_ids is {extra!r}; it must be an integer in 0 ... {_MAX_EXTRA_IDS} (the number of sentinels)"
+        )
+    if config.get("padding_side") not in (None, "left", "right"):
+        raise ValueError(f"{file}: padding_side is {config['padding_side']!r}; it must be 'left' or 'right'")
+    length = config.get("model_max_length")
+    if isinstance(length, (int, float)) and not isinstance(length, bool) and length > 1e12:
+        config = {k: v for k, v in config.items() if k != "model_max_length"}
+    elif length is not None and (isinstance(length, bool) or not isinstance(length, int) or length < 1):
+        raise ValueError(f"{file}: model_max_length is {length!r}; it must be an integer >= 1")
+    return config
 
 
 def check_vocabulary(tokenizer: Tokenizer, vocab_size: int) -> None:

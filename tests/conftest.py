@@ -8,6 +8,8 @@ import pytest
 import torch
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Tests never reach the Hugging Face Hub (huggingface_hub reads this when it is first imported).
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 # Without a GPU the Triton kernels run on the CPU through Triton's interpreter. Triton reads this
 # when a kernel is decorated, so it is set before anything imports fastseq.kernels.

@@ -97,7 +97,10 @@ def _cases(tmp: Path) -> dict[str, tuple[list[str], tuple[str, ...]]]:
         "a file as output directory": (["--output-dir", str(a_file)], ("is a file; pass a directory",)),
         "YAML list": (["--config", str(bad_yaml), *out], ("expected a mapping of options",)),
         "YAML word for a count": (["--config", str(typo_yaml), *out], ("option steps", "'many' is not a int")),
-        "unknown model": (["--model", "t5-smol", *out], ("neither a directory nor a preset",)),
+        "unknown model": (
+            ["--model", "t5-smol", *out],
+            ("neither a directory nor a model in the Hugging Face cache", "--random-init"),
+        ),  # fmt: skip
         "config.json that is a list": (["--model", str(listed), *out], ("holds a JSON list", "re-save")),
         "missing tokenizer": (["--tokenizer", str(tmp / "none"), *out], ("--tokenizer", "is not a directory")),
         "no CUDA": (["--device", "cuda", *out], ("--device cuda", "no CUDA device", "--device cpu")),
@@ -307,3 +310,96 @@ def test_metrics_are_strict_json(tmp_path):
     for line in (out / "metrics.jsonl").read_text().splitlines():
         record = _strict_json(line)
         assert all(not isinstance(v, float) or math.isfinite(v) for v in record.values())
+
+
+# ---- model configs, weights and tokenizer files (issue 23): read and checked before any work ---------------
+
+
+CONFIG_CASES = {
+    "relative_attention_num_buckets": (0, "an integer >= 4"),
+    "num_layers": (0, "an integer >= 1"),
+    "decoder_start_token_id": (-7, "an integer in 0 ... 383"),
+    "d_model": ("abc", "an integer >= 1"),
+    "relative_attention_max_distance": (0, "an integer >= 17"),
+    "num_heads": (0, "an integer >= 1"),
+    "layer_norm_epsilon": (-1, "a number in (0.0, inf)"),
+    "dropout_rate": (1.5, "a number in [0.0, 1.0)"),
+    "tie_word_embeddings": ("yes", "true or false"),
+}
+
+
+@pytest.mark.parametrize("field", list(CONFIG_CASES) + ["d_model 0"])
+def test_a_bad_model_config_field_is_one_line_naming_file_field_value_and_range(tmp_path, capfd, field):
+    model = _model_dir(tmp_path / "model")
+    name, (value, allowed) = (field, CONFIG_CASES[field]) if field in CONFIG_CASES else ("d_model", (0, ">= 1"))
+    allowed = "an integer >= 1" if allowed == ">= 1" else allowed
+    config = json.loads((model / "config.json").read_text())
+    config[name] = value
+    (model / "config.json").write_text(json.dumps(config))
+    expected = (f"{model / 'config.json'}: {name} is {value!r}; it must be {allowed}",)
+    _refused(capfd, ["train", *QUICK, "--model", str(model), "--output-dir", str(tmp_path / "out")], *expected)
+    if field in ("d_model", "relative_attention_num_buckets"):
+        _refused(capfd, ["generate", "--model", str(model), "text"], *expected)
+        _refused(capfd, ["convert", str(model), str(tmp_path / "dst")], *expected)
+    assert not (tmp_path / "out").exists() and not (tmp_path / "dst").exists()
+
+
+def _edit_tensor(model: Path, edit) -> None:
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(model / "model.safetensors")
+    edit(state)
+    save_file(state, model / "model.safetensors", metadata={"format": "pt"})
+
+
+def test_integer_and_non_finite_weights_are_one_line_naming_the_tensor(tmp_path, capfd):
+    model = _model_dir(tmp_path / "model")
+    key = "decoder.block.1.layer.2.DenseReluDense.wi_0.weight"
+    _edit_tensor(model, lambda s: s.__setitem__(key, s[key].to(torch.int32)))
+    out = ["--output-dir", str(tmp_path / "out")]
+    _refused(capfd, ["train", *QUICK, "--model", str(model), *out], f"weight {key} is stored as int32", "re-save")
+    _refused(capfd, ["generate", "--model", str(model), "text"], f"weight {key} is stored as int32")
+    model = _model_dir(tmp_path / "nan")
+
+    def poison(state):
+        state[key][0, 0] = float("nan")
+
+    _edit_tensor(model, poison)
+    line = _refused(capfd, ["train", *QUICK, "--model", str(model), *out], f"weight {key} holds 1 NaN or infinite",
+                    "earlier checkpoint")  # fmt: skip
+    assert "--lr" not in line
+    assert not (tmp_path / "out" / "metrics.jsonl").exists() and not list((tmp_path / "out").glob("checkpoint-*"))
+
+
+def test_ids_past_the_tokenizer_decode_in_generate_and_evaluation(tmp_path, capfd):
+    """A model whose vocabulary is padded past its tokenizer's (FLAN-T5: 32,128 ids, 32,100 tokens) and that
+    emits only such ids: `generate` prints what transformers decodes (nothing), evaluation scores it."""
+    import dataclasses
+
+    from fastseq.models import T5ForConditionalGeneration
+    from fastseq.train.engine import default_config
+
+    config = dataclasses.replace(default_config(), d_model=32, d_kv=8, d_ff=32, vocab_size=392, extra={})
+    model = T5ForConditionalGeneration(config)
+    with torch.no_grad():  # every step's argmax is id 390, past ByT5's 384 ids (never eos), whatever the input:
+        model.shared.weight[:, 0] = 100.0  # the residual stream's first coordinate is large and positive,
+        model.decoder.final_layer_norm.weight.zero_()
+        model.decoder.final_layer_norm.weight[0] = 1.0  # the head sees only that coordinate,
+        model.lm_head.weight.zero_()
+        model.lm_head.weight[390, 0] = 10.0  # and only id 390's logit grows with it
+    path = tmp_path / "padded"
+    model.save_pretrained(path)
+    ByT5Tokenizer().save_pretrained(path)
+    generated = model.generate(torch.tensor([[72, 73, 1]]), max_new_tokens=4)
+    assert set(generated[0, 1:].tolist()) == {390}
+    assert main(["generate", "--model", str(path), "hi", "--max-new-tokens", "4"]) == 0
+    assert capfd.readouterr().out == "\n"
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"source": f"copy {w}", "target": w}) + "\n" for w in "abcdefgh"))
+    out = tmp_path / "out"
+    argv = ["train", "--model", str(path), "--data", str(data), "--eval-data", str(data), "--eval-every", "1",
+            "--steps", "2", "--batch-size", "2", "--quiet", "--optimizer", "adamw", "--lr", "1e-20",
+            "--output-dir", str(out)]  # fmt: skip
+    assert main(argv) == 0, capfd.readouterr().err
+    assert "held-out exact match 0.0%" in capfd.readouterr().out
+    assert (out / "checkpoint-2").is_dir()

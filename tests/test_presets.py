@@ -18,6 +18,11 @@ PUBLISHED = {
     "google/t5-v1_1-large": 783_150_080,
     "google/t5-v1_1-xl": 2_849_757_184,
     "google/t5-v1_1-xxl": 11_135_332_352,
+    "google/flan-t5-small": 76_961_152,
+    "google/flan-t5-base": 247_577_856,
+    "google/flan-t5-large": 783_150_080,
+    "google/flan-t5-xl": 2_849_757_184,
+    "google/flan-t5-xxl": 11_135_332_352,
     "google/mt5-small": 300_176_768,
     "google/mt5-base": 582_401_280,
     "google/mt5-large": 1_229_581_312,
@@ -73,3 +78,29 @@ def test_encoder_only_and_overrides():
     assert len(model.encoder.block) == 2
     with pytest.raises(ValueError, match="no encoder-only model"):
         presets.build("facebook/blenderbot_small-90M", device="meta", encoder_only=True)
+
+
+# The published config.json fields of the FLAN-T5 checkpoints (google/flan-t5-*): v1.1 layout, own head.
+FLAN_T5 = {
+    "small": dict(d_model=512, d_ff=1024, num_heads=6, num_layers=8),
+    "base": dict(d_model=768, d_ff=2048, num_heads=12, num_layers=12),
+    "large": dict(d_model=1024, d_ff=2816, num_heads=16, num_layers=24),
+    "xl": dict(d_model=2048, d_ff=5120, num_heads=32, num_layers=24),
+    "xxl": dict(d_model=4096, d_ff=10240, num_heads=64, num_layers=24),
+}
+
+
+@pytest.mark.parametrize("size", list(FLAN_T5))
+def test_flan_t5_presets_are_the_published_configs(size):
+    config = presets.config(f"google/flan-t5-{size}")
+    published = dict(FLAN_T5[size], vocab_size=32128, d_kv=64, relative_attention_num_buckets=32,
+                     relative_attention_max_distance=128, feed_forward_proj="gated-gelu", tie_word_embeddings=False,
+                     decoder_start_token_id=0, eos_token_id=1)  # fmt: skip
+    published["num_decoder_layers"] = published["num_layers"]
+    assert {k: getattr(config, k) for k in published} == published
+    assert config.scale_decoder_outputs is False  # an own head: no rescaling (transformers' scale_decoder_outputs)
+
+
+def test_there_is_no_umt5_preset():
+    """UMT5 keeps a bias table per layer, which the native T5 does not: fastseq runs it only patched."""
+    assert not [name for name in presets.PRESETS if "umt5" in name]

@@ -127,8 +127,43 @@ def test_batch_options_are_checked(spiece_dir):
         ours(["kato"], padding="max_length")
     with pytest.raises(ValueError, match="padding_side"):
         ours(["kato"], padding_side="middle")
-    with pytest.raises(ValueError, match="outside the vocabulary"):
-        ours.decode([5, 300])
+    assert ours.decode([5, 300]) == ours.decode([5])  # an id past the vocabulary is dropped
+
+
+def test_padded_vocabulary_ids_are_dropped_as_transformers_does(spiece_dir, hf_t5):
+    """FLAN-T5 and mT5 models have more ids than their tokenizers (32,128 vs 32,100; 250,112 vs 250,100):
+    a model may emit one; decoding drops it, as transformers does."""
+    ours = load_tokenizer(spiece_dir)
+    model_vocab = 328  # the tokenizer's 300 ids rounded up to a multiple of 8 (FLAN-T5's 32,128 likewise)
+    g = torch.Generator().manual_seed(3)
+    for _ in range(30):
+        ids = torch.randint(0, model_vocab, (14,), generator=g).tolist() + [model_vocab - 1, 300]
+        assert any(i >= len(ours) for i in ids)
+        for skip in (False, True):
+            assert ours.decode(ids, skip_special_tokens=skip) == hf_t5.decode(ids, skip_special_tokens=skip), ids
+    rows = torch.tensor([[0, 5, 320, 6, 1], [0, 327, 7, 1, 0]])
+    assert ours.batch_decode(rows, skip_special_tokens=True) == hf_t5.batch_decode(rows, skip_special_tokens=True)
+
+
+def test_byt5_and_blenderbot_small_decode_ids_they_lack(bpe_dir):
+    from transformers import BlenderbotSmallTokenizer as HFTokenizer
+    from transformers import ByT5Tokenizer as HFByT5Tokenizer
+
+    # ByT5: transformers raises on an id past its 384 ("bytes must be in range(0, 256)"); fastseq drops it and
+    # decodes the rest as transformers decodes them.
+    ours, theirs = ByT5Tokenizer(), HFByT5Tokenizer()
+    ids = [75, 400, 76, 383, 1000, 259, 1]
+    with pytest.raises(ValueError):
+        theirs.decode(ids)
+    known = [i for i in ids if i < 384]
+    for skip in (False, True):
+        assert ours.decode(ids, skip_special_tokens=skip) == theirs.decode(known, skip_special_tokens=skip)
+    # BlenderbotSmall: transformers reads an id its vocabulary lacks as the unknown token; so does fastseq.
+    ours, theirs = load_tokenizer(bpe_dir), HFTokenizer(str(bpe_dir / "vocab.json"), str(bpe_dir / "merges.txt"))
+    ids = [5, 6, len(ours), 7, len(ours) + 40, 2]
+    for skip in (False, True):
+        assert ours.decode(ids, skip_special_tokens=skip) == theirs.decode(ids, skip_special_tokens=skip)
+    assert "__unk__" in ours.decode(ids, skip_special_tokens=True)
 
 
 def test_saved_tokenizer_loads_in_transformers_and_back(spiece_dir, tmp_path, hf_t5):
@@ -253,3 +288,144 @@ def test_spiece_model_without_t5_special_ids_is_refused(tmp_path):
     )  # fmt: skip
     with pytest.raises(ValueError, match="pad_id=0, eos_id=1, unk_id=2"):
         load_tokenizer(tmp_path)
+
+
+# ---- damaged tokenizer files: each one error that names the file and the fix ---------------------------------
+
+
+def _bad_tokenizer(tmp_path, spiece_dir, bpe_dir, case: str):
+    path = tmp_path / case.replace(" ", "_")
+    path.mkdir()
+    spiece = (spiece_dir / "spiece.model").read_bytes()
+    files = {
+        "truncated spiece.model": {"spiece.model": spiece[: len(spiece) // 2]},
+        "empty spiece.model": {"spiece.model": b""},
+        "text as spiece.model": {"spiece.model": b"<pad> 0\n</s> 1\n"},
+        "tokenizer_config.json list": {"spiece.model": spiece, "tokenizer_config.json": b"[1, 2]"},
+        "tokenizer_config.json invalid": {"spiece.model": spiece, "tokenizer_config.json": b'{"extra_ids": 1'},
+        "extra_ids text": {"spiece.model": spiece, "tokenizer_config.json": b'{"extra_ids": "100"}'},
+        "extra_ids negative": {"spiece.model": spiece, "tokenizer_config.json": b'{"extra_ids": -5}'},
+        "extra_ids a billion": {"spiece.model": spiece, "tokenizer_config.json": b'{"extra_ids": 1000000000}'},
+        "padding_side middle": {"spiece.model": spiece, "tokenizer_config.json": b'{"padding_side": "middle"}'},
+        "vocab.json list": {"vocab.json": b'["__null__", "__start__"]', "merges.txt": b"#version: 0.2\n"},
+        "vocab.json gap": {
+            "vocab.json": json.dumps({**json.loads((bpe_dir / "vocab.json").read_text()), "zz": 1000}).encode(),
+            "merges.txt": (bpe_dir / "merges.txt").read_bytes(),
+        },
+        "vocab.json text id": {"vocab.json": b'{"__null__": "0"}', "merges.txt": b"#version: 0.2\n"},
+        "merges.txt not UTF-8": {"vocab.json": (bpe_dir / "vocab.json").read_bytes(), "merges.txt": b"\xff\xfe\n"},
+    }[case]
+    for name, data in files.items():
+        (path / name).write_bytes(data)
+    return path
+
+
+BAD_TOKENIZERS = {
+    "truncated spiece.model": ("spiece.model is not a SentencePiece model", "copy spiece.model again"),
+    "empty spiece.model": ("spiece.model is not a SentencePiece model",),
+    "text as spiece.model": ("spiece.model is not a SentencePiece model",),
+    "tokenizer_config.json list": ("tokenizer_config.json holds a JSON list, not an object",),
+    "tokenizer_config.json invalid": ("tokenizer_config.json is not valid JSON",),
+    "extra_ids text": ("tokenizer_config.json: extra_ids is '100'; it must be an integer in 0 ... 10000",),
+    "extra_ids negative": ("tokenizer_config.json: extra_ids is -5; it must be an integer in 0 ... 10000",),
+    "extra_ids a billion": ("tokenizer_config.json: extra_ids is 1000000000; it must be an integer in 0 ...",),
+    "padding_side middle": ("padding_side is 'middle'",),
+    "vocab.json list": ("vocab.json holds a JSON list", "token -> id"),
+    "vocab.json gap": ("vocab.json: the ids must be 0 ...", "is missing"),
+    "vocab.json text id": ("vocab.json: token '__null__' has id '0'",),
+    "merges.txt not UTF-8": ("merges.txt is not UTF-8",),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_TOKENIZERS))
+def test_damaged_tokenizer_files_are_one_error_naming_the_file(tmp_path, spiece_dir, bpe_dir, case):
+    path = _bad_tokenizer(tmp_path, spiece_dir, bpe_dir, case)
+    with pytest.raises(ValueError) as err:
+        load_tokenizer(path)
+    for text in BAD_TOKENIZERS[case]:
+        assert text in str(err.value), str(err.value)
+    assert str(path) in str(err.value)
+
+
+@pytest.mark.parametrize("case", list(BAD_TOKENIZERS))
+def test_damaged_tokenizer_files_through_the_cli(tmp_path, spiece_dir, bpe_dir, capfd, case):
+    from fastseq.cli import main
+
+    path = _bad_tokenizer(tmp_path, spiece_dir, bpe_dir, case)
+    commands = [["train", "--tokenizer", str(path), "--output-dir", str(tmp_path / "out")]]
+    if case in ("truncated spiece.model", "tokenizer_config.json invalid", "vocab.json gap"):
+        commands.append(["generate", "--model", str(path), "text"])
+    for argv in commands:
+        if argv[0] == "generate":  # a model directory whose weights are fine and whose tokenizer is not
+            _tiny_model(path)
+        assert main(argv) == 2
+        lines = [line for line in capfd.readouterr().err.splitlines() if line.startswith("fastseq ")]
+        assert len(lines) == 1 and BAD_TOKENIZERS[case][0] in lines[0], lines
+    assert not (tmp_path / "out" / "metrics.jsonl").exists()
+
+
+def _tiny_model(path):
+    from fastseq.models import T5Config, T5ForConditionalGeneration
+
+    config = T5Config(vocab_size=384, d_model=16, d_kv=4, d_ff=16, num_layers=1, num_heads=2, dropout_rate=0.0)
+    T5ForConditionalGeneration(config).save_pretrained(path)
+
+
+# ---- a trained model directory is one transformers reads whole ----------------------------------------------
+
+
+def _tiny(family: str, vocab_size: int):
+    from fastseq.models import (
+        BlenderbotSmallConfig,
+        BlenderbotSmallForConditionalGeneration,
+        T5Config,
+        T5ForConditionalGeneration,
+    )
+
+    if family == "blenderbot-small":
+        config = BlenderbotSmallConfig(vocab_size=vocab_size, d_model=32, encoder_layers=1, decoder_layers=1,
+                                       encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=32,
+                                       decoder_ffn_dim=32, max_position_embeddings=128, dropout=0.0)  # fmt: skip
+        return BlenderbotSmallForConditionalGeneration(config)
+    config = T5Config(vocab_size=vocab_size, d_model=32, d_kv=8, d_ff=32, num_layers=1, num_heads=4, dropout_rate=0.0,
+                      feed_forward_proj="gated-gelu", tie_word_embeddings=False)  # fmt: skip
+    return T5ForConditionalGeneration(config)
+
+
+@pytest.mark.parametrize("family", ["t5", "byt5", "blenderbot-small"])
+def test_a_trained_directory_loads_in_transformers_auto_classes(tmp_path, spiece_dir, bpe_dir, family):
+    """`fastseq train` writes the final model and each checkpoint with generation_config.json and the
+    tokenizer files: AutoTokenizer and AutoModelForSeq2SeqLM read them and generate what fastseq generates
+    (transformers 5 has no text2text-generation or summarization pipeline; they were this, in one call)."""
+    import transformers
+
+    import fastseq
+    from fastseq.cli import main
+
+    source = {"t5": spiece_dir, "byt5": None, "blenderbot-small": bpe_dir}[family]
+    tokenizer = ByT5Tokenizer() if source is None else load_tokenizer(source)
+    start = tmp_path / "start"
+    _tiny("blenderbot-small" if family == "blenderbot-small" else "t5", len(tokenizer)).save_pretrained(start)
+    tokenizer.save_pretrained(start)
+    out = tmp_path / "out"
+    argv = ["train", "--model", str(start), "--steps", "2", "--batch-size", "4", "--eval-examples", "4", "--quiet",
+            "--optimizer", "adamw", "--lr", "1e-3", "--output-dir", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    texts = ["kato rimu sen", "Fé ü, la!"]
+    for directory in (out, out / "checkpoint-2"):
+        assert (directory / "generation_config.json").is_file()
+        theirs_tok = transformers.AutoTokenizer.from_pretrained(directory)
+        theirs = transformers.AutoModelForSeq2SeqLM.from_pretrained(directory).eval()
+        ours_tok, ours = load_tokenizer(directory), fastseq.from_pretrained(directory)
+        assert theirs.generation_config.decoder_start_token_id == ours.config.decoder_start_token_id
+        assert theirs.generation_config.eos_token_id == ours.config.eos_token_id
+        batch = theirs_tok(texts, padding=True, return_tensors="pt")
+        assert torch.equal(batch["input_ids"], ours_tok(texts)["input_ids"])
+        with torch.no_grad():
+            expected = theirs.generate(**batch, max_new_tokens=5, num_beams=1, do_sample=False)
+        got = ours.generate(batch["input_ids"], batch["attention_mask"], max_new_tokens=5)
+        width = min(expected.shape[1], got.shape[1])
+        assert torch.equal(got[:, :width], expected[:, :width])
+        assert ours_tok.batch_decode(got, skip_special_tokens=True) == theirs_tok.batch_decode(
+            got, skip_special_tokens=True
+        )

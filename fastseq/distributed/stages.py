@@ -242,6 +242,11 @@ def _t5_sublayers(config, num_layers: int, *, is_decoder: bool) -> list[Layer]:
 
 def layers(config) -> list[Layer]:
     """The pipeline's layers for a model config (T5, mT5, LongT5 or BlenderbotSmall)."""
+    if config.separate_embeddings:
+        raise ValueError(
+            f"the model has token embeddings of its own for {' and '.join(config.separate_embeddings)} (not tied to "
+            "the shared one); pipeline stages share one embedding: train it with ZeRO or on one process"
+        )
     blenderbot = config.model_type == "blenderbot-small"
     shared = "model.shared.weight" if blenderbot else "shared.weight"
     embed = dict(cls=TokenEmbedding, args=(config,), tied="embed", renames={"weight": shared})

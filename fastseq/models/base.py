@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from fastseq.files import save_pretrained
+from fastseq.files import save_pretrained, write_json
 from fastseq.kernels import linear_cross_entropy
 
+GENERATION_CONFIG = "generation_config.json"
 # Keys of a Hugging Face config.json that are derived or bookkeeping, never read back.
 _DERIVED_KEYS = {"dense_act_fn", "is_gated_act", "transformers_version", "architectures", "torch_dtype", "dtype"}
 
@@ -27,6 +30,55 @@ class Seq2SeqOutput:
 @dataclass
 class EncoderOutput:
     last_hidden_state: torch.Tensor  # (B, L, d_model)
+
+
+def check_int(config, name: str, low: int, high: int | None = None, *, optional: bool = False) -> None:
+    """`config.<name>` is an integer in [low, high] (None allowed when `optional`); else a ValueError
+    that names the field, its value and the range."""
+    value = getattr(config, name)
+    if value is None and optional:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
+        allowed = f"an integer in {low} ... {high}" if high is not None else f"an integer >= {low}"
+        raise ValueError(f"{name} is {value!r}; it must be {allowed}")
+
+
+def check_float(config, name: str, low: float, high: float | None = None, *, open_low: bool = False,
+                open_high: bool = False) -> None:  # fmt: skip
+    """`config.<name>` is a finite number in the range (ends open or closed); else a ValueError."""
+    value = getattr(config, name)
+    number = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not number or value < low or (open_low and value == low) or (high is not None and (
+            value > high or (open_high and value == high))):  # fmt: skip
+        left, right = "(" if open_low else "[", ")" if open_high or high is None else "]"
+        raise ValueError(
+            f"{name} is {value!r}; it must be a number in {left}{low}, {high if high is not None else 'inf'}{right}"
+        )
+
+
+def check_bool(config, name: str) -> None:
+    value = getattr(config, name)
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} is {value!r}; it must be true or false")
+
+
+def check_separate_embeddings(config) -> None:
+    value = config.separate_embeddings
+    if not isinstance(value, list) or not set(value) <= {"encoder", "decoder"} or len(set(value)) != len(value):
+        raise ValueError(f"separate_embeddings is {value!r}; it must be a list of 'encoder' and/or 'decoder'")
+
+
+def token_embeddings(config, shared: nn.Embedding) -> tuple[nn.Embedding, nn.Embedding]:
+    """The encoder's and the decoder's token embedding: `shared`, or a matrix of its own for a stack in
+    `config.separate_embeddings` (as `transformers` loads a checkpoint whose stack embedding differs)."""
+    padding = shared.padding_idx
+
+    def embedding(stack: str) -> nn.Embedding:
+        if stack in config.separate_embeddings:
+            return nn.Embedding(config.vocab_size, config.d_model, padding_idx=padding)
+        return shared
+
+    return embedding("encoder"), embedding("decoder")
 
 
 class HFConfig:
@@ -46,8 +98,9 @@ class HFConfig:
     def to_hf_dict(self) -> dict[str, Any]:
         out = dict(self.extra)
         for f in dataclasses.fields(self):
-            if f.name != "extra":
-                out[f.name] = getattr(self, f.name)
+            value = getattr(self, f.name)
+            if f.name != "extra" and not (f.metadata.get("omit_if_empty") and not value):
+                out[f.name] = value
         return out
 
 
@@ -99,8 +152,16 @@ class PreTrainedModel(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     def save_pretrained(self, path, *, max_shard_size: int | str = "5GB") -> None:
-        """Write `config.json` and safetensors weights (sharded above `max_shard_size`), atomically."""
+        """Write `config.json` and safetensors weights (sharded above `max_shard_size`), and for a
+        model that generates `generation_config.json`, every file atomically."""
         save_pretrained(self, path, max_shard_size=max_shard_size)
+        generation = self.generation_config()
+        if generation is not None:
+            write_json(Path(path) / GENERATION_CONFIG, generation)
+
+    def generation_config(self) -> dict[str, Any] | None:
+        """What `transformers` reads from generation_config.json (None: the model does not generate)."""
+        return None
 
     def hf_config(self) -> dict[str, Any]:
         """The config.json of this model: its config, its Hugging Face class and its dtype."""
@@ -131,6 +192,11 @@ class Seq2SeqModel(PreTrainedModel):
         from fastseq.generation import generate
 
         return generate(self, input_ids, attention_mask, **kwargs)
+
+    def generation_config(self) -> dict[str, Any]:
+        """The special tokens generation starts and stops with, as `transformers` writes them."""
+        names = ("bos_token_id", "decoder_start_token_id", "eos_token_id", "forced_eos_token_id", "pad_token_id")
+        return {name: getattr(self.config, name) for name in names if getattr(self.config, name, None) is not None}
 
     def logits_bias(self) -> torch.Tensor | None:
         """A bias added to every logit (vocab,), or None."""

@@ -13,7 +13,17 @@ from torch.utils.checkpoint import checkpoint
 
 from fastseq.kernels import bucketed_attention
 
-from .base import HFConfig, LMHead, PreTrainedModel, Seq2SeqModel
+from .base import (
+    HFConfig,
+    LMHead,
+    PreTrainedModel,
+    Seq2SeqModel,
+    check_bool,
+    check_float,
+    check_int,
+    check_separate_embeddings,
+    token_embeddings,
+)
 from .cache import LayerCache
 
 _ACTIVATIONS = {
@@ -49,16 +59,45 @@ class BlenderbotSmallConfig(HFConfig):
     decoder_start_token_id: int = 1
     forced_eos_token_id: int | None = 2
     model_type: str = "blenderbot-small"
+    # Stacks ("encoder", "decoder") whose token embedding is a matrix of its own instead of `shared`
+    # (a checkpoint stores it, with other values); written to config.json only when not empty.
+    separate_embeddings: list[str] = field(default_factory=list, metadata={"omit_if_empty": True})
     extra: dict[str, Any] = field(default_factory=dict)  # other config.json keys, written back as read
 
     def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Every field in the range the model can run with; a ValueError names the field and the range."""
+        for name in (
+            "vocab_size",
+            "max_position_embeddings",
+            "d_model",
+            "encoder_layers",
+            "decoder_layers",
+            "encoder_attention_heads",
+            "decoder_attention_heads",
+            "encoder_ffn_dim",
+            "decoder_ffn_dim",
+        ):
+            check_int(self, name, 1)  # fmt: skip
+        for name in ("dropout", "attention_dropout", "activation_dropout"):
+            check_float(self, name, 0.0, 1.0, open_high=True)
+        check_float(self, "init_std", 0.0)
+        for name in ("pad_token_id", "bos_token_id", "eos_token_id", "decoder_start_token_id"):
+            check_int(self, name, 0, self.vocab_size - 1)
+        check_int(self, "forced_eos_token_id", 0, self.vocab_size - 1, optional=True)
+        check_bool(self, "scale_embedding")
+        check_bool(self, "tie_word_embeddings")
+        check_separate_embeddings(self)
         if self.activation_function not in _ACTIVATIONS:
             raise ValueError(
-                f"activation_function={self.activation_function!r} is not supported; use one of {sorted(_ACTIVATIONS)}"
+                f"activation_function is {self.activation_function!r}; it must be one of "
+                f"{', '.join(sorted(_ACTIVATIONS))}"
             )
         for heads, name in ((self.encoder_attention_heads, "encoder"), (self.decoder_attention_heads, "decoder")):
             if self.d_model % heads:
-                raise ValueError(f"d_model={self.d_model} is not divisible by {name}_attention_heads={heads}")
+                raise ValueError(f"d_model {self.d_model} is not divisible by {name}_attention_heads {heads}")
 
     def to_hf_dict(self) -> dict[str, Any]:
         out = super().to_hf_dict()
@@ -239,8 +278,9 @@ class BlenderbotSmallModel(nn.Module):
     def __init__(self, config: BlenderbotSmallConfig):
         super().__init__()
         self.shared = nn.Embedding(config.vocab_size, config.d_model, padding_idx=config.pad_token_id)
-        self.encoder = BlenderbotSmallEncoder(config, self.shared)
-        self.decoder = BlenderbotSmallDecoder(config, self.shared)
+        encoder_embed, decoder_embed = token_embeddings(config, self.shared)
+        self.encoder = BlenderbotSmallEncoder(config, encoder_embed)
+        self.decoder = BlenderbotSmallDecoder(config, decoder_embed)
 
 
 def init_blenderbot_module(module: nn.Module, std: float) -> None:
@@ -289,17 +329,16 @@ class BlenderbotSmallForConditionalGeneration(BlenderbotSmallBase, Seq2SeqModel)
         return self.model.shared
 
     def tied_parameters(self) -> dict[str, str]:
-        tied = {
-            "model.encoder.embed_tokens.weight": "model.shared.weight",
-            "model.decoder.embed_tokens.weight": "model.shared.weight",
-        }
+        tied = {f"model.{stack}.embed_tokens.weight": "model.shared.weight" for stack in ("encoder", "decoder")
+                if stack not in self.config.separate_embeddings}  # fmt: skip
         if self.config.tie_word_embeddings:
             tied["lm_head.weight"] = "model.shared.weight"
         return tied
 
     def tie_weights(self) -> None:
-        self.model.encoder.embed_tokens = self.model.shared
-        self.model.decoder.embed_tokens = self.model.shared
+        for stack in ("encoder", "decoder"):
+            if stack not in self.config.separate_embeddings:
+                getattr(self.model, stack).embed_tokens = self.model.shared
         if self.config.tie_word_embeddings:
             self.lm_head.weight = self.model.shared.weight
 

@@ -16,6 +16,7 @@ from torch import nn
 
 from fastseq.kernels import global_aggregate, local_attention
 
+from .base import check_int
 from .t5 import T5Attention, T5Config, T5EncoderModel, T5ForConditionalGeneration, T5LayerNorm
 
 _ATTENTION_TYPES = ("local", "transient-global")
@@ -28,12 +29,14 @@ class LongT5Config(T5Config):
     encoder_attention_type: str = "local"  # "local" or "transient-global"
     model_type: str = "longt5"
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
+    def validate(self) -> None:
+        super().validate()
+        check_int(self, "local_radius", 1)
+        check_int(self, "global_block_size", 1)
         if self.encoder_attention_type not in _ATTENTION_TYPES:
             raise ValueError(
-                f"encoder_attention_type={self.encoder_attention_type!r} is not supported; "
-                f"use one of {_ATTENTION_TYPES}"
+                f"encoder_attention_type is {self.encoder_attention_type!r}; it must be one of "
+                f"{', '.join(_ATTENTION_TYPES)}"
             )
 
 

@@ -17,7 +17,18 @@ from torch.utils.checkpoint import checkpoint
 
 from fastseq.kernels import bucketed_attention, gated_ffn, relu_ffn, rms_norm
 
-from .base import EncoderOutput, HFConfig, LMHead, PreTrainedModel, Seq2SeqModel
+from .base import (
+    EncoderOutput,
+    HFConfig,
+    LMHead,
+    PreTrainedModel,
+    Seq2SeqModel,
+    check_bool,
+    check_float,
+    check_int,
+    check_separate_embeddings,
+    token_embeddings,
+)
 from .cache import KVCache, LayerCache
 
 _FFN_KINDS = ("relu", "gated-gelu")
@@ -44,16 +55,40 @@ class T5Config(HFConfig):
     eos_token_id: int = 1
     decoder_start_token_id: int = 0  # first decoder input; T5 starts with the pad token
     model_type: str = "t5"  # "t5" or "mt5": the same architecture, kept for config.json
+    # Stacks ("encoder", "decoder") whose token embedding is a matrix of its own instead of `shared`
+    # (a checkpoint stores it, with other values); written to config.json only when not empty.
+    separate_embeddings: list[str] = field(default_factory=list, metadata={"omit_if_empty": True})
     extra: dict[str, Any] = field(default_factory=dict)  # other config.json keys, written back as read
 
     def __post_init__(self) -> None:
         if self.num_decoder_layers is None:
             self.num_decoder_layers = self.num_layers
+        self.validate()
         if self.scale_decoder_outputs is None:
             # T5 v1.0 rescales because its head is the embedding; mT5 never rescales.
             self.scale_decoder_outputs = self.tie_word_embeddings and self.model_type != "mt5"
+
+    def validate(self) -> None:
+        """Every field in the range the model can run with; a ValueError names the field and the range."""
+        for name in ("vocab_size", "d_model", "d_kv", "d_ff", "num_layers", "num_decoder_layers", "num_heads"):
+            check_int(self, name, 1)
+        # The encoder's buckets are halved per direction and half of those are exact distances: at least one.
+        check_int(self, "relative_attention_num_buckets", 4)
+        # The logarithmic buckets span from the exact ones to max_distance (log(max_distance / exact) > 0).
+        check_int(self, "relative_attention_max_distance", self.relative_attention_num_buckets // 2 + 1)
+        check_float(self, "dropout_rate", 0.0, 1.0, open_high=True)
+        check_float(self, "layer_norm_epsilon", 0.0, open_low=True)
+        check_float(self, "initializer_factor", 0.0, open_low=True)
+        for name in ("pad_token_id", "eos_token_id", "decoder_start_token_id"):
+            check_int(self, name, 0, self.vocab_size - 1)
+        check_bool(self, "tie_word_embeddings")
+        check_separate_embeddings(self)
+        if self.scale_decoder_outputs is not None:
+            check_bool(self, "scale_decoder_outputs")
         if self.feed_forward_proj not in _FFN_KINDS:
-            raise ValueError(f"feed_forward_proj={self.feed_forward_proj!r} is not supported; use one of {_FFN_KINDS}")
+            raise ValueError(
+                f"feed_forward_proj is {self.feed_forward_proj!r}; it must be one of {', '.join(_FFN_KINDS)}"
+            )
 
     @property
     def is_gated(self) -> bool:
@@ -330,6 +365,9 @@ class _T5Base(PreTrainedModel):
             for module in self.modules():
                 init_t5_module(module, self.config)
             nn.init.normal_(self.shared.weight, std=self.config.initializer_factor)
+            for stack in (self.encoder, getattr(self, "decoder", None)):
+                if stack is not None and stack.embed_tokens is not self.shared:
+                    nn.init.normal_(stack.embed_tokens.weight, std=self.config.initializer_factor)
             head = getattr(self, "lm_head", None)
             if head is not None and head.weight is not self.shared.weight:
                 nn.init.normal_(head.weight, std=self.config.initializer_factor)
@@ -343,24 +381,27 @@ class T5ForConditionalGeneration(_T5Base, Seq2SeqModel):
         super().__init__()
         self.config = config
         self.shared = nn.Embedding(config.vocab_size, config.d_model)
+        encoder_embed, decoder_embed = token_embeddings(config, self.shared)
         self.encoder = T5Stack(
-            config, self.shared, config.num_layers, is_decoder=False, self_attention=encoder_self_attention
+            config, encoder_embed, config.num_layers, is_decoder=False, self_attention=encoder_self_attention
         )
-        self.decoder = T5Stack(config, self.shared, config.num_decoder_layers, is_decoder=True)
+        self.decoder = T5Stack(config, decoder_embed, config.num_decoder_layers, is_decoder=True)
         self.lm_head = LMHead(config.d_model, config.vocab_size, bias=False)
         self.tie_weights()
         if not any(p.is_meta for p in self.parameters()):
             self.init_weights()
 
     def tied_parameters(self) -> dict[str, str]:
-        tied = {"encoder.embed_tokens.weight": "shared.weight", "decoder.embed_tokens.weight": "shared.weight"}
+        tied = {f"{stack}.embed_tokens.weight": "shared.weight" for stack in ("encoder", "decoder")
+                if stack not in self.config.separate_embeddings}  # fmt: skip
         if self.config.tie_word_embeddings:
             tied["lm_head.weight"] = "shared.weight"
         return tied
 
     def tie_weights(self) -> None:
-        self.encoder.embed_tokens = self.shared
-        self.decoder.embed_tokens = self.shared
+        for stack in ("encoder", "decoder"):
+            if stack not in self.config.separate_embeddings:
+                getattr(self, stack).embed_tokens = self.shared
         if self.config.tie_word_embeddings:
             self.lm_head.weight = self.shared.weight
 
@@ -395,17 +436,19 @@ class T5EncoderModel(_T5Base):
         super().__init__()
         self.config = config
         self.shared = nn.Embedding(config.vocab_size, config.d_model)
+        encoder_embed, _ = token_embeddings(config, self.shared)
         self.encoder = T5Stack(
-            config, self.shared, config.num_layers, is_decoder=False, self_attention=encoder_self_attention
+            config, encoder_embed, config.num_layers, is_decoder=False, self_attention=encoder_self_attention
         )
         if not any(p.is_meta for p in self.parameters()):
             self.init_weights()
 
     def tied_parameters(self) -> dict[str, str]:
-        return {"encoder.embed_tokens.weight": "shared.weight"}
+        return {} if "encoder" in self.config.separate_embeddings else {"encoder.embed_tokens.weight": "shared.weight"}
 
     def tie_weights(self) -> None:
-        self.encoder.embed_tokens = self.shared
+        if "encoder" not in self.config.separate_embeddings:
+            self.encoder.embed_tokens = self.shared
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> EncoderOutput:
         """input_ids `(B, L)` -> last_hidden_state `(B, L, d_model)`."""

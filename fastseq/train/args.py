@@ -19,7 +19,8 @@ REPORT_TO = ("none", "tensorboard")
 
 @dataclass
 class TrainArgs:
-    model: str | None = None  # preset name or checkpoint directory; None: the embedded default model
+    model: str | None = None  # model directory, hub id or (with random_init) preset; None: the embedded default
+    random_init: bool = False  # train `model`'s config (a preset or a directory) from random weights
     tokenizer: str | None = None  # directory; default: the model's directory (ByT5 for the default)
     data: str | None = None  # training file; None: the synthetic default task
     eval_data: str | None = None
@@ -75,7 +76,7 @@ class TrainArgs:
 
     @property
     def pretrained(self) -> bool:
-        return self.model is not None and Path(self.model).is_dir()
+        return self.model is not None and not self.random_init and Path(self.model).is_dir()
 
     @property
     def continues_in_output_dir(self) -> bool:

@@ -8,6 +8,7 @@ same for every engine.
 
 from __future__ import annotations
 
+import logging
 import math
 from pathlib import Path
 
@@ -17,7 +18,8 @@ from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
 from fastseq import presets
-from fastseq.checkpoint import from_pretrained, head_is_distinct, read_config
+from fastseq.checkpoint import fit_embeddings, from_pretrained, read_model_config, stored_embeddings
+from fastseq.hub import HubModelNotFound, model_directory
 from fastseq.models import FAMILIES, T5Config
 from fastseq.optim import make_optimizer, make_schedule
 from fastseq.tokenizers import ByT5Tokenizer, Tokenizer, check_vocabulary, load_tokenizer
@@ -26,6 +28,7 @@ from .args import TrainArgs
 from .state import read_tensors
 
 _T5_FAMILY = ("t5", "mt5", "longt5", "umt5")
+log = logging.getLogger("fastseq.train")
 
 
 class NonFiniteError(FloatingPointError):
@@ -124,22 +127,37 @@ def default_config() -> T5Config:
 
 
 def model_config(args: TrainArgs):
-    """The config of the model the run trains, without building it."""
+    """The config of the model the run trains, without building it. `--model` is a directory, else a
+    Hugging Face Hub id (from the cache, or downloaded when online: `args.model` becomes the local
+    directory), else, with `--random-init` only, a preset; `--random-init` with a directory takes its
+    config and random weights."""
     if args.model is None:
+        log.info("the embedded default model (a small T5 v1.1) with random weights")
         return default_config()
-    if Path(args.model).is_dir():
-        data = read_config(args.model)
-        if data.get("model_type") not in FAMILIES:
-            raise ValueError(f"--model {args.model}: model_type {data.get('model_type')!r} is not one fastseq trains "
-                             f"({', '.join(FAMILIES)})")  # fmt: skip
-        config = FAMILIES[data["model_type"]][0].from_hf_dict(data)
-        if getattr(config, "tie_word_embeddings", False) and head_is_distinct(args.model):
-            config.tie_word_embeddings = False  # as from_pretrained does: the directory holds a head of its own
+    if args.random_init:
+        if Path(args.model).is_dir():
+            config, _ = read_model_config(args.model)
+            config.separate_embeddings = []
+        elif args.model in presets.PRESETS:
+            config = presets.config(args.model)
+        else:
+            raise ValueError(f"--model {args.model!r} --random-init: {args.model!r} is neither a directory nor a "
+                             "preset; name a preset (fastseq.presets.PRESETS) or a model directory")  # fmt: skip
+        log.info("--model %s with random weights (--random-init)", args.model)
         return config
-    if args.model in presets.PRESETS:
-        return presets.config(args.model)
-    raise ValueError(f"--model {args.model!r} is neither a directory nor a preset; known presets: "
-                     f"{', '.join(presets.PRESETS)}")  # fmt: skip
+    try:
+        args.model = str(model_directory(args.model))
+    except HubModelNotFound as err:
+        preset = "name a preset with --random-init for random weights"
+        if args.model in presets.PRESETS:
+            preset = f"add --random-init to train preset {args.model} from random weights"
+        raise ValueError(
+            f"--model {err}: pass a model directory or a hub id (downloaded when online; `hf download NAME` fills "
+            f"the cache), or {preset}"
+        ) from None
+    config, _ = read_model_config(args.model)  # a model_type fastseq does not train is refused there
+    fit_embeddings(config, *stored_embeddings(args.model, config))  # as from_pretrained does
+    return config
 
 
 def model_class(config) -> type:
@@ -150,7 +168,7 @@ def model_class(config) -> type:
 def run_tokenizer(args: TrainArgs, config) -> Tokenizer:
     if args.tokenizer:
         tokenizer = load_tokenizer(args.tokenizer)
-    elif args.pretrained:
+    elif args.model is not None and Path(args.model).is_dir():
         tokenizer = load_tokenizer(args.model)
     elif args.model is not None and "byt5" not in args.model:
         raise ValueError(

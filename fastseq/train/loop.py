@@ -515,7 +515,8 @@ class _Run:
         interrupted = _SIGNALS[stopped_by] if stopped_by is not None else None
         best = {} if self.best is None else {"best_checkpoint": str(self.best[0]), "best_metric": self.best[1]}
         if self.engine.rank == 0:
-            line = f"fastseq train ({self.engine.name}): steps {start}-{last_step} in {elapsed:.1f}s"
+            weights = "" if self.args.pretrained else ", random weights"
+            line = f"fastseq train ({self.engine.name}{weights}): steps {start}-{last_step} in {elapsed:.1f}s"
             line += f", final loss {loss:.4f}"
             if self.final:
                 ordered = [key for key in self.final if key != "eval_loss"] + ["eval_loss"]

@@ -30,9 +30,9 @@ from .args import TrainArgs
 STATE_FILE = "trainer_state.json"
 FORMAT = 2
 # What a run writes at the top of its output directory (besides checkpoint-STEP/).
-_RUN_FILES = {"metrics.jsonl", "loss.png", "config.json", SAFE_WEIGHTS, SAFE_INDEX, "spiece.model", "vocab.json",
-              "merges.txt", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
-              "generated_predictions.txt", "runs"}  # fmt: skip
+_RUN_FILES = {"metrics.jsonl", "loss.png", "config.json", "generation_config.json", SAFE_WEIGHTS, SAFE_INDEX,
+              "spiece.model", "vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json",
+              "added_tokens.json", "generated_predictions.txt", "runs"}  # fmt: skip
 log = logging.getLogger("fastseq.train")
 _CHECKPOINT = re.compile(r"\.?checkpoint-\d+(\.tmp|\.old)?")
 _PREDICTIONS = re.compile(r"eval_predictions-\d+\.jsonl")
