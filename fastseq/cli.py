@@ -127,10 +127,7 @@ def train_args(ns: argparse.Namespace) -> TrainArgs:
         values.update(_yaml_options(Path(ns.config)))
     skipped = ("config", "func", "command", "local_rank", "debug")  # --local_rank: LOCAL_RANK says the same
     values.update({k: v for k, v in vars(ns).items() if v is not None and k not in skipped})
-    args = TrainArgs.from_dict(values)
-    if args.lr == 0:  # --lr 0: Adafactor's relative step
-        args.lr = None
-    return args
+    return TrainArgs.from_dict(values)
 
 
 def _yaml_options(path: Path) -> dict:

@@ -177,3 +177,23 @@ def test_mixed_precision_runs(tmp_path, precision, force, reference_backend):
     assert summary["loss"] == summary["loss"] and summary["loss"] < 100  # finite
     model = fastseq.from_pretrained(tmp_path / "run")
     assert next(model.parameters()).dtype == torch.float32  # master weights stay fp32
+
+
+def test_lr_zero_asks_adafactor_for_its_relative_step_also_when_fine_tuning(tmp_path):
+    """`--lr 0` is Adafactor's relative step for a pretrained model too; without --lr a pretrained
+    model gets 1e-3, a model from scratch the relative step; AdamW refuses 0."""
+    from fastseq.cli import build_parser, train_args
+
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+
+    def rate(*flags: str) -> float | None:
+        return train_args(build_parser().parse_args(["train", "--model", str(model), *flags])).learning_rate()
+
+    assert rate("--lr", "0") is None
+    assert rate() == 1e-3
+    assert rate("--lr", "3e-4") == 3e-4
+    assert TrainArgs(lr=None).learning_rate() is None
+    with pytest.raises(ValueError, match="adamw needs a learning rate above 0"):
+        TrainArgs(optimizer="adamw", lr=0.0).validate()

@@ -35,7 +35,7 @@ class TrainArgs:
     buffer_size: int = 100_000  # examples read, length-bucketed and shuffled at a time (file data)
     grad_accum: int = 1
     optimizer: str = "adafactor"  # T5's optimizer
-    lr: float | None = None  # None with adafactor: relative step from scratch, 1e-3 for a pretrained directory
+    lr: float | None = None  # adafactor: None = relative step from scratch, 1e-3 pretrained; 0 = relative step
     schedule: str = "constant"
     warmup: int = 0
     weight_decay: float = 0.0
@@ -112,8 +112,10 @@ class TrainArgs:
         return greater_is_better(self.best_model_key or "eval_loss")
 
     def learning_rate(self) -> float | None:
-        """The rate the optimizer gets: Adafactor's relative step (None) from scratch, 1e-3 when
-        fine-tuning a pretrained directory, else --lr."""
+        """The rate the optimizer gets: Adafactor's relative step (None) with `--lr 0` or from scratch
+        without --lr, 1e-3 when fine-tuning a pretrained model without --lr, else --lr."""
+        if self.optimizer == "adafactor" and self.lr == 0:
+            return None
         if self.lr is None and self.optimizer == "adafactor" and self.pretrained:
             return 1e-3
         return self.lr
@@ -132,8 +134,10 @@ class TrainArgs:
             value = getattr(self, name)
             if value is not None and not (math.isfinite(value) and value >= 0):
                 raise ValueError(f"--{_flag(name)} must be a finite number >= 0; got {value}")
-        if self.optimizer == "adamw" and self.lr is None:
-            raise ValueError("--optimizer adamw needs a learning rate: pass --lr (e.g. --lr 1e-4)")
+        if self.optimizer == "adamw" and not self.lr:
+            raise ValueError(
+                f"--optimizer adamw needs a learning rate above 0: pass --lr (e.g. --lr 1e-4); got {self.lr}"
+            )
         choices = {"task": TASKS, "precision": PRECISIONS, "optimizer": OPTIMIZERS, "schedule": SCHEDULES}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
