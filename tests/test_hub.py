@@ -177,3 +177,22 @@ def test_random_init_is_explicit_and_said(hub, tmp_path, capfd, caplog):
     assert code == 2 and "preset 't5-small' is built with random weights and needs a tokenizer" in err
     code, _, err = _cli(capfd, "train", "--model", "t5-smol", "--random-init", "--output-dir", str(out / "x"))
     assert code == 2 and "is neither a directory nor a preset" in err
+
+
+def test_a_tokenizer_given_as_a_hub_id_comes_from_the_cache(hub, tmp_path, capfd):
+    """A model directory without tokenizer files trains with `--tokenizer ORG/NAME` from the cache."""
+    _, source, _ = hub
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(source / name, bare / name)
+    common = ["--steps", "1", "--batch-size", "2", "--eval-examples", "2", "--quiet"]
+    code, _, err = _cli(capfd, "train", "--model", str(bare), *common, "--output-dir", str(tmp_path / "o1"))
+    assert code == 2, err  # the directory holds no tokenizer
+    code, _, err = _cli(capfd, "train", "--model", str(bare), "--tokenizer", REPO, *common,
+                        "--output-dir", str(tmp_path / "o2"))  # fmt: skip
+    assert code == 0, err
+    assert json.loads((tmp_path / "o2" / "tokenizer_config.json").read_text())["tokenizer_class"].startswith("ByT5")
+    code, _, err = _cli(capfd, "train", "--tokenizer", "tiny-org/missing", "--output-dir", str(tmp_path / "o3"))
+    lines = [line for line in err.splitlines() if line.startswith("fastseq ")]
+    assert code == 2 and len(lines) == 1 and "tiny-org/missing" in lines[0], err

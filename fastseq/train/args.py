@@ -9,6 +9,7 @@ import typing
 from dataclasses import dataclass
 from pathlib import Path
 
+from fastseq.hub import is_repo_id
 from fastseq.metrics import check_available, greater_is_better, metric_keys, parse_metrics
 from fastseq.optim import OPTIMIZERS, SCHEDULES
 
@@ -21,7 +22,7 @@ REPORT_TO = ("none", "tensorboard")
 class TrainArgs:
     model: str | None = None  # model directory, hub id or (with random_init) preset; None: the embedded default
     random_init: bool = False  # train `model`'s config (a preset or a directory) from random weights
-    tokenizer: str | None = None  # directory; default: the model's directory (ByT5 for the default)
+    tokenizer: str | None = None  # directory or hub id; default: the model's (ByT5 for the default)
     data: str | None = None  # training file; None: the synthetic default task
     eval_data: str | None = None
     task: str = "seq2seq"  # or "denoise"
@@ -150,8 +151,10 @@ class TrainArgs:
                 raise ValueError(f"--{_flag(name)} {path} is a directory; pass a file")
             if path is not None and not Path(path).is_file():
                 raise FileNotFoundError(f"--{_flag(name)} {path} does not exist; pass the path of a file")
-        if self.tokenizer is not None and not Path(self.tokenizer).is_dir():
-            raise FileNotFoundError(f"--tokenizer {self.tokenizer} is not a directory; pass a tokenizer directory")
+        if self.tokenizer is not None and not Path(self.tokenizer).is_dir() and not is_repo_id(self.tokenizer):
+            raise FileNotFoundError(
+                f"--tokenizer {self.tokenizer} is not a directory, nor a hub id; pass a tokenizer directory or ORG/NAME"
+            )
         if self.resume not in (None, "latest") and not Path(self.resume).is_dir():
             raise FileNotFoundError(
                 f"--resume {self.resume} is not a checkpoint directory; pass OUTPUT/checkpoint-STEP, or --resume "
