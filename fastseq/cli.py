@@ -104,7 +104,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                         help="continue from the latest checkpoint in --output-dir (or from the one given)")  # fmt: skip
     parser.add_argument("--quiet", action="store_true", default=None, help="no progress bar")
     parser.add_argument("--deepspeed", default=None,
-                        help="a DeepSpeed JSON config (configs/deepspeed/*.json); start with `deepspeed`")  # fmt: skip
+                        help="a DeepSpeed JSON config, or a shipped one's name (zero1, zero2, zero3, zero3_offload, "
+                             "pipeline ...; see `fastseq plan`); start with `deepspeed`")  # fmt: skip
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
 
 
