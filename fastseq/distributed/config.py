@@ -205,11 +205,13 @@ def resolve(
     weight_decay: float = 0.0,
     on_gpu: bool = True,
     num_layers: int | None = None,
+    client_optimizer: str | None = None,
 ) -> dict:
     """A copy of `config` with every "auto" value filled and the combination checked.
 
     micro_batch_size: examples per rank per forward; grad_accum: micro-batches per optimizer step;
-    precision: auto (bf16 on a GPU, fp32 on the CPU), fp32, bf16 or fp16."""
+    precision: auto (bf16 on a GPU, fp32 on the CPU), fp32, bf16 or fp16; client_optimizer: the
+    optimizer fastseq builds (--optimizer) when the config has no "optimizer" section."""
     config = copy.deepcopy(config)
     stage = zero_stage(config)
     stages = pipeline_stages(config)
@@ -272,6 +274,10 @@ def resolve(
     _fill(zero, "stage3_prefetch_bucket_size", int(0.9 * d * d))
     _fill(zero, "stage3_param_persistence_threshold", 10 * d)
 
+    if "optimizer" not in config and client_optimizer == "adafactor" and stage > 0:
+        # DeepSpeed refuses an optimizer it has not tested under ZeRO unless told; fastseq's Adafactor
+        # steps ZeRO's flat partitions (the engine says what that changes).
+        config.setdefault("zero_allow_untested_optimizer", True)
     optimizer = config.get("optimizer")
     if optimizer:
         params = optimizer.setdefault("params", {})

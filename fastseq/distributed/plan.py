@@ -324,6 +324,15 @@ def recommend(found: list[Verdict], cluster: Cluster) -> tuple[Verdict | None, s
     return None, "nothing fits, whatever the options: add GPUs, GPU memory or host memory"
 
 
+def judge(chosen: Verdict, cluster: Cluster) -> tuple[Verdict | None, str]:
+    """The verdict on the one strategy a user chose (`--deepspeed`), in words."""
+    if chosen.fits:
+        return chosen, "the config you chose fits with 10% headroom"
+    if chosen.change:
+        return chosen, f"the config you chose does not fit as asked; with {_flags(chosen.change)} it does"
+    return None, f"the config you chose does not fit, whatever the options: {shortfall(chosen.row, cluster)}"
+
+
 def shortfall(row: Row, cluster: Cluster) -> str:
     """What a row needs beyond the cluster's memory (with the headroom), in words."""
     needs = []
@@ -425,7 +434,7 @@ def show(args, options: dict, cluster: Cluster, *, cpu_from_machine: bool) -> No
                     f"accumulation {setup.grad_accum}, {setup.precision}, {setup.optimizer}"
                     f"{', gradient checkpointing' if setup.gradient_checkpointing else ''}")  # fmt: skip
     print(f"{args.model or 'the default model'}: {sizes.params / 1e9:.2f}B parameters (largest layer "
-          f"{sizes.largest / 1e6:.0f}M) on {cluster.gpus} GPUs ({cluster.gpus_per_node} per node) of "
+          f"{sizes.largest / 1e6:.0f}M) on {cluster.gpus} GPU(s) ({cluster.gpus_per_node} per node) of "
           f"{cluster.gpu_mem:g} GiB, {cluster.cpu_mem:.1f} GiB host memory per node ({host}); "
           f"{options_text}. GiB:")  # fmt: skip
     print(table(found, cluster))
@@ -437,8 +446,12 @@ def show(args, options: dict, cluster: Cluster, *, cpu_from_machine: bool) -> No
             print(f"  {shortfall(v.row, cluster)}; {how}")
     if args.deepspeed:
         wanted = strategy_of(ds_config.load(args.deepspeed))
-        found = [v for v in found if v.row.config == wanted]
-    best, why = recommend(found, cluster)
+        chosen = [v for v in found if v.row.config == wanted]
+        if not chosen:
+            raise ValueError(f"--deepspeed {args.deepspeed} is a {wanted} config, which {cluster.gpus} GPUs cannot run")
+        best, why = judge(chosen[0], cluster)
+    else:
+        best, why = recommend(found, cluster)
     if best is None:
         print(f"recommended: none; {why}")
         return

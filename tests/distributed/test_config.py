@@ -189,3 +189,16 @@ def test_without_the_launcher_says_how_to_start_it(tmp_path):
     assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
     assert "start it with `deepspeed --num_gpus N --module fastseq.train ARGS`" in lines[0]
     assert "mpi4py" not in proc.stderr and not (tmp_path / "out").exists()
+
+
+def test_adafactor_the_default_optimizer_is_allowed_under_zero():
+    """DeepSpeed refuses an optimizer it has not tested under ZeRO ("untested ZeRO Optimizer") unless
+    the config allows it: fastseq's Adafactor, train's default, is allowed; the rest is unchanged."""
+    assert _resolve("zero2", client_optimizer="adafactor")["zero_allow_untested_optimizer"] is True
+    assert _resolve("pipeline", client_optimizer="adafactor")["zero_allow_untested_optimizer"] is True
+    assert "zero_allow_untested_optimizer" not in _resolve("zero2", client_optimizer="adamw")
+    assert "zero_allow_untested_optimizer" not in _resolve("zero3_offload", client_optimizer="adafactor")
+    assert "zero_allow_untested_optimizer" not in _resolve({"zero_optimization": {"stage": 0}},
+                                                            client_optimizer="adafactor")  # fmt: skip
+    assert _resolve({"zero_optimization": {"stage": 2}, "zero_allow_untested_optimizer": False},
+                    client_optimizer="adafactor")["zero_allow_untested_optimizer"] is False  # fmt: skip

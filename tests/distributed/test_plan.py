@@ -147,6 +147,10 @@ _BAD = {
     "adamw without a rate": (["--gpus", "8", "--optimizer", "adamw"], "--optimizer adamw needs a learning rate"),
     "unknown model": (["--gpus", "8", "--model", "t5-smol"], "neither a directory nor a preset"),
     "unknown DeepSpeed config": (["--gpus", "8", "--deepspeed", "zero4"], "shipped config: pipeline, pipeline4"),
+    "a config the GPUs cannot run": (
+        ["--gpus", "2", "--deepspeed", "pipeline8"],
+        "--deepspeed pipeline8 is a pipeline8 config, which 2 GPUs cannot run",
+    ),
 }
 
 
@@ -178,8 +182,10 @@ def test_a_model_directory_and_a_chosen_config(tmp_path, capsys):
     out = _plan_output(capsys, "--model", str(model), "--gpus", "2", "--gpu-mem", "1", "--cpu-mem", "8",
                        "--deepspeed", "zero3")  # fmt: skip
     assert f"{model}: 0.00B parameters" in out
-    assert "recommended: ZeRO-3 (config " in out and "zero3.json" in out
+    assert "recommended: ZeRO-3 (config " in out and "zero3.json): the config you chose fits" in out
     assert out.splitlines()[-1].startswith("deepspeed --num_gpus 2 --module fastseq.train --deepspeed zero3 --model ")
+    out = _plan_output(capsys, "--model", "t5-11b", "--gpus", "8", "--gpu-mem", "40", "--deepspeed", "zero1")
+    assert "recommended: none; the config you chose does not fit, whatever the options: ZeRO-1 needs" in out
 
 
 # ---- the figures against a measured one-process run -------------------------------------------------------
