@@ -24,12 +24,12 @@ In fp32 the parameters and gradients are 4 B and there is no master copy.
 The offload configs run DeepSpeed's CPU AdamW (their "optimizer" section), whatever --optimizer says.
 CPU figures carry DeepSpeed's 1.5x allowance for pinned buffers, as its estimators do.
 
-Activations (16-bit, or 4 B in fp32), kept for the backward pass by fastseq's kernels (the fused
-attention, FFN and loss keep no L x L scores, no d_ff activation and no logits), per token and layer:
-16 d_model + 2 d_ff elements in the encoder, 22 d_model + 2 d_ff in the decoder; with gradient checkpointing only each
-layer's input is kept, and one layer is recomputed at a time. A pipeline stage holds its share of the
-layers for up to min(stages, accumulation) micro-batches in flight (1F1B). tests/distributed/test_plan.py
-checks these figures against the memory a one-process run allocates.
+Activations (16-bit elements, or 4 B in fp32) that fastseq's kernels keep for the backward pass (the
+fused attention and loss keep no L x L scores and no logits), per token and layer: 16 d_model + 2 d_ff
+in the encoder, 22 d_model + 2 d_ff in the decoder, plus the embeddings' and final norms' outputs. With gradient
+checkpointing each layer's input is kept and one layer at a time is recomputed. A pipeline stage
+holds its share of the layers for up to min(stages, accumulation) micro-batches in flight (1F1B).
+tests/distributed/test_plan.py checks these figures against the memory a one-process run allocates.
 """
 
 from __future__ import annotations
