@@ -25,9 +25,13 @@ The offload configs run DeepSpeed's CPU AdamW (their "optimizer" section), whate
 CPU figures carry DeepSpeed's 1.5x allowance for pinned buffers, as its estimators do.
 
 Activations (16-bit elements, or 4 B in fp32) that fastseq's kernels keep for the backward pass (the
-fused attention and loss keep no L x L scores and no logits), per token and layer: 16 d_model + 2 d_ff
-in the encoder, 22 d_model + 2 d_ff in the decoder, plus the embeddings' and final norms' outputs. With gradient
-checkpointing each layer's input is kept and one layer at a time is recomputed. A pipeline stage
+fused attention and loss keep no L x L scores and no logits), per token and layer: about
+4 d_model + 4 inner + 2 d_ff in the encoder and 6 d_model + 6 inner + 2 d_ff in the decoder
+(`_per_token`), plus the embeddings' and final norms' outputs: what the Triton kernels' saved
+tensors measured (under the interpreter, within 2%). With gradient checkpointing each layer's input
+is kept and one layer at a time is recomputed. At the peak, early in the backward pass, come the head's
+weight gradient (the fused loss computes it in the forward pass) and about 1.5 layers' activations and
+their gradients (`activation_bytes`). A pipeline stage
 holds its share of the layers for up to min(stages, accumulation) micro-batches in flight (1F1B).
 tests/distributed/test_plan.py checks these figures against the memory a one-process run allocates.
 """
@@ -153,31 +157,42 @@ def _stage_sizes(config) -> dict[int, int]:
     return sizes
 
 
-def _per_token(config) -> tuple[int, int, int, int, int]:
-    """(encoder layers, decoder layers, d_model, elements one encoder layer keeps per token, the same
-    for a decoder layer): 16 d_model + 2 d_ff in the encoder (norm inputs, q/k/v and the attention
-    output, the FFN's gate and up projections), 22 d_model + 2 d_ff with the decoder's cross-attention."""
+def _per_token(config) -> tuple[int, int, int, int, int, int]:
+    """(encoder layers, decoder layers, d_model, elements an encoder layer keeps per token, the same for
+    a decoder layer, and per source token for each decoder layer), as the kernels save them for the
+    backward pass (inner = heads x d_kv):
+    - encoder layer: both norms' inputs and outputs (4 d_model), q, k, v and the attention output
+      (4 inner), the FFN's two input projections (2 d_ff; the fused FFN recomputes the rest);
+    - decoder layer: three norms' inputs and outputs (6 d_model), self-attention's q, k, v and output
+      and cross-attention's q and output (6 inner), the FFN's 2 d_ff;
+    - cross-attention's keys and values of the encoder output: 2 inner per source token and decoder layer."""
     if config.model_type == "blenderbot-small":
         enc, dec, d, ff = config.encoder_layers, config.decoder_layers, config.d_model, config.encoder_ffn_dim
+        inner = d
     else:
         enc, dec, d, ff = config.num_layers, config.num_decoder_layers, config.d_model, config.d_ff
-    return enc, dec, d, 16 * d + 2 * ff, 22 * d + 2 * ff
+        inner = config.num_heads * config.d_kv
+    return enc, dec, d, 4 * d + 4 * inner + 2 * ff, 6 * d + 6 * inner + 2 * ff, 2 * inner
 
 
 def activation_bytes(config, setup: Setup) -> float:
-    """Activations one micro-batch keeps for the backward pass, at their peak (see the module's docstring)."""
-    enc, dec, d, enc_layer, dec_layer = _per_token(config)
+    """Activations of one micro-batch at their peak, early in the backward pass (see the module's
+    docstring): what the forward pass kept, the head's weight gradient that the fused loss computes in
+    the forward pass (vocabulary x d_model, fp32), and the layer being differentiated, whose
+    activations' gradients sit beside them and whose FFN activation is recomputed: about 1.5 layers."""
+    enc, dec, d, enc_layer, dec_layer, cross = _per_token(config)
     size = 2 if setup.mixed else 4
     source = setup.batch_size * setup.source_length
     target = setup.batch_size * setup.target_length
     ends = (
         2 * d * (source + target)
     )  # the embeddings' outputs and the final norms' (the encoder output, the head's input)
-    if not setup.gradient_checkpointing:
-        return size * (ends + source * enc_layer * enc + target * dec_layer * dec)
-    inputs = d * (source * enc + target * dec)  # what checkpointing keeps: each layer's input
-    recomputed = max(source * enc_layer, target * dec_layer)  # one layer at a time in the backward pass
-    return size * (ends + inputs + recomputed)
+    layer = max(source * enc_layer, target * dec_layer + source * cross)  # the largest layer's activations
+    if setup.gradient_checkpointing:
+        kept = d * (source * enc + target * dec)  # each layer's input; the layer is recomputed in backward
+    else:
+        kept = source * (enc_layer * enc + cross * dec) + target * dec_layer * dec
+    return size * (ends + kept + 1.5 * layer) + 4 * config.vocab_size * d
 
 
 def _optimizer_bytes(setup: Setup, sizes: Sizes, flat: bool) -> float:

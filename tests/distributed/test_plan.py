@@ -237,23 +237,24 @@ class Allocated(TorchDispatchMode):
         return top
 
 
-def _measured(optimizer: str, checkpointing: bool) -> dict[str, int]:
-    """One step of `fastseq train`'s one-process engine on the CPU (fp32): the bytes of the
-    parameters, the activations at their peak (forward and backward, gradients left out), the
-    gradients, and the optimizer's state."""
+def _measured(optimizer: str, checkpointing: bool, config=None, shape: tuple[int, int, int] = (8, 16, 8)) -> dict:
+    """One step of `fastseq train`'s one-process engine on the CPU (fp32) for a micro-batch of `shape`
+    (examples, source and target tokens): the bytes of the parameters, the activations at their peak
+    (forward and backward, gradients left out), the gradients, and the optimizer's state."""
     from fastseq.train import TrainArgs
     from fastseq.train.engine import LocalEngine
 
+    examples, source, target = shape
     args = TrainArgs(optimizer=optimizer, lr=1e-3, gradient_checkpointing=checkpointing, precision="fp32",
-                     device="cpu", batch_size=8)  # fmt: skip
+                     device="cpu", batch_size=examples)  # fmt: skip
     generator = torch.Generator().manual_seed(0)
-    batch = dict(input_ids=torch.randint(3, 384, (8, 16), generator=generator),
-                 attention_mask=torch.ones(8, 16, dtype=torch.long),
-                 labels=torch.randint(3, 384, (8, 8), generator=generator))  # fmt: skip
+    batch = dict(input_ids=torch.randint(3, 384, (examples, source), generator=generator),
+                 attention_mask=torch.ones(examples, source, dtype=torch.long),
+                 labels=torch.randint(3, 384, (examples, target), generator=generator))  # fmt: skip
     torch.manual_seed(0)
     with Allocated() as memory:
         engine = LocalEngine(args, torch.device("cpu"))
-        engine.build(_MEASURED_CONFIG)
+        engine.build(config or _MEASURED_CONFIG)
         params, start = memory.live, len(memory.log)
         engine.forward_backward([batch])
         grads = {p.grad.data_ptr() for p in engine.model.parameters() if p.grad is not None}
@@ -274,43 +275,56 @@ _MEASURED_CONFIG = _measured_config()
 
 
 @pytest.mark.parametrize("optimizer", ["adamw", "adafactor"])
-@pytest.mark.parametrize("checkpointing", [False, True])
-def test_figures_agree_with_a_measured_one_process_run(optimizer, checkpointing, monkeypatch):
-    """Parameters, gradients and optimizer state within 1% of what the run allocates; activations
-    within 15% of their measured peak. The CPU runs the kernels' PyTorch references, which keep the
-    attention probabilities the GPU kernels recompute (a few percent at these lengths) and add the
-    backward pass's transient buffers; the sequences are short so that the comparison is of the
-    activations the planner counts. On the GPU they are 16-bit: the same count at 2 B."""
+def test_model_states_agree_with_a_measured_one_process_run(optimizer, monkeypatch):
+    """Parameters, gradients and the optimizer's state within 1% of what a one-process CPU step
+    allocates (fp32: on a GPU the same counts, bf16 adding autocast's 16-bit copy of the weights).
+    Adafactor's factored second moments are a small fraction of AdamW's two moments."""
     monkeypatch.setenv("FASTSEQ_BACKEND", "reference")
-    measured = _measured(optimizer, checkpointing)
-    setup = Setup(batch_size=8, source_length=16, target_length=8, optimizer=optimizer, precision="fp32",
-                  gradient_checkpointing=checkpointing)  # fmt: skip
+    measured = _measured(optimizer, False)
+    setup = Setup(batch_size=8, source_length=16, target_length=8, optimizer=optimizer, precision="fp32")
     row = plan(model_sizes(_MEASURED_CONFIG), Cluster(1, 1, 80, 64), setup)[0]
     assert row.strategy == "one process (no DeepSpeed)"
     for name in ("params", "grads", "optimizer"):
         planned = getattr(row, name)
         assert abs(planned - measured[name]) <= 0.01 * measured[name], (name, planned, measured[name])
-    planned = row.activations
-    assert abs(planned - measured["activations"]) <= 0.15 * measured["activations"], (planned, measured)
+    if optimizer == "adafactor":
+        assert measured["optimizer"] < measured["params"] / 50
 
 
-def test_checkpointing_and_adafactor_change_the_measured_run_as_planned(monkeypatch):
-    """The planned ratios of the two options' effects against the measured ones."""
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_activations_are_at_most_what_the_cpu_references_keep(checkpointing, monkeypatch):
+    """The kernels' PyTorch references, which the CPU runs, keep what the kernels keep and more (the
+    attention probabilities, the FFN's activation): the planned figure, the kernels', lies below."""
     monkeypatch.setenv("FASTSEQ_BACKEND", "reference")
-    sizes = model_sizes(_MEASURED_CONFIG)
+    measured = _measured("adamw", checkpointing)["activations"]
+    setup = Setup(batch_size=8, source_length=16, target_length=8, optimizer="adamw", precision="fp32",
+                  gradient_checkpointing=checkpointing)  # fmt: skip
+    planned = plan(model_sizes(_MEASURED_CONFIG), Cluster(1, 1, 80, 64), setup)[0].activations
+    assert 0.5 * measured <= planned <= measured, (planned, measured)
 
-    def planned(**kw):
-        setup = Setup(batch_size=8, source_length=16, target_length=8, precision="fp32", **kw)
-        return plan(sizes, Cluster(1, 1, 80, 64), setup)[0]
 
-    full, checkpointed = _measured("adamw", False), _measured("adamw", True)
-    ratio = checkpointed["activations"] / full["activations"]
-    planned_ratio = (planned(optimizer="adamw", gradient_checkpointing=True).activations
-                     / planned(optimizer="adamw").activations)  # fmt: skip
-    assert abs(planned_ratio - ratio) <= 0.1 * ratio, (planned_ratio, ratio)
-    adafactor = _measured("adafactor", False)
-    assert adafactor["optimizer"] < full["optimizer"] / 50  # factored second moments, no first moment
-    assert planned(optimizer="adafactor").optimizer == pytest.approx(adafactor["optimizer"], rel=0.01)
+@pytest.mark.slow
+def test_activations_agree_with_what_the_kernels_keep():
+    """The activations at their peak of a one-process CPU step run through the Triton kernels
+    (TRITON_INTERPRET=1: their autograd functions save what they save on a GPU), with and without
+    gradient checkpointing: the planned figures within 10%."""
+    import json
+    import sys
+
+    from tests.workers.plan_memory import CONFIG, SHAPE
+
+    env = dict(os.environ, TRITON_INTERPRET="1", FASTSEQ_BACKEND="triton", OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-m", "tests.workers.plan_memory"], cwd=Path(__file__).parents[2],
+                          env=env, capture_output=True, text=True, timeout=1800)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    found = json.loads(proc.stdout.strip().splitlines()[-1])
+    sizes = model_sizes(CONFIG)
+    for flag in (False, True):
+        setup = Setup(batch_size=SHAPE[0], source_length=SHAPE[1], target_length=SHAPE[2], optimizer="adamw",
+                      precision="fp32", gradient_checkpointing=flag)  # fmt: skip
+        planned = plan(sizes, Cluster(1, 1, 80, 64), setup)[0].activations
+        assert abs(planned - found[str(flag)]) <= 0.10 * found[str(flag)], (flag, planned, found)
+    assert found["True"] < found["False"]
 
 
 # ---- the printed command runs -----------------------------------------------------------------------------
