@@ -292,39 +292,46 @@ def test_model_states_agree_with_a_measured_one_process_run(optimizer, monkeypat
 
 
 @pytest.mark.parametrize("checkpointing", [False, True])
-def test_activations_are_at_most_what_the_cpu_references_keep(checkpointing, monkeypatch):
+def test_activations_against_what_the_cpu_references_keep(checkpointing, monkeypatch):
     """The kernels' PyTorch references, which the CPU runs, keep what the kernels keep and more (the
-    attention probabilities, the FFN's activation): the planned figure, the kernels', lies below."""
+    attention probabilities, the FFN's activation): without checkpointing the planned figure, the
+    kernels', lies between half of their measured peak and all of it. With checkpointing every
+    layer keeps only its input and the peak is the layer recomputed and differentiated: within 20%.
+    (The kernels themselves: test_activations_agree_with_what_the_kernels_keep.)"""
     monkeypatch.setenv("FASTSEQ_BACKEND", "reference")
     measured = _measured("adamw", checkpointing)["activations"]
     setup = Setup(batch_size=8, source_length=16, target_length=8, optimizer="adamw", precision="fp32",
                   gradient_checkpointing=checkpointing)  # fmt: skip
     planned = plan(model_sizes(_MEASURED_CONFIG), Cluster(1, 1, 80, 64), setup)[0].activations
-    assert 0.5 * measured <= planned <= measured, (planned, measured)
+    if checkpointing:
+        assert abs(planned - measured) <= 0.2 * measured, (planned, measured)
+    else:
+        assert 0.5 * measured <= planned <= measured, (planned, measured)
 
 
 @pytest.mark.slow
 def test_activations_agree_with_what_the_kernels_keep():
     """The activations at their peak of a one-process CPU step run through the Triton kernels
     (TRITON_INTERPRET=1: their autograd functions save what they save on a GPU), with and without
-    gradient checkpointing: the planned figures within 10%."""
+    gradient checkpointing, on two configurations: the planned figures within 10%."""
     import json
     import sys
 
-    from tests.workers.plan_memory import CONFIG, SHAPE
+    from tests.workers.plan_memory import CASES
 
     env = dict(os.environ, TRITON_INTERPRET="1", FASTSEQ_BACKEND="triton", OMP_NUM_THREADS="1")
     proc = subprocess.run([sys.executable, "-m", "tests.workers.plan_memory"], cwd=Path(__file__).parents[2],
-                          env=env, capture_output=True, text=True, timeout=1800)  # fmt: skip
+                          env=env, capture_output=True, text=True, timeout=2400)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
-    found = json.loads(proc.stdout.strip().splitlines()[-1])
-    sizes = model_sizes(CONFIG)
-    for flag in (False, True):
-        setup = Setup(batch_size=SHAPE[0], source_length=SHAPE[1], target_length=SHAPE[2], optimizer="adamw",
-                      precision="fp32", gradient_checkpointing=flag)  # fmt: skip
-        planned = plan(sizes, Cluster(1, 1, 80, 64), setup)[0].activations
-        assert abs(planned - found[str(flag)]) <= 0.10 * found[str(flag)], (flag, planned, found)
-    assert found["True"] < found["False"]
+    measured = json.loads(proc.stdout.strip().splitlines()[-1])
+    for (config, (examples, source, target)), found in zip(CASES, measured, strict=True):
+        sizes = model_sizes(config)
+        for flag in (False, True):
+            setup = Setup(batch_size=examples, source_length=source, target_length=target, optimizer="adamw",
+                          precision="fp32", gradient_checkpointing=flag)  # fmt: skip
+            planned = plan(sizes, Cluster(1, 1, 80, 64), setup)[0].activations
+            assert abs(planned - found[str(flag)]) <= 0.10 * found[str(flag)], (flag, planned, found)
+        assert found["True"] < found["False"]
 
 
 # ---- the printed command runs -----------------------------------------------------------------------------
