@@ -10,6 +10,7 @@ provider on the same input and device.
 from __future__ import annotations
 
 import csv
+import os
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -118,7 +119,8 @@ def report(results: Path, readme: Path | None) -> list[Path]:
             written.append(png)
         text = table(rows, benchmark)
         if text:
-            sections.append(f"### {benchmark}\n\n![{benchmark}](results/{benchmark}.png)\n\n{text}")
+            image = Path(os.path.relpath(results / f"{benchmark}.png", readme.parent)) if readme else png
+            sections.append(f"### {benchmark}\n\n![{benchmark}]({image.as_posix()})\n\n{text}")
     if readme is not None:
         devices = sorted({r["gpu"] for r in rows})
         body = "\n".join(sections) or "No results yet.\n"

@@ -38,7 +38,8 @@ def run(names: list[str], *, quick: bool = False, out: str | None = None, readme
     unknown = [n for n in names if n not in NAMES]
     if unknown:
         raise ValueError(f"unknown benchmark {unknown}; choose from {', '.join(NAMES)}")
-    out = Path(out) if out else here / "results"
+    # Resolved here: the scripts run inside bench/, so a relative --out is this directory's, not theirs.
+    out = Path(out).resolve() if out else here / "results"
     out.mkdir(parents=True, exist_ok=True)
     tag = _device_tag(quick)
     failed = []
@@ -55,7 +56,7 @@ def run(names: list[str], *, quick: bool = False, out: str | None = None, readme
     from report import report
 
     default_readme = here / "README.md" if out.resolve() == (here / "results").resolve() else out / "README.md"
-    readme = Path(readme) if readme else default_readme
+    readme = Path(readme).resolve() if readme else default_readme
     written = report(out, readme)
     print(f"fastseq bench: {len(names) - len(failed)}/{len(names)} benchmarks ran; wrote "
           f"{', '.join(p.name for p in written)} in {out}")  # fmt: skip

@@ -31,10 +31,14 @@ def _convert(args: argparse.Namespace) -> None:
         return
     if not args.source or not destination:
         raise ValueError("use: fastseq convert SRC DST, or fastseq convert --from-deepspeed CKPT --to DIR")
-    args.destination = destination
+    from .distributed.convert import check_destination, copy_side_files
+
+    check_destination(args.source, destination, "SRC", "DST")
     model = from_pretrained(args.source, dtype=args.dtype)
-    model.save_pretrained(args.destination, max_shard_size=args.max_shard_size)
-    print(f"fastseq convert: {type(model).__name__} ({model.num_parameters():,} parameters) -> {args.destination}")
+    model.save_pretrained(destination, max_shard_size=args.max_shard_size)
+    copied = copy_side_files(Path(args.source), Path(destination))
+    print(f"fastseq convert: {type(model).__name__} ({model.num_parameters():,} parameters) -> {destination}"
+          f"{'; copied ' + ', '.join(copied) if copied else ''}")  # fmt: skip
 
 
 def _generate(args: argparse.Namespace) -> None:
@@ -103,7 +107,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                         help="continue from the latest checkpoint in --output-dir (or from the one given)")  # fmt: skip
     parser.add_argument("--quiet", action="store_true", default=None, help="no progress bar")
     parser.add_argument("--deepspeed", default=None,
-                        help="a DeepSpeed JSON config (configs/deepspeed/*.json); start with `deepspeed`")  # fmt: skip
+                        help="a DeepSpeed JSON config, or a shipped one's name (zero1, zero2, zero3, zero3_offload, "
+                             "pipeline ...; see `fastseq plan`); start with `deepspeed`")  # fmt: skip
     parser.add_argument("--metric", default=None,
                         help="held-out metrics, comma separated: exact_match (default), rouge, bleu, chrf")  # fmt: skip
     parser.add_argument("--num-beams", type=int, default=None, help="evaluation's beams (default 1: greedy)")
@@ -157,10 +162,31 @@ def _refuse_aliases(yaml, path: Path, text: str) -> None:
 
 
 def _plan(ns: argparse.Namespace) -> None:
-    from .distributed.plan import show
+    import dataclasses
+    import math
 
-    show(ns.model, gpus=ns.gpus, gpus_per_node=ns.gpus_per_node, gpu_mem=ns.gpu_mem, cpu_mem=ns.cpu_mem,
-         batch=ns.batch, seq=ns.seq, target=ns.target)  # fmt: skip
+    from .distributed.plan import Cluster, host_memory_gib, show
+
+    checks = {"--gpus": (ns.gpus, 1), "--gpus-per-node": (ns.gpus_per_node, 1)}
+    for flag, (value, low) in checks.items():
+        if value is not None and value < low:
+            raise ValueError(f"{flag} must be at least {low}; got {value}")
+    for flag, value in {"--gpu-mem": ns.gpu_mem, "--cpu-mem": ns.cpu_mem}.items():
+        if value is not None and not (math.isfinite(value) and value > 0):
+            raise ValueError(f"{flag} must be a positive number of GiB; got {value}")
+    per_node = ns.gpus_per_node or min(ns.gpus, 8)
+    if ns.gpus % per_node:
+        raise ValueError(f"--gpus {ns.gpus} is not a multiple of --gpus-per-node {per_node}")
+    fields = [f.name for f in dataclasses.fields(TrainArgs)]
+    options = _yaml_options(Path(ns.config)) if ns.config else {}
+    options.update({k: v for k, v in vars(ns).items() if k in fields and v is not None})
+    options.setdefault("batch_size", 1)  # the plan's micro-batch per GPU unless one is given
+    args = TrainArgs.from_dict(options)
+    args.validate()
+    options = {name: getattr(args, name) for name in fields if name in options}  # typed, in TrainArgs order
+    cpu_mem = ns.cpu_mem if ns.cpu_mem is not None else host_memory_gib()
+    cluster = Cluster(gpus=ns.gpus, gpus_per_node=per_node, gpu_mem=ns.gpu_mem, cpu_mem=cpu_mem)
+    show(args, options, cluster, cpu_from_machine=ns.cpu_mem is None)
 
 
 def _bench(ns: argparse.Namespace) -> None:
@@ -211,16 +237,23 @@ def build_parser() -> argparse.ArgumentParser:
     p_convert.add_argument("--max-shard-size", default="5GB")
     p_convert.set_defaults(func=_convert)
     p_plan = sub.add_parser(
-        "plan", parents=[common], help="which DeepSpeed strategy fits a model on a cluster, and its memory"
+        "plan",
+        parents=[common],
+        help="which DeepSpeed strategy fits a model on a cluster, its memory, config and launch command",
+        description="Plans the run `fastseq train` would make with the same options (--model, --batch-size, "
+        "--grad-accum, --max-source-length, --max-target-length, --optimizer, --precision, "
+        "--gradient-checkpointing ...), and prints the launch command with them.",
     )
-    p_plan.add_argument("--model", required=True, help="a preset name (fastseq.presets.PRESETS)")
     p_plan.add_argument("--gpus", type=int, required=True, help="GPUs in all")
     p_plan.add_argument("--gpus-per-node", type=int, default=None, help="default: min(gpus, 8)")
-    p_plan.add_argument("--gpu-mem", type=float, default=80.0, help="GB of memory per GPU")
-    p_plan.add_argument("--cpu-mem", type=float, default=1000.0, help="GB of CPU memory per node")
-    p_plan.add_argument("--batch", type=int, default=1, help="micro-batch per GPU")
-    p_plan.add_argument("--seq", type=int, default=512, help="input tokens")
-    p_plan.add_argument("--target", type=int, default=128, help="target tokens")
+    p_plan.add_argument("--gpu-mem", type=float, default=80.0, help="GiB of memory per GPU (default 80)")
+    p_plan.add_argument("--cpu-mem", type=float, default=None,
+                        help="GiB of host memory per node (default: this machine's)")  # fmt: skip
+    add_train_arguments(p_plan)
+    # The planner's earlier names of train's --batch-size, --max-source-length and --max-target-length.
+    p_plan.add_argument("--batch", dest="batch_size", type=int, help=argparse.SUPPRESS)
+    p_plan.add_argument("--seq", dest="max_source_length", type=int, help=argparse.SUPPRESS)
+    p_plan.add_argument("--target", dest="max_target_length", type=int, help=argparse.SUPPRESS)
     p_plan.set_defaults(func=_plan)
     p_bench = sub.add_parser("bench", parents=[common], help="run the benchmarks and write their CSVs, plots and table")
     p_bench.add_argument("names", nargs="*", help=f"benchmarks to run (default: all of {', '.join(BENCHMARKS)})")

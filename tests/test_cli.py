@@ -137,3 +137,56 @@ def test_a_signal_ends_the_run_with_a_checkpoint_that_resumes_exactly(tmp_path, 
     a, b = fastseq.from_pretrained(out), fastseq.from_pretrained(straight)
     for (name, x), y in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
         assert torch.equal(x, y), name
+
+
+# ---- convert: the tokenizer and generation config travel; a destination never overlaps its source -------
+
+
+def _tiny_model_dir(path) -> None:
+    import dataclasses
+    import json
+
+    from fastseq.models import T5ForConditionalGeneration
+    from fastseq.tokenizers import ByT5Tokenizer
+    from fastseq.train.engine import default_config
+
+    config = dataclasses.replace(default_config(), d_model=32, d_kv=8, d_ff=64, extra={})
+    T5ForConditionalGeneration(config).save_pretrained(path)
+    ByT5Tokenizer().save_pretrained(path)
+    (path / "generation_config.json").write_text(json.dumps({"decoder_start_token_id": 0, "eos_token_id": 1,
+                                                             "pad_token_id": 0}) + "\n")  # fmt: skip
+
+
+def test_a_converted_directory_keeps_its_tokenizer_and_generates(tmp_path):
+    source, converted = tmp_path / "src", tmp_path / "dst"
+    _tiny_model_dir(source)
+    result = _fastseq("convert", str(source), str(converted), "--dtype", "bfloat16")
+    assert result.returncode == 0, result.stderr
+    for name in ("tokenizer_config.json", "special_tokens_map.json", "generation_config.json"):
+        assert (converted / name).read_bytes() == (source / name).read_bytes(), name
+    assert "copied" in result.stdout and "tokenizer_config.json" in result.stdout
+    texts = ["reverse: abc", "hello"]
+    ours = _fastseq("generate", "--model", str(converted), *texts, "--max-new-tokens", "5")
+    assert ours.returncode == 0, ours.stderr
+    assert len(ours.stdout.splitlines()) == 2
+
+
+@pytest.mark.parametrize("where", ["same", "inside", "holding"])
+def test_convert_refuses_a_destination_that_overlaps_its_source(tmp_path, capfd, where):
+    from fastseq.cli import main
+
+    source = tmp_path / "model"
+    _tiny_model_dir(source)
+    dest = {"same": source, "inside": source / "hf", "holding": tmp_path}[where]
+    relation = {"same": "is", "inside": "lies inside", "holding": "holds"}[where]
+    before = sorted((p.relative_to(tmp_path), p.stat().st_mtime_ns) for p in tmp_path.rglob("*"))
+    deepspeed = ["convert", "--from-deepspeed", str(source), "--to", str(dest)]
+    forms = [(["convert", str(source), str(dest)], ("DST", "SRC")), (deepspeed, ("--to", "--from-deepspeed"))]
+    for argv, names in forms:
+        assert main(argv) == 2
+        err = capfd.readouterr().err
+        lines = [line for line in err.splitlines() if line.startswith("fastseq ")]
+        assert len(lines) == 1 and "Traceback" not in err, err
+        assert lines[0] == (f"fastseq convert: error: {names[0]} {dest} {relation} {names[1]} {source}; write to a "
+                            "directory of its own")  # fmt: skip
+    assert sorted((p.relative_to(tmp_path), p.stat().st_mtime_ns) for p in tmp_path.rglob("*")) == before

@@ -15,6 +15,7 @@ def deepspeed_engine(args, model_config):
     from . import config as ds_config
 
     raw = ds_config.load(args.deepspeed)
+    ds_config.require_launcher()
     if ds_config.pipeline_stages(raw):
         from .pipeline import PipelineEngine
 

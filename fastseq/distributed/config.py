@@ -1,30 +1,167 @@
-"""DeepSpeed configs: read `configs/deepspeed/*.json`, fill the "auto" values from the model and the
-training options, and refuse what cannot work with an error that says what to change."""
+"""DeepSpeed configs: read the shipped `fastseq/configs/deepspeed/*.json` (also at the repository's
+`configs/deepspeed/`) or a user's file, check the types of what fastseq and DeepSpeed read, fill the
+"auto" values from the model and the training options, and refuse what cannot work with an error
+that says what to change."""
 
 from __future__ import annotations
 
 import copy
 import json
+import math
+import os
+from importlib import resources
 from pathlib import Path
 
 _T5_FAMILY = ("t5", "mt5", "longt5", "umt5")
+_OFFLOAD_DEVICES = ("cpu", "nvme", "none")
+
+
+def shipped_dir() -> Path:
+    """The folder of the configs installed with fastseq (package data)."""
+    return Path(str(resources.files("fastseq") / "configs" / "deepspeed"))
+
+
+def shipped() -> list[str]:
+    """Names of the shipped configs (`zero3` for zero3.json)."""
+    return sorted(p.stem for p in shipped_dir().glob("*.json"))
+
+
+def find(name_or_path: str | os.PathLike) -> Path:
+    """`--deepspeed X`: the file X, or the shipped config named X (`zero3` or `zero3.json`)."""
+    path = Path(name_or_path)
+    if path.is_dir():
+        raise ValueError(
+            f"--deepspeed {path} is a directory; pass a JSON file or a shipped name ({', '.join(shipped())})"
+        )
+    if path.is_file():
+        return path
+    if path.parent == Path(".") and path.name.removesuffix(".json") in shipped():
+        return shipped_dir() / f"{path.name.removesuffix('.json')}.json"
+    raise FileNotFoundError(
+        f"--deepspeed {path} does not exist; pass the path of a JSON file or a shipped config: {', '.join(shipped())}"
+    )
 
 
 def load(path_or_dict) -> dict:
+    """A config as a dict (a copy), from a dict, a file or a shipped name, with its types checked."""
     if isinstance(path_or_dict, dict):
-        return copy.deepcopy(path_or_dict)
-    path = Path(path_or_dict)
-    if not path.is_file():
-        shipped = Path(__file__).resolve().parents[2] / "configs" / "deepspeed" / f"{path.name}"
-        hint = f"; the shipped ones are in {shipped.parent}" if shipped.parent.is_dir() else ""
-        raise FileNotFoundError(f"--deepspeed {path}: no such file{hint}")
+        config = copy.deepcopy(path_or_dict)
+        check(config, "the DeepSpeed config")
+        return config
+    path = find(path_or_dict)
     try:
         config = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ValueError(f"--deepspeed {path}: not valid JSON ({err}); fix the file") from None
     if not isinstance(config, dict):
         raise ValueError(f"--deepspeed {path}: a DeepSpeed config is a JSON object, not a {type(config).__name__}")
+    check(config, f"--deepspeed {path}")
     return config
+
+
+def require_launcher(environ=os.environ) -> None:
+    """`--deepspeed` needs the process group that DeepSpeed's launcher (or torchrun) describes in
+    RANK, WORLD_SIZE and LOCAL_RANK; without them DeepSpeed falls back to MPI discovery (mpi4py)."""
+    if any(k in environ for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "OMPI_COMM_WORLD_SIZE")):
+        return
+    raise ValueError(
+        "--deepspeed runs under DeepSpeed's launcher (RANK, WORLD_SIZE and LOCAL_RANK are not set): start it with "
+        "`deepspeed --num_gpus N --module fastseq.train ARGS` (on a CPU: `DS_ACCELERATOR=cpu deepspeed ...`), "
+        "or drop --deepspeed to train in one process"
+    )
+
+
+# ---- types ------------------------------------------------------------------------------------------
+
+
+def _show(value) -> str:
+    return json.dumps(value) if isinstance(value, (str, int, float, bool, type(None), list, dict)) else repr(value)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _bad(source: str, key: str, value, want: str) -> ValueError:
+    return ValueError(f'{source}: "{key}" is {_show(value)}; it must be {want}')
+
+
+def _check_counts(section: dict, keys: tuple[str, ...], prefix: str, source: str, low: int) -> None:
+    for key in keys:
+        if key in section and section[key] != "auto" and not (_is_int(section[key]) and section[key] >= low):
+            raise _bad(source, prefix + key, section[key], f'an integer >= {low} or "auto"')
+
+
+def _object(config: dict, key: str, source: str, example: str, prefix: str = "") -> dict:
+    value = config.get(key, {})
+    if not isinstance(value, dict):
+        raise _bad(source, prefix + key, value, f"an object such as {example}")
+    return value
+
+
+def check(config: dict, source: str) -> None:
+    """Raise a ValueError naming `source`, the key and the value for the first entry of a type that
+    fastseq or DeepSpeed cannot use (a string for a stage, a word for a count, an unknown optimizer)."""
+    _check_counts(config, ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps"), "",
+                  source, 1)  # fmt: skip
+    clip = config.get("gradient_clipping", "auto")
+    if clip != "auto" and not (_is_number(clip) and clip >= 0):
+        raise _bad(source, "gradient_clipping", clip, 'a number >= 0 or "auto"')
+    for name in ("bf16", "fp16"):
+        section = _object(config, name, source, '{"enabled": true}')
+        if section.get("enabled", "auto") not in (True, False, "auto"):
+            raise _bad(source, f"{name}.enabled", section["enabled"], 'true, false or "auto"')
+    zero = _object(config, "zero_optimization", source, '{"stage": 2}')
+    stage = zero.get("stage", 0)
+    if not (_is_int(stage) and 0 <= stage <= 3):
+        raise _bad(source, "zero_optimization.stage", stage, "0, 1, 2 or 3")
+    for key in ("reduce_bucket_size", "allgather_bucket_size", "stage3_prefetch_bucket_size",
+                "stage3_param_persistence_threshold", "stage3_max_live_parameters", "stage3_max_reuse_distance",
+                "sub_group_size"):  # fmt: skip
+        if key in zero and zero[key] != "auto" and not (_is_number(zero[key]) and zero[key] >= 0):
+            raise _bad(source, f"zero_optimization.{key}", zero[key], 'a number >= 0 or "auto"')
+    for key in ("offload_optimizer", "offload_param"):
+        offload = _object(zero, key, source, '{"device": "cpu"}', "zero_optimization.")
+        device = offload.get("device", "none")
+        if device not in _OFFLOAD_DEVICES:
+            raise _bad(
+                source, f"zero_optimization.{key}.device", device, " or ".join(map(json.dumps, _OFFLOAD_DEVICES))
+            )
+    _check_optimizer(config, source)
+    pipeline = _object(config, "pipeline", source, '{"stages": 2}')
+    _check_counts(pipeline, ("stages",), "pipeline.", source, 1)
+    _object(config, "scheduler", source, '{"type": "WarmupLR", "params": {...}}')
+
+
+def _check_optimizer(config: dict, source: str) -> None:
+    if "optimizer" not in config:
+        return
+    optimizer = _object(config, "optimizer", source, '{"type": "AdamW", "params": {"lr": "auto"}}')
+    kind = optimizer.get("type")
+    if not isinstance(kind, str) or not _known_optimizer(kind):
+        raise _bad(source, "optimizer.type", kind, f"one of DeepSpeed's optimizers ({', '.join(_optimizer_names())}) "
+                   "or a torch.optim class name; or drop the \"optimizer\" section to use --optimizer")  # fmt: skip
+    params = _object(optimizer, "params", source, '{"lr": "auto"}', "optimizer.")
+    for key in ("lr", "weight_decay"):
+        if key in params and params[key] != "auto" and not (_is_number(params[key]) and params[key] >= 0):
+            raise _bad(source, f"optimizer.params.{key}", params[key], 'a number >= 0 or "auto"')
+
+
+def _optimizer_names() -> list[str]:
+    from deepspeed.runtime.config import DEEPSPEED_OPTIMIZERS
+
+    return list(DEEPSPEED_OPTIMIZERS)
+
+
+def _known_optimizer(kind: str) -> bool:
+    """As DeepSpeed resolves "type": its own optimizers in any case, else a torch.optim class."""
+    import torch
+
+    return kind.lower() in _optimizer_names() or isinstance(getattr(torch.optim, kind, None), type)
 
 
 def zero_stage(config: dict) -> int:
@@ -68,11 +205,13 @@ def resolve(
     weight_decay: float = 0.0,
     on_gpu: bool = True,
     num_layers: int | None = None,
+    client_optimizer: str | None = None,
 ) -> dict:
     """A copy of `config` with every "auto" value filled and the combination checked.
 
     micro_batch_size: examples per rank per forward; grad_accum: micro-batches per optimizer step;
-    precision: auto (bf16 on a GPU, fp32 on the CPU), fp32, bf16 or fp16."""
+    precision: auto (bf16 on a GPU, fp32 on the CPU), fp32, bf16 or fp16; client_optimizer: the
+    optimizer fastseq builds (--optimizer) when the config has no "optimizer" section."""
     config = copy.deepcopy(config)
     stage = zero_stage(config)
     stages = pipeline_stages(config)
@@ -135,6 +274,10 @@ def resolve(
     _fill(zero, "stage3_prefetch_bucket_size", int(0.9 * d * d))
     _fill(zero, "stage3_param_persistence_threshold", 10 * d)
 
+    if "optimizer" not in config and client_optimizer == "adafactor" and stage > 0:
+        # DeepSpeed refuses an optimizer it has not tested under ZeRO unless told; fastseq's Adafactor
+        # steps ZeRO's flat partitions (the engine says what that changes).
+        config.setdefault("zero_allow_untested_optimizer", True)
     optimizer = config.get("optimizer")
     if optimizer:
         params = optimizer.setdefault("params", {})

@@ -20,10 +20,13 @@ from pathlib import Path
 import torch
 
 from fastseq.checkpoint import CheckpointError, match_state, read_config
+from fastseq.files import atomic_write
 from fastseq.models import FAMILIES
 
-_TOKENIZER_FILES = ("spiece.model", "vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json",
-                    "added_tokens.json")  # fmt: skip
+# What a model directory holds beside its weights and config.json, copied as they are so that the
+# converted directory generates and fine-tunes like its source.
+SIDE_FILES = ("spiece.model", "vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json",
+              "special_tokens_map.json", "added_tokens.json", "generation_config.json")  # fmt: skip
 
 
 def _allowed_globals() -> list:
@@ -57,6 +60,25 @@ def safe_torch_load():
         torch.load = original
 
 
+def check_destination(source: str | Path, dest: str | Path, source_flag: str, dest_flag: str) -> None:
+    """Refuse a destination that is the source, lies inside it or holds it: writing there would
+    replace or mix into the files being read."""
+    src, dst = Path(source).resolve(), Path(dest).resolve()
+    if src == dst or src in dst.parents or dst in src.parents:
+        relation = "is" if src == dst else ("lies inside" if src in dst.parents else "holds")
+        raise ValueError(f"{dest_flag} {dest} {relation} {source_flag} {source}; write to a directory of its own")
+
+
+def copy_side_files(source: Path, dest: Path) -> list[str]:
+    """Copy the tokenizer files and generation_config.json of `source` into `dest`; their names."""
+    copied = []
+    for name in SIDE_FILES:
+        if (source / name).is_file():
+            atomic_write(dest / name, lambda tmp, name=name: shutil.copyfile(source / name, tmp))
+            copied.append(name)
+    return copied
+
+
 def _layer_files(ckpt: Path) -> list[tuple[int, Path]]:
     found = []
     for path in ckpt.glob("layer_*-model_states.pt"):
@@ -82,6 +104,7 @@ def deepspeed_state_dict(ckpt: Path, model_config) -> dict[str, torch.Tensor]:
 
 def convert(ckpt: str | Path, dest: str | Path, *, max_shard_size: str | int = "5GB", dtype=None) -> Path:
     ckpt, dest = Path(ckpt), Path(dest)
+    check_destination(ckpt, dest, "--from-deepspeed", "--to")
     if not ckpt.is_dir():
         raise FileNotFoundError(f"--from-deepspeed {ckpt}: not a directory (pass OUTPUT/checkpoint-STEP)")
     if not (ckpt / "config.json").is_file():
@@ -101,10 +124,13 @@ def convert(ckpt: str | Path, dest: str | Path, *, max_shard_size: str | int = "
                           strict=True, assign=True)  # fmt: skip
     model.tie_weights()
     model.save_pretrained(dest, max_shard_size=max_shard_size)
-    for name in _TOKENIZER_FILES:
-        if (ckpt / name).is_file():
-            shutil.copyfile(ckpt / name, dest / name)
+    copied = copy_side_files(ckpt, dest)
     meta = ckpt / "trainer_state.json"
     step = json.loads(meta.read_text()).get("step") if meta.is_file() else None
-    print(f"fastseq convert: {ckpt} (step {step}) -> {dest} ({model.num_parameters():,} parameters)")
+    print(f"fastseq convert: {ckpt} (step {step}) -> {dest} ({model.num_parameters():,} parameters; "
+          f"{_side_note(copied)})")  # fmt: skip
     return dest
+
+
+def _side_note(copied: list[str]) -> str:
+    return f"copied {', '.join(copied)}" if copied else "no tokenizer files to copy: pass --tokenizer DIR to generate"

@@ -30,6 +30,21 @@ from .convert import safe_torch_load
 
 log = logging.getLogger("fastseq.distributed")
 
+RECOVERY_SCRIPTS = ("zero_to_fp32.py", "zero_to_torch.py")  # what DeepSpeed's save_checkpoint adds
+
+
+def remove_recovery_scripts(directory: Path) -> None:
+    """Remove the copies of DeepSpeed's consolidation scripts that its save_checkpoint writes beside
+    every ZeRO checkpoint (into the directory holding it; it has no option to leave them out).
+    `fastseq convert --from-deepspeed` does their job without unpickling. Only DeepSpeed's own copies
+    go: a file of that name with other contents is kept."""
+    import deepspeed
+
+    for script in RECOVERY_SCRIPTS:
+        copy, original = directory / script, Path(deepspeed.__file__).parent / "utils" / script
+        if copy.is_file() and original.is_file() and copy.read_bytes() == original.read_bytes():
+            copy.unlink()
+
 
 def num_layers(model_config) -> int:
     if model_config.model_type == "blenderbot-small":
@@ -70,7 +85,7 @@ class DeepSpeedEngine(Engine):
             raw_config, model_config=model_config, world_size=self.world, micro_batch_size=args.batch_size,
             grad_accum=args.grad_accum, clip=args.clip, precision=args.precision, force_fp16=args.force_fp16,
             lr=args.learning_rate(), weight_decay=args.weight_decay, on_gpu=on_gpu,
-            num_layers=num_layers(model_config),
+            num_layers=num_layers(model_config), client_optimizer=args.optimizer,
         )  # fmt: skip
         self.data_parallel, self.data_rank = self.world, self.rank
         self.model_config = model_config
@@ -111,6 +126,7 @@ class DeepSpeedEngine(Engine):
         self.engine.save_checkpoint(str(directory.parent), tag=directory.name, save_latest=False)
         if self.rank == 0:
             self.write_config(directory)
+            remove_recovery_scripts(directory.parent)
         return {}
 
     def write_config(self, directory: Path) -> None:

@@ -1,144 +1,482 @@
-"""`fastseq plan`: which DeepSpeed strategy fits a model on a cluster, and with how much memory.
+"""`fastseq plan`: which way to train a model on a cluster, with how much memory, and the command.
 
-Model states are counted per parameter, for bf16 mixed precision with Adam (DeepSpeed's accounting,
-so the figures agree with its `estimate_zero2/zero3_model_states_mem_needs`):
+The planner takes `fastseq train`'s own options (micro-batch, accumulation, sequence lengths,
+optimizer, precision, gradient checkpointing), so its figures are those of the run it prints.
+
+Model states per parameter, DeepSpeed's accounting (its `estimate_zero2/zero3_model_states_mem_needs`
+for bf16 with Adam, which the figures match):
 
     16-bit parameters 2 B, 16-bit gradients 2 B, fp32 gradients 4 B, fp32 master weights 4 B,
-    Adam moments 8 B  ->  18 B per parameter beyond the 16-bit parameters
+    optimizer state s B  (AdamW s = 8; Adafactor under ZeRO s = 4: ZeRO hands the optimizer flat
+    partitions, so its second moment is not factored and T5's Adafactor keeps no first moment)
 
-- ZeRO-2: parameters replicated (2 P), the other 18 P partitioned over all GPUs.
-- ZeRO-2 + optimizer offload: 2 P on each GPU; the 16 P of fp32 state on the CPU.
-- ZeRO-3: everything partitioned, 18 P / N (16-bit parameters 2 B, gradients 4 B, fp32 master
-  weights and Adam moments 12 B), plus the largest layer gathered (4 B per parameter).
-- ZeRO-3 + optimizer offload: 2 P / N on the GPUs; 16 P on the CPUs.
-- ZeRO-3 + parameter and optimizer offload: only the gathered largest layer on a GPU; 18 P on the CPUs.
-- Pipeline (ZeRO-1) x data parallel: a stage's 16-bit parameters and gradients on each of its GPUs,
-  its fp32 state partitioned over the data-parallel replicas.
+In fp32 the parameters and gradients are 4 B and there is no master copy.
+- one process (one GPU, no DeepSpeed): fp32 parameters and gradients, autocast's 16-bit copy of
+  the weights, and the optimizer's state (Adafactor's factored rows and columns: O(n + m) per matrix).
+- ZeRO-1: parameters and 16-bit gradients replicated, the fp32 state partitioned over all GPUs.
+- ZeRO-2: parameters replicated, gradients and the fp32 state partitioned.
+- ZeRO-2 + offload optimizer: parameters on each GPU; gradients and fp32 state on the CPU.
+- ZeRO-3: everything partitioned, plus the largest layer gathered (4 B per parameter).
+- ZeRO-3 + offload optimizer: 16-bit parameters partitioned on the GPUs; the rest on the CPU.
+- ZeRO-3 + offload params+optimizer: only the gathered largest layer on a GPU.
+- Pipeline (ZeRO-1) x data parallel: a stage's parameters and gradients on each of its GPUs, its fp32
+  state partitioned over the data-parallel replicas.
+The offload configs run DeepSpeed's CPU AdamW (their "optimizer" section), whatever --optimizer says.
 CPU figures carry DeepSpeed's 1.5x allowance for pinned buffers, as its estimators do.
 
-Activations are an estimate for fastseq's kernels, without activation checkpointing (bf16, per
-token and layer: about 16 d_model + 2 d_ff bytes in the encoder, 22 d_model + 2 d_ff in the
-decoder; the fused attention and loss keep no L x L scores and no logits). A pipeline stage holds
-the activations of up to `stages` micro-batches in flight (1F1B).
+Activations (16-bit elements, or 4 B in fp32) that fastseq's kernels keep for the backward pass (the
+fused attention and loss keep no L x L scores and no logits), per token and layer: about
+4 d_model + 4 inner + 2 d_ff in the encoder and 6 d_model + 6 inner + 2 d_ff in the decoder
+(`_per_token`), plus the embeddings' and final norms' outputs: what the Triton kernels' saved
+tensors measured (under the interpreter, within 2%). With gradient checkpointing each layer's input
+is kept and one layer at a time is recomputed. At the peak, in the backward pass, come the head's
+weight gradient (the fused loss computes it in the forward pass) and the gradients of the layer being
+differentiated (`activation_bytes`). A pipeline stage
+holds its share of the layers for up to min(stages, accumulation) micro-batches in flight (1F1B).
+tests/distributed/test_plan.py checks these figures against the memory a one-process run allocates.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import dataclasses
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
 
-from fastseq import presets
+import torch
+
+from . import config as ds_config
 
 GIB = 2**30
 _BUFFER = 1.5  # DeepSpeed's additional_buffer_factor for CPU memory
+HEADROOM = 0.9  # a strategy fits when it needs at most 90% of a GPU's and of a node's memory
+LR_FOR_OFFLOAD = 1e-4  # what the printed command passes when an offload config needs --lr and none was given
+
+
+@dataclass
+class Setup:
+    """What a training run does per GPU that changes its memory: `fastseq train`'s options."""
+
+    batch_size: int = 1  # micro-batch per GPU
+    grad_accum: int = 1
+    source_length: int = 512
+    target_length: int = 128
+    optimizer: str = "adafactor"
+    precision: str = "bf16"  # bf16, fp16 or fp32 (auto resolves to bf16 on GPUs)
+    gradient_checkpointing: bool = False
+
+    @property
+    def mixed(self) -> bool:
+        return self.precision in ("bf16", "fp16")
+
+
+@dataclass
+class Cluster:
+    gpus: int
+    gpus_per_node: int
+    gpu_mem: float  # GiB per GPU
+    cpu_mem: float  # GiB per node
+
+    @property
+    def nodes(self) -> int:
+        return self.gpus // self.gpus_per_node
+
+
+@dataclass
+class Sizes:
+    """A model's parameter counts, from its config on the meta device."""
+
+    config: object
+    params: int  # unique parameters
+    largest: int  # the largest single module's own parameters
+    factored_state: int  # bytes of Adafactor's factored second moments (rows + columns, fp32)
+    stages: dict[int, int]  # pipeline stages (2, 4, 8 ...) -> the largest stage's parameters
 
 
 @dataclass
 class Row:
     strategy: str
+    config: str | None  # the shipped DeepSpeed config (None: one process, no DeepSpeed)
     params: float  # bytes per GPU
     grads: float
     optimizer: float
     activations: float
     cpu_per_node: float  # bytes
+    rank: int = 0  # communication cost order: lower is cheaper
+    note: str = ""  # said under the recommendation
+    cpu_adamw: bool = False  # the config's optimizer (DeepSpeed's CPU AdamW) replaces --optimizer
 
     @property
     def gpu_total(self) -> float:
         return self.params + self.grads + self.optimizer + self.activations
 
 
-def model_sizes(preset: str) -> tuple[int, int, object]:
-    """(unique parameters, largest single module's own parameters, config) counted on the meta device."""
-    model = presets.build(preset, device="meta")
-    total = sum({id(p): p.numel() for p in model.parameters()}.values())
+@dataclass
+class Verdict:
+    """Whether a row fits, and if not, the smallest change of options that makes it fit."""
+
+    row: Row
+    fits: bool
+    change: dict = field(default_factory=dict)  # option -> value that makes it fit ({} if none does)
+
+
+def host_memory_gib() -> float:
+    """This machine's memory: /proc/meminfo's MemTotal, else the pages sysconf reports."""
+    meminfo = Path("/proc/meminfo")
+    if meminfo.is_file():
+        for line in meminfo.read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                return int(line.split()[1]) * 1024 / GIB
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GIB
+
+
+def model_sizes(config) -> Sizes:
+    """Parameter counts of the model `config` describes, counted on the meta device."""
+    from fastseq.models import FAMILIES
+
+    _, classes, default = FAMILIES[config.model_type]
+    with torch.device("meta"):
+        model = classes[default](config)
+    unique = {id(p): p for p in model.parameters()}.values()
+    total = sum(p.numel() for p in unique)
     largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
-    return total, largest, model.config
+    factored = sum(4 * (math.prod(p.shape[:-1]) + math.prod(p.shape[:-2]) * p.shape[-1]) if p.dim() >= 2
+                   else 4 * p.numel() for p in unique)  # fmt: skip
+    return Sizes(config, total, largest, factored, _stage_sizes(config))
 
 
-def _layers(config) -> tuple[int, int, int, int]:
-    if config.model_type == "blenderbot-small":
-        return config.encoder_layers, config.decoder_layers, config.d_model, config.encoder_ffn_dim
-    return config.num_layers, config.num_decoder_layers, config.d_model, config.d_ff
-
-
-def activation_bytes(config, batch: int, seq: int, target: int, layer_fraction: float = 1.0) -> float:
-    """bf16 activations of one micro-batch of `batch` examples kept for the backward pass."""
-    enc, dec, d, ff = _layers(config)
-    per_encoder_token = 2 * (16 * d + 2 * ff) * enc
-    per_decoder_token = 2 * (22 * d + 2 * ff) * dec
-    return layer_fraction * batch * (seq * per_encoder_token + target * per_decoder_token)
-
-
-def plan(preset: str, *, gpus: int, gpus_per_node: int | None = None, batch: int = 1, seq: int = 512,
-         target: int = 128, sizes: tuple | None = None) -> list[Row]:  # fmt: skip
-    """Per-GPU and per-node memory of each strategy for `preset` on `gpus` GPUs (`sizes`: what
-    `model_sizes(preset)` returns, when the caller has it already)."""
-    gpus_per_node = gpus_per_node or min(gpus, 8)
-    if gpus % gpus_per_node:
-        raise ValueError(f"--gpus {gpus} is not a multiple of --gpus-per-node {gpus_per_node}")
-    nodes = gpus // gpus_per_node
-    P, largest, config = sizes or model_sizes(preset)
-    acts = activation_bytes(config, batch, seq, target)
-    gathered = 4 * largest
-    rows = [
-        Row("ZeRO-2", 2 * P, 6 * P / gpus, 12 * P / gpus, acts, 4 * P * gpus_per_node * _BUFFER),
-        Row("ZeRO-2 + offload optimizer", 2 * P, 0, 0, acts, P * max(4 * gpus, 16) * _BUFFER),
-        Row(
-            "ZeRO-3", 2 * P / gpus + gathered, 4 * P / gpus, 12 * P / gpus, acts, largest * 4 * gpus_per_node * _BUFFER
-        ),  # fmt: skip
-        Row("ZeRO-3 + offload optimizer", 2 * P / gpus + gathered, 0, 0, acts, 16 * P / nodes * _BUFFER),
-        Row("ZeRO-3 + offload params+optimizer", gathered, 0, 0, acts, 18 * P / nodes * _BUFFER),
-    ]
+def _stage_sizes(config) -> dict[int, int]:
     from .stages import layer_parameter_counts, stage_parameter_counts
 
-    layer_count = len(layer_parameter_counts(config))
-    stages = 2
-    while stages <= min(gpus, layer_count):
-        if gpus % stages == 0:
-            data_parallel = gpus // stages
-            stage = max(stage_parameter_counts(config, stages))
-            # 1F1B: the first stage keeps `stages` micro-batches of its 1/stages of the layers.
-            rows.append(
-                Row(
-                    f"pipeline {stages} stages x {data_parallel} data parallel",
-                    2 * stage,
-                    2 * stage,
-                    (4 + 4 + 8) * stage / data_parallel,
-                    acts,
-                    4 * stage * gpus_per_node * _BUFFER,
-                )  # fmt: skip
-            )
+    counts = layer_parameter_counts(config)
+    sizes, stages = {}, 2
+    while stages <= len(counts):
+        sizes[stages] = max(stage_parameter_counts(config, stages, counts))
         stages *= 2
+    return sizes
+
+
+def _per_token(config) -> tuple[int, int, int, int, int, int]:
+    """(encoder layers, decoder layers, d_model, elements an encoder layer keeps per token, the same for
+    a decoder layer, and per source token for each decoder layer), as the kernels save them for the
+    backward pass (inner = heads x d_kv):
+    - encoder layer: both norms' inputs and outputs (4 d_model), q, k, v and the attention output
+      (4 inner), the FFN's two input projections (2 d_ff; the fused FFN recomputes the rest);
+    - decoder layer: three norms' inputs and outputs (6 d_model), self-attention's q, k, v and output
+      and cross-attention's q and output (6 inner), the FFN's 2 d_ff;
+    - cross-attention's keys and values of the encoder output: 2 inner per source token and decoder layer."""
+    if config.model_type == "blenderbot-small":
+        enc, dec, d, ff = config.encoder_layers, config.decoder_layers, config.d_model, config.encoder_ffn_dim
+        inner = d
+    else:
+        enc, dec, d, ff = config.num_layers, config.num_decoder_layers, config.d_model, config.d_ff
+        inner = config.num_heads * config.d_kv
+    return enc, dec, d, 4 * d + 4 * inner + 2 * ff, 6 * d + 6 * inner + 2 * ff, 2 * inner
+
+
+def activation_bytes(config, setup: Setup) -> float:
+    """Activations of one micro-batch at their peak, in the backward pass (see the module's docstring):
+    what the forward pass kept, the head's weight gradient that the fused loss computes in the forward
+    pass (vocabulary x d_model, fp32), and the gradients of the layer being differentiated: about one
+    more layer's worth; with checkpointing, that layer recomputed and differentiated: about 1.8 layers
+    (fitted to the kernels' measured peak on two configurations, within 9%)."""
+    enc, dec, d, enc_layer, dec_layer, cross = _per_token(config)
+    size = 2 if setup.mixed else 4
+    source = setup.batch_size * setup.source_length
+    target = setup.batch_size * setup.target_length
+    ends = (
+        2 * d * (source + target)
+    )  # the embeddings' outputs and the final norms' (the encoder output, the head's input)
+    layer = max(source * enc_layer, target * dec_layer + source * cross)  # the largest layer's activations
+    if setup.gradient_checkpointing:
+        kept = d * (source * enc + target * dec)  # each layer's input
+        return size * (ends + kept + 1.8 * layer) + 4 * config.vocab_size * d
+    kept = source * (enc_layer * enc + cross * dec) + target * dec_layer * dec
+    return size * (ends + kept + layer) + 4 * config.vocab_size * d
+
+
+def _optimizer_bytes(setup: Setup, sizes: Sizes, flat: bool) -> float:
+    """The optimizer's own state: AdamW's two moments, or Adafactor's second moment (factored only
+    on whole matrices, that is in one process)."""
+    if setup.optimizer == "adamw":
+        return 8 * sizes.params
+    return 4 * sizes.params if flat else sizes.factored_state
+
+
+def plan(sizes: Sizes, cluster: Cluster, setup: Setup) -> list[Row]:
+    """Per-GPU and per-node memory of each strategy for the model of `sizes` on `cluster`."""
+    P, N, per_node = sizes.params, cluster.gpus, cluster.gpus_per_node
+    acts = activation_bytes(sizes.config, setup)
+    w = 2 if setup.mixed else 4  # parameter (and gradient) bytes on the GPU
+    fp32_grads, master = (4, 4) if setup.mixed else (0, 0)
+    state = _optimizer_bytes(setup, sizes, flat=True)
+    adam = 8 * P  # the offload configs' CPU AdamW
+    gathered = (2 * w) * sizes.largest
+    rows = []
+    if N == 1:
+        rows.append(Row("one process (no DeepSpeed)", None, (4 + (2 if setup.mixed else 0)) * P, 4 * P,
+                        _optimizer_bytes(setup, sizes, flat=False), acts, 4 * P * _BUFFER, 0))  # fmt: skip
+    model_cpu = 4 * P * per_node * _BUFFER  # each rank reads the model on the CPU
+    sharded_state = (master * P + state) / N
+    offloaded = dict(grads=0, optimizer=0, activations=acts, cpu_adamw=True)
+    rows += [
+        Row("ZeRO-1", "zero1", w * P, w * P + fp32_grads * P / N, sharded_state, acts, model_cpu, rank=1),
+        Row("ZeRO-2", "zero2", w * P, (w + fp32_grads) * P / N, sharded_state, acts, model_cpu, rank=2),
+        Row(
+            "ZeRO-2 + offload optimizer",
+            "zero2_offload",
+            w * P,
+            cpu_per_node=P * max(4 * N, 16) * _BUFFER,
+            rank=3,
+            **offloaded,
+        ),  # fmt: skip
+        Row(
+            "ZeRO-3",
+            "zero3",
+            w * P / N + gathered,
+            4 * P / N,
+            sharded_state,
+            acts,
+            4 * sizes.largest * per_node * _BUFFER,
+            rank=4,
+        ),  # fmt: skip
+        *_pipelines(sizes, cluster, setup, acts, state / P, fp32_grads + master),
+        Row(
+            "ZeRO-3 + offload optimizer",
+            "zero3_offload_optimizer",
+            w * P / N + gathered,
+            cpu_per_node=(8 * P + adam) / cluster.nodes * _BUFFER,
+            rank=20,
+            **offloaded,
+        ),  # fmt: skip
+        Row(
+            "ZeRO-3 + offload params+optimizer",
+            "zero3_offload",
+            gathered,
+            cpu_per_node=(10 * P + adam) / cluster.nodes * _BUFFER,
+            rank=21,
+            **offloaded,
+        ),  # fmt: skip
+    ]
     return rows
 
 
-def fits(row: Row, gpu_mem_gb: float, cpu_mem_gb: float) -> bool:
-    # 10% of a GPU is left for the CUDA context, the allocator's fragmentation and temporary buffers.
-    return row.gpu_total <= 0.9 * gpu_mem_gb * GIB and row.cpu_per_node <= cpu_mem_gb * GIB
+def _pipelines(sizes: Sizes, cluster: Cluster, setup: Setup, acts: float, state_per_param: float, fp32_state: int):
+    """Pipeline x data parallel rows for 2, 4, 8 ... stages that divide the GPUs."""
+    w = 2 if setup.mixed else 4
+    shipped = set(ds_config.shipped())
+    rows = []
+    for stages, stage in sizes.stages.items():
+        if stages <= cluster.gpus and cluster.gpus % stages == 0:
+            data_parallel = cluster.gpus // stages
+            in_flight = min(stages, setup.grad_accum)  # 1F1B: the first stage's micro-batches in flight
+            name = "pipeline" if stages == 2 else f"pipeline{stages}"
+            rows.append(Row(
+                f"pipeline {stages} stages x {data_parallel} data parallel", name if name in shipped else None,
+                w * stage, w * stage, (fp32_state + state_per_param) * stage / data_parallel,
+                acts * in_flight / stages, 4 * stage * cluster.gpus_per_node * _BUFFER, 10 + stages.bit_length(),
+                "" if setup.grad_accum >= 2 * stages else
+                f"with --grad-accum {setup.grad_accum} the stages wait for each other most of a step (the pipeline "
+                f"bubble): raise --grad-accum well above {stages}",
+            ))  # fmt: skip
+    return rows
 
 
-def table(rows: list[Row], *, gpu_mem_gb: float, cpu_mem_gb: float, gpus_per_node: int) -> str:
-    head = (f"{'strategy':<38} {'params':>8} {'grads':>8} {'optim':>8} {'acts':>8} {'GPU':>8} "
-            f"{'per node GPU':>13} {'per node CPU':>13}  fits")  # fmt: skip
+def fits(row: Row, cluster: Cluster) -> bool:
+    # 10% of a GPU is left for the CUDA context, the allocator's fragmentation and temporary buffers,
+    # and 10% of a node's memory for the system and the data pipeline.
+    return row.gpu_total <= HEADROOM * cluster.gpu_mem * GIB and row.cpu_per_node <= HEADROOM * cluster.cpu_mem * GIB
+
+
+def _changes(setup: Setup) -> list[dict]:
+    """Changes of options that lower memory, cumulative, in the order a user would try them."""
+    steps, change = [], {}
+    if not setup.gradient_checkpointing:
+        change = {**change, "gradient_checkpointing": True}
+        steps.append(change)
+    if setup.optimizer != "adafactor":
+        change = {**change, "optimizer": "adafactor"}
+        steps.append(change)
+    if not setup.mixed:
+        change = {**change, "precision": "bf16"}
+        steps.append(change)
+    batch, accum = setup.batch_size, setup.grad_accum
+    while batch > 1:  # the same examples per step: half the micro-batch, twice the accumulation
+        batch, accum = (batch + 1) // 2, accum * 2
+        change = {**change, "batch_size": batch, "grad_accum": accum}
+        steps.append(change)
+    return steps
+
+
+def verdicts(sizes: Sizes, cluster: Cluster, setup: Setup) -> list[Verdict]:
+    """Each strategy, whether it fits as asked, and otherwise the first change that makes it fit."""
+    rows = plan(sizes, cluster, setup)
+    out = [Verdict(row, fits(row, cluster)) for row in rows]
+    for change in _changes(setup):
+        changed = {r.strategy: r for r in plan(sizes, cluster, dataclasses.replace(setup, **change))}
+        for verdict in out:
+            if not verdict.fits and not verdict.change and fits(changed[verdict.row.strategy], cluster):
+                verdict.change = change
+    return out
+
+
+def recommend(found: list[Verdict], cluster: Cluster) -> tuple[Verdict | None, str]:
+    """The cheapest in communication of the strategies that fit (a shipped config or one process),
+    else of those a change of options makes fit; and the reason, in words."""
+    usable = [v for v in found if v.row.config is not None or v.row.rank == 0]
+    fitting = sorted((v for v in usable if v.fits), key=lambda v: v.row.rank)
+    if fitting:
+        best = fitting[0]
+        cheaper = [v for v in usable if v.row.rank < best.row.rank]
+        why = "the least communication of the strategies that fit with 10% headroom"
+        if cheaper:
+            why += "; cheaper ones do not fit (" + "; ".join(shortfall(v.row, cluster) for v in cheaper) + ")"
+        return best, why
+    changed = sorted((v for v in usable if v.change), key=lambda v: (len(v.change), v.row.rank))
+    if changed:
+        best = changed[0]
+        return best, f"nothing fits as asked; with {_flags(best.change)} it does, with the least communication"
+    return None, "nothing fits, whatever the options: add GPUs, GPU memory or host memory"
+
+
+def judge(chosen: Verdict, cluster: Cluster) -> tuple[Verdict | None, str]:
+    """The verdict on the one strategy a user chose (`--deepspeed`), in words."""
+    if chosen.fits:
+        return chosen, "the config you chose fits with 10% headroom"
+    if chosen.change:
+        return chosen, f"the config you chose does not fit as asked; with {_flags(chosen.change)} it does"
+    return None, f"the config you chose does not fit, whatever the options: {shortfall(chosen.row, cluster)}"
+
+
+def shortfall(row: Row, cluster: Cluster) -> str:
+    """What a row needs beyond the cluster's memory (with the headroom), in words."""
+    needs = []
+    if row.gpu_total > HEADROOM * cluster.gpu_mem * GIB:
+        needs.append(f"{row.gpu_total / GIB:.1f} GiB per GPU of {HEADROOM * cluster.gpu_mem:.1f} usable")
+    if row.cpu_per_node > HEADROOM * cluster.cpu_mem * GIB:
+        needs.append(
+            f"{row.cpu_per_node / GIB:.1f} GiB host memory per node of {HEADROOM * cluster.cpu_mem:.1f} usable"
+        )
+    return f"{row.strategy} needs {' and '.join(needs)}"
+
+
+def _flags(change: dict) -> str:
+    parts = []
+    for name, value in change.items():
+        flag = "--" + name.replace("_", "-")
+        parts.append(flag if value is True else f"{flag} {value}")
+    return " ".join(parts)
+
+
+# ---- the command ------------------------------------------------------------------------------------
+
+
+def setup_of(args) -> Setup:
+    """The Setup of a `TrainArgs` (precision auto: bf16, as on a GPU)."""
+    return Setup(batch_size=args.batch_size, grad_accum=args.grad_accum, source_length=args.max_source_length,
+                 target_length=args.max_target_length, optimizer=args.optimizer,
+                 precision="bf16" if args.precision == "auto" else args.precision,
+                 gradient_checkpointing=args.gradient_checkpointing)  # fmt: skip
+
+
+def strategy_of(config: dict) -> str:
+    """The shipped config a DeepSpeed config is equivalent to, for the plan's memory figures."""
+    stages = ds_config.pipeline_stages(config)
+    if stages:
+        return "pipeline" if stages == 2 else f"pipeline{stages}"
+    zero = config.get("zero_optimization", {})
+    offloaded = {k for k in ("offload_optimizer", "offload_param") if zero.get(k, {}).get("device", "none") != "none"}
+    stage = ds_config.zero_stage(config)
+    if stage == 3:
+        return {0: "zero3", 1: "zero3_offload_optimizer", 2: "zero3_offload"}[len(offloaded)]
+    if stage == 2:
+        return "zero2_offload" if offloaded else "zero2"
+    return "zero1"
+
+
+def command(verdict: Verdict, options: dict, cluster: Cluster, deepspeed: str | None = None) -> str:
+    """The launch command of `verdict`'s strategy with the train options `options` (field -> value,
+    in TrainArgs order) and the change that makes it fit."""
+    import shlex
+
+    options = {k: v for k, v in {**options, **verdict.change}.items() if k != "deepspeed"}
+    if verdict.row.cpu_adamw:  # the config's optimizer: --lr fills its "lr": "auto"
+        options.update(optimizer="adamw", lr=options.get("lr") or LR_FOR_OFFLOAD)
+    flags = []
+    for name, value in options.items():
+        flag = "--" + name.replace("_", "-")
+        if value is True:
+            flags.append(flag)
+        elif value is not False and value is not None:
+            flags += [flag, shlex.quote(str(value))]
+    if verdict.row.config is None:
+        return " ".join(["fastseq", "train", *flags])
+    launcher = ["deepspeed"]
+    if cluster.nodes > 1:
+        launcher += ["--hostfile", "HOSTFILE", "--num_nodes", str(cluster.nodes)]
+    launcher += ["--num_gpus", str(cluster.gpus_per_node), "--module", "fastseq.train"]
+    return " ".join([*launcher, "--deepspeed", shlex.quote(deepspeed or verdict.row.config), *flags])
+
+
+def table(found: list[Verdict], cluster: Cluster) -> str:
+    head = (f"{'strategy':<38} {'params':>7} {'grads':>7} {'optim':>7} {'acts':>7} {'GPU':>7} "
+            f"{'per node GPU':>12} {'per node CPU':>12}  fits  config")  # fmt: skip
     lines = [head, "-" * len(head)]
-    for r in rows:
+    for v in found:
+        r = v.row
+        fit = "yes" if v.fits else "no"
         lines.append(
-            f"{r.strategy:<38} {r.params / GIB:8.1f} {r.grads / GIB:8.1f} {r.optimizer / GIB:8.1f} "
-            f"{r.activations / GIB:8.1f} {r.gpu_total / GIB:8.1f} {r.gpu_total * gpus_per_node / GIB:13.1f} "
-            f"{r.cpu_per_node / GIB:13.1f}  {'yes' if fits(r, gpu_mem_gb, cpu_mem_gb) else 'no'}"
+            f"{r.strategy:<38} {r.params / GIB:7.1f} {r.grads / GIB:7.1f} {r.optimizer / GIB:7.1f} "
+            f"{r.activations / GIB:7.1f} {r.gpu_total / GIB:7.1f} {r.gpu_total * cluster.gpus_per_node / GIB:12.1f} "
+            f"{r.cpu_per_node / GIB:12.1f}  {fit:<4}  {r.config or '-'}"
         )
     return "\n".join(lines)
 
 
-def show(model: str, *, gpus: int, gpus_per_node: int | None, gpu_mem: float, cpu_mem: float, batch: int, seq: int,
-         target: int) -> None:  # fmt: skip
-    """`fastseq plan`: print the table of strategies for `model` on the cluster, and what fits."""
-    gpus_per_node = gpus_per_node or min(gpus, 8)
-    sizes = model_sizes(model)
-    rows = plan(model, gpus=gpus, gpus_per_node=gpus_per_node, batch=batch, seq=seq, target=target, sizes=sizes)
-    P, largest, _ = sizes
-    print(f"{model}: {P / 1e9:.2f}B parameters (largest layer {largest / 1e6:.0f}M) on {gpus} GPUs "
-          f"({gpus_per_node} per node) of {gpu_mem:g} GB, {cpu_mem:g} GB CPU per node; "
-          f"micro-batch {batch} x {seq} -> {target} tokens, bf16 + Adam. GiB:")  # fmt: skip
-    print(table(rows, gpu_mem_gb=gpu_mem, cpu_mem_gb=cpu_mem, gpus_per_node=gpus_per_node))
-    fitting = [r.strategy for r in rows if fits(r, gpu_mem, cpu_mem)]
-    print(f"fits: {', '.join(fitting) if fitting else 'nothing; add GPUs or CPU memory, or shorten the batch'}")
+def show(args, options: dict, cluster: Cluster, *, cpu_from_machine: bool) -> None:
+    """`fastseq plan`: the table of strategies for `args.model` on `cluster`, what would make the
+    others fit, the recommended one with the reason, and its launch command.
+
+    args: the run's TrainArgs; options: the train options given (field -> value) for the command."""
+    from fastseq.train.engine import model_config
+
+    config = model_config(args)  # presets, model directories (and hub ids) as `fastseq train` resolves them
+    sizes = model_sizes(config)
+    setup = setup_of(args)
+    found = verdicts(sizes, cluster, setup)
+    host = "this machine's memory; --cpu-mem to change it" if cpu_from_machine else "--cpu-mem"
+    options_text = (f"micro-batch {setup.batch_size} x {setup.source_length} -> {setup.target_length} tokens, "
+                    f"accumulation {setup.grad_accum}, {setup.precision}, {setup.optimizer}"
+                    f"{', gradient checkpointing' if setup.gradient_checkpointing else ''}")  # fmt: skip
+    print(f"{args.model or 'the default model'}: {sizes.params / 1e9:.2f}B parameters (largest layer "
+          f"{sizes.largest / 1e6:.0f}M) on {cluster.gpus} GPU(s) ({cluster.gpus_per_node} per node) of "
+          f"{cluster.gpu_mem:g} GiB, {cluster.cpu_mem:.1f} GiB host memory per node ({host}); "
+          f"{options_text}. GiB:")  # fmt: skip
+    print(table(found, cluster))
+    fitting = [v.row.strategy for v in found if v.fits]
+    print(f"fits: {', '.join(fitting) if fitting else 'nothing as asked'}")
+    for v in found:
+        if not v.fits:
+            how = f"fits with {_flags(v.change)}" if v.change else "no change of options makes it fit"
+            print(f"  {shortfall(v.row, cluster)}; {how}")
+    if args.deepspeed:
+        wanted = strategy_of(ds_config.load(args.deepspeed))
+        chosen = [v for v in found if v.row.config == wanted]
+        if not chosen:
+            raise ValueError(f"--deepspeed {args.deepspeed} is a {wanted} config, which {cluster.gpus} GPUs cannot run")
+        best, why = judge(chosen[0], cluster)
+    else:
+        best, why = recommend(found, cluster)
+    if best is None:
+        print(f"recommended: none; {why}")
+        return
+    config_text = f" (config {ds_config.find(args.deepspeed or best.row.config)})" if best.row.config else ""
+    print(f"recommended: {best.row.strategy}{config_text}: {why}")
+    if best.row.cpu_adamw:
+        print("  its config trains with DeepSpeed's CPU AdamW (--optimizer adamw); set --lr to yours")
+    if best.row.note:
+        print(f"  {best.row.note}")
+    if cluster.nodes > 1:
+        print("  HOSTFILE: one line per node, `hostname slots=GPUS` (DeepSpeed's hostfile)")
+    print(command(best, options, cluster, args.deepspeed))

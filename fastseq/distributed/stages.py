@@ -285,19 +285,20 @@ def layer_parameter_counts(config) -> list[int]:
     return counts
 
 
-def partition(config, stages: int) -> list[int]:
-    """Stage boundaries (stages + 1 layer indices), as DeepSpeed's "parameters" method cuts them."""
+def partition(config, stages: int, counts: list[int] | None = None) -> list[int]:
+    """Stage boundaries (stages + 1 layer indices), as DeepSpeed's "parameters" method cuts them
+    (`counts`: what `layer_parameter_counts(config)` returns, when the caller has it already)."""
     from deepspeed.runtime import utils as ds_utils
 
-    counts = layer_parameter_counts(config)
+    counts = counts or layer_parameter_counts(config)
     if stages > len(counts):
         raise ValueError(f"{stages} pipeline stages for {len(counts)} pipeline layers; use at most {len(counts)}")
     return ds_utils.partition_balanced(weights=counts, num_parts=stages)
 
 
-def stage_parameter_counts(config, stages: int) -> list[int]:
-    counts = layer_parameter_counts(config)
-    bounds = partition(config, stages)
+def stage_parameter_counts(config, stages: int, counts: list[int] | None = None) -> list[int]:
+    counts = counts or layer_parameter_counts(config)
+    bounds = partition(config, stages, counts)
     return [sum(counts[bounds[s] : bounds[s + 1]]) for s in range(stages)]
 
 

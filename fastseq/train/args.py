@@ -145,7 +145,11 @@ class TrainArgs:
                 raise ValueError(f"--{_flag(name)} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}")
         if self.task == "denoise" and self.data is None:
             raise ValueError("--task denoise needs a text corpus: pass --data FILE.txt")
-        for name in ("data", "eval_data", "deepspeed"):
+        if self.deepspeed is not None:
+            from fastseq.distributed.config import find
+
+            find(self.deepspeed)  # a file, or the name of a shipped config
+        for name in ("data", "eval_data"):
             path = getattr(self, name)
             if path is not None and Path(path).is_dir():
                 raise ValueError(f"--{_flag(name)} {path} is a directory; pass a file")

@@ -4,6 +4,7 @@ the results schema."""
 from __future__ import annotations
 
 import csv
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -15,13 +16,24 @@ sys.path.insert(0, str(ROOT / "bench"))
 from _common import LONG_FIELDS  # noqa: E402
 
 
+def _committed_results() -> list[tuple[str, int]]:
+    return sorted((p.name, p.stat().st_mtime_ns) for p in (ROOT / "bench" / "results").iterdir())
+
+
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory) -> Path:
-    """`fastseq bench --quick` once: every script at tiny CPU sizes, then the plots and the table."""
+    """`fastseq bench --quick --out bench` once, run in a temporary directory: every script at tiny
+    CPU sizes, then the plots and the table. The relative --out is that directory's (the scripts
+    run inside the repository's bench/, which must stay as committed)."""
     out = tmp_path_factory.mktemp("bench")
-    proc = subprocess.run([sys.executable, "-m", "fastseq.cli", "bench", "--quick", "--out", str(out)],
-                          capture_output=True, text=True, timeout=1200, cwd=ROOT)  # fmt: skip
+    committed = _committed_results()
+    exe = shutil.which("fastseq")
+    assert exe, "the fastseq console script is not installed (pip install -e .)"
+    proc = subprocess.run([exe, "bench", "--quick", "--out", out.name], capture_output=True, text=True, timeout=1200,
+                          cwd=out.parent)  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert _committed_results() == committed and not (ROOT / "bench" / out.name).exists()
+    assert f"in {out}" in proc.stdout.splitlines()[-1]
     return out
 
 
@@ -96,3 +108,4 @@ def test_plots_and_the_results_table(quick):
         assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     readme = (quick / "README.md").read_text()
     assert "### train" in readme and "fastseq vs hf_eager" in readme and "hf_patched vs hf_sdpa" in readme
+    assert "![train](train.png)" in readme  # the plots beside the README, where the links point
