@@ -138,25 +138,26 @@ def _generate_inputs(args: argparse.Namespace) -> tuple[list[str], list[dict] | 
 
 
 def _input_lines(source: str):
-    """(line number, line) of `source` (`-`: stdin), UTF-8, with errors that name the file and line."""
+    """(line number, line) of `source` (`-`: stdin), UTF-8 (a leading byte-order mark dropped), decoded line
+    by line so that an error names the line."""
+    name = "<stdin>" if source == "-" else source
     if source == "-":
-        handle = sys.stdin
+        handle = sys.stdin.buffer
     else:
         path = Path(source)
         if path.is_dir():
             raise ValueError(f"--input-file {path} is a directory; pass a file with one input per line")
         if not path.exists():
             raise FileNotFoundError(f"--input-file {path} does not exist; pass a file with one input per line")
-        handle = path.open(encoding="utf-8")
-    number = 0
+        handle = path.open("rb")
     try:
-        for number, line in enumerate(handle, start=1):  # noqa: B007 (read after the loop on a decode error)
-            yield number, line
-    except UnicodeDecodeError as err:
-        name = "<stdin>" if source == "-" else source
-        raise ValueError(f"{name}:{number + 1}: not UTF-8 text ({err.reason}); convert the file to UTF-8") from None
+        for number, raw in enumerate(handle, start=1):
+            try:
+                yield number, raw.decode("utf-8-sig" if number == 1 else "utf-8")
+            except UnicodeDecodeError as err:
+                raise ValueError(f"{name}:{number}: not UTF-8 text ({err.reason}); convert the file to UTF-8") from None
     finally:
-        if handle is not sys.stdin:
+        if handle is not sys.stdin.buffer:
             handle.close()
 
 

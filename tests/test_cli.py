@@ -210,3 +210,36 @@ def test_generate_jsonl_with_a_nested_field_writes_the_records_back(tmp_path):
     expected = _library_outputs(model_dir, texts, 2, max_new_tokens=4, num_beams=2, length_penalty=0.5,
                                 min_new_tokens=2, repetition_penalty=1.5)  # fmt: skip
     assert written == [{**r, "prediction": e} for r, e in zip(records, expected, strict=True)]
+
+
+def test_label_smoothing_is_the_training_loss(tmp_path):
+    """`--label-smoothing 0.1`: the first step's logged loss is CrossEntropyLoss(label_smoothing=0.1) of the
+    model on that batch (the same as the model's forward with label_smoothing, and not the plain loss)."""
+    import json
+
+    import torch.nn.functional as F
+
+    from fastseq.data import Seq2SeqCollator
+    from fastseq.tokenizers import load_tokenizer
+
+    model_dir = _tiny_model_dir(tmp_path / "model")
+    example = ("translate: a small house", "ein kleines Haus")
+    (tmp_path / "d.jsonl").write_text(json.dumps({"source": example[0], "target": example[1]}) + "\n")
+    losses = {}
+    for eps in ("0", "0.1"):
+        out = tmp_path / f"run-{eps}"
+        result = _fastseq("train", "--model", str(model_dir), "--data", str(tmp_path / "d.jsonl"), "--steps", "1",
+                          "--batch-size", "1", "--optimizer", "adamw", "--lr", "1e-3", "--eval-examples", "0",
+                          "--quiet", "--label-smoothing", eps, "--output-dir", str(out))  # fmt: skip
+        assert result.returncode == 0, result.stderr
+        losses[eps] = _metric_losses(out)[0]
+    model = fastseq.from_pretrained(model_dir).train()
+    batch = Seq2SeqCollator(load_tokenizer(model_dir))([example])
+    with torch.no_grad():
+        logits = model(**batch, return_logits=True).logits
+        plain = F.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten())
+        smoothed = F.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten(), label_smoothing=0.1)
+        fused = model(**batch, label_smoothing=0.1).loss
+    assert abs(fused - smoothed) <= 1e-5 * smoothed and abs(smoothed - plain) > 1e-3
+    assert abs(losses["0.1"] - smoothed.item()) <= 1e-5 * smoothed.item(), (losses, smoothed)
+    assert abs(losses["0"] - plain.item()) <= 1e-5 * plain.item(), (losses, plain)
