@@ -157,7 +157,19 @@ def _seq2seq_loss_forward(self, *args, **kwargs):
     head = self.get_output_embeddings()
     if not (labels is not None and self.training and isinstance(head, nn.Linear) and head.bias is None):
         return original(*args, **kwargs)
-    _swap(head, _lm_head_forward)  # models built after patch_transformers get theirs on first use
+    if ORIGINAL in head.__dict__:
+        return _fused_loss(self, original, arguments, labels, head)
+    # A model patched only through its classes (patch_transformers): the head, a plain Linear, gets the
+    # fused forward for this call only, so that unpatch_transformers leaves nothing of the patch behind.
+    _swap(head, _lm_head_forward)
+    try:
+        return _fused_loss(self, original, arguments, labels, head)
+    finally:
+        _restore(head)
+
+
+def _fused_loss(self, original, arguments: dict, labels: torch.Tensor, head: nn.Module):
+    """The model's outputs with the loss from the fused LM head and cross-entropy (logits None)."""
     return_dict = arguments.pop("return_dict", None)
     want_tuple = return_dict is False or (return_dict is None and not getattr(self.config, "return_dict", True))
     if arguments.get("decoder_input_ids") is None and arguments.get("decoder_inputs_embeds") is None:
@@ -223,9 +235,12 @@ def _signed(forward, original):
 
 
 def _swap(module: nn.Module, forward) -> None:
-    if ORIGINAL in module.__dict__ or _class_patched(module):
+    """Give `module` its own patched forward. Under `patch_transformers` the forward it keeps as its
+    original is its class's own (not the class-level patch), so the module stays patched, and `unpatch`
+    restores it, whatever happens to the classes later."""
+    if ORIGINAL in module.__dict__:
         return  # already patched
-    original = module.forward
+    original = original_forward(module) if _class_patched(module) else module.forward
     setattr(module, ORIGINAL, original)
     # The original's signature shows through (`__wrapped__`): the Trainer picks dataset columns by it.
     module.forward = types.MethodType(_signed(forward, getattr(original, "__func__", None)), module)
@@ -295,12 +310,17 @@ def patch(model: nn.Module, *, attention: bool = True, ffn: bool = True, norm: b
     return model
 
 
+def _restore(module: nn.Module) -> None:
+    if ORIGINAL in module.__dict__:
+        del module.forward  # the instance attribute; the class's forward shows again
+        delattr(module, ORIGINAL)
+
+
 def unpatch(model: nn.Module) -> nn.Module:
-    """Restore every forward `patch` swapped."""
+    """Restore every forward `patch` swapped. While `patch_transformers` is active, the classes'
+    patched forwards then show through; after `unpatch_transformers`, the model is `transformers`' own."""
     for module in model.modules():
-        if ORIGINAL in module.__dict__:
-            del module.forward  # the instance attribute; the class's forward shows again
-            delattr(module, ORIGINAL)
+        _restore(module)
     return model
 
 

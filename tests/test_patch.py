@@ -441,3 +441,68 @@ def test_base_model_without_a_head(kind):
         outs.append(out.last_hidden_state.detach())
     assert_close(outs[1], outs[0], what="decoder last_hidden_state")
     assert_same_grads(ours, ref)
+
+
+# ---- issue 23: rows that are all padding, and patch_transformers with patch -----------------------------------
+
+
+@pytest.mark.parametrize("kind", FAMILIES)
+def test_a_row_of_padding_gives_the_unpatched_numbers(kind, reference_backend):
+    """A row whose attention mask is all zeros: transformers averages over every key there (its mask's
+    minimum swamps the scores) where the kernels give zeros; the patched model runs the modules' own
+    forwards for such a batch, so its logits, loss and gradients are the unpatched model's."""
+    ref = build(kind)
+    ours = fastseq.patch(copy.deepcopy(ref))
+    data = inputs(kind)
+    data["attention_mask"][1] = 0
+    data["input_ids"][1] = 0
+    with torch.no_grad():
+        expected, got = ref(**data).logits, ours(**data).logits
+    assert expected.isfinite().all()
+    assert_close(got, expected, what="logits")
+    ref.train()
+    ours.train()
+    ref(**data).loss.backward()
+    ours(**data).loss.backward()
+    assert_same_grads(ours, ref)
+
+
+def test_a_row_of_padding_leaves_other_batches_on_the_kernels(monkeypatch, reference_backend):
+    """The fallback is decided per batch: the next batch without such a row runs the kernels again."""
+    calls = _count_kernel_calls(monkeypatch)
+    model = fastseq.patch(build("t5_v11_untied"))
+    data = inputs("t5_v11_untied")
+    padded = {k: v.clone() for k, v in data.items()}
+    padded["attention_mask"][0] = 0
+    with torch.no_grad():
+        model(**padded)
+        fallback_calls = calls["bucketed_attention"]
+        model(**data)
+    assert fallback_calls == model.config.num_decoder_layers  # only the decoder's self-attention (its mask is full)
+    assert calls["bucketed_attention"] - fallback_calls == 2 * model.config.num_decoder_layers + model.config.num_layers
+
+
+def test_patch_then_unpatch_transformers_leaves_the_model_fully_patched(reference_backend):
+    """patch_transformers(), then patch(m), then unpatch_transformers(): m keeps every patched forward
+    (patch gives each module its own, with the class's own forward as its original); unpatch(m) then
+    gives transformers' model back. A model patched through its classes alone is fully unpatched."""
+    ref = build("t5_v11_untied")
+    explicit = fpatch.patched_modules(fastseq.patch(build("t5_v11_untied")))
+    fastseq.patch_transformers()
+    try:
+        model = fastseq.patch(build("t5_v11_untied"))
+        only_classes = build("t5_v11_untied").train()
+        data = inputs("t5_v11_untied")
+        only_classes(**data).loss.backward()  # the fused loss path, through the classes alone
+    finally:
+        fastseq.unpatch_transformers()
+    assert fpatch.patched_modules(model) == explicit
+    assert fpatch.patched_modules(only_classes) == []
+    assert all(fattn.ORIGINAL not in m.__dict__ for m in only_classes.modules())
+    model.train()
+    got, expected = model(**data), ref.train()(**data)
+    assert got.logits is None  # the fused loss: the model is still patched
+    assert_close(got.loss, expected.loss, what="loss")
+    fastseq.unpatch(model)
+    assert fpatch.patched_modules(model) == [] and not fattn.CLASS_ORIGINALS
+    assert_close(model(**data).logits, ref(**data).logits, what="unpatched logits")
