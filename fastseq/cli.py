@@ -86,6 +86,22 @@ def _generate(args: argparse.Namespace) -> None:
     print(f"fastseq generate: {len(texts)} outputs -> {args.output_file}", file=sys.stderr)
 
 
+def _count(text: str) -> int:
+    """An argparse type: an int, also when written as 1e9 (a count written in float notation is read as
+    the count it spells, and then checked against its limit)."""
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if not value.is_integer():
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number")
+    return int(value)
+
+
 def _check_generate_options(args: argparse.Namespace) -> None:
     """The options generation itself does not check (it checks its settings), before anything is read."""
     for name, low in (("batch_size", 1), ("max_source_length", 1), ("seed", 0)):
@@ -305,17 +321,17 @@ def build_parser() -> argparse.ArgumentParser:
     p_gen.add_argument("--output-file", default=None, metavar="FILE",
                        help="the outputs, written atomically (default: stdout); JSON lines for JSON input")  # fmt: skip
     p_gen.add_argument("--output-field", default="prediction", help="the output's field in JSON-lines output")
-    p_gen.add_argument("--batch-size", type=int, default=16, help="inputs generated at a time")
-    p_gen.add_argument("--max-new-tokens", type=int, default=64)
-    p_gen.add_argument("--max-source-length", type=int, default=None, help="truncate inputs to this many tokens")
-    p_gen.add_argument("--num-beams", type=int, default=1)
+    p_gen.add_argument("--batch-size", type=_count, default=16, help="inputs generated at a time")
+    p_gen.add_argument("--max-new-tokens", type=_count, default=64)
+    p_gen.add_argument("--max-source-length", type=_count, default=None, help="truncate inputs to this many tokens")
+    p_gen.add_argument("--num-beams", type=_count, default=1)
     p_gen.add_argument("--length-penalty", type=float, default=1.0, help="beam scores: log-prob / length ** this")
-    p_gen.add_argument("--no-repeat-ngram-size", type=int, default=0, help="never repeat an n-gram of this size")
-    p_gen.add_argument("--min-new-tokens", type=int, default=0, help="no eos before this many tokens")
+    p_gen.add_argument("--no-repeat-ngram-size", type=_count, default=0, help="never repeat an n-gram of this size")
+    p_gen.add_argument("--min-new-tokens", type=_count, default=0, help="no eos before this many tokens")
     p_gen.add_argument("--repetition-penalty", type=float, default=1.0, help="CTRL's penalty (1.0: none)")
     p_gen.add_argument("--do-sample", action="store_true")
     p_gen.add_argument("--temperature", type=float, default=1.0)
-    p_gen.add_argument("--top-k", type=int, default=0)
+    p_gen.add_argument("--top-k", type=_count, default=0)
     p_gen.add_argument("--top-p", type=float, default=1.0)
     p_gen.add_argument("--seed", type=int, default=0)
     p_gen.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")

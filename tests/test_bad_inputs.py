@@ -329,7 +329,7 @@ def _generate_cases(tmp: Path) -> dict[str, tuple[list[str], tuple[str, ...]]]:
     return {
         "tpu": (["x", "--device", "tpu"], ("--device 'tpu' is not a device", "use cpu, cuda")),
         "no CUDA": (["x", "--device", "cuda"], ("--device cuda", "no CUDA device", "--device cpu")),
-        "a billion new tokens": (["x", "--max-new-tokens", "1000000000"],
+        "a billion new tokens": (["x", "--max-new-tokens", "1e9"],
                                  ("max_new_tokens must be between 1 and 65536", "1000000000")),
         "zero new tokens": (["x", "--max-new-tokens", "0"], ("max_new_tokens must be between 1 and",)),
         "NaN temperature": (["x", "--do-sample", "--temperature", "nan"], ("temperature must be a finite", "nan")),
