@@ -60,7 +60,7 @@ def _generate(args: argparse.Namespace) -> None:
         """Each input's output text, batch by batch (a progress bar on stderr for file input)."""
         from tqdm import tqdm
 
-        quiet = args.quiet or not (args.input_file or not args.texts)
+        quiet = args.quiet or bool(args.texts)  # texts given as arguments: a few, no bar
         with tqdm(total=len(texts), desc="generate", unit="input", disable=quiet, file=sys.stderr) as progress:
             for start in range(0, len(texts), args.batch_size):
                 chunk = texts[start : start + args.batch_size]
@@ -70,7 +70,7 @@ def _generate(args: argparse.Namespace) -> None:
                 yield from tokenizer.batch_decode(out[:, 1:], skip_special_tokens=True)
                 progress.update(len(chunk))
 
-    lines = (_output_line(text, i, texts, records, args.output_field) for i, text in enumerate(outputs()))
+    lines = (_output_line(text, i, records, args.output_field) for i, text in enumerate(outputs()))
     if args.output_file is None:
         for line in lines:
             print(line, flush=True)
@@ -200,7 +200,7 @@ def _encodable(text: str, where: str) -> str:
     return text
 
 
-def _output_line(text: str, index: int, texts: list[str], records: list[dict] | None, field: str) -> str:
+def _output_line(text: str, index: int, records: list[dict] | None, field: str) -> str:
     """One line of output: the text with its line breaks as spaces (one output per line), or for JSON-lines
     input the input record with the output under `field`."""
     if records is None:
