@@ -71,7 +71,7 @@ def _generate(args: argparse.Namespace) -> None:
                 progress.update(len(chunk))
 
     lines = (_output_line(text, i, records, args.output_field) for i, text in enumerate(outputs()))
-    if args.output_file is None:
+    if args.output_file in (None, "-"):
         for line in lines:
             print(line, flush=True)
         return
@@ -112,7 +112,7 @@ def _check_generate_options(args: argparse.Namespace) -> None:
         raise ValueError(f"--seed must be below 2**64 (torch's seeds are 64-bit); got {args.seed}")
     if args.texts and args.input_file is not None:
         raise ValueError("pass input texts as arguments or --input-file FILE, not both")
-    if args.output_file is not None:
+    if args.output_file not in (None, "-"):
         out = Path(args.output_file)
         if out.is_dir():
             raise ValueError(f"--output-file {out} is a directory; pass a file name")
@@ -318,8 +318,12 @@ def build_parser() -> argparse.ArgumentParser:
     p_gen.add_argument("--input-field", default=None,
                        help="the field of each JSON line to generate from, a.b for nested (default: source); "
                             "implies JSON-lines input")  # fmt: skip
-    p_gen.add_argument("--output-file", default=None, metavar="FILE",
-                       help="the outputs, written atomically (default: stdout); JSON lines for JSON input")  # fmt: skip
+    p_gen.add_argument(
+        "--output-file",
+        default=None,
+        metavar="FILE",
+        help="the outputs, written atomically (-: stdout, the default); JSON lines for JSON",
+    )
     p_gen.add_argument("--output-field", default="prediction", help="the output's field in JSON-lines output")
     p_gen.add_argument("--batch-size", type=_count, default=16, help="inputs generated at a time")
     p_gen.add_argument("--max-new-tokens", type=_count, default=64)
