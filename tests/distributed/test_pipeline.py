@@ -157,3 +157,19 @@ def test_the_last_stage_takes_the_fused_loss_of_the_head_without_logits(kind, sm
     torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
     for got, want in zip(grads, expected_grads, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_label_smoothing_under_zero2_and_two_stages_matches_one_process(tmp_path):
+    """--label-smoothing reaches the loss of every engine: ZeRO-2's ranks and the pipeline's last stage
+    give one process's smoothed losses (which differ from the plain ones)."""
+    source = _directory(tmp_path / "model", "t5_tied")
+    expected = one_process(tmp_path / "one", 3, model=source, label_smoothing=0.1)
+    plain = one_process(tmp_path / "plain", 3, model=source)
+    assert all(abs(a - b) > 1e-3 for a, b in zip(expected, plain, strict=True))
+    # Two data-parallel ranks with one micro-batch each, or two stages accumulating two: one process's batches.
+    runs = {"z2": (str(ROOT / "configs/deepspeed/zero2.json"), "1"), "pp": (PIPELINE, "2")}
+    for name, (config, accumulation) in runs.items():
+        deepspeed("--deepspeed", config, "--model", str(source), "--steps", "3", "--label-smoothing", "0.1",
+                  "--output-dir", str(tmp_path / name), *COMMON, "--grad-accum", accumulation)  # fmt: skip
+        assert_losses_close(losses(tmp_path / name), expected)
