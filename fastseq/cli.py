@@ -4,6 +4,7 @@ the problem and the fix (exit status 2); `--debug` shows the traceback instead."
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import signal
 import sys
@@ -46,21 +47,169 @@ def _generate(args: argparse.Namespace) -> None:
 
     from .checkpoint import from_pretrained
     from .tokenizers import load_tokenizer
+    from .train.engine import resolve_device
 
-    model = from_pretrained(args.model)
+    _check_generate_options(args)
+    device = resolve_device(args.device)
+    texts, records = _generate_inputs(args)
+    model = from_pretrained(args.model).to(device)
     tokenizer = load_tokenizer(args.tokenizer or args.model)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    model.to(device)
-    batch = tokenizer(args.texts, padding=True, truncation=args.max_source_length is not None,
-                      max_length=args.max_source_length)  # fmt: skip
     generator = torch.Generator(device=device).manual_seed(args.seed)
-    out = model.generate(
-        batch["input_ids"].to(device), batch["attention_mask"].to(device), max_new_tokens=args.max_new_tokens,
-        num_beams=args.num_beams, do_sample=args.do_sample, temperature=args.temperature, top_k=args.top_k,
-        top_p=args.top_p, generator=generator,
-    )  # fmt: skip
-    for text in tokenizer.batch_decode(out[:, 1:], skip_special_tokens=True):
-        print(text)
+    settings = dict(max_new_tokens=args.max_new_tokens, num_beams=args.num_beams, length_penalty=args.length_penalty,
+                    do_sample=args.do_sample, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                    repetition_penalty=args.repetition_penalty, no_repeat_ngram_size=args.no_repeat_ngram_size,
+                    min_new_tokens=args.min_new_tokens, generator=generator)  # fmt: skip
+
+    def outputs():
+        """Each input's output text, batch by batch (a progress bar on stderr for file input)."""
+        from tqdm import tqdm
+
+        quiet = args.quiet or bool(args.texts)  # texts given as arguments: a few, no bar
+        with tqdm(total=len(texts), desc="generate", unit="input", disable=quiet, file=sys.stderr) as progress:
+            for start in range(0, len(texts), args.batch_size):
+                chunk = texts[start : start + args.batch_size]
+                batch = tokenizer(chunk, padding=True, truncation=args.max_source_length is not None,
+                                  max_length=args.max_source_length)  # fmt: skip
+                out = model.generate(batch["input_ids"].to(device), batch["attention_mask"].to(device), **settings)
+                yield from tokenizer.batch_decode(out[:, 1:], skip_special_tokens=True)
+                progress.update(len(chunk))
+
+    lines = (_output_line(text, i, records, args.output_field) for i, text in enumerate(outputs()))
+    if args.output_file in (None, "-"):
+        for line in lines:
+            print(line, flush=True)
+        return
+    from .files import atomic_write
+
+    def write(tmp: Path) -> None:
+        with tmp.open("w", encoding="utf-8") as handle:
+            for line in lines:
+                handle.write(line + "\n")
+
+    atomic_write(Path(args.output_file), write)
+    print(f"fastseq generate: {len(texts)} outputs -> {args.output_file}", file=sys.stderr)
+
+
+def _count(text: str) -> int:
+    """An argparse type: an int, also when written as 1e9 (a count written in float notation is read as
+    the count it spells, and then checked against its limit)."""
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if not value.is_integer():
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number")
+    return int(value)
+
+
+def _check_generate_options(args: argparse.Namespace) -> None:
+    """The options generation itself does not check (it checks its settings), before anything is read."""
+    for name, low in (("batch_size", 1), ("max_source_length", 1), ("seed", 0)):
+        value = getattr(args, name)
+        if value is not None and value < low:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least {low}; got {value}")
+    if args.seed >= 2**64:
+        raise ValueError(f"--seed must be below 2**64 (torch's seeds are 64-bit); got {args.seed}")
+    if args.texts and args.input_file is not None:
+        raise ValueError("pass input texts as arguments or --input-file FILE, not both")
+    if args.output_file not in (None, "-"):
+        out = Path(args.output_file)
+        if out.is_dir():
+            raise ValueError(f"--output-file {out} is a directory; pass a file name")
+        if not out.parent.is_dir():
+            raise FileNotFoundError(f"--output-file {out}: the directory {out.parent} does not exist; create it first")
+        source = args.input_file
+        if source not in (None, "-") and out.exists() and out.resolve() == Path(source).resolve():
+            raise ValueError(f"--output-file {out} is the input file; write the outputs to another file")
+
+
+def _generate_inputs(args: argparse.Namespace) -> tuple[list[str], list[dict] | None]:
+    """The input texts, and for JSON-lines input the records they came from (None otherwise).
+    Texts come from the arguments, else from --input-file (`-`: stdin), else from stdin."""
+    if args.texts:
+        return list(args.texts), None
+    source = args.input_file or "-"
+    if source == "-" and sys.stdin.isatty():
+        raise ValueError("no input: pass texts as arguments, --input-file FILE, or pipe them on stdin")
+    jsonl = args.input_field is not None or source.lower().endswith(".jsonl")
+    field = args.input_field or "source"
+    name = "<stdin>" if source == "-" else source
+    texts, records = [], []
+    for number, line in _input_lines(source):
+        where = f"{name}:{number}"
+        if not jsonl:
+            texts.append(_encodable(line.rstrip("\r\n"), where))
+            continue
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{where}: not valid JSON ({err.msg} at column {err.colno}); fix the line") from None
+        texts.append(_encodable(_input_field(record, field, where), where))
+        records.append(record)
+    if not texts:
+        raise ValueError(f"{name} holds no input; pass a file with one input per line")
+    return texts, records if jsonl else None
+
+
+def _input_lines(source: str):
+    """(line number, line) of `source` (`-`: stdin), UTF-8 (a leading byte-order mark dropped), decoded line
+    by line so that an error names the line."""
+    name = "<stdin>" if source == "-" else source
+    if source == "-":
+        handle = sys.stdin.buffer
+    else:
+        path = Path(source)
+        if path.is_dir():
+            raise ValueError(f"--input-file {path} is a directory; pass a file with one input per line")
+        if not path.exists():
+            raise FileNotFoundError(f"--input-file {path} does not exist; pass a file with one input per line")
+        handle = path.open("rb")
+    try:
+        for number, raw in enumerate(handle, start=1):
+            try:
+                yield number, raw.decode("utf-8-sig" if number == 1 else "utf-8")
+            except UnicodeDecodeError as err:
+                raise ValueError(f"{name}:{number}: not UTF-8 text ({err.reason}); convert the file to UTF-8") from None
+    finally:
+        if handle is not sys.stdin.buffer:
+            handle.close()
+
+
+def _input_field(record, field: str, where: str) -> str:
+    """record[field], where `a.b` reaches into nested objects (`translation.en`)."""
+    value = record
+    for i, key in enumerate(field.split(".")):
+        if not isinstance(value, dict) or key not in value:
+            at = ".".join(field.split(".")[:i]) or "the record"
+            keys = sorted(value) if isinstance(value, dict) else type(value).__name__
+            raise ValueError(f"{where}: no field {field!r} ({at} has {keys}); choose it with --input-field")
+        value = value[key]
+    if not isinstance(value, str):
+        kind = type(value).__name__
+        raise ValueError(f"{where}: field {field!r} is a {kind}, not text; choose another --input-field")
+    return value
+
+
+def _encodable(text: str, where: str) -> str:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise ValueError(f"{where}: {text[err.start]!r} is a lone surrogate, not a character; fix the input") from None
+    return text
+
+
+def _output_line(text: str, index: int, records: list[dict] | None, field: str) -> str:
+    """One line of output: the text with its line breaks as spaces (one output per line), or for JSON-lines
+    input the input record with the output under `field`."""
+    if records is None:
+        return " ".join(text.splitlines())
+    return json.dumps({**records[index], field: text}, ensure_ascii=False)
 
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
@@ -92,6 +241,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--warmup", type=int, default=None, help="linear warm-up steps")
     parser.add_argument("--weight-decay", type=float, default=None)
     parser.add_argument("--clip", type=float, default=None, help="gradient-norm clipping (0: none)")
+    parser.add_argument("--label-smoothing", type=float, default=None,
+                        help="eps of the label-smoothed training loss (HF: --label_smoothing_factor)")  # fmt: skip
     parser.add_argument("--max-source-length", type=int, default=None)
     parser.add_argument("--max-target-length", type=int, default=None)
     parser.add_argument("--precision", default=None, choices=["auto", "fp32", "bf16", "fp16"])
@@ -212,16 +363,34 @@ def build_parser() -> argparse.ArgumentParser:
     p_gen = sub.add_parser("generate", parents=[common], help="generate text with a trained model directory")
     p_gen.add_argument("--model", required=True, help="a model directory (with its tokenizer files)")
     p_gen.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the model's)")
-    p_gen.add_argument("texts", nargs="+", help="input texts, one output line each")
-    p_gen.add_argument("--max-new-tokens", type=int, default=64)
-    p_gen.add_argument("--max-source-length", type=int, default=None)
-    p_gen.add_argument("--num-beams", type=int, default=1)
+    p_gen.add_argument("texts", nargs="*", help="input texts, one output line each (none: --input-file or stdin)")
+    p_gen.add_argument("--input-file", default=None, metavar="FILE",
+                       help="one input per line; .jsonl: a JSON object per line (--input-field); -: stdin")  # fmt: skip
+    p_gen.add_argument("--input-field", default=None,
+                       help="the field of each JSON line to generate from, a.b for nested (default: source); "
+                            "implies JSON-lines input")  # fmt: skip
+    p_gen.add_argument(
+        "--output-file",
+        default=None,
+        metavar="FILE",
+        help="the outputs, written atomically (-: stdout, the default); JSON lines for JSON",
+    )
+    p_gen.add_argument("--output-field", default="prediction", help="the output's field in JSON-lines output")
+    p_gen.add_argument("--batch-size", type=_count, default=16, help="inputs generated at a time")
+    p_gen.add_argument("--max-new-tokens", type=_count, default=64)
+    p_gen.add_argument("--max-source-length", type=_count, default=None, help="truncate inputs to this many tokens")
+    p_gen.add_argument("--num-beams", type=_count, default=1)
+    p_gen.add_argument("--length-penalty", type=float, default=1.0, help="beam scores: log-prob / length ** this")
+    p_gen.add_argument("--no-repeat-ngram-size", type=_count, default=0, help="never repeat an n-gram of this size")
+    p_gen.add_argument("--min-new-tokens", type=_count, default=0, help="no eos before this many tokens")
+    p_gen.add_argument("--repetition-penalty", type=float, default=1.0, help="CTRL's penalty (1.0: none)")
     p_gen.add_argument("--do-sample", action="store_true")
     p_gen.add_argument("--temperature", type=float, default=1.0)
-    p_gen.add_argument("--top-k", type=int, default=0)
+    p_gen.add_argument("--top-k", type=_count, default=0)
     p_gen.add_argument("--top-p", type=float, default=1.0)
     p_gen.add_argument("--seed", type=int, default=0)
-    p_gen.add_argument("--device", default=None)
+    p_gen.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    p_gen.add_argument("--quiet", action="store_true", help="no progress bar")
     p_gen.set_defaults(func=_generate)
     p_convert = sub.add_parser(
         "convert",

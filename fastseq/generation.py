@@ -6,6 +6,14 @@ the first step). Rows that have produced eos continue with the pad token, as `tr
 and decoding stops when every row has finished or after `max_new_tokens`. The result starts with
 the decoder start token, as `transformers`' `generate` returns it.
 
+Each step's scores pass through `transformers`' logits processors, in its order and on the same
+values (raw logits for greedy decoding and sampling, log-probabilities in beam search), so the
+tokens are its tokens: `repetition_penalty` (a score of a token already in the row, decoder start
+token included, is divided by the penalty, or multiplied when negative), `no_repeat_ngram_size`
+(a token that would complete an n-gram the row already holds is banned), `min_new_tokens` (eos is
+banned until that many tokens are generated), then the forced eos at the last step. Sampling then
+applies temperature, top-k and top-p.
+
 Beam search follows `transformers`' vectorised algorithm, so its outputs are the same tokens:
 each step keeps the 2K best continuations of the K running beams, the best K that do not end
 (eos, or the length limit) run on, and those that end among the first K enter the K finished
@@ -17,9 +25,16 @@ stops when every finished slot is filled and no running beam can beat the worst 
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .models.cache import KVCache
+
+# The most tokens one call generates. The KV cache is allocated for `max_new_tokens` up front (t5-small:
+# 24 KiB per row and token), so a typo such as 1e9 would ask for terabytes; 65,536 is 8x LongT5's
+# longest published targets. A model with learned positions (BlenderbotSmall) allows fewer.
+MAX_NEW_TOKENS = 1 << 16
 
 
 def _setting(value, config, name: str):
@@ -45,6 +60,47 @@ def _sample(logits: torch.Tensor, temperature: float, top_k: int, top_p: float, 
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)  # (B,)
 
 
+def _processed(scores: torch.Tensor, sequences: torch.Tensor, rules: dict) -> torch.Tensor:
+    """`(N, V)` fp32 scores after `transformers`' logits processors, in its order. `sequences` `(N, t)`:
+    each row's tokens so far, the decoder start token first; `rules` from `_rules`."""
+    generated = sequences.shape[1] - 1
+    if rules["repetition_penalty"] != 1.0:
+        scores = _penalize_repetitions(scores, sequences, rules["repetition_penalty"])
+    if rules["no_repeat_ngram_size"]:
+        scores = _ban_repeated_ngrams(scores, sequences, rules["no_repeat_ngram_size"])
+    if rules["eos"] is not None and generated < rules["min_new_tokens"]:
+        scores = scores.index_fill(1, torch.tensor([rules["eos"]], device=scores.device), float("-inf"))
+    if rules["forced_eos"] is not None and generated == rules["max_new_tokens"] - 1:
+        scores = _force(scores, rules["forced_eos"])
+    return scores
+
+
+def _penalize_repetitions(scores: torch.Tensor, sequences: torch.Tensor, penalty: float) -> torch.Tensor:
+    """CTRL's penalty: the score of every token in the row is divided by `penalty` (multiplied when
+    negative). Ids past the scores (a padded embedding) land in a spare column that is dropped."""
+    V = scores.shape[-1]
+    ids = sequences.clamp(max=V)  # (N, t)
+    padded = torch.nn.functional.pad(scores, (0, 1))  # (N, V + 1)
+    seen = padded.gather(1, ids)
+    seen = torch.where(seen < 0, seen * penalty, seen / penalty)
+    return padded.scatter(1, ids, seen)[:, :V]
+
+
+def _ban_repeated_ngrams(scores: torch.Tensor, sequences: torch.Tensor, n: int) -> torch.Tensor:
+    """-inf for each token that would complete an n-gram already in the row: every window of n tokens
+    whose first n - 1 match the row's last n - 1 bans its last token."""
+    t = sequences.shape[1]
+    if t < n:
+        return scores
+    prefix = sequences[:, t + 1 - n :]  # (N, n - 1)
+    windows = sequences.unfold(1, n, 1)  # (N, t - n + 1, n)
+    matches = (windows[..., :-1] == prefix[:, None, :]).all(-1)  # (N, t - n + 1)
+    V = scores.shape[-1]
+    banned = torch.zeros(scores.shape[0], V + 1, dtype=torch.bool, device=scores.device)
+    banned.scatter_(1, torch.where(matches, windows[..., -1].clamp(max=V), V), True)
+    return scores.masked_fill(banned[:, :V], float("-inf"))
+
+
 def _logits(model, tokens, encoder_states, attention_mask, cache, bias) -> torch.Tensor:
     h = model.decode(tokens, encoder_states, attention_mask, None, cache=cache)  # (N, 1, d_model)
     logits = model.lm_head(h[:, -1]).float()  # (N, V)
@@ -58,10 +114,11 @@ def _force(logits: torch.Tensor, token: int) -> torch.Tensor:
 
 
 def _beam_search(
-    model, encoder_states, attention_mask, *, num_beams, max_new_tokens, length_penalty, early_stopping, eos, pad,
-    start, forced_eos,
+    model, encoder_states, attention_mask, *, num_beams, max_new_tokens, length_penalty, early_stopping, pad, start,
+    rules,
 ) -> torch.Tensor:  # fmt: skip
     B, K = encoder_states.shape[0], num_beams
+    eos = rules["eos"]
     device = encoder_states.device
     max_len = 1 + max_new_tokens
     encoder_states = encoder_states.repeat_interleave(K, dim=0)  # (B * K, Le, d_model)
@@ -85,8 +142,7 @@ def _beam_search(
     for cur_len in range(1, max_len):
         tokens = running[:, :, cur_len - 1].reshape(B * K, 1)
         log_probs = torch.log_softmax(_logits(model, tokens, encoder_states, attention_mask, cache, bias), dim=-1)
-        if forced_eos is not None and cur_len == max_len - 1:
-            log_probs = _force(log_probs, forced_eos)
+        log_probs = _processed(log_probs, running[:, :, :cur_len].reshape(B * K, cur_len), rules)
         V = log_probs.shape[-1]
         total = (log_probs.view(B, K, V) + running_scores[:, :, None]).reshape(B, K * V)
         cand_scores, cand_index = torch.topk(total, keep)  # (B, 2K)
@@ -124,6 +180,41 @@ def _beam_search(
     return finished[:, 0, :length]
 
 
+def _check(max_new_tokens, num_beams, do_sample, temperature, top_k, top_p, length_penalty, repetition_penalty,
+           no_repeat_ngram_size, min_new_tokens, position_limit) -> None:  # fmt: skip
+    """Every setting, before any work: a bad one is a ValueError naming it, its value and the fix."""
+    limit = min(MAX_NEW_TOKENS, position_limit or MAX_NEW_TOKENS)
+    if not 1 <= max_new_tokens <= limit:
+        why = "the KV cache is allocated up front"
+        if limit == position_limit:
+            why = f"the model's learned positions cover {position_limit} tokens"
+        raise ValueError(f"max_new_tokens must be between 1 and {limit} ({why}); got {max_new_tokens}")
+    if not (math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"temperature must be a finite number > 0; got {temperature} (use do_sample=False for greedy)")
+    if top_k < 0:
+        raise ValueError(f"top_k must be >= 0 (0: no top-k filtering); got {top_k}")
+    if not 0 < top_p <= 1:  # NaN fails here too
+        raise ValueError(f"top_p must be in (0, 1] (1: no nucleus filtering); got {top_p}")
+    if num_beams < 1:
+        raise ValueError(f"num_beams must be >= 1 (1: no beam search); got {num_beams}")
+    if num_beams > 1 and do_sample:
+        raise ValueError("beam sampling is not supported; use num_beams=1 with do_sample, or do_sample=False")
+    if not math.isfinite(length_penalty):
+        raise ValueError(f"length_penalty must be a finite number; got {length_penalty}")
+    if not (math.isfinite(repetition_penalty) and repetition_penalty > 0):
+        raise ValueError(f"repetition_penalty must be a finite number > 0 (1.0: none); got {repetition_penalty}")
+    if no_repeat_ngram_size < 0:
+        raise ValueError(f"no_repeat_ngram_size must be >= 0 (0: off); got {no_repeat_ngram_size}")
+    if min_new_tokens < 0:
+        raise ValueError(f"min_new_tokens must be >= 0; got {min_new_tokens}")
+
+
+def position_limit(model) -> int | None:
+    """The most decoder positions the model has (learned position embeddings), or None (T5's relative
+    positions have no limit)."""
+    return getattr(model.config, "max_position_embeddings", None)
+
+
 @torch.no_grad()
 def generate(
     model,
@@ -138,6 +229,9 @@ def generate(
     temperature: float = 1.0,
     top_k: int = 0,
     top_p: float = 1.0,
+    repetition_penalty: float = 1.0,
+    no_repeat_ngram_size: int = 0,
+    min_new_tokens: int = 0,
     generator: torch.Generator | None = None,
     eos_token_id: int | None = None,
     pad_token_id: int | None = None,
@@ -147,23 +241,22 @@ def generate(
     """Token ids `(B, 1 + n)`, n <= max_new_tokens: the decoder start token, then the generated
     tokens (pad after a row's eos). Greedy by default; `do_sample` draws from the distribution
     shaped by `temperature`, `top_k` and `top_p` (reproducible with `generator`); `num_beams` > 1
-    runs beam search (`length_penalty`, `early_stopping`) and returns the best hypothesis. Token
-    settings default to the model's config (`forced_eos_token_id` too: eos forced at the last step)."""
+    runs beam search (`length_penalty`, `early_stopping`) and returns the best hypothesis.
+    `repetition_penalty`, `no_repeat_ngram_size` and `min_new_tokens` shape every step's scores as
+    `transformers`' processors of those names do. Token settings default to the model's config
+    (`forced_eos_token_id` too: eos forced at the last step). `max_new_tokens` is at most
+    `MAX_NEW_TOKENS`, and at most the model's learned positions where it has them."""
     config = model.config
     eos = _setting(eos_token_id, config, "eos_token_id")
     pad = _setting(pad_token_id, config, "pad_token_id")
     start = _setting(decoder_start_token_id, config, "decoder_start_token_id")
-    forced_eos = _setting(forced_eos_token_id, config, "forced_eos_token_id")
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1; got {max_new_tokens}")
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0; got {temperature} (use do_sample=False for greedy)")
-    if not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1]; got {top_p}")
-    if num_beams < 1:
-        raise ValueError(f"num_beams must be >= 1; got {num_beams}")
-    if num_beams > 1 and do_sample:
-        raise ValueError("beam sampling is not supported; use num_beams=1 with do_sample, or do_sample=False")
+    _check(max_new_tokens, num_beams, do_sample, temperature, top_k, top_p, length_penalty, repetition_penalty,
+           no_repeat_ngram_size, min_new_tokens, position_limit(model))  # fmt: skip
+    rules = dict(
+        eos=eos, forced_eos=_setting(forced_eos_token_id, config, "forced_eos_token_id"),
+        max_new_tokens=max_new_tokens, repetition_penalty=float(repetition_penalty),
+        no_repeat_ngram_size=no_repeat_ngram_size, min_new_tokens=min_new_tokens,
+    )  # fmt: skip
     was_training = model.training
     model.eval()
     try:
@@ -172,17 +265,15 @@ def generate(
         if num_beams > 1:
             return _beam_search(
                 model, encoder_states, attention_mask, num_beams=num_beams, max_new_tokens=max_new_tokens,
-                length_penalty=length_penalty, early_stopping=early_stopping, eos=eos, pad=pad, start=start,
-                forced_eos=forced_eos,
+                length_penalty=length_penalty, early_stopping=early_stopping, pad=pad, start=start, rules=rules,
             )  # fmt: skip
         cache = KVCache(model.num_decoder_layers(), capacity=max_new_tokens)
         tokens = torch.full((B, 1), start, dtype=torch.long, device=input_ids.device)
         finished = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
         bias = model.logits_bias()
-        for step in range(max_new_tokens):
+        for _ in range(max_new_tokens):
             logits = _logits(model, tokens[:, -1:], encoder_states, attention_mask, cache, bias)  # (B, V)
-            if forced_eos is not None and step == max_new_tokens - 1:
-                logits = _force(logits, forced_eos)
+            logits = _processed(logits, tokens, rules)
             if do_sample:
                 next_tokens = _sample(logits, temperature, top_k, top_p, generator)
             else:

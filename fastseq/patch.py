@@ -14,6 +14,10 @@ the same parameters (the state dict is untouched); `unpatch(model)` restores the
   the `(tokens, vocab)` logits are never built: the output's `logits` is None. In eval mode, or
   without labels, the model computes its logits as before. The loss runs inside the LM head's own
   module call, so DeepSpeed ZeRO-3 gathers the head's weight for it, forward and backward.
+  `patch(model, label_smoothing=eps)` smooths that loss (and the eval-mode loss) as `Seq2SeqTrainer`'s
+  `label_smoothing_factor` does. That Trainer option itself takes the labels away from the model and
+  computes the loss from the full logits (its `LabelSmoother`): the numbers are the same, the fused
+  loss is bypassed, and a patched model says so once (a warning) when it is trained without labels.
 
 A module whose configuration a kernel does not cover (another activation, biases, weights kept in
 another dtype, attention weights asked for, a mask that is not a padding mask) runs its own
@@ -29,6 +33,7 @@ import types
 import warnings
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from fastseq import kernels
@@ -129,13 +134,16 @@ def _relu_ffn_forward(self, hidden_states):
 # ---- loss ------------------------------------------------------------------------------------
 
 _CAPTURE = "_fastseq_capture"  # set on the LM head while the model's forward runs for a fused loss
+_SMOOTHING = "_fastseq_label_smoothing"  # set on the model by patch(label_smoothing=eps)
+_WARNED_UNFUSED = "_fastseq_warned_unfused"  # set on a model once it has warned that its loss is computed outside
 
 
-def _lm_head_forward(self, hidden_states, labels=None, bias=None):
-    """With labels: the mean cross-entropy of `hidden @ W.T (+ bias)`, as a scalar fp32. While the
-    model's own forward runs for a fused loss: the hidden states themselves (nothing is computed)."""
+def _lm_head_forward(self, hidden_states, labels=None, bias=None, label_smoothing=0.0):
+    """With labels: the mean (label-smoothed) cross-entropy of `hidden @ W.T (+ bias)`, as a scalar fp32.
+    While the model's own forward runs for a fused loss: the hidden states themselves (nothing is computed)."""
     if labels is not None:  # under autocast the kernel casts as F.linear would
-        return kernels.linear_cross_entropy(hidden_states, self.weight, labels, bias=bias)
+        return kernels.linear_cross_entropy(hidden_states, self.weight, labels, bias=bias,
+                                            label_smoothing=label_smoothing)  # fmt: skip
     if getattr(self, _CAPTURE, False):
         return hidden_states
     return original_forward(self)(hidden_states)
@@ -155,9 +163,49 @@ def _seq2seq_loss_forward(self, *args, **kwargs):
     arguments = call_arguments(original, args, kwargs)
     labels = arguments.pop("labels", None)
     head = self.get_output_embeddings()
+    smoothing = getattr(self, _SMOOTHING, 0.0)
+    if labels is None and self.training and torch.is_grad_enabled():
+        _warn_unfused(self)
     if not (labels is not None and self.training and isinstance(head, nn.Linear) and head.bias is None):
-        return original(*args, **kwargs)
-    _swap(head, _lm_head_forward)  # models built after patch_transformers get theirs on first use
+        out = original(*args, **kwargs)
+        return _smoothed(out, labels, smoothing) if labels is not None and smoothing else out
+    if ORIGINAL in head.__dict__:
+        return _fused_loss(self, original, arguments, labels, head)
+    # A model patched only through its classes (patch_transformers): the head, a plain Linear, gets the
+    # fused forward for this call only, so that unpatch_transformers leaves nothing of the patch behind.
+    _swap(head, _lm_head_forward)
+    try:
+        return _fused_loss(self, original, arguments, labels, head)
+    finally:
+        _restore(head)
+
+
+def _warn_unfused(model: nn.Module) -> None:
+    if model.__dict__.get(_WARNED_UNFUSED):
+        return
+    model.__dict__[_WARNED_UNFUSED] = True
+    warnings.warn(
+        "fastseq.patch: this model is trained without labels, so its loss is computed outside it from the full "
+        "(tokens, vocab) logits and the fused loss kernel is bypassed (the numbers are unchanged). Seq2SeqTrainer "
+        "does this when label_smoothing_factor > 0; to keep the fused loss, set label_smoothing_factor=0 and "
+        "patch with fastseq.patch(model, label_smoothing=FACTOR)",
+        stacklevel=3,
+    )
+
+
+def _smoothed(out, labels: torch.Tensor, smoothing: float):
+    """The model's own outputs with the loss label-smoothed (eval mode: the logits are there)."""
+    logits = out.logits if hasattr(out, "logits") else out[1]
+    loss = F.cross_entropy(logits.float().flatten(0, -2), labels.to(logits.device).flatten(), ignore_index=-100,
+                           label_smoothing=smoothing)  # fmt: skip
+    if isinstance(out, tuple):
+        return (loss, *out[1:])
+    out.loss = loss
+    return out
+
+
+def _fused_loss(self, original, arguments: dict, labels: torch.Tensor, head: nn.Module):
+    """The model's outputs with the loss from the fused LM head and cross-entropy (logits None)."""
     return_dict = arguments.pop("return_dict", None)
     want_tuple = return_dict is False or (return_dict is None and not getattr(self.config, "return_dict", True))
     if arguments.get("decoder_input_ids") is None and arguments.get("decoder_inputs_embeds") is None:
@@ -180,7 +228,9 @@ def _seq2seq_loss_forward(self, *args, **kwargs):
         hidden = out.logits  # the head's input, scaled as the model scales it
         fields = {k: v for k, v in out.items() if k not in ("loss", "logits")}
         output_type = type(out)
-    loss = head(hidden, labels=labels.to(hidden.device), bias=bias)  # a module call: ZeRO-3 gathers the weight
+    smoothing = getattr(self, _SMOOTHING, 0.0)
+    # a module call: ZeRO-3 gathers the weight
+    loss = head(hidden, labels=labels.to(hidden.device), bias=bias, label_smoothing=smoothing)
     result = output_type(loss=loss, logits=None, **fields)
     return result.to_tuple() if want_tuple else result
 
@@ -223,9 +273,12 @@ def _signed(forward, original):
 
 
 def _swap(module: nn.Module, forward) -> None:
-    if ORIGINAL in module.__dict__ or _class_patched(module):
+    """Give `module` its own patched forward. Under `patch_transformers` the forward it keeps as its
+    original is its class's own (not the class-level patch), so the module stays patched, and `unpatch`
+    restores it, whatever happens to the classes later."""
+    if ORIGINAL in module.__dict__:
         return  # already patched
-    original = module.forward
+    original = original_forward(module) if _class_patched(module) else module.forward
     setattr(module, ORIGINAL, original)
     # The original's signature shows through (`__wrapped__`): the Trainer picks dataset columns by it.
     module.forward = types.MethodType(_signed(forward, getattr(original, "__func__", None)), module)
@@ -274,33 +327,53 @@ def _parts(attention: bool, ffn: bool, norm: bool, loss: bool) -> set[str]:
     return {p for p, wanted in zip(PARTS, (attention, ffn, norm, loss), strict=True) if wanted}
 
 
-def patch(model: nn.Module, *, attention: bool = True, ffn: bool = True, norm: bool = True, loss: bool = True):
+def patch(
+    model: nn.Module,
+    *,
+    attention: bool = True,
+    ffn: bool = True,
+    norm: bool = True,
+    loss: bool = True,
+    label_smoothing: float = 0.0,
+):
     """Swap the forwards of `model`'s attention, FFN, norm and loss for fastseq's kernels, in place;
-    returns the model. `patched_modules(model)` lists what was swapped."""
+    returns the model. `patched_modules(model)` lists what was swapped. `label_smoothing` eps smooths
+    the model's loss (training and eval) as `Seq2SeqTrainer`'s `label_smoothing_factor` does."""
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     if model_type not in REGISTRY:
         raise ValueError(
             f"fastseq.patch: model_type {model_type!r} is not supported; supported: {', '.join(sorted(REGISTRY))}"
         )
     _check_transformers()
+    if not 0.0 <= label_smoothing < 1.0:
+        raise ValueError(f"fastseq.patch: label_smoothing must be in [0, 1); got {label_smoothing}")
+    if label_smoothing and not (loss and _replacement(model, {"loss"}) is _seq2seq_loss_forward):
+        raise ValueError("fastseq.patch: label_smoothing needs the loss patched (loss=True, a model with an LM head)")
     parts = _parts(attention, ffn, norm, loss) & REGISTRY[model_type]
     for module in model.modules():
         forward = _replacement(module, parts)
         if forward is not None:
             _swap(module, forward)
     if "loss" in parts and _replacement(model, parts) is _seq2seq_loss_forward:
+        model.__dict__[_SMOOTHING] = float(label_smoothing)
         head = model.get_output_embeddings()
         if isinstance(head, nn.Linear) and head.bias is None:
             _swap(head, _lm_head_forward)
     return model
 
 
+def _restore(module: nn.Module) -> None:
+    if ORIGINAL in module.__dict__:
+        del module.forward  # the instance attribute; the class's forward shows again
+        delattr(module, ORIGINAL)
+
+
 def unpatch(model: nn.Module) -> nn.Module:
-    """Restore every forward `patch` swapped."""
+    """Restore every forward `patch` swapped. While `patch_transformers` is active, the classes'
+    patched forwards then show through; after `unpatch_transformers`, the model is `transformers`' own."""
     for module in model.modules():
-        if ORIGINAL in module.__dict__:
-            del module.forward  # the instance attribute; the class's forward shows again
-            delattr(module, ORIGINAL)
+        _restore(module)
+    model.__dict__.pop(_SMOOTHING, None)
     return model
 
 

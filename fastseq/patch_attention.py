@@ -136,10 +136,20 @@ def _attend_from_4d(mask: torch.Tensor, verify: bool) -> torch.Tensor:
     return mask == 0
 
 
+def _no_empty_row(kpm: torch.Tensor, verify: bool) -> torch.Tensor:
+    """`kpm` `(B, Lk)`, unless a row attends to nothing. The kernels give such a row zeros, while
+    `transformers` adds its mask's minimum to every score and so averages over every key (uniformly in
+    fp32; LongT5's local attention adds -1e10, which leaves a rounded softmax): the module's own forward
+    gives its numbers. Checked with the mask's other checks (not under torch.compile, which sees no data)."""
+    if verify and not bool(kpm.any(-1).all()):
+        raise _Fallback("a row is all padding")
+    return kpm
+
+
 def key_padding(mask, B: int, Lq: int, causal: bool, q_offset: int) -> torch.Tensor | None:
     """The `(B, Lk)` bool key mask equivalent to `mask` (with `causal` applied by the kernel); raises
-    `_Fallback` when `mask` is not of that form. Reads nothing but the mask, so it runs before any
-    cache is touched."""
+    `_Fallback` when `mask` is not of that form, or when a row attends to no key at all. Reads nothing
+    but the mask, so it runs before any cache is touched."""
     if mask is None:
         return None
     if not isinstance(mask, torch.Tensor):
@@ -148,7 +158,7 @@ def key_padding(mask, B: int, Lq: int, causal: bool, q_offset: int) -> torch.Ten
     if mask.dim() == 2:
         if mask.shape[0] != B:
             raise _Fallback(f"2D mask of shape {tuple(mask.shape)}")
-        return mask != 0
+        return _memoized(mask, ("2d", B, Lk), lambda verify: _no_empty_row(mask != 0, verify))
     if mask.dim() != 4 or mask.shape[1] != 1 or mask.shape[0] not in (1, B) or mask.shape[2] not in (1, Lq):
         raise _Fallback(f"mask of shape {tuple(mask.shape)}")
 
@@ -164,7 +174,7 @@ def key_padding(mask, B: int, Lq: int, causal: bool, q_offset: int) -> torch.Ten
             shape = (B, 1, Lq, Lk)
             if not torch.equal(attend.expand(shape), expected.expand(shape)):
                 raise _Fallback("the mask is not a key-padding mask (plus causal)")
-        return kpm
+        return _no_empty_row(kpm, verify)
 
     return _memoized(mask, ("4d", B, Lq, Lk, causal, q_offset), decode)
 
@@ -326,7 +336,7 @@ def _local_key_padding(mask, B: int, L: int, block: int) -> torch.Tensor | None:
         kpm = (mask[:, 0, :, idx, block + idx] != 0).reshape(B, nb * block)[:, :L].contiguous()  # (B, L)
         if verify and not torch.equal(_get_local_attention_mask(kpm, block, mask.device), mask != 0):
             raise _Fallback("the local mask is not made from a key-padding mask")
-        return kpm
+        return _no_empty_row(kpm, verify)
 
     return _memoized(mask, ("local", B, L, block), decode)
 
@@ -340,7 +350,7 @@ def _global_key_padding(mask, B: int, L: int) -> torch.Tensor | None:
     def decode(verify: bool) -> torch.Tensor:
         if verify and not ((mask == 0) | (mask == 1)).all():
             raise _Fallback("the transient-global mask holds values other than 0 and 1")
-        return mask != 0
+        return _no_empty_row(mask != 0, verify)
 
     return _memoized(mask, ("global", B, L), decode)
 

@@ -403,3 +403,101 @@ def test_ids_past_the_tokenizer_decode_in_generate_and_evaluation(tmp_path, capf
     assert main(argv) == 0, capfd.readouterr().err
     assert "held-out exact match 0.0%" in capfd.readouterr().out
     assert (out / "checkpoint-2").is_dir()
+
+
+# ---- issue 23, generate (and the seed and --label-smoothing of train) ------------------------------------
+
+
+def _generate_cases(tmp: Path) -> dict[str, tuple[list[str], tuple[str, ...]]]:
+    """argv after `fastseq generate --model DIR` -> what the one error line says."""
+    texts = tmp / "in.txt"
+    texts.write_text("a\nb\n")
+    bad_json = tmp / "bad.jsonl"
+    bad_json.write_text('{"source": "a"}\n{"source": "b",\n')
+    no_field = tmp / "nofield.jsonl"
+    no_field.write_text('{"translation": {"de": "x"}}\n')
+    not_text = tmp / "number.jsonl"
+    not_text.write_text('{"source": 3}\n')
+    latin1 = tmp / "latin1.txt"
+    latin1.write_bytes(b"ok\ncaf\xe9\n")
+    empty = tmp / "empty.txt"
+    empty.write_text("")
+    return {
+        "tpu": (["x", "--device", "tpu"], ("--device 'tpu' is not a device", "use cpu, cuda")),
+        "no CUDA": (["x", "--device", "cuda"], ("--device cuda", "no CUDA device", "--device cpu")),
+        "a billion new tokens": (["x", "--max-new-tokens", "1e9"],
+                                 ("max_new_tokens must be between 1 and 65536", "1000000000")),
+        "zero new tokens": (["x", "--max-new-tokens", "0"], ("max_new_tokens must be between 1 and",)),
+        "NaN temperature": (["x", "--do-sample", "--temperature", "nan"], ("temperature must be a finite", "nan")),
+        "negative top-k": (["x", "--top-k", "-5"], ("top_k must be >= 0", "-5")),
+        "zero top-p": (["x", "--top-p", "0"], ("top_p must be in (0, 1]", "got 0.0")),
+        "top-p above 1": (["x", "--top-p", "1.5"], ("top_p must be in (0, 1]", "1.5")),
+        "zero beams": (["x", "--num-beams", "0"], ("num_beams must be >= 1", "got 0")),
+        "zero repetition penalty": (["x", "--repetition-penalty", "0"], ("repetition_penalty must be",)),
+        "negative n-gram size": (["x", "--no-repeat-ngram-size", "-1"], ("no_repeat_ngram_size must be >= 0",)),
+        "negative min new tokens": (["x", "--min-new-tokens", "-3"], ("min_new_tokens must be >= 0", "-3")),
+        "infinite length penalty": (["x", "--num-beams", "2", "--length-penalty", "inf"], ("length_penalty",)),
+        "seed of 10^23": (["x", "--seed", str(10**23)], ("--seed must be below 2**64", str(10**23))),
+        "negative seed": (["x", "--seed", "-1"], ("--seed must be at least 0",)),
+        "zero batch size": (["x", "--batch-size", "0"], ("--batch-size must be at least 1",)),
+        "texts and a file": (["x", "--input-file", str(texts)], ("not both",)),
+        "missing input file": (["--input-file", str(tmp / "nope.txt")], ("nope.txt does not exist",)),
+        "directory as input": (["--input-file", str(tmp)], ("is a directory",)),
+        "bad JSON line": (["--input-file", str(bad_json)], ("bad.jsonl:2", "not valid JSON")),
+        "missing nested field": (["--input-file", str(no_field), "--input-field", "translation.en"],
+                                 ("nofield.jsonl:1", "'translation.en'", "--input-field")),
+        "field that is not text": (["--input-file", str(not_text)], ("number.jsonl:1", "is a int, not text")),
+        "not UTF-8": (["--input-file", str(latin1)], ("latin1.txt:2", "not UTF-8")),
+        "empty input": (["--input-file", str(empty)], ("holds no input",)),
+        "output onto the input": (["--input-file", str(texts), "--output-file", str(texts)], ("is the input file",)),
+        "output in a missing directory": (["x", "--output-file", str(tmp / "no" / "out.txt")], ("does not exist",)),
+        "output that is a directory": (["x", "--output-file", str(tmp)], ("is a directory",)),
+    }  # fmt: skip
+
+
+GENERATE_CASES = [
+    "tpu", "no CUDA", "a billion new tokens", "zero new tokens", "NaN temperature", "negative top-k", "zero top-p",
+    "top-p above 1", "zero beams", "zero repetition penalty", "negative n-gram size", "negative min new tokens",
+    "infinite length penalty", "seed of 10^23", "negative seed", "zero batch size", "texts and a file",
+    "missing input file", "directory as input", "bad JSON line", "missing nested field", "field that is not text",
+    "not UTF-8", "empty input", "output onto the input", "output in a missing directory", "output that is a directory",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def generate_model(tmp_path_factory) -> Path:
+    return _model_dir(tmp_path_factory.mktemp("generate") / "model", d_model=32)
+
+
+def test_the_generate_case_table_is_complete(tmp_path):
+    assert sorted(_generate_cases(tmp_path)) == sorted(GENERATE_CASES)
+
+
+@pytest.mark.parametrize("name", GENERATE_CASES)
+def test_bad_generate_input_is_one_line(tmp_path, capfd, generate_model, name):
+    if name == "no CUDA" and torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA device")
+    argv, expected = _generate_cases(tmp_path)[name]
+    before = {p: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
+    _refused(capfd, ["generate", "--model", str(generate_model), *argv], *expected)
+    assert {p: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()} == before  # nothing written or lost
+
+
+def test_generate_with_nothing_on_a_terminal_says_what_to_pass(generate_model, capfd, monkeypatch):
+    """No texts, no --input-file and stdin a terminal: an error instead of waiting for typed input."""
+    monkeypatch.setattr(sys, "stdin", type("Terminal", (), {"isatty": staticmethod(lambda: True)})())
+    _refused(capfd, ["generate", "--model", str(generate_model)], "no input", "--input-file", "stdin")
+
+
+@pytest.mark.parametrize(
+    "argv,expected",
+    [
+        (["--seed", str(10**23)], ("--seed must be below 2**64", str(10**23))),
+        (["--label-smoothing", "1.5"], ("--label-smoothing must be in [0, 1)", "1.5")),
+        (["--label-smoothing", "nan"], ("--label-smoothing must be in [0, 1)", "nan")),
+        (["--label-smoothing=-0.1"], ("--label-smoothing must be in [0, 1)", "-0.1")),
+    ],
+)
+def test_train_seed_and_label_smoothing_are_checked(tmp_path, capfd, argv, expected):
+    _refused(capfd, ["train", *argv, "--output-dir", str(tmp_path / "out")], *expected)
+    assert not (tmp_path / "out").exists()

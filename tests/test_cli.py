@@ -142,19 +142,19 @@ def test_a_signal_ends_the_run_with_a_checkpoint_that_resumes_exactly(tmp_path, 
 # ---- convert: the tokenizer and generation config travel; a destination never overlaps its source -------
 
 
-def _tiny_model_dir(path) -> None:
+def _tiny_model_dir(path):
+    """A small random T5 v1.1 with the ByT5 vocabulary, saved with its tokenizer (and generation config)."""
     import dataclasses
-    import json
 
     from fastseq.models import T5ForConditionalGeneration
     from fastseq.tokenizers import ByT5Tokenizer
     from fastseq.train.engine import default_config
 
-    config = dataclasses.replace(default_config(), d_model=32, d_kv=8, d_ff=64, extra={})
+    torch.manual_seed(0)
+    config = dataclasses.replace(default_config(), d_model=32, d_kv=8, d_ff=48, num_heads=2, extra={})
     T5ForConditionalGeneration(config).save_pretrained(path)
     ByT5Tokenizer().save_pretrained(path)
-    (path / "generation_config.json").write_text(json.dumps({"decoder_start_token_id": 0, "eos_token_id": 1,
-                                                             "pad_token_id": 0}) + "\n")  # fmt: skip
+    return path
 
 
 def test_a_converted_directory_keeps_its_tokenizer_and_generates(tmp_path):
@@ -190,3 +190,94 @@ def test_convert_refuses_a_destination_that_overlaps_its_source(tmp_path, capfd,
         assert lines[0] == (f"fastseq convert: error: {names[0]} {dest} {relation} {names[1]} {source}; write to a "
                             "directory of its own")  # fmt: skip
     assert sorted((p.relative_to(tmp_path), p.stat().st_mtime_ns) for p in tmp_path.rglob("*")) == before
+
+
+# ---- generate over files ------------------------------------------------------------------------------------
+
+
+def _library_outputs(model_dir, texts, batch_size, **settings) -> list[str]:
+    """What fastseq.generate's library calls give for `texts`, batch by batch."""
+    from fastseq.tokenizers import load_tokenizer
+
+    model, tok = fastseq.from_pretrained(model_dir), load_tokenizer(model_dir)
+    outputs = []
+    for start in range(0, len(texts), batch_size):
+        enc = tok(texts[start : start + batch_size], padding=True)
+        out = model.generate(enc["input_ids"], enc["attention_mask"], **settings)
+        outputs += tok.batch_decode(out[:, 1:], skip_special_tokens=True)
+    return outputs
+
+
+def test_generate_768_documents_from_a_file_and_from_stdin(tmp_path):
+    """768 inputs (what failed as arguments with "Argument list too long") from --input-file into
+    --output-file, and from stdin to stdout: one line each, in order, the library's outputs."""
+    model_dir = _tiny_model_dir(tmp_path / "model")
+    texts = [f"document {i}: " + "word " * (i % 7) for i in range(768)]
+    (tmp_path / "in.txt").write_text("\n".join(texts) + "\n", encoding="utf-8")
+    out = tmp_path / "out.txt"
+    common = ["--model", str(model_dir), "--max-new-tokens", "3", "--batch-size", "128"]
+    result = _fastseq("generate", *common, "--input-file", str(tmp_path / "in.txt"), "--output-file", str(out),
+                      "--no-repeat-ngram-size", "1")  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "768 outputs" in result.stderr and "generate" in result.stderr  # the progress bar and the summary
+    lines = out.read_text(encoding="utf-8").split("\n")
+    assert lines[-1] == "" and len(lines) == 769
+    expected = _library_outputs(model_dir, texts, 128, max_new_tokens=3, no_repeat_ngram_size=1)
+    assert lines[:-1] == [" ".join(text.splitlines()) for text in expected]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.txt")]  # no temporary file left
+    argv = [shutil.which("fastseq"), "generate", *common, "--no-repeat-ngram-size", "1", "--quiet"]
+    piped = subprocess.run(argv, input="\n".join(texts[:200]), capture_output=True, text=True, timeout=600, check=False)
+    assert piped.returncode == 0, piped.stderr
+    assert piped.stdout.split("\n")[:-1] == lines[:200] and piped.stderr == ""
+
+
+def test_generate_jsonl_with_a_nested_field_writes_the_records_back(tmp_path):
+    import json
+
+    model_dir = _tiny_model_dir(tmp_path / "model")
+    records = [{"id": i, "translation": {"en": f"sentence number {i}", "de": "x"}} for i in range(5)]
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records) + "\n", encoding="utf-8")
+    out = tmp_path / "pred.jsonl"
+    result = _fastseq("generate", "--model", str(model_dir), "--input-file", str(tmp_path / "in.jsonl"),
+                      "--input-field", "translation.en", "--output-file", str(out), "--max-new-tokens", "4",
+                      "--num-beams", "2", "--length-penalty", "0.5", "--min-new-tokens", "2",
+                      "--repetition-penalty", "1.5", "--batch-size", "2")  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    written = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
+    texts = [r["translation"]["en"] for r in records]
+    expected = _library_outputs(model_dir, texts, 2, max_new_tokens=4, num_beams=2, length_penalty=0.5,
+                                min_new_tokens=2, repetition_penalty=1.5)  # fmt: skip
+    assert written == [{**r, "prediction": e} for r, e in zip(records, expected, strict=True)]
+
+
+def test_label_smoothing_is_the_training_loss(tmp_path):
+    """`--label-smoothing 0.1`: the first step's logged loss is CrossEntropyLoss(label_smoothing=0.1) of the
+    model on that batch (the same as the model's forward with label_smoothing, and not the plain loss)."""
+    import json
+
+    import torch.nn.functional as F
+
+    from fastseq.data import Seq2SeqCollator
+    from fastseq.tokenizers import load_tokenizer
+
+    model_dir = _tiny_model_dir(tmp_path / "model")
+    example = ("translate: a small house", "ein kleines Haus")
+    (tmp_path / "d.jsonl").write_text(json.dumps({"source": example[0], "target": example[1]}) + "\n")
+    losses = {}
+    for eps in ("0", "0.1"):
+        out = tmp_path / f"run-{eps}"
+        result = _fastseq("train", "--model", str(model_dir), "--data", str(tmp_path / "d.jsonl"), "--steps", "1",
+                          "--batch-size", "1", "--optimizer", "adamw", "--lr", "1e-3", "--eval-examples", "0",
+                          "--quiet", "--label-smoothing", eps, "--output-dir", str(out))  # fmt: skip
+        assert result.returncode == 0, result.stderr
+        losses[eps] = _metric_losses(out)[0]
+    model = fastseq.from_pretrained(model_dir).train()
+    batch = Seq2SeqCollator(load_tokenizer(model_dir))([example])
+    with torch.no_grad():
+        logits = model(**batch, return_logits=True).logits
+        plain = F.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten())
+        smoothed = F.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten(), label_smoothing=0.1)
+        fused = model(**batch, label_smoothing=0.1).loss
+    assert abs(fused - smoothed) <= 1e-5 * smoothed and abs(smoothed - plain) > 1e-3
+    assert abs(losses["0.1"] - smoothed.item()) <= 1e-5 * smoothed.item(), (losses, smoothed)
+    assert abs(losses["0"] - plain.item()) <= 1e-5 * plain.item(), (losses, plain)

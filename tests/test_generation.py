@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -79,9 +81,9 @@ def test_sampling_is_seeded_and_filters(tmp_path, reference_backend):
     assert torch.equal(sample(2, top_k=1), greedy)
     assert torch.equal(sample(3, top_p=1e-6), greedy)
     assert torch.equal(sample(4, temperature=1e-4), greedy)
-    with pytest.raises(ValueError, match="temperature must be > 0"):
+    with pytest.raises(ValueError, match="temperature must be a finite number > 0"):
         sample(0, temperature=0.0)
-    with pytest.raises(ValueError, match="max_new_tokens must be >= 1"):
+    with pytest.raises(ValueError, match="max_new_tokens must be between 1 and"):
         ours.generate(*args, max_new_tokens=0)
 
 
@@ -171,3 +173,84 @@ def test_gradient_checkpointing_gives_the_same_gradients(kind, tmp_path, referen
 def _encoder_layers(model) -> int:
     encoder = model.encoder if hasattr(model, "encoder") else model.model.encoder
     return len(encoder.block) if hasattr(encoder, "block") else len(encoder.layers)
+
+
+# ---- the logits processors: repetition_penalty, no_repeat_ngram_size, min_new_tokens -----------------------
+
+PROCESSOR_SETTINGS = [
+    dict(repetition_penalty=1.8),
+    dict(repetition_penalty=0.6),
+    dict(no_repeat_ngram_size=1),
+    dict(no_repeat_ngram_size=2),
+    dict(min_new_tokens=7),
+    dict(repetition_penalty=1.3, no_repeat_ngram_size=3, min_new_tokens=4, length_penalty=0.7),
+]
+PROCESSOR_EFFECTS: list = []
+
+
+@pytest.mark.parametrize("kind", ["t5_v10_tied", "longt5_tglobal", "blenderbot_small"])
+@pytest.mark.parametrize("num_beams", [1, 3])
+def test_processors_match_transformers(kind, num_beams, tmp_path, reference_backend):
+    """Each option gives transformers' tokens, greedy and beam, with an eos the model emits in row 0
+    (so min_new_tokens has something to hold back); PROCESSOR_EFFECTS records whether it changed them."""
+    ref, ours = _pair(kind, tmp_path, sharpen=True)
+    inputs = batch(kind)
+    args = (inputs["input_ids"], inputs["attention_mask"])
+    greedy = ref.generate(args[0], attention_mask=args[1], max_new_tokens=12, do_sample=False, num_beams=1)
+    base = dict(max_new_tokens=12, num_beams=num_beams, eos_token_id=int(greedy[0, 6]))
+    plain = ours.generate(*args, **base)
+    for settings in PROCESSOR_SETTINGS:
+        expected = ref.generate(args[0], attention_mask=args[1], do_sample=False, **base, **settings)
+        got = ours.generate(*args, **base, **settings)
+        assert torch.equal(got, expected), (settings, got, expected)
+        PROCESSOR_EFFECTS.append((tuple(settings), num_beams, not torch.equal(got, plain)))
+
+
+def test_processor_cases_were_not_trivial():
+    """Each option (by name; repetition_penalty at 1.8 or 0.6) changed the tokens of some case, greedy and
+    beam alike."""
+    if not PROCESSOR_EFFECTS:
+        pytest.skip("the processor cases did not run in this session")
+    changed = {(names, beams) for names, beams, effect in PROCESSOR_EFFECTS if effect}
+    assert changed == {(tuple(s), b) for s in PROCESSOR_SETTINGS for b in (1, 3)}, changed
+
+
+def test_sampling_sees_the_processed_scores(tmp_path, reference_backend):
+    """Sampling sees the processed scores: with no_repeat_ngram_size=1 no sampled row repeats a token."""
+    _, ours = _pair("t5_v11_untied", tmp_path, sharpen=True)
+    inputs = batch("t5_v11_untied")
+    seeded = torch.Generator().manual_seed(0)
+    out = ours.generate(inputs["input_ids"], inputs["attention_mask"], max_new_tokens=10, do_sample=True,
+                        no_repeat_ngram_size=1, eos_token_id=-1, generator=seeded)  # fmt: skip
+    for row in out.tolist():
+        assert len(set(row)) == len(row), row
+
+
+@pytest.mark.parametrize(
+    "settings,message",
+    [
+        (dict(max_new_tokens=10**9), "max_new_tokens must be between 1 and 65536"),
+        (dict(temperature=float("nan"), do_sample=True), "temperature must be a finite number > 0; got nan"),
+        (dict(top_k=-5), "top_k must be >= 0"),
+        (dict(top_p=1.5), "top_p must be in (0, 1]"),
+        (dict(top_p=float("nan")), "top_p must be in (0, 1]"),
+        (dict(num_beams=0), "num_beams must be >= 1"),
+        (dict(repetition_penalty=0.0), "repetition_penalty must be a finite number > 0"),
+        (dict(no_repeat_ngram_size=-1), "no_repeat_ngram_size must be >= 0"),
+        (dict(min_new_tokens=-2), "min_new_tokens must be >= 0"),
+        (dict(length_penalty=float("inf"), num_beams=2), "length_penalty must be a finite number"),
+    ],
+)
+def test_bad_settings_are_refused_before_any_work(settings, message, tmp_path):
+    _, ours = _pair("t5_v10_tied", tmp_path)
+    inputs = batch("t5_v10_tied")
+    with pytest.raises(ValueError, match=re.escape(message)):
+        ours.generate(inputs["input_ids"], inputs["attention_mask"], **settings)
+
+
+def test_learned_positions_bound_max_new_tokens(tmp_path):
+    _, ours = _pair("blenderbot_small", tmp_path)
+    inputs = batch("blenderbot_small")
+    limit = ours.config.max_position_embeddings
+    with pytest.raises(ValueError, match=f"between 1 and {limit} .*learned positions cover {limit} tokens"):
+        ours.generate(inputs["input_ids"], inputs["attention_mask"], max_new_tokens=limit + 1)

@@ -441,3 +441,117 @@ def test_base_model_without_a_head(kind):
         outs.append(out.last_hidden_state.detach())
     assert_close(outs[1], outs[0], what="decoder last_hidden_state")
     assert_same_grads(ours, ref)
+
+
+# ---- issue 23: rows that are all padding, and patch_transformers with patch -----------------------------------
+
+
+@pytest.mark.parametrize("kind", FAMILIES)
+def test_a_row_of_padding_gives_the_unpatched_numbers(kind, reference_backend):
+    """A row whose attention mask is all zeros: transformers averages over every key there (its mask's
+    minimum swamps the scores) where the kernels give zeros; the patched model runs the modules' own
+    forwards for such a batch, so its logits, loss and gradients are the unpatched model's."""
+    ref = build(kind)
+    ours = fastseq.patch(copy.deepcopy(ref))
+    data = inputs(kind)
+    data["attention_mask"][1] = 0
+    data["input_ids"][1] = 0
+    with torch.no_grad():
+        expected, got = ref(**data).logits, ours(**data).logits
+    assert expected.isfinite().all()
+    assert_close(got, expected, what="logits")
+    ref.train()
+    ours.train()
+    ref(**data).loss.backward()
+    ours(**data).loss.backward()
+    assert_same_grads(ours, ref)
+
+
+def test_a_row_of_padding_leaves_other_batches_on_the_kernels(monkeypatch, reference_backend):
+    """The fallback is decided per batch: the next batch without such a row runs the kernels again."""
+    calls = _count_kernel_calls(monkeypatch)
+    model = fastseq.patch(build("t5_v11_untied"))
+    data = inputs("t5_v11_untied")
+    padded = {k: v.clone() for k, v in data.items()}
+    padded["attention_mask"][0] = 0
+    with torch.no_grad():
+        model(**padded)
+        fallback_calls = calls["bucketed_attention"]
+        model(**data)
+    assert fallback_calls == model.config.num_decoder_layers  # only the decoder's self-attention (its mask is full)
+    assert calls["bucketed_attention"] - fallback_calls == 2 * model.config.num_decoder_layers + model.config.num_layers
+
+
+def test_patch_then_unpatch_transformers_leaves_the_model_fully_patched(reference_backend):
+    """patch_transformers(), then patch(m), then unpatch_transformers(): m keeps every patched forward
+    (patch gives each module its own, with the class's own forward as its original); unpatch(m) then
+    gives transformers' model back. A model patched through its classes alone is fully unpatched."""
+    ref = build("t5_v11_untied")
+    explicit = fpatch.patched_modules(fastseq.patch(build("t5_v11_untied")))
+    fastseq.patch_transformers()
+    try:
+        model = fastseq.patch(build("t5_v11_untied"))
+        only_classes = build("t5_v11_untied").train()
+        data = inputs("t5_v11_untied")
+        only_classes(**data).loss.backward()  # the fused loss path, through the classes alone
+    finally:
+        fastseq.unpatch_transformers()
+    assert fpatch.patched_modules(model) == explicit
+    assert fpatch.patched_modules(only_classes) == []
+    assert all(fattn.ORIGINAL not in m.__dict__ for m in only_classes.modules())
+    model.train()
+    got, expected = model(**data), ref.train()(**data)
+    assert got.logits is None  # the fused loss: the model is still patched
+    assert_close(got.loss, expected.loss, what="loss")
+    fastseq.unpatch(model)
+    assert fpatch.patched_modules(model) == [] and not fattn.CLASS_ORIGINALS
+    assert_close(model(**data).logits, ref(**data).logits, what="unpatched logits")
+
+
+def test_seq2seq_trainer_label_smoothing(tmp_path, reference_backend, monkeypatch):
+    """Seq2SeqTrainer(label_smoothing_factor=0.1) takes the labels away from the model and smooths the loss
+    from the full logits: a patched model gives the same losses and warns once that the fused loss is
+    bypassed. fastseq.patch(model, label_smoothing=0.1) with label_smoothing_factor=0 gives the same
+    training and evaluation losses through the fused kernel, without a warning."""
+    import transformers as tf
+
+    ref = build("t5_v11_untied")
+    data = []
+    for s in range(2):
+        batch_ = inputs("t5_v11_untied", seed=s)
+        batch_["decoder_input_ids"] = ref._shift_right(batch_["labels"])  # the LabelSmoother path needs them
+        data += [{k: v[i] for k, v in batch_.items() if k != "decoder_attention_mask"} for i in range(3)]
+
+    def run(model, name, factor):
+        args = tf.Seq2SeqTrainingArguments(
+            output_dir=str(tmp_path / name), max_steps=3, per_device_train_batch_size=3, learning_rate=3e-3,
+            logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, seed=0, dataloader_num_workers=0,
+            label_smoothing_factor=factor, per_device_eval_batch_size=3,
+        )  # fmt: skip
+        trainer = tf.Seq2SeqTrainer(model=model, args=args, train_dataset=data, eval_dataset=data)
+        trainer.train()
+        losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+        return losses + [trainer.evaluate()["eval_loss"]]
+
+    smoothings = []
+    real = fpatch.kernels.linear_cross_entropy
+    monkeypatch.setattr(fpatch.kernels, "linear_cross_entropy",
+                        lambda *a, **k: smoothings.append(k.get("label_smoothing")) or real(*a, **k))  # fmt: skip
+    expected = run(copy.deepcopy(ref), "ref", 0.1)
+    plain = run(copy.deepcopy(ref), "plain", 0.0)
+    with pytest.warns(UserWarning, match="label_smoothing_factor > 0; to keep the fused loss") as caught:
+        unfused = run(fastseq.patch(copy.deepcopy(ref)), "unfused", 0.1)
+    assert len([w for w in caught if "fused loss" in str(w.message)]) == 1 and smoothings == []
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        fused = run(fastseq.patch(copy.deepcopy(ref), label_smoothing=0.1), "fused", 0.0)
+    assert smoothings == [0.1] * 3  # one fused loss per training step
+    assert len(fused) == 4
+    for got in (unfused, fused):
+        for a, b in zip(got, expected, strict=True):
+            assert abs(a - b) <= 1e-4 * abs(b), (got, expected)
+    assert all(abs(a - b) > 1e-3 for a, b in zip(plain, expected, strict=True))  # smoothing changed every loss
+    with pytest.raises(ValueError, match=r"label_smoothing must be in \[0, 1\); got 1.0"):
+        fastseq.patch(copy.deepcopy(ref), label_smoothing=1.0)
+    with pytest.raises(ValueError, match="needs the loss patched"):
+        fastseq.patch(copy.deepcopy(ref), loss=False, label_smoothing=0.1)

@@ -208,7 +208,8 @@ class ZeroEngine(DeepSpeedEngine):
     def forward_backward(self, micro_batches):
         total = torch.zeros((), device=self.device)
         for i, batch in enumerate(micro_batches):
-            loss = self.engine(**{k: v.to(self.device, non_blocking=True) for k, v in batch.items()}).loss
+            batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+            loss = self.engine(**batch, label_smoothing=self.args.label_smoothing).loss
             self.engine.backward(loss)
             if i < len(micro_batches) - 1:  # within accumulation: DeepSpeed only counts the micro-step
                 self.engine.step()

@@ -37,7 +37,8 @@ class PipelineEngine(DeepSpeedEngine):
         interval = int(self.config["pipeline"].get("activation_checkpoint_interval", 0))
         if args.gradient_checkpointing and not interval:
             interval = 1
-        module = pipeline_module(model_config, self.stages, activation_checkpoint_interval=interval)
+        module = pipeline_module(model_config, self.stages, activation_checkpoint_interval=interval,
+                                 label_smoothing=args.label_smoothing)  # fmt: skip
         if args.pretrained:
             load_directory(module, model_config, args.model)
         else:

@@ -27,6 +27,7 @@ model is cut without being built; an embedding counts once per stage that holds 
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -305,15 +306,16 @@ def stage_parameter_counts(config, stages: int, counts: list[int] | None = None)
 # ---- the DeepSpeed module ------------------------------------------------------------------------
 
 
-def head_loss(head: tuple[torch.Tensor, ...], labels: torch.Tensor) -> torch.Tensor:
+def head_loss(head: tuple[torch.Tensor, ...], labels: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
     """The loss of the last stage: (hidden, weight[, bias]) against the labels, mean over labels
     != -100 in fp32, by the fused `linear_cross_entropy` (the logits are never built whole)."""
     hidden, weight, *bias = head
-    return linear_cross_entropy(hidden, weight, labels, bias=bias[0] if bias else None)
+    return linear_cross_entropy(hidden, weight, labels, bias=bias[0] if bias else None, label_smoothing=label_smoothing)
 
 
-def pipeline_module(config, stages: int, *, activation_checkpoint_interval: int = 0):
-    """The `PipelineModule` of `config`: each rank builds only the layers of its stage."""
+def pipeline_module(config, stages: int, *, activation_checkpoint_interval: int = 0, label_smoothing: float = 0.0):
+    """The `PipelineModule` of `config`: each rank builds only the layers of its stage; its loss is
+    label-smoothed by `label_smoothing`."""
     from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
 
     class _Module(PipelineModule):
@@ -329,7 +331,7 @@ def pipeline_module(config, stages: int, *, activation_checkpoint_interval: int 
     return _Module(
         layers=specs,
         num_stages=stages,
-        loss_fn=head_loss,
+        loss_fn=functools.partial(head_loss, label_smoothing=label_smoothing),
         partition_method="parameters",
         activation_checkpoint_interval=activation_checkpoint_interval,
         # Only the blocks' layers: DeepSpeed's re-entrant checkpoint needs an input that requires grad,

@@ -110,12 +110,17 @@ class LMHead(nn.Linear):
     for the loss (forward and backward) as for any Linear."""
 
     def forward(
-        self, hidden: torch.Tensor, labels: torch.Tensor | None = None, bias: torch.Tensor | None = None
+        self,
+        hidden: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        bias: torch.Tensor | None = None,
+        label_smoothing: float = 0.0,
     ) -> torch.Tensor:
-        """hidden `(..., d)` -> logits `(..., vocab)`; with labels `(...)`: the mean loss, scalar fp32."""
+        """hidden `(..., d)` -> logits `(..., vocab)`; with labels `(...)`: the mean loss, scalar fp32
+        (label-smoothed by `label_smoothing`, as `torch.nn.CrossEntropyLoss`)."""
         if labels is None:
             return super().forward(hidden)
-        return linear_cross_entropy(hidden, self.weight, labels, bias=bias)
+        return linear_cross_entropy(hidden, self.weight, labels, bias=bias, label_smoothing=label_smoothing)
 
 
 def shift_right(labels: torch.Tensor, decoder_start_token_id: int, pad_token_id: int) -> torch.Tensor:
@@ -212,10 +217,12 @@ class Seq2SeqModel(PreTrainedModel):
         *,
         encoder_outputs: torch.Tensor | None = None,
         return_logits: bool | None = None,
+        label_smoothing: float = 0.0,
     ) -> Seq2SeqOutput:
         """input_ids `(B, Le)`, labels `(B, Ld)` with -100 ignored. Logits `(B, Ld, vocab)` are
         returned when `return_logits` is True; by default whenever there is no loss or the model
-        is in eval mode (training with labels skips them: the loss never needs them)."""
+        is in eval mode (training with labels skips them: the loss never needs them). The loss is
+        label-smoothed by `label_smoothing` eps (HF's `label_smoothing_factor`)."""
         if decoder_input_ids is None:
             if labels is None:
                 raise ValueError("pass decoder_input_ids or labels (decoder inputs are made from labels)")
@@ -225,7 +232,7 @@ class Seq2SeqModel(PreTrainedModel):
         bias = self.logits_bias()
         loss = None
         if labels is not None:
-            loss = self.lm_head(h, labels=labels, bias=bias)
+            loss = self.lm_head(h, labels=labels, bias=bias, label_smoothing=label_smoothing)
         if return_logits is None:
             return_logits = labels is None or not self.training
         logits = None

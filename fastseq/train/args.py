@@ -41,6 +41,7 @@ class TrainArgs:
     warmup: int = 0
     weight_decay: float = 0.0
     clip: float = 1.0  # gradient-norm clipping; 0: none
+    label_smoothing: float = 0.0  # eps of the label-smoothed training loss (HF's --label_smoothing_factor)
     max_source_length: int = 512
     max_target_length: int = 128
     precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU), fp32, bf16, fp16
@@ -135,6 +136,10 @@ class TrainArgs:
             value = getattr(self, name)
             if value is not None and not (math.isfinite(value) and value >= 0):
                 raise ValueError(f"--{_flag(name)} must be a finite number >= 0; got {value}")
+        if self.seed >= 2**64:
+            raise ValueError(f"--seed must be below 2**64 (torch's seeds are 64-bit); got {self.seed}")
+        if not 0.0 <= self.label_smoothing < 1.0:  # NaN fails here too
+            raise ValueError(f"--label-smoothing must be in [0, 1) (0: none; 0.1 is usual); got {self.label_smoothing}")
         if self.optimizer == "adamw" and not self.lr:
             raise ValueError(
                 f"--optimizer adamw needs a learning rate above 0: pass --lr (e.g. --lr 1e-4); got {self.lr}"

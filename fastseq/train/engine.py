@@ -182,20 +182,25 @@ def run_tokenizer(args: TrainArgs, config) -> Tokenizer:
 
 
 def run_device(args: TrainArgs) -> torch.device:
-    if args.device is None:
+    return resolve_device(args.device)
+
+
+def resolve_device(name: str | None) -> torch.device:
+    """The device `--device NAME` asks for (None: cuda if there is one, else cpu), checked against this machine."""
+    if name is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        device = torch.device(args.device)
+        device = torch.device(name)
     except RuntimeError as err:
-        raise ValueError(f"--device {args.device!r} is not a device; use cpu, cuda or cuda:N") from err
+        raise ValueError(f"--device {name!r} is not a device; use cpu, cuda or cuda:N") from err
     if device.type == "cuda":
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if count == 0:
-            raise ValueError(f"--device {args.device}: this machine has no CUDA device; use --device cpu")
+            raise ValueError(f"--device {name}: this machine has no CUDA device; use --device cpu")
         if device.index is not None and device.index >= count:
-            raise ValueError(f"--device {args.device}: this machine has {count} CUDA device(s) (cuda:0 ...)")
+            raise ValueError(f"--device {name}: this machine has {count} CUDA device(s) (cuda:0 ...)")
     elif device.type != "cpu":
-        raise ValueError(f"--device {args.device}: fastseq trains on cpu or cuda")
+        raise ValueError(f"--device {name}: fastseq runs on cpu or cuda")
     return device
 
 
@@ -264,7 +269,7 @@ class LocalEngine(Engine):
         for batch in micro_batches:
             batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
             with torch.autocast(self.device.type, dtype=self.autocast, enabled=self.autocast is not None):
-                loss = self.model(**batch).loss / len(micro_batches)
+                loss = self.model(**batch, label_smoothing=self.args.label_smoothing).loss / len(micro_batches)
             self.scaler.scale(loss).backward()
             total += loss.detach()
         return total

@@ -50,7 +50,7 @@ def losses(output_dir: Path) -> list[float]:
     return [line["loss"] for line in lines if "loss" in line and "eval_loss" not in line]
 
 
-def one_process(output_dir: Path, steps: int, model=None) -> list[float]:
+def one_process(output_dir: Path, steps: int, model=None, **options) -> list[float]:
     """The losses of `fastseq train` in this process with two micro-batches of 4 accumulated: what
     two data-parallel ranks with one micro-batch each (or a two-stage pipeline accumulating two)
     must reproduce."""
@@ -58,7 +58,7 @@ def one_process(output_dir: Path, steps: int, model=None) -> list[float]:
 
     args = TrainArgs(model=None if model is None else str(model), steps=steps, batch_size=4, grad_accum=2,
                      optimizer="adamw", lr=1e-3, quiet=True, eval_examples=0, output_dir=str(output_dir),
-                     device="cpu")  # fmt: skip
+                     device="cpu", **options)  # fmt: skip
     train(args)
     return losses(output_dir)
 

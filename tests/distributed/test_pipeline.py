@@ -117,8 +117,9 @@ def test_bad_configurations_are_refused_through_the_launcher(tmp_path):
     assert "fp16 is refused for T5-family models" in proc.stderr
 
 
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
 @pytest.mark.parametrize("kind", ["t5_tied", "t5_untied", "blenderbot"])
-def test_the_last_stage_takes_the_fused_loss_of_the_head_without_logits(kind):
+def test_the_last_stage_takes_the_fused_loss_of_the_head_without_logits(kind, smoothing):
     """The head layers hand (hidden, weight[, bias]) to the loss function, which computes the
     cross entropy with `linear_cross_entropy`: the value and gradients of the logits' cross entropy."""
     import torch.nn.functional as F
@@ -146,12 +147,29 @@ def test_the_last_stage_takes_the_fused_loss_of_the_head_without_logits(kind):
         bias.final_logits_bias.normal_()
         out = bias(out)
     assert out[0] is hidden and out[1].shape == (config.vocab_size, config.d_model)  # no logits: the head's inputs
-    loss = head_loss(out, labels)
+    loss = head_loss(out, labels, label_smoothing=smoothing)
     weight = out[1]
     logits = hidden @ weight.T + (out[2] if len(out) > 2 else 0)
-    expected = F.cross_entropy(logits.reshape(-1, config.vocab_size), labels.reshape(-1), ignore_index=-100)
+    expected = F.cross_entropy(logits.reshape(-1, config.vocab_size), labels.reshape(-1), ignore_index=-100,
+                               label_smoothing=smoothing)  # fmt: skip
     grads = torch.autograd.grad(loss, (hidden, weight))
     expected_grads = torch.autograd.grad(expected, (hidden, weight))
     torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
     for got, want in zip(grads, expected_grads, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_label_smoothing_under_zero2_and_two_stages_matches_one_process(tmp_path):
+    """--label-smoothing reaches the loss of every engine: ZeRO-2's ranks and the pipeline's last stage
+    give one process's smoothed losses (which differ from the plain ones)."""
+    source = _directory(tmp_path / "model", "t5_tied")
+    expected = one_process(tmp_path / "one", 3, model=source, label_smoothing=0.1)
+    plain = one_process(tmp_path / "plain", 3, model=source)
+    assert all(abs(a - b) > 1e-3 for a, b in zip(expected, plain, strict=True))
+    # Two data-parallel ranks with one micro-batch each, or two stages accumulating two: one process's batches.
+    runs = {"z2": (str(ROOT / "configs/deepspeed/zero2.json"), "1"), "pp": (PIPELINE, "2")}
+    for name, (config, accumulation) in runs.items():
+        deepspeed("--deepspeed", config, "--model", str(source), "--steps", "3", "--label-smoothing", "0.1",
+                  "--output-dir", str(tmp_path / name), *COMMON, "--grad-accum", accumulation)  # fmt: skip
+        assert_losses_close(losses(tmp_path / name), expected)

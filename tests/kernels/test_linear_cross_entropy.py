@@ -110,6 +110,21 @@ def test_reference_label_smoothing_and_z_loss(smoothing, z_loss, monkeypatch):
         assert torch.allclose(a, e, atol=1e-12)
 
 
+def test_label_smoothing_is_nll_and_the_mean_logit():
+    """The smoothed loss per row is (1 - eps) * NLL + eps * (logsumexp - mean logit), as CrossEntropyLoss
+    computes it over the full vocabulary; eps = 1 leaves the uniform term alone."""
+    hidden, weight, bias, labels = _case(N=9, V=31, ignore=(4,))
+    logits = hidden @ weight.t() + bias
+    ok = labels != -100
+    lse = torch.logsumexp(logits, -1)
+    nll = lse - logits.gather(1, labels.clamp(min=0)[:, None])[:, 0]
+    for eps in (0.0, 0.1, 0.45, 1.0):
+        by_hand = (((1 - eps) * nll + eps * (lse - logits.mean(-1))) * ok).sum() / ok.sum()
+        got = linear_cross_entropy(hidden, weight, labels, bias=bias, label_smoothing=eps)
+        assert torch.allclose(got, by_hand, atol=1e-12), eps
+        assert torch.allclose(got, F.cross_entropy(logits, labels, label_smoothing=eps), atol=1e-12), eps
+
+
 # ---------------------------------------------------------------------------------------------
 # The Triton kernel (on the GPU, or on the CPU through Triton's interpreter)
 # ---------------------------------------------------------------------------------------------
@@ -129,6 +144,46 @@ def test_triton_fp32_against_float64(N, V, options, triton_backend, monkeypatch)
     assert_close(got.detach().cpu(), expected.detach(), rel=1e-5, what="loss")
     for name, g, e in zip(("hidden", "weight", "bias"), grads, exact, strict=True):
         assert_close(g.cpu(), e, rel=1e-5, floor=1e-3, what=f"grad of {name}")
+
+
+@pytest.mark.parametrize("smoothing", [0.1, 0.3])
+@pytest.mark.parametrize("N,V", [(7, 53), (4, 700)])
+def test_triton_label_smoothing_against_cross_entropy_loss(N, V, smoothing, triton_backend, monkeypatch):
+    """Label smoothing alone through the kernel, fp32, against torch.nn.CrossEntropyLoss(label_smoothing)
+    in float64: the loss and every gradient, with an ignored row, a bias and several chunks."""
+    _chunk_elements(monkeypatch, 3 * V)
+    hidden, weight, bias, labels = _case(N=N, V=V, ignore=(1,))
+    leaves = [t.detach().float().to(DEVICE).requires_grad_() for t in (hidden, weight, bias)]
+    got = linear_cross_entropy(leaves[0], leaves[1], labels.to(DEVICE), bias=leaves[2], label_smoothing=smoothing)
+    grads = torch.autograd.grad(got, leaves)
+    loss_fn = torch.nn.CrossEntropyLoss(ignore_index=-100, label_smoothing=smoothing)
+    expected = loss_fn(hidden @ weight.t() + bias, labels)
+    exact = torch.autograd.grad(expected, (hidden, weight, bias))
+    plain = _unfused(hidden, weight, labels, bias)
+    assert abs(expected.item() - plain.item()) > 1e-3  # smoothing changes the loss
+    assert_close(got.detach().cpu(), expected.detach(), rel=1e-5, what="loss")
+    for name, g, e in zip(("hidden", "weight", "bias"), grads, exact, strict=True):
+        assert_close(g.cpu(), e, rel=1e-5, floor=1e-3, what=f"grad of {name}")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_triton_label_smoothing_half_precision_within_twice_torch_error(dtype, triton_backend):
+    hidden, weight, _, labels = _case(N=40, d=32, V=600)
+    h, w = (t.detach().to(DEVICE, dtype).requires_grad_() for t in (hidden, weight))
+    got = linear_cross_entropy(h, w, labels.to(DEVICE), label_smoothing=0.1)
+    grads = torch.autograd.grad(got, (h, w))
+    h2, w2 = (t.detach().requires_grad_() for t in (h, w))
+    theirs = F.cross_entropy((h2 @ w2.t()).float(), labels.to(DEVICE), ignore_index=-100, label_smoothing=0.1)
+    their_grads = torch.autograd.grad(theirs, (h2, w2))
+    h64, w64 = (t.detach().cpu().double().requires_grad_() for t in (h, w))
+    exact = _unfused(h64, w64, labels, smoothing=0.1)
+    exact_grads = torch.autograd.grad(exact, (h64, w64))
+    for name, a, b, e in zip(("loss", "hidden", "weight"), (got, *grads), (theirs, *their_grads), (exact, *exact_grads),
+                             strict=True):  # fmt: skip
+        err = (a.detach().cpu().double() - e).abs().max().item()
+        torch_err = (b.detach().cpu().double() - e).abs().max().item()
+        slack = torch.finfo(dtype).eps * e.abs().max().item()
+        assert err <= 2 * torch_err + slack, (name, err, torch_err)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
