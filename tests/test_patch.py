@@ -296,12 +296,18 @@ def _train(model, steps: int, kind: str) -> list[float]:
 
 @pytest.mark.parametrize("kind", ["t5_v11_untied", "longt5_tglobal", "blenderbot_small"])
 def test_30_steps_patched_and_unpatched_give_the_same_losses(kind, reference_backend):
+    """Thirty AdamW steps: the patched model's losses stay as close to the unpatched model's in float64
+    as the unpatched model's own fp32 losses do (rounding grows over the steps, by an amount that
+    depends on the CPU's summation order; the float64 run is the yardstick, not a fixed tolerance)."""
     ref = build(kind).train()
     ours = fastseq.patch(copy.deepcopy(ref))
+    exact = _train(copy.deepcopy(ref).double(), 30, kind)
     expected, got = _train(ref, 30, kind), _train(ours, 30, kind)
     assert expected[-1] < 0.9 * expected[0]  # it learns
-    for step, (a, b) in enumerate(zip(got, expected, strict=True)):
-        assert abs(a - b) <= 1e-4 * abs(b), f"step {step}: patched {a} vs unpatched {b}"
+    drift = 0.0  # the unpatched fp32 run's largest distance from float64 so far
+    for step, (a, b, e) in enumerate(zip(got, expected, exact, strict=True)):
+        drift = max(drift, abs(b - e))
+        assert abs(a - e) <= 2 * drift + 1e-5 * abs(e), f"step {step}: patched {a}, unpatched {b}, float64 {e}"
 
 
 @pytest.mark.slow
