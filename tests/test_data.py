@@ -53,8 +53,8 @@ def test_csv_and_tsv(tmp_path):
         list(read_csv(tmp_path / "bad.csv"))
     (tmp_path / "empty.csv").write_text("")
     assert list(read_csv(tmp_path / "empty.csv")) == []
-    with pytest.raises(ValueError, match="unknown data format '.parquet'"):
-        read_examples(tmp_path / "d.parquet")
+    with pytest.raises(ValueError, match="unknown data format '.xlsx'"):
+        read_examples(tmp_path / "d.xlsx")
 
 
 def test_text_reader(tmp_path):

@@ -134,6 +134,7 @@ def test_shipped_training_configs_parse():
 
 
 def test_file_stream_reads_a_buffer_at_a_time_and_resumes():
+    from fastseq.data import DataSource
     from fastseq.train.data import FileStream
 
     items = [f"example {i} " + "x" * (i % 7) for i in range(23)]
@@ -143,7 +144,9 @@ def test_file_stream_reads_a_buffer_at_a_time_and_resumes():
         opened.append(1)
         yield from items
 
-    stream = FileStream(reader, len, batch_size=2, max_tokens=None, seed=3, buffer_size=5)
+    source = DataSource("items", reader, True, None, None)
+    measure = lambda text: (len(text), 0)
+    stream = FileStream(source, measure, batch_size=2, max_tokens=None, seed=3, buffer_size=5)
     assert len(stream._examples) == 5  # one buffer in memory, not the file
     epoch = []
     while stream.epoch == 0:
@@ -152,12 +155,12 @@ def test_file_stream_reads_a_buffer_at_a_time_and_resumes():
             epoch += batch
     assert sorted(epoch) == sorted(items)  # every example once per epoch
     # Resuming from a position mid-epoch gives the same batches after it.
-    first = FileStream(reader, len, batch_size=2, max_tokens=None, seed=3, buffer_size=5)
+    first = FileStream(source, measure, batch_size=2, max_tokens=None, seed=3, buffer_size=5)
     for _ in range(4):
         first.next_batch()
     state = first.state_dict()
     expected = [first.next_batch() for _ in range(9)]
-    again = FileStream(reader, len, batch_size=2, max_tokens=None, seed=3, buffer_size=5)
+    again = FileStream(source, measure, batch_size=2, max_tokens=None, seed=3, buffer_size=5)
     again.load_state_dict(json.loads(json.dumps(state)))
     assert [again.next_batch() for _ in range(9)] == expected
 

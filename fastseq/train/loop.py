@@ -280,8 +280,8 @@ def train(args: TrainArgs) -> dict:
     tokenizer = run_tokenizer(args, config)
     engine = make_engine(args, config)
     out = engine.on_first_rank(prepare_output_dir, args)
-    data = build_data(args, tokenizer)
-    identity = run_identity(args, config, tokenizer)
+    data = build_data(args, tokenizer, config, engine.data_parallel)  # also sets --epochs' steps
+    identity = run_identity(args, config, tokenizer, data.fingerprint_path)
     torch.manual_seed(args.seed)
     engine.build(config)
     run = _Run(args, engine, tokenizer, data, identity, out)

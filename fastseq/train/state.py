@@ -77,8 +77,16 @@ def prepare_output_dir(args: TrainArgs) -> Path:
 
 def _file_fingerprint(path: str) -> str:
     """Size and SHA-256 of the first and last MiB: cheap for a corpus of any size, and it does not
-    depend on where the file is."""
+    depend on where the file is. A directory (a `datasets` one): its files', sorted by name. A
+    pipe is read once, by the run: it cannot be fingerprinted."""
     file = Path(path)
+    if file.is_dir():
+        digest = hashlib.sha256(b"directory")
+        for part in sorted(p for p in file.rglob("*") if p.is_file()):
+            digest.update(str(part.relative_to(file)).encode() + _file_fingerprint(str(part)).encode())
+        return digest.hexdigest()[:16]
+    if not file.is_file():
+        return "a pipe, not fingerprinted"
     size = file.stat().st_size
     digest = hashlib.sha256(str(size).encode())
     with file.open("rb") as f:
@@ -97,16 +105,19 @@ def _tokenizer_fingerprint(tokenizer: Tokenizer) -> str:
     return digest.hexdigest()[:16]
 
 
-def run_identity(args: TrainArgs, model_config, tokenizer: Tokenizer) -> dict:
-    """What makes a checkpoint this run's: the model, the tokenizer, the data and how it is read."""
+def run_identity(args: TrainArgs, model_config, tokenizer: Tokenizer, data_path: str | None = None) -> dict:
+    """What makes a checkpoint this run's: the model, the tokenizer, the data (`data_path`: the
+    training file, pipe or `datasets` directory; None: the synthetic task) and how it is read."""
     data = {
-        "train": "synthetic" if args.data is None else _file_fingerprint(args.data),
+        "train": "synthetic" if data_path is None else _file_fingerprint(data_path),
         "task": args.task,
         "fields": [args.source_field, args.target_field],
         "seed": args.seed,
         "batch": [args.batch_size, args.max_tokens, args.buffer_size],
         "max_lengths": [args.max_source_length, args.max_target_length],
     }
+    if args.source_prefix:
+        data["prefix"] = args.source_prefix
     config = json.loads(json.dumps(model_config.to_hf_dict(), sort_keys=True))
     return {"model": config, "tokenizer": _tokenizer_fingerprint(tokenizer), "data": data}
 
