@@ -158,6 +158,8 @@ class FileStream:
         """Read the next buffer and batch it."""
         self._examples = [x for _, x in zip(range(self.buffer_size), self._reader, strict=False)]
         self._read += len(self._examples)
+        if len(self._examples) < self.buffer_size and self.epoch == 0:  # the last buffer: the length is known
+            self.epoch_length = self._read
         lengths = [self.measure(x) for x in self._examples]
         if self.epoch == 0:
             self._count_cuts(lengths)
@@ -220,6 +222,7 @@ class FileStream:
         while chunk := [x for _, x in zip(range(self.buffer_size), reader, strict=False)]:
             measured = [self._budget(self.measure(x)) for x in chunk] if self.max_tokens else [0] * len(chunk)
             budgets.append(array("l", measured))
+        self.epoch_length = sum(len(b) for b in budgets)
         if self.max_tokens is None:  # the count does not depend on the order: the same every epoch
             return [sum(len(self._batches(b, 0, i)) for i, b in enumerate(budgets))] * epochs
         return [sum(len(self._batches(b, e, i)) for i, b in enumerate(budgets)) for e in range(epochs)]
