@@ -291,6 +291,11 @@ def test_compressed_json_arrays_bom_csv_and_process_substitution(tmp_path, refer
     for name in ("train.jsonl.gz", "train.json", "train.csv"):
         out = ["--output-dir", str(tmp_path / name.replace(".", "_"))]
         assert _cli(["--data", str(tmp_path / name), "--steps", "2", *CLI_QUICK, *out]) == 0, name
+    # --max-tokens counts the tokenizer's tokens: ByT5 gives a CJK character 3.
+    cjk = [{"source": "漢字" * (1 + i % 4), "target": "訳" * (1 + i % 3)} for i in range(12)]
+    (tmp_path / "cjk.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in cjk))
+    argv = ["--data", str(tmp_path / "cjk.jsonl"), "--max-tokens", "40", "--steps", "3", "--quiet"]
+    assert _cli([*argv, "--output-dir", str(tmp_path / "cjk")]) == 0
     command = (f"fastseq train --data <(gzip -dc {tmp_path}/train.jsonl.gz) --steps 2 {' '.join(CLI_QUICK)} "
                f"--output-dir {tmp_path}/piped")  # fmt: skip
     done = subprocess.run(["bash", "-c", command], capture_output=True, text=True, timeout=600,

@@ -22,7 +22,6 @@ from .readers import (
 from .tables import cache_directory, load_hub_dataset, load_saved_dataset, parquet_rows, read_dataset, read_parquet
 
 FORMATS = {".jsonl": read_jsonl, ".json": read_json, ".csv": read_csv, ".tsv": read_csv, ".parquet": read_parquet}
-TEXT_FORMATS = (".txt",)
 
 
 @dataclass(frozen=True)
@@ -58,10 +57,11 @@ def read_examples(
 
 def file_source(path: str, label: str, source_field: str, target_field: str, *, split: str = "train",
                 text: bool = False) -> DataSource:  # fmt: skip
-    """A data file, pipe or `datasets` directory; `text`: documents for --task denoise (`.txt`)."""
+    """A data file, pipe or `datasets` directory; `text`: a file of documents, one a line, for
+    --task denoise (any name; `.gz`/`.bz2`/`.xz` decompressed)."""
     file = Path(path)
     if text:
-        if file.is_dir() or (format_of(file) not in TEXT_FORMATS and not is_stream(file)):
+        if file.is_dir():
             raise ValueError(f"{label}: --task denoise reads plain text, one document per line (.txt, or .txt.gz)")
         return DataSource(label, lambda: read_text(file), not is_stream(file), _identity(file), None)
     if file.is_dir():

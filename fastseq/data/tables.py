@@ -29,7 +29,8 @@ def _import(name: str):
         return importlib.import_module(name)
     except ImportError:
         package = name.split(".")[0]
-        raise ImportError(f"reading this data needs the `{package}` package: {_INSTALL}") from None
+        # A user's to fix, reported as such in one line (an ImportError would read as fastseq's fault).
+        raise ValueError(f"reading this data needs the `{package}` package: {_INSTALL}") from None
 
 
 def _columns(source_field: str, target_field: str, available: list[str]) -> list[str]:

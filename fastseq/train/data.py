@@ -114,6 +114,7 @@ def build_data(args: TrainArgs, tokenizer: Tokenizer, config, data_parallel: int
     if args.task == "denoise":
         collator = SpanCorruptionCollator(tokenizer, input_length=args.max_source_length, seed=args.seed)
         source = file_source(args.data, f"--data {args.data}", args.source_field, args.target_field, text=True)
+        _check_epochs(args, source)
         stream = FileStream(source, TokenLengths(tokenizer, text=True), limits=(collator.tokens_length, None),
                             **sizes)  # fmt: skip
         _set_steps(args, stream, data_parallel)
@@ -121,6 +122,7 @@ def build_data(args: TrainArgs, tokenizer: Tokenizer, config, data_parallel: int
     collator = Seq2SeqCollator(tokenizer, max_source_length=args.max_source_length,
                                max_target_length=args.max_target_length)  # fmt: skip
     source = _with_prefix(_train_source(args), args.source_prefix)
+    _check_epochs(args, source)
     limits = (args.max_source_length, args.max_target_length)
     stream = FileStream(source, TokenLengths(tokenizer), limits=limits, flags=FLAGS, **sizes)
     _set_steps(args, stream, data_parallel)
@@ -172,6 +174,15 @@ def _held_out(args: TrainArgs, tokenizer: Tokenizer, limits: tuple[int, int]) ->
     if line:
         log.warning(line)
     return kept
+
+
+def _check_epochs(args: TrainArgs, source: DataSource) -> None:
+    """Before anything is read: --epochs needs a source it can read more than once."""
+    if args.epochs is not None and not source.rereadable:
+        raise ValueError(
+            f"{source.label} is a pipe, read once, so its epochs cannot be counted before training; pass --steps "
+            "instead of --epochs (a pipe gives one epoch at most), or a regular file"
+        )
 
 
 def _set_steps(args: TrainArgs, stream: FileStream, data_parallel: int) -> None:
