@@ -84,6 +84,8 @@ def _cases(tmp: Path) -> dict[str, tuple[list[str], tuple[str, ...]]]:
     bad_eval.write_text('{"source": "a", "target": "b"}\n\n{"source": "a", "target": \n')
     nested = tmp / "nested.jsonl"
     nested.write_text('{"translation": {"en": "a", "fr": "b"}}\n')
+    long = tmp / "long.jsonl"
+    long.write_text('{"source": "abcdefgh", "target": "x"}\n')  # 9 ByT5 tokens with eos
     fifo = tmp / "fifo"
     os.mkfifo(fifo)
     datasets_dir = tmp / "ds"
@@ -123,6 +125,10 @@ def _cases(tmp: Path) -> dict[str, tuple[list[str], tuple[str, ...]]]:
             ["--data", str(nested), "--source-field", "translation.en", "--target-field", "translation.de", *out],
             ("nested.jsonl:1", "['translation.de']"),
         ),
+        "an example over the token budget": (
+            ["--max-tokens", "8", "--data", str(long), *out],
+            ("long.jsonl", "an example has 9 tokens on one side", "more than --max-tokens 8", "raise --max-tokens"),
+        ),
         "epochs of a pipe": (["--data", str(fifo), "--epochs", "1", *out], ("is a pipe, read once", "--steps")),
         "a split the directory lacks": (
             ["--data", str(datasets_dir), "--train-split", "training", *out],
@@ -153,6 +159,7 @@ CASE_NAMES = [
     "adamw without a rate", "a directory as data", "missing data", "a directory as eval data", "steps and epochs",
     "zero epochs", "NaN epochs", "epochs of the synthetic task", "buffer smaller than a batch",
     "data and a dataset name", "deeply nested JSON", "bad held-out line", "missing nested field", "epochs of a pipe",
+    "an example over the token budget",
     "a split the directory lacks",
     "denoise without data", "lone surrogate", "not UTF-8", "a file as output directory", "YAML list",
     "YAML word for a count", "unknown model", "config.json that is a list", "missing tokenizer", "no CUDA",

@@ -152,6 +152,12 @@ class FileStream:
     def _batches(self, budgets: Sequence[int], epoch: int, buffer: int) -> list[list[int]]:
         sizes = dict(max_tokens=self.max_tokens) if self.max_tokens else dict(batch_size=self.batch_size)
         seed = (self.seed * 100003 + epoch) * 100003 + buffer
+        if self.max_tokens and budgets and max(budgets) > self.max_tokens:
+            raise ValueError(
+                f"{self.source.label}: an example has {max(budgets)} tokens on one side (after the cuts of "
+                f"--max-source-length/--max-target-length), more than --max-tokens {self.max_tokens} can hold; raise "
+                "--max-tokens or lower those lengths"
+            )
         return bucketed_batches(budgets, budgets, seed=seed, **sizes) if budgets else []
 
     def _fill(self) -> None:
