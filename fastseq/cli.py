@@ -220,15 +220,25 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--random-init", action="store_true", default=None,
                         help="train --model's config (a preset or a directory) from random weights")  # fmt: skip
     parser.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the model's)")
-    parser.add_argument("--data", default=None, help=".jsonl/.csv/.tsv (seq2seq) or .txt (denoise); default: synthetic")
-    parser.add_argument("--eval-data", default=None)
+    parser.add_argument("--data", default=None,
+                        help=".jsonl/.json/.csv/.tsv/.parquet (also .gz), a pipe or a `datasets` directory (seq2seq); "
+                             ".txt (denoise); default: synthetic (HF: --train_file)")  # fmt: skip
+    parser.add_argument("--eval-data", default=None, help="held-out data, the same kinds (HF: --validation_file)")
+    parser.add_argument("--dataset-name", default=None, help="a dataset datasets.load_dataset resolves (hub id)")
+    parser.add_argument("--dataset-config-name", default=None, help="the configuration of --dataset-name")
+    parser.add_argument("--train-split", default=None, help="the split trained on (default train)")
+    parser.add_argument("--eval-split", default=None,
+                        help="held-out split of --dataset-name (a DatasetDict --eval-data: validation)")  # fmt: skip
+    parser.add_argument("--source-prefix", default=None, help='put before every source text ("summarize: ")')
     parser.add_argument("--task", default=None, choices=["seq2seq", "denoise"])
-    parser.add_argument("--source-field", default=None)
-    parser.add_argument("--target-field", default=None)
+    parser.add_argument("--source-field", default=None, help="field; a.b reaches into objects (HF: --text_column)")
+    parser.add_argument("--target-field", default=None, help="target field (HF: --summary_column)")
     parser.add_argument("--output-dir", "--output", dest="output_dir", default=None, help=f"default {d.output_dir}")
     parser.add_argument("--overwrite", action="store_true", default=None,
                         help="replace the files of an earlier run in --output-dir (other files are kept)")  # fmt: skip
     parser.add_argument("--steps", type=int, default=None, help=f"optimizer steps (default {d.steps})")
+    parser.add_argument("--epochs", type=float, default=None,
+                        help="passes over the data instead of --steps (HF: --num_train_epochs)")  # fmt: skip
     parser.add_argument("--batch-size", type=int, default=None, help=f"default {d.batch_size}")
     parser.add_argument("--max-tokens", type=int, default=None, help="token budget per batch instead of --batch-size")
     parser.add_argument("--buffer-size", type=int, default=None, help="examples shuffled and bucketed at a time")
@@ -243,7 +253,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--clip", type=float, default=None, help="gradient-norm clipping (0: none)")
     parser.add_argument("--label-smoothing", type=float, default=None,
                         help="eps of the label-smoothed training loss (HF: --label_smoothing_factor)")  # fmt: skip
-    parser.add_argument("--max-source-length", type=int, default=None)
+    parser.add_argument("--max-source-length", type=int, default=None,
+                        help="source tokens kept (default: 512; a LongT5 model's n_positions, else 4096)")  # fmt: skip
     parser.add_argument("--max-target-length", type=int, default=None)
     parser.add_argument("--precision", default=None, choices=["auto", "fp32", "bf16", "fp16"])
     parser.add_argument("--force-fp16", action="store_true", default=None, help="allow fp16 for T5-family models")

@@ -76,6 +76,25 @@ def _cases(tmp: Path) -> dict[str, tuple[list[str], tuple[str, ...]]]:
     ds_list.write_text("[]\n")
     a_file = tmp / "a_file"
     a_file.write_text("x")
+    data = tmp / "train.jsonl"
+    data.write_text("".join(json.dumps({"source": f"s{i}", "target": f"t{i}"}) + "\n" for i in range(8)))
+    deep = tmp / "deep.jsonl"
+    deep.write_text('{"source": "a", "target": "b"}\n{"source": ' + "[" * 100_000 + "]" * 100_000 + "}\n")
+    bad_eval = tmp / "dev.jsonl"
+    bad_eval.write_text('{"source": "a", "target": "b"}\n\n{"source": "a", "target": \n')
+    nested = tmp / "nested.jsonl"
+    nested.write_text('{"translation": {"en": "a", "fr": "b"}}\n')
+    long = tmp / "long.jsonl"
+    long.write_text('{"source": "abcdefgh", "target": "x"}\n')  # 9 ByT5 tokens with eos
+    fifo = tmp / "fifo"
+    os.mkfifo(fifo)
+    datasets_dir = tmp / "ds"
+    import datasets
+
+    datasets.DatasetDict({"train": datasets.Dataset.from_list([{"source": "a", "target": "b"}])}).save_to_disk(
+        datasets_dir
+    )
+    on = ["--data", str(data), *out]
     return {
         "negative batch size": (["--batch-size", "-3", *out], ("--batch-size must be at least 1", "-3")),
         "zero batch size": (["--batch-size", "0", *out], ("--batch-size must be at least 1",)),
@@ -88,9 +107,33 @@ def _cases(tmp: Path) -> dict[str, tuple[list[str], tuple[str, ...]]]:
         "negative learning rate": (["--lr=-1e-3", *out], ("--lr must be a finite number >= 0",)),
         "NaN clipping": (["--clip", "nan", *out], ("--clip must be a finite number",)),
         "adamw without a rate": (["--optimizer", "adamw", *out], ("adamw needs a learning rate", "--lr")),
-        "a directory as data": (["--data", str(tmp), *out], ("--data", "is a directory; pass a file")),
+        "a directory as data": (["--data", str(tmp), *out], ("is a directory but not one `datasets.save_to_disk`",)),
         "missing data": (["--data", str(tmp / "nope.jsonl"), *out], ("does not exist",)),
-        "a directory as eval data": (["--eval-data", str(tmp), *out], ("--eval-data", "is a directory")),
+        "a directory as eval data": (["--eval-data", str(tmp), *on], ("is a directory but not one",)),
+        "steps and epochs": (["--steps", "3", "--epochs", "1", *on], ("--steps and --epochs", "pass one")),
+        "zero epochs": (["--epochs", "0", *on], ("--epochs must be a finite number > 0", "0.0")),
+        "NaN epochs": (["--epochs", "nan", *on], ("--epochs must be a finite number > 0", "nan")),
+        "epochs of the synthetic task": (["--epochs", "2", *out], ("the synthetic task has no end", "--steps")),
+        "buffer smaller than a batch": (
+            ["--buffer-size", "1", "--batch-size", "4", *on],
+            ("--buffer-size 1 is smaller than --batch-size 4", "at least 4"),
+        ),
+        "data and a dataset name": (["--dataset-name", "x/y", *on], ("--data and --dataset-name", "pass one")),
+        "deeply nested JSON": (["--data", str(deep), *out], ("deep.jsonl:2", "nested too deeply")),
+        "bad held-out line": (["--eval-data", str(bad_eval), *on], ("dev.jsonl:3", "not valid JSON")),
+        "missing nested field": (
+            ["--data", str(nested), "--source-field", "translation.en", "--target-field", "translation.de", *out],
+            ("nested.jsonl:1", "['translation.de']"),
+        ),
+        "an example over the token budget": (
+            ["--max-tokens", "8", "--data", str(long), *out],
+            ("long.jsonl", "an example has 9 tokens on one side", "more than --max-tokens 8", "raise --max-tokens"),
+        ),
+        "epochs of a pipe": (["--data", str(fifo), "--epochs", "1", *out], ("is a pipe, read once", "--steps")),
+        "a split the directory lacks": (
+            ["--data", str(datasets_dir), "--train-split", "training", *out],
+            ("has the splits ['train'], not 'training'", "--train-split"),
+        ),
         "denoise without data": (["--task", "denoise", *out], ("--task denoise needs a text corpus",)),
         "lone surrogate": (["--data", str(surrogate), *out], ("surrogate.jsonl:2", "lone surrogate")),
         "not UTF-8": (["--data", str(latin1), *out], ("latin1.jsonl:1", "not UTF-8", "convert the file")),
@@ -116,7 +159,11 @@ def _cases(tmp: Path) -> dict[str, tuple[list[str], tuple[str, ...]]]:
 CASE_NAMES = [
     "negative batch size", "zero batch size", "zero steps", "zero accumulation", "zero token budget",
     "zero log interval", "NaN learning rate", "infinite learning rate", "negative learning rate", "NaN clipping",
-    "adamw without a rate", "a directory as data", "missing data", "a directory as eval data",
+    "adamw without a rate", "a directory as data", "missing data", "a directory as eval data", "steps and epochs",
+    "zero epochs", "NaN epochs", "epochs of the synthetic task", "buffer smaller than a batch",
+    "data and a dataset name", "deeply nested JSON", "bad held-out line", "missing nested field", "epochs of a pipe",
+    "an example over the token budget",
+    "a split the directory lacks",
     "denoise without data", "lone surrogate", "not UTF-8", "a file as output directory", "YAML list",
     "YAML word for a count", "unknown model", "config.json that is a list", "missing tokenizer", "no CUDA",
     "not a device", "resume nothing", "resume a non-directory", "resume and overwrite", "missing DeepSpeed config",

@@ -53,8 +53,8 @@ def test_csv_and_tsv(tmp_path):
         list(read_csv(tmp_path / "bad.csv"))
     (tmp_path / "empty.csv").write_text("")
     assert list(read_csv(tmp_path / "empty.csv")) == []
-    with pytest.raises(ValueError, match="unknown data format '.parquet'"):
-        read_examples(tmp_path / "d.parquet")
+    with pytest.raises(ValueError, match="unknown data format '.xlsx'"):
+        read_examples(tmp_path / "d.xlsx")
 
 
 def test_text_reader(tmp_path):
@@ -177,3 +177,212 @@ def test_bucketed_batches():
         bucketed_batches([0, 1], [5, 30], max_tokens=10)
     with pytest.raises(ValueError, match="exactly one of"):
         bucketed_batches([0], [1])
+
+
+# ---- formats: each reader against the library that owns the format, reading the same data ----------
+
+
+ROWS = [
+    {"id": i, "document": f"document {i}, with a comma" + " and more" * (i % 3), "summary": f"summary {i}",
+     "translation": {"en": f"hello {i}", "de": f"hallo {i}"}}
+    for i in range(7)
+]  # fmt: skip
+PAIRS = [(r["document"], r["summary"]) for r in ROWS]
+
+
+def _write_all(tmp_path):
+    """The same rows in every format fastseq reads; returns {name: path}."""
+    import gzip
+
+    import datasets
+
+    flat = [{"document": r["document"], "summary": r["summary"]} for r in ROWS]
+    files = {"jsonl": tmp_path / "d.jsonl", "json": tmp_path / "d.json", "csv": tmp_path / "d.csv",
+             "tsv": tmp_path / "d.tsv", "parquet": tmp_path / "d.parquet", "jsonl.gz": tmp_path / "d.jsonl.gz",
+             "csv.gz": tmp_path / "d.csv.gz"}  # fmt: skip
+    files["jsonl"].write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    files["json"].write_text(json.dumps(ROWS, indent=2))  # an array over many lines
+    datasets.Dataset.from_list(flat).to_csv(files["csv"], index=False)
+    datasets.Dataset.from_list(flat).to_csv(files["tsv"], index=False, sep="\t")
+    datasets.Dataset.from_list(ROWS).to_parquet(files["parquet"])
+    files["jsonl.gz"].write_bytes(gzip.compress(files["jsonl"].read_bytes()))
+    files["csv.gz"].write_bytes(gzip.compress(files["csv"].read_bytes()))
+    return files
+
+
+def test_readers_agree_with_datasets_and_pyarrow(tmp_path):
+    import datasets
+    import pyarrow.parquet as pq
+
+    files = _write_all(tmp_path)
+    for name, path in files.items():
+        assert list(read_examples(path, "document", "summary")) == PAIRS, name
+    builders = {"jsonl": "json", "json": "json", "csv": "csv", "parquet": "parquet", "jsonl.gz": "json"}
+    for name, builder in builders.items():
+        theirs = datasets.load_dataset(builder, data_files=str(files[name]), split="train",
+                                       cache_dir=str(tmp_path / "cache"))  # fmt: skip
+        assert list(zip(theirs["document"], theirs["summary"], strict=True)) == PAIRS, name
+    table = pq.read_table(files["parquet"]).to_pylist()
+    assert [(r["document"], r["summary"]) for r in table] == PAIRS
+    # Nested fields, in every format that nests.
+    nested = [(r["translation"]["en"], r["translation"]["de"]) for r in ROWS]
+    for name in ("jsonl", "json", "parquet", "jsonl.gz"):
+        assert list(read_examples(files[name], "translation.en", "translation.de")) == nested, name
+    with pytest.raises(ValueError, match=r"d.jsonl:1: missing field\(s\) \['translation.fr'\]"):
+        next(read_examples(files["jsonl"], "translation.fr", "summary"))
+    with pytest.raises(ValueError, match=r"no column 'title' for the field 'title'"):
+        next(read_examples(files["parquet"], "title", "summary"))
+
+
+def test_datasets_directories(tmp_path):
+    import datasets
+
+    from fastseq.data import file_source
+
+    whole = datasets.Dataset.from_list(ROWS)
+    whole.save_to_disk(tmp_path / "one")
+    datasets.DatasetDict({"train": whole, "validation": whole.select(range(2))}).save_to_disk(tmp_path / "dict")
+    assert list(read_examples(tmp_path / "one", "document", "summary")) == PAIRS
+    assert list(read_examples(tmp_path / "dict", "translation.en", "summary", split="validation")) == [
+        (r["translation"]["en"], r["summary"]) for r in ROWS[:2]
+    ]
+    with pytest.raises(ValueError, match=r"has the splits \['train', 'validation'\], not 'test'"):
+        read_examples(tmp_path / "dict", split="test")
+    source = file_source(str(tmp_path / "dict"), "--data", "document", "summary")
+    assert source.num_examples == 7 and source.rereadable and source.fingerprint_path == str(tmp_path / "dict")
+    assert list(source.open()) == list(source.open()) == PAIRS
+    (tmp_path / "plain").mkdir()
+    with pytest.raises(ValueError, match="not one `datasets.save_to_disk` wrote"):
+        read_examples(tmp_path / "plain")
+
+
+def test_json_arrays_stream_and_name_the_line(tmp_path, monkeypatch):
+    import fastseq.data.readers as readers
+
+    monkeypatch.setattr(readers, "_CHUNK", 7)  # elements and numbers split across chunks
+    path = tmp_path / "a.json"
+    path.write_text("\ufeff[\n" + ",\n".join(json.dumps(r) for r in ROWS) + "\n]\n")
+    assert list(read_examples(path, "document", "summary")) == PAIRS
+    lines = [json.dumps(r) for r in ROWS[:3]]
+    path.write_text("[\n" + ",\n".join(lines) + ',\n{"document": "x", "summary": }\n]')
+    reader = read_examples(path, "document", "summary")
+    assert [next(reader) for _ in range(3)] == PAIRS[:3]  # yielded before the bad element is read
+    with pytest.raises(ValueError, match=r"a.json:5: not valid JSON"):
+        next(reader)
+    path.write_text("[" + lines[0] + ",")
+    with pytest.raises(ValueError, match=r"a.json:1: the JSON array is not closed"):
+        list(read_examples(path, "document", "summary"))
+    path.write_text("[" + lines[0] + "] []")
+    with pytest.raises(ValueError, match=r"a.json:1: text after the end of the JSON array"):
+        list(read_examples(path, "document", "summary"))
+    path.write_text("\n".join(lines))  # a .json file of JSON Lines, as datasets reads it
+    assert list(read_examples(path, "document", "summary")) == PAIRS[:3]
+
+
+@pytest.mark.parametrize("kind", ["jsonl", "json"])
+def test_a_deeply_nested_value_is_an_error_naming_the_line(tmp_path, kind):
+    deep = '{"source": "a", "target": "b", "x": ' + "[" * 100_000 + "]" * 100_000 + "}"
+    path = tmp_path / f"deep.{kind}"
+    ok = '{"source": "a", "target": "b"}'
+    path.write_text(f"{ok}\n{deep}\n" if kind == "jsonl" else f"[{ok},\n{deep}]")
+    with pytest.raises(ValueError, match=rf"deep.{kind}:2: the JSON value is nested too deeply"):
+        list(read_examples(path))
+
+
+def test_csv_bom_long_fields_and_compression(tmp_path):
+    path = tmp_path / "bom.csv"
+    path.write_bytes("\ufeffsource,target\nx,y\n".encode())
+    assert list(read_examples(path)) == [("x", "y")]  # the BOM is not part of the first column's name
+    long = "word " * 50_000  # over csv's default field limit of 128 KiB
+    (tmp_path / "long.tsv").write_text(f"source\ttarget\n{long}\tshort\n")
+    assert list(read_examples(tmp_path / "long.tsv")) == [(long, "short")]
+    (tmp_path / "bad.jsonl.gz").write_bytes(b"not gzip at all")
+    with pytest.raises(ValueError, match=r"bad.jsonl.gz:1: the compressed file is damaged"):
+        list(read_examples(tmp_path / "bad.jsonl.gz"))
+    (tmp_path / "d.parquet.gz").write_bytes(b"")
+    with pytest.raises(ValueError, match="parquet compresses its own columns"):
+        read_examples(tmp_path / "d.parquet.gz")
+
+
+@pytest.mark.parametrize("name", ["fifo.jsonl", "fifo"])
+def test_a_pipe_is_read_as_a_stream(tmp_path, name):
+    import os
+    import threading
+
+    from fastseq.data import file_source
+
+    path = tmp_path / name
+    os.mkfifo(path)
+    text = "".join(json.dumps(r) + "\n" for r in ROWS)
+
+    def write():
+        with open(path, "w") as f:
+            f.write(text)
+
+    writer = threading.Thread(target=write)
+    writer.start()
+    source = file_source(str(path), "--data", "document", "summary")  # opens nothing yet
+    assert not source.rereadable and source.fingerprint_path is None
+    assert list(source.open()) == PAIRS  # without an extension, by its content
+    writer.join()
+
+
+# ---- token lengths, --max-tokens and the stream ------------------------------------------------------
+
+
+def _stream(examples, tokenizer, **kw):
+    from fastseq.data import DataSource, FileStream, TokenLengths
+
+    source = DataSource("--data x", lambda: iter(examples), True, None, None)
+    return FileStream(source, TokenLengths(tokenizer), **{"batch_size": 4, "max_tokens": None, "seed": 1, **kw})
+
+
+def test_max_tokens_counts_tokens_not_characters():
+    """ByT5 with CJK text: 3 bytes, so 3 tokens, a character. Every batch's padded source and target
+    tensors hold at most --max-tokens tokens, as the collator makes them."""
+    tok = ByT5Tokenizer()
+    rng = random.Random(0)
+    examples = [("".join(rng.choice("漢字仮名交") for _ in range(rng.randint(1, 4))), "訳" * rng.randint(1, 3))
+                for _ in range(60)]  # fmt: skip
+    stream = _stream(examples, tok, max_tokens=40)
+    collate = Seq2SeqCollator(tok)
+    seen = []
+    while stream.epoch == 0:
+        batch = stream.next_batch()
+        if stream.epoch == 0:
+            tensors = collate(batch)
+            assert tensors["input_ids"].numel() <= 40 and tensors["labels"].numel() <= 40, batch
+            seen += batch
+    assert sorted(seen) == sorted(examples)
+
+
+@pytest.mark.parametrize("max_tokens", [None, 60])
+def test_count_batches_is_what_the_stream_gives(max_tokens):
+    tok = ByT5Tokenizer()
+    examples = [(f"source {i} " + "x" * (i % 11), f"t{i}") for i in range(45)]
+    stream = _stream(examples, tok, max_tokens=max_tokens, buffer_size=10)
+    counts = stream.count_batches(3)
+    epochs = []  # the epoch of every batch returned
+    while stream.epoch < 3:
+        batch = stream.next_batch()
+        epochs.append(stream.epoch)
+    assert [epochs.count(e) for e in range(3)] == counts
+    assert stream.epochs_done() == 3 + len(batch) / 45  # the first batch of the fourth epoch
+
+
+def test_epochs_done_and_cut_examples_are_reported(caplog):
+    tok = ByT5Tokenizer()
+    examples = [("a" * (3 if i % 4 else 30), "b" * (2 if i % 5 else 20)) for i in range(20)]
+    with caplog.at_level("WARNING", logger="fastseq.data"):
+        stream = _stream(
+            examples, tok, buffer_size=8, limits=(10, 10), flags=("max-source-length", "max-target-length")
+        )
+        assert stream.epochs_done() == 0.0 and stream.epoch_length is None  # not known before a pass
+        while stream.epoch == 0:
+            stream.next_batch()
+    warnings = [r.getMessage() for r in caplog.records]
+    assert len(warnings) == 2, warnings  # at the first buffer with cuts, and the epoch's totals at its end
+    assert "2 of 8 sources are longer than --max-source-length 10 tokens (the longest: 31)" in warnings[0]
+    assert "5 of 20 sources" in warnings[1] and "4 of 20 targets" in warnings[1]
+    assert "raise --max-source-length / --max-target-length" in warnings[1]
+    assert stream.epoch_length == 20 and 1.0 < stream.epochs_done() < 1.5

@@ -134,6 +134,7 @@ def test_shipped_training_configs_parse():
 
 
 def test_file_stream_reads_a_buffer_at_a_time_and_resumes():
+    from fastseq.data import DataSource
     from fastseq.train.data import FileStream
 
     items = [f"example {i} " + "x" * (i % 7) for i in range(23)]
@@ -143,7 +144,9 @@ def test_file_stream_reads_a_buffer_at_a_time_and_resumes():
         opened.append(1)
         yield from items
 
-    stream = FileStream(reader, len, batch_size=2, max_tokens=None, seed=3, buffer_size=5)
+    source = DataSource("items", reader, True, None, None)
+    measure = lambda text: (len(text), 0)
+    stream = FileStream(source, measure, batch_size=2, max_tokens=None, seed=3, buffer_size=5)
     assert len(stream._examples) == 5  # one buffer in memory, not the file
     epoch = []
     while stream.epoch == 0:
@@ -152,12 +155,12 @@ def test_file_stream_reads_a_buffer_at_a_time_and_resumes():
             epoch += batch
     assert sorted(epoch) == sorted(items)  # every example once per epoch
     # Resuming from a position mid-epoch gives the same batches after it.
-    first = FileStream(reader, len, batch_size=2, max_tokens=None, seed=3, buffer_size=5)
+    first = FileStream(source, measure, batch_size=2, max_tokens=None, seed=3, buffer_size=5)
     for _ in range(4):
         first.next_batch()
     state = first.state_dict()
     expected = [first.next_batch() for _ in range(9)]
-    again = FileStream(reader, len, batch_size=2, max_tokens=None, seed=3, buffer_size=5)
+    again = FileStream(source, measure, batch_size=2, max_tokens=None, seed=3, buffer_size=5)
     again.load_state_dict(json.loads(json.dumps(state)))
     assert [again.next_batch() for _ in range(9)] == expected
 
@@ -197,3 +200,185 @@ def test_lr_zero_asks_adafactor_for_its_relative_step_also_when_fine_tuning(tmp_
     assert TrainArgs(lr=None).learning_rate() is None
     with pytest.raises(ValueError, match="adamw needs a learning rate above 0"):
         TrainArgs(optimizer="adamw", lr=0.0).validate()
+
+
+# ---- data sources through the installed command ------------------------------------------------------
+
+WORDS = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta", "iota", "kappa"]
+CLI_QUICK = ["--batch-size", "4", "--quiet", "--log-every", "1"]
+
+
+def _rows(n: int) -> list[dict]:
+    return [{"translation": {"en": f"copy {WORDS[i % 10]} {i}", "de": f"{WORDS[i % 10]} {i}"}, "id": i}
+            for i in range(n)]  # fmt: skip
+
+
+def _cli(argv: list[str]) -> int:
+    from fastseq.cli import main
+
+    return main(["train", *argv])
+
+
+def _save(kind: str, path, rows: list[dict]):
+    import datasets
+
+    if kind == "parquet":
+        datasets.Dataset.from_list(rows).to_parquet(path)
+    else:
+        datasets.DatasetDict({"train": datasets.Dataset.from_list(rows)}).save_to_disk(path)
+    return path
+
+
+@pytest.mark.parametrize("kind", ["parquet", "datasets"])
+def test_parquet_and_datasets_directories_resume_exactly(tmp_path, kind, reference_backend):
+    """3 steps, a resume and 3 more give the losses of 6 steps: the stream's position is restored,
+    with a buffer smaller than the data so that the position crosses a buffer."""
+    data = _save(kind, tmp_path / ("train.parquet" if kind == "parquet" else "train_ds"), _rows(30))
+    fields = ["--data", str(data), "--source-field", "translation.en", "--target-field", "translation.de",
+              "--buffer-size", "8", *CLI_QUICK]  # fmt: skip
+    assert _cli([*fields, "--steps", "6", "--output-dir", str(tmp_path / "whole")]) == 0
+    assert _cli([*fields, "--steps", "3", "--output-dir", str(tmp_path / "part")]) == 0
+    assert _cli([*fields, "--steps", "6", "--output-dir", str(tmp_path / "part"), "--resume"]) == 0
+    assert _losses(tmp_path / "part") == _losses(tmp_path / "whole")
+    state = json.loads((tmp_path / "part" / "checkpoint-6" / "trainer_state.json").read_text())
+    assert state["run"]["data"]["train"] not in ("synthetic", "a pipe, not fingerprinted")
+
+
+def _hub_cache(home, name: str, rows: dict[str, list[dict]]) -> None:
+    """A dataset in the `datasets` cache under `home` as `load_dataset(name)` leaves it there (the
+    Arrow files of each split and dataset_info.json), which offline mode reads."""
+    import shutil
+
+    script = (
+        "import datasets, json, sys\n"
+        "rows = json.loads(sys.argv[1])\n"
+        "d = datasets.DatasetDict({k: datasets.Dataset.from_list(v) for k, v in rows.items()})\n"
+        "d.save_to_disk(sys.argv[2])\n"
+    )
+    import subprocess
+    import sys
+
+    built = home / "built"
+    subprocess.run([sys.executable, "-c", script, json.dumps(rows), str(built)], check=True)
+    owner, dataset = name.split("/")
+    target = home / "datasets" / f"{owner}___{dataset}" / "default" / "0.0.0" / "0123abcd"
+    target.mkdir(parents=True)
+    info = None
+    for split in rows:
+        for i, arrow in enumerate(sorted((built / split).glob("*.arrow"))):
+            suffix = "" if i == 0 else f"-{i:05d}"
+            shutil.copy(arrow, target / f"{dataset}-{split}{suffix}.arrow")
+        info = json.loads((built / split / "dataset_info.json").read_text())
+    info["splits"] = {s: {"name": s, "num_examples": len(v)} for s, v in rows.items()}
+    info["builder_name"], info["config_name"], info["dataset_name"] = "cache", "default", dataset
+    (target / "dataset_info.json").write_text(json.dumps(info))
+
+
+def test_a_hub_dataset_offline_with_nested_fields_prefix_and_epochs(tmp_path):
+    """`--dataset-name` resolved by `datasets.load_dataset` from the cache under HF_HOME with
+    HF_HUB_OFFLINE=1; translation.en/de fields; a source prefix; --epochs sets the steps."""
+    import os
+    import subprocess
+
+    _hub_cache(tmp_path / "hf", "someone/tiny-translation", {"train": _rows(12), "validation": _rows(3)})
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+           "FASTSEQ_BACKEND": "reference"}  # fmt: skip
+    argv = ["fastseq", "train", "--dataset-name", "someone/tiny-translation", "--dataset-config-name", "default",
+            "--source-field", "translation.en", "--target-field", "translation.de", "--eval-split", "validation",
+            "--source-prefix", "translate English to German: ", "--epochs", "2", "--batch-size", "4", "--quiet",
+            "--output-dir", str(tmp_path / "out")]  # fmt: skip
+    done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert "--epochs 2: 6 steps (3 batches an epoch)" in done.stderr  # 12 examples, 4 a batch
+    assert len(_losses(tmp_path / "out")) == 6
+    assert "'translate English to German: copy alpha 0' ->" in done.stdout  # the held-out split, prefixed
+    state = json.loads((tmp_path / "out" / "checkpoint-6" / "trainer_state.json").read_text())
+    assert state["run"]["data"]["prefix"] == "translate English to German: "
+    assert state["run"]["data"]["train"].startswith("sha256:")  # the cache directory's fingerprint
+
+
+def test_compressed_json_arrays_bom_csv_and_process_substitution(tmp_path, reference_backend):
+    """Each format trains through the command; a pipe (`<(gzip -dc train.jsonl.gz)`) too."""
+    import gzip
+    import subprocess
+
+    rows = [{"source": r["translation"]["en"], "target": r["translation"]["de"]} for r in _rows(12)]
+    lines = "".join(json.dumps(r) + "\n" for r in rows)
+    (tmp_path / "train.jsonl.gz").write_bytes(gzip.compress(lines.encode()))
+    (tmp_path / "train.json").write_text(json.dumps(rows, indent=1))
+    (tmp_path / "train.csv").write_bytes(("\ufeffsource,target\n" + "".join(
+        f"{r['source']},{r['target']}\n" for r in rows)).encode())  # fmt: skip
+    for name in ("train.jsonl.gz", "train.json", "train.csv"):
+        out = ["--output-dir", str(tmp_path / name.replace(".", "_"))]
+        assert _cli(["--data", str(tmp_path / name), "--steps", "2", *CLI_QUICK, *out]) == 0, name
+    # --max-tokens counts the tokenizer's tokens: ByT5 gives a CJK character 3.
+    cjk = [{"source": "漢字" * (1 + i % 4), "target": "訳" * (1 + i % 3)} for i in range(12)]
+    (tmp_path / "cjk.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in cjk))
+    argv = ["--data", str(tmp_path / "cjk.jsonl"), "--max-tokens", "40", "--steps", "3", "--quiet"]
+    assert _cli([*argv, "--output-dir", str(tmp_path / "cjk")]) == 0
+    command = (f"fastseq train --data <(gzip -dc {tmp_path}/train.jsonl.gz) --steps 2 {' '.join(CLI_QUICK)} "
+               f"--output-dir {tmp_path}/piped")  # fmt: skip
+    done = subprocess.run(["bash", "-c", command], capture_output=True, text=True, timeout=600,
+                          env={**__import__("os").environ, "FASTSEQ_BACKEND": "reference"})  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert len(_losses(tmp_path / "piped")) == 2
+
+
+def test_a_pipe_that_ends_before_the_steps_is_one_line(tmp_path, capfd, reference_backend):
+    import os
+    import threading
+
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    rows = "".join(json.dumps({"source": f"s{i}", "target": f"t{i}"}) + "\n" for i in range(8))
+    writer = threading.Thread(target=lambda: fifo.write_text(rows))
+    writer.start()
+    code = _cli(["--data", str(fifo), "--steps", "5", *CLI_QUICK, "--output-dir", str(tmp_path / "out")])
+    writer.join()
+    err = capfd.readouterr().err
+    assert code == 2, err
+    assert "is a pipe, read once, and it ended after 8 examples (one epoch)" in err
+
+
+def test_truncation_is_counted_and_longt5_defaults_to_its_length(tmp_path, caplog, reference_backend):
+    import dataclasses
+
+    from fastseq import presets
+    from fastseq.train.data import max_source_length
+    from fastseq.train.engine import default_config
+
+    longt5 = presets.config("google/long-t5-tglobal-base")
+    assert max_source_length(TrainArgs(), longt5) == 4096
+    named = longt5.from_hf_dict({**longt5.to_hf_dict(), "n_positions": 16384})
+    assert max_source_length(TrainArgs(), named) == 16384
+    assert max_source_length(TrainArgs(), default_config()) == 512
+    assert max_source_length(TrainArgs(max_source_length=64), longt5) == 64
+    assert dataclasses.fields(TrainArgs)  # the default is None: decided by the model
+    data = tmp_path / "long.jsonl"
+    data.write_text("".join(json.dumps({"source": "x" * (40 if i % 2 else 5), "target": "y"}) + "\n"
+                            for i in range(8)))  # fmt: skip
+    with caplog.at_level("WARNING"):
+        train(_args(tmp_path, data=str(data), eval_data=str(data), steps=2, batch_size=4, max_source_length=16))
+    lines = [r.getMessage() for r in caplog.records if "longer than" in r.getMessage()]
+    assert any("(held out): 4 of 8 sources are longer than --max-source-length 16 tokens" in x for x in lines), lines
+    assert any(f"--data {data} (8 examples read): 4 of 8 sources" in x for x in lines), lines
+
+
+def test_epoch_is_reported_by_the_data(tmp_path, reference_backend):
+    from fastseq.tokenizers import ByT5Tokenizer
+    from fastseq.train.data import build_data
+    from fastseq.train.engine import default_config
+
+    data_file = tmp_path / "d.jsonl"
+    data_file.write_text("".join(json.dumps({"source": f"s{i}", "target": "t"}) + "\n" for i in range(10)))
+    args = _args(tmp_path, data=str(data_file), batch_size=5, epochs=1.5, grad_accum=1)
+    data = build_data(args, ByT5Tokenizer(), default_config())
+    assert args.steps == 3  # 2 batches an epoch, 1.5 epochs
+    assert data.epoch == 0.0
+    data.micro_batch(1, 0)
+    data.micro_batch(1, 0)
+    assert data.epoch == 1.0  # known after the first pass
+    data.micro_batch(1, 0)
+    assert data.epoch == 1.5
+    synthetic = build_data(_args(tmp_path), ByT5Tokenizer(), default_config())
+    assert synthetic.epoch is None

@@ -23,14 +23,20 @@ class TrainArgs:
     model: str | None = None  # model directory, hub id or (with random_init) preset; None: the embedded default
     random_init: bool = False  # train `model`'s config (a preset or a directory) from random weights
     tokenizer: str | None = None  # directory or hub id; default: the model's (ByT5 for the default)
-    data: str | None = None  # training file; None: the synthetic default task
-    eval_data: str | None = None
+    data: str | None = None  # training file, pipe or `datasets` directory; None: the synthetic default task
+    eval_data: str | None = None  # held-out file, pipe or `datasets` directory
+    dataset_name: str | None = None  # a dataset `datasets.load_dataset` resolves (hub id, cache, local directory)
+    dataset_config_name: str | None = None  # its configuration
+    train_split: str = "train"  # the split trained on (--dataset-name, or a DatasetDict directory)
+    eval_split: str | None = None  # the held-out split (--dataset-name; a DatasetDict --eval-data: validation)
     task: str = "seq2seq"  # or "denoise"
     source_field: str = "source"
     target_field: str = "target"
+    source_prefix: str = ""  # put before every source text ("summarize: ")
     output_dir: str = "runs/default"
     overwrite: bool = False  # a fresh run may replace the files of an earlier run in output_dir
     steps: int = 1000
+    epochs: float | None = None  # passes over the data instead of --steps (which it then sets)
     batch_size: int = 64
     max_tokens: int | None = None  # token budget per batch instead of batch_size (file data)
     buffer_size: int = 100_000  # examples read, length-bucketed and shuffled at a time (file data)
@@ -42,7 +48,7 @@ class TrainArgs:
     weight_decay: float = 0.0
     clip: float = 1.0  # gradient-norm clipping; 0: none
     label_smoothing: float = 0.0  # eps of the label-smoothed training loss (HF's --label_smoothing_factor)
-    max_source_length: int = 512
+    max_source_length: int | None = None  # None: the model's (a LongT5 config's n_positions), else 512
     max_target_length: int = 128
     precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU), fp32, bf16, fp16
     force_fp16: bool = False
@@ -74,6 +80,8 @@ class TrainArgs:
         unknown = sorted(set(values) - known)
         if unknown:
             raise ValueError(f"unknown training option(s) {unknown}; see `fastseq train --help`")
+        if values.get("epochs") is not None and values.get("steps") is not None:
+            raise ValueError("--steps and --epochs both say how long to train; pass one")
         return cls(**{name: _convert(name, value, hints[name]) for name, value in values.items()})
 
     @property
@@ -124,14 +132,16 @@ class TrainArgs:
 
     def validate(self) -> None:
         """Every count, size and rate, before anything is read, built or written."""
-        at_least = {"steps": 1, "batch_size": 1, "grad_accum": 1, "buffer_size": 1, "max_source_length": 1,
-                    "max_target_length": 1, "log_every": 1, "warmup": 0, "eval_every": 0, "eval_examples": 0,
+        at_least = {"steps": 1, "batch_size": 1, "grad_accum": 1, "buffer_size": 1, "max_target_length": 1,
+                    "log_every": 1, "warmup": 0, "eval_every": 0, "eval_examples": 0,
                     "save_every": 0, "examples_to_show": 0, "seed": 0}  # fmt: skip
         for name, low in at_least.items():
             if getattr(self, name) < low:
                 raise ValueError(f"--{_flag(name)} must be at least {low}; got {getattr(self, name)}")
-        if self.max_tokens is not None and self.max_tokens < 1:
-            raise ValueError(f"--max-tokens must be at least 1; got {self.max_tokens}")
+        for name in ("max_tokens", "max_source_length"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"--{_flag(name)} must be at least 1; got {getattr(self, name)}")
+        self._validate_data()
         for name in ("lr", "weight_decay", "clip"):
             value = getattr(self, name)
             if value is not None and not (math.isfinite(value) and value >= 0):
@@ -148,18 +158,10 @@ class TrainArgs:
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"--{_flag(name)} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}")
-        if self.task == "denoise" and self.data is None:
-            raise ValueError("--task denoise needs a text corpus: pass --data FILE.txt")
         if self.deepspeed is not None:
             from fastseq.distributed.config import find
 
             find(self.deepspeed)  # a file, or the name of a shipped config
-        for name in ("data", "eval_data"):
-            path = getattr(self, name)
-            if path is not None and Path(path).is_dir():
-                raise ValueError(f"--{_flag(name)} {path} is a directory; pass a file")
-            if path is not None and not Path(path).is_file():
-                raise FileNotFoundError(f"--{_flag(name)} {path} does not exist; pass the path of a file")
         if self.tokenizer is not None and not Path(self.tokenizer).is_dir() and not is_repo_id(self.tokenizer):
             raise FileNotFoundError(
                 f"--tokenizer {self.tokenizer} is not a directory, nor a hub id; pass a tokenizer directory or ORG/NAME"
@@ -229,6 +231,33 @@ class TrainArgs:
                 continue
             raise ValueError(f"--output-dir {self.output_dir} {where}: the run writes there (and --overwrite deletes) "
                              "what it reads; choose an --output-dir outside the run's inputs")  # fmt: skip
+
+    def _validate_data(self) -> None:
+        """The data options: where the examples come from, how many passes, how they are batched."""
+        if self.epochs is not None and not (math.isfinite(self.epochs) and self.epochs > 0):
+            raise ValueError(f"--epochs must be a finite number > 0; got {self.epochs}")
+        if self.task == "denoise" and self.data is None:
+            raise ValueError("--task denoise needs a text corpus: pass --data FILE.txt")
+        if self.data is not None and self.dataset_name is not None:
+            raise ValueError("--data and --dataset-name both name the training data; pass one")
+        if self.dataset_name is not None and self.task == "denoise":
+            raise ValueError("--task denoise reads a text file (--data FILE.txt), not --dataset-name")
+        if self.epochs is not None and self.data is None and self.dataset_name is None:
+            raise ValueError("--epochs counts passes over --data or --dataset-name; the synthetic task has no end: "
+                             "pass --steps")  # fmt: skip
+        for name in ("data", "eval_data"):
+            path = getattr(self, name)
+            if path is not None and not Path(path).exists():
+                raise FileNotFoundError(
+                    f"--{_flag(name)} {path} does not exist; pass the path of a data file, a pipe or a `datasets` "
+                    "directory"
+                )
+        reads_data = self.data is not None or self.dataset_name is not None
+        if reads_data and self.max_tokens is None and self.buffer_size < self.batch_size:
+            raise ValueError(
+                f"--buffer-size {self.buffer_size} is smaller than --batch-size {self.batch_size}, so no batch could "
+                f"hold more than {self.buffer_size} examples; raise --buffer-size to at least {self.batch_size}"
+            )
 
 
 def _flag(name: str) -> str:

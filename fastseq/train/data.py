@@ -1,19 +1,25 @@
-"""The training data of a run: a stream of example batches whose position a checkpoint can
-restore, the collator, and the held-out examples."""
+"""The data of a run, from its `TrainArgs`: a stream of example batches whose position a
+checkpoint can restore, the collator, and the held-out examples (read, tokenized and so checked
+at the start). Reading, collating and batching live in `fastseq.data`."""
 
 from __future__ import annotations
 
+import logging
+import math
 import random
 from dataclasses import dataclass
 
 import torch
 
 from fastseq.data import (
+    Cuts,
+    DataSource,
+    FileStream,
     Seq2SeqCollator,
     SpanCorruptionCollator,
-    bucketed_batches,
-    read_examples,
-    read_text,
+    TokenLengths,
+    file_source,
+    hub_source,
     rng_state,
     set_rng_state,
 )
@@ -21,7 +27,13 @@ from fastseq.tokenizers import Tokenizer
 
 from .args import TrainArgs
 
+log = logging.getLogger("fastseq.train")
 ALPHABET = "abcdefghijklmnopqrstuvwxyz"
+SOURCE_LENGTH = 512  # --max-source-length's default for T5 and BlenderbotSmall
+LONG_SOURCE_LENGTH = 4096  # LongT5's input length in pre-training, for a LongT5 config that names none
+FLAGS = ("max-source-length", "max-target-length")
+
+__all__ = ["Data", "FileStream", "SyntheticStream", "build_data", "make_examples", "max_source_length"]
 
 
 def make_examples(n: int, rng: random.Random, min_len: int = 3, max_len: int = 8) -> list[tuple[str, str]]:
@@ -45,58 +57,18 @@ class SyntheticStream:
         set_rng_state(self.rng, state["rng"])
 
 
-class FileStream:
-    """The examples of a file, read as a stream: `buffer_size` examples at a time are cut into
-    length-bucketed batches and shuffled (seeded by epoch and buffer), so memory holds one buffer,
-    never the file. Its position is (epoch, buffer, batch); resuming re-reads up to that buffer."""
-
-    def __init__(self, open_reader, length, *, batch_size: int, max_tokens: int | None, seed: int,
-                 buffer_size: int = 100_000):  # fmt: skip
-        self.open_reader, self.length = open_reader, length
-        self.batch_size, self.max_tokens, self.seed, self.buffer_size = batch_size, max_tokens, seed, buffer_size
-        self.epoch, self.buffer, self.index = 0, 0, 0
-        self._reader = open_reader()
-        self._fill()
-        if not self._examples:
-            raise ValueError("the training data has no examples; check the file and --source-field/--target-field")
-
-    def _fill(self) -> None:
-        """Read the next buffer and batch it."""
-        self._examples = [x for _, x in zip(range(self.buffer_size), self._reader, strict=False)]
-        lengths = [self.length(x) for x in self._examples]
-        sizes = dict(max_tokens=self.max_tokens) if self.max_tokens else dict(batch_size=self.batch_size)
-        seed = (self.seed * 100003 + self.epoch) * 100003 + self.buffer
-        self._batches = bucketed_batches(self._examples, lengths, seed=seed, **sizes) if self._examples else []
-
-    def next_batch(self) -> list:
-        while self.index >= len(self._batches):
-            self.buffer, self.index = self.buffer + 1, 0
-            self._fill()
-            if not self._examples:  # the file is done: the next epoch starts over
-                self.epoch, self.buffer = self.epoch + 1, 0
-                self._reader = self.open_reader()
-                self._fill()
-        batch = [self._examples[i] for i in self._batches[self.index]]
-        self.index += 1
-        return batch
-
-    def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "buffer": self.buffer, "index": self.index}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.epoch, self.buffer, self.index = state["epoch"], state["buffer"], state["index"]
-        self._reader = self.open_reader()
-        for _ in zip(range(self.buffer * self.buffer_size), self._reader, strict=False):
-            pass
-        self._fill()
-
-
 @dataclass
 class Data:
     stream: SyntheticStream | FileStream
     collator: Seq2SeqCollator | SpanCorruptionCollator
     held_out: list[tuple[str, str]]  # examples for loss and exact match; empty: no evaluation
     eval_collator: Seq2SeqCollator | None
+    fingerprint_path: str | None = None  # what identifies the training data: a file, pipe or directory
+
+    @property
+    def epoch(self) -> float | None:
+        """Epochs done so far (fractional where the epoch's length is known); None for the synthetic task."""
+        return None if isinstance(self.stream, SyntheticStream) else self.stream.epochs_done()
 
     def micro_batch(self, data_parallel: int, rank: int) -> tuple[dict[str, torch.Tensor], int]:
         """This data-parallel rank's next micro-batch, collated on the host, and its token count
@@ -118,8 +90,22 @@ class Data:
             self.collator.load_state_dict(state["collator"])
 
 
-def build_data(args: TrainArgs, tokenizer: Tokenizer) -> Data:
-    if args.data is None:
+def max_source_length(args: TrainArgs, config) -> int:
+    """--max-source-length, else the model's: a LongT5 config's `n_positions` (4096 when it names
+    none), 512 for the other families."""
+    if args.max_source_length is not None:
+        return args.max_source_length
+    if config.model_type == "longt5":
+        return int(config.to_hf_dict().get("n_positions") or LONG_SOURCE_LENGTH)
+    return SOURCE_LENGTH
+
+
+def build_data(args: TrainArgs, tokenizer: Tokenizer, config, data_parallel: int = 1) -> Data:
+    """The run's data. Sets what follows from the model and the data in `args`: the default
+    --max-source-length, and with --epochs the number of steps (`--grad-accum` x `data_parallel`
+    batches a step, whole steps within the epochs)."""
+    args.max_source_length = max_source_length(args, config)
+    if args.data is None and args.dataset_name is None:
         stream = SyntheticStream(args.batch_size, args.seed)
         held_out = make_examples(args.eval_examples, random.Random(args.seed + 1))
         return Data(stream, Seq2SeqCollator(tokenizer), held_out, Seq2SeqCollator(tokenizer))
@@ -127,12 +113,91 @@ def build_data(args: TrainArgs, tokenizer: Tokenizer) -> Data:
                  buffer_size=args.buffer_size)  # fmt: skip
     if args.task == "denoise":
         collator = SpanCorruptionCollator(tokenizer, input_length=args.max_source_length, seed=args.seed)
-        return Data(FileStream(lambda: read_text(args.data), len, **sizes), collator, [], None)
+        source = file_source(args.data, f"--data {args.data}", args.source_field, args.target_field, text=True)
+        _check_epochs(args, source)
+        stream = FileStream(source, TokenLengths(tokenizer, text=True), limits=(collator.tokens_length, None),
+                            **sizes)  # fmt: skip
+        _set_steps(args, stream, data_parallel)
+        return Data(stream, collator, [], None, source.fingerprint_path or args.data)
     collator = Seq2SeqCollator(tokenizer, max_source_length=args.max_source_length,
                                max_target_length=args.max_target_length)  # fmt: skip
-    stream = FileStream(lambda: read_examples(args.data, args.source_field, args.target_field),
-                        lambda pair: len(pair[0]) + len(pair[1]), **sizes)  # fmt: skip
-    held_out = []
-    if args.eval_data:
-        held_out = list(read_examples(args.eval_data, args.source_field, args.target_field))[: args.eval_examples]
-    return Data(stream, collator, held_out, collator)
+    source = _with_prefix(_train_source(args), args.source_prefix)
+    _check_epochs(args, source)
+    limits = (args.max_source_length, args.max_target_length)
+    stream = FileStream(source, TokenLengths(tokenizer), limits=limits, flags=FLAGS, **sizes)
+    _set_steps(args, stream, data_parallel)
+    held_out = _held_out(args, tokenizer, limits)
+    return Data(stream, collator, held_out, collator, source.fingerprint_path or args.data)
+
+
+def _train_source(args: TrainArgs) -> DataSource:
+    if args.dataset_name is not None:
+        return hub_source(args.dataset_name, args.dataset_config_name, args.train_split,
+                          f"--dataset-name {args.dataset_name}", args.source_field, args.target_field)  # fmt: skip
+    return file_source(args.data, f"--data {args.data}", args.source_field, args.target_field, split=args.train_split)
+
+
+def _eval_source(args: TrainArgs) -> DataSource | None:
+    if args.eval_data is not None:
+        return file_source(args.eval_data, f"--eval-data {args.eval_data}", args.source_field, args.target_field,
+                           split=args.eval_split or "validation")  # fmt: skip
+    if args.dataset_name is not None and args.eval_split is not None:
+        return hub_source(args.dataset_name, args.dataset_config_name, args.eval_split,
+                          f"--dataset-name {args.dataset_name} --eval-split {args.eval_split}", args.source_field,
+                          args.target_field)  # fmt: skip
+    return None
+
+
+def _with_prefix(source: DataSource, prefix: str) -> DataSource:
+    """The source with --source-prefix before every source text."""
+    if not prefix:
+        return source
+    return DataSource(source.label, lambda: ((prefix + s, t) for s, t in source.open()), source.rereadable,
+                      source.fingerprint_path, source.num_examples)  # fmt: skip
+
+
+def _held_out(args: TrainArgs, tokenizer: Tokenizer, limits: tuple[int, int]) -> list[tuple[str, str]]:
+    """The held-out examples, all read now so that a bad record stops the run before training
+    (the error names file:line); the first --eval-examples are kept, tokenized and their cuts reported."""
+    source = _eval_source(args)
+    if source is None:
+        return []
+    kept = []
+    for example in _with_prefix(source, args.source_prefix).open():
+        if len(kept) < args.eval_examples:
+            kept.append(example)
+    if not kept and args.eval_examples:
+        raise ValueError(f"{source.label} has no examples; check the data and --source-field/--target-field")
+    cuts = Cuts(limits, FLAGS)
+    cuts.add([TokenLengths(tokenizer)(example) for example in kept])
+    line = cuts.report(f"{source.label} (held out)")
+    if line:
+        log.warning(line)
+    return kept
+
+
+def _check_epochs(args: TrainArgs, source: DataSource) -> None:
+    """Before anything is read: --epochs needs a source it can read more than once."""
+    if args.epochs is not None and not source.rereadable:
+        raise ValueError(
+            f"{source.label} is a pipe, read once, so its epochs cannot be counted before training; pass --steps "
+            "instead of --epochs (a pipe gives one epoch at most), or a regular file"
+        )
+
+
+def _set_steps(args: TrainArgs, stream: FileStream, data_parallel: int) -> None:
+    """--epochs: the steps of that many passes, counting the batches as the stream cuts them."""
+    if args.epochs is None:
+        return
+    whole = math.floor(args.epochs)
+    counts = stream.count_batches(whole + 1)
+    batches = sum(counts[:whole]) + int((args.epochs - whole) * counts[whole])
+    per_step = args.grad_accum * data_parallel
+    steps = batches // per_step
+    if steps < 1:
+        raise ValueError(
+            f"--epochs {args.epochs} gives {batches} batches of {stream.source.label}, fewer than one step's "
+            f"{per_step} (--grad-accum x data-parallel ranks); raise --epochs or lower --batch-size"
+        )
+    log.info("--epochs %s: %d steps (%d batches an epoch)", f"{args.epochs:g}", steps, counts[0])
+    args.steps = steps

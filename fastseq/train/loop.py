@@ -590,8 +590,8 @@ def train(args: TrainArgs) -> dict:
 
 
 def _train(args: TrainArgs, config, tokenizer: Tokenizer, engine: Engine, out: Path, signals: _Signals) -> dict:
-    data = build_data(args, tokenizer)
-    identity = run_identity(args, config, tokenizer)
+    data = build_data(args, tokenizer, config, engine.data_parallel)  # also sets --epochs' steps
+    identity = run_identity(args, config, tokenizer, data.fingerprint_path)
     torch.manual_seed(args.seed)
     engine.build(config)
     run = _Run(args, engine, tokenizer, data, identity, out)

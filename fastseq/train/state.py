@@ -102,16 +102,27 @@ def _tokenizer_fingerprint(tokenizer: Tokenizer) -> str:
     return digest.hexdigest()[:16]
 
 
-def run_identity(args: TrainArgs, model_config, tokenizer: Tokenizer) -> dict:
-    """What makes a checkpoint this run's: the model, the tokenizer, the data and how it is read."""
+def _data_fingerprint(path: str) -> str:
+    """The training data's fingerprint: a file's or a directory's whole contents; a pipe is read
+    once, by the run, so it cannot be fingerprinted (reading it here would consume it)."""
+    if not (Path(path).is_file() or Path(path).is_dir()):
+        return "a pipe, not fingerprinted"
+    return "sha256:" + fingerprint(path)
+
+
+def run_identity(args: TrainArgs, model_config, tokenizer: Tokenizer, data_path: str | None = None) -> dict:
+    """What makes a checkpoint this run's: the model, the tokenizer, the data (`data_path`: the
+    training file, pipe or `datasets` directory; None: the synthetic task) and how it is read."""
     data = {
-        "train": "synthetic" if args.data is None else "sha256:" + fingerprint(args.data),
+        "train": "synthetic" if data_path is None else _data_fingerprint(data_path),
         "task": args.task,
         "fields": [args.source_field, args.target_field],
         "seed": args.seed,
         "batch": [args.batch_size, args.max_tokens, args.buffer_size],
         "max_lengths": [args.max_source_length, args.max_target_length],
     }
+    if args.source_prefix:
+        data["prefix"] = args.source_prefix
     config = json.loads(json.dumps(model_config.to_hf_dict(), sort_keys=True))
     return {"model": config, "tokenizer": _tokenizer_fingerprint(tokenizer), "data": data}
 

@@ -1,12 +1,4 @@
-"""Training data: streaming readers, collators and length-bucketed batching.
-
-Readers yield examples one at a time and never hold a file in memory:
-- `read_jsonl(path, source_field, target_field)`: one JSON object per line;
-- `read_csv(path, source_field, target_field)`: a header row, comma- or (for `.tsv`) tab-separated;
-- `read_text(path)`: one document per non-blank line (the denoising task's input).
-A malformed line is an error naming the file and the line number.
-
-Collators turn a list of examples into a batch of tensors:
+"""Collators turn a list of examples into a batch of tensors:
 - `Seq2SeqCollator`: source/target pairs, dynamic padding (optionally to a multiple of 8),
   labels -100 on padding;
 - `SpanCorruptionCollator`: T5's span-corruption objective on plain text, with the original
@@ -16,121 +8,14 @@ Collators turn a list of examples into a batch of tensors:
 
 from __future__ import annotations
 
-import csv
-import json
 import random
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from pathlib import Path
+from collections.abc import Callable, Sequence
 
 import torch
 
-from .tokenizers import Tokenizer
+from fastseq.tokenizers import Tokenizer
 
-Example = tuple[str, str]  # (source, target)
-
-
-# --------------------------------------------------------------------------------------------
-# Readers
-# --------------------------------------------------------------------------------------------
-
-
-def _lines(path: Path, **open_args) -> Iterator[str]:
-    """The lines of a text file, with errors that name the file (and the line) and the fix."""
-    if not path.exists():
-        raise FileNotFoundError(f"{path} does not exist; pass the path of a data file")
-    if path.is_dir():
-        raise ValueError(f"{path} is a directory; pass a data file (.jsonl, .csv, .tsv, or .txt for denoise)")
-    try:
-        f = path.open(encoding="utf-8", **open_args)
-    except OSError as err:
-        raise ValueError(f"{path} cannot be read ({err.strerror}); check its permissions") from err
-    number = 0
-    with f:
-        try:
-            for line in f:
-                number += 1
-                yield line
-        except UnicodeDecodeError as err:
-            raise ValueError(f"{path}:{number + 1}: not UTF-8 text ({err.reason}); convert the file to UTF-8") from None
-
-
-def _valid_text(text: str, where: str) -> str:
-    """Text that can be encoded: JSON's \\ud800 escapes decode to lone surrogates, which no tokenizer can."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as err:
-        raise ValueError(
-            f"{where}: the text holds {text[err.start]!r}, a lone surrogate that is not a Unicode character; "
-            "fix or drop that example"
-        ) from None
-    return text
-
-
-def read_jsonl(path: str | Path, source_field: str = "source", target_field: str = "target") -> Iterator[Example]:
-    path = Path(path)
-    for number, line in enumerate(_lines(path), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{number}: not valid JSON ({e.msg} at column {e.colno})") from None
-        yield _fields(record, source_field, target_field, f"{path}:{number}")
-
-
-def read_csv(path: str | Path, source_field: str = "source", target_field: str = "target") -> Iterator[Example]:
-    """CSV with a header row; tab-separated when the file ends in `.tsv`."""
-    path = Path(path)
-    delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
-    reader = csv.reader(_lines(path, newline=""), delimiter=delimiter)
-    header = next(reader, None)
-    if header is None:
-        return
-    for row in reader:
-        where = f"{path}:{reader.line_num}"
-        if not row:
-            continue
-        if len(row) != len(header):
-            raise ValueError(f"{where}: {len(row)} fields, but the header has {len(header)} ({header})")
-        yield _fields(dict(zip(header, row, strict=True)), source_field, target_field, where)
-
-
-def read_text(path: str | Path) -> Iterator[str]:
-    """One document per non-blank line, stripped."""
-    path = Path(path)
-    for number, line in enumerate(_lines(path), start=1):
-        if line.strip():
-            yield _valid_text(line.strip(), f"{path}:{number}")
-
-
-def _fields(record, source_field: str, target_field: str, where: str) -> Example:
-    if not isinstance(record, dict):
-        raise ValueError(f"{where}: expected an object with {source_field!r} and {target_field!r}; got {record!r:.80}")
-    missing = [f for f in (source_field, target_field) if f not in record]
-    if missing:
-        raise ValueError(
-            f"{where}: missing field(s) {missing}; the record has {sorted(record)}. "
-            "Choose the fields with --source-field / --target-field"
-        )
-    source, target = record[source_field], record[target_field]
-    if not isinstance(source, str) or not isinstance(target, str):
-        raise ValueError(f"{where}: {source_field!r} and {target_field!r} must be strings")
-    return _valid_text(source, where), _valid_text(target, where)
-
-
-def read_examples(path: str | Path, source_field: str = "source", target_field: str = "target") -> Iterator[Example]:
-    """Source/target pairs from `.jsonl`/`.json`, `.csv` or `.tsv`, by the file's extension."""
-    suffix = Path(path).suffix.lower()
-    if suffix in (".jsonl", ".json"):
-        return read_jsonl(path, source_field, target_field)
-    if suffix in (".csv", ".tsv"):
-        return read_csv(path, source_field, target_field)
-    raise ValueError(f"{path}: unknown data format {suffix!r}; use .jsonl, .csv or .tsv (or .txt for --task denoise)")
-
-
-# --------------------------------------------------------------------------------------------
-# Collators
-# --------------------------------------------------------------------------------------------
+from .readers import Example
 
 
 def _pad(rows: Sequence[Sequence[int]], value: int, multiple: int | None) -> torch.Tensor:
@@ -303,65 +188,3 @@ class SpanCorruptionCollator:
         input_ids = _pad(inputs, tok.pad_token_id, self.pad_to_multiple_of)
         labels = _pad(targets, -100, self.pad_to_multiple_of)
         return {"input_ids": input_ids, "attention_mask": (input_ids != tok.pad_token_id).long(), "labels": labels}
-
-
-# --------------------------------------------------------------------------------------------
-# Batching
-# --------------------------------------------------------------------------------------------
-
-
-def bucketed_batches(
-    examples: Sequence,
-    lengths: Sequence[int],
-    *,
-    batch_size: int | None = None,
-    max_tokens: int | None = None,
-    bucket_size: int = 100,
-    seed: int = 0,
-    shuffle: bool = True,
-) -> list[list[int]]:
-    """Index batches of examples of similar length: shuffle, sort within buckets of
-    `bucket_size * batch` examples by length, cut into batches of `batch_size` examples or of at
-    most `max_tokens` padded tokens (longest row times rows), then shuffle the batches."""
-    if (batch_size is None) == (max_tokens is None):
-        raise ValueError("pass exactly one of batch_size and max_tokens")
-    if len(examples) != len(lengths):
-        raise ValueError(f"{len(examples)} examples but {len(lengths)} lengths")
-    rng = random.Random(seed)
-    order = list(range(len(examples)))
-    if shuffle:
-        rng.shuffle(order)
-    per_bucket = bucket_size * (batch_size or max(1, max_tokens // max(max(lengths, default=1), 1)))
-    batches: list[list[int]] = []
-    for start in range(0, len(order), per_bucket):
-        bucket = sorted(order[start : start + per_bucket], key=lambda i: lengths[i])
-        batch: list[int] = []
-        longest = 0
-        for i in bucket:
-            longest_if = max(longest, lengths[i])
-            full = len(batch) == batch_size if batch_size else batch and longest_if * (len(batch) + 1) > max_tokens
-            if full:
-                batches.append(batch)
-                batch, longest_if = [], lengths[i]
-            batch.append(i)
-            longest = longest_if
-        if batch:
-            batches.append(batch)
-    if max_tokens is not None:
-        too_long = [b for b in batches if len(b) == 1 and lengths[b[0]] > max_tokens]
-        if too_long:
-            i = too_long[0][0]
-            raise ValueError(f"example {i} has {lengths[i]} tokens, more than max_tokens={max_tokens}; raise it")
-    if shuffle:
-        rng.shuffle(batches)
-    return batches
-
-
-def take(iterable: Iterable, n: int) -> list:
-    """The first n items of an iterable (all of them when n < 0)."""
-    out = []
-    for item in iterable:
-        if 0 <= n <= len(out):
-            break
-        out.append(item)
-    return out

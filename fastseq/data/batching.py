@@ -1,0 +1,253 @@
+"""Batching: examples of similar length together (`bucketed_batches`), and `FileStream`, the
+batches of a data source read as a stream a buffer at a time, whose position a checkpoint restores.
+
+Lengths are token counts from the tokenizer (`TokenLengths`), as the collator will cut them: a
+batch under `max_tokens` holds at most that many padded tokens on each side (rows x the longest
+source, and rows x the longest target, as fairseq's --max-tokens)."""
+
+from __future__ import annotations
+
+import logging
+import random
+from array import array
+from collections.abc import Callable, Iterable, Sequence
+
+from fastseq.tokenizers import Tokenizer
+
+from .sources import DataSource
+
+log = logging.getLogger("fastseq.data")
+
+
+def bucketed_batches(
+    examples: Sequence,
+    lengths: Sequence[int],
+    *,
+    batch_size: int | None = None,
+    max_tokens: int | None = None,
+    bucket_size: int = 100,
+    seed: int = 0,
+    shuffle: bool = True,
+) -> list[list[int]]:
+    """Index batches of examples of similar length: shuffle, sort within buckets of
+    `bucket_size * batch` examples by length, cut into batches of `batch_size` examples or of at
+    most `max_tokens` padded tokens (longest row times rows), then shuffle the batches."""
+    if (batch_size is None) == (max_tokens is None):
+        raise ValueError("pass exactly one of batch_size and max_tokens")
+    if len(examples) != len(lengths):
+        raise ValueError(f"{len(examples)} examples but {len(lengths)} lengths")
+    rng = random.Random(seed)
+    order = list(range(len(examples)))
+    if shuffle:
+        rng.shuffle(order)
+    per_bucket = bucket_size * (batch_size or max(1, max_tokens // max(max(lengths, default=1), 1)))
+    batches: list[list[int]] = []
+    for start in range(0, len(order), per_bucket):
+        bucket = sorted(order[start : start + per_bucket], key=lambda i: lengths[i])
+        batch: list[int] = []
+        longest = 0
+        for i in bucket:
+            longest_if = max(longest, lengths[i])
+            full = len(batch) == batch_size if batch_size else batch and longest_if * (len(batch) + 1) > max_tokens
+            if full:
+                batches.append(batch)
+                batch, longest_if = [], lengths[i]
+            batch.append(i)
+            longest = longest_if
+        if batch:
+            batches.append(batch)
+    if max_tokens is not None:
+        too_long = [b for b in batches if len(b) == 1 and lengths[b[0]] > max_tokens]
+        if too_long:
+            i = too_long[0][0]
+            raise ValueError(f"example {i} has {lengths[i]} tokens, more than max_tokens={max_tokens}; raise it")
+    if shuffle:
+        rng.shuffle(batches)
+    return batches
+
+
+def take(iterable: Iterable, n: int) -> list:
+    """The first n items of an iterable (all of them when n < 0)."""
+    out = []
+    for item in iterable:
+        if 0 <= n <= len(out):
+            break
+        out.append(item)
+    return out
+
+
+class TokenLengths:
+    """The (source, target) token counts of an example before any cut, eos included; for plain
+    text (denoising), the text's tokens and 0."""
+
+    def __init__(self, tokenizer: Tokenizer, *, text: bool = False):
+        self.tokenizer, self.text = tokenizer, text
+
+    def __call__(self, example) -> tuple[int, int]:
+        encode = self.tokenizer.encode
+        if self.text:
+            return len(encode(example, add_special_tokens=False)), 0
+        source, target = example
+        return len(encode(source)), len(encode(target))
+
+
+class Cuts:
+    """How many examples the maximum lengths cut, per side, and the longest seen."""
+
+    def __init__(self, limits: tuple[int | None, int | None], flags: tuple[str, str] | None):
+        self.limits, self.flags = limits, flags
+        self.examples, self.cut, self.longest = 0, [0, 0], [0, 0]
+
+    def add(self, lengths: Sequence[tuple[int, int]]) -> None:
+        self.examples += len(lengths)
+        for side in (0, 1):
+            limit = self.limits[side]
+            self.longest[side] = max([self.longest[side]] + [n[side] for n in lengths])
+            if limit is not None:
+                self.cut[side] += sum(n[side] > limit for n in lengths)
+
+    def report(self, what: str) -> str | None:
+        """One line with the counts and the flag to raise; None when nothing was cut or no flags."""
+        if self.flags is None or not any(self.cut):
+            return None
+        parts = [
+            f"{self.cut[side]:,} of {self.examples:,} {name}s are longer than --{self.flags[side]} "
+            f"{self.limits[side]} tokens (the longest: {self.longest[side]:,}) and are cut"
+            for side, name in ((0, "source"), (1, "target"))
+            if self.cut[side]
+        ]
+        flags = " / ".join(f"--{self.flags[side]}" for side in (0, 1) if self.cut[side])
+        return f"{what}: {'; '.join(parts)}; raise {flags} to keep more of them"
+
+
+class FileStream:
+    """The examples of a source, read as a stream: `buffer_size` examples at a time are cut into
+    length-bucketed batches and shuffled (seeded by epoch and buffer), so memory holds one buffer,
+    never the data. Its position is (epoch, buffer, batch); resuming re-reads up to that buffer.
+
+    `measure(example) -> (source tokens, target tokens)`; `limits`: the maximum lengths the
+    collator cuts to (a batch's budget counts what is left). With `flags` (the names of the two
+    options), the examples cut are counted over the first epoch and reported in a warning: once at
+    the first buffer that has any, and with the epoch's totals at its end."""
+
+    def __init__(self, source: DataSource, measure: Callable[[object], tuple[int, int]], *, batch_size: int,
+                 max_tokens: int | None, seed: int, buffer_size: int = 100_000,
+                 limits: tuple[int | None, int | None] = (None, None),
+                 flags: tuple[str, str] | None = None):  # fmt: skip
+        self.source, self.measure, self.limits = source, measure, limits
+        self.batch_size, self.max_tokens, self.seed, self.buffer_size = batch_size, max_tokens, seed, buffer_size
+        self.epoch, self.buffer, self.index = 0, 0, 0
+        self.seen = 0  # examples of this epoch in the batches returned so far
+        self.epoch_length = source.num_examples  # examples per epoch, once known
+        self.cuts, self._warned = Cuts(limits, flags), False
+        self._reader, self._read = source.open(), 0  # `_read`: examples taken from this reader
+        self._fill()
+        if not self._examples:
+            raise ValueError(f"{source.label} has no examples; check the data and --source-field/--target-field")
+
+    def _budget(self, lengths: tuple[int, int]) -> int:
+        """What an example weighs against --max-tokens: its longer side after the cut."""
+        return max(n if limit is None else min(n, limit) for n, limit in zip(lengths, self.limits, strict=True))
+
+    def _batches(self, budgets: Sequence[int], epoch: int, buffer: int) -> list[list[int]]:
+        sizes = dict(max_tokens=self.max_tokens) if self.max_tokens else dict(batch_size=self.batch_size)
+        seed = (self.seed * 100003 + epoch) * 100003 + buffer
+        if self.max_tokens and budgets and max(budgets) > self.max_tokens:
+            raise ValueError(
+                f"{self.source.label}: an example has {max(budgets)} tokens on one side (after the cuts of "
+                f"--max-source-length/--max-target-length), more than --max-tokens {self.max_tokens} can hold; raise "
+                "--max-tokens or lower those lengths"
+            )
+        return bucketed_batches(budgets, budgets, seed=seed, **sizes) if budgets else []
+
+    def _fill(self) -> None:
+        """Read the next buffer and batch it."""
+        self._examples = [x for _, x in zip(range(self.buffer_size), self._reader, strict=False)]
+        self._read += len(self._examples)
+        if len(self._examples) < self.buffer_size and self.epoch == 0:  # the last buffer: the length is known
+            self.epoch_length = self._read
+        lengths = [self.measure(x) for x in self._examples]
+        if self.epoch == 0:
+            self._count_cuts(lengths)
+        self._batches_now = self._batches([self._budget(n) for n in lengths], self.epoch, self.buffer)
+
+    def _count_cuts(self, lengths: list[tuple[int, int]]) -> None:
+        if self.buffer * self.buffer_size < self.cuts.examples:  # a buffer counted before (after a resume)
+            return
+        self.cuts.add(lengths)
+        line = self.cuts.report(f"{self.source.label} ({self.cuts.examples:,} examples read)")
+        if line and not self._warned:
+            log.warning(line)
+            self._warned = True
+
+    def next_batch(self) -> list:
+        while self.index >= len(self._batches_now):
+            self.buffer, self.index = self.buffer + 1, 0
+            self._fill()
+            if not self._examples:  # the data is done: the next epoch starts over
+                self._end_epoch()
+        batch = [self._examples[i] for i in self._batches_now[self.index]]
+        self.index += 1
+        self.seen += len(batch)
+        return batch
+
+    def _end_epoch(self) -> None:
+        if self.epoch == 0:
+            self.epoch_length = self._read
+            line = self.cuts.report(f"{self.source.label}, epoch 1")
+            if line and self.cuts.examples == self._read:
+                log.warning(line)
+        if not self.source.rereadable:
+            raise ValueError(
+                f"{self.source.label} is a pipe, read once, and it ended after {self._read:,} examples (one epoch); "
+                "pass fewer --steps, or a regular file to train for more than one epoch"
+            )
+        self.epoch, self.buffer, self.seen = self.epoch + 1, 0, 0
+        self._reader, self._read = self.source.open(), 0
+        self._fill()
+        if not self._examples:
+            raise ValueError(f"{self.source.label} has no examples any more: it changed during the run; restore it "
+                             "and --resume")  # fmt: skip
+
+    def epochs_done(self) -> float:
+        """Epochs done so far: whole ones, plus the fraction of this one where its length is known."""
+        if not self.epoch_length:
+            return float(self.epoch)
+        return self.epoch + self.seen / self.epoch_length
+
+    def count_batches(self, epochs: int) -> list[int]:
+        """The number of batches of each of the first `epochs` epochs, cut as `next_batch` cuts
+        them: one pass over the data (measuring every example only when --max-tokens needs it)."""
+        if not self.source.rereadable:
+            raise ValueError(
+                f"{self.source.label} is a pipe, read once, so its epochs cannot be counted before training; pass "
+                "--steps instead of --epochs (a pipe gives one epoch at most), or a regular file"
+            )
+        budgets: list[array] = []
+        reader = self.source.open()
+        while chunk := [x for _, x in zip(range(self.buffer_size), reader, strict=False)]:
+            measured = [self._budget(self.measure(x)) for x in chunk] if self.max_tokens else [0] * len(chunk)
+            budgets.append(array("l", measured))
+        self.epoch_length = sum(len(b) for b in budgets)
+        if self.max_tokens is None:  # the count does not depend on the order: the same every epoch
+            return [sum(len(self._batches(b, 0, i)) for i, b in enumerate(budgets))] * epochs
+        return [sum(len(self._batches(b, e, i)) for i, b in enumerate(budgets)) for e in range(epochs)]
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "buffer": self.buffer, "index": self.index, "examples": self.epoch_length}
+
+    def load_state_dict(self, state: dict) -> None:
+        epoch, buffer, index = state["epoch"], state["buffer"], state["index"]
+        if self.source.rereadable:
+            self._reader, self._read = self.source.open(), 0
+        elif epoch != 0:
+            raise ValueError(f"{self.source.label} is a pipe, read once, so a checkpoint in its epoch {epoch + 1} "
+                             "cannot be resumed from it; resume with the data as a regular file")  # fmt: skip
+        self.epoch_length = self.epoch_length or state.get("examples")
+        if self.source.rereadable or buffer > 0:  # a pipe holds the first buffer of epoch 0 already
+            for _ in zip(range(buffer * self.buffer_size - self._read), self._reader, strict=False):
+                pass
+            self.epoch, self.buffer, self._read = epoch, buffer, buffer * self.buffer_size
+            self._fill()
+        self.index = index
+        self.seen = buffer * self.buffer_size + sum(len(b) for b in self._batches_now[:index])
