@@ -262,7 +262,7 @@ def fit_embeddings(config, stored: set[str], differs: Callable[[str, str], bool]
         config.tie_word_embeddings = True
     separate = [f"{stack}.embed_tokens" for stack in config.separate_embeddings]
     separate += [] if config.tie_word_embeddings else ["lm_head"]
-    if separate:
+    if config.separate_embeddings:  # an untied LM head alone is every T5 v1.1's: nothing to say
         log.info("matrices of their own (not tied to %s): %s", shared_key, ", ".join(separate))
 
 

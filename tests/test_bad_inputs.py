@@ -61,6 +61,8 @@ def _strict_json(line: str):
 
 def _cases(tmp: Path) -> dict[str, tuple[list[str], tuple[str, ...]]]:
     out = ["--output-dir", str(tmp / "out")]
+    plain = tmp / "plain_dir"  # a directory that is not a `datasets` one
+    plain.mkdir(exist_ok=True)
     bad_yaml = tmp / "list.yaml"
     bad_yaml.write_text("- steps\n- 3\n")
     typo_yaml = tmp / "typo.yaml"
@@ -107,9 +109,9 @@ def _cases(tmp: Path) -> dict[str, tuple[list[str], tuple[str, ...]]]:
         "negative learning rate": (["--lr=-1e-3", *out], ("--lr must be a finite number >= 0",)),
         "NaN clipping": (["--clip", "nan", *out], ("--clip must be a finite number",)),
         "adamw without a rate": (["--optimizer", "adamw", *out], ("adamw needs a learning rate", "--lr")),
-        "a directory as data": (["--data", str(tmp), *out], ("is a directory but not one `datasets.save_to_disk`",)),
+        "a directory as data": (["--data", str(plain), *out], ("is a directory but not one `datasets.save_to_disk`",)),
         "missing data": (["--data", str(tmp / "nope.jsonl"), *out], ("does not exist",)),
-        "a directory as eval data": (["--eval-data", str(tmp), *on], ("is a directory but not one",)),
+        "a directory as eval data": (["--eval-data", str(plain), *on], ("is a directory but not one",)),
         "steps and epochs": (["--steps", "3", "--epochs", "1", *on], ("--steps and --epochs", "pass one")),
         "zero epochs": (["--epochs", "0", *on], ("--epochs must be a finite number > 0", "0.0")),
         "NaN epochs": (["--epochs", "nan", *on], ("--epochs must be a finite number > 0", "nan")),

@@ -372,9 +372,12 @@ def _flags(change: dict) -> str:
 # ---- the command ------------------------------------------------------------------------------------
 
 
-def setup_of(args) -> Setup:
-    """The Setup of a `TrainArgs` (precision auto: bf16, as on a GPU)."""
-    return Setup(batch_size=args.batch_size, grad_accum=args.grad_accum, source_length=args.max_source_length,
+def setup_of(args, config) -> Setup:
+    """The Setup of a `TrainArgs` for the model of `config` (precision auto: bf16, as on a GPU; the
+    source length `fastseq train` would use)."""
+    from fastseq.train.data import max_source_length
+
+    return Setup(batch_size=args.batch_size, grad_accum=args.grad_accum, source_length=max_source_length(args, config),
                  target_length=args.max_target_length, optimizer=args.optimizer,
                  precision="bf16" if args.precision == "auto" else args.precision,
                  gradient_checkpointing=args.gradient_checkpointing)  # fmt: skip
@@ -434,16 +437,26 @@ def table(found: list[Verdict], cluster: Cluster) -> str:
     return "\n".join(lines)
 
 
+def _model_config(args):
+    """The planned model's config: a preset's published config by its name (planning needs no
+    weights, so no --random-init and no download); otherwise a model directory or a hub id as
+    `fastseq train` resolves them."""
+    from fastseq import presets
+    from fastseq.train.engine import model_config
+
+    if args.model in presets.PRESETS and not Path(args.model).is_dir():
+        return presets.config(args.model)
+    return model_config(args)
+
+
 def show(args, options: dict, cluster: Cluster, *, cpu_from_machine: bool) -> None:
     """`fastseq plan`: the table of strategies for `args.model` on `cluster`, what would make the
     others fit, the recommended one with the reason, and its launch command.
 
     args: the run's TrainArgs; options: the train options given (field -> value) for the command."""
-    from fastseq.train.engine import model_config
-
-    config = model_config(args)  # presets, model directories (and hub ids) as `fastseq train` resolves them
+    config = _model_config(args)
     sizes = model_sizes(config)
-    setup = setup_of(args)
+    setup = setup_of(args, config)
     found = verdicts(sizes, cluster, setup)
     host = "this machine's memory; --cpu-mem to change it" if cpu_from_machine else "--cpu-mem"
     options_text = (f"micro-batch {setup.batch_size} x {setup.source_length} -> {setup.target_length} tokens, "

@@ -145,7 +145,10 @@ _BAD = {
     "empty source": (["--gpus", "8", "--seq", "0"], "--max-source-length must be at least 1; got 0"),
     "negative target": (["--gpus", "8", "--target", "-5"], "--max-target-length must be at least 1; got -5"),
     "adamw without a rate": (["--gpus", "8", "--optimizer", "adamw"], "--optimizer adamw needs a learning rate"),
-    "unknown model": (["--gpus", "8", "--model", "t5-smol"], "neither a directory nor a preset"),
+    "unknown model": (
+        ["--gpus", "8", "--model", "t5-smol"],
+        "neither a directory nor a model in the Hugging Face cache",
+    ),
     "unknown DeepSpeed config": (["--gpus", "8", "--deepspeed", "zero4"], "shipped config: pipeline, pipeline4"),
     "a config the GPUs cannot run": (
         ["--gpus", "2", "--deepspeed", "pipeline8"],
