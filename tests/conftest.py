@@ -179,3 +179,18 @@ def reference_backend(monkeypatch):
 def triton_backend(monkeypatch):
     """Every op that has a Triton kernel runs it (on the GPU, or through the interpreter)."""
     monkeypatch.setenv("FASTSEQ_BACKEND", "triton")
+
+
+def refused(capfd, argv: list[str], *expected: str) -> str:
+    """Run the `fastseq` CLI in this process: it must exit 2 with exactly one error line, no
+    traceback, holding every string of `expected`; returns that line."""
+    from fastseq.cli import main
+
+    code = main(argv)
+    err = capfd.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("fastseq ")]
+    assert code == 2, err
+    assert "Traceback" not in err and len(lines) == 1, err
+    for text in expected:
+        assert text in lines[0], lines[0]
+    return lines[0]

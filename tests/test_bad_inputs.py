@@ -19,21 +19,10 @@ import torch
 import fastseq
 from fastseq.cli import main
 from fastseq.tokenizers import ByT5Tokenizer
+from tests.conftest import refused
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICK = ["--steps", "3", "--batch-size", "4", "--eval-examples", "4", "--quiet"]
-
-
-def _refused(capfd, argv: list[str], *expected: str) -> str:
-    """Run the CLI in this process; it must exit 2 with one error line holding `expected`."""
-    code = main(argv)
-    err = capfd.readouterr().err
-    lines = [line for line in err.splitlines() if line.startswith("fastseq ")]
-    assert code == 2, err
-    assert "Traceback" not in err and len(lines) == 1, err
-    for text in expected:
-        assert text in lines[0], lines[0]
-    return lines[0]
 
 
 def _model_dir(path: Path, d_model: int = 64) -> Path:
@@ -182,7 +171,7 @@ def test_a_bad_option_is_one_line_before_any_work(tmp_path, capfd, name):
     if name == "no CUDA" and torch.cuda.is_available():
         pytest.skip("this machine has a CUDA device")
     argv, expected = _cases(tmp_path)[name]
-    _refused(capfd, ["train", *argv], *expected)
+    refused(capfd, ["train", *argv], *expected)
     assert not (tmp_path / "out" / "metrics.jsonl").exists()  # nothing was run or written
 
 
@@ -223,7 +212,7 @@ def test_a_fresh_run_refuses_a_used_output_directory_unless_overwrite(tmp_path, 
     before = (out / "metrics.jsonl").read_text()
     (out / "notes.txt").write_text("mine")
     capfd.readouterr()
-    _refused(capfd, ["train", *QUICK, "--output-dir", str(out)], "already holds files", "--overwrite", "--resume")
+    refused(capfd, ["train", *QUICK, "--output-dir", str(out)], "already holds files", "--overwrite", "--resume")
     assert (out / "metrics.jsonl").read_text() == before  # the other run's log is untouched
     assert main(["train", *QUICK, "--steps", "2", "--overwrite", "--output-dir", str(out)]) == 0
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2"]  # the old run's are gone
@@ -233,7 +222,7 @@ def test_a_fresh_run_refuses_a_used_output_directory_unless_overwrite(tmp_path, 
     used.mkdir()
     (used / "x").write_text("theirs")
     argv = ["train", *QUICK, "--steps", "4", "--resume", str(out / "checkpoint-2"), "--output-dir", str(used)]
-    _refused(capfd, argv, "already holds files")
+    refused(capfd, argv, "already holds files")
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "loss" in r] == [1, 2]
 
@@ -246,11 +235,11 @@ def test_resume_refuses_another_runs_checkpoint(tmp_path, capfd):
     out = tmp_path / "out"
     assert main(["train", *QUICK, "--data", str(data), "--output-dir", str(out)]) == 0
     capfd.readouterr()
-    line = _refused(capfd, ["train", *QUICK, "--steps", "5", "--data", str(other), "--resume", "--output-dir",
+    line = refused(capfd, ["train", *QUICK, "--steps", "5", "--data", str(other), "--resume", "--output-dir",
                             str(out)], "belongs to another run", "data.train")  # fmt: skip
     assert "start a fresh run" in line
     small = _model_dir(tmp_path / "small")  # d_model 64, the default model's is 128
-    _refused(capfd, ["train", *QUICK, "--steps", "5", "--data", str(data), "--model", str(small), "--resume",
+    refused(capfd, ["train", *QUICK, "--steps", "5", "--data", str(data), "--model", str(small), "--resume",
                      str(out / "checkpoint-3"), "--output-dir", str(tmp_path / "elsewhere")],
              "belongs to another run", "model.d_model 128 there, 64 here")  # fmt: skip
     # The same run resumes.
@@ -264,7 +253,7 @@ def test_a_diverging_run_stops_before_saving_and_keeps_valid_metrics(tmp_path, c
     out = tmp_path / "out"
     argv = ["train", "--steps", "6", "--batch-size", "4", "--eval-examples", "4", "--quiet", "--optimizer", "adamw",
             "--lr", "1e30", "--save-every", "1", "--output-dir", str(out)]  # fmt: skip
-    line = _refused(capfd, argv, "the loss is nan", "stopped before saving anything of it", "checkpoint-1")
+    line = refused(capfd, argv, "the loss is nan", "stopped before saving anything of it", "checkpoint-1")
     assert "lower --lr" in line
     assert sorted(p.name for p in out.iterdir()) == ["checkpoint-1", "metrics.jsonl"]  # no model of the bad step
     records = [_strict_json(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -282,10 +271,10 @@ def test_damaged_trainer_state_is_one_line(tmp_path, capfd):
     state = out / "checkpoint-3" / "trainer_state.safetensors"
     state.write_bytes(state.read_bytes()[:100])
     capfd.readouterr()
-    _refused(capfd, ["train", *QUICK, "--steps", "5", "--resume", "--output-dir", str(out)],
+    refused(capfd, ["train", *QUICK, "--steps", "5", "--resume", "--output-dir", str(out)],
              "trainer_state.safetensors is truncated or corrupted", f"--resume {out / 'checkpoint-2'}")  # fmt: skip
     (out / "checkpoint-3" / "trainer_state.json").write_text('{"step": 3, "da')
-    _refused(capfd, ["train", *QUICK, "--steps", "5", "--resume", "--output-dir", str(out)],
+    refused(capfd, ["train", *QUICK, "--steps", "5", "--resume", "--output-dir", str(out)],
              "trainer_state.json is truncated or corrupted")  # fmt: skip
     # The earlier checkpoint still resumes.
     assert main(["train", *QUICK, "--steps", "5", "--resume", str(out / "checkpoint-2"), "--output-dir",
@@ -309,8 +298,8 @@ def test_a_shard_index_cannot_point_outside_the_model_directory(tmp_path, capfd,
         keys = list(handle.keys())
     (source / "model.safetensors.index.json").write_text(json.dumps({"weight_map": dict.fromkeys(keys, shard)}))
     expected = ("is not a file name inside", "fix the index's weight_map")
-    _refused(capfd, ["convert", str(source), str(tmp_path / "dst")], *expected)
-    _refused(capfd, ["train", *QUICK, "--model", str(source), "--output-dir", str(tmp_path / "out")], *expected)
+    refused(capfd, ["convert", str(source), str(tmp_path / "dst")], *expected)
+    refused(capfd, ["train", *QUICK, "--model", str(source), "--output-dir", str(tmp_path / "out")], *expected)
 
 
 def without_file_override() -> list[str]:
@@ -386,10 +375,10 @@ def test_a_bad_model_config_field_is_one_line_naming_file_field_value_and_range(
     config[name] = value
     (model / "config.json").write_text(json.dumps(config))
     expected = (f"{model / 'config.json'}: {name} is {value!r}; it must be {allowed}",)
-    _refused(capfd, ["train", *QUICK, "--model", str(model), "--output-dir", str(tmp_path / "out")], *expected)
+    refused(capfd, ["train", *QUICK, "--model", str(model), "--output-dir", str(tmp_path / "out")], *expected)
     if field in ("d_model", "relative_attention_num_buckets"):
-        _refused(capfd, ["generate", "--model", str(model), "text"], *expected)
-        _refused(capfd, ["convert", str(model), str(tmp_path / "dst")], *expected)
+        refused(capfd, ["generate", "--model", str(model), "text"], *expected)
+        refused(capfd, ["convert", str(model), str(tmp_path / "dst")], *expected)
     assert not (tmp_path / "out").exists() and not (tmp_path / "dst").exists()
 
 
@@ -406,15 +395,15 @@ def test_integer_and_non_finite_weights_are_one_line_naming_the_tensor(tmp_path,
     key = "decoder.block.1.layer.2.DenseReluDense.wi_0.weight"
     _edit_tensor(model, lambda s: s.__setitem__(key, s[key].to(torch.int32)))
     out = ["--output-dir", str(tmp_path / "out")]
-    _refused(capfd, ["train", *QUICK, "--model", str(model), *out], f"weight {key} is stored as int32", "re-save")
-    _refused(capfd, ["generate", "--model", str(model), "text"], f"weight {key} is stored as int32")
+    refused(capfd, ["train", *QUICK, "--model", str(model), *out], f"weight {key} is stored as int32", "re-save")
+    refused(capfd, ["generate", "--model", str(model), "text"], f"weight {key} is stored as int32")
     model = _model_dir(tmp_path / "nan")
 
     def poison(state):
         state[key][0, 0] = float("nan")
 
     _edit_tensor(model, poison)
-    line = _refused(capfd, ["train", *QUICK, "--model", str(model), *out], f"weight {key} holds 1 NaN or infinite",
+    line = refused(capfd, ["train", *QUICK, "--model", str(model), *out], f"weight {key} holds 1 NaN or infinite",
                     "earlier checkpoint")  # fmt: skip
     assert "--lr" not in line
     assert not (tmp_path / "out" / "metrics.jsonl").exists() and not list((tmp_path / "out").glob("checkpoint-*"))
@@ -528,14 +517,14 @@ def test_bad_generate_input_is_one_line(tmp_path, capfd, generate_model, name):
         pytest.skip("this machine has a CUDA device")
     argv, expected = _generate_cases(tmp_path)[name]
     before = {p: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
-    _refused(capfd, ["generate", "--model", str(generate_model), *argv], *expected)
+    refused(capfd, ["generate", "--model", str(generate_model), *argv], *expected)
     assert {p: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()} == before  # nothing written or lost
 
 
 def test_generate_with_nothing_on_a_terminal_says_what_to_pass(generate_model, capfd, monkeypatch):
     """No texts, no --input-file and stdin a terminal: an error instead of waiting for typed input."""
     monkeypatch.setattr(sys, "stdin", type("Terminal", (), {"isatty": staticmethod(lambda: True)})())
-    _refused(capfd, ["generate", "--model", str(generate_model)], "no input", "--input-file", "stdin")
+    refused(capfd, ["generate", "--model", str(generate_model)], "no input", "--input-file", "stdin")
 
 
 @pytest.mark.parametrize(
@@ -548,5 +537,5 @@ def test_generate_with_nothing_on_a_terminal_says_what_to_pass(generate_model, c
     ],
 )
 def test_train_seed_and_label_smoothing_are_checked(tmp_path, capfd, argv, expected):
-    _refused(capfd, ["train", *argv, "--output-dir", str(tmp_path / "out")], *expected)
+    refused(capfd, ["train", *argv, "--output-dir", str(tmp_path / "out")], *expected)
     assert not (tmp_path / "out").exists()

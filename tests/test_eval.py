@@ -17,6 +17,7 @@ from rouge_score import rouge_scorer
 from fastseq.cli import main
 from fastseq.tokenizers import ByT5Tokenizer
 from fastseq.train.loop import best_checkpoint, prune_checkpoints, shorten
+from tests.conftest import refused
 
 WORDS = ["cat", "dog", "cow", "pig", "hen", "fox", "owl", "bee"]
 
@@ -223,17 +224,6 @@ def test_overwrite_removes_the_evaluation_files(tmp_path, capfd, tiny, reference
     assert (out / "notes.txt").read_text() == "mine"
 
 
-def _refused(capfd, argv: list[str], *expected: str) -> str:
-    code = main(["train", *argv])
-    err = capfd.readouterr().err
-    lines = [line for line in err.splitlines() if line.startswith("fastseq ")]
-    assert code == 2, err
-    assert "Traceback" not in err and len(lines) == 1, err
-    for text in expected:
-        assert text in lines[0], lines[0]
-    return lines[0]
-
-
 BAD = {
     "unknown metric": (["--metric", "rouge,rogue"], ("--metric 'rouge,rogue': unknown metric rogue", "rouge, bleu")),
     "zero beams": (["--num-beams", "0"], ("--num-beams must be at least 1; got 0",)),
@@ -261,7 +251,7 @@ def test_bad_evaluation_options_are_one_line(tmp_path, capfd, name):
             main(["train", *argv, "--output-dir", str(out)])
         assert exit_.value.code == 2 and "invalid choice" in capfd.readouterr().err
     else:
-        _refused(capfd, [*argv, "--output-dir", str(out)], *expected)
+        refused(capfd, ["train", *argv, "--output-dir", str(out)], *expected)
     assert not out.exists() or not any(out.iterdir())  # refused before any work
 
 
@@ -269,7 +259,9 @@ def test_bad_evaluation_options_are_one_line(tmp_path, capfd, name):
                                            (["--report-to", "tensorboard"], "tensorboard")])  # fmt: skip
 def test_a_missing_package_is_one_line_naming_the_extra(tmp_path, capfd, monkeypatch, option, module):
     monkeypatch.setitem(sys.modules, module, None)
-    _refused(capfd, [*option, "--output-dir", str(tmp_path / "out")], "needs the", 'pip install "fastseq[finetune]"')
+    refused(
+        capfd, ["train", *option, "--output-dir", str(tmp_path / "out")], "needs the", 'pip install "fastseq[finetune]"'
+    )
     assert not (tmp_path / "out").exists()
 
 

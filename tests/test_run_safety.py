@@ -23,7 +23,8 @@ import pytest
 from fastseq.cli import main
 from fastseq.files import LOCK_FILE, fingerprint
 from fastseq.train import loop
-from tests.test_bad_inputs import QUICK, ROOT, _model_dir, _refused
+from tests.conftest import refused
+from tests.test_bad_inputs import QUICK, ROOT, _model_dir
 
 ADAMW = ["--optimizer", "adamw", "--lr", "1e-3"]
 
@@ -82,7 +83,7 @@ def test_an_output_directory_overlapping_an_input_is_refused(tmp_path, capfd, ca
                 "output inside model": "lies inside --model", "tokenizer is output": "is the --tokenizer directory",
                 "resume is output": "is the --resume directory",
                 "data inside output": "holds --data"}[case]  # fmt: skip
-    _refused(capfd, ["train", *QUICK, *argv, *(["--overwrite"] if overwrite else [])], expected,
+    refused(capfd, ["train", *QUICK, *argv, *(["--overwrite"] if overwrite else [])], expected,
              "choose an --output-dir outside the run's inputs")  # fmt: skip
     assert _snapshot(model, run) == before  # nothing deleted, nothing written
     assert not (model / "run").exists()
@@ -101,11 +102,11 @@ def test_a_locked_output_directory_is_refused_and_a_stale_lock_taken_over(tmp_pa
     sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
     try:
         _lock(out, sleeper.pid)
-        line = _refused(capfd, ["train", *QUICK, "--output-dir", str(out)], "is in use by another run",
+        line = refused(capfd, ["train", *QUICK, "--output-dir", str(out)], "is in use by another run",
                         f"PID {sleeper.pid} on {socket.gethostname()}")  # fmt: skip
         assert "remove" in line and LOCK_FILE in line
         _lock(out, 12345, host="elsewhere.example")  # another host's: its PID cannot be checked from here
-        _refused(capfd, ["train", *QUICK, "--output-dir", str(out)], "PID 12345 on elsewhere.example")
+        refused(capfd, ["train", *QUICK, "--output-dir", str(out)], "PID 12345 on elsewhere.example")
         assert sorted(p.name for p in out.iterdir()) == [LOCK_FILE]  # nothing was written
     finally:
         sleeper.kill()
@@ -128,7 +129,7 @@ def test_a_second_run_is_refused_while_the_first_runs_and_sighup_checkpoints(tmp
                             text=True)  # fmt: skip
     try:
         wait_for_steps(out, 2, proc)
-        _refused(capfd, ["train", *QUICK, "--resume", "--output-dir", str(out)], "in use by another run",
+        refused(capfd, ["train", *QUICK, "--resume", "--output-dir", str(out)], "in use by another run",
                  f"PID {proc.pid}")  # fmt: skip
         proc.send_signal(signal.SIGHUP)
         stdout, stderr = proc.communicate(timeout=600)
@@ -149,7 +150,7 @@ def test_bad_json_mid_file_saves_the_last_completed_step(tmp_path, capfd):
     data = _jsonl(tmp_path / "train.jsonl", 40, bad_line=21)
     out = tmp_path / "out"
     common = [*QUICK[2:], "--buffer-size", "4", *ADAMW, "--eval-examples", "0"]
-    line = _refused(capfd, ["train", "--steps", "8", *common, "--data", str(data), "--output-dir", str(out)],
+    line = refused(capfd, ["train", "--steps", "8", *common, "--data", str(data), "--output-dir", str(out)],
                     "train.jsonl:21", f"the run's state after step 5 is saved in {out / 'checkpoint-5'}",
                     "--resume")  # fmt: skip
     assert line.startswith("fastseq train: error:")
@@ -173,7 +174,7 @@ def test_an_error_in_evaluation_keeps_the_evaluated_step(tmp_path, capfd, monkey
     common = [*QUICK[2:], *ADAMW, "--eval-every", "2", "--steps", "6"]
     out = tmp_path / "out"
     monkeypatch.setattr(loop._Run, "evaluate", failing)
-    _refused(capfd, ["train", *common, "--output-dir", str(out)], "the metric failed",
+    refused(capfd, ["train", *common, "--output-dir", str(out)], "the metric failed",
              f"the run's state after step 4 is saved in {out / 'checkpoint-4'}")  # fmt: skip
     monkeypatch.setattr(loop._Run, "evaluate", evaluate)
     assert [r["step"] for r in _records(out) if "loss" in r] == [1, 2, 3, 4]
@@ -197,7 +198,7 @@ def test_a_data_file_deleted_before_the_next_epoch(tmp_path, capfd, monkeypatch)
     monkeypatch.setattr(loop._Run, "step", deleting)
     out = tmp_path / "out"
     common = [*QUICK[2:], *ADAMW, "--steps", "5", "--eval-examples", "0"]
-    _refused(capfd, ["train", *common, "--data", str(data), "--output-dir", str(out)],
+    refused(capfd, ["train", *common, "--data", str(data), "--output-dir", str(out)],
              "train.jsonl", f"after step 2 is saved in {out / 'checkpoint-2'}")  # fmt: skip
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2"]
     # The same file back: the run continues as if it had never failed.
@@ -217,7 +218,7 @@ def test_resume_applies_a_new_rate_and_refuses_another_optimizer(tmp_path, capfd
     base = ["train", *QUICK, "--eval-examples", "0", "--output-dir", str(out)]
     assert main([*base, *ADAMW]) == 0
     capfd.readouterr()
-    _refused(capfd, [*base, "--steps", "5", "--resume", "--optimizer", "adafactor"],
+    refused(capfd, [*base, "--steps", "5", "--resume", "--optimizer", "adafactor"],
              "was trained with --optimizer adamw and this run asks for --optimizer adafactor",
              "resume with --optimizer adamw")  # fmt: skip
     with caplog.at_level("WARNING", logger="fastseq.train"):
@@ -232,7 +233,7 @@ def test_resume_applies_a_new_rate_and_refuses_another_optimizer(tmp_path, capfd
     relative = tmp_path / "relative"
     assert main(["train", *QUICK, "--eval-examples", "0", "--output-dir", str(relative)]) == 0
     capfd.readouterr()
-    _refused(capfd, ["train", *QUICK, "--steps", "5", "--lr", "1e-3", "--resume", "--output-dir", str(relative)],
+    refused(capfd, ["train", *QUICK, "--steps", "5", "--lr", "1e-3", "--resume", "--output-dir", str(relative)],
              "Adafactor steps with its relative step size (no --lr)", "resume without --lr")  # fmt: skip
 
 
@@ -250,11 +251,11 @@ def test_resume_refuses_another_engine_or_number_of_ranks(tmp_path, capfd):
     argv = ["train", *QUICK, "--steps", "5", "--eval-examples", "0", "--resume", "--output-dir", str(out)]
     _tampered(out, 3, engine_kind="DeepSpeed ZeRO-2", world_size=2, engine={},
               args={"deepspeed": "configs/deepspeed/zero2.json"})  # fmt: skip
-    _refused(capfd, argv, "written by DeepSpeed ZeRO-2 on 2 ranks, and this run is one process on 1 rank",
+    refused(capfd, argv, "written by DeepSpeed ZeRO-2 on 2 ranks, and this run is one process on 1 rank",
              "resume it under the `deepspeed` launcher (--num_gpus 2) with --deepspeed configs/deepspeed/zero2.json",
              )  # fmt: skip
     _tampered(out, 3, engine_kind="one process", world_size=3)
-    _refused(capfd, argv, "written by one process on 3 ranks, and this run is one process on 1 rank")
+    refused(capfd, argv, "written by one process on 3 ranks, and this run is one process on 1 rank")
     assert [r["step"] for r in _records(out)] == [1, 2, 3]  # nothing lost
 
 
@@ -272,7 +273,7 @@ def test_a_tampered_trainer_state_is_one_line_naming_the_file(tmp_path, capfd, f
     capfd.readouterr()
     _tampered(out, 3, **{field: value})
     before = _snapshot(out)
-    line = _refused(capfd, ["train", *QUICK, "--steps", "5", "--resume", "--output-dir", str(out)], expected)
+    line = refused(capfd, ["train", *QUICK, "--steps", "5", "--resume", "--output-dir", str(out)], expected)
     assert "trainer_state.json" in line and f"--resume {out / 'checkpoint-2'}" in line
     assert _snapshot(out) == before  # metrics.jsonl and the checkpoints as they were
 
@@ -285,15 +286,15 @@ def test_missing_or_damaged_checkpoint_files_point_to_the_earlier_checkpoint(tmp
     state = out / "checkpoint-3" / "trainer_state.safetensors"
     saved = state.read_bytes()
     state.unlink()
-    _refused(capfd, argv, f"{state} is missing", f"--resume {out / 'checkpoint-2'}")
+    refused(capfd, argv, f"{state} is missing", f"--resume {out / 'checkpoint-2'}")
     state.write_bytes(saved)
     weights = out / "checkpoint-3" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:1000])
-    line = _refused(capfd, argv, "model.safetensors", f"--resume {out / 'checkpoint-2'}")
+    line = refused(capfd, argv, "model.safetensors", f"--resume {out / 'checkpoint-2'}")
     assert "re-download" not in line
     # A newer checkpoint directory without trainer_state.json is said, not skipped.
     (out / "checkpoint-9").mkdir()
-    _refused(capfd, argv, f"{out / 'checkpoint-9'}, the latest checkpoint", "has no trainer_state.json",
+    refused(capfd, argv, f"{out / 'checkpoint-9'}, the latest checkpoint", "has no trainer_state.json",
              f"--resume {out / 'checkpoint-3'}")  # fmt: skip
     assert main(["train", *QUICK, "--steps", "5", "--resume", str(out / "checkpoint-2"), "--output-dir",
                  str(out)]) == 0  # fmt: skip
@@ -311,7 +312,7 @@ def test_the_fingerprint_is_of_every_byte_and_cached(tmp_path, capfd):
     middle = len(raw) // 2  # inside the second row's padding: neither the first nor the last MiB
     raw[middle : middle + 1] = b"y"
     data.write_bytes(bytes(raw))
-    _refused(capfd, [*argv[:-2], "--steps", "5", "--resume", "--output-dir", str(out)], "belongs to another run",
+    refused(capfd, [*argv[:-2], "--steps", "5", "--resume", "--output-dir", str(out)], "belongs to another run",
              "data.train")  # fmt: skip
     # Cached by size, mtime and inode: the same stamp is not read again; a new mtime is.
     first = fingerprint(data)
@@ -351,7 +352,7 @@ def test_a_full_disk_is_one_line_and_keeps_the_earlier_checkpoint(tmp_path, capf
 
     monkeypatch.setattr(loop, "save_rng", full_disk)
     out = tmp_path / "out"
-    line = _refused(capfd, ["train", *QUICK, "--steps", "6", "--save-every", "2", "--output-dir", str(out)],
+    line = refused(capfd, ["train", *QUICK, "--steps", "6", "--save-every", "2", "--output-dir", str(out)],
                     f"no space left to write {out / 'checkpoint-4'} (No space left on device)",
                     "a checkpoint needs about", f"the last checkpoint, {out / 'checkpoint-2'}, is intact")  # fmt: skip
     assert "internal error" not in line and "saved in" not in line
@@ -475,9 +476,9 @@ def test_yaml_aliases_are_refused(tmp_path, capfd):
     rows = ['a: &a ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
     rows += [f"{chr(98 + i)}: &{chr(98 + i)} [{', '.join(['*' + chr(97 + i)] * 9)}]" for i in range(8)]
     laughs.write_text("\n".join(rows) + "\nsteps: 3\n")
-    _refused(capfd, ["train", "--config", str(laughs), "--output-dir", str(tmp_path / "out")],
+    refused(capfd, ["train", "--config", str(laughs), "--output-dir", str(tmp_path / "out")],
              f"--config {laughs}:1: YAML anchor &a is not accepted", "write each option out")  # fmt: skip
     alias = tmp_path / "alias.yaml"
     alias.write_text("steps: 3\nlog-every: *x\n")
-    _refused(capfd, ["train", "--config", str(alias), "--output-dir", str(tmp_path / "out")],
+    refused(capfd, ["train", "--config", str(alias), "--output-dir", str(tmp_path / "out")],
              f"--config {alias}:2: YAML alias *x is not accepted")  # fmt: skip

@@ -14,6 +14,7 @@ import pytest
 
 from fastseq import presets
 from fastseq.distributed import config as ds_config
+from tests.conftest import refused
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = ROOT / "configs" / "deepspeed"
@@ -148,19 +149,6 @@ _BAD = {
 }  # fmt: skip
 
 
-def _refused(capfd, argv: list[str], *expected: str) -> str:
-    from fastseq.cli import main
-
-    code = main(argv)
-    err = capfd.readouterr().err
-    lines = [line for line in err.splitlines() if line.startswith("fastseq ")]
-    assert code == 2, err
-    assert "Traceback" not in err and len(lines) == 1, err
-    for text in expected:
-        assert text in lines[0], lines[0]
-    return lines[0]
-
-
 @pytest.mark.parametrize("name", sorted(_BAD))
 def test_a_config_of_the_wrong_types_is_one_line_naming_file_key_and_value(tmp_path, capfd, monkeypatch, name):
     monkeypatch.setenv("RANK", "0")  # as under the launcher: the config is read before anything else is needed
@@ -168,7 +156,7 @@ def test_a_config_of_the_wrong_types_is_one_line_naming_file_key_and_value(tmp_p
     path = tmp_path / "ds.json"
     path.write_text(json.dumps(config))
     out = tmp_path / "out"
-    _refused(capfd, ["train", "--deepspeed", str(path), "--output-dir", str(out)], f"--deepspeed {path}: ", expected)
+    refused(capfd, ["train", "--deepspeed", str(path), "--output-dir", str(out)], f"--deepspeed {path}: ", expected)
     assert not out.exists()
 
 

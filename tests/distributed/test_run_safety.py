@@ -12,9 +12,9 @@ import sys
 import pytest
 
 from fastseq.files import LOCK_FILE
+from tests.conftest import refused
 from tests.distributed.launch import deepspeed
 from tests.distributed.test_bad_inputs import COMMON, ZERO2, ZERO3, _errors
-from tests.test_bad_inputs import _refused
 from tests.test_run_safety import _jsonl
 
 
@@ -32,7 +32,7 @@ def test_a_zero_checkpoint_resumes_only_as_it_was_written(tmp_path, capfd, monke
     proc = deepspeed("--deepspeed", ZERO3, *resume, expect_fail=True)
     _errors(proc, "was written by DeepSpeed ZeRO-2 on 2 ranks, and this run is DeepSpeed ZeRO-3 on 2 ranks")
     # Without --deepspeed: how to resume it, not "holds no weights".
-    _refused(capfd, ["train", *resume], "this run is one process on 1 rank",
+    refused(capfd, ["train", *resume], "this run is one process on 1 rank",
              f"resume it under the `deepspeed` launcher (--num_gpus 2) with --deepspeed {ZERO2}")  # fmt: skip
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2]  # nothing lost
