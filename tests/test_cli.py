@@ -208,6 +208,7 @@ def _library_outputs(model_dir, texts, batch_size, **settings) -> list[str]:
     return outputs
 
 
+@pytest.mark.slow  # several runs of the installed command
 def test_generate_768_documents_from_a_file_and_from_stdin(tmp_path):
     """768 inputs (what failed as arguments with "Argument list too long") from --input-file into
     --output-file, and from stdin to stdout: one line each, in order, the library's outputs."""

@@ -97,6 +97,7 @@ def _same_weights(a: Path, b: Path, atol: float = 0.0) -> bool:
     return x.keys() == y.keys() and all(torch.allclose(x[k], y[k], atol=atol, rtol=0) for k in x)
 
 
+@pytest.mark.slow  # several runs of the installed command
 def test_train_and_generate_a_hub_id_from_the_cache_of_hf_home(hub, tmp_path):
     """The installed command, with HF_HOME and HF_HUB_OFFLINE=1 in its environment."""
     env, source, _ = hub

@@ -229,6 +229,7 @@ def _save(kind: str, path, rows: list[dict]):
     return path
 
 
+@pytest.mark.slow  # several runs of the installed command
 @pytest.mark.parametrize("kind", ["parquet", "datasets"])
 def test_parquet_and_datasets_directories_resume_exactly(tmp_path, kind, reference_backend):
     """3 steps, a resume and 3 more give the losses of 6 steps: the stream's position is restored,
@@ -274,6 +275,7 @@ def _hub_cache(home, name: str, rows: dict[str, list[dict]]) -> None:
     (target / "dataset_info.json").write_text(json.dumps(info))
 
 
+@pytest.mark.slow  # several runs of the installed command
 def test_a_hub_dataset_offline_with_nested_fields_prefix_and_epochs(tmp_path):
     """`--dataset-name` resolved by `datasets.load_dataset` from the cache under HF_HOME with
     HF_HUB_OFFLINE=1; translation.en/de fields; a source prefix; --epochs sets the steps."""
@@ -297,6 +299,7 @@ def test_a_hub_dataset_offline_with_nested_fields_prefix_and_epochs(tmp_path):
     assert state["run"]["data"]["train"].startswith("sha256:")  # the cache directory's fingerprint
 
 
+@pytest.mark.slow  # several runs of the installed command
 def test_compressed_json_arrays_bom_csv_and_process_substitution(tmp_path, reference_backend):
     """Each format trains through the command; a pipe (`<(gzip -dc train.jsonl.gz)`) too."""
     import gzip
