@@ -24,10 +24,11 @@ def _convert(args: argparse.Namespace) -> None:
     destination = args.to or args.destination
     if args.from_deepspeed:
         from .checkpoint import resolve_dtype
-        from .distributed.convert import convert
+        from .distributed.convert import check_destination, convert
 
         if not destination or args.source:
             raise ValueError("use: fastseq convert --from-deepspeed OUTPUT/checkpoint-STEP --to DIR")
+        check_destination(args.from_deepspeed, destination, "--from-deepspeed", "--to")
         convert(args.from_deepspeed, destination, max_shard_size=args.max_shard_size, dtype=resolve_dtype(args.dtype))
         return
     if not args.source or not destination:

@@ -103,8 +103,7 @@ def deepspeed_state_dict(ckpt: Path, model_config) -> dict[str, torch.Tensor]:
 
 
 def convert(ckpt: str | Path, dest: str | Path, *, max_shard_size: str | int = "5GB", dtype=None) -> Path:
-    ckpt, dest = Path(ckpt), Path(dest)
-    check_destination(ckpt, dest, "--from-deepspeed", "--to")
+    ckpt, dest = Path(ckpt), Path(dest)  # a run writes its model beside its checkpoints: OUTPUT holds CKPT
     if not ckpt.is_dir():
         raise FileNotFoundError(f"--from-deepspeed {ckpt}: not a directory (pass OUTPUT/checkpoint-STEP)")
     if not (ckpt / "config.json").is_file():
