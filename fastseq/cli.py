@@ -131,6 +131,8 @@ def _check_generate_options(args: argparse.Namespace) -> None:
 def _generate_inputs(args: argparse.Namespace) -> tuple[list[str], list[dict] | None]:
     """The input texts, and for JSON-lines input the records they came from (None otherwise).
     Texts come from the arguments, else from --input-file (`-`: stdin), else from stdin."""
+    from .data.readers import valid_text
+
     if args.texts:
         return list(args.texts), None
     source = args.input_file or "-"
@@ -143,7 +145,7 @@ def _generate_inputs(args: argparse.Namespace) -> tuple[list[str], list[dict] | 
     for number, line in _input_lines(source):
         where = f"{name}:{number}"
         if not jsonl:
-            texts.append(_encodable(line.rstrip("\r\n"), where))
+            texts.append(valid_text(line.rstrip("\r\n"), where))
             continue
         if not line.strip():
             continue
@@ -151,7 +153,7 @@ def _generate_inputs(args: argparse.Namespace) -> tuple[list[str], list[dict] | 
             record = json.loads(line)
         except json.JSONDecodeError as err:
             raise ValueError(f"{where}: not valid JSON ({err.msg} at column {err.colno}); fix the line") from None
-        texts.append(_encodable(_input_field(record, field, where), where))
+        texts.append(valid_text(_input_field(record, field, where), where))
         records.append(record)
     if not texts:
         raise ValueError(f"{name} holds no input; pass a file with one input per line")
@@ -182,27 +184,18 @@ def _input_lines(source: str):
             handle.close()
 
 
-def _input_field(record, field: str, where: str) -> str:
-    """record[field], where `a.b` reaches into nested objects (`translation.en`)."""
-    value = record
-    for i, key in enumerate(field.split(".")):
-        if not isinstance(value, dict) or key not in value:
-            at = ".".join(field.split(".")[:i]) or "the record"
-            keys = sorted(value) if isinstance(value, dict) else type(value).__name__
-            raise ValueError(f"{where}: no field {field!r} ({at} has {keys}); choose it with --input-field")
-        value = value[key]
+def _input_field(record, name: str, where: str) -> str:
+    """record[name], where `a.b` reaches into nested objects (`translation.en`), as `--source-field` does."""
+    from .data.readers import MISSING, field
+
+    value = field(record, name) if isinstance(record, dict) else MISSING
+    if value is MISSING:
+        keys = sorted(record) if isinstance(record, dict) else type(record).__name__
+        raise ValueError(f"{where}: no field {name!r} (the record has {keys}); choose it with --input-field")
     if not isinstance(value, str):
         kind = type(value).__name__
-        raise ValueError(f"{where}: field {field!r} is a {kind}, not text; choose another --input-field")
+        raise ValueError(f"{where}: field {name!r} is a {kind}, not text; choose another --input-field")
     return value
-
-
-def _encodable(text: str, where: str) -> str:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as err:
-        raise ValueError(f"{where}: {text[err.start]!r} is a lone surrogate, not a character; fix the input") from None
-    return text
 
 
 def _output_line(text: str, index: int, records: list[dict] | None, field: str) -> str:

@@ -109,18 +109,18 @@ def valid_text(text: str, where: str) -> str:
     return text
 
 
-_MISSING = object()
+MISSING = object()  # what `field` returns for a field the record does not have
 
 
 def field(record: dict, name: str):
-    """`record`'s field `name`, or `_MISSING`; a dotted name descends into nested objects
+    """`record`'s field `name`, or `MISSING`; a dotted name descends into nested objects
     (`translation.en`), unless the record has a key that holds the dot itself."""
     if name in record:
         return record[name]
     value = record
     for part in name.split("."):
         if not isinstance(value, dict) or part not in value:
-            return _MISSING
+            return MISSING
         value = value[part]
     return value
 
@@ -130,7 +130,7 @@ def fields(record, source_field: str, target_field: str, where: str) -> Example:
     if not isinstance(record, dict):
         raise ValueError(f"{where}: expected an object with {source_field!r} and {target_field!r}; got {record!r:.80}")
     source, target = field(record, source_field), field(record, target_field)
-    missing = [name for name, value in ((source_field, source), (target_field, target)) if value is _MISSING]
+    missing = [name for name, value in ((source_field, source), (target_field, target)) if value is MISSING]
     if missing:
         raise ValueError(
             f"{where}: missing field(s) {missing}; the record has {sorted(record)}. Choose the fields with "
