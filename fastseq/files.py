@@ -133,7 +133,10 @@ def _alive(pid: int, start: str | None) -> bool:
     return start is None or _process_start(pid) in (None, start)
 
 
-@dataclass
+_HELD: list[DirectoryLock] = []  # the locks this process took and has not released, oldest first
+
+
+@dataclass(eq=False)
 class DirectoryLock:
     """`DIR/.fastseq.lock`, holding the host, PID and start time of the process that uses DIR. It is
     created with O_EXCL (so of two runs exactly one gets it) and removed by `release`."""
@@ -146,18 +149,22 @@ class DirectoryLock:
         path = Path(directory) / LOCK_FILE
         holder = {"host": socket.gethostname(), "pid": os.getpid(), "start": _process_start(os.getpid())}
         for _ in range(3):  # a stale lock is taken over at most a couple of times before giving up
-            with _signals_deferred():  # never an empty lock file left by a Ctrl-C between the two
+            # Signals wait: never an empty lock file left by a Ctrl-C between the open and the write,
+            # and never a lock taken but not yet in `_HELD` (where `DirectoryLock.scope` releases it).
+            with _signals_deferred():
                 try:
                     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
                 except FileExistsError:
-                    fd = None
+                    lock = None
                 else:
                     with os.fdopen(fd, "w") as f:
                         f.write(json.dumps(holder) + "\n")
-            if fd is None:
+                    lock = cls(path, holder)
+                    _HELD.append(lock)
+            if lock is None:
                 cls._take_over_if_stale(path, holder, what)
                 continue
-            return cls(path, holder)
+            return lock
         raise ValueError(f"{what} {directory}: could not take its lock {path}; another run keeps taking it")
 
     @staticmethod
@@ -195,8 +202,24 @@ class DirectoryLock:
         log.warning("%s %s: took over the lock of PID %d on %s, which is no longer running", what, path.parent, pid,
                     host)  # fmt: skip
 
+    @staticmethod
+    @contextlib.contextmanager
+    def scope() -> Iterator[None]:
+        """Every lock this process takes inside the block is released when the block ends, however it
+        ends: a signal that arrives just as a lock is taken, before its taker holds it, leaves no lock
+        behind."""
+        before = len(_HELD)
+        try:
+            yield
+        finally:
+            with _signals_deferred():
+                for lock in _HELD[before:]:
+                    lock.release()
+
     def release(self) -> None:
         """Remove the lock if this process holds it (a copy sent to another rank does not)."""
+        if self in _HELD:
+            _HELD.remove(self)
         if self.holder["pid"] != os.getpid():
             return
         try:

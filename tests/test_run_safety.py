@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from fastseq.cli import main
-from fastseq.files import LOCK_FILE, fingerprint
+from fastseq.files import LOCK_FILE, DirectoryLock, fingerprint
 from fastseq.train import loop
 from tests.conftest import refused
 from tests.test_bad_inputs import QUICK, ROOT, _model_dir
@@ -116,6 +116,31 @@ def test_a_locked_output_directory_is_refused_and_a_stale_lock_taken_over(tmp_pa
         assert main(["train", *QUICK, "--output-dir", str(out)]) == 0
     assert f"took over the lock of PID {sleeper.pid}" in caplog.text
     assert not (out / LOCK_FILE).exists() and (out / "checkpoint-3").is_dir()  # released at the end
+
+
+def test_a_signal_arriving_as_the_lock_is_taken_leaves_no_lock(tmp_path, monkeypatch):
+    """SIGINT sent while the lock file is written waits until the file is complete, then interrupts
+    `acquire` before its caller holds the lock: the scope around the run still removes it."""
+    out = tmp_path / "out"
+    out.mkdir()
+    write = os.fdopen
+
+    def fdopen_then_sigint(*args, **kwargs):
+        signal.raise_signal(signal.SIGINT)  # held until the lock is complete
+        return write(*args, **kwargs)
+
+    monkeypatch.setattr(os, "fdopen", fdopen_then_sigint)
+    with pytest.raises(KeyboardInterrupt), DirectoryLock.scope():
+        DirectoryLock.acquire(out)
+        raise AssertionError("the signal should have interrupted acquire")
+    assert list(out.iterdir()) == []
+    monkeypatch.undo()
+    with DirectoryLock.scope():  # a lock released by its holder inside the scope is not touched again
+        lock = DirectoryLock.acquire(out)
+        lock.release()
+        other = DirectoryLock.acquire(out)
+        assert (out / LOCK_FILE).exists()
+    assert list(out.iterdir()) == [] and other.path == out / LOCK_FILE
 
 
 def test_a_second_run_is_refused_while_the_first_runs_and_sighup_checkpoints(tmp_path, capfd):
