@@ -173,22 +173,30 @@ def _tile_scores(
     C,
     window,
     scale_log2,
+    qseg,
+    kseg,
     HAS_BIAS: tl.constexpr,
     HAS_KPM: tl.constexpr,
     CAUSAL: tl.constexpr,
     WINDOWED: tl.constexpr,
+    HAS_SEG: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    """Scores of one (BLOCK_M, BLOCK_N) tile of ordinary keys in the log2 domain, masked entries at -inf."""
+    """Scores of one (BLOCK_M, BLOCK_N) tile of ordinary keys in the log2 domain, masked entries at -inf.
+    With HAS_SEG, `qseg` (BLOCK_M,) and `kseg` (BLOCK_N,) are the rows' and keys' segment ids."""
     s = _dot(q, tl.trans(k), PRECISION) * scale_log2
     if HAS_BIAS:
         # Element (m, n) lies at distance n0 + n - (q_offset + m0 + m) = base + n + (BLOCK_M - 1 - m).
         base = n0 - (q_offset + m0 + BLOCK_M - 1)
         rel = tl.arange(0, BLOCK_N)[None, :] - tl.arange(0, BLOCK_M)[:, None] + (BLOCK_M - 1)  # the same in every tile
         s += _bias(DT_h, base, rel, C, BLOCK_M, BLOCK_N)
-    valid = offs_n[None, :] < Lk
+    if HAS_SEG:
+        # Padding, keys past Lk included, has ids that no query has (`_segments`, `_segment_ids`).
+        valid = qseg[:, None] == kseg[None, :]
+    else:
+        valid = offs_n[None, :] < Lk
     if HAS_KPM:
         keep = tl.load(KPM_b + offs_n, mask=offs_n < Lk, other=0)
         valid = valid & (keep != 0)[None, :]
@@ -198,6 +206,25 @@ def _tile_scores(
         dist = offs_n[None, :] - (offs_m[:, None] + q_offset)
         valid = valid & (dist <= window) & (dist >= -window)
     return tl.where(valid, s, float("-inf"))
+
+
+@triton.jit
+def _segment_ids(SEG_b, offs, L, PAD: tl.constexpr, tile=0, end=1):
+    """The segment ids of rows `offs` of one batch element (PAD, padding, past L). In a loop over
+    tiles, `tile < end` (which holds there) puts the load under a branch, and Triton 3.6's software
+    pipeliner leaves it out of its stages: it copied the ids one 4-byte `cp.async` per element, and
+    the segments cost 1.47x the forward's instructions at sm_90, D = 64 (1.04x so; the static report)."""
+    ids = tl.full(offs.shape, PAD, tl.int32)
+    if tile < end:
+        ids = tl.load(SEG_b + offs, mask=offs < L, other=PAD)
+    return ids
+
+
+@triton.jit
+def _span(SPAN_b, tile, num_tiles):
+    """[lo, hi): the rows of the other side that tile `tile` of this side meets through its segments
+    (`_segment_spans`, lo > hi for none)."""
+    return tl.load(SPAN_b + tile), tl.load(SPAN_b + num_tiles + tile)
 
 
 @triton.jit
@@ -242,8 +269,11 @@ def _global_tile_scores(
 
 
 @triton.jit
-def _key_tiles(m0, Lk, q_offset, window, CAUSAL: tl.constexpr, WINDOWED: tl.constexpr, BLOCK_M, BLOCK_N):
-    """The key range [n_start, n_end) a query tile starting at m0 visits (n_start a tile start)."""
+def _key_tiles(m0, Lk, q_offset, window, SPAN_b, num_tiles, CAUSAL: tl.constexpr, WINDOWED: tl.constexpr,
+               HAS_SEG: tl.constexpr, BLOCK_M, BLOCK_N):  # fmt: skip
+    """The key range [n_start, n_end) a query tile starting at m0 visits (n_start a tile start). Packed
+    rows (HAS_SEG): only the keys of the tile's segments, so a key tile that no segment of the query
+    tile meets is never loaded."""
     n_start = 0
     n_end = Lk
     if CAUSAL:
@@ -252,6 +282,10 @@ def _key_tiles(m0, Lk, q_offset, window, CAUSAL: tl.constexpr, WINDOWED: tl.cons
         # Only the key tiles the window of this query tile touches (LongT5's local attention).
         n_start = (tl.maximum(q_offset + m0 - window, 0) // BLOCK_N) * BLOCK_N
         n_end = tl.minimum(n_end, q_offset + m0 + BLOCK_M + window)
+    if HAS_SEG:
+        lo, hi = _span(SPAN_b, m0 // BLOCK_M, num_tiles)
+        n_start = tl.maximum(n_start, (lo // BLOCK_N) * BLOCK_N)
+        n_end = tl.minimum(n_end, hi)
     return n_start, n_end
 
 
@@ -310,6 +344,9 @@ def _bucketed_attention_fwd_kernel(
     GV,
     GDT,  # (H, 2CG + 1) fp32 bias of the global tokens per clamped distance
     CAP,  # (B,) int32: last global token of each row (-1: none)
+    QSEG,  # (B, Lq) int32 segment ids of the queries (with HAS_SEG; 0 = padding)
+    KSEG,  # (B, Lk) int32 segment ids of the keys
+    SPAN,  # (B, 2, query tiles) int32: the keys [lo, hi) each query tile's segments meet
     Out,
     LSE,  # (B, H, Lq) fp32, log2 domain; +inf for rows with no key
     # strides (the last dim of q, k, v, out is contiguous)
@@ -332,6 +369,8 @@ def _bucketed_attention_fwd_kernel(
     stride_oh,
     stride_om,
     stride_kpmb,
+    stride_qsegb,
+    stride_ksegb,
     # sizes and scalars
     H,
     Lq,
@@ -350,6 +389,7 @@ def _bucketed_attention_fwd_kernel(
     HAS_KPM: tl.constexpr,
     CAUSAL: tl.constexpr,
     WINDOWED: tl.constexpr,
+    HAS_SEG: tl.constexpr,  # packed rows: queries see only the keys of their own segment
     HAS_GLOBAL: tl.constexpr,
     HAS_GBIAS: tl.constexpr,
     DROPOUT: tl.constexpr,
@@ -377,17 +417,26 @@ def _bucketed_attention_fwd_kernel(
     V_bh = V + b64 * stride_vb + h * stride_vh
     DT_h = DT + h * (2 * C + 1 + 2 * (BLOCK_M + BLOCK_N))
     KPM_b = KPM + b64 * stride_kpmb
+    KSEG_b = KSEG + b64 * stride_ksegb
+    num_m = tl.cdiv(Lq, BLOCK_M)
+    qseg = offs_m
+    if HAS_SEG:
+        qseg = _segment_ids(QSEG + b64 * stride_qsegb, offs_m, Lq, -1)
 
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     l_i = tl.zeros((BLOCK_M,), tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
-    n_start, n_end = _key_tiles(m0, Lk, q_offset, window, CAUSAL, WINDOWED, BLOCK_M, BLOCK_N)
+    n_start, n_end = _key_tiles(m0, Lk, q_offset, window, SPAN + b64 * 2 * num_m, num_m, CAUSAL, WINDOWED, HAS_SEG,
+                                BLOCK_M, BLOCK_N)  # fmt: skip
     for n0 in range(n_start, n_end, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         k, v = _load_kv(K_bh, V_bh, offs_n, Lk, stride_kn, stride_vn, offs_d, d_ok)
+        kseg = offs_n
+        if HAS_SEG:
+            kseg = _segment_ids(KSEG_b, offs_n, Lk, -2, n0, n_end)
         s = _tile_scores(
-            q, k, DT_h, KPM_b, offs_m, offs_n, m0, n0, Lk, q_offset, C, window, scale_log2,
-            HAS_BIAS, HAS_KPM, CAUSAL, WINDOWED, BLOCK_M, BLOCK_N, PRECISION,
+            q, k, DT_h, KPM_b, offs_m, offs_n, m0, n0, Lk, q_offset, C, window, scale_log2, qseg, kseg,
+            HAS_BIAS, HAS_KPM, CAUSAL, WINDOWED, HAS_SEG, BLOCK_M, BLOCK_N, PRECISION,
         )  # fmt: skip
         m_i, l_i, acc = _softmax_step(s, v, m_i, l_i, acc, seed, bh, offs_m, offs_n, Lq, dropout_p, DROPOUT, PRECISION)
     if HAS_GLOBAL:
@@ -461,6 +510,9 @@ def _bucketed_attention_bwd_dkdv_kernel(
     DT,  # the distance table of those keys
     KPM,
     CAP,  # (B,) int32, with GLOBAL_KEYS: last global token of each row
+    QSEG,  # (B, Lq) int32 segment ids of the queries (with HAS_SEG; 0 = padding)
+    KSEG,  # (B, Lk) int32 segment ids of the keys
+    SPAN,  # (B, 2, key tiles) int32: the queries [lo, hi) each key tile's segments meet
     DO,
     LSE,
     DELTA,
@@ -483,6 +535,8 @@ def _bucketed_attention_bwd_dkdv_kernel(
     stride_dkh,
     stride_dkn,
     stride_kpmb,
+    stride_qsegb,
+    stride_ksegb,
     # sizes and scalars
     H,
     Lq,
@@ -501,6 +555,7 @@ def _bucketed_attention_bwd_dkdv_kernel(
     HAS_KPM: tl.constexpr,
     CAUSAL: tl.constexpr,
     WINDOWED: tl.constexpr,
+    HAS_SEG: tl.constexpr,
     GLOBAL_KEYS: tl.constexpr,
     DROPOUT: tl.constexpr,
     GBS: tl.constexpr,  # global block size: query i sits at global position min(i // GBS, cap)
@@ -548,6 +603,15 @@ def _bucketed_attention_bwd_dkdv_kernel(
         cap = tl.load(CAP + b)
         if n0 > cap:
             m_end = 0
+    QSEG_b = QSEG + b64 * stride_qsegb
+    kseg = offs_n
+    if HAS_SEG:
+        # Only the query tiles of this key tile's segments.
+        num_n = tl.cdiv(Lk, BLOCK_N)
+        lo, hi = _span(SPAN + b64 * 2 * num_n, pid_n, num_n)
+        m_start = tl.maximum(m_start, (lo // BLOCK_M) * BLOCK_M)
+        m_end = tl.minimum(m_end, hi)
+        kseg = _segment_ids(KSEG + b64 * stride_ksegb, offs_n, Lk, -2)
     for m0 in range(m_start, m_end, BLOCK_M):
         offs_m = m0 + tl.arange(0, BLOCK_M)
         row_ok = offs_m < Lq
@@ -563,9 +627,12 @@ def _bucketed_attention_bwd_dkdv_kernel(
                 HAS_BIAS, BLOCK_M, BLOCK_N, PRECISION,
             )  # fmt: skip
         else:
+            qseg = offs_m
+            if HAS_SEG:
+                qseg = _segment_ids(QSEG_b, offs_m, Lq, -1, m0, m_end)
             s = _tile_scores(
-                q, k, DT_h, KPM_b, offs_m, offs_n, m0, n0, Lk, q_offset, C, window, scale_log2,
-                HAS_BIAS, HAS_KPM, CAUSAL, WINDOWED, BLOCK_M, BLOCK_N, PRECISION,
+                q, k, DT_h, KPM_b, offs_m, offs_n, m0, n0, Lk, q_offset, C, window, scale_log2, qseg, kseg,
+                HAS_BIAS, HAS_KPM, CAUSAL, WINDOWED, HAS_SEG, BLOCK_M, BLOCK_N, PRECISION,
             )  # fmt: skip
         p = tl.math.exp2(s - lse[:, None])  # rows without keys have lse = +inf: p = 0
         dp = _dot(do, tl.trans(v), PRECISION)
@@ -673,6 +740,9 @@ def _bucketed_attention_bwd_dq_kernel(
     GV,
     GDT,
     CAP,
+    QSEG,  # (B, Lq) int32 segment ids of the queries (with HAS_SEG; 0 = padding)
+    KSEG,  # (B, Lk) int32 segment ids of the keys
+    SPAN,  # (B, 2, query tiles) int32: the keys [lo, hi) each query tile's segments meet
     DO,
     LSE,
     DELTA,
@@ -705,6 +775,8 @@ def _bucketed_attention_bwd_dq_kernel(
     stride_dqh,
     stride_dqm,
     stride_kpmb,
+    stride_qsegb,
+    stride_ksegb,
     # sizes and scalars
     H,
     Lq,
@@ -727,6 +799,7 @@ def _bucketed_attention_bwd_dq_kernel(
     HAS_KPM: tl.constexpr,
     CAUSAL: tl.constexpr,
     WINDOWED: tl.constexpr,
+    HAS_SEG: tl.constexpr,
     ORDINARY: tl.constexpr,  # this launch covers the ordinary keys
     HAS_GLOBAL: tl.constexpr,  # this launch covers the global tokens
     HAS_GBIAS: tl.constexpr,
@@ -783,13 +856,22 @@ def _bucketed_attention_bwd_dq_kernel(
         far_pos = tl.zeros((BLOCK_M,), tl.float32)
         band_neg = tl.zeros((SKEW,), tl.float32)
         band_pos = tl.zeros((SKEW,), tl.float32)
-        n_start, n_end = _key_tiles(m0, Lk, q_offset, window, CAUSAL, WINDOWED, BLOCK_M, BLOCK_N)
+        KSEG_b = KSEG + b64 * stride_ksegb
+        num_m = tl.cdiv(Lq, BLOCK_M)
+        qseg = offs_m
+        if HAS_SEG:
+            qseg = _segment_ids(QSEG + b64 * stride_qsegb, offs_m, Lq, -1)
+        n_start, n_end = _key_tiles(m0, Lk, q_offset, window, SPAN + b64 * 2 * num_m, num_m, CAUSAL, WINDOWED,
+                                    HAS_SEG, BLOCK_M, BLOCK_N)  # fmt: skip
         for n0 in range(n_start, n_end, BLOCK_N):
             offs_n = n0 + tl.arange(0, BLOCK_N)
             k, v = _load_kv(K_bh, V_bh, offs_n, Lk, stride_kn, stride_vn, offs_d, d_ok)
+            kseg = offs_n
+            if HAS_SEG:
+                kseg = _segment_ids(KSEG_b, offs_n, Lk, -2, n0, n_end)
             s = _tile_scores(
-                q, k, DT_h, KPM_b, offs_m, offs_n, m0, n0, Lk, q_offset, C, window, scale_log2,
-                HAS_BIAS, HAS_KPM, CAUSAL, WINDOWED, BLOCK_M, BLOCK_N, PRECISION,
+                q, k, DT_h, KPM_b, offs_m, offs_n, m0, n0, Lk, q_offset, C, window, scale_log2, qseg, kseg,
+                HAS_BIAS, HAS_KPM, CAUSAL, WINDOWED, HAS_SEG, BLOCK_M, BLOCK_N, PRECISION,
             )  # fmt: skip
             p = tl.math.exp2(s - lse[:, None])
             dp = _dot(do, tl.trans(v), PRECISION)
@@ -881,14 +963,16 @@ def _parse_tiles(text: str) -> Tiles:
 # compile-only tests hold every shipped tile to that, and the backward's tiles on sm_90 at D = 64
 # to the bias gradient's price in `PRICES` (at 128 x 32 its dQ took 2.3x the instructions of the
 # same tile without a bias). A 128-row tile takes 8 warps on sm_80 and sm_90: with 4 those builds
-# spilled.
+# spilled; so did the dQ tile at D = 128 (sm_80 and sm_86), where packed rows' segment ids took the
+# 4-warp builds past 255 registers (8 to 104 spill bytes under Triton 3.6 and 3.9), and sm_86's forward
+# at D = 256 with 8 warps (8 bytes, packed; 4 warps spill none).
 # fmt: off
 _TILES: dict[tuple[int, int, int], Tiles] = {key: _parse_tiles(text) for key, text in {
     #              fwd        fwd_global dq         dkdv       dq_global  dkdv_global
     (90, 16, 2):   "128.32.8.3 128.64.8.3 128.64.8.2 64.64.8.2  128.64.8.2 128.32.8.2",
     (90, 32, 2):   "128.32.8.3 128.64.8.3 128.64.8.2 64.32.4.2  128.32.8.2 128.32.8.2",
     (90, 64, 2):   "128.64.8.3 128.64.8.3 64.32.4.2  64.32.8.2  128.32.8.2 64.32.4.2",
-    (90, 128, 2):  "128.32.8.3 128.32.8.3 64.32.4.2  32.32.8.2  64.32.4.2  32.32.8.2",
+    (90, 128, 2):  "128.32.8.3 128.32.8.3 64.32.8.2  32.32.8.2  64.32.4.2  32.32.8.2",
     (90, 256, 2):  "64.32.8.2  16.16.4.1  16.32.4.1  16.16.4.1  16.32.4.1  16.16.4.1",
     (90, 16, 4):   "64.64.4.2  64.64.4.2  32.32.4.1  32.32.4.1  32.32.4.1  32.32.4.1",
     (90, 32, 4):   "64.64.4.2  64.64.4.2  32.32.4.1  32.32.4.1  32.32.4.1  32.32.4.1",
@@ -898,7 +982,7 @@ _TILES: dict[tuple[int, int, int], Tiles] = {key: _parse_tiles(text) for key, te
     (80, 16, 2):   "128.64.8.3 128.64.8.3 128.64.8.2 128.32.8.2 128.64.8.2 128.32.8.2",
     (80, 32, 2):   "128.64.8.3 128.64.8.3 128.32.8.2 128.32.8.2 128.64.8.2 128.32.8.2",
     (80, 64, 2):   "128.32.8.3 128.32.8.3 32.64.4.2  64.32.8.2  128.32.8.2 64.32.4.2",
-    (80, 128, 2):  "64.32.8.2  128.32.8.3 32.64.4.2  32.32.4.1  32.64.8.2  32.32.4.2",
+    (80, 128, 2):  "64.32.8.2  128.32.8.3 32.64.8.2  32.32.4.1  32.64.8.2  32.32.4.2",
     (80, 256, 2):  "32.32.8.2  64.32.8.2  16.16.4.1  16.16.4.1  16.16.4.1  16.16.4.1",
     (80, 16, 4):   "64.64.4.2  64.64.4.2  32.32.4.1  32.32.4.1  32.32.4.1  32.32.4.1",
     (80, 32, 4):   "64.64.4.2  64.64.4.2  32.32.4.1  32.32.4.1  32.32.4.1  32.32.4.1",
@@ -908,8 +992,8 @@ _TILES: dict[tuple[int, int, int], Tiles] = {key: _parse_tiles(text) for key, te
     (86, 16, 2):   "128.64.8.3 128.64.8.3 128.32.8.2 128.64.8.2 128.64.8.2 128.32.8.2",
     (86, 32, 2):   "128.64.8.3 128.64.8.3 128.32.8.2 128.32.8.2 128.64.8.2 128.32.8.2",
     (86, 64, 2):   "128.32.8.3 128.32.8.3 64.32.4.2  64.32.8.2  128.32.8.2 64.32.4.2",
-    (86, 128, 2):  "64.32.8.2  64.32.4.3  32.32.4.2  32.32.8.2  32.64.8.2  32.32.8.2",
-    (86, 256, 2):  "32.32.8.2  64.32.8.2  16.32.4.1  16.16.4.1  16.32.4.1  16.16.4.1",
+    (86, 128, 2):  "64.32.8.2  64.32.4.3  32.64.8.2  32.32.8.2  32.64.8.2  32.32.8.2",
+    (86, 256, 2):  "32.32.4.2  64.32.8.2  16.32.4.1  16.16.4.1  16.32.4.1  16.16.4.1",
     (86, 16, 4):   "64.64.4.2  64.64.4.2  32.32.4.1  32.32.4.1  32.32.4.1  32.32.4.1",
     (86, 32, 4):   "64.64.4.2  64.64.4.2  32.32.4.1  32.32.4.1  32.32.4.1  32.32.4.1",
     (86, 64, 4):   "64.32.4.2  64.32.4.2  32.32.4.1  32.32.4.1  32.32.4.1  32.32.4.1",
@@ -1129,9 +1213,70 @@ def _global_args(globals_: GlobalTokens | None, q: torch.Tensor):
     return gk, gv, table, globals_.caps, gk.shape[2], _cut(table), globals_.block_size
 
 
-def _forward(q, k, v, dist_table, key_padding_mask, seed, causal, q_offset, scale, dropout_p, window=-1, globals_=None):
+class Segments(NamedTuple):
+    """Packed rows as the kernels read them: the `(B, Lq)` and `(B, Lk)` segment ids, int32, rows
+    contiguous, padding (ids below 1) as -1 among the queries and -2 among the keys, so that one
+    comparison of ids is the whole mask (`_segments`)."""
+
+    q: torch.Tensor
+    k: torch.Tensor
+
+
+def _segments(q_segment_ids: torch.Tensor | None, k_segment_ids: torch.Tensor | None,
+              key_padding_mask: torch.Tensor | None = None) -> Segments | None:  # fmt: skip
+    """The kernels' ids; a padding mask given too makes its masked keys padding (the launch then
+    takes no mask: one comparison stays the whole mask)."""
+    if q_segment_ids is None:
+        return None
+    real_keys = k_segment_ids > 0
+    if key_padding_mask is not None:
+        real_keys = real_keys & (key_padding_mask != 0)
+    q = torch.where(q_segment_ids > 0, q_segment_ids, -1).to(torch.int32).contiguous()
+    k = torch.where(real_keys, k_segment_ids, -2).to(torch.int32).contiguous()
+    return Segments(q, k)
+
+
+def _segment_spans(rows: torch.Tensor, cols: torch.Tensor, block: int) -> torch.Tensor:
+    """`(B, 2, tiles)` int32: for each tile of `block` rows, the columns [lo, hi) that its rows' segments
+    meet (lo > hi where none do: a tile of padding). Each segment id's columns are spanned by their
+    first and last; ids past the column count share one span, wider but still containing theirs, so
+    a tile is never cut short. Contiguous segments give exact bounds."""
+    B, n_rows = rows.shape
+    n_cols = cols.shape[1]
+    slots = n_cols + 1  # padding (ids below 1) in slot 0, ids 1 .. n_cols - 1 in their own, the rest in the last
+
+    def slot(ids: torch.Tensor) -> torch.Tensor:
+        return torch.where(ids < 1, 0, torch.clamp(ids, max=n_cols)).long()
+
+    index = torch.arange(n_cols, device=cols.device, dtype=torch.int32).expand(B, n_cols)
+    first = torch.full((B, slots), n_cols, dtype=torch.int32, device=cols.device)
+    last = torch.zeros(B, slots, dtype=torch.int32, device=cols.device)
+    first = first.scatter_reduce(1, slot(cols), index, "amin")
+    last = last.scatter_reduce(1, slot(cols), index + 1, "amax")
+    first[:, 0], last[:, 0] = n_cols, 0  # padding columns are never met
+    tiles = triton.cdiv(n_rows, block)
+    lo = torch.full((B, tiles * block), n_cols, dtype=torch.int32, device=rows.device)
+    hi = torch.zeros(B, tiles * block, dtype=torch.int32, device=rows.device)
+    lo[:, :n_rows] = first.gather(1, slot(rows))
+    hi[:, :n_rows] = last.gather(1, slot(rows))
+    return torch.stack([lo.view(B, tiles, block).amin(2), hi.view(B, tiles, block).amax(2)], 1).contiguous()
+
+
+def _segment_args(segs: Segments | None, q: torch.Tensor, rows: str, block: int) -> tuple:
+    """Kernel arguments for packed rows: query ids, key ids and the spans of the launch's tiles of
+    `rows` ("q": query tiles over keys, "k": key tiles over queries); placeholders without."""
+    if segs is None:
+        empty = torch.empty(1, 1, dtype=torch.int32, device=q.device)
+        return empty, empty, empty
+    spans = _segment_spans(segs.q, segs.k, block) if rows == "q" else _segment_spans(segs.k, segs.q, block)
+    return segs.q, segs.k, spans
+
+
+def _forward(q, k, v, dist_table, key_padding_mask, seed, causal, q_offset, scale, dropout_p, window=-1, globals_=None,
+             segs=None):  # fmt: skip
     """Launch the forward. Returns out `(B, H, Lq, D)` (laid out `(B, Lq, H, D)`) and lse `(B, H, Lq)`
-    fp32 (log2 domain). With `globals_` every row also attends to the global tokens."""
+    fp32 (log2 domain). With `globals_` every row also attends to the global tokens; with `segs`
+    (packed rows) only the keys of its own segment."""
     B, H, Lq, D = q.shape
     Lk = k.shape[2]
     q, k, v = (last_dim_contiguous(t) for t in (q, k, v))
@@ -1143,20 +1288,21 @@ def _forward(q, k, v, dist_table, key_padding_mask, seed, causal, q_offset, scal
     gk, gv, gtable, caps, G, cut_g, gbs = _global_args(globals_, q)
     block_m, block_n, warps, stages = _fwd_config(D, q.dtype, Lq, q.device, has_global=G > 0)
     kpm = key_mask(key_padding_mask, q.device)
+    qseg, kseg, spans = _segment_args(segs, q, "q", block_m)
     grid = (triton.cdiv(Lq, block_m), H, B)
     _bucketed_attention_fwd_kernel[grid](
         q, k, v, _kernel_table(dist_table, q, block_m, block_n), kpm, gk, gv,
-        _kernel_table(gtable, q, block_m, block_n), caps, out, lse,
+        _kernel_table(gtable, q, block_m, block_n), caps, qseg, kseg, spans, out, lse,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
         gk.stride(0), gk.stride(1), gk.stride(2),
         gv.stride(0), gv.stride(1), gv.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
-        kpm.stride(0),
+        kpm.stride(0), qseg.stride(0), kseg.stride(0),
         H, Lq, Lk, G, D, q_offset, _cut(dist_table), cut_g, window, scale * _LOG2E, dropout_p, seed,
         HAS_BIAS=dist_table is not None, HAS_KPM=key_padding_mask is not None, CAUSAL=causal, WINDOWED=window >= 0,
-        HAS_GLOBAL=G > 0, HAS_GBIAS=globals_ is not None and globals_.dist_table is not None,
+        HAS_SEG=segs is not None, HAS_GLOBAL=G > 0, HAS_GBIAS=globals_ is not None and globals_.dist_table is not None,
         DROPOUT=dropout_p > 0.0, GBS=gbs, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=_block_d(D),
         PRECISION=_precision(q.dtype), num_warps=warps, num_stages=stages,
     )  # fmt: skip
@@ -1180,6 +1326,7 @@ def _backward(
     window=-1,
     grad_lse=None,
     globals_=None,
+    segs=None,
 ):
     """Launch the backward. Returns dq, dk, dv (in the layout of `_like_heads`), the `(H, 2C + 1)`
     fp32 gradient of the distance table (empty without a bias) and, with `globals_`, the gradients
@@ -1227,7 +1374,7 @@ def _backward(
     kpm = key_mask(key_padding_mask, q.device)
     common = dict(
         HAS_KPM=key_padding_mask is not None, CAUSAL=causal, WINDOWED=window >= 0, DROPOUT=dropout_p > 0.0, GBS=gbs,
-        BLOCK_D=block_d, PRECISION=_precision(q.dtype),
+        BLOCK_D=block_d, PRECISION=_precision(q.dtype), HAS_SEG=segs is not None,
     )  # fmt: skip
     tail = (scale, scale * _LOG2E, dropout_p, seed)
 
@@ -1237,21 +1384,24 @@ def _backward(
 
     def dkdv(keys_k, keys_v, keys_table, n_keys, keys_cut, key_base, grad_k, grad_v, **flags):
         bm, bn = dkdv_tile[:2]
+        qseg, kseg, spans = _segment_args(segs, q, "k", bn)
         _bucketed_attention_bwd_dkdv_kernel[(triton.cdiv(n_keys, bn), H, B)](
-            q, keys_k, keys_v, _kernel_table(keys_table, q, bm, bn), kpm, caps, do, lse, delta, grad_k, grad_v,
+            q, keys_k, keys_v, _kernel_table(keys_table, q, bm, bn), kpm, caps, qseg, kseg, spans, do, lse, delta,
+            grad_k, grad_v,
             q.stride(0), q.stride(1), q.stride(2),
             keys_k.stride(0), keys_k.stride(1), keys_k.stride(2),
             keys_v.stride(0), keys_v.stride(1), keys_v.stride(2),
             do.stride(0), do.stride(1), do.stride(2),
             grad_k.stride(0), grad_k.stride(1), grad_k.stride(2),
-            kpm.stride(0), H, Lq, n_keys, D, q_offset, keys_cut, window, key_base, *tail,
+            kpm.stride(0), qseg.stride(0), kseg.stride(0),
+            H, Lq, n_keys, D, q_offset, keys_cut, window, key_base, *tail,
             **dict(common, **flags), **launch_options(dkdv_tile),
         )  # fmt: skip
 
     dkdv(k, v, dist_table, Lk, cut, 0, dk, dv, HAS_BIAS=has_bias, GLOBAL_KEYS=False)
     if G > 0:
         dkdv(gk, gv, gtable, G, cut_g, Lk, dgk, dgv, HAS_BIAS=has_gbias, GLOBAL_KEYS=True,
-             HAS_KPM=False, CAUSAL=False, WINDOWED=False)  # fmt: skip
+             HAS_KPM=False, CAUSAL=False, WINDOWED=False, HAS_SEG=False)  # fmt: skip
     elif dgk is not None:
         dgk.zero_(), dgv.zero_()
 
@@ -1269,10 +1419,12 @@ def _backward(
     grows = torch.empty(slots, grow, dtype=torch.float32, device=q.device)
     partial = torch.empty(slots * partial_tile or 1, dtype=torch.float32, device=q.device)
     table, gtable = _kernel_table(dist_table, q, block_m, block_n), _kernel_table(gtable, q, block_m, block_n)
+    qseg, kseg, spans = _segment_args(segs, q, "q", block_m)
 
     def dq_launch(grid, bases, ordinary: bool, with_globals: bool):
         _bucketed_attention_bwd_dq_kernel[grid](
-            q, k, v, table, kpm, gk, gv, gtable, caps, do, lse, delta, dq, partial, rows, grows, scratch,
+            q, k, v, table, kpm, gk, gv, gtable, caps, qseg, kseg, spans, do, lse, delta, dq, partial, rows, grows,
+            scratch,
             q.stride(0), q.stride(1), q.stride(2),
             k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2),
@@ -1280,7 +1432,7 @@ def _backward(
             gv.stride(0), gv.stride(1), gv.stride(2),
             do.stride(0), do.stride(1), do.stride(2),
             dq.stride(0), dq.stride(1), dq.stride(2),
-            kpm.stride(0), H, Lq, Lk, G, D, q_offset, cut, cut_g, window, *bases, *tail,
+            kpm.stride(0), qseg.stride(0), kseg.stride(0), H, Lq, Lk, G, D, q_offset, cut, cut_g, window, *bases, *tail,
             HAS_BIAS=has_bias, ORDINARY=ordinary, HAS_GLOBAL=with_globals, HAS_GBIAS=has_gbias,
             PARTIAL_IN=with_globals, PARTIAL_OUT=ordinary and G > 0, SKEW=_skew(block_m, block_n), **common,
             **launch_options(dq_tile),
@@ -1307,7 +1459,7 @@ def _backward(
 # --------------------------------------------------------------------------------------------
 
 
-def _check_inputs(q, k, v, bias_table, key_padding_mask) -> None:
+def _check_inputs(q, k, v, bias_table, key_padding_mask, q_segment_ids=None, k_segment_ids=None) -> None:
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError(
             f"bucketed_attention expects q, k, v of shape (B, H, L, D); got {tuple(q.shape)}, "
@@ -1325,6 +1477,15 @@ def _check_inputs(q, k, v, bias_table, key_padding_mask) -> None:
             f"bucketed_attention: key_padding_mask must be (B={B}, Lk={k.shape[2]}); "
             f"got {tuple(key_padding_mask.shape)}"
         )
+    if (q_segment_ids is None) != (k_segment_ids is None):
+        raise ValueError("bucketed_attention: pass both q_segment_ids and k_segment_ids, or neither")
+    if q_segment_ids is not None:
+        for name, ids, L in (("q", q_segment_ids, q.shape[2]), ("k", k_segment_ids, k.shape[2])):
+            if tuple(ids.shape) != (B, L) or ids.is_floating_point() or ids.is_complex():
+                raise ValueError(
+                    f"bucketed_attention: {name}_segment_ids must be integer (B={B}, L{name}={L}); "
+                    f"got {ids.dtype} {tuple(ids.shape)}"
+                )
 
 
 def bucketed_attention_reference(
@@ -1340,6 +1501,8 @@ def bucketed_attention_reference(
     q_offset: int = 0,
     scale: float = 1.0,
     dropout_p: float = 0.0,
+    q_segment_ids: torch.Tensor | None = None,
+    k_segment_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Plain PyTorch attention with fp32 math. q `(B, H, Lq, D)`, k/v `(B, H, Lk, D)` -> `(B, H, Lq, D)`.
 
@@ -1362,6 +1525,10 @@ def bucketed_attention_reference(
         j = torch.arange(Lk, device=q.device)[None, :]
         future_ok = (j <= i)[None, None]  # (1, 1, Lq, Lk)
         allowed = future_ok if allowed is None else allowed & future_ok
+    if q_segment_ids is not None:
+        q_seg, k_seg = q_segment_ids[:, None, :, None], k_segment_ids[:, None, None, :]  # (B, 1, Lq, 1), (B, 1, 1, Lk)
+        same = (q_seg == k_seg) & (k_seg > 0)
+        allowed = same if allowed is None else allowed & same  # (B, 1, Lq, Lk)
     if allowed is not None:
         scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)
     probs = torch.softmax(scores, dim=-1)
@@ -1394,18 +1561,23 @@ def _fwd_op(
     scale: float,
     dropout_p: float,
     window: int,
+    q_segment_ids: torch.Tensor | None = None,
+    k_segment_ids: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """out `(B, Lq, H, D)` (heads not yet moved to dim 1) and the log-sum-exp of each row's scores
     `(B, H, Lq)` fp32 (-inf for a row with no key), differentiable: LongT5 merges partial softmaxes
     through it. `window` < 0: no window."""
+    segs = _segments(q_segment_ids, k_segment_ids, key_padding_mask)
     out, lse2 = _forward(
-        q, k, v, dist_table, key_padding_mask, seed_value(seed), causal, q_offset, scale, dropout_p, window
-    )
+        q, k, v, dist_table, None if segs else key_padding_mask, seed_value(seed), causal, q_offset, scale, dropout_p,
+        window, segs=segs,
+    )  # fmt: skip
     return out.transpose(1, 2), natural_lse(lse2)
 
 
 @_fwd_op.register_fake
-def _fwd_fake(q, k, v, dist_table, key_padding_mask, seed, causal, q_offset, scale, dropout_p, window):
+def _fwd_fake(q, k, v, dist_table, key_padding_mask, seed, causal, q_offset, scale, dropout_p, window,
+              q_segment_ids=None, k_segment_ids=None):  # fmt: skip
     B, H, Lq, D = q.shape
     return q.new_empty(B, Lq, H, D), q.new_empty(B, H, Lq, dtype=torch.float32)
 
@@ -1427,13 +1599,16 @@ def _bwd_op(
     scale: float,
     dropout_p: float,
     window: int,
+    q_segment_ids: torch.Tensor | None = None,
+    k_segment_ids: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """dq `(B, Lq, H, D)`, dk and dv `(B, Lk, H, D)`, and the `(H, 2C + 1)` gradient of dist_table
     (`(0, 0)` without one)."""
     lse2, grad_lse = kernel_lse(lse, grad_lse)
+    segs = _segments(q_segment_ids, k_segment_ids, key_padding_mask)
     dq, dk, dv, ddt, *_ = _backward(
-        do, q, k, v, out, lse2, dist_table, key_padding_mask, seed_value(seed), causal, q_offset, scale, dropout_p,
-        window, grad_lse,
+        do, q, k, v, out, lse2, dist_table, None if segs else key_padding_mask, seed_value(seed), causal, q_offset,
+        scale, dropout_p, window, grad_lse, segs=segs,
     )  # fmt: skip
     if dist_table is None:
         ddt = ddt.new_zeros(0, 0)
@@ -1442,7 +1617,23 @@ def _bwd_op(
 
 @_bwd_op.register_fake
 def _bwd_fake(
-    do, q, k, v, out, lse, grad_lse, dist_table, key_padding_mask, seed, causal, q_offset, scale, dropout_p, window
+    do,
+    q,
+    k,
+    v,
+    out,
+    lse,
+    grad_lse,
+    dist_table,
+    key_padding_mask,
+    seed,
+    causal,
+    q_offset,
+    scale,
+    dropout_p,
+    window,
+    q_segment_ids=None,
+    k_segment_ids=None,
 ):
     B, H, Lq, D = q.shape
     Lk = k.shape[2]
@@ -1452,26 +1643,26 @@ def _bwd_fake(
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, dist_table, key_padding_mask, seed, causal, q_offset, scale, dropout_p, window = inputs
+    q, k, v, dist_table, key_padding_mask, seed, causal, q_offset, scale, dropout_p, window, q_seg, k_seg = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, dist_table, key_padding_mask, seed)
+    ctx.save_for_backward(q, k, v, out, lse, dist_table, key_padding_mask, seed, q_seg, k_seg)
     ctx.args = (causal, q_offset, scale, dropout_p, window)
 
 
 def _backward_op(ctx, grad_out, grad_lse):
-    q, k, v, out, lse, dist_table, key_padding_mask, seed = ctx.saved_tensors
+    q, k, v, out, lse, dist_table, key_padding_mask, seed, q_seg, k_seg = ctx.saved_tensors
     if grad_out is None:
         grad_out = torch.zeros_like(out)
     dq, dk, dv, ddt = torch.ops.fastseq.bucketed_attention_bwd(
         grad_out.transpose(1, 2), q, k, v, out.transpose(1, 2), lse, grad_lse, dist_table, key_padding_mask, seed,
-        *ctx.args,
+        *ctx.args, q_seg, k_seg,
     )  # fmt: skip
     return (
         dq.transpose(1, 2),
         dk.transpose(1, 2),
         dv.transpose(1, 2),
         ddt if dist_table is not None else None,
-        *([None] * 7),
+        *([None] * 9),
     )
 
 
@@ -1479,30 +1670,57 @@ _fwd_op.register_autograd(_backward_op, setup_context=_setup_context)
 
 
 def attention_with_lse(
-    q, k, v, dist_table, *, key_padding_mask=None, causal=False, q_offset=0, scale=1.0, dropout_p=0.0, window=-1
+    q,
+    k,
+    v,
+    dist_table,
+    *,
+    key_padding_mask=None,
+    causal=False,
+    q_offset=0,
+    scale=1.0,
+    dropout_p=0.0,
+    window=-1,
+    q_segment_ids=None,
+    k_segment_ids=None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The Triton attention on a prepared `(H, 2C + 1)` distance table (or None), returning the
     output `(B, H, Lq, D)` and each row's log-sum-exp `(B, H, Lq)` fp32 (-inf where no key is
-    allowed), both differentiable. `window` >= 0 limits keys to |j - (q_offset + i)| <= window."""
+    allowed), both differentiable. `window` >= 0 limits keys to |j - (q_offset + i)| <= window;
+    segment ids (packed rows) to the keys of the query's segment."""
     seed = None
     if dropout_p > 0.0:
         # Drawn from PyTorch's CPU generator, so torch.manual_seed fixes the dropout mask.
         seed = torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64)
     out, lse = torch.ops.fastseq.bucketed_attention_fwd(
-        q, k, v, dist_table, key_padding_mask, seed, causal, q_offset, float(scale), float(dropout_p), int(window)
-    )
+        q, k, v, dist_table, key_padding_mask, seed, causal, q_offset, float(scale), float(dropout_p), int(window),
+        q_segment_ids, k_segment_ids,
+    )  # fmt: skip
     return out.transpose(1, 2), lse  # (B, H, Lq, D), (B, H, Lq)
 
 
 def _bucketed_attention_triton(
-    q, k, v, bias_table, *, bidirectional, max_distance, causal, key_padding_mask, q_offset, scale, dropout_p
+    q,
+    k,
+    v,
+    bias_table,
+    *,
+    bidirectional,
+    max_distance,
+    causal,
+    key_padding_mask,
+    q_offset,
+    scale,
+    dropout_p,
+    q_segment_ids,
+    k_segment_ids,
 ) -> torch.Tensor:
     dist_table = None
     if bias_table is not None:
         dist_table = distance_table(bias_table, bidirectional=bidirectional, max_distance=max_distance)
     out, _ = attention_with_lse(
         q, k, v, dist_table, key_padding_mask=key_padding_mask, causal=causal, q_offset=q_offset, scale=scale,
-        dropout_p=dropout_p,
+        dropout_p=dropout_p, q_segment_ids=q_segment_ids, k_segment_ids=k_segment_ids,
     )  # fmt: skip
     return out
 
@@ -1529,16 +1747,21 @@ def bucketed_attention(
     q_offset: int = 0,
     scale: float = 1.0,
     dropout_p: float = 0.0,
+    q_segment_ids: torch.Tensor | None = None,
+    k_segment_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """T5 attention. q `(B, H, Lq, D)`, k/v `(B, H, Lk, D)`, bias_table `(num_buckets, H)` or None,
-    key_padding_mask `(B, Lk)` (nonzero = attend) -> `(B, H, Lq, D)` in q's dtype. Under autocast
+    key_padding_mask `(B, Lk)` (nonzero = attend) -> `(B, H, Lq, D)` in q's dtype. Packed rows give
+    q_segment_ids `(B, Lq)` and k_segment_ids `(B, Lk)` (integer, 1, 2, ... per example, 0 = padding):
+    query i sees key j only where both ids are equal and positive; the bias stays over row positions,
+    exact since no allowed pair crosses a segment. Under autocast
     q, k and v are cast to autocast's dtype (as for `F.scaled_dot_product_attention`); the bias stays
     fp32 and the softmax runs in fp32, as in `transformers`.
 
     The Triton path is deterministic: the same inputs (and seed, with dropout) give bitwise the
     same outputs and gradients, with no atomics in forward or backward.
     """
-    _check_inputs(q, k, v, bias_table, key_padding_mask)
+    _check_inputs(q, k, v, bias_table, key_padding_mask, q_segment_ids, k_segment_ids)
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"bucketed_attention: dropout_p must be in [0, 1); got {dropout_p}")
     if q_offset < 0:
@@ -1551,6 +1774,8 @@ def bucketed_attention(
         q_offset=q_offset,
         scale=scale,
         dropout_p=dropout_p,
+        q_segment_ids=q_segment_ids,
+        k_segment_ids=k_segment_ids,
     )
     if dtype := autocast_dtype(q, k, v):
         with autocast_off(q):
@@ -1562,16 +1787,20 @@ def bucketed_attention(
 
 
 # Feature sets of the compile-only builds. The heaviest that a launcher can pick: T5's decoder
-# self-attention in training and LongT5's transient-global attention in training; then the sets
-# whose instruction counts price a feature on the same tile (`PRICES`).
-_OFF = dict(HAS_BIAS=False, HAS_KPM=False, CAUSAL=False, WINDOWED=False, HAS_GLOBAL=False, HAS_GBIAS=False,
-            DROPOUT=False)  # fmt: skip
+# self-attention in training, padded or packed (a padding mask given with segment ids is folded into
+# the keys' ids, `_segments`: no launch has both), and LongT5's transient-global attention in
+# training; then the sets whose instruction counts price a feature on the same tile (`PRICES`).
+_OFF = dict(HAS_BIAS=False, HAS_KPM=False, CAUSAL=False, WINDOWED=False, HAS_SEG=False, HAS_GLOBAL=False,
+            HAS_GBIAS=False, DROPOUT=False)  # fmt: skip
 FEATURES = {
     "t5": dict(_OFF, HAS_BIAS=True, HAS_KPM=True, CAUSAL=True, DROPOUT=True),
+    "t5-pack": dict(_OFF, HAS_BIAS=True, HAS_SEG=True, CAUSAL=True, DROPOUT=True),
     "longt5": dict(_OFF, HAS_BIAS=True, HAS_KPM=True, WINDOWED=True, HAS_GLOBAL=True, HAS_GBIAS=True, DROPOUT=True),
     "none": dict(_OFF),
     "pad": dict(_OFF, HAS_KPM=True),
     "bias-pad": dict(_OFF, HAS_BIAS=True, HAS_KPM=True),
+    "pack": dict(_OFF, HAS_SEG=True),
+    "bias-pack": dict(_OFF, HAS_BIAS=True, HAS_SEG=True),
     "local-global": dict(_OFF, HAS_BIAS=True, HAS_KPM=True, WINDOWED=True, HAS_GLOBAL=True, HAS_GBIAS=True),
 }
 # (priced build, baseline build, at most this many times the baseline's SASS instructions), for
@@ -1580,12 +1809,26 @@ PRICES = [
     ("fwd-bias-pad", "fwd-none", 1.5),  # T5's bias (padding on) against the same tile without either
     ("dq-bias-pad+dkdv-bias-pad", "dq-none+dkdv-none", 2.0),  # the backward with the table's gradient
     ("fwd_global-local-global", "fwd_global-none", 2.5),  # LongT5 local + transient-global
+    # Packed rows (segment ids and the tile bounds of their spans) against a padding mask, T5's
+    # self-attention (bias) and cross-attention (none).
+    ("fwd-bias-pack", "fwd-bias-pad", 1.15),
+    ("fwd-pack", "fwd-pad", 1.15),
+    ("dq-bias-pack+dkdv-bias-pack", "dq-bias-pad+dkdv-bias-pad", 1.15),
+    ("dq-pack+dkdv-pack", "dq-pad+dkdv-pad", 1.15),
 ]
-# (build, baseline): no more warp shuffles than the baseline (the bias spread costs none).
-SHUFFLE_BOUNDS = [("fwd-bias-pad", "fwd-pad")]
+# (build, baseline): no more warp shuffles than the baseline (the bias spread and the segment masks
+# cost none).
+SHUFFLE_BOUNDS = [
+    ("fwd-bias-pad", "fwd-pad"),
+    *((f"{kernel}-{bias}pack", f"{kernel}-{bias}pad") for kernel in ("fwd", "dq", "dkdv") for bias in ("", "bias-")),
+]
 # Builds compiled only as a price's baseline, never launched: no launcher runs the global-token tile
 # without global tokens.
 BASELINES_ONLY = ("fwd_global-none",)
+
+
+# Batch strides of the padding mask and the segment ids: their rows are as long as the sequence, any length.
+_ANY_LENGTH = ("stride_kpmb", "stride_qsegb", "stride_ksegb")
 
 
 def compile_specs() -> list:
@@ -1606,7 +1849,8 @@ def compile_specs() -> list:
         for dtype in dtypes:
             pointers = {n: f"*{dtype}" for n in ("Q", "K", "V", "GK", "GV", "Out", "DO", "DQ", "DK", "DV")}
             pointers.update(DT="*fp32", GDT="*fp32", LSE="*fp32", DELTA="*fp32", DDT="*fp32", DDTG="*fp32",
-                            SCR="*fp32", DQP="*fp32", KPM="*i8", CAP="*i32")  # fmt: skip
+                                        SCR="*fp32", DQP="*fp32", KPM="*i8", CAP="*i32", QSEG="*i32", KSEG="*i32",
+                            SPAN="*i32")  # fmt: skip
 
             def add(role, features, kernel, tile, extra=(), arch=arch, block_d=block_d, dtype=dtype, pointers=pointers):
                 bm, bn, warps, stages = tile
@@ -1634,7 +1878,7 @@ def compile_specs() -> list:
                 aligned = tuple(
                     n
                     for n in kernel.arg_names
-                    if sig[n].startswith("*") or n == "D" or (n.startswith("stride_") and n != "stride_kpmb")
+                    if sig[n].startswith("*") or n == "D" or (n.startswith("stride_") and n not in _ANY_LENGTH)
                 )
                 specs.append(CompileSpec(name, kernel.__name__, sig, ce, options, arch, wide=batch_strides,
                                          aligned=aligned))  # fmt: skip
@@ -1642,10 +1886,13 @@ def compile_specs() -> list:
             fwd, bwd_dq, bwd_dkdv = _bucketed_attention_fwd_kernel, _bucketed_attention_bwd_dq_kernel, \
                 _bucketed_attention_bwd_dkdv_kernel  # fmt: skip
             add("fwd", "t5", fwd, tiles.fwd)
+            add("fwd", "t5-pack", fwd, tiles.fwd)
             add("decode", "t5", fwd, (16,) + tiles.fwd[1:])
             add("fwd_global", "longt5", fwd, tiles.fwd_global)
             add("dq", "t5", bwd_dq, tiles.dq)
             add("dkdv", "t5", bwd_dkdv, tiles.dkdv)
+            add("dq", "t5-pack", bwd_dq, tiles.dq)
+            add("dkdv", "t5-pack", bwd_dkdv, tiles.dkdv)
             no_globals = dict(HAS_GLOBAL=False, HAS_GBIAS=False)
             add("dq_local", "longt5", bwd_dq, tiles.dq_global, dict(no_globals, PARTIAL_OUT=True))
             add("dq_global", "longt5", bwd_dq, tiles.dq_global, dict(ORDINARY=False, PARTIAL_IN=True))
@@ -1655,9 +1902,9 @@ def compile_specs() -> list:
             if dtype != "fp16":
                 add("pre", "none", _bucketed_attention_bwd_preprocess_kernel, tiles.dq)
             if dtype == "bf16" and block_d in (64, 128) and arch in (80, 90):
-                for features in ("none", "pad", "bias-pad"):
+                for features in ("none", "pad", "bias-pad", "pack", "bias-pack"):
                     add("fwd", features, fwd, tiles.fwd)
-                for features in ("none", "bias-pad"):
+                for features in ("none", "pad", "bias-pad", "pack", "bias-pack"):
                     add("dq", features, bwd_dq, tiles.dq)
                     add("dkdv", features, bwd_dkdv, tiles.dkdv)
                 for features in ("none", "local-global"):

@@ -1,6 +1,7 @@
 """Kernels with known compiled shapes, for tests/kernels/test_compile_targets.py: one that must
 spill (a 128 x 256 fp32 tile, 256 values a thread with 128 threads, kept live across a loop), one
-plain bf16 dot (tensor-core instructions, no spill), one fp32 dot with exact products (CUDA cores).
+plain bf16 dot (tensor-core instructions, no spill), one fp32 dot with exact products (CUDA cores),
+one that adds into global memory atomically (its result used: ATOMG; unused: RED).
 Prints the static stats of each as JSON lines. Run without TRITON_INTERPRET."""
 
 from __future__ import annotations
@@ -29,6 +30,14 @@ def _dot_kernel(A, B, C, BLOCK: tl.constexpr, PRECISION: tl.constexpr):
     tl.store(C + offs, tl.dot(tl.load(A + offs), tl.load(B + offs), input_precision=PRECISION))
 
 
+@triton.jit
+def _atomic_kernel(X, Y, Z, BLOCK: tl.constexpr):
+    offs = tl.arange(0, BLOCK)
+    old = tl.atomic_add(Y + offs, tl.load(X + offs))
+    tl.store(Z + offs, old)
+    tl.atomic_add(Y + BLOCK + offs, tl.load(X + offs))
+
+
 def main() -> None:
     builds = [
         (_spilling_kernel, {"X": "*fp32", "Y": "*fp32", "n": "i32", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr"},
@@ -37,6 +46,7 @@ def main() -> None:
          {"BLOCK": 64, "PRECISION": "ieee"}),
         (_dot_kernel, {"A": "*fp32", "B": "*fp32", "C": "*fp32", "BLOCK": "constexpr", "PRECISION": "constexpr"},
          {"BLOCK": 64, "PRECISION": "ieee"}),
+        (_atomic_kernel, {"X": "*fp32", "Y": "*fp32", "Z": "*fp32", "BLOCK": "constexpr"}, {"BLOCK": 128}),
     ]  # fmt: skip
     for kernel, sig, constexprs in builds:
         source = ASTSource(fn=kernel, signature=sig, constexprs=constexprs)

@@ -202,6 +202,33 @@ def _kwargs(case):
     )
 
 
+def _allowed(mask, case, B: int, Lq: int, Lk: int, device) -> torch.Tensor:
+    """`(B, 1, Lq, Lk)`: which scores a case keeps (its padding mask, and causality from q_offset)."""
+    ok = torch.ones(B, 1, Lq, Lk, dtype=torch.bool, device=device)
+    if mask is not None:
+        ok = ok & mask.bool()[:, None, None, :]
+    if case["causal"]:
+        ok = ok & (torch.arange(Lk, device=device)[None] <= torch.arange(Lq, device=device)[:, None] + case["q_offset"])
+    return ok
+
+
+def _rounded_output_term(leaves, mask, case, grad_out, exact_out, out):
+    """What the table's gradient gains, in float64, from the kernel's delta = rowsum(dO * O) taken
+    from its rounded output `out` (as every flash-style backward does) rather than the exact one. Each
+    row's dS = P * (dP - delta) then gains P * c with c = rowsum(dO * (O - out)), and the sum over a
+    row of P * c is c times the gradient of the row's log-sum-exp: a bucket, which sums whole rows'
+    dS, is off by c where the rows' terms cancel, which no error bound on the table's size covers."""
+    q, k, _, table = (t.detach().cpu().double() for t in leaves)
+    table.requires_grad_()
+    Lq, Lk = q.shape[2], k.shape[2]
+    bias = relative_bias(table, Lq, Lk, bidirectional=case["bidirectional"], max_distance=12, q_offset=case["q_offset"])
+    scores = torch.matmul(q, k.transpose(-1, -2)) * case["scale"] + bias
+    ok = _allowed(None if mask is None else mask.cpu(), case, q.shape[0], Lq, Lk, q.device)
+    lse = torch.logsumexp(scores.masked_fill(~ok, float("-inf")).where(ok.any(-1, keepdim=True), 0.0), -1)
+    c = (grad_out.cpu().double() * (exact_out - out.detach().cpu().double())).sum(-1)
+    return torch.autograd.grad((c * lse).sum(), table)[0]
+
+
 def _float64_grads(leaves, mask, case, grad_out):
     ref_leaves = [t.detach().cpu().double().requires_grad_() for t in leaves]
     table = ref_leaves[3] if len(ref_leaves) == 4 else None
@@ -215,8 +242,11 @@ def _run(leaves, mask, case, grad_out, **extra):
     return out, torch.autograd.grad(out, leaves, grad_out)
 
 
+# The 130-long cases (many tiles, band tiles and tiles past the cut-off) are the full matrix's.
 @pytest.mark.parametrize(
-    "case", TRITON_CASES, ids=lambda c: "Lq{Lq}-Lk{Lk}-D{D}-causal{causal}-off{q_offset}".format(**c)
+    "case",
+    [pytest.param(c, marks=pytest.mark.slow) if c["Lq"] == 130 else c for c in TRITON_CASES],
+    ids=lambda c: "Lq{Lq}-Lk{Lk}-D{D}-causal{causal}-off{q_offset}".format(**c),
 )
 def test_triton_fp32_against_float64(case, triton_backend):
     leaves, mask = _random_inputs(case)
@@ -241,27 +271,28 @@ def _torch_in_dtype(leaves, mask, case, grad_out):
             leaves[3], Lq, Lk, bidirectional=case["bidirectional"], max_distance=12, q_offset=case["q_offset"]
         )
         scores = scores + bias.to(q.dtype)
-    ok = torch.ones(q.shape[0], 1, Lq, Lk, dtype=torch.bool, device=q.device)
-    if mask is not None:
-        ok = ok & mask.bool()[:, None, None, :]
-    if case["causal"]:
-        ok = ok & (
-            torch.arange(Lk, device=q.device)[None] <= torch.arange(Lq, device=q.device)[:, None] + case["q_offset"]
-        )
+    ok = _allowed(mask, case, q.shape[0], Lq, Lk, q.device)
     probs = torch.softmax(scores.float().masked_fill(~ok, float("-inf")), -1).nan_to_num(0.0).to(q.dtype)
     out = torch.matmul(probs, v)
     return out, torch.autograd.grad(out, leaves, grad_out)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-@pytest.mark.parametrize("case", [TRITON_CASES[3], TRITON_CASES[5], TRITON_CASES[7]], ids=["bidir", "decode", "nobias"])
+@pytest.mark.parametrize(
+    "case",
+    [pytest.param(TRITON_CASES[3], marks=pytest.mark.slow), TRITON_CASES[5], TRITON_CASES[7]],
+    ids=["bidir", "decode", "nobias"],
+)
 def test_triton_half_precision_within_twice_torch_error(case, dtype, triton_backend):
     leaves, mask = _random_inputs(case, dtype=dtype)
-    grad_out = torch.randn(2, 3, case["Lq"], case["D"], device=DEVICE).to(dtype)
+    g = torch.Generator().manual_seed(1)
+    grad_out = torch.randn(2, 3, case["Lq"], case["D"], generator=g).to(dtype).to(DEVICE)
     expected, ref_grads = _float64_grads(leaves, mask, case, grad_out)
     out, grads = _run(leaves, mask, case, grad_out)
     t_out, t_grads = _torch_in_dtype(leaves, mask, case, grad_out)
     assert out.dtype == dtype
+    if len(leaves) == 4:
+        ref_grads = (*ref_grads[:3], ref_grads[3] + _rounded_output_term(leaves, mask, case, grad_out, expected, out))
     names = ["out", "q", "k", "v", "bias_table"]
     for name, got, torch_got, exact in zip(
         names, (out, *grads), (t_out, *t_grads), (expected, *ref_grads), strict=False
@@ -355,7 +386,7 @@ def dq_slot_bytes(D, dtype, cut, global_cut=None):
     return 4 * words
 
 
-@pytest.mark.parametrize("slots", [3, 7, 16])
+@pytest.mark.parametrize("slots", [3, *(pytest.param(n, marks=pytest.mark.slow) for n in (7, 16))])
 def test_triton_dq_scratch_is_bounded(slots, triton_backend, monkeypatch):
     """The dQ programs' buffers (a dS tile and a per-distance row each, for the bias gradient) take at
     most _DQ_SCRATCH_BYTES per launch, whatever B * H * L; one buffer per program of the whole
@@ -434,6 +465,7 @@ def test_triton_dropout_mask_is_exact_and_regenerated_in_backward(triton_backend
         assert_close(g.cpu(), r, rel=2e-5, what=f"dropout grad of {name}")
 
 
+@pytest.mark.slow
 def test_triton_dropout_gradient_matches_finite_differences(triton_backend):
     """Directional derivatives at a fixed seed: central differences with Richardson extrapolation."""
     case, p = DROPOUT_CASE, 0.3
@@ -462,6 +494,7 @@ def test_triton_dropout_gradient_matches_finite_differences(triton_backend):
         assert abs(numeric - analytic) <= 1e-3 * max(abs(analytic.item()), 1.0), (name, numeric, analytic)
 
 
+@pytest.mark.slow
 def test_triton_dropout_mean_effect(triton_backend):
     """Averaged over seeds, attention with dropout is attention without it."""
     case = DROPOUT_CASE
@@ -498,6 +531,7 @@ def test_clamped_distances_keep_every_bucket(bidirectional, num_buckets, max_dis
     )
 
 
+@pytest.mark.slow
 def test_triton_op_traces_under_torch_compile(triton_backend):
     case = TRITON_CASES[2]
     leaves, mask = _random_inputs(case)
@@ -524,7 +558,10 @@ def test_triton_custom_op_passes_opcheck(triton_backend):
     case = TRITON_CASES[1]
     leaves, mask = _random_inputs(case)
     table = distance_table(leaves[3].detach(), bidirectional=True, max_distance=12).requires_grad_()
-    args = (*leaves[:3], table, mask, None, False, 0, 1.0, 0.0, -1)
+    args = (*leaves[:3], table, mask, None, False, 0, 1.0, 0.0, -1, None, None)
+    torch.library.opcheck(torch.ops.fastseq.bucketed_attention_fwd.default, args)
+    ids = _segment_ids([[3, 4], [7]], case["Lq"]).to(DEVICE)
+    args = (*leaves[:3], table, None, None, False, 0, 1.0, 0.0, -1, ids, ids)
     torch.library.opcheck(torch.ops.fastseq.bucketed_attention_fwd.default, args)
 
 
@@ -597,3 +634,138 @@ def test_launchers_refuse_a_batch_element_past_32_bit_offsets():
         _forward(q, q, q, None, None, 0, False, 0, 1.0, 0.0)
     _check_batch_span(torch.empty(2, 2, 2**15, 2**15, device="meta"))  # the largest offset is 2**31 - 1
     _check_batch_span(torch.empty(2**24, 8, 128, 64, device="meta"))  # 2**40 elements in all
+
+
+# ---------------------------------------------------------------------------------------------
+# Packed rows: segment ids
+# ---------------------------------------------------------------------------------------------
+
+
+def _segment_ids(rows: list[list[int]], length: int) -> torch.Tensor:
+    """`(B, length)` ids of rows packed with segments of the given lengths (1, 2, ... then 0 padding)."""
+    out = torch.zeros(len(rows), length, dtype=torch.long)
+    for b, lengths in enumerate(rows):
+        start = 0
+        for segment, n in enumerate(lengths, start=1):
+            out[b, start : start + n] = segment
+            start += n
+    return out
+
+
+# Self-attention of the encoder (bias, bidirectional) and the decoder (bias, causal), and
+# cross-attention (no bias, other ids on the key side): segments of odd lengths, shorter and longer
+# than a tile (16 under the interpreter), a one-token segment, padding at the end of a row.
+PACKED_CASES = {
+    "encoder": dict(q=[[20, 13, 9], [3, 30, 1, 10]], k=None, L=(50, 50), causal=False, bidirectional=True, bias=True),
+    "decoder": dict(q=[[17, 1, 16], [5, 40]], k=None, L=(47, 47), causal=True, bidirectional=False, bias=True),
+    "cross": dict(q=[[9, 2, 10], [6, 6, 6, 3]], k=[[30, 5, 7], [10, 1, 16, 3]], L=(23, 42), causal=False,
+                  bidirectional=True, bias=False),
+}  # fmt: skip
+
+
+def _packed_inputs(case, *, seed=0):
+    Lq, Lk = case["L"]
+    q_ids = _segment_ids(case["q"], Lq)
+    k_ids = q_ids if case["k"] is None else _segment_ids(case["k"], Lk)
+    g = torch.Generator().manual_seed(seed)
+    leaves = [torch.randn(2, 3, L, 16, generator=g, dtype=torch.float64) for L in (Lq, Lk, Lk)]
+    if case["bias"]:
+        leaves.append(torch.randn(8, 3, generator=g, dtype=torch.float64))
+    kwargs = dict(bidirectional=case["bidirectional"], max_distance=12, causal=case["causal"])
+    return leaves, q_ids, k_ids, kwargs
+
+
+def _attend(leaves, q_ids, k_ids, kwargs, weights, fn=bucketed_attention):
+    table = leaves[3] if len(leaves) == 4 else None
+    out = fn(*leaves[:3], table, q_segment_ids=q_ids, k_segment_ids=k_ids, **kwargs)
+    return out, torch.autograd.grad((out * weights).sum(), leaves)
+
+
+@pytest.mark.parametrize("name", PACKED_CASES)
+def test_packed_rows_are_the_examples_unpacked(name):
+    """The reference on packed rows gives each example exactly what it gives the example alone
+    (float64), gradients of the bias table included: the bias over row positions is exact."""
+    case = PACKED_CASES[name]
+    leaves, q_ids, k_ids, kwargs = _packed_inputs(case)
+    leaves = [t.requires_grad_() for t in leaves]
+    packed = bucketed_attention_reference(*leaves[:3], leaves[3] if case["bias"] else None, q_segment_ids=q_ids,
+                                          k_segment_ids=k_ids, **kwargs)  # fmt: skip
+    table_grad = torch.zeros(8, 3, dtype=torch.float64)
+    for b in range(2):
+        for segment in range(1, len(case["q"][b]) + 1):
+            rows, keys = (q_ids[b] == segment).nonzero()[:, 0], (k_ids[b] == segment).nonzero()[:, 0]
+            q, k, v = leaves[0][b : b + 1, :, rows], leaves[1][b : b + 1, :, keys], leaves[2][b : b + 1, :, keys]
+            alone = bucketed_attention_reference(q, k, v, leaves[3] if case["bias"] else None, **kwargs)
+            assert_close(packed[b : b + 1, :, rows], alone, rel=1e-12, what=f"row {b} segment {segment}")
+            if case["bias"]:
+                table_grad += torch.autograd.grad(alone.sum(), leaves[3])[0]
+    pad = q_ids == 0
+    assert packed.permute(0, 2, 1, 3)[pad].abs().max() == 0  # padding queries attend nothing
+    if case["bias"]:
+        assert_close(torch.autograd.grad(packed.sum(), leaves[3])[0], table_grad, rel=1e-12, what="bias table")
+
+
+@pytest.mark.parametrize("name", PACKED_CASES)
+def test_triton_packed_rows_against_float64(name, triton_backend):
+    case = PACKED_CASES[name]
+    leaves, q_ids, k_ids, kwargs = _packed_inputs(case)
+    weights = torch.randn(2, 3, case["L"][0], 16, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    expected, ref_grads = _attend([t.requires_grad_() for t in leaves], q_ids, k_ids, kwargs, weights,
+                                  bucketed_attention_reference)  # fmt: skip
+    got_leaves = [t.detach().float().to(DEVICE).requires_grad_() for t in leaves]
+    out, grads = _attend(got_leaves, q_ids.to(DEVICE), k_ids.to(DEVICE), kwargs, weights.float().to(DEVICE))
+    assert_close(out.cpu(), expected, rel=1e-5, what="out")
+    for what, g, r in zip(["q", "k", "v", "bias_table"], grads, ref_grads, strict=False):
+        assert_close(g.cpu(), r, rel=2e-5, floor=1.0, what=f"grad of {what}")
+
+
+def test_triton_never_reads_tiles_the_segments_do_not_meet(triton_backend):
+    """Cross-attention where the keys hold a segment that no query has, in whole tiles: their keys
+    and values are NaN, so a kernel that loaded any of them (forward, dQ or dK/dV) would give NaN."""
+    case = dict(PACKED_CASES["cross"], q=[[9, 14], [23]], k=[[5, 11, 32, 16], [17, 15, 32]], L=(23, 64))
+    leaves, q_ids, k_ids, kwargs = _packed_inputs(case)
+    unmet = (k_ids == 3) | ((k_ids == 4) & (torch.arange(64) >= 48))  # keys 16..47 (segment 3), 48..63
+    assert unmet.view(2, 4, 16).all(-1).sum() >= 3  # whole tiles of 16 keys
+    for t in leaves[1:3]:
+        t.permute(0, 2, 1, 3)[unmet] = float("nan")
+    got_leaves = [t.float().to(DEVICE).requires_grad_() for t in leaves]
+    weights = torch.randn(2, 3, 23, 16, generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    out, grads = _attend(got_leaves, q_ids.to(DEVICE), k_ids.to(DEVICE), kwargs, weights)
+    assert torch.isfinite(out).all() and all(torch.isfinite(g).all() for g in grads)
+    clean = [t.nan_to_num(0.0) for t in leaves]
+    expected, _ = _attend([t.requires_grad_() for t in clean], q_ids, k_ids, kwargs, weights.double().cpu(),
+                          bucketed_attention_reference)  # fmt: skip
+    assert_close(out.detach().cpu(), expected, rel=1e-5, what="out")
+    assert grads[1].cpu().permute(0, 2, 1, 3)[unmet].abs().max() == 0
+
+
+def test_segment_spans_bound_each_tile():
+    """Each tile's span holds every column its rows meet and, for contiguous segments, no more; a
+    tile of padding meets nothing; ids that repeat apart or exceed the length are still covered."""
+    from fastseq.kernels.bucketed_attention import _segment_spans
+
+    rows = torch.tensor([[1, 1, 1, 2, 2, 2, 0, 0], [5, 5, 1, 1, 99, 99, 1, 1]], dtype=torch.int32)
+    cols = torch.tensor([[1, 1, 2, 2, 2, 0], [1, 99, 5, 5, 1, 7]], dtype=torch.int32)
+    spans = _segment_spans(rows, cols, 3)  # (B, 2, tiles): [lo, hi) per tile of 3 rows
+    assert spans[0].tolist() == [[0, 2, 6], [2, 5, 0]]
+    for b in range(2):
+        for tile in range(3):
+            lo, hi = spans[b, :, tile].tolist()
+            met = [
+                j
+                for j in range(6)
+                for i in range(3 * tile, min(3 * tile + 3, 8))
+                if rows[b, i] > 0 and rows[b, i] == cols[b, j]
+            ]
+            assert all(lo <= j < hi for j in met), (b, tile, lo, hi, met)
+
+
+def test_segment_ids_come_in_pairs_of_the_right_shape():
+    q = torch.randn(2, 1, 5, 4)
+    ids = torch.ones(2, 5, dtype=torch.long)
+    with pytest.raises(ValueError, match="both q_segment_ids and k_segment_ids"):
+        bucketed_attention(q, q, q, q_segment_ids=ids)
+    with pytest.raises(ValueError, match=r"k_segment_ids must be integer \(B=2, Lk=5\)"):
+        bucketed_attention(q, q, q, q_segment_ids=ids, k_segment_ids=ids[:, :4])
+    with pytest.raises(ValueError, match="q_segment_ids must be integer"):
+        bucketed_attention(q, q, q, q_segment_ids=ids.float(), k_segment_ids=ids)

@@ -180,6 +180,7 @@ def test_triton_half_precision_close_to_float64(dtype, triton_backend):
     assert err <= 2 * torch_err + torch.finfo(dtype).eps * expected.abs().max().item(), (err, torch_err)
 
 
+@pytest.mark.slow
 def test_triton_dropout_is_seeded_and_unbiased(triton_backend):
     leaves, mask = _triton_case(21, True, seed=2)
     args = [t.detach() for t in leaves]
@@ -223,7 +224,9 @@ def _call_globals(fn, leaves, mask, gbs, radius=RADIUS, **extra):
               global_bias_table=gtable, global_block_size=gbs, **extra)  # fmt: skip
 
 
-@pytest.mark.parametrize("L,gbs", [(33, 1), (40, 3), (37, 5), (64, 4), (70, 2)])
+@pytest.mark.parametrize(
+    "L,gbs", [(33, 1), (40, 3), (37, 5), *(pytest.param(*c, marks=pytest.mark.slow) for c in ((64, 4), (70, 2)))]
+)
 def test_triton_global_tokens_against_float64(L, gbs, triton_backend):
     """gbs = 1 puts every row of a query tile at its own position (the widest shift a tile can
     have); max_distance 12 with up to 70 globals reaches both clamped ends of the global table."""
@@ -314,6 +317,7 @@ def test_triton_dropout_over_global_tokens_is_exact(triton_backend):
         assert_close(got.cpu(), ref, rel=2e-5, floor=1.0, what=f"grad of {name}")
 
 
+@pytest.mark.slow
 def test_triton_global_backward_is_deterministic(triton_backend):
     leaves = _global_case(40, 3, seed=6)
     mask = _global_masks(40, 3).to(DEVICE)
@@ -325,6 +329,7 @@ def test_triton_global_backward_is_deterministic(triton_backend):
         assert torch.equal(a, b)
 
 
+@pytest.mark.slow
 def test_triton_global_dq_scratch_is_bounded(triton_backend, monkeypatch):
     """With global tokens each dQ program also keeps a row of the global table's gradient and its fp32
     dQ between the two launches: squeezed to two programs' worth, the launches go in chunks of query
@@ -356,6 +361,7 @@ def test_triton_global_dq_scratch_is_bounded(triton_backend, monkeypatch):
             assert torch.equal(a, b), name
 
 
+@pytest.mark.slow
 def test_triton_local_attention_op_passes_opcheck(triton_backend):
     from fastseq.kernels.bucketed_attention import distance_table
     from fastseq.kernels.global_aggregate import global_caps
@@ -407,6 +413,7 @@ def test_triton_aggregate_half_precision_and_opcheck(triton_backend):
     torch.library.opcheck(torch.ops.fastseq.global_aggregate_fwd.default, (hidden.requires_grad_(), mask, caps, 4))
 
 
+@pytest.mark.slow
 def test_triton_transient_global_layer_traces_under_torch_compile(triton_backend):
     """Aggregation, norm-free projections and the attention op in one graph, no breaks."""
     leaves = _global_case(19, 3, seed=8)
