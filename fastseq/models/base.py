@@ -6,7 +6,7 @@ import dataclasses
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -123,12 +123,40 @@ class LMHead(nn.Linear):
         return linear_cross_entropy(hidden, self.weight, labels, bias=bias, label_smoothing=label_smoothing)
 
 
-def shift_right(labels: torch.Tensor, decoder_start_token_id: int, pad_token_id: int) -> torch.Tensor:
-    """Decoder inputs from labels `(B, L)`: start token first, labels shifted right, -100 -> pad."""
+def shift_right(
+    labels: torch.Tensor, decoder_start_token_id: int, pad_token_id: int, segment_ids: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Decoder inputs from labels `(B, L)`: start token first, labels shifted right, -100 -> pad.
+    With `segment_ids` `(B, L)` (packed rows) the start token also opens every later segment, so one
+    example's last label never feeds the next example."""
     shifted = labels.new_zeros(labels.shape)
     shifted[:, 1:] = labels[:, :-1]
     shifted[:, 0] = decoder_start_token_id
+    if segment_ids is not None:
+        starts = segment_ids[:, 1:] != segment_ids[:, :-1]  # (B, L - 1): position j + 1 opens a segment
+        shifted[:, 1:] = shifted[:, 1:].masked_fill(starts & (segment_ids[:, 1:] != 0), decoder_start_token_id)
     return shifted.masked_fill(shifted == -100, pad_token_id)
+
+
+class AttentionMask(NamedTuple):
+    """Which keys each query may attend: `bucketed_attention`'s mask arguments."""
+
+    key_padding_mask: torch.Tensor | None = None  # (B, Lk), nonzero = attend
+    q_segment_ids: torch.Tensor | None = None  # (B, Lq), packed rows: 1, 2, ... per example, 0 = padding
+    k_segment_ids: torch.Tensor | None = None  # (B, Lk)
+
+    @classmethod
+    def of(
+        cls,
+        key_padding_mask: torch.Tensor | None,
+        q_segment_ids: torch.Tensor | None = None,
+        k_segment_ids: torch.Tensor | None = None,
+    ) -> AttentionMask:
+        """The padding mask, or for packed rows the segment ids alone: padding is segment 0, which
+        meets no query, so a padding mask (segment ids != 0) would add nothing."""
+        if q_segment_ids is None:
+            return cls(key_padding_mask)
+        return cls(None, q_segment_ids, k_segment_ids)
 
 
 class PreTrainedModel(nn.Module):
@@ -183,10 +211,28 @@ class Seq2SeqModel(PreTrainedModel):
 
     lm_head: nn.Linear
 
-    def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def encode(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        *,
+        segment_ids: torch.Tensor | None = None,
+        positions: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         raise NotImplementedError
 
-    def decode(self, decoder_input_ids, encoder_states, attention_mask=None, decoder_attention_mask=None, cache=None):
+    def decode(
+        self,
+        decoder_input_ids: torch.Tensor,
+        encoder_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        decoder_attention_mask: torch.Tensor | None = None,
+        cache=None,
+        *,
+        segment_ids: torch.Tensor | None = None,
+        decoder_segment_ids: torch.Tensor | None = None,
+        decoder_positions: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         raise NotImplementedError
 
     def num_decoder_layers(self) -> int:
@@ -215,6 +261,10 @@ class Seq2SeqModel(PreTrainedModel):
         decoder_attention_mask: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         *,
+        segment_ids: torch.Tensor | None = None,
+        decoder_segment_ids: torch.Tensor | None = None,
+        positions: torch.Tensor | None = None,
+        decoder_positions: torch.Tensor | None = None,
         encoder_outputs: torch.Tensor | None = None,
         return_logits: bool | None = None,
         label_smoothing: float = 0.0,
@@ -222,13 +272,34 @@ class Seq2SeqModel(PreTrainedModel):
         """input_ids `(B, Le)`, labels `(B, Ld)` with -100 ignored. Logits `(B, Ld, vocab)` are
         returned when `return_logits` is True; by default whenever there is no loss or the model
         is in eval mode (training with labels skips them: the loss never needs them). The loss is
-        label-smoothed by `label_smoothing` eps (HF's `label_smoothing_factor`)."""
+        label-smoothed by `label_smoothing` eps (HF's `label_smoothing_factor`).
+
+        Packed rows (several examples per row) give segment_ids `(B, Le)` and decoder_segment_ids
+        `(B, Ld)` (1, 2, ... per example, 0 = padding) and may give positions `(B, Le)` and
+        decoder_positions `(B, Ld)` (restarting at 0 in each segment; read by learned positions only).
+        Attention then stays within a segment (the padding masks are not read), and labels are
+        shifted right per segment."""
+        if (segment_ids is None) != (decoder_segment_ids is None):
+            raise ValueError("pass segment_ids and decoder_segment_ids together (packed rows), or neither")
         if decoder_input_ids is None:
             if labels is None:
                 raise ValueError("pass decoder_input_ids or labels (decoder inputs are made from labels)")
-            decoder_input_ids = shift_right(labels, self.config.decoder_start_token_id, self.config.pad_token_id)
-        encoder_states = self.encode(input_ids, attention_mask) if encoder_outputs is None else encoder_outputs
-        h = self.decode(decoder_input_ids, encoder_states, attention_mask, decoder_attention_mask)
+            decoder_input_ids = shift_right(
+                labels, self.config.decoder_start_token_id, self.config.pad_token_id, decoder_segment_ids
+            )
+        if encoder_outputs is None:
+            encoder_states = self.encode(input_ids, attention_mask, segment_ids=segment_ids, positions=positions)
+        else:
+            encoder_states = encoder_outputs
+        h = self.decode(
+            decoder_input_ids,
+            encoder_states,
+            attention_mask,
+            decoder_attention_mask,
+            segment_ids=segment_ids,
+            decoder_segment_ids=decoder_segment_ids,
+            decoder_positions=decoder_positions,
+        )
         bias = self.logits_bias()
         loss = None
         if labels is not None:

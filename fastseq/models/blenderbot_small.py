@@ -14,6 +14,7 @@ from torch.utils.checkpoint import checkpoint
 from fastseq.kernels import bucketed_attention
 
 from .base import (
+    AttentionMask,
     HFConfig,
     LMHead,
     PreTrainedModel,
@@ -24,7 +25,7 @@ from .base import (
     check_separate_embeddings,
     token_embeddings,
 )
-from .cache import LayerCache
+from .cache import KVCache, LayerCache
 
 _ACTIVATIONS = {
     "gelu": F.gelu,
@@ -124,7 +125,7 @@ class BlenderbotSmallAttention(nn.Module):
         self,
         x: torch.Tensor,
         *,
-        key_padding_mask: torch.Tensor | None,
+        mask: AttentionMask,
         causal: bool = False,
         kv_states: torch.Tensor | None = None,
         cache: LayerCache | None = None,
@@ -152,9 +153,9 @@ class BlenderbotSmallAttention(nn.Module):
             None,
             causal=causal,
             q_offset=q_offset,
-            key_padding_mask=key_padding_mask,
             scale=self.head_dim**-0.5,
             dropout_p=self.dropout if self.training else 0.0,
+            **mask._asdict(),
         )  # (B, H, Lq, D)
         return self.out_proj(out.transpose(1, 2).reshape(B, L, d))  # (B, Lq, d_model)
 
@@ -182,8 +183,8 @@ class BlenderbotSmallEncoderLayer(_FeedForward):
         self.final_layer_norm = nn.LayerNorm(config.d_model)
         self.dropout = config.dropout
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        h = self.self_attn(x, key_padding_mask=mask)
+    def forward(self, x: torch.Tensor, mask: AttentionMask) -> torch.Tensor:
+        h = self.self_attn(x, mask=mask)
         x = self.self_attn_layer_norm(x + F.dropout(h, p=self.dropout, training=self.training))
         h = self.ffn(x)
         x = self.final_layer_norm(x + F.dropout(h, p=self.dropout, training=self.training))
@@ -205,9 +206,9 @@ class BlenderbotSmallDecoderLayer(_FeedForward):
         self.dropout = config.dropout
 
     def forward(self, x, mask, encoder_states, encoder_mask, cache=None) -> torch.Tensor:
-        h = self.self_attn(x, key_padding_mask=mask, causal=True, cache=cache)
+        h = self.self_attn(x, mask=mask, causal=True, cache=cache)
         x = self.self_attn_layer_norm(x + F.dropout(h, p=self.dropout, training=self.training))
-        h = self.encoder_attn(x, key_padding_mask=encoder_mask, kv_states=encoder_states, cache=cache)
+        h = self.encoder_attn(x, mask=encoder_mask, kv_states=encoder_states, cache=cache)
         x = self.encoder_attn_layer_norm(x + F.dropout(h, p=self.dropout, training=self.training))
         h = self.ffn(x)
         return self.final_layer_norm(x + F.dropout(h, p=self.dropout, training=self.training))
@@ -225,16 +226,22 @@ class BlenderbotSmallEncoder(nn.Module):
         self.embed_scale = math.sqrt(config.d_model) if config.scale_embedding else 1.0
         self.dropout = config.dropout
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        _check_positions(input_ids, self.embed_positions)
-        positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+    def forward(
+        self, input_ids: torch.Tensor, mask: AttentionMask, positions: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """`positions` `(B, L)`: each token's learned position (packed rows restart them per segment);
+        by default 0, 1, ... (a row then has at most max_position_embeddings tokens; given positions
+        are the caller's to keep below it, as the packing data keeps each example's)."""
+        if positions is None:
+            _check_positions(input_ids, self.embed_positions)
+            positions = torch.arange(input_ids.shape[1], device=input_ids.device)
         x = self.embed_tokens(input_ids) * self.embed_scale + self.embed_positions(positions)  # (B, L, d)
         x = F.dropout(self.layernorm_embedding(x), p=self.dropout, training=self.training)
         for layer in self.layers:
             if self.gradient_checkpointing and self.training:
-                x = checkpoint(layer, x, attention_mask, use_reentrant=False)
+                x = checkpoint(layer, x, mask, use_reentrant=False)
             else:
-                x = layer(x, attention_mask)
+                x = layer(x, mask)
         return x
 
 
@@ -249,18 +256,29 @@ class BlenderbotSmallDecoder(nn.Module):
         self.layernorm_embedding = nn.LayerNorm(config.d_model)
         self.dropout = config.dropout
 
-    def forward(self, input_ids, attention_mask, encoder_states, encoder_mask, cache=None) -> torch.Tensor:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        mask: AttentionMask,
+        encoder_states: torch.Tensor,
+        encoder_mask: AttentionMask,
+        cache: KVCache | None = None,
+        positions: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """`mask`: the self-attention's; `encoder_mask`: the cross-attention's; `positions` `(B, L)` as
+        the encoder's (by default continuing from the cache)."""
         past = 0 if cache is None else cache.length
-        _check_positions(input_ids, self.embed_positions, past)
-        positions = torch.arange(past, past + input_ids.shape[1], device=input_ids.device)
+        if positions is None:
+            _check_positions(input_ids, self.embed_positions, past)
+            positions = torch.arange(past, past + input_ids.shape[1], device=input_ids.device)
         # The decoder normalises the token embeddings before adding positions, as the reference does.
         x = self.layernorm_embedding(self.embed_tokens(input_ids)) + self.embed_positions(positions)  # (B, L, d)
         x = F.dropout(x, p=self.dropout, training=self.training)
         for i, layer in enumerate(self.layers):
             if self.gradient_checkpointing and self.training and cache is None:
-                x = checkpoint(layer, x, attention_mask, encoder_states, encoder_mask, use_reentrant=False)
+                x = checkpoint(layer, x, mask, encoder_states, encoder_mask, use_reentrant=False)
             else:
-                x = layer(x, attention_mask, encoder_states, encoder_mask, None if cache is None else cache[i])
+                x = layer(x, mask, encoder_states, encoder_mask, None if cache is None else cache[i])
         if cache is not None:
             cache.length += input_ids.shape[1]
         return x
@@ -345,11 +363,33 @@ class BlenderbotSmallForConditionalGeneration(BlenderbotSmallBase, Seq2SeqModel)
     def num_decoder_layers(self) -> int:
         return len(self.model.decoder.layers)
 
-    def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        return self.model.encoder(input_ids, attention_mask)
+    def encode(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        *,
+        segment_ids: torch.Tensor | None = None,
+        positions: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """input_ids `(B, Le)` -> encoder states `(B, Le, d_model)`."""
+        return self.model.encoder(input_ids, AttentionMask.of(attention_mask, segment_ids, segment_ids), positions)
 
-    def decode(self, decoder_input_ids, encoder_states, attention_mask=None, decoder_attention_mask=None, cache=None):
-        return self.model.decoder(decoder_input_ids, decoder_attention_mask, encoder_states, attention_mask, cache)
+    def decode(
+        self,
+        decoder_input_ids: torch.Tensor,
+        encoder_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        decoder_attention_mask: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        *,
+        segment_ids: torch.Tensor | None = None,
+        decoder_segment_ids: torch.Tensor | None = None,
+        decoder_positions: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Decoder states `(B, Ld, d_model)`; with `cache`, of the steps after those already cached."""
+        mask = AttentionMask.of(decoder_attention_mask, decoder_segment_ids, decoder_segment_ids)
+        encoder_mask = AttentionMask.of(attention_mask, decoder_segment_ids, segment_ids)
+        return self.model.decoder(decoder_input_ids, mask, encoder_states, encoder_mask, cache, decoder_positions)
 
     def logits_bias(self) -> torch.Tensor:
         return self.final_logits_bias[0]  # (vocab,)

@@ -16,7 +16,7 @@ from torch import nn
 
 from fastseq.kernels import global_aggregate, local_attention
 
-from .base import check_int
+from .base import AttentionMask, check_int
 from .t5 import T5Attention, T5Config, T5EncoderModel, T5ForConditionalGeneration, T5LayerNorm
 
 _ATTENTION_TYPES = ("local", "transient-global")
@@ -112,8 +112,14 @@ class _LongT5LayerSelfAttention(nn.Module):
             tables["global_bias_table"] = self.attention.global_relative_attention_bias.weight
         return tables
 
-    def forward(self, x: torch.Tensor, tables: dict, mask: torch.Tensor | None) -> torch.Tensor:
-        return x + self.dropout(self.attention(self.layer_norm(x), tables=tables, key_padding_mask=mask))
+    def forward(self, x: torch.Tensor, tables: dict, mask: AttentionMask) -> torch.Tensor:
+        if mask.q_segment_ids is not None:
+            raise ValueError(
+                "LongT5 does not pack: its local and transient-global attention take no segment ids; "
+                "train it without --pack"
+            )
+        out = self.attention(self.layer_norm(x), tables=tables, key_padding_mask=mask.key_padding_mask)
+        return x + self.dropout(out)
 
 
 class LongT5LayerLocalSelfAttention(_LongT5LayerSelfAttention):

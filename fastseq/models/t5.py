@@ -18,6 +18,7 @@ from torch.utils.checkpoint import checkpoint
 from fastseq.kernels import bucketed_attention, gated_ffn, relu_ffn, rms_norm
 
 from .base import (
+    AttentionMask,
     EncoderOutput,
     HFConfig,
     LMHead,
@@ -180,7 +181,7 @@ class T5Attention(nn.Module):
         x: torch.Tensor,
         *,
         bias_table: torch.Tensor | None,
-        key_padding_mask: torch.Tensor | None,
+        mask: AttentionMask,
         causal: bool = False,
         kv_states: torch.Tensor | None = None,
         cache: LayerCache | None = None,
@@ -210,9 +211,9 @@ class T5Attention(nn.Module):
             max_distance=self.max_distance,
             q_offset=q_offset,
             causal=causal,
-            key_padding_mask=key_padding_mask,
             scale=1.0,
             dropout_p=self.dropout if self.training else 0.0,
+            **mask._asdict(),
         )  # (B, H, Lq, D)
         return self.o(out.transpose(1, 2).reshape(B, L, self.n_heads * self.d_kv))  # (B, Lq, d_model)
 
@@ -232,10 +233,10 @@ class T5LayerSelfAttention(nn.Module):
         return {"bias_table": self.SelfAttention.relative_attention_bias.weight}
 
     def forward(
-        self, x: torch.Tensor, tables: dict[str, torch.Tensor], mask: torch.Tensor | None, cache=None
+        self, x: torch.Tensor, tables: dict[str, torch.Tensor], mask: AttentionMask, cache=None
     ) -> torch.Tensor:
         out = self.SelfAttention(
-            self.layer_norm(x), bias_table=tables["bias_table"], key_padding_mask=mask, causal=self.causal, cache=cache
+            self.layer_norm(x), bias_table=tables["bias_table"], mask=mask, causal=self.causal, cache=cache
         )
         return x + self.dropout(out)
 
@@ -247,9 +248,9 @@ class T5LayerCrossAttention(nn.Module):
         self.layer_norm = T5LayerNorm(config.d_model, config.layer_norm_epsilon)
         self.dropout = nn.Dropout(config.dropout_rate)
 
-    def forward(self, x: torch.Tensor, encoder_states: torch.Tensor, encoder_mask: torch.Tensor | None, cache=None):
+    def forward(self, x: torch.Tensor, encoder_states: torch.Tensor, encoder_mask: AttentionMask, cache=None):
         out = self.EncDecAttention(
-            self.layer_norm(x), bias_table=None, key_padding_mask=encoder_mask, kv_states=encoder_states, cache=cache
+            self.layer_norm(x), bias_table=None, mask=encoder_mask, kv_states=encoder_states, cache=cache
         )
         return x + self.dropout(out)
 
@@ -315,19 +316,20 @@ class T5Stack(nn.Module):
     def forward(
         self,
         input_ids: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
+        mask: AttentionMask,
         encoder_states: torch.Tensor | None = None,
-        encoder_mask: torch.Tensor | None = None,
+        encoder_mask: AttentionMask | None = None,
         cache: KVCache | None = None,
     ) -> torch.Tensor:
+        """`mask`: the self-attention's; `encoder_mask`: the cross-attention's (decoder)."""
         x = self.dropout(self.embed_tokens(input_ids))  # (B, L, d_model)
         tables = self.block[0].layer[0].position_tables()
         checkpointed = self.gradient_checkpointing and self.training and cache is None
         for i, block in enumerate(self.block):
             if checkpointed:
-                x = checkpoint(block, x, tables, attention_mask, encoder_states, encoder_mask, use_reentrant=False)
+                x = checkpoint(block, x, tables, mask, encoder_states, encoder_mask, use_reentrant=False)
             else:
-                x = block(x, tables, attention_mask, encoder_states, encoder_mask, None if cache is None else cache[i])
+                x = block(x, tables, mask, encoder_states, encoder_mask, None if cache is None else cache[i])
         if cache is not None:
             cache.length += input_ids.shape[1]
         return self.dropout(self.final_layer_norm(x))
@@ -408,9 +410,17 @@ class T5ForConditionalGeneration(_T5Base, Seq2SeqModel):
     def num_decoder_layers(self) -> int:
         return len(self.decoder.block)
 
-    def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """input_ids `(B, Le)` -> encoder states `(B, Le, d_model)`."""
-        return self.encoder(input_ids, attention_mask)
+    def encode(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        *,
+        segment_ids: torch.Tensor | None = None,
+        positions: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """input_ids `(B, Le)` -> encoder states `(B, Le, d_model)`. `positions` are not read: the
+        bias stays over row positions, exact for packed rows since no attended pair crosses a segment."""
+        return self.encoder(input_ids, AttentionMask.of(attention_mask, segment_ids, segment_ids))
 
     def decode(
         self,
@@ -419,10 +429,16 @@ class T5ForConditionalGeneration(_T5Base, Seq2SeqModel):
         attention_mask: torch.Tensor | None = None,
         decoder_attention_mask: torch.Tensor | None = None,
         cache: KVCache | None = None,
+        *,
+        segment_ids: torch.Tensor | None = None,
+        decoder_segment_ids: torch.Tensor | None = None,
+        decoder_positions: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Decoder states `(B, Ld, d_model)`, rescaled for the head when the config says so. With
         `cache`, `decoder_input_ids` are the steps after those already cached."""
-        h = self.decoder(decoder_input_ids, decoder_attention_mask, encoder_states, attention_mask, cache)
+        mask = AttentionMask.of(decoder_attention_mask, decoder_segment_ids, decoder_segment_ids)
+        encoder_mask = AttentionMask.of(attention_mask, decoder_segment_ids, segment_ids)
+        h = self.decoder(decoder_input_ids, mask, encoder_states, encoder_mask, cache)
         if self.config.scale_decoder_outputs:
             h = h * self.config.d_model**-0.5
         return h
@@ -452,4 +468,4 @@ class T5EncoderModel(_T5Base):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> EncoderOutput:
         """input_ids `(B, L)` -> last_hidden_state `(B, L, d_model)`."""
-        return EncoderOutput(last_hidden_state=self.encoder(input_ids, attention_mask))
+        return EncoderOutput(last_hidden_state=self.encoder(input_ids, AttentionMask(attention_mask)))

@@ -66,9 +66,8 @@ def triton_kernels(monkeypatch) -> list[str]:
     return ops
 
 
-@pytest.mark.parametrize(
-    "kind", [k if k == "t5_v11_untied" else pytest.param(k, marks=pytest.mark.slow) for k in SEQ2SEQ]
-)  # noqa: E501
+@pytest.mark.slow  # the quick run's interpreter case of a whole model is tests/test_patch.py's
+@pytest.mark.parametrize("kind", SEQ2SEQ)
 def test_seq2seq_parity_with_triton_kernels(kind, tmp_path, triton_kernels):
     """Every Triton kernel on at once, in train mode with gradients. Attention: encoder and decoder
     self-attention with the shared layer-0 table, cross-attention without a bias, BlenderbotSmall's
