@@ -236,6 +236,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=None, help=f"default {d.batch_size}")
     parser.add_argument("--max-tokens", type=int, default=None, help="token budget per batch instead of --batch-size")
     parser.add_argument("--buffer-size", type=int, default=None, help="examples shuffled and bucketed at a time")
+    parser.add_argument("--pack", action="store_true", default=None, help="several examples per row (t5x packing)")
     parser.add_argument("--grad-accum", type=int, default=None, help="micro-batches per optimizer step")
     parser.add_argument("--optimizer", default=None, choices=OPTIMIZERS)
     parser.add_argument("--lr", type=float, default=None,

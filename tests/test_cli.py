@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 
@@ -9,7 +10,7 @@ import pytest
 import torch
 
 import fastseq
-from tests.conftest import batch, hf_model
+from tests.conftest import batch, hf_model, refused
 
 
 def _fastseq(*args: str) -> subprocess.CompletedProcess:
@@ -109,7 +110,7 @@ def wait_for_steps(out, steps: int, proc: subprocess.Popen, timeout: float = 600
         time.sleep(0.05)
 
 
-@pytest.mark.parametrize("signame", ["SIGINT", "SIGTERM"])
+@pytest.mark.parametrize("signame", [pytest.param("SIGINT", marks=pytest.mark.slow), "SIGTERM"])
 def test_a_signal_ends_the_run_with_a_checkpoint_that_resumes_exactly(tmp_path, signame):
     """Ctrl-C (SIGINT) or a scheduler's SIGTERM: the step finishes, a checkpoint is written, the
     run says how to resume; resumed, it gives the losses of a run never interrupted, bit for bit."""
@@ -251,6 +252,7 @@ def test_generate_jsonl_with_a_nested_field_writes_the_records_back(tmp_path):
     assert written == [{**r, "prediction": e} for r, e in zip(records, expected, strict=True)]
 
 
+@pytest.mark.slow
 def test_label_smoothing_is_the_training_loss(tmp_path):
     """`--label-smoothing 0.1`: the first step's logged loss is CrossEntropyLoss(label_smoothing=0.1) of the
     model on that batch (the same as the model's forward with label_smoothing, and not the plain loss)."""
@@ -282,3 +284,29 @@ def test_label_smoothing_is_the_training_loss(tmp_path):
     assert abs(fused - smoothed) <= 1e-5 * smoothed and abs(smoothed - plain) > 1e-3
     assert abs(losses["0.1"] - smoothed.item()) <= 1e-5 * smoothed.item(), (losses, smoothed)
     assert abs(losses["0"] - plain.item()) <= 1e-5 * plain.item(), (losses, plain)
+
+
+def test_train_pack_logs_the_real_token_fraction(tmp_path):
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps({"source": f"copy: {i} " + "word " * (i % 7), "target": f"{i} " * (1 + i % 3)})
+                            + "\n" for i in range(40)))  # fmt: skip
+    out = tmp_path / "run"
+    result = _fastseq("train", "--pack", "--data", str(data), "--steps", "3", "--batch-size", "2", "--log-every", "1",
+                      "--max-source-length", "64", "--max-target-length", "24", "--quiet",
+                      "--output-dir", str(out))  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "real tokens/s" in result.stdout
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3]
+    assert all(0.5 < r["real_token_fraction"] <= 1 and r["tokens_per_s"] > 0 for r in records), records
+
+
+def test_pack_with_a_longt5_model_is_refused(tmp_path, capfd):
+    from fastseq.tokenizers import ByT5Tokenizer
+
+    ByT5Tokenizer().save_pretrained(tmp_path / "tokenizer")
+    data = tmp_path / "train.jsonl"
+    data.write_text(json.dumps({"source": "a", "target": "b"}) + "\n")
+    refused(capfd, ["train", "--pack", "--model", "google/long-t5-local-base", "--random-init", "--tokenizer",
+                    str(tmp_path / "tokenizer"), "--data", str(data), "--output-dir", str(tmp_path / "run")],
+            "--pack", "LongT5 model does not pack")  # fmt: skip

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import random
 
 import pytest
@@ -386,3 +387,153 @@ def test_epochs_done_and_cut_examples_are_reported(caplog):
     assert "5 of 20 sources" in warnings[1] and "4 of 20 targets" in warnings[1]
     assert "raise --max-source-length / --max-target-length" in warnings[1]
     assert stream.epoch_length == 20 and 1.0 < stream.epochs_done() < 1.5
+
+
+# ---- packing ---------------------------------------------------------------------------------------
+
+
+def _flan_like(n: int, seed: int = 0) -> list[tuple[int, int]]:
+    """(source, target) lengths: log-normal sources (median 150, a tail cut at 2,048), short targets."""
+    rng = random.Random(seed)
+    return [(min(2048, max(1, round(rng.lognormvariate(math.log(150), 0.9)))),
+             min(256, max(1, round(rng.lognormvariate(math.log(8), 0.6))))) for _ in range(n)]  # fmt: skip
+
+
+def test_pack_rows_places_every_example_once_within_both_capacities():
+    from fastseq.data import pack_rows
+
+    lengths = _flan_like(20_000)
+    rows = pack_rows(lengths, (2048, 256))
+    assert sorted(i for row in rows for i in row) == list(range(len(lengths)))
+    for side, capacity in enumerate((2048, 256)):
+        assert max(sum(lengths[i][side] for i in row) for row in rows) <= capacity
+    fill = sum(source for source, _ in lengths) / (len(rows) * 2048)
+    assert fill >= 0.97, fill  # best-fit decreasing; the rows padding-free bound is 1.0
+    # The sides are symmetric: with the target side leading, the same rows.
+    assert pack_rows([(t, s) for s, t in lengths], (256, 2048)) == rows
+    # Both sides binding: targets too long for the source side alone to decide.
+    tight = [(s, min(t * 3, 256)) for s, t in lengths[:3000]]
+    rows = pack_rows(tight, (2048, 256))
+    assert max(sum(tight[i][1] for i in row) for row in rows) <= 256
+    assert sorted(i for row in rows for i in row) == list(range(3000))
+    with pytest.raises(ValueError, match="example 1 has 9 source and 1 target tokens, more than a row of 8 and 4"):
+        pack_rows([(8, 4), (9, 1)], (8, 4))
+
+
+def test_packed_batches_are_seeded_and_hold_their_budget():
+    from fastseq.data import packed_batches
+
+    lengths = _flan_like(2000, seed=1)
+    batches = packed_batches(lengths, (2048, 256), batch_size=8, seed=3)
+    assert batches == packed_batches(lengths, (2048, 256), batch_size=8, seed=3)
+    assert batches != packed_batches(lengths, (2048, 256), batch_size=8, seed=4)
+    assert sorted(map(len, batches))[1:] == [8] * (len(batches) - 1)  # one batch may hold fewer rows
+    assert sorted(i for batch in batches for row in batch for i in row) == list(range(2000))
+    by_tokens = packed_batches(lengths, (2048, 256), max_tokens=5000, seed=3)
+    for batch in by_tokens:
+        longest = max(sum(lengths[i][side] for i in row) for row in batch for side in (0, 1))
+        assert longest * len(batch) <= 5000
+    assert sorted(i for batch in by_tokens for row in batch for i in row) == list(range(2000))
+    assert packed_batches([], (8, 8), max_tokens=8) == packed_batches([], (8, 8), batch_size=2) == []
+
+
+def test_packed_batches_are_nearly_all_real_tokens():
+    """Batches of 16 rows, padded to their longest row on each side: at least 97% real tokens,
+    source and target sides together, on the FLAN-like mixture."""
+    from fastseq.data import packed_batches
+
+    lengths = _flan_like(20_000)
+    real = padded = 0
+    for batch in packed_batches(lengths, (2048, 256), batch_size=16, seed=0):
+        for side in (0, 1):
+            sizes = [sum(lengths[i][side] for i in row) for row in batch]
+            real, padded = real + sum(sizes), padded + max(sizes) * len(sizes)
+    assert real / padded >= 0.97, real / padded
+
+
+def test_packing_collator_segments_positions_and_labels():
+    from fastseq.data import PackingCollator
+
+    tok = ByT5Tokenizer()
+    plain = Seq2SeqCollator(tok, max_source_length=6, max_target_length=4)
+    rows = [[("abc", "x"), ("abcdefghij", "xyzuvw")], [("ab", "y")]]
+    batch = PackingCollator(plain)(rows)
+    assert batch["input_ids"].shape == batch["segment_ids"].shape == batch["positions"].shape == (2, 10)
+    assert batch["labels"].shape == batch["decoder_segment_ids"].shape == batch["decoder_positions"].shape == (2, 6)
+    assert "decoder_input_ids" not in batch and all(t.dtype == torch.int64 for t in batch.values())
+    assert batch["segment_ids"].tolist() == [[1] * 4 + [2] * 6, [1] * 3 + [0] * 7]
+    assert batch["positions"].tolist() == [[0, 1, 2, 3, 0, 1, 2, 3, 4, 5], [0, 1, 2] + [0] * 7]
+    assert torch.equal(batch["attention_mask"], (batch["segment_ids"] != 0).long())
+    assert batch["input_ids"][1, 3:].tolist() == [tok.pad_token_id] * 7
+    assert batch["decoder_segment_ids"].tolist() == [[1, 1, 2, 2, 2, 2], [1, 1, 0, 0, 0, 0]]
+    assert batch["decoder_positions"].tolist() == [[0, 1, 0, 1, 2, 3], [0, 1, 0, 0, 0, 0]]
+    assert batch["labels"][1].tolist() == tok.encode("y") + [-100] * 4
+    # Each segment holds what the unpacked collator makes of its example, cuts included.
+    for r, row in enumerate(rows):
+        for s, example in enumerate(row, start=1):
+            alone = plain([example])
+            assert batch["input_ids"][r][batch["segment_ids"][r] == s].tolist() == alone["input_ids"][0].tolist()
+            assert batch["labels"][r][batch["decoder_segment_ids"][r] == s].tolist() == alone["labels"][0].tolist()
+    with pytest.raises(ValueError, match="empty batch"):
+        PackingCollator(plain)([[]])
+
+
+def test_span_corruption_packs_to_the_lengths_it_announces():
+    from fastseq.data import PackingCollator
+
+    tok = ByT5Tokenizer()
+    corrupt = SpanCorruptionCollator(tok, input_length=32, seed=0)
+    texts = ["x", "short text", "a longer text that the input length cuts " * 2]
+    batch = PackingCollator(corrupt)([texts])
+    for segment, text in enumerate(texts, start=1):
+        expected = corrupt.lengths(len(tok.encode(text, add_special_tokens=False)))
+        got = (int((batch["segment_ids"][0] == segment).sum()), int((batch["decoder_segment_ids"][0] == segment).sum()))
+        assert got == expected, text
+    assert corrupt.lengths(corrupt.tokens_length)[0] <= 32
+
+
+def test_a_packed_stream_resumes_exactly_and_counts_its_batches():
+    from fastseq.data import TokenLengths
+
+    tok = ByT5Tokenizer()
+    examples = [(f"source {i} " + "x" * (i * 7 % 40), "t" * (1 + i % 5)) for i in range(70)]
+    options = dict(pack=True, limits=(64, 16), batch_size=2, buffer_size=25)
+    stream = _stream(examples, tok, **options)
+    counts = stream.count_batches(2)
+    seen, epochs = [], []
+    while stream.epoch < 2:
+        batch = stream.next_batch()
+        epochs.append(stream.epoch)
+        if stream.epoch == 0:
+            seen += [example for row in batch for example in row]
+            for row in batch:
+                cut = [stream._cut(TokenLengths(tok)(example)) for example in row]
+                assert sum(s for s, _ in cut) <= 64 and sum(t for _, t in cut) <= 16
+    assert sorted(seen) == sorted(examples)  # every example once an epoch
+    assert [epochs.count(e) for e in range(2)] == counts
+    first = _stream(examples, tok, **options)
+    for _ in range(7):  # into the second buffer
+        first.next_batch()
+    state = first.state_dict()
+    expected = [first.next_batch() for _ in range(12)]  # across buffers and into the next epoch
+    again = _stream(examples, tok, **options)
+    again.load_state_dict(json.loads(json.dumps(state)))
+    assert [again.next_batch() for _ in range(12)] == expected
+    assert again.epochs_done() == first.epochs_done()
+    with pytest.raises(ValueError, match="--max-tokens 40 cannot hold a packed row of up to 64 tokens"):
+        _stream(examples, tok, **{**options, "max_tokens": 40})
+
+
+def test_a_packed_batch_gives_the_loss_of_the_same_examples_unpacked(reference_backend):
+    from fastseq.data import PackingCollator
+    from fastseq.models import T5ForConditionalGeneration
+    from fastseq.train.engine import default_config
+
+    tok = ByT5Tokenizer()
+    plain = Seq2SeqCollator(tok, max_source_length=24, max_target_length=8)
+    rows = [[("reverse: abc", "cba"), ("a source cut by the maximum length", "a long target")], [("short", "s")]]
+    torch.manual_seed(0)
+    model = T5ForConditionalGeneration(default_config()).eval()
+    packed = model(**PackingCollator(plain)(rows)).loss
+    unpacked = model(**plain([example for row in rows for example in row])).loss
+    assert abs(packed.item() - unpacked.item()) <= 1e-5 * abs(unpacked.item())

@@ -48,6 +48,8 @@ def test_outputs_of_a_run(tmp_path, reference_backend):
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "loss" in r] == list(range(1, 13))
     assert any("exact_match" in r for r in records) and "tokens_per_s" in records[4]
+    assert 0.5 < records[4]["real_token_fraction"] < 1  # padded batches: a few tokens are padding
+    assert summary["tokens_per_s"] > 0 and 0.5 < summary["real_token_fraction"] < 1
     assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert {p.name for p in out.glob("checkpoint-*")} == {"checkpoint-6", "checkpoint-12"}
     assert not list(out.glob(".*tmp*"))  # no temporary directories left behind
@@ -385,3 +387,64 @@ def test_epoch_is_reported_by_the_data(tmp_path, reference_backend):
     assert data.epoch == 1.5
     synthetic = build_data(_args(tmp_path), ByT5Tokenizer(), default_config())
     assert synthetic.epoch is None
+
+
+def test_pack_builds_packed_batches_for_every_task_and_refuses_what_cannot_pack(tmp_path):
+    from fastseq import presets
+    from fastseq.data import Seq2SeqCollator
+    from fastseq.tokenizers import ByT5Tokenizer
+    from fastseq.train.data import build_data
+    from fastseq.train.engine import default_config
+
+    assert TrainArgs.from_dict({"pack": "yes"}).pack and not TrainArgs().pack
+    with pytest.raises(ValueError, match="option pack: 2 is not a bool"):
+        TrainArgs.from_dict({"pack": 2})
+    rows = [{"source": f"question {i} " + "words " * (i % 9), "target": f"answer {i}"} for i in range(40)]
+    data_file = tmp_path / "d.jsonl"
+    data_file.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("".join(f"document {i} " + "text " * (i % 6) + "\n" for i in range(40)))
+    tok, config = ByT5Tokenizer(), default_config()
+    runs = {"file": dict(data=str(data_file), eval_data=str(data_file)), "synthetic": {},
+            "denoise": dict(data=str(corpus), task="denoise")}  # fmt: skip
+    for name, options in runs.items():
+        args = _args(tmp_path, pack=True, batch_size=2, max_source_length=64, max_target_length=32, **options)
+        data = build_data(args, tok, config)
+        batch, (real, padded) = data.micro_batch(1, 0)
+        assert batch["segment_ids"].shape[0] == 2 and batch["segment_ids"].max() > 1, name  # rows of examples
+        assert batch["input_ids"].shape[1] <= 64 and batch["labels"].shape[1] <= 32, name
+        assert real == int((batch["segment_ids"] > 0).sum() + (batch["decoder_segment_ids"] > 0).sum()), name
+        assert padded == batch["input_ids"].numel() + batch["labels"].numel() >= real, name
+        assert data.eval_collator is None or type(data.eval_collator) is Seq2SeqCollator  # evaluation unpacked
+        assert (data.epoch is None) == (name == "synthetic"), name
+    longt5 = presets.config("google/long-t5-local-base")
+    with pytest.raises(ValueError, match="LongT5 model does not pack; train it without --pack"):
+        build_data(_args(tmp_path, pack=True, data=str(data_file)), tok, longt5)
+    # BlenderbotSmall's positions restart per example: an example may be as long as the table, not longer.
+    blenderbot = presets.config("facebook/blenderbot_small-90M", max_position_embeddings=128)
+    with pytest.raises(ValueError, match="past the model's max_position_embeddings 128; lower those lengths to at"):
+        build_data(_args(tmp_path, pack=True, data=str(data_file), max_source_length=256), tok, blenderbot)
+    args = _args(tmp_path, pack=True, data=str(data_file), batch_size=2, max_source_length=128, max_target_length=64)
+    batch, _ = build_data(args, tok, blenderbot).micro_batch(1, 0)
+    assert batch["positions"].max() < 128
+
+
+@pytest.mark.parametrize("task", ["seq2seq", "synthetic", "denoise"])
+def test_a_packed_run_resumes_exactly(tmp_path, task, reference_backend):
+    options = dict(pack=True, steps=6, batch_size=2, buffer_size=40, max_source_length=48, max_target_length=16,
+                   log_every=1, eval_examples=4)  # fmt: skip
+    if task == "seq2seq":
+        data = tmp_path / "d.jsonl"
+        data.write_text("".join(json.dumps({"source": f"copy: {i} " + "ab " * (i % 9), "target": f"{i}"}) + "\n"
+                                for i in range(60)))  # fmt: skip
+        options.update(data=str(data), eval_data=str(data))
+    elif task == "denoise":
+        data = tmp_path / "c.txt"
+        data.write_text("".join(f"document {i} " + "some words " * (i % 5) + "\n" for i in range(60)))
+        options.update(data=str(data), task="denoise")
+    train(_args(tmp_path / "a", **options))
+    train(_args(tmp_path / "b", **{**options, "steps": 3}))
+    train(_args(tmp_path / "b", **options, resume="latest"))
+    assert _losses(tmp_path / "b" / "run") == _losses(tmp_path / "a" / "run")  # bit for bit
+    records = [json.loads(line) for line in (tmp_path / "a" / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert all(0 < r["real_token_fraction"] <= 1 for r in records if "loss" in r)

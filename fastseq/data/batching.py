@@ -3,7 +3,8 @@ batches of a data source read as a stream a buffer at a time, whose position a c
 
 Lengths are token counts from the tokenizer (`TokenLengths`), as the collator will cut them: a
 batch under `max_tokens` holds at most that many padded tokens on each side (rows x the longest
-source, and rows x the longest target, as fairseq's --max-tokens)."""
+source, and rows x the longest target, as fairseq's --max-tokens). With packing, a batch is rows
+of several examples each (`fastseq.data.packing`)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from collections.abc import Callable, Iterable, Sequence
 
 from fastseq.tokenizers import Tokenizer
 
+from .packing import packed_batches
 from .sources import DataSource
 
 log = logging.getLogger("fastseq.data")
@@ -124,6 +126,8 @@ class FileStream:
     """The examples of a source, read as a stream: `buffer_size` examples at a time are cut into
     length-bucketed batches and shuffled (seeded by epoch and buffer), so memory holds one buffer,
     never the data. Its position is (epoch, buffer, batch); resuming re-reads up to that buffer.
+    With `pack`, a buffer is packed into rows of `limits` tokens (`packed_batches`) and a batch is
+    `batch_size` rows (or rows up to `max_tokens`), each a list of examples.
 
     `measure(example) -> (source tokens, target tokens)`; `limits`: the maximum lengths the
     collator cuts to (a batch's budget counts what is left). With `flags` (the names of the two
@@ -133,8 +137,14 @@ class FileStream:
     def __init__(self, source: DataSource, measure: Callable[[object], tuple[int, int]], *, batch_size: int,
                  max_tokens: int | None, seed: int, buffer_size: int = 100_000,
                  limits: tuple[int | None, int | None] = (None, None),
-                 flags: tuple[str, str] | None = None):  # fmt: skip
-        self.source, self.measure, self.limits = source, measure, limits
+                 flags: tuple[str, str] | None = None, pack: bool = False):  # fmt: skip
+        self.source, self.measure, self.limits, self.pack = source, measure, limits, pack
+        if pack and None in limits:
+            raise ValueError(f"packing needs both maximum lengths (a row's capacity); got {limits}")
+        if pack and max_tokens and max(limits) > max_tokens:
+            raise ValueError(f"--max-tokens {max_tokens} cannot hold a packed row of up to {max(limits)} tokens (the "
+                             "maximum lengths); raise --max-tokens, or lower --max-source-length and "
+                             "--max-target-length")  # fmt: skip
         self.batch_size, self.max_tokens, self.seed, self.buffer_size = batch_size, max_tokens, seed, buffer_size
         self.epoch, self.buffer, self.index = 0, 0, 0
         self.seen = 0  # examples of this epoch in the batches returned so far
@@ -145,13 +155,19 @@ class FileStream:
         if not self._examples:
             raise ValueError(f"{source.label} has no examples; check the data and --source-field/--target-field")
 
-    def _budget(self, lengths: tuple[int, int]) -> int:
-        """What an example weighs against --max-tokens: its longer side after the cut."""
-        return max(n if limit is None else min(n, limit) for n, limit in zip(lengths, self.limits, strict=True))
+    def _cut(self, lengths: tuple[int, int]) -> tuple[int, int]:
+        """An example's (source, target) tokens after the collator's cuts."""
+        source, target = (n if limit is None else min(n, limit) for n, limit in zip(lengths, self.limits, strict=True))
+        return source, target
 
-    def _batches(self, budgets: Sequence[int], epoch: int, buffer: int) -> list[list[int]]:
+    def _batches(self, lengths: Sequence[tuple[int, int]], epoch: int, buffer: int) -> list[list]:
+        """A buffer's batches from its examples' lengths after the cuts: lists of indices, or with
+        packing lists of rows of indices."""
         sizes = dict(max_tokens=self.max_tokens) if self.max_tokens else dict(batch_size=self.batch_size)
         seed = (self.seed * 100003 + epoch) * 100003 + buffer
+        if self.pack:
+            return packed_batches(lengths, self.limits, seed=seed, **sizes) if lengths else []
+        budgets = [max(n) for n in lengths]  # what an example weighs against --max-tokens: its longer side
         if self.max_tokens and budgets and max(budgets) > self.max_tokens:
             raise ValueError(
                 f"{self.source.label}: an example has {max(budgets)} tokens on one side (after the cuts of "
@@ -169,7 +185,11 @@ class FileStream:
         lengths = [self.measure(x) for x in self._examples]
         if self.epoch == 0:
             self._count_cuts(lengths)
-        self._batches_now = self._batches([self._budget(n) for n in lengths], self.epoch, self.buffer)
+        self._batches_now = self._batches([self._cut(n) for n in lengths], self.epoch, self.buffer)
+
+    def _size(self, batch: list) -> int:
+        """The examples of a batch (of indices, or of rows of them)."""
+        return sum(map(len, batch)) if self.pack else len(batch)
 
     def _count_cuts(self, lengths: list[tuple[int, int]]) -> None:
         if self.buffer * self.buffer_size < self.cuts.examples:  # a buffer counted before (after a resume)
@@ -186,10 +206,12 @@ class FileStream:
             self._fill()
             if not self._examples:  # the data is done: the next epoch starts over
                 self._end_epoch()
-        batch = [self._examples[i] for i in self._batches_now[self.index]]
+        indices = self._batches_now[self.index]
         self.index += 1
-        self.seen += len(batch)
-        return batch
+        self.seen += self._size(indices)
+        if self.pack:
+            return [[self._examples[i] for i in row] for row in indices]
+        return [self._examples[i] for i in indices]
 
     def _end_epoch(self) -> None:
         if self.epoch == 0:
@@ -217,21 +239,27 @@ class FileStream:
 
     def count_batches(self, epochs: int) -> list[int]:
         """The number of batches of each of the first `epochs` epochs, cut as `next_batch` cuts
-        them: one pass over the data (measuring every example only when --max-tokens needs it)."""
+        them: one pass over the data (measuring every example only when --max-tokens or packing
+        needs it)."""
         if not self.source.rereadable:
             raise ValueError(
                 f"{self.source.label} is a pipe, read once, so its epochs cannot be counted before training; pass "
                 "--steps instead of --epochs (a pipe gives one epoch at most), or a regular file"
             )
-        budgets: list[array] = []
+        measured = self.max_tokens is not None or self.pack
+        buffers: list[tuple[array, array]] = []  # each buffer's source and target lengths after the cuts
         reader = self.source.open()
         while chunk := [x for _, x in zip(range(self.buffer_size), reader, strict=False)]:
-            measured = [self._budget(self.measure(x)) for x in chunk] if self.max_tokens else [0] * len(chunk)
-            budgets.append(array("l", measured))
-        self.epoch_length = sum(len(b) for b in budgets)
-        if self.max_tokens is None:  # the count does not depend on the order: the same every epoch
-            return [sum(len(self._batches(b, 0, i)) for i, b in enumerate(budgets))] * epochs
-        return [sum(len(self._batches(b, e, i)) for i, b in enumerate(budgets)) for e in range(epochs)]
+            cut = [self._cut(self.measure(x)) for x in chunk] if measured else [(0, 0)] * len(chunk)
+            buffers.append((array("l", (n for n, _ in cut)), array("l", (n for _, n in cut))))
+        self.epoch_length = sum(len(sources) for sources, _ in buffers)
+
+        def count(epoch: int) -> int:
+            return sum(len(self._batches(list(zip(*b, strict=True)), epoch, i)) for i, b in enumerate(buffers))
+
+        if not measured:  # the count does not depend on the order: the same every epoch
+            return [count(0)] * epochs
+        return [count(e) for e in range(epochs)]
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "buffer": self.buffer, "index": self.index, "examples": self.epoch_length}
@@ -250,4 +278,4 @@ class FileStream:
             self.epoch, self.buffer, self._read = epoch, buffer, buffer * self.buffer_size
             self._fill()
         self.index = index
-        self.seen = buffer * self.buffer_size + sum(len(b) for b in self._batches_now[:index])
+        self.seen = buffer * self.buffer_size + sum(self._size(b) for b in self._batches_now[:index])

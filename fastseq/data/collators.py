@@ -45,12 +45,18 @@ class Seq2SeqCollator:
         self.max_source_length, self.max_target_length = max_source_length, max_target_length
         self.pad_to_multiple_of = pad_to_multiple_of
 
+    def encode(self, example: Example) -> tuple[list[int], list[int]]:
+        """An example's source and target ids, cut to the maximum lengths, eos kept last."""
+        source, target = example
+        encode = self.tokenizer.encode
+        return (encode(source, max_length=self.max_source_length, truncation=True),
+                encode(target, max_length=self.max_target_length, truncation=True))  # fmt: skip
+
     def __call__(self, examples: Sequence[Example]) -> dict[str, torch.Tensor]:
         if not examples:
             raise ValueError("an empty batch: the dataset (or what is left of it) has no examples")
         tok = self.tokenizer
-        sources = [tok.encode(s, max_length=self.max_source_length, truncation=True) for s, _ in examples]
-        targets = [tok.encode(t, max_length=self.max_target_length, truncation=True) for _, t in examples]
+        sources, targets = zip(*map(self.encode, examples), strict=True)
         input_ids = _pad(sources, tok.pad_token_id, self.pad_to_multiple_of)
         labels = _pad(targets, -100, self.pad_to_multiple_of)
         return {"input_ids": input_ids, "attention_mask": (input_ids != tok.pad_token_id).long(), "labels": labels}
@@ -105,6 +111,13 @@ def set_rng_state(rng: random.Random, state: list) -> None:
     rng.setstate((version, tuple(internal), gauss))
 
 
+def _noise_counts(length: int, noise_density: float, mean_noise_span_length: float) -> tuple[int, int]:
+    """The noise tokens and noise spans of `random_spans_noise_mask` for `length` tokens."""
+    num_noise = min(max(int(round(length * noise_density)), 1), length - 1)
+    num_spans = max(int(round(min(num_noise, length - num_noise) / mean_noise_span_length)), 1)
+    return num_noise, num_spans
+
+
 def random_spans_noise_mask(
     length: int, noise_density: float = 0.15, mean_noise_span_length: float = 3.0, *, rng: random.Random
 ) -> list[bool]:
@@ -113,8 +126,7 @@ def random_spans_noise_mask(
     with non-noise, run lengths uniformly random."""
     if length < 2:
         raise ValueError(f"span corruption needs at least 2 tokens; got {length}")
-    num_noise = min(max(int(round(length * noise_density)), 1), length - 1)
-    num_spans = max(int(round(min(num_noise, length - num_noise) / mean_noise_span_length)), 1)
+    num_noise, num_spans = _noise_counts(length, noise_density, mean_noise_span_length)
     noise_runs = _segment_lengths(num_noise, num_spans, rng)
     keep_runs = _segment_lengths(length - num_noise, num_spans, rng)
     mask: list[bool] = []
@@ -172,19 +184,26 @@ class SpanCorruptionCollator:
     def load_state_dict(self, state: dict) -> None:
         set_rng_state(self.rng, state["rng"])
 
+    def lengths(self, text_tokens: int) -> tuple[int, int]:
+        """The input and target token counts `encode` gives a text of `text_tokens` tokens."""
+        length = max(min(text_tokens, self.tokens_length), 2)
+        noise, spans = _noise_counts(length, self.noise_density, self.mean_noise_span_length)
+        return length - noise + spans + 1, noise + spans + 1
+
+    def encode(self, text: str) -> tuple[list[int], list[int]]:
+        """A text's span-corrupted input and target ids (the next noise mask of the collator's RNG)."""
+        tok = self.tokenizer
+        ids = tok.encode(text, add_special_tokens=False)[: self.tokens_length]
+        if len(ids) < 2:
+            ids = ids + [tok.eos_token_id] * (2 - len(ids))
+        mask = random_spans_noise_mask(len(ids), self.noise_density, self.mean_noise_span_length, rng=self.rng)
+        return span_corrupt(ids, mask, tok.sentinel_id, tok.eos_token_id)
+
     def __call__(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
         if not texts:
             raise ValueError("an empty batch: the dataset (or what is left of it) has no texts")
         tok = self.tokenizer
-        inputs, targets = [], []
-        for text in texts:
-            ids = tok.encode(text, add_special_tokens=False)[: self.tokens_length]
-            if len(ids) < 2:
-                ids = ids + [tok.eos_token_id] * (2 - len(ids))
-            mask = random_spans_noise_mask(len(ids), self.noise_density, self.mean_noise_span_length, rng=self.rng)
-            source, target = span_corrupt(ids, mask, tok.sentinel_id, tok.eos_token_id)
-            inputs.append(source)
-            targets.append(target)
+        inputs, targets = zip(*map(self.encode, texts), strict=True)
         input_ids = _pad(inputs, tok.pad_token_id, self.pad_to_multiple_of)
         labels = _pad(targets, -100, self.pad_to_multiple_of)
         return {"input_ids": input_ids, "attention_mask": (input_ids != tok.pad_token_id).long(), "labels": labels}

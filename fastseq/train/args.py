@@ -40,6 +40,7 @@ class TrainArgs:
     batch_size: int = 64
     max_tokens: int | None = None  # token budget per batch instead of batch_size (file data)
     buffer_size: int = 100_000  # examples read, length-bucketed and shuffled at a time (file data)
+    pack: bool = False  # several examples a row (segment ids, per-segment positions); evaluation stays unpacked
     grad_accum: int = 1
     optimizer: str = "adafactor"  # T5's optimizer
     lr: float | None = None  # adafactor: None = relative step from scratch, 1e-3 pretrained; 0 = relative step

@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import math
 import random
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -15,6 +16,7 @@ from fastseq.data import (
     Cuts,
     DataSource,
     FileStream,
+    PackingCollator,
     Seq2SeqCollator,
     SpanCorruptionCollator,
     TokenLengths,
@@ -42,6 +44,13 @@ def make_examples(n: int, rng: random.Random, min_len: int = 3, max_len: int = 8
     return [(f"reverse: {w}", w[::-1]) for w in words]
 
 
+def _generated(seed: int) -> Iterator[tuple[str, str]]:
+    """The default task's examples, without end."""
+    rng = random.Random(seed)
+    while True:
+        yield from make_examples(1000, rng)
+
+
 class SyntheticStream:
     def __init__(self, batch_size: int, seed: int):
         self.batch_size = batch_size
@@ -60,25 +69,26 @@ class SyntheticStream:
 @dataclass
 class Data:
     stream: SyntheticStream | FileStream
-    collator: Seq2SeqCollator | SpanCorruptionCollator
+    collator: Seq2SeqCollator | SpanCorruptionCollator | PackingCollator
     held_out: list[tuple[str, str]]  # examples for loss and exact match; empty: no evaluation
-    eval_collator: Seq2SeqCollator | None
+    eval_collator: Seq2SeqCollator | None  # unpacked
     fingerprint_path: str | None = None  # what identifies the training data: a file, pipe or directory
+    synthetic: bool = False  # the default task, generated without end: no epochs
 
     @property
     def epoch(self) -> float | None:
         """Epochs done so far (fractional where the epoch's length is known); None for the synthetic task."""
-        return None if isinstance(self.stream, SyntheticStream) else self.stream.epochs_done()
+        return None if self.synthetic else self.stream.epochs_done()
 
-    def micro_batch(self, data_parallel: int, rank: int) -> tuple[dict[str, torch.Tensor], int]:
-        """This data-parallel rank's next micro-batch, collated on the host, and its token count
-        (source and target tokens), read from the host tensors: counting costs no device sync.
-        Every rank reads all `data_parallel` batches and keeps its own, so the stream position is
-        the same on every rank."""
+    def micro_batch(self, data_parallel: int, rank: int) -> tuple[dict[str, torch.Tensor], tuple[int, int]]:
+        """This data-parallel rank's next micro-batch, collated on the host, and its tokens, source
+        and target sides together: the real ones (not padding) and all of them, padding included;
+        read from the host tensors, counting costs no device sync. Every rank reads all
+        `data_parallel` batches and keeps its own, so the stream position is the same on every rank."""
         examples = [self.stream.next_batch() for _ in range(data_parallel)][rank]
         batch = self.collator(examples)
-        tokens = int(batch["attention_mask"].sum()) + int((batch["labels"] != -100).sum())
-        return batch, tokens
+        real = int(batch["attention_mask"].sum()) + int((batch["labels"] != -100).sum())
+        return batch, (real, batch["input_ids"].numel() + batch["labels"].numel())
 
     def state_dict(self) -> dict:
         collator = self.collator.state_dict() if hasattr(self.collator, "state_dict") else None
@@ -103,31 +113,53 @@ def max_source_length(args: TrainArgs, config) -> int:
 def build_data(args: TrainArgs, tokenizer: Tokenizer, config, data_parallel: int = 1) -> Data:
     """The run's data. Sets what follows from the model and the data in `args`: the default
     --max-source-length, and with --epochs the number of steps (`--grad-accum` x `data_parallel`
-    batches a step, whole steps within the epochs)."""
+    batches a step, whole steps within the epochs). With --pack, training batches are packed rows;
+    the held-out examples are not packed."""
     args.max_source_length = max_source_length(args, config)
-    if args.data is None and args.dataset_name is None:
-        stream = SyntheticStream(args.batch_size, args.seed)
-        held_out = make_examples(args.eval_examples, random.Random(args.seed + 1))
-        return Data(stream, Seq2SeqCollator(tokenizer), held_out, Seq2SeqCollator(tokenizer))
+    if args.pack and config.model_type == "longt5":
+        raise ValueError("--pack: LongT5's local and transient-global attention take no segment ids, so a LongT5 "
+                         "model does not pack; train it without --pack")  # fmt: skip
+    most = getattr(config, "max_position_embeddings", None)  # BlenderbotSmall's learned positions
+    if args.pack and most is not None and max(args.max_source_length, args.max_target_length) > most:
+        raise ValueError(f"--pack: an example of up to {max(args.max_source_length, args.max_target_length)} tokens "
+                         f"(--max-source-length {args.max_source_length}, --max-target-length "
+                         f"{args.max_target_length}) has positions past the model's max_position_embeddings {most}; "
+                         f"lower those lengths to at most {most}")  # fmt: skip
     sizes = dict(batch_size=args.batch_size, max_tokens=args.max_tokens, seed=args.seed,
-                 buffer_size=args.buffer_size)  # fmt: skip
-    if args.task == "denoise":
-        collator = SpanCorruptionCollator(tokenizer, input_length=args.max_source_length, seed=args.seed)
-        source = file_source(args.data, f"--data {args.data}", args.source_field, args.target_field, text=True)
-        _check_epochs(args, source)
-        stream = FileStream(source, TokenLengths(tokenizer, text=True), limits=(collator.tokens_length, None),
-                            **sizes)  # fmt: skip
-        _set_steps(args, stream, data_parallel)
-        return Data(stream, collator, [], None, source.fingerprint_path or args.data)
+                 buffer_size=args.buffer_size, pack=args.pack)  # fmt: skip
+    limits = (args.max_source_length, args.max_target_length)
     collator = Seq2SeqCollator(tokenizer, max_source_length=args.max_source_length,
                                max_target_length=args.max_target_length)  # fmt: skip
+    if args.data is None and args.dataset_name is None:
+        if args.pack:
+            source = DataSource("the synthetic task", lambda: _generated(args.seed), True, None, None)
+            stream = FileStream(source, TokenLengths(tokenizer), limits=limits, **sizes)
+        else:
+            stream = SyntheticStream(args.batch_size, args.seed)
+        held_out = make_examples(args.eval_examples, random.Random(args.seed + 1))
+        return Data(stream, _packing(collator, args.pack), held_out, collator, synthetic=True)
+    if args.task == "denoise":
+        corrupt = SpanCorruptionCollator(tokenizer, input_length=args.max_source_length, seed=args.seed)
+        source = file_source(args.data, f"--data {args.data}", args.source_field, args.target_field, text=True)
+        _check_epochs(args, source)
+        text = TokenLengths(tokenizer, text=True)
+        if args.pack:  # rows hold the span-corrupted inputs and targets
+            measure, limits = (lambda x: corrupt.lengths(text(x)[0])), corrupt.lengths(corrupt.tokens_length)
+        else:
+            measure, limits = text, (corrupt.tokens_length, None)
+        stream = FileStream(source, measure, limits=limits, **sizes)
+        _set_steps(args, stream, data_parallel)
+        return Data(stream, _packing(corrupt, args.pack), [], None, source.fingerprint_path or args.data)
     source = _with_prefix(_train_source(args), args.source_prefix)
     _check_epochs(args, source)
-    limits = (args.max_source_length, args.max_target_length)
     stream = FileStream(source, TokenLengths(tokenizer), limits=limits, flags=FLAGS, **sizes)
     _set_steps(args, stream, data_parallel)
     held_out = _held_out(args, tokenizer, limits)
-    return Data(stream, collator, held_out, collator, source.fingerprint_path or args.data)
+    return Data(stream, _packing(collator, args.pack), held_out, collator, source.fingerprint_path or args.data)
+
+
+def _packing(collator: Seq2SeqCollator | SpanCorruptionCollator, pack: bool):
+    return PackingCollator(collator) if pack else collator
 
 
 def _train_source(args: TrainArgs) -> DataSource:

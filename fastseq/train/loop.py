@@ -29,7 +29,7 @@ import torch
 from tqdm import tqdm
 
 from fastseq.checkpoint import CheckpointError
-from fastseq.files import atomic_write, directory_size, is_disk_full, publish_directory
+from fastseq.files import DirectoryLock, atomic_write, directory_size, is_disk_full, publish_directory
 from fastseq.metrics import compute
 from fastseq.tokenizers import Tokenizer
 
@@ -298,6 +298,33 @@ class _Metrics:
             self.writer.close()
 
 
+class _Tokens:
+    """The tokens trained on, source and target sides together: the real ones (not padding) and all
+    of them, padding included; since the last logged step (the window) and over the run."""
+
+    def __init__(self):
+        self.window_start = time.perf_counter()
+        self.window = [0.0, 0.0]  # real, all
+        self.run = [0.0, 0.0]
+
+    def add(self, real: float, padded: float) -> None:
+        for counts in (self.window, self.run):
+            counts[0] += real
+            counts[1] += padded
+
+    @staticmethod
+    def rates(real: float, padded: float, seconds: float) -> dict[str, float]:
+        """`tokens_per_s`: real tokens a second; `real_token_fraction`: real tokens / all tokens."""
+        return {"tokens_per_s": real / max(seconds, 1e-9), "real_token_fraction": real / max(padded, 1.0)}
+
+    def end_window(self) -> dict[str, float]:
+        """The window's rates; the next window starts."""
+        now = time.perf_counter()
+        rates = self.rates(*self.window, now - self.window_start)
+        self.window, self.window_start = [0.0, 0.0], now
+        return rates
+
+
 class _Run:
     """One run of the loop: the engine, the data and where everything is written."""
 
@@ -319,7 +346,7 @@ class _Run:
         self.final: dict = {}  # the final held-out scores
         self.outputs: list[str] = []  # the generated outputs of the last evaluation
         self.best: tuple[Path, float] | None = None  # the best checkpoint by --metric-for-best-model, its score
-        self.window, self.window_tokens = time.perf_counter(), 0.0  # tokens/s since the last logged step
+        self.tokens = _Tokens()
 
     def resume(self) -> int:
         """Load the checkpoint `--resume` names, after checking that this run may continue it (its
@@ -449,7 +476,8 @@ class _Run:
         loss = engine.forward_backward([batch for batch, _ in micro])
         # The step's only synchronisation: the loss, the tokens and any signal, summed over the ranks.
         signalled = float(signals.received is not None)
-        loss_sum, tokens, stop = engine.sum_over_ranks([float(loss), float(sum(n for _, n in micro)), signalled])
+        real, padded = float(sum(r for _, (r, _) in micro)), float(sum(n for _, (_, n) in micro))
+        loss_sum, real, padded, stop = engine.sum_over_ranks([float(loss), real, padded, signalled])
         mean_loss = loss_sum / engine.world
         try:
             if not math.isfinite(mean_loss):
@@ -466,11 +494,10 @@ class _Run:
         record = {"step": done, "loss": mean_loss, "lr": engine.learning_rate()}
         if grad_norm is not None:
             record["grad_norm"] = grad_norm
-        self.window_tokens += tokens * engine.data_parallel / engine.world  # pipeline stages share batches
+        shared = engine.data_parallel / engine.world  # pipeline stages share batches
+        self.tokens.add(real * shared, padded * shared)
         if done % args.log_every == 0 or done == args.steps:
-            now = time.perf_counter()
-            record["tokens_per_s"] = self.window_tokens / max(now - self.window, 1e-9)
-            self.window_tokens, self.window = 0, now
+            record.update(self.tokens.end_window())
             if engine.device.type == "cuda":
                 record["peak_gib"] = torch.cuda.max_memory_allocated(engine.device) / 2**30
         self.losses.append((done, mean_loss))
@@ -514,10 +541,12 @@ class _Run:
         last_step, loss = self.losses[-1]
         interrupted = _SIGNALS[stopped_by] if stopped_by is not None else None
         best = {} if self.best is None else {"best_checkpoint": str(self.best[0]), "best_metric": self.best[1]}
+        rates = self.tokens.rates(*self.tokens.run, elapsed)
         if self.engine.rank == 0:
             weights = "" if self.args.pretrained else ", random weights"
             line = f"fastseq train ({self.engine.name}{weights}): steps {start}-{last_step} in {elapsed:.1f}s"
             line += f", final loss {loss:.4f}"
+            line += f", {rates['tokens_per_s']:,.0f} real tokens/s ({rates['real_token_fraction']:.1%} real)"
             if self.final:
                 ordered = [key for key in self.final if key != "eval_loss"] + ["eval_loss"]
                 scores = ", ".join(_format_score(key, self.final[key]) for key in ordered)
@@ -534,7 +563,8 @@ class _Run:
                 print(f"  {shorten(source)!r} -> {shorten(output)!r} (target {shorten(target)!r})")
         self.metrics.close()
         losses = [value for _, value in self.losses]
-        return {"loss": loss, "losses": losses, "seconds": elapsed, "interrupted": interrupted, **self.final, **best}
+        summary = {"loss": loss, "losses": losses, "seconds": elapsed, "interrupted": interrupted, **rates}
+        return {**summary, **self.final, **best}
 
     def evaluate(self, step: int) -> dict:
         """Evaluate the held-out examples; their predictions go to OUTPUT/eval_predictions-STEP.jsonl."""
@@ -582,11 +612,9 @@ def train(args: TrainArgs) -> dict:
         config = model_config(args)
         tokenizer = run_tokenizer(args, config)
         engine = make_engine(args, config)
-        out, lock = engine.on_first_rank(prepare_output_dir, args)
-        try:
+        with DirectoryLock.scope():  # released however the run ends, even by a signal as it is taken
+            out, _ = engine.on_first_rank(prepare_output_dir, args)
             return _train(args, config, tokenizer, engine, out, signals)
-        finally:
-            lock.release()
 
 
 def _train(args: TrainArgs, config, tokenizer: Tokenizer, engine: Engine, out: Path, signals: _Signals) -> dict:
@@ -607,10 +635,14 @@ def _train(args: TrainArgs, config, tokenizer: Tokenizer, engine: Engine, out: P
                     file=sys.stderr)  # fmt: skip
     started = time.perf_counter()
     signals.training = True
+    shown = {}  # the progress bar's loss, and real tokens/s and real-token fraction of the last logged step
     try:
         for step in progress:
             record, stop = run.step(step + 1, signals)
-            progress.set_postfix(loss=f"{record['loss']:.4f}")
+            shown["loss"] = f"{record['loss']:.4f}"
+            if "tokens_per_s" in record:
+                shown.update(tok_s=f"{record['tokens_per_s']:,.0f}", real=f"{record['real_token_fraction']:.0%}")
+            progress.set_postfix(shown)
             if stop:
                 stopped_by = signals.received or signal.SIGTERM  # or another rank received it
                 path = run.checkpoint(step + 1)

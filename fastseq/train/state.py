@@ -123,6 +123,8 @@ def run_identity(args: TrainArgs, model_config, tokenizer: Tokenizer, data_path:
     }
     if args.source_prefix:
         data["prefix"] = args.source_prefix
+    if args.pack:
+        data["pack"] = True
     config = json.loads(json.dumps(model_config.to_hf_dict(), sort_keys=True))
     return {"model": config, "tokenizer": _tokenizer_fingerprint(tokenizer), "data": data}
 
