@@ -7,14 +7,13 @@ from pathlib import Path
 
 import torch
 
-from fastseq.models.base import shift_right
 from fastseq.optim import make_optimizer
 from fastseq.train.engine import schedule
 
 from .config import pipeline_stages
 from .convert import convert
 from .engine import DeepSpeedEngine
-from .stages import init_random, load_directory, pipeline_module
+from .stages import init_random, load_directory, pipeline_module, stage_inputs
 
 
 class PipelineEngine(DeepSpeedEngine):
@@ -50,13 +49,10 @@ class PipelineEngine(DeepSpeedEngine):
             model=module, optimizer=optimizer, lr_scheduler=schedule(args), config=self.config
         )
         self.data_rank = self.engine.grid.data_parallel_id
-        self.start, self.pad = model_config.decoder_start_token_id, model_config.pad_token_id
+        self.model_config = model_config
 
     def forward_backward(self, micro_batches):
-        inputs = iter(
-            ((b["input_ids"], b["attention_mask"], shift_right(b["labels"], self.start, self.pad)), b["labels"])
-            for b in micro_batches
-        )
+        inputs = iter((stage_inputs(self.model_config, b), b["labels"]) for b in micro_batches)
         return self.engine.train_batch(data_iter=inputs)  # the mean over the data-parallel ranks, on every stage
 
     def step(self):

@@ -1,16 +1,20 @@
 """The encoder-decoder as a list of pipeline layers (`deepspeed.pipe.PipelineModule`).
 
 The model is a list of layers; DeepSpeed cuts it into contiguous stages by parameter count and each
-rank builds only its own (`LayerSpec`). What flows between layers is a tuple of tensors:
+rank builds only its own (`LayerSpec`). What flows between layers is a tuple of tensors
+(`stage_inputs` makes the first one):
 
-    encoder side:  (hidden, encoder mask, decoder input ids[, bias table])
-    decoder side:  (encoder output, encoder mask, hidden[, bias table])
+    encoder side:  (hidden, encoder mask, decoder input ids[, packing ids][, bias table])
+    decoder side:  (encoder output, encoder mask, hidden[, packing ids][, bias table])
     head:          hidden -> (hidden, head weight[, logits bias]); the last stage's loss function
                    computes the loss from them with the fused `linear_cross_entropy`, as the
                    single-process model does, so the logits (batch x length x vocabulary: the
                    largest tensor of an mT5 step) are never built
 
-The integer masks and ids ride along untouched. T5's relative-position bias table (LongT5
+Packed rows (a batch with segment ids) carry the encoder's segment ids in place of its mask, and
+integer packing ids after the three fixed tensors: the decoder's segment ids, then for
+BlenderbotSmall the decoder's positions and the encoder's, each dropped by the layer of learned
+positions that reads it. The integer masks and ids ride along untouched. T5's relative-position bias table (LongT5
 transient-global: both tables, stacked) leaves the first block of each stack as a tensor and every
 later block computes its bias from it in the kernel, on whatever stage it sits: its gradient flows
 back through the pipeline to the block that owns it. A stack's last block also applies the final
@@ -39,6 +43,7 @@ from torch import nn
 
 from fastseq.checkpoint import weight_files
 from fastseq.kernels import linear_cross_entropy
+from fastseq.models.base import AttentionMask, shift_right
 from fastseq.models.blenderbot_small import (
     BlenderbotSmallConfig,
     BlenderbotSmallDecoderLayer,
@@ -69,6 +74,41 @@ def _tables_dict(table: torch.Tensor) -> dict[str, torch.Tensor]:
     return {"bias_table": table}
 
 
+def _split(inputs: tuple) -> tuple[tuple, list[torch.Tensor], list[torch.Tensor]]:
+    """A stage tuple's three fixed tensors, its packing ids (the integer tensors after them; packed
+    rows only) and its bias table (the floating one after them, if any)."""
+    rest = inputs[3:]
+    return inputs[:3], [t for t in rest if not t.is_floating_point()], [t for t in rest if t.is_floating_point()]
+
+
+def _masks(mask: torch.Tensor, packing: list[torch.Tensor]) -> tuple[AttentionMask, AttentionMask, AttentionMask]:
+    """The encoder self-attention's, the decoder self-attention's and the cross-attention's masks.
+    `mask` is the encoder's attention mask or, for packed rows (`packing` starts with the decoder's
+    segment ids), the encoder's segment ids."""
+    if not packing:
+        return AttentionMask(mask), AttentionMask(), AttentionMask(mask)
+    decoder = packing[0]
+    return (
+        AttentionMask.of(None, mask, mask),
+        AttentionMask.of(None, decoder, decoder),
+        AttentionMask.of(None, decoder, mask),
+    )
+
+
+def stage_inputs(config, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    """The first stage's tuple for a batch (packed rows when it has segment ids): the encoder input,
+    the encoder mask, the decoder input ids (labels shifted right, per segment for packed rows) and
+    the packing ids."""
+    segments = batch.get("decoder_segment_ids")
+    decoder_ids = shift_right(batch["labels"], config.decoder_start_token_id, config.pad_token_id, segments)
+    if segments is None:
+        return batch["input_ids"], batch["attention_mask"], decoder_ids
+    positions = ()
+    if config.model_type == "blenderbot-small":  # learned positions; T5's bias is over row positions
+        positions = (batch["decoder_positions"], batch["positions"])
+    return batch["input_ids"], batch["segment_ids"], decoder_ids, segments, *positions
+
+
 class T5SubLayerPipe(nn.Module):
     """One sub-layer of a T5 / LongT5 block: its self-attention, cross-attention or FFN. Cutting at
     sub-layers (an FFN of T5-11B is 134M parameters, a whole decoder block 268M) lets the stages
@@ -95,24 +135,27 @@ class T5SubLayerPipe(nn.Module):
         self.scale = config.d_model**-0.5 if is_decoder and config.scale_decoder_outputs else None
 
     def forward(self, inputs: tuple) -> tuple | torch.Tensor:
+        fixed, packing, table = _split(inputs)
         if self.is_decoder:
-            encoder_states, encoder_mask, x, *table = inputs
+            encoder_states, mask, x = fixed
         else:
-            x, mask, decoder_ids, *table = inputs
+            x, mask, decoder_ids = fixed
+        encoder_mask, decoder_mask, cross_mask = _masks(mask, packing)
         if self.part == "self":
             table = [_tables_tensor(self.sublayer.position_tables())] if self.first else table
-            x = clamp_fp16(self.sublayer(x, _tables_dict(table[0]), None if self.is_decoder else mask))
+            x = clamp_fp16(self.sublayer(x, _tables_dict(table[0]), decoder_mask if self.is_decoder else encoder_mask))
             if self.last:
                 table = []  # no later layer reads it: it must not cross a stage unused
         elif self.part == "cross":
-            x = clamp_fp16(self.sublayer(x, encoder_states, encoder_mask))
+            x = clamp_fp16(self.sublayer(x, encoder_states, cross_mask))
         else:
             x = clamp_fp16(self.sublayer(x))
             if self.last:
                 x = F.dropout(self.final_layer_norm(x), p=self.dropout, training=self.training)
                 if self.is_decoder:
                     return x * self.scale if self.scale is not None else x
-        return (encoder_states, encoder_mask, x, *table) if self.is_decoder else (x, mask, decoder_ids, *table)
+        fixed = (encoder_states, mask, x) if self.is_decoder else (x, mask, decoder_ids)
+        return (*fixed, *packing, *table)
 
 
 class BlenderbotInputPipe(nn.Module):
@@ -125,17 +168,22 @@ class BlenderbotInputPipe(nn.Module):
         self.is_decoder, self.dropout = is_decoder, config.dropout
 
     def forward(self, inputs: tuple) -> tuple:
+        fixed, packing, _ = _split(inputs)
         if self.is_decoder:
-            encoder_states, encoder_mask, tokens = inputs
+            encoder_states, mask, tokens = fixed
         else:
-            tokens, mask, decoder_ids = inputs
-        positions = self.embed_positions(torch.arange(tokens.shape[1], device=tokens.device))
+            tokens, mask, decoder_ids = fixed
+        if packing:  # packed rows: this stack's positions are the last packing ids, read here only
+            *packing, positions = packing  # (B, L)
+        else:
+            positions = torch.arange(tokens.shape[1], device=tokens.device)  # (L,)
+        positions = self.embed_positions(positions)  # (B, L, d) or (L, d)
         if self.is_decoder:  # the decoder normalises the token embeddings before adding positions
             x = self.layernorm_embedding(tokens) + positions
         else:
             x = self.layernorm_embedding(tokens + positions)
         x = F.dropout(x, p=self.dropout, training=self.training)
-        return (encoder_states, encoder_mask, x) if self.is_decoder else (x, mask, decoder_ids)
+        return (encoder_states, mask, x, *packing) if self.is_decoder else (x, mask, decoder_ids, *packing)
 
 
 class BlenderbotLayerPipe(nn.Module):
@@ -145,12 +193,14 @@ class BlenderbotLayerPipe(nn.Module):
         self.is_decoder, self.last = is_decoder, index == num_layers - 1
 
     def forward(self, inputs: tuple) -> tuple | torch.Tensor:
+        fixed, packing, _ = _split(inputs)
+        encoder_mask, decoder_mask, cross_mask = _masks(fixed[1], packing)
         if self.is_decoder:
-            encoder_states, encoder_mask, x = inputs
-            x = self.layer(x, None, encoder_states, encoder_mask)
-            return x if self.last else (encoder_states, encoder_mask, x)
-        x, mask, decoder_ids = inputs
-        return self.layer(x, mask), mask, decoder_ids
+            encoder_states, mask, x = fixed
+            x = self.layer(x, decoder_mask, encoder_states, cross_mask)
+            return x if self.last else (encoder_states, mask, x, *packing)
+        x, mask, decoder_ids = fixed
+        return self.layer(x, encoder_mask), mask, decoder_ids, *packing
 
 
 class HeadPipe(nn.Linear):
@@ -185,17 +235,17 @@ class TokenEmbedding(nn.Embedding):
         self.p = 0.0 if blenderbot else config.dropout_rate  # BlenderbotSmall drops out after its LayerNorm
 
     def forward(self, inputs: tuple) -> tuple:
-        input_ids, mask, decoder_ids = inputs
+        input_ids, *rest = inputs
         x = super().forward(input_ids)
         if self.scale != 1.0:
             x = x * self.scale
-        return F.dropout(x, p=self.p, training=self.training), mask, decoder_ids
+        return F.dropout(x, p=self.p, training=self.training), *rest
 
 
 def _embed_decoder(module: TokenEmbedding, inputs: tuple) -> tuple:
-    encoder_states, mask, decoder_ids = inputs
+    encoder_states, mask, decoder_ids, *packing = inputs
     x = nn.Embedding.forward(module, decoder_ids)
-    return encoder_states, mask, F.dropout(x, p=module.p, training=module.training)
+    return encoder_states, mask, F.dropout(x, p=module.p, training=module.training), *packing
 
 
 def _tied_head(module: TokenEmbedding, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

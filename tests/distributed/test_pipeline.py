@@ -4,6 +4,8 @@ process, exact resumption, conversion to a directory `transformers` loads; the p
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -173,3 +175,86 @@ def test_label_smoothing_under_zero2_and_two_stages_matches_one_process(tmp_path
         deepspeed("--deepspeed", config, "--model", str(source), "--steps", "3", "--label-smoothing", "0.1",
                   "--output-dir", str(tmp_path / name), *COMMON, "--grad-accum", accumulation)  # fmt: skip
         assert_losses_close(losses(tmp_path / name), expected)
+
+
+@pytest.mark.parametrize("kind", ["t5_v10_tied", "t5_v11_untied", "blenderbot_small"])
+def test_the_layers_train_packed_rows_as_the_padded_batch(kind, reference_backend):
+    """The pipeline's layers run one after another in one process, with the native model's weights:
+    packed rows (segment ids and BlenderbotSmall's positions riding in the stage tuples, labels
+    shifted per segment by `stage_inputs`) give the padded batch's loss and gradients, and both give
+    the native model's loss."""
+    from fastseq.distributed.stages import head_loss, layers, stage_inputs
+    from tests.models.test_packing import ROW_SOURCE, ROW_TARGET, ROWS, examples, model, packed, padded
+
+    native = model(kind)
+    state = native.state_dict()
+    chain, tied = [], {}
+    for layer in layers(native.config):
+        module = tied.get(layer.tied) if layer.tied else None
+        if module is None:
+            module = layer.cls(*layer.args, **layer.kwargs)
+            module.load_state_dict({local: state[layer.hf_name(local)] for local in module.state_dict()})
+            if layer.tied:
+                tied[layer.tied] = module
+        chain.append((module, layer.forward_fn))
+    parameters = {f"{i}.{name}": p for i, (module, fn) in enumerate(chain) if fn is None
+                  for name, p in module.named_parameters()}  # fmt: skip
+
+    def run(batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        x = stage_inputs(native.config, batch)
+        for module, fn in chain:
+            x = fn(module, x) if fn is not None else module(x)
+        loss = head_loss(x, batch["labels"])
+        grads = torch.autograd.grad(loss, list(parameters.values()), allow_unused=True)
+        return loss.detach(), {n: g for n, g in zip(parameters, grads, strict=True) if g is not None}
+
+    pairs = examples(kind)
+    loss, grads = run(padded(pairs))
+    packed_loss, packed_grads = run(packed(pairs, ROWS, ROW_SOURCE, ROW_TARGET))
+    with torch.no_grad():
+        assert_close(loss, native(**padded(pairs)).loss, what="padded loss against the native model")
+    assert_close(packed_loss, loss, what="loss")
+    assert set(packed_grads) == set(grads) and len(grads) > 10
+    floor = 1e-3 * max(g.abs().max().item() for g in grads.values())
+    for name, g in grads.items():
+        assert_close(packed_grads[name], g, floor=floor, what=f"grad of {name}")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["t5_v10_tied", "blenderbot_small"])
+def test_two_stages_train_packed_rows_as_the_padded_batch(tmp_path, kind, reference_backend):
+    """Through DeepSpeed's schedule (the packing ids cross the stage boundary): three AdamW steps on
+    packed rows give the losses of the same examples padded, the first one the native model's. A
+    tied T5 shares its embedding across the stages; BlenderbotSmall's positions ride to the decoder's."""
+    from tests.models.test_packing import examples, model, padded
+
+    native = model(kind)
+    native.save_pretrained(tmp_path / "model")
+    runs = {}
+    for name, extra in (("packed", ()), ("padded", ("--padded",))):
+        out = tmp_path / f"{name}.json"
+        deepspeed(str(ROOT / "tests/workers/pipeline_packing.py"), "--model", str(tmp_path / "model"), "--kind",
+                  kind, "--out", str(out), *extra, module=None)  # fmt: skip
+        runs[name] = json.loads(out.read_text())
+    assert runs["packed"]["world"] == 2
+    assert_losses_close(runs["packed"]["losses"], runs["padded"]["losses"])
+    with torch.no_grad():
+        expected = native(**padded(examples(kind))).loss.item()
+    assert abs(runs["packed"]["losses"][0] - expected) <= 1e-5 * expected
+
+
+@pytest.mark.slow
+def test_two_stages_train_packed_rows_with_fastseq_train_as_one_process(tmp_path):
+    """`fastseq train --pack` with pipeline stages: the packed micro-batches the engine feeds through
+    the stages give one process's losses, and a resumed run repeats them bit for bit."""
+    source = _directory(tmp_path / "model", "blenderbot_small")
+    expected = one_process(tmp_path / "one", 4, model=source, pack=True, max_source_length=128)
+    run = tmp_path / "pp"
+    deepspeed("--deepspeed", PIPELINE, "--model", str(source), "--steps", "4", "--save-every", "2", "--pack",
+              "--max-source-length", "128", "--output-dir", str(run), *COMMON)  # fmt: skip
+    straight = losses(run)
+    assert_losses_close(straight, expected)
+    resumed = tmp_path / "pp_resumed"
+    deepspeed("--deepspeed", PIPELINE, "--model", str(source), "--steps", "4", "--pack", "--max-source-length", "128",
+              "--resume", str(run / "checkpoint-2"), "--output-dir", str(resumed), *COMMON)  # fmt: skip
+    assert losses(resumed) == straight[2:]  # bit for bit

@@ -4,6 +4,8 @@ to a Hugging Face directory that `transformers` loads."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -14,6 +16,7 @@ from tests.distributed.launch import ROOT, assert_losses_close, deepspeed, free_
 COMMON = ["--batch-size", "4", "--optimizer", "adamw", "--lr", "1e-3", "--quiet", "--eval-examples", "0"]
 
 
+@pytest.mark.slow
 def test_zero3_builds_the_parameters_in_the_configs_dtype_on_any_cpu(tmp_path):
     """DeepSpeed's zero.Init given an explicit dtype asks the accelerator instead of the config and,
     on a CPU without oneDNN fp16 (seen on an AMD EPYC), built an fp32 run's parameters in bf16; the
@@ -112,3 +115,25 @@ def test_offload_configs_match_one_process(tmp_path, name):
     deepspeed("--deepspeed", str(ROOT / f"configs/deepspeed/{name}.json"), "--steps", "3",
               "--output-dir", str(tmp_path / name), *COMMON)  # fmt: skip
     assert_losses_close(losses(tmp_path / name), expected)
+
+
+@pytest.mark.slow
+def test_zero3_trains_packed_rows_as_one_process_and_resumes_exactly(tmp_path):
+    """`fastseq train --pack` under ZeRO-3: each rank packs its share of the buffer, and the losses
+    are one process's accumulating the same two micro-batches; a resumed run picks up the data
+    position of the packed stream and repeats the straight run's losses bit for bit."""
+    expected = one_process(tmp_path / "one", 4, pack=True)
+    run = tmp_path / "z3"
+    deepspeed("--deepspeed", str(ROOT / "configs/deepspeed/zero3.json"), "--steps", "4", "--save-every", "2",
+              "--output-dir", str(run), "--pack", *COMMON)  # fmt: skip
+    straight = losses(run)
+    assert_losses_close(straight, expected)
+    fractions = [
+        json.loads(line).get("real_token_fraction") for line in (run / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert any(f is not None and f > 0.9 for f in fractions), fractions
+
+    resumed = tmp_path / "z3_resumed"
+    deepspeed("--deepspeed", str(ROOT / "configs/deepspeed/zero3.json"), "--steps", "4", "--pack",
+              "--resume", str(run / "checkpoint-2"), "--output-dir", str(resumed), *COMMON)  # fmt: skip
+    assert losses(resumed) == straight[2:]  # bit for bit
