@@ -114,6 +114,7 @@ _METRICS = {
     "tflops": ("tflops", "TFLOP/s"),
     "gbps": ("bandwidth", "GB/s"),
     "tokens_per_s": ("tokens_per_s", "tokens/s"),
+    "real_tokens_per_s": ("real_tokens_per_s", "real tokens/s"),  # padding not counted
     "mfu_pct": ("mfu", "%"),
     "peak_mib": ("peak_memory", "MiB"),
 }
@@ -124,6 +125,7 @@ _OTHER = {
     "loss": ("step", "loss", "nats"),
     "run_ms": ("run", "time", "ms"),
     "exact_match": ("run", "exact_match", "fraction"),
+    "real_fraction": ("step", "real_fraction", "fraction"),  # real tokens / padded tokens
 }
 _MODES = ("fwd", "bwd", "full", "step")
 PROVENANCE = ("gpu", "torch", "triton", "transformers", "date", "formula")

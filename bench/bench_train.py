@@ -9,10 +9,22 @@ GPU's dense bf16 peak, peak memory of one step. bf16 autocast on a GPU, fp32 on 
     python bench/bench_train.py --out bench/results/train_h100.csv             # the full list, on a GPU
     python bench/bench_train.py --quick --out bench/results/train_cpu.csv      # tiny models, CPU
     python bench/bench_train.py --default-run --out bench/results/default_run_cpu.csv  # the main job
+    python bench/bench_train.py --packing --out bench/results/packing_h100.csv      # batchings, on a GPU
+    python bench/bench_train.py --packing --quick --steps 8 --warmup 2 --passes 5 --out bench/results/packing_cpu.csv
 
 `--default-run` times the main job itself (`fastseq train` with no arguments: 1000 Adafactor steps of
 the embedded default, then the held-out evaluation and the checkpoint) on whatever device is there,
 and records its held-out exact match next to the time.
+
+`--packing` trains one model on a FLAN-like mixture (log-normal lengths, drawn with a fixed seed:
+sources of median 150 tokens with a tail to the 2,048 of --max-source-length, targets of median 24
+up to 256; --quick scales every length by 1/4) batched three ways on the same token budget (rows x
+2,048 tokens a side): padded random batches of rows examples, as `transformers`'
+DataCollatorForSeq2Seq gives them; fastseq's length-bucketed batches (`bucketed_batches`, at most
+the budget in padded tokens); packed rows (`packed_batches`, best-fit decreasing, and the
+`PackingCollator`). It reports, for each, the real-token fraction of the whole mixture (real
+tokens / padded tokens, both sides) and real tokens/s over the same number of timed batches, and
+the same for `transformers`' SDPA model on the padded batches.
 
 Model FLOPs per step (written next to the numbers): 6 x (encoder parameters x input tokens +
 decoder parameters x target tokens + vocab x d_model x target tokens) + the attention scores:
@@ -207,6 +219,143 @@ def measure(name: str, quick: bool, device: str, *, steps: int, warmup: int, com
     return rows
 
 
+# --packing: the mixture at GPU sizes (--quick divides every length by 4), the token budget in rows of
+# --max-source-length tokens, and the model of the CPU check.
+MIXTURE = dict(source_median=150, source_sigma=1.0, max_source=2048, target_median=24, target_sigma=0.8, max_target=256)
+PACKING_ROWS = {False: 16, True: 8}
+PACKING_EXAMPLES = {False: 10_000, True: 3_000}
+_PACKING_TINY = dict(num_layers=2, num_decoder_layers=2, d_model=256, d_kv=64, num_heads=4, d_ff=1024, vocab_size=384)
+
+
+def mixture(n: int, scale: float, seed: int = 0) -> list[tuple[int, int]]:
+    """(source, target) tokens of `n` FLAN-like examples: log-normal, eos included, cut to the maxima."""
+    import math
+    import random
+
+    rng = random.Random(seed)
+
+    def draw(median: float, sigma: float, most: int) -> int:
+        return max(2, min(most, round(rng.lognormvariate(math.log(median * scale), sigma))))
+
+    m = MIXTURE
+    sources = (m["source_median"], m["source_sigma"], round(m["max_source"] * scale))
+    targets = (m["target_median"], m["target_sigma"], round(m["max_target"] * scale))
+    return [(draw(*sources), draw(*targets)) for _ in range(n)]
+
+
+def _texts(lengths: list[tuple[int, int]], seed: int = 0) -> list[tuple[str, str]]:
+    """Byte-level texts with those token counts (ByT5: a token per byte, and eos)."""
+    import random
+
+    rng = random.Random(seed)
+    letters = "abcdefghijklmnopqrstuvwxyz ,."
+    return [("".join(rng.choices(letters, k=s - 1)), "".join(rng.choices(letters, k=t - 1))) for s, t in lengths]
+
+
+def batchings(lengths: list[tuple[int, int]], capacity: tuple[int, int], rows: int) -> dict[str, list]:
+    """The three batchings of the examples on one budget (`rows` x the source capacity, a side): index
+    batches (padded random, bucketed), or batches of rows of indices (packed)."""
+    import random
+
+    from fastseq.data import bucketed_batches, packed_batches
+
+    order = list(range(len(lengths)))
+    random.Random(1).shuffle(order)
+    budget = rows * capacity[0]
+    longer = [max(n) for n in lengths]
+    return {
+        "padded": [order[i : i + rows] for i in range(0, len(order), rows)],
+        "bucketed": bucketed_batches(longer, longer, max_tokens=budget, seed=1),
+        "packed": packed_batches(lengths, capacity, max_tokens=budget, seed=1),
+    }
+
+
+def real_fraction(lengths: list[tuple[int, int]], batches: list, packed: bool) -> float:
+    """Real tokens over padded tokens (both sides) of every batch, each padded to its longest row."""
+    real = padded = 0
+    for batch in batches:
+        rows = [[lengths[i] for i in row] for row in batch] if packed else [[lengths[i]] for i in batch]
+        sizes = [(sum(s for s, _ in row), sum(t for _, t in row)) for row in rows]
+        real += sum(s + t for s, t in sizes)
+        padded += len(sizes) * (max(s for s, _ in sizes) + max(t for _, t in sizes))
+    return real / padded
+
+
+def _real_tokens(batch: dict) -> int:
+    return int(batch["attention_mask"].sum() + (batch["labels"] != -100).sum())
+
+
+def packing(quick: bool, device: str, *, steps: int, warmup: int, passes: int) -> list[dict]:
+    """The packing comparison of the module docstring; `steps` timed batches per batching, `passes`
+    times over (interleaved), after `warmup` batches each."""
+    import transformers as tf
+
+    from fastseq.data import PackingCollator, Seq2SeqCollator
+    from fastseq.tokenizers import ByT5Tokenizer
+
+    scale = 0.25 if quick else 1.0
+    capacity = (round(MIXTURE["max_source"] * scale), round(MIXTURE["max_target"] * scale))
+    rows = PACKING_ROWS[quick]
+    lengths = mixture(PACKING_EXAMPLES[quick], scale)
+    examples = _texts(lengths)
+    name = "google/t5-v1_1-base"
+    config = presets.config(name, dropout_rate=0.0, **(_PACKING_TINY if quick else {}))
+    collator = Seq2SeqCollator(ByT5Tokenizer(), max_source_length=capacity[0], max_target_length=capacity[1])
+    hf_collator = tf.DataCollatorForSeq2Seq(tf.ByT5Tokenizer(), padding="longest", label_pad_token_id=-100)
+
+    def hf_padded(batch):
+        encoded = [collator.encode(examples[i]) for i in batch]
+        return hf_collator([{"input_ids": s, "attention_mask": [1] * len(s), "labels": t} for s, t in encoded])
+
+    collate = {
+        "padded": hf_padded,
+        "bucketed": lambda batch: collator([examples[i] for i in batch]),
+        "packed": lambda batch: PackingCollator(collator)([[examples[i] for i in row] for row in batch]),
+    }
+    plans = batchings(lengths, capacity, rows)
+    fractions = {k: real_fraction(lengths, v, k == "packed") for k, v in plans.items()}
+    # provider -> (model, batching); the timed batches are the first `steps` of each (shuffled) list.
+    models = providers(config, device, compile_too=False)
+    runs = {"fastseq_padded": ("fastseq", "padded"), "fastseq_bucketed": ("fastseq", "bucketed"),
+            "fastseq_packed": ("fastseq", "packed")}  # fmt: skip
+    if "hf_sdpa" in models:
+        runs["hf_sdpa_padded"] = ("hf_sdpa", "padded")
+    optimizers = {n: torch.optim.AdamW(models[n].parameters(), lr=1e-5) for n in {m for m, _ in runs.values()}}
+
+    def on_device(batch):
+        return {k: v.to(device) for k, v in batch.items()}
+
+    data = {b: [on_device(collate[b](x)) for x in plans[b][: steps + warmup]] for b in plans}
+    real = {b: sum(_real_tokens(x) for x in data[b][warmup:]) for b in data}
+    for model, batching in runs.values():
+        for batch in data[batching][:warmup]:
+            _step(models[model], optimizers[model], batch, device)
+    rates: dict[str, list[float]] = {p: [] for p in runs}
+    peaks = dict.fromkeys(runs, float("nan"))
+    for _ in range(passes):
+        for provider, (model, batching) in runs.items():
+            if device == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            elapsed = sum(_timed(models[model], optimizers[model], batch, device) for batch in data[batching][warmup:])
+            rates[provider].append(real[batching] / elapsed * 1e3)
+            if device == "cuda":
+                peaks[provider] = torch.cuda.max_memory_allocated() / 2**20
+    meta = provenance(device, f"real tokens/s = real (not padding) input + target tokens of {steps} batches / their "
+                              f"step time; budget {rows} x {capacity[0]} tokens a side; real fraction over "
+                              f"{len(lengths)} examples")  # fmt: skip
+    out = []
+    for provider, (_, batching) in runs.items():
+        rate = Timing.of(rates[provider])
+        row = {"provider": provider, "model": name + (" (tiny)" if quick else ""), "rows": rows,
+               "max_source": capacity[0], "max_target": capacity[1],
+               "precision": "bf16" if device == "cuda" else "fp32", "step_real_tokens_per_s": round(rate, 1),
+               "real_fraction": round(fractions[batching], 4), "step_peak_mib": round(peaks[provider], 1)}  # fmt: skip
+        out.append(row | meta)
+        print(f"{provider:>18}: {fractions[batching]:6.1%} real, {float(rate):10.1f} real tokens/s "
+              f"(p20 {rate.p20:.1f}, p80 {rate.p80:.1f}), peak {row['step_peak_mib']} MiB", flush=True)  # fmt: skip
+    return out
+
+
 def default_run(runs: int) -> list[dict]:
     """The main job end to end, `runs` times: wall seconds (p20/p50/p80), seconds per step, exact match."""
     from fastseq.train import TrainArgs, train
@@ -244,6 +393,9 @@ def main(argv: list[str] | None = None) -> int:
         metavar="RUNS",
         help="time the main job (`fastseq train` with no arguments) RUNS times (default 3) instead",
     )
+    parser.add_argument("--packing", action="store_true", help="padded, bucketed and packed batches instead")
+    parser.add_argument("--passes", type=int, default=None, help="--packing: timed passes over the batches "
+                        "(default 3; quick 1)")  # fmt: skip
     args = parser.parse_args(argv)
     if args.default_run:
         write_csv(default_run(args.default_run), args.out, benchmark="default_run")
@@ -251,9 +403,14 @@ def main(argv: list[str] | None = None) -> int:
     device = "cpu" if args.quick or not torch.cuda.is_available() else "cuda"
     if device == "cpu" and not args.quick:
         raise SystemExit("no CUDA device: run with --quick for the CPU check")
-    names = args.models or list(QUICK if args.quick else WORKLOADS)
     steps = args.steps or (3 if args.quick else 20)
     warmup = args.warmup or (1 if args.quick else 3)
+    if args.packing:
+        passes = args.passes or (1 if args.quick else 3)
+        write_csv(packing(args.quick, device, steps=steps, warmup=warmup, passes=passes), args.out,
+                  benchmark="packing")  # fmt: skip
+        return 0
+    names = args.models or list(QUICK if args.quick else WORKLOADS)
     rows = []
     for name in names:
         rows += measure(name, args.quick, device, steps=steps, warmup=warmup, compile_too=args.compile)

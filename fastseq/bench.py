@@ -7,7 +7,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-NAMES = ("train", "bucketed_attention", "local_attention", "rms_norm", "ffn", "cross_entropy")
+NAMES = ("train", "packing", "bucketed_attention", "local_attention", "rms_norm", "ffn", "cross_entropy")
+# name -> its script and arguments, where not bench_NAME.py alone
+SCRIPTS = {"packing": ("bench_train.py", ["--packing"])}
 
 
 def bench_dir() -> Path:
@@ -44,9 +46,10 @@ def run(names: list[str], *, quick: bool = False, out: str | None = None, readme
     tag = _device_tag(quick)
     failed = []
     for name in names:
-        cmd = [sys.executable, str(here / f"bench_{name}.py"), "--out", str(out / f"{name}_{tag}.csv")]
+        script, extra = SCRIPTS.get(name, (f"bench_{name}.py", []))
+        cmd = [sys.executable, str(here / script), *extra, "--out", str(out / f"{name}_{tag}.csv")]
         if quick:
-            cmd.append("--quick" if name == "train" else "--smoke")
+            cmd.append("--quick" if script == "bench_train.py" else "--smoke")
         if compile and name == "train":
             cmd.append("--compile")
         print(f"fastseq bench: {name}", flush=True)

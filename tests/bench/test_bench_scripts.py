@@ -15,6 +15,9 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "bench"))
 from _common import LONG_FIELDS  # noqa: E402
 
+# One `fastseq bench --quick` runs every script (minutes on two cores): the full matrix's.
+pytestmark = pytest.mark.slow
+
 
 def _committed_results() -> list[tuple[str, int]]:
     return sorted((p.name, p.stat().st_mtime_ns) for p in (ROOT / "bench" / "results").iterdir())
@@ -102,10 +105,23 @@ def test_bench_train_quick(quick):
         assert all(float(r["p50"]) > 0 for r in mine if r["metric"] in ("time", "tokens_per_s"))
 
 
+def test_bench_packing_quick(quick):
+    """The three batchings of one FLAN-like mixture on one budget: the packed rows' real-token fraction
+    is what packing the mixture gives, the padded batches' what random batches of it give."""
+    rows = _smoke("bench_packing", quick)
+    assert {r["provider"] for r in rows} == {"fastseq_padded", "fastseq_bucketed", "fastseq_packed", "hf_sdpa_padded"}
+    fraction = {r["provider"]: float(r["p50"]) for r in rows if r["metric"] == "real_fraction"}
+    assert fraction["fastseq_packed"] >= 0.97 and fraction["fastseq_padded"] < 0.5
+    assert fraction["fastseq_padded"] < fraction["fastseq_bucketed"] < fraction["fastseq_packed"]
+    assert fraction["hf_sdpa_padded"] == fraction["fastseq_padded"]  # the same batches
+    assert all(float(r["p50"]) > 0 for r in rows if r["metric"] == "real_tokens_per_s")
+
+
 def test_plots_and_the_results_table(quick):
-    for name in ("train", "bucketed_attention", "local_attention", "rms_norm", "ffn", "cross_entropy"):
+    for name in ("train", "packing", "bucketed_attention", "local_attention", "rms_norm", "ffn", "cross_entropy"):
         png = quick / f"{name}.png"
         assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     readme = (quick / "README.md").read_text()
     assert "### train" in readme and "fastseq vs hf_eager" in readme and "hf_patched vs hf_sdpa" in readme
     assert "![train](train.png)" in readme  # the plots beside the README, where the links point
+    assert "fastseq_packed vs fastseq_padded" in readme and "fastseq_packed vs fastseq_bucketed" in readme

@@ -26,8 +26,8 @@ sys.path.insert(0, str(ROOT / "bench"))
 import carry  # noqa: E402
 
 STEPS = ["install", "versions", "pytest_cuda", "bucketed_attention", "local_attention", "ffn", "rms_norm",
-         "cross_entropy", "train", "zero3_t5_base"]  # fmt: skip
-BENCH_STEPS = ["bucketed_attention", "local_attention", "ffn", "rms_norm", "cross_entropy", "train"]
+         "cross_entropy", "train", "packing", "zero3_t5_base"]  # fmt: skip
+BENCH_STEPS = ["bucketed_attention", "local_attention", "ffn", "rms_norm", "cross_entropy", "train", "packing"]
 NAME = re.compile(r"^[A-Za-z0-9._-]+$")
 MIB = 2**20
 
