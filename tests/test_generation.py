@@ -107,6 +107,7 @@ def test_sampling_follows_the_distribution(tmp_path, reference_backend):
     assert (counts - expected).abs().max() < 0.03, (counts, expected)
 
 
+@pytest.mark.slow
 def test_greedy_with_triton_kernels_equals_reference(tmp_path, monkeypatch):
     _, ours = _pair("t5_v11_untied", tmp_path)
     inputs = batch("t5_v11_untied")

@@ -68,8 +68,8 @@ TRITON_GENERATE = ["t5_v11_untied", "mt5_like", "umt5", "longt5_tglobal", "blend
 QUICK_TRITON = "t5_v11_untied"  # the one interpreter case of the quick run; the others are in the full matrix
 
 
-def triton_cases(kinds) -> list:
-    return [pytest.param(k, "triton", marks=() if k == QUICK_TRITON else pytest.mark.slow) for k in kinds]
+def triton_cases(kinds, quick: bool = True) -> list:
+    return [pytest.param(k, "triton", marks=() if quick and k == QUICK_TRITON else pytest.mark.slow) for k in kinds]
 
 
 CASES = [(k, "reference") for k in FAMILIES] + triton_cases(TRITON_PARITY)
@@ -115,7 +115,9 @@ def test_encoder_only(kind, backend, monkeypatch):
     assert_same_grads(ours, ref)
 
 
-@pytest.mark.parametrize(("kind", "backend"), [(k, "reference") for k in FAMILIES] + triton_cases(TRITON_GENERATE))
+@pytest.mark.parametrize(
+    ("kind", "backend"), [(k, "reference") for k in FAMILIES] + triton_cases(TRITON_GENERATE, quick=False)
+)
 def test_generate_identical(kind, backend, monkeypatch):
     """Every family generates the unpatched model's tokens, greedy and beam, under the transformers
     that is installed: CI installs the newest release pip resolves and the oldest of the tested range,
