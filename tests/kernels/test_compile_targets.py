@@ -1,5 +1,6 @@
-"""Compile-only: every Triton kernel configuration builds for sm_80, sm_86 and sm_90 without a GPU,
-fits the chip's shared memory, and is lean: no 16-bit build that a launcher can pick on sm_80 or
+"""Compile-only: the Triton kernel configurations build for sm_80 and sm_90 without a GPU (the full
+matrix), and the committed static report shows every configuration, sm_86's too, built from these
+sources (the quick run). Every build fits the chip's shared memory and is lean: no 16-bit build that a launcher can pick on sm_80 or
 sm_90 spills a register, every attention `tl.dot` becomes tensor-core instructions, and the T5 bias,
 its gradient and LongT5's global tokens cost at most the instruction ratios of `PRICES` over the
 same tile without them. Read from the cubin with the tools inside the Triton wheel (`_compile`).
@@ -10,8 +11,10 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from fastseq.kernels import _compile
@@ -36,13 +39,74 @@ def _build(op: str, only: str | None = None) -> list[dict]:
     return [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
 
 
+# What the compile test builds (minutes on two cores): every op's builds for sm_80 and sm_90, and of
+# the attention those at D = 64 and 128 in bf16 (the tiles `PRICES` and `SHUFFLE_BOUNDS` compare). The
+# other configurations (sm_86's tiles; D = 16, 32 and 256; fp16; fp32) are compiled by `--report`,
+# whose committed rows `test_the_static_report_is_of_these_kernels` holds to the same bounds.
+BUILT = {"bucketed_attention": r"-sm(80|90)-D(64|128)-bf16$"}
+BUILT_OTHERWISE = r"-sm(80|90)-"
+REPORT = Path(__file__).resolve().parents[2] / "bench" / "results"
+
+
+def _specs(op: str) -> list:
+    return importlib.import_module(f"fastseq.kernels.{op}").compile_specs()
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("op", OPS)
-def test_every_config_compiles_lean(op):
-    results = _build(op)
-    specs = importlib.import_module(f"fastseq.kernels.{op}").compile_specs()
-    assert sorted(r["name"] for r in results) == sorted(s.name for s in specs)
-    assert {r["capability"] for r in results} == {80, 86, 90}
+def test_the_shipped_tiles_compile_lean(op):
+    only = BUILT.get(op, BUILT_OTHERWISE)
+    results = _build(op, only)
+    assert sorted(r["name"] for r in results) == sorted(s.name for s in _specs(op) if re.search(only, s.name))
+    assert {r["capability"] for r in results} == {80, 90}
+    _check_lean(op, results)
+
+
+def test_the_static_report_is_of_these_kernels():
+    """The committed static report (`python -m fastseq.kernels._compile --report`) was built from these
+    kernel sources, holds every configuration of every op for sm_80, sm_86 and sm_90, and every row
+    meets the compile test's bounds. A change to the kernels fails here until the report is rebuilt,
+    so the builds the compile test leaves out are checked whenever the kernels change."""
+    record = json.loads((REPORT / _compile.SOURCES_FILE).read_text())
+    assert record["kernels_sha256"] == _compile.source_fingerprint(), (
+        "the kernels changed since bench/results/static_sm*.csv were built: run python -m fastseq.kernels._compile "
+        "--report and commit what it writes"
+    )
+    results = _compile.read_csvs(REPORT)
+    assert len(results) == record["builds"]
+    for op in OPS:
+        rows = [r for r in results if r["op"] == op]
+        assert sorted(r["name"] for r in rows) == sorted(s.name for s in _specs(op)), op
+        assert {r["capability"] for r in rows} == {80, 86, 90}, op
+        _check_lean(op, rows)
+
+
+def test_the_report_check_sees_a_spill_and_a_stale_report(tmp_path, monkeypatch):
+    """The report test can fail: a spilling row, an atomic in the attention or a changed kernel file
+    is caught."""
+    rows = _compile.read_csvs(REPORT)
+    attention = [r for r in rows if r["op"] == "bucketed_attention"]
+    _check_lean("bucketed_attention", attention)
+    shipped = next(r for r in attention if r["name"] == "fwd-t5-sm80-D128-bf16")
+    for key, value in (("spill_bytes", 8), ("atomics", 1), ("shared", shipped["limit"] + 1)):
+        broken = [dict(r, **{key: value}) if r is shipped else r for r in attention]
+        with pytest.raises(AssertionError):
+            _check_lean("bucketed_attention", broken)
+    copy = tmp_path / "kernels"
+    copy.mkdir()
+    for path in Path(_compile.__file__).parent.glob("*.py"):
+        (copy / path.name).write_bytes(path.read_bytes())
+    monkeypatch.setattr(_compile, "__file__", str(copy / "_compile.py"))
+    assert _compile.source_fingerprint() == json.loads((REPORT / _compile.SOURCES_FILE).read_text())["kernels_sha256"]
+    (copy / "rms_norm.py").write_bytes((copy / "rms_norm.py").read_bytes() + b"\n")
+    assert _compile.source_fingerprint() != json.loads((REPORT / _compile.SOURCES_FILE).read_text())["kernels_sha256"]
+
+
+def _check_lean(op: str, results: list[dict]) -> None:
+    """The bounds of a compiled build: shared memory within the chip's, no spill in a 16-bit build a
+    launcher picks on sm_80 or sm_90, tensor cores for every attention `tl.dot`, 64-bit batch offsets,
+    pipelined key loops, no atomics in the attention (its bias gradient's sums are ordered, packed rows
+    too) and the attention's feature prices."""
     over = [(r["name"], r["shared"], r["limit"]) for r in results if r["shared"] > r["limit"]]
     assert not over, over
     baselines = importlib.import_module(f"fastseq.kernels.{op}").__dict__.get("BASELINES_ONLY", ())
@@ -59,7 +123,7 @@ def test_every_config_compiles_lean(op):
     assert not narrow, narrow
     unpipelined = [r["name"] for r in attention if r["num_stages"] > 1 and not r["async_copies"]]
     assert not unpipelined, unpipelined
-    if op == "bucketed_attention":  # deterministic: the bias gradient's sums are ordered, packed rows too
+    if op == "bucketed_attention":
         atomic = [(r["name"], r["atomics"]) for r in results if r["atomics"]]
         assert not atomic, atomic
         _check_prices(results)
