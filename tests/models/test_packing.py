@@ -115,8 +115,8 @@ def _compare(kind: str, dtype: torch.dtype, rel: float, *, checkpointing: bool =
 
 
 # Every family on the references in the quick run; through the Triton kernels (the interpreter on the
-# CPU, the full matrix) each model type that packs: T5 (v1.1; v1.0 and ByT5 run the same kernels, or fewer,
-# on other sizes), mT5 and BlenderbotSmall. The quick run holds the kernels themselves to the
+# CPU, the full matrix) each model type that packs: T5 (v1.1; ByT5 is its modules at other sizes, v1.0's
+# ReLU FFN packs through the same attention), mT5 and BlenderbotSmall. The quick run holds the kernels themselves to the
 # segment masks (tests/kernels/test_bucketed_attention.py).
 TRITON_PACKING = ["t5_v11_untied", "mt5_like", "blenderbot_small"]
 CASES = [(kind, "reference") for kind in PACKING] + [pytest.param(kind, "triton", marks=pytest.mark.slow)

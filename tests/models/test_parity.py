@@ -66,8 +66,9 @@ def triton_kernels(monkeypatch) -> list[str]:
     return ops
 
 
-# The interpreter runs of whole models: each model type (T5 v1.0 and ByT5 run v1.1's kernels, or
-# fewer, on other sizes). The quick run's interpreter case of a whole model is tests/test_patch.py's.
+# The interpreter runs of whole models: each model type and attention variant. ByT5 is v1.1's modules
+# at other sizes; T5 v1.0's ReLU FFN goes through the interpreter in tests/test_patch.py and
+# tests/test_autocast.py. The quick run's interpreter case of a whole model is tests/test_patch.py's.
 TRITON_SEQ2SEQ = ["t5_v11_untied", "mt5_like", "longt5_local", "longt5_tglobal", "blenderbot_small"]
 
 
