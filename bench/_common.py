@@ -35,7 +35,7 @@ class Timing(float):
         return cls(statistics.median(ordered), q(0.2), q(0.8))
 
 
-def time_ms(fn: Callable[[], object], device: str, grad_to_none=None, reps: int = 5) -> Timing:
+def time_ms(fn: Callable[[], object], device: str, grad_to_none=None, reps: int = 3) -> Timing:
     """Milliseconds of `fn` (median, p20, p80): triton.testing.do_bench's samples on a GPU (after
     warm-up, L2 flushed), `reps` timed calls on the CPU (smoke runs only)."""
     if device == "cuda":
