@@ -1,10 +1,10 @@
 """Compile-only: the Triton kernel configurations build for sm_80 and sm_90 without a GPU (the full
 matrix), and the committed static report shows every configuration, sm_86's too, built from these
-sources (the quick run). Every build fits the chip's shared memory and is lean: no 16-bit build that a launcher can pick on sm_80 or
-sm_90 spills a register, every attention `tl.dot` becomes tensor-core instructions, and the T5 bias,
-its gradient and LongT5's global tokens cost at most the instruction ratios of `PRICES` over the
-same tile without them. Read from the cubin with the tools inside the Triton wheel (`_compile`).
-Runs without the interpreter (it replaces the kernels)."""
+sources (the quick run). Every build fits the chip's shared memory and is lean: no 16-bit build that
+a launcher can pick on sm_80 or sm_90 spills a register, every attention `tl.dot` becomes tensor-core
+instructions, and the T5 bias, its gradient and LongT5's global tokens cost at most the instruction
+ratios of `PRICES` over the same tile without them. Read from the cubin with the tools inside the
+Triton wheel (`_compile`). Runs without the interpreter (it replaces the kernels)."""
 
 from __future__ import annotations
 
