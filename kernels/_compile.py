@@ -223,11 +223,13 @@ def read_csvs(directory: Path) -> list[dict]:
 
 
 def source_fingerprint() -> str:
-    """SHA-256 over every source file of `fastseq.kernels` (names and bytes): what a compiled build
-    depends on besides the Triton release."""
+    """SHA-256 over the files a build and its row depend on besides the Triton release (names and
+    bytes): every op's module (its kernels, tiles and `compile_specs`) and this one (the reading of
+    the compiled code). The dispatch code around the kernels is not part of it."""
     digest = hashlib.sha256()
-    for path in sorted(Path(__file__).resolve().parent.glob("*.py")):
-        digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+    here = Path(__file__).resolve().parent
+    for name in sorted([f"{op}.py" for op in OPS] + ["_compile.py"]):
+        digest.update(name.encode() + b"\0" + (here / name).read_bytes() + b"\0")
     return digest.hexdigest()
 
 
