@@ -1,6 +1,6 @@
 """Worker for tests/distributed/test_pipeline.py, started by the `deepspeed` launcher: two pipeline
-stages (one rank each) train a few steps on packed rows (or the same examples padded); rank 0 writes
-the losses."""
+stages (one rank each) train a few steps on packed rows, then a fresh pipeline from the same weights
+on the same examples padded; rank 0 writes both runs' losses."""
 
 from __future__ import annotations
 
@@ -21,7 +21,6 @@ def main() -> None:
     parser.add_argument("--model", required=True, help="a model directory")
     parser.add_argument("--kind", required=True, help="the kind of tests.conftest.KINDS it was made from")
     parser.add_argument("--steps", type=int, default=3)
-    parser.add_argument("--padded", action="store_true", help="one example per row instead of packed rows")
     parser.add_argument("--out", required=True)
     parser.add_argument("--local_rank", type=int, default=0)
     args = parser.parse_args()
@@ -30,20 +29,22 @@ def main() -> None:
     with open(f"{args.model}/config.json") as f:
         raw = json.load(f)
     config = FAMILIES[raw["model_type"]][0].from_hf_dict(raw)
-    module = pipeline_module(config, 2)
-    load_directory(module, config, args.model)
-    optimizer = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=1e-3)
     pairs = examples(args.kind)
-    batch = padded(pairs) if args.padded else packed(pairs, ROWS, ROW_SOURCE, ROW_TARGET)
-    ds_config = {"train_micro_batch_size_per_gpu": len(batch["labels"]), "gradient_accumulation_steps": 1,
-                 "steps_per_print": 1000}  # fmt: skip
-    engine, *_ = deepspeed.initialize(model=module, optimizer=optimizer, config=ds_config)
-    losses = []
-    for _ in range(args.steps):
-        losses.append(engine.train_batch(data_iter=iter([(stage_inputs(config, batch), batch["labels"])])).item())
+    runs = {}
+    for name, batch in (("packed", packed(pairs, ROWS, ROW_SOURCE, ROW_TARGET)), ("padded", padded(pairs))):
+        module = pipeline_module(config, 2)
+        load_directory(module, config, args.model)
+        optimizer = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=1e-3)
+        ds_config = {"train_micro_batch_size_per_gpu": len(batch["labels"]), "gradient_accumulation_steps": 1,
+                     "steps_per_print": 1000}  # fmt: skip
+        engine, *_ = deepspeed.initialize(model=module, optimizer=optimizer, config=ds_config)
+        runs[name] = [
+            engine.train_batch(data_iter=iter([(stage_inputs(config, batch), batch["labels"])])).item()
+            for _ in range(args.steps)
+        ]
     if torch.distributed.get_rank() == 0:
         with open(args.out, "w") as f:
-            json.dump({"losses": losses, "world": torch.distributed.get_world_size()}, f)
+            json.dump({"losses": runs, "world": torch.distributed.get_world_size()}, f)
     torch.distributed.barrier()
 
 
