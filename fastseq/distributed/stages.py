@@ -87,12 +87,7 @@ def _masks(mask: torch.Tensor, packing: list[torch.Tensor]) -> tuple[AttentionMa
     segment ids), the encoder's segment ids."""
     if not packing:
         return AttentionMask(mask), AttentionMask(), AttentionMask(mask)
-    decoder = packing[0]
-    return (
-        AttentionMask.of(None, mask, mask),
-        AttentionMask.of(None, decoder, decoder),
-        AttentionMask.of(None, decoder, mask),
-    )
+    return AttentionMask.of(None, mask, mask), *AttentionMask.decoder_pair(None, None, packing[0], mask)
 
 
 def stage_inputs(config, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:

@@ -158,6 +158,21 @@ class AttentionMask(NamedTuple):
             return cls(key_padding_mask)
         return cls(None, q_segment_ids, k_segment_ids)
 
+    @classmethod
+    def decoder_pair(
+        cls,
+        decoder_attention_mask: torch.Tensor | None,
+        attention_mask: torch.Tensor | None,
+        decoder_segment_ids: torch.Tensor | None = None,
+        segment_ids: torch.Tensor | None = None,
+    ) -> tuple[AttentionMask, AttentionMask]:
+        """The decoder's two masks: its self-attention's (a target token sees its own segment) and the
+        cross-attention's (a target token sees the source tokens of its segment)."""
+        return (
+            cls.of(decoder_attention_mask, decoder_segment_ids, decoder_segment_ids),
+            cls.of(attention_mask, decoder_segment_ids, segment_ids),
+        )
+
 
 class PreTrainedModel(nn.Module):
     """Base of the native models: a config, tied-parameter bookkeeping and `save_pretrained`."""

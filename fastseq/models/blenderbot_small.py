@@ -387,8 +387,8 @@ class BlenderbotSmallForConditionalGeneration(BlenderbotSmallBase, Seq2SeqModel)
         decoder_positions: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Decoder states `(B, Ld, d_model)`; with `cache`, of the steps after those already cached."""
-        mask = AttentionMask.of(decoder_attention_mask, decoder_segment_ids, decoder_segment_ids)
-        encoder_mask = AttentionMask.of(attention_mask, decoder_segment_ids, segment_ids)
+        mask, encoder_mask = AttentionMask.decoder_pair(decoder_attention_mask, attention_mask, decoder_segment_ids,
+                                                        segment_ids)  # fmt: skip
         return self.model.decoder(decoder_input_ids, mask, encoder_states, encoder_mask, cache, decoder_positions)
 
     def logits_bias(self) -> torch.Tensor:

@@ -436,8 +436,8 @@ class T5ForConditionalGeneration(_T5Base, Seq2SeqModel):
     ) -> torch.Tensor:
         """Decoder states `(B, Ld, d_model)`, rescaled for the head when the config says so. With
         `cache`, `decoder_input_ids` are the steps after those already cached."""
-        mask = AttentionMask.of(decoder_attention_mask, decoder_segment_ids, decoder_segment_ids)
-        encoder_mask = AttentionMask.of(attention_mask, decoder_segment_ids, segment_ids)
+        mask, encoder_mask = AttentionMask.decoder_pair(decoder_attention_mask, attention_mask, decoder_segment_ids,
+                                                        segment_ids)  # fmt: skip
         h = self.decoder(decoder_input_ids, mask, encoder_states, encoder_mask, cache)
         if self.config.scale_decoder_outputs:
             h = h * self.config.d_model**-0.5
