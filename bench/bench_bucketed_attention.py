@@ -32,10 +32,11 @@ NUM_BUCKETS, MAX_DISTANCE = 32, 128
 
 def _providers() -> dict:
     """name -> factory(table) -> attend(q, k, v); set-up (modules, index tensors) stays out of the timing."""
-    from fastseq.kernels import bucketed_attention
     from transformers import T5Config
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
     from transformers.models.t5.modeling_t5 import T5Attention, eager_attention_forward
+
+    from fastseq.kernels import bucketed_attention
 
     def hf(interface):
         def make(table: torch.nn.Parameter):
@@ -72,8 +73,9 @@ def _providers() -> dict:
 
 
 def _flex_provider(compiled: bool):
-    from fastseq.kernels import relative_position_bucket
     from torch.nn.attention.flex_attention import flex_attention
+
+    from fastseq.kernels import relative_position_bucket
 
     flex = torch.compile(flex_attention, dynamic=False) if compiled else flex_attention
 

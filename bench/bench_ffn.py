@@ -22,10 +22,11 @@ SIZES = {"base": (768, 2048), "large": (1024, 2816), "xl": (2048, 5120)}  # T5 v
 
 def _ffn_providers(device: str) -> dict:
     """name -> factory(wi_0, wi_1, wo) -> ffn(x)."""
-    from fastseq.kernels import gated_ffn
-    from fastseq.kernels.gated_gelu import gated_ffn_reference
     from transformers import T5Config
     from transformers.models.t5.modeling_t5 import T5DenseGatedActDense
+
+    from fastseq.kernels import gated_ffn
+    from fastseq.kernels.gated_gelu import gated_ffn_reference
 
     def hf(wi_0, wi_1, wo):
         config = T5Config(d_model=wi_0.shape[1], d_ff=wi_0.shape[0], dropout_rate=0.0, feed_forward_proj="gated-gelu")
@@ -42,9 +43,10 @@ def _ffn_providers(device: str) -> dict:
 
 
 def _gelu_providers(device: str) -> dict:
+    from transformers.activations import ACT2FN
+
     from fastseq.kernels import gated_gelu
     from fastseq.kernels.gated_gelu import gated_gelu_reference
-    from transformers.activations import ACT2FN
 
     compiled = torch.compile(gated_gelu_reference) if device == "cuda" else gated_gelu_reference
     return {"fastseq": gated_gelu, "hf_eager": lambda g, u: ACT2FN["gelu_new"](g) * u, "torch_compile": compiled}

@@ -19,9 +19,10 @@ from _common import add_common_args, fwd_bwd_full, provenance, smoke_setup, writ
 
 def _providers(device: str) -> dict:
     """name -> factory(weight) -> norm(x)."""
+    from transformers.models.t5.modeling_t5 import T5LayerNorm
+
     from fastseq.kernels import rms_norm
     from fastseq.kernels.rms_norm import rms_norm_reference
-    from transformers.models.t5.modeling_t5 import T5LayerNorm
 
     def hf(weight):
         module = T5LayerNorm(weight.shape[0], eps=1e-6).to(device=weight.device, dtype=weight.dtype)

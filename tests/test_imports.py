@@ -13,17 +13,13 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _modules() -> dict[str, Path]:
-    """Module name -> file, for every package pyproject.toml maps (fastseq.kernels lives in kernels/)."""
-    config = tomllib.loads((ROOT / "pyproject.toml").read_text())
-    package_dirs = config["tool"]["setuptools"]["package-dir"]
+    """Module name -> file, for every module under fastseq/ (the kernels included: fastseq/kernels/)."""
     modules = {}
-    for package, directory in package_dirs.items():
-        for file in (ROOT / directory).rglob("*.py"):
-            parts = file.relative_to(ROOT / directory).with_suffix("").parts
-            if parts[-1] == "__init__":
-                parts = parts[:-1]
-            name = ".".join((package, *parts))
-            modules[name] = file
+    for file in (ROOT / "fastseq").rglob("*.py"):
+        parts = file.relative_to(ROOT).with_suffix("").parts
+        if parts[-1] == "__init__":
+            parts = parts[:-1]
+        modules[".".join(parts)] = file
     return modules
 
 

@@ -423,8 +423,8 @@ def command(verdict: Verdict, options: dict, cluster: Cluster, deepspeed: str | 
 
 
 def table(found: list[Verdict], cluster: Cluster) -> str:
-    head = (f"{'strategy':<38} {'params':>7} {'grads':>7} {'optim':>7} {'acts':>7} {'GPU':>7} "
-            f"{'per node GPU':>12} {'per node CPU':>12}  fits  config")  # fmt: skip
+    head = (f"{'strategy':<38} {'params':>7} {'grads':>7} {'optim':>7} {'acts':>7} {'per GPU':>7} "
+            f"{'GPU per node':>12} {'host per node':>13}  fits  config")  # fmt: skip
     lines = [head, "-" * len(head)]
     for v in found:
         r = v.row
@@ -432,7 +432,7 @@ def table(found: list[Verdict], cluster: Cluster) -> str:
         lines.append(
             f"{r.strategy:<38} {r.params / GIB:7.1f} {r.grads / GIB:7.1f} {r.optimizer / GIB:7.1f} "
             f"{r.activations / GIB:7.1f} {r.gpu_total / GIB:7.1f} {r.gpu_total * cluster.gpus_per_node / GIB:12.1f} "
-            f"{r.cpu_per_node / GIB:12.1f}  {fit:<4}  {r.config or '-'}"
+            f"{r.cpu_per_node / GIB:13.1f}  {fit:<4}  {r.config or '-'}"
         )
     return "\n".join(lines)
 

@@ -93,6 +93,25 @@ def test_t5_11b_on_8_x_80gb(capsys):
     assert lines[-1] == "deepspeed --num_gpus 8 --module fastseq.train --deepspeed zero1 --model t5-11b --batch-size 1"
 
 
+def test_the_table_names_each_column_once_over_its_numbers(capsys):
+    out = _plan_output(
+        capsys, "--model", "t5-11b", "--gpus", "16", "--gpus-per-node", "8", "--gpu-mem", "80", "--cpu-mem", "1000"
+    )
+    lines = out.splitlines()
+    head = next(i for i, line in enumerate(lines) if line.startswith("strategy"))
+    names = ["strategy", "params", "grads", "optim", "acts", "per GPU", "GPU per node", "host per node", "fits",
+             "config"]  # fmt: skip
+    assert [n for n in names if n in lines[head]] == names and lines[head].count("per node") == 2
+    row = next(line for line in lines[head + 2 :] if line.startswith("ZeRO-3 "))
+    # Each figure ends under the end of its column's name: per GPU, x8 per node, then the host's.
+    for name in ("per GPU", "GPU per node", "host per node"):
+        end = lines[head].index(name) + len(name)
+        assert row[end - 1] != " " and row[end] == " ", (name, lines[head], row)
+    per_gpu, gpu_node = (float(row[lines[head].index(n) : lines[head].index(n) + len(n)]) for n in
+                         ("per GPU", "GPU per node"))  # fmt: skip
+    assert abs(gpu_node - 8 * per_gpu) <= 0.5
+
+
 def test_a_change_of_options_that_makes_a_strategy_fit_is_shown_and_used(capsys):
     argv = ["--model", "t5-11b", "--gpus", "8", "--gpu-mem", "40", "--cpu-mem", "64", "--batch-size", "8",
             "--max-source-length", "1024", "--max-target-length", "256", "--optimizer", "adamw",

@@ -10,9 +10,10 @@ import json
 
 import triton
 import triton.language as tl
-from fastseq.kernels._compile import cubin_stats, dot_stats
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
+
+from fastseq.kernels._compile import cubin_stats, dot_stats
 
 
 @triton.jit

@@ -17,6 +17,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+
 from fastseq.kernels import (
     bucketed_attention,
     gated_ffn,
@@ -33,7 +34,6 @@ from fastseq.kernels.gated_gelu import gated_ffn_reference, gated_gelu_reference
 from fastseq.kernels.global_aggregate import global_block_ids
 from fastseq.kernels.local_attention import local_attention_reference
 from fastseq.kernels.rms_norm import rms_norm_reference
-
 from tests.conftest import DEVICE
 
 BF16 = torch.bfloat16

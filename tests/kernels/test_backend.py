@@ -7,9 +7,9 @@ import warnings
 
 import pytest
 import torch
+
 from fastseq.kernels import _backend, bucketed_attention, rms_norm
 from fastseq.kernels._backend import key_mask
-
 from tests.conftest import assert_close
 
 

@@ -7,9 +7,9 @@ import sys
 
 import pytest
 import torch
+
 from fastseq.kernels import bucketed_attention, relative_position_bucket
 from fastseq.kernels.bucketed_attention import bucketed_attention_reference, relative_bias
-
 from tests.conftest import DEVICE, assert_close
 
 

@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from fastseq.kernels import _compile
 
 OPS = list(_compile.OPS)

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from fastseq.kernels import gated_ffn, gated_gelu, relu_ffn
 from fastseq.kernels.gated_gelu import gated_ffn_reference, gated_gelu_reference, relu_ffn_reference
-
 from tests.conftest import DEVICE, assert_close
 
 

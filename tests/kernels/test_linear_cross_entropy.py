@@ -12,8 +12,8 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-from fastseq.kernels import linear_cross_entropy
 
+from fastseq.kernels import linear_cross_entropy
 from tests.conftest import DEVICE, assert_close
 
 # The package re-exports the function under the module's name; reach the module itself.

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from fastseq.kernels import bucketed_attention, global_aggregate, global_block_ids, local_attention
 from fastseq.kernels.bucketed_attention import relative_position_bucket
-
 from tests.conftest import DEVICE, assert_close
 
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from fastseq.kernels import rms_norm
 from fastseq.kernels.rms_norm import rms_norm_reference
-
 from tests.conftest import DEVICE, assert_close
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]

@@ -11,9 +11,9 @@ import pytest
 import torch
 import triton
 import triton.language as tl
+
 from fastseq.kernels import _backend, _versions, rms_norm
 from fastseq.kernels.rms_norm import rms_norm_reference
-
 from tests.conftest import DEVICE, assert_close
 
 ROOT = Path(__file__).resolve().parents[2]
