@@ -21,7 +21,7 @@ from pathlib import Path
 # name -> version. transformers: the newest of fastseq.patch.TRANSFORMERS_TESTED (a test checks the
 # two agree). DeepSpeed is published as a source archive only, so its wheel is built here.
 CARRIED = {
-    "transformers": "5.24.0",
+    "transformers": "5.25.0",
     "deepspeed": "0.19.8",
     "hjson": "3.1.0",
     "pydantic": "2.14.4",

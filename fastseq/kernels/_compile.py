@@ -65,6 +65,7 @@ class CompileSpec:
     # Triton specializes on at launch: a build without them is not the one that runs (its tile loads
     # cannot be vectorized, so neither pipelined).
     aligned: tuple[str, ...] = ()
+    module: str = ""  # the module that defines the kernel, where it is not the op's own (a package's `kernels`)
 
 
 def signature(kernel, pointers: dict[str, str], floats: tuple[str, ...], constexprs: dict[str, object]) -> dict:
@@ -159,7 +160,7 @@ def compile_spec(op: str, spec: CompileSpec):
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    module = importlib.import_module(f"fastseq.kernels.{op}")
+    module = importlib.import_module(spec.module or f"fastseq.kernels.{op}")
     kernel = getattr(module, spec.kernel_name)
     attrs = {(kernel.arg_names.index(name),): [["tt.divisibility", 16]] for name in spec.aligned}
     source = ASTSource(fn=kernel, signature=spec.signature, constexprs=spec.constexprs, attrs=attrs)
@@ -222,13 +223,23 @@ def read_csvs(directory: Path) -> list[dict]:
     return results
 
 
+# The files of an op that is a package (`fastseq/kernels/<op>/`) that its builds and rows depend on: the
+# kernels, their jit helpers, and the tiles with `compile_specs`. Its launchers, op wiring and reference
+# are dispatch code, as `_backend` is.
+PACKAGE_SOURCES = ("jit.py", "kernels.py", "tiles.py")
+
+
 def source_fingerprint() -> str:
     """SHA-256 over the files a build and its row depend on besides the Triton release (names and
-    bytes): every op's module (its kernels, tiles and `compile_specs`) and this one (the reading of
-    the compiled code). The dispatch code around the kernels is not part of it."""
+    bytes): every op's module (its kernels, tiles and `compile_specs`), or the `PACKAGE_SOURCES` of an
+    op that is a package, and this one (the reading of the compiled code). The dispatch code around
+    the kernels is not part of it."""
     digest = hashlib.sha256()
     here = Path(__file__).resolve().parent
-    for name in sorted([f"{op}.py" for op in OPS] + ["_compile.py"]):
+    names = ["_compile.py"]
+    for op in OPS:
+        names += [f"{op}/{name}" for name in PACKAGE_SOURCES] if (here / op).is_dir() else [f"{op}.py"]
+    for name in sorted(names):
         digest.update(name.encode() + b"\0" + (here / name).read_bytes() + b"\0")
     return digest.hexdigest()
 

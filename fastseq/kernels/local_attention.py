@@ -24,15 +24,15 @@ import torch.nn.functional as F
 from ._backend import autocast_cast, autocast_dtype, autocast_off, upcast, use_triton
 from .bucketed_attention import (
     GlobalTokens,
-    _backward,
-    _forward,
-    _unsupported,
+    attention_backward,
+    attention_forward,
     distance_table,
     kernel_lse,
     natural_lse,
     relative_bias,
     relative_position_bucket,
     seed_value,
+    unsupported_inputs,
 )
 from .global_aggregate import global_block_ids, global_caps, global_positions
 
@@ -80,7 +80,7 @@ def _fwd_op(
     """out `(B, L, H, D)` and each row's log-sum-exp `(B, H, L)` fp32 (natural log, -inf for a row
     with no key) over its window and the global tokens."""
     globals_ = _globals(global_k, global_v, global_dist_table, caps, global_block_size)
-    out, lse2 = _forward(
+    out, lse2 = attention_forward(
         q, k, v, dist_table, key_padding_mask, seed_value(seed), False, 0, 1.0, dropout_p, radius, globals_
     )
     return out.transpose(1, 2), natural_lse(lse2)
@@ -116,7 +116,7 @@ def _bwd_op(
     values' `(B, G, H, D)` gradients and the global distance table's; absent ones as empty tensors."""
     globals_ = _globals(global_k, global_v, global_dist_table, caps, global_block_size)
     lse2, grad_lse = kernel_lse(lse, grad_lse)
-    dq, dk, dv, ddt, dgk, dgv, dgdt = _backward(
+    dq, dk, dv, ddt, dgk, dgv, dgdt = attention_backward(
         do, q, k, v, out, lse2, dist_table, key_padding_mask, seed_value(seed), False, 0, 1.0, dropout_p, radius,
         grad_lse, globals_,
     )  # fmt: skip
@@ -342,7 +342,7 @@ def local_attention(
         with autocast_off(q):
             q, k, v, global_k, global_v = autocast_cast(dtype, q, k, v, global_k, global_v)
             return local_attention(q, k, v, bias_table, **dict(kwargs, global_k=global_k, global_v=global_v))
-    unsupported = functools.partial(_unsupported, q)
+    unsupported = functools.partial(unsupported_inputs, q)
     if use_triton("local_attention", HAS_TRITON_KERNEL, q, k, v, unsupported=unsupported):
         return _local_attention_triton(q, k, v, bias_table, **kwargs)
     return local_attention_reference(q, k, v, bias_table, **kwargs)

@@ -119,6 +119,10 @@ def test_a_built_wheel_holds_every_config(tmp_path):
     (wheel,) = (tmp_path / "wheel").glob("fastseq-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
     assert {f"fastseq/configs/deepspeed/{name}.json" for name in SHIPPED} <= names
+    # One importable name: transformers >= 5.25 imports Hugging Face's `kernels`, which a shipped
+    # top-level package of another name could shadow as the old top-level kernels/ did.
+    assert {name.split("/")[0] for name in names if not name.startswith("fastseq-")} == {"fastseq"}
+    assert "fastseq/kernels/__init__.py" in names
 
 
 # ---- bad configs and a missing launcher, through the command ---------------------------------------------

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import importlib
-import sys
-
 import pytest
 import torch
 
 from fastseq.kernels import bucketed_attention, relative_position_bucket
-from fastseq.kernels.bucketed_attention import bucketed_attention_reference, relative_bias
+from fastseq.kernels.bucketed_attention import bucketed_attention_reference, distance_table, launch, relative_bias
+from fastseq.kernels.bucketed_attention.tiles import _block_d, _tiles
 from tests.conftest import DEVICE, assert_close
 
 
@@ -332,14 +330,6 @@ def test_triton_backward_is_deterministic(triton_backend):
         assert torch.equal(a, b)
 
 
-def _attention_modules():
-    """Every loaded copy of the kernels' module. From a checkout, `import transformers` (its probe
-    for the hub's `kernels` package) also imports the repository's `kernels/` as a top-level package,
-    and that copy's registration then serves the custom ops."""
-    names = ("fastseq.kernels.bucketed_attention", "kernels.bucketed_attention")
-    return [sys.modules[name] for name in names if name in sys.modules]
-
-
 class _Recorder:
     """Stands in for `kernel` in `kernel[grid](...)`, calling `record(grid, kernel)` for the launch."""
 
@@ -365,24 +355,22 @@ def record_dq_launches(monkeypatch, budget=None) -> list:
 
         return launch
 
-    for module in _attention_modules():
-        kernel = module._bucketed_attention_bwd_dq_kernel
-        kernel = kernel.kernel if isinstance(kernel, _Recorder) else kernel
-        monkeypatch.setattr(module, "_bucketed_attention_bwd_dq_kernel", _Recorder(kernel, record))
-        if budget is not None:
-            monkeypatch.setattr(module, "_DQ_SCRATCH_BYTES", budget, raising=False)
+    kernel = launch._bucketed_attention_bwd_dq_kernel
+    kernel = kernel.kernel if isinstance(kernel, _Recorder) else kernel
+    monkeypatch.setattr(launch, "_bucketed_attention_bwd_dq_kernel", _Recorder(kernel, record))
+    if budget is not None:
+        monkeypatch.setattr(launch, "_DQ_SCRATCH_BYTES", budget)
     return launches
 
 
 def dq_slot_bytes(D, dtype, cut, global_cut=None):
     """The bytes of one dQ program's buffers: its dS tile, a per-distance row per table, and with
     global tokens its fp32 dQ tile (`_backward`)."""
-    ba = importlib.import_module("fastseq.kernels.bucketed_attention")
-    tiles = ba._tiles(D, dtype, torch.device(DEVICE))
+    tiles = _tiles(D, dtype, torch.device(DEVICE))
     block_m, block_n = (tiles.dq if global_cut is None else tiles.dq_global)[:2]
     words = block_m * block_n + 2 * cut + 1
     if global_cut is not None:
-        words += 2 * global_cut + 1 + block_m * ba._block_d(D)
+        words += 2 * global_cut + 1 + block_m * _block_d(D)
     return 4 * words
 
 
@@ -393,7 +381,6 @@ def test_triton_dq_scratch_is_bounded(slots, triton_backend, monkeypatch):
     backward took 4 GiB at t5-11b (B = 32, L = 4096). Squeezed to 3, 7 or 16 programs' worth, the
     backward runs in chunks of query tiles, of heads or of batch elements; dQ, dK and dV are bitwise
     those of one launch, and the table's gradient adds the same partials in another order."""
-    ba = importlib.import_module("fastseq.kernels.bucketed_attention")
     case = dict(Lq=70, Lk=70, D=16, causal=False, bidirectional=True, mask=True, q_offset=0, scale=1.0, bias=True)
     leaves, mask = _random_inputs(case)
     grad_out = torch.randn(2, 3, case["Lq"], case["D"], device=DEVICE)
@@ -401,7 +388,7 @@ def test_triton_dq_scratch_is_bounded(slots, triton_backend, monkeypatch):
     expected = _run(leaves, mask, case, grad_out)
     assert len(one) == 1
 
-    budget = slots * dq_slot_bytes(case["D"], torch.float32, ba._clamped_buckets(8, 12, True)[0])
+    budget = slots * dq_slot_bytes(case["D"], torch.float32, launch._clamped_buckets(8, 12, True)[0])
     chunked = record_dq_launches(monkeypatch, budget)
     got = _run(leaves, mask, case, grad_out)
     over = [(grid, size) for grid, size in chunked if size > budget]
@@ -519,9 +506,8 @@ def test_triton_dropout_mean_effect(triton_backend):
 @pytest.mark.parametrize("bidirectional", [True, False])
 @pytest.mark.parametrize("num_buckets,max_distance", [(32, 128), (16, 20), (8, 9), (64, 1000), (32, 33)])
 def test_clamped_distances_keep_every_bucket(bidirectional, num_buckets, max_distance):
-    from fastseq.kernels.bucketed_attention import _clamped_buckets, distance_table
 
-    cut, buckets = _clamped_buckets(num_buckets, max_distance, bidirectional)
+    cut, buckets = launch._clamped_buckets(num_buckets, max_distance, bidirectional)
     d = torch.arange(-4 * max_distance - 50, 4 * max_distance + 50)
     exact = relative_position_bucket(d, bidirectional=bidirectional, num_buckets=num_buckets, max_distance=max_distance)
     assert torch.equal(torch.tensor(buckets)[d.clamp(-cut, cut) + cut], exact)
@@ -553,7 +539,6 @@ def test_triton_op_traces_under_torch_compile(triton_backend):
 
 
 def test_triton_custom_op_passes_opcheck(triton_backend):
-    from fastseq.kernels.bucketed_attention import distance_table
 
     case = TRITON_CASES[1]
     leaves, mask = _random_inputs(case)
@@ -627,13 +612,12 @@ def test_cuda_kernel_at_real_tile_sizes(case, dtype, triton_backend):
 def test_launchers_refuse_a_batch_element_past_32_bit_offsets():
     """Only the batch offsets are 64-bit in the kernels: a tensor whose one batch element spans 2**31
     elements is refused with the reason, while any number of smaller batch elements is taken."""
-    from fastseq.kernels.bucketed_attention import _check_batch_span, _forward
 
     q = torch.empty(2, 3, 2**15, 2**15, dtype=torch.bfloat16, device="meta")  # 3 * 2**30 elements per batch element
     with pytest.raises(ValueError, match=r"2\*\*31 per batch element"):
-        _forward(q, q, q, None, None, 0, False, 0, 1.0, 0.0)
-    _check_batch_span(torch.empty(2, 2, 2**15, 2**15, device="meta"))  # the largest offset is 2**31 - 1
-    _check_batch_span(torch.empty(2**24, 8, 128, 64, device="meta"))  # 2**40 elements in all
+        launch.attention_forward(q, q, q, None, None, 0, False, 0, 1.0, 0.0)
+    launch._check_batch_span(torch.empty(2, 2, 2**15, 2**15, device="meta"))  # the largest offset is 2**31 - 1
+    launch._check_batch_span(torch.empty(2**24, 8, 128, 64, device="meta"))  # 2**40 elements in all
 
 
 # ---------------------------------------------------------------------------------------------
@@ -742,11 +726,10 @@ def test_triton_never_reads_tiles_the_segments_do_not_meet(triton_backend):
 def test_segment_spans_bound_each_tile():
     """Each tile's span holds every column its rows meet and, for contiguous segments, no more; a
     tile of padding meets nothing; ids that repeat apart or exceed the length are still covered."""
-    from fastseq.kernels.bucketed_attention import _segment_spans
 
     rows = torch.tensor([[1, 1, 1, 2, 2, 2, 0, 0], [5, 5, 1, 1, 99, 99, 1, 1]], dtype=torch.int32)
     cols = torch.tensor([[1, 1, 2, 2, 2, 0], [1, 99, 5, 5, 1, 7]], dtype=torch.int32)
-    spans = _segment_spans(rows, cols, 3)  # (B, 2, tiles): [lo, hi) per tile of 3 rows
+    spans = launch._segment_spans(rows, cols, 3)  # (B, 2, tiles): [lo, hi) per tile of 3 rows
     assert spans[0].tolist() == [[0, 2, 6], [2, 5, 0]]
     for b in range(2):
         for tile in range(3):

@@ -12,6 +12,7 @@ import importlib
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -94,15 +95,21 @@ def test_the_report_check_sees_a_spill_and_a_stale_report(tmp_path, monkeypatch)
         with pytest.raises(AssertionError):
             _check_lean("bucketed_attention", broken)
     copy = tmp_path / "kernels"
-    copy.mkdir()
-    for path in Path(_compile.__file__).parent.glob("*.py"):
-        (copy / path.name).write_bytes(path.read_bytes())
+    shutil.copytree(Path(_compile.__file__).parent, copy, ignore=shutil.ignore_patterns("__pycache__"))
     monkeypatch.setattr(_compile, "__file__", str(copy / "_compile.py"))
-    assert _compile.source_fingerprint() == json.loads((REPORT / _compile.SOURCES_FILE).read_text())["kernels_sha256"]
-    (copy / "_backend.py").write_bytes((copy / "_backend.py").read_bytes() + b"\n")  # dispatch, not a build
-    assert _compile.source_fingerprint() == json.loads((REPORT / _compile.SOURCES_FILE).read_text())["kernels_sha256"]
-    (copy / "rms_norm.py").write_bytes((copy / "rms_norm.py").read_bytes() + b"\n")
-    assert _compile.source_fingerprint() != json.loads((REPORT / _compile.SOURCES_FILE).read_text())["kernels_sha256"]
+    committed = json.loads((REPORT / _compile.SOURCES_FILE).read_text())["kernels_sha256"]
+    assert _compile.source_fingerprint() == committed
+
+    def touch(name: str) -> None:
+        (copy / name).write_bytes((copy / name).read_bytes() + b"\n")
+
+    for dispatch in ("_backend.py", "bucketed_attention/op.py", "bucketed_attention/launch.py"):  # not a build
+        touch(dispatch)
+        assert _compile.source_fingerprint() == committed, dispatch
+    for built in ("rms_norm.py", "bucketed_attention/jit.py", "bucketed_attention/kernels.py"):
+        touch(built)
+        assert _compile.source_fingerprint() != committed, built
+        committed = _compile.source_fingerprint()
 
 
 def _check_lean(op: str, results: list[dict]) -> None:

@@ -334,11 +334,9 @@ def test_triton_global_dq_scratch_is_bounded(triton_backend, monkeypatch):
     """With global tokens each dQ program also keeps a row of the global table's gradient and its fp32
     dQ between the two launches: squeezed to two programs' worth, the launches go in chunks of query
     tiles (both launches of a chunk share its slots), and the gradients are those of one launch."""
-    import importlib
-
+    from fastseq.kernels.bucketed_attention import launch
     from tests.kernels.test_bucketed_attention import dq_slot_bytes, record_dq_launches
 
-    ba = importlib.import_module("fastseq.kernels.bucketed_attention")
     leaves = _global_case(40, 3, seed=3)
     mask = _global_masks(40, 3).to(DEVICE)
     grad_out = torch.randn(4, 2, 40, 8, generator=torch.Generator().manual_seed(4)).to(DEVICE)
@@ -346,7 +344,7 @@ def test_triton_global_dq_scratch_is_bounded(triton_backend, monkeypatch):
     expected = torch.autograd.grad(_call_globals(local_attention, leaves, mask, 3), leaves, grad_out)
     assert len(one) == 2  # the ordinary keys, then the global tokens
 
-    cut = ba._clamped_buckets(8, 12, True)[0]
+    cut = launch._clamped_buckets(8, 12, True)[0]
     budget = 2 * dq_slot_bytes(8, torch.float32, cut, global_cut=cut)
     chunked = record_dq_launches(monkeypatch, budget)
     got = torch.autograd.grad(_call_globals(local_attention, leaves, mask, 3), leaves, grad_out)

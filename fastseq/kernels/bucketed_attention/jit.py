@@ -1,0 +1,411 @@
+"""The `@triton.jit` helpers the attention kernels share (`kernels`): the tile of a (B, H, L, D)
+tensor, the key loop's head and tiles, the scores with T5's bias and every mask, the online-softmax
+step, dropout's keep mask, the backward's dS and the bias gradient's diagonal sums. Triton inlines
+them: the forward, dQ and dK/dV kernels compile as if each wrote them out."""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .._backend import interpreting
+
+
+@triton.jit
+def _dot(a, b, PRECISION: tl.constexpr):
+    """a @ b accumulated in fp32. PRECISION "upcast" widens the operands to fp32 first: the
+    interpreter's bf16 dot is wrong, and a bf16 product is exact in fp32, so the result is what
+    the tensor cores compute."""
+    if PRECISION == "upcast":
+        out = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    else:
+        out = tl.dot(a, b, input_precision=PRECISION)
+    return out
+
+
+@triton.jit
+def _bias(DT2_h, base, rel, C, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The log2-domain bias of a tile whose element (m, n) lies at distance `base + rel[m, n]`, with
+    `rel` in [0, BLOCK_M + BLOCK_N - 2], from the per-distance table `DT2_h`.
+
+    The table (scaled by log2(e)) holds distances -C - PAD .. C + PAD, PAD = BLOCK_M + BLOCK_N, the
+    entries beyond +-C repeating the end values. A tile wholly at or beyond a cut-off (most tiles of
+    a long sequence) takes that end's value with one load; a band tile loads each element's entry,
+    an index that stays in the table without a clamp. The table is a few KiB per head: every load
+    after the first hits L1. The branch also keeps the band's gather out of Triton's software
+    pipeliner, which copied it through shared memory one 4-byte `cp.async` per element (twice the
+    forward's shared memory on sm_90, and the bias cost 1.59x the forward's instructions at D = 64).
+    No layout conversion, no shuffle: spreading the tile's distinct distances over it with
+    `tl.gather` instead cost 1,988 SHFL and 6,448 spill bytes at 128 x 64 on sm_90 (the static
+    report)."""
+    PAD: tl.constexpr = BLOCK_M + BLOCK_N
+    if base >= C:
+        bias = tl.zeros(rel.shape, tl.float32) + tl.load(DT2_h + 2 * C + PAD)
+    elif base <= -C - (BLOCK_M + BLOCK_N - 2):
+        bias = tl.zeros(rel.shape, tl.float32) + tl.load(DT2_h + PAD)
+    else:
+        bias = tl.load(DT2_h + (base + C + PAD) + rel)
+    return bias
+
+
+@triton.jit
+def _tile_scores(
+    q,
+    k,
+    DT_h,
+    KPM_b,
+    offs_m,
+    offs_n,
+    m0,
+    n0,
+    Lk,
+    q_offset,
+    C,
+    window,
+    scale_log2,
+    qseg,
+    kseg,
+    HAS_BIAS: tl.constexpr,
+    HAS_KPM: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    WINDOWED: tl.constexpr,
+    HAS_SEG: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """Scores of one (BLOCK_M, BLOCK_N) tile of ordinary keys in the log2 domain, masked entries at -inf.
+    With HAS_SEG, `qseg` (BLOCK_M,) and `kseg` (BLOCK_N,) are the rows' and keys' segment ids."""
+    s = _dot(q, tl.trans(k), PRECISION) * scale_log2
+    if HAS_BIAS:
+        # Element (m, n) lies at distance n0 + n - (q_offset + m0 + m) = base + n + (BLOCK_M - 1 - m).
+        base = n0 - (q_offset + m0 + BLOCK_M - 1)
+        rel = tl.arange(0, BLOCK_N)[None, :] - tl.arange(0, BLOCK_M)[:, None] + (BLOCK_M - 1)  # the same in every tile
+        s += _bias(DT_h, base, rel, C, BLOCK_M, BLOCK_N)
+    if HAS_SEG:
+        # Padding, keys past Lk included, has ids that no query has (`_segments`, `_segment_ids`).
+        valid = qseg[:, None] == kseg[None, :]
+    else:
+        valid = offs_n[None, :] < Lk
+    if HAS_KPM:
+        keep = tl.load(KPM_b + offs_n, mask=offs_n < Lk, other=0)
+        valid = valid & (keep != 0)[None, :]
+    if CAUSAL:
+        valid = valid & (offs_n[None, :] <= offs_m[:, None] + q_offset)
+    if WINDOWED:
+        dist = offs_n[None, :] - (offs_m[:, None] + q_offset)
+        valid = valid & (dist <= window) & (dist >= -window)
+    return tl.where(valid, s, float("-inf"))
+
+
+@triton.jit
+def _segment_ids(SEG_b, offs, L, PAD: tl.constexpr, tile=0, end=1):
+    """The segment ids of rows `offs` of one batch element (PAD, padding, past L). In a loop over
+    tiles, `tile < end` (which holds there) puts the load under a branch, and Triton 3.6's software
+    pipeliner leaves it out of its stages: it copied the ids one 4-byte `cp.async` per element, and
+    the segments cost 1.47x the forward's instructions at sm_90, D = 64 (1.04x so; the static report)."""
+    ids = tl.full(offs.shape, PAD, tl.int32)
+    if tile < end:
+        ids = tl.load(SEG_b + offs, mask=offs < L, other=PAD)
+    return ids
+
+
+@triton.jit
+def _span(SPAN_b, tile, num_tiles):
+    """[lo, hi): the rows of the other side that tile `tile` of this side meets through its segments
+    (`_segment_spans`, lo > hi for none)."""
+    return tl.load(SPAN_b + tile), tl.load(SPAN_b + num_tiles + tile)
+
+
+@triton.jit
+def _global_rows(offs_m, m0, Lq, cap, gbs: tl.constexpr, BLOCK_M: tl.constexpr):
+    """LongT5's block position of each query row, `min(i // gbs, cap)` (cap: the row's last global
+    token), as the tile's lowest and highest position and each row's shift `highest - position`,
+    which lies in [0, BLOCK_M - 1]: positions never fall and rise by at most one per row."""
+    pos = tl.minimum(offs_m // gbs, cap)
+    pos_lo = tl.minimum(m0 // gbs, cap)
+    pos_hi = tl.minimum((tl.minimum(m0 + BLOCK_M, Lq) - 1) // gbs, cap)
+    shift = tl.minimum(tl.maximum(pos_hi - pos, 0), BLOCK_M - 1)  # rows past Lq clamp; they carry no weight
+    return pos_lo, pos_hi, shift
+
+
+@triton.jit
+def _global_tile_scores(
+    q,
+    gk,
+    GDT_h,
+    offs_g,
+    g0,
+    G,
+    cap,
+    pos_lo,
+    pos_hi,
+    shift,
+    CG,
+    scale_log2,
+    HAS_GBIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """Scores of one tile of global tokens: bias `GDT[h, g - position(i)]`, globals past `cap` masked."""
+    s = _dot(q, tl.trans(gk), PRECISION) * scale_log2
+    if HAS_GBIAS:
+        # Element (m, n) lies at distance g0 + n - position(m) = (g0 - pos_hi) + n + shift[m].
+        base = g0 - pos_hi
+        s += _bias(GDT_h, base, tl.arange(0, BLOCK_N)[None, :] + shift[:, None], CG, BLOCK_M, BLOCK_N)
+    valid = (offs_g <= cap) & (offs_g < G)
+    return tl.where(valid[None, :], s, float("-inf"))
+
+
+@triton.jit
+def _key_tiles(m0, Lk, q_offset, window, SPAN_b, num_tiles, CAUSAL: tl.constexpr, WINDOWED: tl.constexpr,
+               HAS_SEG: tl.constexpr, BLOCK_M, BLOCK_N):  # fmt: skip
+    """The key range [n_start, n_end) a query tile starting at m0 visits (n_start a tile start). Packed
+    rows (HAS_SEG): only the keys of the tile's segments, so a key tile that no segment of the query
+    tile meets is never loaded."""
+    n_start = 0
+    n_end = Lk
+    if CAUSAL:
+        n_end = tl.minimum(Lk, q_offset + m0 + BLOCK_M)
+    if WINDOWED:
+        # Only the key tiles the window of this query tile touches (LongT5's local attention).
+        n_start = (tl.maximum(q_offset + m0 - window, 0) // BLOCK_N) * BLOCK_N
+        n_end = tl.minimum(n_end, q_offset + m0 + BLOCK_M + window)
+    if HAS_SEG:
+        lo, hi = _span(SPAN_b, m0 // BLOCK_M, num_tiles)
+        n_start = tl.maximum(n_start, (lo // BLOCK_N) * BLOCK_N)
+        n_end = tl.minimum(n_end, hi)
+    return n_start, n_end
+
+
+@triton.jit
+def _dropout_keep(seed, bh, offs_m, key_ids, Lq, dropout_p):
+    """Counter-based keep mask: Philox4x32 keyed by the call's seed, with the element's (key id,
+    row (b * H + h) * Lq + i) as two 32-bit counter words, so no two elements of any call share a
+    draw (key ids run over the ordinary keys, then the global tokens). Seven rounds, the fewest of
+    the Philox family that pass BigCrush: the mask is regenerated in every backward tile, and the
+    ten-round 64-bit-counter form held the backward tiles' registers past the limit (the static
+    report)."""
+    row = bh * Lq + offs_m
+    c0 = tl.broadcast_to(key_ids[None, :], (offs_m.shape[0], key_ids.shape[0])).to(tl.uint32, bitcast=True)
+    c1 = tl.broadcast_to(row[:, None], (offs_m.shape[0], key_ids.shape[0])).to(tl.uint32, bitcast=True)
+    zero = tl.zeros_like(c0)
+    r, _, _, _ = tl.philox(seed, c0, c1, zero, zero, 7)
+    return tl.random.uint_to_uniform_float(r) >= dropout_p
+
+
+@triton.jit
+def _load_kv(K_bh, V_bh, offs_n, Lk, stride_kn, stride_vn, offs_d, d_ok):
+    """One tile of keys and values (rows past Lk and columns past D read as zeros)."""
+    kv_mask = (offs_n < Lk)[:, None] & d_ok[None, :]
+    k = tl.load(K_bh + offs_n[:, None] * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)
+    v = tl.load(V_bh + offs_n[:, None] * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0)
+    return k, v
+
+
+@triton.jit
+def _softmax_step(
+    s, v, m_i, l_i, acc, seed, bh, offs_m, key_ids, Lq, dropout_p, DROPOUT: tl.constexpr, PRECISION: tl.constexpr
+):
+    """One online-softmax step over a tile of scores (log2 domain) and its values."""
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    # A row with every key so far masked keeps m = -inf; subtract 0 there so exp2 gives 0, not NaN.
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.math.exp2(s - m_safe[:, None])
+    alpha = tl.math.exp2(m_i - m_safe)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    if DROPOUT:
+        keep = _dropout_keep(seed, bh, offs_m, key_ids, Lq, dropout_p)
+        p = tl.where(keep, p * (1.0 / (1.0 - dropout_p)), 0.0)
+    acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, PRECISION)
+    return m_new, l_i, acc
+
+
+if interpreting():
+
+    @triton.jit
+    def _block_barrier():
+        tl.debug_barrier()  # the interpreter runs one program at a time; it has no inline assembly
+
+else:
+
+    @triton.jit
+    def _block_barrier():
+        """`bar.sync 0` (what `tl.debug_barrier` emits), as inline assembly with side effects, so that no
+        pass moves a memory access across it. Triton's software pipeliner leaves a loop with a
+        `tl.debug_barrier` in it unpipelined: the dQ key loop with a bias had no `cp.async` (the
+        static report). The barriers here order only this program's scratch tile and per-distance
+        row; the loads the pipeliner moves ahead (keys, values, the bias table) are read-only."""
+        tl.inline_asm_elementwise("bar.sync 0;", "=r", [], dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
+def _diagonal_sums(ds, SCR_p, m0, pos_hi, cap, gbs: tl.constexpr, GLOBAL_ROWS: tl.constexpr, BLOCK_M: tl.constexpr,
+                   BLOCK_N: tl.constexpr, SKEW: tl.constexpr):  # fmt: skip
+    """Sums of a dS tile along its distances: element t sums every (m, n) with n + shift(m) = t,
+    where shift(m) = BLOCK_M - 1 - m (ordinary keys) or the row's global-position shift (global
+    tokens). The tile goes through this program's own scratch tile in global memory (it stays in
+    L2): written as the MMA left it, re-read skewed one row at a time, so that each thread sums the
+    distances it owns. No shuffle, no atomics, no register-resident skew (a `tl.gather` skew of the
+    tile cost 548 SHFL and 1,256 spill bytes in the dQ kernel on sm_90, the static report)."""
+    tile = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
+    _block_barrier()  # every thread is done reading the previous tile
+    tl.store(SCR_p + tile, ds)
+    _block_barrier()  # the tile is written before any thread reads it skewed
+    t = tl.arange(0, SKEW)
+    diag = tl.zeros((SKEW,), tl.float32)
+    for m in range(BLOCK_M):
+        if GLOBAL_ROWS:
+            shift = tl.minimum(tl.maximum(pos_hi - tl.minimum((m0 + m) // gbs, cap), 0), BLOCK_M - 1)
+        else:
+            shift = BLOCK_M - 1 - m
+        col = t - shift
+        diag += tl.load(SCR_p + m * BLOCK_N + col, mask=(col >= 0) & (col < BLOCK_N), other=0.0)
+    return diag
+
+
+@triton.jit
+def _bias_grad_tile(ds, SCR_p, DDT_row, d_min, d_max, C, far_neg, far_pos, band_neg, band_pos, m0, pos_hi, cap,
+                    gbs: tl.constexpr, GLOBAL_ROWS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                    SKEW: tl.constexpr):  # fmt: skip
+    """Add a tile's dS, element (m, n) at distance `d_min + n + shift(m)`, to the per-distance
+    gradient. Interior distances |d| < C go to this program's own row `DDT_row` (read, add, write:
+    each thread owns its distances, and the barriers of `_diagonal_sums` order the tiles); the
+    clamped ends d <= -C and d >= C stay in registers, per row for a tile wholly beyond the cut-off
+    and per diagonal for a band tile, and are summed once at the end."""
+    if (d_min >= C) | (d_max <= -C):
+        rows = tl.sum(ds, 1)
+        beyond = d_min >= C
+        far_pos += tl.where(beyond, rows, 0.0)
+        far_neg += tl.where(beyond, 0.0, rows)
+    else:
+        diag = _diagonal_sums(ds, SCR_p, m0, pos_hi, cap, gbs, GLOBAL_ROWS, BLOCK_M, BLOCK_N, SKEW)
+        d = d_min + tl.arange(0, SKEW)
+        interior = (d > -C) & (d < C)
+        slot = DDT_row + d + C
+        tl.store(slot, tl.load(slot, mask=interior, other=0.0) + diag, mask=interior)
+        band_neg += tl.where(d <= -C, diag, 0.0)
+        band_pos += tl.where(d >= C, diag, 0.0)
+    return far_neg, far_pos, band_neg, band_pos
+
+
+@triton.jit
+def _store_bias_grad_ends(DDT_row, C, far_neg, far_pos, band_neg, band_pos):
+    """The clamped ends of the per-distance gradient (slots 0 and 2C, which no tile wrote)."""
+    tl.store(DDT_row, tl.sum(far_neg, 0) + tl.sum(band_neg, 0))
+    tl.store(DDT_row + 2 * C, tl.sum(far_pos, 0) + tl.sum(band_pos, 0))
+
+
+@triton.jit
+def _load_rows(P, b64, h, offs, stride_b, stride_h, stride_l, offs_d, mask):
+    """Rows `offs` of head h of batch element b64 of a `(B, H, L, D)` tensor (last dim contiguous), as
+    a `(rows, BLOCK_D)` tile, masked entries zero."""
+    return tl.load(P + b64 * stride_b + h * stride_h + offs[:, None] * stride_l + offs_d[None, :], mask=mask, other=0.0)
+
+
+@triton.jit
+def _store_rows(P, b64, h, offs, stride_b, stride_h, stride_l, offs_d, tile, mask):
+    """`_load_rows`' counterpart: the tile stored in P's dtype."""
+    tl.store(P + b64 * stride_b + h * stride_h + offs[:, None] * stride_l + offs_d[None, :],
+             tile.to(P.dtype.element_ty), mask=mask)  # fmt: skip
+
+
+@triton.jit
+def _program(pid_base, h_base, b_base, H, D, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr):
+    """What a program of a (tiles, H, B) grid owns: its tile pid of batch element b (and b64, for batch offsets
+    in 64 bits: (B - 1) * stride_qb passes 2**31 at t5-11b sizes), head h, row b * H + h of the
+    (B, H, L) buffers, its tile's first row and rows, and the head dim's columns."""
+    pid = pid_base + tl.program_id(0)
+    h = h_base + tl.program_id(1)
+    b = b_base + tl.program_id(2)
+    start = pid * BLOCK
+    offs_d = tl.arange(0, BLOCK_D)
+    return pid, b, b.to(tl.int64), h, b * H + h, start, start + tl.arange(0, BLOCK), offs_d, offs_d < D
+
+
+@triton.jit
+def _query_tile_keys(QSEG_b, SPAN, b64, offs_m, m0, Lq, Lk, q_offset, window, CAUSAL: tl.constexpr,
+                     WINDOWED: tl.constexpr, HAS_SEG: tl.constexpr, BLOCK_M: tl.constexpr,
+                     BLOCK_N: tl.constexpr):  # fmt: skip
+    """The head of a query tile's loop over the ordinary keys (forward and dQ): the rows' segment ids
+    (their offsets without HAS_SEG) and the keys [n_start, n_end) it visits (`_key_tiles`)."""
+    num_m = tl.cdiv(Lq, BLOCK_M)
+    qseg = offs_m
+    if HAS_SEG:
+        qseg = _segment_ids(QSEG_b, offs_m, Lq, -1)
+    n_start, n_end = _key_tiles(m0, Lk, q_offset, window, SPAN + b64 * 2 * num_m, num_m, CAUSAL, WINDOWED, HAS_SEG,
+                                BLOCK_M, BLOCK_N)  # fmt: skip
+    return qseg, n_start, n_end
+
+
+@triton.jit
+def _key_tile(q, K_bh, V_bh, DT_h, KPM_b, KSEG_b, qseg, offs_m, m0, n0, n_end, Lk, q_offset, C, window, scale_log2,
+              stride_kn, stride_vn, offs_d, d_ok, HAS_BIAS: tl.constexpr, HAS_KPM: tl.constexpr, CAUSAL: tl.constexpr,
+              WINDOWED: tl.constexpr, HAS_SEG: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+              PRECISION: tl.constexpr):  # fmt: skip
+    """One step of a query tile's loop over the ordinary keys: the key tile at n0, its keys and values
+    and the tile's scores (`_tile_scores`)."""
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    k, v = _load_kv(K_bh, V_bh, offs_n, Lk, stride_kn, stride_vn, offs_d, d_ok)
+    kseg = offs_n
+    if HAS_SEG:
+        kseg = _segment_ids(KSEG_b, offs_n, Lk, -2, n0, n_end)
+    s = _tile_scores(
+        q, k, DT_h, KPM_b, offs_m, offs_n, m0, n0, Lk, q_offset, C, window, scale_log2, qseg, kseg,
+        HAS_BIAS, HAS_KPM, CAUSAL, WINDOWED, HAS_SEG, BLOCK_M, BLOCK_N, PRECISION,
+    )  # fmt: skip
+    return offs_n, k, v, s
+
+
+@triton.jit
+def _global_keys(CAP, GK, GV, GDT, b, b64, h, offs_m, m0, Lq, CG, stride_gkb, stride_gkh, stride_gvb, stride_gvh,
+                 GBS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
+    """The head of a query tile's loop over LongT5's global tokens: the row's last global token, the
+    rows' positions (`_global_rows`), the head's global keys and values and its padded distance table."""
+    cap = tl.load(CAP + b)
+    pos_lo, pos_hi, shift = _global_rows(offs_m, m0, Lq, cap, GBS, BLOCK_M)
+    GK_bh = GK + b64 * stride_gkb + h * stride_gkh
+    GV_bh = GV + b64 * stride_gvb + h * stride_gvh
+    GDT_h = GDT + h * (2 * CG + 1 + 2 * (BLOCK_M + BLOCK_N))
+    return cap, pos_lo, pos_hi, shift, GK_bh, GV_bh, GDT_h
+
+
+@triton.jit
+def _global_tile(q, GK_bh, GV_bh, GDT_h, g0, G, cap, pos_lo, pos_hi, shift, CG, scale_log2, stride_gkn, stride_gvn,
+                 offs_d, d_ok, HAS_GBIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 PRECISION: tl.constexpr):  # fmt: skip
+    """One step of the loop over the global tokens: the tile at g0, its keys and values and scores."""
+    offs_g = g0 + tl.arange(0, BLOCK_N)
+    gk, gv = _load_kv(GK_bh, GV_bh, offs_g, G, stride_gkn, stride_gvn, offs_d, d_ok)
+    s = _global_tile_scores(
+        q, gk, GDT_h, offs_g, g0, G, cap, pos_lo, pos_hi, shift, CG, scale_log2, HAS_GBIAS, BLOCK_M, BLOCK_N, PRECISION
+    )
+    return offs_g, gk, gv, s
+
+
+@triton.jit
+def _grad_scores(s, lse, delta, do, v, seed, bh, offs_m, key_ids, Lq, dropout_p, DROPOUT: tl.constexpr,
+                 PRECISION: tl.constexpr):  # fmt: skip
+    """The backward of one tile of scores: Z, the probabilities as the forward applied them to V (after
+    dropout, for dV), and dS = P * (dP - delta) (for dQ, dK and the bias table). Rows without keys
+    have lse = +inf: P = 0."""
+    p = tl.math.exp2(s - lse[:, None])
+    dp = _dot(do, tl.trans(v), PRECISION)
+    if DROPOUT:
+        keep = _dropout_keep(seed, bh, offs_m, key_ids, Lq, dropout_p)
+        inv_keep = 1.0 / (1.0 - dropout_p)
+        z = tl.where(keep, p * inv_keep, 0.0)
+        dp = tl.where(keep, dp * inv_keep, 0.0)
+    else:
+        z = p
+    return z, p * (dp - delta[:, None])
+
+
+@triton.jit
+def _bias_grad_zeros(BLOCK_M: tl.constexpr, SKEW: tl.constexpr):
+    """The clamped ends of a table's gradient as `_bias_grad_tile` keeps them: per row for tiles
+    beyond the cut-off (negative, positive side), per diagonal for band tiles."""
+    far = tl.zeros((BLOCK_M,), tl.float32)
+    band = tl.zeros((SKEW,), tl.float32)
+    return far, far, band, band

@@ -1,0 +1,401 @@
+"""The launchers: the host side of the kernels. T5's bucket table becomes the per-distance table the
+kernels read, masks and packed rows become their arguments, and the forward and backward launch on
+the tiles of `tiles`, the backward's dQ in chunks of bounded scratch."""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import NamedTuple
+
+import torch
+import triton
+
+from .._backend import autocast_off, key_mask, last_dim_contiguous
+from .kernels import (
+    _bucketed_attention_bwd_dkdv_kernel,
+    _bucketed_attention_bwd_dq_kernel,
+    _bucketed_attention_bwd_preprocess_kernel,
+    _bucketed_attention_fwd_kernel,
+)
+from .reference import relative_position_bucket
+from .tiles import _block_d, _fwd_config, _precision, _skew, _tiles
+
+_LOG2E = 1.4426950408889634
+
+
+@functools.lru_cache(maxsize=64)
+def _clamped_buckets(num_buckets: int, max_distance: int, bidirectional: bool) -> tuple[int, tuple[int, ...]]:
+    """The cut-off C and T5's bucket of each clamped distance -C..C.
+
+    C is the smallest distance from which every farther distance of either sign falls in the
+    same bucket as infinitely far ones, found from the bucket function itself (float32 math
+    included), so clamping at C never changes a bucket.
+    """
+    span = 2 * max_distance + 2
+    far = torch.tensor([-(1 << 30), 1 << 30])
+    far_buckets = relative_position_bucket(
+        far, bidirectional=bidirectional, num_buckets=num_buckets, max_distance=max_distance
+    )
+    cut = 1
+    for sign, far_bucket in zip((-1, 1), far_buckets.tolist(), strict=True):
+        d = torch.arange(span + 1) * sign
+        buckets = relative_position_bucket(
+            d, bidirectional=bidirectional, num_buckets=num_buckets, max_distance=max_distance
+        )
+        differs = torch.nonzero(buckets != far_bucket).flatten()
+        if len(differs) and differs[-1].item() == span:
+            raise ValueError(
+                f"bucketed_attention: max_distance={max_distance} with num_buckets={num_buckets} does not "
+                "saturate its buckets; use a max_distance of at least num_buckets"
+            )
+        cut = max(cut, differs[-1].item() + 1 if len(differs) else 1)
+    distances = torch.arange(-cut, cut + 1)
+    buckets = relative_position_bucket(
+        distances, bidirectional=bidirectional, num_buckets=num_buckets, max_distance=max_distance
+    )
+    return cut, tuple(buckets.tolist())
+
+
+@torch.compiler.assume_constant_result
+def _constant_buckets(num_buckets: int, max_distance: int, bidirectional: bool) -> tuple[int, tuple[int, ...]]:
+    """`_clamped_buckets`, which torch.compile runs once at trace time and keeps as a constant."""
+    return _clamped_buckets(num_buckets, max_distance, bidirectional)
+
+
+_ONE_HOT: dict[tuple, torch.Tensor] = {}
+
+
+def _bucket_one_hot(num_buckets: int, max_distance: int, bidirectional: bool, device: torch.device) -> torch.Tensor:
+    """`(2C + 1, num_buckets)` fp32 one-hot of each clamped distance's bucket, kept per device so
+    that eager calls copy nothing from the host (torch.compile bakes it in as a constant)."""
+    key = (num_buckets, max_distance, bidirectional, device)
+    cached = None if torch.compiler.is_compiling() else _ONE_HOT.get(key)
+    if cached is None:
+        _, buckets = _constant_buckets(num_buckets, max_distance, bidirectional)
+        index = torch.tensor(buckets, device=device)
+        cached = torch.nn.functional.one_hot(index, num_buckets).to(torch.float32)
+        if not torch.compiler.is_compiling():
+            _ONE_HOT[key] = cached
+    return cached
+
+
+def distance_table(bias_table: torch.Tensor, *, bidirectional: bool, max_distance: int) -> torch.Tensor:
+    """The `(H, 2C + 1)` fp32 bias per clamped distance `-C..C` of a `(num_buckets, H)` table.
+
+    A one-hot matmul rather than an index so that its gradient (back to the table) is a
+    deterministic matmul too; fp32 under autocast as well (`transformers` adds the bias in fp32: a
+    bf16 table would move T5's scores by up to 0.08).
+    """
+    one_hot = _bucket_one_hot(bias_table.shape[0], max_distance, bidirectional, bias_table.device)
+    with autocast_off(bias_table):
+        return (one_hot @ bias_table.float()).t().contiguous()  # (H, 2C + 1)
+
+
+def natural_lse(lse2: torch.Tensor) -> torch.Tensor:
+    """The kernels' log2-domain log-sum-exp (+inf: no key) as a natural one (-inf: no key)."""
+    return torch.where(torch.isinf(lse2), float("-inf"), lse2 / _LOG2E)
+
+
+def kernel_lse(lse: torch.Tensor, grad_lse: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`natural_lse` undone for the backward (rows with no key get p = 0), and the gradient on the
+    log-sum-exp with those rows zeroed."""
+    lse2 = torch.where(torch.isinf(lse), float("inf"), lse * _LOG2E)
+    if grad_lse is not None:
+        grad_lse = torch.where(torch.isinf(lse), 0.0, grad_lse)
+    return lse2, grad_lse
+
+
+def seed_value(seed: torch.Tensor | None) -> int:
+    return int(seed.item()) if seed is not None else 0
+
+
+def _like_heads(B: int, H: int, L: int, D: int, ref: torch.Tensor) -> torch.Tensor:
+    """An empty `(B, H, L, D)` tensor laid out as `(B, L, H, D)`, so that merging the heads after
+    attention (`transpose(1, 2).reshape(B, L, H * D)`) is free."""
+    return torch.empty(B, L, H, D, dtype=ref.dtype, device=ref.device).transpose(1, 2)
+
+
+# The dQ programs' slots (`attention_backward`) take at most this many bytes per launch: a backward runs as
+# many launches as it needs, so that they do not grow with B * H * L (one slot per program of a
+# whole backward took 4 GiB at t5-11b, B = 32, L = 4096).
+_DQ_SCRATCH_BYTES = 64 * 2**20
+
+
+def _even_chunk(total: int, most: int) -> int:
+    """The size of the fewest equal chunks (the last one shorter) that cover `total` with at most `most` each."""
+    return triton.cdiv(total, triton.cdiv(total, max(1, most)))
+
+
+def _dq_chunks(num_m: int, H: int, B: int, slot_bytes: int) -> tuple[int, int, int]:
+    """Query tiles, heads and batch elements of one dQ launch (its grid), so that its programs' slots
+    of `slot_bytes` each fit in _DQ_SCRATCH_BYTES: whole columns of query tiles first, then whole
+    heads. The grid's y and z stay within CUDA's 65,535."""
+    programs = _DQ_SCRATCH_BYTES // slot_bytes if slot_bytes else num_m * H * B
+    m_chunk = _even_chunk(num_m, programs)
+    h_chunk = _even_chunk(H, programs // m_chunk) if m_chunk == num_m else 1
+    b_chunk = _even_chunk(B, min(programs // (m_chunk * h_chunk), 65535)) if h_chunk == H else 1
+    return m_chunk, h_chunk, b_chunk
+
+
+def _check_batch_span(*tensors: torch.Tensor | None) -> None:
+    """The kernels offset into a batch element in 32 bits (only the batch offsets are 64-bit): refuse a
+    `(B, H, L, D)` tensor whose one batch element spans 2**31 elements or more."""
+    for t in tensors:
+        if t is None:
+            continue
+        span = sum((size - 1) * abs(stride) for size, stride in zip(t.shape[1:], t.stride()[1:], strict=True))
+        if span >= 2**31:
+            raise ValueError(
+                f"bucketed_attention: one batch element of a {tuple(t.shape)} tensor with strides {t.stride()} spans "
+                f"{span + 1} elements; the kernels take up to 2**31 per batch element (split the heads or the sequence)"
+            )
+
+
+def _row_strides(*tensors: torch.Tensor) -> tuple[int, ...]:
+    """The batch, head and row strides of each `(B, H, L, D)` tensor, in the kernels' argument order."""
+    return tuple(stride for t in tensors for stride in t.stride()[:3])
+
+
+def _cut(dist_table: torch.Tensor | None) -> int:
+    return 0 if dist_table is None else (dist_table.shape[1] - 1) // 2
+
+
+def _kernel_table(dist_table: torch.Tensor | None, q: torch.Tensor, block_m: int, block_n: int) -> torch.Tensor:
+    """The `(H, 2C + 1)` distance table as a kernel with (block_m, block_n) tiles reads it (`_bias`):
+    scaled by log2(e) (the scores are in the log2 domain) and padded with block_m + block_n copies of
+    its end values on either side. A placeholder without a bias."""
+    if dist_table is None:
+        return torch.empty(1, dtype=torch.float32, device=q.device)
+    scaled = dist_table * _LOG2E  # (H, 2C + 1)
+    pad = block_m + block_n
+    H = scaled.shape[0]
+    return torch.cat([scaled[:, :1].expand(H, pad), scaled, scaled[:, -1:].expand(H, pad)], dim=1).contiguous()
+
+
+class GlobalTokens(NamedTuple):
+    """LongT5's transient-global tokens as extra keys of every query row: keys and values
+    `(B, H, G, D)`, their `(H, 2CG + 1)` distance table (or None), `caps` `(B,)` int32 (each row's
+    last global token, -1 for none) and the block size. Query i sits at global position
+    `min(i // block_size, caps[b])`; its bias to global g is that of distance `g - position`."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+    dist_table: torch.Tensor | None
+    caps: torch.Tensor
+    block_size: int
+
+
+def _global_args(globals_: GlobalTokens | None, q: torch.Tensor):
+    """Kernel arguments for the global tokens (placeholders without them)."""
+    if globals_ is None:
+        empty = torch.empty(0, 1, 1, 1, dtype=q.dtype, device=q.device)
+        return empty, empty, None, torch.empty(1, dtype=torch.int32, device=q.device), 0, 0, 1
+    gk, gv = last_dim_contiguous(globals_.k), last_dim_contiguous(globals_.v)
+    table = globals_.dist_table
+    return gk, gv, table, globals_.caps, gk.shape[2], _cut(table), globals_.block_size
+
+
+class Segments(NamedTuple):
+    """Packed rows as the kernels read them: the `(B, Lq)` and `(B, Lk)` segment ids, int32, rows
+    contiguous, padding (ids below 1) as -1 among the queries and -2 among the keys, so that one
+    comparison of ids is the whole mask (`_segments`)."""
+
+    q: torch.Tensor
+    k: torch.Tensor
+
+
+def _segments(q_segment_ids: torch.Tensor | None, k_segment_ids: torch.Tensor | None,
+              key_padding_mask: torch.Tensor | None = None) -> Segments | None:  # fmt: skip
+    """The kernels' ids; a padding mask given too makes its masked keys padding (the launch then
+    takes no mask: one comparison stays the whole mask)."""
+    if q_segment_ids is None:
+        return None
+    real_keys = k_segment_ids > 0
+    if key_padding_mask is not None:
+        real_keys = real_keys & (key_padding_mask != 0)
+    q = torch.where(q_segment_ids > 0, q_segment_ids, -1).to(torch.int32).contiguous()
+    k = torch.where(real_keys, k_segment_ids, -2).to(torch.int32).contiguous()
+    return Segments(q, k)
+
+
+def _segment_spans(rows: torch.Tensor, cols: torch.Tensor, block: int) -> torch.Tensor:
+    """`(B, 2, tiles)` int32: for each tile of `block` rows, the columns [lo, hi) that its rows' segments
+    meet (lo > hi where none do: a tile of padding). Each segment id's columns are spanned by their
+    first and last; ids past the column count share one span, wider but still containing theirs, so
+    a tile is never cut short. Contiguous segments give exact bounds."""
+    B, n_rows = rows.shape
+    n_cols = cols.shape[1]
+    slots = n_cols + 1  # padding (ids below 1) in slot 0, ids 1 .. n_cols - 1 in their own, the rest in the last
+
+    def slot(ids: torch.Tensor) -> torch.Tensor:
+        return torch.where(ids < 1, 0, torch.clamp(ids, max=n_cols)).long()
+
+    index = torch.arange(n_cols, device=cols.device, dtype=torch.int32).expand(B, n_cols)
+    first = torch.full((B, slots), n_cols, dtype=torch.int32, device=cols.device)
+    last = torch.zeros(B, slots, dtype=torch.int32, device=cols.device)
+    first = first.scatter_reduce(1, slot(cols), index, "amin")
+    last = last.scatter_reduce(1, slot(cols), index + 1, "amax")
+    first[:, 0], last[:, 0] = n_cols, 0  # padding columns are never met
+    tiles = triton.cdiv(n_rows, block)
+    lo = torch.full((B, tiles * block), n_cols, dtype=torch.int32, device=rows.device)
+    hi = torch.zeros(B, tiles * block, dtype=torch.int32, device=rows.device)
+    lo[:, :n_rows] = first.gather(1, slot(rows))
+    hi[:, :n_rows] = last.gather(1, slot(rows))
+    return torch.stack([lo.view(B, tiles, block).amin(2), hi.view(B, tiles, block).amax(2)], 1).contiguous()
+
+
+def _segment_args(segs: Segments | None, q: torch.Tensor, rows: str, block: int) -> tuple:
+    """Kernel arguments for packed rows: query ids, key ids and the spans of the launch's tiles of
+    `rows` ("q": query tiles over keys, "k": key tiles over queries); placeholders without."""
+    if segs is None:
+        empty = torch.empty(1, 1, dtype=torch.int32, device=q.device)
+        return empty, empty, empty
+    spans = _segment_spans(segs.q, segs.k, block) if rows == "q" else _segment_spans(segs.k, segs.q, block)
+    return segs.q, segs.k, spans
+
+
+def attention_forward(q, k, v, dist_table, key_padding_mask, seed, causal, q_offset, scale, dropout_p, window=-1,
+                      globals_=None, segs=None):  # fmt: skip
+    """Launch the forward. Returns out `(B, H, Lq, D)` (laid out `(B, Lq, H, D)`) and lse `(B, H, Lq)`
+    fp32 (log2 domain). With `globals_` every row also attends to the global tokens; with `segs`
+    (packed rows) only the keys of its own segment."""
+    B, H, Lq, D = q.shape
+    Lk = k.shape[2]
+    q, k, v = (last_dim_contiguous(t) for t in (q, k, v))
+    _check_batch_span(q, k, v, *((globals_.k, globals_.v) if globals_ is not None else ()))
+    out = _like_heads(B, H, Lq, D, q)
+    lse = torch.empty(B, H, Lq, dtype=torch.float32, device=q.device)
+    if Lq == 0:
+        return out, lse
+    gk, gv, gtable, caps, G, cut_g, gbs = _global_args(globals_, q)
+    block_m, block_n, warps, stages = _fwd_config(D, q.dtype, Lq, q.device, has_global=G > 0)
+    kpm = key_mask(key_padding_mask, q.device)
+    qseg, kseg, spans = _segment_args(segs, q, "q", block_m)
+    grid = (triton.cdiv(Lq, block_m), H, B)
+    _bucketed_attention_fwd_kernel[grid](
+        q, k, v, _kernel_table(dist_table, q, block_m, block_n), kpm, gk, gv,
+        _kernel_table(gtable, q, block_m, block_n), caps, qseg, kseg, spans, out, lse,
+        *_row_strides(q, k, v, gk, gv, out), kpm.stride(0), qseg.stride(0), kseg.stride(0),
+        H, Lq, Lk, G, D, q_offset, _cut(dist_table), cut_g, window, scale * _LOG2E, dropout_p, seed,
+        HAS_BIAS=dist_table is not None, HAS_KPM=key_padding_mask is not None, CAUSAL=causal, WINDOWED=window >= 0,
+        HAS_SEG=segs is not None, HAS_GLOBAL=G > 0, HAS_GBIAS=globals_ is not None and globals_.dist_table is not None,
+        DROPOUT=dropout_p > 0.0, GBS=gbs, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=_block_d(D),
+        PRECISION=_precision(q.dtype), num_warps=warps, num_stages=stages,
+    )  # fmt: skip
+    return out, lse
+
+
+def attention_backward(do, q, k, v, out, lse, dist_table, key_padding_mask, seed, causal, q_offset, scale, dropout_p,
+                       window=-1, grad_lse=None, globals_=None, segs=None):  # fmt: skip
+    """Launch the backward. Returns dq, dk, dv (in the layout of `_like_heads`), the `(H, 2C + 1)`
+    fp32 gradient of the distance table (empty without a bias) and, with `globals_`, the gradients
+    of the global keys, values and distance table (None without)."""
+    B, H, Lq, D = q.shape
+    Lk = k.shape[2]
+    q, k, v, do = (last_dim_contiguous(t) for t in (q, k, v, do))
+    _check_batch_span(q, k, v, do, out, *((globals_.k, globals_.v) if globals_ is not None else ()))
+    dq = _like_heads(B, H, Lq, D, q)
+    dk = _like_heads(B, H, Lk, D, k)
+    dv = _like_heads(B, H, Lk, D, v)
+    gk, gv, gtable, caps, G, cut_g, gbs = _global_args(globals_, q)
+    has_gbias = globals_ is not None and globals_.dist_table is not None
+    dgk = dgv = None
+    if globals_ is not None:
+        dgk, dgv = _like_heads(B, H, G, D, gk), _like_heads(B, H, G, D, gv)
+    cut = _cut(dist_table)
+    has_bias = dist_table is not None
+    tiles = _tiles(D, q.dtype, q.device)
+    dq_tile, dkdv_tile = (tiles.dq_global, tiles.dkdv_global) if G > 0 else (tiles.dq, tiles.dkdv)
+    block_m, block_n = dq_tile[:2]
+    num_m = triton.cdiv(Lq, block_m)
+    ddt = torch.zeros(H, 2 * cut + 1 if has_bias else 0, dtype=torch.float32, device=q.device)
+    ddtg = torch.zeros(H, 2 * cut_g + 1 if has_gbias else 0, dtype=torch.float32, device=q.device)
+
+    def results():
+        return dq, dk, dv, ddt, dgk, dgv, ddtg if has_gbias else None
+
+    if Lq == 0 or Lk == 0:
+        for t in (dq, dk, dv, dgk, dgv):
+            if t is not None:
+                t.zero_()
+        return results()
+    block_d = _block_d(D)
+    delta = torch.empty(B, H, Lq, dtype=torch.float32, device=q.device)
+    _bucketed_attention_bwd_preprocess_kernel[(num_m, H, B)](
+        out, do, delta,
+        *_row_strides(out, do), H, Lq, D, BLOCK_M=block_m, BLOCK_D=block_d,
+    )  # fmt: skip
+    if grad_lse is not None:
+        # d lse_i / d s_ij = p_ij: a gradient on the log-sum-exp enters dS = P * (dP - delta) as -grad_lse.
+        delta -= grad_lse
+    kpm = key_mask(key_padding_mask, q.device)
+    common = dict(
+        HAS_KPM=key_padding_mask is not None, CAUSAL=causal, WINDOWED=window >= 0, DROPOUT=dropout_p > 0.0, GBS=gbs,
+        BLOCK_D=block_d, PRECISION=_precision(q.dtype), HAS_SEG=segs is not None,
+    )  # fmt: skip
+    tail = (scale, scale * _LOG2E, dropout_p, seed)
+
+    def launch_options(tile):
+        bm, bn, warps, stages = tile
+        return dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages)
+
+    def dkdv(keys_k, keys_v, keys_table, n_keys, keys_cut, key_base, grad_k, grad_v, **flags):
+        bm, bn = dkdv_tile[:2]
+        qseg, kseg, spans = _segment_args(segs, q, "k", bn)
+        _bucketed_attention_bwd_dkdv_kernel[(triton.cdiv(n_keys, bn), H, B)](
+            q, keys_k, keys_v, _kernel_table(keys_table, q, bm, bn), kpm, caps, qseg, kseg, spans, do, lse, delta,
+            grad_k, grad_v,
+            *_row_strides(q, keys_k, keys_v, do, grad_k), kpm.stride(0), qseg.stride(0), kseg.stride(0),
+            H, Lq, n_keys, D, q_offset, keys_cut, window, key_base, *tail,
+            **dict(common, **flags), **launch_options(dkdv_tile),
+        )  # fmt: skip
+
+    dkdv(k, v, dist_table, Lk, cut, 0, dk, dv, HAS_BIAS=has_bias, GLOBAL_KEYS=False)
+    if G > 0:
+        dkdv(gk, gv, gtable, G, cut_g, Lk, dgk, dgv, HAS_BIAS=has_gbias, GLOBAL_KEYS=True,
+             HAS_KPM=False, CAUSAL=False, WINDOWED=False, HAS_SEG=False)  # fmt: skip
+    elif dgk is not None:
+        dgk.zero_(), dgv.zero_()
+
+    # Each dQ program has a slot: a dS tile for the bias gradient's diagonal sums (it stays in L2), a
+    # row of per-distance partials per table and, with global tokens (two launches: the ordinary keys
+    # into an fp32 dQ, then the globals on top), its fp32 dQ tile. The launches go in chunks whose
+    # slots fit in _DQ_SCRATCH_BYTES, each reusing the same buffers.
+    tile = block_m * block_n if has_bias or has_gbias else 0
+    row, grow = (2 * cut + 1 if has_bias else 0), (2 * cut_g + 1 if has_gbias else 0)
+    partial_tile = block_m * block_d if G > 0 else 0
+    chunk = _dq_chunks(num_m, H, B, 4 * (tile + row + grow + partial_tile))
+    slots = math.prod(chunk)
+    scratch = torch.empty(slots * tile or 1, dtype=torch.float32, device=q.device)
+    rows = torch.empty(slots, row, dtype=torch.float32, device=q.device)
+    grows = torch.empty(slots, grow, dtype=torch.float32, device=q.device)
+    partial = torch.empty(slots * partial_tile or 1, dtype=torch.float32, device=q.device)
+    table, gtable = _kernel_table(dist_table, q, block_m, block_n), _kernel_table(gtable, q, block_m, block_n)
+    qseg, kseg, spans = _segment_args(segs, q, "q", block_m)
+
+    def dq_launch(grid, bases, ordinary: bool, with_globals: bool):
+        _bucketed_attention_bwd_dq_kernel[grid](
+            q, k, v, table, kpm, gk, gv, gtable, caps, qseg, kseg, spans, do, lse, delta, dq, partial, rows, grows,
+            scratch,
+            *_row_strides(q, k, v, gk, gv, do, dq), kpm.stride(0), qseg.stride(0), kseg.stride(0),
+            H, Lq, Lk, G, D, q_offset, cut, cut_g, window, *bases, *tail,
+            HAS_BIAS=has_bias, ORDINARY=ordinary, HAS_GLOBAL=with_globals, HAS_GBIAS=has_gbias,
+            PARTIAL_IN=with_globals, PARTIAL_OUT=ordinary and G > 0, SKEW=_skew(block_m, block_n), **common,
+            **launch_options(dq_tile),
+        )  # fmt: skip
+
+    for b0 in range(0, B, chunk[2]):
+        for h0 in range(0, H, chunk[1]):
+            for m0 in range(0, num_m, chunk[0]):
+                grid = (min(chunk[0], num_m - m0), min(chunk[1], H - h0), min(chunk[2], B - b0))
+                rows.zero_(), grows.zero_()
+                dq_launch(grid, (m0, h0, b0), True, False)
+                if G > 0:
+                    dq_launch(grid, (m0, h0, b0), False, True)
+                # The slots' rows, (batch, head, query tile) in the launch, summed per head in a fixed order.
+                for grad, partials in ((ddt, rows), (ddtg, grows)):
+                    if partials.shape[1]:
+                        per_head = partials[: math.prod(grid)].view(*grid[::-1], -1).sum((0, 2))
+                        grad[h0 : h0 + grid[1]] += per_head
+    return results()

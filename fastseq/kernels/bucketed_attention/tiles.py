@@ -1,0 +1,253 @@
+"""The attention's tiles: for each architecture family, head dim and element size, the block sizes, warps
+and stages of every kernel, read from the compiled code; and every build a launcher can pick, for the
+compile-only tests and the static report (`compile_specs`), with the feature prices they hold."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import triton
+
+from .._backend import interpreting
+from .kernels import (
+    _bucketed_attention_bwd_dkdv_kernel,
+    _bucketed_attention_bwd_dq_kernel,
+    _bucketed_attention_bwd_preprocess_kernel,
+    _bucketed_attention_fwd_kernel,
+)
+
+
+class Tiles(NamedTuple):
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) of each kernel for one (architecture family, padded
+    head dim, element size). BLOCK_M counts query rows and BLOCK_N keys in every kernel."""
+
+    fwd: tuple[int, int, int, int]  # the forward without global tokens (T5, BlenderbotSmall, LongT5 local)
+    fwd_global: tuple[int, int, int, int]  # the forward with LongT5's transient-global tokens
+    dq: tuple[int, int, int, int]
+    dkdv: tuple[int, int, int, int]
+    dq_global: tuple[int, int, int, int]  # both dQ launches of a backward with global tokens
+    dkdv_global: tuple[int, int, int, int]  # its dK/dV of the ordinary keys and of the global tokens
+
+
+def _parse_tiles(text: str) -> Tiles:
+    """`Tiles` from "BLOCK_M.BLOCK_N.num_warps.num_stages" per kernel, in the fields' order."""
+    return Tiles(*(tuple(int(v) for v in tile.split(".")) for tile in text.split()))
+
+
+# Per architecture family (90: Hopper and later, 227 KiB of shared memory per block; 80: A100,
+# 163 KiB; 86: every other GPU, sm_86/sm_89 with 99 KiB), padded head dim and element size: the
+# largest tile whose heaviest 16-bit builds compile without a register spill and within the
+# chip's shared memory, read from the static report (`python -m fastseq.kernels._compile
+# --report`), under Triton 3.6 (what the GPU machines have) and 3.9 alike. The heaviest builds are
+# T5's self-attention in training (bias, padding, causal, dropout) and LongT5's transient-global
+# attention in training (local window, global tokens, both biases, padding, dropout); the
+# compile-only tests hold every shipped tile to that, and the backward's tiles on sm_90 at D = 64
+# to the bias gradient's price in `PRICES` (at 128 x 32 its dQ took 2.3x the instructions of the
+# same tile without a bias). A 128-row tile takes 8 warps on sm_80 and sm_90: with 4 those builds
+# spilled; so did the dQ tile at D = 128 (sm_80 and sm_86), where packed rows' segment ids took the
+# 4-warp builds past 255 registers (8 to 104 spill bytes under Triton 3.6 and 3.9), and sm_86's forward
+# at D = 256 with 8 warps (8 bytes, packed; 4 warps spill none).
+# fmt: off
+_TILES: dict[tuple[int, int, int], Tiles] = {key: _parse_tiles(text) for key, text in {
+    #              fwd        fwd_global dq         dkdv       dq_global  dkdv_global
+    (90, 16, 2):   "128.32.8.3 128.64.8.3 128.64.8.2 64.64.8.2  128.64.8.2 128.32.8.2",
+    (90, 32, 2):   "128.32.8.3 128.64.8.3 128.64.8.2 64.32.4.2  128.32.8.2 128.32.8.2",
+    (90, 64, 2):   "128.64.8.3 128.64.8.3 64.32.4.2  64.32.8.2  128.32.8.2 64.32.4.2",
+    (90, 128, 2):  "128.32.8.3 128.32.8.3 64.32.8.2  32.32.8.2  64.32.4.2  32.32.8.2",
+    (90, 256, 2):  "64.32.8.2  16.16.4.1  16.32.4.1  16.16.4.1  16.32.4.1  16.16.4.1",
+    (90, 16, 4):   "64.64.4.2  64.64.4.2  32.32.4.1  32.32.4.1  32.32.4.1  32.32.4.1",
+    (90, 32, 4):   "64.64.4.2  64.64.4.2  32.32.4.1  32.32.4.1  32.32.4.1  32.32.4.1",
+    (90, 64, 4):   "64.32.4.2  64.32.4.2  32.32.4.1  32.32.4.1  32.32.4.1  32.32.4.1",
+    (90, 128, 4):  "64.32.4.2  64.32.4.2  32.32.4.1  32.32.4.1  32.32.4.1  32.32.4.1",
+    (90, 256, 4):  "32.32.4.1  32.32.4.1  16.16.4.1  16.16.4.1  16.16.4.1  16.16.4.1",
+    (80, 16, 2):   "128.64.8.3 128.64.8.3 128.64.8.2 128.32.8.2 128.64.8.2 128.32.8.2",
+    (80, 32, 2):   "128.64.8.3 128.64.8.3 128.32.8.2 128.32.8.2 128.64.8.2 128.32.8.2",
+    (80, 64, 2):   "128.32.8.3 128.32.8.3 32.64.4.2  64.32.8.2  128.32.8.2 64.32.4.2",
+    (80, 128, 2):  "64.32.8.2  128.32.8.3 32.64.8.2  32.32.4.1  32.64.8.2  32.32.4.2",
+    (80, 256, 2):  "32.32.8.2  64.32.8.2  16.16.4.1  16.16.4.1  16.16.4.1  16.16.4.1",
+    (80, 16, 4):   "64.64.4.2  64.64.4.2  32.32.4.1  32.32.4.1  32.32.4.1  32.32.4.1",
+    (80, 32, 4):   "64.64.4.2  64.64.4.2  32.32.4.1  32.32.4.1  32.32.4.1  32.32.4.1",
+    (80, 64, 4):   "64.32.4.2  64.32.4.2  32.32.4.1  32.32.4.1  32.32.4.1  32.32.4.1",
+    (80, 128, 4):  "64.32.4.2  64.32.4.2  32.32.4.1  32.32.4.1  32.32.4.1  32.32.4.1",
+    (80, 256, 4):  "32.32.4.1  32.32.4.1  16.16.4.1  16.16.4.1  16.16.4.1  16.16.4.1",
+    (86, 16, 2):   "128.64.8.3 128.64.8.3 128.32.8.2 128.64.8.2 128.64.8.2 128.32.8.2",
+    (86, 32, 2):   "128.64.8.3 128.64.8.3 128.32.8.2 128.32.8.2 128.64.8.2 128.32.8.2",
+    (86, 64, 2):   "128.32.8.3 128.32.8.3 64.32.4.2  64.32.8.2  128.32.8.2 64.32.4.2",
+    (86, 128, 2):  "64.32.8.2  64.32.4.3  32.64.8.2  32.32.8.2  32.64.8.2  32.32.8.2",
+    (86, 256, 2):  "32.32.4.2  64.32.8.2  16.32.4.1  16.16.4.1  16.32.4.1  16.16.4.1",
+    (86, 16, 4):   "64.64.4.2  64.64.4.2  32.32.4.1  32.32.4.1  32.32.4.1  32.32.4.1",
+    (86, 32, 4):   "64.64.4.2  64.64.4.2  32.32.4.1  32.32.4.1  32.32.4.1  32.32.4.1",
+    (86, 64, 4):   "64.32.4.2  64.32.4.2  32.32.4.1  32.32.4.1  32.32.4.1  32.32.4.1",
+    (86, 128, 4):  "64.32.4.2  64.32.4.2  32.32.4.1  32.32.4.1  32.32.4.1  32.32.4.1",
+    (86, 256, 4):  "32.32.4.1  32.32.4.1  16.16.4.1  16.16.4.1  16.16.4.1  16.16.4.1",
+}.items()}
+# fmt: on
+# Under the interpreter, small tiles so that short test sequences still span many tiles,
+# band tiles and tiles beyond the cut-off.
+_INTERPRET_TILE = (16, 16, 4, 1)
+_MAX_HEAD_DIM = 256
+
+
+def _skew(block_m: int, block_n: int) -> int:
+    return triton.next_power_of_2(block_m + block_n - 1)
+
+
+def _block_d(D: int) -> int:
+    return max(16, triton.next_power_of_2(D))
+
+
+def _arch(device: torch.device) -> int:
+    """The config family of a CUDA device: 90 from Hopper on, 80 for A100 (sm_80), 86 otherwise."""
+    capability = torch.cuda.get_device_capability(device)
+    return 90 if capability[0] >= 9 else 80 if capability == (8, 0) else 86
+
+
+def _tiles(D: int, dtype: torch.dtype, device: torch.device) -> Tiles:
+    if interpreting():
+        return Tiles(*[_INTERPRET_TILE] * len(Tiles._fields))
+    return _TILES[(_arch(device), _block_d(D), dtype.itemsize)]
+
+
+def _fwd_config(
+    D: int, dtype: torch.dtype, Lq: int, device: torch.device, has_global: bool = False
+) -> tuple[int, int, int, int]:
+    tiles = _tiles(D, dtype, device)
+    block_m, block_n, warps, stages = tiles.fwd_global if has_global else tiles.fwd
+    # Incremental decoding (Lq = 1 against a cache) needs no 128-row query tile.
+    block_m = min(block_m, max(16, triton.next_power_of_2(Lq)))
+    return block_m, block_n, warps, stages
+
+
+def _precision(dtype: torch.dtype) -> str:
+    """fp32 inputs use exact fp32 products unless PyTorch itself is allowed TF32 for matmuls."""
+    if dtype == torch.bfloat16 and interpreting():
+        return "upcast"
+    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
+        return "tf32"
+    return "ieee"
+
+
+# self-attention in training, padded or packed (a padding mask given with segment ids is folded into
+# the keys' ids, `_segments`: no launch has both), and LongT5's transient-global attention in
+# training; then the sets whose instruction counts price a feature on the same tile (`PRICES`).
+_OFF = dict(HAS_BIAS=False, HAS_KPM=False, CAUSAL=False, WINDOWED=False, HAS_SEG=False, HAS_GLOBAL=False,
+            HAS_GBIAS=False, DROPOUT=False)  # fmt: skip
+FEATURES = {
+    "t5": dict(_OFF, HAS_BIAS=True, HAS_KPM=True, CAUSAL=True, DROPOUT=True),
+    "t5-pack": dict(_OFF, HAS_BIAS=True, HAS_SEG=True, CAUSAL=True, DROPOUT=True),
+    "longt5": dict(_OFF, HAS_BIAS=True, HAS_KPM=True, WINDOWED=True, HAS_GLOBAL=True, HAS_GBIAS=True, DROPOUT=True),
+    "none": dict(_OFF),
+    "pad": dict(_OFF, HAS_KPM=True),
+    "bias-pad": dict(_OFF, HAS_BIAS=True, HAS_KPM=True),
+    "pack": dict(_OFF, HAS_SEG=True),
+    "bias-pack": dict(_OFF, HAS_BIAS=True, HAS_SEG=True),
+    "local-global": dict(_OFF, HAS_BIAS=True, HAS_KPM=True, WINDOWED=True, HAS_GLOBAL=True, HAS_GBIAS=True),
+}
+# (priced build, baseline build, at most this many times the baseline's SASS instructions), for
+# bf16 at D = 64 and 128 on sm_80 and sm_90 (build names without the "-sm{arch}-D{d}-bf16" tail).
+PRICES = [
+    ("fwd-bias-pad", "fwd-none", 1.5),  # T5's bias (padding on) against the same tile without either
+    ("dq-bias-pad+dkdv-bias-pad", "dq-none+dkdv-none", 2.0),  # the backward with the table's gradient
+    ("fwd_global-local-global", "fwd_global-none", 2.5),  # LongT5 local + transient-global
+    # Packed rows (segment ids and the tile bounds of their spans) against a padding mask, T5's
+    # self-attention (bias) and cross-attention (none).
+    ("fwd-bias-pack", "fwd-bias-pad", 1.15),
+    ("fwd-pack", "fwd-pad", 1.15),
+    ("dq-bias-pack+dkdv-bias-pack", "dq-bias-pad+dkdv-bias-pad", 1.15),
+    ("dq-pack+dkdv-pack", "dq-pad+dkdv-pad", 1.15),
+]
+# (build, baseline): no more warp shuffles than the baseline (the bias spread and the segment masks
+# cost none).
+SHUFFLE_BOUNDS = [
+    ("fwd-bias-pad", "fwd-pad"),
+    *((f"{kernel}-{bias}pack", f"{kernel}-{bias}pad") for kernel in ("fwd", "dq", "dkdv") for bias in ("", "bias-")),
+]
+# Builds compiled only as a price's baseline, never launched: no launcher runs the global-token tile
+# without global tokens.
+BASELINES_ONLY = ("fwd_global-none",)
+
+
+# Batch strides of the padding mask and the segment ids: their rows are as long as the sequence, any length.
+_ANY_LENGTH = ("stride_kpmb", "stride_qsegb", "stride_ksegb")
+
+
+def compile_specs() -> list:
+    """Every configuration the launchers can pick on a GPU, for the compile-only tests and the
+    static report (`_compile`): for every tile of `_TILES`, the forward with T5's heaviest features,
+    the decoding tile (Lq = 1) with them, the forward with LongT5's global tokens, the backward's
+    dQ and dK/dV kernels with each, LongT5's second dQ launch and global dK/dV, the backward's
+    preprocessing; fp16 once per architecture (its buffers are bf16's); for bf16 at D = 64 and 128
+    on sm_80 and sm_90 also the builds that `PRICES` and `SHUFFLE_BOUNDS` compare. Each is built as
+    Triton specializes it for the usual inputs (aligned buffers, strides and D multiples of 16), and
+    its batch strides are held to 64-bit products. Names read `<kernel>-<features>-sm<arch>-D<d>-<dtype>`."""
+    from .._compile import CompileSpec, signature
+
+    floats = ("scale", "scale_log2", "dropout_p")
+    specs = []
+    for (arch, block_d, itemsize), tiles in _TILES.items():
+        dtypes = ["bf16", "fp16"] if itemsize == 2 and block_d == 64 else ["bf16" if itemsize == 2 else "fp32"]
+        for dtype in dtypes:
+            pointers = {n: f"*{dtype}" for n in ("Q", "K", "V", "GK", "GV", "Out", "DO", "DQ", "DK", "DV")}
+            pointers.update(DT="*fp32", GDT="*fp32", LSE="*fp32", DELTA="*fp32", DDT="*fp32", DDTG="*fp32",
+                                        SCR="*fp32", DQP="*fp32", KPM="*i8", CAP="*i32", QSEG="*i32", KSEG="*i32",
+                            SPAN="*i32")  # fmt: skip
+
+            def add(role, features, kernel, tile, extra=(), arch=arch, block_d=block_d, dtype=dtype, pointers=pointers):
+                bm, bn, warps, stages = tile
+                ce = dict(
+                    FEATURES[features],
+                    BLOCK_M=bm,
+                    BLOCK_N=bn,
+                    BLOCK_D=block_d,
+                    SKEW=_skew(bm, bn),
+                    GBS=16,
+                    PRECISION="ieee",
+                    ORDINARY=True,
+                    PARTIAL_IN=False,
+                    PARTIAL_OUT=False,
+                    GLOBAL_KEYS=False,
+                )
+                ce.update(extra)
+                ce = {n: v for n, v in ce.items() if n in kernel.arg_names}
+                name = f"{role}-{features}-sm{arch}-D{block_d}-{dtype}"
+                options = dict(num_warps=warps, num_stages=stages)
+                sig = signature(kernel, pointers, floats, ce)
+                batch_strides = tuple(n for n in kernel.arg_names if n.startswith("stride_") and n.endswith("b"))
+                # What Triton specializes at launch for inputs with D = BLOCK_D: fresh (16-byte aligned)
+                # buffers, and the strides of (B, H, L, D) tensors, multiples of D.
+                aligned = tuple(
+                    n
+                    for n in kernel.arg_names
+                    if sig[n].startswith("*") or n == "D" or (n.startswith("stride_") and n not in _ANY_LENGTH)
+                )
+                specs.append(CompileSpec(name, kernel.__name__, sig, ce, options, arch, wide=batch_strides,
+                                         aligned=aligned, module=kernel.__module__))  # fmt: skip
+
+            fwd, bwd_dq, bwd_dkdv = _bucketed_attention_fwd_kernel, _bucketed_attention_bwd_dq_kernel, \
+                _bucketed_attention_bwd_dkdv_kernel  # fmt: skip
+            add("fwd", "t5", fwd, tiles.fwd)
+            add("fwd", "t5-pack", fwd, tiles.fwd)
+            add("decode", "t5", fwd, (16,) + tiles.fwd[1:])
+            add("fwd_global", "longt5", fwd, tiles.fwd_global)
+            add("dq", "t5", bwd_dq, tiles.dq)
+            add("dkdv", "t5", bwd_dkdv, tiles.dkdv)
+            add("dq", "t5-pack", bwd_dq, tiles.dq)
+            add("dkdv", "t5-pack", bwd_dkdv, tiles.dkdv)
+            no_globals = dict(HAS_GLOBAL=False, HAS_GBIAS=False)
+            add("dq_local", "longt5", bwd_dq, tiles.dq_global, dict(no_globals, PARTIAL_OUT=True))
+            add("dq_global", "longt5", bwd_dq, tiles.dq_global, dict(ORDINARY=False, PARTIAL_IN=True))
+            add("dkdv_local", "longt5", bwd_dkdv, tiles.dkdv_global, no_globals)
+            add("dkdv_global", "longt5", bwd_dkdv, tiles.dkdv_global,
+                dict(GLOBAL_KEYS=True, HAS_KPM=False, CAUSAL=False, WINDOWED=False))  # fmt: skip
+            if dtype != "fp16":
+                add("pre", "none", _bucketed_attention_bwd_preprocess_kernel, tiles.dq)
+            if dtype == "bf16" and block_d in (64, 128) and arch in (80, 90):
+                for features in ("none", "pad", "bias-pad", "pack", "bias-pack"):
+                    add("fwd", features, fwd, tiles.fwd)
+                for features in ("none", "pad", "bias-pad", "pack", "bias-pack"):
+                    add("dq", features, bwd_dq, tiles.dq)
+                    add("dkdv", features, bwd_dkdv, tiles.dkdv)
+                for features in ("none", "local-global"):
+                    add("fwd_global", features, fwd, tiles.fwd_global)
+    return specs
