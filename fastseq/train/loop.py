@@ -36,6 +36,7 @@ from fastseq.tokenizers import Tokenizer
 from .args import TrainArgs
 from .data import Data, build_data
 from .engine import Engine, LocalEngine, NonFiniteError, model_config, run_device, run_tokenizer
+from .signals import SIGNAL_NAMES, Interrupted, Signals, StopEvaluation, StoppableCollator
 from .state import (
     STATE_FILE,
     ResumeError,
@@ -56,9 +57,6 @@ from .state import (
 )
 
 log = logging.getLogger("fastseq.train")
-_SIGNALS = {signal.SIGINT: "SIGINT", signal.SIGTERM: "SIGTERM", signal.SIGHUP: "SIGHUP"}
-
-
 _SHOWN_CHARS = 200  # the summary line shows held-out sources and outputs up to this length
 
 
@@ -174,68 +172,8 @@ def make_engine(args: TrainArgs, config) -> Engine:
     return LocalEngine(args, run_device(args))
 
 
-class Interrupted(KeyboardInterrupt):
-    """A signal that ends the run at once: during start-up (nothing to save yet), or a second
-    SIGINT (Ctrl-C pressed again) that will not wait for a checkpoint."""
-
-    def __init__(self, number: int):
-        super().__init__(_SIGNALS[number])
-        self.number = number
-
-
 class DiskFull(ValueError):
     """The disk (or the quota, or the file-size limit) is full: a user's problem, said in one line."""
-
-
-class _StopEvaluation(Exception):
-    """A signal arrived during an evaluation: it is dropped, and the run ends with a checkpoint."""
-
-
-class _Signals:
-    """SIGINT, SIGTERM (a scheduler's notice before preemption) and SIGHUP (a closed terminal or
-    SSH session) end the run after the current step, with a checkpoint (an evaluation stops at its
-    next batch). Before training starts there is nothing to save: a signal ends the run at once
-    (`Interrupted`), and so does a second SIGINT. The handlers are this run's only while it runs."""
-
-    def __init__(self):
-        self.received: int | None = None
-        self.training = False  # whether a signal waits for the step to end
-        self.sigints = 0
-        self._previous = {}
-
-    def __enter__(self):
-        for number in _SIGNALS:
-            self._previous[number] = signal.signal(number, self._handle)
-        return self
-
-    def _handle(self, number, frame) -> None:
-        # Only a second SIGINT forces the exit: under the `deepspeed` launcher one Ctrl-C reaches a
-        # rank as SIGINT from the terminal and SIGTERM from the launcher.
-        self.sigints += number == signal.SIGINT
-        if not self.training or self.sigints > 1:
-            raise Interrupted(number)
-        if self.received is None:
-            self.received = number
-
-    def __exit__(self, *exc):
-        for number, handler in self._previous.items():
-            signal.signal(number, handler)
-
-
-class _StoppableCollator:
-    """The held-out collator, asking before each evaluation batch whether a signal ends the run
-    (every rank evaluates the same batches, so the ranks agree on it in one small collective)."""
-
-    def __init__(self, collator, signals: _Signals, engine: Engine):
-        self.collator, self.signals, self.engine = collator, signals, engine
-
-    def __call__(self, examples):
-        if self.engine.sum_over_ranks([float(self.signals.received is not None)])[0]:
-            raise _StopEvaluation
-        return self.collator(examples)
-
-    def __getattr__(self, name):
-        return getattr(self.collator, name)
 
 
 class _Metrics:
@@ -466,7 +404,7 @@ class _Run:
             note += f" (if the fix changes the data file, start a new run from it with --model {path})"
         err.add_note(note)
 
-    def step(self, done: int, signals: _Signals) -> tuple[dict, bool]:
+    def step(self, done: int, signals: Signals) -> tuple[dict, bool]:
         """Step `done` (1-based): its record in metrics.jsonl, and whether a signal ends the run."""
         args, engine, data = self.args, self.engine, self.data
         self.phase = "data"
@@ -539,7 +477,7 @@ class _Run:
     def summary(self, start: int, elapsed: float, path: Path, stopped_by: int | None) -> dict:
         """The summary line (and a few held-out outputs) on the first rank; the summary dict."""
         last_step, loss = self.losses[-1]
-        interrupted = _SIGNALS[stopped_by] if stopped_by is not None else None
+        interrupted = SIGNAL_NAMES[stopped_by] if stopped_by is not None else None
         best = {} if self.best is None else {"best_checkpoint": str(self.best[0]), "best_metric": self.best[1]}
         rates = self.tokens.rates(*self.tokens.run, elapsed)
         if self.engine.rank == 0:
@@ -608,7 +546,7 @@ def train(args: TrainArgs) -> dict:
     and `interrupted`: the name of the signal that stopped the run, or None). The output directory
     is locked (on the first rank) from before anything is written there to the end of the run."""
     args.validate()
-    with _Signals() as signals:
+    with Signals() as signals:
         config = model_config(args)
         tokenizer = run_tokenizer(args, config)
         engine = make_engine(args, config)
@@ -617,7 +555,7 @@ def train(args: TrainArgs) -> dict:
             return _train(args, config, tokenizer, engine, out, signals)
 
 
-def _train(args: TrainArgs, config, tokenizer: Tokenizer, engine: Engine, out: Path, signals: _Signals) -> dict:
+def _train(args: TrainArgs, config, tokenizer: Tokenizer, engine: Engine, out: Path, signals: Signals) -> dict:
     data = build_data(args, tokenizer, config, engine.data_parallel)  # also sets --epochs' steps
     identity = run_identity(args, config, tokenizer, data.fingerprint_path)
     torch.manual_seed(args.seed)
@@ -630,7 +568,7 @@ def _train(args: TrainArgs, config, tokenizer: Tokenizer, engine: Engine, out: P
     if data.held_out and engine.model is None:
         log.warning("%s cannot evaluate held-out examples; evaluate the trained model directory instead", engine.name)
     if run.evaluating:
-        data.eval_collator = _StoppableCollator(data.eval_collator, signals, engine)
+        data.eval_collator = StoppableCollator(data.eval_collator, signals, engine)
     progress = tqdm(range(start, args.steps), desc="train", unit="step", disable=args.quiet or engine.rank != 0,
                     file=sys.stderr)  # fmt: skip
     started = time.perf_counter()
@@ -652,8 +590,8 @@ def _train(args: TrainArgs, config, tokenizer: Tokenizer, engine: Engine, out: P
             path = run.finish()
             stopped_by = None
             if signals.received is not None:
-                log.warning("%s arrived as the run was finishing; it finished", _SIGNALS[signals.received])
-    except _StopEvaluation:
+                log.warning("%s arrived as the run was finishing; it finished", SIGNAL_NAMES[signals.received])
+    except StopEvaluation:
         stopped_by = signals.received or signal.SIGTERM
         path = run.save_completed()
     except Interrupted as err:
