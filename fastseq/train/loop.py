@@ -36,6 +36,7 @@ from fastseq.tokenizers import Tokenizer
 from .args import TrainArgs
 from .data import Data, build_data
 from .engine import Engine, LocalEngine, NonFiniteError, model_config, run_device, run_tokenizer
+from .metrics_log import MetricsLog, Tokens
 from .signals import SIGNAL_NAMES, Interrupted, Signals, StopEvaluation, StoppableCollator
 from .state import (
     STATE_FILE,
@@ -176,93 +177,6 @@ class DiskFull(ValueError):
     """The disk (or the quota, or the file-size limit) is full: a user's problem, said in one line."""
 
 
-class _Metrics:
-    """`metrics.jsonl` on the first rank: one JSON object per line, never NaN or infinity (the schema
-    is in the README). Every record gets the run's `epoch` (`Data.epoch`, None where unknown) and
-    `elapsed` seconds since the run started, counting those before the checkpoint a run resumed
-    from; with `--report-to tensorboard` its numbers also go to TensorBoard under OUTPUT/runs, each
-    tagged with its key. `evaluated` holds each evaluated step's record (this run's and, on resume,
-    those kept from before)."""
-
-    def __init__(self, out: Path, args: TrainArgs, data: Data, start: int, enabled: bool):
-        self.path, self.data, self.enabled = out / "metrics.jsonl", data, enabled
-        self.writer = None
-        history = self._history(args, start) if enabled else []
-        if enabled and args.continues_in_output_dir:  # drop what came after the checkpoint
-            kept = "".join(json.dumps(record, allow_nan=False) + "\n" for record in history)
-            atomic_write(self.path, lambda tmp: tmp.write_text(kept))
-        self.evaluated: dict[int, dict] = {r["step"]: r for r in history if "eval_loss" in r}
-        previous = [r["elapsed"] for r in history if isinstance(r.get("elapsed"), (int, float))]
-        self.started = time.perf_counter() - (previous[-1] if previous else 0.0)
-        if enabled and args.report_to == "tensorboard":
-            from torch.utils.tensorboard import SummaryWriter
-
-            # purge_step: TensorBoard hides the events an earlier attempt logged after the checkpoint.
-            self.writer = SummaryWriter(str(out / "runs"), purge_step=start + 1 if start else None)
-
-    def _history(self, args: TrainArgs, start: int) -> list[dict]:
-        """The records up to step `start` of the run a resume continues (its metrics.jsonl beside the
-        checkpoint); none for a fresh run."""
-        if args.resume is None:
-            return []
-        source = self.path if args.continues_in_output_dir else Path(args.resume).parent / "metrics.jsonl"
-        if not source.is_file():
-            return []
-        records = []
-        for line in source.read_text().splitlines():
-            try:
-                record = json.loads(line)
-            except ValueError:
-                continue  # a line cut short by a crash
-            if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= start:
-                records.append(record)
-        return records
-
-    def write(self, record: dict) -> None:
-        if not self.enabled:
-            return
-        record = {**record, "epoch": getattr(self.data, "epoch", None), "elapsed": time.perf_counter() - self.started}
-        clean = {k: (v if not isinstance(v, float) or math.isfinite(v) else None) for k, v in record.items()}
-        with self.path.open("a") as f:
-            f.write(json.dumps(clean, allow_nan=False) + "\n")
-        if self.writer is not None:
-            for key, value in clean.items():
-                if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
-                    self.writer.add_scalar(key, value, clean["step"])
-            self.writer.flush()
-
-    def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
-
-
-class _Tokens:
-    """The tokens trained on, source and target sides together: the real ones (not padding) and all
-    of them, padding included; since the last logged step (the window) and over the run."""
-
-    def __init__(self):
-        self.window_start = time.perf_counter()
-        self.window = [0.0, 0.0]  # real, all
-        self.run = [0.0, 0.0]
-
-    def add(self, real: float, padded: float) -> None:
-        for counts in (self.window, self.run):
-            counts[0] += real
-            counts[1] += padded
-
-    @staticmethod
-    def rates(real: float, padded: float, seconds: float) -> dict[str, float]:
-        """`tokens_per_s`: real tokens a second; `real_token_fraction`: real tokens / all tokens."""
-        return {"tokens_per_s": real / max(seconds, 1e-9), "real_token_fraction": real / max(padded, 1.0)}
-
-    def end_window(self) -> dict[str, float]:
-        """The window's rates; the next window starts."""
-        now = time.perf_counter()
-        rates = self.rates(*self.window, now - self.window_start)
-        self.window, self.window_start = [0.0, 0.0], now
-        return rates
-
-
 class _Run:
     """One run of the loop: the engine, the data and where everything is written."""
 
@@ -277,14 +191,14 @@ class _Run:
         # What the run does now: an error while reading data ("data") or evaluating ("evaluate")
         # is met by every rank alike, so all of them can still write a checkpoint together.
         self.phase = "start"
-        self.metrics: _Metrics | None = None
+        self.metrics: MetricsLog | None = None
         self.evaluating = bool(data.held_out) and engine.model is not None
         self.losses: list[tuple[int, float]] = []  # (step, loss)
         self.evals: list[tuple[int, float]] = []  # (step, eval loss)
         self.final: dict = {}  # the final held-out scores
         self.outputs: list[str] = []  # the generated outputs of the last evaluation
         self.best: tuple[Path, float] | None = None  # the best checkpoint by --metric-for-best-model, its score
-        self.tokens = _Tokens()
+        self.tokens = Tokens()
 
     def resume(self) -> int:
         """Load the checkpoint `--resume` names, after checking that this run may continue it (its
@@ -564,7 +478,7 @@ def _train(args: TrainArgs, config, tokenizer: Tokenizer, engine: Engine, out: P
     start = run.resume() if args.resume else 0
     if start >= args.steps:
         raise ValueError(f"the checkpoint is at step {start}, already past --steps {args.steps}; raise --steps")
-    run.metrics = _Metrics(out, args, data, start, engine.rank == 0)
+    run.metrics = MetricsLog(out, args, data, start, engine.rank == 0)
     if data.held_out and engine.model is None:
         log.warning("%s cannot evaluate held-out examples; evaluate the trained model directory instead", engine.name)
     if run.evaluating:
