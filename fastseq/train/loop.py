@@ -37,6 +37,7 @@ from .args import TrainArgs
 from .data import Data, build_data
 from .engine import Engine, LocalEngine, NonFiniteError, model_config, run_device, run_tokenizer
 from .metrics_log import MetricsLog, Tokens
+from .rotation import rotate
 from .signals import SIGNAL_NAMES, Interrupted, Signals, StopEvaluation, StoppableCollator
 from .state import (
     STATE_FILE,
@@ -98,39 +99,6 @@ def write_generated_predictions(path: Path, outputs: list[str]) -> None:
     """The outputs as `run_summarization.py`/`run_translation.py` write `generated_predictions.txt`:
     each stripped, joined by newlines."""
     atomic_write(path, lambda tmp: tmp.write_text("\n".join(text.strip() for text in outputs), encoding="utf-8"))
-
-
-def prune_checkpoints(out: Path, limit: int, keep: set[Path]) -> list[Path]:
-    """Remove the oldest `checkpoint-STEP` directories of `out` so that at most `limit` remain, never
-    one of `keep` nor the newest (HF's `save_total_limit`: with a limit of 1 and a best checkpoint
-    that is not the newest, both stay). Each goes under a temporary name first, so a crash never
-    leaves a half-removed checkpoint under its real name. Returns the removed ones."""
-    found = sorted((p for p in out.glob("checkpoint-*") if p.is_dir() and p.name[11:].isdigit()),
-                   key=lambda p: int(p.name[11:]))  # fmt: skip
-    if not found:
-        return []
-    protected = {p.resolve() for p in keep | {found[-1]}}
-    removable = [p for p in found if p.resolve() not in protected][: max(len(found) - limit, 0)]
-    for path in removable:
-        doomed = path.with_name(f".{path.name}.old")
-        path.rename(doomed)
-        shutil.rmtree(doomed)
-    return removable
-
-
-def best_checkpoint(out: Path, evaluated: dict[int, dict], key: str, greater: bool) -> tuple[Path, float] | None:
-    """The checkpoint of `out` whose step's evaluation (`evaluated`: step -> scores) has the best
-    `key`, and that score; the earliest of equal scores, as HF's Trainer keeps its first best."""
-    sign = 1.0 if greater else -1.0
-    candidates = []
-    for step, scores in evaluated.items():
-        path = out / f"checkpoint-{step}"
-        if isinstance(scores.get(key), (int, float)) and path.is_dir():
-            candidates.append((sign * scores[key], -step, path))
-    if not candidates:
-        return None
-    value, _, path = max(candidates)
-    return path, sign * value
 
 
 def shorten(text: str, limit: int = _SHOWN_CHARS) -> str:
@@ -433,15 +401,8 @@ class _Run:
     def prune(self) -> None:
         """After a checkpoint is published (first rank): find the best checkpoint by
         --metric-for-best-model among the evaluated ones, then apply --save-total-limit."""
-        args = self.args
-        if self.engine.rank != 0:
-            return
-        if args.best_model_key is not None:
-            self.best = best_checkpoint(self.out, self.metrics.evaluated, args.best_model_key, args.best_is_greater)
-        if args.save_total_limit is not None:
-            keep = {self.best[0]} if self.best is not None else set()
-            for removed in prune_checkpoints(self.out, args.save_total_limit, keep):
-                log.info("removed %s (--save-total-limit %d)", removed, args.save_total_limit)
+        if self.engine.rank == 0:
+            self.best = rotate(self.out, self.args, self.metrics.evaluated)
 
 
 def _kept(last: Path | None) -> str:
