@@ -1,5 +1,7 @@
-"""The training loop, once for every engine: steps, accumulation, the schedule, logging to
-`metrics.jsonl`, evaluation, checkpoints, resume, signals and the summary line.
+"""The training loop, once for every engine: steps, accumulation, the schedule, evaluation,
+checkpoints, resume and the summary line, and the one place that orders what the other modules do:
+logging to `metrics.jsonl` (`metrics_log`), checkpoint rotation and keep-best (`rotation`), signals
+(`signals`) and the loss plot (`plot`).
 
 Checkpoints (`OUTPUT/checkpoint-STEP/`, every `--save-every` steps, on SIGINT/SIGTERM/SIGHUP, on an
 error mid-run and at the end) hold the engine's state (a Hugging Face model directory and the
@@ -37,6 +39,7 @@ from .args import TrainArgs
 from .data import Data, build_data
 from .engine import Engine, LocalEngine, NonFiniteError, model_config, run_device, run_tokenizer
 from .metrics_log import MetricsLog, Tokens
+from .plot import plot_losses
 from .rotation import rotate
 from .signals import SIGNAL_NAMES, Interrupted, Signals, StopEvaluation, StoppableCollator
 from .state import (
@@ -110,27 +113,6 @@ def _format_score(key: str, value: float) -> str:
     if key == "exact_match":
         return f"exact match {value:.1%}"
     return f"{key} {value:.4f}" if key.endswith("loss") else f"{key} {value:.2f}"
-
-
-def plot_losses(path: Path, steps: list[int], losses: list[float], evals: list[tuple[int, float]]) -> None:
-    """The training loss (and eval loss) against steps, as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
-    ax.plot(steps, losses, label="train loss", linewidth=1)
-    if evals:
-        ax.plot([s for s, _ in evals], [v for _, v in evals], "o-", label="eval loss")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.set_yscale("log")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
-    plt.close(fig)
 
 
 def make_engine(args: TrainArgs, config) -> Engine:
