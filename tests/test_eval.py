@@ -16,7 +16,8 @@ from rouge_score import rouge_scorer
 
 from fastseq.cli import main
 from fastseq.tokenizers import ByT5Tokenizer
-from fastseq.train.loop import best_checkpoint, prune_checkpoints, shorten
+from fastseq.train.loop import shorten
+from fastseq.train.rotation import best_checkpoint, prune_checkpoints
 from tests.conftest import refused
 
 WORDS = ["cat", "dog", "cow", "pig", "hen", "fox", "owl", "bee"]

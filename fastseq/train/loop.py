@@ -1,5 +1,7 @@
-"""The training loop, once for every engine: steps, accumulation, the schedule, logging to
-`metrics.jsonl`, evaluation, checkpoints, resume, signals and the summary line.
+"""The training loop, once for every engine: steps, accumulation, the schedule, evaluation,
+checkpoints, resume and the summary line, and the one place that orders what the other modules do:
+logging to `metrics.jsonl` (`metrics_log`), checkpoint rotation and keep-best (`rotation`), signals
+(`signals`) and the loss plot (`plot`).
 
 Checkpoints (`OUTPUT/checkpoint-STEP/`, every `--save-every` steps, on SIGINT/SIGTERM/SIGHUP, on an
 error mid-run and at the end) hold the engine's state (a Hugging Face model directory and the
@@ -36,6 +38,10 @@ from fastseq.tokenizers import Tokenizer
 from .args import TrainArgs
 from .data import Data, build_data
 from .engine import Engine, LocalEngine, NonFiniteError, model_config, run_device, run_tokenizer
+from .metrics_log import MetricsLog, Tokens
+from .plot import plot_losses
+from .rotation import rotate
+from .signals import SIGNAL_NAMES, Interrupted, Signals, StopEvaluation, StoppableCollator
 from .state import (
     STATE_FILE,
     ResumeError,
@@ -56,9 +62,6 @@ from .state import (
 )
 
 log = logging.getLogger("fastseq.train")
-_SIGNALS = {signal.SIGINT: "SIGINT", signal.SIGTERM: "SIGTERM", signal.SIGHUP: "SIGHUP"}
-
-
 _SHOWN_CHARS = 200  # the summary line shows held-out sources and outputs up to this length
 
 
@@ -101,39 +104,6 @@ def write_generated_predictions(path: Path, outputs: list[str]) -> None:
     atomic_write(path, lambda tmp: tmp.write_text("\n".join(text.strip() for text in outputs), encoding="utf-8"))
 
 
-def prune_checkpoints(out: Path, limit: int, keep: set[Path]) -> list[Path]:
-    """Remove the oldest `checkpoint-STEP` directories of `out` so that at most `limit` remain, never
-    one of `keep` nor the newest (HF's `save_total_limit`: with a limit of 1 and a best checkpoint
-    that is not the newest, both stay). Each goes under a temporary name first, so a crash never
-    leaves a half-removed checkpoint under its real name. Returns the removed ones."""
-    found = sorted((p for p in out.glob("checkpoint-*") if p.is_dir() and p.name[11:].isdigit()),
-                   key=lambda p: int(p.name[11:]))  # fmt: skip
-    if not found:
-        return []
-    protected = {p.resolve() for p in keep | {found[-1]}}
-    removable = [p for p in found if p.resolve() not in protected][: max(len(found) - limit, 0)]
-    for path in removable:
-        doomed = path.with_name(f".{path.name}.old")
-        path.rename(doomed)
-        shutil.rmtree(doomed)
-    return removable
-
-
-def best_checkpoint(out: Path, evaluated: dict[int, dict], key: str, greater: bool) -> tuple[Path, float] | None:
-    """The checkpoint of `out` whose step's evaluation (`evaluated`: step -> scores) has the best
-    `key`, and that score; the earliest of equal scores, as HF's Trainer keeps its first best."""
-    sign = 1.0 if greater else -1.0
-    candidates = []
-    for step, scores in evaluated.items():
-        path = out / f"checkpoint-{step}"
-        if isinstance(scores.get(key), (int, float)) and path.is_dir():
-            candidates.append((sign * scores[key], -step, path))
-    if not candidates:
-        return None
-    value, _, path = max(candidates)
-    return path, sign * value
-
-
 def shorten(text: str, limit: int = _SHOWN_CHARS) -> str:
     """`text` cut to `limit` characters, with "…" where it was cut."""
     return text if len(text) <= limit else text[: limit - 1] + "…"
@@ -145,27 +115,6 @@ def _format_score(key: str, value: float) -> str:
     return f"{key} {value:.4f}" if key.endswith("loss") else f"{key} {value:.2f}"
 
 
-def plot_losses(path: Path, steps: list[int], losses: list[float], evals: list[tuple[int, float]]) -> None:
-    """The training loss (and eval loss) against steps, as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
-    ax.plot(steps, losses, label="train loss", linewidth=1)
-    if evals:
-        ax.plot([s for s, _ in evals], [v for _, v in evals], "o-", label="eval loss")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.set_yscale("log")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
-    plt.close(fig)
-
-
 def make_engine(args: TrainArgs, config) -> Engine:
     if args.deepspeed:
         from fastseq.distributed import deepspeed_engine
@@ -174,155 +123,8 @@ def make_engine(args: TrainArgs, config) -> Engine:
     return LocalEngine(args, run_device(args))
 
 
-class Interrupted(KeyboardInterrupt):
-    """A signal that ends the run at once: during start-up (nothing to save yet), or a second
-    SIGINT (Ctrl-C pressed again) that will not wait for a checkpoint."""
-
-    def __init__(self, number: int):
-        super().__init__(_SIGNALS[number])
-        self.number = number
-
-
 class DiskFull(ValueError):
     """The disk (or the quota, or the file-size limit) is full: a user's problem, said in one line."""
-
-
-class _StopEvaluation(Exception):
-    """A signal arrived during an evaluation: it is dropped, and the run ends with a checkpoint."""
-
-
-class _Signals:
-    """SIGINT, SIGTERM (a scheduler's notice before preemption) and SIGHUP (a closed terminal or
-    SSH session) end the run after the current step, with a checkpoint (an evaluation stops at its
-    next batch). Before training starts there is nothing to save: a signal ends the run at once
-    (`Interrupted`), and so does a second SIGINT. The handlers are this run's only while it runs."""
-
-    def __init__(self):
-        self.received: int | None = None
-        self.training = False  # whether a signal waits for the step to end
-        self.sigints = 0
-        self._previous = {}
-
-    def __enter__(self):
-        for number in _SIGNALS:
-            self._previous[number] = signal.signal(number, self._handle)
-        return self
-
-    def _handle(self, number, frame) -> None:
-        # Only a second SIGINT forces the exit: under the `deepspeed` launcher one Ctrl-C reaches a
-        # rank as SIGINT from the terminal and SIGTERM from the launcher.
-        self.sigints += number == signal.SIGINT
-        if not self.training or self.sigints > 1:
-            raise Interrupted(number)
-        if self.received is None:
-            self.received = number
-
-    def __exit__(self, *exc):
-        for number, handler in self._previous.items():
-            signal.signal(number, handler)
-
-
-class _StoppableCollator:
-    """The held-out collator, asking before each evaluation batch whether a signal ends the run
-    (every rank evaluates the same batches, so the ranks agree on it in one small collective)."""
-
-    def __init__(self, collator, signals: _Signals, engine: Engine):
-        self.collator, self.signals, self.engine = collator, signals, engine
-
-    def __call__(self, examples):
-        if self.engine.sum_over_ranks([float(self.signals.received is not None)])[0]:
-            raise _StopEvaluation
-        return self.collator(examples)
-
-    def __getattr__(self, name):
-        return getattr(self.collator, name)
-
-
-class _Metrics:
-    """`metrics.jsonl` on the first rank: one JSON object per line, never NaN or infinity (the schema
-    is in the README). Every record gets the run's `epoch` (`Data.epoch`, None where unknown) and
-    `elapsed` seconds since the run started, counting those before the checkpoint a run resumed
-    from; with `--report-to tensorboard` its numbers also go to TensorBoard under OUTPUT/runs, each
-    tagged with its key. `evaluated` holds each evaluated step's record (this run's and, on resume,
-    those kept from before)."""
-
-    def __init__(self, out: Path, args: TrainArgs, data: Data, start: int, enabled: bool):
-        self.path, self.data, self.enabled = out / "metrics.jsonl", data, enabled
-        self.writer = None
-        history = self._history(args, start) if enabled else []
-        if enabled and args.continues_in_output_dir:  # drop what came after the checkpoint
-            kept = "".join(json.dumps(record, allow_nan=False) + "\n" for record in history)
-            atomic_write(self.path, lambda tmp: tmp.write_text(kept))
-        self.evaluated: dict[int, dict] = {r["step"]: r for r in history if "eval_loss" in r}
-        previous = [r["elapsed"] for r in history if isinstance(r.get("elapsed"), (int, float))]
-        self.started = time.perf_counter() - (previous[-1] if previous else 0.0)
-        if enabled and args.report_to == "tensorboard":
-            from torch.utils.tensorboard import SummaryWriter
-
-            # purge_step: TensorBoard hides the events an earlier attempt logged after the checkpoint.
-            self.writer = SummaryWriter(str(out / "runs"), purge_step=start + 1 if start else None)
-
-    def _history(self, args: TrainArgs, start: int) -> list[dict]:
-        """The records up to step `start` of the run a resume continues (its metrics.jsonl beside the
-        checkpoint); none for a fresh run."""
-        if args.resume is None:
-            return []
-        source = self.path if args.continues_in_output_dir else Path(args.resume).parent / "metrics.jsonl"
-        if not source.is_file():
-            return []
-        records = []
-        for line in source.read_text().splitlines():
-            try:
-                record = json.loads(line)
-            except ValueError:
-                continue  # a line cut short by a crash
-            if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= start:
-                records.append(record)
-        return records
-
-    def write(self, record: dict) -> None:
-        if not self.enabled:
-            return
-        record = {**record, "epoch": getattr(self.data, "epoch", None), "elapsed": time.perf_counter() - self.started}
-        clean = {k: (v if not isinstance(v, float) or math.isfinite(v) else None) for k, v in record.items()}
-        with self.path.open("a") as f:
-            f.write(json.dumps(clean, allow_nan=False) + "\n")
-        if self.writer is not None:
-            for key, value in clean.items():
-                if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
-                    self.writer.add_scalar(key, value, clean["step"])
-            self.writer.flush()
-
-    def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
-
-
-class _Tokens:
-    """The tokens trained on, source and target sides together: the real ones (not padding) and all
-    of them, padding included; since the last logged step (the window) and over the run."""
-
-    def __init__(self):
-        self.window_start = time.perf_counter()
-        self.window = [0.0, 0.0]  # real, all
-        self.run = [0.0, 0.0]
-
-    def add(self, real: float, padded: float) -> None:
-        for counts in (self.window, self.run):
-            counts[0] += real
-            counts[1] += padded
-
-    @staticmethod
-    def rates(real: float, padded: float, seconds: float) -> dict[str, float]:
-        """`tokens_per_s`: real tokens a second; `real_token_fraction`: real tokens / all tokens."""
-        return {"tokens_per_s": real / max(seconds, 1e-9), "real_token_fraction": real / max(padded, 1.0)}
-
-    def end_window(self) -> dict[str, float]:
-        """The window's rates; the next window starts."""
-        now = time.perf_counter()
-        rates = self.rates(*self.window, now - self.window_start)
-        self.window, self.window_start = [0.0, 0.0], now
-        return rates
 
 
 class _Run:
@@ -339,14 +141,14 @@ class _Run:
         # What the run does now: an error while reading data ("data") or evaluating ("evaluate")
         # is met by every rank alike, so all of them can still write a checkpoint together.
         self.phase = "start"
-        self.metrics: _Metrics | None = None
+        self.metrics: MetricsLog | None = None
         self.evaluating = bool(data.held_out) and engine.model is not None
         self.losses: list[tuple[int, float]] = []  # (step, loss)
         self.evals: list[tuple[int, float]] = []  # (step, eval loss)
         self.final: dict = {}  # the final held-out scores
         self.outputs: list[str] = []  # the generated outputs of the last evaluation
         self.best: tuple[Path, float] | None = None  # the best checkpoint by --metric-for-best-model, its score
-        self.tokens = _Tokens()
+        self.tokens = Tokens()
 
     def resume(self) -> int:
         """Load the checkpoint `--resume` names, after checking that this run may continue it (its
@@ -466,7 +268,7 @@ class _Run:
             note += f" (if the fix changes the data file, start a new run from it with --model {path})"
         err.add_note(note)
 
-    def step(self, done: int, signals: _Signals) -> tuple[dict, bool]:
+    def step(self, done: int, signals: Signals) -> tuple[dict, bool]:
         """Step `done` (1-based): its record in metrics.jsonl, and whether a signal ends the run."""
         args, engine, data = self.args, self.engine, self.data
         self.phase = "data"
@@ -539,7 +341,7 @@ class _Run:
     def summary(self, start: int, elapsed: float, path: Path, stopped_by: int | None) -> dict:
         """The summary line (and a few held-out outputs) on the first rank; the summary dict."""
         last_step, loss = self.losses[-1]
-        interrupted = _SIGNALS[stopped_by] if stopped_by is not None else None
+        interrupted = SIGNAL_NAMES[stopped_by] if stopped_by is not None else None
         best = {} if self.best is None else {"best_checkpoint": str(self.best[0]), "best_metric": self.best[1]}
         rates = self.tokens.rates(*self.tokens.run, elapsed)
         if self.engine.rank == 0:
@@ -581,15 +383,8 @@ class _Run:
     def prune(self) -> None:
         """After a checkpoint is published (first rank): find the best checkpoint by
         --metric-for-best-model among the evaluated ones, then apply --save-total-limit."""
-        args = self.args
-        if self.engine.rank != 0:
-            return
-        if args.best_model_key is not None:
-            self.best = best_checkpoint(self.out, self.metrics.evaluated, args.best_model_key, args.best_is_greater)
-        if args.save_total_limit is not None:
-            keep = {self.best[0]} if self.best is not None else set()
-            for removed in prune_checkpoints(self.out, args.save_total_limit, keep):
-                log.info("removed %s (--save-total-limit %d)", removed, args.save_total_limit)
+        if self.engine.rank == 0:
+            self.best = rotate(self.out, self.args, self.metrics.evaluated)
 
 
 def _kept(last: Path | None) -> str:
@@ -608,7 +403,7 @@ def train(args: TrainArgs) -> dict:
     and `interrupted`: the name of the signal that stopped the run, or None). The output directory
     is locked (on the first rank) from before anything is written there to the end of the run."""
     args.validate()
-    with _Signals() as signals:
+    with Signals() as signals:
         config = model_config(args)
         tokenizer = run_tokenizer(args, config)
         engine = make_engine(args, config)
@@ -617,7 +412,7 @@ def train(args: TrainArgs) -> dict:
             return _train(args, config, tokenizer, engine, out, signals)
 
 
-def _train(args: TrainArgs, config, tokenizer: Tokenizer, engine: Engine, out: Path, signals: _Signals) -> dict:
+def _train(args: TrainArgs, config, tokenizer: Tokenizer, engine: Engine, out: Path, signals: Signals) -> dict:
     data = build_data(args, tokenizer, config, engine.data_parallel)  # also sets --epochs' steps
     identity = run_identity(args, config, tokenizer, data.fingerprint_path)
     torch.manual_seed(args.seed)
@@ -626,11 +421,11 @@ def _train(args: TrainArgs, config, tokenizer: Tokenizer, engine: Engine, out: P
     start = run.resume() if args.resume else 0
     if start >= args.steps:
         raise ValueError(f"the checkpoint is at step {start}, already past --steps {args.steps}; raise --steps")
-    run.metrics = _Metrics(out, args, data, start, engine.rank == 0)
+    run.metrics = MetricsLog(out, args, data, start, engine.rank == 0)
     if data.held_out and engine.model is None:
         log.warning("%s cannot evaluate held-out examples; evaluate the trained model directory instead", engine.name)
     if run.evaluating:
-        data.eval_collator = _StoppableCollator(data.eval_collator, signals, engine)
+        data.eval_collator = StoppableCollator(data.eval_collator, signals, engine)
     progress = tqdm(range(start, args.steps), desc="train", unit="step", disable=args.quiet or engine.rank != 0,
                     file=sys.stderr)  # fmt: skip
     started = time.perf_counter()
@@ -652,8 +447,8 @@ def _train(args: TrainArgs, config, tokenizer: Tokenizer, engine: Engine, out: P
             path = run.finish()
             stopped_by = None
             if signals.received is not None:
-                log.warning("%s arrived as the run was finishing; it finished", _SIGNALS[signals.received])
-    except _StopEvaluation:
+                log.warning("%s arrived as the run was finishing; it finished", SIGNAL_NAMES[signals.received])
+    except StopEvaluation:
         stopped_by = signals.received or signal.SIGTERM
         path = run.save_completed()
     except Interrupted as err:

@@ -1,0 +1,101 @@
+"""The run's metrics log: `metrics.jsonl` (and TensorBoard with `--report-to tensorboard`), and the
+token counts whose rates its records carry."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+from fastseq.files import atomic_write
+
+from .args import TrainArgs
+from .data import Data
+
+
+class MetricsLog:
+    """`metrics.jsonl` on the first rank: one JSON object per line, never NaN or infinity (the schema
+    is in the README). Every record gets the run's `epoch` (`Data.epoch`, None where unknown) and
+    `elapsed` seconds since the run started, counting those before the checkpoint a run resumed
+    from; with `--report-to tensorboard` its numbers also go to TensorBoard under OUTPUT/runs, each
+    tagged with its key. `evaluated` holds each evaluated step's record (this run's and, on resume,
+    those kept from before)."""
+
+    def __init__(self, out: Path, args: TrainArgs, data: Data, start: int, enabled: bool):
+        self.path, self.data, self.enabled = out / "metrics.jsonl", data, enabled
+        self.writer = None
+        history = self._history(args, start) if enabled else []
+        if enabled and args.continues_in_output_dir:  # drop what came after the checkpoint
+            kept = "".join(json.dumps(record, allow_nan=False) + "\n" for record in history)
+            atomic_write(self.path, lambda tmp: tmp.write_text(kept))
+        self.evaluated: dict[int, dict] = {r["step"]: r for r in history if "eval_loss" in r}
+        previous = [r["elapsed"] for r in history if isinstance(r.get("elapsed"), (int, float))]
+        self.started = time.perf_counter() - (previous[-1] if previous else 0.0)
+        if enabled and args.report_to == "tensorboard":
+            from torch.utils.tensorboard import SummaryWriter
+
+            # purge_step: TensorBoard hides the events an earlier attempt logged after the checkpoint.
+            self.writer = SummaryWriter(str(out / "runs"), purge_step=start + 1 if start else None)
+
+    def _history(self, args: TrainArgs, start: int) -> list[dict]:
+        """The records up to step `start` of the run a resume continues (its metrics.jsonl beside the
+        checkpoint); none for a fresh run."""
+        if args.resume is None:
+            return []
+        source = self.path if args.continues_in_output_dir else Path(args.resume).parent / "metrics.jsonl"
+        if not source.is_file():
+            return []
+        records = []
+        for line in source.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue  # a line cut short by a crash
+            if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= start:
+                records.append(record)
+        return records
+
+    def write(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        record = {**record, "epoch": getattr(self.data, "epoch", None), "elapsed": time.perf_counter() - self.started}
+        clean = {k: (v if not isinstance(v, float) or math.isfinite(v) else None) for k, v in record.items()}
+        with self.path.open("a") as f:
+            f.write(json.dumps(clean, allow_nan=False) + "\n")
+        if self.writer is not None:
+            for key, value in clean.items():
+                if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
+                    self.writer.add_scalar(key, value, clean["step"])
+            self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+class Tokens:
+    """The tokens trained on, source and target sides together: the real ones (not padding) and all
+    of them, padding included; since the last logged step (the window) and over the run."""
+
+    def __init__(self):
+        self.window_start = time.perf_counter()
+        self.window = [0.0, 0.0]  # real, all
+        self.run = [0.0, 0.0]
+
+    def add(self, real: float, padded: float) -> None:
+        for counts in (self.window, self.run):
+            counts[0] += real
+            counts[1] += padded
+
+    @staticmethod
+    def rates(real: float, padded: float, seconds: float) -> dict[str, float]:
+        """`tokens_per_s`: real tokens a second; `real_token_fraction`: real tokens / all tokens."""
+        return {"tokens_per_s": real / max(seconds, 1e-9), "real_token_fraction": real / max(padded, 1.0)}
+
+    def end_window(self) -> dict[str, float]:
+        """The window's rates; the next window starts."""
+        now = time.perf_counter()
+        rates = self.rates(*self.window, now - self.window_start)
+        self.window, self.window_start = [0.0, 0.0], now
+        return rates
