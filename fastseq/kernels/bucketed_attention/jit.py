@@ -305,13 +305,6 @@ def _load_rows(P, b64, h, offs, stride_b, stride_h, stride_l, offs_d, mask):
 
 
 @triton.jit
-def _store_rows(P, b64, h, offs, stride_b, stride_h, stride_l, offs_d, tile, mask):
-    """`_load_rows`' counterpart: the tile stored in P's dtype."""
-    tl.store(P + b64 * stride_b + h * stride_h + offs[:, None] * stride_l + offs_d[None, :],
-             tile.to(P.dtype.element_ty), mask=mask)  # fmt: skip
-
-
-@triton.jit
 def _program(pid_base, h_base, b_base, H, D, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr):
     """What a program of a (tiles, H, B) grid owns: its tile pid of batch element b (and b64, for batch offsets
     in 64 bits: (B - 1) * stride_qb passes 2**31 at t5-11b sizes), head h, row b * H + h of the
@@ -319,9 +312,12 @@ def _program(pid_base, h_base, b_base, H, D, BLOCK: tl.constexpr, BLOCK_D: tl.co
     pid = pid_base + tl.program_id(0)
     h = h_base + tl.program_id(1)
     b = b_base + tl.program_id(2)
+    bh = b * H + h
+    b64 = b.to(tl.int64)
     start = pid * BLOCK
+    offs = start + tl.arange(0, BLOCK)
     offs_d = tl.arange(0, BLOCK_D)
-    return pid, b, b.to(tl.int64), h, b * H + h, start, start + tl.arange(0, BLOCK), offs_d, offs_d < D
+    return pid, b, b64, h, bh, start, offs, offs_d, offs_d < D
 
 
 @triton.jit
@@ -340,22 +336,20 @@ def _query_tile_keys(QSEG_b, SPAN, b64, offs_m, m0, Lq, Lk, q_offset, window, CA
 
 
 @triton.jit
-def _key_tile(q, K_bh, V_bh, DT_h, KPM_b, KSEG_b, qseg, offs_m, m0, n0, n_end, Lk, q_offset, C, window, scale_log2,
-              stride_kn, stride_vn, offs_d, d_ok, HAS_BIAS: tl.constexpr, HAS_KPM: tl.constexpr, CAUSAL: tl.constexpr,
-              WINDOWED: tl.constexpr, HAS_SEG: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+def _key_tile(q, k, DT_h, KPM_b, KSEG_b, qseg, offs_m, m0, n0, n_end, Lk, q_offset, C, window, scale_log2,
+              HAS_BIAS: tl.constexpr, HAS_KPM: tl.constexpr, CAUSAL: tl.constexpr, WINDOWED: tl.constexpr,
+              HAS_SEG: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
               PRECISION: tl.constexpr):  # fmt: skip
-    """One step of a query tile's loop over the ordinary keys: the key tile at n0, its keys and values
-    and the tile's scores (`_tile_scores`)."""
+    """The scores of the key tile at n0 in a query tile's loop over the ordinary keys (`_tile_scores`),
+    with the keys' segment ids loaded for it."""
     offs_n = n0 + tl.arange(0, BLOCK_N)
-    k, v = _load_kv(K_bh, V_bh, offs_n, Lk, stride_kn, stride_vn, offs_d, d_ok)
     kseg = offs_n
     if HAS_SEG:
         kseg = _segment_ids(KSEG_b, offs_n, Lk, -2, n0, n_end)
-    s = _tile_scores(
+    return _tile_scores(
         q, k, DT_h, KPM_b, offs_m, offs_n, m0, n0, Lk, q_offset, C, window, scale_log2, qseg, kseg,
         HAS_BIAS, HAS_KPM, CAUSAL, WINDOWED, HAS_SEG, BLOCK_M, BLOCK_N, PRECISION,
     )  # fmt: skip
-    return offs_n, k, v, s
 
 
 @triton.jit
@@ -385,21 +379,21 @@ def _global_tile(q, GK_bh, GV_bh, GDT_h, g0, G, cap, pos_lo, pos_hi, shift, CG, 
 
 
 @triton.jit
-def _grad_scores(s, lse, delta, do, v, seed, bh, offs_m, key_ids, Lq, dropout_p, DROPOUT: tl.constexpr,
+def _grad_scores(s, lse, do, v, seed, bh, offs_m, key_base, offs_n, Lq, dropout_p, DROPOUT: tl.constexpr,
                  PRECISION: tl.constexpr):  # fmt: skip
-    """The backward of one tile of scores: Z, the probabilities as the forward applied them to V (after
-    dropout, for dV), and dS = P * (dP - delta) (for dQ, dK and the bias table). Rows without keys
-    have lse = +inf: P = 0."""
+    """The backward of one tile of scores: P (rows without keys have lse = +inf: P = 0), Z (P as the
+    forward applied it to V, after dropout: for dV) and dP = dO V^T through the same dropout; dS is
+    P * (dP - delta)."""
     p = tl.math.exp2(s - lse[:, None])
     dp = _dot(do, tl.trans(v), PRECISION)
     if DROPOUT:
-        keep = _dropout_keep(seed, bh, offs_m, key_ids, Lq, dropout_p)
+        keep = _dropout_keep(seed, bh, offs_m, key_base + offs_n, Lq, dropout_p)  # key ids: `_dropout_keep`
         inv_keep = 1.0 / (1.0 - dropout_p)
         z = tl.where(keep, p * inv_keep, 0.0)
         dp = tl.where(keep, dp * inv_keep, 0.0)
     else:
         z = p
-    return z, p * (dp - delta[:, None])
+    return p, z, dp
 
 
 @triton.jit

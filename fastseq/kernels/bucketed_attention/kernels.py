@@ -17,6 +17,7 @@ from .jit import (
     _global_tile_scores,
     _grad_scores,
     _key_tile,
+    _load_kv,
     _load_rows,
     _program,
     _query_tile_keys,
@@ -24,7 +25,6 @@ from .jit import (
     _softmax_step,
     _span,
     _store_bias_grad_ends,
-    _store_rows,
     _tile_scores,
 )
 
@@ -73,9 +73,10 @@ def _bucketed_attention_fwd_kernel(
     l_i = tl.zeros((BLOCK_M,), tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
     for n0 in range(n_start, n_end, BLOCK_N):
-        offs_n, k, v, s = _key_tile(q, K_bh, V_bh, DT_h, KPM_b, KSEG_b, qseg, offs_m, m0, n0, n_end, Lk, q_offset, C,
-                                    window, scale_log2, stride_kn, stride_vn, offs_d, d_ok, HAS_BIAS, HAS_KPM, CAUSAL,
-                                    WINDOWED, HAS_SEG, BLOCK_M, BLOCK_N, PRECISION)
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        k, v = _load_kv(K_bh, V_bh, offs_n, Lk, stride_kn, stride_vn, offs_d, d_ok)
+        s = _key_tile(q, k, DT_h, KPM_b, KSEG_b, qseg, offs_m, m0, n0, n_end, Lk, q_offset, C, window, scale_log2,
+                      HAS_BIAS, HAS_KPM, CAUSAL, WINDOWED, HAS_SEG, BLOCK_M, BLOCK_N, PRECISION)
         m_i, l_i, acc = _softmax_step(s, v, m_i, l_i, acc, seed, bh, offs_m, offs_n, Lq, dropout_p, DROPOUT, PRECISION)
     if HAS_GLOBAL:
         # LongT5's transient-global tokens: the same softmax goes on over every global token.
@@ -91,7 +92,8 @@ def _bucketed_attention_fwd_kernel(
     has_key = l_i > 0.0
     out = acc / tl.where(has_key, l_i, 1.0)[:, None]
     row_ok = offs_m < Lq
-    _store_rows(Out, b64, h, offs_m, stride_ob, stride_oh, stride_om, offs_d, out, row_ok[:, None] & d_ok[None, :])
+    tl.store(Out + b64 * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :],
+             out.to(Out.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
     lse = tl.where(has_key, m_i + tl.math.log2(tl.where(has_key, l_i, 1.0)), float("inf"))
     tl.store(LSE + bh.to(tl.int64) * Lq + offs_m, lse, mask=row_ok)
 
@@ -141,6 +143,8 @@ def _bucketed_attention_bwd_dkdv_kernel(
     kv_mask = (offs_n < Lk)[:, None] & d_ok[None, :]
     k = _load_rows(K, b64, h, offs_n, stride_kb, stride_kh, stride_kn, offs_d, kv_mask)
     v = _load_rows(V, b64, h, offs_n, stride_vb, stride_vh, stride_vn, offs_d, kv_mask)
+    Q_bh = Q + b64 * stride_qb + h * stride_qh
+    DO_bh = DO + b64 * stride_dob + h * stride_doh
     DT_h = DT + h * (2 * C + 1 + 2 * (BLOCK_M + BLOCK_N))
     KPM_b = KPM + b64 * stride_kpmb
     LSE_bh = LSE + bh.to(tl.int64) * Lq
@@ -175,8 +179,8 @@ def _bucketed_attention_bwd_dkdv_kernel(
         offs_m = m0 + tl.arange(0, BLOCK_M)
         row_ok = offs_m < Lq
         q_mask = row_ok[:, None] & d_ok[None, :]
-        q = _load_rows(Q, b64, h, offs_m, stride_qb, stride_qh, stride_qm, offs_d, q_mask)
-        do = _load_rows(DO, b64, h, offs_m, stride_dob, stride_doh, stride_dom, offs_d, q_mask)
+        q = tl.load(Q_bh + offs_m[:, None] * stride_qm + offs_d[None, :], mask=q_mask, other=0.0)
+        do = tl.load(DO_bh + offs_m[:, None] * stride_dom + offs_d[None, :], mask=q_mask, other=0.0)
         lse = tl.load(LSE_bh + offs_m, mask=row_ok, other=float("inf"))
         delta = tl.load(DELTA_bh + offs_m, mask=row_ok, other=0.0)
         if GLOBAL_KEYS:
@@ -189,9 +193,9 @@ def _bucketed_attention_bwd_dkdv_kernel(
                 qseg = _segment_ids(QSEG_b, offs_m, Lq, -1, m0, m_end)
             s = _tile_scores(q, k, DT_h, KPM_b, offs_m, offs_n, m0, n0, Lk, q_offset, C, window, scale_log2, qseg,
                              kseg, HAS_BIAS, HAS_KPM, CAUSAL, WINDOWED, HAS_SEG, BLOCK_M, BLOCK_N, PRECISION)
-        z, ds = _grad_scores(s, lse, delta, do, v, seed, bh, offs_m, key_base + offs_n, Lq, dropout_p, DROPOUT,
-                             PRECISION)
+        p, z, dp = _grad_scores(s, lse, do, v, seed, bh, offs_m, key_base, offs_n, Lq, dropout_p, DROPOUT, PRECISION)
         dv += _dot(tl.trans(z.to(do.dtype)), do, PRECISION)
+        ds = p * (dp - delta[:, None])
         dk += _dot(tl.trans(ds.to(q.dtype)), q, PRECISION)
     dk = dk * scale
     dkv_bh = b64 * stride_dkb + h * stride_dkh
@@ -266,10 +270,12 @@ def _bucketed_attention_bwd_dq_kernel(
         qseg, n_start, n_end = _query_tile_keys(QSEG + b64 * stride_qsegb, SPAN, b64, offs_m, m0, Lq, Lk, q_offset,
                                                 window, CAUSAL, WINDOWED, HAS_SEG, BLOCK_M, BLOCK_N)
         for n0 in range(n_start, n_end, BLOCK_N):
-            offs_n, k, v, s = _key_tile(q, K_bh, V_bh, DT_h, KPM_b, KSEG_b, qseg, offs_m, m0, n0, n_end, Lk, q_offset,
-                                        C, window, scale_log2, stride_kn, stride_vn, offs_d, d_ok, HAS_BIAS, HAS_KPM,
-                                        CAUSAL, WINDOWED, HAS_SEG, BLOCK_M, BLOCK_N, PRECISION)
-            z, ds = _grad_scores(s, lse, delta, do, v, seed, bh, offs_m, offs_n, Lq, dropout_p, DROPOUT, PRECISION)
+            offs_n = n0 + tl.arange(0, BLOCK_N)
+            k, v = _load_kv(K_bh, V_bh, offs_n, Lk, stride_kn, stride_vn, offs_d, d_ok)
+            s = _key_tile(q, k, DT_h, KPM_b, KSEG_b, qseg, offs_m, m0, n0, n_end, Lk, q_offset, C, window, scale_log2,
+                          HAS_BIAS, HAS_KPM, CAUSAL, WINDOWED, HAS_SEG, BLOCK_M, BLOCK_N, PRECISION)
+            p, z, dp = _grad_scores(s, lse, do, v, seed, bh, offs_m, 0, offs_n, Lq, dropout_p, DROPOUT, PRECISION)
+            ds = p * (dp - delta[:, None])
             dq += _dot(ds.to(k.dtype), k, PRECISION)
             if HAS_BIAS:
                 d_min = n0 - (q_offset + m0 + BLOCK_M - 1)
@@ -289,8 +295,8 @@ def _bucketed_attention_bwd_dq_kernel(
             offs_g, gk, gv, s = _global_tile(q, GK_bh, GV_bh, GDT_h, g0, G, cap, pos_lo, pos_hi, shift, CG, scale_log2,
                                              stride_gkn, stride_gvn, offs_d, d_ok, HAS_GBIAS, BLOCK_M, BLOCK_N,
                                              PRECISION)
-            gz, ds = _grad_scores(s, lse, delta, do, gv, seed, bh, offs_m, Lk + offs_g, Lq, dropout_p, DROPOUT,
-                                 PRECISION)
+            p, gz, dp = _grad_scores(s, lse, do, gv, seed, bh, offs_m, Lk, offs_g, Lq, dropout_p, DROPOUT, PRECISION)
+            ds = p * (dp - delta[:, None])
             dq += _dot(ds.to(gk.dtype), gk, PRECISION)
             if HAS_GBIAS:
                 gfar_neg, gfar_pos, gband_neg, gband_pos = _bias_grad_tile(
@@ -301,7 +307,8 @@ def _bucketed_attention_bwd_dq_kernel(
     if PARTIAL_OUT:
         tl.store(DQP_tile, dq, mask=row_ok[:, None])
     else:
-        _store_rows(DQ, b64, h, offs_m, stride_dqb, stride_dqh, stride_dqm, offs_d, dq * scale, q_mask)
+        tl.store(DQ + b64 * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqm + offs_d[None, :],
+                 (dq * scale).to(DQ.dtype.element_ty), mask=q_mask)
 
 
 # fmt: on
