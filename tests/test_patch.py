@@ -403,8 +403,9 @@ def test_refusals(monkeypatch):
         fpatch.patch(bart)
     with pytest.raises(ValueError, match="unsupported model_type"):
         fastseq.patch_transformers("bart")
+    (a, b), (c, d) = fpatch.TRANSFORMERS_TESTED
     monkeypatch.setattr(fpatch, "installed_transformers", lambda: "4.46.0")
-    with pytest.raises(ValueError, match=r"supports transformers 5\.23 to 5\.24 \(tested\); found 4\.46\.0"):
+    with pytest.raises(ValueError, match=rf"supports transformers {a}\.{b} to {c}\.{d} \(tested\); found 4\.46\.0"):
         fpatch.patch(build("t5_v10_tied"))
     monkeypatch.setattr(fpatch, "installed_transformers", lambda: "5.22.1")
     with pytest.raises(ValueError, match="found 5.22.1"):
@@ -414,17 +415,19 @@ def test_refusals(monkeypatch):
 def test_transformers_range_declared_once_and_checked(monkeypatch):
     """The tested range lives in fastseq.patch; pyproject's lower bound is its oldest release; a
     release newer than the range is patched with one warning that names the range."""
-    (major, minor), _ = fpatch.TRANSFORMERS_TESTED
+    (major, minor), (newest_major, newest_minor) = fpatch.TRANSFORMERS_TESTED
     declared = re.findall(r'"transformers>=([0-9.]+)"', (ROOT / "pyproject.toml").read_text())
     assert declared == [f"{major}.{minor}"]
-    for version in ("5.23.0", "5.24.0"):
+    assert (newest_major, newest_minor) >= (5, 25)  # the release pip resolves today, with Hugging Face's `kernels`
+    for version in ("5.23.0", "5.24.0", "5.25.0"):
         monkeypatch.setattr(fpatch, "installed_transformers", lambda v=version: v)
         with warnings.catch_warnings():
             warnings.simplefilter("error")
             fpatch.patch(build("t5_v10_tied"))
     monkeypatch.setattr(fpatch, "installed_transformers", lambda: "5.99.0.dev0")
     monkeypatch.setattr(fpatch, "_WARNED", set())
-    with pytest.warns(UserWarning, match=r"tested with transformers 5\.23 to 5\.24; found 5\.99\.0\.dev0"):
+    rng = rf"{major}\.{minor} to {newest_major}\.{newest_minor}"
+    with pytest.warns(UserWarning, match=rf"tested with transformers {rng}; found 5\.99\.0\.dev0"):
         fpatch.patch(build("t5_v10_tied"))
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # once per version
