@@ -10,15 +10,16 @@ half-written file under a real name.
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import json
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from .files import SAFE_INDEX, SAFE_WEIGHTS, save_pretrained
 from .hub import model_directory
@@ -72,7 +73,7 @@ def read_config(path: str | os.PathLike) -> dict:
         )
     try:
         data = json.loads(config_file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as err:  # RecursionError: nested too deep
         raise CheckpointError(f"{config_file} is not valid JSON ({err}); re-save the model") from err
     except OSError as err:
         raise _unreadable(config_file, err) from err
@@ -102,16 +103,29 @@ def _readable(files: list[Path]) -> list[Path]:
     return files
 
 
-def _read_safetensors(file: Path) -> dict[str, torch.Tensor]:
+@contextlib.contextmanager
+def open_safetensors(file: Path) -> Iterator:
+    """`safe_open` of a weights file on the CPU, for reading tensors inside the block. A file that is
+    not readable safetensors (truncated, a garbage header), found on opening it or reading a tensor,
+    is a CheckpointError naming it."""
     _readable([file])
     try:
         with safe_open(str(file), framework="pt", device="cpu") as handle:
-            return {key: handle.get_tensor(key) for key in handle.keys()}
-    except Exception as err:  # safetensors raises its own error types for every malformed file
+            yield handle
+    except SafetensorError as err:
         raise CheckpointError(
-            f"{file} is not a readable safetensors file ({err}); it is truncated or corrupted: "
+            f"{file} is not a readable safetensors file ({_first_line(err)}); it is truncated or corrupted: "
             "re-download or re-save it"
         ) from err
+
+
+def _first_line(err: BaseException) -> str:
+    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+
+
+def _read_safetensors(file: Path) -> dict[str, torch.Tensor]:
+    with open_safetensors(file) as handle:
+        return {key: handle.get_tensor(key) for key in handle.keys()}
 
 
 def _read_bin(file: Path) -> dict[str, torch.Tensor]:
@@ -133,7 +147,7 @@ def _weight_map(index_file: Path) -> dict[str, str]:
         weight_map = json.loads(index_file.read_text())["weight_map"]
         if not isinstance(weight_map, dict):
             raise TypeError(f"weight_map is a {type(weight_map).__name__}")
-    except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as err:
+    except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError, RecursionError) as err:
         raise CheckpointError(f"{index_file} is not a valid shard index (no weight_map): {err}") from err
     except OSError as err:
         raise _unreadable(index_file, err) from err
@@ -227,11 +241,11 @@ def stored_embeddings(path: str | os.PathLike, config) -> tuple[set[str], Callab
         return set(state), lambda a, b: not torch.equal(state[a], state[b])
     where: dict[str, Path] = {}
     for file in files:
-        with safe_open(str(file), framework="pt", device="cpu") as handle:
+        with open_safetensors(file) as handle:
             where.update({key: file for key in handle.keys() if key in wanted})
 
     def differs(a: str, b: str) -> bool:
-        with safe_open(str(where[a]), framework="pt") as ha, safe_open(str(where[b]), framework="pt") as hb:
+        with open_safetensors(where[a]) as ha, open_safetensors(where[b]) as hb:
             sa, sb = ha.get_slice(a), hb.get_slice(b)
             if sa.get_shape() != sb.get_shape() or sa.get_dtype() != sb.get_dtype():
                 return True

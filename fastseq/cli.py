@@ -299,19 +299,28 @@ def _yaml_options(path: Path) -> dict:
         raise FileNotFoundError(f"--config {path} is not a file; pass a YAML file of training options")
     try:
         text = path.read_text(encoding="utf-8")
-        _refuse_aliases(yaml, path, text)
+        _check_yaml_events(yaml, path, text)
         loaded = yaml.safe_load(text) or {}
-    except (yaml.YAMLError, UnicodeDecodeError) as err:
+    except (yaml.YAMLError, UnicodeDecodeError, RecursionError) as err:  # RecursionError: nested too deep
         raise ValueError(f"--config {path} is not valid YAML ({str(err).splitlines()[0]}); fix the file") from err
     if not isinstance(loaded, dict):
         raise ValueError(f"--config {path}: expected a mapping of options (steps: 100, lr: 1.0e-3, ...)")
     return {str(k).replace("-", "_"): v for k, v in loaded.items()}
 
 
-def _refuse_aliases(yaml, path: Path, text: str) -> None:
+_YAML_DEPTH = 32  # collections inside collections in a --config (its options are one level, a few lists)
+
+
+def _check_yaml_events(yaml, path: Path, text: str) -> None:
     """Anchors and aliases are refused: nested aliases ("billion laughs") expand a few lines into
-    gigabytes. The events are read one by one, so nothing is expanded to find them."""
+    gigabytes. The events are read one by one, so nothing is expanded to find them; nor is a
+    collection nested past `_YAML_DEPTH` read on (100,000 levels took the loader minutes)."""
+    depth = 0
     for event in yaml.parse(text, Loader=yaml.SafeLoader):
+        depth += isinstance(event, yaml.CollectionStartEvent) - isinstance(event, yaml.CollectionEndEvent)
+        if depth > _YAML_DEPTH:
+            raise ValueError(f"--config {path}:{event.start_mark.line + 1}: nested deeper than {_YAML_DEPTH} levels; "
+                             "a training config is a mapping of options")  # fmt: skip
         if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None):
             kind = "alias *" if isinstance(event, yaml.AliasEvent) else "anchor &"
             raise ValueError(f"--config {path}:{event.start_mark.line + 1}: YAML {kind}{event.anchor} is not "

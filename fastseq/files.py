@@ -174,6 +174,8 @@ class DirectoryLock:
             text = path.read_text()
             other = json.loads(text)
             host, pid, start = other["host"], int(other["pid"]), other.get("start")
+            if not 0 < pid < 2**31:  # not a process ID (0 and negative ones name process groups to os.kill)
+                raise ValueError(pid)
         except FileNotFoundError:
             return  # released meanwhile: try again
         except (OSError, ValueError, KeyError, TypeError):

@@ -214,6 +214,8 @@ def _read_json(file: Path):
         return json.loads(_read_text(file))
     except json.JSONDecodeError as err:
         raise ValueError(f"{file} is not valid JSON ({err.msg} at line {err.lineno}); fix or replace the file") from err
+    except RecursionError:
+        raise ValueError(f"{file} is not valid JSON (nested too deep to read); fix or replace the file") from None
 
 
 def _read_vocab(file: Path) -> dict[str, int]:

@@ -409,6 +409,36 @@ def test_integer_and_non_finite_weights_are_one_line_naming_the_tensor(tmp_path,
     assert not (tmp_path / "out" / "metrics.jsonl").exists() and not list((tmp_path / "out").glob("checkpoint-*"))
 
 
+@pytest.mark.parametrize("damage", ["truncated", "garbage header"])
+def test_damaged_safetensors_are_one_line_naming_the_file(tmp_path, capfd, damage):
+    """A weights file cut short or with a header that is not JSON: one line naming it, in every command
+    that reads weights (the embedding check at train start read it unguarded)."""
+    model = _model_dir(tmp_path / "model", d_model=32)
+    weights = model / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2] if damage == "truncated" else data[:8] + b"{garbage" + data[16:])
+    expected = (f"{weights} is not a readable safetensors file", "re-download or re-save it")
+    refused(capfd, ["train", *QUICK, "--model", str(model), "--output-dir", str(tmp_path / "out")], *expected)
+    refused(capfd, ["generate", "--model", str(model), "text"], *expected)
+    refused(capfd, ["convert", str(model), str(tmp_path / "converted")], *expected)
+    assert not (tmp_path / "converted").exists()
+
+
+def test_configs_nested_beyond_reading_are_one_line(tmp_path, capfd):
+    """A DeepSpeed JSON or a YAML --config nested 100,000 deep (RecursionError; the YAML loader took two
+    minutes to get there): one line naming the file, at once."""
+    deep_json = tmp_path / "deep.json"
+    deep_json.write_text('{"a": ' * 100_000 + "1" + "}" * 100_000)
+    deep_yaml = tmp_path / "deep.yaml"
+    deep_yaml.write_text("steps: " + "[" * 100_000 + "]" * 100_000 + "\n")
+    out = ["--output-dir", str(tmp_path / "out")]
+    refused(capfd, ["train", *QUICK, *out, "--deepspeed", str(deep_json)], f"--deepspeed {deep_json}: not valid JSON")
+    refused(capfd, ["plan", "--model", "t5-small", "--gpus", "2", "--deepspeed", str(deep_json)],
+            f"--deepspeed {deep_json}: not valid JSON")  # fmt: skip
+    refused(capfd, ["train", "--config", str(deep_yaml), *out], f"--config {deep_yaml}:1: nested deeper than 32 levels")
+    assert not (tmp_path / "out").exists()
+
+
 def test_ids_past_the_tokenizer_decode_in_generate_and_evaluation(tmp_path, capfd):
     """A model whose vocabulary is padded past its tokenizer's (FLAN-T5: 32,128 ids, 32,100 tokens) and that
     emits only such ids: `generate` prints what transformers decodes (nothing), evaluation scores it."""
@@ -531,6 +561,9 @@ def test_generate_with_nothing_on_a_terminal_says_what_to_pass(generate_model, c
     "argv,expected",
     [
         (["--seed", str(10**23)], ("--seed must be below 2**64", str(10**23))),
+        (["--steps", str(10**30)], ("--steps must be at most 2**40", str(10**30))),
+        (["--save-every", str(2**41)], ("--save-every must be at most 2**40", str(2**41))),
+        (["--max-source-length", str(10**20)], ("--max-source-length must be at most 2**40", str(10**20))),
         (["--label-smoothing", "1.5"], ("--label-smoothing must be in [0, 1)", "1.5")),
         (["--label-smoothing", "nan"], ("--label-smoothing must be in [0, 1)", "nan")),
         (["--label-smoothing=-0.1"], ("--label-smoothing must be in [0, 1)", "-0.1")),

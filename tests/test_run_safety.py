@@ -118,6 +118,16 @@ def test_a_locked_output_directory_is_refused_and_a_stale_lock_taken_over(tmp_pa
     assert not (out / LOCK_FILE).exists() and (out / "checkpoint-3").is_dir()  # released at the end
 
 
+@pytest.mark.parametrize("pid", [2**80, -1, 0])
+def test_a_lock_that_names_no_process_is_refused_in_one_line(tmp_path, capfd, pid):
+    """A lock whose PID is no process ID (2**80 raised OverflowError; 0 and -1 name process groups to
+    os.kill): refused as unreadable, the lock left where it is for the user to remove."""
+    out = tmp_path / "out"
+    _lock(out, pid)
+    refused(capfd, ["train", *QUICK, "--output-dir", str(out)], "is locked by", f"remove {out / LOCK_FILE}")
+    assert sorted(p.name for p in out.iterdir()) == [LOCK_FILE]
+
+
 def test_a_signal_arriving_as_the_lock_is_taken_leaves_no_lock(tmp_path, monkeypatch):
     """SIGINT sent while the lock file is written waits until the file is complete, then interrupts
     `acquire` before its caller holds the lock: the scope around the run still removes it."""
@@ -130,9 +140,15 @@ def test_a_signal_arriving_as_the_lock_is_taken_leaves_no_lock(tmp_path, monkeyp
         return write(*args, **kwargs)
 
     monkeypatch.setattr(os, "fdopen", fdopen_then_sigint)
-    with pytest.raises(KeyboardInterrupt), DirectoryLock.scope():
-        DirectoryLock.acquire(out)
-        raise AssertionError("the signal should have interrupted acquire")
+    # Python's own SIGINT handler, whatever this process inherited (a job that a non-interactive shell
+    # starts in the background has SIGINT ignored).
+    inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt), DirectoryLock.scope():
+            DirectoryLock.acquire(out)
+            raise AssertionError("the signal should have interrupted acquire")
+    finally:
+        signal.signal(signal.SIGINT, inherited)
     assert list(out.iterdir()) == []
     monkeypatch.undo()
     with DirectoryLock.scope():  # a lock released by its holder inside the scope is not touched again

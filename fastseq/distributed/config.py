@@ -51,7 +51,7 @@ def load(path_or_dict) -> dict:
     path = find(path_or_dict)
     try:
         config = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as err:  # RecursionError: nested too deep
         raise ValueError(f"--deepspeed {path}: not valid JSON ({err}); fix the file") from None
     if not isinstance(config, dict):
         raise ValueError(f"--deepspeed {path}: a DeepSpeed config is a JSON object, not a {type(config).__name__}")

@@ -38,10 +38,9 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
 from torch import nn
 
-from fastseq.checkpoint import weight_files
+from fastseq.checkpoint import open_safetensors, weight_files
 from fastseq.kernels import linear_cross_entropy
 from fastseq.models.base import AttentionMask, shift_right
 from fastseq.models.blenderbot_small import (
@@ -423,7 +422,7 @@ def load_directory(module, config, path: str | Path) -> None:
     wanted = _local_tensors(module, config)
     found: set[str] = set()
     for file in weight_files(Path(path)):
-        with safe_open(str(file), framework="pt", device="cpu") as handle:
+        with open_safetensors(file) as handle:
             keys = set(handle.keys())
             for name, tensors in wanted.items():
                 key = next((k for k in (name, *_ALIASES.get(name, ())) if k in keys), None)

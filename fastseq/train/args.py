@@ -18,6 +18,11 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 REPORT_TO = ("none", "tensorboard")
 
 
+# The largest count a flag takes (steps, intervals, sizes): far past any run, and within the 64-bit
+# integers that ranges, progress bars and tensors index with (10**30 steps raised OverflowError).
+MAX_COUNT = 2**40
+
+
 @dataclass
 class TrainArgs:
     model: str | None = None  # model directory, hub id or (with random_init) preset; None: the embedded default
@@ -139,9 +144,13 @@ class TrainArgs:
         for name, low in at_least.items():
             if getattr(self, name) < low:
                 raise ValueError(f"--{_flag(name)} must be at least {low}; got {getattr(self, name)}")
+            if name != "seed" and getattr(self, name) > MAX_COUNT:
+                raise ValueError(f"--{_flag(name)} must be at most 2**40 ({MAX_COUNT}); got {getattr(self, name)}")
         for name in ("max_tokens", "max_source_length"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"--{_flag(name)} must be at least 1; got {getattr(self, name)}")
+            if getattr(self, name) is not None and getattr(self, name) > MAX_COUNT:
+                raise ValueError(f"--{_flag(name)} must be at most 2**40 ({MAX_COUNT}); got {getattr(self, name)}")
         self._validate_data()
         for name in ("lr", "weight_decay", "clip"):
             value = getattr(self, name)
