@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 import fastseq
 from fastseq.cli import main
@@ -281,6 +282,51 @@ def test_damaged_trainer_state_is_one_line(tmp_path, capfd):
                  str(out)]) == 0  # fmt: skip
 
 
+def _edited_checkpoint(source: Path, to: Path, edit) -> Path:
+    shutil.copytree(source, to)
+    edit(to / "checkpoint-2")
+    return to
+
+
+def _scheduler_word(checkpoint: Path) -> None:
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    state["engine"]["scheduler"]["last_epoch"] = "abc"
+    (checkpoint / "trainer_state.json").write_text(json.dumps(state))
+
+
+def _rng_of(size: int, dtype: torch.dtype):
+    def edit(checkpoint: Path) -> None:
+        save_file({"torch": torch.zeros(size, dtype=dtype)}, str(checkpoint / "rng-0.safetensors"))
+
+    return edit
+
+
+def _optimizer_tensor_longer(checkpoint: Path) -> None:
+    state = load_file(checkpoint / "trainer_state.safetensors")
+    key = next(k for k in sorted(state) if k.endswith("exp_avg_sq_col"))
+    state[key] = torch.zeros(state[key].numel() + 3)
+    save_file(state, str(checkpoint / "trainer_state.safetensors"))
+
+
+@pytest.mark.parametrize("edit,expected", [
+    pytest.param(_scheduler_word, "scheduler.last_epoch is 'abc', not a whole number", id="scheduler word"),
+    pytest.param(_rng_of(10, torch.uint8), "holds no RNG state of this torch", id="rng too short"),
+    pytest.param(_rng_of(5056, torch.float32), "holds no RNG state", id="rng of floats"),
+    pytest.param(_optimizer_tensor_longer, "which fits no moment of its parameter of shape", id="optimizer shape"),
+])  # fmt: skip
+def test_edited_checkpoint_state_is_one_line_before_any_step(tmp_path_factory, tmp_path, capfd, edit, expected):
+    """A checkpoint whose state files were edited is refused naming the file, before the first step
+    (the schedule's counter, the RNG state and an optimizer moment failed with internal errors)."""
+    source = tmp_path_factory.getbasetemp() / "edited-checkpoint-source"
+    if not source.is_dir():
+        assert main(["train", *QUICK, "--steps", "2", "--save-every", "2", "--output-dir", str(source)]) == 0
+        capfd.readouterr()
+    out = _edited_checkpoint(source, tmp_path / "out", edit)
+    refused(capfd, ["train", *QUICK, "--steps", "4", "--resume", "--output-dir", str(out)], expected,
+            str(out / "checkpoint-2"))  # fmt: skip
+    assert not (out / "checkpoint-4").exists()
+
+
 # ---- 6 and 7: model directories ----------------------------------------------------------------------------
 
 
@@ -383,8 +429,6 @@ def test_a_bad_model_config_field_is_one_line_naming_file_field_value_and_range(
 
 
 def _edit_tensor(model: Path, edit) -> None:
-    from safetensors.torch import load_file, save_file
-
     state = load_file(model / "model.safetensors")
     edit(state)
     save_file(state, model / "model.safetensors", metadata={"format": "pt"})

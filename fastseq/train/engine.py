@@ -25,7 +25,7 @@ from fastseq.optim import make_optimizer, make_schedule
 from fastseq.tokenizers import ByT5Tokenizer, Tokenizer, check_vocabulary, load_tokenizer
 
 from .args import TrainArgs
-from .state import read_tensors
+from .state import check_optimizer_state, check_scheduler_state, read_tensors
 
 _T5_FAMILY = ("t5", "mt5", "longt5", "umt5")
 log = logging.getLogger("fastseq.train")
@@ -311,13 +311,17 @@ class LocalEngine(Engine):
             for name, value in self.model.state_dict().items():
                 value.copy_(state[name])
         optimizer: dict[int, dict] = {}
-        for key, value in read_tensors(directory / "trainer_state.safetensors").items():
+        file = Path(directory) / "trainer_state.safetensors"
+        tensors = read_tensors(file)
+        check_optimizer_state(file, tensors, [p for group in self.optimizer.param_groups for p in group["params"]])
+        for key, value in tensors.items():
             _, index, name = key.split("/", 2)
             optimizer.setdefault(int(index), {})[name] = value
         for index, values in meta["optimizer"]["scalars"].items():
             optimizer.setdefault(int(index), {}).update(values)
         self.optimizer.load_state_dict({"state": optimizer, "param_groups": meta["optimizer"]["param_groups"]})
         scheduler = dict(meta["scheduler"])
+        check_scheduler_state(Path(directory) / "trainer_state.json", scheduler)
         if "base_lrs" in scheduler:  # a LambdaLR: its functions are rebuilt, not stored
             scheduler["lr_lambdas"] = [None] * len(self.optimizer.param_groups)
         self.scheduler.load_state_dict(scheduler)

@@ -349,10 +349,45 @@ def load_rng(directory: Path, rank: int) -> None:
     tensors = read_tensors(file)
     if not isinstance(tensors.get("torch"), torch.Tensor) or tensors["torch"].dtype != torch.uint8:
         raise ResumeError(f"--resume: {file} holds no RNG state; {instead(directory)}")
-    torch.set_rng_state(tensors["torch"])
     cuda = [tensors[k] for k in sorted(k for k in tensors if k.startswith("cuda/"))]
-    if cuda and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(cuda)
+    try:
+        torch.set_rng_state(tensors["torch"])
+        if cuda and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(cuda)
+    except RuntimeError as err:  # a state of another size: torch says which
+        raise ResumeError(f"--resume: {file} holds no RNG state of this torch ({err}); {instead(directory)}") from None
+
+
+def check_optimizer_state(file: Path, tensors: dict[str, torch.Tensor], params: list[torch.Tensor]) -> None:
+    """Each `optimizer/INDEX/NAME` tensor of `file` belongs to parameter INDEX and has the shape of one
+    of its moments: the parameter's (AdamW, unfactored Adafactor), a factored row or column
+    (Adafactor), or a scalar; else the first step would fail on the mismatch."""
+    for key, value in tensors.items():
+        _, index, _ = key.split("/", 2)
+        if not index.isdigit() or int(index) >= len(params):
+            raise ResumeError(f"--resume: {file}: {key} names no parameter of this model (it has {len(params)}); "
+                              f"the file was edited or damaged: {instead(file.parent)}")  # fmt: skip
+        shape = tuple(params[int(index)].shape)
+        if tuple(value.shape) not in {(), shape, shape[:-1], shape[:-2] + shape[-1:]}:
+            raise ResumeError(f"--resume: {file}: {key} has shape {tuple(value.shape)}, which fits no moment of its "
+                              f"parameter of shape {shape}; the file was edited or damaged: "
+                              f"{instead(file.parent)}")  # fmt: skip
+
+
+def check_scheduler_state(file: Path, scheduler: dict) -> None:
+    """The learning-rate schedule's counters whole numbers and its rates finite numbers."""
+    counters = ("last_epoch", "_step_count")
+    rates = ("base_lrs", "_last_lr")
+    for name in counters:
+        if name in scheduler and not (_is_int(scheduler[name]) and scheduler[name] >= -1):
+            bad = f"{scheduler[name]!r}"[:60]
+            raise ResumeError(f"--resume: {file}: scheduler.{name} is {bad}, not a whole number; the file was edited "
+                              f"or damaged: {instead(file.parent)}")  # fmt: skip
+    for name in rates:
+        value = scheduler.get(name, [])
+        if not isinstance(value, list) or not all(_is_rate(v) for v in value):
+            raise ResumeError(f"--resume: {file}: scheduler.{name} is {value!r:.60}, not a list of rates >= 0; the "
+                              f"file was edited or damaged: {instead(file.parent)}")  # fmt: skip
 
 
 def read_tensors(file: Path) -> dict[str, torch.Tensor]:
