@@ -1,7 +1,7 @@
-"""The `@triton.jit` helpers the attention kernels share (`kernels`): the tile of a (B, H, L, D)
-tensor, the key loop's head and tiles, the scores with T5's bias and every mask, the online-softmax
-step, dropout's keep mask, the backward's dS and the bias gradient's diagonal sums. Triton inlines
-them: the forward, dQ and dK/dV kernels compile as if each wrote them out."""
+"""The `@triton.jit` helpers the attention kernels share (`kernels`): the tile of a (B, H, L, D) tensor,
+the key loop's head and tiles, the scores with T5's bias and every mask, the online-softmax step,
+dropout's keep mask, the backward's P, Z and dP, the bias gradient's diagonal sums. Triton inlines them
+(the same TTIR as written out; only line-info labels differ, which ptxas reads: the static report)."""
 
 from __future__ import annotations
 
