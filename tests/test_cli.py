@@ -193,6 +193,17 @@ def test_convert_refuses_a_destination_that_overlaps_its_source(tmp_path, capfd,
     assert sorted((p.relative_to(tmp_path), p.stat().st_mtime_ns) for p in tmp_path.rglob("*")) == before
 
 
+def test_convert_from_deepspeed_refuses_a_model_type_it_cannot_build(tmp_path, capfd):
+    """A checkpoint whose config.json names another model type: one line naming the file and the types
+    fastseq reads (it printed only "error: bert"), nothing written."""
+    checkpoint = tmp_path / "checkpoint-5"
+    checkpoint.mkdir()
+    (checkpoint / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    refused(capfd, ["convert", "--from-deepspeed", str(checkpoint), "--to", str(tmp_path / "hf")],
+            f"model_type='bert' in {checkpoint / 'config.json'} is not supported", "'t5'")  # fmt: skip
+    assert not (tmp_path / "hf").exists()
+
+
 # ---- generate over files ------------------------------------------------------------------------------------
 
 

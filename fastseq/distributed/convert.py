@@ -19,9 +19,8 @@ from pathlib import Path
 
 import torch
 
-from fastseq.checkpoint import CheckpointError, match_state, read_config
+from fastseq.checkpoint import CheckpointError, match_state, read_model_config
 from fastseq.files import atomic_write
-from fastseq.models import FAMILIES
 
 # What a model directory holds beside its weights and config.json, copied as they are so that the
 # converted directory generates and fine-tunes like its source.
@@ -111,12 +110,10 @@ def convert(ckpt: str | Path, dest: str | Path, *, max_shard_size: str | int = "
             f"{ckpt} has no config.json: pass a checkpoint directory written by `fastseq train --deepspeed` "
             "(OUTPUT/checkpoint-STEP)"
         )
-    data = read_config(ckpt)
-    config_cls, classes, default = FAMILIES[data["model_type"]]
-    model_config = config_cls.from_hf_dict(data)
+    model_config, model_cls = read_model_config(ckpt)  # every field checked, the model type too
     state = deepspeed_state_dict(ckpt, model_config)
     with torch.device("meta"):
-        model = classes[default](model_config)
+        model = model_cls(model_config)
     state = match_state(model, state, ckpt)
     target = dtype or torch.float32
     model.load_state_dict({k: v.to(target) if v.is_floating_point() else v for k, v in state.items()},
