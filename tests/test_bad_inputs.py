@@ -61,6 +61,10 @@ def _cases(tmp: Path) -> dict[str, tuple[list[str], tuple[str, ...]]]:
     surrogate.write_text('{"source": "a", "target": "b"}\n{"source": "x \\ud800", "target": "y"}\n')
     latin1 = tmp / "latin1.jsonl"
     latin1.write_bytes(b'{"source": "caf\xe9", "target": "x"}\n')
+    # The text handle decodes in 8 KiB chunks: a bad byte far into the first one was reported at line 1.
+    late = tmp / "late.jsonl"
+    late.write_bytes(b"".join(b'{"source": "%d", "target": "x"}\n' % i for i in range(64))
+                     + b'{"source": "caf\xe9", "target": "x"}\n' * 2)  # fmt: skip
     listed = tmp / "listed"
     listed.mkdir()
     (listed / "config.json").write_text("[1, 2]\n")
@@ -129,6 +133,7 @@ def _cases(tmp: Path) -> dict[str, tuple[list[str], tuple[str, ...]]]:
         "denoise without data": (["--task", "denoise", *out], ("--task denoise needs a text corpus",)),
         "lone surrogate": (["--data", str(surrogate), *out], ("surrogate.jsonl:2", "lone surrogate")),
         "not UTF-8": (["--data", str(latin1), *out], ("latin1.jsonl:1", "not UTF-8", "convert the file")),
+        "not UTF-8 on line 65": (["--data", str(late), *out], ("late.jsonl:65: not UTF-8", "convert the file")),
         "a file as output directory": (["--output-dir", str(a_file)], ("is a file; pass a directory",)),
         "YAML list": (["--config", str(bad_yaml), *out], ("expected a mapping of options",)),
         "YAML word for a count": (["--config", str(typo_yaml), *out], ("option steps", "'many' is not a int")),
@@ -156,7 +161,8 @@ CASE_NAMES = [
     "data and a dataset name", "deeply nested JSON", "bad held-out line", "missing nested field", "epochs of a pipe",
     "an example over the token budget",
     "a split the directory lacks",
-    "denoise without data", "lone surrogate", "not UTF-8", "a file as output directory", "YAML list",
+    "denoise without data", "lone surrogate", "not UTF-8", "not UTF-8 on line 65", "a file as output directory",
+    "YAML list",
     "YAML word for a count", "unknown model", "config.json that is a list", "missing tokenizer", "no CUDA",
     "not a device", "resume nothing", "resume a non-directory", "resume and overwrite", "missing DeepSpeed config",
     "DeepSpeed config that is a list",

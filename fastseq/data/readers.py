@@ -81,9 +81,27 @@ def _lines(handle: io.TextIOWrapper, path: Path) -> Iterator[str]:
             number += 1
             yield line
     except UnicodeDecodeError as err:
-        raise ValueError(f"{path}:{number + 1}: not UTF-8 text ({err.reason}); convert the file to UTF-8") from None
+        raise ValueError(f"{path}:{_first_bad_line(path)}: not UTF-8 text ({err.reason}); convert the file to "
+                         "UTF-8") from None  # fmt: skip
     except (OSError, EOFError) as err:  # a damaged or truncated archive
         raise ValueError(f"{path}:{number + 1}: the compressed file is damaged ({err}); recreate it") from None
+
+
+def _first_bad_line(path: Path) -> int | str:
+    """The number of the first line of `path` that is not UTF-8. The text handle decodes the file in
+    chunks, so its error cannot say where in the file it is; the bytes are read again, a line at a
+    time, only when there is an error to report."""
+    opener = COMPRESSED.get(path.suffix.lower(), open)
+    try:
+        with opener(path, "rb") as raw:
+            for number, line in enumerate(raw, start=1):
+                try:
+                    line.decode("utf-8")
+                except UnicodeDecodeError:
+                    return number
+    except (OSError, EOFError):
+        pass
+    return "?"
 
 
 def _chars(handle: io.TextIOWrapper, path: Path) -> Iterator[str]:
@@ -92,7 +110,8 @@ def _chars(handle: io.TextIOWrapper, path: Path) -> Iterator[str]:
         while chunk := handle.read(_CHUNK):
             yield chunk
     except UnicodeDecodeError as err:
-        raise ValueError(f"{path}: not UTF-8 text ({err.reason}); convert the file to UTF-8") from None
+        raise ValueError(f"{path}:{_first_bad_line(path)}: not UTF-8 text ({err.reason}); convert the file to "
+                         "UTF-8") from None  # fmt: skip
     except (OSError, EOFError) as err:
         raise ValueError(f"{path}: the compressed file is damaged ({err}); recreate it") from None
 
