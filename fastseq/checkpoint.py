@@ -114,13 +114,9 @@ def open_safetensors(file: Path) -> Iterator:
             yield handle
     except SafetensorError as err:
         raise CheckpointError(
-            f"{file} is not a readable safetensors file ({_first_line(err)}); it is truncated or corrupted: "
+            f"{file} is not a readable safetensors file ({err}); it is truncated or corrupted: "
             "re-download or re-save it"
         ) from err
-
-
-def _first_line(err: BaseException) -> str:
-    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
 
 
 def _read_safetensors(file: Path) -> dict[str, torch.Tensor]:

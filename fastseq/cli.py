@@ -301,7 +301,7 @@ def _yaml_options(path: Path) -> dict:
         text = path.read_text(encoding="utf-8")
         _check_yaml_events(yaml, path, text)
         loaded = yaml.safe_load(text) or {}
-    except (yaml.YAMLError, UnicodeDecodeError, RecursionError) as err:  # RecursionError: nested too deep
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
         raise ValueError(f"--config {path} is not valid YAML ({str(err).splitlines()[0]}); fix the file") from err
     if not isinstance(loaded, dict):
         raise ValueError(f"--config {path}: expected a mapping of options (steps: 100, lr: 1.0e-3, ...)")

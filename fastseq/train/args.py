@@ -141,16 +141,14 @@ class TrainArgs:
         at_least = {"steps": 1, "batch_size": 1, "grad_accum": 1, "buffer_size": 1, "max_target_length": 1,
                     "log_every": 1, "warmup": 0, "eval_every": 0, "eval_examples": 0,
                     "save_every": 0, "examples_to_show": 0, "seed": 0}  # fmt: skip
-        for name, low in at_least.items():
-            if getattr(self, name) < low:
-                raise ValueError(f"--{_flag(name)} must be at least {low}; got {getattr(self, name)}")
-            if name != "seed" and getattr(self, name) > MAX_COUNT:
-                raise ValueError(f"--{_flag(name)} must be at most 2**40 ({MAX_COUNT}); got {getattr(self, name)}")
-        for name in ("max_tokens", "max_source_length"):
-            if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise ValueError(f"--{_flag(name)} must be at least 1; got {getattr(self, name)}")
-            if getattr(self, name) is not None and getattr(self, name) > MAX_COUNT:
-                raise ValueError(f"--{_flag(name)} must be at most 2**40 ({MAX_COUNT}); got {getattr(self, name)}")
+        for name, low in {**at_least, "max_tokens": 1, "max_source_length": 1}.items():
+            value = getattr(self, name)
+            if value is None:  # max_tokens and max_source_length are optional
+                continue
+            if value < low:
+                raise ValueError(f"--{_flag(name)} must be at least {low}; got {value}")
+            if name != "seed" and value > MAX_COUNT:  # the seed has its own bound, 2**64
+                raise ValueError(f"--{_flag(name)} must be at most 2**40 ({MAX_COUNT}); got {value}")
         self._validate_data()
         for name in ("lr", "weight_decay", "clip"):
             value = getattr(self, name)
