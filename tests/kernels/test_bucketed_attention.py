@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
 from fastseq.kernels import bucketed_attention, relative_position_bucket
-from fastseq.kernels.bucketed_attention import bucketed_attention_reference, distance_table, launch, relative_bias
+from fastseq.kernels.bucketed_attention import bucketed_attention_reference, distance_table, launch, relative_bias, tiles
 from fastseq.kernels.bucketed_attention.tiles import _block_d, _tiles
 from tests.conftest import DEVICE, assert_close
 
@@ -420,36 +421,85 @@ def _keep_mask(case, seed, dropout_p, leaves, mask):
 
 
 DROPOUT_CASE = dict(Lq=40, Lk=16, D=16, causal=False, bidirectional=True, mask=True, q_offset=0, scale=1.0, bias=True)
+# 40 rows (two and a half 16-row blocks) and 48 keys (one and a half 32-key blocks); v = eye needs D = Lk.
+MASK_CASE = dict(DROPOUT_CASE, Lk=48, D=48)
+_MASK32 = 0xFFFFFFFF
 
 
-def test_triton_dropout_mask_is_exact_and_regenerated_in_backward(triton_backend):
-    case, p = DROPOUT_CASE, 0.25
+def _philox_keep(seed: int, B: int, H: int, Lq: int, Lk: int, dropout_p: float) -> torch.Tensor:
+    """The keep mask `(B, H, Lq, Lk)` that `_dropout_keep` documents, from Philox4x32-7 written out
+    here (in uint64: a 32 x 32-bit product fits): one call per 16 elements, byte c + 2d of word x + 2r."""
+    i = np.arange(Lq, dtype=np.uint64)[:, None]
+    j = np.arange(Lk, dtype=np.uint64)[None, :]
+    bh = np.arange(B * H, dtype=np.uint64).reshape(B, H, 1, 1)
+    lq16 = np.uint64(-(-Lq // 16) * 16)
+    c0 = np.broadcast_to(32 * (j // 32) + 2 * ((j // 2) % 4), (B, H, Lq, Lk))
+    c1 = np.broadcast_to(bh * lq16 + 16 * (i // 16) + i % 8, (B, H, Lq, Lk))
+    c2 = c3 = np.zeros((B, H, Lq, Lk), dtype=np.uint64)
+    k0, k1 = np.uint64(seed & _MASK32), np.uint64(seed >> 32)
+    ra, rb, mask32 = np.uint64(0xD2511F53), np.uint64(0xCD9E8D57), np.uint64(_MASK32)
+    for _ in range(7):
+        a0, a2 = c0, c2
+        c0 = ((rb * a2) >> np.uint64(32)) ^ c1 ^ k0
+        c2 = ((ra * a0) >> np.uint64(32)) ^ c3 ^ k1
+        c1 = (rb * a2) & mask32
+        c3 = (ra * a0) & mask32
+        k0, k1 = (k0 + np.uint64(0x9E3779B9)) & mask32, (k1 + np.uint64(0xBB67AE85)) & mask32
+    word = np.broadcast_to((j // 16) % 2 + 2 * ((i // 8) % 2), (B, H, Lq, Lk)).astype(np.int64)
+    chosen = np.take_along_axis(np.stack([c0, c1, c2, c3]), word[None], 0)[0]
+    byte = j % 2 + 2 * ((j // 8) % 2)
+    return torch.from_numpy(((chosen >> (np.uint64(8) * byte)) & np.uint64(0xFF)) < round(256 * (1 - dropout_p)))
+
+
+# Tiles (BLOCK_M, BLOCK_N): the interpreter's own, and the GPU's shapes at this size; keys past a
+# 32-key block, a block split across tiles (BLOCK_N = 16) and rows past a 16-row block.
+@pytest.mark.parametrize("tile", [(16, 16), (32, 32), (16, 64), (64, 32)], ids=lambda t: f"{t[0]}x{t[1]}")
+def test_triton_dropout_mask_is_the_documented_philox_draw_on_every_tile(tile, triton_backend, monkeypatch):
+    """The mask read back from the forward is, bit for bit, the documented draw whatever the tile (the
+    forward and the backward's kernels run different tiles on a GPU), kept entries scaled by exactly
+    1 / (1 - p); the backward regenerates it: gradients equal float64 autograd through that mask."""
+    monkeypatch.setattr(tiles, "_INTERPRET_TILE", (*tile, 4, 1))
+    case, p = MASK_CASE, 0.25
     leaves, mask = _random_inputs(case)
     probe, plain = _keep_mask(case, 7, p, leaves, mask)
-    allowed = plain > 0
-    kept = probe[allowed] > 0
-    # Kept entries are exactly scaled by 1 / (1 - p); dropped ones are zero.
-    assert_close(probe[allowed][kept], plain[allowed][kept] / (1 - p), rel=1e-6, what="kept probabilities")
-    fraction = kept.float().mean().item()
-    assert abs(fraction - (1 - p)) < 0.04, fraction  # 3,500 Bernoulli draws: 4 sigma = 0.03
-    # Same seed -> same mask and outputs; another seed -> another mask.
-    again, _ = _keep_mask(case, 7, p, leaves, mask)
+    torch.manual_seed(7)
+    seed = int(torch.randint(0, 2**31 - 1, (1,)).item())  # the draw `attention_with_lse` makes
+    keep = _philox_keep(seed, 2, 3, case["Lq"], case["Lk"], p)
+    allowed = (plain > 0).cpu()
+    assert torch.equal((probe.cpu() > 0)[allowed], keep[allowed])
+    assert_close(probe[probe > 0], plain[probe > 0] / (1 - p), rel=1e-6, what="kept probabilities")
+    fraction = keep[allowed].float().mean().item()
+    assert abs(fraction - (1 - p)) < 0.03, fraction  # 9,600 Bernoulli draws: 7 sigma
     other, _ = _keep_mask(case, 8, p, leaves, mask)
-    assert torch.equal(probe, again) and not torch.equal(probe, other)
-    # Backward regenerates that mask: the gradients equal float64 autograd through it.
-    keep = (probe > 0).double().cpu()
+    assert not torch.equal(probe, other)
     grad_out = torch.randn(2, 3, case["Lq"], case["D"], device=DEVICE)
     torch.manual_seed(7)
     out, grads = _run(leaves, mask, case, grad_out, dropout_p=p)
     ref = [t.detach().cpu().double().requires_grad_() for t in leaves]
     eye = torch.eye(case["Lk"], dtype=torch.float64).expand(2, 3, -1, -1)
     probs = _dense_reference(ref[0], ref[1], eye, ref[3], mask=mask.cpu(), **_kwargs(case))
-    expected = torch.matmul(probs * keep / (1 - p), ref[2])
+    expected = torch.matmul(probs * keep.double() / (1 - p), ref[2])
     assert_close(out.detach().cpu(), expected.detach(), what="dropout out")
     for name, g, r in zip(
         "q k v bias_table".split(), grads, torch.autograd.grad(expected, ref, grad_out.cpu().double()), strict=True
     ):
         assert_close(g.cpu(), r, rel=2e-5, what=f"dropout grad of {name}")
+
+
+@pytest.mark.parametrize("dropout_p,applied", [(0.1, 26 / 256), (0.25, 0.25), (0.3, 77 / 256), (0.001, 0.0),
+                                               (0.999, 255 / 256)])  # fmt: skip
+def test_triton_dropout_rate_is_the_nearest_multiple_of_1_256(dropout_p, applied, triton_backend):
+    """The kernels draw bytes: p is rounded to 1/256 (T5's 0.1 drops 26 of 256) and the kept entries
+    are scaled by 1 / (1 - the rate applied), so the output stays unbiased."""
+    assert launch.quantized_dropout(dropout_p) == applied
+    case = MASK_CASE
+    leaves, mask = _random_inputs(case)
+    probe, plain = _keep_mask(case, 3, dropout_p, leaves, mask)
+    kept = probe > 0
+    if applied == 0.0:
+        assert torch.equal(probe, plain)
+    else:
+        assert_close(probe[kept], plain[kept] / (1 - applied), rel=1e-6, what="kept probabilities")
 
 
 @pytest.mark.slow

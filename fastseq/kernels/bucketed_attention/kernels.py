@@ -11,6 +11,7 @@ from .jit import (
     _bias_grad_tile,
     _bias_grad_zeros,
     _dot,
+    _dropout_base,
     _global_keys,
     _global_rows,
     _global_tile,
@@ -77,7 +78,7 @@ def _bucketed_attention_fwd_kernel(
         k, v = _load_kv(K_bh, V_bh, offs_n, Lk, stride_kn, stride_vn, offs_d, d_ok)
         s = _key_tile(q, k, DT_h, KPM_b, KSEG_b, qseg, offs_m, m0, n0, n_end, Lk, q_offset, C, window, scale_log2,
                       HAS_BIAS, HAS_KPM, CAUSAL, WINDOWED, HAS_SEG, BLOCK_M, BLOCK_N, PRECISION)
-        m_i, l_i, acc = _softmax_step(s, v, m_i, l_i, acc, seed, bh, offs_m, offs_n, Lq, dropout_p, DROPOUT, PRECISION)
+        m_i, l_i, acc = _softmax_step(s, v, m_i, l_i, acc, seed, bh, m0, n0, Lq, dropout_p, DROPOUT, PRECISION)
     if HAS_GLOBAL:
         # LongT5's transient-global tokens: the same softmax goes on over every global token.
         cap, pos_lo, pos_hi, shift, GK_bh, GV_bh, GDT_h = _global_keys(
@@ -87,10 +88,13 @@ def _bucketed_attention_fwd_kernel(
             offs_g, gk, gv, s = _global_tile(q, GK_bh, GV_bh, GDT_h, g0, G, cap, pos_lo, pos_hi, shift, CG, scale_log2,
                                              stride_gkn, stride_gvn, offs_d, d_ok, HAS_GBIAS, BLOCK_M, BLOCK_N,
                                              PRECISION)
-            m_i, l_i, acc = _softmax_step(s, gv, m_i, l_i, acc, seed, bh, offs_m, Lk + offs_g, Lq, dropout_p, DROPOUT,
-                                          PRECISION)
+            m_i, l_i, acc = _softmax_step(s, gv, m_i, l_i, acc, seed, bh, m0, _dropout_base(Lk) + g0, Lq, dropout_p,
+                                          DROPOUT, PRECISION)
     has_key = l_i > 0.0
-    out = acc / tl.where(has_key, l_i, 1.0)[:, None]
+    norm = tl.where(has_key, l_i, 1.0)
+    if DROPOUT:
+        norm = norm * (1.0 - dropout_p)  # the kept entries' 1 / (1 - p) (`_softmax_step`)
+    out = acc / norm[:, None]
     row_ok = offs_m < Lq
     tl.store(Out + b64 * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :],
              out.to(Out.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
@@ -132,7 +136,7 @@ def _bucketed_attention_bwd_dkdv_kernel(
     Lk,  # keys of this launch (G with GLOBAL_KEYS)
     D, q_offset, C,
     window,  # keys at distance |j - (q_offset + i)| <= window only (with WINDOWED)
-    key_base,  # dropout index of this launch's first key in a row (Lk of the ordinary keys for globals)
+    key_base,  # with GLOBAL_KEYS the ordinary keys' Lk (the globals' dropout index starts at `_dropout_base(Lk)`), else 0
     scale, scale_log2, dropout_p, seed,
     HAS_BIAS: tl.constexpr, HAS_KPM: tl.constexpr, CAUSAL: tl.constexpr, WINDOWED: tl.constexpr,
     HAS_SEG: tl.constexpr, GLOBAL_KEYS: tl.constexpr, DROPOUT: tl.constexpr,
@@ -193,11 +197,13 @@ def _bucketed_attention_bwd_dkdv_kernel(
                 qseg = _segment_ids(QSEG_b, offs_m, Lq, -1, m0, m_end)
             s = _tile_scores(q, k, DT_h, KPM_b, offs_m, offs_n, m0, n0, Lk, q_offset, C, window, scale_log2, qseg,
                              kseg, HAS_BIAS, HAS_KPM, CAUSAL, WINDOWED, HAS_SEG, BLOCK_M, BLOCK_N, PRECISION)
-        p, z, dp = _grad_scores(s, lse, do, v, seed, bh, offs_m, key_base, offs_n, Lq, dropout_p, DROPOUT, PRECISION)
+        z, ds = _grad_scores(s, lse, delta, do, v, seed, bh, m0, _dropout_base(key_base) + n0, Lq, dropout_p,
+                             DROPOUT, PRECISION)
         dv += _dot(tl.trans(z.to(do.dtype)), do, PRECISION)
-        ds = p * (dp - delta[:, None])
         dk += _dot(tl.trans(ds.to(q.dtype)), q, PRECISION)
     dk = dk * scale
+    if DROPOUT:
+        dv = dv * (1.0 / (1.0 - dropout_p))  # the kept entries' 1 / (1 - p) (`_grad_scores`)
     dkv_bh = b64 * stride_dkb + h * stride_dkh
     dkv_off = offs_n[:, None] * stride_dkn + offs_d[None, :]
     tl.store(DK + dkv_bh + dkv_off, dk.to(DK.dtype.element_ty), mask=kv_mask)
@@ -274,8 +280,7 @@ def _bucketed_attention_bwd_dq_kernel(
             k, v = _load_kv(K_bh, V_bh, offs_n, Lk, stride_kn, stride_vn, offs_d, d_ok)
             s = _key_tile(q, k, DT_h, KPM_b, KSEG_b, qseg, offs_m, m0, n0, n_end, Lk, q_offset, C, window, scale_log2,
                           HAS_BIAS, HAS_KPM, CAUSAL, WINDOWED, HAS_SEG, BLOCK_M, BLOCK_N, PRECISION)
-            p, z, dp = _grad_scores(s, lse, do, v, seed, bh, offs_m, 0, offs_n, Lq, dropout_p, DROPOUT, PRECISION)
-            ds = p * (dp - delta[:, None])
+            _, ds = _grad_scores(s, lse, delta, do, v, seed, bh, m0, n0, Lq, dropout_p, DROPOUT, PRECISION)
             dq += _dot(ds.to(k.dtype), k, PRECISION)
             if HAS_BIAS:
                 d_min = n0 - (q_offset + m0 + BLOCK_M - 1)
@@ -295,8 +300,8 @@ def _bucketed_attention_bwd_dq_kernel(
             offs_g, gk, gv, s = _global_tile(q, GK_bh, GV_bh, GDT_h, g0, G, cap, pos_lo, pos_hi, shift, CG, scale_log2,
                                              stride_gkn, stride_gvn, offs_d, d_ok, HAS_GBIAS, BLOCK_M, BLOCK_N,
                                              PRECISION)
-            p, gz, dp = _grad_scores(s, lse, do, gv, seed, bh, offs_m, Lk, offs_g, Lq, dropout_p, DROPOUT, PRECISION)
-            ds = p * (dp - delta[:, None])
+            _, ds = _grad_scores(s, lse, delta, do, gv, seed, bh, m0, _dropout_base(Lk) + g0, Lq, dropout_p,
+                                 DROPOUT, PRECISION)
             dq += _dot(ds.to(gk.dtype), gk, PRECISION)
             if HAS_GBIAS:
                 gfar_neg, gfar_pos, gband_neg, gband_pos = _bias_grad_tile(

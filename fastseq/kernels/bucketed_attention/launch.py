@@ -110,6 +110,13 @@ def seed_value(seed: torch.Tensor | None) -> int:
     return int(seed.item()) if seed is not None else 0
 
 
+def quantized_dropout(dropout_p: float) -> float:
+    """`dropout_p` as the kernels apply it: the nearest multiple of 1/256, at most 255/256. A key is kept
+    when a random byte is below 256 (1 - p) (`_dropout_keep`) and scaled by exactly 1 / (1 - p), so the
+    output stays unbiased; T5's 0.1 drops 26 of 256 (0.1016)."""
+    return min(round(dropout_p * 256), 255) / 256
+
+
 def _like_heads(B: int, H: int, L: int, D: int, ref: torch.Tensor) -> torch.Tensor:
     """An empty `(B, H, L, D)` tensor laid out as `(B, L, H, D)`, so that merging the heads after
     attention (`transpose(1, 2).reshape(B, L, H * D)`) is free."""
@@ -262,6 +269,7 @@ def attention_forward(q, k, v, dist_table, key_padding_mask, seed, causal, q_off
     (packed rows) only the keys of its own segment."""
     B, H, Lq, D = q.shape
     Lk = k.shape[2]
+    dropout_p = quantized_dropout(dropout_p)
     q, k, v = (last_dim_contiguous(t) for t in (q, k, v))
     _check_batch_span(q, k, v, *((globals_.k, globals_.v) if globals_ is not None else ()))
     out = _like_heads(B, H, Lq, D, q)
@@ -293,6 +301,7 @@ def attention_backward(do, q, k, v, out, lse, dist_table, key_padding_mask, seed
     of the global keys, values and distance table (None without)."""
     B, H, Lq, D = q.shape
     Lk = k.shape[2]
+    dropout_p = quantized_dropout(dropout_p)
     q, k, v, do = (last_dim_contiguous(t) for t in (q, k, v, do))
     _check_batch_span(q, k, v, do, out, *((globals_.k, globals_.v) if globals_ is not None else ()))
     dq = _like_heads(B, H, Lq, D, q)
