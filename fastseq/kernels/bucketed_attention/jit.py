@@ -23,29 +23,50 @@ def _dot(a, b, PRECISION: tl.constexpr):
     return out
 
 
+if interpreting():
+
+    @triton.jit
+    def _gather(table, index):
+        return tl.load(table + index)  # the interpreter has no inline assembly
+
+else:
+
+    @triton.jit
+    def _gather(table, index):
+        """`tl.load(table + index)` of fp32 read-only data (through the non-coherent cache), as inline
+        assembly: it takes the layout of its use, where a load takes the coalescing pass's, and a bias
+        tile loaded so went to the MMA accumulator's layout through shared memory in every key tile
+        (the forward's loop had 6 barriers against the plain loop's 3 at sm_90, D = 64; the static
+        report)."""
+        return tl.inline_asm_elementwise(
+            "{ .reg .b64 a; mad.wide.s32 a, $2, 4, $1; ld.global.nc.f32 $0, [a]; }", "=r,l,r", [table, index],
+            dtype=tl.float32, is_pure=True, pack=1,
+        )
+
+
 @triton.jit
-def _bias(DT2_h, base, rel, C, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """The log2-domain bias of a tile whose element (m, n) lies at distance `base + rel[m, n]`, with
-    `rel` in [0, BLOCK_M + BLOCK_N - 2], from the per-distance table `DT2_h`.
+def _add_bias(s, DT2_h, base, rel, C, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """s plus the log2-domain bias of a tile whose element (m, n) lies at distance `base + rel[m, n]`,
+    with `rel` in [0, BLOCK_M + BLOCK_N - 2], from the per-distance table `DT2_h`.
 
     The table (scaled by log2(e)) holds distances -C - PAD .. C + PAD, PAD = BLOCK_M + BLOCK_N, the
     entries beyond +-C repeating the end values. A tile wholly at or beyond a cut-off (most tiles of
-    a long sequence) takes that end's value with one load; a band tile loads each element's entry,
-    an index that stays in the table without a clamp. The table is a few KiB per head: every load
-    after the first hits L1. The branch also keeps the band's gather out of Triton's software
-    pipeliner, which copied it through shared memory one 4-byte `cp.async` per element (twice the
-    forward's shared memory on sm_90, and the bias cost 1.59x the forward's instructions at D = 64).
-    No layout conversion, no shuffle: spreading the tile's distinct distances over it with
-    `tl.gather` instead cost 1,988 SHFL and 6,448 spill bytes at 128 x 64 on sm_90 (the static
-    report)."""
+    a long sequence) adds that end's value, one load; a band tile gathers each element's entry, an
+    index that stays in the table without a clamp. The table is a few KiB per head: every load after
+    the first hits L1. The gather takes the scores' layout (`_gather`): no tile goes through shared
+    memory. The branch also keeps the band's gather out of Triton's software pipeliner, which
+    copied it through shared memory one 4-byte `cp.async` per element (twice the forward's shared
+    memory on sm_90, and the bias cost 1.59x the forward's instructions at D = 64). No shuffle:
+    spreading the tile's distinct distances over it with `tl.gather` instead cost 1,988 SHFL and
+    6,448 spill bytes at 128 x 64 on sm_90 (the static report)."""
     PAD: tl.constexpr = BLOCK_M + BLOCK_N
     if base >= C:
         bias = tl.zeros(rel.shape, tl.float32) + tl.load(DT2_h + 2 * C + PAD)
     elif base <= -C - (BLOCK_M + BLOCK_N - 2):
         bias = tl.zeros(rel.shape, tl.float32) + tl.load(DT2_h + PAD)
     else:
-        bias = tl.load(DT2_h + (base + C + PAD) + rel)
-    return bias
+        bias = _gather(DT2_h, (base + C + PAD) + rel)
+    return s + bias
 
 
 @triton.jit
@@ -81,7 +102,7 @@ def _tile_scores(
         # Element (m, n) lies at distance n0 + n - (q_offset + m0 + m) = base + n + (BLOCK_M - 1 - m).
         base = n0 - (q_offset + m0 + BLOCK_M - 1)
         rel = tl.arange(0, BLOCK_N)[None, :] - tl.arange(0, BLOCK_M)[:, None] + (BLOCK_M - 1)  # the same in every tile
-        s += _bias(DT_h, base, rel, C, BLOCK_M, BLOCK_N)
+        s = _add_bias(s, DT_h, base, rel, C, BLOCK_M, BLOCK_N)
     if HAS_SEG:
         # Padding, keys past Lk included, has ids that no query has (`_segments`, `_segment_ids`).
         valid = qseg[:, None] == kseg[None, :]
@@ -153,7 +174,7 @@ def _global_tile_scores(
     if HAS_GBIAS:
         # Element (m, n) lies at distance g0 + n - position(m) = (g0 - pos_hi) + n + shift[m].
         base = g0 - pos_hi
-        s += _bias(GDT_h, base, tl.arange(0, BLOCK_N)[None, :] + shift[:, None], CG, BLOCK_M, BLOCK_N)
+        s = _add_bias(s, GDT_h, base, tl.arange(0, BLOCK_N)[None, :] + shift[:, None], CG, BLOCK_M, BLOCK_N)
     valid = (offs_g <= cap) & (offs_g < G)
     return tl.where(valid[None, :], s, float("-inf"))
 
