@@ -48,6 +48,8 @@ def _parse_tiles(text: str) -> Tiles:
 # spilled; so did the dQ tile at D = 128 (sm_80 and sm_86), where packed rows' segment ids took the
 # 4-warp builds past 255 registers (8 to 104 spill bytes under Triton 3.6 and 3.9), and sm_86's forward
 # at D = 256 with 8 warps (8 bytes, packed; 4 warps spill none).
+# sm_90's forward at D = 128 is 128 x 64 with 2 stages (236 to 255 registers, no spill under 3.6 or
+# 3.9; 128 x 32 gave wgmma N = 32), and sm_80's dQ at D = 64 takes 8 warps (4 spilled 8 bytes under 3.9).
 # fmt: off
 _TILES: dict[tuple[int, int, int], Tiles] = {key: _parse_tiles(text) for key, text in {
     #              fwd        fwd_global dq         dkdv       dq_global  dkdv_global
