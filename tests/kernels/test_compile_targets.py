@@ -2,8 +2,9 @@
 matrix), and the committed static report shows every configuration, sm_86's too, built from these
 sources (the quick run). Every build fits the chip's shared memory and is lean: no 16-bit build that
 a launcher can pick on sm_80 or sm_90 spills a register, every attention `tl.dot` becomes tensor-core
-instructions, and the T5 bias, its gradient and LongT5's global tokens cost at most the instruction
-ratios of `PRICES` over the same tile without them. Read from the cubin with the tools inside the
+instructions, and the T5 bias, its gradient, dropout and LongT5's global tokens cost at most the
+instruction ratios of `PRICES` over the same tile without them, in the whole kernel and in its key
+loop. Read from the cubin with the tools inside the
 Triton wheel (`_compile`). Runs without the interpreter (it replaces the kernels)."""
 
 from __future__ import annotations
@@ -90,8 +91,11 @@ def test_the_report_check_sees_a_spill_and_a_stale_report(tmp_path, monkeypatch)
     attention = [r for r in rows if r["op"] == "bucketed_attention"]
     _check_lean("bucketed_attention", attention)
     shipped = next(r for r in attention if r["name"] == "fwd-t5-sm80-D128-bf16")
-    for key, value in (("spill_bytes", 8), ("atomics", 1), ("shared", shipped["limit"] + 1)):
-        broken = [dict(r, **{key: value}) if r is shipped else r for r in attention]
+    priced = next(r for r in attention if r["name"] == "fwd-bias-pad-sm90-D64-bf16")
+    for row, key, value in ((shipped, "spill_bytes", 8), (shipped, "atomics", 1), (shipped, "shared", shipped["limit"] + 1),
+                            (priced, "loop_instructions", 2 * priced["loop_instructions"]),
+                            (priced, "loop_barriers", priced["loop_barriers"] + 1)):  # fmt: skip
+        broken = [dict(r, **{key: value}) if r is row else r for r in attention]
         with pytest.raises(AssertionError):
             _check_lean("bucketed_attention", broken)
     copy = tmp_path / "kernels"
@@ -110,6 +114,34 @@ def test_the_report_check_sees_a_spill_and_a_stale_report(tmp_path, monkeypatch)
         touch(built)
         assert _compile.source_fingerprint() != committed, built
         committed = _compile.source_fingerprint()
+
+
+def test_the_dearest_loop_is_the_longest_with_tensor_cores():
+    """`dearest_loop` reads SASS: the range from a label to a backward branch to it, among those that hold
+    an HGMMA or HMMA, with its barriers; a longer loop without tensor-core instructions does not count."""
+    sass = """
+.L_x_1:
+        /*0000*/                   HGMMA.64x64x16.F32.BF16 R24, gdesc[UR12], RZ, !UPT ;
+        /*0010*/                   BAR.SYNC.DEFER_BLOCKING 0x0 ;
+        /*0020*/              @P0 BRA `(.L_x_1) ;
+.L_x_2:
+        /*0030*/                   FADD R1, R1, R2 ;
+        /*0040*/                   FADD R1, R1, R2 ;
+        /*0050*/                   FADD R1, R1, R2 ;
+        /*0060*/                   FADD R1, R1, R2 ;
+        /*0070*/              @P0 BRA `(.L_x_2) ;
+.L_x_3:
+        /*0080*/                   HMMA.16816.F32.BF16 R4, R8, R12, R4 ;
+        /*0090*/                   FFMA R1, R1, R2, R3 ;
+        /*00a0*/                   FFMA R1, R1, R2, R3 ;
+        /*00b0*/                   BRA `(.L_x_3) ;
+        /*00c0*/                   BRA `(.L_x_4) ;
+.L_x_4:
+        /*00d0*/                   EXIT ;
+"""
+    assert _compile.dearest_loop(sass) == (4, 0)
+    assert _compile.dearest_loop(sass.split(".L_x_2")[0]) == (3, 1)
+    assert _compile.dearest_loop("") == (0, 0)
 
 
 def _check_lean(op: str, results: list[dict]) -> None:
@@ -140,7 +172,7 @@ def _check_lean(op: str, results: list[dict]) -> None:
 
 
 def _check_prices(results: list[dict]) -> None:
-    from fastseq.kernels.bucketed_attention import PRICES, SHUFFLE_BOUNDS
+    from fastseq.kernels.bucketed_attention import BARRIER_BOUNDS, PRICES, SHUFFLE_BOUNDS
 
     by_name = {r["name"]: r for r in results}
 
@@ -151,13 +183,15 @@ def _check_prices(results: list[dict]) -> None:
     for arch in (80, 90):
         for d in (64, 128):
             tail = f"-sm{arch}-D{d}-bf16"
-            for priced, baseline, bound in PRICES:
-                ratio = total(priced, tail, "instructions") / total(baseline, tail, "instructions")
-                assert ratio <= bound, f"{priced}{tail}: {ratio:.2f}x the instructions of {baseline}, bound {bound}x"
+            for priced, baseline, *bounds in PRICES:
+                for key, bound in zip(("instructions", "loop_instructions"), bounds, strict=True):
+                    ratio = total(priced, tail, key) / total(baseline, tail, key)
+                    assert ratio <= bound, f"{priced}{tail}: {ratio:.2f}x the {key} of {baseline}, bound {bound}x"
                 checked += 1
-            for build, baseline in SHUFFLE_BOUNDS:
-                got, base = total(build, tail, "shuffles"), total(baseline, tail, "shuffles")
-                assert got <= base, f"{build}{tail}: {got} SHFL against {base} in {baseline}"
+            for bounded, key in ((SHUFFLE_BOUNDS, "shuffles"), (BARRIER_BOUNDS, "loop_barriers")):
+                for build, baseline in bounded:
+                    got, base = total(build, tail, key), total(baseline, tail, key)
+                    assert got <= base, f"{build}{tail}: {got} {key} against {base} in {baseline}"
     assert checked == 4 * len(PRICES)
 
 

@@ -55,9 +55,10 @@ from .launch import (
 )
 from .op import HAS_TRITON_KERNEL, attention_with_lse, bucketed_attention, unsupported_inputs
 from .reference import bucketed_attention_reference, relative_bias, relative_position_bucket
-from .tiles import BASELINES_ONLY, FEATURES, PRICES, SHUFFLE_BOUNDS, compile_specs
+from .tiles import BARRIER_BOUNDS, BASELINES_ONLY, FEATURES, PRICES, SHUFFLE_BOUNDS, compile_specs
 
 __all__ = [
+    "BARRIER_BOUNDS",
     "BASELINES_ONLY",
     "FEATURES",
     "GlobalTokens",
