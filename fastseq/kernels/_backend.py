@@ -127,7 +127,7 @@ def use_triton(
     `MIN_CAPABILITY` runs the reference, with one warning per device kind. Forcing
     `FASTSEQ_BACKEND=triton` for an op without a kernel, for inputs its kernel does not take, or on
     CPU tensors without the interpreter, is an error rather than a silent fallback; under `auto`
-    such inputs go to the reference.
+    such inputs go to the reference, with one warning per reason on a GPU.
 
     Before a kernel runs, the installed Triton and torch are checked against the tested ranges
     (`_versions`): a newer release runs with one warning. An older one is an error under `triton`;
@@ -148,7 +148,12 @@ def use_triton(
             warnings.warn(f"fastseq runs its PyTorch reference ops on {reason}", stacklevel=3)
         return False
     if choice == "auto":
-        if not (has_kernel and on_cuda and (unsupported is None or unsupported() is None)):
+        if not (has_kernel and on_cuda):
+            return False
+        if unsupported is not None and (reason := unsupported()) is not None:
+            if reason not in _WARNED:  # said once: the run goes on, at PyTorch's speed
+                _WARNED.add(reason)
+                warnings.warn(f"{op} runs its PyTorch reference for {reason}", stacklevel=3)
             return False
         return _versions.kernels_usable()
     if not has_kernel:

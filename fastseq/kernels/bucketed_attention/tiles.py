@@ -1,6 +1,7 @@
-"""The attention's tiles: for each architecture family, head dim and element size, the block sizes, warps
-and stages of every kernel, read from the compiled code; and every build a launcher can pick, for the
-compile-only tests and the static report (`compile_specs`), with the feature prices they hold."""
+"""The attention's tiles: for each architecture family and head dim, the block sizes, warps and stages of
+every kernel, read from the compiled code; and every build a launcher can pick, for the compile-only
+tests and the static report (`compile_specs`), with the feature prices they hold. On a GPU the kernels
+take 16-bit inputs (`unsupported_inputs`: float32 runs PyTorch's attention)."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from .kernels import (
 
 class Tiles(NamedTuple):
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) of each kernel for one (architecture family, padded
-    head dim, element size). BLOCK_M counts query rows and BLOCK_N keys in every kernel."""
+    head dim). BLOCK_M counts query rows and BLOCK_N keys in every kernel."""
 
     fwd: tuple[int, int, int, int]  # the forward without global tokens (T5, BlenderbotSmall, LongT5 local)
     fwd_global: tuple[int, int, int, int]  # the forward with LongT5's transient-global tokens
@@ -36,7 +37,7 @@ def _parse_tiles(text: str) -> Tiles:
 
 
 # Per architecture family (90: Hopper and later, 227 KiB of shared memory per block; 80: A100,
-# 163 KiB; 86: every other GPU, sm_86/sm_89 with 99 KiB), padded head dim and element size: the
+# 163 KiB; 86: every other GPU, sm_86/sm_89 with 99 KiB) and padded head dim: the
 # largest tile whose heaviest 16-bit builds compile without a register spill and within the
 # chip's shared memory, read from the static report (`python -m fastseq.kernels._compile
 # --report`), under Triton 3.6 (what the GPU machines have) and 3.9 alike. The heaviest builds are
@@ -51,38 +52,23 @@ def _parse_tiles(text: str) -> Tiles:
 # sm_90's forward at D = 128 is 128 x 64 with 2 stages (236 to 255 registers, no spill under 3.6 or
 # 3.9; 128 x 32 gave wgmma N = 32), and sm_80's dQ at D = 64 takes 8 warps (4 spilled 8 bytes under 3.9).
 # fmt: off
-_TILES: dict[tuple[int, int, int], Tiles] = {key: _parse_tiles(text) for key, text in {
-    #              fwd        fwd_global dq         dkdv       dq_global  dkdv_global
-    (90, 16, 2):   "128.32.8.3 128.64.8.3 128.64.8.2 64.64.8.2  128.64.8.2 128.32.8.2",
-    (90, 32, 2):   "128.32.8.3 128.64.8.3 128.64.8.2 64.32.4.2  128.32.8.2 128.32.8.2",
-    (90, 64, 2):   "128.64.8.3 128.64.8.3 64.32.4.2  64.32.8.2  128.32.8.2 64.32.4.2",
-    (90, 128, 2):  "128.64.8.2 128.64.8.2 64.32.8.2  32.32.8.2  64.32.4.2  32.32.8.2",
-    (90, 256, 2):  "64.32.8.2  16.16.4.1  16.32.4.1  16.16.4.1  16.32.4.1  16.16.4.1",
-    (90, 16, 4):   "64.64.4.2  64.64.4.2  32.32.4.1  32.32.4.1  32.32.4.1  32.32.4.1",
-    (90, 32, 4):   "64.64.4.2  64.64.4.2  32.32.4.1  32.32.4.1  32.32.4.1  32.32.4.1",
-    (90, 64, 4):   "64.32.4.2  64.32.4.2  32.32.4.1  32.32.4.1  32.32.4.1  32.32.4.1",
-    (90, 128, 4):  "64.32.4.2  64.32.4.2  32.32.4.1  32.32.4.1  32.32.4.1  32.32.4.1",
-    (90, 256, 4):  "32.32.4.1  32.32.4.1  16.16.4.1  16.16.4.1  16.16.4.1  16.16.4.1",
-    (80, 16, 2):   "128.64.8.3 128.64.8.3 128.64.8.2 128.32.8.2 128.64.8.2 128.32.8.2",
-    (80, 32, 2):   "128.64.8.3 128.64.8.3 128.32.8.2 128.32.8.2 128.64.8.2 128.32.8.2",
-    (80, 64, 2):   "128.32.8.3 128.32.8.3 32.64.8.2  64.32.8.2  128.32.8.2 64.32.4.2",
-    (80, 128, 2):  "64.32.8.2  128.32.8.3 32.64.8.2  32.32.4.1  32.64.8.2  32.32.4.2",
-    (80, 256, 2):  "32.32.8.2  64.32.8.2  16.16.4.1  16.16.4.1  16.16.4.1  16.16.4.1",
-    (80, 16, 4):   "64.64.4.2  64.64.4.2  32.32.4.1  32.32.4.1  32.32.4.1  32.32.4.1",
-    (80, 32, 4):   "64.64.4.2  64.64.4.2  32.32.4.1  32.32.4.1  32.32.4.1  32.32.4.1",
-    (80, 64, 4):   "64.32.4.2  64.32.4.2  32.32.4.1  32.32.4.1  32.32.4.1  32.32.4.1",
-    (80, 128, 4):  "64.32.4.2  64.32.4.2  32.32.4.1  32.32.4.1  32.32.4.1  32.32.4.1",
-    (80, 256, 4):  "32.32.4.1  32.32.4.1  16.16.4.1  16.16.4.1  16.16.4.1  16.16.4.1",
-    (86, 16, 2):   "128.64.8.3 128.64.8.3 128.32.8.2 128.64.8.2 128.64.8.2 128.32.8.2",
-    (86, 32, 2):   "128.64.8.3 128.64.8.3 128.32.8.2 128.32.8.2 128.64.8.2 128.32.8.2",
-    (86, 64, 2):   "128.32.8.3 128.32.8.3 64.32.4.2  64.32.8.2  128.32.8.2 64.32.4.2",
-    (86, 128, 2):  "64.32.8.2  64.32.4.3  32.64.8.2  32.32.8.2  32.64.8.2  32.32.8.2",
-    (86, 256, 2):  "32.32.4.2  64.32.8.2  16.32.4.1  16.16.4.1  16.32.4.1  16.16.4.1",
-    (86, 16, 4):   "64.64.4.2  64.64.4.2  32.32.4.1  32.32.4.1  32.32.4.1  32.32.4.1",
-    (86, 32, 4):   "64.64.4.2  64.64.4.2  32.32.4.1  32.32.4.1  32.32.4.1  32.32.4.1",
-    (86, 64, 4):   "64.32.4.2  64.32.4.2  32.32.4.1  32.32.4.1  32.32.4.1  32.32.4.1",
-    (86, 128, 4):  "64.32.4.2  64.32.4.2  32.32.4.1  32.32.4.1  32.32.4.1  32.32.4.1",
-    (86, 256, 4):  "32.32.4.1  32.32.4.1  16.16.4.1  16.16.4.1  16.16.4.1  16.16.4.1",
+_TILES: dict[tuple[int, int], Tiles] = {key: _parse_tiles(text) for key, text in {
+    #           fwd        fwd_global dq         dkdv       dq_global  dkdv_global
+    (90, 16):   "128.32.8.3 128.64.8.3 128.64.8.2 64.64.8.2  128.64.8.2 128.32.8.2",
+    (90, 32):   "128.32.8.3 128.64.8.3 128.64.8.2 64.32.4.2  128.32.8.2 128.32.8.2",
+    (90, 64):   "128.64.8.3 128.64.8.3 64.32.4.2  64.32.8.2  128.32.8.2 64.32.4.2",
+    (90, 128):  "128.64.8.2 128.64.8.2 64.32.8.2  32.32.8.2  64.32.4.2  32.32.8.2",
+    (90, 256):  "64.32.8.2  16.16.4.1  16.32.4.1  16.16.4.1  16.32.4.1  16.16.4.1",
+    (80, 16):   "128.64.8.3 128.64.8.3 128.64.8.2 128.32.8.2 128.64.8.2 128.32.8.2",
+    (80, 32):   "128.64.8.3 128.64.8.3 128.32.8.2 128.32.8.2 128.64.8.2 128.32.8.2",
+    (80, 64):   "128.32.8.3 128.32.8.3 32.64.8.2  64.32.8.2  128.32.8.2 64.32.4.2",
+    (80, 128):  "64.32.8.2  128.32.8.3 32.64.8.2  32.32.4.1  32.64.8.2  32.32.4.2",
+    (80, 256):  "32.32.8.2  64.32.8.2  16.16.4.1  16.16.4.1  16.16.4.1  16.16.4.1",
+    (86, 16):   "128.64.8.3 128.64.8.3 128.32.8.2 128.64.8.2 128.64.8.2 128.32.8.2",
+    (86, 32):   "128.64.8.3 128.64.8.3 128.32.8.2 128.32.8.2 128.64.8.2 128.32.8.2",
+    (86, 64):   "128.32.8.3 128.32.8.3 64.32.4.2  64.32.8.2  128.32.8.2 64.32.4.2",
+    (86, 128):  "64.32.8.2  64.32.4.3  32.64.8.2  32.32.8.2  32.64.8.2  32.32.8.2",
+    (86, 256):  "32.32.4.2  64.32.8.2  16.32.4.1  16.16.4.1  16.32.4.1  16.16.4.1",
 }.items()}
 # fmt: on
 # Under the interpreter, small tiles so that short test sequences still span many tiles,
@@ -108,7 +94,7 @@ def _arch(device: torch.device) -> int:
 def _tiles(D: int, dtype: torch.dtype, device: torch.device) -> Tiles:
     if interpreting():
         return Tiles(*[_INTERPRET_TILE] * len(Tiles._fields))
-    return _TILES[(_arch(device), _block_d(D), dtype.itemsize)]
+    return _TILES[(_arch(device), _block_d(D))]
 
 
 def _fwd_config(
@@ -122,11 +108,9 @@ def _fwd_config(
 
 
 def _precision(dtype: torch.dtype) -> str:
-    """fp32 inputs use exact fp32 products unless PyTorch itself is allowed TF32 for matmuls."""
+    """Exact products: fp32 inputs run the kernels only under the interpreter (`unsupported_inputs`)."""
     if dtype == torch.bfloat16 and interpreting():
         return "upcast"
-    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
-        return "tf32"
     return "ieee"
 
 
@@ -196,8 +180,8 @@ def compile_specs() -> list:
 
     floats = ("scale", "scale_log2", "dropout_p")
     specs = []
-    for (arch, block_d, itemsize), tiles in _TILES.items():
-        dtypes = ["bf16", "fp16"] if itemsize == 2 and block_d == 64 else ["bf16" if itemsize == 2 else "fp32"]
+    for (arch, block_d), tiles in _TILES.items():
+        dtypes = ["bf16", "fp16"] if block_d == 64 else ["bf16"]
         for dtype in dtypes:
             pointers = {n: f"*{dtype}" for n in ("Q", "K", "V", "GK", "GV", "Out", "DO", "DQ", "DK", "DV")}
             pointers.update(DT="*fp32", GDT="*fp32", LSE="*fp32", DELTA="*fp32", DDT="*fp32", DDTG="*fp32",
