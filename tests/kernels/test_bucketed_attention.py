@@ -7,7 +7,13 @@ import pytest
 import torch
 
 from fastseq.kernels import bucketed_attention, relative_position_bucket
-from fastseq.kernels.bucketed_attention import bucketed_attention_reference, distance_table, launch, relative_bias, tiles
+from fastseq.kernels.bucketed_attention import (
+    bucketed_attention_reference,
+    distance_table,
+    launch,
+    relative_bias,
+    tiles,
+)
 from fastseq.kernels.bucketed_attention.tiles import _block_d, _tiles
 from tests.conftest import DEVICE, assert_close
 

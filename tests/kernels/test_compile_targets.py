@@ -92,7 +92,8 @@ def test_the_report_check_sees_a_spill_and_a_stale_report(tmp_path, monkeypatch)
     _check_lean("bucketed_attention", attention)
     shipped = next(r for r in attention if r["name"] == "fwd-t5-sm80-D128-bf16")
     priced = next(r for r in attention if r["name"] == "fwd-bias-pad-sm90-D64-bf16")
-    for row, key, value in ((shipped, "spill_bytes", 8), (shipped, "atomics", 1), (shipped, "shared", shipped["limit"] + 1),
+    for row, key, value in ((shipped, "spill_bytes", 8), (shipped, "atomics", 1),
+                            (shipped, "shared", shipped["limit"] + 1),
                             (priced, "loop_instructions", 2 * priced["loop_instructions"]),
                             (priced, "loop_barriers", priced["loop_barriers"] + 1)):  # fmt: skip
         broken = [dict(r, **{key: value}) if r is row else r for r in attention]

@@ -39,8 +39,12 @@ else:
         (the forward's loop had 6 barriers against the plain loop's 3 at sm_90, D = 64; the static
         report)."""
         return tl.inline_asm_elementwise(
-            "{ .reg .b64 a; mad.wide.s32 a, $2, 4, $1; ld.global.nc.f32 $0, [a]; }", "=r,l,r", [table, index],
-            dtype=tl.float32, is_pure=True, pack=1,
+            "{ .reg .b64 a; mad.wide.s32 a, $2, 4, $1; ld.global.nc.f32 $0, [a]; }",
+            "=r,l,r",
+            [table, index],
+            dtype=tl.float32,
+            is_pure=True,
+            pack=1,
         )
 
 
@@ -255,9 +259,7 @@ def _load_kv(K_bh, V_bh, offs_n, Lk, stride_kn, stride_vn, offs_d, d_ok):
 
 
 @triton.jit
-def _softmax_step(
-    s, v, m_i, l_i, acc, seed, bh, m0, k0, Lq, dropout_p, DROPOUT: tl.constexpr, PRECISION: tl.constexpr
-):
+def _softmax_step(s, v, m_i, l_i, acc, seed, bh, m0, k0, Lq, dropout_p, DROPOUT: tl.constexpr, PRECISION: tl.constexpr):
     """One online-softmax step over a tile of scores (log2 domain) and its values: rows from m0, keys
     from dropout index k0 (`_dropout_keep`). Dropped entries are zeroed; the kept ones' 1 / (1 - p)
     is left to the end of the row (linear in the accumulator: one multiply a row, not one an element)."""

@@ -136,7 +136,7 @@ def _bucketed_attention_bwd_dkdv_kernel(
     Lk,  # keys of this launch (G with GLOBAL_KEYS)
     D, q_offset, C,
     window,  # keys at distance |j - (q_offset + i)| <= window only (with WINDOWED)
-    key_base,  # with GLOBAL_KEYS the ordinary keys' Lk (the globals' dropout index starts at `_dropout_base(Lk)`), else 0
+    key_base,  # with GLOBAL_KEYS the ordinary keys' Lk (globals' dropout ids from `_dropout_base(Lk)`), else 0
     scale, scale_log2, dropout_p, seed,
     HAS_BIAS: tl.constexpr, HAS_KPM: tl.constexpr, CAUSAL: tl.constexpr, WINDOWED: tl.constexpr,
     HAS_SEG: tl.constexpr, GLOBAL_KEYS: tl.constexpr, DROPOUT: tl.constexpr,
