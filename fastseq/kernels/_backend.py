@@ -12,6 +12,7 @@ it for one op.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
 from collections.abc import Callable
@@ -59,10 +60,24 @@ def autocast_cast(dtype: torch.dtype, *tensors: torch.Tensor | None) -> tuple[to
     )
 
 
-def autocast_off(tensor: torch.Tensor) -> torch.autocast:
+def autocast_off(tensor: torch.Tensor) -> contextlib.AbstractContextManager:
     """A context with autocast disabled on `tensor`'s device type: an op that has cast its inputs runs
-    its own fp32 math and casts inside it, untouched by autocast."""
+    its own fp32 math and casts inside it, untouched by autocast. Nothing to enter when autocast is off
+    (building a `torch.autocast` is host time on every call)."""
+    if not torch.is_autocast_enabled(tensor.device.type):
+        return contextlib.nullcontext()
     return torch.autocast(tensor.device.type, enabled=False)
+
+
+def cdiv(a: int, b: int) -> int:
+    """`triton.cdiv` for the launchers: Triton's own is a constexpr function, about 7 us a call on the
+    host (the CPU of `bench_bucketed_attention.py --host`)."""
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    """`triton.next_power_of_2` for the launchers (1 for n <= 1), as fast as `cdiv`."""
+    return 1 << max(n - 1, 0).bit_length()
 
 
 def backend(op: str | None = None) -> str:

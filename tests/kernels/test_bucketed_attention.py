@@ -594,6 +594,28 @@ def test_triton_op_traces_under_torch_compile(triton_backend):
         assert torch.equal(g, t.grad)
 
 
+def test_triton_eager_path_is_the_custom_ops(triton_backend):
+    """Eager mode runs the ops' forward and backward without the dispatcher (`_EagerAttention`); the
+    ops, what torch.compile traces, give bitwise the same outputs, log-sum-exps and gradients, the
+    table's and dropout's included."""
+    from fastseq.kernels.bucketed_attention import op
+
+    case = MASK_CASE
+    leaves, mask = _random_inputs(case)
+    g = torch.Generator().manual_seed(1)
+    w_out = torch.randn(2, case["Lq"], 3, case["D"], generator=g).to(DEVICE)
+    w_lse = torch.randn(2, 3, case["Lq"], generator=g).to(DEVICE)
+    results = []
+    for forward in (op._EagerAttention.apply, torch.ops.fastseq.bucketed_attention_fwd):
+        table = distance_table(leaves[3], bidirectional=True, max_distance=12)
+        seed = torch.tensor([12345])
+        out, lse = forward(*leaves[:3], table, mask, seed, True, 0, 1.0, 0.25, -1, None, None)
+        loss = (out * w_out).sum() + (lse.clamp(min=-1e4) * w_lse).sum()
+        results.append((out, lse, *torch.autograd.grad(loss, leaves)))
+    for name, a, b in zip("out lse q k v bias_table".split(), *results, strict=True):
+        assert torch.equal(a, b), name
+
+
 def test_triton_custom_op_passes_opcheck(triton_backend):
 
     case = TRITON_CASES[1]

@@ -9,9 +9,8 @@ import math
 from typing import NamedTuple
 
 import torch
-import triton
 
-from .._backend import autocast_off, key_mask, last_dim_contiguous
+from .._backend import autocast_off, cdiv, key_mask, last_dim_contiguous
 from .kernels import (
     _bucketed_attention_bwd_dkdv_kernel,
     _bucketed_attention_bwd_dq_kernel,
@@ -131,7 +130,7 @@ _DQ_SCRATCH_BYTES = 64 * 2**20
 
 def _even_chunk(total: int, most: int) -> int:
     """The size of the fewest equal chunks (the last one shorter) that cover `total` with at most `most` each."""
-    return triton.cdiv(total, triton.cdiv(total, max(1, most)))
+    return cdiv(total, cdiv(total, max(1, most)))
 
 
 def _dq_chunks(num_m: int, H: int, B: int, slot_bytes: int) -> tuple[int, int, int]:
@@ -244,7 +243,7 @@ def _segment_spans(rows: torch.Tensor, cols: torch.Tensor, block: int) -> torch.
     first = first.scatter_reduce(1, slot(cols), index, "amin")
     last = last.scatter_reduce(1, slot(cols), index + 1, "amax")
     first[:, 0], last[:, 0] = n_cols, 0  # padding columns are never met
-    tiles = triton.cdiv(n_rows, block)
+    tiles = cdiv(n_rows, block)
     lo = torch.full((B, tiles * block), n_cols, dtype=torch.int32, device=rows.device)
     hi = torch.zeros(B, tiles * block, dtype=torch.int32, device=rows.device)
     lo[:, :n_rows] = first.gather(1, slot(rows))
@@ -280,7 +279,7 @@ def attention_forward(q, k, v, dist_table, key_padding_mask, seed, causal, q_off
     block_m, block_n, warps, stages = _fwd_config(D, q.dtype, Lq, q.device, has_global=G > 0)
     kpm = key_mask(key_padding_mask, q.device)
     qseg, kseg, spans = _segment_args(segs, q, "q", block_m)
-    grid = (triton.cdiv(Lq, block_m), H, B)
+    grid = (cdiv(Lq, block_m), H, B)
     _bucketed_attention_fwd_kernel[grid](
         q, k, v, _kernel_table(dist_table, q, block_m, block_n), kpm, gk, gv,
         _kernel_table(gtable, q, block_m, block_n), caps, qseg, kseg, spans, out, lse,
@@ -317,7 +316,7 @@ def attention_backward(do, q, k, v, out, lse, dist_table, key_padding_mask, seed
     tiles = _tiles(D, q.dtype, q.device)
     dq_tile, dkdv_tile = (tiles.dq_global, tiles.dkdv_global) if G > 0 else (tiles.dq, tiles.dkdv)
     block_m, block_n = dq_tile[:2]
-    num_m = triton.cdiv(Lq, block_m)
+    num_m = cdiv(Lq, block_m)
     ddt = torch.zeros(H, 2 * cut + 1 if has_bias else 0, dtype=torch.float32, device=q.device)
     ddtg = torch.zeros(H, 2 * cut_g + 1 if has_gbias else 0, dtype=torch.float32, device=q.device)
 
@@ -352,7 +351,7 @@ def attention_backward(do, q, k, v, out, lse, dist_table, key_padding_mask, seed
     def dkdv(keys_k, keys_v, keys_table, n_keys, keys_cut, key_base, grad_k, grad_v, **flags):
         bm, bn = dkdv_tile[:2]
         qseg, kseg, spans = _segment_args(segs, q, "k", bn)
-        _bucketed_attention_bwd_dkdv_kernel[(triton.cdiv(n_keys, bn), H, B)](
+        _bucketed_attention_bwd_dkdv_kernel[(cdiv(n_keys, bn), H, B)](
             q, keys_k, keys_v, _kernel_table(keys_table, q, bm, bn), kpm, caps, qseg, kseg, spans, do, lse, delta,
             grad_k, grad_v,
             *_row_strides(q, keys_k, keys_v, do, grad_k), kpm.stride(0), qseg.stride(0), kseg.stride(0),

@@ -44,8 +44,7 @@ def _check_inputs(q, k, v, bias_table, key_padding_mask, q_segment_ids=None, k_s
                 )
 
 
-@torch.library.custom_op("fastseq::bucketed_attention_fwd", mutates_args=(), device_types=None)
-def _fwd_op(
+def _forward(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dist_table: torch.Tensor | None,
     key_padding_mask: torch.Tensor | None, seed: torch.Tensor | None,
     causal: bool, q_offset: int, scale: float, dropout_p: float, window: int,
@@ -62,6 +61,9 @@ def _fwd_op(
     return out.transpose(1, 2), launch.natural_lse(lse2)
 
 
+_fwd_op = torch.library.custom_op("fastseq::bucketed_attention_fwd", mutates_args=(), device_types=None)(_forward)
+
+
 @_fwd_op.register_fake
 def _fwd_fake(q, k, v, dist_table, key_padding_mask, seed, causal, q_offset, scale, dropout_p, window,
               q_segment_ids=None, k_segment_ids=None):  # fmt: skip
@@ -69,8 +71,7 @@ def _fwd_fake(q, k, v, dist_table, key_padding_mask, seed, causal, q_offset, sca
     return q.new_empty(B, Lq, H, D), q.new_empty(B, H, Lq, dtype=torch.float32)
 
 
-@torch.library.custom_op("fastseq::bucketed_attention_bwd", mutates_args=(), device_types=None)
-def _bwd_op(
+def _backward(
     do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
     grad_lse: torch.Tensor | None, dist_table: torch.Tensor | None, key_padding_mask: torch.Tensor | None,
     seed: torch.Tensor | None, causal: bool, q_offset: int, scale: float, dropout_p: float, window: int,
@@ -87,6 +88,9 @@ def _bwd_op(
     if dist_table is None:
         ddt = ddt.new_zeros(0, 0)
     return dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2), ddt
+
+
+_bwd_op = torch.library.custom_op("fastseq::bucketed_attention_bwd", mutates_args=(), device_types=None)(_backward)
 
 
 @_bwd_op.register_fake
@@ -123,11 +127,12 @@ def _setup_context(ctx, inputs, output):
     ctx.args = (causal, q_offset, scale, dropout_p, window)
 
 
-def _backward_op(ctx, grad_out, grad_lse):
+def _grads(ctx, grad_out, grad_lse, backward):
+    """The inputs' gradients, the backward (`_backward` or its op) given the saved tensors."""
     q, k, v, out, lse, dist_table, key_padding_mask, seed, q_seg, k_seg = ctx.saved_tensors
     if grad_out is None:
         grad_out = torch.zeros_like(out)
-    dq, dk, dv, ddt = torch.ops.fastseq.bucketed_attention_bwd(
+    dq, dk, dv, ddt = backward(
         grad_out.transpose(1, 2), q, k, v, out.transpose(1, 2), lse, grad_lse, dist_table, key_padding_mask, seed,
         *ctx.args, q_seg, k_seg,
     )  # fmt: skip
@@ -140,7 +145,27 @@ def _backward_op(ctx, grad_out, grad_lse):
     )
 
 
+def _backward_op(ctx, grad_out, grad_lse):
+    return _grads(ctx, grad_out, grad_lse, torch.ops.fastseq.bucketed_attention_bwd)
+
+
 _fwd_op.register_autograd(_backward_op, setup_context=_setup_context)
+
+
+class _EagerAttention(torch.autograd.Function):
+    """The ops' forward and backward, their autograd, without the dispatcher: what eager mode runs (the
+    ops are what `torch.compile` traces). A custom op's dispatch, autograd wrapper and dynamo guard took
+    most of a call's host time on the CPU (`bench/bench_bucketed_attention.py --host`)."""
+
+    @staticmethod
+    def forward(ctx, *inputs):
+        output = _forward(*inputs)
+        _setup_context(ctx, inputs, output)
+        return output
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_lse):
+        return _grads(ctx, grad_out, grad_lse, _backward)
 
 
 def attention_with_lse(
@@ -166,7 +191,8 @@ def attention_with_lse(
     if dropout_p > 0.0:
         # Drawn from PyTorch's CPU generator, so torch.manual_seed fixes the dropout mask.
         seed = torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64)
-    out, lse = torch.ops.fastseq.bucketed_attention_fwd(
+    forward = torch.ops.fastseq.bucketed_attention_fwd if torch.compiler.is_compiling() else _EagerAttention.apply
+    out, lse = forward(
         q, k, v, dist_table, key_padding_mask, seed, causal, q_offset, float(scale), float(dropout_p), int(window),
         q_segment_ids, k_segment_ids,
     )  # fmt: skip
