@@ -126,6 +126,7 @@ _OTHER = {
     "run_ms": ("run", "time", "ms"),
     "exact_match": ("run", "exact_match", "fraction"),
     "real_fraction": ("step", "real_fraction", "fraction"),  # real tokens / padded tokens
+    "host_us": ("full", "host_time", "us"),  # Python, dispatch and launch set-up per call, kernels not run
 }
 _MODES = ("fwd", "bwd", "full", "step")
 PROVENANCE = ("gpu", "torch", "triton", "transformers", "date", "formula")

@@ -16,6 +16,10 @@ CUDA allocator's peak during one forward + backward, above what the inputs alrea
 
 `--smoke` runs tiny sizes on the CPU (fastseq through the Triton interpreter, no FlexAttention:
 it has no CPU backward) to check the script itself; its numbers mean nothing.
+
+`--host` times what a call costs the host, forward + backward, on the CPU: Python, dispatch,
+autograd and the launchers' set-up, with the kernel launches replaced by ones that do nothing; for
+T5's training call (bias, padding, causal, dropout 0.1), its evaluation call, and one plain op.
 """
 
 from __future__ import annotations
@@ -23,9 +27,10 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+import time
 
 import torch
-from _common import add_common_args, fwd_bwd_full, provenance, smoke_setup, write_csv
+from _common import Timing, add_common_args, fwd_bwd_full, provenance, smoke_setup, write_csv
 
 NUM_BUCKETS, MAX_DISTANCE = 32, 128
 
@@ -136,6 +141,57 @@ def check_agreement(fns, B, H, L, D, dtype, device) -> dict[str, float]:
     return worst
 
 
+class _NoLaunch:
+    """A kernel whose launches do nothing (`--host`)."""
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: None
+
+
+def host_time(calls: int = 100, reps: int = 7) -> list[dict]:
+    """Microseconds of host work per call, forward + backward (`--host`)."""
+    import os
+
+    os.environ["TRITON_INTERPRET"] = "1"  # CPU tensors reach the launchers; the kernels never run
+    os.environ["FASTSEQ_BACKEND"] = "triton"
+    from fastseq.kernels.bucketed_attention import bucketed_attention, launch
+
+    for name in [n for n in vars(launch) if n.startswith("_bucketed_attention_") and n.endswith("_kernel")]:
+        setattr(launch, name, _NoLaunch())
+    B, H, L, D = 2, 4, 64, 32  # tiny: the tensor work left on the CPU (allocations, small ops) stays small
+    q, k, v, table = _inputs(B, H, L, D, torch.float32, "cpu")
+    mask = torch.ones(B, L, dtype=torch.long)
+    grad = torch.ones(B, H, L, D)
+
+    def attention(**kwargs):
+        def call():
+            bucketed_attention(q, k, v, table, key_padding_mask=mask, max_distance=MAX_DISTANCE, **kwargs).backward(
+                grad
+            )
+
+        return call
+
+    def plain():
+        q.mul(2.0).backward(grad)
+
+    rows = []
+    cases = (("fastseq_train", attention(causal=True, dropout_p=0.1)), ("fastseq_eval", attention()),
+             ("torch_mul", plain))  # fmt: skip
+    for name, call in cases:
+        for _ in range(10):
+            call()
+        samples = []
+        for _ in range(reps):
+            start = time.perf_counter()
+            for _ in range(calls):
+                call()
+            samples.append((time.perf_counter() - start) / calls * 1e6)
+        row = {"provider": name, "B": B, "H": H, "L": L, "D": D, "host_us": Timing.of(samples)}
+        rows.append(row)
+        print(f"{name}: {float(row['host_us']):.1f} us of host work per forward + backward", flush=True)
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=16384, help="B * L")
@@ -143,8 +199,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--heads", type=int, default=12)
     parser.add_argument("--head-dim", type=int, default=64)
     parser.add_argument("--providers", nargs="+", default=["fastseq", "hf_eager", "hf_sdpa", "flex"])
+    parser.add_argument("--host", action="store_true", help="host time per call on the CPU, kernels not launched")
     add_common_args(parser)
     args = parser.parse_args(argv)
+    if args.host:
+        write_csv([row | provenance("cpu", "host time per forward + backward") for row in host_time()], args.out)
+        return 0
 
     device = smoke_setup(args.smoke)
     if args.smoke:
