@@ -143,7 +143,7 @@ PRICES = [
     ("fwd-bias-pad", "fwd-none", 1.45, 1.8),  # T5's bias (padding on) against the same tile without either
     ("fwd-t5", "fwd-none", 1.75, 2.5),  # what fine-tuning runs: bias, padding, causal, dropout
     ("dq-bias-pad+dkdv-bias-pad", "dq-none+dkdv-none", 2.0, 2.8),  # the backward with the table's gradient
-    ("dq-t5+dkdv-t5", "dq-none+dkdv-none", 2.45, 3.25),
+    ("dq-t5+dkdv-t5", "dq-none+dkdv-none", 2.55, 3.25),
     ("fwd_global-local-global", "fwd_global-none", 2.35, 2.2),  # LongT5 local + transient-global
     ("fwd_global-longt5", "fwd_global-none", 2.85, 2.7),
     # Packed rows (segment ids and the tile bounds of their spans) against a padding mask, T5's
