@@ -11,11 +11,15 @@ import sys
 from pathlib import Path
 
 from .bench import NAMES as BENCHMARKS
+from .files import check_apart
 from .optim import OPTIMIZERS, SCHEDULES
 from .train import TrainArgs, train
 
 # What bad input raises: reported in one line. Anything else is a fault of fastseq's (exit status 1).
 USER_ERRORS = (ValueError, OSError, KeyError, FloatingPointError)
+
+
+_OWN_DIRECTORY = "write to a directory of its own"
 
 
 def _convert(args: argparse.Namespace) -> None:
@@ -24,21 +28,23 @@ def _convert(args: argparse.Namespace) -> None:
     destination = args.to or args.destination
     if args.from_deepspeed:
         from .checkpoint import resolve_dtype
-        from .distributed.convert import check_destination, convert
+        from .distributed.convert import convert
 
         if not destination or args.source:
             raise ValueError("use: fastseq convert --from-deepspeed OUTPUT/checkpoint-STEP --to DIR")
-        check_destination(args.from_deepspeed, destination, "--from-deepspeed", "--to")
+        check_apart(destination, "--to", {"--from-deepspeed": args.from_deepspeed}, _OWN_DIRECTORY)
         convert(args.from_deepspeed, destination, max_shard_size=args.max_shard_size, dtype=resolve_dtype(args.dtype))
         return
     if not args.source or not destination:
         raise ValueError("use: fastseq convert SRC DST, or fastseq convert --from-deepspeed CKPT --to DIR")
-    from .distributed.convert import check_destination, copy_side_files
+    from .distributed.convert import copy_side_files
+    from .hub import model_directory
 
-    check_destination(args.source, destination, "SRC", "DST")
-    model = from_pretrained(args.source, dtype=args.dtype)
+    check_apart(destination, "DST", {"SRC": args.source}, _OWN_DIRECTORY)
+    source = model_directory(args.source)  # a hub id: its snapshot, whose tokenizer files are copied too
+    model = from_pretrained(source, dtype=args.dtype)
     model.save_pretrained(destination, max_shard_size=args.max_shard_size)
-    copied = copy_side_files(Path(args.source), Path(destination))
+    copied = copy_side_files(source, Path(destination))
     print(f"fastseq convert: {type(model).__name__} ({model.num_parameters():,} parameters) -> {destination}"
           f"{'; copied ' + ', '.join(copied) if copied else ''}")  # fmt: skip
 

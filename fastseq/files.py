@@ -97,6 +97,38 @@ def _signals_deferred() -> Iterator[None]:
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
+def check_apart(output: str | os.PathLike, output_flag: str, inputs: dict[str, str | os.PathLike | None],
+                why: str) -> None:
+    """The one rule for where a command writes: `output` (named `output_flag`) may not be, hold or lie
+    inside an input (`inputs`: flag -> a path, or a hub id, which is its snapshot in the Hugging Face
+    cache), nor lie inside that cache (`huggingface_hub` owns it: its files are links into shared
+    blobs). `why` ends the error line: what the command would do there, and the fix."""
+    from .hub import cache_dir, cached_directory
+
+    out = Path(os.path.realpath(output))
+    cache = Path(os.path.realpath(cache_dir()))
+    if out == cache or cache in out.parents:
+        raise ValueError(f"{output_flag} {output} lies inside the Hugging Face cache ({cache_dir()}), which "
+                         f"huggingface_hub owns; {why}")  # fmt: skip
+    for flag, value in inputs.items():
+        if value is None:
+            continue
+        path = Path(value) if Path(value).exists() else cached_directory(str(value))
+        if path is None:
+            continue
+        path = Path(os.path.realpath(path))
+        shown = value if path == Path(os.path.realpath(value)) else f"{value} ({path})"
+        if path == out:
+            relation = "is"
+        elif out in path.parents:
+            relation = "holds"
+        elif path in out.parents:
+            relation = "lies inside"
+        else:
+            continue
+        raise ValueError(f"{output_flag} {output} {relation} {flag} {shown}; {why}")
+
+
 def is_disk_full(err: BaseException) -> bool:
     """Whether `err` says the disk (or the quota, or the file-size limit) is full. safetensors' own
     error type carries the OS error only in its text."""

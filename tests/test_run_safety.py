@@ -79,9 +79,9 @@ def test_an_output_directory_overlapping_an_input_is_refused(tmp_path, capfd, ca
         "data inside output": ["--data", str(data), "--output-dir", str(run)],
     }[case]
     before = _snapshot(model, run)
-    expected = {"model is output": "is the --model directory", "model inside output": "holds --model",
-                "output inside model": "lies inside --model", "tokenizer is output": "is the --tokenizer directory",
-                "resume is output": "is the --resume directory",
+    expected = {"model is output": "is --model", "model inside output": "holds --model",
+                "output inside model": "lies inside --model", "tokenizer is output": "is --tokenizer",
+                "resume is output": "is --resume",
                 "data inside output": "holds --data"}[case]  # fmt: skip
     refused(capfd, ["train", *QUICK, *argv, *(["--overwrite"] if overwrite else [])], expected,
              "choose an --output-dir outside the run's inputs")  # fmt: skip

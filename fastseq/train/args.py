@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import typing
 from dataclasses import dataclass
 from pathlib import Path
 
+from fastseq.files import check_apart
 from fastseq.hub import is_repo_id
 from fastseq.metrics import check_available, greater_is_better, metric_keys, parse_metrics
 from fastseq.optim import OPTIMIZERS, SCHEDULES
@@ -219,26 +219,15 @@ class TrainArgs:
             )
 
     def _check_output_dir_apart(self) -> None:
-        """The output directory may not be, hold or lie inside an input: `--overwrite` would delete what
-        the run is about to read, and the run's checkpoints would replace it."""
-        out = Path(os.path.realpath(self.output_dir))
-        inputs = {"model": self.model, "tokenizer": self.tokenizer, "data": self.data, "eval_data": self.eval_data}
+        """The output directory may not be, hold or lie inside an input (a hub id's being its snapshot in
+        the Hugging Face cache), nor lie in that cache: `--overwrite` would delete what the run is about
+        to read, and the run's checkpoints would replace it."""
+        inputs = {"--model": self.model, "--tokenizer": self.tokenizer, "--data": self.data,
+                  "--eval-data": self.eval_data}  # fmt: skip
         if self.resume not in (None, "latest") and not self.continues_in_output_dir:
-            inputs["resume"] = self.resume  # a checkpoint of the run in --output-dir is what --resume continues
-        for name, value in inputs.items():
-            if value is None or not Path(value).exists():
-                continue
-            path = Path(os.path.realpath(value))
-            if path == out:
-                where = f"is the --{_flag(name)} {'directory' if path.is_dir() else 'file'}"
-            elif out in path.parents:
-                where = f"holds --{_flag(name)} {value}"
-            elif path in out.parents:
-                where = f"lies inside --{_flag(name)} {value}"
-            else:
-                continue
-            raise ValueError(f"--output-dir {self.output_dir} {where}: the run writes there (and --overwrite deletes) "
-                             "what it reads; choose an --output-dir outside the run's inputs")  # fmt: skip
+            inputs["--resume"] = self.resume  # a checkpoint of the run in --output-dir is what --resume continues
+        check_apart(self.output_dir, "--output-dir", inputs, "the run writes there (and --overwrite deletes) what "
+                    "it reads; choose an --output-dir outside the run's inputs")  # fmt: skip
 
     def _validate_data(self) -> None:
         """The data options: where the examples come from, how many passes, how they are batched."""
