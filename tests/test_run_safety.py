@@ -89,6 +89,37 @@ def test_an_output_directory_overlapping_an_input_is_refused(tmp_path, capfd, ca
     assert not (model / "run").exists()
 
 
+def _nan_model(path: Path) -> Path:
+    from safetensors.torch import load_file, save_file
+
+    _model_dir(path)
+    state = load_file(path / "model.safetensors")
+    next(iter(state.values())).view(-1)[0] = float("nan")
+    save_file(state, path / "model.safetensors", metadata={"format": "pt"})
+    return path
+
+
+@pytest.mark.parametrize("bad", ["held-out line 1", "data line 1", "NaN weights"])
+def test_overwrite_deletes_nothing_until_every_check_has_passed(tmp_path, capfd, bad):
+    """--overwrite removed the old run's checkpoints and model, then the run stopped on its bad
+    --eval-data, --data or --model: now nothing is removed until all of them have been read."""
+    out = tmp_path / "out"
+    assert main(["train", *QUICK, "--save-every", "2", "--output-dir", str(out)]) == 0
+    before = _snapshot(out)
+    assert {"checkpoint-2", "checkpoint-3", "model.safetensors"} <= {p.name for p in out.iterdir()}
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"source": "a", "target\n{"source": "b", "target": "c"}\n')
+    argv = {
+        "held-out line 1": ["--data", str(_jsonl(tmp_path / "t.jsonl", 8)), "--eval-data", str(broken)],
+        "data line 1": ["--data", str(broken)],
+        "NaN weights": ["--model", str(_nan_model(tmp_path / "nan"))],
+    }[bad]
+    expected = "holds 1 NaN" if bad == "NaN weights" else "broken.jsonl:1"
+    capfd.readouterr()
+    refused(capfd, ["train", *QUICK, *argv, "--overwrite", "--output-dir", str(out)], expected)
+    assert _snapshot(out) == before  # the old run's checkpoints, model and log, byte for byte
+
+
 # ---- the output directory is locked ------------------------------------------------------------------------
 
 

@@ -49,6 +49,7 @@ from .state import (
     check_engine,
     check_identity,
     check_rates,
+    clear_output_dir,
     engine_record,
     find_checkpoint,
     instead,
@@ -421,6 +422,7 @@ def _train(args: TrainArgs, config, tokenizer: Tokenizer, engine: Engine, out: P
     start = run.resume() if args.resume else 0
     if start >= args.steps:
         raise ValueError(f"the checkpoint is at step {start}, already past --steps {args.steps}; raise --steps")
+    engine.on_first_rank(clear_output_dir, args, out)  # every check has passed: --overwrite removes the old run
     run.metrics = MetricsLog(out, args, data, start, engine.rank == 0)
     if data.held_out and engine.model is None:
         log.warning("%s cannot evaluate held-out examples; evaluate the trained model directory instead", engine.name)

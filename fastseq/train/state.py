@@ -55,7 +55,8 @@ def _run_files(out: Path) -> list[Path]:
 
 def prepare_output_dir(args: TrainArgs) -> tuple[Path, DirectoryLock]:
     """Create the output directory (rank 0), lock it for this run, and check that this run may write
-    there; returns it and its lock (released by the caller when the run ends)."""
+    there (nothing is removed yet: `clear_output_dir`); returns it and its lock (released by the
+    caller when the run ends)."""
     out = Path(args.output_dir)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--output-dir {out} is a file; pass a directory")
@@ -86,6 +87,14 @@ def _check_output_dir(args: TrainArgs, out: Path) -> None:
             f"--output-dir {out} already holds files ({shown}); pass --resume to continue that run, --overwrite "
             "to replace it, or choose an empty directory"
         )
+
+
+def clear_output_dir(args: TrainArgs, out: Path) -> None:
+    """`--overwrite`: remove the files an earlier run wrote in `out` (and nothing else). Called once
+    every check that can refuse the run has passed (data, held-out data, model, checkpoint), just
+    before the run writes its first file."""
+    if args.continues_in_output_dir:
+        return
     for path in _run_files(out):
         shutil.rmtree(path) if path.is_dir() else path.unlink()
 
