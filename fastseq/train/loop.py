@@ -40,7 +40,7 @@ from .data import Data, build_data
 from .engine import Engine, LocalEngine, NonFiniteError, model_config, run_device, run_tokenizer
 from .metrics_log import MetricsLog, Tokens
 from .plot import plot_losses
-from .rotation import rotate
+from .rotation import rotate, set_aside
 from .signals import SIGNAL_NAMES, Interrupted, Signals, StopEvaluation, StoppableCollator
 from .state import (
     STATE_FILE,
@@ -149,6 +149,7 @@ class _Run:
         self.final: dict = {}  # the final held-out scores
         self.outputs: list[str] = []  # the generated outputs of the last evaluation
         self.best: tuple[Path, float] | None = None  # the best checkpoint by --metric-for-best-model, its score
+        self.branch: int | None = None  # the step resumed in the output directory, until the first checkpoint
         self.tokens = Tokens()
 
     def resume(self) -> int:
@@ -178,6 +179,8 @@ class _Run:
         if rates is not None:
             self.engine.set_rates(*rates)
         self.last_checkpoint = path
+        if self.args.continues_in_output_dir:
+            self.branch = state["step"]
         return state["step"]
 
     def checkpoint(self, step: int, completed: tuple[int, dict, dict] | None = None) -> Path:
@@ -189,6 +192,9 @@ class _Run:
         data_state, rng = (completed[1], completed[2]) if completed else (self.data.state_dict(), None)
         self.phase = "checkpoint"
         try:
+            if first and self.branch is not None:  # checkpoints past the one resumed are another branch's
+                set_aside(self.out, self.branch)
+                self.branch = None
             if first and tmp.exists():
                 shutil.rmtree(tmp)
             engine.barrier()
@@ -385,7 +391,7 @@ class _Run:
         """After a checkpoint is published (first rank): find the best checkpoint by
         --metric-for-best-model among the evaluated ones, then apply --save-total-limit."""
         if self.engine.rank == 0:
-            self.best = rotate(self.out, self.args, self.metrics.evaluated)
+            self.best = rotate(self.out, self.args, self.metrics.evaluated, self.last_checkpoint)
 
 
 def _kept(last: Path | None) -> str:

@@ -34,7 +34,7 @@ _RUN_FILES = {"metrics.jsonl", "loss.png", "config.json", "generation_config.jso
               "spiece.model", "vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json",
               "added_tokens.json", "generated_predictions.txt", "runs"}  # fmt: skip
 log = logging.getLogger("fastseq.train")
-_CHECKPOINT = re.compile(r"\.?checkpoint-\d+(\.tmp|\.old)?")
+_CHECKPOINT = re.compile(r"\.?checkpoint-\d+(\.tmp|\.old|\.abandoned(-\d+)?)?")
 _PREDICTIONS = re.compile(r"eval_predictions-\d+\.jsonl")
 
 
