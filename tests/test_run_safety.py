@@ -554,3 +554,31 @@ def test_yaml_aliases_are_refused(tmp_path, capfd):
     alias.write_text("steps: 3\nlog-every: *x\n")
     refused(capfd, ["train", "--config", str(alias), "--output-dir", str(tmp_path / "out")],
              f"--config {alias}:2: YAML alias *x is not accepted")  # fmt: skip
+
+
+@pytest.mark.parametrize("edit,expected", [
+    ({"index": 10**9}, "stream.index is 1000000000, past the"),
+    ({"index": 1e9}, "stream.index is 1000000000.0, not a whole number >= 0"),
+    ({"buffer": -5}, "stream.buffer is -5, not a whole number >= 0"),
+    ({"buffer": 7}, "stream.buffer is 7, past the end of --data"),
+    ({"epoch": 10**9}, "stream.epoch is 1000000000, more epochs than the 3 batches read before it"),
+    ({"epoch": "1"}, "stream.epoch is '1', not a whole number"),
+    ({"index": True}, "stream.index is True, not a whole number"),
+    ({"examples": "many"}, "stream.examples is 'many', not a whole number > 0"),
+])  # fmt: skip
+def test_an_edited_data_position_is_one_line_naming_the_file(tmp_path, capfd, edit, expected):
+    """`data.stream` of trainer_state.json edited (index 1e9, buffer -5, a word): resumed silently on other
+    batches before; now one line naming the file, nothing lost."""
+    out = tmp_path / "out"
+    data = _jsonl(tmp_path / "t.jsonl", 16)
+    argv = ["train", *QUICK, "--data", str(data), "--buffer-size", "8", "--output-dir", str(out)]
+    assert main(argv) == 0
+    capfd.readouterr()
+    file = out / "checkpoint-3" / "trainer_state.json"
+    state = json.loads(file.read_text())
+    state["data"]["stream"].update(edit)
+    _tampered(out, 3, data=state["data"])
+    before = _snapshot(out)
+    line = refused(capfd, [*argv, "--steps", "5", "--resume"], expected)
+    assert f"{file}: data holds no data position this run can restore" in line, line
+    assert _snapshot(out) == before

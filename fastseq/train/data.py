@@ -94,8 +94,14 @@ class Data:
         collator = self.collator.state_dict() if hasattr(self.collator, "state_dict") else None
         return {"stream": self.stream.state_dict(), "collator": collator}
 
-    def load_state_dict(self, state: dict) -> None:
-        self.stream.load_state_dict(state["stream"])
+    def load_state_dict(self, state: dict, batches: int) -> None:
+        """A checkpoint's data position, after `batches` batches were read (each epoch holds one at least)."""
+        if not isinstance(state.get("stream"), dict):
+            raise ValueError(f"stream is {state.get('stream')!r:.60}, not an object")
+        if isinstance(self.stream, FileStream):
+            self.stream.load_state_dict(state["stream"], most_epochs=batches)
+        else:
+            self.stream.load_state_dict(state["stream"])
         if state.get("collator") is not None and hasattr(self.collator, "load_state_dict"):
             self.collator.load_state_dict(state["collator"])
 

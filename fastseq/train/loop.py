@@ -170,8 +170,11 @@ class _Run:
         except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as err:
             raise ResumeError(f"--resume: {path} does not load ({type(err).__name__}: {err}); the checkpoint was "
                               f"edited or damaged: {instead(path)}") from err  # fmt: skip
+        recorded = (state.get("args") or {}).get("grad_accum")  # the accumulation the checkpoint ran with
+        accumulated = max(recorded, self.args.grad_accum) if isinstance(recorded, int) else self.args.grad_accum
+        batches = state["step"] * accumulated * self.engine.data_parallel
         try:
-            self.data.load_state_dict(state["data"])
+            self.data.load_state_dict(state["data"], batches)
         except (KeyError, TypeError, ValueError, IndexError) as err:
             raise ResumeError(f"--resume: {path / STATE_FILE}: data holds no data position this run can restore "
                               f"({type(err).__name__}: {err}); {instead(path)}") from err  # fmt: skip
