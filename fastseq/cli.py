@@ -25,7 +25,10 @@ _OWN_DIRECTORY = "write to a directory of its own"
 def _convert(args: argparse.Namespace) -> None:
     from .checkpoint import from_pretrained
 
+    from .files import parse_size
+
     destination = args.to or args.destination
+    parse_size(args.max_shard_size, "--max-shard-size")  # before anything is read
     if args.from_deepspeed:
         from .checkpoint import resolve_dtype
         from .distributed.convert import convert

@@ -26,6 +26,10 @@ from safetensors.torch import save_file
 SAFE_WEIGHTS = "model.safetensors"
 SAFE_INDEX = "model.safetensors.index.json"
 SHARD_RE = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
+# The smallest --max-shard-size: below it every shard is one tensor, whatever the model (0 wrote a
+# file per tensor). 10 KB keeps the small shards that tiny test models are split into (20KB).
+MIN_SHARD_SIZE = 10_000
+_MAX_SHARDS = 99_999  # what the five digits of a shard's name count
 LOCK_FILE = ".fastseq.lock"
 # What a full disk or a file-size limit (`ulimit -f`) raises: a user's problem, not fastseq's.
 DISK_FULL = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
@@ -34,15 +38,20 @@ _DISK_FULL_TEXT = ("No space left on device", "File too large", "Disk quota exce
 log = logging.getLogger("fastseq.files")
 
 
-def parse_size(size: int | str) -> int:
-    """Bytes from 5GB, 500MB, 2GiB or an int."""
+def parse_size(size: int | str, what: str = "max_shard_size") -> int:
+    """Bytes from 5GB, 500MB, 2GiB or an int, at least `MIN_SHARD_SIZE`."""
     if isinstance(size, int):
-        return size
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]i?B|B)?\s*", size, flags=re.IGNORECASE)
-    if not match:
-        raise ValueError(f"max_shard_size={size!r} is not a size; write it like 5GB, 500MB or 2GiB")
-    units = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
-    return int(float(match.group(1)) * units[(match.group(2) or "B").lower()])
+        value = size
+    else:
+        match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]i?B|B)?\s*", size, flags=re.IGNORECASE)
+        if not match:
+            raise ValueError(f"{what} {size!r} is not a size; write it like 5GB, 500MB or 2GiB")
+        units = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
+        value = int(float(match.group(1)) * units[(match.group(2) or "B").lower()])
+    if value < MIN_SHARD_SIZE:
+        raise ValueError(f"{what} {size!r} is below the smallest shard size, 10KB ({MIN_SHARD_SIZE} bytes): smaller "
+                         "shards only split the weights into a file per tensor; pass a size like 5GB or 500MB")  # fmt: skip
+    return value
 
 
 def atomic_write(target: Path, write: Callable[[Path], None]) -> None:
@@ -345,6 +354,9 @@ def save_pretrained(model, path: str | os.PathLike, *, max_shard_size: int | str
     aliases = model.tied_parameters()
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items() if k not in aliases}
     shards = _shards(tensors, parse_size(max_shard_size))
+    if len(shards) > _MAX_SHARDS:
+        raise ValueError(f"max_shard_size {max_shard_size!r} splits the weights into {len(shards):,} shards, more "
+                         f"than the {_MAX_SHARDS:,} that shard names count; pass a larger size")  # fmt: skip
     metadata = {"format": "pt"}
     written: set[str] = set()
     if len(shards) == 1:

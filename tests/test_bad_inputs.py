@@ -622,3 +622,17 @@ def test_generate_with_nothing_on_a_terminal_says_what_to_pass(generate_model, c
 def test_train_seed_and_label_smoothing_are_checked(tmp_path, capfd, argv, expected):
     refused(capfd, ["train", *argv, "--output-dir", str(tmp_path / "out")], *expected)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("size", ["0", "1KB", "9999", "0.000001GB", "5 parsecs"])
+def test_a_shard_size_below_the_minimum_is_one_line(tmp_path, capfd, size):
+    """--max-shard-size 0 wrote a file per tensor: sizes below 10KB are refused before anything is read."""
+    model = _model_dir(tmp_path / "model", d_model=32)
+    expected = "is not a size" if "parsecs" in size else "is below the smallest shard size, 10KB"
+    refused(capfd, ["convert", str(model), str(tmp_path / "dst"), "--max-shard-size", size],
+            f"--max-shard-size {size!r}", expected)  # fmt: skip
+    refused(capfd, ["convert", "--from-deepspeed", str(model), "--to", str(tmp_path / "dst"), "--max-shard-size",
+                    size], expected)  # fmt: skip
+    assert not (tmp_path / "dst").exists()
+    assert main(["convert", str(model), str(tmp_path / "ok"), "--max-shard-size", "10KB"]) == 0
+    assert len(list((tmp_path / "ok").glob("model-*.safetensors"))) > 1
