@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from .bench import NAMES as BENCHMARKS
-from .files import check_apart
+from .files import check_apart, parse_size
 from .optim import OPTIMIZERS, SCHEDULES
 from .train import TrainArgs, train
 
@@ -24,8 +24,6 @@ _OWN_DIRECTORY = "write to a directory of its own"
 
 def _convert(args: argparse.Namespace) -> None:
     from .checkpoint import from_pretrained
-
-    from .files import parse_size
 
     destination = args.to or args.destination
     parse_size(args.max_shard_size, "--max-shard-size")  # before anything is read

@@ -49,8 +49,9 @@ def parse_size(size: int | str, what: str = "max_shard_size") -> int:
         units = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
         value = int(float(match.group(1)) * units[(match.group(2) or "B").lower()])
     if value < MIN_SHARD_SIZE:
-        raise ValueError(f"{what} {size!r} is below the smallest shard size, 10KB ({MIN_SHARD_SIZE} bytes): smaller "
-                         "shards only split the weights into a file per tensor; pass a size like 5GB or 500MB")  # fmt: skip
+        raise ValueError(f"{what} {size!r} is below the smallest shard size, 10KB ({MIN_SHARD_SIZE} bytes): "
+                         "smaller shards only split the weights into a file per tensor; pass a size like 5GB or "
+                         "500MB")  # fmt: skip
     return value
 
 
@@ -106,8 +107,9 @@ def _signals_deferred() -> Iterator[None]:
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
-def check_apart(output: str | os.PathLike, output_flag: str, inputs: dict[str, str | os.PathLike | None],
-                why: str) -> None:
+def check_apart(
+    output: str | os.PathLike, output_flag: str, inputs: dict[str, str | os.PathLike | None], why: str
+) -> None:
     """The one rule for where a command writes: `output` (named `output_flag`) may not be, hold or lie
     inside an input (`inputs`: flag -> a path, or a hub id, which is its snapshot in the Hugging Face
     cache), nor lie inside that cache (`huggingface_hub` owns it: its files are links into shared
