@@ -455,6 +455,9 @@ def show(args, options: dict, cluster: Cluster, *, cpu_from_machine: bool) -> No
 
     args: the run's TrainArgs; options: the train options given (field -> value) for the command."""
     config = _model_config(args)
+    if args.deepspeed:  # the config a user chose is refused here as `fastseq train` refuses it
+        asked = ds_config.load(args.deepspeed)
+        ds_config.resolve_run(asked, args, config, cluster.gpus)
     sizes = model_sizes(config)
     setup = setup_of(args, config)
     found = verdicts(sizes, cluster, setup)
@@ -474,7 +477,7 @@ def show(args, options: dict, cluster: Cluster, *, cpu_from_machine: bool) -> No
             how = f"fits with {_flags(v.change)}" if v.change else "no change of options makes it fit"
             print(f"  {shortfall(v.row, cluster)}; {how}")
     if args.deepspeed:
-        wanted = strategy_of(ds_config.load(args.deepspeed))
+        wanted = strategy_of(asked)
         chosen = [v for v in found if v.row.config == wanted]
         if not chosen:
             raise ValueError(f"--deepspeed {args.deepspeed} is a {wanted} config, which {cluster.gpus} GPUs cannot run")
