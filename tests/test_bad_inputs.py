@@ -636,3 +636,20 @@ def test_a_shard_size_below_the_minimum_is_one_line(tmp_path, capfd, size):
     assert not (tmp_path / "dst").exists()
     assert main(["convert", str(model), str(tmp_path / "ok"), "--max-shard-size", "10KB"]) == 0
     assert len(list((tmp_path / "ok").glob("model-*.safetensors"))) > 1
+
+
+@pytest.mark.parametrize("argv,expected", [
+    (["--max-new-tokens", "100000000"], "evaluation's max_new_tokens must be between 1 and 65536"),
+    (["--max-target-length", "100000"], "lower --max-target-length (the default of --max-new-tokens)"),
+    (["--num-beams", "2", "--max-new-tokens", str(2**17)], "got 131072: lower --max-new-tokens"),
+])  # fmt: skip
+def test_evaluation_settings_are_checked_at_start(tmp_path, capfd, argv, expected):
+    """--max-new-tokens 100000000 with held-out data trained, checkpointed, then failed at the first
+    evaluation: now refused before any work, and without held-out examples it is not used."""
+    data = tmp_path / "t.jsonl"
+    data.write_text("".join(json.dumps({"source": f"s{i}", "target": f"t{i}"}) + "\n" for i in range(8)))
+    out = tmp_path / "out"
+    held_out = ["--data", str(data), "--eval-data", str(data), "--eval-every", "1"]
+    refused(capfd, ["train", *QUICK, *held_out, *argv, "--output-dir", str(out)], expected)
+    assert not out.exists() or not list(out.iterdir())
+    assert main(["train", *QUICK, "--steps", "1", "--data", str(data), *argv, "--output-dir", str(out)]) == 0

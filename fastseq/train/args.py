@@ -108,6 +108,31 @@ class TrainArgs:
         return parse_metrics(self.metric)
 
     @property
+    def evaluates(self) -> bool:
+        """Whether the run has held-out examples to evaluate: the synthetic task's, --eval-data's or
+        --dataset-name's --eval-split (a denoising corpus has none)."""
+        if self.task == "denoise" or self.eval_examples == 0:
+            return False
+        if self.data is None and self.dataset_name is None:
+            return True
+        return self.eval_data is not None or (self.dataset_name is not None and self.eval_split is not None)
+
+    def check_evaluation(self, model_config) -> None:
+        """Evaluation's generation settings against the model (its learned positions) and the KV cache's
+        bound, at start rather than at the first evaluation."""
+        if not self.evaluates:
+            return
+        from fastseq.generation import check_settings
+
+        try:
+            check_settings(model_config, max_new_tokens=self.eval_max_new_tokens, num_beams=self.num_beams)
+        except ValueError as err:
+            flag = "--max-new-tokens"
+            if self.max_new_tokens is None:
+                flag = "--max-target-length (the default of --max-new-tokens), or pass --max-new-tokens"
+            raise ValueError(f"evaluation's {err}: lower {flag}") from None
+
+    @property
     def eval_max_new_tokens(self) -> int:
         return self.max_new_tokens if self.max_new_tokens is not None else self.max_target_length
 
@@ -210,7 +235,7 @@ class TrainArgs:
                 f"--metric-for-best-model {self.metric_for_best_model!r} is not a score this run computes; use one "
                 f"of {', '.join(known)} (or add its metric to --metric)"
             )
-        if self.task == "denoise" or self.eval_examples == 0 or (self.data is not None and self.eval_data is None):
+        if not self.evaluates:
             raise ValueError("--metric-for-best-model needs held-out examples: pass --eval-data FILE (seq2seq)")
         if self.save_every and not (self.eval_every and self.save_every % self.eval_every == 0):
             raise ValueError(

@@ -415,6 +415,7 @@ def train(args: TrainArgs) -> dict:
     args.validate()
     with Signals() as signals:
         config = model_config(args)
+        args.check_evaluation(config)
         tokenizer = run_tokenizer(args, config)
         engine = make_engine(args, config)
         with DirectoryLock.scope():  # released however the run ends, even by a signal as it is taken
