@@ -653,3 +653,47 @@ def test_evaluation_settings_are_checked_at_start(tmp_path, capfd, argv, expecte
     refused(capfd, ["train", *QUICK, *held_out, *argv, "--output-dir", str(out)], expected)
     assert not out.exists() or not list(out.iterdir())
     assert main(["train", *QUICK, "--steps", "1", "--data", str(data), *argv, "--output-dir", str(out)]) == 0
+
+
+@pytest.mark.parametrize("field,value", [("num_layers", 10**9), ("vocab_size", 10**12), ("d_model", 10**8)])
+def test_a_model_too_large_to_build_is_one_line_with_its_size(tmp_path, capfd, field, value):
+    """--random-init of a config with a billion layers (or a trillion-token vocabulary, or d_model 10**8)
+    hung, raised an internal error or met the OOM killer: its parameters are counted before anything is
+    built, and refused against the machine's memory with the figure."""
+    from fastseq.distributed.plan import host_memory_gib
+
+    model = _model_dir(tmp_path / "model", d_model=32)
+    config = json.loads((model / "config.json").read_text())
+    config[field] = value
+    (model / "config.json").write_text(json.dumps(config))
+    out = tmp_path / "out"
+    line = refused(capfd, ["train", *QUICK, "--model", str(model), "--random-init", "--device", "cpu", "--output-dir",
+                           str(out)], "the model needs", "TiB for its", "parameters (fp32), more than this machine's",
+                   f"{host_memory_gib():.1f} GiB", "lower its sizes")  # fmt: skip
+    assert "internal error" not in line and not out.exists()
+    refused(capfd, ["plan", "--model", str(model), "--gpus", "8", "--cpu-mem", "64"],
+            "more than the cluster's GPU and host memory together, 704.0 GiB")  # fmt: skip
+
+
+def test_a_billion_epochs_build_no_list_per_epoch(tmp_path, capfd):
+    """--epochs 1e9 built a list with an entry per epoch (13 GB on a 64-line file): one count serves every
+    epoch; with --max-tokens (whose epochs are each counted) and past 2**40 steps it is one line."""
+    import tracemalloc
+
+    from fastseq.train.args import TrainArgs
+    from fastseq.train.data import build_data
+
+    data = tmp_path / "t.jsonl"
+    data.write_text("".join(json.dumps({"source": f"s{i}", "target": f"t{i}"}) + "\n" for i in range(64)))
+    args = TrainArgs(data=str(data), epochs=1e9, batch_size=4, output_dir=str(tmp_path / "out"))
+    tracemalloc.start()
+    try:
+        build_data(args, ByT5Tokenizer(), __import__("fastseq.train.engine").train.engine.default_config())
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert args.steps == 16 * 10**9 and peak < 2**26, peak
+    out = ["--data", str(data), "--output-dir", str(tmp_path / "out")]
+    refused(capfd, ["train", "--epochs", "1e9", "--max-tokens", "64", *out], "at most 10,000 epochs", "--steps")
+    refused(capfd, ["train", "--epochs", "1e12", "--batch-size", "4", *out],
+            "gives 16,000,000,000,000 steps, more than 2**40")  # fmt: skip

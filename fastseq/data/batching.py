@@ -237,6 +237,11 @@ class FileStream:
             return float(self.epoch)
         return self.epoch + self.seen / self.epoch_length
 
+    @property
+    def varies_by_epoch(self) -> bool:
+        """Whether an epoch's number of batches depends on its shuffle (--max-tokens or packing)."""
+        return self.max_tokens is not None or self.pack
+
     def count_batches(self, epochs: int) -> list[int]:
         """The number of batches of each of the first `epochs` epochs, cut as `next_batch` cuts
         them: one pass over the data (measuring every example only when --max-tokens or packing
@@ -246,7 +251,7 @@ class FileStream:
                 f"{self.source.label} is a pipe, read once, so its epochs cannot be counted before training; pass "
                 "--steps instead of --epochs (a pipe gives one epoch at most), or a regular file"
             )
-        measured = self.max_tokens is not None or self.pack
+        measured = self.varies_by_epoch
         buffers: list[tuple[array, array]] = []  # each buffer's source and target lengths after the cuts
         reader = self.source.open()
         while chunk := [x for _, x in zip(range(self.buffer_size), reader, strict=False)]:

@@ -131,15 +131,54 @@ def host_memory_gib() -> float:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GIB
 
 
-def model_sizes(config) -> Sizes:
-    """Parameter counts of the model `config` describes, counted on the meta device."""
+def _meta_model(config):
     from fastseq.models import FAMILIES
 
     _, classes, default = FAMILIES[config.model_type]
     with torch.device("meta"):
-        model = classes[default](config)
+        return classes[default](config)
+
+
+def parameter_count(config) -> int:
+    """Parameters (tied ones once) of the model `config` describes, counted on the meta device with
+    one and two layers on each side: every layer of a stack after its first is alike (the first
+    alone holds T5's relative position bias), so a config of a billion layers is counted at once,
+    and nothing is allocated."""
+    sides = ("encoder_layers", "decoder_layers") if config.model_type == "blenderbot-small" else (
+        "num_layers", "num_decoder_layers")  # fmt: skip
+    layers = [getattr(config, side) for side in sides]
+
+    def count(*per_side: int) -> int:
+        model = _meta_model(dataclasses.replace(config, **dict(zip(sides, per_side, strict=True))))
+        return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+
+    first = [min(n, 1) for n in layers]
+    base = count(*first)
+    grown = [count(*(f + (i == side) for i, f in enumerate(first))) - base for side in range(2)]
+    return base + sum(max(n - 1, 0) * extra for n, extra in zip(layers, grown, strict=True))
+
+
+def check_parameter_memory(config, memory: float, whose: str) -> int:
+    """Refuse, before anything is built, a model whose fp32 parameters alone need more than `memory`
+    bytes (`whose`: whose memory that is, in words); returns its parameter count."""
+    params = parameter_count(config)
+    if 4 * params > memory:
+        raise ValueError(f"the model needs {_bytes(4 * params)} for its {params:,} parameters (fp32), more than "
+                         f"{whose} {_bytes(memory)}; lower its sizes (num_layers, d_model, d_ff, vocab_size "
+                         "...)")  # fmt: skip
+    return params
+
+
+def _bytes(n: float) -> str:
+    return next(f"{n / 1024**k:.1f} {unit}" for k, unit in ((4, "TiB"), (3, "GiB"), (2, "MiB"), (0, "B"))
+                if n >= 1024**k or k == 0)  # fmt: skip
+
+
+def model_sizes(config) -> Sizes:
+    """Parameter counts of the model `config` describes, counted on the meta device."""
+    model = _meta_model(config)
     unique = {id(p): p for p in model.parameters()}.values()
-    total = sum(p.numel() for p in unique)
+    total = parameter_count(config)
     largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
     factored = sum(4 * (math.prod(p.shape[:-1]) + math.prod(p.shape[:-2]) * p.shape[-1]) if p.dim() >= 2
                    else 4 * p.numel() for p in unique)  # fmt: skip
@@ -455,6 +494,8 @@ def show(args, options: dict, cluster: Cluster, *, cpu_from_machine: bool) -> No
 
     args: the run's TrainArgs; options: the train options given (field -> value) for the command."""
     config = _model_config(args)
+    check_parameter_memory(config, cluster.gpus * cluster.gpu_mem * GIB + cluster.nodes * cluster.cpu_mem * GIB,
+                           "the cluster's GPU and host memory together,")  # fmt: skip
     if args.deepspeed:  # the config a user chose is refused here as `fastseq train` refuses it
         asked = ds_config.load(args.deepspeed)
         ds_config.resolve_run(asked, args, config, cluster.gpus)

@@ -37,7 +37,15 @@ from fastseq.tokenizers import Tokenizer
 
 from .args import TrainArgs
 from .data import Data, build_data
-from .engine import Engine, LocalEngine, NonFiniteError, model_config, run_device, run_tokenizer
+from .engine import (
+    Engine,
+    LocalEngine,
+    NonFiniteError,
+    check_model_memory,
+    model_config,
+    run_device,
+    run_tokenizer,
+)
 from .metrics_log import MetricsLog, Tokens
 from .plot import plot_losses
 from .rotation import rotate, set_aside
@@ -415,6 +423,7 @@ def train(args: TrainArgs) -> dict:
     args.validate()
     with Signals() as signals:
         config = model_config(args)
+        check_model_memory(args, config)
         args.check_evaluation(config)
         tokenizer = run_tokenizer(args, config)
         engine = make_engine(args, config)
