@@ -4,6 +4,7 @@ the problem and the fix (exit status 2); `--debug` shows the traceback instead."
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import signal
@@ -23,31 +24,52 @@ _OWN_DIRECTORY = "write to a directory of its own"
 
 
 def _convert(args: argparse.Namespace) -> None:
-    from .checkpoint import from_pretrained
+    from .checkpoint import from_pretrained, resolve_dtype
+    from .hub import model_directory
 
     destination = args.to or args.destination
     parse_size(args.max_shard_size, "--max-shard-size")  # before anything is read
+    dtype = resolve_dtype(args.dtype)
     if args.from_deepspeed:
-        from .checkpoint import resolve_dtype
         from .distributed.convert import convert
 
         if not destination or args.source:
             raise ValueError("use: fastseq convert --from-deepspeed OUTPUT/checkpoint-STEP --to DIR")
         check_apart(destination, "--to", {"--from-deepspeed": args.from_deepspeed}, _OWN_DIRECTORY)
-        convert(args.from_deepspeed, destination, max_shard_size=args.max_shard_size, dtype=resolve_dtype(args.dtype))
+        with _disk_full_said(args.from_deepspeed, destination, dtype):
+            convert(args.from_deepspeed, destination, max_shard_size=args.max_shard_size, dtype=dtype)
         return
     if not args.source or not destination:
         raise ValueError("use: fastseq convert SRC DST, or fastseq convert --from-deepspeed CKPT --to DIR")
     from .distributed.convert import copy_side_files
-    from .hub import model_directory
 
     check_apart(destination, "DST", {"SRC": args.source}, _OWN_DIRECTORY)
     source = model_directory(args.source)  # a hub id: its snapshot, whose tokenizer files are copied too
-    model = from_pretrained(source, dtype=args.dtype)
-    model.save_pretrained(destination, max_shard_size=args.max_shard_size)
-    copied = copy_side_files(source, Path(destination))
+    model = from_pretrained(source, dtype=dtype)
+    with _disk_full_said(source, destination, dtype):
+        model.save_pretrained(destination, max_shard_size=args.max_shard_size)
+        copied = copy_side_files(source, Path(destination))
     print(f"fastseq convert: {type(model).__name__} ({model.num_parameters():,} parameters) -> {destination}"
           f"{'; copied ' + ', '.join(copied) if copied else ''}")  # fmt: skip
+
+
+@contextlib.contextmanager
+def _disk_full_said(source, destination: str, dtype):
+    """A full disk (or quota, or file-size limit) while `fastseq convert` writes: the line `train`
+    gives (`fastseq.files.disk_full`), with the space the converted weights need."""
+    from .files import DiskFull, disk_full, is_disk_full
+
+    try:
+        yield
+    except Exception as err:
+        if isinstance(err, DiskFull) or not is_disk_full(err):
+            raise
+        from .checkpoint import read_model_config
+        from .distributed.plan import parameter_count
+
+        needed = parameter_count(read_model_config(source)[0]) * dtype.itemsize
+        raise disk_full(err, Path(destination), "the converted model", needed, "free space there, or convert to "
+                        "another destination") from err  # fmt: skip
 
 
 def _generate(args: argparse.Namespace) -> None:

@@ -148,6 +148,28 @@ def is_disk_full(err: BaseException) -> bool:
     return any(text in str(err) for text in _DISK_FULL_TEXT)
 
 
+class DiskFull(ValueError):
+    """The disk (or the quota, or the file-size limit) is full: a user's problem, said in one line."""
+
+
+def reason(err: BaseException) -> str:
+    """An error in a few words, for a note on another one."""
+    if isinstance(err, OSError) and err.strerror:
+        return err.strerror
+    return " ".join(str(err).split())[:200] or type(err).__name__
+
+
+def disk_full(err: BaseException, writing: Path, what: str, needed: int, advice: str) -> DiskFull:
+    """The line for a full disk (or quota, or file-size limit) while writing `writing`, whatever
+    writes it (a checkpoint, `fastseq convert`): the OS's words, the space `what` needs (`needed`
+    bytes), the space free there (or the file-size limit), and `advice`."""
+    where = next(p for p in (Path(writing), *Path(writing).parents) if p.exists())
+    limit = "a file of it is larger than the file-size limit (ulimit -f)" if "too large" in str(err).lower() else (
+        f"{shutil.disk_usage(where).free / 2**20:.1f} MiB is free there")  # fmt: skip
+    return DiskFull(f"no space left to write {writing} ({reason(err)}): {what} needs about {needed / 2**20:.1f} MiB "
+                    f"and {limit}; {advice}")  # fmt: skip
+
+
 def directory_size(path: Path) -> int:
     """Bytes of the files under `path` (0 if it does not exist)."""
     return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file()) if Path(path).is_dir() else 0

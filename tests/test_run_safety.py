@@ -582,3 +582,39 @@ def test_an_edited_data_position_is_one_line_naming_the_file(tmp_path, capfd, ed
     line = refused(capfd, [*argv, "--steps", "5", "--resume"], expected)
     assert f"{file}: data holds no data position this run can restore" in line, line
     assert _snapshot(out) == before
+
+
+def test_a_full_disk_in_convert_is_trains_line(tmp_path, capfd, monkeypatch):
+    """convert gave "internal error: SafetensorError ... No space left on device": now the line train gives
+    (fastseq.files.disk_full), with what the converted weights need; under `ulimit -f` too."""
+    from safetensors import SafetensorError
+
+    from fastseq import files
+
+    source = _model_dir(tmp_path / "model")
+    save_file = files.save_file
+
+    def full(*args, **kwargs):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(files, "save_file", full)
+    dst = tmp_path / "dst"
+    for argv in (["convert", str(source), str(dst)], ["convert", str(source), str(dst), "--dtype", "bfloat16"]):
+        expected = ("No space left on device", "the converted model needs about", "MiB is free there",
+                    "convert to another destination")  # fmt: skip
+        line = refused(capfd, argv, f"no space left to write {dst} (Error while serializing", *expected)
+        assert "internal error" not in line
+    monkeypatch.setattr(files, "save_file", save_file)
+
+    def limited():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (2**20, 2**20))
+
+    env = dict(os.environ, PYTHONPATH=str(ROOT), FASTSEQ_BACKEND="reference")
+    proc = subprocess.run([sys.executable, "-m", "fastseq.cli", "convert", str(source), str(tmp_path / "big")],
+                          env=env, capture_output=True, text=True, timeout=600, preexec_fn=limited,
+                          check=False)  # fmt: skip
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("fastseq ")]
+    assert proc.returncode == 2 and len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert lines[0].startswith(f"fastseq convert: error: no space left to write {tmp_path / 'big'} (")
+    assert "larger than the file-size limit (ulimit -f)" in lines[0], lines[0]

@@ -31,7 +31,16 @@ import torch
 from tqdm import tqdm
 
 from fastseq.checkpoint import CheckpointError
-from fastseq.files import DirectoryLock, atomic_write, directory_size, is_disk_full, publish_directory
+from fastseq.files import (
+    DirectoryLock,
+    DiskFull,
+    atomic_write,
+    directory_size,
+    disk_full,
+    is_disk_full,
+    publish_directory,
+    reason,
+)
 from fastseq.metrics import compute
 from fastseq.tokenizers import Tokenizer
 
@@ -130,10 +139,6 @@ def make_engine(args: TrainArgs, config) -> Engine:
 
         return deepspeed_engine(args, config)
     return LocalEngine(args, run_device(args))
-
-
-class DiskFull(ValueError):
-    """The disk (or the quota, or the file-size limit) is full: a user's problem, said in one line."""
 
 
 class _Run:
@@ -240,14 +245,11 @@ class _Run:
         else:
             params = self.engine.model.parameters() if self.engine.model is not None else []
             needed = 3 * 4 * sum(getattr(p, "ds_numel", p.numel()) for p in params)
-        free = shutil.disk_usage(self.out).free
-        limit = "a file of it is larger than the file-size limit (ulimit -f)" if "too large" in str(err).lower() else (
-            f"{free / 2**20:.1f} MiB is free there")  # fmt: skip
-        return DiskFull(
-            f"no space left to write {writing} ({_reason(err)}): a checkpoint needs about {needed / 2**20:.1f} MiB "
-            f"and {limit}; {_kept(self.last_checkpoint)}. Free space in {self.out} (or choose another "
-            "--output-dir), then continue with --resume"
+        advice = (
+            f"{_kept(self.last_checkpoint)}. Free space in {self.out} (or choose another --output-dir), then "
+            "continue with --resume"
         )
+        return disk_full(err, writing, "a checkpoint", needed, advice)
 
     def save_completed(self) -> Path | None:
         """After an error or a signal mid-step: the checkpoint of the last completed step (the one
@@ -275,7 +277,7 @@ class _Run:
         try:
             path = self.save_completed()
         except Exception as again:  # the first error is the one to report
-            err.add_note(f"saving step {self.completed[0]} failed too ({_reason(again)}); {kept}")
+            err.add_note(f"saving step {self.completed[0]} failed too ({reason(again)}); {kept}")
             return
         if path is None:
             err.add_note(f"no step was completed ({kept})")
@@ -407,13 +409,6 @@ class _Run:
 
 def _kept(last: Path | None) -> str:
     return f"the last checkpoint, {last}, is intact" if last else "no checkpoint was written"
-
-
-def _reason(err: BaseException) -> str:
-    """An error in a few words, for a note on another one."""
-    if isinstance(err, OSError) and err.strerror:
-        return err.strerror
-    return " ".join(str(err).split())[:200] or type(err).__name__
 
 
 def train(args: TrainArgs) -> dict:
