@@ -56,13 +56,18 @@ def parse_size(size: int | str, what: str = "max_shard_size") -> int:
 
 
 def atomic_write(target: Path, write: Callable[[Path], None]) -> None:
-    """`write(tmp)` to a temporary name beside `target`, synced, then renamed onto it."""
+    """`write(tmp)` to a temporary name beside `target`, synced, then renamed onto it. An OS error that
+    names no file (a write past `ulimit -f` says only "File too large") names `target`."""
     tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     try:
         write(tmp)
         with open(tmp, "rb+") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp, target)
+    except OSError as err:
+        if err.filename is None:
+            err.filename = str(target)
+        raise
     finally:
         if tmp.exists():
             tmp.unlink()

@@ -452,6 +452,25 @@ def test_a_file_size_limit_is_one_line(tmp_path):
     assert not (out / LOCK_FILE).exists()
 
 
+def test_a_file_size_limit_at_start_names_the_file(tmp_path):
+    """Under `ulimit -f 1` the run fails at start, writing the tokenizer's files that its identity
+    fingerprints: the line said only "File too large"; now it names the file and what wrote it."""
+
+    def limited():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1024, 1024))  # `ulimit -f 1`: one 1024-byte block
+
+    env = dict(os.environ, PYTHONPATH=str(ROOT), FASTSEQ_BACKEND="reference", TMPDIR=str(tmp_path))
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-m", "fastseq.cli", "train", *QUICK, "--output-dir", str(out)], env=env,
+                          capture_output=True, text=True, timeout=600, preexec_fn=limited, check=False)  # fmt: skip
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("fastseq ")]
+    assert proc.returncode == 2 and len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert lines[0].startswith(f"fastseq train: error: {tmp_path}/tmp"), lines[0]
+    assert ".json: File too large; the run's identity fingerprints the tokenizer's files" in lines[0], lines[0]
+    assert "ulimit -f" in lines[0] and not (out / LOCK_FILE).exists()
+
+
 # ---- signals -----------------------------------------------------------------------------------------------
 
 

@@ -105,7 +105,13 @@ def clear_output_dir(args: TrainArgs, out: Path) -> None:
 def _tokenizer_fingerprint(tokenizer: Tokenizer) -> str:
     digest = hashlib.sha256(type(tokenizer).__name__.encode())
     with tempfile.TemporaryDirectory() as tmp:
-        tokenizer.save_pretrained(tmp)
+        try:
+            tokenizer.save_pretrained(tmp)
+        except OSError as err:
+            err.add_note(f"the run's identity fingerprints the tokenizer's files, written to {tmp} (TMPDIR) for it: "
+                         "raise the file-size limit (ulimit -f) or free space there, or set TMPDIR to another "
+                         "directory")  # fmt: skip
+            raise
         for file in sorted(Path(tmp).iterdir()):
             digest.update(file.name.encode() + file.read_bytes())
     return digest.hexdigest()[:16]
