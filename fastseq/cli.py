@@ -10,11 +10,12 @@ import logging
 import signal
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from .bench import NAMES as BENCHMARKS
-from .files import check_apart, parse_size
-from .optim import OPTIMIZERS, SCHEDULES
-from .train import TrainArgs, train
+from .train.signals import Signals
+
+if TYPE_CHECKING:
+    from .train import TrainArgs
 
 # What bad input raises: reported in one line. Anything else is a fault of fastseq's (exit status 1).
 USER_ERRORS = (ValueError, OSError, KeyError, FloatingPointError)
@@ -25,6 +26,7 @@ _OWN_DIRECTORY = "write to a directory of its own"
 
 def _convert(args: argparse.Namespace) -> None:
     from .checkpoint import from_pretrained, resolve_dtype
+    from .files import check_apart, parse_size
     from .hub import model_directory
 
     destination = args.to or args.destination
@@ -65,7 +67,7 @@ def _disk_full_said(source, destination: str, dtype):
         if isinstance(err, DiskFull) or not is_disk_full(err):
             raise
         from .checkpoint import read_model_config
-        from .distributed.plan import parameter_count
+        from .memory import parameter_count
 
         needed = parameter_count(read_model_config(source)[0]) * dtype.itemsize
         raise disk_full(err, Path(destination), "the converted model", needed, "free space there, or convert to "
@@ -236,6 +238,9 @@ def _output_line(text: str, index: int, records: list[dict] | None, field: str) 
 
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    from .optim import OPTIMIZERS, SCHEDULES
+    from .train import TrainArgs
+
     d = TrainArgs()
     parser.add_argument("--config", default=None, help="a YAML file of these options (command-line flags win)")
     parser.add_argument("--model", default=None, help="model directory or hub id (ORG/NAME, through the Hugging Face "
@@ -313,6 +318,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
 
 def train_args(ns: argparse.Namespace) -> TrainArgs:
     """The run's TrainArgs from `--config FILE.yaml` and the flags (flags win)."""
+    from .train import TrainArgs
+
     values: dict = {}
     if getattr(ns, "config", None):
         values.update(_yaml_options(Path(ns.config)))
@@ -360,7 +367,8 @@ def _plan(ns: argparse.Namespace) -> None:
     import dataclasses
     import math
 
-    from .distributed.plan import Cluster, host_memory_gib, show
+    from .distributed.plan import Cluster, show
+    from .memory import host_memory_gib
 
     checks = {"--gpus": (ns.gpus, 1), "--gpus-per-node": (ns.gpus_per_node, 1)}
     for flag, (value, low) in checks.items():
@@ -372,6 +380,8 @@ def _plan(ns: argparse.Namespace) -> None:
     per_node = ns.gpus_per_node or min(ns.gpus, 8)
     if ns.gpus % per_node:
         raise ValueError(f"--gpus {ns.gpus} is not a multiple of --gpus-per-node {per_node}")
+    from .train import TrainArgs
+
     fields = [f.name for f in dataclasses.fields(TrainArgs)]
     options = _yaml_options(Path(ns.config)) if ns.config else {}
     options.update({k: v for k, v in vars(ns).items() if k in fields and v is not None})
@@ -391,12 +401,16 @@ def _bench(ns: argparse.Namespace) -> None:
 
 
 def _train(ns: argparse.Namespace) -> int:
+    from .train import train
+
     summary = train(train_args(ns))
     stopped = summary["interrupted"]
     return 128 + getattr(signal, stopped) if stopped else 0
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .bench import NAMES as BENCHMARKS
+
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--debug", action="store_true", help="on an error, show its traceback")
     parser = argparse.ArgumentParser(prog="fastseq", description="Fast training of T5-family models.")
@@ -491,6 +505,25 @@ def _one_line(err: BaseException) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """`fastseq COMMAND ...`. Its signal handlers (`Signals`) are installed before anything heavy is
+    imported (torch takes seconds): SIGINT, SIGTERM or SIGHUP at any moment of the start-up is the
+    line a later one gives ("interrupted", exit status 128 + the signal's number)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    command = f"fastseq {argv[0]}" if argv and not argv[0].startswith("-") else "fastseq"
+    with Signals():
+        try:
+            return _run(argv)
+        except KeyboardInterrupt as err:  # before training starts, or Ctrl-C twice: no checkpoint waited for
+            if "--debug" in argv:
+                raise
+            number = getattr(err, "number", signal.SIGINT)
+            said = "" if number == signal.SIGINT else f" by {signal.Signals(number).name}"
+            notes = "".join(f"; {note}" for note in getattr(err, "__notes__", []))
+            print(f"{command}: interrupted{said}{notes}", file=sys.stderr)
+            return 128 + number
+
+
+def _run(argv: list[str]) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
     try:
@@ -500,14 +533,6 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"fastseq {args.command}: error: {_one_line(err)}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt as err:  # before training starts, or Ctrl-C twice: no checkpoint waited for
-        if args.debug:
-            raise
-        number = getattr(err, "number", signal.SIGINT)
-        said = "" if number == signal.SIGINT else f" by {signal.Signals(number).name}"
-        notes = "".join(f"; {note}" for note in getattr(err, "__notes__", []))
-        print(f"fastseq {args.command}: interrupted{said}{notes}", file=sys.stderr)
-        return 128 + number
     except Exception as err:
         if args.debug:
             raise

@@ -660,7 +660,7 @@ def test_a_model_too_large_to_build_is_one_line_with_its_size(tmp_path, capfd, f
     """--random-init of a config with a billion layers (or a trillion-token vocabulary, or d_model 10**8)
     hung, raised an internal error or met the OOM killer: its parameters are counted before anything is
     built, and refused against the machine's memory with the figure."""
-    from fastseq.distributed.plan import host_memory_gib
+    from fastseq.memory import host_memory_gib
 
     model = _model_dir(tmp_path / "model", d_model=32)
     config = json.loads((model / "config.json").read_text())

@@ -559,6 +559,55 @@ def test_ctrl_c_soon_after_the_start_exits_with_a_line(tmp_path):
     assert not (out / LOCK_FILE).exists()
 
 
+_HOLD_TORCH = """
+import os, pathlib, sys, time
+
+
+class HoldTorch:
+    \"\"\"Marks the moment torch is first imported, then waits there for a signal.\"\"\"
+
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch":
+            sys.meta_path.remove(self)
+            pathlib.Path(os.environ["HOLD_TORCH_MARK"]).write_text("importing torch")
+            while True:
+                time.sleep(0.01)
+        return None
+
+
+sys.meta_path.insert(0, HoldTorch())
+"""
+
+
+@pytest.mark.parametrize("number", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_while_torch_imports_is_the_interrupted_line(tmp_path, number):
+    """SIGINT in the first seconds, while torch imports, printed a KeyboardInterrupt traceback, and SIGTERM
+    killed the process by signal 15: the command's handlers now come before torch. The signal is sent
+    while the import of torch is held (a sitecustomize hook), so the test does not race the start."""
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(_HOLD_TORCH)
+    mark = tmp_path / "importing-torch"
+    env = dict(os.environ, PYTHONPATH=f"{hook}:{ROOT}", HOLD_TORCH_MARK=str(mark))
+    out = tmp_path / "out"
+    proc = subprocess.Popen([shutil.which("fastseq"), "train", *QUICK, "--output-dir", str(out)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 600
+        while not mark.exists():
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        proc.send_signal(number)
+        stdout, stderr = proc.communicate(timeout=600)
+    finally:
+        proc.kill()
+    said = "" if number == signal.SIGINT else " by SIGTERM"
+    assert proc.returncode == 128 + number, stderr[-3000:]
+    assert "Traceback" not in stderr and stderr.strip().splitlines() == [f"fastseq train: interrupted{said}"], stderr
+    assert not out.exists()
+
+
 # ---- the YAML config ---------------------------------------------------------------------------------------
 
 

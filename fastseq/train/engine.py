@@ -166,7 +166,7 @@ def check_model_memory(args: TrainArgs, config) -> None:
     machine's host and GPU memory together, times the nodes."""
     import os
 
-    from fastseq.distributed.plan import GIB, check_parameter_memory, host_memory_gib
+    from fastseq.memory import GIB, check_parameter_memory, host_memory_gib
 
     host = host_memory_gib() * GIB
     gpus = [torch.cuda.get_device_properties(i).total_memory for i in range(torch.cuda.device_count())]

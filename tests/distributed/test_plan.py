@@ -21,7 +21,8 @@ from torch.utils._pytree import tree_flatten
 
 from fastseq import presets
 from fastseq.cli import main
-from fastseq.distributed.plan import GIB, Cluster, Setup, host_memory_gib, model_sizes, plan
+from fastseq.distributed.plan import Cluster, Setup, model_sizes, plan
+from fastseq.memory import GIB, host_memory_gib
 from tests.distributed.launch import free_port, shared_memory_left
 
 ADAM = Setup(optimizer="adamw")  # DeepSpeed's estimators assume bf16 with Adam
