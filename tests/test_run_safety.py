@@ -521,6 +521,35 @@ def test_ctrl_c_during_evaluation_stops_it_at_the_next_batch(tmp_path, capfd, mo
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2"]
 
 
+def test_sigterm_during_the_final_evaluation_then_resume_finishes_the_run(tmp_path, capfd, monkeypatch):
+    """SIGTERM during the final evaluation said "continue with the same command and --resume", which was
+    then refused ("already past --steps"), and the model, final evaluation, predictions and plot were never
+    written. Now that command writes them."""
+    evaluate = loop._Run.evaluate
+
+    def interrupted(self, step):
+        if step == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return evaluate(self, step)
+
+    monkeypatch.setattr(loop._Run, "evaluate", interrupted)
+    out = tmp_path / "out"
+    argv = ["train", *QUICK, "--eval-every", "2", "--output-dir", str(out)]
+    assert main(argv) == 128 + signal.SIGTERM
+    said = capfd.readouterr().out
+    assert "stopped by SIGTERM after step 3; continue with the same command and --resume" in said
+    final = ["model.safetensors", "config.json", "loss.png", "generated_predictions.txt", "eval_predictions-3.jsonl"]
+    assert not [name for name in final if (out / name).exists()]
+    monkeypatch.setattr(loop._Run, "evaluate", evaluate)
+    assert main([*argv, "--resume"]) == 0, capfd.readouterr().err
+    summary = capfd.readouterr().out
+    assert "steps 3-3" in summary and "held-out exact match" in summary and "(checkpoint-3)" in summary, summary
+    assert [name for name in final if (out / name).exists()] == final
+    records = _records(out)
+    assert [r["step"] for r in records] == [1, 2, 3, 3] and "eval_loss" in records[-1] and "eval_loss" in records[1]
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-3"]
+
+
 def test_ctrl_c_during_start_up_is_one_line(tmp_path, capfd, monkeypatch):
     build_data = loop.build_data
 

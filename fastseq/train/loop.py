@@ -340,7 +340,9 @@ class _Run:
         """The final checkpoint, evaluation (after the checkpoint, so a failing evaluation loses no
         training) and model directory; returns the checkpoint."""
         steps = self.args.steps
-        path = self.checkpoint(steps)
+        path = self.out / f"checkpoint-{steps}"
+        if self.last_checkpoint != path:  # written already when a resume of the last step finishes the run
+            path = self.checkpoint(steps)
         if self.evaluating:
             self.final = self.evaluate(steps)
         self.prune()
@@ -434,10 +436,14 @@ def _train(args: TrainArgs, config, tokenizer: Tokenizer, engine: Engine, out: P
     engine.build(config)
     run = _Run(args, engine, tokenizer, data, identity, out)
     start = run.resume() if args.resume else 0
-    if start >= args.steps:
+    if start > args.steps:
         raise ValueError(f"the checkpoint is at step {start}, already past --steps {args.steps}; raise --steps")
     engine.on_first_rank(clear_output_dir, args, out)  # every check has passed: --overwrite removes the old run
     run.metrics = MetricsLog(out, args, data, start, engine.rank == 0)
+    if start == args.steps:  # the last step's checkpoint (a signal stopped the final evaluation): the run ends
+        log.info("--resume: %s is the run's last step; writing its final evaluation and model", run.last_checkpoint)
+        run.losses = [(r["step"], r["loss"]) for r in run.metrics.history if "loss" in r] or [(start, math.nan)]
+        run.evals = [(r["step"], r["eval_loss"]) for r in run.metrics.history if "eval_loss" in r]
     if data.held_out and engine.model is None:
         log.warning("%s cannot evaluate held-out examples; evaluate the trained model directory instead", engine.name)
     if run.evaluating:
