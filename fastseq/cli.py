@@ -154,9 +154,10 @@ def _check_generate_options(args: argparse.Namespace) -> None:
             raise ValueError(f"--output-file {out} is a directory; pass a file name")
         if not out.parent.is_dir():
             raise FileNotFoundError(f"--output-file {out}: the directory {out.parent} does not exist; create it first")
-        source = args.input_file
-        if source not in (None, "-") and out.exists() and out.resolve() == Path(source).resolve():
-            raise ValueError(f"--output-file {out} is the input file; write the outputs to another file")
+        from .files import check_apart
+
+        source = args.input_file if args.input_file != "-" else None
+        check_apart(out, "--output-file", {"--input-file": source}, "write the outputs to another file")
 
 
 def _generate_inputs(args: argparse.Namespace) -> tuple[list[str], list[dict] | None]:

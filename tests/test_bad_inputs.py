@@ -567,7 +567,7 @@ def _generate_cases(tmp: Path) -> dict[str, tuple[list[str], tuple[str, ...]]]:
         "field that is not text": (["--input-file", str(not_text)], ("number.jsonl:1", "is a int, not text")),
         "not UTF-8": (["--input-file", str(latin1)], ("latin1.txt:2", "not UTF-8")),
         "empty input": (["--input-file", str(empty)], ("holds no input",)),
-        "output onto the input": (["--input-file", str(texts), "--output-file", str(texts)], ("is the input file",)),
+        "output onto the input": (["--input-file", str(texts), "--output-file", str(texts)], ("is --input-file",)),
         "output in a missing directory": (["x", "--output-file", str(tmp / "no" / "out.txt")], ("does not exist",)),
         "output that is a directory": (["x", "--output-file", str(tmp)], ("is a directory",)),
     }  # fmt: skip

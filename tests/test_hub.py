@@ -226,6 +226,8 @@ def test_the_hub_cache_is_an_input_and_never_written(hub, tmp_path, capfd):
         (["convert", REPO, str(snapshot)], f"DST {snapshot} lies inside the Hugging Face cache"),
         (["convert", str(source), str(snapshot.parent / "other")], "lies inside the Hugging Face cache"),
         (["convert", "--from-deepspeed", str(snapshot), "--to", str(snapshot)], "lies inside the Hugging Face cache"),
+        (["generate", "--model", REPO, "x", "--output-file", str(snapshot / "out.txt")],
+         f"--output-file {snapshot / 'out.txt'} lies inside the Hugging Face cache"),
     ]  # fmt: skip
     for argv, expected in cases:
         refused(capfd, argv, expected, "huggingface_hub owns" if "Hugging Face cache" in expected else REPO)
