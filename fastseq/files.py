@@ -65,7 +65,7 @@ def atomic_write(target: Path, write: Callable[[Path], None]) -> None:
             os.fsync(handle.fileno())
         os.replace(tmp, target)
     except OSError as err:
-        if err.filename is None:
+        if err.filename is None and err.errno is not None:  # raised by the OS (an errno), naming no file
             err.filename = str(target)
         raise
     finally:
