@@ -4,43 +4,74 @@ the problem and the fix (exit status 2); `--debug` shows the traceback instead."
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import signal
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from .bench import NAMES as BENCHMARKS
-from .optim import OPTIMIZERS, SCHEDULES
-from .train import TrainArgs, train
+from .train.signals import Signals
+
+if TYPE_CHECKING:
+    from .train import TrainArgs
 
 # What bad input raises: reported in one line. Anything else is a fault of fastseq's (exit status 1).
 USER_ERRORS = (ValueError, OSError, KeyError, FloatingPointError)
 
 
+_OWN_DIRECTORY = "write to a directory of its own"
+
+
 def _convert(args: argparse.Namespace) -> None:
-    from .checkpoint import from_pretrained
+    from .checkpoint import from_pretrained, resolve_dtype
+    from .files import check_apart, parse_size
+    from .hub import model_directory
 
     destination = args.to or args.destination
+    parse_size(args.max_shard_size, "--max-shard-size")  # before anything is read
+    dtype = resolve_dtype(args.dtype)
     if args.from_deepspeed:
-        from .checkpoint import resolve_dtype
-        from .distributed.convert import check_destination, convert
+        from .distributed.convert import convert
 
         if not destination or args.source:
             raise ValueError("use: fastseq convert --from-deepspeed OUTPUT/checkpoint-STEP --to DIR")
-        check_destination(args.from_deepspeed, destination, "--from-deepspeed", "--to")
-        convert(args.from_deepspeed, destination, max_shard_size=args.max_shard_size, dtype=resolve_dtype(args.dtype))
+        check_apart(destination, "--to", {"--from-deepspeed": args.from_deepspeed}, _OWN_DIRECTORY)
+        with _disk_full_said(args.from_deepspeed, destination, dtype):
+            convert(args.from_deepspeed, destination, max_shard_size=args.max_shard_size, dtype=dtype)
         return
     if not args.source or not destination:
         raise ValueError("use: fastseq convert SRC DST, or fastseq convert --from-deepspeed CKPT --to DIR")
-    from .distributed.convert import check_destination, copy_side_files
+    from .distributed.convert import copy_side_files
 
-    check_destination(args.source, destination, "SRC", "DST")
-    model = from_pretrained(args.source, dtype=args.dtype)
-    model.save_pretrained(destination, max_shard_size=args.max_shard_size)
-    copied = copy_side_files(Path(args.source), Path(destination))
+    check_apart(destination, "DST", {"SRC": args.source}, _OWN_DIRECTORY)
+    source = model_directory(args.source)  # a hub id: its snapshot, whose tokenizer files are copied too
+    model = from_pretrained(source, dtype=dtype)
+    with _disk_full_said(source, destination, dtype):
+        model.save_pretrained(destination, max_shard_size=args.max_shard_size)
+        copied = copy_side_files(source, Path(destination))
     print(f"fastseq convert: {type(model).__name__} ({model.num_parameters():,} parameters) -> {destination}"
           f"{'; copied ' + ', '.join(copied) if copied else ''}")  # fmt: skip
+
+
+@contextlib.contextmanager
+def _disk_full_said(source, destination: str, dtype):
+    """A full disk (or quota, or file-size limit) while `fastseq convert` writes: the line `train`
+    gives (`fastseq.files.disk_full`), with the space the converted weights need."""
+    from .files import DiskFull, disk_full, is_disk_full
+
+    try:
+        yield
+    except Exception as err:
+        if isinstance(err, DiskFull) or not is_disk_full(err):
+            raise
+        from .checkpoint import read_model_config
+        from .memory import parameter_count
+
+        needed = parameter_count(read_model_config(source)[0]) * dtype.itemsize
+        raise disk_full(err, Path(destination), "the converted model", needed, "free space there, or convert to "
+                        "another destination") from err  # fmt: skip
 
 
 def _generate(args: argparse.Namespace) -> None:
@@ -123,9 +154,10 @@ def _check_generate_options(args: argparse.Namespace) -> None:
             raise ValueError(f"--output-file {out} is a directory; pass a file name")
         if not out.parent.is_dir():
             raise FileNotFoundError(f"--output-file {out}: the directory {out.parent} does not exist; create it first")
-        source = args.input_file
-        if source not in (None, "-") and out.exists() and out.resolve() == Path(source).resolve():
-            raise ValueError(f"--output-file {out} is the input file; write the outputs to another file")
+        from .files import check_apart
+
+        source = args.input_file if args.input_file != "-" else None
+        check_apart(out, "--output-file", {"--input-file": source}, "write the outputs to another file")
 
 
 def _generate_inputs(args: argparse.Namespace) -> tuple[list[str], list[dict] | None]:
@@ -207,6 +239,9 @@ def _output_line(text: str, index: int, records: list[dict] | None, field: str) 
 
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    from .optim import OPTIMIZERS, SCHEDULES
+    from .train import TrainArgs
+
     d = TrainArgs()
     parser.add_argument("--config", default=None, help="a YAML file of these options (command-line flags win)")
     parser.add_argument("--model", default=None, help="model directory or hub id (ORG/NAME, through the Hugging Face "
@@ -284,6 +319,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
 
 def train_args(ns: argparse.Namespace) -> TrainArgs:
     """The run's TrainArgs from `--config FILE.yaml` and the flags (flags win)."""
+    from .train import TrainArgs
+
     values: dict = {}
     if getattr(ns, "config", None):
         values.update(_yaml_options(Path(ns.config)))
@@ -331,7 +368,8 @@ def _plan(ns: argparse.Namespace) -> None:
     import dataclasses
     import math
 
-    from .distributed.plan import Cluster, host_memory_gib, show
+    from .distributed.plan import Cluster, show
+    from .memory import host_memory_gib
 
     checks = {"--gpus": (ns.gpus, 1), "--gpus-per-node": (ns.gpus_per_node, 1)}
     for flag, (value, low) in checks.items():
@@ -343,6 +381,8 @@ def _plan(ns: argparse.Namespace) -> None:
     per_node = ns.gpus_per_node or min(ns.gpus, 8)
     if ns.gpus % per_node:
         raise ValueError(f"--gpus {ns.gpus} is not a multiple of --gpus-per-node {per_node}")
+    from .train import TrainArgs
+
     fields = [f.name for f in dataclasses.fields(TrainArgs)]
     options = _yaml_options(Path(ns.config)) if ns.config else {}
     options.update({k: v for k, v in vars(ns).items() if k in fields and v is not None})
@@ -362,12 +402,16 @@ def _bench(ns: argparse.Namespace) -> None:
 
 
 def _train(ns: argparse.Namespace) -> int:
+    from .train import train
+
     summary = train(train_args(ns))
     stopped = summary["interrupted"]
     return 128 + getattr(signal, stopped) if stopped else 0
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .bench import NAMES as BENCHMARKS
+
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--debug", action="store_true", help="on an error, show its traceback")
     parser = argparse.ArgumentParser(prog="fastseq", description="Fast training of T5-family models.")
@@ -462,6 +506,25 @@ def _one_line(err: BaseException) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """`fastseq COMMAND ...`. Its signal handlers (`Signals`) are installed before anything heavy is
+    imported (torch takes seconds): SIGINT, SIGTERM or SIGHUP at any moment of the start-up is the
+    line a later one gives ("interrupted", exit status 128 + the signal's number)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    command = f"fastseq {argv[0]}" if argv and not argv[0].startswith("-") else "fastseq"
+    with Signals():
+        try:
+            return _run(argv)
+        except KeyboardInterrupt as err:  # before training starts, or Ctrl-C twice: no checkpoint waited for
+            if "--debug" in argv:
+                raise
+            number = getattr(err, "number", signal.SIGINT)
+            said = "" if number == signal.SIGINT else f" by {signal.Signals(number).name}"
+            notes = "".join(f"; {note}" for note in getattr(err, "__notes__", []))
+            print(f"{command}: interrupted{said}{notes}", file=sys.stderr)
+            return 128 + number
+
+
+def _run(argv: list[str]) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
     try:
@@ -471,14 +534,6 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"fastseq {args.command}: error: {_one_line(err)}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt as err:  # before training starts, or Ctrl-C twice: no checkpoint waited for
-        if args.debug:
-            raise
-        number = getattr(err, "number", signal.SIGINT)
-        said = "" if number == signal.SIGINT else f" by {signal.Signals(number).name}"
-        notes = "".join(f"; {note}" for note in getattr(err, "__notes__", []))
-        print(f"fastseq {args.command}: interrupted{said}{notes}", file=sys.stderr)
-        return 128 + number
     except Exception as err:
         if args.debug:
             raise

@@ -26,6 +26,10 @@ from safetensors.torch import save_file
 SAFE_WEIGHTS = "model.safetensors"
 SAFE_INDEX = "model.safetensors.index.json"
 SHARD_RE = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
+# The smallest --max-shard-size: below it every shard is one tensor, whatever the model (0 wrote a
+# file per tensor). 10 KB keeps the small shards that tiny test models are split into (20KB).
+MIN_SHARD_SIZE = 10_000
+_MAX_SHARDS = 99_999  # what the five digits of a shard's name count
 LOCK_FILE = ".fastseq.lock"
 # What a full disk or a file-size limit (`ulimit -f`) raises: a user's problem, not fastseq's.
 DISK_FULL = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
@@ -34,25 +38,36 @@ _DISK_FULL_TEXT = ("No space left on device", "File too large", "Disk quota exce
 log = logging.getLogger("fastseq.files")
 
 
-def parse_size(size: int | str) -> int:
-    """Bytes from 5GB, 500MB, 2GiB or an int."""
+def parse_size(size: int | str, what: str = "max_shard_size") -> int:
+    """Bytes from 5GB, 500MB, 2GiB or an int, at least `MIN_SHARD_SIZE`."""
     if isinstance(size, int):
-        return size
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]i?B|B)?\s*", size, flags=re.IGNORECASE)
-    if not match:
-        raise ValueError(f"max_shard_size={size!r} is not a size; write it like 5GB, 500MB or 2GiB")
-    units = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
-    return int(float(match.group(1)) * units[(match.group(2) or "B").lower()])
+        value = size
+    else:
+        match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]i?B|B)?\s*", size, flags=re.IGNORECASE)
+        if not match:
+            raise ValueError(f"{what} {size!r} is not a size; write it like 5GB, 500MB or 2GiB")
+        units = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
+        value = int(float(match.group(1)) * units[(match.group(2) or "B").lower()])
+    if value < MIN_SHARD_SIZE:
+        raise ValueError(f"{what} {size!r} is below the smallest shard size, 10KB ({MIN_SHARD_SIZE} bytes): "
+                         "smaller shards only split the weights into a file per tensor; pass a size like 5GB or "
+                         "500MB")  # fmt: skip
+    return value
 
 
 def atomic_write(target: Path, write: Callable[[Path], None]) -> None:
-    """`write(tmp)` to a temporary name beside `target`, synced, then renamed onto it."""
+    """`write(tmp)` to a temporary name beside `target`, synced, then renamed onto it. An OS error that
+    names no file (a write past `ulimit -f` says only "File too large") names `target`."""
     tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     try:
         write(tmp)
         with open(tmp, "rb+") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp, target)
+    except OSError as err:
+        if err.filename is None and err.errno is not None:  # raised by the OS (an errno), naming no file
+            err.filename = str(target)
+        raise
     finally:
         if tmp.exists():
             tmp.unlink()
@@ -97,12 +112,67 @@ def _signals_deferred() -> Iterator[None]:
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
+def check_apart(
+    output: str | os.PathLike, output_flag: str, inputs: dict[str, str | os.PathLike | None], why: str
+) -> None:
+    """The one rule for where a command writes: `output` (named `output_flag`) may not be, hold or lie
+    inside an input (`inputs`: flag -> a path, or a hub id, which is its snapshot in the Hugging Face
+    cache), nor lie inside that cache (`huggingface_hub` owns it: its files are links into shared
+    blobs). `why` ends the error line: what the command would do there, and the fix."""
+    from .hub import cache_dir, cached_directory
+
+    out = Path(os.path.realpath(output))
+    cache = Path(os.path.realpath(cache_dir()))
+    if out == cache or cache in out.parents:
+        raise ValueError(f"{output_flag} {output} lies inside the Hugging Face cache ({cache_dir()}), which "
+                         f"huggingface_hub owns; {why}")  # fmt: skip
+    for flag, value in inputs.items():
+        if value is None:
+            continue
+        path = Path(value) if Path(value).exists() else cached_directory(str(value))
+        if path is None:
+            continue
+        path = Path(os.path.realpath(path))
+        shown = value if path == Path(os.path.realpath(value)) else f"{value} ({path})"
+        if path == out:
+            relation = "is"
+        elif out in path.parents:
+            relation = "holds"
+        elif path in out.parents:
+            relation = "lies inside"
+        else:
+            continue
+        raise ValueError(f"{output_flag} {output} {relation} {flag} {shown}; {why}")
+
+
 def is_disk_full(err: BaseException) -> bool:
     """Whether `err` says the disk (or the quota, or the file-size limit) is full. safetensors' own
     error type carries the OS error only in its text."""
     if isinstance(err, OSError) and err.errno in DISK_FULL:
         return True
     return any(text in str(err) for text in _DISK_FULL_TEXT)
+
+
+class DiskFull(ValueError):
+    """The disk (or the quota, or the file-size limit) is full: a user's problem, said in one line."""
+
+
+def reason(err: BaseException) -> str:
+    """An error in a few words, for a note on another one."""
+    if isinstance(err, OSError) and err.strerror:
+        return err.strerror
+    return " ".join(str(err).split())[:200] or type(err).__name__
+
+
+def disk_full(err: BaseException, writing: Path, what: str, needed: int, advice: str) -> DiskFull:
+    """The line for a full disk (or quota, or file-size limit) while writing `writing`, whatever
+    writes it (a checkpoint, `fastseq convert`): the OS's words, the space `what` needs (`needed`
+    bytes), the space free there (or the file-size limit), and `advice`."""
+    where = next(p for p in (Path(writing), *Path(writing).parents) if p.exists())
+    limit = "a file of it is larger than the file-size limit (ulimit -f)" if "too large" in str(err).lower() else (
+        f"{shutil.disk_usage(where).free / 2**20:.1f} MiB is free there")  # fmt: skip
+    return DiskFull(f"no space left to write {writing} ({reason(err)}): {what} needs about {needed / 2**20:.1f} MiB "
+                    f"and {limit}; {advice}")  # fmt: skip
 
 
 def directory_size(path: Path) -> int:
@@ -313,6 +383,9 @@ def save_pretrained(model, path: str | os.PathLike, *, max_shard_size: int | str
     aliases = model.tied_parameters()
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items() if k not in aliases}
     shards = _shards(tensors, parse_size(max_shard_size))
+    if len(shards) > _MAX_SHARDS:
+        raise ValueError(f"max_shard_size {max_shard_size!r} splits the weights into {len(shards):,} shards, more "
+                         f"than the {_MAX_SHARDS:,} that shard names count; pass a larger size")  # fmt: skip
     metadata = {"format": "pt"}
     written: set[str] = set()
     if len(shards) == 1:

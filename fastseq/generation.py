@@ -180,14 +180,18 @@ def _beam_search(
     return finished[:, 0, :length]
 
 
-def _check(max_new_tokens, num_beams, do_sample, temperature, top_k, top_p, length_penalty, repetition_penalty,
-           no_repeat_ngram_size, min_new_tokens, position_limit) -> None:  # fmt: skip
-    """Every setting, before any work: a bad one is a ValueError naming it, its value and the fix."""
-    limit = min(MAX_NEW_TOKENS, position_limit or MAX_NEW_TOKENS)
+def check_settings(config, *, max_new_tokens: int, num_beams: int = 1, do_sample: bool = False,
+                   temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, length_penalty: float = 1.0,
+                   repetition_penalty: float = 1.0, no_repeat_ngram_size: int = 0,
+                   min_new_tokens: int = 0) -> None:  # fmt: skip
+    """Every setting of a generation by the model of `config`, before any work (`fastseq train` checks
+    its evaluation's at start): a bad one is a ValueError naming it, its value and the fix."""
+    positions = position_limit(config)
+    limit = min(MAX_NEW_TOKENS, positions or MAX_NEW_TOKENS)
     if not 1 <= max_new_tokens <= limit:
         why = "the KV cache is allocated up front"
-        if limit == position_limit:
-            why = f"the model's learned positions cover {position_limit} tokens"
+        if limit == positions:
+            why = f"the model's learned positions cover {positions} tokens"
         raise ValueError(f"max_new_tokens must be between 1 and {limit} ({why}); got {max_new_tokens}")
     if not (math.isfinite(temperature) and temperature > 0):
         raise ValueError(f"temperature must be a finite number > 0; got {temperature} (use do_sample=False for greedy)")
@@ -209,10 +213,10 @@ def _check(max_new_tokens, num_beams, do_sample, temperature, top_k, top_p, leng
         raise ValueError(f"min_new_tokens must be >= 0; got {min_new_tokens}")
 
 
-def position_limit(model) -> int | None:
-    """The most decoder positions the model has (learned position embeddings), or None (T5's relative
-    positions have no limit)."""
-    return getattr(model.config, "max_position_embeddings", None)
+def position_limit(config) -> int | None:
+    """The most decoder positions the model of `config` has (learned position embeddings), or None
+    (T5's relative positions have no limit)."""
+    return getattr(config, "max_position_embeddings", None)
 
 
 @torch.no_grad()
@@ -250,8 +254,10 @@ def generate(
     eos = _setting(eos_token_id, config, "eos_token_id")
     pad = _setting(pad_token_id, config, "pad_token_id")
     start = _setting(decoder_start_token_id, config, "decoder_start_token_id")
-    _check(max_new_tokens, num_beams, do_sample, temperature, top_k, top_p, length_penalty, repetition_penalty,
-           no_repeat_ngram_size, min_new_tokens, position_limit(model))  # fmt: skip
+    check_settings(config, max_new_tokens=max_new_tokens, num_beams=num_beams, do_sample=do_sample,
+                   temperature=temperature, top_k=top_k, top_p=top_p, length_penalty=length_penalty,
+                   repetition_penalty=repetition_penalty, no_repeat_ngram_size=no_repeat_ngram_size,
+                   min_new_tokens=min_new_tokens)  # fmt: skip
     rules = dict(
         eos=eos, forced_eos=_setting(forced_eos_token_id, config, "forced_eos_token_id"),
         max_new_tokens=max_new_tokens, repetition_penalty=float(repetition_penalty),

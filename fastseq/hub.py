@@ -54,6 +54,19 @@ def model_directory(name: str | os.PathLike) -> Path:
     return _snapshot(text)
 
 
+def cached_directory(name: str) -> Path | None:
+    """The directory a hub id names in the local cache, without a download; None when `name` is no
+    hub id or the cache does not hold it."""
+    from huggingface_hub import snapshot_download
+
+    if not is_repo_id(name):
+        return None
+    try:
+        return Path(snapshot_download(name, allow_patterns=_MODEL_FILES, local_files_only=True))
+    except (OSError, ValueError):  # not cached (LocalEntryNotFoundError, an OSError), or not a valid id
+        return None
+
+
 def _snapshot(repo_id: str) -> Path:
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import (

@@ -567,7 +567,7 @@ def _generate_cases(tmp: Path) -> dict[str, tuple[list[str], tuple[str, ...]]]:
         "field that is not text": (["--input-file", str(not_text)], ("number.jsonl:1", "is a int, not text")),
         "not UTF-8": (["--input-file", str(latin1)], ("latin1.txt:2", "not UTF-8")),
         "empty input": (["--input-file", str(empty)], ("holds no input",)),
-        "output onto the input": (["--input-file", str(texts), "--output-file", str(texts)], ("is the input file",)),
+        "output onto the input": (["--input-file", str(texts), "--output-file", str(texts)], ("is --input-file",)),
         "output in a missing directory": (["x", "--output-file", str(tmp / "no" / "out.txt")], ("does not exist",)),
         "output that is a directory": (["x", "--output-file", str(tmp)], ("is a directory",)),
     }  # fmt: skip
@@ -622,3 +622,78 @@ def test_generate_with_nothing_on_a_terminal_says_what_to_pass(generate_model, c
 def test_train_seed_and_label_smoothing_are_checked(tmp_path, capfd, argv, expected):
     refused(capfd, ["train", *argv, "--output-dir", str(tmp_path / "out")], *expected)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("size", ["0", "1KB", "9999", "0.000001GB", "5 parsecs"])
+def test_a_shard_size_below_the_minimum_is_one_line(tmp_path, capfd, size):
+    """--max-shard-size 0 wrote a file per tensor: sizes below 10KB are refused before anything is read."""
+    model = _model_dir(tmp_path / "model", d_model=32)
+    expected = "is not a size" if "parsecs" in size else "is below the smallest shard size, 10KB"
+    refused(capfd, ["convert", str(model), str(tmp_path / "dst"), "--max-shard-size", size],
+            f"--max-shard-size {size!r}", expected)  # fmt: skip
+    refused(capfd, ["convert", "--from-deepspeed", str(model), "--to", str(tmp_path / "dst"), "--max-shard-size",
+                    size], expected)  # fmt: skip
+    assert not (tmp_path / "dst").exists()
+    assert main(["convert", str(model), str(tmp_path / "ok"), "--max-shard-size", "10KB"]) == 0
+    assert len(list((tmp_path / "ok").glob("model-*.safetensors"))) > 1
+
+
+@pytest.mark.parametrize("argv,expected", [
+    (["--max-new-tokens", "100000000"], "evaluation's max_new_tokens must be between 1 and 65536"),
+    (["--max-target-length", "100000"], "lower --max-target-length (the default of --max-new-tokens)"),
+    (["--num-beams", "2", "--max-new-tokens", str(2**17)], "got 131072: lower --max-new-tokens"),
+])  # fmt: skip
+def test_evaluation_settings_are_checked_at_start(tmp_path, capfd, argv, expected):
+    """--max-new-tokens 100000000 with held-out data trained, checkpointed, then failed at the first
+    evaluation: now refused before any work, and without held-out examples it is not used."""
+    data = tmp_path / "t.jsonl"
+    data.write_text("".join(json.dumps({"source": f"s{i}", "target": f"t{i}"}) + "\n" for i in range(8)))
+    out = tmp_path / "out"
+    held_out = ["--data", str(data), "--eval-data", str(data), "--eval-every", "1"]
+    refused(capfd, ["train", *QUICK, *held_out, *argv, "--output-dir", str(out)], expected)
+    assert not out.exists() or not list(out.iterdir())
+    assert main(["train", *QUICK, "--steps", "1", "--data", str(data), *argv, "--output-dir", str(out)]) == 0
+
+
+@pytest.mark.parametrize("field,value", [("num_layers", 10**9), ("vocab_size", 10**12), ("d_model", 10**8)])
+def test_a_model_too_large_to_build_is_one_line_with_its_size(tmp_path, capfd, field, value):
+    """--random-init of a config with a billion layers (or a trillion-token vocabulary, or d_model 10**8)
+    hung, raised an internal error or met the OOM killer: its parameters are counted before anything is
+    built, and refused against the machine's memory with the figure."""
+    from fastseq.memory import host_memory_gib
+
+    model = _model_dir(tmp_path / "model", d_model=32)
+    config = json.loads((model / "config.json").read_text())
+    config[field] = value
+    (model / "config.json").write_text(json.dumps(config))
+    out = tmp_path / "out"
+    line = refused(capfd, ["train", *QUICK, "--model", str(model), "--random-init", "--device", "cpu", "--output-dir",
+                           str(out)], "the model needs", "TiB for its", "parameters (fp32), more than this machine's",
+                   f"{host_memory_gib():.1f} GiB", "lower its sizes")  # fmt: skip
+    assert "internal error" not in line and not out.exists()
+    refused(capfd, ["plan", "--model", str(model), "--gpus", "8", "--cpu-mem", "64"],
+            "more than the cluster's GPU and host memory together, 704.0 GiB")  # fmt: skip
+
+
+def test_a_billion_epochs_build_no_list_per_epoch(tmp_path, capfd):
+    """--epochs 1e9 built a list with an entry per epoch (13 GB on a 64-line file): one count serves every
+    epoch; with --max-tokens (whose epochs are each counted) and past 2**40 steps it is one line."""
+    import tracemalloc
+
+    from fastseq.train.args import TrainArgs
+    from fastseq.train.data import build_data
+
+    data = tmp_path / "t.jsonl"
+    data.write_text("".join(json.dumps({"source": f"s{i}", "target": f"t{i}"}) + "\n" for i in range(64)))
+    args = TrainArgs(data=str(data), epochs=1e9, batch_size=4, output_dir=str(tmp_path / "out"))
+    tracemalloc.start()
+    try:
+        build_data(args, ByT5Tokenizer(), __import__("fastseq.train.engine").train.engine.default_config())
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert args.steps == 16 * 10**9 and peak < 2**26, peak
+    out = ["--data", str(data), "--output-dir", str(tmp_path / "out")]
+    refused(capfd, ["train", "--epochs", "1e9", "--max-tokens", "64", *out], "at most 10,000 epochs", "--steps")
+    refused(capfd, ["train", "--epochs", "1e12", "--batch-size", "4", *out],
+            "gives 16,000,000,000,000 steps, more than 2**40")  # fmt: skip

@@ -277,3 +277,31 @@ def test_metrics_jsonl_stays_strict_json(tmp_path, capfd, tiny, reference_backen
     for line in (out / "metrics.jsonl").read_text().splitlines():
         record = json.loads(line, parse_constant=refuse)
         assert all(not isinstance(v, float) or math.isfinite(v) for v in record.values())
+
+
+def test_save_total_limit_keeps_the_resumed_branch(tmp_path, capfd, caplog):
+    """Train to 6 saving every 2, then resume checkpoint-2 to step 4 with --save-total-limit 1: the
+    summary's checkpoint-4 is kept (it was deleted, and the other branch's checkpoint-6 kept as the
+    "latest"); the other branch's checkpoints are set aside whole, and `--resume` alone continues this one."""
+    from fastseq.cli import main
+
+    out = tmp_path / "out"
+    quick = ["--batch-size", "4", "--eval-examples", "4", "--quiet", "--save-every", "2", "--output-dir", str(out)]
+    assert main(["train", "--steps", "6", *quick]) == 0
+    old = {step: (out / f"checkpoint-{step}" / "model.safetensors").read_bytes() for step in (4, 6)}
+    capfd.readouterr()
+    with caplog.at_level("WARNING", logger="fastseq.train"):
+        assert main(["train", "--steps", "4", "--resume", str(out / "checkpoint-2"), "--save-total-limit", "1",
+                     *quick]) == 0  # fmt: skip
+    assert f"checkpoint in {out} (checkpoint-4)" in capfd.readouterr().out
+    names = sorted(p.name for p in out.iterdir() if "checkpoint" in p.name)
+    assert names == ["checkpoint-4", "checkpoint-4.abandoned", "checkpoint-6.abandoned"], names
+    for step, weights in old.items():  # the other branch, byte for byte
+        assert (out / f"checkpoint-{step}.abandoned" / "model.safetensors").read_bytes() == weights
+    assert "is of the branch that --resume left at step 2" in caplog.text
+    # A later --resume (latest) continues this branch, from checkpoint-4.
+    assert main(["train", "--steps", "6", "--resume", *quick]) == 0
+    assert "steps 4-6" in capfd.readouterr().out
+    # --overwrite removes the set-aside checkpoints with the rest of the old run.
+    assert main(["train", "--steps", "1", "--overwrite", *quick]) == 0
+    assert sorted(p.name for p in out.iterdir() if "checkpoint" in p.name) == ["checkpoint-1"]

@@ -17,6 +17,7 @@ import torch
 import fastseq
 from fastseq.cli import main
 from fastseq.tokenizers import ByT5Tokenizer, load_tokenizer
+from tests.conftest import refused
 
 COMMIT = "3f1c0a2b9d8e7f6a5b4c3d2e1f0a9b8c7d6e5f4a"
 REPO = "tiny-org/tiny-t5"
@@ -197,3 +198,42 @@ def test_a_tokenizer_given_as_a_hub_id_comes_from_the_cache(hub, tmp_path, capfd
     code, _, err = _cli(capfd, "train", "--tokenizer", "tiny-org/missing", "--output-dir", str(tmp_path / "o3"))
     lines = [line for line in err.splitlines() if line.startswith("fastseq ")]
     assert code == 2 and len(lines) == 1 and "tiny-org/missing" in lines[0], err
+
+
+def _files(root: Path) -> dict[str, tuple[bool, bytes]]:
+    """Every entry under `root`: whether it is a link, and its bytes (a file's)."""
+    return {str(p.relative_to(root)): (p.is_symlink(), p.read_bytes() if p.is_file() else b"")
+            for p in sorted(root.rglob("*"))}  # fmt: skip
+
+
+def test_the_hub_cache_is_an_input_and_never_written(hub, tmp_path, capfd):
+    """A hub id's snapshot is the model the run reads: train --overwrite into it deleted its config,
+    weights and tokenizer; convert into it replaced its links with files; an --output-dir anywhere in
+    the cache wrote there. Each is one line, and the cache is as it was."""
+    env, source, snapshot = hub
+    cache = tmp_path / "hf_home" / "hub"
+    data = tmp_path / "t.jsonl"
+    data.write_text("".join(json.dumps({"source": f"copy {w}", "target": w}) + "\n" for w in "abcd"))
+    before = _files(cache)
+    quick = ["--steps", "1", "--batch-size", "2", "--quiet", "--data", str(data)]
+    cases = [
+        (["train", "--model", REPO, *quick, "--output-dir", str(snapshot), "--overwrite"],
+         f"--output-dir {snapshot} lies inside the Hugging Face cache"),
+        (["train", *quick, "--output-dir", str(snapshot / "run")], "lies inside the Hugging Face cache"),
+        (["train", *quick, "--output-dir", str(cache)], "lies inside the Hugging Face cache"),
+        (["train", "--model", REPO, *quick, "--output-dir", str(tmp_path / "hf_home"), "--overwrite"],
+         f"holds --model {REPO} ({snapshot})"),
+        (["convert", REPO, str(snapshot)], f"DST {snapshot} lies inside the Hugging Face cache"),
+        (["convert", str(source), str(snapshot.parent / "other")], "lies inside the Hugging Face cache"),
+        (["convert", "--from-deepspeed", str(snapshot), "--to", str(snapshot)], "lies inside the Hugging Face cache"),
+        (["generate", "--model", REPO, "x", "--output-file", str(snapshot / "out.txt")],
+         f"--output-file {snapshot / 'out.txt'} lies inside the Hugging Face cache"),
+    ]  # fmt: skip
+    for argv, expected in cases:
+        refused(capfd, argv, expected, "huggingface_hub owns" if "Hugging Face cache" in expected else REPO)
+        assert _files(cache) == before, argv
+    # The installed command, in a process of its own that reads HF_HOME from its environment.
+    result = _fastseq(env, tmp_path, "train", "--model", REPO, *quick, "--output-dir", str(snapshot), "--overwrite")
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("fastseq train: error: --output-dir"), result.stderr
+    assert _files(cache) == before

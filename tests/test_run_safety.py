@@ -79,14 +79,45 @@ def test_an_output_directory_overlapping_an_input_is_refused(tmp_path, capfd, ca
         "data inside output": ["--data", str(data), "--output-dir", str(run)],
     }[case]
     before = _snapshot(model, run)
-    expected = {"model is output": "is the --model directory", "model inside output": "holds --model",
-                "output inside model": "lies inside --model", "tokenizer is output": "is the --tokenizer directory",
-                "resume is output": "is the --resume directory",
+    expected = {"model is output": "is --model", "model inside output": "holds --model",
+                "output inside model": "lies inside --model", "tokenizer is output": "is --tokenizer",
+                "resume is output": "is --resume",
                 "data inside output": "holds --data"}[case]  # fmt: skip
     refused(capfd, ["train", *QUICK, *argv, *(["--overwrite"] if overwrite else [])], expected,
              "choose an --output-dir outside the run's inputs")  # fmt: skip
     assert _snapshot(model, run) == before  # nothing deleted, nothing written
     assert not (model / "run").exists()
+
+
+def _nan_model(path: Path) -> Path:
+    from safetensors.torch import load_file, save_file
+
+    _model_dir(path)
+    state = load_file(path / "model.safetensors")
+    next(iter(state.values())).view(-1)[0] = float("nan")
+    save_file(state, path / "model.safetensors", metadata={"format": "pt"})
+    return path
+
+
+@pytest.mark.parametrize("bad", ["held-out line 1", "data line 1", "NaN weights"])
+def test_overwrite_deletes_nothing_until_every_check_has_passed(tmp_path, capfd, bad):
+    """--overwrite removed the old run's checkpoints and model, then the run stopped on its bad
+    --eval-data, --data or --model: now nothing is removed until all of them have been read."""
+    out = tmp_path / "out"
+    assert main(["train", *QUICK, "--save-every", "2", "--output-dir", str(out)]) == 0
+    before = _snapshot(out)
+    assert {"checkpoint-2", "checkpoint-3", "model.safetensors"} <= {p.name for p in out.iterdir()}
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"source": "a", "target\n{"source": "b", "target": "c"}\n')
+    argv = {
+        "held-out line 1": ["--data", str(_jsonl(tmp_path / "t.jsonl", 8)), "--eval-data", str(broken)],
+        "data line 1": ["--data", str(broken)],
+        "NaN weights": ["--model", str(_nan_model(tmp_path / "nan"))],
+    }[bad]
+    expected = "holds 1 NaN" if bad == "NaN weights" else "broken.jsonl:1"
+    capfd.readouterr()
+    refused(capfd, ["train", *QUICK, *argv, "--overwrite", "--output-dir", str(out)], expected)
+    assert _snapshot(out) == before  # the old run's checkpoints, model and log, byte for byte
 
 
 # ---- the output directory is locked ------------------------------------------------------------------------
@@ -421,6 +452,25 @@ def test_a_file_size_limit_is_one_line(tmp_path):
     assert not (out / LOCK_FILE).exists()
 
 
+def test_a_file_size_limit_at_start_names_the_file(tmp_path):
+    """Under `ulimit -f 1` the run fails at start, writing the tokenizer's files that its identity
+    fingerprints: the line said only "File too large"; now it names the file and what wrote it."""
+
+    def limited():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1024, 1024))  # `ulimit -f 1`: one 1024-byte block
+
+    env = dict(os.environ, PYTHONPATH=str(ROOT), FASTSEQ_BACKEND="reference", TMPDIR=str(tmp_path))
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-m", "fastseq.cli", "train", *QUICK, "--output-dir", str(out)], env=env,
+                          capture_output=True, text=True, timeout=600, preexec_fn=limited, check=False)  # fmt: skip
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("fastseq ")]
+    assert proc.returncode == 2 and len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert lines[0].startswith(f"fastseq train: error: {tmp_path}/tmp"), lines[0]
+    assert ".json: File too large; the run's identity fingerprints the tokenizer's files" in lines[0], lines[0]
+    assert "ulimit -f" in lines[0] and not (out / LOCK_FILE).exists()
+
+
 # ---- signals -----------------------------------------------------------------------------------------------
 
 
@@ -471,6 +521,35 @@ def test_ctrl_c_during_evaluation_stops_it_at_the_next_batch(tmp_path, capfd, mo
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2"]
 
 
+def test_sigterm_during_the_final_evaluation_then_resume_finishes_the_run(tmp_path, capfd, monkeypatch):
+    """SIGTERM during the final evaluation said "continue with the same command and --resume", which was
+    then refused ("already past --steps"), and the model, final evaluation, predictions and plot were never
+    written. Now that command writes them."""
+    evaluate = loop._Run.evaluate
+
+    def interrupted(self, step):
+        if step == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return evaluate(self, step)
+
+    monkeypatch.setattr(loop._Run, "evaluate", interrupted)
+    out = tmp_path / "out"
+    argv = ["train", *QUICK, "--eval-every", "2", "--output-dir", str(out)]
+    assert main(argv) == 128 + signal.SIGTERM
+    said = capfd.readouterr().out
+    assert "stopped by SIGTERM after step 3; continue with the same command and --resume" in said
+    final = ["model.safetensors", "config.json", "loss.png", "generated_predictions.txt", "eval_predictions-3.jsonl"]
+    assert not [name for name in final if (out / name).exists()]
+    monkeypatch.setattr(loop._Run, "evaluate", evaluate)
+    assert main([*argv, "--resume"]) == 0, capfd.readouterr().err
+    summary = capfd.readouterr().out
+    assert "steps 3-3" in summary and "held-out exact match" in summary and "(checkpoint-3)" in summary, summary
+    assert [name for name in final if (out / name).exists()] == final
+    records = _records(out)
+    assert [r["step"] for r in records] == [1, 2, 3, 3] and "eval_loss" in records[-1] and "eval_loss" in records[1]
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-3"]
+
+
 def test_ctrl_c_during_start_up_is_one_line(tmp_path, capfd, monkeypatch):
     build_data = loop.build_data
 
@@ -509,6 +588,55 @@ def test_ctrl_c_soon_after_the_start_exits_with_a_line(tmp_path):
     assert not (out / LOCK_FILE).exists()
 
 
+_HOLD_TORCH = """
+import os, pathlib, sys, time
+
+
+class HoldTorch:
+    \"\"\"Marks the moment torch is first imported, then waits there for a signal.\"\"\"
+
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch":
+            sys.meta_path.remove(self)
+            pathlib.Path(os.environ["HOLD_TORCH_MARK"]).write_text("importing torch")
+            while True:
+                time.sleep(0.01)
+        return None
+
+
+sys.meta_path.insert(0, HoldTorch())
+"""
+
+
+@pytest.mark.parametrize("number", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_while_torch_imports_is_the_interrupted_line(tmp_path, number):
+    """SIGINT in the first seconds, while torch imports, printed a KeyboardInterrupt traceback, and SIGTERM
+    killed the process by signal 15: the command's handlers now come before torch. The signal is sent
+    while the import of torch is held (a sitecustomize hook), so the test does not race the start."""
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(_HOLD_TORCH)
+    mark = tmp_path / "importing-torch"
+    env = dict(os.environ, PYTHONPATH=f"{hook}:{ROOT}", HOLD_TORCH_MARK=str(mark))
+    out = tmp_path / "out"
+    proc = subprocess.Popen([shutil.which("fastseq"), "train", *QUICK, "--output-dir", str(out)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 600
+        while not mark.exists():
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        proc.send_signal(number)
+        stdout, stderr = proc.communicate(timeout=600)
+    finally:
+        proc.kill()
+    said = "" if number == signal.SIGINT else " by SIGTERM"
+    assert proc.returncode == 128 + number, stderr[-3000:]
+    assert "Traceback" not in stderr and stderr.strip().splitlines() == [f"fastseq train: interrupted{said}"], stderr
+    assert not out.exists()
+
+
 # ---- the YAML config ---------------------------------------------------------------------------------------
 
 
@@ -523,3 +651,67 @@ def test_yaml_aliases_are_refused(tmp_path, capfd):
     alias.write_text("steps: 3\nlog-every: *x\n")
     refused(capfd, ["train", "--config", str(alias), "--output-dir", str(tmp_path / "out")],
              f"--config {alias}:2: YAML alias *x is not accepted")  # fmt: skip
+
+
+@pytest.mark.parametrize("edit,expected", [
+    ({"index": 10**9}, "stream.index is 1000000000, past the"),
+    ({"index": 1e9}, "stream.index is 1000000000.0, not a whole number >= 0"),
+    ({"buffer": -5}, "stream.buffer is -5, not a whole number >= 0"),
+    ({"buffer": 7}, "stream.buffer is 7, past the end of --data"),
+    ({"epoch": 10**9}, "stream.epoch is 1000000000, more epochs than the 3 batches read before it"),
+    ({"epoch": "1"}, "stream.epoch is '1', not a whole number"),
+    ({"index": True}, "stream.index is True, not a whole number"),
+    ({"examples": "many"}, "stream.examples is 'many', not a whole number > 0"),
+])  # fmt: skip
+def test_an_edited_data_position_is_one_line_naming_the_file(tmp_path, capfd, edit, expected):
+    """`data.stream` of trainer_state.json edited (index 1e9, buffer -5, a word): resumed silently on other
+    batches before; now one line naming the file, nothing lost."""
+    out = tmp_path / "out"
+    data = _jsonl(tmp_path / "t.jsonl", 16)
+    argv = ["train", *QUICK, "--data", str(data), "--buffer-size", "8", "--output-dir", str(out)]
+    assert main(argv) == 0
+    capfd.readouterr()
+    file = out / "checkpoint-3" / "trainer_state.json"
+    state = json.loads(file.read_text())
+    state["data"]["stream"].update(edit)
+    _tampered(out, 3, data=state["data"])
+    before = _snapshot(out)
+    line = refused(capfd, [*argv, "--steps", "5", "--resume"], expected)
+    assert f"{file}: data holds no data position this run can restore" in line, line
+    assert _snapshot(out) == before
+
+
+def test_a_full_disk_in_convert_is_trains_line(tmp_path, capfd, monkeypatch):
+    """convert gave "internal error: SafetensorError ... No space left on device": now the line train gives
+    (fastseq.files.disk_full), with what the converted weights need; under `ulimit -f` too."""
+    from safetensors import SafetensorError
+
+    from fastseq import files
+
+    source = _model_dir(tmp_path / "model")
+    save_file = files.save_file
+
+    def full(*args, **kwargs):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(files, "save_file", full)
+    dst = tmp_path / "dst"
+    for argv in (["convert", str(source), str(dst)], ["convert", str(source), str(dst), "--dtype", "bfloat16"]):
+        expected = ("No space left on device", "the converted model needs about", "MiB is free there",
+                    "convert to another destination")  # fmt: skip
+        line = refused(capfd, argv, f"no space left to write {dst} (Error while serializing", *expected)
+        assert "internal error" not in line
+    monkeypatch.setattr(files, "save_file", save_file)
+
+    def limited():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (2**20, 2**20))
+
+    env = dict(os.environ, PYTHONPATH=str(ROOT), FASTSEQ_BACKEND="reference")
+    proc = subprocess.run([sys.executable, "-m", "fastseq.cli", "convert", str(source), str(tmp_path / "big")],
+                          env=env, capture_output=True, text=True, timeout=600, preexec_fn=limited,
+                          check=False)  # fmt: skip
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("fastseq ")]
+    assert proc.returncode == 2 and len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert lines[0].startswith(f"fastseq convert: error: no space left to write {tmp_path / 'big'} (")
+    assert "larger than the file-size limit (ulimit -f)" in lines[0], lines[0]

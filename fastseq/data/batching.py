@@ -237,6 +237,11 @@ class FileStream:
             return float(self.epoch)
         return self.epoch + self.seen / self.epoch_length
 
+    @property
+    def varies_by_epoch(self) -> bool:
+        """Whether an epoch's number of batches depends on its shuffle (--max-tokens or packing)."""
+        return self.max_tokens is not None or self.pack
+
     def count_batches(self, epochs: int) -> list[int]:
         """The number of batches of each of the first `epochs` epochs, cut as `next_batch` cuts
         them: one pass over the data (measuring every example only when --max-tokens or packing
@@ -246,7 +251,7 @@ class FileStream:
                 f"{self.source.label} is a pipe, read once, so its epochs cannot be counted before training; pass "
                 "--steps instead of --epochs (a pipe gives one epoch at most), or a regular file"
             )
-        measured = self.max_tokens is not None or self.pack
+        measured = self.varies_by_epoch
         buffers: list[tuple[array, array]] = []  # each buffer's source and target lengths after the cuts
         reader = self.source.open()
         while chunk := [x for _, x in zip(range(self.buffer_size), reader, strict=False)]:
@@ -264,8 +269,19 @@ class FileStream:
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "buffer": self.buffer, "index": self.index, "examples": self.epoch_length}
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict, most_epochs: int | None = None) -> None:
+        """Go to a checkpoint's position, each field checked: an edited one (a buffer past the data, an
+        index past its buffer's batches, more epochs than `most_epochs`, the batches read before it)
+        raises ValueError instead of training on other batches."""
         epoch, buffer, index = state["epoch"], state["buffer"], state["index"]
+        for name, value in (("epoch", epoch), ("buffer", buffer), ("index", index)):
+            if not (isinstance(value, int) and not isinstance(value, bool) and value >= 0):
+                raise ValueError(f"stream.{name} is {value!r:.60}, not a whole number >= 0")
+        examples = state.get("examples")
+        if examples is not None and not (isinstance(examples, int) and not isinstance(examples, bool) and examples > 0):
+            raise ValueError(f"stream.examples is {examples!r:.60}, not a whole number > 0 (an epoch's examples)")
+        if most_epochs is not None and epoch > most_epochs:
+            raise ValueError(f"stream.epoch is {epoch}, more epochs than the {most_epochs} batches read before it")
         if self.source.rereadable:
             self._reader, self._read = self.source.open(), 0
         elif epoch != 0:
@@ -277,5 +293,10 @@ class FileStream:
                 pass
             self.epoch, self.buffer, self._read = epoch, buffer, buffer * self.buffer_size
             self._fill()
+            if not self._examples:
+                raise ValueError(f"stream.buffer is {buffer}, past the end of {self.source.label} (buffers of "
+                                 f"{self.buffer_size:,} examples)")  # fmt: skip
+        if index > len(self._batches_now):
+            raise ValueError(f"stream.index is {index}, past the {len(self._batches_now)} batches of its buffer")
         self.index = index
         self.seen = buffer * self.buffer_size + sum(self._size(b) for b in self._batches_now[:index])

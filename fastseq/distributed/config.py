@@ -186,6 +186,22 @@ def precision(config: dict) -> str:
     return "fp16" if config.get("fp16", {}).get("enabled") is True else "fp32"
 
 
+def num_layers(model_config) -> int:
+    """The model's layers, encoder and decoder together."""
+    if model_config.model_type == "blenderbot-small":
+        return model_config.encoder_layers + model_config.decoder_layers
+    return model_config.num_layers + model_config.num_decoder_layers
+
+
+def resolve_run(config: dict, args, model_config, world_size: int, *, on_gpu: bool = True) -> dict:
+    """`resolve` with a run's options (`TrainArgs`) on `world_size` ranks: what `fastseq train
+    --deepspeed` runs with, and the check `fastseq plan --deepspeed` makes of the same config."""
+    return resolve(config, model_config=model_config, world_size=world_size, micro_batch_size=args.batch_size,
+                   grad_accum=args.grad_accum, clip=args.clip, precision=args.precision, force_fp16=args.force_fp16,
+                   lr=args.learning_rate(), weight_decay=args.weight_decay, on_gpu=on_gpu,
+                   num_layers=num_layers(model_config), client_optimizer=args.optimizer)  # fmt: skip
+
+
 def _fill(section: dict, key: str, value) -> None:
     if section.get(key) == "auto":
         section[key] = value

@@ -59,15 +59,6 @@ def safe_torch_load():
         torch.load = original
 
 
-def check_destination(source: str | Path, dest: str | Path, source_flag: str, dest_flag: str) -> None:
-    """Refuse a destination that is the source, lies inside it or holds it: writing there would
-    replace or mix into the files being read."""
-    src, dst = Path(source).resolve(), Path(dest).resolve()
-    if src == dst or src in dst.parents or dst in src.parents:
-        relation = "is" if src == dst else ("lies inside" if src in dst.parents else "holds")
-        raise ValueError(f"{dest_flag} {dest} {relation} {source_flag} {source}; write to a directory of its own")
-
-
 def copy_side_files(source: Path, dest: Path) -> list[str]:
     """Copy the tokenizer files and generation_config.json of `source` into `dest`; their names."""
     copied = []

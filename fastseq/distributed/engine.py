@@ -46,12 +46,6 @@ def remove_recovery_scripts(directory: Path) -> None:
             copy.unlink()
 
 
-def num_layers(model_config) -> int:
-    if model_config.model_type == "blenderbot-small":
-        return model_config.encoder_layers + model_config.decoder_layers
-    return model_config.num_layers + model_config.num_decoder_layers
-
-
 def release_shared_memory() -> None:
     """Unlink this rank's /dev/shm buffer of DeepSpeed's CPU all-reduce once every rank has mapped
     every buffer (DeepSpeed maps them all while it initializes and never unlinks them: each
@@ -81,12 +75,7 @@ class DeepSpeedEngine(Engine):
             torch.cuda.set_device(self.device)
         else:
             release_shared_memory()
-        self.config = ds_config.resolve(
-            raw_config, model_config=model_config, world_size=self.world, micro_batch_size=args.batch_size,
-            grad_accum=args.grad_accum, clip=args.clip, precision=args.precision, force_fp16=args.force_fp16,
-            lr=args.learning_rate(), weight_decay=args.weight_decay, on_gpu=on_gpu,
-            num_layers=num_layers(model_config), client_optimizer=args.optimizer,
-        )  # fmt: skip
+        self.config = ds_config.resolve_run(raw_config, args, model_config, self.world, on_gpu=on_gpu)
         self.data_parallel, self.data_rank = self.world, self.rank
         self.model_config = model_config
         self.engine = None

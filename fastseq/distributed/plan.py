@@ -40,15 +40,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
+from fastseq.memory import GIB, check_parameter_memory, meta_model, parameter_count
 
 from . import config as ds_config
 
-GIB = 2**30
 _BUFFER = 1.5  # DeepSpeed's additional_buffer_factor for CPU memory
 HEADROOM = 0.9  # a strategy fits when it needs at most 90% of a GPU's and of a node's memory
 LR_FOR_OFFLOAD = 1e-4  # what the printed command passes when an offload config needs --lr and none was given
@@ -121,25 +119,11 @@ class Verdict:
     change: dict = field(default_factory=dict)  # option -> value that makes it fit ({} if none does)
 
 
-def host_memory_gib() -> float:
-    """This machine's memory: /proc/meminfo's MemTotal, else the pages sysconf reports."""
-    meminfo = Path("/proc/meminfo")
-    if meminfo.is_file():
-        for line in meminfo.read_text().splitlines():
-            if line.startswith("MemTotal:"):
-                return int(line.split()[1]) * 1024 / GIB
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GIB
-
-
 def model_sizes(config) -> Sizes:
     """Parameter counts of the model `config` describes, counted on the meta device."""
-    from fastseq.models import FAMILIES
-
-    _, classes, default = FAMILIES[config.model_type]
-    with torch.device("meta"):
-        model = classes[default](config)
+    model = meta_model(config)
     unique = {id(p): p for p in model.parameters()}.values()
-    total = sum(p.numel() for p in unique)
+    total = parameter_count(config)
     largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
     factored = sum(4 * (math.prod(p.shape[:-1]) + math.prod(p.shape[:-2]) * p.shape[-1]) if p.dim() >= 2
                    else 4 * p.numel() for p in unique)  # fmt: skip
@@ -455,6 +439,11 @@ def show(args, options: dict, cluster: Cluster, *, cpu_from_machine: bool) -> No
 
     args: the run's TrainArgs; options: the train options given (field -> value) for the command."""
     config = _model_config(args)
+    check_parameter_memory(config, cluster.gpus * cluster.gpu_mem * GIB + cluster.nodes * cluster.cpu_mem * GIB,
+                           "the cluster's GPU and host memory together,")  # fmt: skip
+    if args.deepspeed:  # the config a user chose is refused here as `fastseq train` refuses it
+        asked = ds_config.load(args.deepspeed)
+        ds_config.resolve_run(asked, args, config, cluster.gpus)
     sizes = model_sizes(config)
     setup = setup_of(args, config)
     found = verdicts(sizes, cluster, setup)
@@ -474,7 +463,7 @@ def show(args, options: dict, cluster: Cluster, *, cpu_from_machine: bool) -> No
             how = f"fits with {_flags(v.change)}" if v.change else "no change of options makes it fit"
             print(f"  {shortfall(v.row, cluster)}; {how}")
     if args.deepspeed:
-        wanted = strategy_of(ds_config.load(args.deepspeed))
+        wanted = strategy_of(asked)
         chosen = [v for v in found if v.row.config == wanted]
         if not chosen:
             raise ValueError(f"--deepspeed {args.deepspeed} is a {wanted} config, which {cluster.gpus} GPUs cannot run")

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import typing
 from dataclasses import dataclass
 from pathlib import Path
 
+from fastseq.files import check_apart
 from fastseq.hub import is_repo_id
 from fastseq.metrics import check_available, greater_is_better, metric_keys, parse_metrics
 from fastseq.optim import OPTIMIZERS, SCHEDULES
@@ -106,6 +106,31 @@ class TrainArgs:
     def metrics(self) -> tuple[str, ...]:
         """The metric names of --metric."""
         return parse_metrics(self.metric)
+
+    @property
+    def evaluates(self) -> bool:
+        """Whether the run has held-out examples to evaluate: the synthetic task's, --eval-data's or
+        --dataset-name's --eval-split (a denoising corpus has none)."""
+        if self.task == "denoise" or self.eval_examples == 0:
+            return False
+        if self.data is None and self.dataset_name is None:
+            return True
+        return self.eval_data is not None or (self.dataset_name is not None and self.eval_split is not None)
+
+    def check_evaluation(self, model_config) -> None:
+        """Evaluation's generation settings against the model (its learned positions) and the KV cache's
+        bound, at start rather than at the first evaluation."""
+        if not self.evaluates:
+            return
+        from fastseq.generation import check_settings
+
+        try:
+            check_settings(model_config, max_new_tokens=self.eval_max_new_tokens, num_beams=self.num_beams)
+        except ValueError as err:
+            flag = "--max-new-tokens"
+            if self.max_new_tokens is None:
+                flag = "--max-target-length (the default of --max-new-tokens), or pass --max-new-tokens"
+            raise ValueError(f"evaluation's {err}: lower {flag}") from None
 
     @property
     def eval_max_new_tokens(self) -> int:
@@ -210,7 +235,7 @@ class TrainArgs:
                 f"--metric-for-best-model {self.metric_for_best_model!r} is not a score this run computes; use one "
                 f"of {', '.join(known)} (or add its metric to --metric)"
             )
-        if self.task == "denoise" or self.eval_examples == 0 or (self.data is not None and self.eval_data is None):
+        if not self.evaluates:
             raise ValueError("--metric-for-best-model needs held-out examples: pass --eval-data FILE (seq2seq)")
         if self.save_every and not (self.eval_every and self.save_every % self.eval_every == 0):
             raise ValueError(
@@ -219,26 +244,15 @@ class TrainArgs:
             )
 
     def _check_output_dir_apart(self) -> None:
-        """The output directory may not be, hold or lie inside an input: `--overwrite` would delete what
-        the run is about to read, and the run's checkpoints would replace it."""
-        out = Path(os.path.realpath(self.output_dir))
-        inputs = {"model": self.model, "tokenizer": self.tokenizer, "data": self.data, "eval_data": self.eval_data}
+        """The output directory may not be, hold or lie inside an input (a hub id's being its snapshot in
+        the Hugging Face cache), nor lie in that cache: `--overwrite` would delete what the run is about
+        to read, and the run's checkpoints would replace it."""
+        inputs = {"--model": self.model, "--tokenizer": self.tokenizer, "--data": self.data,
+                  "--eval-data": self.eval_data}  # fmt: skip
         if self.resume not in (None, "latest") and not self.continues_in_output_dir:
-            inputs["resume"] = self.resume  # a checkpoint of the run in --output-dir is what --resume continues
-        for name, value in inputs.items():
-            if value is None or not Path(value).exists():
-                continue
-            path = Path(os.path.realpath(value))
-            if path == out:
-                where = f"is the --{_flag(name)} {'directory' if path.is_dir() else 'file'}"
-            elif out in path.parents:
-                where = f"holds --{_flag(name)} {value}"
-            elif path in out.parents:
-                where = f"lies inside --{_flag(name)} {value}"
-            else:
-                continue
-            raise ValueError(f"--output-dir {self.output_dir} {where}: the run writes there (and --overwrite deletes) "
-                             "what it reads; choose an --output-dir outside the run's inputs")  # fmt: skip
+            inputs["--resume"] = self.resume  # a checkpoint of the run in --output-dir is what --resume continues
+        check_apart(self.output_dir, "--output-dir", inputs, "the run writes there (and --overwrite deletes) what "
+                    "it reads; choose an --output-dir outside the run's inputs")  # fmt: skip
 
     def _validate_data(self) -> None:
         """The data options: where the examples come from, how many passes, how they are batched."""

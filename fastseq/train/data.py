@@ -27,13 +27,16 @@ from fastseq.data import (
 )
 from fastseq.tokenizers import Tokenizer
 
-from .args import TrainArgs
+from .args import MAX_COUNT, TrainArgs
 
 log = logging.getLogger("fastseq.train")
 ALPHABET = "abcdefghijklmnopqrstuvwxyz"
 SOURCE_LENGTH = 512  # --max-source-length's default for T5 and BlenderbotSmall
 LONG_SOURCE_LENGTH = 4096  # LongT5's input length in pre-training, for a LongT5 config that names none
 FLAGS = ("max-source-length", "max-target-length")
+# The most epochs --epochs counts one by one (with --max-tokens or --pack, each epoch's shuffle cuts
+# its own number of batches): each is a pass over the data's lengths.
+COUNTED_EPOCHS = 10_000
 
 __all__ = ["Data", "FileStream", "SyntheticStream", "build_data", "make_examples", "max_source_length"]
 
@@ -94,8 +97,14 @@ class Data:
         collator = self.collator.state_dict() if hasattr(self.collator, "state_dict") else None
         return {"stream": self.stream.state_dict(), "collator": collator}
 
-    def load_state_dict(self, state: dict) -> None:
-        self.stream.load_state_dict(state["stream"])
+    def load_state_dict(self, state: dict, batches: int) -> None:
+        """A checkpoint's data position, after `batches` batches were read (each epoch holds one at least)."""
+        if not isinstance(state.get("stream"), dict):
+            raise ValueError(f"stream is {state.get('stream')!r:.60}, not an object")
+        if isinstance(self.stream, FileStream):
+            self.stream.load_state_dict(state["stream"], most_epochs=batches)
+        else:
+            self.stream.load_state_dict(state["stream"])
         if state.get("collator") is not None and hasattr(self.collator, "load_state_dict"):
             self.collator.load_state_dict(state["collator"])
 
@@ -222,14 +231,25 @@ def _set_steps(args: TrainArgs, stream: FileStream, data_parallel: int) -> None:
     if args.epochs is None:
         return
     whole = math.floor(args.epochs)
-    counts = stream.count_batches(whole + 1)
-    batches = sum(counts[:whole]) + int((args.epochs - whole) * counts[whole])
+    part = args.epochs - whole
+    if stream.varies_by_epoch:  # each epoch counted: its batches depend on its shuffle
+        if whole >= COUNTED_EPOCHS:
+            raise ValueError(f"--epochs {args.epochs:g} with --max-tokens or --pack: each epoch's batches are counted "
+                             f"before training, at most {COUNTED_EPOCHS:,} epochs; pass --steps instead")  # fmt: skip
+        counts = stream.count_batches(whole + 1)
+        first, batches = counts[0], sum(counts[:whole]) + int(part * counts[whole])
+    else:  # every epoch is cut into as many batches: one count, however many epochs (no list of them)
+        (first,) = stream.count_batches(1)
+        batches = whole * first + int(part * first)
     per_step = args.grad_accum * data_parallel
     steps = batches // per_step
+    if steps > MAX_COUNT:
+        raise ValueError(f"--epochs {args.epochs:g} gives {steps:,} steps, more than 2**40 ({MAX_COUNT}); pass fewer "
+                         "--epochs")  # fmt: skip
     if steps < 1:
         raise ValueError(
             f"--epochs {args.epochs} gives {batches} batches of {stream.source.label}, fewer than one step's "
             f"{per_step} (--grad-accum x data-parallel ranks); raise --epochs or lower --batch-size"
         )
-    log.info("--epochs %s: %d steps (%d batches an epoch)", f"{args.epochs:g}", steps, counts[0])
+    log.info("--epochs %s: %d steps (%d batches an epoch)", f"{args.epochs:g}", steps, first)
     args.steps = steps

@@ -160,6 +160,27 @@ def model_config(args: TrainArgs):
     return config
 
 
+def check_model_memory(args: TrainArgs, config) -> None:
+    """The model's fp32 parameters against the memory the run has, before anything is built: one
+    process, its device's (a GPU's, or this machine's); under DeepSpeed, which partitions them, this
+    machine's host and GPU memory together, times the nodes."""
+    import os
+
+    from fastseq.memory import GIB, check_parameter_memory, host_memory_gib
+
+    host = host_memory_gib() * GIB
+    gpus = [torch.cuda.get_device_properties(i).total_memory for i in range(torch.cuda.device_count())]
+    if args.deepspeed:
+        nodes = max(int(os.environ.get("WORLD_SIZE", 1)) // int(os.environ.get("LOCAL_WORLD_SIZE", 1)), 1)
+        check_parameter_memory(config, nodes * (host + sum(gpus)), f"the {nodes} node(s)' host and GPU memory,")
+        return
+    device = run_device(args)
+    if device.type == "cuda":
+        check_parameter_memory(config, gpus[device.index or 0], f"{device}'s")
+    else:
+        check_parameter_memory(config, host, "this machine's")
+
+
 def model_class(config) -> type:
     _, classes, default = FAMILIES[config.model_type]
     return classes[default]

@@ -31,16 +31,33 @@ import torch
 from tqdm import tqdm
 
 from fastseq.checkpoint import CheckpointError
-from fastseq.files import DirectoryLock, atomic_write, directory_size, is_disk_full, publish_directory
+from fastseq.files import (
+    DirectoryLock,
+    DiskFull,
+    atomic_write,
+    directory_size,
+    disk_full,
+    is_disk_full,
+    publish_directory,
+    reason,
+)
 from fastseq.metrics import compute
 from fastseq.tokenizers import Tokenizer
 
 from .args import TrainArgs
 from .data import Data, build_data
-from .engine import Engine, LocalEngine, NonFiniteError, model_config, run_device, run_tokenizer
+from .engine import (
+    Engine,
+    LocalEngine,
+    NonFiniteError,
+    check_model_memory,
+    model_config,
+    run_device,
+    run_tokenizer,
+)
 from .metrics_log import MetricsLog, Tokens
 from .plot import plot_losses
-from .rotation import rotate
+from .rotation import rotate, set_aside
 from .signals import SIGNAL_NAMES, Interrupted, Signals, StopEvaluation, StoppableCollator
 from .state import (
     STATE_FILE,
@@ -49,6 +66,7 @@ from .state import (
     check_engine,
     check_identity,
     check_rates,
+    clear_output_dir,
     engine_record,
     find_checkpoint,
     instead,
@@ -123,10 +141,6 @@ def make_engine(args: TrainArgs, config) -> Engine:
     return LocalEngine(args, run_device(args))
 
 
-class DiskFull(ValueError):
-    """The disk (or the quota, or the file-size limit) is full: a user's problem, said in one line."""
-
-
 class _Run:
     """One run of the loop: the engine, the data and where everything is written."""
 
@@ -148,6 +162,7 @@ class _Run:
         self.final: dict = {}  # the final held-out scores
         self.outputs: list[str] = []  # the generated outputs of the last evaluation
         self.best: tuple[Path, float] | None = None  # the best checkpoint by --metric-for-best-model, its score
+        self.branch: int | None = None  # the step resumed in the output directory, until the first checkpoint
         self.tokens = Tokens()
 
     def resume(self) -> int:
@@ -168,8 +183,11 @@ class _Run:
         except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as err:
             raise ResumeError(f"--resume: {path} does not load ({type(err).__name__}: {err}); the checkpoint was "
                               f"edited or damaged: {instead(path)}") from err  # fmt: skip
+        recorded = (state.get("args") or {}).get("grad_accum")  # the accumulation the checkpoint ran with
+        accumulated = max(recorded, self.args.grad_accum) if isinstance(recorded, int) else self.args.grad_accum
+        batches = state["step"] * accumulated * self.engine.data_parallel
         try:
-            self.data.load_state_dict(state["data"])
+            self.data.load_state_dict(state["data"], batches)
         except (KeyError, TypeError, ValueError, IndexError) as err:
             raise ResumeError(f"--resume: {path / STATE_FILE}: data holds no data position this run can restore "
                               f"({type(err).__name__}: {err}); {instead(path)}") from err  # fmt: skip
@@ -177,6 +195,8 @@ class _Run:
         if rates is not None:
             self.engine.set_rates(*rates)
         self.last_checkpoint = path
+        if self.args.continues_in_output_dir:
+            self.branch = state["step"]
         return state["step"]
 
     def checkpoint(self, step: int, completed: tuple[int, dict, dict] | None = None) -> Path:
@@ -188,6 +208,9 @@ class _Run:
         data_state, rng = (completed[1], completed[2]) if completed else (self.data.state_dict(), None)
         self.phase = "checkpoint"
         try:
+            if first and self.branch is not None:  # checkpoints past the one resumed are another branch's
+                set_aside(self.out, self.branch)
+                self.branch = None
             if first and tmp.exists():
                 shutil.rmtree(tmp)
             engine.barrier()
@@ -222,14 +245,11 @@ class _Run:
         else:
             params = self.engine.model.parameters() if self.engine.model is not None else []
             needed = 3 * 4 * sum(getattr(p, "ds_numel", p.numel()) for p in params)
-        free = shutil.disk_usage(self.out).free
-        limit = "a file of it is larger than the file-size limit (ulimit -f)" if "too large" in str(err).lower() else (
-            f"{free / 2**20:.1f} MiB is free there")  # fmt: skip
-        return DiskFull(
-            f"no space left to write {writing} ({_reason(err)}): a checkpoint needs about {needed / 2**20:.1f} MiB "
-            f"and {limit}; {_kept(self.last_checkpoint)}. Free space in {self.out} (or choose another "
-            "--output-dir), then continue with --resume"
+        advice = (
+            f"{_kept(self.last_checkpoint)}. Free space in {self.out} (or choose another --output-dir), then "
+            "continue with --resume"
         )
+        return disk_full(err, writing, "a checkpoint", needed, advice)
 
     def save_completed(self) -> Path | None:
         """After an error or a signal mid-step: the checkpoint of the last completed step (the one
@@ -257,7 +277,7 @@ class _Run:
         try:
             path = self.save_completed()
         except Exception as again:  # the first error is the one to report
-            err.add_note(f"saving step {self.completed[0]} failed too ({_reason(again)}); {kept}")
+            err.add_note(f"saving step {self.completed[0]} failed too ({reason(again)}); {kept}")
             return
         if path is None:
             err.add_note(f"no step was completed ({kept})")
@@ -320,7 +340,9 @@ class _Run:
         """The final checkpoint, evaluation (after the checkpoint, so a failing evaluation loses no
         training) and model directory; returns the checkpoint."""
         steps = self.args.steps
-        path = self.checkpoint(steps)
+        path = self.out / f"checkpoint-{steps}"
+        if self.last_checkpoint != path:  # written already when a resume of the last step finishes the run
+            path = self.checkpoint(steps)
         if self.evaluating:
             self.final = self.evaluate(steps)
         self.prune()
@@ -384,18 +406,11 @@ class _Run:
         """After a checkpoint is published (first rank): find the best checkpoint by
         --metric-for-best-model among the evaluated ones, then apply --save-total-limit."""
         if self.engine.rank == 0:
-            self.best = rotate(self.out, self.args, self.metrics.evaluated)
+            self.best = rotate(self.out, self.args, self.metrics.evaluated, self.last_checkpoint)
 
 
 def _kept(last: Path | None) -> str:
     return f"the last checkpoint, {last}, is intact" if last else "no checkpoint was written"
-
-
-def _reason(err: BaseException) -> str:
-    """An error in a few words, for a note on another one."""
-    if isinstance(err, OSError) and err.strerror:
-        return err.strerror
-    return " ".join(str(err).split())[:200] or type(err).__name__
 
 
 def train(args: TrainArgs) -> dict:
@@ -405,6 +420,8 @@ def train(args: TrainArgs) -> dict:
     args.validate()
     with Signals() as signals:
         config = model_config(args)
+        check_model_memory(args, config)
+        args.check_evaluation(config)
         tokenizer = run_tokenizer(args, config)
         engine = make_engine(args, config)
         with DirectoryLock.scope():  # released however the run ends, even by a signal as it is taken
@@ -419,9 +436,14 @@ def _train(args: TrainArgs, config, tokenizer: Tokenizer, engine: Engine, out: P
     engine.build(config)
     run = _Run(args, engine, tokenizer, data, identity, out)
     start = run.resume() if args.resume else 0
-    if start >= args.steps:
+    if start > args.steps:
         raise ValueError(f"the checkpoint is at step {start}, already past --steps {args.steps}; raise --steps")
+    engine.on_first_rank(clear_output_dir, args, out)  # every check has passed: --overwrite removes the old run
     run.metrics = MetricsLog(out, args, data, start, engine.rank == 0)
+    if start == args.steps:  # the last step's checkpoint (a signal stopped the final evaluation): the run ends
+        log.info("--resume: %s is the run's last step; writing its final evaluation and model", run.last_checkpoint)
+        run.losses = [(r["step"], r["loss"]) for r in run.metrics.history if "loss" in r] or [(start, math.nan)]
+        run.evals = [(r["step"], r["eval_loss"]) for r in run.metrics.history if "eval_loss" in r]
     if data.held_out and engine.model is None:
         log.warning("%s cannot evaluate held-out examples; evaluate the trained model directory instead", engine.name)
     if run.evaluating:

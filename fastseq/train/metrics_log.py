@@ -26,6 +26,7 @@ class MetricsLog:
         self.path, self.data, self.enabled = out / "metrics.jsonl", data, enabled
         self.writer = None
         history = self._history(args, start) if enabled else []
+        self.history = history  # the records kept from before the checkpoint resumed
         if enabled and args.continues_in_output_dir:  # drop what came after the checkpoint
             kept = "".join(json.dumps(record, allow_nan=False) + "\n" for record in history)
             atomic_write(self.path, lambda tmp: tmp.write_text(kept))

@@ -1,11 +1,15 @@
 """How a signal ends a run: the handlers (`Signals`), the error that ends it at once
-(`Interrupted`) and the held-out collator that stops an evaluation (`StoppableCollator`)."""
+(`Interrupted`) and the held-out collator that stops an evaluation (`StoppableCollator`). The
+`fastseq` command installs `Signals` before it imports anything heavy (torch takes seconds), so
+a signal at any moment of its start-up is the same one line; this module imports no torch."""
 
 from __future__ import annotations
 
 import signal
+from typing import TYPE_CHECKING
 
-from .engine import Engine
+if TYPE_CHECKING:
+    from .engine import Engine
 
 SIGNAL_NAMES = {signal.SIGINT: "SIGINT", signal.SIGTERM: "SIGTERM", signal.SIGHUP: "SIGHUP"}
 

@@ -34,7 +34,7 @@ _RUN_FILES = {"metrics.jsonl", "loss.png", "config.json", "generation_config.jso
               "spiece.model", "vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json",
               "added_tokens.json", "generated_predictions.txt", "runs"}  # fmt: skip
 log = logging.getLogger("fastseq.train")
-_CHECKPOINT = re.compile(r"\.?checkpoint-\d+(\.tmp|\.old)?")
+_CHECKPOINT = re.compile(r"\.?checkpoint-\d+(\.tmp|\.old|\.abandoned(-\d+)?)?")
 _PREDICTIONS = re.compile(r"eval_predictions-\d+\.jsonl")
 
 
@@ -55,7 +55,8 @@ def _run_files(out: Path) -> list[Path]:
 
 def prepare_output_dir(args: TrainArgs) -> tuple[Path, DirectoryLock]:
     """Create the output directory (rank 0), lock it for this run, and check that this run may write
-    there; returns it and its lock (released by the caller when the run ends)."""
+    there (nothing is removed yet: `clear_output_dir`); returns it and its lock (released by the
+    caller when the run ends)."""
     out = Path(args.output_dir)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--output-dir {out} is a file; pass a directory")
@@ -86,6 +87,14 @@ def _check_output_dir(args: TrainArgs, out: Path) -> None:
             f"--output-dir {out} already holds files ({shown}); pass --resume to continue that run, --overwrite "
             "to replace it, or choose an empty directory"
         )
+
+
+def clear_output_dir(args: TrainArgs, out: Path) -> None:
+    """`--overwrite`: remove the files an earlier run wrote in `out` (and nothing else). Called once
+    every check that can refuse the run has passed (data, held-out data, model, checkpoint), just
+    before the run writes its first file."""
+    if args.continues_in_output_dir:
+        return
     for path in _run_files(out):
         shutil.rmtree(path) if path.is_dir() else path.unlink()
 
@@ -96,7 +105,13 @@ def _check_output_dir(args: TrainArgs, out: Path) -> None:
 def _tokenizer_fingerprint(tokenizer: Tokenizer) -> str:
     digest = hashlib.sha256(type(tokenizer).__name__.encode())
     with tempfile.TemporaryDirectory() as tmp:
-        tokenizer.save_pretrained(tmp)
+        try:
+            tokenizer.save_pretrained(tmp)
+        except OSError as err:
+            err.add_note(f"the run's identity fingerprints the tokenizer's files, written to {tmp} (TMPDIR) for it: "
+                         "raise the file-size limit (ulimit -f) or free space there, or set TMPDIR to another "
+                         "directory")  # fmt: skip
+            raise
         for file in sorted(Path(tmp).iterdir()):
             digest.update(file.name.encode() + file.read_bytes())
     return digest.hexdigest()[:16]

@@ -5,10 +5,12 @@ recommends a strategy, a shipped config and a launch command that runs as printe
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import shlex
 import shutil
 import subprocess
+import sys
 import weakref
 from pathlib import Path
 
@@ -19,7 +21,8 @@ from torch.utils._pytree import tree_flatten
 
 from fastseq import presets
 from fastseq.cli import main
-from fastseq.distributed.plan import GIB, Cluster, Setup, host_memory_gib, model_sizes, plan
+from fastseq.distributed.plan import Cluster, Setup, model_sizes, plan
+from fastseq.memory import GIB, host_memory_gib
 from tests.distributed.launch import free_port, shared_memory_left
 
 ADAM = Setup(optimizer="adamw")  # DeepSpeed's estimators assume bf16 with Adam
@@ -169,10 +172,7 @@ _BAD = {
         "neither a directory nor a model in the Hugging Face cache",
     ),
     "unknown DeepSpeed config": (["--gpus", "8", "--deepspeed", "zero4"], "shipped config: pipeline, pipeline4"),
-    "a config the GPUs cannot run": (
-        ["--gpus", "2", "--deepspeed", "pipeline8"],
-        "--deepspeed pipeline8 is a pipeline8 config, which 2 GPUs cannot run",
-    ),
+    "a config the GPUs cannot run": (["--gpus", "2", "--deepspeed", "pipeline8"], "8 pipeline stages do not divide"),
 }
 
 
@@ -185,6 +185,41 @@ def test_bad_input_is_one_line(capfd, name):
     lines = [line for line in err.splitlines() if line.startswith("fastseq ")]
     assert len(lines) == 1 and "Traceback" not in err, err
     assert lines[0].startswith("fastseq plan: error: ") and expected in lines[0], lines[0]
+
+
+_REFUSED_CONFIGS = {
+    "pipeline with ZeRO-3": ({"pipeline": {"stages": 2}, "zero_optimization": {"stage": 3}},
+                             "pipeline parallelism works only with ZeRO stage 0 or 1; the config asks for stage 3"),
+    "a batch that is not micro x accumulation x ranks": (
+        {"train_batch_size": 7, "train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1},
+        "train_batch_size 7 is not train_micro_batch_size_per_gpu 2 x gradient_accumulation_steps 1 x 1"),
+    "bf16 and fp16": ({"bf16": {"enabled": True}, "fp16": {"enabled": True}}, "the config enables both bf16 and fp16"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", sorted(_REFUSED_CONFIGS))
+def test_plan_refuses_a_config_exactly_as_train_does(tmp_path, capfd, name):
+    """`plan --deepspeed FILE` said "fits" and printed a command for configs that `train` refuses: both
+    now run the same check (`fastseq.distributed.config.resolve_run`) and print the same line."""
+    config, expected = _REFUSED_CONFIGS[name]
+    file = tmp_path / "ds.json"
+    file.write_text(json.dumps(config))
+    options = ["--batch-size", "2", "--force-fp16", "--optimizer", "adamw", "--lr", "1e-3", "--deepspeed", str(file)]
+    code = main(["plan", "--gpus", "1", "--cpu-mem", "8", *options])
+    captured = capfd.readouterr()
+    assert code == 2 and captured.out == "", captured
+    planned = [line for line in captured.err.splitlines() if line.startswith("fastseq plan: error: ")]
+    assert len(planned) == 1 and expected in planned[0], captured.err
+    # `fastseq train` in one rank of a process group (what the launcher sets up), on the CPU.
+    env = dict(os.environ, RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+               MASTER_PORT=str(free_port()), DS_ACCELERATOR="cpu", FASTSEQ_BACKEND="reference",
+               PYTHONPATH=str(Path(__file__).resolve().parents[2]))  # fmt: skip
+    proc = subprocess.run([sys.executable, "-m", "fastseq.cli", "train", "--steps", "1", *options, "--output-dir",
+                           str(tmp_path / "out")], env=env, capture_output=True, text=True, timeout=600,
+                          check=False)  # fmt: skip
+    trained = [line for line in proc.stderr.splitlines() if line.startswith("fastseq train: error: ")]
+    assert proc.returncode == 2 and len(trained) == 1, proc.stderr[-3000:]
+    assert trained[0].removeprefix("fastseq train") == planned[0].removeprefix("fastseq plan")
 
 
 def _model_dir(path: Path) -> Path:
