@@ -12,7 +12,6 @@ micro-batches one process would see with accumulation N x A.
 
 from __future__ import annotations
 
-import logging
 import math
 import os
 from pathlib import Path
@@ -27,8 +26,7 @@ from fastseq.train.engine import Engine, NonFiniteError, apply_rates, model_clas
 from . import config as ds_config
 from . import zero
 from .convert import safe_torch_load
-
-log = logging.getLogger("fastseq.distributed")
+from .partitions import spread_adafactor
 
 RECOVERY_SCRIPTS = ("zero_to_fp32.py", "zero_to_torch.py")  # what DeepSpeed's save_checkpoint adds
 
@@ -162,12 +160,6 @@ class ZeroEngine(DeepSpeedEngine):
         args, config = self.args, self.config
         model = self.build_model(model_config)
         model.gradient_checkpointing_enable(args.gradient_checkpointing)
-        if args.optimizer == "adafactor" and "optimizer" not in config:
-            log.warning(
-                "ZeRO hands the optimizer flat partitions of the parameters, so Adafactor's factored second "
-                "moments and its parameter-scaled step work on those partitions, not on the matrices; AdamW "
-                "(--optimizer adamw) behaves as in one process"
-            )
         optimizer = None
         if "optimizer" not in config:
             optimizer = make_optimizer(args.optimizer, model.parameters(), lr=args.learning_rate(),
@@ -176,6 +168,7 @@ class ZeroEngine(DeepSpeedEngine):
             model=model, optimizer=optimizer, model_parameters=None if optimizer else model.parameters(),
             lr_scheduler=schedule(args), config=config,
         )  # fmt: skip
+        spread_adafactor(self.engine.optimizer, model)
         self.engine.train()
         self.model = model
 
