@@ -62,13 +62,23 @@ def test_model_states_agree_with_deepspeed_within_5_percent(preset, gpus, per_no
         assert abs(row.cpu_per_node - cpu) <= 0.05 * cpu, f"{name}: CPU {row.cpu_per_node / GIB:.2f} vs {cpu / GIB:.2f}"
 
 
-def test_adafactor_under_zero_keeps_one_unfactored_moment():
-    """ZeRO hands the optimizer flat partitions: Adafactor's state is then 4 B per parameter (its
-    second moment, not factored), where AdamW's is 8 B."""
+def test_adafactor_under_zero_keeps_its_factored_moments():
+    """Adafactor steps the matrices ZeRO's flat partitions are pieces of, so its state stays factored:
+    for t5-11b on 8 GPUs, megabytes per GPU where a flat second moment took 4 B per parameter / 8
+    (5.3 GiB): under ZeRO-3 every matrix's rows and columns and 1/8 of the vectors' moments, under
+    ZeRO-1/2 about 1/8 of both. The master weights (bf16) are AdamW's too."""
     adam, adafactor = _rows("t5-11b", 8, 8), _rows("t5-11b", 8, 8, Setup(optimizer="adafactor"))
-    P = model_sizes(presets.config("t5-11b")).params
+    sizes = model_sizes(presets.config("t5-11b"))
+    P = sizes.params
+    assert sizes.factored_state / 2**20 == pytest.approx(43.6, abs=0.1)
+    zero3 = adafactor["ZeRO-3"].optimizer - 4 * P / 8  # less the master weights
+    assert zero3 == sizes.factored_state + sizes.vector_state / 8
+    for name in ("ZeRO-1", "ZeRO-2"):
+        state = adafactor[name].optimizer - 4 * P / 8
+        assert state == (sizes.factored_state + sizes.vector_state) / 8 + 2 * sizes.largest_factored
+        assert state < 8 * 2**20
     for name in ("ZeRO-1", "ZeRO-2", "ZeRO-3"):
-        assert adam[name].optimizer - adafactor[name].optimizer == pytest.approx(4 * P / 8)
+        assert adam[name].optimizer - adafactor[name].optimizer > 8 * P / 8 - 50 * 2**20
     for name in ("ZeRO-2 + offload optimizer", "ZeRO-3 + offload params+optimizer"):  # the config's CPU AdamW
         assert adam[name].cpu_per_node == adafactor[name].cpu_per_node
 
