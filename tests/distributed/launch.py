@@ -54,12 +54,19 @@ def one_process(output_dir: Path, steps: int, model=None, **options) -> list[flo
     """The losses of `fastseq train` in this process with two micro-batches of 4 accumulated: what
     two data-parallel ranks with one micro-batch each (or a two-stage pipeline accumulating two)
     must reproduce."""
+    import torch
+
     from fastseq.train import TrainArgs, train
 
     options = {"optimizer": "adamw", "lr": 1e-3, **options}  # AdamW unless the options say otherwise
     args = TrainArgs(model=None if model is None else str(model), steps=steps, batch_size=4, grad_accum=2,
                      quiet=True, eval_examples=0, output_dir=str(output_dir), device="cpu", **options)  # fmt: skip
-    train(args)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the ranks run (OMP_NUM_THREADS=1): the same matmul blocking, the same rounding
+    try:
+        train(args)
+    finally:
+        torch.set_num_threads(threads)
     return losses(output_dir)
 
 
