@@ -315,6 +315,9 @@ class RelativeStep:
             state = self.optimizer.state.get(param)
             if state and "step" in state:
                 return int(state["step"])
+        for state in self.optimizer.state.values():  # ZeRO-3 empties the groups between its steps
+            if "step" in state:
+                return int(state["step"])
         return 0
 
     def state_dict(self) -> dict:
