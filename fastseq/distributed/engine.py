@@ -74,6 +74,7 @@ class DeepSpeedEngine(Engine):
         on_gpu = torch.cuda.is_available() and (args.device or "cuda").startswith("cuda")
         deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo")
         self.rank, self.world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+        self.node_first = int(os.environ.get("LOCAL_RANK", 0)) == 0
         self.device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}") if on_gpu else torch.device("cpu")
         if on_gpu:
             torch.cuda.set_device(self.device)
@@ -153,6 +154,14 @@ class ZeroEngine(DeepSpeedEngine):
         self.stage = ds_config.zero_stage(self.config)
         self.name = f"DeepSpeed ZeRO-{self.stage}, {self.world} ranks"
         self.kind = f"DeepSpeed ZeRO-{self.stage}"
+
+    def rank_files(self):
+        """DeepSpeed's files this rank reads: its partition of the optimizer (and under ZeRO-3 of the
+        model), and under ZeRO-1/2 the model that rank 0 wrote."""
+        own = f"zero_pp_rank_{self.rank}_mp_rank_00"
+        if self.stage == 3:
+            return [f"{own}_optim_states.pt", f"{own}_model_states.pt"]
+        return [f"{own}_optim_states.pt", "mp_rank_00_model_states.pt"]
 
     def build(self, model_config) -> None:
         import deepspeed

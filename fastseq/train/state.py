@@ -337,13 +337,35 @@ def rng_states() -> dict[str, torch.Tensor]:
     return tensors
 
 
+def rng_file(rank: int) -> str:
+    return f"rng-{rank}.safetensors"
+
+
 def save_rng(directory: Path, rank: int, states: dict[str, torch.Tensor] | None = None) -> None:
     """`rng-RANK.safetensors`: `states` (default: the RNG states now)."""
-    save_file(states if states is not None else rng_states(), str(directory / f"rng-{rank}.safetensors"))
+    save_file(states if states is not None else rng_states(), str(directory / rng_file(rank)))
+
+
+def check_rank_files(path: Path, engine) -> None:
+    """Every rank finds the files it reads in checkpoint `path` (trainer_state.json, its RNG states
+    and the engine's own partitions): a run on several nodes whose output directories are each
+    node's own disk has each rank's files on its node only. Refused on every rank alike, in one line."""
+    names = [STATE_FILE, rng_file(engine.rank), *engine.rank_files()]
+    mine = [name for name in names if not (path / name).is_file()]
+    flags = [0.0] * engine.world
+    flags[engine.rank] = float(bool(mine))
+    lacking = [rank for rank, flag in enumerate(engine.sum_over_ranks(flags)) if flag]
+    if lacking:
+        example = f" (rank {engine.rank} lacks {', '.join(mine)})" if mine else ""
+        raise ResumeError(
+            f"--resume: {path} does not hold the files of rank(s) {', '.join(map(str, lacking))}{example}: every rank "
+            "reads its own; give the nodes an --output-dir they share, or copy each node's "
+            f"{path.name} into one directory on every node and resume from it"
+        )
 
 
 def load_rng(directory: Path, rank: int) -> None:
-    file = directory / f"rng-{rank}.safetensors"
+    file = directory / rng_file(rank)
     if not file.is_file():
         raise ResumeError(f"--resume: {file} is missing: the checkpoint is incomplete; {instead(directory)}")
     tensors = read_tensors(file)
