@@ -410,9 +410,12 @@ def strategy_of(config: dict) -> str:
     return "zero1"
 
 
-def command(verdict: Verdict, options: dict, cluster: Cluster, deepspeed: str | None = None) -> str:
-    """The launch command of `verdict`'s strategy with the train options `options` (field -> value,
-    in TrainArgs order) and the change that makes it fit."""
+MASTER_PORT = 29500  # DeepSpeed's and torchrun's default rendezvous port
+
+
+def _train_flags(verdict: Verdict, options: dict) -> list[str]:
+    """`fastseq train`'s flags for `verdict`'s strategy: the options given and the change that makes
+    it fit (the offload configs' CPU AdamW needs --optimizer adamw and an --lr)."""
     import shlex
 
     options = {k: v for k, v in {**options, **verdict.change}.items() if k != "deepspeed"}
@@ -425,6 +428,15 @@ def command(verdict: Verdict, options: dict, cluster: Cluster, deepspeed: str | 
             flags.append(flag)
         elif value is not False and value is not None:
             flags += [flag, shlex.quote(str(value))]
+    return flags
+
+
+def command(verdict: Verdict, options: dict, cluster: Cluster, deepspeed: str | None = None) -> str:
+    """The launch command of `verdict`'s strategy with the train options `options` (field -> value,
+    in TrainArgs order) and the change that makes it fit."""
+    import shlex
+
+    flags = _train_flags(verdict, options)
     if verdict.row.config is None:
         return " ".join(["fastseq", "train", *flags])
     launcher = ["deepspeed"]
@@ -432,6 +444,25 @@ def command(verdict: Verdict, options: dict, cluster: Cluster, deepspeed: str | 
         launcher += ["--hostfile", "HOSTFILE", "--num_nodes", str(cluster.nodes)]
     launcher += ["--num_gpus", str(cluster.gpus_per_node), "--module", "fastseq.train"]
     return " ".join([*launcher, "--deepspeed", shlex.quote(deepspeed or verdict.row.config), *flags])
+
+
+def node_commands(verdict: Verdict, options: dict, cluster: Cluster, deepspeed: str | None = None) -> list[str]:
+    """For more than one node, the launches that need no ssh between nodes, each run on every node
+    (node R of 0 ... nodes - 1; MASTER the first node's address): DeepSpeed's launcher with --no_ssh
+    (it reads the hostfile for the world's shape), and torchrun."""
+    import shlex
+
+    if cluster.nodes < 2 or verdict.row.config is None:
+        return []
+    train = ["--deepspeed", shlex.quote(deepspeed or verdict.row.config), *_train_flags(verdict, options)]
+    nodes, per_node = str(cluster.nodes), str(cluster.gpus_per_node)
+    return [
+        " ".join(["deepspeed", "--hostfile", "HOSTFILE", "--no_ssh", "--num_nodes", nodes, "--node_rank", "R",
+                  "--master_addr", "MASTER", "--master_port", str(MASTER_PORT), "--num_gpus", per_node, "--module",
+                  "fastseq.train", *train]),
+        " ".join(["torchrun", "--nnodes", nodes, "--node-rank", "R", "--nproc-per-node", per_node, "--master-addr",
+                  "MASTER", "--master-port", str(MASTER_PORT), "-m", "fastseq.train", *train]),
+    ]  # fmt: skip
 
 
 def table(found: list[Verdict], cluster: Cluster) -> str:
@@ -509,5 +540,12 @@ def show(args, options: dict, cluster: Cluster, *, cpu_from_machine: bool) -> No
     if best.row.note:
         print(f"  {best.row.note}")
     if cluster.nodes > 1:
-        print("  HOSTFILE: one line per node, `hostname slots=GPUS` (DeepSpeed's hostfile)")
+        print(f"  HOSTFILE: one line per node, `hostname slots={cluster.gpus_per_node}` (DeepSpeed's hostfile), the "
+              "same on every node")  # fmt: skip
     print(command(best, options, cluster, args.deepspeed))
+    forms = node_commands(best, options, cluster, args.deepspeed)
+    if forms:
+        print(f"or, without ssh between the nodes (SLURM, Kubernetes), on each node R = 0 ... {cluster.nodes - 1} "
+              f"({cluster.gpus_per_node} ranks each; MASTER: node 0's address; --output-dir on a disk every node "
+              "shares):")  # fmt: skip
+        print("\n".join(forms))

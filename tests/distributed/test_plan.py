@@ -103,6 +103,24 @@ def test_t5_11b_on_8_x_80gb(capsys):
     assert lines[-1] == "deepspeed --num_gpus 8 --module fastseq.train --deepspeed zero1 --model t5-11b --batch-size 1"
 
 
+def test_more_than_one_node_prints_the_launches_without_ssh(capsys):
+    """Two nodes: the hostfile command, then the one launcher per node of SLURM and Kubernetes jobs
+    (DeepSpeed's --no_ssh, as tests/distributed/test_nodes.py runs it, and torchrun), same options."""
+    out = _plan_output(capsys, "--model", "t5-11b", "--gpus", "16", "--gpus-per-node", "8", "--gpu-mem", "80",
+                       "--cpu-mem", "1000", "--optimizer", "adafactor")  # fmt: skip
+    lines = out.splitlines()
+    options = "--deepspeed zero1 --model t5-11b --batch-size 1 --optimizer adafactor"
+    train = f"--module fastseq.train {options}"
+    assert lines[-4] == f"deepspeed --hostfile HOSTFILE --num_nodes 2 --num_gpus 8 {train}"
+    assert lines[-3].startswith("or, without ssh between the nodes (SLURM, Kubernetes), on each node R = 0 ... 1")
+    assert lines[-2] == ("deepspeed --hostfile HOSTFILE --no_ssh --num_nodes 2 --node_rank R --master_addr MASTER "
+                         f"--master_port 29500 --num_gpus 8 {train}")  # fmt: skip
+    assert lines[-1] == ("torchrun --nnodes 2 --node-rank R --nproc-per-node 8 --master-addr MASTER "
+                         f"--master-port 29500 -m fastseq.train {options}")  # fmt: skip
+    one_node = _plan_output(capsys, "--model", "t5-11b", "--gpus", "8", "--gpu-mem", "80", "--cpu-mem", "1000")
+    assert "--no_ssh" not in one_node and "torchrun" not in one_node
+
+
 def test_the_table_names_each_column_once_over_its_numbers(capsys):
     out = _plan_output(
         capsys, "--model", "t5-11b", "--gpus", "16", "--gpus-per-node", "8", "--gpu-mem", "80", "--cpu-mem", "1000"
