@@ -101,6 +101,10 @@ def _matrix_of_rows(first: int, count: int, shape: tuple[int, ...], device) -> t
 class Adafactor(Optimizer):
     """T5's Adafactor (see the module's docstring), the same under ZeRO as in one process.
 
+    Its state per parameter (`Layout.key`): `MATRIX_STATES`, a matrix's factored second moment,
+    whole; `PIECE_STATES`, one value per element of the piece held (a vector's second moment, the
+    first moment with `beta1`); and the parameter's `RMS` at the last step, recomputed each step.
+
     ZeRO hands its optimizer flat partitions: `spread(layouts)` says which pieces of which matrices
     each one holds. A step then sums the pieces' squared-gradient row and column sums, their squared
     parameters and squared updates over the ranks (a few numbers per matrix), so every rank keeps each
@@ -130,6 +134,9 @@ class Adafactor(Optimizer):
                         warmup_init=warmup_init)  # fmt: skip
         super().__init__(params, defaults)
         self.layouts: dict[torch.Tensor, Layout] = {}
+
+    MATRIX_STATES = ("exp_avg_sq_row", "exp_avg_sq_col")
+    PIECE_STATES = ("exp_avg_sq", "exp_avg")
 
     def spread(self, layouts: dict[torch.Tensor, Layout]) -> None:
         """Step each flat tensor of `layouts` as the pieces of matrices its layout says it holds."""

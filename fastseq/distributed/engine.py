@@ -12,21 +12,26 @@ micro-batches one process would see with accumulation N x A.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 from pathlib import Path
 
 import torch
+from torch.optim.lr_scheduler import LambdaLR
 
 from fastseq.checkpoint import from_pretrained, resolve_dtype
 from fastseq.optim import make_optimizer
 from fastseq.train.args import TrainArgs
 from fastseq.train.engine import Engine, NonFiniteError, apply_rates, model_class, schedule
+from fastseq.train.state import keep_global_batch
 
 from . import config as ds_config
-from . import zero
+from . import reshard, zero
 from .convert import safe_torch_load
-from .partitions import spread_adafactor
+from .partitions import layouts, parameter_names, spread_adafactor
+
+log = logging.getLogger("fastseq.distributed")
 
 RECOVERY_SCRIPTS = ("zero_to_fp32.py", "zero_to_torch.py")  # what DeepSpeed's save_checkpoint adds
 
@@ -80,6 +85,10 @@ class DeepSpeedEngine(Engine):
             torch.cuda.set_device(self.device)
         else:
             release_shared_memory()
+        if args.resume and not ds_config.pipeline_stages(raw_config):
+            line = keep_global_batch(args, self.world)
+            if line and self.rank == 0:
+                log.warning(line)
         self.config = ds_config.resolve(
             raw_config, model_config=model_config, world_size=self.world, micro_batch_size=args.batch_size,
             grad_accum=args.grad_accum, clip=args.clip, precision=args.precision, force_fp16=args.force_fp16,
@@ -155,13 +164,46 @@ class ZeroEngine(DeepSpeedEngine):
         self.name = f"DeepSpeed ZeRO-{self.stage}, {self.world} ranks"
         self.kind = f"DeepSpeed ZeRO-{self.stage}"
 
-    def rank_files(self):
+    def save(self, directory):
+        """DeepSpeed's files, and this rank's `layout-RANK.json` (what re-partitioning reads)."""
+        meta = super().save(directory)
+        reshard.write_layouts(directory, self.rank, layouts(self.engine.optimizer, parameter_names(self.model)))
+        return {**meta, "ranks": self.world, "stage": self.stage}
+
+    def repartitions(self, directory, state) -> bool:
+        """Whether this run resumes the ZeRO checkpoint `directory` (its trainer state `state`) by
+        re-partitioning it: another number of ranks or another stage, and the layouts to do it."""
+        meta = state["engine"]
+        same = (meta.get("ranks", state["world_size"]), meta.get("stage")) == (self.world, self.stage)
+        kind = state.get("engine_kind") or ""
+        return not same and kind.startswith("DeepSpeed ZeRO") and (directory / reshard.layout_file(0)).is_file()
+
+    def rank_files(self, directory, state):
         """DeepSpeed's files this rank reads: its partition of the optimizer (and under ZeRO-3 of the
-        model), and under ZeRO-1/2 the model that rank 0 wrote."""
+        model), and under ZeRO-1/2 the model that rank 0 wrote; re-partitioning reads every saved
+        rank's optimizer partition and layout."""
+        if self.repartitions(directory, state):
+            ranks = range(state["world_size"])
+            optimizer = [f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in ranks]
+            return optimizer + [reshard.layout_file(r) for r in ranks]
         own = f"zero_pp_rank_{self.rank}_mp_rank_00"
         if self.stage == 3:
             return [f"{own}_optim_states.pt", f"{own}_model_states.pt"]
         return [f"{own}_optim_states.pt", "mp_rank_00_model_states.pt"]
+
+    def load(self, directory, meta):
+        saved_ranks = meta.get("ranks", self.world)
+        if (saved_ranks, meta.get("stage", self.stage)) == (self.world, self.stage):
+            super().load(directory, meta)
+            return
+        states = reshard.load(directory, saved_ranks, self.engine.optimizer, self.model)
+        self.lr_scheduler.load_state_dict(states["lr_scheduler"])
+        if isinstance(self.lr_scheduler, LambdaLR):
+            for group, lr in zip(self.engine.optimizer.param_groups, self.lr_scheduler.get_last_lr(), strict=True):
+                group["lr"] = lr
+        engine = self.engine
+        engine.global_steps, engine.global_samples = states["global_steps"], states["global_samples"]
+        engine.skipped_steps = states["skipped_steps"]
 
     def build(self, model_config) -> None:
         import deepspeed

@@ -92,11 +92,15 @@ def layouts(optimizer, names: dict[torch.Tensor, str]) -> dict[torch.Tensor, Lay
     return found
 
 
+def parameter_names(model: torch.nn.Module) -> dict[torch.Tensor, str]:
+    """Each parameter of `model` and its name (a tied one under its first name)."""
+    return {p: name for name, p in model.named_parameters()}
+
+
 def spread_adafactor(optimizer, model: torch.nn.Module) -> None:
     """Tell the Adafactor that DeepSpeed's `optimizer` wraps which pieces of `model`'s matrices its
     flat tensors hold, so it steps them as one process would (nothing for another optimizer)."""
     inner = getattr(optimizer, "optimizer", None)
     if not isinstance(inner, Adafactor):
         return
-    names = {p: name for name, p in model.named_parameters()}
-    inner.spread(layouts(optimizer, names))
+    inner.spread(layouts(optimizer, parameter_names(model)))

@@ -96,9 +96,15 @@ class Engine:
     def load(self, directory: Path, meta: dict) -> None:
         raise NotImplementedError
 
-    def rank_files(self) -> list[str]:
-        """The files of a checkpoint this rank reads besides trainer_state.json and its RNG states."""
+    def rank_files(self, directory: Path, state: dict) -> list[str]:
+        """The files of checkpoint `directory` (its trainer state `state`) this rank reads besides
+        its RNG states."""
         return []
+
+    def repartitions(self, directory: Path, state: dict) -> bool:
+        """Whether this engine resumes checkpoint `directory`, written by another number of ranks or
+        another engine kind, by re-partitioning its state (ZeRO)."""
+        return False
 
     def save_model(self, out: Path, checkpoint: Path) -> None:
         """The trained model as a Hugging Face directory at `out` (from the final `checkpoint`)."""

@@ -155,10 +155,10 @@ class _Run:
         """Load the checkpoint `--resume` names, after checking that this run may continue it (its
         identity, engine, ranks and optimizer); returns its step."""
         path = self.engine.on_first_rank(find_checkpoint, self.args)
-        check_rank_files(path, self.engine)
-        state = read_state(path)
+        state = self.engine.on_first_rank(read_state, path)
+        check_rank_files(path, state, self.engine)
         check_identity(path, state["run"], self.identity)
-        check_engine(path, state, self.engine.kind, self.engine.world, self.args)
+        check_engine(path, state, self.engine, self.args)
         rates = check_rates(path, state, self.args)
         try:
             self.engine.load(path, state["engine"])
