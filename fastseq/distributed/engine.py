@@ -168,15 +168,18 @@ class ZeroEngine(DeepSpeedEngine):
         """DeepSpeed's files, and this rank's `layout-RANK.json` (what re-partitioning reads)."""
         meta = super().save(directory)
         reshard.write_layouts(directory, self.rank, layouts(self.engine.optimizer, parameter_names(self.model)))
-        return {**meta, "ranks": self.world, "stage": self.stage}
+        return {**meta, "ranks": self.world, "stage": self.stage, "layouts": True}
 
     def repartitions(self, directory, state) -> bool:
         """Whether this run resumes the ZeRO checkpoint `directory` (its trainer state `state`) by
         re-partitioning it: another number of ranks or another stage, and the layouts to do it."""
-        meta = state["engine"]
-        same = (meta.get("ranks", state["world_size"]), meta.get("stage")) == (self.world, self.stage)
-        kind = state.get("engine_kind") or ""
-        return not same and kind.startswith("DeepSpeed ZeRO") and (directory / reshard.layout_file(0)).is_file()
+        return (state.get("engine_kind") or "").startswith("DeepSpeed ZeRO") and self._repartitions(state["engine"])
+
+    def _repartitions(self, meta: dict) -> bool:
+        """Whether the checkpoint whose engine state is `meta` was written on other ranks or another
+        stage, with the layouts that re-partitioning reads."""
+        other = (meta.get("ranks"), meta.get("stage")) != (self.world, self.stage)
+        return other and meta.get("layouts") is True
 
     def rank_files(self, directory, state):
         """DeepSpeed's files this rank reads: its partition of the optimizer (and under ZeRO-3 of the
@@ -192,11 +195,10 @@ class ZeroEngine(DeepSpeedEngine):
         return [f"{own}_optim_states.pt", "mp_rank_00_model_states.pt"]
 
     def load(self, directory, meta):
-        saved_ranks = meta.get("ranks", self.world)
-        if (saved_ranks, meta.get("stage", self.stage)) == (self.world, self.stage):
+        if not self._repartitions(meta):
             super().load(directory, meta)
             return
-        states = reshard.load(directory, saved_ranks, self.engine.optimizer, self.model)
+        states = reshard.load(directory, meta["ranks"], self.engine.optimizer, self.model)
         self.lr_scheduler.load_state_dict(states["lr_scheduler"])
         if isinstance(self.lr_scheduler, LambdaLR):
             for group, lr in zip(self.engine.optimizer.param_groups, self.lr_scheduler.get_last_lr(), strict=True):

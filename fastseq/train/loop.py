@@ -156,9 +156,9 @@ class _Run:
         identity, engine, ranks and optimizer); returns its step."""
         path = self.engine.on_first_rank(find_checkpoint, self.args)
         state = self.engine.on_first_rank(read_state, path)
-        check_rank_files(path, state, self.engine)
         check_identity(path, state["run"], self.identity)
         check_engine(path, state, self.engine, self.args)
+        check_rank_files(path, state, self.engine)
         rates = check_rates(path, state, self.args)
         try:
             self.engine.load(path, state["engine"])
