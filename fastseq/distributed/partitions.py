@@ -32,6 +32,16 @@ def _pieces(numels: list[int], offsets: list[int], low: int, high: int) -> list[
     return pieces
 
 
+def _laid_end_to_end(names: list[str], shapes: list[tuple[int, ...]], offsets: list[int],
+                     partitions: list[torch.Tensor], group) -> Layout:  # fmt: skip
+    """The layout of this rank's partition of parameters laid end to end at `offsets` of a flat
+    buffer cut into `partitions` over the ranks of `group`."""
+    rank = torch.distributed.get_rank(group=group)
+    low = sum(t.numel() for t in partitions[:rank])
+    pieces = _pieces([math.prod(s) for s in shapes], offsets, low, low + partitions[rank].numel())
+    return Layout(names, shapes, pieces, group)
+
+
 def _end_to_end(numels: list[int]) -> list[int]:
     offsets, total = [], 0
     for numel in numels:
@@ -68,27 +78,18 @@ def layouts(optimizer, names: dict[torch.Tensor, str]) -> dict[torch.Tensor, Lay
             )
     elif isinstance(optimizer, DeepSpeedZeroOptimizer):
         for i, params in enumerate(optimizer.round_robin_bit16_groups):
-            group = optimizer.real_dp_process_group[i] or world
-            partitions = optimizer.parallel_partitioned_bit16_groups[i]
-            rank = torch.distributed.get_rank(group=group)
-            low = sum(t.numel() for t in partitions[:rank])
             shapes = [tuple(meta.shape) for meta in optimizer.round_robin_bit16_meta[i]]
-            pieces = _pieces([math.prod(s) for s in shapes], optimizer.round_robin_bit16_offsets[i], low,
-                             low + partitions[rank].numel())  # fmt: skip
-            found[optimizer.single_partition_of_fp32_groups[i]] = Layout(
-                [names[p] for p in params], shapes, pieces, group
-            )
+            found[optimizer.single_partition_of_fp32_groups[i]] = _laid_end_to_end(
+                [names[p] for p in params], shapes, optimizer.round_robin_bit16_offsets[i],
+                optimizer.parallel_partitioned_bit16_groups[i], optimizer.real_dp_process_group[i] or world
+            )  # fmt: skip
     elif isinstance(optimizer, BF16_Optimizer):
         for i, params in enumerate(optimizer.bf16_groups):
-            group = optimizer.real_dp_process_group[i] or world
-            partitions = optimizer.bf16_partitioned_groups[i]
-            rank = torch.distributed.get_rank(group=group)
-            low = sum(t.numel() for t in partitions[:rank])
-            numels = [p.numel() for p in params]
-            pieces = _pieces(numels, _end_to_end(numels), low, low + partitions[rank].numel())
-            found[optimizer.fp32_groups_flat_partition[i]] = Layout(
-                [names[p] for p in params], [tuple(p.shape) for p in params], pieces, group
-            )
+            shapes = [tuple(p.shape) for p in params]
+            found[optimizer.fp32_groups_flat_partition[i]] = _laid_end_to_end(
+                [names[p] for p in params], shapes, _end_to_end([p.numel() for p in params]),
+                optimizer.bf16_partitioned_groups[i], optimizer.real_dp_process_group[i] or world
+            )  # fmt: skip
     return found
 
 
