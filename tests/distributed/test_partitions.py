@@ -29,8 +29,9 @@ MODES = {
 }
 
 
-def _config(stage: int) -> str:
-    return str(ROOT / f"configs/deepspeed/zero{stage}.json")
+def _config(stage: int | str) -> str:
+    """The shipped config of ZeRO stage `stage`, or the one named `stage`."""
+    return str(ROOT / f"configs/deepspeed/{stage if isinstance(stage, str) else f'zero{stage}'}.json")
 
 
 def _assert_same_parameters(got, expected, rel: float = 1e-6) -> float:
@@ -104,3 +105,21 @@ def test_zero3_adafactor_resumes_bit_for_bit_and_saves_the_planned_state(tmp_pat
     assert sum(saved) >= sizes.factored_state + sizes.vector_state
     print(f"optimizer state per rank: ZeRO-3 {planned:.0f} B (planned {planned:.0f}), ZeRO-2 {saved} B "
           f"(planned at most {optimizer_bytes(setup, sizes, 2):.0f})")  # fmt: skip
+
+
+@pytest.mark.slow
+def test_two_pipeline_stages_with_adafactor_are_one_process_adafactor(tmp_path):
+    """Pipeline stages under ZeRO-1 hand Adafactor each stage's flat partition: it steps the stage's
+    matrices as one process does (the stages compute the gradients of a tied embedding in another
+    order, hence the fixed rate, whose runs do not amplify that)."""
+    from tests.distributed.test_pipeline import _directory
+
+    source = _directory(tmp_path / "model", "t5_tied")
+    flags, options = MODES["fixed rate"]
+    one = tmp_path / "one"
+    expected = one_process(one, STEPS, model=source, optimizer="adafactor", **options)
+    run = tmp_path / "pipeline"
+    deepspeed("--deepspeed", _config("pipeline"), "--model", str(source),
+              "--steps", str(STEPS), "--grad-accum", "2", "--output-dir", str(run), *COMMON, *flags)  # fmt: skip
+    worst = max(assert_losses_close(losses(run), expected, rel=1e-6), _assert_same_parameters(run, one))
+    print(f"fixed rate, two pipeline stages: {STEPS} steps, largest relative difference {worst:.1e}")

@@ -1,6 +1,7 @@
 """Issue 23 under the real `deepspeed` launcher (CPU, gloo): a checkpoint without the layouts of its
-partitions resumes only on the engine and number of ranks that wrote it (one line naming both), rank 0 alone locks the output directory,
-and a data error mid-run leaves a checkpoint of every rank's state after the last completed step."""
+partitions resumes only on the engine and number of ranks that wrote it (one line naming both),
+rank 0 alone locks the output directory, and a data error mid-run leaves a checkpoint of every
+rank's state after the last completed step."""
 
 from __future__ import annotations
 
