@@ -58,3 +58,22 @@ def test_1_rank_resumes_on_2_with_adafactor_and_a_pipeline_on_another_stage_coun
                      "--output-dir", str(pipeline), "--batch-size", "4", "--quiet", "--eval-examples", "0", *ADAMW,
                      expect_fail=True)  # fmt: skip
     _errors(proc, "was written by DeepSpeed pipeline of 2 stages on 2 ranks")
+
+
+def test_the_global_batch_is_kept_by_the_accumulation_or_refused(tmp_path):
+    """A checkpoint of 2 ranks x --grad-accum 3: 3 ranks take 2 micro-batches each (one line says so),
+    2 ranks keep it, and 4 ranks cannot take 6 micro-batches a step: one line saying which can."""
+    from fastseq.train import TrainArgs
+    from fastseq.train.state import ResumeError, keep_global_batch, write_state
+
+    checkpoint = tmp_path / "checkpoint-3"
+    checkpoint.mkdir()
+    write_state(checkpoint, {"step": 3, "run": {}, "data": {}, "engine": {}, "world_size": 2,
+                             "args": {"grad_accum": 3}})  # fmt: skip
+    args = TrainArgs(resume=str(checkpoint), output_dir=str(tmp_path))
+    assert keep_global_batch(args, 2) is None and args.grad_accum == 1  # the same ranks: nothing changes
+    line = keep_global_batch(args, 3)
+    assert args.grad_accum == 2 and line.endswith("ran 2 ranks x --grad-accum 3; on 3 ranks --grad-accum 2 keeps "
+                                                   "its 6 micro-batches a step")  # fmt: skip
+    with pytest.raises(ResumeError, match="which 4 ranks cannot divide; resume on a number of ranks dividing 6"):
+        keep_global_batch(args, 4)
