@@ -292,7 +292,7 @@ def resolve(
 
     if "optimizer" not in config and client_optimizer == "adafactor" and stage > 0:
         # DeepSpeed refuses an optimizer it has not tested under ZeRO unless told; fastseq's Adafactor
-        # steps ZeRO's flat partitions (the engine says what that changes).
+        # steps ZeRO's flat partitions as the matrices they are pieces of (`partitions.spread_adafactor`).
         config.setdefault("zero_allow_untested_optimizer", True)
     optimizer = config.get("optimizer")
     if optimizer:

@@ -18,15 +18,18 @@ import os
 from pathlib import Path
 
 import torch
+from torch.optim.lr_scheduler import LambdaLR
 
 from fastseq.checkpoint import from_pretrained, resolve_dtype
 from fastseq.optim import make_optimizer
 from fastseq.train.args import TrainArgs
 from fastseq.train.engine import Engine, NonFiniteError, apply_rates, model_class, schedule
+from fastseq.train.state import keep_global_batch
 
 from . import config as ds_config
-from . import zero
+from . import reshard, zero
 from .convert import safe_torch_load
+from .partitions import layouts, parameter_names, spread_adafactor
 
 log = logging.getLogger("fastseq.distributed")
 
@@ -70,11 +73,16 @@ class DeepSpeedEngine(Engine):
         on_gpu = torch.cuda.is_available() and (args.device or "cuda").startswith("cuda")
         deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo")
         self.rank, self.world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+        self.node_first = int(os.environ.get("LOCAL_RANK", 0)) == 0
         self.device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}") if on_gpu else torch.device("cpu")
         if on_gpu:
             torch.cuda.set_device(self.device)
         else:
             release_shared_memory()
+        if args.resume and not ds_config.pipeline_stages(raw_config):
+            line = keep_global_batch(args, self.world)
+            if line and self.rank == 0:
+                log.warning(line)
         self.config = ds_config.resolve_run(raw_config, args, model_config, self.world, on_gpu=on_gpu)
         self.data_parallel, self.data_rank = self.world, self.rank
         self.model_config = model_config
@@ -145,18 +153,55 @@ class ZeroEngine(DeepSpeedEngine):
         self.name = f"DeepSpeed ZeRO-{self.stage}, {self.world} ranks"
         self.kind = f"DeepSpeed ZeRO-{self.stage}"
 
+    def save(self, directory):
+        """DeepSpeed's files, and this rank's `layout-RANK.json` (what re-partitioning reads)."""
+        meta = super().save(directory)
+        reshard.write_layouts(directory, self.rank, layouts(self.engine.optimizer, parameter_names(self.model)))
+        return {**meta, "ranks": self.world, "stage": self.stage, "layouts": True}
+
+    def repartitions(self, directory, state) -> bool:
+        """Whether this run resumes the ZeRO checkpoint `directory` (its trainer state `state`) by
+        re-partitioning it: another number of ranks or another stage, and the layouts to do it."""
+        return (state.get("engine_kind") or "").startswith("DeepSpeed ZeRO") and self._repartitions(state["engine"])
+
+    def _repartitions(self, meta: dict) -> bool:
+        """Whether the checkpoint whose engine state is `meta` was written on other ranks or another
+        stage, with the layouts that re-partitioning reads."""
+        other = (meta.get("ranks"), meta.get("stage")) != (self.world, self.stage)
+        return other and meta.get("layouts") is True
+
+    def rank_files(self, directory, state):
+        """DeepSpeed's files this rank reads: its partition of the optimizer (and under ZeRO-3 of the
+        model), and under ZeRO-1/2 the model that rank 0 wrote; re-partitioning reads every saved
+        rank's optimizer partition and layout."""
+        if self.repartitions(directory, state):
+            ranks = range(state["world_size"])
+            optimizer = [f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in ranks]
+            return optimizer + [reshard.layout_file(r) for r in ranks]
+        own = f"zero_pp_rank_{self.rank}_mp_rank_00"
+        if self.stage == 3:
+            return [f"{own}_optim_states.pt", f"{own}_model_states.pt"]
+        return [f"{own}_optim_states.pt", "mp_rank_00_model_states.pt"]
+
+    def load(self, directory, meta):
+        if not self._repartitions(meta):
+            super().load(directory, meta)
+            return
+        states = reshard.load(directory, meta["ranks"], self.engine.optimizer, self.model)
+        self.lr_scheduler.load_state_dict(states["lr_scheduler"])
+        if isinstance(self.lr_scheduler, LambdaLR):
+            for group, lr in zip(self.engine.optimizer.param_groups, self.lr_scheduler.get_last_lr(), strict=True):
+                group["lr"] = lr
+        engine = self.engine
+        engine.global_steps, engine.global_samples = states["global_steps"], states["global_samples"]
+        engine.skipped_steps = states["skipped_steps"]
+
     def build(self, model_config) -> None:
         import deepspeed
 
         args, config = self.args, self.config
         model = self.build_model(model_config)
         model.gradient_checkpointing_enable(args.gradient_checkpointing)
-        if args.optimizer == "adafactor" and "optimizer" not in config:
-            log.warning(
-                "ZeRO hands the optimizer flat partitions of the parameters, so Adafactor's factored second "
-                "moments and its parameter-scaled step work on those partitions, not on the matrices; AdamW "
-                "(--optimizer adamw) behaves as in one process"
-            )
         optimizer = None
         if "optimizer" not in config:
             optimizer = make_optimizer(args.optimizer, model.parameters(), lr=args.learning_rate(),
@@ -165,6 +210,7 @@ class ZeroEngine(DeepSpeedEngine):
             model=model, optimizer=optimizer, model_parameters=None if optimizer else model.parameters(),
             lr_scheduler=schedule(args), config=config,
         )  # fmt: skip
+        spread_adafactor(self.engine.optimizer, model)
         self.engine.train()
         self.model = model
 

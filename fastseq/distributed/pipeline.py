@@ -13,6 +13,7 @@ from fastseq.train.engine import schedule
 from .config import pipeline_stages
 from .convert import convert
 from .engine import DeepSpeedEngine
+from .partitions import spread_adafactor
 from .stages import init_random, load_directory, pipeline_module, stage_inputs
 
 
@@ -48,6 +49,7 @@ class PipelineEngine(DeepSpeedEngine):
         self.engine, _, _, self.lr_scheduler = deepspeed.initialize(
             model=module, optimizer=optimizer, lr_scheduler=schedule(args), config=self.config
         )
+        spread_adafactor(self.engine.optimizer, module)
         self.data_rank = self.engine.grid.data_parallel_id
         self.model_config = model_config
 

@@ -7,8 +7,13 @@ Model states per parameter, DeepSpeed's accounting (its `estimate_zero2/zero3_mo
 for bf16 with Adam, which the figures match):
 
     16-bit parameters 2 B, 16-bit gradients 2 B, fp32 gradients 4 B, fp32 master weights 4 B,
-    optimizer state s B  (AdamW s = 8; Adafactor under ZeRO s = 4: ZeRO hands the optimizer flat
-    partitions, so its second moment is not factored and T5's Adafactor keeps no first moment)
+    optimizer state s B  (AdamW s = 8)
+
+Adafactor keeps each matrix's second moment factored (rows + columns, fp32), a vector's per element,
+and T5's Adafactor no first moment. Under ZeRO it steps the matrices its flat partitions are pieces
+of (`fastseq.distributed.partitions`) and keeps the factored moment of each matrix it holds a piece
+of whole: under ZeRO-3 every rank holds a piece of every matrix, so each keeps all of them (megabytes)
+and 1/N of the vectors'; under ZeRO-1/2 about 1/N of both, plus the matrices split at its ends.
 
 In fp32 the parameters and gradients are 4 B and there is no master copy.
 - one process (one GPU, no DeepSpeed): fp32 parameters and gradients, autocast's 16-bit copy of
@@ -39,11 +44,11 @@ tests/distributed/test_plan.py checks these figures against the memory a one-pro
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from fastseq.memory import GIB, check_parameter_memory, meta_model, parameter_count
+from fastseq.optim import factored, factored_numel
 
 from . import config as ds_config
 
@@ -88,7 +93,9 @@ class Sizes:
     config: object
     params: int  # unique parameters
     largest: int  # the largest single module's own parameters
-    factored_state: int  # bytes of Adafactor's factored second moments (rows + columns, fp32)
+    factored_state: int  # bytes of Adafactor's factored second moments of the matrices (rows + columns, fp32)
+    vector_state: int  # bytes of Adafactor's second moments of the vectors (one per element, fp32)
+    largest_factored: int  # bytes of the largest matrix's factored second moment
     stages: dict[int, int]  # pipeline stages (2, 4, 8 ...) -> the largest stage's parameters
 
 
@@ -125,9 +132,9 @@ def model_sizes(config) -> Sizes:
     unique = {id(p): p for p in model.parameters()}.values()
     total = parameter_count(config)
     largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
-    factored = sum(4 * (math.prod(p.shape[:-1]) + math.prod(p.shape[:-2]) * p.shape[-1]) if p.dim() >= 2
-                   else 4 * p.numel() for p in unique)  # fmt: skip
-    return Sizes(config, total, largest, factored, _stage_sizes(config))
+    matrices = [4 * factored_numel(tuple(p.shape)) for p in unique if factored(tuple(p.shape))]
+    vectors = sum(4 * p.numel() for p in unique if not factored(tuple(p.shape)))
+    return Sizes(config, total, largest, sum(matrices), vectors, max(matrices, default=0), _stage_sizes(config))
 
 
 def _stage_sizes(config) -> dict[int, int]:
@@ -180,12 +187,17 @@ def activation_bytes(config, setup: Setup) -> float:
     return size * (ends + kept + layer) + 4 * config.vocab_size * d
 
 
-def _optimizer_bytes(setup: Setup, sizes: Sizes, flat: bool) -> float:
-    """The optimizer's own state: AdamW's two moments, or Adafactor's second moment (factored only
-    on whole matrices, that is in one process)."""
+def optimizer_bytes(setup: Setup, sizes: Sizes, ranks: int = 1, every_matrix: bool = False) -> float:
+    """The optimizer's own state per GPU when `ranks` partition it (see the module's docstring):
+    AdamW's two moments, or Adafactor's second moments, with every matrix's factored moment on each
+    rank under ZeRO-3 (`every_matrix`), and under ZeRO-1/2 those of the matrices a rank's partition
+    reaches (its share, and the matrix split at each end)."""
     if setup.optimizer == "adamw":
-        return 8 * sizes.params
-    return 4 * sizes.params if flat else sizes.factored_state
+        return 8 * sizes.params / ranks
+    if every_matrix:
+        return sizes.factored_state + sizes.vector_state / ranks
+    split = 2 * sizes.largest_factored if ranks > 1 else 0
+    return (sizes.factored_state + sizes.vector_state) / ranks + split
 
 
 def plan(sizes: Sizes, cluster: Cluster, setup: Setup) -> list[Row]:
@@ -194,15 +206,14 @@ def plan(sizes: Sizes, cluster: Cluster, setup: Setup) -> list[Row]:
     acts = activation_bytes(sizes.config, setup)
     w = 2 if setup.mixed else 4  # parameter (and gradient) bytes on the GPU
     fp32_grads, master = (4, 4) if setup.mixed else (0, 0)
-    state = _optimizer_bytes(setup, sizes, flat=True)
     adam = 8 * P  # the offload configs' CPU AdamW
     gathered = (2 * w) * sizes.largest
     rows = []
     if N == 1:
         rows.append(Row("one process (no DeepSpeed)", None, (4 + (2 if setup.mixed else 0)) * P, 4 * P,
-                        _optimizer_bytes(setup, sizes, flat=False), acts, 4 * P * _BUFFER, 0))  # fmt: skip
+                        optimizer_bytes(setup, sizes), acts, 4 * P * _BUFFER, 0))  # fmt: skip
     model_cpu = 4 * P * per_node * _BUFFER  # each rank reads the model on the CPU
-    sharded_state = (master * P + state) / N
+    sharded_state = master * P / N + optimizer_bytes(setup, sizes, N)
     offloaded = dict(grads=0, optimizer=0, activations=acts, cpu_adamw=True)
     rows += [
         Row("ZeRO-1", "zero1", w * P, w * P + fp32_grads * P / N, sharded_state, acts, model_cpu, rank=1),
@@ -220,12 +231,12 @@ def plan(sizes: Sizes, cluster: Cluster, setup: Setup) -> list[Row]:
             "zero3",
             w * P / N + gathered,
             4 * P / N,
-            sharded_state,
+            master * P / N + optimizer_bytes(setup, sizes, N, every_matrix=True),
             acts,
             4 * sizes.largest * per_node * _BUFFER,
             rank=4,
         ),  # fmt: skip
-        *_pipelines(sizes, cluster, setup, acts, state / P, fp32_grads + master),
+        *_pipelines(sizes, cluster, setup, acts, optimizer_bytes(setup, sizes) / P, fp32_grads + master),
         Row(
             "ZeRO-3 + offload optimizer",
             "zero3_offload_optimizer",
@@ -382,9 +393,12 @@ def strategy_of(config: dict) -> str:
     return "zero1"
 
 
-def command(verdict: Verdict, options: dict, cluster: Cluster, deepspeed: str | None = None) -> str:
-    """The launch command of `verdict`'s strategy with the train options `options` (field -> value,
-    in TrainArgs order) and the change that makes it fit."""
+MASTER_PORT = 29500  # DeepSpeed's and torchrun's default rendezvous port
+
+
+def _train_flags(verdict: Verdict, options: dict) -> list[str]:
+    """`fastseq train`'s flags for `verdict`'s strategy: the options given and the change that makes
+    it fit (the offload configs' CPU AdamW needs --optimizer adamw and an --lr)."""
     import shlex
 
     options = {k: v for k, v in {**options, **verdict.change}.items() if k != "deepspeed"}
@@ -397,6 +411,15 @@ def command(verdict: Verdict, options: dict, cluster: Cluster, deepspeed: str | 
             flags.append(flag)
         elif value is not False and value is not None:
             flags += [flag, shlex.quote(str(value))]
+    return flags
+
+
+def command(verdict: Verdict, options: dict, cluster: Cluster, deepspeed: str | None = None) -> str:
+    """The launch command of `verdict`'s strategy with the train options `options` (field -> value,
+    in TrainArgs order) and the change that makes it fit."""
+    import shlex
+
+    flags = _train_flags(verdict, options)
     if verdict.row.config is None:
         return " ".join(["fastseq", "train", *flags])
     launcher = ["deepspeed"]
@@ -404,6 +427,25 @@ def command(verdict: Verdict, options: dict, cluster: Cluster, deepspeed: str | 
         launcher += ["--hostfile", "HOSTFILE", "--num_nodes", str(cluster.nodes)]
     launcher += ["--num_gpus", str(cluster.gpus_per_node), "--module", "fastseq.train"]
     return " ".join([*launcher, "--deepspeed", shlex.quote(deepspeed or verdict.row.config), *flags])
+
+
+def node_commands(verdict: Verdict, options: dict, cluster: Cluster, deepspeed: str | None = None) -> list[str]:
+    """For more than one node, the launches that need no ssh between nodes, each run on every node
+    (node R of 0 ... nodes - 1; MASTER the first node's address): DeepSpeed's launcher with --no_ssh
+    (it reads the hostfile for the world's shape), and torchrun."""
+    import shlex
+
+    if cluster.nodes < 2 or verdict.row.config is None:
+        return []
+    train = ["--deepspeed", shlex.quote(deepspeed or verdict.row.config), *_train_flags(verdict, options)]
+    nodes, per_node = str(cluster.nodes), str(cluster.gpus_per_node)
+    return [
+        " ".join(["deepspeed", "--hostfile", "HOSTFILE", "--no_ssh", "--num_nodes", nodes, "--node_rank", "R",
+                  "--master_addr", "MASTER", "--master_port", str(MASTER_PORT), "--num_gpus", per_node, "--module",
+                  "fastseq.train", *train]),
+        " ".join(["torchrun", "--nnodes", nodes, "--node-rank", "R", "--nproc-per-node", per_node, "--master-addr",
+                  "MASTER", "--master-port", str(MASTER_PORT), "-m", "fastseq.train", *train]),
+    ]  # fmt: skip
 
 
 def table(found: list[Verdict], cluster: Cluster) -> str:
@@ -456,6 +498,12 @@ def show(args, options: dict, cluster: Cluster, *, cpu_from_machine: bool) -> No
           f"{cluster.gpu_mem:g} GiB, {cluster.cpu_mem:.1f} GiB host memory per node ({host}); "
           f"{options_text}. GiB:")  # fmt: skip
     print(table(found, cluster))
+    if setup.optimizer == "adafactor":
+        zero3 = optimizer_bytes(setup, sizes, cluster.gpus, every_matrix=True) / 2**20
+        zero12 = optimizer_bytes(setup, sizes, cluster.gpus) / 2**20
+        master = "; the optim column adds the fp32 master weights" if setup.mixed else ""
+        print(f"optim: Adafactor's second moments, factored per matrix ({sizes.factored_state / 2**20:.1f} MiB for "
+              f"the model): per GPU {zero3:.1f} MiB under ZeRO-3, {zero12:.1f} MiB under ZeRO-1/2{master}")  # fmt: skip
     fitting = [v.row.strategy for v in found if v.fits]
     print(f"fits: {', '.join(fitting) if fitting else 'nothing as asked'}")
     for v in found:
@@ -480,5 +528,12 @@ def show(args, options: dict, cluster: Cluster, *, cpu_from_machine: bool) -> No
     if best.row.note:
         print(f"  {best.row.note}")
     if cluster.nodes > 1:
-        print("  HOSTFILE: one line per node, `hostname slots=GPUS` (DeepSpeed's hostfile)")
+        print(f"  HOSTFILE: one line per node, `hostname slots={cluster.gpus_per_node}` (DeepSpeed's hostfile), the "
+              "same on every node")  # fmt: skip
     print(command(best, options, cluster, args.deepspeed))
+    forms = node_commands(best, options, cluster, args.deepspeed)
+    if forms:
+        print(f"or, without ssh between the nodes (SLURM, Kubernetes), on each node R = 0 ... {cluster.nodes - 1} "
+              f"({cluster.gpus_per_node} ranks each; MASTER: node 0's address; --output-dir on a disk every node "
+              "shares):")  # fmt: skip
+        print("\n".join(forms))

@@ -41,6 +41,8 @@ class Engine:
     - `kind`: what its checkpoints are ("one process", "DeepSpeed ZeRO-2", ...): a checkpoint
       resumes only on the kind and number of ranks that wrote it;
     - `device`, `rank`, `world`: this process, and how many run;
+    - `node_first`: whether this rank is the first on its node (it renames its node's part of a
+      checkpoint when each node writes the output directory on its own disk);
     - `data_parallel`, `data_rank`: how many different micro-batches a step's micro-batch slot
       gets, and which one is this rank's;
     - `model`: the module to evaluate (greedy decoding), or None where the engine cannot;
@@ -50,6 +52,7 @@ class Engine:
     kind = "one process"
     device = torch.device("cpu")
     rank, world = 0, 1
+    node_first = True
     data_parallel, data_rank = 1, 0
     model: nn.Module | None = None
     autocast: torch.dtype | None = None
@@ -92,6 +95,16 @@ class Engine:
 
     def load(self, directory: Path, meta: dict) -> None:
         raise NotImplementedError
+
+    def rank_files(self, directory: Path, state: dict) -> list[str]:
+        """The files of checkpoint `directory` (its trainer state `state`) this rank reads besides
+        its RNG states."""
+        return []
+
+    def repartitions(self, directory: Path, state: dict) -> bool:
+        """Whether this engine resumes checkpoint `directory`, written by another number of ranks or
+        another engine kind, by re-partitioning its state (ZeRO)."""
+        return False
 
     def save_model(self, out: Path, checkpoint: Path) -> None:
         """The trained model as a Hugging Face directory at `out` (from the final `checkpoint`)."""

@@ -65,6 +65,7 @@ from .state import (
     args_record,
     check_engine,
     check_identity,
+    check_rank_files,
     check_rates,
     clear_output_dir,
     engine_record,
@@ -168,10 +169,11 @@ class _Run:
     def resume(self) -> int:
         """Load the checkpoint `--resume` names, after checking that this run may continue it (its
         identity, engine, ranks and optimizer); returns its step."""
-        path = find_checkpoint(self.args)
-        state = read_state(path)
+        path = self.engine.on_first_rank(find_checkpoint, self.args)
+        state = self.engine.on_first_rank(read_state, path)
         check_identity(path, state["run"], self.identity)
-        check_engine(path, state, self.engine.kind, self.engine.world, self.args)
+        check_engine(path, state, self.engine, self.args)
+        check_rank_files(path, state, self.engine)
         rates = check_rates(path, state, self.args)
         try:
             self.engine.load(path, state["engine"])
@@ -201,8 +203,10 @@ class _Run:
 
     def checkpoint(self, step: int, completed: tuple[int, dict, dict] | None = None) -> Path:
         """`OUTPUT/checkpoint-STEP`, written under a temporary name (removed again if writing fails)
-        and renamed into place once every rank is done. `completed`: the step's data position and RNG
-        states, when the run has moved past the step (an error in the next one)."""
+        and renamed into place once every rank is done (by the first rank; on an output directory that
+        is not shared, each node's first rank renames its node's ranks' files too). `completed`: the
+        step's data position and RNG states, when the run has moved past the step (an error in the
+        next one)."""
         engine, first = self.engine, self.engine.rank == 0
         final, tmp = self.out / f"checkpoint-{step}", self.out / f".checkpoint-{step}.tmp"
         data_state, rng = (completed[1], completed[2]) if completed else (self.data.state_dict(), None)
@@ -225,6 +229,9 @@ class _Run:
                 write_state(tmp, {"step": step, "run": self.identity, "data": data_state, "engine": meta,
                                   "world_size": engine.world, "engine_kind": engine.kind,
                                   "optimizer": engine_record(self.args), "args": args_record(self.args)})  # fmt: skip
+                publish_directory(tmp, final)
+            engine.barrier()
+            if engine.node_first and not first and tmp.is_dir():  # an output directory on this node's own disk
                 publish_directory(tmp, final)
             engine.barrier()
         except BaseException as err:

@@ -284,9 +284,42 @@ def engine_record(args: TrainArgs) -> dict:
     return {"name": args.optimizer, "lr": args.learning_rate(), "weight_decay": args.weight_decay}
 
 
-def check_engine(path: Path, state: dict, kind: str, world: int, args: TrainArgs) -> None:
+def keep_global_batch(args: TrainArgs, data_parallel: int) -> str | None:
+    """Before a ZeRO run on `data_parallel` ranks resumes a checkpoint written on another number:
+    set --grad-accum so that a step takes the checkpoint's examples (micro-batch x accumulation x
+    ranks); the data then continues from the same global example. Returns the line that says so,
+    if --grad-accum changed. Nothing when the checkpoint cannot be read here (the resume says why,
+    on every rank alike)."""
+    try:
+        path = find_checkpoint(args)
+        state = read_state(path)
+    except (OSError, ValueError):
+        return None
+    recorded, ranks = state.get("args") or {}, state["world_size"]
+    if ranks == data_parallel or not _is_int(recorded.get("grad_accum")):
+        return None
+    examples = recorded["grad_accum"] * ranks
+    if examples % data_parallel:
+        raise ResumeError(f"--resume: {path} took {recorded['grad_accum']} micro-batches x {ranks} ranks a step, "
+                          f"which {data_parallel} ranks cannot divide; resume on a number of ranks dividing "
+                          f"{examples}")  # fmt: skip
+    if args.grad_accum == examples // data_parallel:
+        return None
+    args.grad_accum = examples // data_parallel
+    return (f"--resume: {path} ran {_ranks(ranks)} x --grad-accum {recorded['grad_accum']}; on {_ranks(data_parallel)} "
+            f"--grad-accum {args.grad_accum} keeps its {examples} micro-batches a step")  # fmt: skip
+
+
+def _ranks(count: int) -> str:
+    return f"{count} rank{'s' * (count != 1)}"
+
+
+def check_engine(path: Path, state: dict, engine, args: TrainArgs) -> None:
     """Refuse a checkpoint written by another engine or another number of ranks (its files and the
-    data position depend on both)."""
+    data position depend on both), unless the engine re-partitions it (ZeRO)."""
+    kind, world = engine.kind, engine.world
+    if engine.repartitions(path, state):
+        return
     recorded_world, recorded_kind = state["world_size"], state.get("engine_kind")
     if recorded_kind is None:  # older checkpoints: one process keeps its optimizer's state in trainer_state.json
         recorded_kind = "one process" if state["engine"] else "DeepSpeed"
@@ -352,13 +385,41 @@ def rng_states() -> dict[str, torch.Tensor]:
     return tensors
 
 
+def rng_file(rank: int) -> str:
+    return f"rng-{rank}.safetensors"
+
+
 def save_rng(directory: Path, rank: int, states: dict[str, torch.Tensor] | None = None) -> None:
     """`rng-RANK.safetensors`: `states` (default: the RNG states now)."""
-    save_file(states if states is not None else rng_states(), str(directory / f"rng-{rank}.safetensors"))
+    save_file(states if states is not None else rng_states(), str(directory / rng_file(rank)))
+
+
+def check_rank_files(path: Path, state: dict, engine) -> None:
+    """Every rank finds the files it reads in checkpoint `path` (its RNG states, where the checkpoint
+    had this rank, and the engine's own partitions): a run on several nodes whose output directories
+    are each node's own disk has each rank's files on its node only. Refused on every rank alike, in
+    one line."""
+    names = [rng_file(engine.rank)] if engine.rank < state["world_size"] else []
+    names += engine.rank_files(path, state)
+    mine = [name for name in names if not (path / name).is_file()]
+    flags = [0.0] * engine.world
+    flags[engine.rank] = float(bool(mine))
+    lacking = [rank for rank, flag in enumerate(engine.sum_over_ranks(flags)) if flag]
+    if lacking:
+        example = f" (rank {engine.rank} lacks {', '.join(mine)})" if mine else ""
+        raise ResumeError(
+            f"--resume: {path} does not hold the files of rank(s) {', '.join(map(str, lacking))}{example}: every rank "
+            "reads its own; give the nodes an --output-dir they share, or copy each node's "
+            f"{path.name} into one directory on every node and resume from it"
+        )
 
 
 def load_rng(directory: Path, rank: int) -> None:
-    file = directory / f"rng-{rank}.safetensors"
+    """This rank's RNG states, where the checkpoint had this rank (a run resumed on more ranks starts
+    the others' from the seed: only dropout draws from them)."""
+    file = directory / rng_file(rank)
+    if not file.is_file() and rank > 0:
+        return
     if not file.is_file():
         raise ResumeError(f"--resume: {file} is missing: the checkpoint is incomplete; {instead(directory)}")
     tensors = read_tensors(file)

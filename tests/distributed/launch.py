@@ -18,26 +18,55 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def deepspeed(*args: str, ranks: int = 2, module: str | None = "fastseq.train", expect_fail: bool = False,
-              prefix: tuple[str, ...] = ()):  # fmt: skip
-    """`[PREFIX] deepspeed --num_gpus RANKS [--module MODULE] ARGS...`; returns the finished process."""
-    env = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONPATH=str(ROOT), FASTSEQ_BACKEND="reference",
-               OMP_NUM_THREADS="1")  # fmt: skip
-    port = free_port()
-    cmd = [*prefix, sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks),
-           "--master_port", str(port)]  # fmt: skip
-    cmd += ["--module", module, *args] if module else list(args)
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+def _env() -> dict:
+    return dict(os.environ, DS_ACCELERATOR="cpu", PYTHONPATH=str(ROOT), FASTSEQ_BACKEND="reference",
+                OMP_NUM_THREADS="1")  # fmt: skip
+
+
+def _check(procs: list, port: int, expect_fail: bool) -> None:
     left = shared_memory_left(port)
     for buffer in left:  # removed first, so that a failing run does not fill /dev/shm either
         buffer.unlink()
     if not expect_fail:  # a rank stopped by the launcher before it released its buffer may leave one
         assert not left, f"the run left DeepSpeed's all-reduce buffers in /dev/shm: {left}"
-    if expect_fail:
-        assert proc.returncode != 0, proc.stdout[-2000:]
-    else:
-        assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    for proc in procs:
+        if expect_fail:
+            assert proc.returncode != 0, proc.stdout[-2000:]
+        else:
+            assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+
+
+def deepspeed(*args: str, ranks: int = 2, module: str | None = "fastseq.train", expect_fail: bool = False,
+              prefix: tuple[str, ...] = ()):  # fmt: skip
+    """`[PREFIX] deepspeed --num_gpus RANKS [--module MODULE] ARGS...`; returns the finished process."""
+    port = free_port()
+    cmd = [*prefix, sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks),
+           "--master_port", str(port)]  # fmt: skip
+    cmd += ["--module", module, *args] if module else list(args)
+    proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=900)
+    _check([proc], port, expect_fail)
     return proc
+
+
+def deepspeed_nodes(hostfile: Path, *args: str, nodes: int = 2, expect_fail: bool = False) -> list:
+    """`deepspeed --hostfile HOSTFILE --no_ssh --num_nodes NODES --node_rank R --master_addr 127.0.0.1
+    --module fastseq.train ARGS...` for every R at once, one rank per node: the launchers a SLURM or
+    Kubernetes job starts, one per node, here all on this machine. Returns the finished processes."""
+    port = free_port()
+    hostfile.write_text("".join(f"node{n} slots=1\n" for n in range(nodes)))
+    launchers = [
+        subprocess.Popen([sys.executable, "-m", "deepspeed.launcher.runner", "--hostfile", str(hostfile), "--no_ssh",
+                          "--num_nodes", str(nodes), "--num_gpus", "1", "--node_rank", str(node), "--master_addr",
+                          "127.0.0.1", "--master_port", str(port), "--module", "fastseq.train", *args],
+                         cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for node in range(nodes)
+    ]  # fmt: skip
+    procs = []
+    for launcher in launchers:
+        stdout, stderr = launcher.communicate(timeout=900)
+        procs.append(subprocess.CompletedProcess(launcher.args, launcher.returncode, stdout, stderr))
+    _check(procs, port, expect_fail)
+    return procs
 
 
 def shared_memory_left(port: int) -> list[Path]:
@@ -54,16 +83,27 @@ def one_process(output_dir: Path, steps: int, model=None, **options) -> list[flo
     """The losses of `fastseq train` in this process with two micro-batches of 4 accumulated: what
     two data-parallel ranks with one micro-batch each (or a two-stage pipeline accumulating two)
     must reproduce."""
+    import torch
+
     from fastseq.train import TrainArgs, train
 
+    options = {"optimizer": "adamw", "lr": 1e-3, **options}  # AdamW unless the options say otherwise
     args = TrainArgs(model=None if model is None else str(model), steps=steps, batch_size=4, grad_accum=2,
-                     optimizer="adamw", lr=1e-3, quiet=True, eval_examples=0, output_dir=str(output_dir),
-                     device="cpu", **options)  # fmt: skip
-    train(args)
+                     quiet=True, eval_examples=0, output_dir=str(output_dir), device="cpu", **options)  # fmt: skip
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the ranks run (OMP_NUM_THREADS=1): the same matmul blocking, the same rounding
+    try:
+        train(args)
+    finally:
+        torch.set_num_threads(threads)
     return losses(output_dir)
 
 
-def assert_losses_close(got: list[float], expected: list[float], rel: float = 1e-5) -> None:
+def assert_losses_close(got: list[float], expected: list[float], rel: float = 1e-5) -> float:
+    """Each step's loss within `rel` of one process's; returns the largest relative difference."""
     assert len(got) == len(expected)
+    worst = 0.0
     for step, (a, b) in enumerate(zip(got, expected, strict=True)):
         assert abs(a - b) <= rel * abs(b), f"step {step + 1}: {a} vs one process {b}"
+        worst = max(worst, abs(a - b) / abs(b))
+    return worst
