@@ -76,8 +76,8 @@ def cdiv(a: int, b: int) -> int:
 
 
 def next_power_of_2(n: int) -> int:
-    """`triton.next_power_of_2` for the launchers (1 for n <= 1), as fast as `cdiv`."""
-    return 1 << max(n - 1, 0).bit_length()
+    """`triton.next_power_of_2` for the launchers (0 for 0), as fast as `cdiv`."""
+    return 1 << (n - 1).bit_length() if n > 0 else 0
 
 
 def backend(op: str | None = None) -> str:

@@ -76,3 +76,16 @@ def test_sm80_and_newer_take_the_kernels(monkeypatch, capability):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert _backend.use_triton("rms_norm", True, torch.randn(2, 8)) is True
+
+
+def test_host_rounding_is_tritons():
+    """The launchers' `cdiv` and `next_power_of_2` (host code; Triton's are constexpr functions, slow
+    to call from Python) give Triton's values."""
+    import triton
+
+    from fastseq.kernels._backend import cdiv, next_power_of_2
+
+    for n in [*range(300), 1000, 4096, 4097, 2**31 + 5]:
+        assert next_power_of_2(n) == triton.next_power_of_2(n), n
+        for block in (1, 3, 16, 64, 128):
+            assert cdiv(n, block) == triton.cdiv(n, block), (n, block)

@@ -8,9 +8,8 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
-import triton
 
-from .._backend import interpreting
+from .._backend import interpreting, next_power_of_2
 from .kernels import (
     _bucketed_attention_bwd_dkdv_kernel,
     _bucketed_attention_bwd_dq_kernel,
@@ -82,11 +81,11 @@ _MAX_HEAD_DIM = 256
 
 
 def _skew(block_m: int, block_n: int) -> int:
-    return triton.next_power_of_2(block_m + block_n - 1)
+    return next_power_of_2(block_m + block_n - 1)
 
 
 def _block_d(D: int) -> int:
-    return max(16, triton.next_power_of_2(D))
+    return max(16, next_power_of_2(D))
 
 
 def _arch(device: torch.device) -> int:
@@ -107,7 +106,7 @@ def _fwd_config(
     tiles = _tiles(D, dtype, device)
     block_m, block_n, warps, stages = tiles.fwd_global if has_global else tiles.fwd
     # Incremental decoding (Lq = 1 against a cache) needs no 128-row query tile.
-    block_m = min(block_m, max(16, triton.next_power_of_2(Lq)))
+    block_m = min(block_m, max(16, next_power_of_2(Lq)))
     return block_m, block_n, warps, stages
 
 
