@@ -298,8 +298,9 @@ def table(results: list[dict]) -> str:
     spilling = sorted(f"{r['name']} ({r['spill_bytes']} B)" for r in sixteen if r["spill_bytes"])
     lines += ["", f"16-bit builds that spill: {', '.join(spilling) or 'none'}."]
     lines += ["", "Attention builds, bf16, D = 64 and 128 (sm_80 and sm_90):", "",
-              "| build | tile, warps | registers | spill (bytes) | instructions | tensor-core | SHFL | shared (KiB) |",
-              "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+              "| build | tile, warps | registers | spill (bytes) | instructions | key loop (barriers) "
+              "| tensor-core | SHFL | shared (KiB) |",
+              "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in sorted(results, key=lambda r: (r["capability"], r["name"])):
         if (
             r["op"] == "bucketed_attention"
@@ -307,7 +308,7 @@ def table(results: list[dict]) -> str:
             and re.search(r"-D(64|128)-bf16$", r["name"])
         ):
             lines.append(f"| {r['name']} | {r['tile']}, {r['num_warps']} | {r['registers']} | {r['spill_bytes']} | "
-                         f"{r['instructions']} | "
+                         f"{r['instructions']} | {r['loop_instructions']} ({r['loop_barriers']}) | "
                          f"{r['tensor_core']} | {r['shuffles']} | {r['shared'] / 1024:.1f} |")  # fmt: skip
     return "\n".join(lines)
 
