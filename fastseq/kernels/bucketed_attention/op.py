@@ -230,8 +230,9 @@ def unsupported_inputs(q: torch.Tensor) -> str | None:
     if reason := unsupported_dtypes(q):
         return reason
     if q.dtype == torch.float32 and q.is_cuda:
-        # fp32 products on the CUDA cores held the kernels' registers past the limit at every tile
-        # (46 spilling builds, up to 6,880 bytes; TF32x3 dots still spilled at D = 128 on 16 x 32 tiles).
+        # fp32 products on the CUDA cores held the kernels' registers past the limit: 65 of the 195 fp32
+        # builds spilled, up to 6,880 bytes, at head dims 32 to 256 (TF32x3 dots still spilled at
+        # D = 128, on 16 x 32 tiles too; the static report).
         return "float32 on a GPU (bf16 and fp16 run the kernels; float32 runs PyTorch's attention in fp32)"
     if q.shape[-1] > _MAX_HEAD_DIM:
         return f"head dim {q.shape[-1]} (the kernel takes up to {_MAX_HEAD_DIM})"
