@@ -279,6 +279,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                              "pretrained directory (0: relative step); adamw needs one")  # fmt: skip
     parser.add_argument("--schedule", default=None, choices=SCHEDULES)
     parser.add_argument("--warmup", type=int, default=None, help="linear warm-up steps")
+    parser.add_argument("--warmup-ratio", type=float, default=None, help="warm-up as a fraction of --steps")
     parser.add_argument("--weight-decay", type=float, default=None)
     parser.add_argument("--clip", type=float, default=None, help="gradient-norm clipping (0: none)")
     parser.add_argument("--label-smoothing", type=float, default=None,

@@ -7,8 +7,9 @@
   parameter dtype.
 - `make_optimizer(name, params, lr, weight_decay)`: "adamw" or "adafactor".
 - `make_schedule(optimizer, name, warmup_steps, total_steps)`: "constant" (after a linear warm-up),
-  "linear" (warm-up, then linear decay to 0 at `total_steps`), "inverse_sqrt" (warm-up, then
-  `sqrt(warmup / step)`, T5's schedule).
+  "linear" (warm-up, then linear decay to 0 at `total_steps`), "cosine" (warm-up, then half a cosine
+  down to 0 at `total_steps`), "inverse_sqrt" (warm-up, then `sqrt(warmup / step)`, T5's schedule):
+  `transformers`' schedules of those names.
 """
 
 from __future__ import annotations
@@ -267,7 +268,7 @@ class Adafactor(Optimizer):
 
 
 OPTIMIZERS = ("adamw", "adafactor")
-SCHEDULES = ("constant", "linear", "inverse_sqrt")
+SCHEDULES = ("constant", "linear", "cosine", "inverse_sqrt")
 
 
 def make_optimizer(name: str, params, *, lr: float | None, weight_decay: float = 0.0) -> Optimizer:
@@ -291,6 +292,9 @@ def schedule_factor(name: str, step: int, warmup_steps: int, total_steps: int) -
         return 1.0
     if name == "linear":
         return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
+    if name == "cosine":
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
     if name == "inverse_sqrt":
         return math.sqrt(max(warmup_steps, 1) / max(step, 1))
     raise ValueError(f"unknown schedule {name!r}; use one of {SCHEDULES}")

@@ -305,3 +305,27 @@ def test_save_total_limit_keeps_the_resumed_branch(tmp_path, capfd, caplog):
     # --overwrite removes the set-aside checkpoints with the rest of the old run.
     assert main(["train", "--steps", "1", "--overwrite", *quick]) == 0
     assert sorted(p.name for p in out.iterdir() if "checkpoint" in p.name) == ["checkpoint-1"]
+
+
+def test_cosine_schedule_with_a_warmup_ratio(tmp_path, capfd, reference_backend):
+    """--schedule cosine --warmup-ratio 0.25 over 8 steps: 2 warm-up steps (0.25 * 8, rounded up as HF's
+    Trainer rounds it), then half a cosine to 0 at step 8; each record's lr is the next step's rate."""
+    import math
+
+    out = tmp_path / "out"
+    _train(capfd, None, out, "--steps", "8", "--log-every", "1", "--optimizer", "adamw", "--lr", "1e-3",
+           "--schedule", "cosine", "--warmup-ratio", "0.25", "--eval-examples", "0")  # fmt: skip
+    expected = [1e-3 * (s / 2 if s < 2 else 0.5 * (1 + math.cos(math.pi * (s - 2) / 6))) for s in range(1, 9)]
+    assert [r["lr"] for r in _records(out)] == pytest.approx(expected, rel=1e-9, abs=1e-15)
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [(["--warmup-ratio", "1.5"], "--warmup-ratio must be in [0, 1]"),
+     (["--warmup-ratio", "nan"], "--warmup-ratio must be in [0, 1]"),
+     (["--warmup", "3", "--warmup-ratio", "0.1"], "--warmup and --warmup-ratio both set the warm-up; pass one")],
+)  # fmt: skip
+def test_a_bad_warmup_ratio_is_one_line(argv, message, tmp_path, capfd):
+    code = main(["train", "--output-dir", str(tmp_path / "out"), "--steps", "2", *argv])
+    err = capfd.readouterr().err
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err

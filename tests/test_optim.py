@@ -60,6 +60,7 @@ def test_optimizer_choices():
 def test_schedules_match_transformers():
     from transformers.optimization import (
         get_constant_schedule_with_warmup,
+        get_cosine_schedule_with_warmup,
         get_inverse_sqrt_schedule,
         get_linear_schedule_with_warmup,
     )
@@ -78,14 +79,16 @@ def test_schedules_match_transformers():
     cases = {
         "constant": lambda o: get_constant_schedule_with_warmup(o, warmup),
         "linear": lambda o: get_linear_schedule_with_warmup(o, warmup, total),
+        "cosine": lambda o: get_cosine_schedule_with_warmup(o, warmup, total),
         "inverse_sqrt": lambda o: get_inverse_sqrt_schedule(o, warmup),
     }
     for name, theirs in cases.items():
         ours = factors(lambda o, name=name: make_schedule(o, name, warmup_steps=warmup, total_steps=total))
         assert ours == pytest.approx(factors(theirs), rel=1e-12, abs=1e-12), name
     assert schedule_factor("linear", 50, 10, 50) == 0.0
-    with pytest.raises(ValueError, match="unknown schedule 'cosine'"):
-        make_schedule(torch.optim.SGD(_params(), lr=1.0), "cosine", warmup_steps=0, total_steps=1)
+    assert schedule_factor("cosine", 50, 10, 50) == 0.0
+    with pytest.raises(ValueError, match="unknown schedule 'polynomial'"):
+        make_schedule(torch.optim.SGD(_params(), lr=1.0), "polynomial", warmup_steps=0, total_steps=1)
 
 
 def test_relative_step_reports_the_rate_adafactor_applies():

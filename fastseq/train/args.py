@@ -51,6 +51,7 @@ class TrainArgs:
     lr: float | None = None  # adafactor: None = relative step from scratch, 1e-3 pretrained; 0 = relative step
     schedule: str = "constant"
     warmup: int = 0
+    warmup_ratio: float = 0.0  # warm-up as a fraction of --steps (HF's --warmup_ratio), rounded up
     weight_decay: float = 0.0
     clip: float = 1.0  # gradient-norm clipping; 0: none
     label_smoothing: float = 0.0  # eps of the label-smoothed training loss (HF's --label_smoothing_factor)
@@ -161,6 +162,12 @@ class TrainArgs:
             return 1e-3
         return self.lr
 
+    @property
+    def warmup_steps(self) -> int:
+        """The warm-up in optimizer steps: --warmup, or --warmup-ratio of --steps rounded up (as HF's
+        Trainer rounds it)."""
+        return self.warmup or math.ceil(self.warmup_ratio * self.steps)
+
     def validate(self) -> None:
         """Every count, size and rate, before anything is read, built or written."""
         at_least = {"steps": 1, "batch_size": 1, "grad_accum": 1, "buffer_size": 1, "max_target_length": 1,
@@ -181,6 +188,10 @@ class TrainArgs:
                 raise ValueError(f"--{_flag(name)} must be a finite number >= 0; got {value}")
         if self.seed >= 2**64:
             raise ValueError(f"--seed must be below 2**64 (torch's seeds are 64-bit); got {self.seed}")
+        if not 0.0 <= self.warmup_ratio <= 1.0:  # NaN fails here too
+            raise ValueError(f"--warmup-ratio must be in [0, 1] (a fraction of --steps); got {self.warmup_ratio}")
+        if self.warmup and self.warmup_ratio:
+            raise ValueError("--warmup and --warmup-ratio both set the warm-up; pass one")
         if not 0.0 <= self.label_smoothing < 1.0:  # NaN fails here too
             raise ValueError(f"--label-smoothing must be in [0, 1) (0: none; 0.1 is usual); got {self.label_smoothing}")
         if self.optimizer == "adamw" and not self.lr:

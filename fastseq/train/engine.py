@@ -269,7 +269,9 @@ def apply_rates(optimizer, scheduler, lr: float | None, weight_decay: float) -> 
 
 def schedule(args: TrainArgs):
     """The learning-rate schedule as a function of the optimizer (what DeepSpeed takes)."""
-    return lambda optimizer: make_schedule(optimizer, args.schedule, warmup_steps=args.warmup, total_steps=args.steps)
+    return lambda optimizer: make_schedule(
+        optimizer, args.schedule, warmup_steps=args.warmup_steps, total_steps=args.steps
+    )
 
 
 # ---- one process ------------------------------------------------------------------------------
