@@ -123,7 +123,7 @@ def test_translation_with_bleu_chrf_and_the_record_schema(tmp_path, capfd, tiny,
         assert "exact_match" not in record and "rouge1" not in record  # only the metrics asked for
 
 
-def test_tensorboard_holds_the_metrics_jsonl_scalars(tmp_path, capfd, reference_backend):
+def test_tensorboard_holds_the_metrics_jsonl_scalars_grouped_as_hfs(tmp_path, capfd, reference_backend):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     out = tmp_path / "out"
@@ -136,7 +136,10 @@ def test_tensorboard_holds_the_metrics_jsonl_scalars(tmp_path, capfd, reference_
     for record in records:
         for key, value in record.items():
             if key != "step" and isinstance(value, (int, float)):
-                expected.setdefault(key, {})[record["step"]] = value
+                # HF's Trainer's groups: evaluation's numbers under eval/ (eval_loss as eval/loss), the rest train/
+                tag = f"eval/{key.removeprefix('eval_')}" if key in ("eval_loss", "exact_match") else f"train/{key}"
+                expected.setdefault(tag, {})[record["step"]] = value
+    assert {"train/loss", "train/lr", "eval/loss", "eval/exact_match"} <= set(expected)
     (events,) = (out / "runs").iterdir()
     accumulator = EventAccumulator(str(events.parent))
     accumulator.Reload()

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 from fastseq.files import atomic_write
+from fastseq.metrics import metric_keys
 
 from .args import TrainArgs
 from .data import Data
@@ -18,12 +19,14 @@ class MetricsLog:
     """`metrics.jsonl` on the first rank: one JSON object per line, never NaN or infinity (the schema
     is in the README). Every record gets the run's `epoch` (`Data.epoch`, None where unknown) and
     `elapsed` seconds since the run started, counting those before the checkpoint a run resumed
-    from; with `--report-to tensorboard` its numbers also go to TensorBoard under OUTPUT/runs, each
-    tagged with its key. `evaluated` holds each evaluated step's record (this run's and, on resume,
+    from; with `--report-to tensorboard` its numbers also go to TensorBoard under OUTPUT/runs, tagged
+    as HF's Trainer tags them: `eval/KEY` for evaluation's (`eval_loss` as `eval/loss`, each metric's
+    scores, the best checkpoint's metric), `train/KEY` for the rest. `evaluated` holds each evaluated step's record (this run's and, on resume,
     those kept from before)."""
 
     def __init__(self, out: Path, args: TrainArgs, data: Data, start: int, enabled: bool):
         self.path, self.data, self.enabled = out / "metrics.jsonl", data, enabled
+        self.eval_keys = {"eval_loss", "best_metric", *metric_keys(args.metrics)}
         self.writer = None
         history = self._history(args, start) if enabled else []
         self.history = history  # the records kept from before the checkpoint resumed
@@ -67,8 +70,12 @@ class MetricsLog:
         if self.writer is not None:
             for key, value in clean.items():
                 if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
-                    self.writer.add_scalar(key, value, clean["step"])
+                    self.writer.add_scalar(self.tag(key), value, clean["step"])
             self.writer.flush()
+
+    def tag(self, key: str) -> str:
+        """The TensorBoard tag of a record's key: `eval/...` or `train/...`."""
+        return f"eval/{key.removeprefix('eval_')}" if key in self.eval_keys else f"train/{key}"
 
     def close(self) -> None:
         if self.writer is not None:
