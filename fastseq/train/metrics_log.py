@@ -21,8 +21,8 @@ class MetricsLog:
     `elapsed` seconds since the run started, counting those before the checkpoint a run resumed
     from; with `--report-to tensorboard` its numbers also go to TensorBoard under OUTPUT/runs, tagged
     as HF's Trainer tags them: `eval/KEY` for evaluation's (`eval_loss` as `eval/loss`, each metric's
-    scores, the best checkpoint's metric), `train/KEY` for the rest. `evaluated` holds each evaluated step's record (this run's and, on resume,
-    those kept from before)."""
+    scores, the best checkpoint's metric), `train/KEY` for the rest. `evaluated` holds each evaluated
+    step's record (this run's and, on resume, those kept from before)."""
 
     def __init__(self, out: Path, args: TrainArgs, data: Data, start: int, enabled: bool):
         self.path, self.data, self.enabled = out / "metrics.jsonl", data, enabled
