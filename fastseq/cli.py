@@ -303,7 +303,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                         help="a DeepSpeed JSON config, or a shipped one's name (zero1, zero2, zero3, zero3_offload, "
                              "pipeline ...; see `fastseq plan`); start with `deepspeed`")  # fmt: skip
     parser.add_argument("--metric", default=None,
-                        help="held-out metrics, comma separated: exact_match (default), rouge, bleu, chrf")  # fmt: skip
+                        help="held-out metrics, comma separated: exact_match (default), rouge, bleu, chrf; none: "
+                             "the loss only")  # fmt: skip
     parser.add_argument("--num-beams", type=int, default=None, help="evaluation's beams (default 1: greedy)")
     parser.add_argument("--max-new-tokens", type=int, default=None,
                         help="evaluation's generation limit (default: --max-target-length)")  # fmt: skip

@@ -23,13 +23,16 @@ _PACKAGES = {"rouge": ("rouge_score", "rouge-score"), "bleu": ("sacrebleu", "sac
 
 
 def parse_metrics(value: str) -> tuple[str, ...]:
-    """The metric names of `--metric`: one name or several separated by commas ("rouge,bleu")."""
+    """The metric names of `--metric`: one name or several separated by commas ("rouge,bleu"); "none"
+    for none (evaluation computes its loss only and generates nothing)."""
+    if value.strip() == "none":
+        return ()
     names = tuple(dict.fromkeys(name.strip() for name in value.split(",") if name.strip()))
     unknown = [name for name in names if name not in METRICS]
     if unknown or not names:
         raise ValueError(
             f"--metric {value!r}: unknown metric {', '.join(unknown) or '(none given)'}; use one or more of "
-            f"{', '.join(METRICS)} separated by commas (e.g. --metric rouge,bleu)"
+            f"{', '.join(METRICS)} separated by commas (e.g. --metric rouge,bleu), or none (the loss only)"
         )
     return names
 

@@ -332,3 +332,18 @@ def test_a_bad_warmup_ratio_is_one_line(argv, message, tmp_path, capfd):
     code = main(["train", "--output-dir", str(tmp_path / "out"), "--steps", "2", *argv])
     err = capfd.readouterr().err
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_metric_none_evaluates_the_loss_only(tmp_path, capfd, reference_backend):
+    """--metric none: each evaluation gives eval_loss and generates nothing (no prediction files), as
+    HF's evaluation without --predict_with_generate; the best checkpoint goes by eval_loss."""
+    out = tmp_path / "out"
+    _train(capfd, None, out, "--steps", "4", "--eval-every", "2", "--eval-examples", "3", "--save-every", "2",
+           "--metric", "none", "--metric-for-best-model", "eval_loss")  # fmt: skip
+    evaluated = [r for r in _records(out) if "eval_loss" in r]
+    assert [r["step"] for r in evaluated] == [2, 4]
+    assert all(r["eval_loss"] > 0 and "exact_match" not in r for r in evaluated)
+    assert evaluated[-1]["best_checkpoint"] in ("checkpoint-2", "checkpoint-4")
+    assert not list(out.glob("eval_predictions-*")) and not (out / "generated_predictions.txt").exists()
+    code = main(["train", "--output-dir", str(tmp_path / "other"), "--steps", "2", "--metric", ""])
+    assert code == 2 and "or none (the loss only)" in capfd.readouterr().err

@@ -90,7 +90,8 @@ def evaluate(model, tokenizer: Tokenizer, examples, collator, device, *, batch_s
              max_new_tokens: int = 128) -> tuple[dict[str, float], list[str]]:  # fmt: skip
     """The mean loss over target tokens (`eval_loss`) and the scores of `metrics` (`fastseq.metrics`)
     of the outputs generated for `examples` ((source, target) pairs; greedy for `num_beams` 1, at
-    most `max_new_tokens` each, special tokens skipped); and the outputs."""
+    most `max_new_tokens` each, special tokens skipped); and the outputs. No metrics: the loss only,
+    nothing generated (HF's evaluation without `--predict_with_generate`)."""
     was_training = model.training
     model.eval()
     total_loss, total_tokens, outputs = 0.0, 0, []
@@ -102,11 +103,13 @@ def evaluate(model, tokenizer: Tokenizer, examples, collator, device, *, batch_s
             tokens = int((batch["labels"] != -100).sum())
             total_loss += loss.item() * tokens
             total_tokens += tokens
-            generated = model.generate(batch["input_ids"], batch["attention_mask"], max_new_tokens=max_new_tokens,
-                                       num_beams=num_beams)  # fmt: skip
-        outputs += tokenizer.batch_decode(generated[:, 1:], skip_special_tokens=True)
+            if metrics:
+                generated = model.generate(batch["input_ids"], batch["attention_mask"],
+                                           max_new_tokens=max_new_tokens, num_beams=num_beams)  # fmt: skip
+        if metrics:
+            outputs += tokenizer.batch_decode(generated[:, 1:], skip_special_tokens=True)
     model.train(was_training)
-    scores = compute(metrics, outputs, [target for _, target in examples])
+    scores = compute(metrics, outputs, [target for _, target in examples]) if metrics else {}
     return {"eval_loss": total_loss / max(total_tokens, 1), **scores}, outputs
 
 
@@ -358,7 +361,7 @@ class _Run:
             if self.best is not None:
                 record.update(best_checkpoint=self.best[0].name, best_metric=self.best[1])
             self.metrics.write(record)
-            if self.engine.rank == 0:
+            if self.engine.rank == 0 and self.args.metrics:
                 write_generated_predictions(self.out / "generated_predictions.txt", self.outputs)
         self.engine.save_model(self.out, path)
         if self.engine.rank == 0:
@@ -405,7 +408,7 @@ class _Run:
                                         num_beams=args.num_beams, max_new_tokens=args.eval_max_new_tokens)  # fmt: skip
         self.evals.append((step, scores["eval_loss"]))
         self.metrics.evaluated[step] = scores
-        if engine.rank == 0:
+        if engine.rank == 0 and args.metrics:  # --metric none generates nothing
             write_predictions(self.out / f"eval_predictions-{step}.jsonl", self.data.held_out, self.outputs)
         return scores
 
