@@ -347,3 +347,23 @@ def test_metric_none_evaluates_the_loss_only(tmp_path, capfd, reference_backend)
     assert not list(out.glob("eval_predictions-*")) and not (out / "generated_predictions.txt").exists()
     code = main(["train", "--output-dir", str(tmp_path / "other"), "--steps", "2", "--metric", ""])
     assert code == 2 and "or none (the loss only)" in capfd.readouterr().err
+
+
+def test_every_held_out_example_is_evaluated_unless_max_eval_samples_says(tmp_path, capfd, tiny, reference_backend):
+    """A 300-line --eval-data is evaluated whole (256 of them were, silently); --max-eval-samples N (HF's
+    name; --eval-examples, the older one) keeps the first N; --max-train-samples N trains on the first N
+    examples of every epoch."""
+    rows = [{"source": f"copy {WORDS[i % 8]} {i}", "target": f"{WORDS[i % 8]} {i}"} for i in range(300)]
+    data = _jsonl(tmp_path / "rows.jsonl", rows)
+    common = ["--data", str(data), "--eval-data", str(data), "--max-new-tokens", "2"]
+    _, printed = _train(capfd, tiny, tmp_path / "all", *common, "--steps", "1")
+    assert len(_predictions(tmp_path / "all", 1)) == 300 and "(300 examples)" in printed
+    for flag in ("--max-eval-samples", "--eval-examples"):
+        _train(capfd, tiny, tmp_path / flag, *common, "--steps", "1", flag, "5")
+        assert [p["target"] for p in _predictions(tmp_path / flag, 1)] == [r["target"] for r in rows[:5]]
+    # 6 examples a epoch in batches of 4: 2 batches; 3 epochs, 6 steps.
+    _, printed = _train(capfd, tiny, tmp_path / "few", *common, "--max-train-samples", "6", "--epochs", "3",
+                        "--max-eval-samples", "0")  # fmt: skip
+    assert [r["step"] for r in _records(tmp_path / "few")][-1] == 6
+    code = main(["train", "--output-dir", str(tmp_path / "bad"), *common, "--max-train-samples", "0"])
+    assert code == 2 and "--max-train-samples must be at least 1" in capfd.readouterr().err

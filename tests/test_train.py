@@ -13,7 +13,7 @@ from fastseq.train.state import latest_checkpoint
 
 
 def _args(tmp_path, **kw) -> TrainArgs:
-    base = dict(steps=20, batch_size=8, eval_examples=8, quiet=True, output_dir=str(tmp_path / "run"), log_every=5,
+    base = dict(steps=20, batch_size=8, max_eval_samples=8, quiet=True, output_dir=str(tmp_path / "run"), log_every=5,
                 warmup=5, examples_to_show=0)  # fmt: skip
     return TrainArgs(**{**base, **kw})
 
@@ -67,7 +67,7 @@ def test_seq2seq_file_and_denoise(tmp_path, reference_backend):
     rows = [{"q": f"copy: {w}", "a": w} for w in ["alpha", "beta", "gamma", "delta", "epsilon", "zeta"] * 4]
     data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     summary = train(_args(tmp_path, data=str(data), eval_data=str(data), source_field="q", target_field="a",
-                          steps=4, batch_size=4, max_source_length=16, eval_examples=4))  # fmt: skip
+                          steps=4, batch_size=4, max_source_length=16, max_eval_samples=4))  # fmt: skip
     assert "exact_match" in summary
     text = tmp_path / "corpus.txt"
     text.write_text("\n".join(f"document number {i} with some words to corrupt" for i in range(10)) + "\n")
@@ -178,7 +178,7 @@ def test_the_default_run_learns_its_task(tmp_path, reference_backend):
 @pytest.mark.parametrize("precision,force", [("bf16", False), ("fp16", True)])
 def test_mixed_precision_runs(tmp_path, precision, force, reference_backend):
     """bf16 autocast (the GPU default) and forced fp16 with its gradient scaler, here on the CPU."""
-    summary = train(_args(tmp_path, steps=3, precision=precision, force_fp16=force, eval_examples=4))
+    summary = train(_args(tmp_path, steps=3, precision=precision, force_fp16=force, max_eval_samples=4))
     assert summary["loss"] == summary["loss"] and summary["loss"] < 100  # finite
     model = fastseq.from_pretrained(tmp_path / "run")
     assert next(model.parameters()).dtype == torch.float32  # master weights stay fp32
@@ -432,7 +432,7 @@ def test_pack_builds_packed_batches_for_every_task_and_refuses_what_cannot_pack(
 @pytest.mark.parametrize("task", ["seq2seq", "synthetic", "denoise"])
 def test_a_packed_run_resumes_exactly(tmp_path, task, reference_backend):
     options = dict(pack=True, steps=6, batch_size=2, buffer_size=40, max_source_length=48, max_target_length=16,
-                   log_every=1, eval_examples=4)  # fmt: skip
+                   log_every=1, max_eval_samples=4)  # fmt: skip
     if task == "seq2seq":
         data = tmp_path / "d.jsonl"
         data.write_text("".join(json.dumps({"source": f"copy: {i} " + "ab " * (i % 9), "target": f"{i}"}) + "\n"

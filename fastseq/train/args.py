@@ -61,7 +61,8 @@ class TrainArgs:
     force_fp16: bool = False
     gradient_checkpointing: bool = False
     eval_every: int = 0
-    eval_examples: int = 256
+    max_eval_samples: int | None = None  # held-out examples evaluated (HF's --max_eval_samples); None: all
+    max_train_samples: int | None = None  # train on the first N examples of the data (HF's name)
     save_every: int = 0
     log_every: int = 20
     seed: int = 0
@@ -112,7 +113,7 @@ class TrainArgs:
     def evaluates(self) -> bool:
         """Whether the run has held-out examples to evaluate: the synthetic task's, --eval-data's or
         --dataset-name's --eval-split (a denoising corpus has none)."""
-        if self.task == "denoise" or self.eval_examples == 0:
+        if self.task == "denoise" or self.max_eval_samples == 0:
             return False
         if self.data is None and self.dataset_name is None:
             return True
@@ -171,11 +172,11 @@ class TrainArgs:
     def validate(self) -> None:
         """Every count, size and rate, before anything is read, built or written."""
         at_least = {"steps": 1, "batch_size": 1, "grad_accum": 1, "buffer_size": 1, "max_target_length": 1,
-                    "log_every": 1, "warmup": 0, "eval_every": 0, "eval_examples": 0,
+                    "log_every": 1, "warmup": 0, "eval_every": 0, "max_eval_samples": 0,
                     "save_every": 0, "examples_to_show": 0, "seed": 0}  # fmt: skip
-        for name, low in {**at_least, "max_tokens": 1, "max_source_length": 1}.items():
+        for name, low in {**at_least, "max_tokens": 1, "max_source_length": 1, "max_train_samples": 1}.items():
             value = getattr(self, name)
-            if value is None:  # max_tokens and max_source_length are optional
+            if value is None:  # max_tokens, max_source_length, max_eval_samples and max_train_samples are optional
                 continue
             if value < low:
                 raise ValueError(f"--{_flag(name)} must be at least {low}; got {value}")

@@ -4,6 +4,7 @@ at the start). Reading, collating and batching live in `fastseq.data`."""
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import random
@@ -34,6 +35,7 @@ ALPHABET = "abcdefghijklmnopqrstuvwxyz"
 SOURCE_LENGTH = 512  # --max-source-length's default for T5 and BlenderbotSmall
 LONG_SOURCE_LENGTH = 4096  # LongT5's input length in pre-training, for a LongT5 config that names none
 FLAGS = ("max-source-length", "max-target-length")
+SYNTHETIC_HELD_OUT = 256  # the built-in task's held-out examples when --max-eval-samples gives none
 # The most epochs --epochs counts one by one (with --max-tokens or --pack, each epoch's shuffle cuts
 # its own number of batches): each is a pass over the data's lengths.
 COUNTED_EPOCHS = 10_000
@@ -145,11 +147,13 @@ def build_data(args: TrainArgs, tokenizer: Tokenizer, config, data_parallel: int
             stream = FileStream(source, TokenLengths(tokenizer), limits=limits, **sizes)
         else:
             stream = SyntheticStream(args.batch_size, args.seed)
-        held_out = make_examples(args.eval_examples, random.Random(args.seed + 1))
+        count = SYNTHETIC_HELD_OUT if args.max_eval_samples is None else args.max_eval_samples
+        held_out = make_examples(count, random.Random(args.seed + 1))
         return Data(stream, _packing(collator, args.pack), held_out, collator, synthetic=True)
     if args.task == "denoise":
         corrupt = SpanCorruptionCollator(tokenizer, input_length=args.max_source_length, seed=args.seed)
-        source = file_source(args.data, f"--data {args.data}", args.source_field, args.target_field, text=True)
+        source = _first(file_source(args.data, f"--data {args.data}", args.source_field, args.target_field, text=True),
+                        args.max_train_samples)  # fmt: skip
         _check_epochs(args, source)
         text = TokenLengths(tokenizer, text=True)
         if args.pack:  # rows hold the span-corrupted inputs and targets
@@ -159,7 +163,7 @@ def build_data(args: TrainArgs, tokenizer: Tokenizer, config, data_parallel: int
         stream = FileStream(source, measure, limits=limits, **sizes)
         _set_steps(args, stream, data_parallel)
         return Data(stream, _packing(corrupt, args.pack), [], None, source.fingerprint_path or args.data)
-    source = _with_prefix(_train_source(args), args.source_prefix)
+    source = _with_prefix(_first(_train_source(args), args.max_train_samples), args.source_prefix)
     _check_epochs(args, source)
     stream = FileStream(source, TokenLengths(tokenizer), limits=limits, flags=FLAGS, **sizes)
     _set_steps(args, stream, data_parallel)
@@ -189,6 +193,15 @@ def _eval_source(args: TrainArgs) -> DataSource | None:
     return None
 
 
+def _first(source: DataSource, count: int | None) -> DataSource:
+    """The source's first `count` examples in every epoch (--max-train-samples; None: all of them)."""
+    if count is None:
+        return source
+    total = None if source.num_examples is None else min(source.num_examples, count)
+    return DataSource(f"{source.label} (first {count})", lambda: itertools.islice(source.open(), count),
+                      source.rereadable, source.fingerprint_path, total)  # fmt: skip
+
+
 def _with_prefix(source: DataSource, prefix: str) -> DataSource:
     """The source with --source-prefix before every source text."""
     if not prefix:
@@ -199,15 +212,16 @@ def _with_prefix(source: DataSource, prefix: str) -> DataSource:
 
 def _held_out(args: TrainArgs, tokenizer: Tokenizer, limits: tuple[int, int]) -> list[tuple[str, str]]:
     """The held-out examples, all read now so that a bad record stops the run before training
-    (the error names file:line); the first --eval-examples are kept, tokenized and their cuts reported."""
+    (the error names file:line); all of them, or the first --max-eval-samples, are kept, tokenized and
+    their cuts reported."""
     source = _eval_source(args)
     if source is None:
         return []
     kept = []
     for example in _with_prefix(source, args.source_prefix).open():
-        if len(kept) < args.eval_examples:
+        if args.max_eval_samples is None or len(kept) < args.max_eval_samples:
             kept.append(example)
-    if not kept and args.eval_examples:
+    if not kept and args.max_eval_samples != 0:
         raise ValueError(f"{source.label} has no examples; check the data and --source-field/--target-field")
     cuts = Cuts(limits, FLAGS)
     cuts.add([TokenLengths(tokenizer)(example) for example in kept])

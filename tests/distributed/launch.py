@@ -89,7 +89,7 @@ def one_process(output_dir: Path, steps: int, model=None, **options) -> list[flo
 
     options = {"optimizer": "adamw", "lr": 1e-3, **options}  # AdamW unless the options say otherwise
     args = TrainArgs(model=None if model is None else str(model), steps=steps, batch_size=4, grad_accum=2,
-                     quiet=True, eval_examples=0, output_dir=str(output_dir), device="cpu", **options)  # fmt: skip
+                     quiet=True, max_eval_samples=0, output_dir=str(output_dir), device="cpu", **options)  # fmt: skip
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the ranks run (OMP_NUM_THREADS=1): the same matmul blocking, the same rounding
     try:
