@@ -291,8 +291,14 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--force-fp16", action="store_true", default=None, help="allow fp16 for T5-family models")
     parser.add_argument("--gradient-checkpointing", action="store_true", default=None)
     parser.add_argument("--eval-every", type=int, default=None)
-    parser.add_argument("--max-eval-samples", "--eval-examples", dest="max_eval_samples", type=int, default=None,
-                        help="evaluate the first N held-out examples (default: all; the built-in task's 256)")
+    parser.add_argument(
+        "--max-eval-samples",
+        "--eval-examples",
+        dest="max_eval_samples",
+        type=int,
+        default=None,
+        help="evaluate the first N held-out examples (default: all; the built-in task's 256)",
+    )
     parser.add_argument("--max-train-samples", type=int, default=None, help="train on the first N examples of the data")
     parser.add_argument("--save-every", type=int, default=None, help="checkpoint every N steps (and at the end)")
     parser.add_argument("--log-every", type=int, default=None)
