@@ -16,7 +16,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._backend import autocast_cast, autocast_dtype, autocast_off, unsupported_dtypes, upcast, use_triton
+from ._backend import autocast_cast, autocast_dtype, autocast_off, cdiv, unsupported_dtypes, upcast, use_triton
 
 HAS_TRITON_KERNEL = True
 _BLOCK = 1024
@@ -116,7 +116,7 @@ def _forward(gate: torch.Tensor, up: torch.Tensor | None, seed: int, dropout_p: 
     g = _flat(gate)
     h = torch.empty_like(g)
     if g.numel():
-        _ffn_activation_fwd_kernel[(triton.cdiv(g.numel(), _BLOCK),)](
+        _ffn_activation_fwd_kernel[(cdiv(g.numel(), _BLOCK),)](
             g, _flat(up) if up is not None else g, h, g.numel(), seed, dropout_p,
             GATED=up is not None, DROPOUT=dropout_p > 0.0, BLOCK=_BLOCK, num_warps=4,
         )  # fmt: skip
@@ -131,7 +131,7 @@ def _backward(dh, gate, up, seed, dropout_p, recompute: bool):
     du = torch.empty_like(u) if up is not None else dg
     h = torch.empty_like(g) if recompute else dg
     if g.numel():
-        _ffn_activation_bwd_kernel[(triton.cdiv(g.numel(), _BLOCK),)](
+        _ffn_activation_bwd_kernel[(cdiv(g.numel(), _BLOCK),)](
             d, g, u, dg, du, h, g.numel(), seed, dropout_p,
             GATED=up is not None, DROPOUT=dropout_p > 0.0, RECOMPUTE=recompute, BLOCK=_BLOCK, num_warps=4,
         )  # fmt: skip

@@ -31,6 +31,7 @@ from ._backend import (
     autocast_cast,
     autocast_dtype,
     autocast_off,
+    cdiv,
     interpreting,
     key_mask,
     last_dim_contiguous,
@@ -185,7 +186,7 @@ def _fwd_op(
         return out
     block_l, block_d, warps = _config()
     kpm = key_mask(key_padding_mask, hidden.device)
-    _global_aggregate_fwd_kernel[(G, triton.cdiv(d, block_d), B)](
+    _global_aggregate_fwd_kernel[(G, cdiv(d, block_d), B)](
         hidden, kpm, caps, out, hidden.stride(0), hidden.stride(1), kpm.stride(0), out.stride(0), out.stride(1),
         L, d, block_size, HAS_KPM=key_padding_mask is not None, BLOCK_L=block_l, BLOCK_D=block_d, num_warps=warps,
     )  # fmt: skip
@@ -212,7 +213,7 @@ def _bwd_op(
         return dx.zero_()
     block_l, block_d, warps = _config()
     kpm = key_mask(key_padding_mask, grad.device)
-    _global_aggregate_bwd_kernel[(triton.cdiv(length, block_l), triton.cdiv(d, block_d), B)](
+    _global_aggregate_bwd_kernel[(cdiv(length, block_l), cdiv(d, block_d), B)](
         grad, kpm, caps, dx, grad.stride(0), grad.stride(1), kpm.stride(0), dx.stride(0), dx.stride(1),
         length, d, block_size, HAS_KPM=key_padding_mask is not None, BLOCK_L=block_l, BLOCK_D=block_d,
         num_warps=warps,

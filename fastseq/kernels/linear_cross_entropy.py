@@ -23,7 +23,15 @@ import torch
 import triton
 import triton.language as tl
 
-from ._backend import autocast_cast, autocast_dtype, autocast_off, unsupported_dtypes, upcast, use_triton
+from ._backend import (
+    autocast_cast,
+    autocast_dtype,
+    autocast_off,
+    next_power_of_2,
+    unsupported_dtypes,
+    upcast,
+    use_triton,
+)
 
 HAS_TRITON_KERNEL = True
 
@@ -100,7 +108,7 @@ def _cross_entropy_kernel(
 
 
 def _block_v(V: int) -> int:
-    return min(triton.next_power_of_2(V), 4096)
+    return min(next_power_of_2(V), 4096)
 
 
 def _chunk_rows(num_rows: int, vocab: int, min_rows: int) -> int:

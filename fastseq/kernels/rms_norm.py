@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._backend import last_dim_contiguous, unsupported_dtypes, upcast, use_triton
+from ._backend import cdiv, last_dim_contiguous, next_power_of_2, unsupported_dtypes, upcast, use_triton
 
 HAS_TRITON_KERNEL = True
 _HALF = (torch.float16, torch.bfloat16)
@@ -136,7 +136,7 @@ def _forward(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.T
     y = torch.empty(N, D, dtype=_out_dtype(x.dtype, weight.dtype), device=x.device)
     rstd = torch.empty(N, dtype=torch.float32, device=x.device)
     if N:
-        block_d = triton.next_power_of_2(D)
+        block_d = next_power_of_2(D)
         _rms_norm_fwd_kernel[(N,)](
             x2, weight, y, rstd, x2.stride(0), y.stride(0), D, eps,
             W_HALF=weight.dtype in _HALF, BLOCK_D=block_d, num_warps=_warps(block_d),
@@ -148,11 +148,11 @@ def _backward(dy, x, weight, rstd) -> tuple[torch.Tensor, torch.Tensor]:
     x2, dy2 = _rows(x), _rows(dy)
     N, D = x2.shape
     dx = torch.empty(N, D, dtype=x.dtype, device=x.device)
-    block_d = triton.next_power_of_2(D)
+    block_d = next_power_of_2(D)
     # Enough programs to fill the GPU, each reducing its rows' weight gradient in registers.
     programs = max(1, min(N, 4 * _multiprocessors(x.device)))
-    rows_per_program = triton.cdiv(max(N, 1), programs)
-    programs = triton.cdiv(max(N, 1), rows_per_program)
+    rows_per_program = cdiv(max(N, 1), programs)
+    programs = cdiv(max(N, 1), rows_per_program)
     dw = torch.zeros(programs, D, dtype=torch.float32, device=x.device)
     passes = [(True, True)] if block_d <= _ONE_PASS_WIDTH else [(True, False), (False, True)]
     for dx_pass, dw_pass in passes if N else []:
