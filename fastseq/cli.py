@@ -44,10 +44,22 @@ def _convert(args: argparse.Namespace) -> None:
     if not args.source or not destination:
         raise ValueError("use: fastseq convert SRC DST, or fastseq convert --from-deepspeed CKPT --to DIR")
     from .distributed.convert import copy_side_files
+    from .lora import ADAPTER_CONFIG, is_adapter_directory, merged_model
 
     check_apart(destination, "DST", {"SRC": args.source}, _OWN_DIRECTORY)
     source = model_directory(args.source)  # a hub id: its snapshot, whose tokenizer files are copied too
-    model = from_pretrained(source, dtype=dtype)
+    if args.base and not args.merge_lora:
+        raise ValueError("--base names the model LoRA adapters were trained on; it goes with --merge-lora")
+    if args.merge_lora != is_adapter_directory(source):
+        if args.merge_lora:
+            raise ValueError(f"--merge-lora: {source} has no {ADAPTER_CONFIG}; pass the output directory of a run "
+                             "trained with --lora-r")  # fmt: skip
+        raise ValueError(f"{source} holds LoRA adapters ({ADAPTER_CONFIG}); pass --merge-lora to write their base "
+                         "model with them merged in")  # fmt: skip
+    if args.merge_lora:
+        model = merged_model(source, base=args.base, dtype=dtype)
+    else:
+        model = from_pretrained(source, dtype=dtype)
     with _disk_full_said(source, destination, dtype):
         model.save_pretrained(destination, max_shard_size=args.max_shard_size)
         copied = copy_side_files(source, Path(destination))
@@ -78,13 +90,17 @@ def _generate(args: argparse.Namespace) -> None:
     import torch
 
     from .checkpoint import from_pretrained
+    from .lora import is_adapter_directory, merged_model
     from .tokenizers import load_tokenizer
     from .train.engine import resolve_device
 
     _check_generate_options(args)
     device = resolve_device(args.device)
     texts, records = _generate_inputs(args)
-    model = from_pretrained(args.model).to(device)
+    if is_adapter_directory(args.model):  # a LoRA run's output: its base with the adapters merged in
+        model = merged_model(args.model).to(device)
+    else:
+        model = from_pretrained(args.model).to(device)
     tokenizer = load_tokenizer(args.tokenizer or args.model)
     generator = torch.Generator(device=device).manual_seed(args.seed)
     settings = dict(max_new_tokens=args.max_new_tokens, num_beams=args.num_beams, length_penalty=args.length_penalty,
@@ -324,6 +340,13 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                         help="keep at most N checkpoints, never the best or the latest")  # fmt: skip
     parser.add_argument("--report-to", default=None, choices=["none", "tensorboard"],
                         help="also log metrics.jsonl's scalars to TensorBoard under OUTPUT/runs")  # fmt: skip
+    parser.add_argument("--lora-r", type=int, default=None,
+                        help="train LoRA adapters of this rank (through peft) on the frozen --model (0: no LoRA)")  # fmt: skip
+    parser.add_argument("--lora-alpha", type=float, default=None, help="the adapters' scale is alpha / r (default 2r)")
+    parser.add_argument("--lora-dropout", type=float, default=None, help="dropout on the adapters' input (0.05)")
+    parser.add_argument("--lora-targets", default=None,
+                        help="layers that get adapters, comma separated (default q,v; T5 also k,o,wi_0,wi_1,wi,wo: "
+                             "a feed-forward block with an adapter runs unfused)")  # fmt: skip
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
 
 
@@ -471,6 +494,10 @@ def build_parser() -> argparse.ArgumentParser:
     p_convert.add_argument("--from-deepspeed", default=None, metavar="CKPT",
                            help="a checkpoint of `fastseq train --deepspeed` (OUTPUT/checkpoint-STEP)")  # fmt: skip
     p_convert.add_argument("--to", default=None, metavar="DIR", help="the Hugging Face directory to write")
+    p_convert.add_argument("--merge-lora", action="store_true",
+                           help="SRC is a LoRA run's output: write its base model with the adapters merged in")  # fmt: skip
+    p_convert.add_argument("--base", default=None, metavar="MODEL",
+                           help="with --merge-lora: the base model (default: the adapter config's)")  # fmt: skip
     p_convert.add_argument("--dtype", default=None, help="float32, bfloat16 or float16")
     p_convert.add_argument("--max-shard-size", default="5GB")
     p_convert.set_defaults(func=_convert)

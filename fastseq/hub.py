@@ -54,6 +54,17 @@ def model_directory(name: str | os.PathLike) -> Path:
     return _snapshot(text)
 
 
+def model_name(path: str | os.PathLike) -> str:
+    """How to name the model at `path` to another program: its hub id when `path` is a snapshot in the
+    Hugging Face cache (`.../models--ORG--NAME/snapshots/REVISION`), else the absolute path."""
+    path = Path(path).resolve()
+    cache = Path(cache_dir()).resolve()
+    repo = path.parent.parent
+    if path.parent.name == "snapshots" and repo.parent == cache and repo.name.startswith("models--"):
+        return repo.name.removeprefix("models--").replace("--", "/")
+    return str(path)
+
+
 def cached_directory(name: str) -> Path | None:
     """The directory a hub id names in the local cache, without a download; None when `name` is no
     hub id or the cache does not hold it."""

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from fastseq.kernels import bucketed_attention, gated_ffn, relu_ffn, rms_norm
+from fastseq.kernels import bucketed_attention, gated_ffn, gated_gelu, relu_ffn, rms_norm
 
 from .base import (
     AttentionMask,
@@ -111,6 +111,12 @@ class T5LayerNorm(nn.Module):
         return rms_norm(x, self.weight, self.eps)
 
 
+def _fusable(*layers: nn.Module) -> bool:
+    """Whether the fused feed-forward may read these layers' weights: each is a plain `nn.Linear`. A
+    layer replaced by an adapter-carrying module (LoRA) runs as its own module instead."""
+    return all(type(layer) is nn.Linear for layer in layers)
+
+
 class T5DenseActDense(nn.Module):
     """T5 v1.0 feed-forward: wo(dropout(relu(wi(x))))."""
 
@@ -122,6 +128,8 @@ class T5DenseActDense(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # relu_ffn recomputes the (B, L, d_ff) activation in backward instead of keeping it.
+        if not _fusable(self.wi, self.wo):
+            return self.wo(self.dropout(torch.relu(self.wi(x))))  # (B, L, d_model)
         p = self.dropout.p if self.training else 0.0
         return relu_ffn(x, self.wi.weight, self.wo.weight, dropout_p=p)  # (B, L, d_model)
 
@@ -138,6 +146,8 @@ class T5DenseGatedActDense(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # gated_ffn recomputes the (B, L, d_ff) activation in backward instead of keeping it.
+        if not _fusable(self.wi_0, self.wi_1, self.wo):
+            return self.wo(self.dropout(gated_gelu(self.wi_0(x), self.wi_1(x))))  # (B, L, d_model)
         p = self.dropout.p if self.training else 0.0
         return gated_ffn(x, self.wi_0.weight, self.wi_1.weight, self.wo.weight, dropout_p=p)  # (B, L, d_model)
 

@@ -78,6 +78,10 @@ class TrainArgs:
     greater_is_better: bool | None = None  # None: lower for a loss, higher for the other scores
     save_total_limit: int | None = None  # keep at most N checkpoints (never the best or the latest)
     report_to: str = "none"  # or "tensorboard": the metrics.jsonl scalars also under OUTPUT/runs
+    lora_r: int = 0  # LoRA adapters' rank (through peft; the base frozen); 0: every weight trains
+    lora_alpha: float | None = None  # the adapters' scale is alpha / r; None: 2 x lora_r
+    lora_dropout: float | None = None  # dropout on the adapters' input; None: 0.05
+    lora_targets: str | None = None  # comma-separated layer names that get adapters; None: q,v (T5's)
 
     @classmethod
     def from_dict(cls, values: dict) -> TrainArgs:
@@ -103,6 +107,32 @@ class TrainArgs:
         if self.resume is None:
             return False
         return self.resume == "latest" or Path(self.resume).resolve().parent == Path(self.output_dir).resolve()
+
+    @property
+    def lora(self):
+        """The LoRA settings (`fastseq.lora.LoraSettings`), or None for full fine-tuning."""
+        if not self.lora_r:
+            return None
+        from fastseq.lora import LoraSettings
+
+        targets = tuple(t.strip() for t in (self.lora_targets or "q,v").split(",") if t.strip())
+        alpha = self.lora_alpha if self.lora_alpha is not None else 2.0 * self.lora_r
+        dropout = self.lora_dropout if self.lora_dropout is not None else 0.05
+        return LoraSettings(r=self.lora_r, alpha=alpha, dropout=dropout, targets=targets)
+
+    def check_lora(self, model_config) -> None:
+        """The LoRA options against the model: its family's layers, and a base worth adapting."""
+        if not self.lora_r:
+            return
+        from fastseq.lora import check_targets, peft_module
+
+        peft_module()
+        if not self.pretrained:
+            raise ValueError(
+                "--lora-r trains adapters on a pretrained model's frozen weights, and this run's model has random "
+                "weights; pass --model DIR (or a hub id) without --random-init, or drop --lora-r"
+            )
+        check_targets(model_config.model_type, self.lora.targets)
 
     @property
     def metrics(self) -> tuple[str, ...]:
@@ -219,7 +249,20 @@ class TrainArgs:
         if self.continues_in_output_dir and self.overwrite:
             raise ValueError("--resume continues the run in --output-dir and --overwrite replaces it; pass one")
         self._validate_evaluation()
+        self._validate_lora()
         self._check_output_dir_apart()
+
+    def _validate_lora(self) -> None:
+        if not 0 <= self.lora_r <= MAX_COUNT:
+            raise ValueError(f"--lora-r must be between 0 (no LoRA) and 2**40; got {self.lora_r}")
+        given = [f"--{_flag(n)}" for n in ("lora_alpha", "lora_dropout", "lora_targets") if getattr(self, n) is not None]
+        if given and not self.lora_r:
+            raise ValueError(f"{', '.join(given)} set(s) LoRA adapters, which --lora-r turns on; pass --lora-r R (8 or "
+                             "16 is usual)")  # fmt: skip
+        if self.lora_alpha is not None and not (math.isfinite(self.lora_alpha) and self.lora_alpha > 0):
+            raise ValueError(f"--lora-alpha must be a finite number > 0; got {self.lora_alpha}")
+        if self.lora_dropout is not None and not 0.0 <= self.lora_dropout < 1.0:  # NaN fails here too
+            raise ValueError(f"--lora-dropout must be in [0, 1); got {self.lora_dropout}")
 
     def _validate_evaluation(self) -> None:
         """Evaluation's metrics, decoding, best checkpoint and logging options."""

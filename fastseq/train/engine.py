@@ -19,8 +19,11 @@ from torch.optim.lr_scheduler import LambdaLR
 
 from fastseq import presets
 from fastseq.checkpoint import fit_embeddings, from_pretrained, read_model_config, stored_embeddings
+from fastseq.files import write_json
+from fastseq import hub
 from fastseq.hub import HubModelNotFound, model_directory
 from fastseq.models import FAMILIES, T5Config
+from fastseq.models.base import GENERATION_CONFIG
 from fastseq.optim import make_optimizer, make_schedule
 from fastseq.tokenizers import ByT5Tokenizer, Tokenizer, check_vocabulary, load_tokenizer
 
@@ -56,6 +59,7 @@ class Engine:
     data_parallel, data_rank = 1, 0
     model: nn.Module | None = None
     autocast: torch.dtype | None = None
+    adapters = None  # under LoRA: the peft wrapper of `model`'s adapters (`fastseq.lora`)
 
     def build(self, config) -> None:
         """Build the model (random, or from `--model`'s directory) and the optimizer."""
@@ -109,6 +113,19 @@ class Engine:
     def save_model(self, out: Path, checkpoint: Path) -> None:
         """The trained model as a Hugging Face directory at `out` (from the final `checkpoint`)."""
         raise NotImplementedError
+
+    def save_weights(self, directory: Path) -> None:
+        """What a directory of the run holds of the model: its Hugging Face files, or under LoRA the
+        adapters in peft's format and the generation config (the base stays where `--model` is)."""
+        if self.adapters is None:
+            self.model.save_pretrained(directory)
+            return
+        from fastseq.lora import save_adapters
+
+        save_adapters(self.adapters, directory)
+        generation = self.model.generation_config()
+        if generation is not None:
+            write_json(Path(directory) / GENERATION_CONFIG, generation)
 
     def set_rates(self, lr: float | None, weight_decay: float) -> None:
         """Use `lr` and `weight_decay` from now on instead of those a resumed checkpoint had."""
@@ -252,6 +269,29 @@ def autocast_dtype(args: TrainArgs, config, device: torch.device) -> torch.dtype
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
+def add_lora(args: TrainArgs, model: nn.Module, autocast: torch.dtype | None):
+    """Under `--lora-r`: adapters on `model`'s target layers, everything else frozen; the frozen base
+    is held in bf16 when the run computes in bf16 (it never changes, so it needs no fp32 copy), as
+    `transformers` loads it with `torch_dtype=torch.bfloat16`. Returns the peft wrapper, or None."""
+    settings = args.lora
+    if settings is None:
+        return None
+    from fastseq.lora import add_adapters
+
+    if autocast is torch.bfloat16:
+        model.to(torch.bfloat16)
+    wrapper = add_adapters(model, settings, base=hub.model_name(args.model))
+    log.info("LoRA r=%d alpha=%g on %s: %s trained parameters of %s", settings.r, settings.alpha,
+             ",".join(settings.targets), f"{sum(p.numel() for p in trained_parameters(model)):,}",
+             f"{sum(p.numel() for p in model.parameters()):,}")  # fmt: skip
+    return wrapper
+
+
+def trained_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The parameters the optimizer steps: all of them, or the adapters' under LoRA."""
+    return [p for p in model.parameters() if p.requires_grad]
+
+
 def apply_rates(optimizer, scheduler, lr: float | None, weight_decay: float) -> None:
     """Set every parameter group's weight decay and, for a schedule (`LambdaLR`), its base rate: the
     rate now is `lr` times the schedule's factor at the current step. Adafactor's relative step
@@ -295,7 +335,8 @@ class LocalEngine(Engine):
         self.model.gradient_checkpointing_enable(args.gradient_checkpointing)
         self.model.train()
         self.autocast = autocast_dtype(args, config, device)
-        self.optimizer = make_optimizer(args.optimizer, self.model.parameters(), lr=args.learning_rate(),
+        self.adapters = add_lora(args, self.model, self.autocast)
+        self.optimizer = make_optimizer(args.optimizer, trained_parameters(self.model), lr=args.learning_rate(),
                                         weight_decay=args.weight_decay)  # fmt: skip
         self.scheduler = schedule(args)(self.optimizer)
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.autocast is torch.float16)
@@ -327,7 +368,7 @@ class LocalEngine(Engine):
         return self.scheduler.get_last_lr()[0]
 
     def save(self, directory):
-        self.model.save_pretrained(directory)
+        self.save_weights(directory)
         state = self.optimizer.state_dict()
         tensors, scalars = {}, {}
         for index, values in state["state"].items():
@@ -342,10 +383,15 @@ class LocalEngine(Engine):
                 "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None}  # fmt: skip
 
     def load(self, directory, meta):
-        state = from_pretrained(directory).state_dict()
-        with torch.no_grad():
-            for name, value in self.model.state_dict().items():
-                value.copy_(state[name])
+        if self.adapters is not None:
+            from fastseq.lora import load_adapters
+
+            load_adapters(self.adapters, directory)
+        else:
+            state = from_pretrained(directory).state_dict()
+            with torch.no_grad():
+                for name, value in self.model.state_dict().items():
+                    value.copy_(state[name])
         optimizer: dict[int, dict] = {}
         file = Path(directory) / "trainer_state.safetensors"
         tensors = read_tensors(file)
@@ -368,4 +414,4 @@ class LocalEngine(Engine):
         apply_rates(self.optimizer, self.scheduler, lr, weight_decay)
 
     def save_model(self, out, checkpoint):
-        self.model.save_pretrained(out)
+        self.save_weights(out)

@@ -432,6 +432,7 @@ def train(args: TrainArgs) -> dict:
         config = model_config(args)
         check_model_memory(args, config)
         args.check_evaluation(config)
+        args.check_lora(config)
         tokenizer = run_tokenizer(args, config)
         engine = make_engine(args, config)
         with DirectoryLock.scope():  # released however the run ends, even by a signal as it is taken

@@ -32,7 +32,8 @@ FORMAT = 2
 # What a run writes at the top of its output directory (besides checkpoint-STEP/).
 _RUN_FILES = {"metrics.jsonl", "loss.png", "config.json", "generation_config.json", SAFE_WEIGHTS, SAFE_INDEX,
               "spiece.model", "vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json",
-              "added_tokens.json", "generated_predictions.txt", "runs"}  # fmt: skip
+              "added_tokens.json", "generated_predictions.txt", "runs", "adapter_config.json",
+              "adapter_model.safetensors"}  # fmt: skip
 log = logging.getLogger("fastseq.train")
 _CHECKPOINT = re.compile(r"\.?checkpoint-\d+(\.tmp|\.old|\.abandoned(-\d+)?)?")
 _PREDICTIONS = re.compile(r"eval_predictions-\d+\.jsonl")
@@ -141,7 +142,13 @@ def run_identity(args: TrainArgs, model_config, tokenizer: Tokenizer, data_path:
     if args.pack:
         data["pack"] = True
     config = json.loads(json.dumps(model_config.to_hf_dict(), sort_keys=True))
-    return {"model": config, "tokenizer": _tokenizer_fingerprint(tokenizer), "data": data}
+    identity = {"model": config, "tokenizer": _tokenizer_fingerprint(tokenizer), "data": data}
+    if args.lora is not None:  # the checkpoints hold the adapters only: the frozen base is part of the run
+        from fastseq.checkpoint import weight_files
+
+        base = {file.name: "sha256:" + fingerprint(file) for file in weight_files(args.model)}
+        identity["lora"] = {**args.lora.record(), "base": base}
+    return identity
 
 
 def _differences(theirs: dict, ours: dict, prefix: str = "") -> list[str]:
