@@ -341,7 +341,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--report-to", default=None, choices=["none", "tensorboard"],
                         help="also log metrics.jsonl's scalars to TensorBoard under OUTPUT/runs")  # fmt: skip
     parser.add_argument("--lora-r", type=int, default=None,
-                        help="train LoRA adapters of this rank (through peft) on the frozen --model (0: no LoRA)")  # fmt: skip
+                        help="train LoRA adapters of this rank (peft) on the frozen --model (0: no LoRA)")  # fmt: skip
     parser.add_argument("--lora-alpha", type=float, default=None, help="the adapters' scale is alpha / r (default 2r)")
     parser.add_argument("--lora-dropout", type=float, default=None, help="dropout on the adapters' input (0.05)")
     parser.add_argument("--lora-targets", default=None,
@@ -495,7 +495,7 @@ def build_parser() -> argparse.ArgumentParser:
                            help="a checkpoint of `fastseq train --deepspeed` (OUTPUT/checkpoint-STEP)")  # fmt: skip
     p_convert.add_argument("--to", default=None, metavar="DIR", help="the Hugging Face directory to write")
     p_convert.add_argument("--merge-lora", action="store_true",
-                           help="SRC is a LoRA run's output: write its base model with the adapters merged in")  # fmt: skip
+                           help="SRC is a LoRA run's output: write its base with the adapters merged in")  # fmt: skip
     p_convert.add_argument("--base", default=None, metavar="MODEL",
                            help="with --merge-lora: the base model (default: the adapter config's)")  # fmt: skip
     p_convert.add_argument("--dtype", default=None, help="float32, bfloat16 or float16")

@@ -52,7 +52,9 @@ def peft_module():
     try:
         import peft
     except ImportError:
-        raise ValueError('LoRA runs through the peft package, which is not installed; pip install "fastseq[finetune]"')
+        raise ValueError(
+            'LoRA runs through the peft package, which is not installed; pip install "fastseq[finetune]"'
+        ) from None
     return peft
 
 
@@ -144,7 +146,9 @@ def read_adapter_config(directory: Path) -> dict:
     try:
         config = json.loads((Path(directory) / ADAPTER_CONFIG).read_text())
     except (OSError, ValueError) as err:
-        raise ValueError(f"{directory / ADAPTER_CONFIG} is not readable JSON ({err}); pass a LoRA output directory")
+        raise ValueError(
+            f"{directory / ADAPTER_CONFIG} is not readable JSON ({err}); pass a LoRA output directory"
+        ) from None
     if not isinstance(config, dict) or config.get("peft_type") != "LORA":
         raise ValueError(f"{directory / ADAPTER_CONFIG} is not a LoRA adapter's config (peft_type LORA)")
     return config

@@ -168,7 +168,8 @@ def test_lora_fine_tuning_through_the_cli_is_what_transformers_and_peft_load(tmp
     data, out = _data(tmp_path / "train.jsonl"), tmp_path / "run"
     _run(capfd, *_lora_run(model, data, out, "--steps", "20"))
     assert fingerprint(model) == before
-    assert {ADAPTER_CONFIG, ADAPTER_WEIGHTS, "generation_config.json", "spiece.model"} <= {p.name for p in out.iterdir()}
+    written = {p.name for p in out.iterdir()}
+    assert {ADAPTER_CONFIG, ADAPTER_WEIGHTS, "generation_config.json", "spiece.model"} <= written
     assert not (out / "model.safetensors").exists()
     config = json.loads((out / ADAPTER_CONFIG).read_text())
     assert (config["r"], config["lora_alpha"], config["target_modules"]) == (8, 16.0, ["q", "v", "wi_0"])

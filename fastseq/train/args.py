@@ -255,7 +255,8 @@ class TrainArgs:
     def _validate_lora(self) -> None:
         if not 0 <= self.lora_r <= MAX_COUNT:
             raise ValueError(f"--lora-r must be between 0 (no LoRA) and 2**40; got {self.lora_r}")
-        given = [f"--{_flag(n)}" for n in ("lora_alpha", "lora_dropout", "lora_targets") if getattr(self, n) is not None]
+        options = ("lora_alpha", "lora_dropout", "lora_targets")
+        given = [f"--{_flag(n)}" for n in options if getattr(self, n) is not None]
         if given and not self.lora_r:
             raise ValueError(f"{', '.join(given)} set(s) LoRA adapters, which --lora-r turns on; pass --lora-r R (8 or "
                              "16 is usual)")  # fmt: skip

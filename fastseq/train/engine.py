@@ -17,10 +17,9 @@ from safetensors.torch import save_file
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
-from fastseq import presets
+from fastseq import hub, presets
 from fastseq.checkpoint import fit_embeddings, from_pretrained, read_model_config, stored_embeddings
 from fastseq.files import write_json
-from fastseq import hub
 from fastseq.hub import HubModelNotFound, model_directory
 from fastseq.models import FAMILIES, T5Config
 from fastseq.models.base import GENERATION_CONFIG
