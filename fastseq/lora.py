@@ -81,14 +81,17 @@ def _lora_config(settings: LoraSettings, base: str | None):
     )  # fmt: skip
 
 
-def add_adapters(model: nn.Module, settings: LoraSettings, base: str | None):
+def add_adapters(model: nn.Module, settings: LoraSettings, base: str | None, *, seed: int = 0):
     """Put adapters on `model`'s target layers, in place, and freeze everything else; returns the peft
     wrapper that saves them (`save_adapters`). `base` is what `adapter_config.json` names as the base
-    model (`base_model_name_or_path`)."""
+    model (`base_model_name_or_path`). The adapters' initial values depend on `seed` only: peft draws
+    each A (kaiming-uniform) from the global generator, here seeded in a fork of it (B starts at zero),
+    so one process and ZeRO-3 (whose partitioned build draws for the base) start from the same ones."""
     peft = peft_module()
     check_targets(model.config.model_type, settings.targets)
-    # peft initializes each A (kaiming-uniform) from the global generator, and each B with zeros.
-    return peft.PeftModel(model, _lora_config(settings, base), adapter_name=PEFT_NAME)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return peft.PeftModel(model, _lora_config(settings, base), adapter_name=PEFT_NAME)
 
 
 def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:

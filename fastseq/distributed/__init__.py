@@ -19,6 +19,11 @@ def deepspeed_engine(args, model_config):
     if ds_config.pipeline_stages(raw):
         from .pipeline import PipelineEngine
 
+        if args.lora_r:
+            raise ValueError(
+                f"--lora-r: LoRA runs on one process or under ZeRO, not on pipeline stages ({args.deepspeed}); "
+                "pass --deepspeed zero2 or zero3 (the frozen base is partitioned under ZeRO-3)"
+            )
         return PipelineEngine(args, model_config, raw)
     from .engine import ZeroEngine
 

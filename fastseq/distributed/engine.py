@@ -23,7 +23,15 @@ from torch.optim.lr_scheduler import LambdaLR
 from fastseq.checkpoint import from_pretrained, resolve_dtype
 from fastseq.optim import make_optimizer
 from fastseq.train.args import TrainArgs
-from fastseq.train.engine import Engine, NonFiniteError, apply_rates, model_class, schedule
+from fastseq.train.engine import (
+    Engine,
+    NonFiniteError,
+    add_lora,
+    apply_rates,
+    model_class,
+    schedule,
+    trained_parameters,
+)
 from fastseq.train.state import keep_global_batch
 
 from . import config as ds_config
@@ -119,8 +127,10 @@ class DeepSpeedEngine(Engine):
         return self.lr_scheduler.get_last_lr()[0]
 
     def save(self, directory):
-        """DeepSpeed's files (model, optimizer and schedule, each rank its partitions) and config.json."""
-        self.engine.save_checkpoint(str(directory.parent), tag=directory.name, save_latest=False)
+        """DeepSpeed's files (model, optimizer and schedule, each rank its partitions) and config.json;
+        under LoRA the model's files hold the adapters only (the base is `--model`'s)."""
+        self.engine.save_checkpoint(str(directory.parent), tag=directory.name, save_latest=False,
+                                    exclude_frozen_parameters=self.adapters is not None)  # fmt: skip
         if self.rank == 0:
             self.write_config(directory)
             remove_recovery_scripts(directory.parent)
@@ -136,8 +146,10 @@ class DeepSpeedEngine(Engine):
 
     def load(self, directory, meta):
         with safe_torch_load():  # DeepSpeed's readers unpickle: only tensors and plain values
+            # Under LoRA the files hold the adapters only (the run's identity, checked before, holds their settings).
             path, _ = self.engine.load_checkpoint(str(directory.parent), tag=directory.name,
-                                                  load_lr_scheduler_states=True)  # fmt: skip
+                                                  load_lr_scheduler_states=True,
+                                                  load_module_strict=self.adapters is None)  # fmt: skip
         if path is None:
             raise FileNotFoundError(f"--resume: DeepSpeed found no engine checkpoint in {directory}")
 
@@ -153,9 +165,20 @@ class ZeroEngine(DeepSpeedEngine):
         self.name = f"DeepSpeed ZeRO-{self.stage}, {self.world} ranks"
         self.kind = f"DeepSpeed ZeRO-{self.stage}"
 
+    def save_adapters(self, directory: Path) -> None:
+        """Under LoRA, rank 0 writes the adapters in peft's format (gathered under ZeRO-3; every rank calls this)."""
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(trained_parameters(self.model), enabled=self.stage == 3):
+            if self.rank == 0:
+                self.save_weights(directory)
+
     def save(self, directory):
-        """DeepSpeed's files, and this rank's `layout-RANK.json` (what re-partitioning reads)."""
+        """DeepSpeed's files, and this rank's `layout-RANK.json` (what re-partitioning reads); under
+        LoRA also the adapters in peft's format, as one process's checkpoints have them."""
         meta = super().save(directory)
+        if self.adapters is not None:
+            self.save_adapters(directory)
         reshard.write_layouts(directory, self.rank, layouts(self.engine.optimizer, parameter_names(self.model)))
         return {**meta, "ranks": self.world, "stage": self.stage, "layouts": True}
 
@@ -202,12 +225,13 @@ class ZeroEngine(DeepSpeedEngine):
         args, config = self.args, self.config
         model = self.build_model(model_config)
         model.gradient_checkpointing_enable(args.gradient_checkpointing)
+        self.adapters = add_lora(args, model, None)  # DeepSpeed casts the model to the config's precision
         optimizer = None
         if "optimizer" not in config:
-            optimizer = make_optimizer(args.optimizer, model.parameters(), lr=args.learning_rate(),
+            optimizer = make_optimizer(args.optimizer, trained_parameters(model), lr=args.learning_rate(),
                                        weight_decay=args.weight_decay)  # fmt: skip
         self.engine, _, _, self.lr_scheduler = deepspeed.initialize(
-            model=model, optimizer=optimizer, model_parameters=None if optimizer else model.parameters(),
+            model=model, optimizer=optimizer, model_parameters=None if optimizer else trained_parameters(model),
             lr_scheduler=schedule(args), config=config,
         )  # fmt: skip
         spread_adafactor(self.engine.optimizer, model)
@@ -261,7 +285,10 @@ class ZeroEngine(DeepSpeedEngine):
 
     def save_model(self, out, checkpoint):
         """Rank 0 writes the model as a Hugging Face directory; under ZeRO-3 the parameters are
-        gathered one at a time into rank 0's CPU memory."""
+        gathered one at a time into rank 0's CPU memory. Under LoRA: the adapters."""
+        if self.adapters is not None:
+            self.save_adapters(out)
+            return
         state = zero.gathered_state_dict(self.model) if self.stage == 3 else None
         if self.rank != 0:
             return

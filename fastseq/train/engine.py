@@ -279,7 +279,7 @@ def add_lora(args: TrainArgs, model: nn.Module, autocast: torch.dtype | None):
 
     if autocast is torch.bfloat16:
         model.to(torch.bfloat16)
-    wrapper = add_adapters(model, settings, base=hub.model_name(args.model))
+    wrapper = add_adapters(model, settings, base=hub.model_name(args.model), seed=args.seed)
     log.info("LoRA r=%d alpha=%g on %s: %s trained parameters of %s", settings.r, settings.alpha,
              ",".join(settings.targets), f"{sum(p.numel() for p in trained_parameters(model)):,}",
              f"{sum(p.numel() for p in model.parameters()):,}")  # fmt: skip

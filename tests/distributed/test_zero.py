@@ -137,3 +137,50 @@ def test_zero3_trains_packed_rows_as_one_process_and_resumes_exactly(tmp_path):
     deepspeed("--deepspeed", str(ROOT / "configs/deepspeed/zero3.json"), "--steps", "4", "--pack",
               "--resume", str(run / "checkpoint-2"), "--output-dir", str(resumed), *COMMON)  # fmt: skip
     assert losses(resumed) == straight[2:]  # bit for bit
+
+
+@pytest.mark.slow
+def test_lora_under_zero2_and_zero3_matches_one_process_and_resumes_exactly(tmp_path):
+    """LoRA adapters on a frozen base through the launcher: ZeRO-2 and ZeRO-3 (the base partitioned)
+    give one process's losses and adapters, a ZeRO-2 resume continues bit for bit, and the adapters
+    every run writes are peft's (read back by `transformers` + `peft`)."""
+    import peft
+    import transformers as tf
+    from safetensors.torch import load_file
+
+    from fastseq.lora import ADAPTER_WEIGHTS
+    from fastseq.tokenizers import ByT5Tokenizer
+
+    source = tmp_path / "model"
+    hf_model("byt5_like").save_pretrained(source)
+    ByT5Tokenizer().save_pretrained(source)
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps({"source": f"item {i} of the list", "target": f"{i}"}) + "\n" for i in range(64)))
+    lora = ["--model", str(source), "--data", str(data), "--lora-r", "4", "--lora-dropout", "0",
+            "--lora-targets", "q,v,wi_0"]  # fmt: skip
+    expected = one_process(tmp_path / "one", 4, model=source, data=str(data), lora_r=4, lora_dropout=0.0,
+                           lora_targets="q,v,wi_0")  # fmt: skip
+    adapters = load_file(tmp_path / "one" / ADAPTER_WEIGHTS)
+
+    z2 = tmp_path / "z2"
+    deepspeed("--deepspeed", "zero2", "--steps", "4", "--save-every", "2", "--output-dir", str(z2), *lora, *COMMON)
+    assert_losses_close(losses(z2), expected)
+    resumed = tmp_path / "z2_resumed"
+    deepspeed("--deepspeed", "zero2", "--steps", "4", "--resume", str(z2 / "checkpoint-2"), "--output-dir",
+              str(resumed), *lora, *COMMON)  # fmt: skip
+    assert losses(resumed) == losses(z2)[2:]  # bit for bit
+    z3 = tmp_path / "z3"
+    deepspeed("--deepspeed", "zero3", "--steps", "4", "--output-dir", str(z3), *lora, *COMMON)
+    assert_losses_close(losses(z3), expected)
+
+    for run in (z2, resumed, z3):
+        got = load_file(run / ADAPTER_WEIGHTS)
+        assert got.keys() == adapters.keys()
+        for name, value in adapters.items():
+            assert_close(got[name], value, rel=1e-4, what=f"{run.name} {name}")
+    assert (z2 / "checkpoint-2" / ADAPTER_WEIGHTS).is_file()  # a checkpoint is an adapter directory too
+    reference = peft.PeftModel.from_pretrained(tf.AutoModelForSeq2SeqLM.from_pretrained(source), z3).eval()
+    ours = fastseq.lora.merged_model(z3).eval()
+    data = batch("byt5_like")
+    with torch.no_grad():
+        assert_close(ours(**data).logits, reference(**data).logits, what="logits of the ZeRO-3 adapters")
