@@ -155,7 +155,8 @@ def test_lora_under_zero2_and_zero3_matches_one_process_and_resumes_exactly(tmp_
     hf_model("byt5_like").save_pretrained(source)
     ByT5Tokenizer().save_pretrained(source)
     data = tmp_path / "train.jsonl"
-    data.write_text("".join(json.dumps({"source": f"item {i} of the list", "target": str(i)}) + "\n" for i in range(64)))
+    rows = [{"source": f"item {i} of the list", "target": str(i)} for i in range(64)]
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
     lora = ["--model", str(source), "--data", str(data), "--lora-r", "4", "--lora-dropout", "0",
             "--lora-targets", "q,v,wi_0"]  # fmt: skip
     expected = one_process(tmp_path / "one", 4, model=source, data=str(data), lora_r=4, lora_dropout=0.0,
