@@ -47,6 +47,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
 from fastseq.memory import GIB, check_parameter_memory, meta_model, parameter_count
 from fastseq.optim import factored, factored_numel
 
@@ -54,6 +56,7 @@ from . import config as ds_config
 
 _BUFFER = 1.5  # DeepSpeed's additional_buffer_factor for CPU memory
 HEADROOM = 0.9  # a strategy fits when it needs at most 90% of a GPU's and of a node's memory
+LORA_RANK = 16  # the rank the plan offers when only LoRA fits (FLAN-T5 XL/XXL's usual 16, on q and v)
 LR_FOR_OFFLOAD = 1e-4  # what the printed command passes when an offload config needs --lr and none was given
 
 
@@ -68,6 +71,8 @@ class Setup:
     optimizer: str = "adafactor"
     precision: str = "bf16"  # bf16, fp16 or fp32 (auto resolves to bf16 on GPUs)
     gradient_checkpointing: bool = False
+    lora_r: int = 0  # LoRA's rank: the base frozen (in bf16 under mixed precision), the adapters trained
+    lora_targets: tuple[str, ...] = ("q", "v")
 
     @property
     def mixed(self) -> bool:
@@ -97,6 +102,18 @@ class Sizes:
     vector_state: int  # bytes of Adafactor's second moments of the vectors (one per element, fp32)
     largest_factored: int  # bytes of the largest matrix's factored second moment
     stages: dict[int, int]  # pipeline stages (2, 4, 8 ...) -> the largest stage's parameters
+    linears: list[tuple[str, int, int]] = field(default_factory=list)  # each nn.Linear: (its name, in, out)
+
+    def adapters(self, setup: Setup) -> tuple[int, int]:
+        """LoRA's adapters under `setup`: their parameters (r x in and out x r per targeted layer) and
+        the bytes of the optimizer's state for them (AdamW's two moments; Adafactor's factored ones)."""
+        r = setup.lora_r
+        shapes = [shape for name, n_in, n_out in self.linears if name in setup.lora_targets
+                  for shape in ((r, n_in), (n_out, r))]  # fmt: skip
+        count = sum(a * b for a, b in shapes)
+        if setup.optimizer == "adamw":
+            return count, 8 * count
+        return count, sum(4 * factored_numel(shape) for shape in shapes)
 
 
 @dataclass
@@ -134,7 +151,10 @@ def model_sizes(config) -> Sizes:
     largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
     matrices = [4 * factored_numel(tuple(p.shape)) for p in unique if factored(tuple(p.shape))]
     vectors = sum(4 * p.numel() for p in unique if not factored(tuple(p.shape)))
-    return Sizes(config, total, largest, sum(matrices), vectors, max(matrices, default=0), _stage_sizes(config))
+    linears = [(name.rsplit(".", 1)[-1], m.in_features, m.out_features) for name, m in model.named_modules()
+               if type(m) is torch.nn.Linear]  # fmt: skip
+    return Sizes(config, total, largest, sum(matrices), vectors, max(matrices, default=0), _stage_sizes(config),
+                 linears)  # fmt: skip
 
 
 def _stage_sizes(config) -> dict[int, int]:
@@ -208,6 +228,8 @@ def plan(sizes: Sizes, cluster: Cluster, setup: Setup) -> list[Row]:
     fp32_grads, master = (4, 4) if setup.mixed else (0, 0)
     adam = 8 * P  # the offload configs' CPU AdamW
     gathered = (2 * w) * sizes.largest
+    if setup.lora_r:
+        return _lora_rows(sizes, cluster, setup, acts)
     rows = []
     if N == 1:
         rows.append(Row("one process (no DeepSpeed)", None, (4 + (2 if setup.mixed else 0)) * P, 4 * P,
@@ -257,6 +279,30 @@ def plan(sizes: Sizes, cluster: Cluster, setup: Setup) -> list[Row]:
     return rows
 
 
+def _lora_rows(sizes: Sizes, cluster: Cluster, setup: Setup, acts: float) -> list[Row]:
+    """LoRA: the frozen base has no gradients and no optimizer state; the adapters (A parameters) have
+    fp32 weights, gradients and state, partitioned under ZeRO. One process holds the base in bf16 under
+    mixed precision (no fp32 copy: it never changes); DeepSpeed holds the whole module in the config's
+    precision and an fp32 master copy of the adapters. Pipeline stages do not run LoRA, and offloading
+    an optimizer state of megabytes gains nothing: those rows are left out."""
+    P, N, per_node = sizes.params, cluster.gpus, cluster.gpus_per_node
+    A, state = sizes.adapters(setup)
+    w = 2 if setup.mixed else 4
+    fp32_grads, master = (4, 4) if setup.mixed else (0, 0)
+    gathered = (2 * w) * sizes.largest
+    rows = []
+    if N == 1:
+        rows.append(Row("one process (no DeepSpeed)", None, w * P + 4 * A, 4 * A, state, acts, 4 * P * _BUFFER, 0))
+    model_cpu = 4 * P * per_node * _BUFFER
+    adapters_state = master * A / N + state / N
+    return rows + [
+        Row("ZeRO-1", "zero1", w * (P + A), (w + fp32_grads / N) * A, adapters_state, acts, model_cpu, rank=1),
+        Row("ZeRO-2", "zero2", w * (P + A), (w + fp32_grads) * A / N, adapters_state, acts, model_cpu, rank=2),
+        Row("ZeRO-3", "zero3", w * (P + A) / N + gathered, 4 * A / N, adapters_state, acts,
+            4 * sizes.largest * per_node * _BUFFER, rank=4),
+    ]  # fmt: skip
+
+
 def _pipelines(sizes: Sizes, cluster: Cluster, setup: Setup, acts: float, state_per_param: float, fp32_state: int):
     """Pipeline x data parallel rows for 2, 4, 8 ... stages that divide the GPUs."""
     w = 2 if setup.mixed else 4
@@ -301,6 +347,8 @@ def _changes(setup: Setup) -> list[dict]:
         batch, accum = (batch + 1) // 2, accum * 2
         change = {**change, "batch_size": batch, "grad_accum": accum}
         steps.append(change)
+    if not setup.lora_r:  # the last resort (it trains adapters, not every weight): alone, then with the rest
+        steps += [{"lora_r": LORA_RANK}, {**change, "lora_r": LORA_RANK}]
     return steps
 
 
@@ -311,7 +359,8 @@ def verdicts(sizes: Sizes, cluster: Cluster, setup: Setup) -> list[Verdict]:
     for change in _changes(setup):
         changed = {r.strategy: r for r in plan(sizes, cluster, dataclasses.replace(setup, **change))}
         for verdict in out:
-            if not verdict.fits and not verdict.change and fits(changed[verdict.row.strategy], cluster):
+            row = changed.get(verdict.row.strategy)  # LoRA plans no pipeline and no offload
+            if not verdict.fits and not verdict.change and row is not None and fits(row, cluster):
                 verdict.change = change
     return out
 
@@ -375,7 +424,8 @@ def setup_of(args, config) -> Setup:
     return Setup(batch_size=args.batch_size, grad_accum=args.grad_accum, source_length=max_source_length(args, config),
                  target_length=args.max_target_length, optimizer=args.optimizer,
                  precision="bf16" if args.precision == "auto" else args.precision,
-                 gradient_checkpointing=args.gradient_checkpointing)  # fmt: skip
+                 gradient_checkpointing=args.gradient_checkpointing, lora_r=args.lora_r,
+                 lora_targets=args.lora.targets if args.lora else ("q", "v"))  # fmt: skip
 
 
 def strategy_of(config: dict) -> str:
@@ -463,6 +513,24 @@ def table(found: list[Verdict], cluster: Cluster) -> str:
     return "\n".join(lines)
 
 
+_SETUP_FIELDS = {f.name for f in dataclasses.fields(Setup)}
+
+
+def lora_line(sizes: Sizes, cluster: Cluster, setup: Setup) -> str:
+    """What LoRA trains under `setup`, and on one GPU what a bf16 and an 8-bit base need."""
+    count, _ = sizes.adapters(setup)
+    line = (f"LoRA r={setup.lora_r} on {','.join(setup.lora_targets)}: {count / 1e6:.1f}M adapter parameters "
+            f"({100 * count / sizes.params:.2f}% of the model) train, with their gradients and optimizer state; the "
+            "base is frozen")  # fmt: skip
+    if cluster.gpus == 1 and setup.mixed:
+        one = plan(sizes, cluster, setup)[0]
+        eight_bit = one.gpu_total - sizes.params  # 1 B per base parameter instead of 2
+        line += (f". One GPU needs {one.gpu_total / GIB:.1f} GiB with a bf16 base (fastseq's), "
+                 f"{eight_bit / GIB:.1f} GiB with an 8-bit one (bitsandbytes' int8, not a base fastseq "
+                 "trains)")  # fmt: skip
+    return line
+
+
 def _model_config(args):
     """The planned model's config: a preset's published config by its name (planning needs no
     weights, so no --random-init and no download); otherwise a model directory or a hub id as
@@ -498,7 +566,7 @@ def show(args, options: dict, cluster: Cluster, *, cpu_from_machine: bool) -> No
           f"{cluster.gpu_mem:g} GiB, {cluster.cpu_mem:.1f} GiB host memory per node ({host}); "
           f"{options_text}. GiB:")  # fmt: skip
     print(table(found, cluster))
-    if setup.optimizer == "adafactor":
+    if setup.optimizer == "adafactor" and not setup.lora_r:
         zero3 = optimizer_bytes(setup, sizes, cluster.gpus, every_matrix=True) / 2**20
         zero12 = optimizer_bytes(setup, sizes, cluster.gpus) / 2**20
         master = "; the optim column adds the fp32 master weights" if setup.mixed else ""
@@ -521,6 +589,9 @@ def show(args, options: dict, cluster: Cluster, *, cpu_from_machine: bool) -> No
     if best is None:
         print(f"recommended: none; {why}")
         return
+    lora = dataclasses.replace(setup, **{k: v for k, v in best.change.items() if k in _SETUP_FIELDS})
+    if lora.lora_r:
+        print(lora_line(sizes, cluster, lora))
     config_text = f" (config {ds_config.find(args.deepspeed or best.row.config)})" if best.row.config else ""
     print(f"recommended: {best.row.strategy}{config_text}: {why}")
     if best.row.cpu_adamw:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -452,3 +453,82 @@ def test_the_printed_command_runs_with_two_cpu_ranks_and_converts(tmp_path, caps
     assert main(["convert", "--from-deepspeed", str(checkpoints[-1]), "--to", str(converted)]) == 0
     assert {"tokenizer_config.json", "config.json"} <= {p.name for p in converted.iterdir()}
     assert main(["generate", "--model", str(converted), "abc", "--max-new-tokens", "4"]) == 0
+
+
+# ---- LoRA ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "adafactor"])
+def test_lora_states_agree_with_a_measured_one_process_run(optimizer, tmp_path, monkeypatch):
+    """Under LoRA the frozen base has no gradients and no optimizer state: the planned parameters,
+    gradients and state are, within 1%, what a one-process LoRA step allocates (fp32)."""
+    from fastseq.models import T5ForConditionalGeneration
+    from fastseq.train import TrainArgs
+    from fastseq.train.engine import LocalEngine
+
+    monkeypatch.setenv("FASTSEQ_BACKEND", "reference")
+    T5ForConditionalGeneration(_MEASURED_CONFIG).save_pretrained(tmp_path / "model")
+    args = TrainArgs(model=str(tmp_path / "model"), optimizer=optimizer, lr=1e-3, precision="fp32", device="cpu",
+                     lora_r=8, lora_targets="q,v,wi_0")  # fmt: skip
+    generator = torch.Generator().manual_seed(0)
+    batch = dict(input_ids=torch.randint(3, 384, (8, 16), generator=generator),
+                 labels=torch.randint(3, 384, (8, 8), generator=generator))  # fmt: skip
+    with Allocated() as memory:
+        engine = LocalEngine(args, torch.device("cpu"))
+        engine.build(_MEASURED_CONFIG)
+        loaded = memory.live  # the adapters (the base's weights are read from the file, not allocated here)
+        engine.forward_backward([batch])
+        grads = memory.live - loaded
+        engine.step()
+        state = memory.live - loaded
+    params = sum(p.numel() * p.element_size() for p in engine.model.parameters())
+    setup = Setup(batch_size=8, source_length=16, target_length=8, optimizer=optimizer, precision="fp32", lora_r=8,
+                  lora_targets=("q", "v", "wi_0"))  # fmt: skip
+    sizes = model_sizes(_MEASURED_CONFIG)
+    row = plan(sizes, Cluster(1, 1, 80, 64), setup)[0]
+    adapters, _ = sizes.adapters(setup)
+    assert adapters == sum(p.numel() for p in engine.model.parameters() if p.requires_grad)
+    for name, measured in {"params": params, "grads": grads, "optimizer": state}.items():
+        planned = getattr(row, name)
+        assert abs(planned - measured) <= 0.01 * measured, (name, planned, measured)
+    assert grads < params / 10  # the adapters' gradients only
+
+
+def test_lora_is_offered_when_full_fine_tuning_does_not_fit(capsys):
+    """FLAN-T5-XXL on one GPU: full fine-tuning fits nowhere; the plan recommends LoRA (r=16 on q, v)
+    with the figures of a bf16 and of an 8-bit base, and its command. At 48 GiB LoRA alone fits; at
+    24 GiB it needs gradient checkpointing too."""
+    out = _plan_output(capsys, "--model", "google/flan-t5-xxl", "--gpus", "1", "--gpu-mem", "48", "--cpu-mem", "256")
+    lines = out.splitlines()
+    assert "fits: nothing as asked" in lines
+    assert lines[-1] == "fastseq train --model google/flan-t5-xxl --batch-size 1 --lora-r 16"
+    assert any(line.startswith("recommended: one process (no DeepSpeed): nothing fits as asked; with --lora-r 16")
+               for line in lines)  # fmt: skip
+    lora = next(line for line in lines if line.startswith("LoRA r=16 on q,v: "))
+    bf16, int8 = (
+        float(x) for x in re.findall(r"needs ([\d.]+) GiB with a bf16 base.* ([\d.]+) GiB with an 8-bit", lora)[0]
+    )
+    assert 20 < bf16 < 43.2 and 10 < int8 < bf16 - 9  # the base's 11.1B parameters at 2 B, then 1 B
+    out = _plan_output(capsys, "--model", "google/flan-t5-xxl", "--gpus", "1", "--gpu-mem", "24", "--cpu-mem", "256")
+    assert out.splitlines()[-1].endswith("--batch-size 1 --gradient-checkpointing --lora-r 16")
+    # Asked for, LoRA's rows hold the adapters' gradients and state only.
+    out = _plan_output(capsys, "--model", "google/flan-t5-xxl", "--gpus", "1", "--gpu-mem", "48", "--cpu-mem", "256",
+                       "--lora-r", "8")  # fmt: skip
+    one = next(line for line in out.splitlines() if line.startswith("one process"))
+    params, grads, optim = (float(x) for x in one.split()[4:7])
+    assert 20 < params < 22 and grads < 0.2 and optim < 0.2 and "yes" in one.split()
+
+
+def test_the_printed_lora_command_runs(tmp_path, capsys, monkeypatch):
+    """A model only LoRA fits on: the plan's command, run as printed (with data), trains adapters."""
+    monkeypatch.setenv("FASTSEQ_BACKEND", "reference")
+    model = _model_dir(tmp_path / "model")
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps({"source": f"item {i}", "target": str(i)}) + "\n" for i in range(16)))
+    out = _plan_output(capsys, "--model", str(model), "--gpus", "1", "--gpu-mem", "0.0006", "--cpu-mem", "0.0008",
+                       "--max-source-length", "16", "--max-target-length", "8", "--data", str(data), "--steps", "2",
+                       "--output-dir", str(tmp_path / "run"), "--quiet")  # fmt: skip
+    command = shlex.split(out.splitlines()[-1])
+    assert command[:2] == ["fastseq", "train"] and "--lora-r" in command, out
+    assert main(command[1:]) == 0
+    assert (tmp_path / "run" / "adapter_model.safetensors").is_file()
