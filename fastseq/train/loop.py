@@ -77,6 +77,7 @@ from .state import (
     rng_states,
     run_identity,
     save_rng,
+    write_prediction_settings,
     write_state,
 )
 
@@ -229,6 +230,7 @@ class _Run:
             engine.barrier()
             if first:
                 self.tokenizer.save_pretrained(tmp)
+                write_prediction_settings(tmp, self.args)
                 write_state(tmp, {"step": step, "run": self.identity, "data": data_state, "engine": meta,
                                   "world_size": engine.world, "engine_kind": engine.kind,
                                   "optimizer": engine_record(self.args), "args": args_record(self.args)})  # fmt: skip
@@ -366,6 +368,7 @@ class _Run:
         self.engine.save_model(self.out, path)
         if self.engine.rank == 0:
             self.tokenizer.save_pretrained(self.out)
+            write_prediction_settings(self.out, self.args)
             steps, losses = zip(*self.losses, strict=True)
             plot_losses(self.out / "loss.png", list(steps), list(losses), self.evals)
         return path
