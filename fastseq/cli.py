@@ -279,7 +279,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the model's)")
     parser.add_argument("--data", default=None,
                         help=".jsonl/.json/.csv/.tsv/.parquet (also .gz), a pipe or a `datasets` directory (seq2seq); "
-                             ".txt (denoise); default: synthetic (HF: --train_file)")  # fmt: skip
+                             ".txt (denoise); synthetic: the built-in task, the default without --model (HF: "
+                             "--train_file)")  # fmt: skip
     parser.add_argument("--eval-data", default=None, help="held-out data, the same kinds (HF: --validation_file)")
     parser.add_argument("--dataset-name", default=None, help="a dataset datasets.load_dataset resolves (hub id)")
     parser.add_argument("--dataset-config-name", default=None, help="the configuration of --dataset-name")
@@ -420,17 +421,27 @@ def _plan(ns: argparse.Namespace) -> None:
     if ns.gpus % per_node:
         raise ValueError(f"--gpus {ns.gpus} is not a multiple of --gpus-per-node {per_node}")
     from .train import TrainArgs
+    from .train.args import SYNTHETIC
 
     fields = [f.name for f in dataclasses.fields(TrainArgs)]
     options = _yaml_options(Path(ns.config)) if ns.config else {}
     options.update({k: v for k, v in vars(ns).items() if k in fields and v is not None})
     options.setdefault("batch_size", 1)  # the plan's micro-batch per GPU unless one is given
-    args = TrainArgs.from_dict(options)
+    # A model fine-tuned on no data given: the printed command names the data options as placeholders to fill.
+    placeholders = {}
+    if options.get("model") and not options.get("random_init") and not {"data", "dataset_name"} & set(options):
+        placeholders = {"data": PLAN_DATA, **({} if options.get("eval_data") else {"eval_data": PLAN_EVAL_DATA})}
+    args = TrainArgs.from_dict({**options, **({"data": SYNTHETIC} if placeholders else {})})
     args.validate()
     options = {name: getattr(args, name) for name in fields if name in options}  # typed, in TrainArgs order
+    options = {name: placeholders.get(name, options.get(name)) for name in fields if name in {*options, *placeholders}}
     cpu_mem = ns.cpu_mem if ns.cpu_mem is not None else host_memory_gib()
     cluster = Cluster(gpus=ns.gpus, gpus_per_node=per_node, gpu_mem=ns.gpu_mem, cpu_mem=cpu_mem)
     show(args, options, cluster, cpu_from_machine=ns.cpu_mem is None)
+
+
+# What `fastseq plan`'s command names for the data of a pretrained model when no data option was given.
+PLAN_DATA, PLAN_EVAL_DATA = "TRAIN.jsonl", "EVAL.jsonl"
 
 
 def _bench(ns: argparse.Namespace) -> None:

@@ -55,7 +55,7 @@ def _predictions(out: Path, step: int) -> list[dict]:
 
 def _train(capfd, tiny: Path | None, out: Path, *argv: str) -> tuple[int, str]:
     """`fastseq train` on the tiny model (None: the embedded default model, trained from scratch)."""
-    model = ["--model", str(tiny)] if tiny is not None else []
+    model = ["--model", str(tiny), "--data", "synthetic"] if tiny is not None else []  # argv's --data wins
     code = main(["train", *model, "--output-dir", str(out), "--batch-size", "4", "--quiet", "--max-source-length",
                  "48", "--max-target-length", "24", *argv])  # fmt: skip
     captured = capfd.readouterr()
