@@ -92,7 +92,7 @@ def test_summarization_with_rouge_keeps_the_best_checkpoint(tmp_path, capfd, tin
     assert evals[6]["best_metric"] == evals[best_step]["rougeLsum"]
     assert {p.name for p in out.glob("checkpoint-*")} == {f"checkpoint-{best_step}", "checkpoint-6"}
     assert not list(out.glob(".*"))  # nothing half-removed left behind
-    summary = printed.splitlines()[0]
+    summary = printed.splitlines()[1]  # after the settings line
     assert f"best_checkpoint checkpoint-{best_step} (rougeLsum " in summary
     assert f"held-out rouge1 {evals[6]['rouge1']:.2f}, rouge2 " in summary
     assert f"rougeL {evals[6]['rougeL']:.2f}" in summary
@@ -170,7 +170,7 @@ def test_the_summary_line_shortens_long_texts(tmp_path, capfd, tiny, reference_b
     _, printed = _train(capfd, tiny, tmp_path / "out", "--data", str(data), "--eval-data", str(data), "--steps",
                         "1", "--eval-examples", "1", "--max-new-tokens", "3",
                         "--max-source-length", "600")  # fmt: skip
-    summary, shown = printed.splitlines()[:2]
+    summary, shown = printed.splitlines()[1:3]  # after the settings line
     assert "held-out exact match 0.0%, eval_loss " in summary or "held-out exact match 100.0%, eval_loss" in summary
     assert repr(long_source[:199] + "…") in shown and long_source not in shown
     assert shorten("x" * 200) == "x" * 200 and shorten("x" * 201) == "x" * 199 + "…"
@@ -367,3 +367,19 @@ def test_every_held_out_example_is_evaluated_unless_max_eval_samples_says(tmp_pa
     assert [r["step"] for r in _records(tmp_path / "few")][-1] == 6
     code = main(["train", "--output-dir", str(tmp_path / "bad"), *common, "--max-train-samples", "0"])
     assert code == 2 and "--max-train-samples must be at least 1" in capfd.readouterr().err
+
+
+def test_the_first_line_states_the_effective_settings(tmp_path, capfd, tiny, reference_backend):
+    """The run's first line: the steps --epochs gives, the optimizer and its rate, the schedule and its
+    warm-up (--warmup-ratio's, rounded up), the batch with accumulation, and the source and target lengths."""
+    data = _jsonl(tmp_path / "d.jsonl", [{"source": f"copy {w}", "target": w} for w in WORDS * 2])  # 16 examples
+    _, printed = _train(capfd, tiny, tmp_path / "out", "--data", str(data), "--epochs", "2", "--grad-accum", "2",
+                        "--schedule", "linear", "--warmup-ratio", "0.3", "--optimizer", "adamw", "--lr", "1e-3",
+                        "--max-eval-samples", "0")  # fmt: skip
+    assert printed.splitlines()[0] == (
+        "fastseq train: 4 steps; adamw, lr 0.001, linear schedule, warm-up 2 step(s); batch 4 examples x 2 "
+        "accumulated x 1 data-parallel = 8 examples a step; source 48 tokens, target 24")  # fmt: skip
+    _, printed = _train(capfd, None, tmp_path / "default", "--steps", "1", "--max-eval-samples", "0")
+    assert printed.splitlines()[0] == (
+        "fastseq train: 1 steps; adafactor, relative step size, constant schedule; batch 4 examples x 1 accumulated "
+        "x 1 data-parallel = 4 examples a step; source 48 tokens, target 24")  # fmt: skip

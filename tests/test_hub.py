@@ -171,7 +171,7 @@ def test_random_init_is_explicit_and_said(hub, tmp_path, capfd, caplog):
                              "--batch-size", "2", "--eval-examples", "2", "--quiet", "--optimizer", "adamw",
                              "--lr", "1e-20", "--output-dir", str(out))  # fmt: skip
     assert code == 0, err
-    assert "random weights" in stdout.splitlines()[0]
+    assert "random weights" in stdout.splitlines()[1]  # the summary, after the settings line
     assert "with random weights (--random-init)" in caplog.text
     assert not _same_weights(out, source, atol=1e-3)  # the directory's config, not its weights
     assert json.loads((out / "config.json").read_text())["d_model"] == 32

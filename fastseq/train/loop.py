@@ -138,6 +138,21 @@ def _format_score(key: str, value: float) -> str:
     return f"{key} {value:.4f}" if key.endswith("loss") else f"{key} {value:.2f}"
 
 
+def settings_line(args: TrainArgs, data_parallel: int) -> str:
+    """The run's first printed line: its length, optimizer, effective schedule, batch (with accumulation
+    and data-parallel ranks) and source and target lengths, as they are once the model and the data
+    have set their defaults (--epochs' steps, the model's --max-source-length)."""
+    lr = args.learning_rate()
+    rate = "relative step size" if lr is None else f"lr {lr:g}"
+    warmup = f", warm-up {args.warmup_steps} step(s)" if args.warmup_steps else ""
+    batch = f"up to {args.max_tokens} tokens" if args.max_tokens else f"{args.batch_size} examples"
+    per_step = f"{batch} x {args.grad_accum} accumulated x {data_parallel} data-parallel"
+    if not args.max_tokens:
+        per_step += f" = {args.batch_size * args.grad_accum * data_parallel} examples a step"
+    return (f"fastseq train: {args.steps} steps; {args.optimizer}, {rate}, {args.schedule} schedule{warmup}; batch "
+            f"{per_step}; source {args.max_source_length} tokens, target {args.max_target_length}")  # fmt: skip
+
+
 def make_engine(args: TrainArgs, config) -> Engine:
     if args.deepspeed:
         from fastseq.distributed import deepspeed_engine
@@ -452,6 +467,8 @@ def _train(args: TrainArgs, config, tokenizer: Tokenizer, engine: Engine, out: P
     if start > args.steps:
         raise ValueError(f"the checkpoint is at step {start}, already past --steps {args.steps}; raise --steps")
     engine.on_first_rank(clear_output_dir, args, out)  # every check has passed: --overwrite removes the old run
+    if engine.rank == 0:
+        print(settings_line(args, engine.data_parallel), flush=True)
     run.metrics = MetricsLog(out, args, data, start, engine.rank == 0)
     if start == args.steps:  # the last step's checkpoint (a signal stopped the final evaluation): the run ends
         log.info("--resume: %s is the run's last step; writing its final evaluation and model", run.last_checkpoint)
