@@ -347,6 +347,12 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                         help="evaluation's generation limit (default: --max-target-length)")  # fmt: skip
     parser.add_argument("--metric-for-best-model", default=None,
                         help="a held-out score (eval_loss, rougeL, bleu ...) picking the best checkpoint")  # fmt: skip
+    parser.add_argument("--eval-strategy", default=None, choices=["steps", "epoch", "no"],
+                        help="steps: every --eval-every and --save-every steps (default); epoch: evaluate and save at "
+                             "each epoch's end; no: evaluate at the end only (HF: --eval_strategy)")  # fmt: skip
+    parser.add_argument("--early-stopping-patience", type=int, default=None,
+                        help="stop after N evaluations without a better --metric-for-best-model (HF's "
+                             "EarlyStoppingCallback)")  # fmt: skip
     parser.add_argument("--greater-is-better", type=str.lower, default=None, choices=["true", "false"],
                         help="whether a larger --metric-for-best-model wins (default: not for a loss)")  # fmt: skip
     parser.add_argument("--save-total-limit", type=int, default=None,

@@ -383,3 +383,56 @@ def test_the_first_line_states_the_effective_settings(tmp_path, capfd, tiny, ref
     assert printed.splitlines()[0] == (
         "fastseq train: 1 steps; adafactor, relative step size, constant schedule; batch 4 examples x 1 accumulated "
         "x 1 data-parallel = 4 examples a step; source 48 tokens, target 24")  # fmt: skip
+
+
+def test_eval_strategy_epoch_evaluates_and_saves_at_each_epochs_end_and_resumes_exactly(
+    tmp_path, capfd, tiny, reference_backend
+):
+    """--eval-strategy epoch (HF's name): 8 examples in batches of 4 are 2 steps an epoch, so 3 epochs
+    evaluate and save at steps 2, 4 and 6; resumed from checkpoint-2, the run gives the same records."""
+    data = _jsonl(tmp_path / "d.jsonl", [{"source": f"copy {w}", "target": w} for w in WORDS])
+    out = tmp_path / "out"
+    argv = ["--data", str(data), "--eval-data", str(data), "--epochs", "3", "--eval-strategy", "epoch",
+            "--max-new-tokens", "2", "--optimizer", "adamw", "--lr", "1e-3"]  # fmt: skip
+    _train(capfd, tiny, out, *argv)
+    first = _records(out)
+    assert [r["step"] for r in first if "eval_loss" in r] == [2, 4, 6]
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4", "checkpoint-6"]
+    for step in (4, 6):
+        (out / f"checkpoint-{step}").rename(tmp_path / f"set-aside-{step}")
+    _train(capfd, tiny, out, *argv, "--resume")
+    again = _records(out)
+    strip = [{k: v for k, v in r.items() if k not in ("elapsed", "tokens_per_s")} for r in first]
+    assert [{k: v for k, v in r.items() if k not in ("elapsed", "tokens_per_s")} for r in again] == strip
+
+
+def test_early_stopping_patience_ends_the_run_at_the_step_hfs_callback_would(tmp_path, capfd, tiny, reference_backend):
+    """--early-stopping-patience 2 on eval_loss with --greater-is-better true (a falling loss is no
+    better): the run ends after two evaluations without a better score, with its final checkpoint and
+    model there, and says so in the summary."""
+    out = tmp_path / "out"
+    _, printed = _train(capfd, tiny, out, "--steps", "10", "--eval-every", "1", "--eval-examples", "2",
+                        "--max-new-tokens", "2", "--metric-for-best-model", "eval_loss", "--greater-is-better",
+                        "true", "--early-stopping-patience", "2", "--optimizer", "adamw", "--lr", "1e-2")  # fmt: skip
+    evals = [(r["step"], r["eval_loss"]) for r in _records(out) if "eval_loss" in r]
+    best, waited, expected = None, 0, None
+    for step, value in evals:
+        best, waited = (value, 0) if best is None or value > best else (best, waited + 1)
+        if waited == 2:
+            expected = step
+            break
+    assert expected is not None and expected < 10 and evals[-1][0] == expected, evals
+    assert (out / f"checkpoint-{expected}").is_dir() and (out / "model.safetensors").is_file()
+    assert f"stopped early at step {expected} (--early-stopping-patience 2: no better eval_loss)" in printed
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [(["--eval-strategy", "epoch"], "--eval-strategy epoch needs epochs: the synthetic task has none"),
+     (["--eval-strategy", "no", "--eval-every", "2"], "--eval-every counts steps for --eval-strategy steps"),
+     (["--early-stopping-patience", "2"], "--early-stopping-patience counts evaluations without a better"),
+     (["--metric-for-best-model", "loss", "--early-stopping-patience", "0"],
+      "--early-stopping-patience must be at least 1; got 0")],
+)  # fmt: skip
+def test_bad_eval_strategy_and_patience_are_one_line(argv, message, tmp_path, capfd):
+    refused(capfd, ["train", "--output-dir", str(tmp_path / "out"), *argv], message)

@@ -16,6 +16,7 @@ from fastseq.optim import OPTIMIZERS, SCHEDULES
 TASKS = ("seq2seq", "denoise")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 REPORT_TO = ("none", "tensorboard")
+EVAL_STRATEGIES = ("steps", "epoch", "no")  # HF's --eval_strategy values
 # --data's name for the built-in task (reverse a random word), generated without end: what a run without
 # --model trains on by default, and a pretrained model only when asked for.
 SYNTHETIC = "synthetic"
@@ -64,6 +65,8 @@ class TrainArgs:
     force_fp16: bool = False
     gradient_checkpointing: bool = False
     eval_every: int = 0
+    eval_strategy: str = "steps"  # HF's name: steps (--eval-every, --save-every), epoch (both at each epoch's end), no
+    early_stopping_patience: int | None = None  # stop after N evaluations without a better --metric-for-best-model
     max_eval_samples: int | None = None  # held-out examples evaluated (HF's --max_eval_samples); None: all
     max_train_samples: int | None = None  # train on the first N examples of the data (HF's name)
     save_every: int = 0
@@ -232,7 +235,19 @@ class TrainArgs:
     def _validate_evaluation(self) -> None:
         """Evaluation's metrics, decoding, best checkpoint and logging options."""
         check_available(self.metrics)
-        for name in ("num_beams", "max_new_tokens", "save_total_limit"):
+        if self.eval_strategy not in EVAL_STRATEGIES:
+            raise ValueError(f"--eval-strategy must be one of {', '.join(EVAL_STRATEGIES)}; got {self.eval_strategy!r}")
+        if self.eval_strategy != "steps" and (self.eval_every or self.save_every):
+            given = "--eval-every" if self.eval_every else "--save-every"
+            does = (
+                "evaluates and saves at each epoch's end" if self.eval_strategy == "epoch" else "evaluates at the end"
+            )
+            raise ValueError(f"{given} counts steps for --eval-strategy steps; --eval-strategy {self.eval_strategy} "
+                             f"{does}: pass one of them")  # fmt: skip
+        if self.eval_strategy == "epoch" and self.synthetic:
+            raise ValueError("--eval-strategy epoch needs epochs: the synthetic task has none; pass --data FILE (or "
+                             "--dataset-name), or --eval-strategy steps with --eval-every N")  # fmt: skip
+        for name in ("num_beams", "max_new_tokens", "save_total_limit", "early_stopping_patience"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"--{_flag(name)} must be at least 1; got {value}")
@@ -248,6 +263,9 @@ class TrainArgs:
                 ) from None
         key = self.best_model_key
         if key is None:
+            if self.early_stopping_patience is not None:
+                raise ValueError("--early-stopping-patience counts evaluations without a better "
+                                 "--metric-for-best-model: pass --metric-for-best-model (e.g. eval_loss)")  # fmt: skip
             return
         known = ("eval_loss", *metric_keys(self.metrics))
         if key not in known:
@@ -257,6 +275,9 @@ class TrainArgs:
             )
         if not self.evaluates:
             raise ValueError("--metric-for-best-model needs held-out examples: pass --eval-data FILE (seq2seq)")
+        if self.early_stopping_patience is not None and self.eval_strategy == "no":
+            raise ValueError("--early-stopping-patience needs evaluations during training: --eval-strategy steps "
+                             "with --eval-every N, or epoch")  # fmt: skip
         if self.save_every and not (self.eval_every and self.save_every % self.eval_every == 0):
             raise ValueError(
                 f"--metric-for-best-model compares the checkpoints of evaluated steps: --save-every {self.save_every} "

@@ -184,6 +184,8 @@ class _Run:
         self.best: tuple[Path, float] | None = None  # the best checkpoint by --metric-for-best-model, its score
         self.branch: int | None = None  # the step resumed in the output directory, until the first checkpoint
         self.tokens = Tokens()
+        self.epochs_whole = 0  # whole epochs done before this step (--eval-strategy epoch)
+        self.stopped_early: int | None = None  # the step --early-stopping-patience ended the run at
 
     def resume(self) -> int:
         """Load the checkpoint `--resume` names, after checking that this run may continue it (its
@@ -351,14 +353,17 @@ class _Run:
                 record["peak_gib"] = torch.cuda.max_memory_allocated(engine.device) / 2**30
         self.losses.append((done, mean_loss))
         self.pending = record
-        if self.evaluating and args.eval_every and done % args.eval_every == 0 and done != args.steps:
+        epoch_end = self.epoch_ended()
+        if self.evaluating and (epoch_end or args.eval_every and done % args.eval_every == 0) and done != args.steps:
             record.update(self.evaluate(done))
+            if self.patience_spent():
+                self.stopped_early = done
         self.phase = "log"
         self.metrics.write(record)
         self.pending = None
         if stop and done != args.steps:
             return record, True
-        if args.save_every and done % args.save_every == 0 and done != args.steps:
+        if (epoch_end or args.save_every and done % args.save_every == 0) and done != args.steps:
             self.checkpoint(done)
             self.prune()
         return record, False
@@ -366,15 +371,15 @@ class _Run:
     def finish(self) -> Path:
         """The final checkpoint, evaluation (after the checkpoint, so a failing evaluation loses no
         training) and model directory; returns the checkpoint."""
-        steps = self.args.steps
+        steps = self.stopped_early or self.args.steps
         path = self.out / f"checkpoint-{steps}"
         if self.last_checkpoint != path:  # written already when a resume of the last step finishes the run
             path = self.checkpoint(steps)
-        if self.evaluating:
-            self.final = self.evaluate(steps)
+        if self.evaluating:  # an early stop's step was evaluated: its scores are final
+            self.final = self.metrics.evaluated[steps] if self.stopped_early else self.evaluate(steps)
         self.prune()
         if self.evaluating:
-            record = {"step": steps, "lr": self.engine.learning_rate(), **self.final}
+            record = {"step": steps, "lr": self.engine.learning_rate(), **({} if self.stopped_early else self.final)}
             if self.best is not None:
                 record.update(best_checkpoint=self.best[0].name, best_metric=self.best[1])
             self.metrics.write(record)
@@ -406,6 +411,9 @@ class _Run:
             line += f", checkpoint in {self.out} ({path.name})"
             if self.best is not None:
                 line += f", best_checkpoint {self.best[0].name} ({self.args.best_model_key} {self.best[1]:.4g})"
+            if self.stopped_early:
+                line += (f", stopped early at step {self.stopped_early} (--early-stopping-patience "
+                         f"{self.args.early_stopping_patience}: no better {self.args.best_model_key})")  # fmt: skip
             print(line)
             if interrupted:
                 print(f"fastseq train: stopped by {interrupted} after step {last_step}; continue with the same "
@@ -415,7 +423,8 @@ class _Run:
                 print(f"  {shorten(source)!r} -> {shorten(output)!r} (target {shorten(target)!r})")
         self.metrics.close()
         losses = [value for _, value in self.losses]
-        summary = {"loss": loss, "losses": losses, "seconds": elapsed, "interrupted": interrupted, **rates}
+        summary = {"loss": loss, "losses": losses, "seconds": elapsed, "interrupted": interrupted,
+                   "stopped_early": self.stopped_early, **rates}  # fmt: skip
         return {**summary, **self.final, **best}
 
     def evaluate(self, step: int) -> dict:
@@ -429,6 +438,34 @@ class _Run:
         if engine.rank == 0 and args.metrics:  # --metric none generates nothing
             write_predictions(self.out / f"eval_predictions-{step}.jsonl", self.data.held_out, self.outputs)
         return scores
+
+    def epoch_ended(self) -> bool:
+        """--eval-strategy epoch: whether the step just taken completed an epoch of the training data
+        (the data position says so, and a checkpoint restores it, so a resumed run evaluates and saves
+        at the same steps)."""
+        if self.args.eval_strategy != "epoch":
+            return False
+        whole = math.floor((self.data.epoch or 0.0) + 1e-9)
+        ended, self.epochs_whole = whole > self.epochs_whole, whole
+        return ended
+
+    def patience_spent(self) -> bool:
+        """--early-stopping-patience N: whether the last N evaluations gave no better
+        --metric-for-best-model than the best before them (HF's EarlyStoppingCallback), counted over
+        every evaluation of the run, those before a resumed checkpoint included."""
+        patience, key, greater = self.args.early_stopping_patience, self.args.best_model_key, self.args.best_is_greater
+        if patience is None:
+            return False
+        best, waited = None, 0
+        for step in sorted(self.metrics.evaluated):
+            value = self.metrics.evaluated[step].get(key)
+            if not isinstance(value, (int, float)):
+                continue
+            if best is None or (value > best if greater else value < best):
+                best, waited = value, 0
+            else:
+                waited += 1
+        return waited >= patience
 
     def prune(self) -> None:
         """After a checkpoint is published (first rank): find the best checkpoint by
@@ -464,6 +501,7 @@ def _train(args: TrainArgs, config, tokenizer: Tokenizer, engine: Engine, out: P
     engine.build(config)
     run = _Run(args, engine, tokenizer, data, identity, out)
     start = run.resume() if args.resume else 0
+    run.epochs_whole = math.floor((data.epoch or 0.0) + 1e-9)
     if start > args.steps:
         raise ValueError(f"the checkpoint is at step {start}, already past --steps {args.steps}; raise --steps")
     engine.on_first_rank(clear_output_dir, args, out)  # every check has passed: --overwrite removes the old run
@@ -484,6 +522,7 @@ def _train(args: TrainArgs, config, tokenizer: Tokenizer, engine: Engine, out: P
     signals.training = True
     shown = {}  # the progress bar's loss, and real tokens/s and real-token fraction of the last logged step
     try:
+        stopped_by = None
         for step in progress:
             record, stop = run.step(step + 1, signals)
             shown["loss"] = f"{record['loss']:.4f}"
@@ -494,10 +533,11 @@ def _train(args: TrainArgs, config, tokenizer: Tokenizer, engine: Engine, out: P
                 stopped_by = signals.received or signal.SIGTERM  # or another rank received it
                 path = run.checkpoint(step + 1)
                 break
-        else:
+            if run.stopped_early is not None:
+                break
+        if stopped_by is None:
             run.phase = "evaluate"
             path = run.finish()
-            stopped_by = None
             if signals.received is not None:
                 log.warning("%s arrived as the run was finishing; it finished", SIGNAL_NAMES[signals.received])
     except StopEvaluation:
