@@ -436,3 +436,19 @@ def test_early_stopping_patience_ends_the_run_at_the_step_hfs_callback_would(tmp
 )  # fmt: skip
 def test_bad_eval_strategy_and_patience_are_one_line(argv, message, tmp_path, capfd):
     refused(capfd, ["train", "--output-dir", str(tmp_path / "out"), *argv], message)
+
+
+def test_bf16_on_a_cpu_without_it_is_one_line(tmp_path, capfd, monkeypatch):
+    """--precision bf16 where oneDNN reports no bf16 (monkeypatched: this machine may have it): one line
+    naming the fix, before anything is written; a CPU with bf16 trains."""
+    import torch
+
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)
+    out = tmp_path / "out"
+    refused(capfd, ["train", "--precision", "bf16", "--device", "cpu", "--steps", "1", "--output-dir", str(out)],
+            "--precision bf16: this CPU (oneDNN reports no bf16 support) does not compute in bf16; use --precision "
+            "fp32 (what auto takes on a CPU)")  # fmt: skip
+    assert not out.exists() or not any(out.iterdir())
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True)
+    assert main(["train", "--precision", "bf16", "--device", "cpu", "--steps", "1", "--batch-size", "2",
+                 "--max-eval-samples", "0", "--quiet", "--output-dir", str(out)]) == 0  # fmt: skip

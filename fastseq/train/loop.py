@@ -51,6 +51,7 @@ from .engine import (
     LocalEngine,
     NonFiniteError,
     check_model_memory,
+    check_precision,
     model_config,
     run_device,
     run_tokenizer,
@@ -486,6 +487,7 @@ def train(args: TrainArgs) -> dict:
     with Signals() as signals:
         config = model_config(args)
         check_model_memory(args, config)
+        check_precision(args, run_device(args))
         args.check_evaluation(config)
         tokenizer = run_tokenizer(args, config)
         engine = make_engine(args, config)
