@@ -19,6 +19,7 @@ if TYPE_CHECKING:
 
 # What bad input raises: reported in one line. Anything else is a fault of fastseq's (exit status 1).
 USER_ERRORS = (ValueError, OSError, KeyError, FloatingPointError)
+log = logging.getLogger("fastseq.generate")
 
 
 _OWN_DIRECTORY = "write to a directory of its own"
@@ -86,10 +87,17 @@ def _disk_full_said(source, destination: str, dtype):
                         "another destination") from err  # fmt: skip
 
 
+# `fastseq generate`'s settings where neither a flag nor the model directory's generation_config.json sets one.
+GENERATE_DEFAULTS = dict(max_new_tokens=64, num_beams=1, length_penalty=1.0, no_repeat_ngram_size=0, min_new_tokens=0,
+                         repetition_penalty=1.0, early_stopping=False)  # fmt: skip
+
+
 def _generate(args: argparse.Namespace) -> None:
     import torch
 
     from .checkpoint import from_pretrained
+    from .generation import PREDICTION_CONFIG, read_json_file, settings_from_file
+    from .hub import model_directory
     from .lora import is_adapter_directory, merged_model
     from .tokenizers import load_tokenizer
     from .train.engine import resolve_device
@@ -97,16 +105,31 @@ def _generate(args: argparse.Namespace) -> None:
     _check_generate_options(args)
     device = resolve_device(args.device)
     texts, records = _generate_inputs(args)
-    if is_adapter_directory(args.model):  # a LoRA run's output: its base with the adapters merged in
-        model = merged_model(args.model).to(device)
+    directory = model_directory(args.model)
+    if is_adapter_directory(directory):  # a LoRA run's output: its base with the adapters merged in
+        model = merged_model(directory).to(device)
     else:
-        model = from_pretrained(args.model).to(device)
-    tokenizer = load_tokenizer(args.tokenizer or args.model)
+        model = from_pretrained(directory).to(device)
+    tokenizer = load_tokenizer(args.tokenizer or directory)
+    # As the run that trained the model evaluated: its source prefix and max source length, and the
+    # generation_config.json settings (transformers' generate reads the same file); a flag wins.
+    recorded = read_json_file(directory / PREDICTION_CONFIG)
+    from_file = settings_from_file(read_json_file(directory / "generation_config.json"))
+    flags = {name: getattr(args, name) for name in GENERATE_DEFAULTS if getattr(args, name, None) is not None}
+    prefix = args.source_prefix if args.source_prefix is not None else recorded.get("source_prefix") or ""
+    limit = args.max_source_length if args.max_source_length is not None else recorded.get("max_source_length")
+    applied = {k: v for k, v in from_file.items() if k not in flags}
+    if args.source_prefix is None and prefix:
+        applied["source_prefix"] = prefix
+    if args.max_source_length is None and limit is not None:
+        applied["max_source_length"] = limit
+    if applied and not args.quiet:
+        log.info("from %s: %s (a flag overrides each)", directory,
+                 ", ".join(f"{k} {v!r}" if isinstance(v, str) else f"{k} {v}" for k, v in applied.items()))  # fmt: skip
     generator = torch.Generator(device=device).manual_seed(args.seed)
-    settings = dict(max_new_tokens=args.max_new_tokens, num_beams=args.num_beams, length_penalty=args.length_penalty,
-                    do_sample=args.do_sample, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                    repetition_penalty=args.repetition_penalty, no_repeat_ngram_size=args.no_repeat_ngram_size,
-                    min_new_tokens=args.min_new_tokens, generator=generator)  # fmt: skip
+    settings = dict({**GENERATE_DEFAULTS, **from_file, **flags}, do_sample=args.do_sample, temperature=args.temperature,
+                    top_k=args.top_k, top_p=args.top_p, generator=generator)  # fmt: skip
+    cut = [0]  # the inputs longer than `limit` tokens, cut to it
 
     def outputs():
         """Each input's output text, batch by batch (a progress bar on stderr for file input)."""
@@ -115,12 +138,17 @@ def _generate(args: argparse.Namespace) -> None:
         quiet = args.quiet or bool(args.texts)  # texts given as arguments: a few, no bar
         with tqdm(total=len(texts), desc="generate", unit="input", disable=quiet, file=sys.stderr) as progress:
             for start in range(0, len(texts), args.batch_size):
-                chunk = texts[start : start + args.batch_size]
-                batch = tokenizer(chunk, padding=True, truncation=args.max_source_length is not None,
-                                  max_length=args.max_source_length)  # fmt: skip
+                chunk = [prefix + text for text in texts[start : start + args.batch_size]]
+                batch = tokenizer(chunk, padding=True, truncation=limit is not None, max_length=limit)
+                if limit is not None:
+                    cut[0] += int((tokenizer(chunk, padding=True)["attention_mask"].sum(1) > limit).sum())
                 out = model.generate(batch["input_ids"].to(device), batch["attention_mask"].to(device), **settings)
                 yield from tokenizer.batch_decode(out[:, 1:], skip_special_tokens=True)
                 progress.update(len(chunk))
+        if cut[0]:
+            where = "--max-source-length" if args.max_source_length is not None else f"{PREDICTION_CONFIG}'s"
+            log.warning("%d of %d inputs are longer than %d tokens (%s max_source_length) and were cut to it; pass "
+                        "--max-source-length N to change it", cut[0], len(texts), limit, where)  # fmt: skip
 
     lines = (_output_line(text, i, records, args.output_field) for i, text in enumerate(outputs()))
     if args.output_file in (None, "-"):
@@ -267,7 +295,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the model's)")
     parser.add_argument("--data", default=None,
                         help=".jsonl/.json/.csv/.tsv/.parquet (also .gz), a pipe or a `datasets` directory (seq2seq); "
-                             ".txt (denoise); default: synthetic (HF: --train_file)")  # fmt: skip
+                             ".txt (denoise); synthetic: the built-in task, the default without --model (HF: "
+                             "--train_file)")  # fmt: skip
     parser.add_argument("--eval-data", default=None, help="held-out data, the same kinds (HF: --validation_file)")
     parser.add_argument("--dataset-name", default=None, help="a dataset datasets.load_dataset resolves (hub id)")
     parser.add_argument("--dataset-config-name", default=None, help="the configuration of --dataset-name")
@@ -334,6 +363,12 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                         help="evaluation's generation limit (default: --max-target-length)")  # fmt: skip
     parser.add_argument("--metric-for-best-model", default=None,
                         help="a held-out score (eval_loss, rougeL, bleu ...) picking the best checkpoint")  # fmt: skip
+    parser.add_argument("--eval-strategy", default=None, choices=["steps", "epoch", "no"],
+                        help="steps: every --eval-every and --save-every steps (default); epoch: evaluate and save at "
+                             "each epoch's end; no: evaluate at the end only (HF: --eval_strategy)")  # fmt: skip
+    parser.add_argument("--early-stopping-patience", type=int, default=None,
+                        help="stop after N evaluations without a better --metric-for-best-model (HF's "
+                             "EarlyStoppingCallback)")  # fmt: skip
     parser.add_argument("--greater-is-better", type=str.lower, default=None, choices=["true", "false"],
                         help="whether a larger --metric-for-best-model wins (default: not for a loss)")  # fmt: skip
     parser.add_argument("--save-total-limit", type=int, default=None,
@@ -415,17 +450,27 @@ def _plan(ns: argparse.Namespace) -> None:
     if ns.gpus % per_node:
         raise ValueError(f"--gpus {ns.gpus} is not a multiple of --gpus-per-node {per_node}")
     from .train import TrainArgs
+    from .train.args import SYNTHETIC
 
     fields = [f.name for f in dataclasses.fields(TrainArgs)]
     options = _yaml_options(Path(ns.config)) if ns.config else {}
     options.update({k: v for k, v in vars(ns).items() if k in fields and v is not None})
     options.setdefault("batch_size", 1)  # the plan's micro-batch per GPU unless one is given
-    args = TrainArgs.from_dict(options)
+    # A model fine-tuned on no data given: the printed command names the data options as placeholders to fill.
+    placeholders = {}
+    if options.get("model") and not options.get("random_init") and not {"data", "dataset_name"} & set(options):
+        placeholders = {"data": PLAN_DATA, **({} if options.get("eval_data") else {"eval_data": PLAN_EVAL_DATA})}
+    args = TrainArgs.from_dict({**options, **({"data": SYNTHETIC} if placeholders else {})})
     args.validate()
     options = {name: getattr(args, name) for name in fields if name in options}  # typed, in TrainArgs order
+    options = {name: placeholders.get(name, options.get(name)) for name in fields if name in {*options, *placeholders}}
     cpu_mem = ns.cpu_mem if ns.cpu_mem is not None else host_memory_gib()
     cluster = Cluster(gpus=ns.gpus, gpus_per_node=per_node, gpu_mem=ns.gpu_mem, cpu_mem=cpu_mem)
     show(args, options, cluster, cpu_from_machine=ns.cpu_mem is None)
+
+
+# What `fastseq plan`'s command names for the data of a pretrained model when no data option was given.
+PLAN_DATA, PLAN_EVAL_DATA = "TRAIN.jsonl", "EVAL.jsonl"
 
 
 def _bench(ns: argparse.Namespace) -> None:
@@ -469,13 +514,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p_gen.add_argument("--output-field", default="prediction", help="the output's field in JSON-lines output")
     p_gen.add_argument("--batch-size", type=_count, default=16, help="inputs generated at a time")
-    p_gen.add_argument("--max-new-tokens", type=_count, default=64)
-    p_gen.add_argument("--max-source-length", type=_count, default=None, help="truncate inputs to this many tokens")
-    p_gen.add_argument("--num-beams", type=_count, default=1)
-    p_gen.add_argument("--length-penalty", type=float, default=1.0, help="beam scores: log-prob / length ** this")
-    p_gen.add_argument("--no-repeat-ngram-size", type=_count, default=0, help="never repeat an n-gram of this size")
-    p_gen.add_argument("--min-new-tokens", type=_count, default=0, help="no eos before this many tokens")
-    p_gen.add_argument("--repetition-penalty", type=float, default=1.0, help="CTRL's penalty (1.0: none)")
+    p_gen.add_argument("--source-prefix", default=None,
+                       help='put before every input (default: the one the model was trained with)')  # fmt: skip
+    p_gen.add_argument("--max-new-tokens", type=_count, default=None,
+                       help="default: generation_config.json's (its max_length - 1), else 64")  # fmt: skip
+    p_gen.add_argument("--max-source-length", type=_count, default=None,
+                       help="cut inputs to this many tokens (default: the model's training run's)")  # fmt: skip
+    p_gen.add_argument("--num-beams", type=_count, default=None, help="default: generation_config.json's, else 1")
+    p_gen.add_argument("--length-penalty", type=float, default=None,
+                       help="log-prob / length ** this (default: generation_config.json's, else 1)")  # fmt: skip
+    p_gen.add_argument("--no-repeat-ngram-size", type=_count, default=None,
+                       help="never repeat an n-gram this long (default: generation_config.json's, else 0)")  # fmt: skip
+    p_gen.add_argument("--min-new-tokens", type=_count, default=None,
+                       help="no eos before this many tokens (default: generation_config.json's, else 0)")  # fmt: skip
+    p_gen.add_argument("--repetition-penalty", type=float, default=None,
+                       help="CTRL's penalty (default: generation_config.json's, else 1.0: none)")  # fmt: skip
     p_gen.add_argument("--do-sample", action="store_true")
     p_gen.add_argument("--temperature", type=float, default=1.0)
     p_gen.add_argument("--top-k", type=_count, default=0)

@@ -19,13 +19,19 @@ each step keeps the 2K best continuations of the K running beams, the best K tha
 (eos, or the length limit) run on, and those that end among the first K enter the K finished
 hypotheses with the score `sum of log-probs / generated_length ** length_penalty`. The search
 stops when every finished slot is filled and no running beam can beat the worst of them
-(`early_stopping=False`, the length taken as the current one), when K hypotheses are finished
-(`early_stopping=True`), or at the length limit.
+(`early_stopping=False`, the length taken as the current one; `"never"` with a positive
+`length_penalty` takes the length limit, the best a running beam could reach), when K hypotheses
+are finished (`early_stopping=True`), or at the length limit.
+
+`settings_from_file` reads a model directory's `generation_config.json` as `transformers`' `generate`
+does (an encoder-decoder's `max_length` and `min_length` count the decoder start token).
 """
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
 import torch
 
@@ -171,7 +177,8 @@ def _beam_search(
         slot_filled = torch.cat([slot_filled, entered], dim=1).gather(1, best)
         cache.reorder((rows * K + source_beam).reshape(-1))
         # Can a running beam still beat the worst finished one (at the current length)?
-        best_running = running_scores[:, :1] / (cur_len**length_penalty)
+        hoped = max_new_tokens if early_stopping == "never" and length_penalty > 0 else cur_len
+        best_running = running_scores[:, :1] / (hoped**length_penalty)
         worst = torch.where(slot_filled, finished_scores.min(dim=1, keepdim=True).values, -1e9)
         open_batch = open_batch & (best_running > worst).any(-1, keepdim=True)
         if not open_batch.any() or (early_stopping is True and slot_filled.all()) or ends.all():
@@ -183,7 +190,7 @@ def _beam_search(
 def check_settings(config, *, max_new_tokens: int, num_beams: int = 1, do_sample: bool = False,
                    temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, length_penalty: float = 1.0,
                    repetition_penalty: float = 1.0, no_repeat_ngram_size: int = 0,
-                   min_new_tokens: int = 0) -> None:  # fmt: skip
+                   min_new_tokens: int = 0, early_stopping: bool | str = False) -> None:  # fmt: skip
     """Every setting of a generation by the model of `config`, before any work (`fastseq train` checks
     its evaluation's at start): a bad one is a ValueError naming it, its value and the fix."""
     positions = position_limit(config)
@@ -211,6 +218,46 @@ def check_settings(config, *, max_new_tokens: int, num_beams: int = 1, do_sample
         raise ValueError(f"no_repeat_ngram_size must be >= 0 (0: off); got {no_repeat_ngram_size}")
     if min_new_tokens < 0:
         raise ValueError(f"min_new_tokens must be >= 0; got {min_new_tokens}")
+    if early_stopping not in (True, False, "never"):
+        raise ValueError(f"early_stopping must be true, false or 'never' (as transformers); got {early_stopping!r}")
+
+
+# What a model directory trained by `fastseq train` records besides generation_config.json: the run's source
+# prefix and its max source and target lengths, which `fastseq generate` applies.
+PREDICTION_CONFIG = "prediction_config.json"
+
+
+def read_json_file(path: Path) -> dict:
+    """A JSON object file of a model directory (empty when absent); a damaged one is a ValueError naming it."""
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path} is not valid JSON ({err}); fix or remove the file") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} holds a {type(data).__name__}, not a JSON object; fix or remove the file")
+    return data
+
+
+# The generation_config.json fields that `settings_from_file` reads, and the `generate` setting each is.
+FILE_SETTINGS = {"num_beams": "num_beams", "max_new_tokens": "max_new_tokens", "min_new_tokens": "min_new_tokens",
+                 "length_penalty": "length_penalty", "no_repeat_ngram_size": "no_repeat_ngram_size",
+                 "repetition_penalty": "repetition_penalty", "early_stopping": "early_stopping"}  # fmt: skip
+
+
+def settings_from_file(generation_config: dict) -> dict:
+    """The `generate` settings a model directory's generation_config.json sets, with the meaning
+    `transformers`' `generate` gives them: `max_new_tokens` (else `max_length` - 1, as an
+    encoder-decoder's `max_length` counts the decoder start token), `min_new_tokens` (else
+    `min_length` - 1), `num_beams`, `length_penalty`, `no_repeat_ngram_size`, `repetition_penalty`
+    and `early_stopping`. A field left out, or null, is not set."""
+    settings = {name: generation_config[key] for key, name in FILE_SETTINGS.items()
+                if generation_config.get(key) is not None}  # fmt: skip
+    for length, new in (("max_length", "max_new_tokens"), ("min_length", "min_new_tokens")):
+        if new not in settings and isinstance(generation_config.get(length), int):
+            settings[new] = max(generation_config[length] - 1, 0)
+    return settings
 
 
 def position_limit(config) -> int | None:
@@ -228,7 +275,7 @@ def generate(
     max_new_tokens: int = 20,
     num_beams: int = 1,
     length_penalty: float = 1.0,
-    early_stopping: bool = False,
+    early_stopping: bool | str = False,
     do_sample: bool = False,
     temperature: float = 1.0,
     top_k: int = 0,
@@ -257,7 +304,7 @@ def generate(
     check_settings(config, max_new_tokens=max_new_tokens, num_beams=num_beams, do_sample=do_sample,
                    temperature=temperature, top_k=top_k, top_p=top_p, length_penalty=length_penalty,
                    repetition_penalty=repetition_penalty, no_repeat_ngram_size=no_repeat_ngram_size,
-                   min_new_tokens=min_new_tokens)  # fmt: skip
+                   min_new_tokens=min_new_tokens, early_stopping=early_stopping)  # fmt: skip
     rules = dict(
         eos=eos, forced_eos=_setting(forced_eos_token_id, config, "forced_eos_token_id"),
         max_new_tokens=max_new_tokens, repetition_penalty=float(repetition_penalty),

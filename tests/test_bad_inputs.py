@@ -23,7 +23,8 @@ from fastseq.tokenizers import ByT5Tokenizer
 from tests.conftest import refused
 
 ROOT = Path(__file__).resolve().parents[1]
-QUICK = ["--steps", "3", "--batch-size", "4", "--eval-examples", "4", "--quiet"]
+# The built-in task, asked for by name so that a --model given with QUICK trains on it (a later --data wins).
+QUICK = ["--steps", "3", "--batch-size", "4", "--eval-examples", "4", "--quiet", "--data", "synthetic"]
 
 
 def _model_dir(path: Path, d_model: int = 64) -> Path:
@@ -138,10 +139,20 @@ def _cases(tmp: Path) -> dict[str, tuple[list[str], tuple[str, ...]]]:
         "YAML list": (["--config", str(bad_yaml), *out], ("expected a mapping of options",)),
         "YAML word for a count": (["--config", str(typo_yaml), *out], ("option steps", "'many' is not a int")),
         "unknown model": (
-            ["--model", "t5-smol", *out],
+            ["--model", "t5-smol", "--data", "synthetic", *out],
             ("neither a directory nor a model in the Hugging Face cache", "--random-init"),
         ),  # fmt: skip
-        "config.json that is a list": (["--model", str(listed), *out], ("holds a JSON list", "re-save")),
+        "config.json that is a list": (
+            ["--model", str(listed), "--data", "synthetic", *out],
+            ("holds a JSON list", "re-save"),
+        ),  # fmt: skip
+        "a pretrained model without data": (
+            ["--model", "t5-small", *out],
+            (
+                "--model t5-small is fine-tuned on data, and none is given: pass --data FILE",
+                "or --data synthetic for the built-in task",
+            ),
+        ),  # fmt: skip
         "missing tokenizer": (["--tokenizer", str(tmp / "none"), *out], ("--tokenizer", "is not a directory")),
         "no CUDA": (["--device", "cuda", *out], ("--device cuda", "no CUDA device", "--device cpu")),
         "not a device": (["--device", "tpu0", *out], ("--device 'tpu0' is not a device",)),
@@ -163,7 +174,8 @@ CASE_NAMES = [
     "a split the directory lacks",
     "denoise without data", "lone surrogate", "not UTF-8", "not UTF-8 on line 65", "a file as output directory",
     "YAML list",
-    "YAML word for a count", "unknown model", "config.json that is a list", "missing tokenizer", "no CUDA",
+    "YAML word for a count", "unknown model", "config.json that is a list",
+    "a pretrained model without data", "missing tokenizer", "no CUDA",
     "not a device", "resume nothing", "resume a non-directory", "resume and overwrite", "missing DeepSpeed config",
     "DeepSpeed config that is a list",
 ]  # fmt: skip

@@ -375,8 +375,9 @@ def test_training_config_reads_the_tying_lazily_as_from_pretrained_does(tmp_path
     assert len(list(model.glob("model-*.safetensors"))) > 2
     ByT5Tokenizer().save_pretrained(model)
     out = tmp_path / "out"
-    argv = ["train", "--model", str(model), "--steps", "1", "--batch-size", "2", "--eval-examples", "0", "--quiet",
-            "--optimizer", "adamw", "--lr", "1e-3", "--output-dir", str(out)]  # fmt: skip
+    argv = ["train", "--model", str(model), "--data", "synthetic", "--steps", "1", "--batch-size", "2",
+            "--eval-examples", "0", "--optimizer", "adamw", "--lr", "1e-3", "--quiet",
+            "--output-dir", str(out)]  # fmt: skip
     assert main(argv) == 0, capfd.readouterr().err
     trained = load_file(out / "model.safetensors")
     assert {"encoder.embed_tokens.weight", "decoder.embed_tokens.weight", "shared.weight"} <= set(trained)

@@ -55,7 +55,7 @@ def _predictions(out: Path, step: int) -> list[dict]:
 
 def _train(capfd, tiny: Path | None, out: Path, *argv: str) -> tuple[int, str]:
     """`fastseq train` on the tiny model (None: the embedded default model, trained from scratch)."""
-    model = ["--model", str(tiny)] if tiny is not None else []
+    model = ["--model", str(tiny), "--data", "synthetic"] if tiny is not None else []  # argv's --data wins
     code = main(["train", *model, "--output-dir", str(out), "--batch-size", "4", "--quiet", "--max-source-length",
                  "48", "--max-target-length", "24", *argv])  # fmt: skip
     captured = capfd.readouterr()
@@ -92,7 +92,7 @@ def test_summarization_with_rouge_keeps_the_best_checkpoint(tmp_path, capfd, tin
     assert evals[6]["best_metric"] == evals[best_step]["rougeLsum"]
     assert {p.name for p in out.glob("checkpoint-*")} == {f"checkpoint-{best_step}", "checkpoint-6"}
     assert not list(out.glob(".*"))  # nothing half-removed left behind
-    summary = printed.splitlines()[0]
+    summary = printed.splitlines()[1]  # after the settings line
     assert f"best_checkpoint checkpoint-{best_step} (rougeLsum " in summary
     assert f"held-out rouge1 {evals[6]['rouge1']:.2f}, rouge2 " in summary
     assert f"rougeL {evals[6]['rougeL']:.2f}" in summary
@@ -170,7 +170,7 @@ def test_the_summary_line_shortens_long_texts(tmp_path, capfd, tiny, reference_b
     _, printed = _train(capfd, tiny, tmp_path / "out", "--data", str(data), "--eval-data", str(data), "--steps",
                         "1", "--eval-examples", "1", "--max-new-tokens", "3",
                         "--max-source-length", "600")  # fmt: skip
-    summary, shown = printed.splitlines()[:2]
+    summary, shown = printed.splitlines()[1:3]  # after the settings line
     assert "held-out exact match 0.0%, eval_loss " in summary or "held-out exact match 100.0%, eval_loss" in summary
     assert repr(long_source[:199] + "…") in shown and long_source not in shown
     assert shorten("x" * 200) == "x" * 200 and shorten("x" * 201) == "x" * 199 + "…"
@@ -367,3 +367,88 @@ def test_every_held_out_example_is_evaluated_unless_max_eval_samples_says(tmp_pa
     assert [r["step"] for r in _records(tmp_path / "few")][-1] == 6
     code = main(["train", "--output-dir", str(tmp_path / "bad"), *common, "--max-train-samples", "0"])
     assert code == 2 and "--max-train-samples must be at least 1" in capfd.readouterr().err
+
+
+def test_the_first_line_states_the_effective_settings(tmp_path, capfd, tiny, reference_backend):
+    """The run's first line: the steps --epochs gives, the optimizer and its rate, the schedule and its
+    warm-up (--warmup-ratio's, rounded up), the batch with accumulation, and the source and target lengths."""
+    data = _jsonl(tmp_path / "d.jsonl", [{"source": f"copy {w}", "target": w} for w in WORDS * 2])  # 16 examples
+    _, printed = _train(capfd, tiny, tmp_path / "out", "--data", str(data), "--epochs", "2", "--grad-accum", "2",
+                        "--schedule", "linear", "--warmup-ratio", "0.3", "--optimizer", "adamw", "--lr", "1e-3",
+                        "--max-eval-samples", "0")  # fmt: skip
+    assert printed.splitlines()[0] == (
+        "fastseq train: 4 steps; adamw, lr 0.001, linear schedule, warm-up 2 step(s); batch 4 examples x 2 "
+        "accumulated x 1 data-parallel = 8 examples a step; source 48 tokens, target 24")  # fmt: skip
+    _, printed = _train(capfd, None, tmp_path / "default", "--steps", "1", "--max-eval-samples", "0")
+    assert printed.splitlines()[0] == (
+        "fastseq train: 1 steps; adafactor, relative step size, constant schedule; batch 4 examples x 1 accumulated "
+        "x 1 data-parallel = 4 examples a step; source 48 tokens, target 24")  # fmt: skip
+
+
+def test_eval_strategy_epoch_evaluates_and_saves_at_each_epochs_end_and_resumes_exactly(
+    tmp_path, capfd, tiny, reference_backend
+):
+    """--eval-strategy epoch (HF's name): 8 examples in batches of 4 are 2 steps an epoch, so 3 epochs
+    evaluate and save at steps 2, 4 and 6; resumed from checkpoint-2, the run gives the same records."""
+    data = _jsonl(tmp_path / "d.jsonl", [{"source": f"copy {w}", "target": w} for w in WORDS])
+    out = tmp_path / "out"
+    argv = ["--data", str(data), "--eval-data", str(data), "--epochs", "3", "--eval-strategy", "epoch",
+            "--max-new-tokens", "2", "--optimizer", "adamw", "--lr", "1e-3"]  # fmt: skip
+    _train(capfd, tiny, out, *argv)
+    first = _records(out)
+    assert [r["step"] for r in first if "eval_loss" in r] == [2, 4, 6]
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4", "checkpoint-6"]
+    for step in (4, 6):
+        (out / f"checkpoint-{step}").rename(tmp_path / f"set-aside-{step}")
+    _train(capfd, tiny, out, *argv, "--resume")
+    again = _records(out)
+    strip = [{k: v for k, v in r.items() if k not in ("elapsed", "tokens_per_s")} for r in first]
+    assert [{k: v for k, v in r.items() if k not in ("elapsed", "tokens_per_s")} for r in again] == strip
+
+
+def test_early_stopping_patience_ends_the_run_at_the_step_hfs_callback_would(tmp_path, capfd, tiny, reference_backend):
+    """--early-stopping-patience 2 on eval_loss with --greater-is-better true (a falling loss is no
+    better): the run ends after two evaluations without a better score, with its final checkpoint and
+    model there, and says so in the summary."""
+    out = tmp_path / "out"
+    _, printed = _train(capfd, tiny, out, "--steps", "10", "--eval-every", "1", "--eval-examples", "2",
+                        "--max-new-tokens", "2", "--metric-for-best-model", "eval_loss", "--greater-is-better",
+                        "true", "--early-stopping-patience", "2", "--optimizer", "adamw", "--lr", "1e-2")  # fmt: skip
+    evals = [(r["step"], r["eval_loss"]) for r in _records(out) if "eval_loss" in r]
+    best, waited, expected = None, 0, None
+    for step, value in evals:
+        best, waited = (value, 0) if best is None or value > best else (best, waited + 1)
+        if waited == 2:
+            expected = step
+            break
+    assert expected is not None and expected < 10 and evals[-1][0] == expected, evals
+    assert (out / f"checkpoint-{expected}").is_dir() and (out / "model.safetensors").is_file()
+    assert f"stopped early at step {expected} (--early-stopping-patience 2: no better eval_loss)" in printed
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [(["--eval-strategy", "epoch"], "--eval-strategy epoch needs epochs: the synthetic task has none"),
+     (["--eval-strategy", "no", "--eval-every", "2"], "--eval-every counts steps for --eval-strategy steps"),
+     (["--early-stopping-patience", "2"], "--early-stopping-patience counts evaluations without a better"),
+     (["--metric-for-best-model", "loss", "--early-stopping-patience", "0"],
+      "--early-stopping-patience must be at least 1; got 0")],
+)  # fmt: skip
+def test_bad_eval_strategy_and_patience_are_one_line(argv, message, tmp_path, capfd):
+    refused(capfd, ["train", "--output-dir", str(tmp_path / "out"), *argv], message)
+
+
+def test_bf16_on_a_cpu_without_it_is_one_line(tmp_path, capfd, monkeypatch):
+    """--precision bf16 where oneDNN reports no bf16 (monkeypatched: this machine may have it): one line
+    naming the fix, before anything is written; a CPU with bf16 trains."""
+    import torch
+
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)
+    out = tmp_path / "out"
+    refused(capfd, ["train", "--precision", "bf16", "--device", "cpu", "--steps", "1", "--output-dir", str(out)],
+            "--precision bf16: this CPU (oneDNN reports no bf16 support) does not compute in bf16; use --precision "
+            "fp32 (what auto takes on a CPU)")  # fmt: skip
+    assert not out.exists() or not any(out.iterdir())
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True)
+    assert main(["train", "--precision", "bf16", "--device", "cpu", "--steps", "1", "--batch-size", "2",
+                 "--max-eval-samples", "0", "--quiet", "--output-dir", str(out)]) == 0  # fmt: skip

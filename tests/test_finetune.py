@@ -146,3 +146,62 @@ def test_translation_from_nested_fields_in_parquet_and_a_datasets_directory_then
     written = [json.loads(line) for line in (tmp_path / "pred.jsonl").read_text().splitlines()]
     assert [w["prediction"] for w in written] == predictions
     assert [{k: v for k, v in w.items() if k != "prediction"} for w in written] == pairs[:5]
+
+
+def test_generate_predicts_as_training_evaluated(tmp_path, capfd, caplog, reference_backend):
+    """A trained model directory records the run's source prefix and lengths and evaluation's decoding;
+    `fastseq generate` with no flags gives evaluation's predictions (prefix added, sources cut to the
+    run's max source length, one warning counting the cut ones), and so does `transformers` from the same
+    files; generation_config.json's settings apply, and a flag overrides them."""
+    from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+
+    from fastseq.tokenizers import load_tokenizer
+
+    model = _spiece_model_dir(tmp_path / "t5-tiny", vocab_size=144)
+    rows = [{"document": f"the {a} saw the {b} near the river", "summary": f"the {a} saw"}
+            for a, b in zip(ANIMALS, ANIMALS[2:] + ANIMALS[:2], strict=True)]  # fmt: skip
+    rows[3]["document"] = " ".join(f"the {a} saw the river" for a in ANIMALS)  # 154 tokens, the others 32 to 35
+    data = tmp_path / "test.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "out"
+    _run(capfd, "train", "--model", str(model), "--data", str(data), "--eval-data", str(data), "--source-field",
+         "document", "--target-field", "summary", "--source-prefix", "summarize: ", "--max-source-length", "40",
+         "--num-beams", "2", "--max-new-tokens", "5", "--steps", "2", "--batch-size", "4", "--lr", "1e-2", "--quiet",
+         "--output-dir", str(out))  # fmt: skip
+    assert json.loads((out / "prediction_config.json").read_text()) == {
+        "source_prefix": "summarize: ", "max_source_length": 40, "max_target_length": 128}  # fmt: skip
+    generation = json.loads((out / "generation_config.json").read_text())
+    assert (generation["num_beams"], generation["max_new_tokens"]) == (2, 5)
+    evaluated = [r["prediction"] for r in _predictions(out, 2)]
+    sources = [f"summarize: {r['document']}" for r in rows]
+    tokenizer = load_tokenizer(out)
+    assert (tokenizer(sources, padding=True)["attention_mask"].sum(1) > 40).tolist() == [i == 3 for i in range(10)]
+
+    def generate(*flags: str) -> list[str]:
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="fastseq.generate"):
+            _run(capfd, "generate", "--model", str(out), "--input-file", str(data), "--input-field", "document",
+                 "--output-file", str(tmp_path / "pred.jsonl"), "--quiet", *flags)  # fmt: skip
+        written = [json.loads(line) for line in (tmp_path / "pred.jsonl").read_text().splitlines()]
+        return [w["prediction"] for w in written]
+
+    assert generate() == evaluated
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert warnings == ["1 of 10 inputs are longer than 40 tokens (prediction_config.json's max_source_length) and "
+                        "were cut to it; pass --max-source-length N to change it"]  # fmt: skip
+    # transformers reads the same files: the tokenizer cuts to model_max_length, generate takes the config's decoding.
+    theirs = AutoTokenizer.from_pretrained(out)
+    batch = theirs(sources, padding=True, truncation=True, return_tensors="pt")
+    with torch.no_grad():
+        ids = AutoModelForSeq2SeqLM.from_pretrained(out).eval().generate(**batch)
+    assert theirs.batch_decode(ids, skip_special_tokens=True) == evaluated
+    # generation_config.json's settings apply; a flag overrides the file and the recorded prefix and length.
+    (out / "generation_config.json").write_text(json.dumps({**generation, "num_beams": 3, "max_new_tokens": 3}))
+    assert generate() == generate("--num-beams", "3", "--max-new-tokens", "3")
+    plain = generate("--source-prefix", "", "--max-source-length", "200", "--num-beams", "1")
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]  # nothing was cut
+    import fastseq
+
+    greedy = fastseq.from_pretrained(out).generate(**tokenizer([r["document"] for r in rows], padding=True),
+                                                   max_new_tokens=3)  # fmt: skip
+    assert plain == tokenizer.batch_decode(greedy[:, 1:], skip_special_tokens=True)

@@ -119,7 +119,8 @@ def test_greedy_with_triton_kernels_equals_reference(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("kind", KIND_NAMES)
-@pytest.mark.parametrize("beams,length_penalty,early_stopping", [(3, 1.0, False), (4, 2.0, True), (2, 0.5, False)])
+@pytest.mark.parametrize("beams,length_penalty,early_stopping",
+                         [(3, 1.0, False), (4, 2.0, True), (2, 0.5, False), (3, 1.5, "never")])  # fmt: skip
 def test_beam_search_matches_transformers(kind, beams, length_penalty, early_stopping, tmp_path, reference_backend):
     ref, ours = _pair(kind, tmp_path, sharpen=True)
     inputs = batch(kind)
@@ -136,6 +137,42 @@ def test_beam_search_matches_transformers(kind, beams, length_penalty, early_sto
 
 
 BEAM_OUTCOMES: list = []
+
+
+def test_generate_applies_generation_config_json_as_transformers_reads_it(tmp_path, capfd, reference_backend):
+    """`fastseq generate` with no flags gives the tokens `transformers`' `generate` gives from the same
+    generation_config.json (beams, length penalty, n-gram ban, early_stopping "never", and max_length
+    and min_length, which count the decoder start token); a flag overrides the file."""
+    import json
+
+    from fastseq.cli import main
+    from fastseq.tokenizers import ByT5Tokenizer
+
+    ref, _ = _pair("byt5_like", tmp_path, sharpen=True)
+    tokenizer = ByT5Tokenizer()
+    tokenizer.save_pretrained(tmp_path)
+    file = tmp_path / "generation_config.json"
+    settings = dict(num_beams=3, length_penalty=1.5, no_repeat_ngram_size=2, early_stopping="never", max_length=9,
+                    min_length=5)  # fmt: skip
+    file.write_text(json.dumps({**json.loads(file.read_text()), **settings}))
+    texts = ["the cat sat on the mat", "a dog", "zebras and giraffes at noon"]
+    enc = tokenizer(texts, padding=True)
+
+    def cli(*flags: str) -> list[str]:
+        assert main(["generate", "--model", str(tmp_path), *texts, "--quiet", *flags]) == 0
+        return capfd.readouterr().out.splitlines()[-len(texts) :]  # after anything an import printed
+
+    def lines(ids: torch.Tensor) -> list[str]:  # as the command prints them: one line each
+        return [" ".join(text.splitlines()) for text in tokenizer.batch_decode(ids[:, 1:], skip_special_tokens=True)]
+
+    theirs = type(ref).from_pretrained(tmp_path).eval()
+    transformers_ids = theirs.generate(**enc)  # the settings from the file only
+    assert transformers_ids.shape[1] <= 9
+    assert cli() == lines(transformers_ids)
+    plain = ref.generate(**enc, num_beams=1, max_new_tokens=8, no_repeat_ngram_size=0, min_length=0)
+    assert lines(transformers_ids) != lines(plain)  # the file's settings mattered
+    overridden = theirs.generate(**enc, num_beams=1, max_new_tokens=4)  # the file's n-gram ban and min_length stay
+    assert cli("--num-beams", "1", "--max-new-tokens", "4") == lines(overridden)
 
 
 def test_beam_cases_were_not_trivial():

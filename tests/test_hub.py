@@ -105,7 +105,7 @@ def test_train_and_generate_a_hub_id_from_the_cache_of_hf_home(hub, tmp_path):
     out = tmp_path / "out"
     # AdamW at a vanishing rate: the trained model is the model it started from, to 1e-6.
     quick = ["--steps", "2", "--batch-size", "4", "--eval-examples", "4", "--quiet", "--optimizer", "adamw",
-             "--lr", "1e-20"]  # fmt: skip
+             "--lr", "1e-20", "--data", "synthetic"]  # fmt: skip
     result = _fastseq(env, tmp_path, "train", "--model", REPO, *quick, "--output-dir", str(out))
     assert result.returncode == 0, result.stderr
     assert "random weights" not in result.stdout
@@ -135,8 +135,9 @@ def test_a_directory_wins_over_a_hub_id_of_the_same_name(hub, tmp_path, capfd):
     local = _model(tmp_path / REPO, seed=1)  # ./tiny-org/tiny-t5, other weights
     assert not _same_weights(local, source)
     out = tmp_path / "out"
-    code, _, err = _cli(capfd, "train", "--model", REPO, "--steps", "1", "--batch-size", "2", "--eval-examples", "2",
-                        "--quiet", "--optimizer", "adamw", "--lr", "1e-20", "--output-dir", str(out))  # fmt: skip
+    code, _, err = _cli(capfd, "train", "--model", REPO, "--data", "synthetic", "--steps", "1", "--batch-size", "2",
+                        "--eval-examples", "2", "--quiet", "--optimizer", "adamw", "--lr", "1e-20", "--output-dir",
+                        str(out))  # fmt: skip
     assert code == 0, err
     assert _same_weights(out, local, atol=1e-6)
 
@@ -170,7 +171,7 @@ def test_random_init_is_explicit_and_said(hub, tmp_path, capfd, caplog):
                              "--batch-size", "2", "--eval-examples", "2", "--quiet", "--optimizer", "adamw",
                              "--lr", "1e-20", "--output-dir", str(out))  # fmt: skip
     assert code == 0, err
-    assert "random weights" in stdout.splitlines()[0]
+    assert "random weights" in stdout.splitlines()[1]  # the summary, after the settings line
     assert "with random weights (--random-init)" in caplog.text
     assert not _same_weights(out, source, atol=1e-3)  # the directory's config, not its weights
     assert json.loads((out / "config.json").read_text())["d_model"] == 32
@@ -188,7 +189,7 @@ def test_a_tokenizer_given_as_a_hub_id_comes_from_the_cache(hub, tmp_path, capfd
     bare.mkdir()
     for name in ("config.json", "model.safetensors"):
         shutil.copy(source / name, bare / name)
-    common = ["--steps", "1", "--batch-size", "2", "--eval-examples", "2", "--quiet"]
+    common = ["--steps", "1", "--batch-size", "2", "--eval-examples", "2", "--quiet", "--data", "synthetic"]
     code, _, err = _cli(capfd, "train", "--model", str(bare), *common, "--output-dir", str(tmp_path / "o1"))
     assert code == 2, err  # the directory holds no tokenizer
     code, _, err = _cli(capfd, "train", "--model", str(bare), "--tokenizer", REPO, *common,

@@ -408,8 +408,9 @@ def test_a_trained_directory_loads_in_transformers_auto_classes(tmp_path, spiece
     _tiny("blenderbot-small" if family == "blenderbot-small" else "t5", len(tokenizer)).save_pretrained(start)
     tokenizer.save_pretrained(start)
     out = tmp_path / "out"
-    argv = ["train", "--model", str(start), "--steps", "2", "--batch-size", "4", "--eval-examples", "4", "--quiet",
-            "--optimizer", "adamw", "--lr", "1e-3", "--output-dir", str(out)]  # fmt: skip
+    argv = ["train", "--model", str(start), "--data", "synthetic", "--steps", "2", "--batch-size", "4",
+            "--eval-examples", "4", "--quiet", "--optimizer", "adamw", "--lr", "1e-3",
+            "--output-dir", str(out)]  # fmt: skip
     assert main(argv) == 0
     texts = ["kato rimu sen", "Fé ü, la!"]
     for directory in (out, out / "checkpoint-2"):

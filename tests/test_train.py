@@ -101,7 +101,7 @@ def test_tokenizer_and_model_vocabulary_mismatch(tmp_path, reference_backend):
 
     ByT5Tokenizer().save_pretrained(tmp_path / "model")  # 384 ids
     with pytest.raises(ValueError, match="384 ids but the model's vocabulary has 99"):
-        train(_args(tmp_path, model=str(tmp_path / "model")))
+        train(_args(tmp_path, model=str(tmp_path / "model"), data="synthetic"))
 
 
 def test_yaml_config_and_flags(tmp_path):

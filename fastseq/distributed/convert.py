@@ -25,7 +25,8 @@ from fastseq.files import atomic_write
 # What a model directory holds beside its weights and config.json, copied as they are so that the
 # converted directory generates and fine-tunes like its source.
 SIDE_FILES = ("spiece.model", "vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json",
-              "special_tokens_map.json", "added_tokens.json", "generation_config.json")  # fmt: skip
+              "special_tokens_map.json", "added_tokens.json", "generation_config.json",
+              "prediction_config.json")  # fmt: skip
 
 
 def _allowed_globals() -> list:
@@ -60,7 +61,8 @@ def safe_torch_load():
 
 
 def copy_side_files(source: Path, dest: Path) -> list[str]:
-    """Copy the tokenizer files and generation_config.json of `source` into `dest`; their names."""
+    """Copy the tokenizer files, generation_config.json and prediction_config.json of `source` into `dest`;
+    their names."""
     copied = []
     for name in SIDE_FILES:
         if (source / name).is_file():

@@ -16,6 +16,10 @@ from fastseq.optim import OPTIMIZERS, SCHEDULES
 TASKS = ("seq2seq", "denoise")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 REPORT_TO = ("none", "tensorboard")
+EVAL_STRATEGIES = ("steps", "epoch", "no")  # HF's --eval_strategy values
+# --data's name for the built-in task (reverse a random word), generated without end: what a run without
+# --model trains on by default, and a pretrained model only when asked for.
+SYNTHETIC = "synthetic"
 
 
 # The largest count a flag takes (steps, intervals, sizes): far past any run, and within the 64-bit
@@ -28,7 +32,7 @@ class TrainArgs:
     model: str | None = None  # model directory, hub id or (with random_init) preset; None: the embedded default
     random_init: bool = False  # train `model`'s config (a preset or a directory) from random weights
     tokenizer: str | None = None  # directory or hub id; default: the model's (ByT5 for the default)
-    data: str | None = None  # training file, pipe or `datasets` directory; None: the synthetic default task
+    data: str | None = None  # training file, pipe or `datasets` directory; "synthetic" (None, no --model): built-in
     eval_data: str | None = None  # held-out file, pipe or `datasets` directory
     dataset_name: str | None = None  # a dataset `datasets.load_dataset` resolves (hub id, cache, local directory)
     dataset_config_name: str | None = None  # its configuration
@@ -61,6 +65,8 @@ class TrainArgs:
     force_fp16: bool = False
     gradient_checkpointing: bool = False
     eval_every: int = 0
+    eval_strategy: str = "steps"  # HF's name: steps (--eval-every, --save-every), epoch (both at each epoch's end), no
+    early_stopping_patience: int | None = None  # stop after N evaluations without a better --metric-for-best-model
     max_eval_samples: int | None = None  # held-out examples evaluated (HF's --max_eval_samples); None: all
     max_train_samples: int | None = None  # train on the first N examples of the data (HF's name)
     save_every: int = 0
@@ -99,6 +105,11 @@ class TrainArgs:
     @property
     def pretrained(self) -> bool:
         return self.model is not None and not self.random_init and Path(self.model).is_dir()
+
+    @property
+    def synthetic(self) -> bool:
+        """Whether the run trains on the built-in task (`--data synthetic`, or no data option)."""
+        return self.data in (None, SYNTHETIC) and self.dataset_name is None
 
     @property
     def continues_in_output_dir(self) -> bool:
@@ -145,7 +156,7 @@ class TrainArgs:
         --dataset-name's --eval-split (a denoising corpus has none)."""
         if self.task == "denoise" or self.max_eval_samples == 0:
             return False
-        if self.data is None and self.dataset_name is None:
+        if self.synthetic:
             return True
         return self.eval_data is not None or (self.dataset_name is not None and self.eval_split is not None)
 
@@ -268,7 +279,19 @@ class TrainArgs:
     def _validate_evaluation(self) -> None:
         """Evaluation's metrics, decoding, best checkpoint and logging options."""
         check_available(self.metrics)
-        for name in ("num_beams", "max_new_tokens", "save_total_limit"):
+        if self.eval_strategy not in EVAL_STRATEGIES:
+            raise ValueError(f"--eval-strategy must be one of {', '.join(EVAL_STRATEGIES)}; got {self.eval_strategy!r}")
+        if self.eval_strategy != "steps" and (self.eval_every or self.save_every):
+            given = "--eval-every" if self.eval_every else "--save-every"
+            does = (
+                "evaluates and saves at each epoch's end" if self.eval_strategy == "epoch" else "evaluates at the end"
+            )
+            raise ValueError(f"{given} counts steps for --eval-strategy steps; --eval-strategy {self.eval_strategy} "
+                             f"{does}: pass one of them")  # fmt: skip
+        if self.eval_strategy == "epoch" and self.synthetic:
+            raise ValueError("--eval-strategy epoch needs epochs: the synthetic task has none; pass --data FILE (or "
+                             "--dataset-name), or --eval-strategy steps with --eval-every N")  # fmt: skip
+        for name in ("num_beams", "max_new_tokens", "save_total_limit", "early_stopping_patience"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"--{_flag(name)} must be at least 1; got {value}")
@@ -284,6 +307,9 @@ class TrainArgs:
                 ) from None
         key = self.best_model_key
         if key is None:
+            if self.early_stopping_patience is not None:
+                raise ValueError("--early-stopping-patience counts evaluations without a better "
+                                 "--metric-for-best-model: pass --metric-for-best-model (e.g. eval_loss)")  # fmt: skip
             return
         known = ("eval_loss", *metric_keys(self.metrics))
         if key not in known:
@@ -293,6 +319,9 @@ class TrainArgs:
             )
         if not self.evaluates:
             raise ValueError("--metric-for-best-model needs held-out examples: pass --eval-data FILE (seq2seq)")
+        if self.early_stopping_patience is not None and self.eval_strategy == "no":
+            raise ValueError("--early-stopping-patience needs evaluations during training: --eval-strategy steps "
+                             "with --eval-every N, or epoch")  # fmt: skip
         if self.save_every and not (self.eval_every and self.save_every % self.eval_every == 0):
             raise ValueError(
                 f"--metric-for-best-model compares the checkpoints of evaluated steps: --save-every {self.save_every} "
@@ -303,7 +332,7 @@ class TrainArgs:
         """The output directory may not be, hold or lie inside an input (a hub id's being its snapshot in
         the Hugging Face cache), nor lie in that cache: `--overwrite` would delete what the run is about
         to read, and the run's checkpoints would replace it."""
-        inputs = {"--model": self.model, "--tokenizer": self.tokenizer, "--data": self.data,
+        inputs = {"--model": self.model, "--tokenizer": self.tokenizer, "--data": None if self.synthetic else self.data,
                   "--eval-data": self.eval_data}  # fmt: skip
         if self.resume not in (None, "latest") and not self.continues_in_output_dir:
             inputs["--resume"] = self.resume  # a checkpoint of the run in --output-dir is what --resume continues
@@ -314,24 +343,27 @@ class TrainArgs:
         """The data options: where the examples come from, how many passes, how they are batched."""
         if self.epochs is not None and not (math.isfinite(self.epochs) and self.epochs > 0):
             raise ValueError(f"--epochs must be a finite number > 0; got {self.epochs}")
-        if self.task == "denoise" and self.data is None:
+        if self.task == "denoise" and self.synthetic:
             raise ValueError("--task denoise needs a text corpus: pass --data FILE.txt")
         if self.data is not None and self.dataset_name is not None:
             raise ValueError("--data and --dataset-name both name the training data; pass one")
         if self.dataset_name is not None and self.task == "denoise":
             raise ValueError("--task denoise reads a text file (--data FILE.txt), not --dataset-name")
-        if self.epochs is not None and self.data is None and self.dataset_name is None:
+        if self.model is not None and not self.random_init and self.data is None and self.dataset_name is None:
+            raise ValueError(f"--model {self.model} is fine-tuned on data, and none is given: pass --data FILE (or "
+                             f"--dataset-name NAME), or --data {SYNTHETIC} for the built-in task "
+                             "(reverse a word)")  # fmt: skip
+        if self.epochs is not None and self.synthetic:
             raise ValueError("--epochs counts passes over --data or --dataset-name; the synthetic task has no end: "
                              "pass --steps")  # fmt: skip
         for name in ("data", "eval_data"):
             path = getattr(self, name)
-            if path is not None and not Path(path).exists():
+            if path is not None and not (name == "data" and path == SYNTHETIC) and not Path(path).exists():
                 raise FileNotFoundError(
                     f"--{_flag(name)} {path} does not exist; pass the path of a data file, a pipe or a `datasets` "
                     "directory"
                 )
-        reads_data = self.data is not None or self.dataset_name is not None
-        if reads_data and self.max_tokens is None and self.buffer_size < self.batch_size:
+        if not self.synthetic and self.max_tokens is None and self.buffer_size < self.batch_size:
             raise ValueError(
                 f"--buffer-size {self.buffer_size} is smaller than --batch-size {self.batch_size}, so no batch could "
                 f"hold more than {self.buffer_size} examples; raise --buffer-size to at least {self.batch_size}"

@@ -141,7 +141,7 @@ def build_data(args: TrainArgs, tokenizer: Tokenizer, config, data_parallel: int
     limits = (args.max_source_length, args.max_target_length)
     collator = Seq2SeqCollator(tokenizer, max_source_length=args.max_source_length,
                                max_target_length=args.max_target_length)  # fmt: skip
-    if args.data is None and args.dataset_name is None:
+    if args.synthetic:
         if args.pack:
             source = DataSource("the synthetic task", lambda: _generated(args.seed), True, None, None)
             stream = FileStream(source, TokenLengths(tokenizer), limits=limits, **sizes)

@@ -254,6 +254,22 @@ def resolve_device(name: str | None) -> torch.device:
     return device
 
 
+def bf16_supported(device: torch.device) -> bool:
+    """Whether `device` computes in bf16: a CUDA GPU that says so (Ampere or newer), a CPU whose oneDNN
+    does (AVX512-BF16 or AMX, or AVX512BW, on which it converts)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return device.type != "cpu" or bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def check_precision(args: TrainArgs, device: torch.device) -> None:
+    """--precision bf16 on a device without bf16, before anything is built."""
+    if args.precision == "bf16" and not bf16_supported(device):
+        kind = "GPU (bf16 needs Ampere or newer)" if device.type == "cuda" else "CPU (oneDNN reports no bf16 support)"
+        raise ValueError(f"--precision bf16: this {kind} does not compute in bf16; use --precision fp32"
+                         f"{' (what auto takes on a CPU)' if device.type == 'cpu' else ''}")  # fmt: skip
+
+
 def autocast_dtype(args: TrainArgs, config, device: torch.device) -> torch.dtype | None:
     """None for fp32; bf16/fp16 autocast otherwise."""
     precision = args.precision

@@ -51,6 +51,7 @@ from .engine import (
     LocalEngine,
     NonFiniteError,
     check_model_memory,
+    check_precision,
     model_config,
     run_device,
     run_tokenizer,
@@ -77,6 +78,7 @@ from .state import (
     rng_states,
     run_identity,
     save_rng,
+    write_prediction_settings,
     write_state,
 )
 
@@ -137,6 +139,21 @@ def _format_score(key: str, value: float) -> str:
     return f"{key} {value:.4f}" if key.endswith("loss") else f"{key} {value:.2f}"
 
 
+def settings_line(args: TrainArgs, data_parallel: int) -> str:
+    """The run's first printed line: its length, optimizer, effective schedule, batch (with accumulation
+    and data-parallel ranks) and source and target lengths, as they are once the model and the data
+    have set their defaults (--epochs' steps, the model's --max-source-length)."""
+    lr = args.learning_rate()
+    rate = "relative step size" if lr is None else f"lr {lr:g}"
+    warmup = f", warm-up {args.warmup_steps} step(s)" if args.warmup_steps else ""
+    batch = f"up to {args.max_tokens} tokens" if args.max_tokens else f"{args.batch_size} examples"
+    per_step = f"{batch} x {args.grad_accum} accumulated x {data_parallel} data-parallel"
+    if not args.max_tokens:
+        per_step += f" = {args.batch_size * args.grad_accum * data_parallel} examples a step"
+    return (f"fastseq train: {args.steps} steps; {args.optimizer}, {rate}, {args.schedule} schedule{warmup}; batch "
+            f"{per_step}; source {args.max_source_length} tokens, target {args.max_target_length}")  # fmt: skip
+
+
 def make_engine(args: TrainArgs, config) -> Engine:
     if args.deepspeed:
         from fastseq.distributed import deepspeed_engine
@@ -168,6 +185,8 @@ class _Run:
         self.best: tuple[Path, float] | None = None  # the best checkpoint by --metric-for-best-model, its score
         self.branch: int | None = None  # the step resumed in the output directory, until the first checkpoint
         self.tokens = Tokens()
+        self.epochs_whole = 0  # whole epochs done before this step (--eval-strategy epoch)
+        self.stopped_early: int | None = None  # the step --early-stopping-patience ended the run at
 
     def resume(self) -> int:
         """Load the checkpoint `--resume` names, after checking that this run may continue it (its
@@ -229,6 +248,7 @@ class _Run:
             engine.barrier()
             if first:
                 self.tokenizer.save_pretrained(tmp)
+                write_prediction_settings(tmp, self.args)
                 write_state(tmp, {"step": step, "run": self.identity, "data": data_state, "engine": meta,
                                   "world_size": engine.world, "engine_kind": engine.kind,
                                   "optimizer": engine_record(self.args), "args": args_record(self.args)})  # fmt: skip
@@ -334,14 +354,17 @@ class _Run:
                 record["peak_gib"] = torch.cuda.max_memory_allocated(engine.device) / 2**30
         self.losses.append((done, mean_loss))
         self.pending = record
-        if self.evaluating and args.eval_every and done % args.eval_every == 0 and done != args.steps:
+        epoch_end = self.epoch_ended()
+        if self.evaluating and (epoch_end or args.eval_every and done % args.eval_every == 0) and done != args.steps:
             record.update(self.evaluate(done))
+            if self.patience_spent():
+                self.stopped_early = done
         self.phase = "log"
         self.metrics.write(record)
         self.pending = None
         if stop and done != args.steps:
             return record, True
-        if args.save_every and done % args.save_every == 0 and done != args.steps:
+        if (epoch_end or args.save_every and done % args.save_every == 0) and done != args.steps:
             self.checkpoint(done)
             self.prune()
         return record, False
@@ -349,15 +372,15 @@ class _Run:
     def finish(self) -> Path:
         """The final checkpoint, evaluation (after the checkpoint, so a failing evaluation loses no
         training) and model directory; returns the checkpoint."""
-        steps = self.args.steps
+        steps = self.stopped_early or self.args.steps
         path = self.out / f"checkpoint-{steps}"
         if self.last_checkpoint != path:  # written already when a resume of the last step finishes the run
             path = self.checkpoint(steps)
-        if self.evaluating:
-            self.final = self.evaluate(steps)
+        if self.evaluating:  # an early stop's step was evaluated: its scores are final
+            self.final = self.metrics.evaluated[steps] if self.stopped_early else self.evaluate(steps)
         self.prune()
         if self.evaluating:
-            record = {"step": steps, "lr": self.engine.learning_rate(), **self.final}
+            record = {"step": steps, "lr": self.engine.learning_rate(), **({} if self.stopped_early else self.final)}
             if self.best is not None:
                 record.update(best_checkpoint=self.best[0].name, best_metric=self.best[1])
             self.metrics.write(record)
@@ -366,6 +389,7 @@ class _Run:
         self.engine.save_model(self.out, path)
         if self.engine.rank == 0:
             self.tokenizer.save_pretrained(self.out)
+            write_prediction_settings(self.out, self.args)
             steps, losses = zip(*self.losses, strict=True)
             plot_losses(self.out / "loss.png", list(steps), list(losses), self.evals)
         return path
@@ -388,6 +412,9 @@ class _Run:
             line += f", checkpoint in {self.out} ({path.name})"
             if self.best is not None:
                 line += f", best_checkpoint {self.best[0].name} ({self.args.best_model_key} {self.best[1]:.4g})"
+            if self.stopped_early:
+                line += (f", stopped early at step {self.stopped_early} (--early-stopping-patience "
+                         f"{self.args.early_stopping_patience}: no better {self.args.best_model_key})")  # fmt: skip
             print(line)
             if interrupted:
                 print(f"fastseq train: stopped by {interrupted} after step {last_step}; continue with the same "
@@ -397,7 +424,8 @@ class _Run:
                 print(f"  {shorten(source)!r} -> {shorten(output)!r} (target {shorten(target)!r})")
         self.metrics.close()
         losses = [value for _, value in self.losses]
-        summary = {"loss": loss, "losses": losses, "seconds": elapsed, "interrupted": interrupted, **rates}
+        summary = {"loss": loss, "losses": losses, "seconds": elapsed, "interrupted": interrupted,
+                   "stopped_early": self.stopped_early, **rates}  # fmt: skip
         return {**summary, **self.final, **best}
 
     def evaluate(self, step: int) -> dict:
@@ -411,6 +439,34 @@ class _Run:
         if engine.rank == 0 and args.metrics:  # --metric none generates nothing
             write_predictions(self.out / f"eval_predictions-{step}.jsonl", self.data.held_out, self.outputs)
         return scores
+
+    def epoch_ended(self) -> bool:
+        """--eval-strategy epoch: whether the step just taken completed an epoch of the training data
+        (the data position says so, and a checkpoint restores it, so a resumed run evaluates and saves
+        at the same steps)."""
+        if self.args.eval_strategy != "epoch":
+            return False
+        whole = math.floor((self.data.epoch or 0.0) + 1e-9)
+        ended, self.epochs_whole = whole > self.epochs_whole, whole
+        return ended
+
+    def patience_spent(self) -> bool:
+        """--early-stopping-patience N: whether the last N evaluations gave no better
+        --metric-for-best-model than the best before them (HF's EarlyStoppingCallback), counted over
+        every evaluation of the run, those before a resumed checkpoint included."""
+        patience, key, greater = self.args.early_stopping_patience, self.args.best_model_key, self.args.best_is_greater
+        if patience is None:
+            return False
+        best, waited = None, 0
+        for step in sorted(self.metrics.evaluated):
+            value = self.metrics.evaluated[step].get(key)
+            if not isinstance(value, (int, float)):
+                continue
+            if best is None or (value > best if greater else value < best):
+                best, waited = value, 0
+            else:
+                waited += 1
+        return waited >= patience
 
     def prune(self) -> None:
         """After a checkpoint is published (first rank): find the best checkpoint by
@@ -431,6 +487,7 @@ def train(args: TrainArgs) -> dict:
     with Signals() as signals:
         config = model_config(args)
         check_model_memory(args, config)
+        check_precision(args, run_device(args))
         args.check_evaluation(config)
         args.check_lora(config)
         tokenizer = run_tokenizer(args, config)
@@ -447,9 +504,12 @@ def _train(args: TrainArgs, config, tokenizer: Tokenizer, engine: Engine, out: P
     engine.build(config)
     run = _Run(args, engine, tokenizer, data, identity, out)
     start = run.resume() if args.resume else 0
+    run.epochs_whole = math.floor((data.epoch or 0.0) + 1e-9)
     if start > args.steps:
         raise ValueError(f"the checkpoint is at step {start}, already past --steps {args.steps}; raise --steps")
     engine.on_first_rank(clear_output_dir, args, out)  # every check has passed: --overwrite removes the old run
+    if engine.rank == 0:
+        print(settings_line(args, engine.data_parallel), flush=True)
     run.metrics = MetricsLog(out, args, data, start, engine.rank == 0)
     if start == args.steps:  # the last step's checkpoint (a signal stopped the final evaluation): the run ends
         log.info("--resume: %s is the run's last step; writing its final evaluation and model", run.last_checkpoint)
@@ -465,6 +525,7 @@ def _train(args: TrainArgs, config, tokenizer: Tokenizer, engine: Engine, out: P
     signals.training = True
     shown = {}  # the progress bar's loss, and real tokens/s and real-token fraction of the last logged step
     try:
+        stopped_by = None
         for step in progress:
             record, stop = run.step(step + 1, signals)
             shown["loss"] = f"{record['loss']:.4f}"
@@ -475,10 +536,11 @@ def _train(args: TrainArgs, config, tokenizer: Tokenizer, engine: Engine, out: P
                 stopped_by = signals.received or signal.SIGTERM  # or another rank received it
                 path = run.checkpoint(step + 1)
                 break
-        else:
+            if run.stopped_early is not None:
+                break
+        if stopped_by is None:
             run.phase = "evaluate"
             path = run.finish()
-            stopped_by = None
             if signals.received is not None:
                 log.warning("%s arrived as the run was finishing; it finished", SIGNAL_NAMES[signals.received])
     except StopEvaluation:

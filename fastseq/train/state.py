@@ -22,7 +22,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from fastseq.files import LOCK_FILE, SAFE_INDEX, SAFE_WEIGHTS, SHARD_RE, DirectoryLock, fingerprint
+from fastseq.files import LOCK_FILE, SAFE_INDEX, SAFE_WEIGHTS, SHARD_RE, DirectoryLock, fingerprint, write_json
+from fastseq.generation import PREDICTION_CONFIG, read_json_file
 from fastseq.tokenizers import Tokenizer
 
 from .args import TrainArgs
@@ -32,7 +33,7 @@ FORMAT = 2
 # What a run writes at the top of its output directory (besides checkpoint-STEP/).
 _RUN_FILES = {"metrics.jsonl", "loss.png", "config.json", "generation_config.json", SAFE_WEIGHTS, SAFE_INDEX,
               "spiece.model", "vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json",
-              "added_tokens.json", "generated_predictions.txt", "runs", "adapter_config.json",
+              "added_tokens.json", "generated_predictions.txt", "runs", PREDICTION_CONFIG, "adapter_config.json",
               "adapter_model.safetensors"}  # fmt: skip
 log = logging.getLogger("fastseq.train")
 _CHECKPOINT = re.compile(r"\.?checkpoint-\d+(\.tmp|\.old|\.abandoned(-\d+)?)?")
@@ -98,6 +99,21 @@ def clear_output_dir(args: TrainArgs, out: Path) -> None:
         return
     for path in _run_files(out):
         shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+
+def write_prediction_settings(directory: Path, args: TrainArgs) -> None:
+    """What `fastseq generate` needs to predict as the run evaluated, in a model directory the run wrote
+    (after its model and tokenizer): the source prefix and the max source and target lengths in
+    `prediction_config.json`; evaluation's `num_beams` and `max_new_tokens` in generation_config.json,
+    where `transformers`' `generate` reads them; the max source length as tokenizer_config.json's
+    `model_max_length`, what a `transformers` tokenizer cuts to with `truncation=True`."""
+    write_json(directory / PREDICTION_CONFIG, {"source_prefix": args.source_prefix,
+               "max_source_length": args.max_source_length, "max_target_length": args.max_target_length})  # fmt: skip
+    updates = {"generation_config.json": {"num_beams": args.num_beams, "max_new_tokens": args.eval_max_new_tokens},
+               "tokenizer_config.json": {"model_max_length": args.max_source_length}}  # fmt: skip
+    for name, values in updates.items():
+        if (directory / name).is_file():
+            write_json(directory / name, {**read_json_file(directory / name), **values})
 
 
 # ---- the identity of a run ---------------------------------------------------------------------

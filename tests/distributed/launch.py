@@ -87,7 +87,8 @@ def one_process(output_dir: Path, steps: int, model=None, **options) -> list[flo
 
     from fastseq.train import TrainArgs, train
 
-    options = {"optimizer": "adamw", "lr": 1e-3, **options}  # AdamW unless the options say otherwise
+    # AdamW and the built-in task unless the options say otherwise
+    options = {"optimizer": "adamw", "lr": 1e-3, "data": "synthetic", **options}
     args = TrainArgs(model=None if model is None else str(model), steps=steps, batch_size=4, grad_accum=2,
                      quiet=True, max_eval_samples=0, output_dir=str(output_dir), device="cpu", **options)  # fmt: skip
     threads = torch.get_num_threads()

@@ -28,7 +28,8 @@ from tests.test_bad_inputs import without_file_override
 ZERO2 = str(ROOT / "configs/deepspeed/zero2.json")
 ZERO3 = str(ROOT / "configs/deepspeed/zero3.json")
 PIPELINE = str(ROOT / "configs/deepspeed/pipeline.json")
-COMMON = ["--batch-size", "4", "--optimizer", "adamw", "--lr", "1e-3", "--quiet", "--eval-examples", "0"]
+COMMON = ["--data", "synthetic", "--batch-size", "4", "--optimizer", "adamw", "--lr", "1e-3", "--quiet",
+          "--eval-examples", "0"]  # fmt: skip
 
 
 def _errors(proc, expected: str) -> list[str]:

@@ -22,7 +22,7 @@ import fastseq
 from tests.distributed.launch import ROOT, assert_losses_close, deepspeed, losses, one_process
 
 STEPS = 20
-COMMON = ["--batch-size", "4", "--optimizer", "adafactor", "--quiet", "--eval-examples", "0"]
+COMMON = ["--data", "synthetic", "--batch-size", "4", "--optimizer", "adafactor", "--quiet", "--eval-examples", "0"]
 MODES = {
     "relative step": (["--clip", "0"], dict(lr=None, clip=0.0)),
     "fixed rate": (["--lr", "1e-4", "--weight-decay", "0.01"], dict(lr=1e-4, weight_decay=0.01)),

@@ -17,8 +17,8 @@ from tests.conftest import KINDS, T5_BASE, assert_close, batch
 from tests.distributed.launch import ROOT, assert_losses_close, deepspeed, losses, one_process
 
 PIPELINE = str(ROOT / "configs/deepspeed/pipeline.json")
-COMMON = ["--batch-size", "4", "--grad-accum", "2", "--optimizer", "adamw", "--lr", "1e-3", "--quiet",
-          "--eval-examples", "0"]  # fmt: skip
+COMMON = ["--data", "synthetic", "--batch-size", "4", "--grad-accum", "2", "--optimizer", "adamw", "--lr", "1e-3",
+          "--quiet", "--eval-examples", "0"]  # fmt: skip
 
 
 def _directory(path, kind: str):

@@ -104,7 +104,26 @@ def test_t5_11b_on_8_x_80gb(capsys):
     # Everything fits on 8 x 80 GiB: the one with the least communication is chosen, and said why.
     assert recommended[0].startswith("recommended: ZeRO-1 (config ") and "least communication" in recommended[0]
     assert "zero1.json" in recommended[0]
-    assert lines[-1] == "deepspeed --num_gpus 8 --module fastseq.train --deepspeed zero1 --model t5-11b --batch-size 1"
+    # No data was given: the command names the data options as placeholders to fill.
+    assert lines[-1] == ("deepspeed --num_gpus 8 --module fastseq.train --deepspeed zero1 --model t5-11b --data "
+                         "TRAIN.jsonl --eval-data EVAL.jsonl --batch-size 1")  # fmt: skip
+
+
+def test_the_printed_command_carries_the_data_options_given(tmp_path, capsys):
+    """The data options given go into the command as given; with none, a model fine-tuned on no data
+    gets placeholders (`fastseq train` refuses it without data); --random-init and --data synthetic need none."""
+    data = tmp_path / "train.jsonl"
+    data.write_text('{"source": "a", "target": "b"}\n')
+    common = ["--model", "t5-11b", "--gpus", "8", "--gpu-mem", "80", "--cpu-mem", "1000"]
+    last = _plan_output(capsys, *common, "--data", str(data), "--source-field", "source").splitlines()[-1]
+    assert last.endswith(f"--model t5-11b --data {data} --source-field source --batch-size 1"), last
+    last = _plan_output(capsys, *common, "--eval-data", str(data)).splitlines()[-1]
+    assert last.endswith(f"--model t5-11b --data TRAIN.jsonl --eval-data {data} --batch-size 1"), last
+    last = _plan_output(capsys, *common, "--dataset-name", "org/news").splitlines()[-1]
+    assert last.endswith("--model t5-11b --dataset-name org/news --batch-size 1"), last
+    for given in (["--random-init"], ["--data", "synthetic"]):
+        last = _plan_output(capsys, *common, *given).splitlines()[-1]
+        assert "TRAIN.jsonl" not in last and last.endswith(" ".join(given) + " --batch-size 1"), last
 
 
 def test_more_than_one_node_prints_the_launches_without_ssh(capsys):
@@ -113,7 +132,10 @@ def test_more_than_one_node_prints_the_launches_without_ssh(capsys):
     out = _plan_output(capsys, "--model", "t5-11b", "--gpus", "16", "--gpus-per-node", "8", "--gpu-mem", "80",
                        "--cpu-mem", "1000", "--optimizer", "adafactor")  # fmt: skip
     lines = out.splitlines()
-    options = "--deepspeed zero1 --model t5-11b --batch-size 1 --optimizer adafactor"
+    options = (
+        "--deepspeed zero1 --model t5-11b --data TRAIN.jsonl --eval-data EVAL.jsonl --batch-size 1 --optimizer "
+        "adafactor"
+    )
     train = f"--module fastseq.train {options}"
     assert lines[-4] == f"deepspeed --hostfile HOSTFILE --num_nodes 2 --num_gpus 8 {train}"
     assert lines[-3].startswith("or, without ssh between the nodes (SLURM, Kubernetes), on each node R = 0 ... 1")
@@ -173,7 +195,8 @@ def test_host_memory_is_the_machines_unless_given_and_is_never_exceeded(capsys):
     out = _plan_output(capsys, "--model", "t5-11b", "--gpus", "4", "--gpu-mem", "24", "--cpu-mem", "1000")
     assert "recommended: ZeRO-3 + offload optimizer (config " in out
     assert out.splitlines()[-1].startswith("deepspeed --num_gpus 4 --module fastseq.train --deepspeed "
-                                           "zero3_offload_optimizer --model t5-11b --batch-size 1 --optimizer adamw "
+                                           "zero3_offload_optimizer --model t5-11b --data TRAIN.jsonl --eval-data "
+                                           "EVAL.jsonl --batch-size 1 --optimizer adamw "
                                            "--lr 0.0001")  # fmt: skip
     for cpu_mem in ("100", "280"):  # below both offloads' need, then between them: only LoRA fits
         out = _plan_output(capsys, "--model", "t5-11b", "--gpus", "4", "--gpu-mem", "24", "--cpu-mem", cpu_mem)
@@ -430,9 +453,9 @@ def test_the_printed_command_runs_with_two_cpu_ranks_and_converts(tmp_path, caps
     no checkpoint holds DeepSpeed's zero_to_fp32.py, and the converted checkpoint generates."""
     model = _model_dir(tmp_path / "model")
     out_dir = tmp_path / "run"
-    out = _plan_output(capsys, "--model", str(model), "--gpus", "2", "--gpu-mem", "1", "--cpu-mem", "8",
-                       "--steps", "2", "--save-every", "1", "--batch-size", "2", "--eval-examples", "0", "--quiet",
-                       "--output-dir", str(out_dir))  # fmt: skip
+    out = _plan_output(capsys, "--model", str(model), "--gpus", "2", "--gpu-mem", "1", "--cpu-mem", "8", "--data",
+                       "synthetic", "--steps", "2", "--save-every", "1", "--batch-size", "2", "--eval-examples", "0",
+                       "--quiet", "--output-dir", str(out_dir))  # fmt: skip
     command = shlex.split(out.splitlines()[-1])
     assert command[:6] == ["deepspeed", "--num_gpus", "2", "--module", "fastseq.train", "--deepspeed"]
     port = free_port()

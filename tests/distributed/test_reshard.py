@@ -13,7 +13,7 @@ import pytest
 from tests.distributed.launch import ROOT, assert_losses_close, deepspeed, losses
 from tests.distributed.test_bad_inputs import _errors
 
-COMMON = ["--batch-size", "4", "--quiet", "--eval-examples", "0", "--steps", "6"]
+COMMON = ["--data", "synthetic", "--batch-size", "4", "--quiet", "--eval-examples", "0", "--steps", "6"]
 ADAMW = ["--optimizer", "adamw", "--lr", "1e-3"]
 ADAFACTOR = ["--optimizer", "adafactor", "--lr", "1e-4", "--weight-decay", "0.01"]
 

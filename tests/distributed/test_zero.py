@@ -13,7 +13,8 @@ import fastseq
 from tests.conftest import assert_close, batch, hf_model
 from tests.distributed.launch import ROOT, assert_losses_close, deepspeed, free_port, losses, one_process
 
-COMMON = ["--batch-size", "4", "--optimizer", "adamw", "--lr", "1e-3", "--quiet", "--eval-examples", "0"]
+COMMON = ["--data", "synthetic", "--batch-size", "4", "--optimizer", "adamw", "--lr", "1e-3", "--quiet",
+          "--eval-examples", "0"]  # fmt: skip
 
 
 @pytest.mark.slow
