@@ -77,6 +77,24 @@ def test_adapters_on_a_native_model_equal_transformers_and_peft(kind, targets, t
         assert_close(grad, reference[name], what=name)
 
 
+def test_adapters_under_gradient_checkpointing_get_the_same_gradients(tmp_path, reference_backend):
+    """Checkpointed blocks (a frozen base: their inputs need no gradient) still give every adapter its
+    gradient: the loss and gradients equal the run without checkpointing."""
+    ours, _ = _native_with_adapters("t5_v11_untied", ("q", "v", "wi_0"), tmp_path)
+    ours.train()
+    data = batch("t5_v11_untied")
+    ours(**data).loss.backward()
+    expected = {k: v.clone() for k, v in _adapter_grads(ours).items()}
+    ours.zero_grad()
+    ours.gradient_checkpointing_enable(True)
+    ours(**data).loss.backward()
+    got = _adapter_grads(ours)
+    assert got.keys() == expected.keys()
+    for name, grad in got.items():
+        assert grad.abs().max() > 0, name
+        assert_close(grad, expected[name], what=name)
+
+
 def test_the_kernels_stay_on_under_adapters(tmp_path, triton_backend, monkeypatch):
     """Through the Triton interpreter: attention's kernel runs on adapted q/v projections, the FFN block
     without adapters stays fused, and the numbers are `transformers` + peft's."""
