@@ -58,6 +58,11 @@ def _convert(args: argparse.Namespace) -> None:
         raise ValueError(f"{source} holds LoRA adapters ({ADAPTER_CONFIG}); pass --merge-lora to write their base "
                          "model with them merged in")  # fmt: skip
     if args.merge_lora:
+        from .lora import read_adapter_config
+
+        base = args.base or read_adapter_config(source).get("base_model_name_or_path")
+        if base and Path(base).is_dir():  # the base is an input too: DST may not overwrite it
+            check_apart(destination, "DST", {"the base model": base}, _OWN_DIRECTORY)
         model = merged_model(source, base=args.base, dtype=dtype)
     else:
         model = from_pretrained(source, dtype=dtype)

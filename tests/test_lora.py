@@ -239,6 +239,8 @@ def test_a_lora_run_resumes_exactly(tmp_path, capfd, reference_backend):
 
 
 def test_lora_refusals(tmp_path, capfd, reference_backend):
+    from fastseq.files import fingerprint
+
     model = _spiece_model_dir(tmp_path / "flan-tiny", vocab_size=160)
     data = _data(tmp_path / "train.jsonl")
     base = ["train", "--data", str(data), "--steps", "1", "--output-dir", str(tmp_path / "o"), "--quiet"]
@@ -252,4 +254,11 @@ def test_lora_refusals(tmp_path, capfd, reference_backend):
     refused(capfd, [*base, "--lora-r", "4"], "random weights")  # the embedded default
     refused(capfd, ["convert", "--merge-lora", str(model), str(tmp_path / "m")], "--merge-lora", ADAPTER_CONFIG)
     refused(capfd, ["convert", str(model), str(tmp_path / "m"), "--base", str(model)], "--base", "--merge-lora")
+    adapters = tmp_path / "adapters"
+    wrapper = add_adapters(fastseq.from_pretrained(model), LoraSettings(4, 8.0, 0.0, ("q",)), str(model.resolve()))
+    save_adapters(wrapper, adapters)
+    before = fingerprint(model)
+    refused(capfd, ["convert", "--merge-lora", str(adapters), str(model)], "DST", "base model")
+    refused(capfd, ["convert", "--merge-lora", str(adapters), str(model / "sub")], "DST", "base model")
+    assert fingerprint(model) == before
     assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())
