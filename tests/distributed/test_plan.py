@@ -524,7 +524,9 @@ def test_lora_is_offered_when_full_fine_tuning_does_not_fit(capsys):
     out = _plan_output(capsys, "--model", "google/flan-t5-xxl", "--gpus", "1", "--gpu-mem", "48", "--cpu-mem", "256")
     lines = out.splitlines()
     assert "fits: nothing as asked" in lines
-    assert lines[-1] == "fastseq train --model google/flan-t5-xxl --batch-size 1 --lora-r 16"
+    assert lines[-1] == (
+        "fastseq train --model google/flan-t5-xxl --data TRAIN.jsonl --eval-data EVAL.jsonl --batch-size 1 --lora-r 16"
+    )
     assert any(line.startswith("recommended: one process (no DeepSpeed): nothing fits as asked; with --lora-r 16")
                for line in lines)  # fmt: skip
     lora = next(line for line in lines if line.startswith("LoRA r=16 on q,v: "))
