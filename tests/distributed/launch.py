@@ -7,6 +7,7 @@ import os
 import socket
 import subprocess
 import sys
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -79,10 +80,50 @@ def losses(output_dir: Path) -> list[float]:
     return [line["loss"] for line in lines if "loss" in line and "eval_loss" not in line]
 
 
-def one_process(output_dir: Path, steps: int, model=None, **options) -> list[float]:
+@contextmanager
+def zero3_grouping():
+    """Every module's positional inputs and its outputs pass through an identity autograd function,
+    as DeepSpeed's ZeRO-3 hooks pass them (`PostBackwardFunctionModule`, `PreBackwardFunctionForModule`,
+    through its own `apply_to_tensors_only`), so that autograd groups its gradient sums as under ZeRO-3.
+
+    Why: a tensor used inside a module and outside it (the residual stream, an RMS norm's input used
+    twice inside; the encoder's output, read by every cross-attention's k and v) gets its gradient
+    summed inside the module first under ZeRO-3, and in arrival order in one process. Those fp32 sums
+    differ in the last bit: one micro-batch's gradients of the default model differ in 46 of its 52
+    parameters, by up to 7e-7 relative, on one rank as on two. With these functions the gradients are
+    ZeRO-3's bit for bit (reduce-scatter over two ranks adds two values and halves exactly)."""
+    import torch
+    from deepspeed.runtime.zero.utils import apply_to_tensors_only
+    from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
+
+    class Identity(torch.autograd.Function):
+        @staticmethod
+        def forward(x):
+            return x.detach()
+
+        @staticmethod
+        def setup_context(ctx, inputs, output):
+            pass
+
+        @staticmethod
+        def backward(ctx, grad):
+            return grad
+
+    hooks = [
+        register_module_forward_pre_hook(lambda module, inputs: apply_to_tensors_only(Identity.apply, inputs)),
+        register_module_forward_hook(lambda module, inputs, output: apply_to_tensors_only(Identity.apply, output)),
+    ]
+    try:
+        yield
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
+def one_process(output_dir: Path, steps: int, model=None, zero3: bool = False, **options) -> list[float]:
     """The losses of `fastseq train` in this process with two micro-batches of 4 accumulated: what
     two data-parallel ranks with one micro-batch each (or a two-stage pipeline accumulating two)
-    must reproduce."""
+    must reproduce. `zero3`: autograd sums the gradients as under ZeRO-3 (`zero3_grouping`)."""
     import torch
 
     from fastseq.train import TrainArgs, train
@@ -93,7 +134,8 @@ def one_process(output_dir: Path, steps: int, model=None, **options) -> list[flo
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the ranks run (OMP_NUM_THREADS=1): the same matmul blocking, the same rounding
     try:
-        train(args)
+        with zero3_grouping() if zero3 else nullcontext():
+            train(args)
     finally:
         torch.set_num_threads(threads)
     return losses(output_dir)
