@@ -49,19 +49,42 @@ def deepspeed(*args: str, ranks: int = 2, module: str | None = "fastseq.train", 
     return proc
 
 
-def deepspeed_nodes(hostfile: Path, *args: str, nodes: int = 2, expect_fail: bool = False) -> list:
+def own_disks_prefix(path: Path, disk: Path) -> list[str]:
+    """A command prefix that runs the command in a mount namespace of its own where `path` is
+    `disk`: a node's own disk mounted at the output directory every node names, on this machine.
+    Unprivileged, through a user namespace (`unshare --user --map-root-user`)."""
+    user = [] if os.geteuid() == 0 else ["--user", "--map-root-user"]
+    return ["unshare", *user, "--mount", "--propagation", "private", "sh", "-c",
+            'mount --bind "$1" "$2" && shift 2 && exec "$@"', "sh", str(disk), str(path)]  # fmt: skip
+
+
+def own_disks_available() -> str | None:
+    """Why `own_disks_prefix` cannot run here (None when it can)."""
+    probe = Path(os.environ.get("TMPDIR", "/tmp"))
+    try:
+        proc = subprocess.run([*own_disks_prefix(probe, probe), "true"], capture_output=True, text=True, timeout=60)
+    except OSError as err:
+        return f"unshare: {err}"
+    return None if proc.returncode == 0 else f"no mount namespace here: {proc.stderr.strip()}"
+
+
+def deepspeed_nodes(hostfile: Path, *args: str, nodes: int = 2, expect_fail: bool = False,
+                    disks: tuple[Path, Path] | None = None) -> list:  # fmt: skip
     """`deepspeed --hostfile HOSTFILE --no_ssh --num_nodes NODES --node_rank R --master_addr 127.0.0.1
     --module fastseq.train ARGS...` for every R at once, one rank per node: the launchers a SLURM or
-    Kubernetes job starts, one per node, here all on this machine. Returns the finished processes."""
+    Kubernetes job starts, one per node, here all on this machine. `disks`: (the --output-dir ARGS
+    name, one directory per node): each node's launcher sees its own directory there, as a node sees
+    its own disk (`own_disks_prefix`). Returns the finished processes."""
     port = free_port()
     hostfile.write_text("".join(f"node{n} slots=1\n" for n in range(nodes)))
-    launchers = [
-        subprocess.Popen([sys.executable, "-m", "deepspeed.launcher.runner", "--hostfile", str(hostfile), "--no_ssh",
-                          "--num_nodes", str(nodes), "--num_gpus", "1", "--node_rank", str(node), "--master_addr",
-                          "127.0.0.1", "--master_port", str(port), "--module", "fastseq.train", *args],
-                         cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        for node in range(nodes)
-    ]  # fmt: skip
+    launchers = []
+    for node in range(nodes):
+        prefix = own_disks_prefix(disks[0], disks[1][node]) if disks else []
+        cmd = [*prefix, sys.executable, "-m", "deepspeed.launcher.runner", "--hostfile", str(hostfile), "--no_ssh",
+               "--num_nodes", str(nodes), "--num_gpus", "1", "--node_rank", str(node), "--master_addr", "127.0.0.1",
+               "--master_port", str(port), "--module", "fastseq.train", *args]  # fmt: skip
+        launchers.append(subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                          text=True))  # fmt: skip
     procs = []
     for launcher in launchers:
         stdout, stderr = launcher.communicate(timeout=900)
