@@ -114,18 +114,19 @@ def test_zero3_adafactor_resumes_bit_for_bit_and_saves_the_planned_state(tmp_pat
 
 
 @pytest.mark.slow
-def test_two_pipeline_stages_with_adafactor_are_one_process_adafactor(tmp_path):
+@pytest.mark.parametrize("mode", list(MODES))
+def test_two_pipeline_stages_with_adafactor_are_one_process_adafactor(tmp_path, mode):
     """Pipeline stages under ZeRO-1 hand Adafactor each stage's flat partition: it steps the stage's
-    matrices as one process does (the stages compute the gradients of a tied embedding in another
-    order, hence the fixed rate, whose runs do not amplify that)."""
+    matrices as one process does, with the relative step (no gradient-norm clipping, as above) and
+    with a fixed rate (--clip 1)."""
     from tests.distributed.test_pipeline import _directory
 
     source = _directory(tmp_path / "model", "t5_tied")
-    flags, options = MODES["fixed rate"]
+    flags, options = MODES[mode]
     one = tmp_path / "one"
     expected = one_process(one, STEPS, model=source, optimizer="adafactor", **options)
     run = tmp_path / "pipeline"
     deepspeed("--deepspeed", _config("pipeline"), "--model", str(source),
               "--steps", str(STEPS), "--grad-accum", "2", "--output-dir", str(run), *COMMON, *flags)  # fmt: skip
     worst = max(assert_losses_close(losses(run), expected, rel=1e-6), _assert_same_parameters(run, one))
-    print(f"fixed rate, two pipeline stages: {STEPS} steps, largest relative difference {worst:.1e}")
+    print(f"{mode}, two pipeline stages: {STEPS} steps, largest relative difference {worst:.1e}")
