@@ -21,15 +21,15 @@ import torch
 from fastseq.optim import Adafactor, Layout, Piece
 
 
-def _pieces(numels: list[int], offsets: list[int], low: int, high: int) -> list[Piece]:
+def pieces(numels: list[int], offsets: list[int], low: int, high: int) -> list[Piece]:
     """The pieces of parameters laid at `offsets` (numels long) of a flat buffer that fall inside the
     partition [low, high) of it."""
-    pieces = []
+    found = []
     for index, (numel, offset) in enumerate(zip(numels, offsets, strict=True)):
         start, end = max(low, offset), min(high, offset + numel)
         if start < end:
-            pieces.append(Piece(index, start - offset, start - low, end - start))
-    return pieces
+            found.append(Piece(index, start - offset, start - low, end - start))
+    return found
 
 
 def _laid_end_to_end(names: list[str], shapes: list[tuple[int, ...]], offsets: list[int],
@@ -38,11 +38,11 @@ def _laid_end_to_end(names: list[str], shapes: list[tuple[int, ...]], offsets: l
     buffer cut into `partitions` over the ranks of `group`."""
     rank = torch.distributed.get_rank(group=group)
     low = sum(t.numel() for t in partitions[:rank])
-    pieces = _pieces([math.prod(s) for s in shapes], offsets, low, low + partitions[rank].numel())
-    return Layout(names, shapes, pieces, group)
+    held = pieces([math.prod(s) for s in shapes], offsets, low, low + partitions[rank].numel())
+    return Layout(names, shapes, held, group)
 
 
-def _end_to_end(numels: list[int]) -> list[int]:
+def end_to_end(numels: list[int]) -> list[int]:
     offsets, total = [], 0
     for numel in numels:
         offsets.append(total)
@@ -64,17 +64,17 @@ def layouts(optimizer, names: dict[torch.Tensor, str]) -> dict[torch.Tensor, Lay
         for sub_group, params in enumerate(optimizer.fp16_groups):
             group = optimizer.sub_group_process_groups[sub_group] or world
             rank = torch.distributed.get_rank(group=group)
-            pieces, offset = [], 0
+            held, offset = [], 0
             for index, param in enumerate(params):
                 size = param.partition_numel()
                 start = rank * size
                 length = max(0, min(size, param.ds_numel - start))
                 if length:
-                    pieces.append(Piece(index, start, offset, length))
+                    held.append(Piece(index, start, offset, length))
                 offset += size
             shapes = [tuple(p.ds_shape) for p in params]
             found[optimizer.fp32_partitioned_groups_flat[sub_group]] = Layout(
-                [names[p] for p in params], shapes, pieces, group
+                [names[p] for p in params], shapes, held, group
             )
     elif isinstance(optimizer, DeepSpeedZeroOptimizer):
         for i, params in enumerate(optimizer.round_robin_bit16_groups):
@@ -87,7 +87,7 @@ def layouts(optimizer, names: dict[torch.Tensor, str]) -> dict[torch.Tensor, Lay
         for i, params in enumerate(optimizer.bf16_groups):
             shapes = [tuple(p.shape) for p in params]
             found[optimizer.fp32_groups_flat_partition[i]] = _laid_end_to_end(
-                [names[p] for p in params], shapes, _end_to_end([p.numel() for p in params]),
+                [names[p] for p in params], shapes, end_to_end([p.numel() for p in params]),
                 optimizer.bf16_partitioned_groups[i], optimizer.real_dp_process_group[i] or world
             )  # fmt: skip
     return found

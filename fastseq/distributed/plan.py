@@ -13,7 +13,8 @@ Adafactor keeps each matrix's second moment factored (rows + columns, fp32), a v
 and T5's Adafactor no first moment. Under ZeRO it steps the matrices its flat partitions are pieces
 of (`fastseq.distributed.partitions`) and keeps the factored moment of each matrix it holds a piece
 of whole: under ZeRO-3 every rank holds a piece of every matrix, so each keeps all of them (megabytes)
-and 1/N of the vectors'; under ZeRO-1/2 about 1/N of both, plus the matrices split at its ends.
+and 1/N of the vectors'; under ZeRO-1/2 the matrices its partition of the parameters laid end to end
+reaches and its elements of the vectors, the largest rank's figure (`end_to_end_state`).
 
 In fp32 the parameters and gradients are 4 B and there is no master copy.
 - one process (one GPU, no DeepSpeed): fp32 parameters and gradients, autocast's 16-bit copy of
@@ -44,6 +45,7 @@ tests/distributed/test_plan.py checks these figures against the memory a one-pro
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -53,6 +55,7 @@ from fastseq.memory import GIB, check_parameter_memory, meta_model, parameter_co
 from fastseq.optim import factored, factored_numel
 
 from . import config as ds_config
+from .partitions import end_to_end, pieces
 
 _BUFFER = 1.5  # DeepSpeed's additional_buffer_factor for CPU memory
 HEADROOM = 0.9  # a strategy fits when it needs at most 90% of a GPU's and of a node's memory
@@ -100,7 +103,7 @@ class Sizes:
     largest: int  # the largest single module's own parameters
     factored_state: int  # bytes of Adafactor's factored second moments of the matrices (rows + columns, fp32)
     vector_state: int  # bytes of Adafactor's second moments of the vectors (one per element, fp32)
-    largest_factored: int  # bytes of the largest matrix's factored second moment
+    shapes: tuple[tuple[int, ...], ...]  # every unique parameter's shape, in the order the optimizer gets them
     stages: dict[int, int]  # pipeline stages (2, 4, 8 ...) -> the largest stage's parameters
     linears: list[tuple[str, int, int]] = field(default_factory=list)  # each nn.Linear: (its name, in, out)
 
@@ -151,10 +154,10 @@ def model_sizes(config) -> Sizes:
     largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
     matrices = [4 * factored_numel(tuple(p.shape)) for p in unique if factored(tuple(p.shape))]
     vectors = sum(4 * p.numel() for p in unique if not factored(tuple(p.shape)))
+    shapes = tuple(tuple(p.shape) for p in unique)
     linears = [(name.rsplit(".", 1)[-1], m.in_features, m.out_features) for name, m in model.named_modules()
                if type(m) is torch.nn.Linear]  # fmt: skip
-    return Sizes(config, total, largest, sum(matrices), vectors, max(matrices, default=0), _stage_sizes(config),
-                 linears)  # fmt: skip
+    return Sizes(config, total, largest, sum(matrices), vectors, shapes, _stage_sizes(config), linears)
 
 
 def _stage_sizes(config) -> dict[int, int]:
@@ -207,17 +210,32 @@ def activation_bytes(config, setup: Setup) -> float:
     return size * (ends + kept + layer) + 4 * config.vocab_size * d
 
 
+def end_to_end_state(shapes: tuple[tuple[int, ...], ...], ranks: int) -> list[int]:
+    """Adafactor's state bytes (fp32) on each of `ranks` ranks under ZeRO-1/2, for one parameter group
+    of `shapes`: DeepSpeed lays the parameters end to end in one flat buffer (no per-parameter
+    padding: its default `parameter_alignment` false), pads it to a multiple of 2 x ranks elements and
+    cuts it into equal partitions. A rank keeps the whole factored moment of each matrix its
+    partition reaches, and one value per element it holds of the vectors."""
+    numels = [math.prod(shape) for shape in shapes]
+    align = 2 * ranks
+    size = -(-sum(numels) // align) * align // ranks
+    state = []
+    for rank in range(ranks):
+        held = pieces(numels, end_to_end(numels), rank * size, (rank + 1) * size)
+        state.append(sum(4 * (factored_numel(shapes[p.index]) if factored(shapes[p.index]) else p.length)
+                         for p in held))  # fmt: skip
+    return state
+
+
 def optimizer_bytes(setup: Setup, sizes: Sizes, ranks: int = 1, every_matrix: bool = False) -> float:
     """The optimizer's own state per GPU when `ranks` partition it (see the module's docstring):
     AdamW's two moments, or Adafactor's second moments, with every matrix's factored moment on each
-    rank under ZeRO-3 (`every_matrix`), and under ZeRO-1/2 those of the matrices a rank's partition
-    reaches (its share, and the matrix split at each end)."""
+    rank under ZeRO-3 (`every_matrix`), and under ZeRO-1/2 the largest rank's (`end_to_end_state`)."""
     if setup.optimizer == "adamw":
         return 8 * sizes.params / ranks
     if every_matrix:
         return sizes.factored_state + sizes.vector_state / ranks
-    split = 2 * sizes.largest_factored if ranks > 1 else 0
-    return (sizes.factored_state + sizes.vector_state) / ranks + split
+    return max(end_to_end_state(sizes.shapes, ranks))
 
 
 def plan(sizes: Sizes, cluster: Cluster, setup: Setup) -> list[Row]:

@@ -7,6 +7,7 @@ import os
 import socket
 import subprocess
 import sys
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -48,19 +49,42 @@ def deepspeed(*args: str, ranks: int = 2, module: str | None = "fastseq.train", 
     return proc
 
 
-def deepspeed_nodes(hostfile: Path, *args: str, nodes: int = 2, expect_fail: bool = False) -> list:
+def own_disks_prefix(path: Path, disk: Path) -> list[str]:
+    """A command prefix that runs the command in a mount namespace of its own where `path` is
+    `disk`: a node's own disk mounted at the output directory every node names, on this machine.
+    Unprivileged, through a user namespace (`unshare --user --map-root-user`)."""
+    user = [] if os.geteuid() == 0 else ["--user", "--map-root-user"]
+    return ["unshare", *user, "--mount", "--propagation", "private", "sh", "-c",
+            'mount --bind "$1" "$2" && shift 2 && exec "$@"', "sh", str(disk), str(path)]  # fmt: skip
+
+
+def own_disks_available() -> str | None:
+    """Why `own_disks_prefix` cannot run here (None when it can)."""
+    probe = Path(os.environ.get("TMPDIR", "/tmp"))
+    try:
+        proc = subprocess.run([*own_disks_prefix(probe, probe), "true"], capture_output=True, text=True, timeout=60)
+    except OSError as err:
+        return f"unshare: {err}"
+    return None if proc.returncode == 0 else f"no mount namespace here: {proc.stderr.strip()}"
+
+
+def deepspeed_nodes(hostfile: Path, *args: str, nodes: int = 2, expect_fail: bool = False,
+                    disks: tuple[Path, Path] | None = None) -> list:  # fmt: skip
     """`deepspeed --hostfile HOSTFILE --no_ssh --num_nodes NODES --node_rank R --master_addr 127.0.0.1
     --module fastseq.train ARGS...` for every R at once, one rank per node: the launchers a SLURM or
-    Kubernetes job starts, one per node, here all on this machine. Returns the finished processes."""
+    Kubernetes job starts, one per node, here all on this machine. `disks`: (the --output-dir ARGS
+    name, one directory per node): each node's launcher sees its own directory there, as a node sees
+    its own disk (`own_disks_prefix`). Returns the finished processes."""
     port = free_port()
     hostfile.write_text("".join(f"node{n} slots=1\n" for n in range(nodes)))
-    launchers = [
-        subprocess.Popen([sys.executable, "-m", "deepspeed.launcher.runner", "--hostfile", str(hostfile), "--no_ssh",
-                          "--num_nodes", str(nodes), "--num_gpus", "1", "--node_rank", str(node), "--master_addr",
-                          "127.0.0.1", "--master_port", str(port), "--module", "fastseq.train", *args],
-                         cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        for node in range(nodes)
-    ]  # fmt: skip
+    launchers = []
+    for node in range(nodes):
+        prefix = own_disks_prefix(disks[0], disks[1][node]) if disks else []
+        cmd = [*prefix, sys.executable, "-m", "deepspeed.launcher.runner", "--hostfile", str(hostfile), "--no_ssh",
+               "--num_nodes", str(nodes), "--num_gpus", "1", "--node_rank", str(node), "--master_addr", "127.0.0.1",
+               "--master_port", str(port), "--module", "fastseq.train", *args]  # fmt: skip
+        launchers.append(subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                          text=True))  # fmt: skip
     procs = []
     for launcher in launchers:
         stdout, stderr = launcher.communicate(timeout=900)
@@ -79,10 +103,50 @@ def losses(output_dir: Path) -> list[float]:
     return [line["loss"] for line in lines if "loss" in line and "eval_loss" not in line]
 
 
-def one_process(output_dir: Path, steps: int, model=None, **options) -> list[float]:
+@contextmanager
+def zero3_grouping():
+    """Every module's positional inputs and its outputs pass through an identity autograd function,
+    as DeepSpeed's ZeRO-3 hooks pass them (`PostBackwardFunctionModule`, `PreBackwardFunctionForModule`,
+    through its own `apply_to_tensors_only`), so that autograd groups its gradient sums as under ZeRO-3.
+
+    Why: a tensor used inside a module and outside it (the residual stream, an RMS norm's input used
+    twice inside; the encoder's output, read by every cross-attention's k and v) gets its gradient
+    summed inside the module first under ZeRO-3, and in arrival order in one process. Those fp32 sums
+    differ in the last bit: one micro-batch's gradients of the default model differ in 46 of its 52
+    parameters, by up to 7e-7 relative, on one rank as on two. With these functions the gradients are
+    ZeRO-3's bit for bit (reduce-scatter over two ranks adds two values and halves exactly)."""
+    import torch
+    from deepspeed.runtime.zero.utils import apply_to_tensors_only
+    from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
+
+    class Identity(torch.autograd.Function):
+        @staticmethod
+        def forward(x):
+            return x.detach()
+
+        @staticmethod
+        def setup_context(ctx, inputs, output):
+            pass
+
+        @staticmethod
+        def backward(ctx, grad):
+            return grad
+
+    hooks = [
+        register_module_forward_pre_hook(lambda module, inputs: apply_to_tensors_only(Identity.apply, inputs)),
+        register_module_forward_hook(lambda module, inputs, output: apply_to_tensors_only(Identity.apply, output)),
+    ]
+    try:
+        yield
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
+def one_process(output_dir: Path, steps: int, model=None, zero3: bool = False, **options) -> list[float]:
     """The losses of `fastseq train` in this process with two micro-batches of 4 accumulated: what
     two data-parallel ranks with one micro-batch each (or a two-stage pipeline accumulating two)
-    must reproduce."""
+    must reproduce. `zero3`: autograd sums the gradients as under ZeRO-3 (`zero3_grouping`)."""
     import torch
 
     from fastseq.train import TrainArgs, train
@@ -94,7 +158,8 @@ def one_process(output_dir: Path, steps: int, model=None, **options) -> list[flo
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the ranks run (OMP_NUM_THREADS=1): the same matmul blocking, the same rounding
     try:
-        train(args)
+        with zero3_grouping() if zero3 else nullcontext():
+            train(args)
     finally:
         torch.set_num_threads(threads)
     return losses(output_dir)

@@ -22,7 +22,7 @@ from torch.utils._pytree import tree_flatten
 
 from fastseq import presets
 from fastseq.cli import main
-from fastseq.distributed.plan import Cluster, Setup, model_sizes, plan
+from fastseq.distributed.plan import Cluster, Setup, end_to_end_state, model_sizes, plan
 from fastseq.memory import GIB, host_memory_gib
 from tests.distributed.launch import free_port, shared_memory_left
 
@@ -70,7 +70,7 @@ def test_adafactor_under_zero_keeps_its_factored_moments():
     """Adafactor steps the matrices ZeRO's flat partitions are pieces of, so its state stays factored:
     for t5-11b on 8 GPUs, megabytes per GPU where a flat second moment took 4 B per parameter / 8
     (5.3 GiB): under ZeRO-3 every matrix's rows and columns and 1/8 of the vectors' moments, under
-    ZeRO-1/2 about 1/8 of both. The master weights (bf16) are AdamW's too."""
+    ZeRO-1/2 the largest rank's share of both (about 1/8). The master weights (bf16) are AdamW's too."""
     adam, adafactor = _rows("t5-11b", 8, 8), _rows("t5-11b", 8, 8, Setup(optimizer="adafactor"))
     sizes = model_sizes(presets.config("t5-11b"))
     P = sizes.params
@@ -79,8 +79,8 @@ def test_adafactor_under_zero_keeps_its_factored_moments():
     assert zero3 == sizes.factored_state + sizes.vector_state / 8
     for name in ("ZeRO-1", "ZeRO-2"):
         state = adafactor[name].optimizer - 4 * P / 8
-        assert state == (sizes.factored_state + sizes.vector_state) / 8 + 2 * sizes.largest_factored
-        assert state < 8 * 2**20
+        assert state == max(end_to_end_state(sizes.shapes, 8))
+        assert (sizes.factored_state + sizes.vector_state) / 8 <= state < 8 * 2**20
     for name in ("ZeRO-1", "ZeRO-2", "ZeRO-3"):
         assert adam[name].optimizer - adafactor[name].optimizer > 8 * P / 8 - 50 * 2**20
     for name in ("ZeRO-2 + offload optimizer", "ZeRO-3 + offload params+optimizer"):  # the config's CPU AdamW
@@ -90,6 +90,16 @@ def test_adafactor_under_zero_keeps_its_factored_moments():
 def _plan_output(capsys, *argv: str) -> str:
     assert main(["plan", *argv]) == 0
     return capsys.readouterr().out
+
+
+def test_zero_1_2_adafactor_state_follows_the_partitions_of_the_parameters_laid_end_to_end():
+    """A 4 x 6 matrix, a vector of 10 and a 3 x 5 matrix: 49 elements padded to 52, partitions of 26.
+    Rank 0 holds the first matrix (rows + columns: 10 values) and 2 of the vector's elements; rank 1
+    the vector's other 8 and the second matrix (8 values). One rank keeps everything."""
+    shapes = ((4, 6), (10,), (3, 5))
+    assert end_to_end_state(shapes, 2) == [4 * (10 + 2), 4 * (8 + 8)]
+    assert end_to_end_state(shapes, 1) == [4 * (10 + 10 + 8)]
+    assert end_to_end_state(shapes, 4) == [4 * 10, 4 * (10 + 4), 4 * (6 + 8), 4 * 8]  # 56 elements, 14 each
 
 
 def test_t5_11b_on_8_x_80gb(capsys):
