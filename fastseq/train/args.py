@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import typing
 from dataclasses import dataclass
 from pathlib import Path
@@ -252,7 +253,11 @@ class TrainArgs:
             raise FileNotFoundError(
                 f"--tokenizer {self.tokenizer} is not a directory, nor a hub id; pass a tokenizer directory or ORG/NAME"
             )
-        if self.resume not in (None, "latest") and not Path(self.resume).is_dir():
+        # Rank 0 alone: on a node whose disk lacks the checkpoint another rank would stop here, before the
+        # process group exists, and leave the others waiting; the ranks refuse it together once they can
+        # (`check_rank_files`).
+        first_rank = int(os.environ.get("RANK", "0")) == 0
+        if self.resume not in (None, "latest") and first_rank and not Path(self.resume).is_dir():
             raise FileNotFoundError(
                 f"--resume {self.resume} is not a checkpoint directory; pass OUTPUT/checkpoint-STEP, or --resume "
                 "alone for the latest one in --output-dir"

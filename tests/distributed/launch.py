@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -69,7 +71,7 @@ def own_disks_available() -> str | None:
 
 
 def deepspeed_nodes(hostfile: Path, *args: str, nodes: int = 2, expect_fail: bool = False,
-                    disks: tuple[Path, Path] | None = None) -> list:  # fmt: skip
+                    disks: tuple[Path, Path] | None = None, timeout: int = 900) -> list:  # fmt: skip
     """`deepspeed --hostfile HOSTFILE --no_ssh --num_nodes NODES --node_rank R --master_addr 127.0.0.1
     --module fastseq.train ARGS...` for every R at once, one rank per node: the launchers a SLURM or
     Kubernetes job starts, one per node, here all on this machine. `disks`: (the --output-dir ARGS
@@ -84,10 +86,16 @@ def deepspeed_nodes(hostfile: Path, *args: str, nodes: int = 2, expect_fail: boo
                "--num_nodes", str(nodes), "--num_gpus", "1", "--node_rank", str(node), "--master_addr", "127.0.0.1",
                "--master_port", str(port), "--module", "fastseq.train", *args]  # fmt: skip
         launchers.append(subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                          text=True))  # fmt: skip
+                                          text=True, start_new_session=True))  # fmt: skip
     procs = []
     for launcher in launchers:
-        stdout, stderr = launcher.communicate(timeout=900)
+        try:
+            stdout, stderr = launcher.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            for other in launchers:  # each launcher and its ranks: a session of their own
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(other.pid, signal.SIGKILL)
+            raise AssertionError(f"the launchers did not finish in {timeout} s: a rank waits for another") from None
         procs.append(subprocess.CompletedProcess(launcher.args, launcher.returncode, stdout, stderr))
     _check(procs, port, expect_fail)
     return procs

@@ -79,3 +79,10 @@ def test_two_nodes_on_their_own_disks_train_and_resume_from_them(tmp_path, one_n
                     str(resumed), disks=(disk, nodes))  # fmt: skip
     assert losses(nodes[0] / "resumed") == losses(one_node)[2:]  # bit for bit
     assert _scores(nodes[0] / "resumed")[-1] == _scores(one_node)[-1]
+
+    # A node whose disk lacks the checkpoint (a replaced node): both ranks refuse it in one line, none waits.
+    shutil.rmtree(nodes[1] / "run")
+    procs = deepspeed_nodes(tmp_path / "hostfile", *ARGS, "--resume", str(run / "checkpoint-2"), "--output-dir",
+                            str(disk / "refused"), disks=(disk, nodes), expect_fail=True, timeout=300)  # fmt: skip
+    lines = _errors(procs[0], "does not hold the files of rank(s) 1")
+    assert all("--output-dir they share" in line for line in lines), lines
