@@ -373,6 +373,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                         help="whether a larger --metric-for-best-model wins (default: not for a loss)")  # fmt: skip
     parser.add_argument("--save-total-limit", type=int, default=None,
                         help="keep at most N checkpoints, never the best or the latest")  # fmt: skip
+    parser.add_argument("--load-best-model-at-end", action="store_true", default=None,
+                        help="at the end, OUTPUT's model (its evaluation and predictions too) is the best "
+                             "checkpoint's by --metric-for-best-model")  # fmt: skip
     parser.add_argument("--report-to", default=None, choices=["none", "tensorboard"],
                         help="also log metrics.jsonl's scalars to TensorBoard under OUTPUT/runs")  # fmt: skip
     parser.add_argument("--lora-r", type=int, default=None,

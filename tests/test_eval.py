@@ -432,7 +432,12 @@ def test_early_stopping_patience_ends_the_run_at_the_step_hfs_callback_would(tmp
      (["--eval-strategy", "no", "--eval-every", "2"], "--eval-every counts steps for --eval-strategy steps"),
      (["--early-stopping-patience", "2"], "--early-stopping-patience counts evaluations without a better"),
      (["--metric-for-best-model", "loss", "--early-stopping-patience", "0"],
-      "--early-stopping-patience must be at least 1; got 0")],
+      "--early-stopping-patience must be at least 1; got 0"),
+     (["--load-best-model-at-end"], "--load-best-model-at-end loads the best checkpoint by --metric-for-best-model: "
+      "pass --metric-for-best-model"),
+     (["--load-best-model-at-end", "--metric-for-best-model", "loss", "--eval-every", "2"],
+      "--load-best-model-at-end picks among the checkpoints of evaluated steps, and this run evaluates none before "
+      "the end: pass --eval-every N and --save-every N")],
 )  # fmt: skip
 def test_bad_eval_strategy_and_patience_are_one_line(argv, message, tmp_path, capfd):
     refused(capfd, ["train", "--output-dir", str(tmp_path / "out"), *argv], message)
@@ -452,3 +457,61 @@ def test_bf16_on_a_cpu_without_it_is_one_line(tmp_path, capfd, monkeypatch):
     monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True)
     assert main(["train", "--precision", "bf16", "--device", "cpu", "--steps", "1", "--batch-size", "2",
                  "--max-eval-samples", "0", "--quiet", "--output-dir", str(out)]) == 0  # fmt: skip
+
+
+def _best_run(tmp_path: Path, *extra: str) -> list[str]:
+    """--load-best-model-at-end on eval_loss with --greater-is-better true: the loss falls, so an early
+    checkpoint is the best one, not the last."""
+    data = _jsonl(tmp_path / "d.jsonl", [{"source": f"copy {w}", "target": w} for w in WORDS])
+    return ["--data", str(data), "--eval-data", str(data), "--steps", "6", "--eval-every", "2", "--save-every", "2",
+            "--max-new-tokens", "3", "--metric-for-best-model", "eval_loss", "--greater-is-better", "true",
+            "--load-best-model-at-end", "--optimizer", "adamw", "--lr", "1e-2", *extra]  # fmt: skip
+
+
+def _evaluations(records: list[dict]) -> dict[int, dict]:
+    return {r["step"]: r for r in records if "eval_loss" in r and "best_model_step" not in r}
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_load_best_model_at_end_puts_the_best_checkpoints_model_at_the_top(tmp_path, capfd, tiny, reference_backend,
+                                                                           lora):  # fmt: skip
+    """OUTPUT's model files are the best checkpoint's (under LoRA its adapters), --save-total-limit 1
+    keeps that checkpoint and the last, and the final evaluation (the last metrics.jsonl record,
+    generated_predictions.txt, the summary) is the best model's, evaluated again after loading it."""
+    out = tmp_path / "out"
+    argv = _best_run(tmp_path, "--save-total-limit", "1", *(["--lora-r", "4"] if lora else []))
+    _, printed = _train(capfd, tiny, out, *argv)
+    records = _records(out)
+    evals = _evaluations(records)
+    assert sorted(evals) == [2, 4, 6]
+    best = max(sorted(evals), key=lambda s: (evals[s]["eval_loss"], -s))
+    assert best != 6, evals  # the test needs a best checkpoint that is not the last one
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == [f"checkpoint-{best}", "checkpoint-6"]
+    weights = "adapter_model.safetensors" if lora else "model.safetensors"
+    top = (out / weights).read_bytes()
+    assert top == (out / f"checkpoint-{best}" / weights).read_bytes()
+    assert top != (out / "checkpoint-6" / weights).read_bytes()
+    assert {k: v for k, v in records[-1].items() if k not in ("elapsed", "epoch")} == {
+        "step": 6, "best_model_step": best, "best_model_checkpoint": f"checkpoint-{best}",
+        "eval_loss": evals[best]["eval_loss"], "exact_match": evals[best]["exact_match"]}  # fmt: skip
+    assert records[-2]["step"] == 6 and records[-2]["best_checkpoint"] == f"checkpoint-{best}"
+    generated = (out / "generated_predictions.txt").read_text().split("\n")
+    assert generated == [row["prediction"].strip() for row in _predictions(out, best)]
+    assert f"model of checkpoint-{best} (--load-best-model-at-end)" in printed
+    assert f"held-out exact match {evals[best]['exact_match']:.1%}" in printed
+
+
+def test_load_best_model_at_end_resumes_exactly(tmp_path, capfd, tiny, reference_backend):
+    """Resumed from checkpoint-2, the run gives the same records and the same model at the top."""
+    out = tmp_path / "out"
+    argv = _best_run(tmp_path)
+    _train(capfd, tiny, out, *argv)
+    first, model = _records(out), (out / "model.safetensors").read_bytes()
+    assert first[-1]["best_model_step"] != 6
+    for step in (4, 6):
+        (out / f"checkpoint-{step}").rename(tmp_path / f"set-aside-{step}")
+    _train(capfd, tiny, out, *argv, "--resume")
+    again = _records(out)
+    strip = [{k: v for k, v in r.items() if k not in ("elapsed", "tokens_per_s")} for r in first]
+    assert [{k: v for k, v in r.items() if k not in ("elapsed", "tokens_per_s")} for r in again] == strip
+    assert (out / "model.safetensors").read_bytes() == model

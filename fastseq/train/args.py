@@ -83,6 +83,7 @@ class TrainArgs:
     metric_for_best_model: str | None = None  # a score (eval_loss, rougeL, bleu ...) that picks the best checkpoint
     greater_is_better: bool | None = None  # None: lower for a loss, higher for the other scores
     save_total_limit: int | None = None  # keep at most N checkpoints (never the best or the latest)
+    load_best_model_at_end: bool = False  # the top of OUTPUT is the best checkpoint's model, evaluated again
     report_to: str = "none"  # or "tensorboard": the metrics.jsonl scalars also under OUTPUT/runs
     lora_r: int = 0  # LoRA adapters' rank (through peft; the base frozen); 0: every weight trains
     lora_alpha: float | None = None  # the adapters' scale is alpha / r; None: 2 x lora_r
@@ -310,6 +311,9 @@ class TrainArgs:
             if self.early_stopping_patience is not None:
                 raise ValueError("--early-stopping-patience counts evaluations without a better "
                                  "--metric-for-best-model: pass --metric-for-best-model (e.g. eval_loss)")  # fmt: skip
+            if self.load_best_model_at_end:
+                raise ValueError("--load-best-model-at-end loads the best checkpoint by --metric-for-best-model: pass "
+                                 "--metric-for-best-model (e.g. eval_loss)")  # fmt: skip
             return
         known = ("eval_loss", *metric_keys(self.metrics))
         if key not in known:
@@ -322,6 +326,10 @@ class TrainArgs:
         if self.early_stopping_patience is not None and self.eval_strategy == "no":
             raise ValueError("--early-stopping-patience needs evaluations during training: --eval-strategy steps "
                              "with --eval-every N, or epoch")  # fmt: skip
+        if self.load_best_model_at_end and self.eval_strategy != "epoch" and not (self.save_every and self.eval_every):
+            raise ValueError("--load-best-model-at-end picks among the checkpoints of evaluated steps, and this run "
+                             "evaluates none before the end: pass --eval-every N and --save-every N (a multiple), or "
+                             "--eval-strategy epoch")  # fmt: skip
         if self.save_every and not (self.eval_every and self.save_every % self.eval_every == 0):
             raise ValueError(
                 f"--metric-for-best-model compares the checkpoints of evaluated steps: --save-every {self.save_every} "

@@ -21,19 +21,22 @@ class MetricsLog:
     `elapsed` seconds since the run started, counting those before the checkpoint a run resumed
     from; with `--report-to tensorboard` its numbers also go to TensorBoard under OUTPUT/runs, tagged
     as HF's Trainer tags them: `eval/KEY` for evaluation's (`eval_loss` as `eval/loss`, each metric's
-    scores, the best checkpoint's metric), `train/KEY` for the rest. `evaluated` holds each evaluated
+    scores, the best checkpoint's metric and the step --load-best-model-at-end took the model from),
+    `train/KEY` for the rest. `evaluated` holds each evaluated
     step's record (this run's and, on resume, those kept from before)."""
 
     def __init__(self, out: Path, args: TrainArgs, data: Data, start: int, enabled: bool):
         self.path, self.data, self.enabled = out / "metrics.jsonl", data, enabled
-        self.eval_keys = {"eval_loss", "best_metric", *metric_keys(args.metrics)}
+        self.eval_keys = {"eval_loss", "best_metric", "best_model_step", *metric_keys(args.metrics)}
         self.writer = None
         history = self._history(args, start) if enabled else []
         self.history = history  # the records kept from before the checkpoint resumed
         if enabled and args.continues_in_output_dir:  # drop what came after the checkpoint
             kept = "".join(json.dumps(record, allow_nan=False) + "\n" for record in history)
             atomic_write(self.path, lambda tmp: tmp.write_text(kept))
-        self.evaluated: dict[int, dict] = {r["step"]: r for r in history if "eval_loss" in r}
+        # A --load-best-model-at-end record holds the best checkpoint's scores, not its step's.
+        evaluations = (r for r in history if "eval_loss" in r and "best_model_step" not in r)
+        self.evaluated: dict[int, dict] = {r["step"]: r for r in evaluations}
         previous = [r["elapsed"] for r in history if isinstance(r.get("elapsed"), (int, float))]
         self.started = time.perf_counter() - (previous[-1] if previous else 0.0)
         if enabled and args.report_to == "tensorboard":
