@@ -298,6 +298,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                              ".txt (denoise); synthetic: the built-in task, the default without --model (HF: "
                              "--train_file)")  # fmt: skip
     parser.add_argument("--eval-data", default=None, help="held-out data, the same kinds (HF: --validation_file)")
+    parser.add_argument("--test-data", default=None,
+                        help="test data, the same kinds, predicted and scored at the end: OUTPUT/"
+                             "test_predictions.jsonl, predict_results.json (HF: --do_predict --test_file)")  # fmt: skip
     parser.add_argument("--dataset-name", default=None, help="a dataset datasets.load_dataset resolves (hub id)")
     parser.add_argument("--dataset-config-name", default=None, help="the configuration of --dataset-name")
     parser.add_argument("--train-split", default=None, help="the split trained on (default train)")
@@ -345,6 +348,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
         help="evaluate the first N held-out examples (default: all; the built-in task's 256)",
     )
     parser.add_argument("--max-train-samples", type=int, default=None, help="train on the first N examples of the data")
+    parser.add_argument("--max-predict-samples", type=int, default=None,
+                        help="predict the first N examples of --test-data (default: all)")  # fmt: skip
     parser.add_argument("--save-every", type=int, default=None, help="checkpoint every N steps (and at the end)")
     parser.add_argument("--log-every", type=int, default=None)
     parser.add_argument("--seed", type=int, default=None)

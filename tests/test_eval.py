@@ -433,6 +433,11 @@ def test_early_stopping_patience_ends_the_run_at_the_step_hfs_callback_would(tmp
      (["--early-stopping-patience", "2"], "--early-stopping-patience counts evaluations without a better"),
      (["--metric-for-best-model", "loss", "--early-stopping-patience", "0"],
       "--early-stopping-patience must be at least 1; got 0"),
+     (["--test-data", "missing.jsonl"], "--test-data missing.jsonl does not exist; pass the path of a data file"),
+     (["--max-predict-samples", "2"], "--max-predict-samples limits --test-data's examples: pass --test-data FILE"),
+     (["--test-data", "TEST", "--max-predict-samples", "0"], "--max-predict-samples must be at least 1; got 0"),
+     (["--test-data", "TEST", "--task", "denoise", "--data", "TEST"],
+      "--test-data predicts seq2seq examples; --task denoise has none to predict"),
      (["--load-best-model-at-end"], "--load-best-model-at-end loads the best checkpoint by --metric-for-best-model: "
       "pass --metric-for-best-model"),
      (["--load-best-model-at-end", "--metric-for-best-model", "loss", "--eval-every", "2"],
@@ -440,6 +445,8 @@ def test_early_stopping_patience_ends_the_run_at_the_step_hfs_callback_would(tmp
       "the end: pass --eval-every N and --save-every N")],
 )  # fmt: skip
 def test_bad_eval_strategy_and_patience_are_one_line(argv, message, tmp_path, capfd):
+    test = _jsonl(tmp_path / "test.jsonl", [{"source": "a", "target": "b"}])
+    argv = [str(test) if a == "TEST" else a for a in argv]
     refused(capfd, ["train", "--output-dir", str(tmp_path / "out"), *argv], message)
 
 
@@ -515,3 +522,38 @@ def test_load_best_model_at_end_resumes_exactly(tmp_path, capfd, tiny, reference
     strip = [{k: v for k, v in r.items() if k not in ("elapsed", "tokens_per_s")} for r in first]
     assert [{k: v for k, v in r.items() if k not in ("elapsed", "tokens_per_s")} for r in again] == strip
     assert (out / "model.safetensors").read_bytes() == model
+
+
+def test_test_data_is_predicted_by_the_best_model_at_the_end(tmp_path, capfd, tiny, reference_backend):
+    """--test-data with --max-predict-samples 3 under --load-best-model-at-end: the first 3 test
+    examples are predicted and scored by the best checkpoint's model (OUTPUT's), as evaluation
+    would, into test_predictions.jsonl and predict_results.json (HF's keys), and the summary gives
+    the scores; the last step's model would score otherwise."""
+    import torch
+
+    import fastseq
+    from fastseq.data import Seq2SeqCollator
+    from fastseq.train import evaluate
+
+    rows = [{"source": f"copy {w} {w}", "target": f"{w} {w}"} for w in WORDS[:5]]
+    test = _jsonl(tmp_path / "test.jsonl", rows)
+    out = tmp_path / "out"
+    _, printed = _train(capfd, tiny, out, *_best_run(tmp_path, "--test-data", str(test), "--max-predict-samples", "3"))
+    best = _records(out)[-1]["best_model_step"]
+    assert best != 6
+    examples = [(r["source"], r["target"]) for r in rows[:3]]
+    collator = Seq2SeqCollator(ByT5Tokenizer(), max_source_length=48, max_target_length=24)
+
+    def scores(model_dir: Path) -> tuple[dict, list[str]]:
+        return evaluate(fastseq.from_pretrained(model_dir), ByT5Tokenizer(), examples, collator, torch.device("cpu"),
+                        max_new_tokens=3)  # fmt: skip
+
+    expected, outputs = scores(out / f"checkpoint-{best}")
+    results = json.loads((out / "predict_results.json").read_text())
+    assert results == {"predict_loss": expected["eval_loss"], "predict_exact_match": expected["exact_match"],
+                       "predict_samples": 3}  # fmt: skip
+    assert scores(out / "checkpoint-6")[0]["eval_loss"] != expected["eval_loss"]
+    written = [json.loads(line) for line in (out / "test_predictions.jsonl").read_text().splitlines()]
+    assert written == [{"source": s, "target": t, "prediction": p} for (s, t), p in zip(examples, outputs, strict=True)]
+    assert (f"test exact match {expected['exact_match']:.1%}, predict_loss {expected['eval_loss']:.4f} (3 examples, "
+            "predict_results.json)") in printed  # fmt: skip

@@ -34,6 +34,7 @@ class TrainArgs:
     tokenizer: str | None = None  # directory or hub id; default: the model's (ByT5 for the default)
     data: str | None = None  # training file, pipe or `datasets` directory; "synthetic" (None, no --model): built-in
     eval_data: str | None = None  # held-out file, pipe or `datasets` directory
+    test_data: str | None = None  # predicted and scored at the end (HF's --do_predict --test_file)
     dataset_name: str | None = None  # a dataset `datasets.load_dataset` resolves (hub id, cache, local directory)
     dataset_config_name: str | None = None  # its configuration
     train_split: str = "train"  # the split trained on (--dataset-name, or a DatasetDict directory)
@@ -69,6 +70,7 @@ class TrainArgs:
     early_stopping_patience: int | None = None  # stop after N evaluations without a better --metric-for-best-model
     max_eval_samples: int | None = None  # held-out examples evaluated (HF's --max_eval_samples); None: all
     max_train_samples: int | None = None  # train on the first N examples of the data (HF's name)
+    max_predict_samples: int | None = None  # --test-data's examples predicted (HF's name); None: all
     save_every: int = 0
     log_every: int = 20
     seed: int = 0
@@ -216,9 +218,10 @@ class TrainArgs:
         at_least = {"steps": 1, "batch_size": 1, "grad_accum": 1, "buffer_size": 1, "max_target_length": 1,
                     "log_every": 1, "warmup": 0, "eval_every": 0, "max_eval_samples": 0,
                     "save_every": 0, "examples_to_show": 0, "seed": 0}  # fmt: skip
-        for name, low in {**at_least, "max_tokens": 1, "max_source_length": 1, "max_train_samples": 1}.items():
+        optional = {"max_tokens": 1, "max_source_length": 1, "max_train_samples": 1, "max_predict_samples": 1}
+        for name, low in {**at_least, **optional}.items():
             value = getattr(self, name)
-            if value is None:  # max_tokens, max_source_length, max_eval_samples and max_train_samples are optional
+            if value is None:  # the optional ones, and max_eval_samples
                 continue
             if value < low:
                 raise ValueError(f"--{_flag(name)} must be at least {low}; got {value}")
@@ -341,7 +344,7 @@ class TrainArgs:
         the Hugging Face cache), nor lie in that cache: `--overwrite` would delete what the run is about
         to read, and the run's checkpoints would replace it."""
         inputs = {"--model": self.model, "--tokenizer": self.tokenizer, "--data": None if self.synthetic else self.data,
-                  "--eval-data": self.eval_data}  # fmt: skip
+                  "--eval-data": self.eval_data, "--test-data": self.test_data}  # fmt: skip
         if self.resume not in (None, "latest") and not self.continues_in_output_dir:
             inputs["--resume"] = self.resume  # a checkpoint of the run in --output-dir is what --resume continues
         check_apart(self.output_dir, "--output-dir", inputs, "the run writes there (and --overwrite deletes) what "
@@ -364,7 +367,12 @@ class TrainArgs:
         if self.epochs is not None and self.synthetic:
             raise ValueError("--epochs counts passes over --data or --dataset-name; the synthetic task has no end: "
                              "pass --steps")  # fmt: skip
-        for name in ("data", "eval_data"):
+        if self.test_data is not None and self.task == "denoise":
+            raise ValueError("--test-data predicts seq2seq examples; --task denoise has none to predict: drop "
+                             "--test-data")  # fmt: skip
+        if self.max_predict_samples is not None and self.test_data is None:
+            raise ValueError("--max-predict-samples limits --test-data's examples: pass --test-data FILE")
+        for name in ("data", "eval_data", "test_data"):
             path = getattr(self, name)
             if path is not None and not (name == "data" and path == SYNTHETIC) and not Path(path).exists():
                 raise FileNotFoundError(

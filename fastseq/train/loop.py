@@ -40,6 +40,7 @@ from fastseq.files import (
     is_disk_full,
     publish_directory,
     reason,
+    write_json,
 )
 from fastseq.metrics import compute
 from fastseq.tokenizers import Tokenizer
@@ -83,6 +84,8 @@ from .state import (
 )
 
 log = logging.getLogger("fastseq.train")
+TEST_PREDICTIONS = "test_predictions.jsonl"  # --test-data's predictions, beside eval_predictions-STEP.jsonl
+PREDICT_RESULTS = "predict_results.json"  # --test-data's scores, as HF's run_summarization.py names the file
 _SHOWN_CHARS = 200  # the summary line shows held-out sources and outputs up to this length
 
 
@@ -188,6 +191,7 @@ class _Run:
         self.epochs_whole = 0  # whole epochs done before this step (--eval-strategy epoch)
         self.stopped_early: int | None = None  # the step --early-stopping-patience ended the run at
         self.best_model: Path | None = None  # the checkpoint --load-best-model-at-end took OUTPUT's model from
+        self.test_scores: dict = {}  # --test-data's scores, under HF's predict_ names
 
     def resume(self) -> int:
         """Load the checkpoint `--resume` names, after checking that this run may continue it (its
@@ -393,6 +397,7 @@ class _Run:
         if self.best_model is not None:
             records.append({"step": steps, "best_model_step": int(self.best_model.name[11:]),
                             "best_model_checkpoint": self.best_model.name, **self.final})  # fmt: skip
+        self.predict()
         for record in records:
             self.metrics.write(record)
         if self.evaluating and self.engine.rank == 0 and self.args.metrics:
@@ -407,6 +412,26 @@ class _Run:
             steps, losses = zip(*self.losses, strict=True)
             plot_losses(self.out / "loss.png", list(steps), list(losses), self.evals)
         return path
+
+    def predict(self) -> None:
+        """--test-data (HF's `--do_predict`): the engine's model (the best checkpoint's under
+        --load-best-model-at-end) predicts and scores the test examples as evaluation does; the
+        predictions go to OUTPUT/test_predictions.jsonl (as eval_predictions-STEP.jsonl; none under
+        --metric none), the scores to OUTPUT/predict_results.json under HF's names (`predict_loss`,
+        `predict_<score>`, `predict_samples`)."""
+        if not self.data.test:
+            return
+        if self.engine.model is None:
+            log.warning("--test-data: %s cannot predict; predict with `fastseq generate` on the trained model "
+                        "directory", self.engine.name)  # fmt: skip
+            return
+        scores, outputs = self.score(self.data.test)
+        self.test_scores = {f"predict_{key.removeprefix('eval_')}": value for key, value in scores.items()}
+        self.test_scores["predict_samples"] = len(self.data.test)
+        if self.engine.rank == 0:
+            if self.args.metrics:
+                write_predictions(self.out / TEST_PREDICTIONS, self.data.test, outputs)
+            write_json(self.out / PREDICT_RESULTS, self.test_scores)
 
     def load_best(self, final: Path) -> Path | None:
         """--load-best-model-at-end: the best checkpoint by --metric-for-best-model (None without the
@@ -441,6 +466,11 @@ class _Run:
                 ordered = [key for key in self.final if key != "eval_loss"] + ["eval_loss"]
                 scores = ", ".join(_format_score(key, self.final[key]) for key in ordered)
                 line += f", held-out {scores} ({len(self.data.held_out)} examples)"
+            if self.test_scores:
+                ordered = [key for key in self.test_scores if key not in ("predict_loss", "predict_samples")]
+                scores = [_format_score(key.removeprefix("predict_"), self.test_scores[key]) for key in ordered]
+                scores.append(_format_score("predict_loss", self.test_scores["predict_loss"]))
+                line += f", test {', '.join(scores)} ({len(self.data.test)} examples, {PREDICT_RESULTS})"
             line += f", checkpoint in {self.out} ({path.name})"
             if self.best is not None:
                 line += f", best_checkpoint {self.best[0].name} ({self.args.best_model_key} {self.best[1]:.4g})"
@@ -462,7 +492,7 @@ class _Run:
                    "stopped_early": self.stopped_early, **rates}  # fmt: skip
         if self.best_model is not None:
             best["best_model_step"] = int(self.best_model.name[11:])
-        return {**summary, **self.final, **best}
+        return {**summary, **self.final, **best, **self.test_scores}
 
     def evaluate(self, step: int) -> dict:
         """Evaluate the held-out examples; their predictions go to OUTPUT/eval_predictions-STEP.jsonl."""
