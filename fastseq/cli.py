@@ -381,8 +381,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--load-best-model-at-end", action="store_true", default=None,
                         help="at the end, OUTPUT's model (its evaluation and predictions too) is the best "
                              "checkpoint's by --metric-for-best-model")  # fmt: skip
-    parser.add_argument("--report-to", default=None, choices=["none", "tensorboard"],
-                        help="also log metrics.jsonl's scalars to TensorBoard under OUTPUT/runs")  # fmt: skip
+    parser.add_argument("--report-to", default=None, choices=["none", "tensorboard", "wandb"],
+                        help="also log metrics.jsonl's scalars to TensorBoard under OUTPUT/runs, or to a W&B run "
+                             "under OUTPUT/wandb (WANDB_MODE=offline: no network)")  # fmt: skip
     parser.add_argument("--lora-r", type=int, default=None,
                         help="train LoRA adapters of this rank (peft) on the frozen --model (0: no LoRA)")  # fmt: skip
     parser.add_argument("--lora-alpha", type=float, default=None, help="the adapters' scale is alpha / r (default 2r)")

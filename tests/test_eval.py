@@ -240,7 +240,7 @@ BAD = {
     "saves between evaluations": (["--metric-for-best-model", "exact_match", "--save-every", "3", "--eval-every",
                                    "2"], ("--save-every 3 must be a multiple of --eval-every 2",)),
     "bad boolean": (["--greater-is-better", "maybe"], ("invalid choice",)),
-    "unknown reporter": (["--report-to", "wandb"], ("invalid choice",)),
+    "unknown reporter": (["--report-to", "mlflow"], ("invalid choice",)),
 }  # fmt: skip
 
 
@@ -557,3 +557,87 @@ def test_test_data_is_predicted_by_the_best_model_at_the_end(tmp_path, capfd, ti
     assert written == [{"source": s, "target": t, "prediction": p} for (s, t), p in zip(examples, outputs, strict=True)]
     assert (f"test exact match {expected['exact_match']:.1%}, predict_loss {expected['eval_loss']:.4f} (3 examples, "
             "predict_results.json)") in printed  # fmt: skip
+
+
+def _wandb_rows(run_file: Path) -> tuple[list[dict], dict]:
+    """The history rows and the last summary of a W&B run file (`run-ID.wandb`), once it holds the
+    run's exit record (wandb-core writes it on its own after `finish()` returns). The file is a
+    LevelDB log (32 KiB blocks of chunks, each after a 7-byte header: checksum, little-endian
+    length, kind 1 full, 2 first, 3 middle, 4 last) of `wandb_internal_pb2.Record`s, after wandb's
+    7-byte file header; wandb ships no public reader of it."""
+    import struct
+    import time
+
+    from wandb.proto import wandb_internal_pb2
+
+    deadline = time.monotonic() + 60
+    while True:
+        data, pos, parts, records = run_file.read_bytes(), 7, b"", []
+        assert data[:4] == b":W&B"
+        while pos + 7 <= len(data):
+            if 32768 - pos % 32768 < 7:  # a block's tail too short for a header is padding
+                pos += 32768 - pos % 32768
+                continue
+            length, kind = struct.unpack_from("<HB", data, pos + 4)
+            parts, pos = parts + data[pos + 7 : pos + 7 + length], pos + 7 + length
+            if kind in (1, 4):
+                records.append(wandb_internal_pb2.Record.FromString(parts))
+                parts = b""
+        if any(record.HasField("exit") for record in records):
+            break
+        assert time.monotonic() < deadline, f"{run_file} holds no exit record after 60 s"
+        time.sleep(0.2)
+    rows, summary = [], {}
+    for record in records:
+        if record.HasField("history"):
+            rows.append({"/".join(i.nested_key) or i.key: json.loads(i.value_json) for i in record.history.item})
+        elif record.HasField("summary"):
+            summary.update({"/".join(i.nested_key) or i.key: json.loads(i.value_json) for i in record.summary.update})
+    return rows, summary
+
+
+def test_report_to_wandb_logs_the_metrics_jsonl_scalars_and_a_resume_continues_its_run(
+    tmp_path, capfd, monkeypatch, reference_backend
+):
+    """--report-to wandb in offline mode: the W&B run (files under OUTPUT/wandb) holds every number of
+    metrics.jsonl, tagged as TensorBoard's, against train/global_step, and its summary the final
+    loss; resumed from checkpoint-2, the run continues the same W&B run id from step 3."""
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    out = tmp_path / "out"
+    argv = ["--steps", "4", "--save-every", "2", "--eval-every", "2", "--eval-examples", "2", "--max-new-tokens", "4",
+            "--report-to", "wandb", "--optimizer", "adamw", "--lr", "1e-3"]  # fmt: skip
+    _train(capfd, None, out, *argv)
+    run_id = (out / "wandb_run_id.txt").read_text().strip()
+    (first,) = (out / "wandb").glob(f"offline-run-*-{run_id}/run-{run_id}.wandb")
+    expected: dict[int, dict[str, float]] = {}
+    for record in _records(out):
+        for key, value in record.items():
+            if key != "step" and isinstance(value, (int, float)):
+                tag = f"eval/{key.removeprefix('eval_')}" if key in ("eval_loss", "exact_match") else f"train/{key}"
+                expected.setdefault(record["step"], {})[tag] = value
+    rows, summary = _wandb_rows(first)
+    logged: dict[int, dict[str, float]] = {}
+    for row in rows:
+        logged.setdefault(row["train/global_step"], {}).update(
+            {k: v for k, v in row.items() if not k.startswith("_") and k != "train/global_step"})  # fmt: skip
+    assert logged == expected
+    assert {"train/loss", "train/lr", "eval/loss", "eval/exact_match"} <= set(logged[4])
+    assert summary["train/loss"] == [r["loss"] for r in _records(out) if "loss" in r][-1]
+
+    (out / "checkpoint-4").rename(tmp_path / "later")  # as if the run had stopped after step 2's checkpoint
+    _train(capfd, None, out, *argv, "--resume")
+    assert (out / "wandb_run_id.txt").read_text().strip() == run_id  # the same W&B run
+    (second,) = set((out / "wandb").glob(f"offline-run-*-{run_id}/run-{run_id}.wandb")) - {first}
+    rows, _ = _wandb_rows(second)
+    assert sorted({row["train/global_step"] for row in rows}) == [3, 4]
+    assert [row["train/loss"] for row in rows if "train/loss" in row] == [expected[3]["train/loss"],
+                                                                          expected[4]["train/loss"]]  # fmt: skip
+
+
+def test_report_to_wandb_without_wandb_is_one_line(tmp_path, capfd, monkeypatch):
+    monkeypatch.setitem(sys.modules, "wandb", None)
+    refused(capfd, ["train", "--report-to", "wandb", "--output-dir", str(tmp_path / "out")],
+            "--report-to wandb needs the wandb package, which is not installed; pip install wandb")  # fmt: skip
+    assert not (tmp_path / "out").exists()

@@ -15,7 +15,7 @@ from fastseq.optim import OPTIMIZERS, SCHEDULES
 
 TASKS = ("seq2seq", "denoise")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-REPORT_TO = ("none", "tensorboard")
+REPORT_TO = ("none", "tensorboard", "wandb")
 EVAL_STRATEGIES = ("steps", "epoch", "no")  # HF's --eval_strategy values
 # --data's name for the built-in task (reverse a random word), generated without end: what a run without
 # --model trains on by default, and a pretrained model only when asked for.
@@ -86,7 +86,7 @@ class TrainArgs:
     greater_is_better: bool | None = None  # None: lower for a loss, higher for the other scores
     save_total_limit: int | None = None  # keep at most N checkpoints (never the best or the latest)
     load_best_model_at_end: bool = False  # the top of OUTPUT is the best checkpoint's model, evaluated again
-    report_to: str = "none"  # or "tensorboard": the metrics.jsonl scalars also under OUTPUT/runs
+    report_to: str = "none"  # or "tensorboard" (under OUTPUT/runs), "wandb": metrics.jsonl's scalars also there
     lora_r: int = 0  # LoRA adapters' rank (through peft; the base frozen); 0: every weight trains
     lora_alpha: float | None = None  # the adapters' scale is alpha / r; None: 2 x lora_r
     lora_dropout: float | None = None  # dropout on the adapters' input; None: 0.05
@@ -309,6 +309,12 @@ class TrainArgs:
                     "--report-to tensorboard needs the tensorboard package, which is not installed; pip install "
                     '"fastseq[finetune]"'
                 ) from None
+        if self.report_to == "wandb":
+            try:
+                import wandb  # noqa: F401
+            except ImportError:
+                raise ValueError("--report-to wandb needs the wandb package, which is not installed; pip install "
+                                 "wandb (or --report-to tensorboard)") from None  # fmt: skip
         key = self.best_model_key
         if key is None:
             if self.early_stopping_patience is not None:
