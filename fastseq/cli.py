@@ -303,6 +303,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                              ".txt (denoise); synthetic: the built-in task, the default without --model (HF: "
                              "--train_file)")  # fmt: skip
     parser.add_argument("--eval-data", default=None, help="held-out data, the same kinds (HF: --validation_file)")
+    parser.add_argument("--test-data", default=None,
+                        help="test data, the same kinds, predicted and scored at the end: OUTPUT/"
+                             "test_predictions.jsonl, predict_results.json (HF: --do_predict --test_file)")  # fmt: skip
     parser.add_argument("--dataset-name", default=None, help="a dataset datasets.load_dataset resolves (hub id)")
     parser.add_argument("--dataset-config-name", default=None, help="the configuration of --dataset-name")
     parser.add_argument("--train-split", default=None, help="the split trained on (default train)")
@@ -350,6 +353,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
         help="evaluate the first N held-out examples (default: all; the built-in task's 256)",
     )
     parser.add_argument("--max-train-samples", type=int, default=None, help="train on the first N examples of the data")
+    parser.add_argument("--max-predict-samples", type=int, default=None,
+                        help="predict the first N examples of --test-data (default: all)")  # fmt: skip
     parser.add_argument("--save-every", type=int, default=None, help="checkpoint every N steps (and at the end)")
     parser.add_argument("--log-every", type=int, default=None)
     parser.add_argument("--seed", type=int, default=None)
@@ -378,8 +383,12 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                         help="whether a larger --metric-for-best-model wins (default: not for a loss)")  # fmt: skip
     parser.add_argument("--save-total-limit", type=int, default=None,
                         help="keep at most N checkpoints, never the best or the latest")  # fmt: skip
-    parser.add_argument("--report-to", default=None, choices=["none", "tensorboard"],
-                        help="also log metrics.jsonl's scalars to TensorBoard under OUTPUT/runs")  # fmt: skip
+    parser.add_argument("--load-best-model-at-end", action="store_true", default=None,
+                        help="at the end, OUTPUT's model (its evaluation and predictions too) is the best "
+                             "checkpoint's by --metric-for-best-model")  # fmt: skip
+    parser.add_argument("--report-to", default=None, choices=["none", "tensorboard", "wandb"],
+                        help="also log metrics.jsonl's scalars to TensorBoard under OUTPUT/runs, or to a W&B run "
+                             "under OUTPUT/wandb (WANDB_MODE=offline: no network)")  # fmt: skip
     parser.add_argument("--lora-r", type=int, default=None,
                         help="train LoRA adapters of this rank (peft) on the frozen --model (0: no LoRA)")  # fmt: skip
     parser.add_argument("--lora-alpha", type=float, default=None, help="the adapters' scale is alpha / r (default 2r)")

@@ -240,7 +240,7 @@ BAD = {
     "saves between evaluations": (["--metric-for-best-model", "exact_match", "--save-every", "3", "--eval-every",
                                    "2"], ("--save-every 3 must be a multiple of --eval-every 2",)),
     "bad boolean": (["--greater-is-better", "maybe"], ("invalid choice",)),
-    "unknown reporter": (["--report-to", "wandb"], ("invalid choice",)),
+    "unknown reporter": (["--report-to", "mlflow"], ("invalid choice",)),
 }  # fmt: skip
 
 
@@ -432,9 +432,21 @@ def test_early_stopping_patience_ends_the_run_at_the_step_hfs_callback_would(tmp
      (["--eval-strategy", "no", "--eval-every", "2"], "--eval-every counts steps for --eval-strategy steps"),
      (["--early-stopping-patience", "2"], "--early-stopping-patience counts evaluations without a better"),
      (["--metric-for-best-model", "loss", "--early-stopping-patience", "0"],
-      "--early-stopping-patience must be at least 1; got 0")],
+      "--early-stopping-patience must be at least 1; got 0"),
+     (["--test-data", "missing.jsonl"], "--test-data missing.jsonl does not exist; pass the path of a data file"),
+     (["--max-predict-samples", "2"], "--max-predict-samples limits --test-data's examples: pass --test-data FILE"),
+     (["--test-data", "TEST", "--max-predict-samples", "0"], "--max-predict-samples must be at least 1; got 0"),
+     (["--test-data", "TEST", "--task", "denoise", "--data", "TEST"],
+      "--test-data predicts seq2seq examples; --task denoise has none to predict"),
+     (["--load-best-model-at-end"], "--load-best-model-at-end loads the best checkpoint by --metric-for-best-model: "
+      "pass --metric-for-best-model"),
+     (["--load-best-model-at-end", "--metric-for-best-model", "loss", "--eval-every", "2"],
+      "--load-best-model-at-end picks among the checkpoints of evaluated steps, and this run evaluates none before "
+      "the end: pass --eval-every N and --save-every N")],
 )  # fmt: skip
 def test_bad_eval_strategy_and_patience_are_one_line(argv, message, tmp_path, capfd):
+    test = _jsonl(tmp_path / "test.jsonl", [{"source": "a", "target": "b"}])
+    argv = [str(test) if a == "TEST" else a for a in argv]
     refused(capfd, ["train", "--output-dir", str(tmp_path / "out"), *argv], message)
 
 
@@ -452,3 +464,180 @@ def test_bf16_on_a_cpu_without_it_is_one_line(tmp_path, capfd, monkeypatch):
     monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True)
     assert main(["train", "--precision", "bf16", "--device", "cpu", "--steps", "1", "--batch-size", "2",
                  "--max-eval-samples", "0", "--quiet", "--output-dir", str(out)]) == 0  # fmt: skip
+
+
+def _best_run(tmp_path: Path, *extra: str) -> list[str]:
+    """--load-best-model-at-end on eval_loss with --greater-is-better true: the loss falls, so an early
+    checkpoint is the best one, not the last."""
+    data = _jsonl(tmp_path / "d.jsonl", [{"source": f"copy {w}", "target": w} for w in WORDS])
+    return ["--data", str(data), "--eval-data", str(data), "--steps", "6", "--eval-every", "2", "--save-every", "2",
+            "--max-new-tokens", "3", "--metric-for-best-model", "eval_loss", "--greater-is-better", "true",
+            "--load-best-model-at-end", "--optimizer", "adamw", "--lr", "1e-2", *extra]  # fmt: skip
+
+
+def _evaluations(records: list[dict]) -> dict[int, dict]:
+    return {r["step"]: r for r in records if "eval_loss" in r and "best_model_step" not in r}
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_load_best_model_at_end_puts_the_best_checkpoints_model_at_the_top(tmp_path, capfd, tiny, reference_backend,
+                                                                           lora):  # fmt: skip
+    """OUTPUT's model files are the best checkpoint's (under LoRA its adapters), --save-total-limit 1
+    keeps that checkpoint and the last, and the final evaluation (the last metrics.jsonl record,
+    generated_predictions.txt, the summary) is the best model's, evaluated again after loading it."""
+    out = tmp_path / "out"
+    argv = _best_run(tmp_path, "--save-total-limit", "1", *(["--lora-r", "4"] if lora else []))
+    _, printed = _train(capfd, tiny, out, *argv)
+    records = _records(out)
+    evals = _evaluations(records)
+    assert sorted(evals) == [2, 4, 6]
+    best = max(sorted(evals), key=lambda s: (evals[s]["eval_loss"], -s))
+    assert best != 6, evals  # the test needs a best checkpoint that is not the last one
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == [f"checkpoint-{best}", "checkpoint-6"]
+    weights = "adapter_model.safetensors" if lora else "model.safetensors"
+    top = (out / weights).read_bytes()
+    assert top == (out / f"checkpoint-{best}" / weights).read_bytes()
+    assert top != (out / "checkpoint-6" / weights).read_bytes()
+    assert {k: v for k, v in records[-1].items() if k not in ("elapsed", "epoch")} == {
+        "step": 6, "best_model_step": best, "best_model_checkpoint": f"checkpoint-{best}",
+        "eval_loss": evals[best]["eval_loss"], "exact_match": evals[best]["exact_match"]}  # fmt: skip
+    assert records[-2]["step"] == 6 and records[-2]["best_checkpoint"] == f"checkpoint-{best}"
+    generated = (out / "generated_predictions.txt").read_text().split("\n")
+    assert generated == [row["prediction"].strip() for row in _predictions(out, best)]
+    assert f"model of checkpoint-{best} (--load-best-model-at-end)" in printed
+    assert f"held-out exact match {evals[best]['exact_match']:.1%}" in printed
+
+
+def test_load_best_model_at_end_resumes_exactly(tmp_path, capfd, tiny, reference_backend):
+    """Resumed from checkpoint-2, the run gives the same records and the same model at the top."""
+    out = tmp_path / "out"
+    argv = _best_run(tmp_path)
+    _train(capfd, tiny, out, *argv)
+    first, model = _records(out), (out / "model.safetensors").read_bytes()
+    assert first[-1]["best_model_step"] != 6
+    for step in (4, 6):
+        (out / f"checkpoint-{step}").rename(tmp_path / f"set-aside-{step}")
+    _train(capfd, tiny, out, *argv, "--resume")
+    again = _records(out)
+    strip = [{k: v for k, v in r.items() if k not in ("elapsed", "tokens_per_s")} for r in first]
+    assert [{k: v for k, v in r.items() if k not in ("elapsed", "tokens_per_s")} for r in again] == strip
+    assert (out / "model.safetensors").read_bytes() == model
+
+
+def test_test_data_is_predicted_by_the_best_model_at_the_end(tmp_path, capfd, tiny, reference_backend):
+    """--test-data with --max-predict-samples 3 under --load-best-model-at-end: the first 3 test
+    examples are predicted and scored by the best checkpoint's model (OUTPUT's), as evaluation
+    would, into test_predictions.jsonl and predict_results.json (HF's keys), and the summary gives
+    the scores; the last step's model would score otherwise."""
+    import torch
+
+    import fastseq
+    from fastseq.data import Seq2SeqCollator
+    from fastseq.train import evaluate
+
+    rows = [{"source": f"copy {w} {w}", "target": f"{w} {w}"} for w in WORDS[:5]]
+    test = _jsonl(tmp_path / "test.jsonl", rows)
+    out = tmp_path / "out"
+    _, printed = _train(capfd, tiny, out, *_best_run(tmp_path, "--test-data", str(test), "--max-predict-samples", "3"))
+    best = _records(out)[-1]["best_model_step"]
+    assert best != 6
+    examples = [(r["source"], r["target"]) for r in rows[:3]]
+    collator = Seq2SeqCollator(ByT5Tokenizer(), max_source_length=48, max_target_length=24)
+
+    def scores(model_dir: Path) -> tuple[dict, list[str]]:
+        return evaluate(fastseq.from_pretrained(model_dir), ByT5Tokenizer(), examples, collator, torch.device("cpu"),
+                        max_new_tokens=3)  # fmt: skip
+
+    expected, outputs = scores(out / f"checkpoint-{best}")
+    results = json.loads((out / "predict_results.json").read_text())
+    assert results == {"predict_loss": expected["eval_loss"], "predict_exact_match": expected["exact_match"],
+                       "predict_samples": 3}  # fmt: skip
+    assert scores(out / "checkpoint-6")[0]["eval_loss"] != expected["eval_loss"]
+    written = [json.loads(line) for line in (out / "test_predictions.jsonl").read_text().splitlines()]
+    assert written == [{"source": s, "target": t, "prediction": p} for (s, t), p in zip(examples, outputs, strict=True)]
+    assert (f"test exact match {expected['exact_match']:.1%}, predict_loss {expected['eval_loss']:.4f} (3 examples, "
+            "predict_results.json)") in printed  # fmt: skip
+
+
+def _wandb_rows(run_file: Path) -> tuple[list[dict], dict]:
+    """The history rows and the last summary of a W&B run file (`run-ID.wandb`), once it holds the
+    run's exit record (wandb-core writes it on its own after `finish()` returns). The file is a
+    LevelDB log (32 KiB blocks of chunks, each after a 7-byte header: checksum, little-endian
+    length, kind 1 full, 2 first, 3 middle, 4 last) of `wandb_internal_pb2.Record`s, after wandb's
+    7-byte file header; wandb ships no public reader of it."""
+    import struct
+    import time
+
+    from wandb.proto import wandb_internal_pb2
+
+    deadline = time.monotonic() + 60
+    while True:
+        data, pos, parts, records = run_file.read_bytes(), 7, b"", []
+        assert data[:4] == b":W&B"
+        while pos + 7 <= len(data):
+            if 32768 - pos % 32768 < 7:  # a block's tail too short for a header is padding
+                pos += 32768 - pos % 32768
+                continue
+            length, kind = struct.unpack_from("<HB", data, pos + 4)
+            parts, pos = parts + data[pos + 7 : pos + 7 + length], pos + 7 + length
+            if kind in (1, 4):
+                records.append(wandb_internal_pb2.Record.FromString(parts))
+                parts = b""
+        if any(record.HasField("exit") for record in records):
+            break
+        assert time.monotonic() < deadline, f"{run_file} holds no exit record after 60 s"
+        time.sleep(0.2)
+    rows, summary = [], {}
+    for record in records:
+        if record.HasField("history"):
+            rows.append({"/".join(i.nested_key) or i.key: json.loads(i.value_json) for i in record.history.item})
+        elif record.HasField("summary"):
+            summary.update({"/".join(i.nested_key) or i.key: json.loads(i.value_json) for i in record.summary.update})
+    return rows, summary
+
+
+def test_report_to_wandb_logs_the_metrics_jsonl_scalars_and_a_resume_continues_its_run(
+    tmp_path, capfd, monkeypatch, reference_backend
+):
+    """--report-to wandb in offline mode: the W&B run (files under OUTPUT/wandb) holds every number of
+    metrics.jsonl, tagged as TensorBoard's, against train/global_step, and its summary the final
+    loss; resumed from checkpoint-2, the run continues the same W&B run id from step 3."""
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    out = tmp_path / "out"
+    argv = ["--steps", "4", "--save-every", "2", "--eval-every", "2", "--eval-examples", "2", "--max-new-tokens", "4",
+            "--report-to", "wandb", "--optimizer", "adamw", "--lr", "1e-3"]  # fmt: skip
+    _train(capfd, None, out, *argv)
+    run_id = (out / "wandb_run_id.txt").read_text().strip()
+    (first,) = (out / "wandb").glob(f"offline-run-*-{run_id}/run-{run_id}.wandb")
+    expected: dict[int, dict[str, float]] = {}
+    for record in _records(out):
+        for key, value in record.items():
+            if key != "step" and isinstance(value, (int, float)):
+                tag = f"eval/{key.removeprefix('eval_')}" if key in ("eval_loss", "exact_match") else f"train/{key}"
+                expected.setdefault(record["step"], {})[tag] = value
+    rows, summary = _wandb_rows(first)
+    logged: dict[int, dict[str, float]] = {}
+    for row in rows:
+        logged.setdefault(row["train/global_step"], {}).update(
+            {k: v for k, v in row.items() if not k.startswith("_") and k != "train/global_step"})  # fmt: skip
+    assert logged == expected
+    assert {"train/loss", "train/lr", "eval/loss", "eval/exact_match"} <= set(logged[4])
+    assert summary["train/loss"] == [r["loss"] for r in _records(out) if "loss" in r][-1]
+
+    (out / "checkpoint-4").rename(tmp_path / "later")  # as if the run had stopped after step 2's checkpoint
+    _train(capfd, None, out, *argv, "--resume")
+    assert (out / "wandb_run_id.txt").read_text().strip() == run_id  # the same W&B run
+    (second,) = set((out / "wandb").glob(f"offline-run-*-{run_id}/run-{run_id}.wandb")) - {first}
+    rows, _ = _wandb_rows(second)
+    assert sorted({row["train/global_step"] for row in rows}) == [3, 4]
+    assert [row["train/loss"] for row in rows if "train/loss" in row] == [expected[3]["train/loss"],
+                                                                          expected[4]["train/loss"]]  # fmt: skip
+
+
+def test_report_to_wandb_without_wandb_is_one_line(tmp_path, capfd, monkeypatch):
+    monkeypatch.setitem(sys.modules, "wandb", None)
+    refused(capfd, ["train", "--report-to", "wandb", "--output-dir", str(tmp_path / "out")],
+            "--report-to wandb needs the wandb package, which is not installed; pip install wandb")  # fmt: skip
+    assert not (tmp_path / "out").exists()

@@ -103,6 +103,18 @@ def convert(ckpt: str | Path, dest: str | Path, *, max_shard_size: str | int = "
             f"{ckpt} has no config.json: pass a checkpoint directory written by `fastseq train --deepspeed` "
             "(OUTPUT/checkpoint-STEP)"
         )
+    model, copied = write_model(ckpt, dest, max_shard_size=max_shard_size, dtype=dtype)
+    meta = ckpt / "trainer_state.json"
+    step = json.loads(meta.read_text()).get("step") if meta.is_file() else None
+    print(f"fastseq convert: {ckpt} (step {step}) -> {dest} ({model.num_parameters():,} parameters; "
+          f"{_side_note(copied)})")  # fmt: skip
+    return dest
+
+
+def write_model(ckpt: Path, dest: Path, *, max_shard_size: str | int = "5GB", dtype=None):
+    """The model of DeepSpeed checkpoint `ckpt` as a Hugging Face directory at `dest` (its weights
+    in `dtype`, fp32 by default), with the checkpoint's tokenizer files, generation_config.json and
+    prediction_config.json; returns the model and the names of the files copied."""
     model_config, model_cls = read_model_config(ckpt)  # every field checked, the model type too
     state = deepspeed_state_dict(ckpt, model_config)
     with torch.device("meta"):
@@ -113,12 +125,7 @@ def convert(ckpt: str | Path, dest: str | Path, *, max_shard_size: str | int = "
                           strict=True, assign=True)  # fmt: skip
     model.tie_weights()
     model.save_pretrained(dest, max_shard_size=max_shard_size)
-    copied = copy_side_files(ckpt, dest)
-    meta = ckpt / "trainer_state.json"
-    step = json.loads(meta.read_text()).get("step") if meta.is_file() else None
-    print(f"fastseq convert: {ckpt} (step {step}) -> {dest} ({model.num_parameters():,} parameters; "
-          f"{_side_note(copied)})")  # fmt: skip
-    return dest
+    return model, copy_side_files(ckpt, dest)
 
 
 def _side_note(copied: list[str]) -> str:

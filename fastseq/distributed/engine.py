@@ -28,6 +28,7 @@ from fastseq.train.engine import (
     NonFiniteError,
     add_lora,
     apply_rates,
+    copy_model_files,
     model_class,
     schedule,
     trained_parameters,
@@ -36,7 +37,7 @@ from fastseq.train.state import keep_global_batch
 
 from . import config as ds_config
 from . import reshard, zero
-from .convert import safe_torch_load
+from .convert import safe_torch_load, write_model
 from .partitions import layouts, parameter_names, spread_adafactor
 
 log = logging.getLogger("fastseq.distributed")
@@ -135,6 +136,17 @@ class DeepSpeedEngine(Engine):
             self.write_config(directory)
             remove_recovery_scripts(directory.parent)
         return {}
+
+    def save_model_of(self, checkpoint, out):
+        """Rank 0 writes the model of `checkpoint` at `out` from its files, as `fastseq convert
+        --from-deepspeed` does (the fp32 weights of every rank's partitions, or the pipeline stages'
+        layers); under LoRA the checkpoint holds its adapters in peft's format: they are copied."""
+        if self.rank != 0:
+            return
+        if self.adapters is not None:
+            copy_model_files(checkpoint, out)
+            return
+        write_model(checkpoint, out)
 
     def write_config(self, directory: Path) -> None:
         import json

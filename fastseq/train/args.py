@@ -16,7 +16,7 @@ from fastseq.optim import OPTIMIZERS, SCHEDULES
 
 TASKS = ("seq2seq", "denoise")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-REPORT_TO = ("none", "tensorboard")
+REPORT_TO = ("none", "tensorboard", "wandb")
 EVAL_STRATEGIES = ("steps", "epoch", "no")  # HF's --eval_strategy values
 # --data's name for the built-in task (reverse a random word), generated without end: what a run without
 # --model trains on by default, and a pretrained model only when asked for.
@@ -35,6 +35,7 @@ class TrainArgs:
     tokenizer: str | None = None  # directory or hub id; default: the model's (ByT5 for the default)
     data: str | None = None  # training file, pipe or `datasets` directory; "synthetic" (None, no --model): built-in
     eval_data: str | None = None  # held-out file, pipe or `datasets` directory
+    test_data: str | None = None  # predicted and scored at the end (HF's --do_predict --test_file)
     dataset_name: str | None = None  # a dataset `datasets.load_dataset` resolves (hub id, cache, local directory)
     dataset_config_name: str | None = None  # its configuration
     train_split: str = "train"  # the split trained on (--dataset-name, or a DatasetDict directory)
@@ -70,6 +71,7 @@ class TrainArgs:
     early_stopping_patience: int | None = None  # stop after N evaluations without a better --metric-for-best-model
     max_eval_samples: int | None = None  # held-out examples evaluated (HF's --max_eval_samples); None: all
     max_train_samples: int | None = None  # train on the first N examples of the data (HF's name)
+    max_predict_samples: int | None = None  # --test-data's examples predicted (HF's name); None: all
     save_every: int = 0
     log_every: int = 20
     seed: int = 0
@@ -84,7 +86,8 @@ class TrainArgs:
     metric_for_best_model: str | None = None  # a score (eval_loss, rougeL, bleu ...) that picks the best checkpoint
     greater_is_better: bool | None = None  # None: lower for a loss, higher for the other scores
     save_total_limit: int | None = None  # keep at most N checkpoints (never the best or the latest)
-    report_to: str = "none"  # or "tensorboard": the metrics.jsonl scalars also under OUTPUT/runs
+    load_best_model_at_end: bool = False  # the top of OUTPUT is the best checkpoint's model, evaluated again
+    report_to: str = "none"  # or "tensorboard" (under OUTPUT/runs), "wandb": metrics.jsonl's scalars also there
     lora_r: int = 0  # LoRA adapters' rank (through peft; the base frozen); 0: every weight trains
     lora_alpha: float | None = None  # the adapters' scale is alpha / r; None: 2 x lora_r
     lora_dropout: float | None = None  # dropout on the adapters' input; None: 0.05
@@ -216,9 +219,10 @@ class TrainArgs:
         at_least = {"steps": 1, "batch_size": 1, "grad_accum": 1, "buffer_size": 1, "max_target_length": 1,
                     "log_every": 1, "warmup": 0, "eval_every": 0, "max_eval_samples": 0,
                     "save_every": 0, "examples_to_show": 0, "seed": 0}  # fmt: skip
-        for name, low in {**at_least, "max_tokens": 1, "max_source_length": 1, "max_train_samples": 1}.items():
+        optional = {"max_tokens": 1, "max_source_length": 1, "max_train_samples": 1, "max_predict_samples": 1}
+        for name, low in {**at_least, **optional}.items():
             value = getattr(self, name)
-            if value is None:  # max_tokens, max_source_length, max_eval_samples and max_train_samples are optional
+            if value is None:  # the optional ones, and max_eval_samples
                 continue
             if value < low:
                 raise ValueError(f"--{_flag(name)} must be at least {low}; got {value}")
@@ -310,11 +314,20 @@ class TrainArgs:
                     "--report-to tensorboard needs the tensorboard package, which is not installed; pip install "
                     '"fastseq[finetune]"'
                 ) from None
+        if self.report_to == "wandb":
+            try:
+                import wandb  # noqa: F401
+            except ImportError:
+                raise ValueError("--report-to wandb needs the wandb package, which is not installed; pip install "
+                                 "wandb (or --report-to tensorboard)") from None  # fmt: skip
         key = self.best_model_key
         if key is None:
             if self.early_stopping_patience is not None:
                 raise ValueError("--early-stopping-patience counts evaluations without a better "
                                  "--metric-for-best-model: pass --metric-for-best-model (e.g. eval_loss)")  # fmt: skip
+            if self.load_best_model_at_end:
+                raise ValueError("--load-best-model-at-end loads the best checkpoint by --metric-for-best-model: pass "
+                                 "--metric-for-best-model (e.g. eval_loss)")  # fmt: skip
             return
         known = ("eval_loss", *metric_keys(self.metrics))
         if key not in known:
@@ -327,6 +340,10 @@ class TrainArgs:
         if self.early_stopping_patience is not None and self.eval_strategy == "no":
             raise ValueError("--early-stopping-patience needs evaluations during training: --eval-strategy steps "
                              "with --eval-every N, or epoch")  # fmt: skip
+        if self.load_best_model_at_end and self.eval_strategy != "epoch" and not (self.save_every and self.eval_every):
+            raise ValueError("--load-best-model-at-end picks among the checkpoints of evaluated steps, and this run "
+                             "evaluates none before the end: pass --eval-every N and --save-every N (a multiple), or "
+                             "--eval-strategy epoch")  # fmt: skip
         if self.save_every and not (self.eval_every and self.save_every % self.eval_every == 0):
             raise ValueError(
                 f"--metric-for-best-model compares the checkpoints of evaluated steps: --save-every {self.save_every} "
@@ -338,7 +355,7 @@ class TrainArgs:
         the Hugging Face cache), nor lie in that cache: `--overwrite` would delete what the run is about
         to read, and the run's checkpoints would replace it."""
         inputs = {"--model": self.model, "--tokenizer": self.tokenizer, "--data": None if self.synthetic else self.data,
-                  "--eval-data": self.eval_data}  # fmt: skip
+                  "--eval-data": self.eval_data, "--test-data": self.test_data}  # fmt: skip
         if self.resume not in (None, "latest") and not self.continues_in_output_dir:
             inputs["--resume"] = self.resume  # a checkpoint of the run in --output-dir is what --resume continues
         check_apart(self.output_dir, "--output-dir", inputs, "the run writes there (and --overwrite deletes) what "
@@ -361,7 +378,12 @@ class TrainArgs:
         if self.epochs is not None and self.synthetic:
             raise ValueError("--epochs counts passes over --data or --dataset-name; the synthetic task has no end: "
                              "pass --steps")  # fmt: skip
-        for name in ("data", "eval_data"):
+        if self.test_data is not None and self.task == "denoise":
+            raise ValueError("--test-data predicts seq2seq examples; --task denoise has none to predict: drop "
+                             "--test-data")  # fmt: skip
+        if self.max_predict_samples is not None and self.test_data is None:
+            raise ValueError("--max-predict-samples limits --test-data's examples: pass --test-data FILE")
+        for name in ("data", "eval_data", "test_data"):
             path = getattr(self, name)
             if path is not None and not (name == "data" and path == SYNTHETIC) and not Path(path).exists():
                 raise FileNotFoundError(

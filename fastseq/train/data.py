@@ -9,7 +9,7 @@ import logging
 import math
 import random
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -79,6 +79,7 @@ class Data:
     eval_collator: Seq2SeqCollator | None  # unpacked
     fingerprint_path: str | None = None  # what identifies the training data: a file, pipe or directory
     synthetic: bool = False  # the default task, generated without end: no epochs
+    test: list[tuple[str, str]] = field(default_factory=list)  # --test-data's examples, predicted at the end
 
     @property
     def epoch(self) -> float | None:
@@ -149,7 +150,8 @@ def build_data(args: TrainArgs, tokenizer: Tokenizer, config, data_parallel: int
             stream = SyntheticStream(args.batch_size, args.seed)
         count = SYNTHETIC_HELD_OUT if args.max_eval_samples is None else args.max_eval_samples
         held_out = make_examples(count, random.Random(args.seed + 1))
-        return Data(stream, _packing(collator, args.pack), held_out, collator, synthetic=True)
+        test = _test(args, tokenizer, limits)
+        return Data(stream, _packing(collator, args.pack), held_out, collator, synthetic=True, test=test)
     if args.task == "denoise":
         corrupt = SpanCorruptionCollator(tokenizer, input_length=args.max_source_length, seed=args.seed)
         source = _first(file_source(args.data, f"--data {args.data}", args.source_field, args.target_field, text=True),
@@ -168,7 +170,9 @@ def build_data(args: TrainArgs, tokenizer: Tokenizer, config, data_parallel: int
     stream = FileStream(source, TokenLengths(tokenizer), limits=limits, flags=FLAGS, **sizes)
     _set_steps(args, stream, data_parallel)
     held_out = _held_out(args, tokenizer, limits)
-    return Data(stream, _packing(collator, args.pack), held_out, collator, source.fingerprint_path or args.data)
+    test = _test(args, tokenizer, limits)
+    return Data(stream, _packing(collator, args.pack), held_out, collator, source.fingerprint_path or args.data,
+                test=test)  # fmt: skip
 
 
 def _packing(collator: Seq2SeqCollator | SpanCorruptionCollator, pack: bool):
@@ -211,21 +215,36 @@ def _with_prefix(source: DataSource, prefix: str) -> DataSource:
 
 
 def _held_out(args: TrainArgs, tokenizer: Tokenizer, limits: tuple[int, int]) -> list[tuple[str, str]]:
-    """The held-out examples, all read now so that a bad record stops the run before training
-    (the error names file:line); all of them, or the first --max-eval-samples, are kept, tokenized and
-    their cuts reported."""
+    """The held-out examples: all of them, or the first --max-eval-samples (`_read_all`)."""
     source = _eval_source(args)
     if source is None:
         return []
+    return _read_all(source, args, tokenizer, limits, args.max_eval_samples, "held out")
+
+
+def _test(args: TrainArgs, tokenizer: Tokenizer, limits: tuple[int, int]) -> list[tuple[str, str]]:
+    """--test-data's examples: all of them, or the first --max-predict-samples (`_read_all`)."""
+    if args.test_data is None:
+        return []
+    source = file_source(args.test_data, f"--test-data {args.test_data}", args.source_field, args.target_field,
+                         split="test")  # fmt: skip
+    return _read_all(source, args, tokenizer, limits, args.max_predict_samples, "test")
+
+
+def _read_all(source: DataSource, args: TrainArgs, tokenizer: Tokenizer, limits: tuple[int, int], count: int | None,
+              what: str) -> list[tuple[str, str]]:  # fmt: skip
+    """The first `count` examples of `source` (None: all), with --source-prefix, all read now so that
+    a bad record stops the run before training (the error names file:line); tokenized and their
+    cuts reported."""
     kept = []
     for example in _with_prefix(source, args.source_prefix).open():
-        if args.max_eval_samples is None or len(kept) < args.max_eval_samples:
+        if count is None or len(kept) < count:
             kept.append(example)
-    if not kept and args.max_eval_samples != 0:
+    if not kept and count != 0:
         raise ValueError(f"{source.label} has no examples; check the data and --source-field/--target-field")
     cuts = Cuts(limits, FLAGS)
     cuts.add([TokenLengths(tokenizer)(example) for example in kept])
-    line = cuts.report(f"{source.label} (held out)")
+    line = cuts.report(f"{source.label} ({what})")
     if line:
         log.warning(line)
     return kept

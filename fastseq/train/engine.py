@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+import shutil
 from pathlib import Path
 
 import torch
@@ -19,8 +20,9 @@ from torch.optim.lr_scheduler import LambdaLR
 
 from fastseq import hub, presets
 from fastseq.checkpoint import fit_embeddings, from_pretrained, read_model_config, stored_embeddings
-from fastseq.files import write_json
+from fastseq.files import SAFE_INDEX, SAFE_WEIGHTS, SHARD_RE, atomic_write, write_json
 from fastseq.hub import HubModelNotFound, model_directory
+from fastseq.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from fastseq.models import FAMILIES, T5Config
 from fastseq.models.base import GENERATION_CONFIG
 from fastseq.optim import make_optimizer, make_schedule
@@ -30,6 +32,8 @@ from .args import TrainArgs
 from .state import check_optimizer_state, check_scheduler_state, read_tensors
 
 _T5_FAMILY = ("t5", "mt5", "longt5", "umt5")
+# What `Engine.save_weights` writes of a model into a directory (besides the safetensors shards).
+MODEL_FILES = ("config.json", GENERATION_CONFIG, SAFE_WEIGHTS, SAFE_INDEX, ADAPTER_CONFIG, ADAPTER_WEIGHTS)
 log = logging.getLogger("fastseq.train")
 
 
@@ -113,6 +117,12 @@ class Engine:
         """The trained model as a Hugging Face directory at `out` (from the final `checkpoint`)."""
         raise NotImplementedError
 
+    def save_model_of(self, checkpoint: Path, out: Path) -> None:
+        """The model of this run's `checkpoint` at `out`, from the checkpoint's files
+        (`--load-best-model-at-end`): one process's checkpoint holds a model directory (under LoRA the
+        adapters), copied as it is."""
+        copy_model_files(checkpoint, out)
+
     def save_weights(self, directory: Path) -> None:
         """What a directory of the run holds of the model: its Hugging Face files, or under LoRA the
         adapters in peft's format and the generation config (the base stays where `--model` is)."""
@@ -132,6 +142,16 @@ class Engine:
 
     def close(self) -> None:
         """Release what the engine holds beyond the process (a process group) once the run is over."""
+
+
+def copy_model_files(source: Path, dest: Path) -> list[str]:
+    """Copy what `Engine.save_weights` wrote of a model into `source` (config.json,
+    generation_config.json, the safetensors weights or shards and their index; under LoRA peft's
+    adapter files) into `dest`, each atomically; their names."""
+    names = sorted(p.name for p in Path(source).iterdir() if p.name in MODEL_FILES or SHARD_RE.fullmatch(p.name))
+    for name in names:
+        atomic_write(Path(dest) / name, lambda tmp, name=name: shutil.copyfile(Path(source) / name, tmp))
+    return names
 
 
 # ---- the model and tokenizer of a run -----------------------------------------------------------

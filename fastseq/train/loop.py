@@ -40,6 +40,7 @@ from fastseq.files import (
     is_disk_full,
     publish_directory,
     reason,
+    write_json,
 )
 from fastseq.metrics import compute
 from fastseq.tokenizers import Tokenizer
@@ -83,6 +84,8 @@ from .state import (
 )
 
 log = logging.getLogger("fastseq.train")
+TEST_PREDICTIONS = "test_predictions.jsonl"  # --test-data's predictions, beside eval_predictions-STEP.jsonl
+PREDICT_RESULTS = "predict_results.json"  # --test-data's scores, as HF's run_summarization.py names the file
 _SHOWN_CHARS = 200  # the summary line shows held-out sources and outputs up to this length
 
 
@@ -187,6 +190,8 @@ class _Run:
         self.tokens = Tokens()
         self.epochs_whole = 0  # whole epochs done before this step (--eval-strategy epoch)
         self.stopped_early: int | None = None  # the step --early-stopping-patience ended the run at
+        self.best_model: Path | None = None  # the checkpoint --load-best-model-at-end took OUTPUT's model from
+        self.test_scores: dict = {}  # --test-data's scores, under HF's predict_ names
 
     def resume(self) -> int:
         """Load the checkpoint `--resume` names, after checking that this run may continue it (its
@@ -371,7 +376,10 @@ class _Run:
 
     def finish(self) -> Path:
         """The final checkpoint, evaluation (after the checkpoint, so a failing evaluation loses no
-        training) and model directory; returns the checkpoint."""
+        training), the best checkpoint's model loaded and evaluated (--load-best-model-at-end) and the
+        model directory; returns the checkpoint. The records go to metrics.jsonl once every evaluation
+        is done: a signal during one leaves none of them, and the --resume that finishes the run
+        writes each once."""
         steps = self.stopped_early or self.args.steps
         path = self.out / f"checkpoint-{steps}"
         if self.last_checkpoint != path:  # written already when a resume of the last step finishes the run
@@ -379,20 +387,69 @@ class _Run:
         if self.evaluating:  # an early stop's step was evaluated: its scores are final
             self.final = self.metrics.evaluated[steps] if self.stopped_early else self.evaluate(steps)
         self.prune()
+        records = []
         if self.evaluating:
             record = {"step": steps, "lr": self.engine.learning_rate(), **({} if self.stopped_early else self.final)}
             if self.best is not None:
                 record.update(best_checkpoint=self.best[0].name, best_metric=self.best[1])
+            records.append(record)
+        self.best_model = self.load_best(path)
+        if self.best_model is not None:
+            records.append({"step": steps, "best_model_step": int(self.best_model.name[11:]),
+                            "best_model_checkpoint": self.best_model.name, **self.final})  # fmt: skip
+        self.predict()
+        for record in records:
             self.metrics.write(record)
-            if self.engine.rank == 0 and self.args.metrics:
-                write_generated_predictions(self.out / "generated_predictions.txt", self.outputs)
-        self.engine.save_model(self.out, path)
+        if self.evaluating and self.engine.rank == 0 and self.args.metrics:
+            write_generated_predictions(self.out / "generated_predictions.txt", self.outputs)
+        if self.best_model not in (None, path):
+            self.engine.save_model_of(self.best_model, self.out)
+        else:
+            self.engine.save_model(self.out, path)
         if self.engine.rank == 0:
             self.tokenizer.save_pretrained(self.out)
             write_prediction_settings(self.out, self.args)
             steps, losses = zip(*self.losses, strict=True)
             plot_losses(self.out / "loss.png", list(steps), list(losses), self.evals)
         return path
+
+    def predict(self) -> None:
+        """--test-data (HF's `--do_predict`): the engine's model (the best checkpoint's under
+        --load-best-model-at-end) predicts and scores the test examples as evaluation does; the
+        predictions go to OUTPUT/test_predictions.jsonl (as eval_predictions-STEP.jsonl; none under
+        --metric none), the scores to OUTPUT/predict_results.json under HF's names (`predict_loss`,
+        `predict_<score>`, `predict_samples`)."""
+        if not self.data.test:
+            return
+        if self.engine.model is None:
+            log.warning("--test-data: %s cannot predict; predict with `fastseq generate` on the trained model "
+                        "directory", self.engine.name)  # fmt: skip
+            return
+        scores, outputs = self.score(self.data.test)
+        self.test_scores = {f"predict_{key.removeprefix('eval_')}": value for key, value in scores.items()}
+        self.test_scores["predict_samples"] = len(self.data.test)
+        if self.engine.rank == 0:
+            if self.args.metrics:
+                write_predictions(self.out / TEST_PREDICTIONS, self.data.test, outputs)
+            write_json(self.out / PREDICT_RESULTS, self.test_scores)
+
+    def load_best(self, final: Path) -> Path | None:
+        """--load-best-model-at-end: the best checkpoint by --metric-for-best-model (None without the
+        option). Unless it is the `final` checkpoint, its model is loaded into the engine (with the
+        loader --resume uses) and evaluated, and its scores and outputs become the run's final ones, as
+        HF's Trainer evaluates after loading the best model."""
+        if not self.args.load_best_model_at_end:
+            return None
+        if not self.evaluating:
+            log.warning("--load-best-model-at-end: %s evaluates no checkpoint, so OUTPUT holds the last step's model",
+                        self.engine.name)  # fmt: skip
+            return None
+        best = self.engine.on_first_rank(lambda: self.best[0])  # found on the first rank (`prune`)
+        if best != final:
+            state = self.engine.on_first_rank(read_state, best)
+            self.engine.load(best, state["engine"])
+            self.final, self.outputs = self.score(self.data.held_out)
+        return best
 
     def summary(self, start: int, elapsed: float, path: Path, stopped_by: int | None) -> dict:
         """The summary line (and a few held-out outputs) on the first rank; the summary dict."""
@@ -409,9 +466,16 @@ class _Run:
                 ordered = [key for key in self.final if key != "eval_loss"] + ["eval_loss"]
                 scores = ", ".join(_format_score(key, self.final[key]) for key in ordered)
                 line += f", held-out {scores} ({len(self.data.held_out)} examples)"
+            if self.test_scores:
+                ordered = [key for key in self.test_scores if key not in ("predict_loss", "predict_samples")]
+                scores = [_format_score(key.removeprefix("predict_"), self.test_scores[key]) for key in ordered]
+                scores.append(_format_score("predict_loss", self.test_scores["predict_loss"]))
+                line += f", test {', '.join(scores)} ({len(self.data.test)} examples, {PREDICT_RESULTS})"
             line += f", checkpoint in {self.out} ({path.name})"
             if self.best is not None:
                 line += f", best_checkpoint {self.best[0].name} ({self.args.best_model_key} {self.best[1]:.4g})"
+            if self.best_model is not None:
+                line += f", model of {self.best_model.name} (--load-best-model-at-end)"
             if self.stopped_early:
                 line += (f", stopped early at step {self.stopped_early} (--early-stopping-patience "
                          f"{self.args.early_stopping_patience}: no better {self.args.best_model_key})")  # fmt: skip
@@ -426,19 +490,25 @@ class _Run:
         losses = [value for _, value in self.losses]
         summary = {"loss": loss, "losses": losses, "seconds": elapsed, "interrupted": interrupted,
                    "stopped_early": self.stopped_early, **rates}  # fmt: skip
-        return {**summary, **self.final, **best}
+        if self.best_model is not None:
+            best["best_model_step"] = int(self.best_model.name[11:])
+        return {**summary, **self.final, **best, **self.test_scores}
 
     def evaluate(self, step: int) -> dict:
         """Evaluate the held-out examples; their predictions go to OUTPUT/eval_predictions-STEP.jsonl."""
-        args, engine = self.args, self.engine
-        scores, self.outputs = evaluate(engine.model, self.tokenizer, self.data.held_out, self.data.eval_collator,
-                                        engine.device, autocast=engine.autocast, metrics=args.metrics,
-                                        num_beams=args.num_beams, max_new_tokens=args.eval_max_new_tokens)  # fmt: skip
+        scores, self.outputs = self.score(self.data.held_out)
         self.evals.append((step, scores["eval_loss"]))
         self.metrics.evaluated[step] = scores
-        if engine.rank == 0 and args.metrics:  # --metric none generates nothing
+        if self.engine.rank == 0 and self.args.metrics:  # --metric none generates nothing
             write_predictions(self.out / f"eval_predictions-{step}.jsonl", self.data.held_out, self.outputs)
         return scores
+
+    def score(self, examples: list[tuple[str, str]]) -> tuple[dict[str, float], list[str]]:
+        """The engine's model on `examples`: eval_loss and --metric's scores, and the outputs."""
+        args, engine = self.args, self.engine
+        return evaluate(engine.model, self.tokenizer, examples, self.data.eval_collator, engine.device,
+                        autocast=engine.autocast, metrics=args.metrics, num_beams=args.num_beams,
+                        max_new_tokens=args.eval_max_new_tokens)  # fmt: skip
 
     def epoch_ended(self) -> bool:
         """--eval-strategy epoch: whether the step just taken completed an epoch of the training data
@@ -514,7 +584,7 @@ def _train(args: TrainArgs, config, tokenizer: Tokenizer, engine: Engine, out: P
     if start == args.steps:  # the last step's checkpoint (a signal stopped the final evaluation): the run ends
         log.info("--resume: %s is the run's last step; writing its final evaluation and model", run.last_checkpoint)
         run.losses = [(r["step"], r["loss"]) for r in run.metrics.history if "loss" in r] or [(start, math.nan)]
-        run.evals = [(r["step"], r["eval_loss"]) for r in run.metrics.history if "eval_loss" in r]
+        run.evals = [(step, r["eval_loss"]) for step, r in sorted(run.metrics.evaluated.items())]
     if data.held_out and engine.model is None:
         log.warning("%s cannot evaluate held-out examples; evaluate the trained model directory instead", engine.name)
     if run.evaluating:

@@ -34,7 +34,8 @@ FORMAT = 2
 _RUN_FILES = {"metrics.jsonl", "loss.png", "config.json", "generation_config.json", SAFE_WEIGHTS, SAFE_INDEX,
               "spiece.model", "vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json",
               "added_tokens.json", "generated_predictions.txt", "runs", PREDICTION_CONFIG, "adapter_config.json",
-              "adapter_model.safetensors"}  # fmt: skip
+              "adapter_model.safetensors", "test_predictions.jsonl", "predict_results.json", "wandb",
+              "wandb_run_id.txt"}  # fmt: skip
 log = logging.getLogger("fastseq.train")
 _CHECKPOINT = re.compile(r"\.?checkpoint-\d+(\.tmp|\.old|\.abandoned(-\d+)?)?")
 _PREDICTIONS = re.compile(r"eval_predictions-\d+\.jsonl")

@@ -41,9 +41,23 @@ def test_zero3_builds_the_parameters_in_the_configs_dtype_on_any_cpu(tmp_path):
 @pytest.mark.slow
 def test_zero2_and_zero3_match_one_process_resume_exactly_and_convert(tmp_path):
     expected = one_process(tmp_path / "one", 5)
-    deepspeed("--deepspeed", str(ROOT / "configs/deepspeed/zero2.json"), "--steps", "5",
-              "--output-dir", str(tmp_path / "z2"), *COMMON)  # fmt: skip
-    assert_losses_close(losses(tmp_path / "z2"), expected)
+    # ZeRO-2 with --load-best-model-at-end (a falling eval_loss with greater-is-better: checkpoint-2 wins).
+    z2 = tmp_path / "z2"
+    deepspeed("--deepspeed", str(ROOT / "configs/deepspeed/zero2.json"), "--steps", "5", "--output-dir", str(z2),
+              *COMMON, "--eval-examples", "16", "--eval-every", "2", "--save-every", "2", "--metric-for-best-model",
+              "eval_loss", "--greater-is-better", "true", "--load-best-model-at-end")  # fmt: skip
+    logged = [json.loads(line) for line in (z2 / "metrics.jsonl").read_text().splitlines()]
+    assert_losses_close([r["loss"] for r in logged if "loss" in r], expected)  # steps 2 and 4 evaluated too
+    evals = {r["step"]: r for r in logged if "eval_loss" in r and "best_model_step" not in r}
+    assert sorted(evals) == [2, 4, 5] and logged[-1]["best_model_step"] == 2, logged
+    assert logged[-1]["eval_loss"] == pytest.approx(evals[2]["eval_loss"], rel=1e-6)  # the best model evaluated again
+    from fastseq.distributed.convert import convert
+
+    top = fastseq.from_pretrained(z2).state_dict()  # OUTPUT's model: checkpoint-2's, as convert writes it
+    for step in (2, 5):
+        state = fastseq.from_pretrained(convert(z2 / f"checkpoint-{step}", tmp_path / f"z2-{step}")).state_dict()
+        same = all(torch.equal(top[name], value) for name, value in state.items())
+        assert same == (step == 2), step
 
     z3 = tmp_path / "z3"
     deepspeed("--deepspeed", str(ROOT / "configs/deepspeed/zero3.json"), "--steps", "5", "--save-every", "3",
@@ -58,7 +72,6 @@ def test_zero2_and_zero3_match_one_process_resume_exactly_and_convert(tmp_path):
     assert losses(resumed) == straight[3:]  # bit for bit
 
     # The held-out evaluation every rank ran (greedy decoding under ZeRO-3) is one process's of the saved model.
-    import json
     import random
 
     from fastseq.data import Seq2SeqCollator
