@@ -151,7 +151,7 @@ def test_names_that_are_not_there_are_one_line_with_both_options(hub, tmp_path, 
         "no/such/path": ("is not a directory, nor a Hugging Face Hub id",),
     }  # fmt: skip
     for name, expected in cases.items():
-        commands = [["train", "--model", name, "--output-dir", str(tmp_path / "out")]]
+        commands = [["train", "--model", name, "--data", "synthetic", "--output-dir", str(tmp_path / "out")]]
         if name == "tiny-org/missing":
             commands += [["generate", "--model", name, "text"], ["convert", name, str(tmp_path / "dst")]]
         for command in commands:
