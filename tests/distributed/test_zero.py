@@ -178,14 +178,14 @@ def test_lora_under_zero2_and_zero3_matches_one_process_and_resumes_exactly(tmp_
     adapters = load_file(tmp_path / "one" / ADAPTER_WEIGHTS)
 
     z2 = tmp_path / "z2"
-    deepspeed("--deepspeed", "zero2", "--steps", "4", "--save-every", "2", "--output-dir", str(z2), *lora, *COMMON)
+    deepspeed("--deepspeed", "zero2", "--steps", "4", "--save-every", "2", "--output-dir", str(z2), *COMMON, *lora)
     assert_losses_close(losses(z2), expected)
     resumed = tmp_path / "z2_resumed"
     deepspeed("--deepspeed", "zero2", "--steps", "4", "--resume", str(z2 / "checkpoint-2"), "--output-dir",
-              str(resumed), *lora, *COMMON)  # fmt: skip
+              str(resumed), *COMMON, *lora)  # fmt: skip
     assert losses(resumed) == losses(z2)[2:]  # bit for bit
     z3 = tmp_path / "z3"
-    deepspeed("--deepspeed", "zero3", "--steps", "4", "--output-dir", str(z3), *lora, *COMMON)
+    deepspeed("--deepspeed", "zero3", "--steps", "4", "--output-dir", str(z3), *COMMON, *lora)
     assert_losses_close(losses(z3), expected)
 
     for run in (z2, resumed, z3):
