@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from ._backend import autocast_cast, autocast_dtype, autocast_off, upcast, use_triton
 from .bucketed_attention import (
     GlobalTokens,
+    PositionBias,
     attention_backward,
     attention_forward,
     distance_table,
@@ -186,6 +187,17 @@ def _globals(global_k, global_v, global_dist_table, caps, block_size) -> GlobalT
     return GlobalTokens(global_k, global_v, global_dist_table, caps, block_size)
 
 
+def _distance_table(bias_table: torch.Tensor | PositionBias, max_distance: int) -> torch.Tensor:
+    """The `(H, 2C + 1)` distance table of a table, or the one a `PositionBias` made (both sides' buckets)."""
+    if isinstance(bias_table, PositionBias):
+        return bias_table.dist_table
+    return distance_table(bias_table, bidirectional=True, max_distance=max_distance)
+
+
+def _table(bias_table: torch.Tensor | PositionBias | None) -> torch.Tensor | None:
+    return bias_table.table if isinstance(bias_table, PositionBias) else bias_table
+
+
 def _local_attention_triton(
     q,
     k,
@@ -205,12 +217,12 @@ def _local_attention_triton(
     every global token, in one online softmax; the biases come from per-distance tables."""
     dist_table = global_dist_table = caps = None
     if bias_table is not None:
-        dist_table = distance_table(bias_table, bidirectional=True, max_distance=max_distance)
+        dist_table = _distance_table(bias_table, max_distance)
     if global_k is not None:
         B, _, L, _ = q.shape
         caps = global_caps(key_padding_mask, B, L, global_block_size, q.device)
         if global_bias_table is not None:
-            global_dist_table = distance_table(global_bias_table, bidirectional=True, max_distance=max_distance)
+            global_dist_table = _distance_table(global_bias_table, max_distance)
     seed = None
     if dropout_p > 0.0:
         # Drawn from PyTorch's CPU generator, so torch.manual_seed fixes the dropout mask.
@@ -289,18 +301,19 @@ def local_attention(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    bias_table: torch.Tensor | None,
+    bias_table: torch.Tensor | PositionBias | None,
     *,
     radius: int = 127,
     max_distance: int = 128,
     key_padding_mask: torch.Tensor | None = None,
     global_k: torch.Tensor | None = None,
     global_v: torch.Tensor | None = None,
-    global_bias_table: torch.Tensor | None = None,
+    global_bias_table: torch.Tensor | PositionBias | None = None,
     global_block_size: int = 16,
     dropout_p: float = 0.0,
 ) -> torch.Tensor:
-    """LongT5 local / transient-global attention. q/k/v `(B, H, L, D)`, bias tables `(num_buckets, H)`,
+    """LongT5 local / transient-global attention. q/k/v `(B, H, L, D)`, bias tables `(num_buckets, H)` (or
+    their `PositionBias`, bidirectional, made once per forward),
     key_padding_mask `(B, L)`, global_k/global_v `(B, H, L // global_block_size, D)` -> `(B, H, L, D)`.
     Under autocast as `bucketed_attention`: q, k, v and the global tokens in autocast's dtype, the
     biases and the softmax in fp32."""
@@ -328,6 +341,12 @@ def local_attention(
             )
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"local_attention: dropout_p must be in [0, 1); got {dropout_p}")
+    for table in (bias_table, global_bias_table):
+        if isinstance(table, PositionBias) and (table.bidirectional, table.max_distance) != (True, max_distance):
+            raise ValueError(
+                f"local_attention: a PositionBias made with bidirectional={table.bidirectional}, "
+                f"max_distance={table.max_distance}; LongT5's tables are bidirectional, max_distance={max_distance}"
+            )
     kwargs = dict(
         radius=radius,
         max_distance=max_distance,
@@ -345,4 +364,5 @@ def local_attention(
     unsupported = functools.partial(unsupported_inputs, q)
     if use_triton("local_attention", HAS_TRITON_KERNEL, q, k, v, unsupported=unsupported):
         return _local_attention_triton(q, k, v, bias_table, **kwargs)
-    return local_attention_reference(q, k, v, bias_table, **kwargs)
+    kwargs["global_bias_table"] = _table(global_bias_table)
+    return local_attention_reference(q, k, v, _table(bias_table), **kwargs)
