@@ -179,6 +179,22 @@ def key_padding(mask, B: int, Lq: int, causal: bool, q_offset: int) -> torch.Ten
     return _memoized(mask, ("4d", B, Lq, Lk, causal, q_offset), decode)
 
 
+def _position_bias(table: torch.Tensor | None, bidirectional: bool, max_distance: int):
+    """`table` as a `kernels.PositionBias`, made once for the layers that share it: the first layer hands
+    the same tensor on to the others, so it is kept on that tensor. A layer that non-reentrant
+    checkpointing recomputes is handed the same tensor and finds it as the forward did; re-entrant
+    checkpointing hands on a detached copy, which makes its own."""
+    if table is None or torch.compiler.is_compiling():
+        return table
+    key = (bidirectional, max_distance, table._version)
+    kept = getattr(table, "_fastseq_position_bias", None)
+    if kept is not None and kept[0] == key:
+        return kept[1]
+    bias = kernels.PositionBias(table, bidirectional=bidirectional, max_distance=max_distance)
+    table._fastseq_position_bias = (key, bias)
+    return bias
+
+
 def _heads(x: torch.Tensor, B: int, D: int) -> torch.Tensor:
     return x.view(B, x.shape[1], -1, D).transpose(1, 2)  # (B, H, L, D)
 
@@ -219,12 +235,13 @@ def _dense_attention(module, hidden, kv_states, mask, cache, *, projections, D, 
     k, v = _project_kv(hidden, kv_states, cache, module.layer_idx, k_proj, v_proj, D)  # (B, H, Lk, D)
     if kpm is not None and kpm.shape[1] != k.shape[2]:
         raise RuntimeError(f"fastseq.patch: the mask covers {kpm.shape[1]} keys but there are {k.shape[2]}")
+    bidirectional = not module.is_decoder
     out = kernels.bucketed_attention(
         q,
         k,
         v,
-        table,
-        bidirectional=not module.is_decoder,
+        _position_bias(table, bidirectional, max_distance),
+        bidirectional=bidirectional,
         max_distance=max_distance,
         causal=causal,
         key_padding_mask=kpm,
