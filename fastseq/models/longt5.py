@@ -112,12 +112,13 @@ class _LongT5LayerSelfAttention(nn.Module):
             tables["global_bias_table"] = self.attention.global_relative_attention_bias.weight
         return tables
 
-    def position_biases(self) -> dict[str, PositionBias]:
-        """The tables as every layer of the stack reads them (both bidirectional), made once per forward."""
+    def position_biases(self, tables: dict[str, torch.Tensor] | None = None) -> dict[str, PositionBias]:
+        """The tables (this layer's own by default) as every layer of the stack reads them (both
+        bidirectional), made once per forward."""
         max_distance = self.attention.max_distance
+        tables = self.position_tables() if tables is None else tables
         return {
-            name: PositionBias(table, bidirectional=True, max_distance=max_distance)
-            for name, table in self.position_tables().items()
+            name: PositionBias(table, bidirectional=True, max_distance=max_distance) for name, table in tables.items()
         }
 
     def forward(self, x: torch.Tensor, tables: dict, mask: AttentionMask) -> torch.Tensor:

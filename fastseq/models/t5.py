@@ -232,12 +232,15 @@ class T5LayerSelfAttention(nn.Module):
         """Bias tables this layer owns (layer 0 owns them; every layer uses them)."""
         return {"bias_table": self.SelfAttention.relative_attention_bias.weight}
 
-    def position_biases(self) -> dict[str, PositionBias]:
-        """The tables as every layer of the stack reads them, made once per forward."""
+    def position_biases(self, tables: dict[str, torch.Tensor] | None = None) -> dict[str, PositionBias]:
+        """The tables (this layer's own by default) as every layer of the stack reads them, made once
+        per forward."""
         attention = self.SelfAttention
-        table = attention.relative_attention_bias.weight
-        return {"bias_table": PositionBias(table, bidirectional=not attention.is_decoder,
-                                           max_distance=attention.max_distance)}  # fmt: skip
+        tables = self.position_tables() if tables is None else tables
+        return {
+            name: PositionBias(table, bidirectional=not attention.is_decoder, max_distance=attention.max_distance)
+            for name, table in tables.items()
+        }
 
     def forward(
         self, x: torch.Tensor, tables: dict[str, torch.Tensor], mask: AttentionMask, cache=None
