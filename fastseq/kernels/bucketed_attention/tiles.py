@@ -60,12 +60,14 @@ def _parse_tiles(text: str) -> Tiles:
 # key (t5: 17 against 21). At D = 128 it is 128 x 64 with 8 warps and one stage (was 32 x 32: 64 HMMA, no
 # wgmma): 32 wgmma, no spill under 3.6 or 3.9 (the t5 build 254 and 245 registers), and its key loop 1,131
 # instructions per 128 x 64 tile against 653 per 32 x 32; 64 x 64 spilled there (64 to 696 bytes under 3.9).
+# LongT5's dK/dV at D = 64 and T5's at D = 32 take 64 x 64 with 8 warps too (all wgmma, no spill under 3.6 or
+# 3.9); LongT5's at D = 128 stays 32 x 32 (128 x 64 spilled 8 bytes under 3.6).
 # fmt: off
 _TILES: dict[tuple[int, int], Tiles] = {key: _parse_tiles(text) for key, text in {
     #           fwd        fwd_global dq         dkdv       dq_global  dkdv_global
     (90, 16):   "128.32.8.3 128.64.8.3 128.64.8.2 64.64.8.2  128.64.8.2 128.32.8.2",
-    (90, 32):   "128.32.8.3 128.64.8.3 128.64.8.2 64.32.4.2  128.32.8.2 128.32.8.2",
-    (90, 64):   "128.64.8.3 128.64.8.3 64.32.4.2  64.64.8.2  128.32.8.2 64.32.4.2",
+    (90, 32):   "128.32.8.3 128.64.8.3 128.64.8.2 64.64.8.2  128.32.8.2 128.32.8.2",
+    (90, 64):   "128.64.8.3 128.64.8.3 64.32.4.2  64.64.8.2  128.32.8.2 64.64.8.2",
     (90, 128):  "128.64.8.2 128.64.8.2 64.32.8.2  128.64.8.1 64.32.4.2  32.32.8.2",
     (90, 256):  "64.32.8.2  16.16.4.1  16.32.8.1  16.16.4.1  16.32.8.1  16.16.4.1",
     (80, 16):   "128.64.8.3 128.64.8.3 128.64.8.2 64.32.4.2  128.64.8.2 64.32.4.2",
