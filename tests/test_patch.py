@@ -236,6 +236,27 @@ def test_t5_layers_share_one_prepared_table(monkeypatch):
     assert firsts[0] is not firsts[1]
 
 
+@pytest.mark.parametrize("kind", ["longt5_local", "longt5_tglobal"])
+def test_longt5_encoder_layers_share_prepared_tables(kind, monkeypatch):
+    """LongT5's encoder layers read the first layer's tables, handed on to them, as the same `PositionBias`es."""
+    seen = []
+    real = fpatch.kernels.local_attention
+
+    def recording(q, k, v, table, **kw):
+        seen.append((table, kw.get("global_bias_table")))
+        return real(q, k, v, table, **kw)
+
+    monkeypatch.setattr(fpatch.kernels, "local_attention", recording)
+    model = fastseq.patch(build(kind))
+    with torch.no_grad():
+        model(**inputs(kind))
+    assert len(seen) == len(model.encoder.block) > 1
+    for table, global_table in seen:
+        assert isinstance(table, fastseq.kernels.PositionBias) and table is seen[0][0]
+        assert global_table is seen[0][1]
+    assert (seen[0][1] is None) == (kind == "longt5_local")
+
+
 @pytest.mark.parametrize("kind", ["t5_v11_untied", "longt5_local", "longt5_tglobal", "blenderbot_small"])
 def test_output_attentions_runs_the_modules_own_forward(kind, monkeypatch):
     ref = build(kind)
