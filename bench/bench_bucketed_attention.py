@@ -19,7 +19,8 @@ it has no CPU backward) to check the script itself; its numbers mean nothing.
 
 `--host` times what a call costs the host, forward + backward, on the CPU: Python, dispatch,
 autograd and the launchers' set-up, with the kernel launches replaced by ones that do nothing; for
-T5's training call (bias, padding, causal, dropout 0.1), its evaluation call, and one plain op.
+T5's training call (bias, padding, causal, dropout 0.1), alone and in a stack of layers sharing one
+prepared table, its evaluation call, and the floors (`host_time`).
 """
 
 from __future__ import annotations
@@ -148,44 +149,123 @@ class _NoLaunch:
         return lambda *args, **kwargs: None
 
 
-def host_time(calls: int = 100, reps: int = 7) -> list[dict]:
-    """Microseconds of host work per call, forward + backward (`--host`)."""
+class _NoOp(torch.autograd.Function):
+    """An autograd op that allocates its output and its three input gradients and does nothing else: the
+    floor of any attention written as a Python `autograd.Function` (`--host`)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, table):
+        B, H, L, D = q.shape
+        return torch.empty(B, L, H, D).transpose(1, 2)
+
+    @staticmethod
+    def backward(ctx, grad):
+        B, H, L, D = grad.shape
+        return (*(torch.empty(B, L, H, D).transpose(1, 2) for _ in range(3)), None)
+
+
+HOST_LAYERS = 12  # T5-base's layers per stack
+
+
+def host_time(calls: int = 50, reps: int = 9) -> list[dict]:
+    """Microseconds of host work per attention call, forward + backward (`--host`): the CPU time of the
+    calling thread (`time.thread_time`), so that other processes on a shared machine do not count.
+
+    The kernels' launches are replaced by ones that do nothing, so what is timed is Python, dispatch,
+    autograd and the launchers' set-up, on tiny CPU tensors (their own work stays small). The leaves are
+    laid out as a model's projections lay q, k and v out (`(B, L, H, D)` with the heads moved), and
+    their gradients are cleared before each call, so autograd takes each gradient as it comes instead
+    of adding it to the last one. Cases:
+    - `fastseq_train` / `fastseq_eval`: one call with the `(32, H)` table and a long padding mask,
+      forward and `backward()` (T5's training call: bias, padding, causal, dropout 0.1; its evaluation
+      call: bias and padding), autograd's start of a backward included;
+    - `fastseq_train_layer`: a stack of HOST_LAYERS such calls, each layer's output the next one's
+      queries, one `backward()`, per call: the bias table (`PositionBias`) and the mask (bool) made once
+      per forward, as the models make them;
+    - `noop_function_layer`: the same stack of an `autograd.Function` that only allocates its output
+      and gradients, the floor of a Python autograd op; `torch_mul`, `torch_mul_layer`: a plain op;
+    - `bias_grad_sum`: the one reduction of the backward that is arithmetic on the CPU here (the bias
+      gradient's partial rows summed per head) and one reduction launch on a GPU.
+    """
     import os
 
     os.environ["TRITON_INTERPRET"] = "1"  # CPU tensors reach the launchers; the kernels never run
     os.environ["FASTSEQ_BACKEND"] = "triton"
-    from fastseq.kernels.bucketed_attention import bucketed_attention, launch
+    from fastseq.kernels.bucketed_attention import PositionBias, bucketed_attention, launch
 
     for name in [n for n in vars(launch) if n.startswith("_bucketed_attention_") and n.endswith("_kernel")]:
         setattr(launch, name, _NoLaunch())
     B, H, L, D = 2, 4, 64, 32  # tiny: the tensor work left on the CPU (allocations, small ops) stays small
-    q, k, v, table = _inputs(B, H, L, D, torch.float32, "cpu")
-    mask = torch.ones(B, L, dtype=torch.long)
-    grad = torch.ones(B, H, L, D)
+    g = torch.Generator().manual_seed(0)
 
-    def attention(**kwargs):
+    def leaf():
+        return torch.randn(B, L, H, D, generator=g).transpose(1, 2).requires_grad_()  # (B, H, L, D)
+
+    q = leaf()
+    kv = [(leaf(), leaf()) for _ in range(HOST_LAYERS)]
+    table = torch.nn.Parameter(torch.randn(NUM_BUCKETS, H, generator=g) * 0.5)
+    mask = torch.ones(B, L, dtype=torch.long)
+    grad = torch.ones(B, L, H, D).transpose(1, 2)
+    leaves = [q, table, *(t for pair in kv for t in pair)]
+    train = dict(causal=True, dropout_p=0.1, bidirectional=False)
+
+    def clear():
+        for t in leaves:
+            t.grad = None
+
+    def one_call(**kwargs):
         def call():
-            bucketed_attention(q, k, v, table, key_padding_mask=mask, max_distance=MAX_DISTANCE, **kwargs).backward(
-                grad
-            )
+            clear()
+            out = bucketed_attention(q, *kv[0], table, key_padding_mask=mask, max_distance=MAX_DISTANCE, **kwargs)
+            out.backward(grad)
 
         return call
 
+    def stack(attend):
+        def call():
+            clear()
+            x = q
+            for k, v in kv:
+                x = attend(x, k, v)
+            x.backward(grad)
+
+        return call
+
+    def fastseq_layers():
+        clear()
+        bias = PositionBias(table, bidirectional=False, max_distance=MAX_DISTANCE)
+        bool_mask = mask != 0
+        x = q
+        for k, v in kv:
+            x = bucketed_attention(x, k, v, bias, key_padding_mask=bool_mask, max_distance=MAX_DISTANCE, **train)
+        x.backward(grad)
+
     def plain():
+        clear()
         q.mul(2.0).backward(grad)
 
+    cut = PositionBias(table, bidirectional=False, max_distance=MAX_DISTANCE).cut
+    partials = torch.zeros(B, H, -(-L // 16), 2 * cut + 1)  # one row per dQ program (16-row tiles here)
+
+    cases = (
+        ("fastseq_train", one_call(**train), 1),
+        ("fastseq_eval", one_call(), 1),
+        ("fastseq_train_layer", fastseq_layers, HOST_LAYERS),
+        ("noop_function_layer", stack(lambda x, k, v: _NoOp.apply(x, k, v, table)), HOST_LAYERS),
+        ("torch_mul", plain, 1),
+        ("torch_mul_layer", stack(lambda x, k, v: x.mul(2.0)), HOST_LAYERS),
+        ("bias_grad_sum", lambda: partials.sum((0, 2)), 1),
+    )
     rows = []
-    cases = (("fastseq_train", attention(causal=True, dropout_p=0.1)), ("fastseq_eval", attention()),
-             ("torch_mul", plain))  # fmt: skip
-    for name, call in cases:
+    for name, call, per in cases:
         for _ in range(10):
             call()
         samples = []
         for _ in range(reps):
-            start = time.perf_counter()
+            start = time.thread_time()
             for _ in range(calls):
                 call()
-            samples.append((time.perf_counter() - start) / calls * 1e6)
+            samples.append((time.thread_time() - start) / (calls * per) * 1e6)
         row = {"provider": name, "B": B, "H": H, "L": L, "D": D, "host_us": Timing.of(samples)}
         rows.append(row)
         print(f"{name}: {float(row['host_us']):.1f} us of host work per forward + backward", flush=True)
@@ -200,10 +280,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--head-dim", type=int, default=64)
     parser.add_argument("--providers", nargs="+", default=["fastseq", "hf_eager", "hf_sdpa", "flex"])
     parser.add_argument("--host", action="store_true", help="host time per call on the CPU, kernels not launched")
+    parser.add_argument("--label", default="", help="--host: what code was timed (a commit), kept in the rows")
     add_common_args(parser)
     args = parser.parse_args(argv)
     if args.host:
-        write_csv([row | provenance("cpu", "host time per forward + backward") for row in host_time()], args.out)
+        what = "host time per forward + backward (thread CPU time)" + (f"; {args.label}" if args.label else "")
+        write_csv([row | provenance("cpu", what) for row in host_time()], args.out)
         return 0
 
     device = smoke_setup(args.smoke)

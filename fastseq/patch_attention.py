@@ -179,6 +179,32 @@ def key_padding(mask, B: int, Lq: int, causal: bool, q_offset: int) -> torch.Ten
     return _memoized(mask, ("4d", B, Lq, Lk, causal, q_offset), decode)
 
 
+def _kept(holder: torch.Tensor, key: tuple, make):
+    """`make()`, made once for the layers that share `holder`, the tensor the first layer hands on to the
+    others, and kept on it. A layer that non-reentrant checkpointing recomputes is handed the same tensor
+    and finds it as the forward did; re-entrant checkpointing hands on a detached copy, which makes its own."""
+    if torch.compiler.is_compiling():
+        return make()
+    key = (*key, holder._version)
+    kept = getattr(holder, "_fastseq_position_bias", None)
+    if kept is not None and kept[0] == key:
+        return kept[1]
+    value = make()
+    holder._fastseq_position_bias = (key, value)
+    return value
+
+
+def _position_bias(table: torch.Tensor | None, bidirectional: bool, max_distance: int):
+    """`table` as a `kernels.PositionBias`, made once for the layers it is handed on to (`_kept`)."""
+    if table is None:
+        return None
+
+    def make():
+        return kernels.PositionBias(table, bidirectional=bidirectional, max_distance=max_distance)
+
+    return _kept(table, (bidirectional, max_distance), make)
+
+
 def _heads(x: torch.Tensor, B: int, D: int) -> torch.Tensor:
     return x.view(B, x.shape[1], -1, D).transpose(1, 2)  # (B, H, L, D)
 
@@ -219,12 +245,13 @@ def _dense_attention(module, hidden, kv_states, mask, cache, *, projections, D, 
     k, v = _project_kv(hidden, kv_states, cache, module.layer_idx, k_proj, v_proj, D)  # (B, H, Lk, D)
     if kpm is not None and kpm.shape[1] != k.shape[2]:
         raise RuntimeError(f"fastseq.patch: the mask covers {kpm.shape[1]} keys but there are {k.shape[2]}")
+    bidirectional = not module.is_decoder
     out = kernels.bucketed_attention(
         q,
         k,
         v,
-        table,
-        bidirectional=not module.is_decoder,
+        _position_bias(table, bidirectional, max_distance),
+        bidirectional=bidirectional,
         max_distance=max_distance,
         causal=causal,
         key_padding_mask=kpm,
@@ -374,6 +401,19 @@ def _longt5_encoder_attention(self, args, kwargs, *, transient_global: bool):
                     bias_table(self.global_relative_attention_bias) if own and transient_global else None,
                 )
             table, global_table = shared
+            handed_on = table if global_table is None else torch.stack([table, global_table])
+            holder = handed_on if position_bias is None else position_bias  # the tensor the layers share
+            max_distance = self.relative_attention_max_distance
+
+            def biases():
+                return tuple(
+                    None if t is None else kernels.PositionBias(t, bidirectional=True, max_distance=max_distance)
+                    for t in (table, global_table)
+                )
+
+            bias, global_bias = biases() if holder is None else _kept(holder, ("longt5", max_distance), biases)
+            if holder is not handed_on and hasattr(holder, "_fastseq_position_bias"):
+                handed_on._fastseq_position_bias = holder._fastseq_position_bias  # the next layer finds them too
             q, k, v = (_heads(proj(hidden_states), B, D) for proj in (self.q, self.k, self.v))  # (B, H, L, D)
             extra = {}
             if transient_global:
@@ -383,21 +423,20 @@ def _longt5_encoder_attention(self, args, kwargs, *, transient_global: bool):
                 extra = dict(
                     global_k=_heads(self.k(globals_), B, D),  # (B, H, G, D)
                     global_v=_heads(self.v(globals_), B, D),
-                    global_bias_table=global_table,
+                    global_bias_table=global_bias,
                     global_block_size=self.global_block_size,
                 )
             out = kernels.local_attention(
                 q,
                 k,
                 v,
-                table,
+                bias,
                 radius=self.local_radius,
-                max_distance=self.relative_attention_max_distance,
+                max_distance=max_distance,
                 key_padding_mask=kpm,
                 dropout_p=self.dropout if self.training else 0.0,
                 **extra,
             )  # (B, H, L, D)
-            handed_on = table if global_table is None else torch.stack([table, global_table])
             return (self.o(out.transpose(1, 2).reshape(B, L, -1)), handed_on)
         except _Fallback as why:
             _refuse_shared(self, position_bias, str(why))

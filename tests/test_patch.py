@@ -205,8 +205,56 @@ def test_umt5_uses_each_layers_own_table(monkeypatch):
     encoder_tables = [blk.layer[0].SelfAttention.relative_attention_bias.weight for blk in model.encoder.block]
     assert len(seen) == 3 * len(encoder_tables)  # encoder, decoder self- and cross-attention
     for layer, (used, own) in enumerate(zip(seen, encoder_tables, strict=False)):
-        assert torch.equal(used, own), f"encoder layer {layer} did not use its own table"
+        assert torch.equal(used.table, own), f"encoder layer {layer} did not use its own table"
     assert not torch.equal(encoder_tables[0], encoder_tables[1])
+
+
+def test_t5_layers_share_one_prepared_table(monkeypatch):
+    """The first layer's table, handed on to the others, is made ready for the kernels once per forward:
+    every self-attention layer of a stack reads the same `PositionBias`, and the next forward makes a new one."""
+    seen = []
+    real = fpatch.kernels.bucketed_attention
+
+    def recording(q, k, v, table, **kw):
+        seen.append(table)
+        return real(q, k, v, table, **kw)
+
+    monkeypatch.setattr(fpatch.kernels, "bucketed_attention", recording)
+    model = fastseq.patch(build("t5_v11_untied"))
+    layers = len(model.encoder.block)
+    firsts = []
+    for _ in range(2):
+        seen.clear()
+        with torch.no_grad():
+            model(**inputs("t5_v11_untied"))
+        encoder, decoder = seen[:layers], seen[layers::2]  # the decoder's cross-attention takes no table
+        assert all(isinstance(t, fastseq.kernels.PositionBias) for t in encoder + decoder)
+        assert all(t is encoder[0] for t in encoder) and all(t is decoder[0] for t in decoder)
+        assert encoder[0].bidirectional and not decoder[0].bidirectional
+        assert seen[layers + 1 :: 2] == [None] * layers
+        firsts.append(encoder[0])
+    assert firsts[0] is not firsts[1]
+
+
+@pytest.mark.parametrize("kind", ["longt5_local", "longt5_tglobal"])
+def test_longt5_encoder_layers_share_prepared_tables(kind, monkeypatch):
+    """LongT5's encoder layers read the first layer's tables, handed on to them, as the same `PositionBias`es."""
+    seen = []
+    real = fpatch.kernels.local_attention
+
+    def recording(q, k, v, table, **kw):
+        seen.append((table, kw.get("global_bias_table")))
+        return real(q, k, v, table, **kw)
+
+    monkeypatch.setattr(fpatch.kernels, "local_attention", recording)
+    model = fastseq.patch(build(kind))
+    with torch.no_grad():
+        model(**inputs(kind))
+    assert len(seen) == len(model.encoder.block) > 1
+    for table, global_table in seen:
+        assert isinstance(table, fastseq.kernels.PositionBias) and table is seen[0][0]
+        assert global_table is seen[0][1]
+    assert (seen[0][1] is None) == (kind == "longt5_local")
 
 
 @pytest.mark.parametrize("kind", ["t5_v11_untied", "longt5_local", "longt5_tglobal", "blenderbot_small"])

@@ -73,6 +73,18 @@ def _tables_dict(table: torch.Tensor) -> dict[str, torch.Tensor]:
     return {"bias_table": table}
 
 
+def _position_biases(sublayer: nn.Module, table: torch.Tensor) -> dict:
+    """The stage tuple's tables as `PositionBias`es, made once for the self-attention sub-layers of a stage:
+    kept on the tensor they hand on to each other (after a stage boundary, or a re-entrant recompute's
+    detached copy, a new tensor makes its own)."""
+    kept = getattr(table, "_fastseq_position_biases", None)
+    if kept is not None and kept[0] == table._version:
+        return kept[1]
+    biases = sublayer.position_biases(_tables_dict(table))
+    table._fastseq_position_biases = (table._version, biases)
+    return biases
+
+
 def _split(inputs: tuple) -> tuple[tuple, list[torch.Tensor], list[torch.Tensor]]:
     """A stage tuple's three fixed tensors, its packing ids (the integer tensors after them; packed
     rows only) and its bias table (the floating one after them, if any)."""
@@ -137,7 +149,8 @@ class T5SubLayerPipe(nn.Module):
         encoder_mask, decoder_mask, cross_mask = _masks(mask, packing)
         if self.part == "self":
             table = [_tables_tensor(self.sublayer.position_tables())] if self.first else table
-            x = clamp_fp16(self.sublayer(x, _tables_dict(table[0]), decoder_mask if self.is_decoder else encoder_mask))
+            layer_mask = (decoder_mask if self.is_decoder else encoder_mask).for_layers()
+            x = clamp_fp16(self.sublayer(x, _position_biases(self.sublayer, table[0]), layer_mask))
             if self.last:
                 table = []  # no later layer reads it: it must not cross a stage unused
         elif self.part == "cross":

@@ -5,7 +5,7 @@ Every public function dispatches on `FASTSEQ_BACKEND` (see `_backend`).
 
 from . import _versions
 from ._backend import backend, interpreting
-from .bucketed_attention import bucketed_attention, relative_position_bucket
+from .bucketed_attention import PositionBias, bucketed_attention, relative_position_bucket
 from .gated_gelu import gated_ffn, gated_gelu, relu_ffn
 from .global_aggregate import global_aggregate, global_block_ids
 from .linear_cross_entropy import linear_cross_entropy
@@ -16,6 +16,7 @@ if interpreting():
     _versions.fix_interpreter()
 
 __all__ = [
+    "PositionBias",
     "backend",
     "bucketed_attention",
     "gated_ffn",

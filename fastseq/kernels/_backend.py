@@ -35,11 +35,34 @@ def last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
+_PLACEHOLDERS: dict[tuple, torch.Tensor] = {}
+
+
+def placeholder(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """An empty tensor for a kernel argument that a launch's flags leave unread, made once per shape,
+    dtype and device (an allocation is host time on every call; torch.compile traces a fresh one)."""
+    if torch.compiler.is_compiling():
+        return torch.empty(shape, dtype=dtype, device=device)
+    key = (shape, dtype, device)
+    cached = _PLACEHOLDERS.get(key)
+    if cached is None:
+        with torch.inference_mode(False):
+            cached = _PLACEHOLDERS[key] = torch.empty(shape, dtype=dtype, device=device)
+    return cached
+
+
 def key_mask(key_padding_mask: torch.Tensor | None, device: torch.device) -> torch.Tensor:
     """A `(B, L)` key mask as the kernels read it: int8, nonzero = attend, rows contiguous (the kernels
-    index keys with a unit stride, so a transposed or strided mask is copied); an empty `(0, 1)` for None."""
+    index keys with a unit stride, so a transposed or strided mask is copied); an empty `(0, 1)` for None.
+    An int8 or bool mask with contiguous rows is read as it is (a bool is one byte, 0 or 1): a model that
+    makes its mask bool once per forward pays no conversion in each layer."""
     if key_padding_mask is None:
-        return torch.empty(0, 1, dtype=torch.int8, device=device)
+        return placeholder((0, 1), torch.int8, device)
+    if key_padding_mask.stride(-1) == 1 or key_padding_mask.shape[-1] == 1:
+        if key_padding_mask.dtype == torch.int8:
+            return key_padding_mask
+        if key_padding_mask.dtype == torch.bool:
+            return key_padding_mask.view(torch.int8)
     return (key_padding_mask != 0).to(torch.int8).contiguous()
 
 

@@ -21,9 +21,10 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from ._backend import autocast_cast, autocast_dtype, autocast_off, upcast, use_triton
+from ._backend import autocast_cast, autocast_dtype, autocast_off, key_mask, upcast, use_triton
 from .bucketed_attention import (
     GlobalTokens,
+    PositionBias,
     attention_backward,
     attention_forward,
     distance_table,
@@ -34,6 +35,7 @@ from .bucketed_attention import (
     seed_value,
     unsupported_inputs,
 )
+from .bucketed_attention.launch import _LOG2E
 from .global_aggregate import global_block_ids, global_caps, global_positions
 
 HAS_TRITON_KERNEL = True
@@ -186,6 +188,67 @@ def _globals(global_k, global_v, global_dist_table, caps, block_size) -> GlobalT
     return GlobalTokens(global_k, global_v, global_dist_table, caps, block_size)
 
 
+class _EagerLocalAttention(torch.autograd.Function):
+    """The ops' forward and backward and their autograd without the dispatcher, as `bucketed_attention`'s
+    eager path: what eager mode runs (the ops are what torch.compile traces; a test holds the two bitwise
+    equal). Tensors stay `(B, H, L, D)`, the padding mask is converted once, a `PositionBias` gives the
+    padded tables it keeps, and the log-sum-exp keeps the kernels' log2 domain through the natural-log
+    round trip the ops make (no caller of `local_attention` reads it).
+
+    Inputs: q, k, v, the distance table (None: no bias) whose gradient is returned and what the
+    launchers read for it (that table or its `PositionBias`), the launchers' mask, the global keys and
+    values, the global distance table and its launch form, caps, the seed (an int) and (radius,
+    global_block_size, dropout_p)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, dist_table, table, kpm, global_k, global_v, global_dist_table, global_table, caps,
+                seed, args):  # fmt: skip
+        radius, block_size, dropout_p = args
+        globals_ = _globals(global_k, global_v, global_table, caps, block_size)
+        out, lse2 = attention_forward(q, k, v, table, kpm, seed, False, 0, 1.0, dropout_p, radius, globals_)
+        lse = lse2.div_(_LOG2E).mul_(_LOG2E)  # `kernel_lse(natural_lse(lse2))`, as the ops' backward reads it
+        ctx.save_for_backward(q, k, v, out, lse, global_k, global_v)
+        ctx.table, ctx.global_table, ctx.kpm, ctx.caps, ctx.seed, ctx.args = table, global_table, kpm, caps, seed, args
+        ctx.has_tables = (dist_table is not None, global_dist_table is not None)
+        ctx.set_materialize_grads(False)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, out, lse, global_k, global_v = ctx.saved_tensors
+        if grad_out is None:
+            grad_out = torch.zeros_like(out)
+        radius, block_size, dropout_p = ctx.args
+        globals_ = _globals(global_k, global_v, ctx.global_table, ctx.caps, block_size)
+        dq, dk, dv, ddt, dgk, dgv, dgdt = attention_backward(
+            grad_out, q, k, v, out, lse, ctx.table, ctx.kpm, ctx.seed, False, 0, 1.0, dropout_p, radius, None, globals_
+        )
+        has_table, has_global_table = ctx.has_tables
+        return (dq, dk, dv, ddt if has_table else None, None, None, dgk, dgv, dgdt if has_global_table else None,
+                None, None, None, None)  # fmt: skip
+
+
+def _distance_table(bias_table: torch.Tensor | PositionBias, max_distance: int) -> torch.Tensor:
+    """The `(H, 2C + 1)` distance table of a table, or the one a `PositionBias` made (both sides' buckets)."""
+    if isinstance(bias_table, PositionBias):
+        return bias_table.dist_table
+    return distance_table(bias_table, bidirectional=True, max_distance=max_distance)
+
+
+def _table(bias_table: torch.Tensor | PositionBias | None) -> torch.Tensor | None:
+    return bias_table.table if isinstance(bias_table, PositionBias) else bias_table
+
+
+def _distance(bias_table, max_distance: int) -> tuple[torch.Tensor | None, torch.Tensor | PositionBias | None]:
+    """A table's distance table (None without) and what the eager path's launchers read for it."""
+    if bias_table is None:
+        return None, None
+    if isinstance(bias_table, PositionBias):
+        return bias_table.dist_table, bias_table
+    table = _distance_table(bias_table, max_distance)
+    return table, table
+
+
 def _local_attention_triton(
     q,
     k,
@@ -203,18 +266,21 @@ def _local_attention_triton(
 ) -> torch.Tensor:
     """One kernel: a query tile visits only the key tiles its window touches (O(L * radius)), then
     every global token, in one online softmax; the biases come from per-distance tables."""
-    dist_table = global_dist_table = caps = None
-    if bias_table is not None:
-        dist_table = distance_table(bias_table, bidirectional=True, max_distance=max_distance)
+    caps = None
+    dist_table, table = _distance(bias_table, max_distance)
+    global_dist_table, global_table = _distance(global_bias_table, max_distance)
     if global_k is not None:
         B, _, L, _ = q.shape
         caps = global_caps(key_padding_mask, B, L, global_block_size, q.device)
-        if global_bias_table is not None:
-            global_dist_table = distance_table(global_bias_table, bidirectional=True, max_distance=max_distance)
     seed = None
     if dropout_p > 0.0:
         # Drawn from PyTorch's CPU generator, so torch.manual_seed fixes the dropout mask.
         seed = torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64)
+    if not torch.compiler.is_compiling():
+        kpm = key_mask(key_padding_mask, q.device) if key_padding_mask is not None else None
+        args = (int(radius), int(global_block_size), float(dropout_p))
+        return _EagerLocalAttention.apply(q, k, v, dist_table, table, kpm, global_k, global_v, global_dist_table,
+                                          global_table, caps, seed_value(seed), args)  # fmt: skip
     out, _ = torch.ops.fastseq.local_attention_fwd(
         q, k, v, dist_table, key_padding_mask, global_k, global_v, global_dist_table, caps, seed, int(radius),
         int(global_block_size), float(dropout_p),
@@ -289,18 +355,19 @@ def local_attention(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    bias_table: torch.Tensor | None,
+    bias_table: torch.Tensor | PositionBias | None,
     *,
     radius: int = 127,
     max_distance: int = 128,
     key_padding_mask: torch.Tensor | None = None,
     global_k: torch.Tensor | None = None,
     global_v: torch.Tensor | None = None,
-    global_bias_table: torch.Tensor | None = None,
+    global_bias_table: torch.Tensor | PositionBias | None = None,
     global_block_size: int = 16,
     dropout_p: float = 0.0,
 ) -> torch.Tensor:
-    """LongT5 local / transient-global attention. q/k/v `(B, H, L, D)`, bias tables `(num_buckets, H)`,
+    """LongT5 local / transient-global attention. q/k/v `(B, H, L, D)`, bias tables `(num_buckets, H)` (or
+    their `PositionBias`, bidirectional, made once per forward),
     key_padding_mask `(B, L)`, global_k/global_v `(B, H, L // global_block_size, D)` -> `(B, H, L, D)`.
     Under autocast as `bucketed_attention`: q, k, v and the global tokens in autocast's dtype, the
     biases and the softmax in fp32."""
@@ -328,6 +395,12 @@ def local_attention(
             )
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"local_attention: dropout_p must be in [0, 1); got {dropout_p}")
+    for table in (bias_table, global_bias_table):
+        if isinstance(table, PositionBias) and (table.bidirectional, table.max_distance) != (True, max_distance):
+            raise ValueError(
+                f"local_attention: a PositionBias made with bidirectional={table.bidirectional}, "
+                f"max_distance={table.max_distance}; LongT5's tables are bidirectional, max_distance={max_distance}"
+            )
     kwargs = dict(
         radius=radius,
         max_distance=max_distance,
@@ -345,4 +418,5 @@ def local_attention(
     unsupported = functools.partial(unsupported_inputs, q)
     if use_triton("local_attention", HAS_TRITON_KERNEL, q, k, v, unsupported=unsupported):
         return _local_attention_triton(q, k, v, bias_table, **kwargs)
-    return local_attention_reference(q, k, v, bias_table, **kwargs)
+    kwargs["global_bias_table"] = _table(global_bias_table)
+    return local_attention_reference(q, k, v, _table(bias_table), **kwargs)

@@ -173,6 +173,14 @@ class AttentionMask(NamedTuple):
             cls.of(attention_mask, decoder_segment_ids, segment_ids),
         )
 
+    def for_layers(self) -> AttentionMask:
+        """The same mask with the padding mask as bool (nonzero = attend), made once per forward: the
+        kernels read a bool mask as it is, and convert any other dtype in every layer."""
+        mask = self.key_padding_mask
+        if mask is None or mask.dtype == torch.bool:
+            return self
+        return self._replace(key_padding_mask=mask != 0)
+
 
 class PreTrainedModel(nn.Module):
     """Base of the native models: a config, tied-parameter bookkeeping and `save_pretrained`."""

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from fastseq.kernels import global_aggregate, local_attention
+from fastseq.kernels import PositionBias, global_aggregate, local_attention
 
 from .base import AttentionMask, check_int
 from .t5 import T5Attention, T5Config, T5EncoderModel, T5ForConditionalGeneration, T5LayerNorm
@@ -111,6 +111,15 @@ class _LongT5LayerSelfAttention(nn.Module):
         if hasattr(self.attention, "global_relative_attention_bias"):
             tables["global_bias_table"] = self.attention.global_relative_attention_bias.weight
         return tables
+
+    def position_biases(self, tables: dict[str, torch.Tensor] | None = None) -> dict[str, PositionBias]:
+        """The tables (this layer's own by default) as every layer of the stack reads them (both
+        bidirectional), made once per forward."""
+        max_distance = self.attention.max_distance
+        tables = self.position_tables() if tables is None else tables
+        return {
+            name: PositionBias(table, bidirectional=True, max_distance=max_distance) for name, table in tables.items()
+        }
 
     def forward(self, x: torch.Tensor, tables: dict, mask: AttentionMask) -> torch.Tensor:
         if mask.q_segment_ids is not None:

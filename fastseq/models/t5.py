@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from fastseq.kernels import bucketed_attention, gated_ffn, gated_gelu, relu_ffn, rms_norm
+from fastseq.kernels import PositionBias, bucketed_attention, gated_ffn, gated_gelu, relu_ffn, rms_norm
 
 from .base import (
     AttentionMask,
@@ -242,6 +242,16 @@ class T5LayerSelfAttention(nn.Module):
         """Bias tables this layer owns (layer 0 owns them; every layer uses them)."""
         return {"bias_table": self.SelfAttention.relative_attention_bias.weight}
 
+    def position_biases(self, tables: dict[str, torch.Tensor] | None = None) -> dict[str, PositionBias]:
+        """The tables (this layer's own by default) as every layer of the stack reads them, made once
+        per forward."""
+        attention = self.SelfAttention
+        tables = self.position_tables() if tables is None else tables
+        return {
+            name: PositionBias(table, bidirectional=not attention.is_decoder, max_distance=attention.max_distance)
+            for name, table in tables.items()
+        }
+
     def forward(
         self, x: torch.Tensor, tables: dict[str, torch.Tensor], mask: AttentionMask, cache=None
     ) -> torch.Tensor:
@@ -333,7 +343,10 @@ class T5Stack(nn.Module):
     ) -> torch.Tensor:
         """`mask`: the self-attention's; `encoder_mask`: the cross-attention's (decoder)."""
         x = self.dropout(self.embed_tokens(input_ids))  # (B, L, d_model)
-        tables = self.block[0].layer[0].position_tables()
+        # What every layer shares is made once here: the bias tables as the kernels read them, the masks as bool.
+        tables = self.block[0].layer[0].position_biases()
+        mask = mask.for_layers()
+        encoder_mask = encoder_mask.for_layers() if encoder_mask is not None else None
         checkpointed = self.gradient_checkpointing and self.training and cache is None
         for i, block in enumerate(self.block):
             if checkpointed:

@@ -258,3 +258,38 @@ def test_two_stages_train_packed_rows_with_fastseq_train_as_one_process(tmp_path
     deepspeed("--deepspeed", PIPELINE, "--model", str(source), "--steps", "4", "--pack", "--max-source-length", "128",
               "--resume", str(run / "checkpoint-2"), "--output-dir", str(resumed), *COMMON)  # fmt: skip
     assert losses(resumed) == straight[2:]  # bit for bit
+
+
+def test_the_layers_of_a_stage_share_one_prepared_table(monkeypatch, reference_backend):
+    """A stage's self-attention sub-layers read the bias table handed along the stage tuple as one
+    `PositionBias`, made by the first of them and kept on that tensor: not one per layer."""
+    from fastseq.distributed.stages import layers, stage_inputs
+    from fastseq.kernels import PositionBias
+    from fastseq.models import t5
+    from tests.models.test_packing import examples, model, padded
+
+    seen = []
+    attend = t5.bucketed_attention
+
+    def record(q, k, v, table, **kwargs):
+        seen.append(table)
+        return attend(q, k, v, table, **kwargs)
+
+    monkeypatch.setattr(t5, "bucketed_attention", record)
+    native = model("t5_v11_untied")
+    state = native.state_dict()
+    x, tied = stage_inputs(native.config, padded(examples("t5_v11_untied"))), {}
+    for layer in layers(native.config):
+        module = tied.get(layer.tied) if layer.tied else None
+        if module is None:
+            module = layer.cls(*layer.args, **layer.kwargs)
+            module.load_state_dict({local: state[layer.hf_name(local)] for local in module.state_dict()})
+            if layer.tied:
+                tied[layer.tied] = module
+        x = layer.forward_fn(module, x) if layer.forward_fn is not None else module(x)
+    tables = [t for t in seen if t is not None]
+    layers_per_stack = native.config.num_layers
+    assert len(tables) == 2 * layers_per_stack and layers_per_stack > 1  # the encoder's, then the decoder's
+    for stack in (tables[:layers_per_stack], tables[layers_per_stack:]):
+        assert all(isinstance(t, PositionBias) and t is stack[0] for t in stack)
+    assert tables[0] is not tables[-1] and tables[0].bidirectional and not tables[-1].bidirectional

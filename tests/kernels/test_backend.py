@@ -29,6 +29,21 @@ def test_key_mask_rows_are_contiguous():
     assert torch.equal(got, (mask != 0).to(torch.int8))
 
 
+def test_key_mask_reads_a_bool_or_int8_mask_as_it_is():
+    """What a model makes once per forward costs no conversion in each layer: a bool mask is read as
+    int8 through a view of its bytes, an int8 one as it is; any other dtype is converted."""
+    mask = _transposed_mask(3, 11).t().contiguous() != 0  # (3, 11) bool, rows contiguous
+    got = key_mask(mask, mask.device)
+    assert got.dtype == torch.int8 and got.data_ptr() == mask.data_ptr()
+    assert torch.equal(got, mask.to(torch.int8))
+    as_int8 = mask.to(torch.int8)
+    assert key_mask(as_int8, mask.device) is as_int8
+    converted = key_mask(mask.long() * 5, mask.device)
+    assert converted.data_ptr() != mask.data_ptr() and torch.equal(converted, as_int8)
+    transposed = _transposed_mask(3, 11) != 0  # bool, strided rows: copied
+    assert key_mask(transposed, mask.device).stride() == (11, 1)
+
+
 def test_a_transposed_padding_mask_gives_what_a_contiguous_one_gives(triton_backend):
     g = torch.Generator().manual_seed(0)
     B, H, L, D = 3, 2, 21, 16

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from fastseq.kernels import bucketed_attention, relative_position_bucket
+from fastseq.kernels import PositionBias, bucketed_attention, relative_position_bucket
 from fastseq.kernels.bucketed_attention import (
     bucketed_attention_reference,
     distance_table,
@@ -606,14 +606,76 @@ def test_triton_eager_path_is_the_custom_ops(triton_backend):
     w_out = torch.randn(2, case["Lq"], 3, case["D"], generator=g).to(DEVICE)
     w_lse = torch.randn(2, 3, case["Lq"], generator=g).to(DEVICE)
     results = []
-    for forward in (op._EagerAttention.apply, torch.ops.fastseq.bucketed_attention_fwd):
+    for forward in (op._eager, torch.ops.fastseq.bucketed_attention_fwd):
         table = distance_table(leaves[3], bidirectional=True, max_distance=12)
         seed = torch.tensor([12345])
         out, lse = forward(*leaves[:3], table, mask, seed, True, 0, 1.0, 0.25, -1, None, None)
+        out = out.transpose(1, 2) if forward is op._eager else out  # as the op's, (B, Lq, H, D)
         loss = (out * w_out).sum() + (lse.clamp(min=-1e4) * w_lse).sum()
         results.append((out, lse, *torch.autograd.grad(loss, leaves)))
     for name, a, b in zip("out lse q k v bias_table".split(), *results, strict=True):
         assert torch.equal(a, b), name
+
+
+def test_triton_call_is_the_custom_ops(triton_backend):
+    """`bucketed_attention` in eager mode (no log-sum-exp asked for: the backward reads the forward's
+    without the natural-log round trip's two extra conversions) gives bitwise the outputs and gradients
+    of the ops, with dropout, causality, padding and the table's gradient; with the table as a
+    `PositionBias` and the mask as bool (what the models pass) too."""
+    from fastseq.kernels.bucketed_attention import op
+
+    case = dict(MASK_CASE, causal=True, bidirectional=False)
+    leaves, mask = _random_inputs(case)
+    w_out = torch.randn(2, 3, case["Lq"], case["D"], generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    kwargs = dict(_kwargs(case), dropout_p=0.25)
+
+    def ops():
+        seed = op._draw_seed(0.25)
+        table = distance_table(leaves[3], bidirectional=False, max_distance=12)
+        out, _ = torch.ops.fastseq.bucketed_attention_fwd(*leaves[:3], table, mask, seed, True, 0, 1.0, 0.25, -1,
+                                                          None, None)  # fmt: skip
+        return out.transpose(1, 2)
+
+    def eager():
+        return bucketed_attention(*leaves, key_padding_mask=mask, **kwargs)
+
+    def prepared():
+        bias = PositionBias(leaves[3], bidirectional=False, max_distance=12)
+        return bucketed_attention(*leaves[:3], bias, key_padding_mask=mask != 0, **kwargs)
+
+    results = []
+    for attend in (ops, eager, prepared):
+        torch.manual_seed(7)  # the same dropout seed
+        out = attend()
+        results.append((out, *torch.autograd.grad((out * w_out).sum(), leaves)))
+    for other in results[1:]:
+        for name, a, b in zip("out q k v bias_table".split(), results[0], other, strict=True):
+            assert torch.equal(a, b), name
+
+
+def test_position_bias_is_shared_and_checked(triton_backend):
+    """One `PositionBias` serves several layers: each reads its padded table from the one copy made per
+    tile, the layers' gradients add up in its distance table, and the table's gradient matches layers
+    that each take the table; a call whose bucket settings differ from the bias's is refused."""
+    case = dict(TRITON_CASES[3])
+    leaves, mask = _random_inputs(case)
+    q, k, v, table = leaves
+    bias = PositionBias(table, bidirectional=True, max_distance=12)
+    kwargs = dict(_kwargs(case), key_padding_mask=mask)
+    out = bucketed_attention(bucketed_attention(q, k, v, bias, **kwargs), k, v, bias, **kwargs)
+    assert len(bias._padded) == 1  # under the interpreter every kernel's tile is 16 x 16
+    shared = torch.autograd.grad(out.sum(), leaves)
+    out = bucketed_attention(bucketed_attention(q, k, v, table, **kwargs), k, v, table, **kwargs)
+    separate = torch.autograd.grad(out.sum(), leaves)
+    for name, a, b in zip("q k v bias_table".split(), shared, separate, strict=True):
+        if name == "bias_table":  # the same sums, added up in another order
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        else:
+            assert torch.equal(a, b), name
+    with pytest.raises(ValueError, match="bidirectional=True, max_distance=12"):
+        bucketed_attention(q, k, v, bias, bidirectional=False, max_distance=12)
+    with pytest.raises(ValueError, match="bias_table must be"):
+        bucketed_attention(q[:, :2], k[:, :2], v[:, :2], bias, max_distance=12)
 
 
 def test_triton_custom_op_passes_opcheck(triton_backend):

@@ -249,6 +249,47 @@ def test_triton_global_tokens_against_float64(L, gbs, triton_backend):
     assert grads[5][2].abs().max() == 0 and grads[6][2].abs().max() == 0
 
 
+def test_triton_eager_path_is_the_custom_ops(triton_backend):
+    """Eager mode runs the ops' forward and backward without the dispatcher (`_EagerLocalAttention`); the
+    ops, what torch.compile traces, give bitwise the same output and gradients, with global tokens, both
+    tables (also as `PositionBias`es, and the mask as bool), padding and dropout."""
+    from fastseq.kernels import PositionBias
+    from fastseq.kernels.local_attention import distance_table, global_caps
+
+    L, gbs = 37, 5
+    leaves = _global_case(L, gbs)
+    q, k, v, table, gtable, gk, gv = leaves
+    mask = _global_masks(L, gbs).to(DEVICE)
+    w_out = torch.randn(4, 2, L, 8, generator=torch.Generator().manual_seed(1)).to(DEVICE)
+
+    def ops():
+        seed = torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64)
+        tables = [distance_table(t, bidirectional=True, max_distance=12) for t in (table, gtable)]
+        caps = global_caps(mask, 4, L, gbs, q.device)
+        out, _ = torch.ops.fastseq.local_attention_fwd(q, k, v, tables[0], mask, gk, gv, tables[1], caps, seed,
+                                                       RADIUS, gbs, 0.25)  # fmt: skip
+        return out.transpose(1, 2)
+
+    def eager():
+        return _call_globals(local_attention, leaves, mask, gbs, dropout_p=0.25)
+
+    def prepared():
+        biases = [PositionBias(t, bidirectional=True, max_distance=12) for t in (table, gtable)]
+        return local_attention(q, k, v, biases[0], radius=RADIUS, max_distance=12, key_padding_mask=mask != 0,
+                               global_k=gk, global_v=gv, global_bias_table=biases[1], global_block_size=gbs,
+                               dropout_p=0.25)  # fmt: skip
+
+    results = []
+    for attend in (ops, eager, prepared):
+        torch.manual_seed(5)  # the same dropout seed
+        out = attend()
+        results.append((out, *torch.autograd.grad((out * w_out).sum(), leaves)))
+    names = "out q k v bias_table global_bias_table global_k global_v".split()
+    for other in results[1:]:
+        for name, a, b in zip(names, results[0], other, strict=True):
+            assert torch.equal(a, b), name
+
+
 def test_triton_padded_queries_follow_the_reference(triton_backend):
     """Padded query rows (outside the contract) still get the reference's numbers, not garbage."""
     from fastseq.kernels.local_attention import local_attention_reference

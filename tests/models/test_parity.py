@@ -166,3 +166,48 @@ def test_round_trip_is_bit_identical(kind, tmp_path, reference_backend):
 def _saved(kind, path):
     hf_model(kind).save_pretrained(path)
     return path
+
+
+@pytest.mark.parametrize("kind", ["t5_v11_untied", "longt5_tglobal"])
+def test_bias_tables_and_masks_are_made_once_per_stack(kind, tmp_path, monkeypatch, reference_backend):
+    """Each stack makes its bias tables as the kernels read them once per forward (`PositionBias`) and
+    its padding masks bool, and every layer reads those same objects."""
+    from fastseq.kernels.bucketed_attention import launch
+    from fastseq.models import longt5, t5
+
+    made, seen = [], []
+    distance_table = launch.distance_table
+
+    def counted(*args, **kwargs):
+        made.append(1)
+        return distance_table(*args, **kwargs)
+
+    def recorder(module, name):
+        attend = getattr(module, name)
+
+        def record(q, k, v, table, **kwargs):
+            global_table = kwargs.get("global_bias_table")
+            seen.append((table, global_table, kwargs.get("key_padding_mask")))
+            return attend(q, k, v, table, **kwargs)
+
+        monkeypatch.setattr(module, name, record)
+
+    monkeypatch.setattr(launch, "distance_table", counted)
+    recorder(t5, "bucketed_attention")
+    recorder(longt5, "local_attention")
+    ref = hf_model(kind)
+    ref.save_pretrained(tmp_path)
+    ours = fastseq.from_pretrained(tmp_path).train()
+    ours(**batch(kind)).loss.backward()
+    layers = ours.config.num_layers
+    tables = [t for t, _, _ in seen if t is not None]
+    assert len(tables) == 2 * layers  # every self-attention layer of the encoder, then the decoder's
+    assert all(isinstance(t, fastseq.kernels.PositionBias) for t in tables)
+    encoder, decoder = tables[:layers], tables[layers:]
+    assert all(t is encoder[0] for t in encoder) and all(t is decoder[0] for t in decoder)
+    assert encoder[0].bidirectional and not decoder[0].bidirectional
+    globals_ = [g for _, g, _ in seen if g is not None]
+    assert len(made) == 2 + (1 if globals_ else 0)  # one per table per stack, none in the layers
+    assert all(g is globals_[0] for g in globals_)
+    masks = [m for _, _, m in seen if m is not None]
+    assert masks and all(m.dtype == torch.bool for m in masks)

@@ -46,6 +46,7 @@ from __future__ import annotations
 
 from .launch import (
     GlobalTokens,
+    PositionBias,
     attention_backward,
     attention_forward,
     distance_table,
@@ -63,6 +64,7 @@ __all__ = [
     "FEATURES",
     "GlobalTokens",
     "HAS_TRITON_KERNEL",
+    "PositionBias",
     "PRICES",
     "SHUFFLE_BOUNDS",
     "attention_backward",

@@ -10,7 +10,8 @@ from typing import NamedTuple
 
 import torch
 
-from .._backend import autocast_off, cdiv, key_mask, last_dim_contiguous
+from .._backend import autocast_off, cdiv, interpreting, key_mask, last_dim_contiguous, placeholder
+from . import tiles
 from .kernels import (
     _bucketed_attention_bwd_dkdv_kernel,
     _bucketed_attention_bwd_dq_kernel,
@@ -91,6 +92,34 @@ def distance_table(bias_table: torch.Tensor, *, bidirectional: bool, max_distanc
         return (one_hot @ bias_table.float()).t().contiguous()  # (H, 2C + 1)
 
 
+class PositionBias:
+    """T5's `(num_buckets, H)` bias table made ready for the kernels once per model forward and shared
+    by every layer that reads it (`bucketed_attention` and `local_attention` take it in place of the
+    table): the `(H, 2C + 1)` distance table `dist_table`, differentiable back to the table (the layers'
+    gradients add up in it, and one matmul takes their sum back to the buckets), and, made on first use
+    and kept, the padded log2-scaled copy that each tile reads (`padded`). It holds one forward's
+    values: build a new one for each forward (the table changes with every optimizer step)."""
+
+    __slots__ = ("table", "bidirectional", "max_distance", "dist_table", "cut", "_padded")
+
+    def __init__(self, table: torch.Tensor, *, bidirectional: bool, max_distance: int):
+        self.table = table  # (num_buckets, H), what the reference reads
+        self.bidirectional, self.max_distance = bidirectional, max_distance
+        self.dist_table = distance_table(table, bidirectional=bidirectional, max_distance=max_distance)
+        self.cut = _cut(self.dist_table)
+        self._padded: dict[int, torch.Tensor] = {}
+
+    def padded(self, pad: int) -> torch.Tensor:
+        """`_kernel_table` of the distance table for tiles with BLOCK_M + BLOCK_N = pad (no gradient: the
+        launchers return the distance table's)."""
+        if torch.compiler.is_compiling():
+            return _kernel_table(self.dist_table.detach(), pad)
+        table = self._padded.get(pad)
+        if table is None:
+            table = self._padded[pad] = _kernel_table(self.dist_table.detach(), pad)
+        return table
+
+
 def natural_lse(lse2: torch.Tensor) -> torch.Tensor:
     """The kernels' log2-domain log-sum-exp (+inf: no key) as a natural one (-inf: no key)."""
     return torch.where(torch.isinf(lse2), float("-inf"), lse2 / _LOG2E)
@@ -119,7 +148,8 @@ def quantized_dropout(dropout_p: float) -> float:
 def _like_heads(B: int, H: int, L: int, D: int, ref: torch.Tensor) -> torch.Tensor:
     """An empty `(B, H, L, D)` tensor laid out as `(B, L, H, D)`, so that merging the heads after
     attention (`transpose(1, 2).reshape(B, L, H * D)`) is free."""
-    return torch.empty(B, L, H, D, dtype=ref.dtype, device=ref.device).transpose(1, 2)
+    row, head = max(H, 1) * max(D, 1), max(D, 1)  # the strides of a contiguous (B, L, H, D), as torch gives them
+    return torch.empty_strided((B, H, L, D), (max(L, 1) * row, head, row, 1), dtype=ref.dtype, device=ref.device)
 
 
 # The dQ programs' slots (`attention_backward`) take at most this many bytes per launch: a backward runs as
@@ -148,8 +178,8 @@ def _check_batch_span(*tensors: torch.Tensor | None) -> None:
     """The kernels offset into a batch element in 32 bits (only the batch offsets are 64-bit): refuse a
     `(B, H, L, D)` tensor whose one batch element spans 2**31 elements or more."""
     for t in tensors:
-        if t is None:
-            continue
+        if t is None or t.untyped_storage().nbytes() < 2**31 * t.element_size():
+            continue  # every element it addresses lies in a storage of fewer than 2**31 elements
         span = sum((size - 1) * abs(stride) for size, stride in zip(t.shape[1:], t.stride()[1:], strict=True))
         if span >= 2**31:
             raise ValueError(
@@ -167,27 +197,34 @@ def _cut(dist_table: torch.Tensor | None) -> int:
     return 0 if dist_table is None else (dist_table.shape[1] - 1) // 2
 
 
-def _kernel_table(dist_table: torch.Tensor | None, q: torch.Tensor, block_m: int, block_n: int) -> torch.Tensor:
-    """The `(H, 2C + 1)` distance table as a kernel with (block_m, block_n) tiles reads it (`_bias`):
-    scaled by log2(e) (the scores are in the log2 domain) and padded with block_m + block_n copies of
-    its end values on either side. A placeholder without a bias."""
-    if dist_table is None:
-        return torch.empty(1, dtype=torch.float32, device=q.device)
+def _kernel_table(dist_table: torch.Tensor, pad: int) -> torch.Tensor:
+    """The `(H, 2C + 1)` distance table as a kernel with tiles of BLOCK_M + BLOCK_N = pad reads it
+    (`_add_bias`): scaled by log2(e) (the scores are in the log2 domain) and padded with `pad` copies of
+    its end values on either side."""
     scaled = dist_table * _LOG2E  # (H, 2C + 1)
-    pad = block_m + block_n
     H = scaled.shape[0]
     return torch.cat([scaled[:, :1].expand(H, pad), scaled, scaled[:, -1:].expand(H, pad)], dim=1).contiguous()
 
 
+def _table_args(dist_table: torch.Tensor | PositionBias | None, device: torch.device, block_m: int, block_n: int):
+    """The padded table a launch with (block_m, block_n) tiles reads and the cut-off C (a placeholder and
+    0 without a bias); a `PositionBias` gives the copy it keeps."""
+    if dist_table is None:
+        return placeholder((1,), torch.float32, device), 0
+    if isinstance(dist_table, PositionBias):
+        return dist_table.padded(block_m + block_n), dist_table.cut
+    return _kernel_table(dist_table, block_m + block_n), _cut(dist_table)
+
+
 class GlobalTokens(NamedTuple):
     """LongT5's transient-global tokens as extra keys of every query row: keys and values
-    `(B, H, G, D)`, their `(H, 2CG + 1)` distance table (or None), `caps` `(B,)` int32 (each row's
+    `(B, H, G, D)`, their `(H, 2CG + 1)` distance table (a `PositionBias`, or None), `caps` `(B,)` int32 (each row's
     last global token, -1 for none) and the block size. Query i sits at global position
     `min(i // block_size, caps[b])`; its bias to global g is that of distance `g - position`."""
 
     k: torch.Tensor
     v: torch.Tensor
-    dist_table: torch.Tensor | None
+    dist_table: torch.Tensor | PositionBias | None
     caps: torch.Tensor
     block_size: int
 
@@ -195,11 +232,10 @@ class GlobalTokens(NamedTuple):
 def _global_args(globals_: GlobalTokens | None, q: torch.Tensor):
     """Kernel arguments for the global tokens (placeholders without them)."""
     if globals_ is None:
-        empty = torch.empty(0, 1, 1, 1, dtype=q.dtype, device=q.device)
-        return empty, empty, None, torch.empty(1, dtype=torch.int32, device=q.device), 0, 0, 1
+        empty = placeholder((0, 1, 1, 1), q.dtype, q.device)
+        return empty, empty, None, placeholder((1,), torch.int32, q.device), 0, 1
     gk, gv = last_dim_contiguous(globals_.k), last_dim_contiguous(globals_.v)
-    table = globals_.dist_table
-    return gk, gv, table, globals_.caps, gk.shape[2], _cut(table), globals_.block_size
+    return gk, gv, globals_.dist_table, globals_.caps, gk.shape[2], globals_.block_size
 
 
 class Segments(NamedTuple):
@@ -255,17 +291,46 @@ def _segment_args(segs: Segments | None, q: torch.Tensor, rows: str, block: int)
     """Kernel arguments for packed rows: query ids, key ids and the spans of the launch's tiles of
     `rows` ("q": query tiles over keys, "k": key tiles over queries); placeholders without."""
     if segs is None:
-        empty = torch.empty(1, 1, dtype=torch.int32, device=q.device)
+        empty = placeholder((1, 1), torch.int32, q.device)
         return empty, empty, empty
     spans = _segment_spans(segs.q, segs.k, block) if rows == "q" else _segment_spans(segs.k, segs.q, block)
     return segs.q, segs.k, spans
 
 
+def _tile_source() -> tuple[int, ...] | None:
+    """What `_tiles` reads besides its arguments (the interpreter's tile; None off the interpreter): part
+    of the key of every plan below."""
+    return tiles._INTERPRET_TILE if interpreting() else None
+
+
+def _cut_of(dist_table: torch.Tensor | PositionBias | None) -> int:
+    return dist_table.cut if isinstance(dist_table, PositionBias) else _cut(dist_table)
+
+
+@functools.lru_cache(maxsize=256)
+def _forward_plan(
+    B: int, H: int, Lq: int, D: int, dtype: torch.dtype, device: torch.device, source: tuple | None, G: int, gbs: int,
+    flags: tuple[bool, ...],
+) -> tuple[int, int, tuple[int, int, int], dict]:  # fmt: skip
+    """The forward's tile, grid and meta-parameters for these sizes and `flags` (HAS_BIAS, HAS_KPM,
+    CAUSAL, WINDOWED, HAS_SEG, HAS_GBIAS, DROPOUT), worked out once per shape: set-up that would
+    otherwise be host time in every call. `source` is `_tile_source()`."""
+    block_m, block_n, warps, stages = _fwd_config(D, dtype, Lq, device, has_global=G > 0)
+    has_bias, has_kpm, causal, windowed, has_seg, has_gbias, dropout = flags
+    meta = dict(
+        HAS_BIAS=has_bias, HAS_KPM=has_kpm, CAUSAL=causal, WINDOWED=windowed, HAS_SEG=has_seg, HAS_GLOBAL=G > 0,
+        HAS_GBIAS=has_gbias, DROPOUT=dropout, GBS=gbs, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=_block_d(D),
+        PRECISION=_precision(dtype), num_warps=warps, num_stages=stages,
+    )  # fmt: skip
+    return block_m, block_n, (cdiv(Lq, block_m), H, B), meta
+
+
 def attention_forward(q, k, v, dist_table, key_padding_mask, seed, causal, q_offset, scale, dropout_p, window=-1,
                       globals_=None, segs=None):  # fmt: skip
     """Launch the forward. Returns out `(B, H, Lq, D)` (laid out `(B, Lq, H, D)`) and lse `(B, H, Lq)`
-    fp32 (log2 domain). With `globals_` every row also attends to the global tokens; with `segs`
-    (packed rows) only the keys of its own segment."""
+    fp32 (log2 domain). `dist_table` is the `(H, 2C + 1)` distance table or a `PositionBias` (None: no
+    bias). With `globals_` every row also attends to the global tokens; with `segs` (packed rows) only
+    the keys of its own segment."""
     B, H, Lq, D = q.shape
     Lk = k.shape[2]
     dropout_p = quantized_dropout(dropout_p)
@@ -275,29 +340,86 @@ def attention_forward(q, k, v, dist_table, key_padding_mask, seed, causal, q_off
     lse = torch.empty(B, H, Lq, dtype=torch.float32, device=q.device)
     if Lq == 0:
         return out, lse
-    gk, gv, gtable, caps, G, cut_g, gbs = _global_args(globals_, q)
-    block_m, block_n, warps, stages = _fwd_config(D, q.dtype, Lq, q.device, has_global=G > 0)
+    gk, gv, gtable, caps, G, gbs = _global_args(globals_, q)
+    flags = (dist_table is not None, key_padding_mask is not None, causal, window >= 0, segs is not None,
+             gtable is not None, dropout_p > 0.0)  # fmt: skip
+    block_m, block_n, grid, meta = _forward_plan(B, H, Lq, D, q.dtype, q.device, _tile_source(), G, gbs, flags)
     kpm = key_mask(key_padding_mask, q.device)
     qseg, kseg, spans = _segment_args(segs, q, "q", block_m)
-    grid = (cdiv(Lq, block_m), H, B)
+    table, cut = _table_args(dist_table, q.device, block_m, block_n)
+    gtable, cut_g = _table_args(gtable, q.device, block_m, block_n)
     _bucketed_attention_fwd_kernel[grid](
-        q, k, v, _kernel_table(dist_table, q, block_m, block_n), kpm, gk, gv,
-        _kernel_table(gtable, q, block_m, block_n), caps, qseg, kseg, spans, out, lse,
+        q, k, v, table, kpm, gk, gv, gtable, caps, qseg, kseg, spans, out, lse,
         *_row_strides(q, k, v, gk, gv, out), kpm.stride(0), qseg.stride(0), kseg.stride(0),
-        H, Lq, Lk, G, D, q_offset, _cut(dist_table), cut_g, window, scale * _LOG2E, dropout_p, seed,
-        HAS_BIAS=dist_table is not None, HAS_KPM=key_padding_mask is not None, CAUSAL=causal, WINDOWED=window >= 0,
-        HAS_SEG=segs is not None, HAS_GLOBAL=G > 0, HAS_GBIAS=globals_ is not None and globals_.dist_table is not None,
-        DROPOUT=dropout_p > 0.0, GBS=gbs, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=_block_d(D),
-        PRECISION=_precision(q.dtype), num_warps=warps, num_stages=stages,
+        H, Lq, Lk, G, D, q_offset, cut, cut_g, window, scale * _LOG2E, dropout_p, seed, **meta,
     )  # fmt: skip
     return out, lse
+
+
+class _BackwardPlan(NamedTuple):
+    """What a backward's launches take from its sizes and flags alone (`_backward_plan`)."""
+
+    dq_block: tuple[int, int]  # the dQ tile's BLOCK_M, BLOCK_N (the padded tables' and the slots' tile)
+    dkdv_block: tuple[int, int]
+    num_m: int  # query tiles
+    chunk: tuple[int, int, int]  # query tiles, heads and batch elements of one dQ launch
+    slots: int
+    whole: bool  # one dQ launch: its rows, summed, are the tables' gradients
+    tile: int  # floats of a slot's dS tile, row partials and fp32 dQ tile
+    partial_tile: int
+    preprocess: dict  # each launch's meta-parameters
+    dkdv: dict
+    dkdv_global: dict
+    dq: dict
+    dq_global: dict
+
+
+@functools.lru_cache(maxsize=256)
+def _backward_plan(
+    B: int, H: int, Lq: int, D: int, dtype: torch.dtype, device: torch.device, source: tuple | None, G: int, gbs: int,
+    row: int, grow: int, flags: tuple[bool, ...], scratch_bytes: int,
+) -> _BackwardPlan:  # fmt: skip
+    """The backward's tiles, dQ chunks and meta-parameters for these sizes, table rows (`row`, `grow`:
+    2C + 1 per table, 0 without) and `flags` (HAS_KPM, CAUSAL, WINDOWED, DROPOUT, HAS_SEG), worked out
+    once per shape. `source` is `_tile_source()`, `scratch_bytes` the _DQ_SCRATCH_BYTES that `_dq_chunks`
+    reads."""
+    tile_set = _tiles(D, dtype, device)
+    dq_tile, dkdv_tile = (tile_set.dq_global, tile_set.dkdv_global) if G > 0 else (tile_set.dq, tile_set.dkdv)
+    block_m, block_n = dq_tile[:2]
+    num_m, block_d = cdiv(Lq, block_m), _block_d(D)
+    has_kpm, causal, windowed, dropout, has_seg = flags
+    has_bias, has_gbias = row > 0, grow > 0
+    common = dict(HAS_KPM=has_kpm, CAUSAL=causal, WINDOWED=windowed, DROPOUT=dropout, GBS=gbs, BLOCK_D=block_d,
+                  PRECISION=_precision(dtype), HAS_SEG=has_seg)  # fmt: skip
+
+    def options(tile):
+        bm, bn, warps, stages = tile
+        return dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages)
+
+    dkdv = dict(common, HAS_BIAS=has_bias, GLOBAL_KEYS=False, **options(dkdv_tile))
+    dkdv_global = dict(common, HAS_BIAS=has_gbias, GLOBAL_KEYS=True, HAS_KPM=False, CAUSAL=False, WINDOWED=False,
+                       HAS_SEG=False, **options(dkdv_tile))  # fmt: skip
+    dq = dict(common, HAS_BIAS=has_bias, HAS_GBIAS=has_gbias, SKEW=_skew(block_m, block_n), **options(dq_tile))
+    # Each dQ program has a slot: a dS tile for the bias gradient's diagonal sums (it stays in L2), a
+    # row of per-distance partials per table and, with global tokens (two launches: the ordinary keys
+    # into an fp32 dQ, then the globals on top), its fp32 dQ tile. The launches go in chunks whose
+    # slots fit in _DQ_SCRATCH_BYTES, each reusing the same buffers.
+    tile = block_m * block_n if has_bias or has_gbias else 0
+    partial_tile = block_m * block_d if G > 0 else 0
+    chunk = _dq_chunks(num_m, H, B, 4 * (tile + row + grow + partial_tile))
+    return _BackwardPlan(
+        (block_m, block_n), tuple(dkdv_tile[:2]), num_m, chunk, math.prod(chunk), chunk == (num_m, H, B), tile,
+        partial_tile, dict(BLOCK_M=block_m, BLOCK_D=block_d), dkdv, dkdv_global,
+        dict(dq, ORDINARY=True, HAS_GLOBAL=False, PARTIAL_IN=False, PARTIAL_OUT=G > 0),
+        dict(dq, ORDINARY=False, HAS_GLOBAL=True, PARTIAL_IN=True, PARTIAL_OUT=False),
+    )  # fmt: skip
 
 
 def attention_backward(do, q, k, v, out, lse, dist_table, key_padding_mask, seed, causal, q_offset, scale, dropout_p,
                        window=-1, grad_lse=None, globals_=None, segs=None):  # fmt: skip
     """Launch the backward. Returns dq, dk, dv (in the layout of `_like_heads`), the `(H, 2C + 1)`
-    fp32 gradient of the distance table (empty without a bias) and, with `globals_`, the gradients
-    of the global keys, values and distance table (None without)."""
+    fp32 gradient of the distance table (`dist_table` as in `attention_forward`; empty without a bias)
+    and, with `globals_`, the gradients of the global keys, values and distance table (None without)."""
     B, H, Lq, D = q.shape
     Lk = k.shape[2]
     dropout_p = quantized_dropout(dropout_p)
@@ -306,104 +428,89 @@ def attention_backward(do, q, k, v, out, lse, dist_table, key_padding_mask, seed
     dq = _like_heads(B, H, Lq, D, q)
     dk = _like_heads(B, H, Lk, D, k)
     dv = _like_heads(B, H, Lk, D, v)
-    gk, gv, gtable, caps, G, cut_g, gbs = _global_args(globals_, q)
-    has_gbias = globals_ is not None and globals_.dist_table is not None
+    gk, gv, gdist, caps, G, gbs = _global_args(globals_, q)
+    has_bias, has_gbias = dist_table is not None, gdist is not None
     dgk = dgv = None
     if globals_ is not None:
         dgk, dgv = _like_heads(B, H, G, D, gk), _like_heads(B, H, G, D, gv)
-    cut = _cut(dist_table)
-    has_bias = dist_table is not None
-    tiles = _tiles(D, q.dtype, q.device)
-    dq_tile, dkdv_tile = (tiles.dq_global, tiles.dkdv_global) if G > 0 else (tiles.dq, tiles.dkdv)
-    block_m, block_n = dq_tile[:2]
-    num_m = cdiv(Lq, block_m)
-    ddt = torch.zeros(H, 2 * cut + 1 if has_bias else 0, dtype=torch.float32, device=q.device)
-    ddtg = torch.zeros(H, 2 * cut_g + 1 if has_gbias else 0, dtype=torch.float32, device=q.device)
+    cut, cut_g = _cut_of(dist_table), _cut_of(gdist)
+    row, grow = (2 * cut + 1 if has_bias else 0), (2 * cut_g + 1 if has_gbias else 0)
+    flags = (key_padding_mask is not None, causal, window >= 0, dropout_p > 0.0, segs is not None)
+    plan = _backward_plan(B, H, Lq, D, q.dtype, q.device, _tile_source(), G, gbs, row, grow, flags,
+                          _DQ_SCRATCH_BYTES)  # fmt: skip
+    grads = [None, None]  # the tables' gradients
 
     def results():
-        return dq, dk, dv, ddt, dgk, dgv, ddtg if has_gbias else None
+        def gradient(grad, width):  # a table's gradient: no launch wrote it, no key saw it
+            return torch.zeros(H, width, dtype=torch.float32, device=q.device) if grad is None else grad
+
+        return dq, dk, dv, gradient(grads[0], row), dgk, dgv, gradient(grads[1], grow) if has_gbias else None
 
     if Lq == 0 or Lk == 0:
         for t in (dq, dk, dv, dgk, dgv):
             if t is not None:
                 t.zero_()
         return results()
-    block_d = _block_d(D)
+    num_m, chunk, whole = plan.num_m, plan.chunk, plan.whole
     delta = torch.empty(B, H, Lq, dtype=torch.float32, device=q.device)
     _bucketed_attention_bwd_preprocess_kernel[(num_m, H, B)](
-        out, do, delta,
-        *_row_strides(out, do), H, Lq, D, BLOCK_M=block_m, BLOCK_D=block_d,
+        out, do, delta, *_row_strides(out, do), H, Lq, D, **plan.preprocess,
     )  # fmt: skip
     if grad_lse is not None:
         # d lse_i / d s_ij = p_ij: a gradient on the log-sum-exp enters dS = P * (dP - delta) as -grad_lse.
         delta -= grad_lse
     kpm = key_mask(key_padding_mask, q.device)
-    common = dict(
-        HAS_KPM=key_padding_mask is not None, CAUSAL=causal, WINDOWED=window >= 0, DROPOUT=dropout_p > 0.0, GBS=gbs,
-        BLOCK_D=block_d, PRECISION=_precision(q.dtype), HAS_SEG=segs is not None,
-    )  # fmt: skip
     tail = (scale, scale * _LOG2E, dropout_p, seed)
-
-    def launch_options(tile):
-        bm, bn, warps, stages = tile
-        return dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages)
-
-    def dkdv(keys_k, keys_v, keys_table, n_keys, keys_cut, key_base, grad_k, grad_v, **flags):
-        bm, bn = dkdv_tile[:2]
-        qseg, kseg, spans = _segment_args(segs, q, "k", bn)
+    bm, bn = plan.dkdv_block
+    qseg, kseg, spans = _segment_args(segs, q, "k", bn)
+    for keys_k, keys_v, keys_table, n_keys, key_base, grad_k, grad_v, meta in (
+        (k, v, dist_table, Lk, 0, dk, dv, plan.dkdv),
+        *(((gk, gv, gdist, G, Lk, dgk, dgv, plan.dkdv_global),) if G > 0 else ()),
+    ):
+        padded, keys_cut = _table_args(keys_table, q.device, bm, bn)
         _bucketed_attention_bwd_dkdv_kernel[(cdiv(n_keys, bn), H, B)](
-            q, keys_k, keys_v, _kernel_table(keys_table, q, bm, bn), kpm, caps, qseg, kseg, spans, do, lse, delta,
-            grad_k, grad_v,
+            q, keys_k, keys_v, padded, kpm, caps, qseg, kseg, spans, do, lse, delta, grad_k, grad_v,
             *_row_strides(q, keys_k, keys_v, do, grad_k), kpm.stride(0), qseg.stride(0), kseg.stride(0),
-            H, Lq, n_keys, D, q_offset, keys_cut, window, key_base, *tail,
-            **dict(common, **flags), **launch_options(dkdv_tile),
+            H, Lq, n_keys, D, q_offset, keys_cut, window, key_base, *tail, **meta,
         )  # fmt: skip
-
-    dkdv(k, v, dist_table, Lk, cut, 0, dk, dv, HAS_BIAS=has_bias, GLOBAL_KEYS=False)
-    if G > 0:
-        dkdv(gk, gv, gtable, G, cut_g, Lk, dgk, dgv, HAS_BIAS=has_gbias, GLOBAL_KEYS=True,
-             HAS_KPM=False, CAUSAL=False, WINDOWED=False, HAS_SEG=False)  # fmt: skip
-    elif dgk is not None:
+    if G == 0 and dgk is not None:
         dgk.zero_(), dgv.zero_()
 
-    # Each dQ program has a slot: a dS tile for the bias gradient's diagonal sums (it stays in L2), a
-    # row of per-distance partials per table and, with global tokens (two launches: the ordinary keys
-    # into an fp32 dQ, then the globals on top), its fp32 dQ tile. The launches go in chunks whose
-    # slots fit in _DQ_SCRATCH_BYTES, each reusing the same buffers.
-    tile = block_m * block_n if has_bias or has_gbias else 0
-    row, grow = (2 * cut + 1 if has_bias else 0), (2 * cut_g + 1 if has_gbias else 0)
-    partial_tile = block_m * block_d if G > 0 else 0
-    chunk = _dq_chunks(num_m, H, B, 4 * (tile + row + grow + partial_tile))
-    slots = math.prod(chunk)
-    scratch = torch.empty(slots * tile or 1, dtype=torch.float32, device=q.device)
-    rows = torch.empty(slots, row, dtype=torch.float32, device=q.device)
-    grows = torch.empty(slots, grow, dtype=torch.float32, device=q.device)
-    partial = torch.empty(slots * partial_tile or 1, dtype=torch.float32, device=q.device)
-    table, gtable = _kernel_table(dist_table, q, block_m, block_n), _kernel_table(gtable, q, block_m, block_n)
+    def buffer(shape: tuple[int, ...], size: int, zeroed: bool = False) -> torch.Tensor:
+        if size == 0:
+            return placeholder((1,) + shape[1:], torch.float32, q.device)
+        return (torch.zeros if zeroed else torch.empty)(shape, dtype=torch.float32, device=q.device)
+
+    slots = plan.slots
+    scratch = buffer((slots * plan.tile,), plan.tile)
+    rows, grows = buffer((slots, row), row, whole), buffer((slots, grow), grow, whole)
+    partial = buffer((slots * plan.partial_tile,), plan.partial_tile)
+    block_m, block_n = plan.dq_block
+    table, _ = _table_args(dist_table, q.device, block_m, block_n)
+    gtable, _ = _table_args(gdist, q.device, block_m, block_n)
     qseg, kseg, spans = _segment_args(segs, q, "q", block_m)
-
-    def dq_launch(grid, bases, ordinary: bool, with_globals: bool):
-        _bucketed_attention_bwd_dq_kernel[grid](
-            q, k, v, table, kpm, gk, gv, gtable, caps, qseg, kseg, spans, do, lse, delta, dq, partial, rows, grows,
-            scratch,
-            *_row_strides(q, k, v, gk, gv, do, dq), kpm.stride(0), qseg.stride(0), kseg.stride(0),
-            H, Lq, Lk, G, D, q_offset, cut, cut_g, window, *bases, *tail,
-            HAS_BIAS=has_bias, ORDINARY=ordinary, HAS_GLOBAL=with_globals, HAS_GBIAS=has_gbias,
-            PARTIAL_IN=with_globals, PARTIAL_OUT=ordinary and G > 0, SKEW=_skew(block_m, block_n), **common,
-            **launch_options(dq_tile),
-        )  # fmt: skip
-
+    head = (q, k, v, table, kpm, gk, gv, gtable, caps, qseg, kseg, spans, do, lse, delta, dq, partial, rows, grows,
+            scratch, *_row_strides(q, k, v, gk, gv, do, dq), kpm.stride(0), qseg.stride(0), kseg.stride(0),
+            H, Lq, Lk, G, D, q_offset, cut, cut_g, window)  # fmt: skip
     for b0 in range(0, B, chunk[2]):
         for h0 in range(0, H, chunk[1]):
             for m0 in range(0, num_m, chunk[0]):
                 grid = (min(chunk[0], num_m - m0), min(chunk[1], H - h0), min(chunk[2], B - b0))
-                rows.zero_(), grows.zero_()
-                dq_launch(grid, (m0, h0, b0), True, False)
+                for partials in (rows, grows):
+                    if partials.shape[1] and not whole:
+                        partials.zero_()
+                _bucketed_attention_bwd_dq_kernel[grid](*head, m0, h0, b0, *tail, **plan.dq)
                 if G > 0:
-                    dq_launch(grid, (m0, h0, b0), False, True)
+                    _bucketed_attention_bwd_dq_kernel[grid](*head, m0, h0, b0, *tail, **plan.dq_global)
                 # The slots' rows, (batch, head, query tile) in the launch, summed per head in a fixed order.
-                for grad, partials in ((ddt, rows), (ddtg, grows)):
-                    if partials.shape[1]:
-                        per_head = partials[: math.prod(grid)].view(*grid[::-1], -1).sum((0, 2))
-                        grad[h0 : h0 + grid[1]] += per_head
+                for i, partials in enumerate((rows, grows)):
+                    if not partials.shape[1]:
+                        continue
+                    per_head = (partials if whole else partials[: math.prod(grid)]).view(*grid[::-1], -1).sum((0, 2))
+                    if whole:
+                        grads[i] = per_head
+                    else:
+                        if grads[i] is None:
+                            grads[i] = torch.zeros(H, partials.shape[1], dtype=torch.float32, device=q.device)
+                        grads[i][h0 : h0 + grid[1]] += per_head
     return results()

@@ -7,7 +7,7 @@ import functools
 
 import torch
 
-from .._backend import autocast_cast, autocast_dtype, autocast_off, unsupported_dtypes, use_triton
+from .._backend import autocast_cast, autocast_dtype, autocast_off, key_mask, unsupported_dtypes, use_triton
 from . import launch
 from .reference import bucketed_attention_reference
 from .tiles import _MAX_HEAD_DIM
@@ -26,6 +26,8 @@ def _check_inputs(q, k, v, bias_table, key_padding_mask, q_segment_ids=None, k_s
         raise ValueError(
             f"bucketed_attention: k and v must be (B={B}, H={H}, Lk, D={D}); got k {tuple(k.shape)}, v {tuple(v.shape)}"
         )
+    if isinstance(bias_table, launch.PositionBias):
+        bias_table = bias_table.table
     if bias_table is not None and (bias_table.dim() != 2 or bias_table.shape[1] != H):
         raise ValueError(f"bucketed_attention: bias_table must be (num_buckets, H={H}); got {tuple(bias_table.shape)}")
     if key_padding_mask is not None and tuple(key_padding_mask.shape) != (B, k.shape[2]):
@@ -127,12 +129,11 @@ def _setup_context(ctx, inputs, output):
     ctx.args = (causal, q_offset, scale, dropout_p, window)
 
 
-def _grads(ctx, grad_out, grad_lse, backward):
-    """The inputs' gradients, the backward (`_backward` or its op) given the saved tensors."""
+def _backward_op(ctx, grad_out, grad_lse):
     q, k, v, out, lse, dist_table, key_padding_mask, seed, q_seg, k_seg = ctx.saved_tensors
     if grad_out is None:
         grad_out = torch.zeros_like(out)
-    dq, dk, dv, ddt = backward(
+    dq, dk, dv, ddt = torch.ops.fastseq.bucketed_attention_bwd(
         grad_out.transpose(1, 2), q, k, v, out.transpose(1, 2), lse, grad_lse, dist_table, key_padding_mask, seed,
         *ctx.args, q_seg, k_seg,
     )  # fmt: skip
@@ -145,27 +146,69 @@ def _grads(ctx, grad_out, grad_lse, backward):
     )
 
 
-def _backward_op(ctx, grad_out, grad_lse):
-    return _grads(ctx, grad_out, grad_lse, torch.ops.fastseq.bucketed_attention_bwd)
-
-
 _fwd_op.register_autograd(_backward_op, setup_context=_setup_context)
 
 
 class _EagerAttention(torch.autograd.Function):
-    """The ops' forward and backward, their autograd, without the dispatcher: what eager mode runs (the
-    ops are what `torch.compile` traces). A custom op's dispatch, autograd wrapper and dynamo guard took
-    most of a call's host time on the CPU (`bench/bench_bucketed_attention.py --host`)."""
+    """The ops' forward and backward and their autograd, without the dispatcher: what eager mode runs
+    (the ops are what `torch.compile` traces; a test holds the two bitwise equal). A custom op's
+    dispatch, autograd wrapper and dynamo guard took most of a call's host time on the CPU
+    (`bench/bench_bucketed_attention.py --host`). Tensors stay `(B, H, L, D)` throughout, the padding
+    mask is converted once for forward and backward, and a `PositionBias` gives the padded tables it
+    keeps.
+
+    Inputs: q, k, v, the `(H, 2C + 1)` distance table (None: no bias) whose gradient is returned, what
+    the launchers read for it (that table or its `PositionBias`), the launchers' mask (`key_mask`),
+    segment ids (`launch.Segments`) or None, the seed (an int), (causal, q_offset, scale, dropout_p,
+    window) and `with_lse`. Returns the output and, with `with_lse`, each row's natural log-sum-exp
+    (differentiable); without, the log2-domain one the backward reads (not differentiable: a caller
+    that wants no log-sum-exp pays for no conversion of it)."""
 
     @staticmethod
-    def forward(ctx, *inputs):
-        output = _forward(*inputs)
-        _setup_context(ctx, inputs, output)
-        return output
+    def forward(ctx, q, k, v, dist_table, launch_table, kpm, segs, seed, args, with_lse):
+        out, lse2 = launch.attention_forward(q, k, v, launch_table, kpm, seed, *args, segs=segs)
+        if with_lse:
+            lse = launch.natural_lse(lse2)
+        else:
+            # `kernel_lse(natural_lse(lse2))` on every row: +inf (no key) comes back +inf, a finite one
+            # through the same division and product, so the backward reads bitwise what the ops' reads.
+            lse = lse2.div_(launch._LOG2E).mul_(launch._LOG2E)
+            ctx.mark_non_differentiable(lse)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.table, ctx.kpm, ctx.segs, ctx.seed, ctx.args, ctx.with_lse = launch_table, kpm, segs, seed, args, with_lse
+        ctx.has_table = dist_table is not None
+        ctx.set_materialize_grads(False)  # no zeros for the log-sum-exp's gradient when it has none
+        return out, lse
 
     @staticmethod
     def backward(ctx, grad_out, grad_lse):
-        return _grads(ctx, grad_out, grad_lse, _backward)
+        q, k, v, out, lse = ctx.saved_tensors
+        if grad_out is None:
+            grad_out = torch.zeros_like(out)
+        if ctx.with_lse:
+            lse, grad_lse = launch.kernel_lse(lse, grad_lse)
+        else:
+            grad_lse = None
+        dq, dk, dv, ddt, *_ = launch.attention_backward(
+            grad_out, q, k, v, out, lse, ctx.table, ctx.kpm, ctx.seed, *ctx.args, grad_lse, segs=ctx.segs
+        )
+        return dq, dk, dv, ddt if ctx.has_table else None, None, None, None, None, None, None
+
+
+def _eager(q, k, v, bias, key_padding_mask, seed, causal, q_offset, scale, dropout_p, window, q_segment_ids,
+           k_segment_ids, with_lse=True):  # fmt: skip
+    """`_EagerAttention` on the ops' arguments (`bias`: the distance table, a `PositionBias` or None;
+    `seed`: a `(1,)` int64 tensor or None) -> (out `(B, H, Lq, D)`, lse `(B, H, Lq)`)."""
+    segs = launch._segments(q_segment_ids, k_segment_ids, key_padding_mask)
+    kpm = None if segs is not None or key_padding_mask is None else key_mask(key_padding_mask, q.device)
+    dist_table = bias.dist_table if isinstance(bias, launch.PositionBias) else bias
+    args = (causal, q_offset, scale, dropout_p, window)
+    return _EagerAttention.apply(q, k, v, dist_table, bias, kpm, segs, launch.seed_value(seed), args, with_lse)
+
+
+def _draw_seed(dropout_p: float) -> torch.Tensor | None:
+    """The dropout seed, drawn from PyTorch's CPU generator so that torch.manual_seed fixes the mask."""
+    return torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64) if dropout_p > 0.0 else None
 
 
 def attention_with_lse(
@@ -187,15 +230,19 @@ def attention_with_lse(
     output `(B, H, Lq, D)` and each row's log-sum-exp `(B, H, Lq)` fp32 (-inf where no key is
     allowed), both differentiable. `window` >= 0 limits keys to |j - (q_offset + i)| <= window;
     segment ids (packed rows) to the keys of the query's segment."""
-    seed = None
-    if dropout_p > 0.0:
-        # Drawn from PyTorch's CPU generator, so torch.manual_seed fixes the dropout mask.
-        seed = torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64)
-    forward = torch.ops.fastseq.bucketed_attention_fwd if torch.compiler.is_compiling() else _EagerAttention.apply
-    out, lse = forward(
-        q, k, v, dist_table, key_padding_mask, seed, causal, q_offset, float(scale), float(dropout_p), int(window),
-        q_segment_ids, k_segment_ids,
-    )  # fmt: skip
+    return _attention(q, k, v, dist_table, key_padding_mask, causal, q_offset, scale, dropout_p, window,
+                      q_segment_ids, k_segment_ids, with_lse=True)  # fmt: skip
+
+
+def _attention(q, k, v, bias, key_padding_mask, causal, q_offset, scale, dropout_p, window, q_segment_ids,
+               k_segment_ids, *, with_lse: bool) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """The eager path or, under torch.compile, the ops (on the distance table: an op takes tensors)."""
+    seed = _draw_seed(dropout_p)
+    args = (causal, q_offset, float(scale), float(dropout_p), int(window), q_segment_ids, k_segment_ids)
+    if not torch.compiler.is_compiling():
+        return _eager(q, k, v, bias, key_padding_mask, seed, *args, with_lse=with_lse)
+    dist_table = bias.dist_table if isinstance(bias, launch.PositionBias) else bias
+    out, lse = torch.ops.fastseq.bucketed_attention_fwd(q, k, v, dist_table, key_padding_mask, seed, *args)
     return out.transpose(1, 2), lse  # (B, H, Lq, D), (B, H, Lq)
 
 
@@ -215,13 +262,11 @@ def _bucketed_attention_triton(
     q_segment_ids,
     k_segment_ids,
 ) -> torch.Tensor:
-    dist_table = None
-    if bias_table is not None:
-        dist_table = launch.distance_table(bias_table, bidirectional=bidirectional, max_distance=max_distance)
-    out, _ = attention_with_lse(
-        q, k, v, dist_table, key_padding_mask=key_padding_mask, causal=causal, q_offset=q_offset, scale=scale,
-        dropout_p=dropout_p, q_segment_ids=q_segment_ids, k_segment_ids=k_segment_ids,
-    )  # fmt: skip
+    bias = bias_table
+    if bias_table is not None and not isinstance(bias_table, launch.PositionBias):
+        bias = launch.distance_table(bias_table, bidirectional=bidirectional, max_distance=max_distance)
+    out, _ = _attention(q, k, v, bias, key_padding_mask, causal, q_offset, scale, dropout_p, -1, q_segment_ids,
+                        k_segment_ids, with_lse=False)  # fmt: skip
     return out
 
 
@@ -243,7 +288,7 @@ def bucketed_attention(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    bias_table: torch.Tensor | None = None,
+    bias_table: torch.Tensor | launch.PositionBias | None = None,
     *,
     bidirectional: bool = True,
     max_distance: int = 128,
@@ -263,6 +308,11 @@ def bucketed_attention(
     q, k and v are cast to autocast's dtype (as for `F.scaled_dot_product_attention`); the bias stays
     fp32 and the softmax runs in fp32, as in `transformers`.
 
+    A model whose layers share one table passes `PositionBias(bias_table, bidirectional=...,
+    max_distance=...)`, made once per forward, in place of the table: its layers then share the
+    table's preparation (and its bucket and distance settings, which must match `bidirectional` and
+    `max_distance`).
+
     The Triton path is deterministic: the same inputs (and seed, with dropout) give bitwise the
     same outputs and gradients, with no atomics in forward or backward.
     """
@@ -271,6 +321,15 @@ def bucketed_attention(
         raise ValueError(f"bucketed_attention: dropout_p must be in [0, 1); got {dropout_p}")
     if q_offset < 0:
         raise ValueError(f"bucketed_attention: q_offset must be >= 0; got {q_offset}")
+    if isinstance(bias_table, launch.PositionBias) and (bias_table.bidirectional, bias_table.max_distance) != (
+        bidirectional,
+        max_distance,
+    ):
+        raise ValueError(
+            f"bucketed_attention: the PositionBias was made with bidirectional={bias_table.bidirectional}, "
+            f"max_distance={bias_table.max_distance}; this call asks for bidirectional={bidirectional}, "
+            f"max_distance={max_distance}"
+        )
     kwargs = dict(
         bidirectional=bidirectional,
         max_distance=max_distance,
@@ -288,6 +347,8 @@ def bucketed_attention(
     unsupported = functools.partial(unsupported_inputs, q)
     if use_triton("bucketed_attention", HAS_TRITON_KERNEL, q, k, v, unsupported=unsupported):
         return _bucketed_attention_triton(q, k, v, bias_table, **kwargs)
+    if isinstance(bias_table, launch.PositionBias):
+        bias_table = bias_table.table
     return bucketed_attention_reference(q, k, v, bias_table, **kwargs)
 
 

@@ -54,13 +54,21 @@ def _parse_tiles(text: str) -> Tiles:
 # sm_86's global one 32 x 32) and one stage at D = 128 (sm_80, sm_86), and sm_90's dQ at D = 256 8 warps:
 # those builds spilled 8 to 16 bytes. Under Triton 3.6 dK/dV spilled 8 bytes at D = 64 (sm_80, 2 stages; 1 does
 # not) and D = 128 (sm_90, 8 warps; 4 do not).
+# sm_90's dK/dV at D = 64 is 64 x 64 with 8 warps: with 32 keys its products over the key tile (dV += P^T dO,
+# dK += dS^T Q) had M = 32 and stayed mma.sync (16 HGMMA and 16 HMMA); at 64 keys all 24 are wgmma, with
+# no spill under Triton 3.6 or 3.9 (the t5 build 254 and 200 registers) and fewer loop instructions per
+# key (t5: 17 against 21). At D = 128 it is 128 x 64 with 8 warps and one stage (was 32 x 32: 64 HMMA, no
+# wgmma): 32 wgmma, no spill under 3.6 or 3.9 (the t5 build 254 and 245 registers), and its key loop 1,131
+# instructions per 128 x 64 tile against 653 per 32 x 32; 64 x 64 spilled there (64 to 696 bytes under 3.9).
+# LongT5's dK/dV at D = 64 and T5's at D = 32 take 64 x 64 with 8 warps too (all wgmma, no spill under 3.6 or
+# 3.9); LongT5's at D = 128 stays 32 x 32 (128 x 64 spilled 8 bytes under 3.6).
 # fmt: off
 _TILES: dict[tuple[int, int], Tiles] = {key: _parse_tiles(text) for key, text in {
     #           fwd        fwd_global dq         dkdv       dq_global  dkdv_global
     (90, 16):   "128.32.8.3 128.64.8.3 128.64.8.2 64.64.8.2  128.64.8.2 128.32.8.2",
-    (90, 32):   "128.32.8.3 128.64.8.3 128.64.8.2 64.32.4.2  128.32.8.2 128.32.8.2",
-    (90, 64):   "128.64.8.3 128.64.8.3 64.32.4.2  64.32.8.2  128.32.8.2 64.32.4.2",
-    (90, 128):  "128.64.8.2 128.64.8.2 64.32.8.2  32.32.4.2  64.32.4.2  32.32.8.2",
+    (90, 32):   "128.32.8.3 128.64.8.3 128.64.8.2 64.64.8.2  128.32.8.2 128.32.8.2",
+    (90, 64):   "128.64.8.3 128.64.8.3 64.32.4.2  64.64.8.2  128.32.8.2 64.64.8.2",
+    (90, 128):  "128.64.8.2 128.64.8.2 64.32.8.2  128.64.8.1 64.32.4.2  32.32.8.2",
     (90, 256):  "64.32.8.2  16.16.4.1  16.32.8.1  16.16.4.1  16.32.8.1  16.16.4.1",
     (80, 16):   "128.64.8.3 128.64.8.3 128.64.8.2 64.32.4.2  128.64.8.2 64.32.4.2",
     (80, 32):   "128.64.8.3 128.64.8.3 128.32.8.2 128.32.8.2 128.64.8.2 128.32.8.2",
