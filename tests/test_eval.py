@@ -385,6 +385,16 @@ def test_the_first_line_states_the_effective_settings(tmp_path, capfd, tiny, ref
         "x 1 data-parallel = 4 examples a step; source 48 tokens, target 24")  # fmt: skip
 
 
+def _assert_resumed_from_2_as_before(tmp_path, capfd, tiny, out, argv: list[str], first: list[dict]) -> None:
+    """Checkpoints 4 and 6 set aside, the run resumed (from checkpoint-2) writes `first`'s records again
+    (times apart)."""
+    for step in (4, 6):
+        (out / f"checkpoint-{step}").rename(tmp_path / f"set-aside-{step}")
+    _train(capfd, tiny, out, *argv, "--resume")
+    kept = [{k: v for k, v in r.items() if k not in ("elapsed", "tokens_per_s")} for r in _records(out)]
+    assert kept == [{k: v for k, v in r.items() if k not in ("elapsed", "tokens_per_s")} for r in first]
+
+
 def test_eval_strategy_epoch_evaluates_and_saves_at_each_epochs_end_and_resumes_exactly(
     tmp_path, capfd, tiny, reference_backend
 ):
@@ -398,12 +408,7 @@ def test_eval_strategy_epoch_evaluates_and_saves_at_each_epochs_end_and_resumes_
     first = _records(out)
     assert [r["step"] for r in first if "eval_loss" in r] == [2, 4, 6]
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4", "checkpoint-6"]
-    for step in (4, 6):
-        (out / f"checkpoint-{step}").rename(tmp_path / f"set-aside-{step}")
-    _train(capfd, tiny, out, *argv, "--resume")
-    again = _records(out)
-    strip = [{k: v for k, v in r.items() if k not in ("elapsed", "tokens_per_s")} for r in first]
-    assert [{k: v for k, v in r.items() if k not in ("elapsed", "tokens_per_s")} for r in again] == strip
+    _assert_resumed_from_2_as_before(tmp_path, capfd, tiny, out, argv, first)
 
 
 def test_early_stopping_patience_ends_the_run_at_the_step_hfs_callback_would(tmp_path, capfd, tiny, reference_backend):
@@ -515,12 +520,7 @@ def test_load_best_model_at_end_resumes_exactly(tmp_path, capfd, tiny, reference
     _train(capfd, tiny, out, *argv)
     first, model = _records(out), (out / "model.safetensors").read_bytes()
     assert first[-1]["best_model_step"] != 6
-    for step in (4, 6):
-        (out / f"checkpoint-{step}").rename(tmp_path / f"set-aside-{step}")
-    _train(capfd, tiny, out, *argv, "--resume")
-    again = _records(out)
-    strip = [{k: v for k, v in r.items() if k not in ("elapsed", "tokens_per_s")} for r in first]
-    assert [{k: v for k, v in r.items() if k not in ("elapsed", "tokens_per_s")} for r in again] == strip
+    _assert_resumed_from_2_as_before(tmp_path, capfd, tiny, out, argv, first)
     assert (out / "model.safetensors").read_bytes() == model
 
 

@@ -190,7 +190,8 @@ def test_the_patch_really_calls_the_kernels_and_unpatch_restores(kind, monkeypat
     assert calls == before  # the originals run again
 
 
-def test_umt5_uses_each_layers_own_table(monkeypatch):
+def _record_tables(monkeypatch) -> list:
+    """The bias table of every attention call the patched models make from now on."""
     seen = []
     real = fpatch.kernels.bucketed_attention
 
@@ -199,6 +200,11 @@ def test_umt5_uses_each_layers_own_table(monkeypatch):
         return real(q, k, v, table, **kw)
 
     monkeypatch.setattr(fpatch.kernels, "bucketed_attention", recording)
+    return seen
+
+
+def test_umt5_uses_each_layers_own_table(monkeypatch):
+    seen = _record_tables(monkeypatch)
     model = fastseq.patch(build("umt5"))
     with torch.no_grad():
         model(**inputs("umt5"))
@@ -212,14 +218,7 @@ def test_umt5_uses_each_layers_own_table(monkeypatch):
 def test_t5_layers_share_one_prepared_table(monkeypatch):
     """The first layer's table, handed on to the others, is made ready for the kernels once per forward:
     every self-attention layer of a stack reads the same `PositionBias`, and the next forward makes a new one."""
-    seen = []
-    real = fpatch.kernels.bucketed_attention
-
-    def recording(q, k, v, table, **kw):
-        seen.append(table)
-        return real(q, k, v, table, **kw)
-
-    monkeypatch.setattr(fpatch.kernels, "bucketed_attention", recording)
+    seen = _record_tables(monkeypatch)
     model = fastseq.patch(build("t5_v11_untied"))
     layers = len(model.encoder.block)
     firsts = []

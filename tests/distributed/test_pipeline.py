@@ -177,18 +177,12 @@ def test_label_smoothing_under_zero2_and_two_stages_matches_one_process(tmp_path
         assert_losses_close(losses(tmp_path / name), expected)
 
 
-@pytest.mark.parametrize("kind", ["t5_v10_tied", "t5_v11_untied", "blenderbot_small"])
-def test_the_layers_train_packed_rows_as_the_padded_batch(kind, reference_backend):
-    """The pipeline's layers run one after another in one process, with the native model's weights:
-    packed rows (segment ids and BlenderbotSmall's positions riding in the stage tuples, labels
-    shifted per segment by `stage_inputs`) give the padded batch's loss and gradients, and both give
-    the native model's loss."""
-    from fastseq.distributed.stages import head_loss, layers, stage_inputs
-    from tests.models.test_packing import ROW_SOURCE, ROW_TARGET, ROWS, examples, model, packed, padded
+def _pipeline_layers(native) -> list:
+    """(layer spec, module) of each pipeline layer of `native`'s config, in order, holding `native`'s
+    weights; a tied layer's module is the one made for its first occurrence."""
+    from fastseq.distributed.stages import layers
 
-    native = model(kind)
-    state = native.state_dict()
-    chain, tied = [], {}
+    state, tied, out = native.state_dict(), {}, []
     for layer in layers(native.config):
         module = tied.get(layer.tied) if layer.tied else None
         if module is None:
@@ -196,7 +190,21 @@ def test_the_layers_train_packed_rows_as_the_padded_batch(kind, reference_backen
             module.load_state_dict({local: state[layer.hf_name(local)] for local in module.state_dict()})
             if layer.tied:
                 tied[layer.tied] = module
-        chain.append((module, layer.forward_fn))
+        out.append((layer, module))
+    return out
+
+
+@pytest.mark.parametrize("kind", ["t5_v10_tied", "t5_v11_untied", "blenderbot_small"])
+def test_the_layers_train_packed_rows_as_the_padded_batch(kind, reference_backend):
+    """The pipeline's layers run one after another in one process, with the native model's weights:
+    packed rows (segment ids and BlenderbotSmall's positions riding in the stage tuples, labels
+    shifted per segment by `stage_inputs`) give the padded batch's loss and gradients, and both give
+    the native model's loss."""
+    from fastseq.distributed.stages import head_loss, stage_inputs
+    from tests.models.test_packing import ROW_SOURCE, ROW_TARGET, ROWS, examples, model, packed, padded
+
+    native = model(kind)
+    chain = [(module, layer.forward_fn) for layer, module in _pipeline_layers(native)]
     parameters = {f"{i}.{name}": p for i, (module, fn) in enumerate(chain) if fn is None
                   for name, p in module.named_parameters()}  # fmt: skip
 
@@ -263,7 +271,7 @@ def test_two_stages_train_packed_rows_with_fastseq_train_as_one_process(tmp_path
 def test_the_layers_of_a_stage_share_one_prepared_table(monkeypatch, reference_backend):
     """A stage's self-attention sub-layers read the bias table handed along the stage tuple as one
     `PositionBias`, made by the first of them and kept on that tensor: not one per layer."""
-    from fastseq.distributed.stages import layers, stage_inputs
+    from fastseq.distributed.stages import stage_inputs
     from fastseq.kernels import PositionBias
     from fastseq.models import t5
     from tests.models.test_packing import examples, model, padded
@@ -277,15 +285,8 @@ def test_the_layers_of_a_stage_share_one_prepared_table(monkeypatch, reference_b
 
     monkeypatch.setattr(t5, "bucketed_attention", record)
     native = model("t5_v11_untied")
-    state = native.state_dict()
-    x, tied = stage_inputs(native.config, padded(examples("t5_v11_untied"))), {}
-    for layer in layers(native.config):
-        module = tied.get(layer.tied) if layer.tied else None
-        if module is None:
-            module = layer.cls(*layer.args, **layer.kwargs)
-            module.load_state_dict({local: state[layer.hf_name(local)] for local in module.state_dict()})
-            if layer.tied:
-                tied[layer.tied] = module
+    x = stage_inputs(native.config, padded(examples("t5_v11_untied")))
+    for layer, module in _pipeline_layers(native):
         x = layer.forward_fn(module, x) if layer.forward_fn is not None else module(x)
     tables = [t for t in seen if t is not None]
     layers_per_stack = native.config.num_layers
