@@ -77,6 +77,27 @@ def test_adapters_on_a_native_model_equal_transformers_and_peft(kind, targets, t
         assert_close(grad, reference[name], what=name)
 
 
+def test_the_adapters_start_from_the_seed_alone(tmp_path):
+    """The adapters' initial values depend on the seed only, not on what the process drew before (ZeRO-3's
+    partitioned build draws for the base first); the caller's generator is left as it was."""
+    hf_model("t5_v11_untied").save_pretrained(tmp_path / "base")
+    settings = LoraSettings(r=4, alpha=8.0, dropout=0.0, targets=("q", "v"))
+    starts = []
+    for draws in (0, 100):
+        model = fastseq.from_pretrained(tmp_path / "base")
+        torch.manual_seed(1)
+        torch.rand(draws)
+        before = torch.random.get_rng_state()
+        add_adapters(model, settings, None, seed=5)
+        assert torch.equal(torch.random.get_rng_state(), before)
+        starts.append({n: p.detach().clone() for n, p in model.named_parameters() if ".lora_A" in n})
+    assert starts[0].keys() == starts[1].keys() and starts[0]
+    assert all(torch.equal(starts[0][n], starts[1][n]) for n in starts[0])
+    other = fastseq.from_pretrained(tmp_path / "base")
+    add_adapters(other, settings, None, seed=6)
+    assert not all(torch.equal(p, starts[0][n]) for n, p in other.named_parameters() if ".lora_A" in n)
+
+
 def test_adapters_under_gradient_checkpointing_get_the_same_gradients(tmp_path, reference_backend):
     """Checkpointed blocks (a frozen base: their inputs need no gradient) still give every adapter its
     gradient: the loss and gradients equal the run without checkpointing."""
