@@ -73,6 +73,11 @@ def atomic_write(target: Path, write: Callable[[Path], None]) -> None:
             tmp.unlink()
 
 
+def copy_file(source: Path, target: Path) -> None:
+    """`source`'s bytes at `target`, written atomically (`atomic_write`)."""
+    atomic_write(target, lambda tmp: shutil.copyfile(source, tmp))
+
+
 def write_json(target: Path, data: dict) -> None:
     atomic_write(target, lambda tmp: tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n"))
 

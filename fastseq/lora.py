@@ -33,8 +33,8 @@ TARGETS = {
     "longt5": _T5,
     "blenderbot-small": ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"),
 }
-# T5's feed-forward layers: a block with an adapter on one of them runs unfused.
-UNFUSED_TARGETS = ("wi", "wi_0", "wi_1", "wo")
+DEFAULT_TARGETS = ("q", "v")  # T5's usual targets (--lora-targets)
+DEFAULT_DROPOUT = 0.05  # --lora-dropout's default
 
 
 @dataclass(frozen=True)
@@ -92,10 +92,6 @@ def add_adapters(model: nn.Module, settings: LoraSettings, base: str | None, *, 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return peft.PeftModel(model, _lora_config(settings, base), adapter_name=PEFT_NAME)
-
-
-def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
-    return [p for p in model.parameters() if p.requires_grad]
 
 
 def save_adapters(wrapper, directory: Path) -> None:

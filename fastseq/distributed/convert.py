@@ -14,13 +14,12 @@ from __future__ import annotations
 import contextlib
 import json
 import re
-import shutil
 from pathlib import Path
 
 import torch
 
 from fastseq.checkpoint import CheckpointError, match_state, read_model_config
-from fastseq.files import atomic_write
+from fastseq.files import copy_file
 
 # What a model directory holds beside its weights and config.json, copied as they are so that the
 # converted directory generates and fine-tunes like its source.
@@ -66,7 +65,7 @@ def copy_side_files(source: Path, dest: Path) -> list[str]:
     copied = []
     for name in SIDE_FILES:
         if (source / name).is_file():
-            atomic_write(dest / name, lambda tmp, name=name: shutil.copyfile(source / name, tmp))
+            copy_file(source / name, dest / name)
             copied.append(name)
     return copied
 

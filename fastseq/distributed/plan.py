@@ -51,6 +51,7 @@ from pathlib import Path
 
 import torch
 
+from fastseq.lora import DEFAULT_TARGETS
 from fastseq.memory import GIB, check_parameter_memory, meta_model, parameter_count
 from fastseq.optim import factored, factored_numel
 
@@ -75,7 +76,7 @@ class Setup:
     precision: str = "bf16"  # bf16, fp16 or fp32 (auto resolves to bf16 on GPUs)
     gradient_checkpointing: bool = False
     lora_r: int = 0  # LoRA's rank: the base frozen (in bf16 under mixed precision), the adapters trained
-    lora_targets: tuple[str, ...] = ("q", "v")
+    lora_targets: tuple[str, ...] = DEFAULT_TARGETS
 
     @property
     def mixed(self) -> bool:
@@ -242,12 +243,12 @@ def plan(sizes: Sizes, cluster: Cluster, setup: Setup) -> list[Row]:
     """Per-GPU and per-node memory of each strategy for the model of `sizes` on `cluster`."""
     P, N, per_node = sizes.params, cluster.gpus, cluster.gpus_per_node
     acts = activation_bytes(sizes.config, setup)
+    if setup.lora_r:
+        return _lora_rows(sizes, cluster, setup, acts)
     w = 2 if setup.mixed else 4  # parameter (and gradient) bytes on the GPU
     fp32_grads, master = (4, 4) if setup.mixed else (0, 0)
     adam = 8 * P  # the offload configs' CPU AdamW
     gathered = (2 * w) * sizes.largest
-    if setup.lora_r:
-        return _lora_rows(sizes, cluster, setup, acts)
     rows = []
     if N == 1:
         rows.append(Row("one process (no DeepSpeed)", None, (4 + (2 if setup.mixed else 0)) * P, 4 * P,
@@ -443,7 +444,7 @@ def setup_of(args, config) -> Setup:
                  target_length=args.max_target_length, optimizer=args.optimizer,
                  precision="bf16" if args.precision == "auto" else args.precision,
                  gradient_checkpointing=args.gradient_checkpointing, lora_r=args.lora_r,
-                 lora_targets=args.lora.targets if args.lora else ("q", "v"))  # fmt: skip
+                 lora_targets=args.lora.targets if args.lora else DEFAULT_TARGETS)  # fmt: skip
 
 
 def strategy_of(config: dict) -> str:

@@ -128,11 +128,13 @@ class TrainArgs:
         """The LoRA settings (`fastseq.lora.LoraSettings`), or None for full fine-tuning."""
         if not self.lora_r:
             return None
-        from fastseq.lora import LoraSettings
+        from fastseq.lora import DEFAULT_DROPOUT, DEFAULT_TARGETS, LoraSettings
 
-        targets = tuple(t.strip() for t in (self.lora_targets or "q,v").split(",") if t.strip())
+        targets = DEFAULT_TARGETS
+        if self.lora_targets is not None:
+            targets = tuple(t.strip() for t in self.lora_targets.split(",") if t.strip())
         alpha = self.lora_alpha if self.lora_alpha is not None else 2.0 * self.lora_r
-        dropout = self.lora_dropout if self.lora_dropout is not None else 0.05
+        dropout = self.lora_dropout if self.lora_dropout is not None else DEFAULT_DROPOUT
         return LoraSettings(r=self.lora_r, alpha=alpha, dropout=dropout, targets=targets)
 
     def check_lora(self, model_config) -> None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import math
-import shutil
 from pathlib import Path
 
 import torch
@@ -20,7 +19,7 @@ from torch.optim.lr_scheduler import LambdaLR
 
 from fastseq import hub, presets
 from fastseq.checkpoint import fit_embeddings, from_pretrained, read_model_config, stored_embeddings
-from fastseq.files import SAFE_INDEX, SAFE_WEIGHTS, SHARD_RE, atomic_write, write_json
+from fastseq.files import SAFE_INDEX, SAFE_WEIGHTS, SHARD_RE, copy_file, write_json
 from fastseq.hub import HubModelNotFound, model_directory
 from fastseq.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from fastseq.models import FAMILIES, T5Config
@@ -150,7 +149,7 @@ def copy_model_files(source: Path, dest: Path) -> list[str]:
     adapter files) into `dest`, each atomically; their names."""
     names = sorted(p.name for p in Path(source).iterdir() if p.name in MODEL_FILES or SHARD_RE.fullmatch(p.name))
     for name in names:
-        atomic_write(Path(dest) / name, lambda tmp, name=name: shutil.copyfile(Path(source) / name, tmp))
+        copy_file(Path(source) / name, Path(dest) / name)
     return names
 
 

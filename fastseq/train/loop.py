@@ -62,7 +62,9 @@ from .plot import plot_losses
 from .rotation import rotate, set_aside
 from .signals import SIGNAL_NAMES, Interrupted, Signals, StopEvaluation, StoppableCollator
 from .state import (
+    PREDICT_RESULTS,
     STATE_FILE,
+    TEST_PREDICTIONS,
     ResumeError,
     args_record,
     check_engine,
@@ -84,8 +86,6 @@ from .state import (
 )
 
 log = logging.getLogger("fastseq.train")
-TEST_PREDICTIONS = "test_predictions.jsonl"  # --test-data's predictions, beside eval_predictions-STEP.jsonl
-PREDICT_RESULTS = "predict_results.json"  # --test-data's scores, as HF's run_summarization.py names the file
 _SHOWN_CHARS = 200  # the summary line shows held-out sources and outputs up to this length
 
 
@@ -155,6 +155,11 @@ def settings_line(args: TrainArgs, data_parallel: int) -> str:
         per_step += f" = {args.batch_size * args.grad_accum * data_parallel} examples a step"
     return (f"fastseq train: {args.steps} steps; {args.optimizer}, {rate}, {args.schedule} schedule{warmup}; batch "
             f"{per_step}; source {args.max_source_length} tokens, target {args.max_target_length}")  # fmt: skip
+
+
+def whole_epochs(data: Data) -> int:
+    """The epochs of the training data done so far, whole ones (what --eval-strategy epoch counts)."""
+    return math.floor((data.epoch or 0.0) + 1e-9)
 
 
 def make_engine(args: TrainArgs, config) -> Engine:
@@ -516,7 +521,7 @@ class _Run:
         at the same steps)."""
         if self.args.eval_strategy != "epoch":
             return False
-        whole = math.floor((self.data.epoch or 0.0) + 1e-9)
+        whole = whole_epochs(self.data)
         ended, self.epochs_whole = whole > self.epochs_whole, whole
         return ended
 
@@ -574,7 +579,7 @@ def _train(args: TrainArgs, config, tokenizer: Tokenizer, engine: Engine, out: P
     engine.build(config)
     run = _Run(args, engine, tokenizer, data, identity, out)
     start = run.resume() if args.resume else 0
-    run.epochs_whole = math.floor((data.epoch or 0.0) + 1e-9)
+    run.epochs_whole = whole_epochs(data)
     if start > args.steps:
         raise ValueError(f"the checkpoint is at step {start}, already past --steps {args.steps}; raise --steps")
     engine.on_first_rank(clear_output_dir, args, out)  # every check has passed: --overwrite removes the old run

@@ -13,9 +13,7 @@ from fastseq.metrics import metric_keys
 
 from .args import TrainArgs
 from .data import Data
-from .state import args_record
-
-WANDB_RUN_ID = "wandb_run_id.txt"  # the W&B run of OUTPUT's run, which a --resume continues
+from .state import WANDB_RUN_ID, args_record
 
 
 class MetricsLog:

@@ -24,18 +24,21 @@ from safetensors.torch import load_file, save_file
 
 from fastseq.files import LOCK_FILE, SAFE_INDEX, SAFE_WEIGHTS, SHARD_RE, DirectoryLock, fingerprint, write_json
 from fastseq.generation import PREDICTION_CONFIG, read_json_file
+from fastseq.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from fastseq.tokenizers import Tokenizer
 
 from .args import TrainArgs
 
 STATE_FILE = "trainer_state.json"
+TEST_PREDICTIONS = "test_predictions.jsonl"  # --test-data's predictions, beside eval_predictions-STEP.jsonl
+PREDICT_RESULTS = "predict_results.json"  # --test-data's scores, as HF's run_summarization.py names the file
+WANDB_RUN_ID = "wandb_run_id.txt"  # the W&B run of OUTPUT's run, which a --resume continues
 FORMAT = 2
 # What a run writes at the top of its output directory (besides checkpoint-STEP/).
 _RUN_FILES = {"metrics.jsonl", "loss.png", "config.json", "generation_config.json", SAFE_WEIGHTS, SAFE_INDEX,
               "spiece.model", "vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json",
-              "added_tokens.json", "generated_predictions.txt", "runs", PREDICTION_CONFIG, "adapter_config.json",
-              "adapter_model.safetensors", "test_predictions.jsonl", "predict_results.json", "wandb",
-              "wandb_run_id.txt"}  # fmt: skip
+              "added_tokens.json", "generated_predictions.txt", "runs", PREDICTION_CONFIG, ADAPTER_CONFIG,
+              ADAPTER_WEIGHTS, TEST_PREDICTIONS, PREDICT_RESULTS, "wandb", WANDB_RUN_ID}  # fmt: skip
 log = logging.getLogger("fastseq.train")
 _CHECKPOINT = re.compile(r"\.?checkpoint-\d+(\.tmp|\.old|\.abandoned(-\d+)?)?")
 _PREDICTIONS = re.compile(r"eval_predictions-\d+\.jsonl")
