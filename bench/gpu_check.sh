@@ -189,8 +189,9 @@ zero3() {  # ZeRO-3 on one GPU: a ByT5 tokenizer (nothing to download), 20 steps
     "$PY" -c "import sys; from fastseq.tokenizers import ByT5Tokenizer; ByT5Tokenizer().save_pretrained(sys.argv[1])" \
         "$WORK/byt5_tokenizer" || return
     "$PY" -m deepspeed.launcher.runner --num_gpus 1 --module fastseq.train \
-        --deepspeed configs/deepspeed/zero3.json --model t5-base --tokenizer "$WORK/byt5_tokenizer" --steps 20 \
-        --batch-size 8 --optimizer adamw --lr 1e-4 --quiet --max-eval-samples 0 --output-dir "$WORK/zero3_run" || return
+        --deepspeed configs/deepspeed/zero3.json --model t5-base --random-init --tokenizer "$WORK/byt5_tokenizer" \
+        --steps 20 --batch-size 8 --optimizer adamw --lr 1e-4 --quiet --max-eval-samples 0 \
+        --output-dir "$WORK/zero3_run" || return
     cp "$WORK/zero3_run/metrics.jsonl" "$RES/zero3_t5_base_$tag.jsonl"
 }
 export -f install versions zero3
