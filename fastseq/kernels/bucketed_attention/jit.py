@@ -26,51 +26,65 @@ def _dot(a, b, PRECISION: tl.constexpr):
 if interpreting():
 
     @triton.jit
-    def _gather(table, index):
-        return tl.load(table + index)  # the interpreter has no inline assembly
+    def _gather(ptr):
+        return tl.load(ptr)  # the interpreter has no inline assembly
 
 else:
 
     @triton.jit
-    def _gather(table, index):
-        """`tl.load(table + index)` of fp32 read-only data (through the non-coherent cache), as inline
-        assembly: it takes the layout of its use, where a load takes the coalescing pass's, and a bias
-        tile loaded so went to the MMA accumulator's layout through shared memory in every key tile
-        (the forward's loop had 6 barriers against the plain loop's 3 at sm_90, D = 64; the static
-        report)."""
+    def _gather(ptr):
+        """`tl.load(ptr)` of fp32 read-only data (through the non-coherent cache), as inline assembly:
+        it takes the layout of its use, where a load takes the coalescing pass's, and a bias tile
+        loaded so went to the MMA accumulator's layout through shared memory in every key tile (the
+        forward's loop had 6 barriers against the plain loop's 3 at sm_90, D = 64; the static report)."""
         return tl.inline_asm_elementwise(
-            "{ .reg .b64 a; mad.wide.s32 a, $2, 4, $1; ld.global.nc.f32 $0, [a]; }",
-            "=r,l,r",
-            [table, index],
+            "ld.global.nc.f32 $0, [$1];",
+            "=r,l",
+            [ptr],
             dtype=tl.float32,
             is_pure=True,
             pack=1,
         )
 
 
+if interpreting():
+
+    @triton.jit
+    def _fp32_here(x):
+        return x
+
+else:
+
+    @triton.jit
+    def _fp32_here(x):
+        """x, kept in fp32 where it is made: LLVM moves a `where(keep, p, 0)` past the bf16 conversion of p
+        that follows it, onto the packed 16-bit halves, which cost a PRMT and a SEL a half against one FSEL
+        (the dropout of the forward's key loop, the static report)."""
+        return tl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r", [x], dtype=tl.float32, is_pure=True, pack=1)
+
+
 @triton.jit
-def _add_bias(s, DT2_h, base, rel, C, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """s plus the log2-domain bias of a tile whose element (m, n) lies at distance `base + rel[m, n]`,
-    with `rel` in [0, BLOCK_M + BLOCK_N - 2], from the per-distance table `DT2_h`.
+def _add_bias(s, DT2_h, base, row_shift, C, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """s plus the log2-domain bias of a tile whose element (m, n) lies at distance
+    `base + n + row_shift[m]`, `row_shift` in [0, BLOCK_M - 1], from the per-distance table `DT2_h`.
 
     The table (scaled by log2(e)) holds distances -C - PAD .. C + PAD, PAD = BLOCK_M + BLOCK_N, the
-    entries beyond +-C repeating the end values. A tile wholly at or beyond a cut-off (most tiles of
-    a long sequence) adds that end's value, one load; a band tile gathers each element's entry, an
-    index that stays in the table without a clamp. The table is a few KiB per head: every load after
-    the first hits L1. The gather takes the scores' layout (`_gather`): no tile goes through shared
-    memory. The branch also keeps the band's gather out of Triton's software pipeliner, which
-    copied it through shared memory one 4-byte `cp.async` per element (twice the forward's shared
-    memory on sm_90, and the bias cost 1.59x the forward's instructions at D = 64). No shuffle:
-    spreading the tile's distinct distances over it with `tl.gather` instead cost 1,988 SHFL and
-    6,448 spill bytes at 128 x 64 on sm_90 (the static report)."""
+    entries beyond +-C repeating the end values. Every tile reads a window of PAD - 1 entries: its
+    start is clamped into the table, so a tile wholly beyond a cut-off reads that end's copies, and no
+    index needs a clamp or a branch of its own. The table is a few KiB per head: every load after the
+    first hits L1. The gather takes the scores' layout (`_gather`): no tile goes through shared memory.
+
+    Its addresses are a row's pointer plus the key's column: each thread then holds one 64-bit
+    pointer per tile and its loads carry the column as an immediate offset (one `LDG` per element at
+    sm_90, D = 64, and 128 registers). One index per element (`table + (start + n + shift[m])`) cost
+    two `LEA` and an add per element, and 180 registers; a branch between a scalar bias for the tiles
+    beyond the cut-off and the gather for the others cost 64 moves more (the static report). No
+    shuffle: spreading the tile's distinct distances over it with `tl.gather` instead cost 1,988 SHFL
+    and 6,448 spill bytes at 128 x 64 on sm_90."""
     PAD: tl.constexpr = BLOCK_M + BLOCK_N
-    if base >= C:
-        bias = tl.zeros(rel.shape, tl.float32) + tl.load(DT2_h + 2 * C + PAD)
-    elif base <= -C - (BLOCK_M + BLOCK_N - 2):
-        bias = tl.zeros(rel.shape, tl.float32) + tl.load(DT2_h + PAD)
-    else:
-        bias = _gather(DT2_h, (base + C + PAD) + rel)
-    return s + bias
+    start = tl.minimum(tl.maximum(base + C + PAD, 0), 2 * C + PAD)
+    rows = (DT2_h + start) + row_shift
+    return s + _gather(rows[:, None] + tl.arange(0, BLOCK_N)[None, :])
 
 
 @triton.jit
@@ -105,17 +119,18 @@ def _tile_scores(
     if HAS_BIAS:
         # Element (m, n) lies at distance n0 + n - (q_offset + m0 + m) = base + n + (BLOCK_M - 1 - m).
         base = n0 - (q_offset + m0 + BLOCK_M - 1)
-        rel = tl.arange(0, BLOCK_N)[None, :] - tl.arange(0, BLOCK_M)[:, None] + (BLOCK_M - 1)  # the same in every tile
-        s = _add_bias(s, DT_h, base, rel, C, BLOCK_M, BLOCK_N)
-    if HAS_SEG:
+        s = _add_bias(s, DT_h, base, (BLOCK_M - 1) - tl.arange(0, BLOCK_M), C, BLOCK_M, BLOCK_N)
+    if HAS_KPM:
+        # The keys' additive mask (`key_bias`): -inf for padding and past Lk, so no key needs a compare.
+        s = s + tl.load(KPM_b + offs_n)[None, :]
+        valid = tl.full(s.shape, True, tl.int1)
+    elif HAS_SEG:
         # Padding, keys past Lk included, has ids that no query has (`_segments`, `_segment_ids`).
         valid = qseg[:, None] == kseg[None, :]
     else:
         valid = offs_n[None, :] < Lk
-    if HAS_KPM:
-        keep = tl.load(KPM_b + offs_n, mask=offs_n < Lk, other=0)
-        valid = valid & (keep != 0)[None, :]
-    if CAUSAL:
+    if CAUSAL and not HAS_BIAS:
+        # With a bias, its table holds -inf at every positive distance (`_kernel_table`).
         valid = valid & (offs_n[None, :] <= offs_m[:, None] + q_offset)
     if WINDOWED:
         dist = offs_n[None, :] - (offs_m[:, None] + q_offset)
@@ -178,7 +193,7 @@ def _global_tile_scores(
     if HAS_GBIAS:
         # Element (m, n) lies at distance g0 + n - position(m) = (g0 - pos_hi) + n + shift[m].
         base = g0 - pos_hi
-        s = _add_bias(s, GDT_h, base, tl.arange(0, BLOCK_N)[None, :] + shift[:, None], CG, BLOCK_M, BLOCK_N)
+        s = _add_bias(s, GDT_h, base, shift, CG, BLOCK_M, BLOCK_N)
     valid = (offs_g <= cap) & (offs_g < G)
     return tl.where(valid[None, :], s, float("-inf"))
 
@@ -233,8 +248,11 @@ def _dropout_keep(seed, bh, m0, k0, Lq, dropout_p, BLOCK_M: tl.constexpr, BLOCK_
     zero = tl.zeros_like(c0)
     w0, w1, w2, w3 = tl.philox(seed, c0, c1, zero, zero, 7)
     words = tl.join(tl.join(w0, w1), tl.join(w2, w3))  # (..., x, r): word x + 2 r
-    octets = tl.join(tl.join(words & 0xFF, (words >> 8) & 0xFF), tl.join((words >> 16) & 0xFF, words >> 24))
-    keep = octets < tl.cast(256.0 - dropout_p * 256.0, tl.uint32)  # (mb, l, nb, q, x, r, c, d); p * 256 is whole
+    # Byte j of a word is below t exactly when the word shifted left by 24 - 8 j is below t * 2^24: no byte
+    # is extracted (that took a PRMT and more an element, the static report).
+    octets = tl.join(tl.join(words << 24, words << 16), tl.join(words << 8, words))  # bytes 0, 1, 2, 3 on top
+    threshold = tl.cast(256.0 - dropout_p * 256.0, tl.uint32) << 24  # p * 256 is whole, and p > 0
+    keep = octets < threshold  # (mb, l, nb, q, x, r, c, d)
     keep = tl.reshape(tl.permute(keep, (0, 5, 1, 2, 4, 7, 3, 6)), (BLOCK_M, WIDTH))  # (mb, r, l), (nb, x, d, q, c)
     if BLOCK_N < 32:
         lo, hi = tl.split(tl.permute(tl.reshape(keep, (BLOCK_M, 2, 16)), (0, 2, 1)))
@@ -271,7 +289,7 @@ def _softmax_step(s, v, m_i, l_i, acc, seed, bh, m0, k0, Lq, dropout_p, DROPOUT:
     l_i = l_i * alpha + tl.sum(p, 1)
     if DROPOUT:
         keep = _dropout_keep(seed, bh, m0, k0, Lq, dropout_p, s.shape[0], s.shape[1])
-        p = tl.where(keep, p, 0.0)
+        p = _fp32_here(tl.where(keep, p, 0.0))
     acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, PRECISION)
     return m_new, l_i, acc
 
@@ -299,24 +317,41 @@ def _diagonal_sums(ds, SCR_p, m0, pos_hi, cap, gbs: tl.constexpr, GLOBAL_ROWS: t
                    BLOCK_N: tl.constexpr, SKEW: tl.constexpr):  # fmt: skip
     """Sums of a dS tile along its distances: element t sums every (m, n) with n + shift(m) = t,
     where shift(m) = BLOCK_M - 1 - m (ordinary keys) or the row's global-position shift (global
-    tokens). The tile goes through this program's own scratch tile in global memory (it stays in
-    L2): written as the MMA left it, re-read skewed one row at a time, so that each thread sums the
-    distances it owns. No shuffle, no atomics, no register-resident skew (a `tl.gather` skew of the
-    tile cost 548 SHFL and 1,256 spill bytes in the dQ kernel on sm_90, the static report)."""
-    tile = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
+    tokens). The tile goes through this program's own scratch in global memory (it stays in L2), a
+    (BLOCK_M, SKEW) array, so that each thread sums the distances it owns. No shuffle, no atomics, no
+    register-resident skew (a `tl.gather` skew of the tile cost 548 SHFL and 1,256 spill bytes in the
+    dQ kernel on sm_90, the static report).
+
+    Ordinary keys: each row's shift is the same in every tile, so the tile is written skewed (row m
+    from column shift(m)) into a scratch whose other cells stay zero (`_zero_scratch`), and a
+    distance's sum reads one column, unmasked (a masked skewed read of a tile written as the MMA left
+    it cost the dQ key loop three instructions more a row at sm_90, D = 64, the static report).
+    Global tokens: the shifts move from tile to tile, so the tile is written as it is and read skewed."""
     _block_barrier()  # every thread is done reading the previous tile
-    tl.store(SCR_p + tile, ds)
-    _block_barrier()  # the tile is written before any thread reads it skewed
     t = tl.arange(0, SKEW)
     diag = tl.zeros((SKEW,), tl.float32)
-    for m in range(BLOCK_M):
-        if GLOBAL_ROWS:
+    if GLOBAL_ROWS:
+        tl.store(SCR_p + tl.arange(0, BLOCK_M)[:, None] * SKEW + tl.arange(0, BLOCK_N)[None, :], ds)
+        _block_barrier()  # the tile is written before any thread reads it skewed
+        for m in range(BLOCK_M):
             shift = tl.minimum(tl.maximum(pos_hi - tl.minimum((m0 + m) // gbs, cap), 0), BLOCK_M - 1)
-        else:
-            shift = BLOCK_M - 1 - m
-        col = t - shift
-        diag += tl.load(SCR_p + m * BLOCK_N + col, mask=(col >= 0) & (col < BLOCK_N), other=0.0)
+            col = t - shift
+            diag += tl.load(SCR_p + m * SKEW + col, mask=(col >= 0) & (col < BLOCK_N), other=0.0)
+    else:
+        rows = SCR_p + tl.arange(0, BLOCK_M) * (SKEW - 1) + (BLOCK_M - 1)  # row m, column BLOCK_M - 1 - m
+        tl.store(rows[:, None] + tl.arange(0, BLOCK_N)[None, :], ds)
+        _block_barrier()  # the tile is written before any thread reads a column
+        for m in range(BLOCK_M):
+            diag += tl.load(SCR_p + m * SKEW + t)
     return diag
+
+
+@triton.jit
+def _zero_scratch(SCR_p, BLOCK_M: tl.constexpr, SKEW: tl.constexpr):
+    """Zero a program's (BLOCK_M, SKEW) scratch once, before its first tile: the cells off each row's
+    band are never written after (`_diagonal_sums`)."""
+    tl.store(SCR_p + tl.arange(0, BLOCK_M)[:, None] * SKEW + tl.arange(0, SKEW)[None, :],
+             tl.zeros((BLOCK_M, SKEW), tl.float32))  # fmt: skip
 
 
 @triton.jit
@@ -444,7 +479,7 @@ def _grad_scores(s, lse, delta, do, v, seed, bh, m0, k0, Lq, dropout_p, DROPOUT:
     z = p
     if DROPOUT:
         keep = _dropout_keep(seed, bh, m0, k0, Lq, dropout_p, s.shape[0], s.shape[1])  # k0: the first key's id
-        z = tl.where(keep, p, 0.0)
+        z = _fp32_here(tl.where(keep, p, 0.0))
         dp = tl.where(keep, dp, 0.0) * (1.0 / (1.0 - dropout_p))  # one FFMA with the delta below
     return z, p * (dp - delta[:, None])
 

@@ -27,6 +27,7 @@ from .jit import (
     _span,
     _store_bias_grad_ends,
     _tile_scores,
+    _zero_scratch,
 )
 
 # Each signature groups its arguments: pointers, strides (batch, head, row of each (B, H, L, D) tensor,
@@ -38,7 +39,7 @@ from .jit import (
 def _bucketed_attention_fwd_kernel(
     Q, K, V,
     DT,  # (H, 2C + 1) fp32 bias per clamped distance
-    KPM,  # (B, Lk) int8, nonzero = attend
+    KPM,  # (B, Lk rounded up to 64) fp32 added to the scores: 0 attend, -inf padding and past Lk (`key_bias`)
     GK, GV,  # (B, H, G, D) global keys and values (with HAS_GLOBAL)
     GDT,  # (H, 2CG + 1) fp32 bias of the global tokens per clamped distance
     CAP,  # (B,) int32: last global token of each row (-1: none)
@@ -220,7 +221,7 @@ def _bucketed_attention_bwd_dq_kernel(
     DQP,  # (slots, BLOCK_M, BLOCK_D) fp32: dQ of the ordinary keys, handed from the first launch to the second
     DDT,  # (slots, 2C + 1) fp32 zeros: partial gradients of DT, one row per program
     DDTG,  # (slots, 2CG + 1) the same for GDT
-    SCR,  # (slots, BLOCK_M * BLOCK_N) fp32 scratch: one dS tile per program (with a bias)
+    SCR,  # (slots, BLOCK_M * SKEW) fp32 scratch: one dS tile per program (with a bias, `_diagonal_sums`)
     stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
     stride_gkb, stride_gkh, stride_gkn, stride_gvb, stride_gvh, stride_gvn,
     stride_dob, stride_doh, stride_dom, stride_dqb, stride_dqh, stride_dqm,
@@ -266,12 +267,14 @@ def _bucketed_attention_bwd_dq_kernel(
         dq = tl.load(DQP_tile, mask=row_ok[:, None], other=0.0)
     else:
         dq = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
-    SCR_p = SCR + slot * (BLOCK_M * BLOCK_N)
+    SCR_p = SCR + slot * (BLOCK_M * SKEW)
     if ORDINARY:
         # Bias-table gradient of this query tile: interior distances |d| < C in this program's row of
         # DDT, the clamped ends (d <= -C, d >= C) in registers until the end.
         DDT_row = DDT + slot * (2 * C + 1)
         far_neg, far_pos, band_neg, band_pos = _bias_grad_zeros(BLOCK_M, SKEW)
+        if HAS_BIAS:
+            _zero_scratch(SCR_p, BLOCK_M, SKEW)
         KSEG_b = KSEG + b64 * stride_ksegb
         qseg, n_start, n_end = _query_tile_keys(QSEG + b64 * stride_qsegb, SPAN, b64, offs_m, m0, Lq, Lk, q_offset,
                                                 window, CAUSAL, WINDOWED, HAS_SEG, BLOCK_M, BLOCK_N)

@@ -4,6 +4,7 @@ the tiles of `tiles`, the backward's dQ in chunks of bounded scratch."""
 
 from __future__ import annotations
 
+import collections
 import functools
 import math
 from typing import NamedTuple
@@ -22,6 +23,44 @@ from .reference import relative_position_bucket
 from .tiles import _block_d, _fwd_config, _precision, _skew, _tiles
 
 _LOG2E = 1.4426950408889634
+
+
+# Keys of the additive mask per row come in whole groups of this many: every key tile's BLOCK_N divides
+# it, so a tile never reads past a row, and the rows' stride is a multiple of 16.
+_KEY_BIAS_GROUP = 64
+_KEY_BIAS_CACHE: collections.OrderedDict = collections.OrderedDict()
+_KEY_BIAS_CACHED = 8
+
+
+def key_bias(key_padding_mask: torch.Tensor | None, Lk: int, device: torch.device) -> torch.Tensor:
+    """A `(B, Lk)` padding mask (nonzero = attend) as the attention kernels read it: `(B, Lk rounded up
+    to 64)` fp32, 0 where a key is attended and -inf where it is padding or past Lk, added to the scores
+    of each key tile (a mask read one byte a key and compared cost the forward's key loop 69 of its 477
+    instructions at sm_90, D = 64; this load is pipelined with the keys and needs no compare, the
+    static report). An empty `(0, 64)` for None.
+
+    The layers of a model pass the same mask in each forward and backward, so the last few masks are
+    converted once: an entry is the mask's storage, shape and strides, kept alive with its version,
+    and is used only while that version stands (an in-place change of the mask converts it again)."""
+    if key_padding_mask is None:
+        return placeholder((0, _KEY_BIAS_GROUP), torch.float32, device)
+    mask = key_mask(key_padding_mask, device)
+    cacheable = not torch.compiler.is_compiling() and not mask.is_inference()
+    if cacheable:
+        ident = (mask.data_ptr(), tuple(mask.shape), mask.stride(), mask.dtype, mask.device, Lk)
+        entry = _KEY_BIAS_CACHE.get(ident)
+        if entry is not None and entry[1] == mask._version:
+            _KEY_BIAS_CACHE.move_to_end(ident)
+            return entry[2]
+    width = cdiv(max(Lk, 1), _KEY_BIAS_GROUP) * _KEY_BIAS_GROUP
+    bias = torch.full((mask.shape[0], width), float("-inf"), dtype=torch.float32, device=device)
+    bias[:, :Lk].masked_fill_(mask[:, :Lk] != 0, 0.0)
+    if cacheable:
+        _KEY_BIAS_CACHE[ident] = (mask, mask._version, bias)
+        _KEY_BIAS_CACHE.move_to_end(ident)
+        while len(_KEY_BIAS_CACHE) > _KEY_BIAS_CACHED:
+            _KEY_BIAS_CACHE.popitem(last=False)
+    return bias
 
 
 @functools.lru_cache(maxsize=64)
@@ -107,16 +146,16 @@ class PositionBias:
         self.bidirectional, self.max_distance = bidirectional, max_distance
         self.dist_table = distance_table(table, bidirectional=bidirectional, max_distance=max_distance)
         self.cut = _cut(self.dist_table)
-        self._padded: dict[int, torch.Tensor] = {}
+        self._padded: dict[tuple[int, bool], torch.Tensor] = {}
 
-    def padded(self, pad: int) -> torch.Tensor:
+    def padded(self, pad: int, causal: bool = False) -> torch.Tensor:
         """`_kernel_table` of the distance table for tiles with BLOCK_M + BLOCK_N = pad (no gradient: the
         launchers return the distance table's)."""
         if torch.compiler.is_compiling():
-            return _kernel_table(self.dist_table.detach(), pad)
-        table = self._padded.get(pad)
+            return _kernel_table(self.dist_table.detach(), pad, causal)
+        table = self._padded.get((pad, causal))
         if table is None:
-            table = self._padded[pad] = _kernel_table(self.dist_table.detach(), pad)
+            table = self._padded[(pad, causal)] = _kernel_table(self.dist_table.detach(), pad, causal)
         return table
 
 
@@ -197,23 +236,29 @@ def _cut(dist_table: torch.Tensor | None) -> int:
     return 0 if dist_table is None else (dist_table.shape[1] - 1) // 2
 
 
-def _kernel_table(dist_table: torch.Tensor, pad: int) -> torch.Tensor:
+def _kernel_table(dist_table: torch.Tensor, pad: int, causal: bool = False) -> torch.Tensor:
     """The `(H, 2C + 1)` distance table as a kernel with tiles of BLOCK_M + BLOCK_N = pad reads it
     (`_add_bias`): scaled by log2(e) (the scores are in the log2 domain) and padded with `pad` copies of
-    its end values on either side."""
+    its end values on either side. Causal, every positive distance (a key after its query) holds -inf:
+    the bias masks those keys, and the kernels compare no position (`_tile_scores`)."""
     scaled = dist_table * _LOG2E  # (H, 2C + 1)
-    H = scaled.shape[0]
-    return torch.cat([scaled[:, :1].expand(H, pad), scaled, scaled[:, -1:].expand(H, pad)], dim=1).contiguous()
+    H, row = scaled.shape
+    table = torch.cat([scaled[:, :1].expand(H, pad), scaled, scaled[:, -1:].expand(H, pad)], dim=1)
+    if causal:
+        table[:, pad + row // 2 + 1 :] = float("-inf")  # distance 0 sits at pad + C
+    return table.contiguous()
 
 
-def _table_args(dist_table: torch.Tensor | PositionBias | None, device: torch.device, block_m: int, block_n: int):
+def _table_args(dist_table: torch.Tensor | PositionBias | None, device: torch.device, block_m: int, block_n: int,
+                causal: bool = False):  # fmt: skip
     """The padded table a launch with (block_m, block_n) tiles reads and the cut-off C (a placeholder and
-    0 without a bias); a `PositionBias` gives the copy it keeps."""
+    0 without a bias); a `PositionBias` gives the copy it keeps. `causal`: the table masks the keys after
+    each query (`_kernel_table`)."""
     if dist_table is None:
         return placeholder((1,), torch.float32, device), 0
     if isinstance(dist_table, PositionBias):
-        return dist_table.padded(block_m + block_n), dist_table.cut
-    return _kernel_table(dist_table, block_m + block_n), _cut(dist_table)
+        return dist_table.padded(block_m + block_n, causal), dist_table.cut
+    return _kernel_table(dist_table, block_m + block_n, causal), _cut(dist_table)
 
 
 class GlobalTokens(NamedTuple):
@@ -344,9 +389,9 @@ def attention_forward(q, k, v, dist_table, key_padding_mask, seed, causal, q_off
     flags = (dist_table is not None, key_padding_mask is not None, causal, window >= 0, segs is not None,
              gtable is not None, dropout_p > 0.0)  # fmt: skip
     block_m, block_n, grid, meta = _forward_plan(B, H, Lq, D, q.dtype, q.device, _tile_source(), G, gbs, flags)
-    kpm = key_mask(key_padding_mask, q.device)
+    kpm = key_bias(key_padding_mask, Lk, q.device)
     qseg, kseg, spans = _segment_args(segs, q, "q", block_m)
-    table, cut = _table_args(dist_table, q.device, block_m, block_n)
+    table, cut = _table_args(dist_table, q.device, block_m, block_n, causal)
     gtable, cut_g = _table_args(gtable, q.device, block_m, block_n)
     _bucketed_attention_fwd_kernel[grid](
         q, k, v, table, kpm, gk, gv, gtable, caps, qseg, kseg, spans, out, lse,
@@ -404,7 +449,7 @@ def _backward_plan(
     # row of per-distance partials per table and, with global tokens (two launches: the ordinary keys
     # into an fp32 dQ, then the globals on top), its fp32 dQ tile. The launches go in chunks whose
     # slots fit in _DQ_SCRATCH_BYTES, each reusing the same buffers.
-    tile = block_m * block_n if has_bias or has_gbias else 0
+    tile = block_m * _skew(block_m, block_n) if has_bias or has_gbias else 0
     partial_tile = block_m * block_d if G > 0 else 0
     chunk = _dq_chunks(num_m, H, B, 4 * (tile + row + grow + partial_tile))
     return _BackwardPlan(
@@ -459,15 +504,15 @@ def attention_backward(do, q, k, v, out, lse, dist_table, key_padding_mask, seed
     if grad_lse is not None:
         # d lse_i / d s_ij = p_ij: a gradient on the log-sum-exp enters dS = P * (dP - delta) as -grad_lse.
         delta -= grad_lse
-    kpm = key_mask(key_padding_mask, q.device)
+    kpm = key_bias(key_padding_mask, Lk, q.device)
     tail = (scale, scale * _LOG2E, dropout_p, seed)
     bm, bn = plan.dkdv_block
     qseg, kseg, spans = _segment_args(segs, q, "k", bn)
-    for keys_k, keys_v, keys_table, n_keys, key_base, grad_k, grad_v, meta in (
-        (k, v, dist_table, Lk, 0, dk, dv, plan.dkdv),
-        *(((gk, gv, gdist, G, Lk, dgk, dgv, plan.dkdv_global),) if G > 0 else ()),
+    for keys_k, keys_v, keys_table, keys_causal, n_keys, key_base, grad_k, grad_v, meta in (
+        (k, v, dist_table, causal, Lk, 0, dk, dv, plan.dkdv),
+        *(((gk, gv, gdist, False, G, Lk, dgk, dgv, plan.dkdv_global),) if G > 0 else ()),
     ):
-        padded, keys_cut = _table_args(keys_table, q.device, bm, bn)
+        padded, keys_cut = _table_args(keys_table, q.device, bm, bn, keys_causal)
         _bucketed_attention_bwd_dkdv_kernel[(cdiv(n_keys, bn), H, B)](
             q, keys_k, keys_v, padded, kpm, caps, qseg, kseg, spans, do, lse, delta, grad_k, grad_v,
             *_row_strides(q, keys_k, keys_v, do, grad_k), kpm.stride(0), qseg.stride(0), kseg.stride(0),
@@ -486,7 +531,7 @@ def attention_backward(do, q, k, v, out, lse, dist_table, key_padding_mask, seed
     rows, grows = buffer((slots, row), row, whole), buffer((slots, grow), grow, whole)
     partial = buffer((slots * plan.partial_tile,), plan.partial_tile)
     block_m, block_n = plan.dq_block
-    table, _ = _table_args(dist_table, q.device, block_m, block_n)
+    table, _ = _table_args(dist_table, q.device, block_m, block_n, causal)
     gtable, _ = _table_args(gdist, q.device, block_m, block_n)
     qseg, kseg, spans = _segment_args(segs, q, "q", block_m)
     head = (q, k, v, table, kpm, gk, gv, gtable, caps, qseg, kseg, spans, do, lse, delta, dq, partial, rows, grows,

@@ -174,8 +174,9 @@ SHUFFLE_BOUNDS = [
 BASELINES_ONLY = ("fwd_global-none",)
 
 
-# Batch strides of the padding mask and the segment ids: their rows are as long as the sequence, any length.
-_ANY_LENGTH = ("stride_kpmb", "stride_qsegb", "stride_ksegb")
+# Batch strides of the segment ids: their rows are as long as the sequence, any length (the padding mask's
+# rows are whole groups of 64 keys, `key_bias`).
+_ANY_LENGTH = ("stride_qsegb", "stride_ksegb")
 
 
 def compile_specs() -> list:
@@ -196,7 +197,7 @@ def compile_specs() -> list:
         for dtype in dtypes:
             pointers = {n: f"*{dtype}" for n in ("Q", "K", "V", "GK", "GV", "Out", "DO", "DQ", "DK", "DV")}
             pointers.update(DT="*fp32", GDT="*fp32", LSE="*fp32", DELTA="*fp32", DDT="*fp32", DDTG="*fp32",
-                                        SCR="*fp32", DQP="*fp32", KPM="*i8", CAP="*i32", QSEG="*i32", KSEG="*i32",
+                                        SCR="*fp32", DQP="*fp32", KPM="*fp32", CAP="*i32", QSEG="*i32", KSEG="*i32",
                             SPAN="*i32")  # fmt: skip
 
             def add(role, features, kernel, tile, extra=(), arch=arch, block_d=block_d, dtype=dtype, pointers=pointers):
