@@ -27,6 +27,8 @@ from .bucketed_attention import (
     PositionBias,
     attention_backward,
     attention_forward,
+    backward_lse,
+    bucket_table,
     distance_table,
     kernel_lse,
     natural_lse,
@@ -35,7 +37,6 @@ from .bucketed_attention import (
     seed_value,
     unsupported_inputs,
 )
-from .bucketed_attention.launch import _LOG2E
 from .global_aggregate import global_block_ids, global_caps, global_positions
 
 HAS_TRITON_KERNEL = True
@@ -206,7 +207,7 @@ class _EagerLocalAttention(torch.autograd.Function):
         radius, block_size, dropout_p = args
         globals_ = _globals(global_k, global_v, global_table, caps, block_size)
         out, lse2 = attention_forward(q, k, v, table, kpm, seed, False, 0, 1.0, dropout_p, radius, globals_)
-        lse = lse2.div_(_LOG2E).mul_(_LOG2E)  # `kernel_lse(natural_lse(lse2))`, as the ops' backward reads it
+        lse = backward_lse(lse2)
         ctx.save_for_backward(q, k, v, out, lse, global_k, global_v)
         ctx.table, ctx.global_table, ctx.kpm, ctx.caps, ctx.seed, ctx.args = table, global_table, kpm, caps, seed, args
         ctx.has_tables = (dist_table is not None, global_dist_table is not None)
@@ -233,10 +234,6 @@ def _distance_table(bias_table: torch.Tensor | PositionBias, max_distance: int) 
     if isinstance(bias_table, PositionBias):
         return bias_table.dist_table
     return distance_table(bias_table, bidirectional=True, max_distance=max_distance)
-
-
-def _table(bias_table: torch.Tensor | PositionBias | None) -> torch.Tensor | None:
-    return bias_table.table if isinstance(bias_table, PositionBias) else bias_table
 
 
 def _distance(bias_table, max_distance: int) -> tuple[torch.Tensor | None, torch.Tensor | PositionBias | None]:
@@ -396,11 +393,8 @@ def local_attention(
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"local_attention: dropout_p must be in [0, 1); got {dropout_p}")
     for table in (bias_table, global_bias_table):
-        if isinstance(table, PositionBias) and (table.bidirectional, table.max_distance) != (True, max_distance):
-            raise ValueError(
-                f"local_attention: a PositionBias made with bidirectional={table.bidirectional}, "
-                f"max_distance={table.max_distance}; LongT5's tables are bidirectional, max_distance={max_distance}"
-            )
+        if isinstance(table, PositionBias):
+            table.check("local_attention", True, max_distance)  # LongT5's tables are bidirectional
     kwargs = dict(
         radius=radius,
         max_distance=max_distance,
@@ -418,5 +412,5 @@ def local_attention(
     unsupported = functools.partial(unsupported_inputs, q)
     if use_triton("local_attention", HAS_TRITON_KERNEL, q, k, v, unsupported=unsupported):
         return _local_attention_triton(q, k, v, bias_table, **kwargs)
-    kwargs["global_bias_table"] = _table(global_bias_table)
-    return local_attention_reference(q, k, v, _table(bias_table), **kwargs)
+    kwargs["global_bias_table"] = bucket_table(global_bias_table)
+    return local_attention_reference(q, k, v, bucket_table(bias_table), **kwargs)

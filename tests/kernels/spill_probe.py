@@ -49,9 +49,11 @@ def main() -> None:
          {"BLOCK": 64, "PRECISION": "ieee"}),
         (_atomic_kernel, {"X": "*fp32", "Y": "*fp32", "Z": "*fp32", "BLOCK": "constexpr"}, {"BLOCK": 128}),
     ]  # fmt: skip
-    for kernel, sig, constexprs in builds:
+    # The 16-bit dot again, for sm_80: mma.sync (HMMA) where sm_90 has wgmma (HGMMA).
+    builds = [(*build, 90) for build in builds] + [(*builds[1], 80)]
+    for kernel, sig, constexprs, capability in builds:
         source = ASTSource(fn=kernel, signature=sig, constexprs=constexprs)
-        compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+        compiled = triton.compile(source, target=GPUTarget("cuda", capability, 32), options={"num_warps": 4})
         print(json.dumps(cubin_stats(compiled.asm["cubin"]) | dot_stats(compiled.asm["ttgir"])), flush=True)
 
 

@@ -337,6 +337,46 @@ def test_triton_backward_is_deterministic(triton_backend):
         assert torch.equal(a, b)
 
 
+def test_key_bias_is_the_mask_added_to_the_scores_and_follows_in_place_changes():
+    """The kernels' padding mask: 0 where a key is attended, -inf where it is padding or past Lk, rows in
+    whole groups of 64 keys; converted once for every layer that passes the same mask (a bool mask and
+    its int8 view alike), and again after the mask changes in place."""
+    launch._KEY_BIAS_CACHE.clear()
+    mask = torch.ones(2, 70, dtype=torch.bool)
+    mask[1, 5:9] = False
+    bias = launch.key_bias(mask, 70, torch.device("cpu"))
+    assert bias.shape == (2, 128) and bias.dtype == torch.float32 and bias.stride(0) % 16 == 0
+    expected = torch.full((2, 128), float("-inf"))
+    expected[:, :70] = torch.where(mask, 0.0, float("-inf"))
+    assert torch.equal(bias, expected)
+    assert launch.key_bias(mask, 70, torch.device("cpu")) is bias
+    assert launch.key_bias(mask.view(torch.int8), 70, torch.device("cpu")) is bias
+    assert launch.key_bias(mask, 69, torch.device("cpu"))[:, 69].isneginf().all()  # Lk is part of the key
+    mask[0, 3] = False
+    again = launch.key_bias(mask, 70, torch.device("cpu"))
+    assert again is not bias and again[0, 3] == float("-inf") and bias[0, 3] == 0.0
+    inference = torch.ones(1, 3, dtype=torch.bool)
+    with torch.inference_mode():
+        inference_mask = inference.clone()
+    assert torch.equal(launch.key_bias(inference_mask, 3, torch.device("cpu"))[0, :4],
+                       torch.tensor([0.0, 0.0, 0.0, float("-inf")]))  # fmt: skip
+    assert launch.key_bias(None, 3, torch.device("cpu")).shape == (0, 64)
+
+
+def test_triton_reads_a_mask_changed_in_place(triton_backend):
+    case = TRITON_CASES[2]
+    leaves, mask = _random_inputs(case)
+    mask = mask.bool()
+    first = bucketed_attention(*leaves[:3], leaves[3], key_padding_mask=mask, **_kwargs(case)).detach()
+    mask[0, :20] = False
+    out = bucketed_attention(*leaves[:3], leaves[3], key_padding_mask=mask, **_kwargs(case)).detach()
+    expected = bucketed_attention_reference(
+        *(t.detach() for t in leaves[:3]), leaves[3].detach(), key_padding_mask=mask, **_kwargs(case)
+    )
+    assert_close(out.cpu(), expected.cpu(), what="out")
+    assert not torch.allclose(out, first)
+
+
 class _Recorder:
     """Stands in for `kernel` in `kernel[grid](...)`, calling `record(grid, kernel)` for the launch."""
 

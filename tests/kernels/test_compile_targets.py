@@ -162,6 +162,12 @@ def _check_lean(op: str, results: list[dict]) -> None:
     no_mma = [(r["name"], r["dots"], r["fma_dots"], r["tensor_core"]) for r in attention
               if r["dots"] == 0 or r["fma_dots"] or r["tensor_core"] == 0]  # fmt: skip
     assert not no_mma, no_mma
+    if op == "bucketed_attention":
+        from fastseq.kernels.bucketed_attention import MMA_SYNC_ON_SM90
+
+        warp_level = [(r["name"], r["mma_sync"]) for r in attention if r["capability"] == 90 and r["mma_sync"]
+                      and not re.search(MMA_SYNC_ON_SM90, r["name"])]  # fmt: skip
+        assert not warp_level, f"mma.sync (HMMA) on sm_90, where wgmma does more a cycle: {warp_level}"
     narrow = [(r["name"], r["narrow_offsets"]) for r in results if r["narrow_offsets"]]
     assert not narrow, narrow
     unpipelined = [r["name"] for r in attention if r["num_stages"] > 1 and not r["async_copies"]]
@@ -173,7 +179,7 @@ def _check_lean(op: str, results: list[dict]) -> None:
 
 
 def _check_prices(results: list[dict]) -> None:
-    from fastseq.kernels.bucketed_attention import BARRIER_BOUNDS, PRICES, SHUFFLE_BOUNDS
+    from fastseq.kernels.bucketed_attention import BARRIER_BOUNDS, OCCUPANCY_BOUNDS, PRICES, SHUFFLE_BOUNDS
 
     by_name = {r["name"]: r for r in results}
 
@@ -193,6 +199,9 @@ def _check_prices(results: list[dict]) -> None:
                 for build, baseline in bounded:
                     got, base = total(build, tail, key), total(baseline, tail, key)
                     assert got <= base, f"{build}{tail}: {got} {key} against {base} in {baseline}"
+            for build, baseline in OCCUPANCY_BOUNDS:
+                got, base = (_compile.ctas_per_sm(by_name[f"{name}{tail}"]) for name in (build, baseline))
+                assert got >= base, f"{build}{tail}: {got} CTAs per SM against {base} for {baseline}"
     assert checked == 4 * len(PRICES)
 
 
@@ -252,12 +261,25 @@ def test_cubin_stats_read_a_real_spill():
     proc = subprocess.run([sys.executable, "-m", "tests.kernels.spill_probe"], capture_output=True, text=True,
                           env=env, timeout=600)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
-    spill, dot, fma, atomic = (json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{"))
+    spill, dot, fma, atomic, dot80 = (json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{"))
     assert spill["spill_bytes"] > 0 and spill["local_stores"] > 0 and spill["local_loads"] > 0, spill
     assert dot["spill_bytes"] == 0 and dot["tensor_core"] > 0 and dot["instructions"] > dot["tensor_core"], dot
     assert (dot["dots"], dot["fma_dots"]) == (1, 0), dot
     assert (fma["dots"], fma["fma_dots"], fma["tensor_core"]) == (1, 1, 0), fma  # fp32, exact products
     assert atomic["atomics"] >= 2 and spill["atomics"] == dot["atomics"] == fma["atomics"] == 0, atomic
+    assert dot["mma_sync"] == 0 and dot80["mma_sync"] == dot80["tensor_core"] > 0, (dot, dot80)  # wgmma on sm_90
+
+
+def test_ctas_per_sm_follow_the_occupancy_rules():
+    """Registers by the warp in units of 256, 1 KiB of shared memory reserved per CTA, and the SM's
+    warp and CTA limits."""
+    row = dict(capability=90, num_warps=8, registers=128, shared=64 * 1024)
+    assert _compile.ctas_per_sm(row) == 2  # 128 x 32 x 8 = 32,768 registers a CTA
+    assert _compile.ctas_per_sm(dict(row, registers=129)) == 1  # 136 a thread: 34,816
+    assert _compile.ctas_per_sm(dict(row, registers=32, shared=113 * 1024)) == 2  # 228 KiB / 114 KiB
+    assert _compile.ctas_per_sm(dict(row, registers=32, shared=114 * 1024)) == 1
+    assert _compile.ctas_per_sm(dict(row, registers=16, shared=0, num_warps=1)) == 32  # the CTA limit
+    assert _compile.ctas_per_sm(dict(row, capability=86, registers=16, shared=0, num_warps=4)) == 12  # 48 warps
 
 
 # Ops whose Triton kernels live in another op's module (and are compile-checked there).

@@ -288,6 +288,9 @@ def test_triton_eager_path_is_the_custom_ops(triton_backend):
     for other in results[1:]:
         for name, a, b in zip(names, results[0], other, strict=True):
             assert torch.equal(a, b), name
+    with pytest.raises(ValueError, match="local_attention: the PositionBias was made with bidirectional=False"):
+        local_attention(q, k, v, PositionBias(table, bidirectional=False, max_distance=12), radius=RADIUS,
+                        max_distance=12)  # fmt: skip
 
 
 def test_triton_padded_queries_follow_the_reference(triton_backend):

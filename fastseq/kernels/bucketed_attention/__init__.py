@@ -49,6 +49,8 @@ from .launch import (
     PositionBias,
     attention_backward,
     attention_forward,
+    backward_lse,
+    bucket_table,
     distance_table,
     kernel_lse,
     natural_lse,
@@ -56,7 +58,16 @@ from .launch import (
 )
 from .op import HAS_TRITON_KERNEL, attention_with_lse, bucketed_attention, unsupported_inputs
 from .reference import bucketed_attention_reference, relative_bias, relative_position_bucket
-from .tiles import BARRIER_BOUNDS, BASELINES_ONLY, FEATURES, PRICES, SHUFFLE_BOUNDS, compile_specs
+from .tiles import (
+    BARRIER_BOUNDS,
+    BASELINES_ONLY,
+    FEATURES,
+    MMA_SYNC_ON_SM90,
+    OCCUPANCY_BOUNDS,
+    PRICES,
+    SHUFFLE_BOUNDS,
+    compile_specs,
+)
 
 __all__ = [
     "BARRIER_BOUNDS",
@@ -64,12 +75,16 @@ __all__ = [
     "FEATURES",
     "GlobalTokens",
     "HAS_TRITON_KERNEL",
+    "MMA_SYNC_ON_SM90",
+    "OCCUPANCY_BOUNDS",
     "PositionBias",
     "PRICES",
     "SHUFFLE_BOUNDS",
     "attention_backward",
     "attention_forward",
     "attention_with_lse",
+    "backward_lse",
+    "bucket_table",
     "bucketed_attention",
     "bucketed_attention_reference",
     "compile_specs",

@@ -148,6 +148,15 @@ class PositionBias:
         self.cut = _cut(self.dist_table)
         self._padded: dict[tuple[int, bool], torch.Tensor] = {}
 
+    def check(self, who: str, bidirectional: bool, max_distance: int) -> None:
+        """Refuse, in one line, a call that asks for other buckets than the ones this was made with."""
+        if (self.bidirectional, self.max_distance) != (bidirectional, max_distance):
+            raise ValueError(
+                f"{who}: the PositionBias was made with bidirectional={self.bidirectional}, "
+                f"max_distance={self.max_distance}; this call asks for bidirectional={bidirectional}, "
+                f"max_distance={max_distance}"
+            )
+
     def padded(self, pad: int, causal: bool = False) -> torch.Tensor:
         """`_kernel_table` of the distance table for tiles with BLOCK_M + BLOCK_N = pad (no gradient: the
         launchers return the distance table's)."""
@@ -157,6 +166,17 @@ class PositionBias:
         if table is None:
             table = self._padded[(pad, causal)] = _kernel_table(self.dist_table.detach(), pad, causal)
         return table
+
+
+def bucket_table(bias: torch.Tensor | PositionBias | None) -> torch.Tensor | None:
+    """The `(num_buckets, H)` table of a table or a `PositionBias` (what the references read)."""
+    return bias.table if isinstance(bias, PositionBias) else bias
+
+
+def backward_lse(lse2: torch.Tensor) -> torch.Tensor:
+    """`kernel_lse(natural_lse(lse2))` on every row, in place: +inf (no key) comes back +inf, a finite
+    one through the same division and product, so that a backward reads bitwise what the ops' reads."""
+    return lse2.div_(_LOG2E).mul_(_LOG2E)
 
 
 def natural_lse(lse2: torch.Tensor) -> torch.Tensor:

@@ -26,8 +26,7 @@ def _check_inputs(q, k, v, bias_table, key_padding_mask, q_segment_ids=None, k_s
         raise ValueError(
             f"bucketed_attention: k and v must be (B={B}, H={H}, Lk, D={D}); got k {tuple(k.shape)}, v {tuple(v.shape)}"
         )
-    if isinstance(bias_table, launch.PositionBias):
-        bias_table = bias_table.table
+    bias_table = launch.bucket_table(bias_table)
     if bias_table is not None and (bias_table.dim() != 2 or bias_table.shape[1] != H):
         raise ValueError(f"bucketed_attention: bias_table must be (num_buckets, H={H}); got {tuple(bias_table.shape)}")
     if key_padding_mask is not None and tuple(key_padding_mask.shape) != (B, k.shape[2]):
@@ -170,9 +169,7 @@ class _EagerAttention(torch.autograd.Function):
         if with_lse:
             lse = launch.natural_lse(lse2)
         else:
-            # `kernel_lse(natural_lse(lse2))` on every row: +inf (no key) comes back +inf, a finite one
-            # through the same division and product, so the backward reads bitwise what the ops' reads.
-            lse = lse2.div_(launch._LOG2E).mul_(launch._LOG2E)
+            lse = launch.backward_lse(lse2)
             ctx.mark_non_differentiable(lse)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.table, ctx.kpm, ctx.segs, ctx.seed, ctx.args, ctx.with_lse = launch_table, kpm, segs, seed, args, with_lse
@@ -321,15 +318,8 @@ def bucketed_attention(
         raise ValueError(f"bucketed_attention: dropout_p must be in [0, 1); got {dropout_p}")
     if q_offset < 0:
         raise ValueError(f"bucketed_attention: q_offset must be >= 0; got {q_offset}")
-    if isinstance(bias_table, launch.PositionBias) and (bias_table.bidirectional, bias_table.max_distance) != (
-        bidirectional,
-        max_distance,
-    ):
-        raise ValueError(
-            f"bucketed_attention: the PositionBias was made with bidirectional={bias_table.bidirectional}, "
-            f"max_distance={bias_table.max_distance}; this call asks for bidirectional={bidirectional}, "
-            f"max_distance={max_distance}"
-        )
+    if isinstance(bias_table, launch.PositionBias):
+        bias_table.check("bucketed_attention", bidirectional, max_distance)
     kwargs = dict(
         bidirectional=bidirectional,
         max_distance=max_distance,
@@ -347,9 +337,7 @@ def bucketed_attention(
     unsupported = functools.partial(unsupported_inputs, q)
     if use_triton("bucketed_attention", HAS_TRITON_KERNEL, q, k, v, unsupported=unsupported):
         return _bucketed_attention_triton(q, k, v, bias_table, **kwargs)
-    if isinstance(bias_table, launch.PositionBias):
-        bias_table = bias_table.table
-    return bucketed_attention_reference(q, k, v, bias_table, **kwargs)
+    return bucketed_attention_reference(q, k, v, launch.bucket_table(bias_table), **kwargs)
 
 
 # Feature sets of the compile-only builds. The heaviest that a launcher can pick: T5's decoder

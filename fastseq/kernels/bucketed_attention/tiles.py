@@ -49,7 +49,15 @@ def _parse_tiles(text: str) -> Tiles:
 # 4-warp builds past 255 registers (8 to 104 spill bytes under Triton 3.6 and 3.9), and sm_86's forward
 # at D = 256 with 8 warps (8 bytes, packed; 4 warps spill none).
 # sm_90's forward at D = 128 is 128 x 64 with 2 stages (236 to 255 registers, no spill under 3.6 or
-# 3.9; 128 x 32 gave wgmma N = 32), and sm_80's dQ at D = 64 takes 8 warps (4 spilled 8 bytes under 3.9).
+# 3.9; 128 x 32 gave wgmma N = 32). sm_80's backward at D = 64 takes 64 x 32 tiles with 4 warps (dQ 2 stages,
+# dK/dV 1): per score, the t5 builds' key loops run 1.22 (dQ) and 1.44 (dK/dV) warp instructions against
+# 1.98 and 2.30 on the 8-warp 32 x 64 and 64 x 32 tiles, with no spill under 3.6 or 3.9 (dQ 255 and 253
+# registers). sm_80's forward at D = 128 is 128 x 32 with 8 warps (was 64 x 32): the bias build then holds
+# as many CTAs per SM as the plain one (200 and 196 registers under 3.6; 64 x 32 took 173 against 128, one
+# CTA against two), and its key loop runs 0.77 warp instructions a score against 2.0. At D = 64 it is
+# 128 x 64 with 2 stages (was 128 x 32 with 3): under Triton 3.6 the bias build took 139 registers there
+# against the plain build's 127 (one CTA per SM against two); at 128 x 64 both hold one, and the plain key
+# loop runs 0.44 warp instructions a score (0.50 before), the t5 one 0.73 under 3.6 (0.80 before).
 # With dropout drawn per 16 elements, dK/dV took smaller tiles at D = 16 (sm_80: 64 x 32, 4 warps;
 # sm_86's global one 32 x 32) and one stage at D = 128 (sm_80, sm_86), and sm_90's dQ at D = 256 8 warps:
 # those builds spilled 8 to 16 bytes. Under Triton 3.6 dK/dV spilled 8 bytes at D = 64 (sm_80, 2 stages; 1 does
@@ -60,23 +68,29 @@ def _parse_tiles(text: str) -> Tiles:
 # key (t5: 17 against 21). At D = 128 it is 128 x 64 with 8 warps and one stage (was 32 x 32: 64 HMMA, no
 # wgmma): 32 wgmma, no spill under 3.6 or 3.9 (the t5 build 254 and 245 registers), and its key loop 1,131
 # instructions per 128 x 64 tile against 653 per 32 x 32; 64 x 64 spilled there (64 to 696 bytes under 3.9).
-# LongT5's dK/dV at D = 64 and T5's at D = 32 take 64 x 64 with 8 warps too (all wgmma, no spill under 3.6 or
-# 3.9); LongT5's at D = 128 stays 32 x 32 (128 x 64 spilled 8 bytes under 3.6).
+# LongT5's dK/dV at D = 16, 32 and 64 and T5's at D = 32 take 64 x 64 with 8 warps too (all wgmma, no spill
+# under 3.6 or 3.9; at 128 x 32 LongT5's stayed mma.sync), and LongT5's at D = 128 takes T5's 128 x 64 with one
+# stage (was 32 x 32, mma.sync; 250 to 255 registers, no spill under 3.6 or 3.9). LongT5's forward at D = 256 is
+# 64 x 32 (wgmma; was 16 x 16). The backward at D = 256 alone keeps 16-row tiles and mma.sync on sm_90: a
+# 64-row dQ tile spilled 184 to 352 bytes (its fp32 dQ and the Q, dO operands, 64 x 256 each) and a 64 x 64
+# dK/dV tile 568 to 640 (two 64 x 256 fp32 accumulators) under 3.9 (`MMA_SYNC_ON_SM90`).
+# LongT5's dK/dV of the global tokens on sm_80 (D = 32, 64) and sm_86 (D = 32) take one stage: with two, the
+# tile's cheaper masks and bias left those builds 8 bytes of spill under 3.9.
 # fmt: off
 _TILES: dict[tuple[int, int], Tiles] = {key: _parse_tiles(text) for key, text in {
     #           fwd        fwd_global dq         dkdv       dq_global  dkdv_global
-    (90, 16):   "128.32.8.3 128.64.8.3 128.64.8.2 64.64.8.2  128.64.8.2 128.32.8.2",
-    (90, 32):   "128.32.8.3 128.64.8.3 128.64.8.2 64.64.8.2  128.32.8.2 128.32.8.2",
+    (90, 16):   "128.32.8.3 128.64.8.3 128.64.8.2 64.64.8.2  128.64.8.2 64.64.8.2",
+    (90, 32):   "128.32.8.3 128.64.8.3 128.64.8.2 64.64.8.2  128.32.8.2 64.64.8.2",
     (90, 64):   "128.64.8.3 128.64.8.3 64.32.4.2  64.64.8.2  128.32.8.2 64.64.8.2",
-    (90, 128):  "128.64.8.2 128.64.8.2 64.32.8.2  128.64.8.1 64.32.4.2  32.32.8.2",
-    (90, 256):  "64.32.8.2  16.16.4.1  16.32.8.1  16.16.4.1  16.32.8.1  16.16.4.1",
+    (90, 128):  "128.64.8.2 128.64.8.2 64.32.8.2  128.64.8.1 64.32.4.2  128.64.8.1",
+    (90, 256):  "64.32.8.2  64.32.8.2  16.32.8.1  16.16.4.1  16.32.8.1  16.16.4.1",
     (80, 16):   "128.64.8.3 128.64.8.3 128.64.8.2 64.32.4.2  128.64.8.2 64.32.4.2",
-    (80, 32):   "128.64.8.3 128.64.8.3 128.32.8.2 128.32.8.2 128.64.8.2 128.32.8.2",
-    (80, 64):   "128.32.8.3 128.32.8.3 32.64.8.2  64.32.8.1  128.32.8.2 64.32.4.2",
-    (80, 128):  "64.32.8.2  128.32.8.3 32.64.8.2  32.32.8.1  32.64.8.2  32.32.4.2",
+    (80, 32):   "128.64.8.3 128.64.8.3 128.32.8.2 128.32.8.2 128.64.8.2 128.32.8.1",
+    (80, 64):   "128.64.8.2 128.32.8.3 64.32.4.2  64.32.4.1  128.32.8.2 64.32.8.1",
+    (80, 128):  "128.32.8.2 128.32.8.3 32.64.8.2  32.32.8.1  32.64.8.2  32.32.4.2",
     (80, 256):  "32.32.8.2  64.32.8.2  16.16.4.1  16.16.4.1  16.16.4.1  16.16.4.1",
     (86, 16):   "128.64.8.3 128.64.8.3 128.32.8.2 128.64.8.2 128.64.8.2 32.32.8.1",
-    (86, 32):   "128.64.8.3 128.64.8.3 128.32.8.2 128.32.8.2 128.64.8.2 128.32.8.2",
+    (86, 32):   "128.64.8.3 128.64.8.3 128.32.8.2 128.32.8.2 128.64.8.2 128.32.8.1",
     (86, 64):   "128.32.8.3 128.32.8.3 64.32.4.2  64.32.8.2  128.32.8.2 64.32.4.2",
     (86, 128):  "64.32.8.2  64.32.4.3  32.64.8.2  32.32.8.1  32.64.8.2  32.32.8.1",
     (86, 256):  "32.32.4.2  64.32.8.2  16.32.4.1  16.16.4.1  16.32.4.1  16.16.4.1",
@@ -112,10 +126,25 @@ def _fwd_config(
     D: int, dtype: torch.dtype, Lq: int, device: torch.device, has_global: bool = False
 ) -> tuple[int, int, int, int]:
     tiles = _tiles(D, dtype, device)
-    block_m, block_n, warps, stages = tiles.fwd_global if has_global else tiles.fwd
+    tile = tiles.fwd_global if has_global else tiles.fwd
+    if interpreting():
+        return tile
     # Incremental decoding (Lq = 1 against a cache) needs no 128-row query tile.
-    block_m = min(block_m, max(16, next_power_of_2(Lq)))
-    return block_m, block_n, warps, stages
+    return _short_tile(tile, max(_decode_rows(_arch(device)), next_power_of_2(Lq)))
+
+
+def _decode_rows(arch: int) -> int:
+    """The fewest query rows of a forward tile: 64 from Hopper on, where a 16-row tile's products stay
+    mma.sync (a warpgroup's wgmma takes 64 rows); 16 below."""
+    return 64 if arch == 90 else 16
+
+
+def _short_tile(tile: tuple[int, int, int, int], rows: int) -> tuple[int, int, int, int]:
+    """A forward tile cut to at most `rows` query rows: a 16-row one takes 4 warps (with 8, sm_86's
+    decoding tile at D = 16 spilled 8 bytes)."""
+    block_m, block_n, warps, stages = tile
+    block_m = min(block_m, rows)
+    return block_m, block_n, 4 if block_m <= 16 else warps, stages
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -143,32 +172,42 @@ FEATURES = {
 }
 # (priced build, baseline build, at most this many times the baseline's SASS instructions in the whole
 # kernel, and in its dearest key loop), for bf16 at D = 64 and 128 on sm_80 and sm_90 (build names
-# without the "-sm{arch}-D{d}-bf16" tail), under Triton 3.6 and 3.9. The loop of a band tile gathers
-# each element's bias (four instructions an element, `_add_bias`); dropout draws a Philox call per 16
-# elements (`_dropout_keep`).
+# without the "-sm{arch}-D{d}-bf16" tail), under Triton 3.6 and 3.9. A tile reads its bias through one
+# pointer per row and an immediate offset per key (`_add_bias`), the padding mask as one added row
+# (`key_bias`), causality from the bias table (`_kernel_table`); dropout draws a Philox call per 16
+# elements and compares its bytes in place (`_dropout_keep`).
 PRICES = [
-    ("fwd-bias-pad", "fwd-none", 1.45, 1.8),  # T5's bias (padding on) against the same tile without either
-    ("fwd-t5", "fwd-none", 1.75, 2.5),  # what fine-tuning runs: bias, padding, causal, dropout
-    ("dq-bias-pad+dkdv-bias-pad", "dq-none+dkdv-none", 2.0, 2.8),  # the backward with the table's gradient
-    ("dq-t5+dkdv-t5", "dq-none+dkdv-none", 2.55, 3.25),
-    ("fwd_global-local-global", "fwd_global-none", 2.35, 2.2),  # LongT5 local + transient-global
-    ("fwd_global-longt5", "fwd_global-none", 2.85, 2.7),
+    ("fwd-bias-pad", "fwd-none", 1.2, 1.2),  # T5's bias (padding on) against the same tile without either
+    # What fine-tuning runs: bias, padding, causal, dropout. Its key loop is 1.67x on sm_80 at D = 64
+    # under Triton 3.6 (1.50x on sm_90): the Philox rounds alone are about a fifth of the plain loop.
+    ("fwd-t5", "fwd-none", 1.5, 1.7),
+    ("dq-bias-pad+dkdv-bias-pad", "dq-none+dkdv-none", 1.5, 1.5),  # the backward with the table's gradient
+    ("dq-t5+dkdv-t5", "dq-none+dkdv-none", 2.0, 2.3),
+    ("fwd_global-local-global", "fwd_global-none", 2.1, 1.75),  # LongT5 local + transient-global
+    ("fwd_global-longt5", "fwd_global-none", 2.5, 2.15),
     # Packed rows (segment ids and the tile bounds of their spans) against a padding mask, T5's
-    # self-attention (bias) and cross-attention (none).
-    ("fwd-bias-pack", "fwd-bias-pad", 1.15, 1.15),
-    ("fwd-pack", "fwd-pad", 1.15, 1.15),
+    # self-attention (bias) and cross-attention (none). The mask is one added row per key tile, cheaper
+    # than a plain tile's bounds check; the segments compare ids per element.
+    ("fwd-bias-pack", "fwd-bias-pad", 1.2, 1.25),
+    ("fwd-pack", "fwd-pad", 1.2, 1.35),
     ("dq-bias-pack+dkdv-bias-pack", "dq-bias-pad+dkdv-bias-pad", 1.15, 1.15),
-    ("dq-pack+dkdv-pack", "dq-pad+dkdv-pad", 1.15, 1.15),
+    ("dq-pack+dkdv-pack", "dq-pad+dkdv-pad", 1.2, 1.25),
 ]
 # (build, baseline): no more barriers in the dearest key loop than the baseline's. The bias reaches
 # the scores in their own layout, with no shared-memory round trip (`_gather`).
 BARRIER_BOUNDS = [("fwd-bias-pad", "fwd-none"), ("fwd_global-local-global", "fwd_global-none")]
+# (build, baseline): as many CTAs per SM as the baseline (`_compile.ctas_per_sm`: registers and shared
+# memory), so that the bias costs no occupancy.
+OCCUPANCY_BOUNDS = [("fwd-bias-pad", "fwd-none")]
 # (build, baseline): no more warp shuffles than the baseline (the bias spread and the segment masks
 # cost none).
 SHUFFLE_BOUNDS = [
     ("fwd-bias-pad", "fwd-pad"),
     *((f"{kernel}-{bias}pack", f"{kernel}-{bias}pad") for kernel in ("fwd", "dq", "dkdv") for bias in ("", "bias-")),
 ]
+# The sm_90 builds that may keep mma.sync (HMMA) rather than wgmma: the backward at D = 256, whose 64-row
+# tiles spill (`_TILES`). Every other sm_90 attention build is all wgmma.
+MMA_SYNC_ON_SM90 = r"^(dq|dq_local|dq_global|dkdv|dkdv_local|dkdv_global)-.*-sm90-D256-"
 # Builds compiled only as a price's baseline, never launched: no launcher runs the global-token tile
 # without global tokens.
 BASELINES_ONLY = ("fwd_global-none",)
@@ -235,7 +274,7 @@ def compile_specs() -> list:
                 _bucketed_attention_bwd_dkdv_kernel  # fmt: skip
             add("fwd", "t5", fwd, tiles.fwd)
             add("fwd", "t5-pack", fwd, tiles.fwd)
-            add("decode", "t5", fwd, (16,) + tiles.fwd[1:])
+            add("decode", "t5", fwd, _short_tile(tiles.fwd, _decode_rows(arch)))
             add("fwd_global", "longt5", fwd, tiles.fwd_global)
             add("dq", "t5", bwd_dq, tiles.dq)
             add("dkdv", "t5", bwd_dkdv, tiles.dkdv)
