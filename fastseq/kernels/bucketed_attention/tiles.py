@@ -75,7 +75,10 @@ def _parse_tiles(text: str) -> Tiles:
 # 64-row dQ tile spilled 184 to 352 bytes (its fp32 dQ and the Q, dO operands, 64 x 256 each) and a 64 x 64
 # dK/dV tile 568 to 640 (two 64 x 256 fp32 accumulators) under 3.9 (`MMA_SYNC_ON_SM90`).
 # LongT5's dK/dV of the global tokens on sm_80 (D = 32, 64) and sm_86 (D = 32) take one stage: with two, the
-# tile's cheaper masks and bias left those builds 8 bytes of spill under 3.9.
+# tile's cheaper masks and bias left those builds 8 bytes of spill under 3.9. Under 3.6 they left five
+# more with 8 to 16 bytes, each mended so: LongT5's dK/dV at D = 256 on sm_80 takes 8 warps; on sm_86
+# T5's dK/dV at D = 64 takes one stage, LongT5's dQ at D = 32 128 x 32 tiles and its dK/dV at D = 128 two
+# stages; and a 16-row decoding tile at most two stages (`_short_tile`).
 # fmt: off
 _TILES: dict[tuple[int, int], Tiles] = {key: _parse_tiles(text) for key, text in {
     #           fwd        fwd_global dq         dkdv       dq_global  dkdv_global
@@ -88,11 +91,11 @@ _TILES: dict[tuple[int, int], Tiles] = {key: _parse_tiles(text) for key, text in
     (80, 32):   "128.64.8.3 128.64.8.3 128.32.8.2 128.32.8.2 128.64.8.2 128.32.8.1",
     (80, 64):   "128.64.8.2 128.32.8.3 64.32.4.2  64.32.4.1  128.32.8.2 64.32.8.1",
     (80, 128):  "128.32.8.2 128.32.8.3 32.64.8.2  32.32.8.1  32.64.8.2  32.32.4.2",
-    (80, 256):  "32.32.8.2  64.32.8.2  16.16.4.1  16.16.4.1  16.16.4.1  16.16.4.1",
+    (80, 256):  "32.32.8.2  64.32.8.2  16.16.4.1  16.16.4.1  16.16.4.1  16.16.8.1",
     (86, 16):   "128.64.8.3 128.64.8.3 128.32.8.2 128.64.8.2 128.64.8.2 32.32.8.1",
-    (86, 32):   "128.64.8.3 128.64.8.3 128.32.8.2 128.32.8.2 128.64.8.2 128.32.8.1",
-    (86, 64):   "128.32.8.3 128.32.8.3 64.32.4.2  64.32.8.2  128.32.8.2 64.32.4.2",
-    (86, 128):  "64.32.8.2  64.32.4.3  32.64.8.2  32.32.8.1  32.64.8.2  32.32.8.1",
+    (86, 32):   "128.64.8.3 128.64.8.3 128.32.8.2 128.32.8.2 128.32.8.2 128.32.8.1",
+    (86, 64):   "128.32.8.3 128.32.8.3 64.32.4.2  64.32.8.1  128.32.8.2 64.32.4.2",
+    (86, 128):  "64.32.8.2  64.32.4.3  32.64.8.2  32.32.8.1  32.64.8.2  32.32.8.2",
     (86, 256):  "32.32.4.2  64.32.8.2  16.32.4.1  16.16.4.1  16.32.4.1  16.16.4.1",
 }.items()}
 # fmt: on
@@ -140,11 +143,11 @@ def _decode_rows(arch: int) -> int:
 
 
 def _short_tile(tile: tuple[int, int, int, int], rows: int) -> tuple[int, int, int, int]:
-    """A forward tile cut to at most `rows` query rows: a 16-row one takes 4 warps (with 8, sm_86's
-    decoding tile at D = 16 spilled 8 bytes)."""
+    """A forward tile cut to at most `rows` query rows: a 16-row one takes at most 2 stages (with 3,
+    sm_86's decoding tile at D = 16 spilled 8 bytes under Triton 3.9, and with 4 warps under 3.6)."""
     block_m, block_n, warps, stages = tile
     block_m = min(block_m, rows)
-    return block_m, block_n, 4 if block_m <= 16 else warps, stages
+    return block_m, block_n, warps, min(stages, 2) if block_m <= 16 else stages
 
 
 def _precision(dtype: torch.dtype) -> str:
