@@ -21,7 +21,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from ._backend import autocast_cast, autocast_dtype, autocast_off, key_mask, upcast, use_triton
+from ._backend import autocast_cast, autocast_dtype, autocast_off, upcast, use_triton
 from .bucketed_attention import (
     GlobalTokens,
     PositionBias,
@@ -274,10 +274,9 @@ def _local_attention_triton(
         # Drawn from PyTorch's CPU generator, so torch.manual_seed fixes the dropout mask.
         seed = torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64)
     if not torch.compiler.is_compiling():
-        kpm = key_mask(key_padding_mask, q.device) if key_padding_mask is not None else None
         args = (int(radius), int(global_block_size), float(dropout_p))
-        return _EagerLocalAttention.apply(q, k, v, dist_table, table, kpm, global_k, global_v, global_dist_table,
-                                          global_table, caps, seed_value(seed), args)  # fmt: skip
+        return _EagerLocalAttention.apply(q, k, v, dist_table, table, key_padding_mask, global_k, global_v,
+                                          global_dist_table, global_table, caps, seed_value(seed), args)  # fmt: skip
     out, _ = torch.ops.fastseq.local_attention_fwd(
         q, k, v, dist_table, key_padding_mask, global_k, global_v, global_dist_table, caps, seed, int(radius),
         int(global_block_size), float(dropout_p),

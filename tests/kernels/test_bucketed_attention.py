@@ -339,8 +339,8 @@ def test_triton_backward_is_deterministic(triton_backend):
 
 def test_key_bias_is_the_mask_added_to_the_scores_and_follows_in_place_changes():
     """The kernels' padding mask: 0 where a key is attended, -inf where it is padding or past Lk, rows in
-    whole groups of 64 keys; converted once for every layer that passes the same mask (a bool mask and
-    its int8 view alike), and again after the mask changes in place."""
+    whole groups of 64 keys, from a mask of any dtype; converted once for every layer that passes the
+    same mask, and again after the mask changes in place."""
     launch._KEY_BIAS_CACHE.clear()
     mask = torch.ones(2, 70, dtype=torch.bool)
     mask[1, 5:9] = False
@@ -350,7 +350,8 @@ def test_key_bias_is_the_mask_added_to_the_scores_and_follows_in_place_changes()
     expected[:, :70] = torch.where(mask, 0.0, float("-inf"))
     assert torch.equal(bias, expected)
     assert launch.key_bias(mask, 70, torch.device("cpu")) is bias
-    assert launch.key_bias(mask.view(torch.int8), 70, torch.device("cpu")) is bias
+    assert torch.equal(launch.key_bias(mask.long(), 70, torch.device("cpu")), bias)
+    assert torch.equal(launch.key_bias(mask.t().contiguous().t(), 70, torch.device("cpu")), bias)  # strided
     assert launch.key_bias(mask, 69, torch.device("cpu"))[:, 69].isneginf().all()  # Lk is part of the key
     mask[0, 3] = False
     again = launch.key_bias(mask, 70, torch.device("cpu"))

@@ -11,7 +11,7 @@ from typing import NamedTuple
 
 import torch
 
-from .._backend import autocast_off, cdiv, interpreting, key_mask, last_dim_contiguous, placeholder
+from .._backend import autocast_off, cdiv, interpreting, last_dim_contiguous, placeholder
 from . import tiles
 from .kernels import (
     _bucketed_attention_bwd_dkdv_kernel,
@@ -33,18 +33,20 @@ _KEY_BIAS_CACHED = 8
 
 
 def key_bias(key_padding_mask: torch.Tensor | None, Lk: int, device: torch.device) -> torch.Tensor:
-    """A `(B, Lk)` padding mask (nonzero = attend) as the attention kernels read it: `(B, Lk rounded up
-    to 64)` fp32, 0 where a key is attended and -inf where it is padding or past Lk, added to the scores
+    """A `(B, Lk)` padding mask (nonzero = attend, any dtype and strides) as the attention kernels read
+    it: `(B, Lk rounded up to 64)` fp32, 0 where a key is attended and -inf where it is padding or past
+    Lk, added to the scores
     of each key tile (a mask read one byte a key and compared cost the forward's key loop 69 of its 477
     instructions at sm_90, D = 64; this load is pipelined with the keys and needs no compare, the
     static report). An empty `(0, 64)` for None.
 
     The layers of a model pass the same mask in each forward and backward, so the last few masks are
-    converted once: an entry is the mask's storage, shape and strides, kept alive with its version,
-    and is used only while that version stands (an in-place change of the mask converts it again)."""
+    converted once: an entry is the mask's storage, shape, strides and dtype, kept alive with its
+    version, and is used only while that version stands (an in-place change of the mask converts it
+    again)."""
     if key_padding_mask is None:
         return placeholder((0, _KEY_BIAS_GROUP), torch.float32, device)
-    mask = key_mask(key_padding_mask, device)
+    mask = key_padding_mask
     cacheable = not torch.compiler.is_compiling() and not mask.is_inference()
     if cacheable:
         ident = (mask.data_ptr(), tuple(mask.shape), mask.stride(), mask.dtype, mask.device, Lk)
@@ -57,7 +59,6 @@ def key_bias(key_padding_mask: torch.Tensor | None, Lk: int, device: torch.devic
     bias[:, :Lk].masked_fill_(mask[:, :Lk] != 0, 0.0)
     if cacheable:
         _KEY_BIAS_CACHE[ident] = (mask, mask._version, bias)
-        _KEY_BIAS_CACHE.move_to_end(ident)
         while len(_KEY_BIAS_CACHE) > _KEY_BIAS_CACHED:
             _KEY_BIAS_CACHE.popitem(last=False)
     return bias

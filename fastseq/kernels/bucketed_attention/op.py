@@ -7,7 +7,7 @@ import functools
 
 import torch
 
-from .._backend import autocast_cast, autocast_dtype, autocast_off, key_mask, unsupported_dtypes, use_triton
+from .._backend import autocast_cast, autocast_dtype, autocast_off, unsupported_dtypes, use_triton
 from . import launch
 from .reference import bucketed_attention_reference
 from .tiles import _MAX_HEAD_DIM
@@ -153,11 +153,11 @@ class _EagerAttention(torch.autograd.Function):
     (the ops are what `torch.compile` traces; a test holds the two bitwise equal). A custom op's
     dispatch, autograd wrapper and dynamo guard took most of a call's host time on the CPU
     (`bench/bench_bucketed_attention.py --host`). Tensors stay `(B, H, L, D)` throughout, the padding
-    mask is converted once for forward and backward, and a `PositionBias` gives the padded tables it
-    keeps.
+    mask is converted once for every call that passes it (`launch.key_bias`), and a `PositionBias` gives
+    the padded tables it keeps.
 
     Inputs: q, k, v, the `(H, 2C + 1)` distance table (None: no bias) whose gradient is returned, what
-    the launchers read for it (that table or its `PositionBias`), the launchers' mask (`key_mask`),
+    the launchers read for it (that table or its `PositionBias`), the padding mask (`launch.key_bias`),
     segment ids (`launch.Segments`) or None, the seed (an int), (causal, q_offset, scale, dropout_p,
     window) and `with_lse`. Returns the output and, with `with_lse`, each row's natural log-sum-exp
     (differentiable); without, the log2-domain one the backward reads (not differentiable: a caller
@@ -197,7 +197,7 @@ def _eager(q, k, v, bias, key_padding_mask, seed, causal, q_offset, scale, dropo
     """`_EagerAttention` on the ops' arguments (`bias`: the distance table, a `PositionBias` or None;
     `seed`: a `(1,)` int64 tensor or None) -> (out `(B, H, Lq, D)`, lse `(B, H, Lq)`)."""
     segs = launch._segments(q_segment_ids, k_segment_ids, key_padding_mask)
-    kpm = None if segs is not None or key_padding_mask is None else key_mask(key_padding_mask, q.device)
+    kpm = None if segs is not None else key_padding_mask  # the launchers convert it once (`launch.key_bias`)
     dist_table = bias.dist_table if isinstance(bias, launch.PositionBias) else bias
     args = (causal, q_offset, scale, dropout_p, window)
     return _EagerAttention.apply(q, k, v, dist_table, bias, kpm, segs, launch.seed_value(seed), args, with_lse)
