@@ -350,6 +350,10 @@ def test_key_bias_is_the_mask_added_to_the_scores_and_follows_in_place_changes()
     expected[:, :70] = torch.where(mask, 0.0, float("-inf"))
     assert torch.equal(bias, expected)
     assert launch.key_bias(mask, 70, torch.device("cpu")) is bias
+    assert launch.key_bias(launch.KeyBias(bias), 70, torch.device("cpu")) is bias
+    alias = mask.view(torch.int8)  # another tensor on the same storage: converted on its own
+    assert launch.key_bias(alias, 70, torch.device("cpu")) is not bias
+    assert torch.equal(launch.key_bias(alias, 70, torch.device("cpu")), bias)
     assert torch.equal(launch.key_bias(mask.long(), 70, torch.device("cpu")), bias)
     assert torch.equal(launch.key_bias(mask.t().contiguous().t(), 70, torch.device("cpu")), bias)  # strided
     assert launch.key_bias(mask, 69, torch.device("cpu"))[:, 69].isneginf().all()  # Lk is part of the key
@@ -362,6 +366,28 @@ def test_key_bias_is_the_mask_added_to_the_scores_and_follows_in_place_changes()
     assert torch.equal(launch.key_bias(inference_mask, 3, torch.device("cpu"))[0, :4],
                        torch.tensor([0.0, 0.0, 0.0, float("-inf")]))  # fmt: skip
     assert launch.key_bias(None, 3, torch.device("cpu")).shape == (0, 64)
+
+
+def test_triton_backward_reads_the_mask_its_forward_read(triton_backend):
+    """A mask changed in place between the forward and the backward: the gradients are the forward's
+    mask's."""
+    case = TRITON_CASES[2]
+    leaves, mask = _random_inputs(case)
+    grad_out = torch.randn(2, 3, case["Lq"], case["D"], device=DEVICE)
+    expected = _run(leaves, mask.clone(), case, grad_out)
+    out = bucketed_attention(*leaves[:3], leaves[3], key_padding_mask=mask, **_kwargs(case))
+    mask[0, :20] = 0
+    grads = torch.autograd.grad(out, leaves, grad_out)
+    for name, a, b in zip("q k v bias_table".split(), grads, expected[1], strict=True):
+        assert torch.equal(a, b), name
+
+
+def test_launchers_refuse_a_padding_mask_beside_segment_ids():
+    q = torch.zeros(1, 1, 4, 16)
+    segs = launch._segments(torch.ones(1, 4, dtype=torch.long), torch.ones(1, 4, dtype=torch.long))
+    with pytest.raises(ValueError, match="fold the padding mask into the segment ids"):
+        launch.attention_forward(q, q, q, None, torch.ones(1, 4, dtype=torch.bool), None, False, 0, 1.0, 0.0,
+                                 segs=segs)  # fmt: skip
 
 
 def test_triton_reads_a_mask_changed_in_place(triton_backend):

@@ -46,6 +46,7 @@ from __future__ import annotations
 
 from .launch import (
     GlobalTokens,
+    KeyBias,
     PositionBias,
     attention_backward,
     attention_forward,
@@ -53,6 +54,7 @@ from .launch import (
     bucket_table,
     distance_table,
     kernel_lse,
+    key_bias,
     natural_lse,
     seed_value,
 )
@@ -75,6 +77,7 @@ __all__ = [
     "FEATURES",
     "GlobalTokens",
     "HAS_TRITON_KERNEL",
+    "KeyBias",
     "MMA_SYNC_ON_SM90",
     "OCCUPANCY_BOUNDS",
     "PositionBias",
@@ -90,6 +93,7 @@ __all__ = [
     "compile_specs",
     "distance_table",
     "kernel_lse",
+    "key_bias",
     "natural_lse",
     "relative_bias",
     "relative_position_bucket",

@@ -32,26 +32,37 @@ _KEY_BIAS_CACHE: collections.OrderedDict = collections.OrderedDict()
 _KEY_BIAS_CACHED = 8
 
 
-def key_bias(key_padding_mask: torch.Tensor | None, Lk: int, device: torch.device) -> torch.Tensor:
+class KeyBias(NamedTuple):
+    """A padding mask already converted by `key_bias` (a forward keeps it for its backward, so that both
+    read the same mask whatever happens to the caller's tensor in between)."""
+
+    bias: torch.Tensor
+
+
+def key_bias(key_padding_mask: torch.Tensor | KeyBias | None, Lk: int, device: torch.device) -> torch.Tensor:
     """A `(B, Lk)` padding mask (nonzero = attend, any dtype and strides) as the attention kernels read
     it: `(B, Lk rounded up to 64)` fp32, 0 where a key is attended and -inf where it is padding or past
-    Lk, added to the scores
-    of each key tile (a mask read one byte a key and compared cost the forward's key loop 69 of its 477
-    instructions at sm_90, D = 64; this load is pipelined with the keys and needs no compare, the
-    static report). An empty `(0, 64)` for None.
+    Lk, added to the scores of each key tile (a mask read one byte a key and compared cost the forward's
+    key loop 69 of its 477 instructions at sm_90, D = 64; this row is loaded with the keys and needs no
+    compare, the static report). A masked key's score is the sum, as `transformers`' additive mask
+    makes it: a padded key whose score is NaN or +inf (a key row holding inf) makes its row NaN. An
+    empty `(0, 64)` for None; a `KeyBias` gives its bias.
 
-    The layers of a model pass the same mask in each forward and backward, so the last few masks are
-    converted once: an entry is the mask's storage, shape, strides and dtype, kept alive with its
-    version, and is used only while that version stands (an in-place change of the mask converts it
-    again)."""
+    The layers of a model pass the same mask tensor in each forward, so the last few are converted
+    once: an entry is that tensor object, kept alive, with its version, used only while that version
+    stands (an in-place change converts it again). Not cached: inference tensors (no version), masks
+    under torch.compile's tracing or a CUDA graph's capture (a replay must convert what it is given)."""
     if key_padding_mask is None:
         return placeholder((0, _KEY_BIAS_GROUP), torch.float32, device)
+    if isinstance(key_padding_mask, KeyBias):
+        return key_padding_mask.bias
     mask = key_padding_mask
-    cacheable = not torch.compiler.is_compiling() and not mask.is_inference()
+    cacheable = not (torch.compiler.is_compiling() or mask.is_inference()
+                     or (mask.is_cuda and torch.cuda.is_current_stream_capturing()))  # fmt: skip
     if cacheable:
-        ident = (mask.data_ptr(), tuple(mask.shape), mask.stride(), mask.dtype, mask.device, Lk)
+        ident = (id(mask), Lk, device)
         entry = _KEY_BIAS_CACHE.get(ident)
-        if entry is not None and entry[1] == mask._version:
+        if entry is not None and entry[0] is mask and entry[1] == mask._version:
             _KEY_BIAS_CACHE.move_to_end(ident)
             return entry[2]
     width = cdiv(max(Lk, 1), _KEY_BIAS_GROUP) * _KEY_BIAS_GROUP
@@ -59,9 +70,18 @@ def key_bias(key_padding_mask: torch.Tensor | None, Lk: int, device: torch.devic
     bias[:, :Lk].masked_fill_(mask[:, :Lk] != 0, 0.0)
     if cacheable:
         _KEY_BIAS_CACHE[ident] = (mask, mask._version, bias)
+        _KEY_BIAS_CACHE.move_to_end(ident)
         while len(_KEY_BIAS_CACHE) > _KEY_BIAS_CACHED:
             _KEY_BIAS_CACHE.popitem(last=False)
     return bias
+
+
+def _mask_args(key_padding_mask, segs, Lk: int, device: torch.device) -> torch.Tensor:
+    """The launch's padding mask (`key_bias`). Packed rows take theirs folded into the keys' segment ids
+    (`_segments`): the kernels read one or the other."""
+    if key_padding_mask is not None and segs is not None:
+        raise ValueError("attention launch: fold the padding mask into the segment ids (_segments), not both")
+    return key_bias(key_padding_mask, Lk, device)
 
 
 @functools.lru_cache(maxsize=64)
@@ -410,7 +430,7 @@ def attention_forward(q, k, v, dist_table, key_padding_mask, seed, causal, q_off
     flags = (dist_table is not None, key_padding_mask is not None, causal, window >= 0, segs is not None,
              gtable is not None, dropout_p > 0.0)  # fmt: skip
     block_m, block_n, grid, meta = _forward_plan(B, H, Lq, D, q.dtype, q.device, _tile_source(), G, gbs, flags)
-    kpm = key_bias(key_padding_mask, Lk, q.device)
+    kpm = _mask_args(key_padding_mask, segs, Lk, q.device)
     qseg, kseg, spans = _segment_args(segs, q, "q", block_m)
     table, cut = _table_args(dist_table, q.device, block_m, block_n, causal)
     gtable, cut_g = _table_args(gtable, q.device, block_m, block_n)
@@ -525,7 +545,7 @@ def attention_backward(do, q, k, v, out, lse, dist_table, key_padding_mask, seed
     if grad_lse is not None:
         # d lse_i / d s_ij = p_ij: a gradient on the log-sum-exp enters dS = P * (dP - delta) as -grad_lse.
         delta -= grad_lse
-    kpm = key_bias(key_padding_mask, Lk, q.device)
+    kpm = _mask_args(key_padding_mask, segs, Lk, q.device)
     tail = (scale, scale * _LOG2E, dropout_p, seed)
     bm, bn = plan.dkdv_block
     qseg, kseg, spans = _segment_args(segs, q, "k", bn)
