@@ -174,8 +174,9 @@ class AttentionMask(NamedTuple):
         )
 
     def for_layers(self) -> AttentionMask:
-        """The same mask with the padding mask as bool (nonzero = attend), made once per forward: the
-        kernels read a bool mask as it is, and convert any other dtype in every layer."""
+        """The same mask with the padding mask as bool (nonzero = attend), made once per forward and
+        shared by every layer: the attention launchers convert one mask tensor once (`key_bias`), and
+        LongT5's global aggregation reads a bool mask as it is."""
         mask = self.key_padding_mask
         if mask is None or mask.dtype == torch.bool:
             return self
