@@ -57,7 +57,7 @@ def _parse_tiles(text: str) -> Tiles:
 # CTA against two), and its key loop runs 0.77 warp instructions a score against 2.0. At D = 64 it is
 # 128 x 64 with 2 stages (was 128 x 32 with 3): under Triton 3.6 the bias build took 139 registers there
 # against the plain build's 127 (one CTA per SM against two); at 128 x 64 both hold one, and the plain key
-# loop runs 0.44 warp instructions a score (0.50 before), the t5 one 0.73 under 3.6 (0.80 before).
+# loop runs 0.44 warp instructions a score against 0.50 (under 3.6).
 # With dropout drawn per 16 elements, dK/dV took smaller tiles at D = 16 (sm_80: 64 x 32, 4 warps;
 # sm_86's global one 32 x 32) and one stage at D = 128 (sm_80, sm_86), and sm_90's dQ at D = 256 8 warps:
 # those builds spilled 8 to 16 bytes. Under Triton 3.6 dK/dV spilled 8 bytes at D = 64 (sm_80, 2 stages; 1 does
