@@ -24,15 +24,14 @@ import torch.nn.functional as F
 from ._backend import autocast_cast, autocast_dtype, autocast_off, upcast, use_triton
 from .bucketed_attention import (
     GlobalTokens,
-    KeyBias,
     PositionBias,
     attention_backward,
     attention_forward,
     backward_lse,
     bucket_table,
     distance_table,
+    kept_mask,
     kernel_lse,
-    key_bias,
     natural_lse,
     relative_bias,
     relative_position_bucket,
@@ -208,8 +207,7 @@ class _EagerLocalAttention(torch.autograd.Function):
                 seed, args):  # fmt: skip
         radius, block_size, dropout_p = args
         globals_ = _globals(global_k, global_v, global_table, caps, block_size)
-        if kpm is not None:  # converted once, and the backward reads what the forward read
-            kpm = KeyBias(key_bias(kpm, k.shape[2], q.device))
+        kpm = kept_mask(kpm, k.shape[2], q.device)
         out, lse2 = attention_forward(q, k, v, table, kpm, seed, False, 0, 1.0, dropout_p, radius, globals_)
         lse = backward_lse(lse2)
         ctx.save_for_backward(q, k, v, out, lse, global_k, global_v)

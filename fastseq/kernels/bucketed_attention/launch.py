@@ -34,9 +34,14 @@ _KEY_BIAS_CACHED = 8
 
 class KeyBias(NamedTuple):
     """A padding mask already converted by `key_bias` (a forward keeps it for its backward, so that both
-    read the same mask whatever happens to the caller's tensor in between)."""
+    read the same mask whatever happens to the caller's tensor in between: `kept_mask`)."""
 
     bias: torch.Tensor
+
+
+def kept_mask(key_padding_mask: torch.Tensor | None, Lk: int, device: torch.device) -> KeyBias | None:
+    """A forward's padding mask, converted once (`key_bias`) and kept for its backward; None without."""
+    return None if key_padding_mask is None else KeyBias(key_bias(key_padding_mask, Lk, device))
 
 
 def key_bias(key_padding_mask: torch.Tensor | KeyBias | None, Lk: int, device: torch.device) -> torch.Tensor:

@@ -165,8 +165,7 @@ class _EagerAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, dist_table, launch_table, kpm, segs, seed, args, with_lse):
-        if kpm is not None:  # converted once, and the backward reads what the forward read
-            kpm = launch.KeyBias(launch.key_bias(kpm, k.shape[2], q.device))
+        kpm = launch.kept_mask(kpm, k.shape[2], q.device)
         out, lse2 = launch.attention_forward(q, k, v, launch_table, kpm, seed, *args, segs=segs)
         if with_lse:
             lse = launch.natural_lse(lse2)
