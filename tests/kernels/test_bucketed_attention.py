@@ -559,6 +559,33 @@ def test_triton_dropout_mask_is_the_documented_philox_draw_on_every_tile(tile, t
         assert_close(g.cpu(), r, rel=2e-5, what=f"dropout grad of {name}")
 
 
+@pytest.mark.parametrize("case", [dict(DROPOUT_CASE, causal=True, bidirectional=False),
+                                  dict(MASK_CASE, causal=True, bidirectional=False, q_offset=3)],
+                         ids=["causal-D16", "causal-offset-D48"])  # fmt: skip
+def test_triton_backward_on_head_chunks_and_key_major_tiles(case, triton_backend, chunked_tiles):
+    """sm_90's backward at D = 256, scaled down (`chunked_tiles`): each tile's programs write half of the
+    head dim (D = 48 leaves the second half partly past D) and dK/dV's 16 x 32 tile computes its scores
+    and dP key-major. Bias, padding, causality and dropout (0.25, through the documented draw) give the
+    float64 gradients, the table's from the first chunk's programs alone."""
+    p = 0.25
+    leaves, mask = _random_inputs(case)
+    grad_out = torch.randn(2, 3, case["Lq"], case["D"], device=DEVICE)
+    torch.manual_seed(7)
+    seed = int(torch.randint(0, 2**31 - 1, (1,)).item())  # the draw `attention_with_lse` makes
+    keep = _philox_keep(seed, 2, 3, case["Lq"], case["Lk"], p)
+    torch.manual_seed(7)
+    out, grads = _run(leaves, mask, case, grad_out, dropout_p=p)
+    ref = [t.detach().cpu().double().requires_grad_() for t in leaves]
+    eye = torch.eye(case["Lk"], dtype=torch.float64).expand(2, 3, -1, -1)
+    probs = _dense_reference(ref[0], ref[1], eye, ref[3], mask=mask.cpu(), **_kwargs(case))
+    expected = torch.matmul(probs * keep.double() / (1 - p), ref[2])
+    assert_close(out.detach().cpu(), expected.detach(), what="out")
+    for name, g, r in zip(
+        "q k v bias_table".split(), grads, torch.autograd.grad(expected, ref, grad_out.cpu().double()), strict=True
+    ):
+        assert_close(g.cpu(), r, rel=2e-5, floor=1.0, what=f"grad of {name} on head chunks")
+
+
 @pytest.mark.parametrize("dropout_p,applied", [(0.1, 26 / 256), (0.25, 0.25), (0.3, 77 / 256), (0.001, 0.0),
                                                (0.999, 255 / 256)])  # fmt: skip
 def test_triton_dropout_rate_is_the_nearest_multiple_of_1_256(dropout_p, applied, triton_backend):

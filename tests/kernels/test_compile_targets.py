@@ -163,10 +163,7 @@ def _check_lean(op: str, results: list[dict]) -> None:
               if r["dots"] == 0 or r["fma_dots"] or r["tensor_core"] == 0]  # fmt: skip
     assert not no_mma, no_mma
     if op == "bucketed_attention":
-        from fastseq.kernels.bucketed_attention import MMA_SYNC_ON_SM90
-
-        warp_level = [(r["name"], r["mma_sync"]) for r in attention if r["capability"] == 90 and r["mma_sync"]
-                      and not re.search(MMA_SYNC_ON_SM90, r["name"])]  # fmt: skip
+        warp_level = [(r["name"], r["mma_sync"]) for r in attention if r["capability"] == 90 and r["mma_sync"]]
         assert not warp_level, f"mma.sync (HMMA) on sm_90, where wgmma does more a cycle: {warp_level}"
     narrow = [(r["name"], r["narrow_offsets"]) for r in results if r["narrow_offsets"]]
     assert not narrow, narrow

@@ -230,9 +230,21 @@ def _call_globals(fn, leaves, mask, gbs, radius=RADIUS, **extra):
 def test_triton_global_tokens_against_float64(L, gbs, triton_backend):
     """gbs = 1 puts every row of a query tile at its own position (the widest shift a tile can
     have); max_distance 12 with up to 70 globals reaches both clamped ends of the global table."""
+    _check_global_tokens(L, gbs)
+
+
+def test_triton_global_tokens_on_head_chunks_and_key_major_tiles(triton_backend, chunked_tiles):
+    """The backward on sm_90's tiles at D = 256, scaled down (`chunked_tiles`): both dQ launches (the
+    ordinary keys' fp32 dQ handed to the global tokens' in halves of the head dim) and dK/dV of the
+    ordinary and global keys computed key-major give the float64 gradients (D = 24: the second half
+    lies partly past D)."""
+    _check_global_tokens(40, 3, D=24)
+
+
+def _check_global_tokens(L, gbs, D=8):
     from fastseq.kernels.local_attention import local_attention_reference
 
-    leaves = _global_case(L, gbs)
+    leaves = _global_case(L, gbs, D=D)
     mask = _global_masks(L, gbs).to(DEVICE)
     out = _call_globals(local_attention, leaves, mask, gbs)
     keep = mask.bool()[:, None, :, None].to(out.dtype)

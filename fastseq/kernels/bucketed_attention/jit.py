@@ -23,6 +23,18 @@ def _dot(a, b, PRECISION: tl.constexpr):
     return out
 
 
+@triton.jit
+def _dot_t(a, b, KEY_MAJOR: tl.constexpr, PRECISION: tl.constexpr):
+    """a @ b^T: a tile of scores (q k^T) or of dP (dO v^T). KEY_MAJOR computes it as (b @ a^T)^T, so
+    that the keys are the product's M: a dK/dV tile with 16 query rows and 64 keys (D = 256 on sm_90,
+    `tiles.py`) then runs every product on wgmma, which takes M = 64."""
+    if KEY_MAJOR:
+        out = tl.trans(_dot(b, tl.trans(a), PRECISION))
+    else:
+        out = _dot(a, tl.trans(b), PRECISION)
+    return out
+
+
 if interpreting():
 
     @triton.jit
@@ -112,10 +124,12 @@ def _tile_scores(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     PRECISION: tl.constexpr,
+    KEY_MAJOR: tl.constexpr = False,
 ):
     """Scores of one (BLOCK_M, BLOCK_N) tile of ordinary keys in the log2 domain, masked entries at -inf.
-    With HAS_SEG, `qseg` (BLOCK_M,) and `kseg` (BLOCK_N,) are the rows' and keys' segment ids."""
-    s = _dot(q, tl.trans(k), PRECISION) * scale_log2
+    With HAS_SEG, `qseg` (BLOCK_M,) and `kseg` (BLOCK_N,) are the rows' and keys' segment ids. KEY_MAJOR:
+    `_dot_t`."""
+    s = _dot_t(q, k, KEY_MAJOR, PRECISION) * scale_log2
     if HAS_BIAS:
         # Element (m, n) lies at distance n0 + n - (q_offset + m0 + m) = base + n + (BLOCK_M - 1 - m).
         base = n0 - (q_offset + m0 + BLOCK_M - 1)
@@ -187,9 +201,11 @@ def _global_tile_scores(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     PRECISION: tl.constexpr,
+    KEY_MAJOR: tl.constexpr = False,
 ):
-    """Scores of one tile of global tokens: bias `GDT[h, g - position(i)]`, globals past `cap` masked."""
-    s = _dot(q, tl.trans(gk), PRECISION) * scale_log2
+    """Scores of one tile of global tokens: bias `GDT[h, g - position(i)]`, globals past `cap` masked.
+    KEY_MAJOR: `_dot_t`."""
+    s = _dot_t(q, gk, KEY_MAJOR, PRECISION) * scale_log2
     if HAS_GBIAS:
         # Element (m, n) lies at distance g0 + n - position(m) = (g0 - pos_hi) + n + shift[m].
         base = g0 - pos_hi
@@ -394,11 +410,12 @@ def _load_rows(P, b64, h, offs, stride_b, stride_h, stride_l, offs_d, mask):
 
 
 @triton.jit
-def _program(pid_base, h_base, b_base, H, D, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr):
+def _program(pid_base, h_base, b_base, H, D, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, CHUNKS: tl.constexpr = 1):
     """What a program of a (tiles, H, B) grid owns: its tile pid of batch element b (and b64, for batch offsets
     in 64 bits: (B - 1) * stride_qb passes 2**31 at t5-11b sizes), head h, row b * H + h of the
-    (B, H, L) buffers, its tile's first row and rows, and the head dim's columns."""
-    pid = pid_base + tl.program_id(0)
+    (B, H, L) buffers, its tile's first row and rows, and the head dim's columns. With CHUNKS > 1 the grid
+    has CHUNKS programs per tile, one per chunk of the head dim (`_head_chunk`)."""
+    pid = pid_base + tl.program_id(0) // CHUNKS
     h = h_base + tl.program_id(1)
     b = b_base + tl.program_id(2)
     bh = b * H + h
@@ -407,6 +424,16 @@ def _program(pid_base, h_base, b_base, H, D, BLOCK: tl.constexpr, BLOCK_D: tl.co
     offs = start + tl.arange(0, BLOCK)
     offs_d = tl.arange(0, BLOCK_D)
     return pid, b, b64, h, bh, start, offs, offs_d, offs_d < D
+
+
+@triton.jit
+def _head_chunk(D, BLOCK_D: tl.constexpr, BLOCK_DC: tl.constexpr):
+    """The columns of the head dim whose gradients this backward program writes, chunk
+    `program_id(0) % (BLOCK_D // BLOCK_DC)` (`_program`'s CHUNKS), and which of them lie below D. Each
+    chunk's program computes the tile's scores and dP over the whole head dim again: at D = 256 on sm_90
+    a whole row of fp32 gradients held the registers past the limit on every wgmma tile (`tiles.py`)."""
+    offs_dc = (tl.program_id(0) % (BLOCK_D // BLOCK_DC)) * BLOCK_DC + tl.arange(0, BLOCK_DC)
+    return offs_dc, offs_dc < D
 
 
 @triton.jit
@@ -469,13 +496,13 @@ def _global_tile(q, GK_bh, GV_bh, GDT_h, g0, G, cap, pos_lo, pos_hi, shift, CG, 
 
 @triton.jit
 def _grad_scores(s, lse, delta, do, v, seed, bh, m0, k0, Lq, dropout_p, DROPOUT: tl.constexpr,
-                 PRECISION: tl.constexpr):  # fmt: skip
+                 PRECISION: tl.constexpr, KEY_MAJOR: tl.constexpr = False):  # fmt: skip
     """The backward of one tile of scores: Z, P (rows without keys have lse = +inf: P = 0) as the
     forward applied it to V, dropped entries zeroed but the kept ones without their 1 / (1 - p) (dV
     takes it once, at its end, `_softmax_step`), and dS = P * (dP - delta), dP = dO V^T through the
-    same dropout."""
+    same dropout (KEY_MAJOR: `_dot_t`)."""
     p = tl.math.exp2(s - lse[:, None])
-    dp = _dot(do, tl.trans(v), PRECISION)
+    dp = _dot_t(do, v, KEY_MAJOR, PRECISION)
     z = p
     if DROPOUT:
         keep = _dropout_keep(seed, bh, m0, k0, Lq, dropout_p, s.shape[0], s.shape[1])  # k0: the first key's id

@@ -17,6 +17,7 @@ from .jit import (
     _global_tile,
     _global_tile_scores,
     _grad_scores,
+    _head_chunk,
     _key_tile,
     _load_kv,
     _load_rows,
@@ -143,8 +144,12 @@ def _bucketed_attention_bwd_dkdv_kernel(
     HAS_SEG: tl.constexpr, GLOBAL_KEYS: tl.constexpr, DROPOUT: tl.constexpr,
     GBS: tl.constexpr,  # global block size: query i sits at global position min(i // GBS, cap)
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_DC: tl.constexpr,  # the head-dim columns of dK and dV a program writes (`_head_chunk`)
 ):
-    pid_n, b, b64, h, bh, n0, offs_n, offs_d, d_ok = _program(0, 0, 0, H, D, BLOCK_N, BLOCK_D)
+    """dK and dV of one key tile, or of a chunk of its head dim (`_head_chunk`). A tile with fewer query
+    rows than keys computes its scores and dP key-major (`_dot_t`)."""
+    pid_n, b, b64, h, bh, n0, offs_n, offs_d, d_ok = _program(0, 0, 0, H, D, BLOCK_N, BLOCK_D, BLOCK_D // BLOCK_DC)
+    offs_dc, dc_ok = _head_chunk(D, BLOCK_D, BLOCK_DC)
     kv_mask = (offs_n < Lk)[:, None] & d_ok[None, :]
     k = _load_rows(K, b64, h, offs_n, stride_kb, stride_kh, stride_kn, offs_d, kv_mask)
     v = _load_rows(V, b64, h, offs_n, stride_vb, stride_vh, stride_vn, offs_d, kv_mask)
@@ -155,8 +160,8 @@ def _bucketed_attention_bwd_dkdv_kernel(
     LSE_bh = LSE + bh.to(tl.int64) * Lq
     DELTA_bh = DELTA + bh.to(tl.int64) * Lq
 
-    dk = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
-    dv = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
+    dk = tl.zeros((BLOCK_N, BLOCK_DC), tl.float32)
+    dv = tl.zeros((BLOCK_N, BLOCK_DC), tl.float32)
     m_start = 0
     m_end = Lq
     if CAUSAL:
@@ -191,24 +196,30 @@ def _bucketed_attention_bwd_dkdv_kernel(
         if GLOBAL_KEYS:
             pos_lo, pos_hi, shift = _global_rows(offs_m, m0, Lq, cap, GBS, BLOCK_M)
             s = _global_tile_scores(q, k, DT_h, offs_n, n0, Lk, cap, pos_lo, pos_hi, shift, C, scale_log2, HAS_BIAS,
-                                    BLOCK_M, BLOCK_N, PRECISION)
+                                    BLOCK_M, BLOCK_N, PRECISION, BLOCK_M < BLOCK_N)
         else:
             qseg = offs_m
             if HAS_SEG:
                 qseg = _segment_ids(QSEG_b, offs_m, Lq, -1, m0, m_end)
             s = _tile_scores(q, k, DT_h, KPM_b, offs_m, offs_n, m0, n0, Lk, q_offset, C, window, scale_log2, qseg,
-                             kseg, HAS_BIAS, HAS_KPM, CAUSAL, WINDOWED, HAS_SEG, BLOCK_M, BLOCK_N, PRECISION)
+                             kseg, HAS_BIAS, HAS_KPM, CAUSAL, WINDOWED, HAS_SEG, BLOCK_M, BLOCK_N, PRECISION,
+                             BLOCK_M < BLOCK_N)
         z, ds = _grad_scores(s, lse, delta, do, v, seed, bh, m0, _dropout_base(key_base) + n0, Lq, dropout_p,
-                             DROPOUT, PRECISION)
+                             DROPOUT, PRECISION, BLOCK_M < BLOCK_N)
+        if BLOCK_DC < BLOCK_D:  # this program's columns of Q and dO (the scores took them whole)
+            chunk_mask = row_ok[:, None] & dc_ok[None, :]
+            q = tl.load(Q_bh + offs_m[:, None] * stride_qm + offs_dc[None, :], mask=chunk_mask, other=0.0)
+            do = tl.load(DO_bh + offs_m[:, None] * stride_dom + offs_dc[None, :], mask=chunk_mask, other=0.0)
         dv += _dot(tl.trans(z.to(do.dtype)), do, PRECISION)
         dk += _dot(tl.trans(ds.to(q.dtype)), q, PRECISION)
     dk = dk * scale
     if DROPOUT:
         dv = dv * (1.0 / (1.0 - dropout_p))  # the kept entries' 1 / (1 - p) (`_grad_scores`)
     dkv_bh = b64 * stride_dkb + h * stride_dkh
-    dkv_off = offs_n[:, None] * stride_dkn + offs_d[None, :]
-    tl.store(DK + dkv_bh + dkv_off, dk.to(DK.dtype.element_ty), mask=kv_mask)
-    tl.store(DV + dkv_bh + dkv_off, dv.to(DV.dtype.element_ty), mask=kv_mask)
+    dkv_off = offs_n[:, None] * stride_dkn + offs_dc[None, :]
+    dkv_mask = (offs_n < Lk)[:, None] & dc_ok[None, :]
+    tl.store(DK + dkv_bh + dkv_off, dk.to(DK.dtype.element_ty), mask=dkv_mask)
+    tl.store(DV + dkv_bh + dkv_off, dv.to(DV.dtype.element_ty), mask=dkv_mask)
 
 
 @triton.jit
@@ -244,11 +255,20 @@ def _bucketed_attention_bwd_dq_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     SKEW: tl.constexpr,  # next power of two >= BLOCK_M + BLOCK_N - 1: the diagonals of one tile
     PRECISION: tl.constexpr,
+    BLOCK_DC: tl.constexpr,  # the head-dim columns of dQ a program writes (`_head_chunk`)
 ):
     """dQ and the bias-table gradients of one query tile. With LongT5's global tokens it runs twice,
     the ordinary keys then the global tokens, each launch one key loop: both loops in one program
-    held a 64 x 64 tile's registers past the limit (the static report)."""
-    pid_m, b, b64, h, bh, m0, offs_m, offs_d, d_ok = _program(m_base, h_base, b_base, H, D, BLOCK_M, BLOCK_D)
+    held a 64 x 64 tile's registers past the limit (the static report). With chunks of the head dim
+    (`_head_chunk`), each chunk's program writes its columns of dQ and the first chunk's the tables'
+    gradients; the chunks of a tile share its slot."""
+    pid_m, b, b64, h, bh, m0, offs_m, offs_d, d_ok = _program(m_base, h_base, b_base, H, D, BLOCK_M, BLOCK_D,
+                                                              BLOCK_D // BLOCK_DC)
+    offs_dc, dc_ok = _head_chunk(D, BLOCK_D, BLOCK_DC)
+    if BLOCK_DC < BLOCK_D:
+        diagonals = tl.program_id(0) % (BLOCK_D // BLOCK_DC) == 0  # this program writes the tables' gradients
+    else:
+        diagonals = True
     row_ok = offs_m < Lq
     q_mask = row_ok[:, None] & d_ok[None, :]
     q = _load_rows(Q, b64, h, offs_m, stride_qb, stride_qh, stride_qm, offs_d, q_mask)
@@ -261,12 +281,13 @@ def _bucketed_attention_bwd_dq_kernel(
     KPM_b = KPM + b64 * stride_kpmb
 
     # This program's slot in the launch's buffers: the launches of one backward share them in turn.
-    slot = (tl.program_id(2) * tl.num_programs(1) + tl.program_id(1)) * tl.num_programs(0) + tl.program_id(0)
-    DQP_tile = DQP + slot * (BLOCK_M * BLOCK_D) + tl.arange(0, BLOCK_M)[:, None] * BLOCK_D + offs_d[None, :]
+    slot = ((tl.program_id(2) * tl.num_programs(1) + tl.program_id(1)) * (tl.num_programs(0) // (BLOCK_D // BLOCK_DC))
+            + tl.program_id(0) // (BLOCK_D // BLOCK_DC))  # fmt: skip
+    DQP_tile = DQP + slot * (BLOCK_M * BLOCK_D) + tl.arange(0, BLOCK_M)[:, None] * BLOCK_D + offs_dc[None, :]
     if PARTIAL_IN:
         dq = tl.load(DQP_tile, mask=row_ok[:, None], other=0.0)
     else:
-        dq = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
+        dq = tl.zeros((BLOCK_M, BLOCK_DC), tl.float32)
     SCR_p = SCR + slot * (BLOCK_M * SKEW)
     if ORDINARY:
         # Bias-table gradient of this query tile: interior distances |d| < C in this program's row of
@@ -274,7 +295,8 @@ def _bucketed_attention_bwd_dq_kernel(
         DDT_row = DDT + slot * (2 * C + 1)
         far_neg, far_pos, band_neg, band_pos = _bias_grad_zeros(BLOCK_M, SKEW)
         if HAS_BIAS:
-            _zero_scratch(SCR_p, BLOCK_M, SKEW)
+            if diagonals:
+                _zero_scratch(SCR_p, BLOCK_M, SKEW)
         KSEG_b = KSEG + b64 * stride_ksegb
         qseg, n_start, n_end = _query_tile_keys(QSEG + b64 * stride_qsegb, SPAN, b64, offs_m, m0, Lq, Lk, q_offset,
                                                 window, CAUSAL, WINDOWED, HAS_SEG, BLOCK_M, BLOCK_N)
@@ -284,15 +306,20 @@ def _bucketed_attention_bwd_dq_kernel(
             s = _key_tile(q, k, DT_h, KPM_b, KSEG_b, qseg, offs_m, m0, n0, n_end, Lk, q_offset, C, window, scale_log2,
                           HAS_BIAS, HAS_KPM, CAUSAL, WINDOWED, HAS_SEG, BLOCK_M, BLOCK_N, PRECISION)
             _, ds = _grad_scores(s, lse, delta, do, v, seed, bh, m0, n0, Lq, dropout_p, DROPOUT, PRECISION)
+            if BLOCK_DC < BLOCK_D:  # this program's columns of K (the scores took them whole)
+                k = tl.load(K_bh + offs_n[:, None] * stride_kn + offs_dc[None, :],
+                            mask=(offs_n < Lk)[:, None] & dc_ok[None, :], other=0.0)
             dq += _dot(ds.to(k.dtype), k, PRECISION)
             if HAS_BIAS:
-                d_min = n0 - (q_offset + m0 + BLOCK_M - 1)
-                d_max = n0 + BLOCK_N - 1 - (q_offset + m0)
-                far_neg, far_pos, band_neg, band_pos = _bias_grad_tile(
-                    ds, SCR_p, DDT_row, d_min, d_max, C, far_neg, far_pos, band_neg, band_pos, m0, 0, 0, 1, False,
-                    BLOCK_M, BLOCK_N, SKEW)
+                if diagonals:
+                    d_min = n0 - (q_offset + m0 + BLOCK_M - 1)
+                    d_max = n0 + BLOCK_N - 1 - (q_offset + m0)
+                    far_neg, far_pos, band_neg, band_pos = _bias_grad_tile(
+                        ds, SCR_p, DDT_row, d_min, d_max, C, far_neg, far_pos, band_neg, band_pos, m0, 0, 0, 1, False,
+                        BLOCK_M, BLOCK_N, SKEW)
         if HAS_BIAS:
-            _store_bias_grad_ends(DDT_row, C, far_neg, far_pos, band_neg, band_pos)
+            if diagonals:
+                _store_bias_grad_ends(DDT_row, C, far_neg, far_pos, band_neg, band_pos)
     if HAS_GLOBAL:
         cap, pos_lo, pos_hi, shift, GK_bh, GV_bh, GDT_h = _global_keys(
             CAP, GK, GV, GDT, b, b64, h, offs_m, m0, Lq, CG, stride_gkb, stride_gkh, stride_gvb, stride_gvh, GBS,
@@ -305,18 +332,23 @@ def _bucketed_attention_bwd_dq_kernel(
                                              PRECISION)
             _, ds = _grad_scores(s, lse, delta, do, gv, seed, bh, m0, _dropout_base(Lk) + g0, Lq, dropout_p,
                                  DROPOUT, PRECISION)
+            if BLOCK_DC < BLOCK_D:
+                gk = tl.load(GK_bh + offs_g[:, None] * stride_gkn + offs_dc[None, :],
+                             mask=(offs_g < G)[:, None] & dc_ok[None, :], other=0.0)
             dq += _dot(ds.to(gk.dtype), gk, PRECISION)
             if HAS_GBIAS:
-                gfar_neg, gfar_pos, gband_neg, gband_pos = _bias_grad_tile(
-                    ds, SCR_p, GDDT_row, g0 - pos_hi, g0 + BLOCK_N - 1 - pos_lo, CG, gfar_neg, gfar_pos, gband_neg,
-                    gband_pos, m0, pos_hi, cap, GBS, True, BLOCK_M, BLOCK_N, SKEW)
+                if diagonals:
+                    gfar_neg, gfar_pos, gband_neg, gband_pos = _bias_grad_tile(
+                        ds, SCR_p, GDDT_row, g0 - pos_hi, g0 + BLOCK_N - 1 - pos_lo, CG, gfar_neg, gfar_pos, gband_neg,
+                        gband_pos, m0, pos_hi, cap, GBS, True, BLOCK_M, BLOCK_N, SKEW)
         if HAS_GBIAS:
-            _store_bias_grad_ends(GDDT_row, CG, gfar_neg, gfar_pos, gband_neg, gband_pos)
+            if diagonals:
+                _store_bias_grad_ends(GDDT_row, CG, gfar_neg, gfar_pos, gband_neg, gband_pos)
     if PARTIAL_OUT:
         tl.store(DQP_tile, dq, mask=row_ok[:, None])
     else:
-        tl.store(DQ + b64 * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqm + offs_d[None, :],
-                 (dq * scale).to(DQ.dtype.element_ty), mask=q_mask)
+        tl.store(DQ + b64 * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqm + offs_dc[None, :],
+                 (dq * scale).to(DQ.dtype.element_ty), mask=row_ok[:, None] & dc_ok[None, :])
 
 
 # fmt: on

@@ -20,7 +20,7 @@ from .kernels import (
     _bucketed_attention_fwd_kernel,
 )
 from .reference import relative_position_bucket
-from .tiles import _block_d, _fwd_config, _precision, _skew, _tiles
+from .tiles import _block_d, _fwd_config, _precision, _skew, _tiles, head_chunk
 
 _LOG2E = 1.4426950408889634
 
@@ -452,6 +452,8 @@ class _BackwardPlan(NamedTuple):
 
     dq_block: tuple[int, int]  # the dQ tile's BLOCK_M, BLOCK_N (the padded tables' and the slots' tile)
     dkdv_block: tuple[int, int]
+    dq_chunks: int  # programs per dQ tile, and per dK/dV tile: one per chunk of the head dim (`head_chunk`)
+    dkdv_chunks: int
     num_m: int  # query tiles
     chunk: tuple[int, int, int]  # query tiles, heads and batch elements of one dQ launch
     slots: int
@@ -484,8 +486,8 @@ def _backward_plan(
                   PRECISION=_precision(dtype), HAS_SEG=has_seg)  # fmt: skip
 
     def options(tile):
-        bm, bn, warps, stages = tile
-        return dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages)
+        bm, bn, warps, stages = tile[:4]
+        return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_DC=head_chunk(tile, block_d), num_warps=warps, num_stages=stages)
 
     dkdv = dict(common, HAS_BIAS=has_bias, GLOBAL_KEYS=False, **options(dkdv_tile))
     dkdv_global = dict(common, HAS_BIAS=has_gbias, GLOBAL_KEYS=True, HAS_KPM=False, CAUSAL=False, WINDOWED=False,
@@ -499,7 +501,8 @@ def _backward_plan(
     partial_tile = block_m * block_d if G > 0 else 0
     chunk = _dq_chunks(num_m, H, B, 4 * (tile + row + grow + partial_tile))
     return _BackwardPlan(
-        (block_m, block_n), tuple(dkdv_tile[:2]), num_m, chunk, math.prod(chunk), chunk == (num_m, H, B), tile,
+        (block_m, block_n), tuple(dkdv_tile[:2]), block_d // head_chunk(dq_tile, block_d),
+        block_d // head_chunk(dkdv_tile, block_d), num_m, chunk, math.prod(chunk), chunk == (num_m, H, B), tile,
         partial_tile, dict(BLOCK_M=block_m, BLOCK_D=block_d), dkdv, dkdv_global,
         dict(dq, ORDINARY=True, HAS_GLOBAL=False, PARTIAL_IN=False, PARTIAL_OUT=G > 0),
         dict(dq, ORDINARY=False, HAS_GLOBAL=True, PARTIAL_IN=True, PARTIAL_OUT=False),
@@ -559,7 +562,7 @@ def attention_backward(do, q, k, v, out, lse, dist_table, key_padding_mask, seed
         *(((gk, gv, gdist, False, G, Lk, dgk, dgv, plan.dkdv_global),) if G > 0 else ()),
     ):
         padded, keys_cut = _table_args(keys_table, q.device, bm, bn, keys_causal)
-        _bucketed_attention_bwd_dkdv_kernel[(cdiv(n_keys, bn), H, B)](
+        _bucketed_attention_bwd_dkdv_kernel[(cdiv(n_keys, bn) * plan.dkdv_chunks, H, B)](
             q, keys_k, keys_v, padded, kpm, caps, qseg, kseg, spans, do, lse, delta, grad_k, grad_v,
             *_row_strides(q, keys_k, keys_v, do, grad_k), kpm.stride(0), qseg.stride(0), kseg.stride(0),
             H, Lq, n_keys, D, q_offset, keys_cut, window, key_base, *tail, **meta,
@@ -590,9 +593,10 @@ def attention_backward(do, q, k, v, out, lse, dist_table, key_padding_mask, seed
                 for partials in (rows, grows):
                     if partials.shape[1] and not whole:
                         partials.zero_()
-                _bucketed_attention_bwd_dq_kernel[grid](*head, m0, h0, b0, *tail, **plan.dq)
+                programs = (grid[0] * plan.dq_chunks, *grid[1:])
+                _bucketed_attention_bwd_dq_kernel[programs](*head, m0, h0, b0, *tail, **plan.dq)
                 if G > 0:
-                    _bucketed_attention_bwd_dq_kernel[grid](*head, m0, h0, b0, *tail, **plan.dq_global)
+                    _bucketed_attention_bwd_dq_kernel[programs](*head, m0, h0, b0, *tail, **plan.dq_global)
                 # The slots' rows, (batch, head, query tile) in the launch, summed per head in a fixed order.
                 for i, partials in enumerate((rows, grows)):
                     if not partials.shape[1]:

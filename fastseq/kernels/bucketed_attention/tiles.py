@@ -20,18 +20,20 @@ from .kernels import (
 
 class Tiles(NamedTuple):
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) of each kernel for one (architecture family, padded
-    head dim). BLOCK_M counts query rows and BLOCK_N keys in every kernel."""
+    head dim), and for a backward kernel optionally a fifth, BLOCK_DC: the head-dim columns of the
+    gradients one program writes (`head_chunk`). BLOCK_M counts query rows and BLOCK_N keys in every
+    kernel."""
 
-    fwd: tuple[int, int, int, int]  # the forward without global tokens (T5, BlenderbotSmall, LongT5 local)
-    fwd_global: tuple[int, int, int, int]  # the forward with LongT5's transient-global tokens
-    dq: tuple[int, int, int, int]
-    dkdv: tuple[int, int, int, int]
-    dq_global: tuple[int, int, int, int]  # both dQ launches of a backward with global tokens
-    dkdv_global: tuple[int, int, int, int]  # its dK/dV of the ordinary keys and of the global tokens
+    fwd: tuple[int, ...]  # the forward without global tokens (T5, BlenderbotSmall, LongT5 local)
+    fwd_global: tuple[int, ...]  # the forward with LongT5's transient-global tokens
+    dq: tuple[int, ...]
+    dkdv: tuple[int, ...]
+    dq_global: tuple[int, ...]  # both dQ launches of a backward with global tokens
+    dkdv_global: tuple[int, ...]  # its dK/dV of the ordinary keys and of the global tokens
 
 
 def _parse_tiles(text: str) -> Tiles:
-    """`Tiles` from "BLOCK_M.BLOCK_N.num_warps.num_stages" per kernel, in the fields' order."""
+    """`Tiles` from "BLOCK_M.BLOCK_N.num_warps.num_stages[.BLOCK_DC]" per kernel, in the fields' order."""
     return Tiles(*(tuple(int(v) for v in tile.split(".")) for tile in text.split()))
 
 
@@ -71,9 +73,15 @@ def _parse_tiles(text: str) -> Tiles:
 # LongT5's dK/dV at D = 16, 32 and 64 and T5's at D = 32 take 64 x 64 with 8 warps too (all wgmma, no spill
 # under 3.6 or 3.9; at 128 x 32 LongT5's stayed mma.sync), and LongT5's at D = 128 takes T5's 128 x 64 with one
 # stage (was 32 x 32, mma.sync; 250 to 255 registers, no spill under 3.6 or 3.9). LongT5's forward at D = 256 is
-# 64 x 32 (wgmma; was 16 x 16). The backward at D = 256 alone keeps 16-row tiles and mma.sync on sm_90: a
-# 64-row dQ tile spilled 184 to 352 bytes (its fp32 dQ and the Q, dO operands, 64 x 256 each) and a 64 x 64
-# dK/dV tile 568 to 640 (two 64 x 256 fp32 accumulators) under 3.9 (`MMA_SYNC_ON_SM90`).
+# 64 x 32 (wgmma; was 16 x 16). sm_90's backward at D = 256 writes each tile's gradients in chunks of the
+# head dim (a fifth field, `head_chunk`), every chunk's program computing the tile's scores and dP whole
+# again: with whole rows a 64-row dQ tile spilled 8 to 352 bytes (its 64 x 256 fp32 dQ) and a 64 x 64
+# dK/dV tile 408 to 640 (two 64 x 256 fp32 accumulators), so it stayed on 16-row mma.sync tiles. dQ now
+# takes 64 x 32 with 4 warps in chunks of 64 columns (chunks of 128 spilled 24 to 48 bytes under 3.6 with
+# 4 warps and 16 to 80 under 3.9 with 8); dK/dV takes 16 query rows by 64 keys with 8 warps in chunks of
+# 128, its scores and dP computed key-major so that every product has the keys as wgmma's M (`_dot_t`;
+# query-major, 32 of its 66 products stayed mma.sync, and without chunks it spilled 176 bytes). All 8
+# builds: wgmma only, no spill under 3.6 or 3.9.
 # LongT5's dK/dV of the global tokens on sm_80 (D = 32, 64) and sm_86 (D = 32) take one stage: with two, the
 # tile's cheaper masks and bias left those builds 8 bytes of spill under 3.9. Under 3.6 they left five
 # more with 8 to 16 bytes, each mended so: LongT5's dK/dV at D = 256 on sm_80 takes 8 warps; on sm_86
@@ -86,7 +94,7 @@ _TILES: dict[tuple[int, int], Tiles] = {key: _parse_tiles(text) for key, text in
     (90, 32):   "128.32.8.3 128.64.8.3 128.64.8.2 64.64.8.2  128.32.8.2 64.64.8.2",
     (90, 64):   "128.64.8.3 128.64.8.3 64.32.4.2  64.64.8.2  128.32.8.2 64.64.8.2",
     (90, 128):  "128.64.8.2 128.64.8.2 64.32.8.2  128.64.8.1 64.32.4.2  128.64.8.1",
-    (90, 256):  "64.32.8.2  64.32.8.2  16.32.8.1  16.16.4.1  16.32.8.1  16.16.4.1",
+    (90, 256):  "64.32.8.2  64.32.8.2  64.32.4.2.64 16.64.8.2.128 64.32.4.2.64 16.64.8.2.128",
     (80, 16):   "128.64.8.3 128.64.8.3 128.64.8.2 64.32.4.2  128.64.8.2 64.32.4.2",
     (80, 32):   "128.64.8.3 128.64.8.3 128.32.8.2 128.32.8.2 128.64.8.2 128.32.8.1",
     (80, 64):   "128.64.8.2 128.32.8.3 64.32.4.2  64.32.4.1  128.32.8.2 64.32.8.1",
@@ -107,6 +115,13 @@ _MAX_HEAD_DIM = 256
 
 def _skew(block_m: int, block_n: int) -> int:
     return next_power_of_2(block_m + block_n - 1)
+
+
+def head_chunk(tile: tuple[int, ...], block_d: int) -> int:
+    """BLOCK_DC of a backward tile: the head-dim columns of dQ, or of dK and dV, that one program writes
+    (all BLOCK_D unless the tile names fewer; then BLOCK_D // BLOCK_DC programs share each tile, each
+    computing the tile's scores and dP whole, `_head_chunk`)."""
+    return tile[4] if len(tile) > 4 else block_d
 
 
 def _block_d(D: int) -> int:
@@ -208,9 +223,6 @@ SHUFFLE_BOUNDS = [
     ("fwd-bias-pad", "fwd-pad"),
     *((f"{kernel}-{bias}pack", f"{kernel}-{bias}pad") for kernel in ("fwd", "dq", "dkdv") for bias in ("", "bias-")),
 ]
-# The sm_90 builds that may keep mma.sync (HMMA) rather than wgmma: the backward at D = 256, whose 64-row
-# tiles spill (`_TILES`). Every other sm_90 attention build is all wgmma.
-MMA_SYNC_ON_SM90 = r"^(dq|dq_local|dq_global|dkdv|dkdv_local|dkdv_global)-.*-sm90-D256-"
 # Builds compiled only as a price's baseline, never launched: no launcher runs the global-token tile
 # without global tokens.
 BASELINES_ONLY = ("fwd_global-none",)
@@ -243,7 +255,7 @@ def compile_specs() -> list:
                             SPAN="*i32")  # fmt: skip
 
             def add(role, features, kernel, tile, extra=(), arch=arch, block_d=block_d, dtype=dtype, pointers=pointers):
-                bm, bn, warps, stages = tile
+                bm, bn, warps, stages = tile[:4]
                 ce = dict(
                     FEATURES[features],
                     BLOCK_M=bm,
@@ -256,6 +268,7 @@ def compile_specs() -> list:
                     PARTIAL_IN=False,
                     PARTIAL_OUT=False,
                     GLOBAL_KEYS=False,
+                    BLOCK_DC=head_chunk(tile, block_d),
                 )
                 ce.update(extra)
                 ce = {n: v for n, v in ce.items() if n in kernel.arg_names}
