@@ -448,13 +448,20 @@ def dq_slot_bytes(D, dtype, cut, global_cut=None):
     return 4 * words
 
 
-@pytest.mark.parametrize("slots", [3, *(pytest.param(n, marks=pytest.mark.slow) for n in (7, 16))])
-def test_triton_dq_scratch_is_bounded(slots, triton_backend, monkeypatch):
+@pytest.mark.parametrize(
+    "slots,tiles", [(3, "interpreter"), (3, "head-chunks"), *(pytest.param(n, "interpreter", marks=pytest.mark.slow)
+                                                            for n in (7, 16))]
+)  # fmt: skip
+def test_triton_dq_scratch_is_bounded(slots, tiles, triton_backend, monkeypatch, request):
     """The dQ programs' buffers (a dS tile and a per-distance row each, for the bias gradient) take at
     most _DQ_SCRATCH_BYTES per launch, whatever B * H * L; one buffer per program of the whole
     backward took 4 GiB at t5-11b (B = 32, L = 4096). Squeezed to 3, 7 or 16 programs' worth, the
     backward runs in chunks of query tiles, of heads or of batch elements; dQ, dK and dV are bitwise
-    those of one launch, and the table's gradient adds the same partials in another order."""
+    those of one launch, and the table's gradient adds the same partials in another order. On tiles
+    written in chunks of the head dim (`chunked_tiles`), the launches after the first start at a later
+    query tile (`m_base`) with several programs per tile."""
+    if tiles == "head-chunks":
+        request.getfixturevalue("chunked_tiles")
     case = dict(Lq=70, Lk=70, D=16, causal=False, bidirectional=True, mask=True, q_offset=0, scale=1.0, bias=True)
     leaves, mask = _random_inputs(case)
     grad_out = torch.randn(2, 3, case["Lq"], case["D"], device=DEVICE)
@@ -557,6 +564,17 @@ def test_triton_dropout_mask_is_the_documented_philox_draw_on_every_tile(tile, t
         "q k v bias_table".split(), grads, torch.autograd.grad(expected, ref, grad_out.cpu().double()), strict=True
     ):
         assert_close(g.cpu(), r, rel=2e-5, what=f"dropout grad of {name}")
+
+
+def test_a_tile_chunk_must_split_the_head_dim():
+    """A backward tile's fifth field (`head_chunk`) is the columns one program writes: a power of two
+    that divides BLOCK_D, so that the chunks cover every column once; anything else is refused."""
+    from fastseq.kernels.bucketed_attention.tiles import head_chunk
+
+    assert head_chunk((64, 32, 4, 2), 256) == 256 and head_chunk((64, 32, 4, 2, 64), 256) == 64
+    for chunk in (96, 512, 0):
+        with pytest.raises(ValueError, match="BLOCK_DC must be a power of two"):
+            head_chunk((64, 32, 4, 2, chunk), 256)
 
 
 @pytest.mark.parametrize("case", [dict(DROPOUT_CASE, causal=True, bidirectional=False),
@@ -949,8 +967,13 @@ def test_packed_rows_are_the_examples_unpacked(name):
         assert_close(torch.autograd.grad(packed.sum(), leaves[3])[0], table_grad, rel=1e-12, what="bias table")
 
 
+@pytest.mark.parametrize("tiles", ["interpreter", "head-chunks"])
 @pytest.mark.parametrize("name", PACKED_CASES)
-def test_triton_packed_rows_against_float64(name, triton_backend):
+def test_triton_packed_rows_against_float64(name, tiles, triton_backend, request):
+    """Packed rows against float64, on the interpreter's tiles and on tiles written in chunks of the
+    head dim (`chunked_tiles`: a key tile's span of queries is read by its tile, not its program)."""
+    if tiles == "head-chunks":
+        request.getfixturevalue("chunked_tiles")
     case = PACKED_CASES[name]
     leaves, q_ids, k_ids, kwargs = _packed_inputs(case)
     weights = torch.randn(2, 3, case["L"][0], 16, generator=torch.Generator().manual_seed(1), dtype=torch.float64)

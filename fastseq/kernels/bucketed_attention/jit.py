@@ -26,7 +26,7 @@ def _dot(a, b, PRECISION: tl.constexpr):
 @triton.jit
 def _dot_t(a, b, KEY_MAJOR: tl.constexpr, PRECISION: tl.constexpr):
     """a @ b^T: a tile of scores (q k^T) or of dP (dO v^T). KEY_MAJOR computes it as (b @ a^T)^T, so
-    that the keys are the product's M: a dK/dV tile with 16 query rows and 64 keys (D = 256 on sm_90,
+    that the keys are the product's M: a dK/dV tile with 32 query rows and 64 keys (D = 256 on sm_90,
     `tiles.py`) then runs every product on wgmma, which takes M = 64."""
     if KEY_MAJOR:
         out = tl.trans(_dot(b, tl.trans(a), PRECISION))

@@ -265,8 +265,11 @@ def _bucketed_attention_bwd_dq_kernel(
     pid_m, b, b64, h, bh, m0, offs_m, offs_d, d_ok = _program(m_base, h_base, b_base, H, D, BLOCK_M, BLOCK_D,
                                                               BLOCK_D // BLOCK_DC)
     offs_dc, dc_ok = _head_chunk(D, BLOCK_D, BLOCK_DC)
+    # The first chunk's program alone touches the slot's scratch and partial rows (`diagonals`): a GPU runs
+    # a tile's chunks at once, and another chunk zeroing the scratch while the first sums its diagonals
+    # would corrupt the table's gradient (the interpreter, which runs programs in turn, cannot show it).
     if BLOCK_DC < BLOCK_D:
-        diagonals = tl.program_id(0) % (BLOCK_D // BLOCK_DC) == 0  # this program writes the tables' gradients
+        diagonals = tl.program_id(0) % (BLOCK_D // BLOCK_DC) == 0
     else:
         diagonals = True
     row_ok = offs_m < Lq

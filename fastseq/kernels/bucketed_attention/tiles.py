@@ -76,12 +76,14 @@ def _parse_tiles(text: str) -> Tiles:
 # 64 x 32 (wgmma; was 16 x 16). sm_90's backward at D = 256 writes each tile's gradients in chunks of the
 # head dim (a fifth field, `head_chunk`), every chunk's program computing the tile's scores and dP whole
 # again: with whole rows a 64-row dQ tile spilled 8 to 352 bytes (its 64 x 256 fp32 dQ) and a 64 x 64
-# dK/dV tile 408 to 640 (two 64 x 256 fp32 accumulators), so it stayed on 16-row mma.sync tiles. dQ now
-# takes 64 x 32 with 4 warps in chunks of 64 columns (chunks of 128 spilled 24 to 48 bytes under 3.6 with
-# 4 warps and 16 to 80 under 3.9 with 8); dK/dV takes 16 query rows by 64 keys with 8 warps in chunks of
-# 128, its scores and dP computed key-major so that every product has the keys as wgmma's M (`_dot_t`;
-# query-major, 32 of its 66 products stayed mma.sync, and without chunks it spilled 176 bytes). All 8
-# builds: wgmma only, no spill under 3.6 or 3.9.
+# dK/dV tile 408 to 640 (two 64 x 256 fp32 accumulators), so it stayed on 16-row mma.sync tiles. Both now
+# take 4 warps, 2 stages and chunks of 64 columns: dQ 64 x 32 (128-column chunks spilled 24 to 48 bytes
+# under 3.6, and 64 x 64 tiles 8 to 168), dK/dV 32 query rows by 64 keys, its scores and dP computed
+# key-major so that every product has the keys as wgmma's M (`_dot_t`; query-major, the scores stayed
+# mma.sync). Counting each chunk's recomputation, the t5 builds' key loops run 6.4 (dQ) and 6.1 (dK/dV)
+# warp instructions a score against 6.9 and 5.8 on the 16-row tiles; 16 x 64 dK/dV with 8 warps and
+# 128-column chunks ran 14.1 (its 64 x 16 scores were computed by both warpgroups) and 64 x 64 spilled.
+# All 8 builds: wgmma only, no spill under 3.6 or 3.9.
 # LongT5's dK/dV of the global tokens on sm_80 (D = 32, 64) and sm_86 (D = 32) take one stage: with two, the
 # tile's cheaper masks and bias left those builds 8 bytes of spill under 3.9. Under 3.6 they left five
 # more with 8 to 16 bytes, each mended so: LongT5's dK/dV at D = 256 on sm_80 takes 8 warps; on sm_86
@@ -94,7 +96,7 @@ _TILES: dict[tuple[int, int], Tiles] = {key: _parse_tiles(text) for key, text in
     (90, 32):   "128.32.8.3 128.64.8.3 128.64.8.2 64.64.8.2  128.32.8.2 64.64.8.2",
     (90, 64):   "128.64.8.3 128.64.8.3 64.32.4.2  64.64.8.2  128.32.8.2 64.64.8.2",
     (90, 128):  "128.64.8.2 128.64.8.2 64.32.8.2  128.64.8.1 64.32.4.2  128.64.8.1",
-    (90, 256):  "64.32.8.2  64.32.8.2  64.32.4.2.64 16.64.8.2.128 64.32.4.2.64 16.64.8.2.128",
+    (90, 256):  "64.32.8.2  64.32.8.2  64.32.4.2.64 32.64.4.2.64 64.32.4.2.64 32.64.4.2.64",
     (80, 16):   "128.64.8.3 128.64.8.3 128.64.8.2 64.32.4.2  128.64.8.2 64.32.4.2",
     (80, 32):   "128.64.8.3 128.64.8.3 128.32.8.2 128.32.8.2 128.64.8.2 128.32.8.1",
     (80, 64):   "128.64.8.2 128.32.8.3 64.32.4.2  64.32.4.1  128.32.8.2 64.32.8.1",
@@ -121,7 +123,13 @@ def head_chunk(tile: tuple[int, ...], block_d: int) -> int:
     """BLOCK_DC of a backward tile: the head-dim columns of dQ, or of dK and dV, that one program writes
     (all BLOCK_D unless the tile names fewer; then BLOCK_D // BLOCK_DC programs share each tile, each
     computing the tile's scores and dP whole, `_head_chunk`)."""
-    return tile[4] if len(tile) > 4 else block_d
+    if len(tile) <= 4:
+        return block_d
+    chunk = tile[4]
+    smallest = 1 if interpreting() else 16  # tl.dot's least N on a GPU
+    if not smallest <= chunk <= block_d or chunk & (chunk - 1):
+        raise ValueError(f"attention tile {tile}: BLOCK_DC must be a power of two, {smallest} to BLOCK_D = {block_d}")
+    return chunk
 
 
 def _block_d(D: int) -> int:
