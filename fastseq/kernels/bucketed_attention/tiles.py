@@ -64,15 +64,15 @@ def _parse_tiles(text: str) -> Tiles:
 # sm_86's global one 32 x 32) and one stage at D = 128 (sm_80, sm_86), and sm_90's dQ at D = 256 8 warps:
 # those builds spilled 8 to 16 bytes. Under Triton 3.6 dK/dV spilled 8 bytes at D = 64 (sm_80, 2 stages; 1 does
 # not) and D = 128 (sm_90, 8 warps; 4 do not).
-# sm_90's dK/dV at D = 64 is 64 x 64 with 8 warps: with 32 keys its products over the key tile (dV += P^T dO,
-# dK += dS^T Q) had M = 32 and stayed mma.sync (16 HGMMA and 16 HMMA); at 64 keys all 24 are wgmma, with
-# no spill under Triton 3.6 or 3.9 (the t5 build 254 and 200 registers) and fewer loop instructions per
-# key (t5: 17 against 21). At D = 128 it is 128 x 64 with 8 warps and one stage (was 32 x 32: 64 HMMA, no
-# wgmma): 32 wgmma, no spill under 3.6 or 3.9 (the t5 build 254 and 245 registers), and its key loop 1,131
-# instructions per 128 x 64 tile against 653 per 32 x 32; 64 x 64 spilled there (64 to 696 bytes under 3.9).
-# LongT5's dK/dV at D = 16, 32 and 64 and T5's at D = 32 take 64 x 64 with 8 warps too (all wgmma, no spill
-# under 3.6 or 3.9; at 128 x 32 LongT5's stayed mma.sync), and LongT5's at D = 128 takes T5's 128 x 64 with one
-# stage (was 32 x 32, mma.sync; 250 to 255 registers, no spill under 3.6 or 3.9). LongT5's forward at D = 256 is
+# sm_90's dK/dV, T5's and LongT5's, takes 128 query rows by 64 keys with 8 warps and one stage at D = 16 to
+# 128: with 32 keys its products over the key tile (dV += P^T dO, dK += dS^T Q) had M = 32 and stayed
+# mma.sync; with 64 query rows and 8 warps the two warpgroups both computed the tile's 64 x 64 scores, dP,
+# softmax and dropout (the layout repeats the rows over warps 4 to 7). At D = 64 the t5 build's key loop ran
+# 1.40 warp instructions a score on 64 x 64 and runs 0.66 on 128 x 64 (D = 16: 1.19 to 0.59; D = 32: 1.26
+# to 0.61), all wgmma, no spill under 3.6 or 3.9 (at most 230 registers at D = 64); 64 x 64 with 4 warps
+# ran 0.71 at 253 registers. At D = 128 (was 32 x 32: 64 HMMA) 64 x 64 spilled 64 to 696 bytes under 3.9.
+# sm_90's dQ at D = 128 is 64 x 32 with 4 warps: with 8 warps both warpgroups computed the tile's scores, and
+# its t5 build's key loop ran 2.94 warp instructions a score against 1.28 (no spill under 3.6 or 3.9). LongT5's forward at D = 256 is
 # 64 x 32 (wgmma; was 16 x 16). sm_90's backward at D = 256 writes each tile's gradients in chunks of the
 # head dim (a fifth field, `head_chunk`), every chunk's program computing the tile's scores and dP whole
 # again: with whole rows a 64-row dQ tile spilled 8 to 352 bytes (its 64 x 256 fp32 dQ) and a 64 x 64
@@ -92,10 +92,10 @@ def _parse_tiles(text: str) -> Tiles:
 # fmt: off
 _TILES: dict[tuple[int, int], Tiles] = {key: _parse_tiles(text) for key, text in {
     #           fwd        fwd_global dq         dkdv       dq_global  dkdv_global
-    (90, 16):   "128.32.8.3 128.64.8.3 128.64.8.2 64.64.8.2  128.64.8.2 64.64.8.2",
-    (90, 32):   "128.32.8.3 128.64.8.3 128.64.8.2 64.64.8.2  128.32.8.2 64.64.8.2",
-    (90, 64):   "128.64.8.3 128.64.8.3 64.32.4.2  64.64.8.2  128.32.8.2 64.64.8.2",
-    (90, 128):  "128.64.8.2 128.64.8.2 64.32.8.2  128.64.8.1 64.32.4.2  128.64.8.1",
+    (90, 16):   "128.32.8.3 128.64.8.3 128.64.8.2 128.64.8.1 128.64.8.2 128.64.8.1",
+    (90, 32):   "128.32.8.3 128.64.8.3 128.64.8.2 128.64.8.1 128.32.8.2 128.64.8.1",
+    (90, 64):   "128.64.8.3 128.64.8.3 64.32.4.2  128.64.8.1 128.32.8.2 128.64.8.1",
+    (90, 128):  "128.64.8.2 128.64.8.2 64.32.4.2  128.64.8.1 64.32.4.2  128.64.8.1",
     (90, 256):  "64.32.8.2  64.32.8.2  64.32.4.2.64 32.64.4.2.64 64.32.4.2.64 32.64.4.2.64",
     (80, 16):   "128.64.8.3 128.64.8.3 128.64.8.2 64.32.4.2  128.64.8.2 64.32.4.2",
     (80, 32):   "128.64.8.3 128.64.8.3 128.32.8.2 128.32.8.2 128.64.8.2 128.32.8.1",
