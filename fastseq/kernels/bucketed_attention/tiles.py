@@ -72,18 +72,17 @@ def _parse_tiles(text: str) -> Tiles:
 # to 0.61), all wgmma, no spill under 3.6 or 3.9 (at most 230 registers at D = 64); 64 x 64 with 4 warps
 # ran 0.71 at 253 registers. At D = 128 (was 32 x 32: 64 HMMA) 64 x 64 spilled 64 to 696 bytes under 3.9.
 # sm_90's dQ at D = 128 is 64 x 32 with 4 warps: with 8 warps both warpgroups computed the tile's scores, and
-# its t5 build's key loop ran 2.94 warp instructions a score against 1.28 (no spill under 3.6 or 3.9). LongT5's forward at D = 256 is
-# 64 x 32 (wgmma; was 16 x 16). sm_90's backward at D = 256 writes each tile's gradients in chunks of the
-# head dim (a fifth field, `head_chunk`), every chunk's program computing the tile's scores and dP whole
-# again: with whole rows a 64-row dQ tile spilled 8 to 352 bytes (its 64 x 256 fp32 dQ) and a 64 x 64
-# dK/dV tile 408 to 640 (two 64 x 256 fp32 accumulators), so it stayed on 16-row mma.sync tiles. Both now
-# take 4 warps, 2 stages and chunks of 64 columns: dQ 64 x 32 (128-column chunks spilled 24 to 48 bytes
-# under 3.6, and 64 x 64 tiles 8 to 168), dK/dV 32 query rows by 64 keys, its scores and dP computed
-# key-major so that every product has the keys as wgmma's M (`_dot_t`; query-major, the scores stayed
-# mma.sync). Counting each chunk's recomputation, the t5 builds' key loops run 6.4 (dQ) and 6.1 (dK/dV)
-# warp instructions a score against 6.9 and 5.8 on the 16-row tiles; 16 x 64 dK/dV with 8 warps and
-# 128-column chunks ran 14.1 (its 64 x 16 scores were computed by both warpgroups) and 64 x 64 spilled.
-# All 8 builds: wgmma only, no spill under 3.6 or 3.9.
+# its t5 build's key loop ran 2.94 warp instructions a score against 1.28 (no spill under 3.6 or 3.9).
+# LongT5's forward at D = 256 is 64 x 32 (wgmma; was 16 x 16). sm_90's backward at D = 256 writes each tile's gradients
+# in chunks of the head dim (a fifth field, `head_chunk`), every chunk's program computing the tile's scores and dP
+# whole again: with whole rows a 64-row dQ tile spilled 8 to 352 bytes (its 64 x 256 fp32 dQ) and a 64 x 64 dK/dV tile
+# 408 to 640 (two 64 x 256 fp32 accumulators), so it stayed on 16-row mma.sync tiles. Both now take 4 warps, 2 stages
+# and chunks of 64 columns: dQ 64 x 32 (128-column chunks spilled 24 to 48 bytes under 3.6, and 64 x 64 tiles 8 to 168),
+# dK/dV 32 query rows by 64 keys, its scores and dP computed key-major so that every product has the keys as wgmma's M
+# (`_dot_t`; query-major, the scores stayed mma.sync). Counting each chunk's recomputation, the t5 builds' key loops run
+# 6.4 (dQ) and 6.1 (dK/dV) warp instructions a score against 6.9 and 5.8 on the 16-row tiles; 16 x 64 dK/dV with 8 warps
+# and 128-column chunks ran 14.1 (its 64 x 16 scores were computed by both warpgroups) and 64 x 64 spilled. All 8
+# builds: wgmma only, no spill under 3.6 or 3.9.
 # LongT5's dK/dV of the global tokens on sm_80 (D = 32, 64) and sm_86 (D = 32) take one stage: with two, the
 # tile's cheaper masks and bias left those builds 8 bytes of spill under 3.9. Under 3.6 they left five
 # more with 8 to 16 bytes, each mended so: LongT5's dK/dV at D = 256 on sm_80 takes 8 warps; on sm_86
