@@ -583,6 +583,46 @@ def test_a_tile_chunk_must_split_the_head_dim():
             head_chunk((64, 32, 4, 2, chunk), 256)
 
 
+def test_every_launch_names_only_its_kernels_parameters():
+    """On a GPU Triton refuses a keyword that is none of a kernel's parameters or launch options; the
+    interpreter passes over it. Every plan's meta-parameters, T5's and LongT5's, name their kernel's."""
+    from fastseq.kernels.bucketed_attention import kernels
+
+    names = {"num_warps", "num_stages"}
+    cpu = torch.device("cpu")
+    for G, row, grow in ((0, 17, 0), (4, 17, 9)):
+        plan = launch._backward_plan(2, 3, 40, 64, torch.bfloat16, cpu, launch._tile_source(), G, 16, row, grow,
+                                     (True, True, G > 0, True, G == 0), launch._DQ_SCRATCH_BYTES)  # fmt: skip
+        for meta, kernel in ((plan.preprocess, kernels._bucketed_attention_bwd_preprocess_kernel),
+                             (plan.dkdv, kernels._bucketed_attention_bwd_dkdv_kernel),
+                             (plan.dkdv_global, kernels._bucketed_attention_bwd_dkdv_kernel),
+                             (plan.dq, kernels._bucketed_attention_bwd_dq_kernel),
+                             (plan.dq_global, kernels._bucketed_attention_bwd_dq_kernel)):  # fmt: skip
+            assert set(meta) <= set(kernel.arg_names) | names, set(meta) - set(kernel.arg_names)
+        *_, meta = launch._forward_plan(2, 3, 40, 64, torch.bfloat16, cpu, launch._tile_source(), G, 16,
+                                        (True, True, True, G > 0, G == 0, G > 0, True))  # fmt: skip
+        assert set(meta) <= set(kernels._bucketed_attention_fwd_kernel.arg_names) | names
+
+
+def test_triton_backward_is_bitwise_the_same_with_its_products_apart(triton_backend, monkeypatch):
+    """Below Hopper dK/dV's products run under a branch that every program takes (`_accumulate`, APART, so
+    that Triton lays them out apart from the scores): the gradients are bitwise those of the products in
+    the key loop itself, with bias, padding, causality and dropout."""
+    case = dict(DROPOUT_CASE, causal=True, bidirectional=False)
+    leaves, mask = _random_inputs(case)
+    grad_out = torch.randn(2, 3, case["Lq"], case["D"], device=DEVICE)
+    runs, asked = [], []
+    for apart in (False, True):
+        launch._backward_plan.cache_clear()
+        monkeypatch.setattr(launch, "apart", lambda arch, tile, apart=apart: asked.append(apart) or apart)
+        torch.manual_seed(7)
+        runs.append(_run(leaves, mask, case, grad_out, dropout_p=0.25)[1])
+    launch._backward_plan.cache_clear()
+    assert asked == [False, True]  # each backward's plan read the flag
+    for name, plain, apart in zip("q k v bias_table".split(), *runs, strict=True):
+        assert torch.equal(plain, apart), name
+
+
 @pytest.mark.parametrize("case", [dict(DROPOUT_CASE, causal=True, bidirectional=False),
                                   dict(MASK_CASE, causal=True, bidirectional=False, q_offset=3)],
                          ids=["causal-D16", "causal-offset-D48"])  # fmt: skip

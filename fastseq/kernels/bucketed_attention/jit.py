@@ -495,6 +495,24 @@ def _global_tile(q, GK_bh, GV_bh, GDT_h, g0, G, cap, pos_lo, pos_hi, shift, CG, 
 
 
 @triton.jit
+def _accumulate(acc, a, b, live, APART: tl.constexpr, PRECISION: tl.constexpr):
+    """acc + a @ b. With APART the product runs under `if live`, a condition true wherever it runs (a tile
+    index below its bound), so that it sits in a region of its own. On mma.sync (sm_80, sm_86) Triton
+    gives the products that share an operand or a result (a chain) the warp layout of the first one it
+    converts, the loop's last, here this one: a dK/dV product of 32 keys by 64 or 128 head-dim columns
+    spread the warps over its columns, and with them the scores' over the keys, so that no thread held
+    the 16 elements of its Philox call (`_dropout_keep`) and the mask went through shared memory, 12
+    barriers more in the key loop (the static report). Apart, the scores keep a warp per 16 query rows
+    and the product takes its own layout; its operand comes through shared memory, as it did."""
+    if APART:
+        if live:
+            acc += _dot(a, b, PRECISION)
+    else:
+        acc += _dot(a, b, PRECISION)
+    return acc
+
+
+@triton.jit
 def _grad_scores(s, lse, delta, do, v, seed, bh, m0, k0, Lq, dropout_p, DROPOUT: tl.constexpr,
                  PRECISION: tl.constexpr, KEY_MAJOR: tl.constexpr = False):  # fmt: skip
     """The backward of one tile of scores: Z, P (rows without keys have lse = +inf: P = 0) as the

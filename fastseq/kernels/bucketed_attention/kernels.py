@@ -8,6 +8,7 @@ import triton
 import triton.language as tl
 
 from .jit import (
+    _accumulate,
     _bias_grad_tile,
     _bias_grad_zeros,
     _dot,
@@ -145,6 +146,7 @@ def _bucketed_attention_bwd_dkdv_kernel(
     GBS: tl.constexpr,  # global block size: query i sits at global position min(i // GBS, cap)
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_DC: tl.constexpr,  # the head-dim columns of dK and dV a program writes (`_head_chunk`)
+    APART: tl.constexpr,  # dK and dV's products in a layout of their own (`_accumulate`)
 ):
     """dK and dV of one key tile, or of a chunk of its head dim (`_head_chunk`). A tile with fewer query
     rows than keys computes its scores and dP key-major (`_dot_t`)."""
@@ -210,8 +212,8 @@ def _bucketed_attention_bwd_dkdv_kernel(
             chunk_mask = row_ok[:, None] & dc_ok[None, :]
             q = tl.load(Q_bh + offs_m[:, None] * stride_qm + offs_dc[None, :], mask=chunk_mask, other=0.0)
             do = tl.load(DO_bh + offs_m[:, None] * stride_dom + offs_dc[None, :], mask=chunk_mask, other=0.0)
-        dv += _dot(tl.trans(z.to(do.dtype)), do, PRECISION)
-        dk += _dot(tl.trans(ds.to(q.dtype)), q, PRECISION)
+        dv = _accumulate(dv, tl.trans(z.to(do.dtype)), do, n0 < Lk, APART, PRECISION)
+        dk = _accumulate(dk, tl.trans(ds.to(q.dtype)), q, n0 < Lk, APART, PRECISION)
     dk = dk * scale
     if DROPOUT:
         dv = dv * (1.0 / (1.0 - dropout_p))  # the kept entries' 1 / (1 - p) (`_grad_scores`)

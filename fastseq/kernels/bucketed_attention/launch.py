@@ -20,7 +20,7 @@ from .kernels import (
     _bucketed_attention_fwd_kernel,
 )
 from .reference import relative_position_bucket
-from .tiles import _block_d, _fwd_config, _precision, _skew, _tiles, head_chunk
+from .tiles import _arch, _block_d, _fwd_config, _precision, _skew, _tiles, apart, head_chunk
 
 _LOG2E = 1.4426950408889634
 
@@ -489,9 +489,10 @@ def _backward_plan(
         bm, bn, warps, stages = tile[:4]
         return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_DC=head_chunk(tile, block_d), num_warps=warps, num_stages=stages)
 
-    dkdv = dict(common, HAS_BIAS=has_bias, GLOBAL_KEYS=False, **options(dkdv_tile))
+    keys_apart = apart(None if interpreting() else _arch(device), dkdv_tile)
+    dkdv = dict(common, HAS_BIAS=has_bias, GLOBAL_KEYS=False, APART=keys_apart, **options(dkdv_tile))
     dkdv_global = dict(common, HAS_BIAS=has_gbias, GLOBAL_KEYS=True, HAS_KPM=False, CAUSAL=False, WINDOWED=False,
-                       HAS_SEG=False, **options(dkdv_tile))  # fmt: skip
+                       HAS_SEG=False, APART=keys_apart, **options(dkdv_tile))  # fmt: skip
     dq = dict(common, HAS_BIAS=has_bias, HAS_GBIAS=has_gbias, SKEW=_skew(block_m, block_n), **options(dq_tile))
     # Each dQ program has a slot: a dS tile for the bias gradient's diagonal sums (it stays in L2), a
     # row of per-distance partials per table and, with global tokens (two launches: the ordinary keys

@@ -50,20 +50,30 @@ def _parse_tiles(text: str) -> Tiles:
 # spilled; so did the dQ tile at D = 128 (sm_80 and sm_86), where packed rows' segment ids took the
 # 4-warp builds past 255 registers (8 to 104 spill bytes under Triton 3.6 and 3.9), and sm_86's forward
 # at D = 256 with 8 warps (8 bytes, packed; 4 warps spill none).
-# sm_90's forward at D = 128 is 128 x 64 with 2 stages (236 to 255 registers, no spill under 3.6 or
-# 3.9; 128 x 32 gave wgmma N = 32). sm_80's backward at D = 64 takes 64 x 32 tiles with 4 warps (dQ 2 stages,
-# dK/dV 1): per score, the t5 builds' key loops run 1.22 (dQ) and 1.44 (dK/dV) warp instructions against
-# 1.98 and 2.30 on the 8-warp 32 x 64 and 64 x 32 tiles, with no spill under 3.6 or 3.9 (dQ 255 and 253
-# registers). sm_80's forward at D = 128 is 128 x 32 with 8 warps (was 64 x 32): the bias build then holds
-# as many CTAs per SM as the plain one (200 and 196 registers under 3.6; 64 x 32 took 173 against 128, one
-# CTA against two), and its key loop runs 0.77 warp instructions a score against 2.0. At D = 64 it is
-# 128 x 64 with 2 stages (was 128 x 32 with 3): under Triton 3.6 the bias build took 139 registers there
-# against the plain build's 127 (one CTA per SM against two); at 128 x 64 both hold one, and the plain key
-# loop runs 0.44 warp instructions a score against 0.50 (under 3.6).
-# With dropout drawn per 16 elements, dK/dV took smaller tiles at D = 16 (sm_80: 64 x 32, 4 warps;
-# sm_86's global one 32 x 32) and one stage at D = 128 (sm_80, sm_86), and sm_90's dQ at D = 256 8 warps:
-# those builds spilled 8 to 16 bytes. Under Triton 3.6 dK/dV spilled 8 bytes at D = 64 (sm_80, 2 stages; 1 does
-# not) and D = 128 (sm_90, 8 warps; 4 do not).
+# sm_90's forward at D = 128 is 128 x 64 with 2 stages (236 to 255 registers, no spill under 3.6 or 3.9; 128 x 32 gave
+# wgmma N = 32). sm_80's backward at D = 64 takes 64 x 32 tiles with 4 warps and 2 stages: per score, the t5 builds' key
+# loops ran 1.22 (dQ) and 1.44 (dK/dV) warp instructions against 1.98 and 2.30 on the 8-warp 32 x 64 and 64 x 32 tiles,
+# with no spill under 3.6 or 3.9 (dQ 255 registers); for dK/dV's since, see below the mma.sync layouts. sm_80's forward
+# at D = 128 is 128 x 32 with 8 warps (was 64 x 32): the bias build then holds as many CTAs per SM as the plain one (200
+# and 196 registers under 3.6; 64 x 32 took 173 against 128, one CTA against two), and its key loop runs 0.77 warp
+# instructions a score against 2.0. At D = 64 it is 128 x 64 with 2 stages (was 128 x 32 with 3): under Triton 3.6 the
+# bias build took 139 registers there against the plain build's 127 (one CTA per SM against two); at 128 x 64 both hold
+# one, and the plain key loop runs 0.44 warp instructions a score against 0.50 (under 3.6).
+# With dropout drawn per 16 elements, dK/dV took smaller tiles at D = 16 (sm_80: 64 x 32, 4 warps) and one
+# stage at D = 128 (sm_80, sm_86), and sm_90's dQ at D = 256 8 warps: those builds spilled 8 to 16 bytes.
+# Below Hopper (mma.sync) a tile's scores need a warp per 16 query rows, each holding all of the tile's keys: a Philox
+# call's 16 elements are then the ones one thread holds (`_dropout_keep`). Triton gives products that share an operand
+# the warps of the first it converts, the loop's last: dK/dV's products, of 32 keys by 64 or 128 head-dim columns,
+# spread the warps over their columns and the scores' over the keys, and the mask went through shared memory (17
+# barriers in the t5 builds' key loop against 5, at D = 64 and 128; so did sm_86's forward at D = 128 on 64 x 32: 23
+# against 2). dK/dV's products now run apart (`_accumulate`, `apart`: below Hopper, on a tile with 16 query rows a
+# warp), on 64 query rows by 32 keys with 4 warps: 2 stages at D = 64 (1 before: with 2 it spilled 8 bytes under 3.6
+# then), 1 at D = 128 (was 32 x 32 on 8 warps; 2 stages spilled 24 to 48 bytes), T5's and LongT5's on sm_80 and sm_86.
+# Per score, the t5 build's key loop on sm_80 runs 1.15 warp instructions against 1.44 at D = 64 and 1.92 against 3.51
+# at D = 128, with no spill under 3.6 or 3.9. sm_86's forward at D = 128 takes 128 x 32 with 8 warps, as sm_80's: its
+# t5 key loop runs 1.09 against 2.88. dQ at D = 128 below Hopper stays 32 x 64 on 8 warps, its mask through shared
+# memory (21 barriers against 9 for the bias build): 64- and 128-row tiles, apart or not, spilled 8 to 120 bytes under
+# 3.6 or 3.9.
 # sm_90's dK/dV, T5's and LongT5's, takes 128 query rows by 64 keys with 8 warps and one stage at D = 16 to
 # 128: with 32 keys its products over the key tile (dV += P^T dO, dK += dS^T Q) had M = 32 and stayed
 # mma.sync; with 64 query rows and 8 warps the two warpgroups both computed the tile's 64 x 64 scores, dP,
@@ -83,11 +93,11 @@ def _parse_tiles(text: str) -> Tiles:
 # 6.4 (dQ) and 6.1 (dK/dV) warp instructions a score against 6.9 and 5.8 on the 16-row tiles; 16 x 64 dK/dV with 8 warps
 # and 128-column chunks ran 14.1 (its 64 x 16 scores were computed by both warpgroups) and 64 x 64 spilled. All 8
 # builds: wgmma only, no spill under 3.6 or 3.9.
-# LongT5's dK/dV of the global tokens on sm_80 (D = 32, 64) and sm_86 (D = 32) take one stage: with two, the
-# tile's cheaper masks and bias left those builds 8 bytes of spill under 3.9. Under 3.6 they left five
-# more with 8 to 16 bytes, each mended so: LongT5's dK/dV at D = 256 on sm_80 takes 8 warps; on sm_86
-# T5's dK/dV at D = 64 takes one stage, LongT5's dQ at D = 32 128 x 32 tiles and its dK/dV at D = 128 two
-# stages; and a 16-row decoding tile at most two stages (`_short_tile`).
+# LongT5's dK/dV of the global tokens on sm_80 (D = 32) and sm_86 (D = 32) take one stage: with two, the
+# tile's cheaper masks and bias left those builds 8 bytes of spill under 3.9 (at D = 64 on sm_80 one stage
+# spills 8 bytes since its products run apart, and two none). Under 3.6 they left more with 8 to 16 bytes,
+# each mended so: LongT5's dK/dV at D = 256 on sm_80 takes 8 warps; on sm_86 LongT5's dQ at D = 32 128 x 32
+# tiles; and a 16-row decoding tile at most two stages (`_short_tile`).
 # fmt: off
 _TILES: dict[tuple[int, int], Tiles] = {key: _parse_tiles(text) for key, text in {
     #           fwd        fwd_global dq         dkdv       dq_global  dkdv_global
@@ -98,13 +108,13 @@ _TILES: dict[tuple[int, int], Tiles] = {key: _parse_tiles(text) for key, text in
     (90, 256):  "64.32.8.2  64.32.8.2  64.32.4.2.64 32.64.4.2.64 64.32.4.2.64 32.64.4.2.64",
     (80, 16):   "128.64.8.3 128.64.8.3 128.64.8.2 64.32.4.2  128.64.8.2 64.32.4.2",
     (80, 32):   "128.64.8.3 128.64.8.3 128.32.8.2 128.32.8.2 128.64.8.2 128.32.8.1",
-    (80, 64):   "128.64.8.2 128.32.8.3 64.32.4.2  64.32.4.1  128.32.8.2 64.32.8.1",
-    (80, 128):  "128.32.8.2 128.32.8.3 32.64.8.2  32.32.8.1  32.64.8.2  32.32.4.2",
+    (80, 64):   "128.64.8.2 128.32.8.3 64.32.4.2  64.32.4.2  128.32.8.2 64.32.4.2",
+    (80, 128):  "128.32.8.2 128.32.8.3 32.64.8.2  64.32.4.1  32.64.8.2  64.32.4.1",
     (80, 256):  "32.32.8.2  64.32.8.2  16.16.4.1  16.16.4.1  16.16.4.1  16.16.8.1",
-    (86, 16):   "128.64.8.3 128.64.8.3 128.32.8.2 128.64.8.2 128.64.8.2 32.32.8.1",
+    (86, 16):   "128.64.8.3 128.64.8.3 128.32.8.2 128.64.8.2 128.64.8.2 64.32.4.1",
     (86, 32):   "128.64.8.3 128.64.8.3 128.32.8.2 128.32.8.2 128.32.8.2 128.32.8.1",
-    (86, 64):   "128.32.8.3 128.32.8.3 64.32.4.2  64.32.8.1  128.32.8.2 64.32.4.2",
-    (86, 128):  "64.32.8.2  64.32.4.3  32.64.8.2  32.32.8.1  32.64.8.2  32.32.8.2",
+    (86, 64):   "128.32.8.3 128.32.8.3 64.32.4.2  64.32.4.2  128.32.8.2 64.32.4.2",
+    (86, 128):  "128.32.8.2 128.32.8.2 32.64.8.2  64.32.4.1  32.64.8.2  64.32.4.1",
     (86, 256):  "32.32.4.2  64.32.8.2  16.32.4.1  16.16.4.1  16.32.4.1  16.16.4.1",
 }.items()}
 # fmt: on
@@ -145,6 +155,15 @@ def _tiles(D: int, dtype: torch.dtype, device: torch.device) -> Tiles:
     if interpreting():
         return Tiles(*[_INTERPRET_TILE] * len(Tiles._fields))
     return _TILES[(_arch(device), _block_d(D))]
+
+
+def apart(arch: int | None, tile: tuple[int, ...]) -> bool:
+    """dK/dV's APART (`_accumulate`) on a tile of config family `arch`: below Hopper (mma.sync), where the
+    tile has 16 query rows for each warp (fewer rows cannot give every warp its own); always under the
+    interpreter (`arch` None), where it changes no result but is run."""
+    if arch is None:
+        return True
+    return arch != 90 and tile[0] >= 16 * tile[2]
 
 
 def _fwd_config(
@@ -207,7 +226,9 @@ PRICES = [
     # under Triton 3.6 (1.50x on sm_90): the Philox rounds alone are about a fifth of the plain loop.
     ("fwd-t5", "fwd-none", 1.5, 1.7),
     ("dq-bias-pad+dkdv-bias-pad", "dq-none+dkdv-none", 1.5, 1.5),  # the backward with the table's gradient
-    ("dq-t5+dkdv-t5", "dq-none+dkdv-none", 2.0, 2.3),
+    # The dropout mask is drawn again in dQ and in dK/dV. Dearest on sm_80: its dQ at D = 128 takes the mask
+    # through shared memory (the tiles' notes above), 1.81x and 2.14x under Triton 3.6 and 3.9.
+    ("dq-t5+dkdv-t5", "dq-none+dkdv-none", 1.9, 2.2),
     ("fwd_global-local-global", "fwd_global-none", 2.1, 1.75),  # LongT5 local + transient-global
     ("fwd_global-longt5", "fwd_global-none", 2.5, 2.15),
     # Packed rows (segment ids and the tile bounds of their spans) against a padding mask, T5's
@@ -220,7 +241,14 @@ PRICES = [
 ]
 # (build, baseline): no more barriers in the dearest key loop than the baseline's. The bias reaches
 # the scores in their own layout, with no shared-memory round trip (`_gather`).
-BARRIER_BOUNDS = [("fwd-bias-pad", "fwd-none"), ("fwd_global-local-global", "fwd_global-none")]
+# Dropout's mask reaches each score in the thread that holds it, with no shared memory: in the forward and
+# in dK/dV (`_dropout_keep`, `_accumulate`).
+BARRIER_BOUNDS = [
+    ("fwd-bias-pad", "fwd-none"),
+    ("fwd_global-local-global", "fwd_global-none"),
+    ("fwd-t5", "fwd-none"),
+    ("dkdv-t5", "dkdv-bias-pad"),
+]
 # (build, baseline): as many CTAs per SM as the baseline (`_compile.ctas_per_sm`: registers and shared
 # memory), so that the bias costs no occupancy.
 OCCUPANCY_BOUNDS = [("fwd-bias-pad", "fwd-none")]
@@ -276,6 +304,7 @@ def compile_specs() -> list:
                     PARTIAL_OUT=False,
                     GLOBAL_KEYS=False,
                     BLOCK_DC=head_chunk(tile, block_d),
+                    APART=apart(arch, tile),
                 )
                 ce.update(extra)
                 ce = {n: v for n, v in ce.items() if n in kernel.arg_names}
