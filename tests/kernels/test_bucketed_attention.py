@@ -588,39 +588,78 @@ def test_every_launch_names_only_its_kernels_parameters():
     interpreter passes over it. Every plan's meta-parameters, T5's and LongT5's, name their kernel's."""
     from fastseq.kernels.bucketed_attention import kernels
 
-    names = {"num_warps", "num_stages"}
-    cpu = torch.device("cpu")
+    options = {"num_warps", "num_stages"}
+    device = torch.device(DEVICE)
+
+    def unknown(meta, kernel):
+        return set(meta) - set(kernel.arg_names) - options
+
     for G, row, grow in ((0, 17, 0), (4, 17, 9)):
-        plan = launch._backward_plan(2, 3, 40, 64, torch.bfloat16, cpu, launch._tile_source(), G, 16, row, grow,
+        plan = launch._backward_plan(2, 3, 40, 64, torch.bfloat16, device, launch._tile_source(), G, 16, row, grow,
                                      (True, True, G > 0, True, G == 0), launch._DQ_SCRATCH_BYTES)  # fmt: skip
         for meta, kernel in ((plan.preprocess, kernels._bucketed_attention_bwd_preprocess_kernel),
                              (plan.dkdv, kernels._bucketed_attention_bwd_dkdv_kernel),
                              (plan.dkdv_global, kernels._bucketed_attention_bwd_dkdv_kernel),
                              (plan.dq, kernels._bucketed_attention_bwd_dq_kernel),
                              (plan.dq_global, kernels._bucketed_attention_bwd_dq_kernel)):  # fmt: skip
-            assert set(meta) <= set(kernel.arg_names) | names, set(meta) - set(kernel.arg_names)
-        *_, meta = launch._forward_plan(2, 3, 40, 64, torch.bfloat16, cpu, launch._tile_source(), G, 16,
+            assert not unknown(meta, kernel), unknown(meta, kernel)
+        *_, meta = launch._forward_plan(2, 3, 40, 64, torch.bfloat16, device, launch._tile_source(), G, 16,
                                         (True, True, True, G > 0, G == 0, G > 0, True))  # fmt: skip
-        assert set(meta) <= set(kernels._bucketed_attention_fwd_kernel.arg_names) | names
+        assert not unknown(meta, kernels._bucketed_attention_fwd_kernel)
 
 
-def test_triton_backward_is_bitwise_the_same_with_its_products_apart(triton_backend, monkeypatch):
+def _t5_gradients():
+    case = dict(MASK_CASE, causal=True, bidirectional=False)  # 48 keys: three of the interpreter's key tiles
+    leaves, mask = _random_inputs(case)
+    torch.manual_seed(7)
+    grad_out = torch.randn(2, 3, case["Lq"], case["D"], device=DEVICE)
+    return _run(leaves, mask, case, grad_out, dropout_p=0.25)[1]
+
+
+def _longt5_gradients():
+    from fastseq.kernels import local_attention
+
+    g = torch.Generator().manual_seed(3)
+    B, H, L, D, gbs = 2, 3, 40, 16, 4
+    tensors = [torch.randn(B, H, L, D, generator=g) for _ in range(3)] + [torch.randn(B, H, L // gbs, D, generator=g)
+                                                                          for _ in range(2)]  # fmt: skip
+    tables = [torch.randn(8, H, generator=g) for _ in range(2)]
+    leaves = [t.to(DEVICE).requires_grad_() for t in tensors + tables]
+    mask = torch.ones(B, L, dtype=torch.long, device=DEVICE)
+    mask[1, -5:] = 0
+    torch.manual_seed(7)
+    globals_ = dict(global_k=leaves[3], global_v=leaves[4], global_bias_table=leaves[6], global_block_size=gbs)
+    out = local_attention(*leaves[:3], leaves[5], radius=15, max_distance=12, key_padding_mask=mask, dropout_p=0.25,
+                          **globals_)  # fmt: skip
+    return torch.autograd.grad(out, leaves, torch.randn_like(out))
+
+
+@pytest.mark.parametrize("gradients,launches", [(_t5_gradients, 1), (_longt5_gradients, 2)], ids=["t5", "longt5"])
+def test_triton_backward_is_bitwise_the_same_with_its_products_apart(gradients, launches, triton_backend, monkeypatch):
     """Below Hopper dK/dV's products run under a branch that every program takes (`_accumulate`, APART, so
     that Triton lays them out apart from the scores): the gradients are bitwise those of the products in
-    the key loop itself, with bias, padding, causality and dropout."""
-    case = dict(DROPOUT_CASE, causal=True, bidirectional=False)
-    leaves, mask = _random_inputs(case)
-    grad_out = torch.randn(2, 3, case["Lq"], case["D"], device=DEVICE)
-    runs, asked = [], []
+    the key loop itself, with bias, padding, causality (T5) or LongT5's window and global tokens, dropout,
+    several key tiles; and each dK/dV launch, of the ordinary keys and of the global tokens, gets the flag."""
+    real, seen = launch._bucketed_attention_bwd_dkdv_kernel, []
+
+    class Spy:  # the dK/dV kernel, recording the APART of each launch
+        def __getitem__(self, grid):
+            def launch_(*args, **meta):
+                seen.append(meta["APART"])
+                return real[grid](*args, **meta)
+
+            return launch_
+
+    monkeypatch.setattr(launch, "_bucketed_attention_bwd_dkdv_kernel", Spy())
+    runs = []
     for apart in (False, True):
         launch._backward_plan.cache_clear()
-        monkeypatch.setattr(launch, "apart", lambda arch, tile, apart=apart: asked.append(apart) or apart)
-        torch.manual_seed(7)
-        runs.append(_run(leaves, mask, case, grad_out, dropout_p=0.25)[1])
+        monkeypatch.setattr(launch, "apart", lambda arch, tile, apart=apart: apart)
+        runs.append(gradients())
     launch._backward_plan.cache_clear()
-    assert asked == [False, True]  # each backward's plan read the flag
-    for name, plain, apart in zip("q k v bias_table".split(), *runs, strict=True):
-        assert torch.equal(plain, apart), name
+    assert seen == [False] * launches + [True] * launches
+    for i, (plain, apart) in enumerate(zip(*runs, strict=True)):
+        assert torch.equal(plain, apart), i
 
 
 @pytest.mark.parametrize("case", [dict(DROPOUT_CASE, causal=True, bidirectional=False),

@@ -61,19 +61,18 @@ def _parse_tiles(text: str) -> Tiles:
 # one, and the plain key loop runs 0.44 warp instructions a score against 0.50 (under 3.6).
 # With dropout drawn per 16 elements, dK/dV took smaller tiles at D = 16 (sm_80: 64 x 32, 4 warps) and one
 # stage at D = 128 (sm_80, sm_86), and sm_90's dQ at D = 256 8 warps: those builds spilled 8 to 16 bytes.
-# Below Hopper (mma.sync) a tile's scores need a warp per 16 query rows, each holding all of the tile's keys: a Philox
-# call's 16 elements are then the ones one thread holds (`_dropout_keep`). Triton gives products that share an operand
-# the warps of the first it converts, the loop's last: dK/dV's products, of 32 keys by 64 or 128 head-dim columns,
-# spread the warps over their columns and the scores' over the keys, and the mask went through shared memory (17
-# barriers in the t5 builds' key loop against 5, at D = 64 and 128; so did sm_86's forward at D = 128 on 64 x 32: 23
-# against 2). dK/dV's products now run apart (`_accumulate`, `apart`: below Hopper, on a tile with 16 query rows a
-# warp), on 64 query rows by 32 keys with 4 warps: 2 stages at D = 64 (1 before: with 2 it spilled 8 bytes under 3.6
-# then), 1 at D = 128 (was 32 x 32 on 8 warps; 2 stages spilled 24 to 48 bytes), T5's and LongT5's on sm_80 and sm_86.
-# Per score, the t5 build's key loop on sm_80 runs 1.15 warp instructions against 1.44 at D = 64 and 1.92 against 3.51
-# at D = 128, with no spill under 3.6 or 3.9. sm_86's forward at D = 128 takes 128 x 32 with 8 warps, as sm_80's: its
-# t5 key loop runs 1.09 against 2.88. dQ at D = 128 below Hopper stays 32 x 64 on 8 warps, its mask through shared
-# memory (21 barriers against 9 for the bias build): 64- and 128-row tiles, apart or not, spilled 8 to 120 bytes under
-# 3.6 or 3.9.
+# Below Hopper (mma.sync) dK/dV's products set the layout of the tile's scores, and the dropout mask went through
+# shared memory (`_accumulate`): 17 barriers in the t5 builds' key loop against the bias build's 5, at D = 64 and 128;
+# likewise sm_86's forward at D = 128 on 64 x 32, 23 against 2. With the products apart (`apart`: below Hopper, on
+# tiles with 16 query rows a warp), dK/dV, T5's and LongT5's, takes 64 query rows by 32 keys on 4 warps: at D = 64
+# with 2 stages (T5's took 1 stage, as 2 spilled 8 bytes under 3.6 then, and LongT5's on sm_80 8 warps; 2 spill none
+# now), at D = 128 with 1 (was 32 x 32, T5's on 8 warps; 2 stages spilled 24 to 48 bytes); so does LongT5's global one
+# at D = 16 on sm_86 (was 32 x 32 on 8 warps), with 1 stage. Per score, the t5 build's key loop on sm_80 runs 1.15
+# warp instructions against 1.44 at D = 64 and 1.92 against 3.51 at D = 128, with no spill under 3.6 or 3.9. sm_86's
+# forward at D = 128, T5's and LongT5's, takes 128 x 32 with 8 warps and 2 stages: per score its t5 key loop runs 1.09
+# against 2.88, LongT5's 1.31 against 1.94. dQ at D = 128 below Hopper stays 32 x 64 on 8 warps, its mask through
+# shared memory (21 barriers against 9 for the bias build): 64- and 128-row tiles, apart or not, spilled 8 to 120
+# bytes under 3.6 or 3.9, and 128 x 16 ran as many instructions a score.
 # sm_90's dK/dV, T5's and LongT5's, takes 128 query rows by 64 keys with 8 warps and one stage at D = 16 to
 # 128: with 32 keys its products over the key tile (dV += P^T dO, dK += dS^T Q) had M = 32 and stayed
 # mma.sync; with 64 query rows and 8 warps the two warpgroups both computed the tile's 64 x 64 scores, dP,
@@ -226,8 +225,9 @@ PRICES = [
     # under Triton 3.6 (1.50x on sm_90): the Philox rounds alone are about a fifth of the plain loop.
     ("fwd-t5", "fwd-none", 1.5, 1.7),
     ("dq-bias-pad+dkdv-bias-pad", "dq-none+dkdv-none", 1.5, 1.5),  # the backward with the table's gradient
-    # The dropout mask is drawn again in dQ and in dK/dV. Dearest on sm_80: its dQ at D = 128 takes the mask
-    # through shared memory (the tiles' notes above), 1.81x and 2.14x under Triton 3.6 and 3.9.
+    # The dropout mask is drawn again in dQ and in dK/dV. Dearest on sm_80, where dQ at D = 128 takes the mask
+    # through shared memory (the tiles' notes above): the whole backward 1.78x (D = 64, Triton 3.9) and 1.81x
+    # (D = 128, 3.6), its key loops 2.14x (D = 128, 3.9) and 2.13x (3.6).
     ("dq-t5+dkdv-t5", "dq-none+dkdv-none", 1.9, 2.2),
     ("fwd_global-local-global", "fwd_global-none", 2.1, 1.75),  # LongT5 local + transient-global
     ("fwd_global-longt5", "fwd_global-none", 2.5, 2.15),
