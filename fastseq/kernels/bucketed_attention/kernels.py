@@ -150,6 +150,7 @@ def _bucketed_attention_bwd_dkdv_kernel(
 ):
     """dK and dV of one key tile, or of a chunk of its head dim (`_head_chunk`). A tile with fewer query
     rows than keys computes its scores and dP key-major (`_dot_t`)."""
+    KEY_MAJOR: tl.constexpr = BLOCK_M < BLOCK_N
     pid_n, b, b64, h, bh, n0, offs_n, offs_d, d_ok = _program(0, 0, 0, H, D, BLOCK_N, BLOCK_D, BLOCK_D // BLOCK_DC)
     offs_dc, dc_ok = _head_chunk(D, BLOCK_D, BLOCK_DC)
     kv_mask = (offs_n < Lk)[:, None] & d_ok[None, :]
@@ -198,16 +199,16 @@ def _bucketed_attention_bwd_dkdv_kernel(
         if GLOBAL_KEYS:
             pos_lo, pos_hi, shift = _global_rows(offs_m, m0, Lq, cap, GBS, BLOCK_M)
             s = _global_tile_scores(q, k, DT_h, offs_n, n0, Lk, cap, pos_lo, pos_hi, shift, C, scale_log2, HAS_BIAS,
-                                    BLOCK_M, BLOCK_N, PRECISION, BLOCK_M < BLOCK_N)
+                                    BLOCK_M, BLOCK_N, PRECISION, KEY_MAJOR)
         else:
             qseg = offs_m
             if HAS_SEG:
                 qseg = _segment_ids(QSEG_b, offs_m, Lq, -1, m0, m_end)
             s = _tile_scores(q, k, DT_h, KPM_b, offs_m, offs_n, m0, n0, Lk, q_offset, C, window, scale_log2, qseg,
                              kseg, HAS_BIAS, HAS_KPM, CAUSAL, WINDOWED, HAS_SEG, BLOCK_M, BLOCK_N, PRECISION,
-                             BLOCK_M < BLOCK_N)
+                             KEY_MAJOR)
         z, ds = _grad_scores(s, lse, delta, do, v, seed, bh, m0, _dropout_base(key_base) + n0, Lq, dropout_p,
-                             DROPOUT, PRECISION, BLOCK_M < BLOCK_N)
+                             DROPOUT, PRECISION, KEY_MAJOR)
         if BLOCK_DC < BLOCK_D:  # this program's columns of Q and dO (the scores took them whole)
             chunk_mask = row_ok[:, None] & dc_ok[None, :]
             q = tl.load(Q_bh + offs_m[:, None] * stride_qm + offs_dc[None, :], mask=chunk_mask, other=0.0)
@@ -264,14 +265,14 @@ def _bucketed_attention_bwd_dq_kernel(
     held a 64 x 64 tile's registers past the limit (the static report). With chunks of the head dim
     (`_head_chunk`), each chunk's program writes its columns of dQ and the first chunk's the tables'
     gradients; the chunks of a tile share its slot."""
-    pid_m, b, b64, h, bh, m0, offs_m, offs_d, d_ok = _program(m_base, h_base, b_base, H, D, BLOCK_M, BLOCK_D,
-                                                              BLOCK_D // BLOCK_DC)
+    CHUNKS: tl.constexpr = BLOCK_D // BLOCK_DC  # programs per query tile
+    pid_m, b, b64, h, bh, m0, offs_m, offs_d, d_ok = _program(m_base, h_base, b_base, H, D, BLOCK_M, BLOCK_D, CHUNKS)
     offs_dc, dc_ok = _head_chunk(D, BLOCK_D, BLOCK_DC)
     # The first chunk's program alone touches the slot's scratch and partial rows (`diagonals`): a GPU runs
     # a tile's chunks at once, and another chunk zeroing the scratch while the first sums its diagonals
     # would corrupt the table's gradient (the interpreter, which runs programs in turn, cannot show it).
-    if BLOCK_DC < BLOCK_D:
-        diagonals = tl.program_id(0) % (BLOCK_D // BLOCK_DC) == 0
+    if CHUNKS > 1:
+        diagonals = tl.program_id(0) % CHUNKS == 0
     else:
         diagonals = True
     row_ok = offs_m < Lq
@@ -286,8 +287,7 @@ def _bucketed_attention_bwd_dq_kernel(
     KPM_b = KPM + b64 * stride_kpmb
 
     # This program's slot in the launch's buffers: the launches of one backward share them in turn.
-    slot = ((tl.program_id(2) * tl.num_programs(1) + tl.program_id(1)) * (tl.num_programs(0) // (BLOCK_D // BLOCK_DC))
-            + tl.program_id(0) // (BLOCK_D // BLOCK_DC))  # fmt: skip
+    slot = (tl.program_id(2) * tl.num_programs(1) + tl.program_id(1)) * (tl.num_programs(0) // CHUNKS) + pid_m - m_base
     DQP_tile = DQP + slot * (BLOCK_M * BLOCK_D) + tl.arange(0, BLOCK_M)[:, None] * BLOCK_D + offs_dc[None, :]
     if PARTIAL_IN:
         dq = tl.load(DQP_tile, mask=row_ok[:, None], other=0.0)
