@@ -27,12 +27,9 @@ from .bucketed_attention import (
     PositionBias,
     attention_backward,
     attention_forward,
-    backward_lse,
     bucket_table,
     distance_table,
     kept_mask,
-    kernel_lse,
-    natural_lse,
     relative_bias,
     relative_position_bucket,
     seed_value,
@@ -81,13 +78,13 @@ def _fwd_op(
     global_block_size: int,
     dropout_p: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """out `(B, L, H, D)` and each row's log-sum-exp `(B, H, L)` fp32 (natural log, -inf for a row
-    with no key) over its window and the global tokens."""
+    """out `(B, L, H, D)` and each row's log-sum-exp `(B, H, L)` fp32 over its window and the global
+    tokens, in the kernels' log2 domain (+inf for a row with no key), as the backward reads it."""
     globals_ = _globals(global_k, global_v, global_dist_table, caps, global_block_size)
     out, lse2 = attention_forward(
         q, k, v, dist_table, key_padding_mask, seed_value(seed), False, 0, 1.0, dropout_p, radius, globals_
     )
-    return out.transpose(1, 2), natural_lse(lse2)
+    return out.transpose(1, 2), lse2
 
 
 @_fwd_op.register_fake
@@ -119,9 +116,8 @@ def _bwd_op(
     """dq `(B, L, H, D)`, dk, dv, the `(H, 2C + 1)` gradient of dist_table, the global keys' and
     values' `(B, G, H, D)` gradients and the global distance table's; absent ones as empty tensors."""
     globals_ = _globals(global_k, global_v, global_dist_table, caps, global_block_size)
-    lse2, grad_lse = kernel_lse(lse, grad_lse)
     dq, dk, dv, ddt, dgk, dgv, dgdt = attention_backward(
-        do, q, k, v, out, lse2, dist_table, key_padding_mask, seed_value(seed), False, 0, 1.0, dropout_p, radius,
+        do, q, k, v, out, lse, dist_table, key_padding_mask, seed_value(seed), False, 0, 1.0, dropout_p, radius,
         grad_lse, globals_,
     )  # fmt: skip
 
@@ -194,8 +190,8 @@ class _EagerLocalAttention(torch.autograd.Function):
     """The ops' forward and backward and their autograd without the dispatcher, as `bucketed_attention`'s
     eager path: what eager mode runs (the ops are what torch.compile traces; a test holds the two bitwise
     equal). Tensors stay `(B, H, L, D)`, the padding mask is converted once, a `PositionBias` gives the
-    padded tables it keeps, and the log-sum-exp keeps the kernels' log2 domain through the natural-log
-    round trip the ops make (no caller of `local_attention` reads it).
+    padded tables it keeps, and the log-sum-exp stays in the kernels' log2 domain, as the ops keep it (no
+    caller of `local_attention` reads it).
 
     Inputs: q, k, v, the distance table (None: no bias) whose gradient is returned and what the
     launchers read for it (that table or its `PositionBias`), the launchers' mask, the global keys and
@@ -208,11 +204,9 @@ class _EagerLocalAttention(torch.autograd.Function):
         radius, block_size, dropout_p = args
         globals_ = _globals(global_k, global_v, global_table, caps, block_size)
         kpm = kept_mask(kpm, k.shape[2], q.device)
-        out, lse2 = attention_forward(q, k, v, table, kpm, seed, False, 0, 1.0, dropout_p, radius, globals_)
-        lse = backward_lse(lse2)
+        out, lse = attention_forward(q, k, v, table, kpm, seed, False, 0, 1.0, dropout_p, radius, globals_)
         ctx.save_for_backward(q, k, v, out, lse, global_k, global_v)
         ctx.table, ctx.global_table, ctx.kpm, ctx.caps, ctx.seed, ctx.args = table, global_table, kpm, caps, seed, args
-        ctx.has_tables = (dist_table is not None, global_dist_table is not None)
         ctx.set_materialize_grads(False)
         return out
 
@@ -226,9 +220,7 @@ class _EagerLocalAttention(torch.autograd.Function):
         dq, dk, dv, ddt, dgk, dgv, dgdt = attention_backward(
             grad_out, q, k, v, out, lse, ctx.table, ctx.kpm, ctx.seed, False, 0, 1.0, dropout_p, radius, None, globals_
         )
-        has_table, has_global_table = ctx.has_tables
-        return (dq, dk, dv, ddt if has_table else None, None, None, dgk, dgv, dgdt if has_global_table else None,
-                None, None, None, None)  # fmt: skip
+        return dq, dk, dv, ddt, None, None, dgk, dgv, dgdt, None, None, None, None
 
 
 def _distance_table(bias_table: torch.Tensor | PositionBias, max_distance: int) -> torch.Tensor:

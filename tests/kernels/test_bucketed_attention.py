@@ -595,7 +595,7 @@ def test_every_launch_names_only_its_kernels_parameters():
         return set(meta) - set(kernel.arg_names) - options
 
     for G, row, grow in ((0, 17, 0), (4, 17, 9)):
-        plan = launch._backward_plan(2, 3, 40, 64, torch.bfloat16, device, launch._tile_source(), G, 16, row, grow,
+        plan = launch._backward_plan(2, 3, 40, 40, 64, torch.bfloat16, device, launch._tile_source(), G, 16, row, grow,
                                      (True, True, G > 0, True, G == 0), launch._DQ_SCRATCH_BYTES)  # fmt: skip
         for meta, kernel in ((plan.preprocess, kernels._bucketed_attention_bwd_preprocess_kernel),
                              (plan.dkdv, kernels._bucketed_attention_bwd_dkdv_kernel),
@@ -783,7 +783,7 @@ def test_triton_op_traces_under_torch_compile(triton_backend):
 def test_triton_eager_path_is_the_custom_ops(triton_backend):
     """Eager mode runs the ops' forward and backward without the dispatcher (`_EagerAttention`); the
     ops, what torch.compile traces, give bitwise the same outputs, log-sum-exps and gradients, the
-    table's and dropout's included."""
+    table's and dropout's included, through the natural log-sum-exp that callers read."""
     from fastseq.kernels.bucketed_attention import op
 
     case = MASK_CASE
@@ -797,6 +797,7 @@ def test_triton_eager_path_is_the_custom_ops(triton_backend):
         seed = torch.tensor([12345])
         out, lse = forward(*leaves[:3], table, mask, seed, True, 0, 1.0, 0.25, -1, None, None)
         out = out.transpose(1, 2) if forward is op._eager else out  # as the op's, (B, Lq, H, D)
+        lse = launch.natural_lse(lse)
         loss = (out * w_out).sum() + (lse.clamp(min=-1e4) * w_lse).sum()
         results.append((out, lse, *torch.autograd.grad(loss, leaves)))
     for name, a, b in zip("out lse q k v bias_table".split(), *results, strict=True):
@@ -804,10 +805,10 @@ def test_triton_eager_path_is_the_custom_ops(triton_backend):
 
 
 def test_triton_call_is_the_custom_ops(triton_backend):
-    """`bucketed_attention` in eager mode (no log-sum-exp asked for: the backward reads the forward's
-    without the natural-log round trip's two extra conversions) gives bitwise the outputs and gradients
-    of the ops, with dropout, causality, padding and the table's gradient; with the table as a
-    `PositionBias` and the mask as bool (what the models pass) too."""
+    """`bucketed_attention` in eager mode (no log-sum-exp asked for: nothing converts the forward's for
+    its backward) gives bitwise the outputs and gradients of the ops, with dropout, causality, padding and
+    the table's gradient; with the table as a `PositionBias` and the mask as bool (what the models pass)
+    too."""
     from fastseq.kernels.bucketed_attention import op
 
     case = dict(MASK_CASE, causal=True, bidirectional=False)

@@ -286,8 +286,9 @@ def _bucketed_attention_bwd_dq_kernel(
     DT_h = DT + h * (2 * C + 1 + 2 * (BLOCK_M + BLOCK_N))
     KPM_b = KPM + b64 * stride_kpmb
 
-    # This program's slot in the launch's buffers: the launches of one backward share them in turn.
-    slot = (tl.program_id(2) * tl.num_programs(1) + tl.program_id(1)) * (tl.num_programs(0) // CHUNKS) + pid_m - m_base
+    # This program's slot in the launch's buffers: the launches of one backward share them in turn. Head
+    # major (head, batch element, query tile), so that one reduction over the middle sums a head's rows.
+    slot = (tl.program_id(1) * tl.num_programs(2) + tl.program_id(2)) * (tl.num_programs(0) // CHUNKS) + pid_m - m_base
     DQP_tile = DQP + slot * (BLOCK_M * BLOCK_D) + tl.arange(0, BLOCK_M)[:, None] * BLOCK_D + offs_dc[None, :]
     if PARTIAL_IN:
         dq = tl.load(DQP_tile, mask=row_ok[:, None], other=0.0)

@@ -199,24 +199,11 @@ def bucket_table(bias: torch.Tensor | PositionBias | None) -> torch.Tensor | Non
     return bias.table if isinstance(bias, PositionBias) else bias
 
 
-def backward_lse(lse2: torch.Tensor) -> torch.Tensor:
-    """`kernel_lse(natural_lse(lse2))` on every row, in place: +inf (no key) comes back +inf, a finite
-    one through the same division and product, so that a backward reads bitwise what the ops' reads."""
-    return lse2.div_(_LOG2E).mul_(_LOG2E)
-
-
 def natural_lse(lse2: torch.Tensor) -> torch.Tensor:
-    """The kernels' log2-domain log-sum-exp (+inf: no key) as a natural one (-inf: no key)."""
+    """The kernels' log2-domain log-sum-exp (+inf: no key) as a natural one (-inf: no key), differentiable:
+    the forwards return the log2 one, which their backwards read as it is, and a caller that wants the
+    log-sum-exp converts it here (a row with no key passes no gradient back)."""
     return torch.where(torch.isinf(lse2), float("-inf"), lse2 / _LOG2E)
-
-
-def kernel_lse(lse: torch.Tensor, grad_lse: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """`natural_lse` undone for the backward (rows with no key get p = 0), and the gradient on the
-    log-sum-exp with those rows zeroed."""
-    lse2 = torch.where(torch.isinf(lse), float("inf"), lse * _LOG2E)
-    if grad_lse is not None:
-        grad_lse = torch.where(torch.isinf(lse), 0.0, grad_lse)
-    return lse2, grad_lse
 
 
 def seed_value(seed: torch.Tensor | None) -> int:
@@ -398,14 +385,46 @@ def _cut_of(dist_table: torch.Tensor | PositionBias | None) -> int:
     return dist_table.cut if isinstance(dist_table, PositionBias) else _cut(dist_table)
 
 
+class _Absent(NamedTuple):
+    """The placeholders a launch passes for what its flags leave unread (`placeholder`), of a plan's dtype
+    and device: kept in the plan, so that a call looks none of them up."""
+
+    table: torch.Tensor  # (1,) fp32: no bias table, no dQ buffer
+    ids: torch.Tensor  # (1, 1) int32: no segment ids, no spans
+    keys: torch.Tensor  # (0, 1, 1, 1): no global keys or values
+    caps: torch.Tensor  # (1,) int32: no global tokens' caps
+
+
+def _absent(dtype: torch.dtype, device: torch.device) -> _Absent:
+    return _Absent(placeholder((1,), torch.float32, device), placeholder((1, 1), torch.int32, device),
+                   placeholder((0, 1, 1, 1), dtype, device), placeholder((1,), torch.int32, device))  # fmt: skip
+
+
+def _heads_stride(H: int, L: int, D: int) -> tuple[int, int, int, int]:
+    """The strides of `_like_heads`' tensors."""
+    row, head = max(H, 1) * max(D, 1), max(D, 1)
+    return max(L, 1) * row, head, row, 1
+
+
+class _ForwardPlan(NamedTuple):
+    """What a forward's launch takes from its sizes and flags alone (`_forward_plan`)."""
+
+    block_m: int
+    block_n: int
+    grid: tuple[int, int, int]
+    out_stride: tuple[int, int, int, int]  # `_like_heads`
+    absent: _Absent
+    meta: dict
+
+
 @functools.lru_cache(maxsize=256)
 def _forward_plan(
     B: int, H: int, Lq: int, D: int, dtype: torch.dtype, device: torch.device, source: tuple | None, G: int, gbs: int,
     flags: tuple[bool, ...],
-) -> tuple[int, int, tuple[int, int, int], dict]:  # fmt: skip
-    """The forward's tile, grid and meta-parameters for these sizes and `flags` (HAS_BIAS, HAS_KPM,
-    CAUSAL, WINDOWED, HAS_SEG, HAS_GBIAS, DROPOUT), worked out once per shape: set-up that would
-    otherwise be host time in every call. `source` is `_tile_source()`."""
+) -> _ForwardPlan:  # fmt: skip
+    """The forward's tile, grid, output strides, placeholders and meta-parameters for these sizes and
+    `flags` (HAS_BIAS, HAS_KPM, CAUSAL, WINDOWED, HAS_SEG, HAS_GBIAS, DROPOUT), worked out once per shape:
+    set-up that would otherwise be host time in every call. `source` is `_tile_source()`."""
     block_m, block_n, warps, stages = _fwd_config(D, dtype, Lq, device, has_global=G > 0)
     has_bias, has_kpm, causal, windowed, has_seg, has_gbias, dropout = flags
     meta = dict(
@@ -413,7 +432,13 @@ def _forward_plan(
         HAS_GBIAS=has_gbias, DROPOUT=dropout, GBS=gbs, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=_block_d(D),
         PRECISION=_precision(dtype), num_warps=warps, num_stages=stages,
     )  # fmt: skip
-    return block_m, block_n, (cdiv(Lq, block_m), H, B), meta
+    grid = (cdiv(Lq, block_m), H, B)
+    return _ForwardPlan(block_m, block_n, grid, _heads_stride(H, Lq, D), _absent(dtype, device), meta)
+
+
+def _globals_of(globals_: GlobalTokens | None) -> tuple[int, int]:
+    """The global tokens' count and block size (0 and 1 without), part of a plan's key."""
+    return (0, 1) if globals_ is None else (globals_.k.shape[2], globals_.block_size)
 
 
 def attention_forward(q, k, v, dist_table, key_padding_mask, seed, causal, q_offset, scale, dropout_p, window=-1,
@@ -425,24 +450,37 @@ def attention_forward(q, k, v, dist_table, key_padding_mask, seed, causal, q_off
     B, H, Lq, D = q.shape
     Lk = k.shape[2]
     dropout_p = quantized_dropout(dropout_p)
-    q, k, v = (last_dim_contiguous(t) for t in (q, k, v))
-    _check_batch_span(q, k, v, *((globals_.k, globals_.v) if globals_ is not None else ()))
-    out = _like_heads(B, H, Lq, D, q)
-    lse = torch.empty(B, H, Lq, dtype=torch.float32, device=q.device)
+    q, k, v = last_dim_contiguous(q), last_dim_contiguous(k), last_dim_contiguous(v)
+    G, gbs = _globals_of(globals_)
+    has_gbias = globals_ is not None and globals_.dist_table is not None
+    flags = (dist_table is not None, key_padding_mask is not None, causal, window >= 0, segs is not None, has_gbias,
+             dropout_p > 0.0)  # fmt: skip
+    plan = _forward_plan(B, H, Lq, D, q.dtype, q.device, _tile_source(), G, gbs, flags)
+    absent = plan.absent
+    gk = gv = absent.keys
+    gtable, cut_g, caps = absent.table, 0, absent.caps
+    if globals_ is not None:
+        gk, gv, caps = last_dim_contiguous(globals_.k), last_dim_contiguous(globals_.v), globals_.caps
+        gtable, cut_g = _table_args(globals_.dist_table, q.device, plan.block_m, plan.block_n)
+        _check_batch_span(gk, gv)
+    _check_batch_span(q, k, v)
+    out = torch.empty_strided((B, H, Lq, D), plan.out_stride, dtype=q.dtype, device=q.device)
+    lse = torch.empty((B, H, Lq), dtype=torch.float32, device=q.device)
     if Lq == 0:
         return out, lse
-    gk, gv, gtable, caps, G, gbs = _global_args(globals_, q)
-    flags = (dist_table is not None, key_padding_mask is not None, causal, window >= 0, segs is not None,
-             gtable is not None, dropout_p > 0.0)  # fmt: skip
-    block_m, block_n, grid, meta = _forward_plan(B, H, Lq, D, q.dtype, q.device, _tile_source(), G, gbs, flags)
     kpm = _mask_args(key_padding_mask, segs, Lk, q.device)
-    qseg, kseg, spans = _segment_args(segs, q, "q", block_m)
-    table, cut = _table_args(dist_table, q.device, block_m, block_n, causal)
-    gtable, cut_g = _table_args(gtable, q.device, block_m, block_n)
-    _bucketed_attention_fwd_kernel[grid](
+    qseg = kseg = spans = absent.ids
+    if segs is not None:
+        qseg, kseg, spans = segs.q, segs.k, _segment_spans(segs.q, segs.k, plan.block_m)
+    table, cut = absent.table, 0
+    if dist_table is not None:
+        table, cut = _table_args(dist_table, q.device, plan.block_m, plan.block_n, causal)
+    qs, ks, vs, gks, gvs, os_ = q.stride(), k.stride(), v.stride(), gk.stride(), gv.stride(), plan.out_stride
+    _bucketed_attention_fwd_kernel[plan.grid](
         q, k, v, table, kpm, gk, gv, gtable, caps, qseg, kseg, spans, out, lse,
-        *_row_strides(q, k, v, gk, gv, out), kpm.stride(0), qseg.stride(0), kseg.stride(0),
-        H, Lq, Lk, G, D, q_offset, cut, cut_g, window, scale * _LOG2E, dropout_p, seed, **meta,
+        qs[0], qs[1], qs[2], ks[0], ks[1], ks[2], vs[0], vs[1], vs[2], gks[0], gks[1], gks[2], gvs[0], gvs[1], gvs[2],
+        os_[0], os_[1], os_[2], kpm.stride(0), qseg.stride(0), kseg.stride(0),
+        H, Lq, Lk, G, D, q_offset, cut, cut_g, window, scale * _LOG2E, dropout_p, seed, **plan.meta,
     )  # fmt: skip
     return out, lse
 
@@ -460,17 +498,21 @@ class _BackwardPlan(NamedTuple):
     whole: bool  # one dQ launch: its rows, summed, are the tables' gradients
     tile: int  # floats of a slot's dS tile, row partials and fp32 dQ tile
     partial_tile: int
+    q_stride: tuple[int, int, int, int]  # `_like_heads` of dQ, and of dK and dV
+    k_stride: tuple[int, int, int, int]
+    grids: tuple  # each dQ launch's (m0, h0, b0), its grid of programs and its slots' rows by head
     preprocess: dict  # each launch's meta-parameters
     dkdv: dict
     dkdv_global: dict
     dq: dict
     dq_global: dict
+    absent: _Absent
 
 
 @functools.lru_cache(maxsize=256)
 def _backward_plan(
-    B: int, H: int, Lq: int, D: int, dtype: torch.dtype, device: torch.device, source: tuple | None, G: int, gbs: int,
-    row: int, grow: int, flags: tuple[bool, ...], scratch_bytes: int,
+    B: int, H: int, Lq: int, Lk: int, D: int, dtype: torch.dtype, device: torch.device, source: tuple | None, G: int,
+    gbs: int, row: int, grow: int, flags: tuple[bool, ...], scratch_bytes: int,
 ) -> _BackwardPlan:  # fmt: skip
     """The backward's tiles, dQ chunks and meta-parameters for these sizes, table rows (`row`, `grow`:
     2C + 1 per table, 0 without) and `flags` (HAS_KPM, CAUSAL, WINDOWED, DROPOUT, HAS_SEG), worked out
@@ -501,112 +543,141 @@ def _backward_plan(
     tile = block_m * _skew(block_m, block_n) if has_bias or has_gbias else 0
     partial_tile = block_m * block_d if G > 0 else 0
     chunk = _dq_chunks(num_m, H, B, 4 * (tile + row + grow + partial_tile))
+    dq_chunks = block_d // head_chunk(dq_tile, block_d)
+    grids = []
+    for b0 in range(0, B, chunk[2]):
+        for h0 in range(0, H, chunk[1]):
+            for m0 in range(0, num_m, chunk[0]):
+                grid = (min(chunk[0], num_m - m0), min(chunk[1], H - h0), min(chunk[2], B - b0))
+                # The slots' rows in the launch, (head, batch element, query tile): one reduction over the
+                # middle sums each head's in a fixed order.
+                grids.append(((m0, h0, b0), (grid[0] * dq_chunks, *grid[1:]), (grid[1], grid[2] * grid[0])))
     return _BackwardPlan(
-        (block_m, block_n), tuple(dkdv_tile[:2]), block_d // head_chunk(dq_tile, block_d),
-        block_d // head_chunk(dkdv_tile, block_d), num_m, chunk, math.prod(chunk), chunk == (num_m, H, B), tile,
-        partial_tile, dict(BLOCK_M=block_m, BLOCK_D=block_d), dkdv, dkdv_global,
+        (block_m, block_n), tuple(dkdv_tile[:2]), dq_chunks, block_d // head_chunk(dkdv_tile, block_d), num_m,
+        chunk, math.prod(chunk), chunk == (num_m, H, B), tile, partial_tile, _heads_stride(H, Lq, D),
+        _heads_stride(H, Lk, D), tuple(grids), dict(BLOCK_M=block_m, BLOCK_D=block_d), dkdv, dkdv_global,
         dict(dq, ORDINARY=True, HAS_GLOBAL=False, PARTIAL_IN=False, PARTIAL_OUT=G > 0),
-        dict(dq, ORDINARY=False, HAS_GLOBAL=True, PARTIAL_IN=True, PARTIAL_OUT=False),
+        dict(dq, ORDINARY=False, HAS_GLOBAL=True, PARTIAL_IN=True, PARTIAL_OUT=False), _absent(dtype, device),
     )  # fmt: skip
 
 
 def attention_backward(do, q, k, v, out, lse, dist_table, key_padding_mask, seed, causal, q_offset, scale, dropout_p,
                        window=-1, grad_lse=None, globals_=None, segs=None):  # fmt: skip
-    """Launch the backward. Returns dq, dk, dv (in the layout of `_like_heads`), the `(H, 2C + 1)`
-    fp32 gradient of the distance table (`dist_table` as in `attention_forward`; empty without a bias)
-    and, with `globals_`, the gradients of the global keys, values and distance table (None without)."""
+    """Launch the backward on the forward's log2-domain `lse` (and `grad_lse`, the gradient on it, or
+    None). Returns dq, dk, dv (in the layout of `_like_heads`), the `(H, 2C + 1)` fp32 gradient of the
+    distance table (`dist_table` as in `attention_forward`; None without a bias) and, with `globals_`,
+    the gradients of the global keys, values and distance table (None without)."""
     B, H, Lq, D = q.shape
     Lk = k.shape[2]
+    device = q.device
     dropout_p = quantized_dropout(dropout_p)
-    q, k, v, do = (last_dim_contiguous(t) for t in (q, k, v, do))
-    _check_batch_span(q, k, v, do, out, *((globals_.k, globals_.v) if globals_ is not None else ()))
-    dq = _like_heads(B, H, Lq, D, q)
-    dk = _like_heads(B, H, Lk, D, k)
-    dv = _like_heads(B, H, Lk, D, v)
-    gk, gv, gdist, caps, G, gbs = _global_args(globals_, q)
+    q, k, v, do = last_dim_contiguous(q), last_dim_contiguous(k), last_dim_contiguous(v), last_dim_contiguous(do)
+    G, gbs = _globals_of(globals_)
+    gdist = None if globals_ is None else globals_.dist_table
     has_bias, has_gbias = dist_table is not None, gdist is not None
-    dgk = dgv = None
-    if globals_ is not None:
-        dgk, dgv = _like_heads(B, H, G, D, gk), _like_heads(B, H, G, D, gv)
     cut, cut_g = _cut_of(dist_table), _cut_of(gdist)
     row, grow = (2 * cut + 1 if has_bias else 0), (2 * cut_g + 1 if has_gbias else 0)
     flags = (key_padding_mask is not None, causal, window >= 0, dropout_p > 0.0, segs is not None)
-    plan = _backward_plan(B, H, Lq, D, q.dtype, q.device, _tile_source(), G, gbs, row, grow, flags,
+    plan = _backward_plan(B, H, Lq, Lk, D, q.dtype, device, _tile_source(), G, gbs, row, grow, flags,
                           _DQ_SCRATCH_BYTES)  # fmt: skip
-    grads = [None, None]  # the tables' gradients
-
-    def results():
-        def gradient(grad, width):  # a table's gradient: no launch wrote it, no key saw it
-            return torch.zeros(H, width, dtype=torch.float32, device=q.device) if grad is None else grad
-
-        return dq, dk, dv, gradient(grads[0], row), dgk, dgv, gradient(grads[1], grow) if has_gbias else None
-
-    if Lq == 0 or Lk == 0:
+    absent = plan.absent
+    gk = gv = absent.keys
+    caps, dgk, dgv = absent.caps, None, None
+    if globals_ is not None:
+        gk, gv, caps = last_dim_contiguous(globals_.k), last_dim_contiguous(globals_.v), globals_.caps
+        dgk, dgv = _like_heads(B, H, G, D, gk), _like_heads(B, H, G, D, gv)
+    _check_batch_span(do)  # q, k, v and the global tokens passed the forward's check, out is the forward's
+    dq = torch.empty_strided((B, H, Lq, D), plan.q_stride, dtype=q.dtype, device=device)
+    dk = torch.empty_strided((B, H, Lk, D), plan.k_stride, dtype=k.dtype, device=device)
+    dv = torch.empty_strided((B, H, Lk, D), plan.k_stride, dtype=v.dtype, device=device)
+    grads = [None, None]  # the tables' gradients, None until a launch writes them
+    if Lq == 0 or Lk == 0:  # no key seen: every gradient is zero
         for t in (dq, dk, dv, dgk, dgv):
             if t is not None:
                 t.zero_()
-        return results()
-    num_m, chunk, whole = plan.num_m, plan.chunk, plan.whole
-    delta = torch.empty(B, H, Lq, dtype=torch.float32, device=q.device)
-    _bucketed_attention_bwd_preprocess_kernel[(num_m, H, B)](
-        out, do, delta, *_row_strides(out, do), H, Lq, D, **plan.preprocess,
+        return dq, dk, dv, _table_grad(grads[0], row, dq), dgk, dgv, _table_grad(grads[1], grow, dq)
+    delta = torch.empty((B, H, Lq), dtype=torch.float32, device=device)
+    os_, dos = out.stride(), do.stride()
+    _bucketed_attention_bwd_preprocess_kernel[(plan.num_m, H, B)](
+        out, do, delta, os_[0], os_[1], os_[2], dos[0], dos[1], dos[2], H, Lq, D, **plan.preprocess,
     )  # fmt: skip
     if grad_lse is not None:
-        # d lse_i / d s_ij = p_ij: a gradient on the log-sum-exp enters dS = P * (dP - delta) as -grad_lse.
-        delta -= grad_lse
-    kpm = _mask_args(key_padding_mask, segs, Lk, q.device)
+        # d lse_i / d s_ij = p_ij: a gradient on the natural log-sum-exp enters dS = P * (dP - delta) as
+        # -grad; `grad_lse` is the gradient on the log2 one, log2(e) times smaller.
+        delta.sub_(grad_lse, alpha=_LOG2E)
+    kpm = _mask_args(key_padding_mask, segs, Lk, device)
     tail = (scale, scale * _LOG2E, dropout_p, seed)
+    qs, ks, vs, gks, gvs = q.stride(), k.stride(), v.stride(), gk.stride(), gv.stride()
     bm, bn = plan.dkdv_block
-    qseg, kseg, spans = _segment_args(segs, q, "k", bn)
+    qseg = kseg = spans = absent.ids
+    if segs is not None:
+        qseg, kseg, spans = segs.q, segs.k, _segment_spans(segs.k, segs.q, bn)
+    mask_strides = (kpm.stride(0), qseg.stride(0), kseg.stride(0))
     for keys_k, keys_v, keys_table, keys_causal, n_keys, key_base, grad_k, grad_v, meta in (
         (k, v, dist_table, causal, Lk, 0, dk, dv, plan.dkdv),
         *(((gk, gv, gdist, False, G, Lk, dgk, dgv, plan.dkdv_global),) if G > 0 else ()),
     ):
-        padded, keys_cut = _table_args(keys_table, q.device, bm, bn, keys_causal)
+        padded, keys_cut = absent.table, 0
+        if keys_table is not None:
+            padded, keys_cut = _table_args(keys_table, device, bm, bn, keys_causal)
+        kks, kvs, dks = keys_k.stride(), keys_v.stride(), grad_k.stride()
         _bucketed_attention_bwd_dkdv_kernel[(cdiv(n_keys, bn) * plan.dkdv_chunks, H, B)](
             q, keys_k, keys_v, padded, kpm, caps, qseg, kseg, spans, do, lse, delta, grad_k, grad_v,
-            *_row_strides(q, keys_k, keys_v, do, grad_k), kpm.stride(0), qseg.stride(0), kseg.stride(0),
-            H, Lq, n_keys, D, q_offset, keys_cut, window, key_base, *tail, **meta,
+            qs[0], qs[1], qs[2], kks[0], kks[1], kks[2], kvs[0], kvs[1], kvs[2], dos[0], dos[1], dos[2],
+            dks[0], dks[1], dks[2], *mask_strides, H, Lq, n_keys, D, q_offset, keys_cut, window, key_base, *tail,
+            **meta,
         )  # fmt: skip
     if G == 0 and dgk is not None:
         dgk.zero_(), dgv.zero_()
-
-    def buffer(shape: tuple[int, ...], size: int, zeroed: bool = False) -> torch.Tensor:
-        if size == 0:
-            return placeholder((1,) + shape[1:], torch.float32, q.device)
-        return (torch.zeros if zeroed else torch.empty)(shape, dtype=torch.float32, device=q.device)
-
-    slots = plan.slots
-    scratch = buffer((slots * plan.tile,), plan.tile)
-    rows, grows = buffer((slots, row), row, whole), buffer((slots, grow), grow, whole)
-    partial = buffer((slots * plan.partial_tile,), plan.partial_tile)
+    # The dQ programs' slots (`_backward_plan`); a buffer that no launch reads is a placeholder.
+    slots, whole = plan.slots, plan.whole
+    scratch = torch.empty(slots * plan.tile, dtype=torch.float32, device=device) if plan.tile else absent.table
+    rows = grows = absent.table
+    if row:
+        rows = (torch.zeros if whole else torch.empty)((slots, row), dtype=torch.float32, device=device)
+    if grow:
+        grows = (torch.zeros if whole else torch.empty)((slots, grow), dtype=torch.float32, device=device)
+    partial = absent.table
+    if plan.partial_tile:
+        partial = torch.empty(slots * plan.partial_tile, dtype=torch.float32, device=device)
     block_m, block_n = plan.dq_block
-    table, _ = _table_args(dist_table, q.device, block_m, block_n, causal)
-    gtable, _ = _table_args(gdist, q.device, block_m, block_n)
-    qseg, kseg, spans = _segment_args(segs, q, "q", block_m)
+    table = gtable = absent.table
+    if dist_table is not None:
+        table, _ = _table_args(dist_table, device, block_m, block_n, causal)
+    if gdist is not None:
+        gtable, _ = _table_args(gdist, device, block_m, block_n)
+    if segs is not None:
+        spans = _segment_spans(segs.q, segs.k, block_m)
+    dqs = dq.stride()
     head = (q, k, v, table, kpm, gk, gv, gtable, caps, qseg, kseg, spans, do, lse, delta, dq, partial, rows, grows,
-            scratch, *_row_strides(q, k, v, gk, gv, do, dq), kpm.stride(0), qseg.stride(0), kseg.stride(0),
+            scratch, qs[0], qs[1], qs[2], ks[0], ks[1], ks[2], vs[0], vs[1], vs[2], gks[0], gks[1], gks[2],
+            gvs[0], gvs[1], gvs[2], dos[0], dos[1], dos[2], dqs[0], dqs[1], dqs[2], *mask_strides,
             H, Lq, Lk, G, D, q_offset, cut, cut_g, window)  # fmt: skip
-    for b0 in range(0, B, chunk[2]):
-        for h0 in range(0, H, chunk[1]):
-            for m0 in range(0, num_m, chunk[0]):
-                grid = (min(chunk[0], num_m - m0), min(chunk[1], H - h0), min(chunk[2], B - b0))
-                for partials in (rows, grows):
-                    if partials.shape[1] and not whole:
-                        partials.zero_()
-                programs = (grid[0] * plan.dq_chunks, *grid[1:])
-                _bucketed_attention_bwd_dq_kernel[programs](*head, m0, h0, b0, *tail, **plan.dq)
-                if G > 0:
-                    _bucketed_attention_bwd_dq_kernel[programs](*head, m0, h0, b0, *tail, **plan.dq_global)
-                # The slots' rows, (batch, head, query tile) in the launch, summed per head in a fixed order.
-                for i, partials in enumerate((rows, grows)):
-                    if not partials.shape[1]:
-                        continue
-                    per_head = (partials if whole else partials[: math.prod(grid)]).view(*grid[::-1], -1).sum((0, 2))
-                    if whole:
-                        grads[i] = per_head
-                    else:
-                        if grads[i] is None:
-                            grads[i] = torch.zeros(H, partials.shape[1], dtype=torch.float32, device=q.device)
-                        grads[i][h0 : h0 + grid[1]] += per_head
-    return results()
+    for base, programs, by_head in plan.grids:
+        if not whole:
+            for partials, width in ((rows, row), (grows, grow)):
+                if width:
+                    partials.zero_()
+        _bucketed_attention_bwd_dq_kernel[programs](*head, *base, *tail, **plan.dq)
+        if G > 0:
+            _bucketed_attention_bwd_dq_kernel[programs](*head, *base, *tail, **plan.dq_global)
+        for i, partials, width in ((0, rows, row), (1, grows, grow)):
+            if not width:
+                continue
+            if whole:
+                grads[i] = partials.view(*by_head, width).sum(1)
+            else:
+                per_head = partials[: by_head[0] * by_head[1]].view(*by_head, width).sum(1)
+                if grads[i] is None:
+                    grads[i] = torch.zeros(H, width, dtype=torch.float32, device=device)
+                h0 = base[1]
+                grads[i][h0 : h0 + by_head[0]] += per_head
+    return dq, dk, dv, _table_grad(grads[0], row, dq), dgk, dgv, _table_grad(grads[1], grow, dq)
+
+
+def _table_grad(grad: torch.Tensor | None, width: int, dq: torch.Tensor) -> torch.Tensor | None:
+    """A table's gradient as `attention_backward` returns it: None without the table, zeros where no
+    launch wrote it (no key saw the table)."""
+    if not width:
+        return None
+    return grad if grad is not None else torch.zeros(dq.shape[1], width, dtype=torch.float32, device=dq.device)

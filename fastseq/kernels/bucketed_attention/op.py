@@ -51,15 +51,15 @@ def _forward(
     causal: bool, q_offset: int, scale: float, dropout_p: float, window: int,
     q_segment_ids: torch.Tensor | None = None, k_segment_ids: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-    """out `(B, Lq, H, D)` (heads not yet moved to dim 1) and the log-sum-exp of each row's scores
-    `(B, H, Lq)` fp32 (-inf for a row with no key), differentiable: LongT5 merges partial softmaxes
-    through it. `window` < 0: no window."""
+    """out `(B, Lq, H, D)` (heads not yet moved to dim 1) and the log2-domain log-sum-exp of each row's
+    scores `(B, H, Lq)` fp32 (+inf for a row with no key), differentiable (`launch.natural_lse` makes it
+    the natural one). `window` < 0: no window."""
     segs = launch._segments(q_segment_ids, k_segment_ids, key_padding_mask)
     out, lse2 = launch.attention_forward(
         q, k, v, dist_table, None if segs else key_padding_mask, launch.seed_value(seed), causal, q_offset, scale,
         dropout_p, window, segs=segs,
     )  # fmt: skip
-    return out.transpose(1, 2), launch.natural_lse(lse2)
+    return out.transpose(1, 2), lse2
 
 
 _fwd_op = torch.library.custom_op("fastseq::bucketed_attention_fwd", mutates_args=(), device_types=None)(_forward)
@@ -79,15 +79,14 @@ def _backward(
     q_segment_ids: torch.Tensor | None = None, k_segment_ids: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
     """dq `(B, Lq, H, D)`, dk and dv `(B, Lk, H, D)`, and the `(H, 2C + 1)` gradient of dist_table
-    (`(0, 0)` without one)."""
-    lse2, grad_lse = launch.kernel_lse(lse, grad_lse)
+    (`(0, 0)` without one). `lse` is the forward's log2-domain one and `grad_lse` the gradient on it."""
     segs = launch._segments(q_segment_ids, k_segment_ids, key_padding_mask)
     dq, dk, dv, ddt, *_ = launch.attention_backward(
-        do, q, k, v, out, lse2, dist_table, None if segs else key_padding_mask, launch.seed_value(seed), causal,
+        do, q, k, v, out, lse, dist_table, None if segs else key_padding_mask, launch.seed_value(seed), causal,
         q_offset, scale, dropout_p, window, grad_lse, segs=segs,
     )  # fmt: skip
-    if dist_table is None:
-        ddt = ddt.new_zeros(0, 0)
+    if ddt is None:
+        ddt = q.new_zeros(0, 0, dtype=torch.float32)
     return dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2), ddt
 
 
@@ -159,22 +158,17 @@ class _EagerAttention(torch.autograd.Function):
     Inputs: q, k, v, the `(H, 2C + 1)` distance table (None: no bias) whose gradient is returned, what
     the launchers read for it (that table or its `PositionBias`), the padding mask (`launch.key_bias`),
     segment ids (`launch.Segments`) or None, the seed (an int), (causal, q_offset, scale, dropout_p,
-    window) and `with_lse`. Returns the output and, with `with_lse`, each row's natural log-sum-exp
-    (differentiable); without, the log2-domain one the backward reads (not differentiable: a caller
-    that wants no log-sum-exp pays for no conversion of it)."""
+    window) and `with_lse`. Returns the output and each row's log2-domain log-sum-exp, the one the
+    backward reads, differentiable with `with_lse` (`launch.natural_lse` converts it)."""
 
     @staticmethod
     def forward(ctx, q, k, v, dist_table, launch_table, kpm, segs, seed, args, with_lse):
         kpm = launch.kept_mask(kpm, k.shape[2], q.device)
-        out, lse2 = launch.attention_forward(q, k, v, launch_table, kpm, seed, *args, segs=segs)
-        if with_lse:
-            lse = launch.natural_lse(lse2)
-        else:
-            lse = launch.backward_lse(lse2)
+        out, lse = launch.attention_forward(q, k, v, launch_table, kpm, seed, *args, segs=segs)
+        if not with_lse:
             ctx.mark_non_differentiable(lse)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.table, ctx.kpm, ctx.segs, ctx.seed, ctx.args, ctx.with_lse = launch_table, kpm, segs, seed, args, with_lse
-        ctx.has_table = dist_table is not None
         ctx.set_materialize_grads(False)  # no zeros for the log-sum-exp's gradient when it has none
         return out, lse
 
@@ -183,20 +177,18 @@ class _EagerAttention(torch.autograd.Function):
         q, k, v, out, lse = ctx.saved_tensors
         if grad_out is None:
             grad_out = torch.zeros_like(out)
-        if ctx.with_lse:
-            lse, grad_lse = launch.kernel_lse(lse, grad_lse)
-        else:
+        if not ctx.with_lse:
             grad_lse = None
         dq, dk, dv, ddt, *_ = launch.attention_backward(
             grad_out, q, k, v, out, lse, ctx.table, ctx.kpm, ctx.seed, *ctx.args, grad_lse, segs=ctx.segs
         )
-        return dq, dk, dv, ddt if ctx.has_table else None, None, None, None, None, None, None
+        return dq, dk, dv, ddt, None, None, None, None, None, None
 
 
 def _eager(q, k, v, bias, key_padding_mask, seed, causal, q_offset, scale, dropout_p, window, q_segment_ids,
            k_segment_ids, with_lse=True):  # fmt: skip
     """`_EagerAttention` on the ops' arguments (`bias`: the distance table, a `PositionBias` or None;
-    `seed`: a `(1,)` int64 tensor or None) -> (out `(B, H, Lq, D)`, lse `(B, H, Lq)`)."""
+    `seed`: a `(1,)` int64 tensor or None) -> (out `(B, H, Lq, D)`, log2-domain lse `(B, H, Lq)`)."""
     segs = launch._segments(q_segment_ids, k_segment_ids, key_padding_mask)
     kpm = None if segs is not None else key_padding_mask  # the launchers convert it once (`launch.key_bias`)
     dist_table = bias.dist_table if isinstance(bias, launch.PositionBias) else bias
@@ -228,13 +220,15 @@ def attention_with_lse(
     output `(B, H, Lq, D)` and each row's log-sum-exp `(B, H, Lq)` fp32 (-inf where no key is
     allowed), both differentiable. `window` >= 0 limits keys to |j - (q_offset + i)| <= window;
     segment ids (packed rows) to the keys of the query's segment."""
-    return _attention(q, k, v, dist_table, key_padding_mask, causal, q_offset, scale, dropout_p, window,
-                      q_segment_ids, k_segment_ids, with_lse=True)  # fmt: skip
+    out, lse2 = _attention(q, k, v, dist_table, key_padding_mask, causal, q_offset, scale, dropout_p, window,
+                           q_segment_ids, k_segment_ids, with_lse=True)  # fmt: skip
+    return out, launch.natural_lse(lse2)
 
 
 def _attention(q, k, v, bias, key_padding_mask, causal, q_offset, scale, dropout_p, window, q_segment_ids,
                k_segment_ids, *, with_lse: bool) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-    """The eager path or, under torch.compile, the ops (on the distance table: an op takes tensors)."""
+    """The eager path or, under torch.compile, the ops (on the distance table: an op takes tensors):
+    out `(B, H, Lq, D)` and the log2-domain log-sum-exp."""
     seed = _draw_seed(dropout_p)
     args = (causal, q_offset, float(scale), float(dropout_p), int(window), q_segment_ids, k_segment_ids)
     if not torch.compiler.is_compiling():
@@ -242,30 +236,6 @@ def _attention(q, k, v, bias, key_padding_mask, causal, q_offset, scale, dropout
     dist_table = bias.dist_table if isinstance(bias, launch.PositionBias) else bias
     out, lse = torch.ops.fastseq.bucketed_attention_fwd(q, k, v, dist_table, key_padding_mask, seed, *args)
     return out.transpose(1, 2), lse  # (B, H, Lq, D), (B, H, Lq)
-
-
-def _bucketed_attention_triton(
-    q,
-    k,
-    v,
-    bias_table,
-    *,
-    bidirectional,
-    max_distance,
-    causal,
-    key_padding_mask,
-    q_offset,
-    scale,
-    dropout_p,
-    q_segment_ids,
-    k_segment_ids,
-) -> torch.Tensor:
-    bias = bias_table
-    if bias_table is not None and not isinstance(bias_table, launch.PositionBias):
-        bias = launch.distance_table(bias_table, bidirectional=bidirectional, max_distance=max_distance)
-    out, _ = _attention(q, k, v, bias, key_padding_mask, causal, q_offset, scale, dropout_p, -1, q_segment_ids,
-                        k_segment_ids, with_lse=False)  # fmt: skip
-    return out
 
 
 def unsupported_inputs(q: torch.Tensor) -> str | None:
@@ -319,26 +289,29 @@ def bucketed_attention(
         raise ValueError(f"bucketed_attention: dropout_p must be in [0, 1); got {dropout_p}")
     if q_offset < 0:
         raise ValueError(f"bucketed_attention: q_offset must be >= 0; got {q_offset}")
-    if isinstance(bias_table, launch.PositionBias):
+    prepared = isinstance(bias_table, launch.PositionBias)
+    if prepared:
         bias_table.check("bucketed_attention", bidirectional, max_distance)
-    kwargs = dict(
-        bidirectional=bidirectional,
-        max_distance=max_distance,
-        causal=causal,
-        key_padding_mask=key_padding_mask,
-        q_offset=q_offset,
-        scale=scale,
-        dropout_p=dropout_p,
-        q_segment_ids=q_segment_ids,
-        k_segment_ids=k_segment_ids,
-    )
     if dtype := autocast_dtype(q, k, v):
         with autocast_off(q):
-            return bucketed_attention(*autocast_cast(dtype, q, k, v), bias_table, **kwargs)
+            return bucketed_attention(
+                *autocast_cast(dtype, q, k, v), bias_table, bidirectional=bidirectional, max_distance=max_distance,
+                causal=causal, key_padding_mask=key_padding_mask, q_offset=q_offset, scale=scale, dropout_p=dropout_p,
+                q_segment_ids=q_segment_ids, k_segment_ids=k_segment_ids,
+            )  # fmt: skip
     unsupported = functools.partial(unsupported_inputs, q)
     if use_triton("bucketed_attention", HAS_TRITON_KERNEL, q, k, v, unsupported=unsupported):
-        return _bucketed_attention_triton(q, k, v, bias_table, **kwargs)
-    return bucketed_attention_reference(q, k, v, launch.bucket_table(bias_table), **kwargs)
+        bias = bias_table
+        if bias_table is not None and not prepared:
+            bias = launch.distance_table(bias_table, bidirectional=bidirectional, max_distance=max_distance)
+        out, _ = _attention(q, k, v, bias, key_padding_mask, causal, q_offset, scale, dropout_p, -1, q_segment_ids,
+                            k_segment_ids, with_lse=False)  # fmt: skip
+        return out
+    return bucketed_attention_reference(
+        q, k, v, launch.bucket_table(bias_table), bidirectional=bidirectional, max_distance=max_distance, causal=causal,
+        key_padding_mask=key_padding_mask, q_offset=q_offset, scale=scale, dropout_p=dropout_p,
+        q_segment_ids=q_segment_ids, k_segment_ids=k_segment_ids,
+    )  # fmt: skip
 
 
 # Feature sets of the compile-only builds. The heaviest that a launcher can pick: T5's decoder
