@@ -179,7 +179,7 @@ TRITON_CASES = [
 
 def _random_inputs(case, *, dtype=torch.float32, seed=0, device=DEVICE):
     g = torch.Generator().manual_seed(seed)
-    B, H, D = 2, 3, case["D"]
+    B, H, D = case.get("B", 2), 3, case["D"]
     q = torch.randn(B, H, case["Lq"], D, generator=g, dtype=torch.float64)
     k = torch.randn(B, H, case["Lk"], D, generator=g, dtype=torch.float64)
     v = torch.randn(B, H, case["Lk"], D, generator=g, dtype=torch.float64)
@@ -449,22 +449,25 @@ def dq_slot_bytes(D, dtype, cut, global_cut=None):
 
 
 @pytest.mark.parametrize(
-    "slots,tiles", [(3, "interpreter"), (3, "head-chunks"), *(pytest.param(n, "interpreter", marks=pytest.mark.slow)
-                                                            for n in (7, 16))]
+    "slots,tiles,B", [(3, "interpreter", 2), (3, "head-chunks", 2), (30, "interpreter", 3),
+                      *(pytest.param(n, "interpreter", 2, marks=pytest.mark.slow) for n in (7, 16))]
 )  # fmt: skip
-def test_triton_dq_scratch_is_bounded(slots, tiles, triton_backend, monkeypatch, request):
+def test_triton_dq_scratch_is_bounded(slots, tiles, B, triton_backend, monkeypatch, request):
     """The dQ programs' buffers (a dS tile and a per-distance row each, for the bias gradient) take at
     most _DQ_SCRATCH_BYTES per launch, whatever B * H * L; one buffer per program of the whole
-    backward took 4 GiB at t5-11b (B = 32, L = 4096). Squeezed to 3, 7 or 16 programs' worth, the
-    backward runs in chunks of query tiles, of heads or of batch elements; dQ, dK and dV are bitwise
-    those of one launch, and the table's gradient adds the same partials in another order. On tiles
-    written in chunks of the head dim (`chunked_tiles`), the launches after the first start at a later
-    query tile (`m_base`) with several programs per tile."""
+    backward took 4 GiB at t5-11b (B = 32, L = 4096). Squeezed to 3, 7, 16 or 30 programs' worth, the
+    backward runs in chunks of query tiles, of heads or of batch elements (30 of the 45 programs of
+    B = 3: every head of two batch elements, then of the third, where the slots' head-major order
+    differs from a batch-major one); dQ, dK and dV are bitwise those of one launch, and the table's
+    gradient adds the same partials in another order. On tiles written in chunks of the head dim
+    (`chunked_tiles`), the launches after the first start at a later query tile (`m_base`) with
+    several programs per tile."""
     if tiles == "head-chunks":
         request.getfixturevalue("chunked_tiles")
-    case = dict(Lq=70, Lk=70, D=16, causal=False, bidirectional=True, mask=True, q_offset=0, scale=1.0, bias=True)
+    case = dict(Lq=70, Lk=70, D=16, causal=False, bidirectional=True, mask=True, q_offset=0, scale=1.0, bias=True,
+                B=B)  # fmt: skip
     leaves, mask = _random_inputs(case)
-    grad_out = torch.randn(2, 3, case["Lq"], case["D"], device=DEVICE)
+    grad_out = torch.randn(B, 3, case["Lq"], case["D"], device=DEVICE)
     one = record_dq_launches(monkeypatch)
     expected = _run(leaves, mask, case, grad_out)
     assert len(one) == 1
@@ -802,6 +805,59 @@ def test_triton_eager_path_is_the_custom_ops(triton_backend):
         results.append((out, lse, *torch.autograd.grad(loss, leaves)))
     for name, a, b in zip("out lse q k v bias_table".split(), *results, strict=True):
         assert torch.equal(a, b), name
+
+
+def test_triton_log_sum_exp_and_its_gradient_against_float64(triton_backend):
+    """`attention_with_lse`: each row's natural log-sum-exp (-inf where no key is allowed) and the
+    gradients of a loss on the output and the log-sum-exp, against float64 autograd from the definition:
+    bias, padding, causal with a query offset, and a batch element whose keys are all padding."""
+    from fastseq.kernels.bucketed_attention import attention_with_lse
+
+    case = dict(Lq=20, Lk=24, D=16, causal=True, bidirectional=False, mask=True, q_offset=4, scale=0.5, bias=True)
+    leaves, mask = _random_inputs(case)
+    mask[1] = 0  # batch element 1 has no key
+    g = torch.Generator().manual_seed(2)
+    w_out = torch.randn(2, 3, 20, 16, generator=g).to(DEVICE)
+    w_lse = torch.randn(2, 3, 20, generator=g).to(DEVICE)
+
+    def loss(out, lse):
+        return (out * w_out).sum() + (torch.where(torch.isinf(lse), 0.0, lse) * w_lse).sum()
+
+    table = distance_table(leaves[3], bidirectional=False, max_distance=12)
+    out, lse = attention_with_lse(*leaves[:3], table, key_padding_mask=mask, causal=True, q_offset=4, scale=0.5)
+    grads = torch.autograd.grad(loss(out, lse), leaves)
+
+    q, k, v, bias_table = (t.detach().double().requires_grad_() for t in leaves)
+    allowed = _allowed(mask, case, 2, 20, 24, DEVICE)  # (B, 1, Lq, Lk)
+    bias = relative_bias(bias_table, 20, 24, bidirectional=False, max_distance=12, q_offset=4)
+    s = (q @ k.transpose(-1, -2) * 0.5 + bias).masked_fill(~allowed, float("-inf"))
+    some = allowed.any(-1)  # (B, 1, Lq): rows with a key
+    safe = s.masked_fill(~some[..., None], 0.0)
+    ref_lse = torch.where(some, torch.logsumexp(safe, -1), float("-inf"))
+    ref_out = (torch.softmax(safe, -1) * some[..., None]) @ v
+    ref_grads = torch.autograd.grad(loss(ref_out, ref_lse), (q, k, v, bias_table))
+
+    assert torch.equal(torch.isinf(lse), ~some.expand_as(lse)) and (lse[torch.isinf(lse)] < 0).all()
+    assert_close(lse[~torch.isinf(lse)], ref_lse[~torch.isinf(ref_lse)], rel=1e-5, what="log-sum-exp")
+    assert_close(out, ref_out, rel=1e-5, what="out")
+    for name, got, expected in zip(["q", "k", "v", "bias_table"], grads, ref_grads, strict=True):
+        assert_close(got, expected, rel=2e-5, floor=1.0, what=f"grad of {name}")
+
+
+@pytest.mark.parametrize("Lq,Lk", [(0, 5), (4, 0)], ids=["no-query", "no-key"])
+def test_triton_no_query_or_no_key_gives_zero_gradients(Lq, Lk, triton_backend):
+    """A call with no query or no key returns an empty or zero output and zero gradients (the table's
+    too), as the reference does, without a launch."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, n, 16, generator=g).to(DEVICE).requires_grad_() for n in (Lq, Lk, Lk))
+    table = torch.randn(8, 3, generator=g).to(DEVICE).requires_grad_()
+    mask = torch.ones(2, Lk, dtype=torch.long, device=DEVICE)
+    out = bucketed_attention(q, k, v, table, key_padding_mask=mask, causal=True, bidirectional=False, max_distance=12,
+                             dropout_p=0.1)  # fmt: skip
+    assert out.shape == (2, 3, Lq, 16) and not out.any()
+    grads = torch.autograd.grad(out, (q, k, v, table), torch.ones_like(out))
+    for t, grad in zip((q, k, v, table), grads, strict=True):
+        assert grad.shape == t.shape and not grad.any()
 
 
 def test_triton_call_is_the_custom_ops(triton_backend):

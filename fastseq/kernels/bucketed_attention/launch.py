@@ -577,25 +577,28 @@ def attention_backward(do, q, k, v, out, lse, dist_table, key_padding_mask, seed
     has_bias, has_gbias = dist_table is not None, gdist is not None
     cut, cut_g = _cut_of(dist_table), _cut_of(gdist)
     row, grow = (2 * cut + 1 if has_bias else 0), (2 * cut_g + 1 if has_gbias else 0)
+    dgk = dgv = None
+    if globals_ is not None:
+        dgk, dgv = _like_heads(B, H, G, D, globals_.k), _like_heads(B, H, G, D, globals_.v)
+    if Lq == 0 or Lk == 0:  # no query or no key: every gradient is zero, and there is nothing to launch
+        dq, dk, dv = _like_heads(B, H, Lq, D, q), _like_heads(B, H, Lk, D, k), _like_heads(B, H, Lk, D, v)
+        for t in (dq, dk, dv, dgk, dgv):
+            if t is not None:
+                t.zero_()
+        return dq, dk, dv, _table_grad(None, row, dq), dgk, dgv, _table_grad(None, grow, dq)
     flags = (key_padding_mask is not None, causal, window >= 0, dropout_p > 0.0, segs is not None)
     plan = _backward_plan(B, H, Lq, Lk, D, q.dtype, device, _tile_source(), G, gbs, row, grow, flags,
                           _DQ_SCRATCH_BYTES)  # fmt: skip
     absent = plan.absent
     gk = gv = absent.keys
-    caps, dgk, dgv = absent.caps, None, None
+    caps = absent.caps
     if globals_ is not None:
         gk, gv, caps = last_dim_contiguous(globals_.k), last_dim_contiguous(globals_.v), globals_.caps
-        dgk, dgv = _like_heads(B, H, G, D, gk), _like_heads(B, H, G, D, gv)
     _check_batch_span(do)  # q, k, v and the global tokens passed the forward's check, out is the forward's
     dq = torch.empty_strided((B, H, Lq, D), plan.q_stride, dtype=q.dtype, device=device)
     dk = torch.empty_strided((B, H, Lk, D), plan.k_stride, dtype=k.dtype, device=device)
     dv = torch.empty_strided((B, H, Lk, D), plan.k_stride, dtype=v.dtype, device=device)
     grads = [None, None]  # the tables' gradients, None until a launch writes them
-    if Lq == 0 or Lk == 0:  # no key seen: every gradient is zero
-        for t in (dq, dk, dv, dgk, dgv):
-            if t is not None:
-                t.zero_()
-        return dq, dk, dv, _table_grad(grads[0], row, dq), dgk, dgv, _table_grad(grads[1], grow, dq)
     delta = torch.empty((B, H, Lq), dtype=torch.float32, device=device)
     os_, dos = out.stride(), do.stride()
     _bucketed_attention_bwd_preprocess_kernel[(plan.num_m, H, B)](
