@@ -165,6 +165,30 @@ def test_triton_against_float64(L, with_globals, triton_backend):
             assert_close(got.cpu(), ref, rel=2e-5, floor=1.0, what=f"grad of {name}")
 
 
+def test_triton_global_tokens_without_their_table_against_float64(triton_backend):
+    """Global tokens with no global bias table (`global_bias_table=None`, no bias to them): the output and
+    the gradients of q, k, v, the local table and the global keys and values against float64."""
+    from fastseq.kernels.local_attention import local_attention_reference
+
+    leaves, mask = _triton_case(37, True)
+    leaves = leaves[:4] + leaves[5:]  # q, k, v, the local table, the global keys and values
+
+    def call(fn, ts, m):
+        return fn(*ts[:4], radius=RADIUS, max_distance=12, key_padding_mask=m, global_block_size=GLOBAL_BLOCK,
+                  global_k=ts[4], global_v=ts[5])  # fmt: skip
+
+    out = call(local_attention, leaves, mask)
+    keep = mask.bool()[:, None, :, None].to(out.dtype)  # padded queries are unspecified
+    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(DEVICE) * keep
+    grads = torch.autograd.grad(out, leaves, grad_out)
+    ref_leaves = [t.detach().cpu().double().requires_grad_() for t in leaves]
+    expected = call(local_attention_reference, ref_leaves, mask.cpu())
+    ref_grads = torch.autograd.grad(expected, ref_leaves, grad_out.cpu().double())
+    assert_close((out * keep).detach().cpu(), expected * keep.cpu(), rel=1e-5, what="out")
+    for name, got, ref in zip(["q", "k", "v", "bias_table", "global_k", "global_v"], grads, ref_grads, strict=True):
+        assert_close(got.cpu(), ref, rel=2e-5, floor=1.0, what=f"grad of {name}")
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 def test_triton_half_precision_close_to_float64(dtype, triton_backend):
     from fastseq.kernels.local_attention import local_attention_reference

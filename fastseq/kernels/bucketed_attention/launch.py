@@ -217,11 +217,16 @@ def quantized_dropout(dropout_p: float) -> float:
     return min(round(dropout_p * 256), 255) / 256
 
 
+def _heads_stride(H: int, L: int, D: int) -> tuple[int, int, int, int]:
+    """The strides of `_like_heads`' tensors: those of a contiguous `(B, L, H, D)`, as torch gives them."""
+    row, head = max(H, 1) * max(D, 1), max(D, 1)
+    return max(L, 1) * row, head, row, 1
+
+
 def _like_heads(B: int, H: int, L: int, D: int, ref: torch.Tensor) -> torch.Tensor:
     """An empty `(B, H, L, D)` tensor laid out as `(B, L, H, D)`, so that merging the heads after
     attention (`transpose(1, 2).reshape(B, L, H * D)`) is free."""
-    row, head = max(H, 1) * max(D, 1), max(D, 1)  # the strides of a contiguous (B, L, H, D), as torch gives them
-    return torch.empty_strided((B, H, L, D), (max(L, 1) * row, head, row, 1), dtype=ref.dtype, device=ref.device)
+    return torch.empty_strided((B, H, L, D), _heads_stride(H, L, D), dtype=ref.dtype, device=ref.device)
 
 
 # The dQ programs' slots (`attention_backward`) take at most this many bytes per launch: a backward runs as
@@ -260,11 +265,6 @@ def _check_batch_span(*tensors: torch.Tensor | None) -> None:
             )
 
 
-def _row_strides(*tensors: torch.Tensor) -> tuple[int, ...]:
-    """The batch, head and row strides of each `(B, H, L, D)` tensor, in the kernels' argument order."""
-    return tuple(stride for t in tensors for stride in t.stride()[:3])
-
-
 def _cut(dist_table: torch.Tensor | None) -> int:
     return 0 if dist_table is None else (dist_table.shape[1] - 1) // 2
 
@@ -282,13 +282,10 @@ def _kernel_table(dist_table: torch.Tensor, pad: int, causal: bool = False) -> t
     return table.contiguous()
 
 
-def _table_args(dist_table: torch.Tensor | PositionBias | None, device: torch.device, block_m: int, block_n: int,
-                causal: bool = False):  # fmt: skip
-    """The padded table a launch with (block_m, block_n) tiles reads and the cut-off C (a placeholder and
-    0 without a bias); a `PositionBias` gives the copy it keeps. `causal`: the table masks the keys after
-    each query (`_kernel_table`)."""
-    if dist_table is None:
-        return placeholder((1,), torch.float32, device), 0
+def _table_args(dist_table: torch.Tensor | PositionBias, block_m: int, block_n: int, causal: bool = False):
+    """The padded table a launch with (block_m, block_n) tiles reads and the cut-off C (a launch without
+    a bias passes its plan's placeholder, `_Absent`); a `PositionBias` gives the copy it keeps. `causal`:
+    the table masks the keys after each query (`_kernel_table`)."""
     if isinstance(dist_table, PositionBias):
         return dist_table.padded(block_m + block_n, causal), dist_table.cut
     return _kernel_table(dist_table, block_m + block_n, causal), _cut(dist_table)
@@ -305,15 +302,6 @@ class GlobalTokens(NamedTuple):
     dist_table: torch.Tensor | PositionBias | None
     caps: torch.Tensor
     block_size: int
-
-
-def _global_args(globals_: GlobalTokens | None, q: torch.Tensor):
-    """Kernel arguments for the global tokens (placeholders without them)."""
-    if globals_ is None:
-        empty = placeholder((0, 1, 1, 1), q.dtype, q.device)
-        return empty, empty, None, placeholder((1,), torch.int32, q.device), 0, 1
-    gk, gv = last_dim_contiguous(globals_.k), last_dim_contiguous(globals_.v)
-    return gk, gv, globals_.dist_table, globals_.caps, gk.shape[2], globals_.block_size
 
 
 class Segments(NamedTuple):
@@ -365,16 +353,6 @@ def _segment_spans(rows: torch.Tensor, cols: torch.Tensor, block: int) -> torch.
     return torch.stack([lo.view(B, tiles, block).amin(2), hi.view(B, tiles, block).amax(2)], 1).contiguous()
 
 
-def _segment_args(segs: Segments | None, q: torch.Tensor, rows: str, block: int) -> tuple:
-    """Kernel arguments for packed rows: query ids, key ids and the spans of the launch's tiles of
-    `rows` ("q": query tiles over keys, "k": key tiles over queries); placeholders without."""
-    if segs is None:
-        empty = placeholder((1, 1), torch.int32, q.device)
-        return empty, empty, empty
-    spans = _segment_spans(segs.q, segs.k, block) if rows == "q" else _segment_spans(segs.k, segs.q, block)
-    return segs.q, segs.k, spans
-
-
 def _tile_source() -> tuple[int, ...] | None:
     """What `_tiles` reads besides its arguments (the interpreter's tile; None off the interpreter): part
     of the key of every plan below."""
@@ -398,12 +376,6 @@ class _Absent(NamedTuple):
 def _absent(dtype: torch.dtype, device: torch.device) -> _Absent:
     return _Absent(placeholder((1,), torch.float32, device), placeholder((1, 1), torch.int32, device),
                    placeholder((0, 1, 1, 1), dtype, device), placeholder((1,), torch.int32, device))  # fmt: skip
-
-
-def _heads_stride(H: int, L: int, D: int) -> tuple[int, int, int, int]:
-    """The strides of `_like_heads`' tensors."""
-    row, head = max(H, 1) * max(D, 1), max(D, 1)
-    return max(L, 1) * row, head, row, 1
 
 
 class _ForwardPlan(NamedTuple):
@@ -461,7 +433,8 @@ def attention_forward(q, k, v, dist_table, key_padding_mask, seed, causal, q_off
     gtable, cut_g, caps = absent.table, 0, absent.caps
     if globals_ is not None:
         gk, gv, caps = last_dim_contiguous(globals_.k), last_dim_contiguous(globals_.v), globals_.caps
-        gtable, cut_g = _table_args(globals_.dist_table, q.device, plan.block_m, plan.block_n)
+        if globals_.dist_table is not None:
+            gtable, cut_g = _table_args(globals_.dist_table, plan.block_m, plan.block_n)
         _check_batch_span(gk, gv)
     _check_batch_span(q, k, v)
     out = torch.empty_strided((B, H, Lq, D), plan.out_stride, dtype=q.dtype, device=q.device)
@@ -474,7 +447,7 @@ def attention_forward(q, k, v, dist_table, key_padding_mask, seed, causal, q_off
         qseg, kseg, spans = segs.q, segs.k, _segment_spans(segs.q, segs.k, plan.block_m)
     table, cut = absent.table, 0
     if dist_table is not None:
-        table, cut = _table_args(dist_table, q.device, plan.block_m, plan.block_n, causal)
+        table, cut = _table_args(dist_table, plan.block_m, plan.block_n, causal)
     qs, ks, vs, gks, gvs, os_ = q.stride(), k.stride(), v.stride(), gk.stride(), gv.stride(), plan.out_stride
     _bucketed_attention_fwd_kernel[plan.grid](
         q, k, v, table, kpm, gk, gv, gtable, caps, qseg, kseg, spans, out, lse,
@@ -622,7 +595,7 @@ def attention_backward(do, q, k, v, out, lse, dist_table, key_padding_mask, seed
     ):
         padded, keys_cut = absent.table, 0
         if keys_table is not None:
-            padded, keys_cut = _table_args(keys_table, device, bm, bn, keys_causal)
+            padded, keys_cut = _table_args(keys_table, bm, bn, keys_causal)
         kks, kvs, dks = keys_k.stride(), keys_v.stride(), grad_k.stride()
         _bucketed_attention_bwd_dkdv_kernel[(cdiv(n_keys, bn) * plan.dkdv_chunks, H, B)](
             q, keys_k, keys_v, padded, kpm, caps, qseg, kseg, spans, do, lse, delta, grad_k, grad_v,
@@ -646,9 +619,9 @@ def attention_backward(do, q, k, v, out, lse, dist_table, key_padding_mask, seed
     block_m, block_n = plan.dq_block
     table = gtable = absent.table
     if dist_table is not None:
-        table, _ = _table_args(dist_table, device, block_m, block_n, causal)
+        table, _ = _table_args(dist_table, block_m, block_n, causal)
     if gdist is not None:
-        gtable, _ = _table_args(gdist, device, block_m, block_n)
+        gtable, _ = _table_args(gdist, block_m, block_n)
     if segs is not None:
         spans = _segment_spans(segs.q, segs.k, block_m)
     dqs = dq.stride()
