@@ -62,17 +62,26 @@ else:
 if interpreting():
 
     @triton.jit
-    def _fp32_here(x):
+    def _opaque(x, FENCE: tl.constexpr = True):
         return x
 
 else:
 
     @triton.jit
-    def _fp32_here(x):
-        """x, kept in fp32 where it is made: LLVM moves a `where(keep, p, 0)` past the bf16 conversion of p
-        that follows it, onto the packed 16-bit halves, which cost a PRMT and a SEL a half against one FSEL
-        (the dropout of the forward's key loop, the static report)."""
-        return tl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r", [x], dtype=tl.float32, is_pure=True, pack=1)
+    def _opaque(x, FENCE: tl.constexpr = True):
+        """x through a `mov.b32` that neither LLVM nor Triton's passes see through: with FENCE one with side
+        effects, else a pure one. A dropout-masked tile goes through it. Pure, it keeps `where(keep, p, 0)`
+        in fp32: LLVM moved it past the bf16 conversion that follows, onto the packed 16-bit halves, a PRMT
+        and a SEL per half against one FSEL. With FENCE Triton's choice of a product's operand layout no
+        longer crosses it either: it picks kWidth from the ops behind the operand (a pure asm included),
+        and the mask's joins (`_dropout_keep`) made it 4 for bf16 where ldmatrix gives pairs, so that on
+        mma.sync the registers were reordered before every product. On sm_80 the t5 build's dK/dV key
+        loop ran 135 such moves at D = 64 (590 instructions, 462 without them), 982 instructions at
+        D = 128 (634 without), and the forward's at D = 64 747 under Triton 3.6 (647): the static report."""
+        if FENCE:
+            return tl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r", [x], dtype=tl.float32, is_pure=False, pack=1)
+        else:
+            return tl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r", [x], dtype=tl.float32, is_pure=True, pack=1)
 
 
 @triton.jit
@@ -236,6 +245,30 @@ def _key_tiles(m0, Lk, q_offset, window, SPAN_b, num_tiles, CAUSAL: tl.constexpr
 
 
 @triton.jit
+def _philox7(seed, c0, c1):
+    """Philox4x32 with seven rounds, of the counter (c0, c1, 0, 0) under the key (the seed's low and high
+    words): `tl.philox(seed, c0, c1, 0, 0, 7)` word for word, but each round's two products are 32 x 32
+    -> 64-bit multiplies (one IMAD.WIDE.U32 each, where `umulhi` and the low product were two IMADs)."""
+    seed = tl.core.to_tensor(seed).to(tl.uint64)
+    k0 = (seed & 0xFFFFFFFF).to(tl.uint32)
+    k1 = ((seed >> 32) & 0xFFFFFFFF).to(tl.uint32)
+    c2 = tl.zeros_like(c0)
+    c3 = tl.zeros_like(c0)
+    for _ in tl.static_range(7):
+        a = c0.to(tl.uint64) * 0xD2511F53
+        b = c2.to(tl.uint64) * 0xCD9E8D57
+        c0, c1, c2, c3 = (
+            (b >> 32).to(tl.uint32) ^ c1 ^ k0,
+            b.to(tl.uint32),
+            (a >> 32).to(tl.uint32) ^ c3 ^ k1,
+            a.to(tl.uint32),
+        )
+        k0 += 0x9E3779B9
+        k1 += 0xBB67AE85
+    return c0, c1, c2, c3
+
+
+@triton.jit
 def _dropout_keep(seed, bh, m0, k0, Lq, dropout_p, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """The keep mask `(BLOCK_M, BLOCK_N)` of rows m0 + i (m0 a multiple of 16) and keys k0 + n (k0 a
     multiple of min(BLOCK_N, 32)). One Philox4x32 call (seven rounds, the fewest of the family that
@@ -261,8 +294,7 @@ def _dropout_keep(seed, bh, m0, k0, Lq, dropout_p, BLOCK_M: tl.constexpr, BLOCK_
     shape: tl.constexpr = (MB, 8, NB, 4)
     c0 = tl.broadcast_to(k0 - k0 % 32 + 32 * nb + 2 * q, shape).to(tl.uint32, bitcast=True)
     c1 = tl.broadcast_to(bh * (tl.cdiv(Lq, 16) * 16) + m0 + 16 * mb + lane_row, shape).to(tl.uint32, bitcast=True)
-    zero = tl.zeros_like(c0)
-    w0, w1, w2, w3 = tl.philox(seed, c0, c1, zero, zero, 7)
+    w0, w1, w2, w3 = _philox7(seed, c0, c1)
     words = tl.join(tl.join(w0, w1), tl.join(w2, w3))  # (..., x, r): word x + 2 r
     # Byte j of a word is below t exactly when the word shifted left by 24 - 8 j is below t * 2^24: no byte
     # is extracted (that took a PRMT and more an element, the static report).
@@ -305,7 +337,7 @@ def _softmax_step(s, v, m_i, l_i, acc, seed, bh, m0, k0, Lq, dropout_p, DROPOUT:
     l_i = l_i * alpha + tl.sum(p, 1)
     if DROPOUT:
         keep = _dropout_keep(seed, bh, m0, k0, Lq, dropout_p, s.shape[0], s.shape[1])
-        p = _fp32_here(tl.where(keep, p, 0.0))
+        p = _opaque(tl.where(keep, p, 0.0))
     acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, PRECISION)
     return m_new, l_i, acc
 
@@ -514,19 +546,24 @@ def _accumulate(acc, a, b, live, APART: tl.constexpr, PRECISION: tl.constexpr):
 
 @triton.jit
 def _grad_scores(s, lse, delta, do, v, seed, bh, m0, k0, Lq, dropout_p, DROPOUT: tl.constexpr,
-                 PRECISION: tl.constexpr, KEY_MAJOR: tl.constexpr = False):  # fmt: skip
+                 PRECISION: tl.constexpr, KEY_MAJOR: tl.constexpr = False, OPAQUE: tl.constexpr = True):  # fmt: skip
     """The backward of one tile of scores: Z, P (rows without keys have lse = +inf: P = 0) as the
     forward applied it to V, dropped entries zeroed but the kept ones without their 1 / (1 - p) (dV
     takes it once, at its end, `_softmax_step`), and dS = P * (dP - delta), dP = dO V^T through the
-    same dropout (KEY_MAJOR: `_dot_t`)."""
+    same dropout (KEY_MAJOR: `_dot_t`). With dropout and OPAQUE, Z and dS come through `_opaque`, for
+    their products' operand layout. dK/dV asks for that only below Hopper (APART): on sm_90 its t5 key
+    loop at D = 64 ran 723 instructions with both, 802 with dS alone, against 680 without."""
     p = tl.math.exp2(s - lse[:, None])
     dp = _dot_t(do, v, KEY_MAJOR, PRECISION)
     z = p
     if DROPOUT:
         keep = _dropout_keep(seed, bh, m0, k0, Lq, dropout_p, s.shape[0], s.shape[1])  # k0: the first key's id
-        z = _fp32_here(tl.where(keep, p, 0.0))
+        z = _opaque(tl.where(keep, p, 0.0), OPAQUE)
         dp = tl.where(keep, dp, 0.0) * (1.0 / (1.0 - dropout_p))  # one FFMA with the delta below
-    return z, p * (dp - delta[:, None])
+    ds = p * (dp - delta[:, None])
+    if DROPOUT and OPAQUE:
+        ds = _opaque(ds)
+    return z, ds
 
 
 @triton.jit

@@ -208,7 +208,7 @@ def _bucketed_attention_bwd_dkdv_kernel(
                              kseg, HAS_BIAS, HAS_KPM, CAUSAL, WINDOWED, HAS_SEG, BLOCK_M, BLOCK_N, PRECISION,
                              KEY_MAJOR)
         z, ds = _grad_scores(s, lse, delta, do, v, seed, bh, m0, _dropout_base(key_base) + n0, Lq, dropout_p,
-                             DROPOUT, PRECISION, KEY_MAJOR)
+                             DROPOUT, PRECISION, KEY_MAJOR, APART)
         if BLOCK_DC < BLOCK_D:  # this program's columns of Q and dO (the scores took them whole)
             chunk_mask = row_ok[:, None] & dc_ok[None, :]
             q = tl.load(Q_bh + offs_m[:, None] * stride_qm + offs_dc[None, :], mask=chunk_mask, other=0.0)
