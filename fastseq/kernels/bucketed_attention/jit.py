@@ -263,8 +263,8 @@ def _philox7(seed, c0, c1):
             (a >> 32).to(tl.uint32) ^ c3 ^ k1,
             a.to(tl.uint32),
         )
-        k0 += 0x9E3779B9
-        k1 += 0xBB67AE85
+        k0 = tl.add(k0, 0x9E3779B9, sanitize_overflow=False)  # the key schedule wraps (debug mode checks adds)
+        k1 = tl.add(k1, 0xBB67AE85, sanitize_overflow=False)
     return c0, c1, c2, c3
 
 
@@ -550,9 +550,10 @@ def _grad_scores(s, lse, delta, do, v, seed, bh, m0, k0, Lq, dropout_p, DROPOUT:
     """The backward of one tile of scores: Z, P (rows without keys have lse = +inf: P = 0) as the
     forward applied it to V, dropped entries zeroed but the kept ones without their 1 / (1 - p) (dV
     takes it once, at its end, `_softmax_step`), and dS = P * (dP - delta), dP = dO V^T through the
-    same dropout (KEY_MAJOR: `_dot_t`). With dropout and OPAQUE, Z and dS come through `_opaque`, for
-    their products' operand layout. dK/dV asks for that only below Hopper (APART): on sm_90 its t5 key
-    loop at D = 64 ran 723 instructions with both, 802 with dS alone, against 680 without."""
+    same dropout (KEY_MAJOR: `_dot_t`). With dropout Z goes through `_opaque`, fenced under OPAQUE,
+    and under OPAQUE dS does too: the products that take them keep mma.sync's operand layout. dK/dV
+    asks for OPAQUE where its products run apart (APART: below Hopper, 16 rows a warp); on sm_90 the
+    fences cost its t5 key loop at D = 64 43 instructions (680 to 723, before `_philox7`)."""
     p = tl.math.exp2(s - lse[:, None])
     dp = _dot_t(do, v, KEY_MAJOR, PRECISION)
     z = p

@@ -71,7 +71,7 @@ def _parse_tiles(text: str) -> Tiles:
 # warp instructions against 1.44 at D = 64 and 1.92 against 3.51 at D = 128, with no spill under 3.6 or 3.9. sm_86's
 # forward at D = 128, T5's and LongT5's, takes 128 x 32 with 8 warps and 2 stages: per score its t5 key loop runs 1.09
 # against 2.88, LongT5's 1.31 against 1.94. dQ at D = 128 below Hopper stays 32 x 64 on 8 warps, its mask through
-# shared memory (21 barriers against 9 for the bias build): 64- and 128-row tiles, apart or not, spilled 8 to 120
+# shared memory (22 barriers against 9 for the bias build): 64- and 128-row tiles, apart or not, spilled 8 to 120
 # bytes under 3.6 or 3.9, and 128 x 16 ran as many instructions a score.
 # sm_90's dK/dV, T5's and LongT5's, takes 128 query rows by 64 keys with 8 warps and one stage at D = 16 to
 # 128: with 32 keys its products over the key tile (dV += P^T dO, dK += dS^T Q) had M = 32 and stayed
@@ -190,15 +190,17 @@ def _decode_rows(arch: int) -> int:
 
 
 def _short_tile(tile: tuple[int, int, int, int], rows: int) -> tuple[int, int, int, int]:
-    """A forward tile cut to at most `rows` query rows: a 16-row one takes at most 4 warps and 2 stages.
-    With 3 stages sm_86's decoding tile at D = 16 spilled 8 bytes under Triton 3.9 (8 warps, and 4
-    under 3.6); with 8 warps and 2 it spilled 8 under 3.9 once the dropout mask went through `_opaque`,
-    where 4 warps spill none."""
+    """A forward tile cut to at most `rows` query rows. A cut tile takes at most one warp per 16 rows and
+    at least 4 (a warpgroup's 64 rows on Hopper): with 8 warps on a 64-row tile sm_90's two warpgroups
+    computed the same scores, and with Philox's 64-bit products (`_philox7`) its decoding key loop
+    held 6 barriers against 3 under Triton 3.9. A 16-row one takes at most 2 stages: with 3 sm_86's
+    decoding tile at D = 16 spilled 8 bytes under Triton 3.9 (8 warps, and 4 under 3.6), and with 8
+    warps and 2 it spilled 8 under 3.9 once the dropout mask went through `_opaque`."""
     block_m, block_n, warps, stages = tile
-    block_m = min(block_m, rows)
-    if block_m <= 16:
-        return block_m, block_n, min(warps, 4), min(stages, 2)
-    return block_m, block_n, warps, stages
+    if rows >= block_m:
+        return tile
+    warps = min(warps, max(4, rows // 16))
+    return rows, block_n, warps, min(stages, 2) if rows <= 16 else stages
 
 
 def _precision(dtype: torch.dtype) -> str:
