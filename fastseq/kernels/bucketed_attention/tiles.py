@@ -203,6 +203,17 @@ def _short_tile(tile: tuple[int, int, int, int], rows: int) -> tuple[int, int, i
     return rows, block_n, warps, min(stages, 2) if rows <= 16 else stages
 
 
+def _cut_rows(arch: int, block_m: int) -> list[int]:
+    """The query rows of the tiles that `_fwd_config` cuts from a `block_m`-row forward tile: powers of two
+    from `_decode_rows(arch)` below `block_m`."""
+    rows = _decode_rows(arch)
+    cut = []
+    while rows < block_m:
+        cut.append(rows)
+        rows *= 2
+    return cut
+
+
 def _precision(dtype: torch.dtype) -> str:
     """Exact products: fp32 inputs run the kernels only under the interpreter (`unsupported_inputs`)."""
     if dtype == torch.bfloat16 and interpreting():
@@ -283,7 +294,8 @@ _ANY_LENGTH = ("stride_qsegb", "stride_ksegb")
 def compile_specs() -> list:
     """Every configuration the launchers can pick on a GPU, for the compile-only tests and the
     static report (`_compile`): for every tile of `_TILES`, the forward with T5's heaviest features,
-    the decoding tile (Lq = 1) with them, the forward with LongT5's global tokens, the backward's
+    the decoding tile (Lq = 1) with them and the other tiles short queries cut (`_cut_rows`: "fwd32", T5's,
+    and "fwd_global16", LongT5's), the forward with LongT5's global tokens, the backward's
     dQ and dK/dV kernels with each, LongT5's second dQ launch and global dK/dV, the backward's
     preprocessing; fp16 once per architecture (its buffers are bf16's); for bf16 at D = 64 and 128
     on sm_80 and sm_90 also the builds that `PRICES` and `SHUFFLE_BOUNDS` compare. Each is built as
@@ -339,6 +351,12 @@ def compile_specs() -> list:
             add("fwd", "t5", fwd, tiles.fwd)
             add("fwd", "t5-pack", fwd, tiles.fwd)
             add("decode", "t5", fwd, _short_tile(tiles.fwd, _decode_rows(arch)))
+            # The other forward tiles that short queries cut (`_fwd_config`), T5's and LongT5's.
+            for rows in _cut_rows(arch, tiles.fwd[0]):
+                if rows > _decode_rows(arch):
+                    add(f"fwd{rows}", "t5", fwd, _short_tile(tiles.fwd, rows))
+            for rows in _cut_rows(arch, tiles.fwd_global[0]):
+                add(f"fwd_global{rows}", "longt5", fwd, _short_tile(tiles.fwd_global, rows))
             add("fwd_global", "longt5", fwd, tiles.fwd_global)
             add("dq", "t5", bwd_dq, tiles.dq)
             add("dkdv", "t5", bwd_dkdv, tiles.dkdv)
