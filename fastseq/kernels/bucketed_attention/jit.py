@@ -78,10 +78,7 @@ else:
         mma.sync the registers were reordered before every product. On sm_80 the t5 build's dK/dV key
         loop ran 135 such moves at D = 64 (590 instructions, 462 without them), 982 instructions at
         D = 128 (634 without), and the forward's at D = 64 747 under Triton 3.6 (647): the static report."""
-        if FENCE:
-            return tl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r", [x], dtype=tl.float32, is_pure=False, pack=1)
-        else:
-            return tl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r", [x], dtype=tl.float32, is_pure=True, pack=1)
+        return tl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r", [x], dtype=tl.float32, is_pure=not FENCE, pack=1)
 
 
 @triton.jit
