@@ -21,6 +21,9 @@ from ._backend import autocast_cast, autocast_dtype, autocast_off, cdiv, unsuppo
 HAS_TRITON_KERNEL = True
 _BLOCK = 1024
 _SQRT_2_OVER_PI = 0.7978845608028654
+# The dropout seed changes with every call: Triton does not specialize on its value (a seed that is 1 or
+# a multiple of 16 would otherwise compile a kernel of its own, once in 16 calls).
+_PLAIN = ("seed",)
 
 
 @triton.jit
@@ -41,7 +44,7 @@ def _dropout(x, keep, dropout_p, DROPOUT: tl.constexpr):
     return x
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_PLAIN)
 def _ffn_activation_fwd_kernel(
     # pointers
     G,  # gate (the ReLU FFN's pre-activation), n elements
@@ -69,7 +72,7 @@ def _ffn_activation_fwd_kernel(
     tl.store(H + offs, h.to(H.dtype.element_ty), mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_PLAIN)
 def _ffn_activation_bwd_kernel(
     # pointers
     DH,  # gradient of the output, n elements

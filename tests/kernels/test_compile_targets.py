@@ -292,3 +292,95 @@ def test_every_op_with_a_kernel_is_compile_checked():
         if importlib.import_module(f"{kernels.__name__}.{name}").HAS_TRITON_KERNEL
     }  # fmt: skip
     assert with_kernel == set(OPS)
+
+
+def _jit(kernel):
+    """The `JITFunction` of a kernel, also when the interpreter made it (it keeps the `triton.jit` options)."""
+    from triton.runtime.interpreter import InterpretedFunction
+    from triton.runtime.jit import JITFunction
+
+    return JITFunction(kernel.fn, **kernel.kwargs) if isinstance(kernel, InterpretedFunction) else kernel
+
+
+def _launch_specializations(monkeypatch, module, kernel_names, calls) -> dict:
+    """What Triton specializes at launch (its own argument binder, for sm_90) for every launch that
+    `calls` make of `module`'s kernels, by kernel and meta-parameters: the launches are recorded, not run."""
+    import torch
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler.compiler import make_backend
+    from triton.runtime.jit import create_function_from_signature
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # CPU tensors reach the launchers
+    launches = []
+
+    class Recorded:
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: launches.append((self.kernel, args, kwargs))
+
+    for name in kernel_names:
+        monkeypatch.setattr(module, name, Recorded(getattr(module, name)))
+    with torch.no_grad():
+        calls()
+    backend = make_backend(GPUTarget("cuda", 90, 32))
+    found: dict = {}
+    for kernel, args, kwargs in launches:
+        kernel = _jit(kernel)
+        binder = create_function_from_signature(kernel.signature, kernel.params, backend)
+        _, specialization, options = binder(*args, **kwargs)
+        key = (kernel.fn.__name__, repr(sorted(options.items())))
+        found.setdefault(key, set()).add(repr(specialization))
+    return found
+
+
+def test_a_configuration_compiles_once_whatever_the_seed_lengths_and_position(monkeypatch):
+    """Triton compiles a kernel per specialization of its integer arguments (1: a constant; a multiple
+    of 16: a divisibility hint). The attention's and the FFN's launches of one configuration, with the
+    seed, the lengths and the decoding position at 1, at a multiple of 16 and otherwise, get one
+    specialization each: a run with dropout compiled its kernels again for one seed in 16."""
+    import torch
+
+    from fastseq.kernels.bucketed_attention import launch
+
+    gated_gelu = importlib.import_module("fastseq.kernels.gated_gelu")
+
+    attention = [n for n in vars(launch) if n.startswith("_bucketed_attention_") and n.endswith("_kernel")]
+    B, H, D = 2, 2, 16
+    table = torch.randn(H, 9)
+    cases = ((32, 32, 0, 32), (17, 1, 1, 1), (33, 48, 7, 5))  # Lq, Lk, q_offset, seed
+
+    def attend():
+        for Lq, Lk, q_offset, seed in cases:
+            q, k, v = torch.randn(B, H, Lq, D), torch.randn(B, H, Lk, D), torch.randn(B, H, Lk, D)
+            mask = torch.ones(B, Lk, dtype=torch.bool)
+            out, lse = launch.attention_forward(q, k, v, table, mask, seed, True, q_offset, 1.0, 0.1)
+            launch.attention_backward(torch.randn_like(out), q, k, v, out, lse, table, mask, seed, True, q_offset,
+                                      1.0, 0.1)  # fmt: skip
+
+    found = _launch_specializations(monkeypatch, launch, attention, attend)
+    assert {name for name, _ in found} == {"_bucketed_attention_fwd_kernel", "_bucketed_attention_bwd_dq_kernel",
+                                           "_bucketed_attention_bwd_dkdv_kernel",
+                                           "_bucketed_attention_bwd_preprocess_kernel"}  # fmt: skip
+    assert all(len(specializations) == 1 for specializations in found.values()), found
+
+    def ffn():
+        gate, up = torch.randn(4, 64), torch.randn(4, 64)
+        for seed in (32, 1, 5):
+            gated_gelu._forward(gate, up, seed, 0.1)
+            gated_gelu._backward(gate, gate, up, seed, 0.1, True)
+
+    found = _launch_specializations(monkeypatch, gated_gelu, ["_ffn_activation_fwd_kernel",
+                                                             "_ffn_activation_bwd_kernel"], ffn)  # fmt: skip
+    assert len(found) == 2 and all(len(specializations) == 1 for specializations in found.values()), found
+
+
+def test_the_report_builds_the_attention_that_launches():
+    """Every integer argument that the static report builds plain (no divisibility hint, not a constant)
+    is one Triton does not specialize at launch: the report's build is the one a launch compiles."""
+    for spec in _specs("bucketed_attention"):
+        kernel = _jit(getattr(importlib.import_module(spec.module), spec.kernel_name))
+        plain = {name for name, kind in spec.signature.items() if kind == "i32" and name not in spec.aligned}
+        specialized = {param.name for param in kernel.params if not param.do_not_specialize}
+        assert not plain & specialized, (spec.name, sorted(plain & specialized))

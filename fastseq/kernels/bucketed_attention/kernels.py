@@ -34,10 +34,21 @@ from .jit import (
 
 # Each signature groups its arguments: pointers, strides (batch, head, row of each (B, H, L, D) tensor,
 # whose last dim is contiguous; the batch stride of each (B, L) mask), sizes and scalars, meta-parameters.
+#
+# Triton specializes an integer argument at launch on its value: 1 becomes a constant, a multiple of 16
+# gets a divisibility hint, and each case compiles a kernel of its own. The sizes and scalars below change
+# between the calls of one configuration (the lengths, the decoding position, the dropout seed of every
+# call, a chunked launch's first tile, head and batch element) or are the model's (heads, cut-offs,
+# window): none is specialized, so that a configuration compiles once, whatever the batch, and runs the
+# build that the static report holds (`tiles.compile_specs` builds them plain; with the lengths taken as
+# multiples of 16, three of four t5 builds at D = 64 compiled to the same code and sm_90's dK/dV key loop
+# lost 2 of its 662 instructions). The head dim and the strides of (B, H, L, D) tensors stay specialized.
 # fmt: off
+_PLAIN = ("H", "Lq", "Lk", "G", "q_offset", "C", "CG", "window", "key_base", "m_base", "h_base", "b_base", "seed",
+          "stride_qsegb", "stride_ksegb")
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_PLAIN)
 def _bucketed_attention_fwd_kernel(
     Q, K, V,
     DT,  # (H, 2C + 1) fp32 bias per clamped distance
@@ -105,7 +116,7 @@ def _bucketed_attention_fwd_kernel(
     tl.store(LSE + bh.to(tl.int64) * Lq + offs_m, lse, mask=row_ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_PLAIN)
 def _bucketed_attention_bwd_preprocess_kernel(
     Out, DO,
     DELTA,  # (B, H, Lq) fp32: rowsum(dO * O)
@@ -121,7 +132,7 @@ def _bucketed_attention_bwd_preprocess_kernel(
     tl.store(DELTA + (b64 * H + h) * Lq + offs_m, delta, mask=offs_m < Lq)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_PLAIN)
 def _bucketed_attention_bwd_dkdv_kernel(
     Q,
     K, V,  # the ordinary keys and values, or the global tokens (GLOBAL_KEYS)
@@ -225,7 +236,7 @@ def _bucketed_attention_bwd_dkdv_kernel(
     tl.store(DV + dkv_bh + dkv_off, dv.to(DV.dtype.element_ty), mask=dkv_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_PLAIN)
 def _bucketed_attention_bwd_dq_kernel(
     Q, K, V, DT, KPM, GK, GV, GDT, CAP,
     QSEG, KSEG,  # (B, Lq) and (B, Lk) int32 segment ids (with HAS_SEG; padding: -1 and -2)

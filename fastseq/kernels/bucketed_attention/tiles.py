@@ -344,7 +344,7 @@ def compile_specs() -> list:
                     if sig[n].startswith("*") or n == "D" or (n.startswith("stride_") and n not in _ANY_LENGTH)
                 )
                 specs.append(CompileSpec(name, kernel.__name__, sig, ce, options, arch, wide=batch_strides,
-                                         aligned=aligned, module=kernel.__module__))  # fmt: skip
+                                         aligned=aligned, module=kernel.fn.__module__))  # fmt: skip
 
             fwd, bwd_dq, bwd_dkdv = _bucketed_attention_fwd_kernel, _bucketed_attention_bwd_dq_kernel, \
                 _bucketed_attention_bwd_dkdv_kernel  # fmt: skip
