@@ -125,3 +125,16 @@ def test_plots_and_the_results_table(quick):
     assert "### train" in readme and "fastseq vs hf_eager" in readme and "hf_patched vs hf_sdpa" in readme
     assert "![train](train.png)" in readme  # the plots beside the README, where the links point
     assert "fastseq_packed vs fastseq_padded" in readme and "fastseq_packed vs fastseq_bucketed" in readme
+
+
+def test_bench_bucketed_attention_host(tmp_path):
+    """`--host` times every case, Triton's own argument binding for the stack's launches included."""
+    out = tmp_path / "host.csv"
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_bucketed_attention.py"), "--host", "--label",
+                           "test", "--out", str(out)], capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = list(csv.DictReader(out.open()))
+    assert {r["provider"] for r in rows} == {"fastseq_train", "fastseq_eval", "fastseq_train_layer",
+                                             "noop_function_layer", "torch_mul", "torch_mul_layer", "bias_grad_sum",
+                                             "triton_binding_layer"}  # fmt: skip
+    assert all(float(r["p50"]) > 0 and r["metric"] == "host_time" and r["formula"].endswith("; test") for r in rows)
