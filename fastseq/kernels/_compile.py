@@ -195,6 +195,15 @@ def ptx_stats(ptx: str, wide: set[int]) -> dict[str, int]:
     return {"async_copies": sum(bool(_ASYNC_COPY.match(line)) for line in lines), "narrow_offsets": len(narrow)}
 
 
+def jit_function(kernel):
+    """The `JITFunction` of a `triton.jit` kernel, also where the interpreter made it (its
+    `InterpretedFunction` keeps the decorator's options): what Triton's own launch binds and compiles."""
+    from triton.runtime.interpreter import InterpretedFunction
+    from triton.runtime.jit import JITFunction
+
+    return JITFunction(kernel.fn, **kernel.kwargs) if isinstance(kernel, InterpretedFunction) else kernel
+
+
 def compile_spec(op: str, spec: CompileSpec):
     """The compiled kernel of one spec (`.asm` holds its ttgir, ptx and cubin)."""
     import triton

@@ -22,7 +22,7 @@ HAS_TRITON_KERNEL = True
 _BLOCK = 1024
 _SQRT_2_OVER_PI = 0.7978845608028654
 # The dropout seed changes with every call: Triton does not specialize on its value (a seed that is 1 or
-# a multiple of 16 would otherwise compile a kernel of its own, once in 16 calls).
+# a multiple of 16 would otherwise compile another kernel, at the first call that draws one).
 _PLAIN = ("seed",)
 
 

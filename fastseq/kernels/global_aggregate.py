@@ -84,7 +84,12 @@ def global_positions(key_padding_mask: torch.Tensor, block_size: int) -> torch.T
 # --------------------------------------------------------------------------------------------
 
 
-@triton.jit
+# The sequence length, and with it the padding mask's row stride, changes with the batch: Triton does
+# not specialize on them (a multiple of 16 would otherwise compile another kernel for such batches).
+_PLAIN = ("L", "stride_kpmb")
+
+
+@triton.jit(do_not_specialize=_PLAIN)
 def _global_aggregate_fwd_kernel(
     X,  # (B, L, d) hidden states
     KPM,  # (B, L) int8, nonzero = real token
@@ -127,7 +132,7 @@ def _global_aggregate_fwd_kernel(
     tl.store(Out + b * stride_ob + g * stride_og + cols, acc.to(Out.dtype.element_ty), mask=col_ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_PLAIN)
 def _global_aggregate_bwd_kernel(
     DO,  # (B, G, d)
     KPM,

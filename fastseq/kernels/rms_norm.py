@@ -53,7 +53,9 @@ def _rms_norm_fwd_kernel(
     tl.store(RSTD + row, rstd)
 
 
-@triton.jit
+# The row count and the rows each program takes change with the batch: Triton does not specialize on
+# them (a value of 1 or a multiple of 16 would otherwise compile another kernel for such batches).
+@triton.jit(do_not_specialize=("N", "rows_per_program"))
 def _rms_norm_bwd_kernel(
     # pointers
     DY,  # (N, D)

@@ -294,14 +294,6 @@ def test_every_op_with_a_kernel_is_compile_checked():
     assert with_kernel == set(OPS)
 
 
-def _jit(kernel):
-    """The `JITFunction` of a kernel, also when the interpreter made it (it keeps the `triton.jit` options)."""
-    from triton.runtime.interpreter import InterpretedFunction
-    from triton.runtime.jit import JITFunction
-
-    return JITFunction(kernel.fn, **kernel.kwargs) if isinstance(kernel, InterpretedFunction) else kernel
-
-
 def _launch_specializations(monkeypatch, module, kernel_names, calls) -> dict:
     """What Triton specializes at launch (its own argument binder, for sm_90) for every launch that
     `calls` make of `module`'s kernels, by kernel and meta-parameters: the launches are recorded, not run."""
@@ -327,7 +319,7 @@ def _launch_specializations(monkeypatch, module, kernel_names, calls) -> dict:
     backend = make_backend(GPUTarget("cuda", 90, 32))
     found: dict = {}
     for kernel, args, kwargs in launches:
-        kernel = _jit(kernel)
+        kernel = _compile.jit_function(kernel)
         binder = create_function_from_signature(kernel.signature, kernel.params, backend)
         _, specialization, options = binder(*args, **kwargs)
         key = (kernel.fn.__name__, repr(sorted(options.items())))
@@ -335,52 +327,86 @@ def _launch_specializations(monkeypatch, module, kernel_names, calls) -> dict:
     return found
 
 
-def test_a_configuration_compiles_once_whatever_the_seed_lengths_and_position(monkeypatch):
-    """Triton compiles a kernel per specialization of its integer arguments (1: a constant; a multiple
-    of 16: a divisibility hint). The attention's and the FFN's launches of one configuration, with the
-    seed, the lengths and the decoding position at 1, at a multiple of 16 and otherwise, get one
-    specialization each: a run with dropout compiled its kernels again for one seed in 16."""
+def _attention_calls():
+    """T5's training call, forward and backward, with the seed, the lengths and the decoding position at
+    1, at a multiple of 16 and otherwise."""
     import torch
 
     from fastseq.kernels.bucketed_attention import launch
 
-    gated_gelu = importlib.import_module("fastseq.kernels.gated_gelu")
-
-    attention = [n for n in vars(launch) if n.startswith("_bucketed_attention_") and n.endswith("_kernel")]
     B, H, D = 2, 2, 16
     table = torch.randn(H, 9)
-    cases = ((32, 32, 0, 32), (17, 1, 1, 1), (33, 48, 7, 5))  # Lq, Lk, q_offset, seed
+    for Lq, Lk, q_offset, seed in ((32, 32, 0, 32), (17, 1, 1, 1), (33, 48, 7, 5)):
+        q, k, v = torch.randn(B, H, Lq, D), torch.randn(B, H, Lk, D), torch.randn(B, H, Lk, D)
+        mask = torch.ones(B, Lk, dtype=torch.bool)
+        out, lse = launch.attention_forward(q, k, v, table, mask, seed, True, q_offset, 1.0, 0.1)
+        launch.attention_backward(torch.randn_like(out), q, k, v, out, lse, table, mask, seed, True, q_offset, 1.0,
+                                  0.1)  # fmt: skip
 
-    def attend():
-        for Lq, Lk, q_offset, seed in cases:
-            q, k, v = torch.randn(B, H, Lq, D), torch.randn(B, H, Lk, D), torch.randn(B, H, Lk, D)
-            mask = torch.ones(B, Lk, dtype=torch.bool)
-            out, lse = launch.attention_forward(q, k, v, table, mask, seed, True, q_offset, 1.0, 0.1)
-            launch.attention_backward(torch.randn_like(out), q, k, v, out, lse, table, mask, seed, True, q_offset,
-                                      1.0, 0.1)  # fmt: skip
 
-    found = _launch_specializations(monkeypatch, launch, attention, attend)
-    assert {name for name, _ in found} == {"_bucketed_attention_fwd_kernel", "_bucketed_attention_bwd_dq_kernel",
-                                           "_bucketed_attention_bwd_dkdv_kernel",
-                                           "_bucketed_attention_bwd_preprocess_kernel"}  # fmt: skip
+def _ffn_calls():
+    """The FFN's activation forward and backward with seeds 32, 1 and 5."""
+    import torch
+
+    gated_gelu = importlib.import_module("fastseq.kernels.gated_gelu")
+    gate, up = torch.randn(4, 64), torch.randn(4, 64)
+    for seed in (32, 1, 5):
+        gated_gelu._forward(gate, up, seed, 0.1)
+        gated_gelu._backward(gate, gate, up, seed, 0.1, True)
+
+
+def _rms_norm_calls():
+    """The norm's backward over 1, 16 and 33 rows (1, 2 and 5 rows a program)."""
+    import torch
+
+    rms_norm = importlib.import_module("fastseq.kernels.rms_norm")
+    weight = torch.randn(32)
+    for rows in (1, 16, 33):
+        x = torch.randn(rows, 32)
+        rms_norm._backward(torch.randn_like(x), x, weight, torch.rand(rows))
+
+
+def _global_aggregate_calls():
+    """LongT5's global-token sums, forward and backward, over 16, 33 and 48 tokens in blocks of 16."""
+    import torch
+
+    global_aggregate = importlib.import_module("fastseq.kernels.global_aggregate")
+    for L in (16, 33, 48):
+        x, mask, caps = torch.randn(2, L, 32), torch.ones(2, L, dtype=torch.bool), torch.tensor([L // 16 - 1] * 2)
+        out = global_aggregate._fwd_op(x, mask, caps.int(), 16)
+        global_aggregate._bwd_op(torch.randn_like(out), mask, caps.int(), L, 16)
+
+
+# The kernels that a training step launches with sizes or scalars that change from call to call, and the
+# calls that launch them.
+CALLS = {
+    "fastseq.kernels.bucketed_attention.launch": (_attention_calls, 4),
+    "fastseq.kernels.gated_gelu": (_ffn_calls, 2),
+    "fastseq.kernels.rms_norm": (_rms_norm_calls, 1),
+    "fastseq.kernels.global_aggregate": (_global_aggregate_calls, 2),
+}
+
+
+@pytest.mark.parametrize("module", list(CALLS))
+def test_a_configuration_compiles_once_whatever_the_batch(monkeypatch, module):
+    """Triton compiles a kernel per specialization of its integer arguments (1: a constant; a multiple
+    of 16: a divisibility hint). Launches of one configuration (kernel and meta-parameters) whose
+    dropout seed, lengths, decoding position or rows take each of those kinds of value get one
+    specialization: a run with dropout compiled the attention again for one seed in 16, and batches of
+    other lengths compiled its kernels, the norm's backward and LongT5's sums again."""
+    calls, kernels = CALLS[module]
+    mod = importlib.import_module(module)
+    names = [n for n in vars(mod) if n.startswith("_") and n.endswith("_kernel")]
+    found = _launch_specializations(monkeypatch, mod, names, calls)
+    assert len({name for name, _ in found}) == kernels, found
     assert all(len(specializations) == 1 for specializations in found.values()), found
-
-    def ffn():
-        gate, up = torch.randn(4, 64), torch.randn(4, 64)
-        for seed in (32, 1, 5):
-            gated_gelu._forward(gate, up, seed, 0.1)
-            gated_gelu._backward(gate, gate, up, seed, 0.1, True)
-
-    found = _launch_specializations(monkeypatch, gated_gelu, ["_ffn_activation_fwd_kernel",
-                                                             "_ffn_activation_bwd_kernel"], ffn)  # fmt: skip
-    assert len(found) == 2 and all(len(specializations) == 1 for specializations in found.values()), found
 
 
 def test_the_report_builds_the_attention_that_launches():
     """Every integer argument that the static report builds plain (no divisibility hint, not a constant)
     is one Triton does not specialize at launch: the report's build is the one a launch compiles."""
     for spec in _specs("bucketed_attention"):
-        kernel = _jit(getattr(importlib.import_module(spec.module), spec.kernel_name))
+        kernel = _compile.jit_function(getattr(importlib.import_module(spec.module), spec.kernel_name))
         plain = {name for name, kind in spec.signature.items() if kind == "i32" and name not in spec.aligned}
         specialized = {param.name for param in kernel.params if not param.do_not_specialize}
         assert not plain & specialized, (spec.name, sorted(plain & specialized))
