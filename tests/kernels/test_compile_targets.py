@@ -403,10 +403,12 @@ def test_a_configuration_compiles_once_whatever_the_batch(monkeypatch, module):
 
 
 def test_the_report_builds_the_attention_that_launches():
-    """Every integer argument that the static report builds plain (no divisibility hint, not a constant)
-    is one Triton does not specialize at launch: the report's build is the one a launch compiles."""
+    """The integer arguments that the static report builds plain (no divisibility hint, not a constant)
+    are the ones Triton does not specialize at launch, and those it builds as multiples of 16 the ones
+    it does: the report's build is the one a launch of the usual inputs compiles."""
     for spec in _specs("bucketed_attention"):
         kernel = _compile.jit_function(getattr(importlib.import_module(spec.module), spec.kernel_name))
         plain = {name for name, kind in spec.signature.items() if kind == "i32" and name not in spec.aligned}
         specialized = {param.name for param in kernel.params if not param.do_not_specialize}
         assert not plain & specialized, (spec.name, sorted(plain & specialized))
+        assert set(spec.aligned) <= specialized, (spec.name, sorted(set(spec.aligned) - specialized))
