@@ -328,15 +328,15 @@ def _launch_specializations(monkeypatch, module, kernel_names, calls) -> dict:
 
 
 def _attention_calls():
-    """T5's training call, forward and backward, with the seed, the lengths and the decoding position at
-    1, at a multiple of 16 and otherwise."""
+    """T5's training call, forward and backward, with the seed, the lengths and the decoding position each
+    at 1, at a multiple of 16 and otherwise."""
     import torch
 
     from fastseq.kernels.bucketed_attention import launch
 
     B, H, D = 2, 2, 16
     table = torch.randn(H, 9)
-    for Lq, Lk, q_offset, seed in ((32, 32, 0, 32), (17, 1, 1, 1), (33, 48, 7, 5)):
+    for Lq, Lk, q_offset, seed in ((32, 32, 0, 32), (17, 1, 1, 1), (33, 48, 7, 5), (1, 48, 47, 5)):
         q, k, v = torch.randn(B, H, Lq, D), torch.randn(B, H, Lk, D), torch.randn(B, H, Lk, D)
         mask = torch.ones(B, Lk, dtype=torch.bool)
         out, lse = launch.attention_forward(q, k, v, table, mask, seed, True, q_offset, 1.0, 0.1)
@@ -356,12 +356,12 @@ def _ffn_calls():
 
 
 def _rms_norm_calls():
-    """The norm's backward over 1, 16 and 33 rows (1, 2 and 5 rows a program)."""
+    """The norm's backward over 1, 33 and 128 rows (1, 5 and 16 rows a program)."""
     import torch
 
     rms_norm = importlib.import_module("fastseq.kernels.rms_norm")
     weight = torch.randn(32)
-    for rows in (1, 16, 33):
+    for rows in (1, 33, 128):
         x = torch.randn(rows, 32)
         rms_norm._backward(torch.randn_like(x), x, weight, torch.rand(rows))
 
@@ -392,8 +392,9 @@ def test_a_configuration_compiles_once_whatever_the_batch(monkeypatch, module):
     """Triton compiles a kernel per specialization of its integer arguments (1: a constant; a multiple
     of 16: a divisibility hint). Launches of one configuration (kernel and meta-parameters) whose
     dropout seed, lengths, decoding position or rows take each of those kinds of value get one
-    specialization: a run with dropout compiled the attention again for one seed in 16, and batches of
-    other lengths compiled its kernels, the norm's backward and LongT5's sums again."""
+    specialization: a run with dropout compiled the attention and the FFN again at its first seed that was
+    a multiple of 16, and batches of other lengths compiled the attention, the norm's backward and
+    LongT5's sums again."""
     calls, kernels = CALLS[module]
     mod = importlib.import_module(module)
     names = [n for n in vars(mod) if n.startswith("_") and n.endswith("_kernel")]

@@ -41,9 +41,9 @@ from .jit import (
 # call, a chunked launch's first tile, head and batch element) or are the model's (heads, cut-offs,
 # window): none is specialized, so that a configuration compiles once, whatever the batch, and runs the
 # build that the static report holds (`tiles.compile_specs` builds them plain; with the lengths taken as
-# multiples of 16, the t5 forwards at D = 64 compiled to the same code, the dK/dV key loops lost 2
-# instructions of 454 (sm_80) and 662 (sm_90), and sm_90's dQ 8 of 1,368 outside its key loop). The head
-# dim and the strides of (B, H, L, D) tensors stay specialized.
+# multiples of 16, the t5 forwards at D = 64 on sm_80 and sm_90 compiled to the same code, the dK/dV key
+# loops lost 2 instructions of 454 (sm_80) and 662 (sm_90), and sm_90's dQ 8 of 1,368 outside its key
+# loop). The head dim and the strides of (B, H, L, D) tensors stay specialized.
 # fmt: off
 _PLAIN = ("H", "Lq", "Lk", "G", "q_offset", "C", "CG", "window", "key_base", "m_base", "h_base", "b_base", "seed",
           "stride_qsegb", "stride_ksegb")
