@@ -192,7 +192,8 @@ def _triton_launches(launches: list):
     driver (`_Driver`, made the process's active driver: without a GPU Triton has none to go back to,
     and `--host` launches nothing else) and with `_Compiled` in the kernel cache: the Python of a launch
     (binding the arguments, finding the compiled kernel, reading the grid) without the device and stream
-    queries of a real driver and without the C launcher that packs the arguments."""
+    queries of a real driver, the launch hooks' check (`_Compiled.launch_metadata`) and the C launcher
+    that packs the arguments."""
     from triton.runtime import driver
 
     from fastseq.kernels._compile import jit_function
