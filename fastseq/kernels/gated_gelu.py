@@ -17,6 +17,7 @@ import triton
 import triton.language as tl
 
 from ._backend import autocast_cast, autocast_dtype, autocast_off, cdiv, unsupported_dtypes, upcast, use_triton
+from ._launch import launch_kernel
 
 HAS_TRITON_KERNEL = True
 _BLOCK = 1024
@@ -121,10 +122,9 @@ def _forward(gate: torch.Tensor, up: torch.Tensor | None, seed: int, dropout_p: 
     g = _flat(gate)
     h = torch.empty_like(g)
     if g.numel():
-        _ffn_activation_fwd_kernel[(cdiv(g.numel(), _BLOCK),)](
+        launch_kernel(_ffn_activation_fwd_kernel, (cdiv(g.numel(), _BLOCK),), (
             g, _flat(up) if up is not None else g, h, g.numel(), seed, dropout_p,
-            GATED=up is not None, DROPOUT=dropout_p > 0.0, BLOCK=_BLOCK, num_warps=4,
-        )  # fmt: skip
+        ), dict(GATED=up is not None, DROPOUT=dropout_p > 0.0, BLOCK=_BLOCK, num_warps=4))  # fmt: skip
     return h.view(gate.shape)
 
 
@@ -136,10 +136,10 @@ def _backward(dh, gate, up, seed, dropout_p, recompute: bool):
     du = torch.empty_like(u) if up is not None else dg
     h = torch.empty_like(g) if recompute else dg
     if g.numel():
-        _ffn_activation_bwd_kernel[(cdiv(g.numel(), _BLOCK),)](
+        launch_kernel(_ffn_activation_bwd_kernel, (cdiv(g.numel(), _BLOCK),), (
             d, g, u, dg, du, h, g.numel(), seed, dropout_p,
-            GATED=up is not None, DROPOUT=dropout_p > 0.0, RECOMPUTE=recompute, BLOCK=_BLOCK, num_warps=4,
-        )  # fmt: skip
+        ), dict(GATED=up is not None, DROPOUT=dropout_p > 0.0, RECOMPUTE=recompute, BLOCK=_BLOCK,
+                num_warps=4))  # fmt: skip
     shape = gate.shape
     return dg.view(shape), (du.view(shape) if up is not None else None), (h.view(shape) if recompute else None)
 

@@ -38,6 +38,7 @@ from ._backend import (
     unsupported_dtypes,
     use_triton,
 )
+from ._launch import launch_kernel
 
 HAS_TRITON_KERNEL = True
 
@@ -191,10 +192,10 @@ def _fwd_op(
         return out
     block_l, block_d, warps = _config()
     kpm = key_mask(key_padding_mask, hidden.device)
-    _global_aggregate_fwd_kernel[(G, cdiv(d, block_d), B)](
+    launch_kernel(_global_aggregate_fwd_kernel, (G, cdiv(d, block_d), B), (
         hidden, kpm, caps, out, hidden.stride(0), hidden.stride(1), kpm.stride(0), out.stride(0), out.stride(1),
-        L, d, block_size, HAS_KPM=key_padding_mask is not None, BLOCK_L=block_l, BLOCK_D=block_d, num_warps=warps,
-    )  # fmt: skip
+        L, d, block_size,
+    ), dict(HAS_KPM=key_padding_mask is not None, BLOCK_L=block_l, BLOCK_D=block_d, num_warps=warps))  # fmt: skip
     return out
 
 
@@ -218,11 +219,10 @@ def _bwd_op(
         return dx.zero_()
     block_l, block_d, warps = _config()
     kpm = key_mask(key_padding_mask, grad.device)
-    _global_aggregate_bwd_kernel[(cdiv(length, block_l), cdiv(d, block_d), B)](
+    launch_kernel(_global_aggregate_bwd_kernel, (cdiv(length, block_l), cdiv(d, block_d), B), (
         grad, kpm, caps, dx, grad.stride(0), grad.stride(1), kpm.stride(0), dx.stride(0), dx.stride(1),
-        length, d, block_size, HAS_KPM=key_padding_mask is not None, BLOCK_L=block_l, BLOCK_D=block_d,
-        num_warps=warps,
-    )  # fmt: skip
+        length, d, block_size,
+    ), dict(HAS_KPM=key_padding_mask is not None, BLOCK_L=block_l, BLOCK_D=block_d, num_warps=warps))  # fmt: skip
     return dx
 
 

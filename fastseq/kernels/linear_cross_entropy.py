@@ -32,6 +32,7 @@ from ._backend import (
     upcast,
     use_triton,
 )
+from ._launch import launch_kernel
 
 HAS_TRITON_KERNEL = True
 
@@ -132,10 +133,9 @@ def _loss_and_dlogits_triton(logits, labels, ignore_index, scale, smoothing, z_l
     losses = torch.empty(n, dtype=torch.float32, device=logits.device)
     if n:
         block_v = _block_v(V)
-        _cross_entropy_kernel[(n,)](
+        launch_kernel(_cross_entropy_kernel, (n,), (
             logits, labels, losses, scale, logits.stride(0), V, ignore_index, smoothing, z_loss,
-            BLOCK_V=block_v, num_warps=8 if block_v >= 2048 else 4,
-        )  # fmt: skip
+        ), dict(BLOCK_V=block_v, num_warps=8 if block_v >= 2048 else 4))  # fmt: skip
     return losses
 
 

@@ -17,6 +17,7 @@ import triton
 import triton.language as tl
 
 from ._backend import cdiv, last_dim_contiguous, next_power_of_2, unsupported_dtypes, upcast, use_triton
+from ._launch import launch_kernel
 
 HAS_TRITON_KERNEL = True
 _HALF = (torch.float16, torch.bfloat16)
@@ -139,10 +140,9 @@ def _forward(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.T
     rstd = torch.empty(N, dtype=torch.float32, device=x.device)
     if N:
         block_d = next_power_of_2(D)
-        _rms_norm_fwd_kernel[(N,)](
+        launch_kernel(_rms_norm_fwd_kernel, (N,), (
             x2, weight, y, rstd, x2.stride(0), y.stride(0), D, eps,
-            W_HALF=weight.dtype in _HALF, BLOCK_D=block_d, num_warps=_warps(block_d),
-        )  # fmt: skip
+        ), dict(W_HALF=weight.dtype in _HALF, BLOCK_D=block_d, num_warps=_warps(block_d)))  # fmt: skip
     return y.view(x.shape), rstd
 
 
@@ -158,11 +158,10 @@ def _backward(dy, x, weight, rstd) -> tuple[torch.Tensor, torch.Tensor]:
     dw = torch.zeros(programs, D, dtype=torch.float32, device=x.device)
     passes = [(True, True)] if block_d <= _ONE_PASS_WIDTH else [(True, False), (False, True)]
     for dx_pass, dw_pass in passes if N else []:
-        _rms_norm_bwd_kernel[(programs,)](
+        launch_kernel(_rms_norm_bwd_kernel, (programs,), (
             dy2, x2, weight, rstd, dx, dw, dy2.stride(0), x2.stride(0), dx.stride(0), N, D, rows_per_program,
-            W_HALF=weight.dtype in _HALF, BLOCK_D=block_d, DX_PASS=dx_pass, DW_PASS=dw_pass,
-            num_warps=_warps(block_d), num_stages=_BWD_STAGES,
-        )  # fmt: skip
+        ), dict(W_HALF=weight.dtype in _HALF, BLOCK_D=block_d, DX_PASS=dx_pass, DW_PASS=dw_pass,
+                num_warps=_warps(block_d), num_stages=_BWD_STAGES))  # fmt: skip
     return dx.view(x.shape), dw.sum(0).to(weight.dtype)
 
 

@@ -12,6 +12,7 @@ from typing import NamedTuple
 import torch
 
 from .._backend import autocast_off, cdiv, interpreting, last_dim_contiguous, placeholder
+from .._launch import launch_kernel
 from . import tiles
 from .kernels import (
     _bucketed_attention_bwd_dkdv_kernel,
@@ -449,12 +450,12 @@ def attention_forward(q, k, v, dist_table, key_padding_mask, seed, causal, q_off
     if dist_table is not None:
         table, cut = _table_args(dist_table, plan.block_m, plan.block_n, causal)
     qs, ks, vs, gks, gvs, os_ = q.stride(), k.stride(), v.stride(), gk.stride(), gv.stride(), plan.out_stride
-    _bucketed_attention_fwd_kernel[plan.grid](
+    launch_kernel(_bucketed_attention_fwd_kernel, plan.grid, (
         q, k, v, table, kpm, gk, gv, gtable, caps, qseg, kseg, spans, out, lse,
         qs[0], qs[1], qs[2], ks[0], ks[1], ks[2], vs[0], vs[1], vs[2], gks[0], gks[1], gks[2], gvs[0], gvs[1], gvs[2],
         os_[0], os_[1], os_[2], kpm.stride(0), qseg.stride(0), kseg.stride(0),
-        H, Lq, Lk, G, D, q_offset, cut, cut_g, window, scale * _LOG2E, dropout_p, seed, **plan.meta,
-    )  # fmt: skip
+        H, Lq, Lk, G, D, q_offset, cut, cut_g, window, scale * _LOG2E, dropout_p, seed,
+    ), plan.meta)  # fmt: skip
     return out, lse
 
 
@@ -574,9 +575,9 @@ def attention_backward(do, q, k, v, out, lse, dist_table, key_padding_mask, seed
     grads = [None, None]  # the tables' gradients, None until a launch writes them
     delta = torch.empty((B, H, Lq), dtype=torch.float32, device=device)
     os_, dos = out.stride(), do.stride()
-    _bucketed_attention_bwd_preprocess_kernel[(plan.num_m, H, B)](
-        out, do, delta, os_[0], os_[1], os_[2], dos[0], dos[1], dos[2], H, Lq, D, **plan.preprocess,
-    )  # fmt: skip
+    launch_kernel(_bucketed_attention_bwd_preprocess_kernel, (plan.num_m, H, B), (
+        out, do, delta, os_[0], os_[1], os_[2], dos[0], dos[1], dos[2], H, Lq, D,
+    ), plan.preprocess)  # fmt: skip
     if grad_lse is not None:
         # d lse_i / d s_ij = p_ij: a gradient on the natural log-sum-exp enters dS = P * (dP - delta) as
         # -grad; `grad_lse` is the gradient on the log2 one, log2(e) times smaller.
@@ -597,12 +598,11 @@ def attention_backward(do, q, k, v, out, lse, dist_table, key_padding_mask, seed
         if keys_table is not None:
             padded, keys_cut = _table_args(keys_table, bm, bn, keys_causal)
         kks, kvs, dks = keys_k.stride(), keys_v.stride(), grad_k.stride()
-        _bucketed_attention_bwd_dkdv_kernel[(cdiv(n_keys, bn) * plan.dkdv_chunks, H, B)](
+        launch_kernel(_bucketed_attention_bwd_dkdv_kernel, (cdiv(n_keys, bn) * plan.dkdv_chunks, H, B), (
             q, keys_k, keys_v, padded, kpm, caps, qseg, kseg, spans, do, lse, delta, grad_k, grad_v,
             qs[0], qs[1], qs[2], kks[0], kks[1], kks[2], kvs[0], kvs[1], kvs[2], dos[0], dos[1], dos[2],
             dks[0], dks[1], dks[2], *mask_strides, H, Lq, n_keys, D, q_offset, keys_cut, window, key_base, *tail,
-            **meta,
-        )  # fmt: skip
+        ), meta)  # fmt: skip
     if G == 0 and dgk is not None:
         dgk.zero_(), dgv.zero_()
     # The dQ programs' slots (`_backward_plan`); a buffer that no launch reads is a placeholder.
@@ -634,9 +634,9 @@ def attention_backward(do, q, k, v, out, lse, dist_table, key_padding_mask, seed
             for partials, width in ((rows, row), (grows, grow)):
                 if width:
                     partials.zero_()
-        _bucketed_attention_bwd_dq_kernel[programs](*head, *base, *tail, **plan.dq)
+        launch_kernel(_bucketed_attention_bwd_dq_kernel, programs, (*head, *base, *tail), plan.dq)
         if G > 0:
-            _bucketed_attention_bwd_dq_kernel[programs](*head, *base, *tail, **plan.dq_global)
+            launch_kernel(_bucketed_attention_bwd_dq_kernel, programs, (*head, *base, *tail), plan.dq_global)
         for i, partials, width in ((0, rows, row), (1, grows, grow)):
             if not width:
                 continue
