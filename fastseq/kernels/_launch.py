@@ -12,10 +12,11 @@ under a key of its own that determines everything the binding would have special
 types of the numbers Triton specializes on, the types of those it does not (`do_not_specialize`) and
 whether they fit in 32 bits, each pointer's dtype and address modulo 16, the meta-parameters, the
 device and the options Triton reads from its knobs. A call with that key calls the compiled kernel's
-launcher directly. A launch hook that calls something (a profiler's) or a pre-run hook gets Triton's
-own launch, as does a call whose arguments do not lay out like those of the call that made the key
-(`_Site.lays_out`). The direct launch skips Triton's check that the globals a kernel reads have not
-changed since it compiled: these kernels read no mutable globals.
+launcher directly, while Triton's caches for the device are the ones it was found in. A launch hook
+that calls something (a profiler's), a pre-run hook and the like get Triton's own launch
+(`_triton_decides`), as do a grid that is not a tuple and a call whose arguments do not lay out like
+those of the call that made the key (`_Site.lays_out`). The direct launch skips Triton's check that
+the globals a kernel reads have not changed since it compiled: these kernels read no mutable globals.
 """
 
 from __future__ import annotations
@@ -47,6 +48,8 @@ class _Site:
         self.get_values = _getter(self.values)
         # What a call's meta-parameters leave to the kernel's defaults, in the order of its parameters.
         self.rest = [(p.name, jit.signature.parameters[p.name].default) for p in params[len(args) :]]
+        # Parameters that Triton specializes by type and value: the key reads them by position only.
+        self.runtime = {p.name for p in params if not p.is_constexpr}
         self.compiled: dict = {}
 
     def key(self, args: tuple, meta: dict, device) -> tuple | None:
@@ -56,7 +59,10 @@ class _Site:
         plain = self.get_plain(args)
         if plain and (min(plain) < _INT32[0] or max(plain) >= _INT32[1]):
             return None
-        pointers = tuple([(t.dtype, t.data_ptr() & 15) for t in self.get_pointers(args)])
+        try:
+            pointers = tuple([(t.dtype, t.data_ptr() & 15) for t in self.get_pointers(args)])
+        except AttributeError:  # None (or another object) where the site's first launch had a tensor
+            return None
         values = self.get_values(args)
         types = tuple(map(type, plain + values))
         options = (
@@ -66,12 +72,13 @@ class _Site:
         )
         return (device, pointers, values, types, tuple(meta.items()), options)
 
-    def lays_out(self, args: tuple) -> bool:
+    def lays_out(self, args: tuple, meta: dict) -> bool:
         """Whether `args` hold tensors exactly where the site's first launch did (and Python numbers
-        elsewhere): the layout the key reads."""
+        elsewhere) and `meta` only constexprs and launch options: the layout the key reads (it holds
+        `meta`'s values, which Triton types apart only for a parameter that is not a constexpr)."""
         tensors = tuple(i for i, a in enumerate(args) if isinstance(a, torch.Tensor))
         numbers = all(isinstance(args[i], (int, float)) for i in self.plain + self.values)
-        return tensors == self.pointers and numbers
+        return tensors == self.pointers and numbers and not self.runtime.intersection(meta)
 
     def tail(self, meta: dict) -> tuple:
         """The values after the positional ones that Triton's launch passes to the C launcher: every
@@ -112,19 +119,35 @@ def launch_kernel(kernel, grid: tuple[int, ...], args: tuple, meta: dict) -> Non
         site = _SITES[(id(kernel), len(args))] = _Site(kernel, args)
     active = driver.active
     device = active.get_current_device()
-    hooked = _hooked(knobs.runtime.launch_enter_hook) or _hooked(knobs.runtime.launch_exit_hook)
-    key = None if hooked or kernel.pre_run_hooks else site.key(args, meta, device)
+    key = None
+    if type(grid) is tuple and not _triton_decides(kernel):
+        key = site.key(args, meta, device)
     found = site.compiled.get(key) if key is not None else None
-    if found is None:
+    # Triton's caches for the device made anew (to compile again): the kernel found is no longer its.
+    if found is None or found[2] is not kernel.device_caches.get(device):
         compiled = kernel.run(*args, grid=grid, warmup=False, **meta)
         # (A compile still under way, under Triton's asynchronous mode, is looked up again next time.)
-        if key is not None and compiled is not None and not hasattr(compiled, "result") and site.lays_out(args):
+        if key is not None and compiled is not None and not hasattr(compiled, "result") and site.lays_out(args, meta):
             if len(site.compiled) >= _PER_SITE:
                 site.compiled.clear()
-            site.compiled[key] = (compiled, site.tail(meta))
+            site.compiled[key] = (compiled, site.tail(meta), kernel.device_caches[device])
         return
-    compiled, tail = found
+    compiled, tail, _ = found
     stream = active.get_current_stream(device)
     g1 = grid[1] if len(grid) > 1 else 1
     g2 = grid[2] if len(grid) > 2 else 1
     compiled.run(grid[0], g1, g2, stream, compiled.function, compiled.packed_metadata, None, None, None, *args, *tail)
+
+
+def _triton_decides(kernel) -> bool:
+    """Whether this launch needs Triton's own: a launch hook that calls something (a profiler's), a
+    pre-run hook, a kernel made with `debug`, or Triton 3.9's compiler-stage hook (its hash joins the
+    key of the compiled kernel)."""
+    runtime = knobs.runtime
+    return bool(
+        _hooked(runtime.launch_enter_hook)
+        or _hooked(runtime.launch_exit_hook)
+        or kernel.pre_run_hooks
+        or kernel.debug
+        or getattr(runtime, "add_stages_inspection_hook", None) is not None
+    )

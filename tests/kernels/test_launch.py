@@ -32,18 +32,76 @@ class _Compiled:
 
 
 class _Driver:
-    """The GPU driver as a launch asks it: device 0, stream 7, sm_90."""
+    """The GPU driver as a launch asks it: the current device and stream are the test's to change; sm_90."""
+
+    device, stream = 0, 7
 
     def get_current_device(self):
-        return 0
+        return self.device
 
     def get_current_stream(self, device):
-        return 7
+        return self.stream
 
     def get_current_target(self):
         from triton.backends.compiler import GPUTarget
 
         return GPUTarget("cuda", 90, 32)
+
+
+class _Replay:
+    """Launches through Triton's `JITFunction.run` and through `launch_kernel`, each into a stand-in
+    compiled kernel per specialization (Triton compiles on every miss of its own cache), compared."""
+
+    def __init__(self, monkeypatch):
+        from triton.runtime import driver
+
+        self.driver = _Driver()
+        monkeypatch.setattr(driver, "_active", self.driver)
+        monkeypatch.setattr(_launch, "_SITES", {})
+        self.sink: list = [None]
+        self.jits: dict = {}
+        self.runs: dict = {}  # each kernel's JITFunction.run
+        self.triton_runs = 0  # the launches `launch_kernel` left to Triton's
+
+    def jit(self, kernel):
+        """The JITFunction of an interpreted kernel, with the stand-in compiler on the current device."""
+        jit = self.jits.get(kernel.fn)
+        if jit is None:
+            jit = self.jits[kernel.fn] = _compile.jit_function(kernel)
+            self.runs[kernel.fn] = run = jit.run
+
+            def counted(*args, **kwargs):
+                self.triton_runs += 1
+                return run(*args, **kwargs)
+
+            jit.run = counted
+        if self.driver.device not in jit.device_caches:
+            jit.device_caches[self.driver.device]  # sets `jit.compile`, which the stand-in replaces
+        jit.compile = lambda *args, **kwargs: _Compiled(self.sink)
+        return jit
+
+    def launch(self, kernel, grid, args, meta) -> bool:
+        """Both launches of one call, held equal; whether `launch_kernel`'s went straight to the launcher."""
+        import torch
+
+        jit = self.jit(kernel)
+        theirs, ours = [], []
+        self.sink[0] = theirs
+        self.runs[kernel.fn](*args, grid=grid, warmup=False, **meta)
+        self.sink[0] = ours
+        before = self.triton_runs
+        _launch.launch_kernel(jit, grid, args, meta)
+        fast = self.triton_runs == before
+        assert len(theirs) == len(ours) == 1
+        (compiled, got), (expected_compiled, expected) = ours[0], theirs[0]
+        assert compiled is expected_compiled, (kernel.fn.__name__, fast)
+        # Triton passes the launch hooks; the direct launch passes None, where the chains call nothing.
+        assert got[6:9] == expected[6:9] or (fast and got[6:9] == (None,) * 3)
+        assert not fast or not any(hook.calls for hook in expected[7:9])
+        got, expected = got[:6] + got[9:], expected[:6] + expected[9:]
+        for a, b in zip(got, expected, strict=True):
+            assert a is b if isinstance(b, torch.Tensor) else (type(a), a) == (type(b), b)
+        return fast
 
 
 def _record(monkeypatch, module, calls) -> list:
@@ -115,68 +173,76 @@ REPLAYS = {name: (name, calls) for name, (calls, _) in CALLS.items()} | {
 @pytest.mark.parametrize("case", list(REPLAYS))
 def test_launch_kernel_launches_what_triton_launches(monkeypatch, case):
     """Each recorded launch through `JITFunction.run`, then through `launch_kernel`: the same compiled
-    kernel gets the same arguments. The launches are replayed twice, and the second time every launch
-    whose integers fit in 32 bits goes straight to its compiled kernel's launcher."""
-    import torch
-    from triton.runtime import driver
+    kernel gets the same arguments, on the stream of the moment. The launches are replayed on device 0,
+    again (where every launch whose integers fit in 32 bits goes straight to its compiled kernel's
+    launcher), on device 1 and another stream, on device 0 again (straight again), with Triton's debug
+    knob, and after Triton's caches are cleared (to compile again)."""
+    from triton import knobs
 
     module, calls = REPLAYS[case]
     launches = _record(monkeypatch, importlib.import_module(module), calls)
-    monkeypatch.setattr(driver, "_active", _Driver())
-    monkeypatch.setattr(_launch, "_SITES", {})
-    sink: list = [None]
-    jits: dict = {}
-    for kernel, *_ in launches:
-        if kernel.fn not in jits:
-            jit = jits[kernel.fn] = _compile.jit_function(kernel)
-            jit.device_caches[0]  # sets `jit.compile`, which the stand-in replaces
-            jit.compile = lambda *args, **kwargs: _Compiled(sink)
-    triton_runs = []
-    jit_run = {fn: jit.run for fn, jit in jits.items()}
-    for jit in jits.values():
-        jit.run = lambda *args, _run=jit.run, **kwargs: triton_runs.append(1) or _run(*args, **kwargs)
-    direct = []
-    for replay in range(2):
+    replay = _Replay(monkeypatch)
+    fast_again = []  # each launch of the second and the fourth pass: (straight to the launcher, fits 32 bits)
+    passes = ((0, 7, False, False), (0, 7, False, False), (1, 9, False, False), (0, 7, False, False),
+              (1, 9, True, False), (1, 11, False, True))  # fmt: skip
+    for i, (device, stream, debug, clear) in enumerate(passes):
+        replay.driver.device, replay.driver.stream = device, stream
+        monkeypatch.setattr(knobs.runtime, "debug", debug)
+        if clear:
+            for jit in replay.jits.values():
+                jit.device_caches.clear()
         for kernel, grid, args, meta in launches:
-            jit = jits[kernel.fn]
-            theirs, ours = [], []
-            sink[0] = theirs
-            jit_run[kernel.fn](*args, grid=grid, warmup=False, **meta)
-            sink[0] = ours
-            before = len(triton_runs)
-            _launch.launch_kernel(jit, grid, args, meta)
-            assert len(theirs) == len(ours) == 1
-            (compiled, got), (expected_compiled, expected) = ours[0], theirs[0]
-            assert compiled is expected_compiled, (kernel.fn.__name__, replay)
-            fast = len(triton_runs) == before
-            # Triton passes the launch hooks, chains that call nothing here; the direct launch passes None.
-            assert not any(hook.calls for hook in expected[7:9])
-            assert got[6:9] == ((None, None, None) if fast else expected[6:9])
-            got, expected = got[:6] + got[9:], expected[:6] + expected[9:]
-            for a, b in zip(got, expected, strict=True):
-                assert a is b if isinstance(b, torch.Tensor) else (type(a), a) == (type(b), b)
-            if replay:
-                fits = all(-(2**31) <= a < 2**31 for a in args if type(a) is int)
-                direct.append((fast, fits))
-    assert direct and all(fast == fits for fast, fits in direct), direct
+            fast = replay.launch(kernel, grid, args, meta)
+            if i in (1, 3):
+                fast_again.append((fast, all(-(2**31) <= a < 2**31 for a in args if type(a) is int)))
+    assert all(fast == fits for fast, fits in fast_again), fast_again
+
+
+def _probe_kernel():
+    """A kernel with a pointer, an integer, a number passed by keyword and a constexpr."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _probe_kernel(x_ptr, n, s, BLOCK: tl.constexpr):
+        offsets = tl.arange(0, BLOCK)
+        tl.store(x_ptr + offsets, tl.load(x_ptr + offsets, mask=offsets < n) * s, mask=offsets < n)
+
+    return _probe_kernel
+
+
+def test_launch_kernel_leaves_to_triton_what_its_key_cannot_tell(monkeypatch):
+    """None where a tensor was, a number Triton specializes passed by keyword (16, then 16.0 and True),
+    a callable grid and a kernel made with `debug`: the launches still get what Triton's give them."""
+    import torch
+
+    kernel = _probe_kernel()
+    replay = _Replay(monkeypatch)
+    x = torch.randn(16)
+    launches = [
+        ((1,), (x, 16, 2.0), {"BLOCK": 16}),
+        ((1,), (x, 16, 2.0), {"BLOCK": 16}),
+        ((1,), (None, 16, 2.0), {"BLOCK": 16}),
+        ((1,), (x, 16), {"s": 16, "BLOCK": 16}),
+        ((1,), (x, 16), {"s": 16.0, "BLOCK": 16}),
+        ((1,), (x, 16), {"s": True, "BLOCK": 16}),
+        (lambda meta: (1,), (x, 16, 2.0), {"BLOCK": 16}),
+    ]
+    fast = [replay.launch(kernel, grid, args, meta) for grid, args, meta in launches]
+    assert fast == [False, True, False, False, False, False, False]
+    monkeypatch.setattr(replay.jit(kernel), "debug", True)
+    assert not replay.launch(kernel, (1,), (x, 16, 2.0), {"BLOCK": 16})
 
 
 def test_launch_hooks_get_tritons_launch(monkeypatch):
     """With a launch hook set (a profiler's), a launch goes through `JITFunction.run`, which calls it."""
     from triton import knobs
-    from triton.runtime import driver
 
     calls = CALLS["fastseq.kernels.rms_norm"][0]
     kernel, grid, args, meta = _record(monkeypatch, importlib.import_module("fastseq.kernels.rms_norm"), calls)[0]
-    monkeypatch.setattr(driver, "_active", _Driver())
-    monkeypatch.setattr(_launch, "_SITES", {})
-    sink: list = [[]]
-    jit = _compile.jit_function(kernel)
-    jit.device_caches[0]
-    jit.compile = lambda *args, **kwargs: _Compiled(sink)
-    runs = []
-    jit.run = lambda *args, _run=jit.run, **kwargs: runs.append(1) or _run(*args, **kwargs)
+    replay = _Replay(monkeypatch)
+    fast = []
     for hooks in ([], [], [lambda metadata: None]):
         monkeypatch.setattr(knobs.runtime.launch_enter_hook, "calls", hooks)
-        _launch.launch_kernel(jit, grid, args, meta)
-    assert len(sink[0]) == 3 and len(runs) == 2  # the first launch and the hooked one
+        fast.append(replay.launch(kernel, grid, args, meta))
+    assert fast == [False, True, False]
