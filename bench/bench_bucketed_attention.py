@@ -26,6 +26,7 @@ prepared table, its evaluation call, and the floors (`host_time`).
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import sys
 import time
@@ -187,16 +188,19 @@ class _Driver:
         return GPUTarget("cuda", 90, 32)
 
 
-def _triton_launches(launches: list):
-    """A call that launches each recorded launch through Triton's own `JITFunction.run`, on a stand-in
-    driver (`_Driver`, made the process's active driver: without a GPU Triton has none to go back to,
-    and `--host` launches nothing else) and with `_Compiled` in the kernel cache: the Python of a launch
-    (binding the arguments, finding the compiled kernel, reading the grid) without the device and stream
-    queries of a real driver, the launch hooks' check (`_Compiled.launch_metadata`) and the C launcher
-    that packs the arguments."""
+def _triton_launches(launches: list, through_run: bool = False):
+    """A call that makes each recorded launch as the launchers make it (`launch_kernel`: Triton's own
+    `JITFunction.run` once per configuration, then the compiled kernel's C launcher directly) or, with
+    `through_run`, through `JITFunction.run` every time, for sm_90 on a stand-in driver (`_Driver`, made
+    the process's active driver: without a GPU Triton has none to go back to, and `--host` launches
+    nothing else) and with `_Compiled` in the kernel cache: the Python of a launch (binding the arguments
+    or keying them, finding the compiled kernel, reading the grid) without the device and stream queries
+    of a real driver and the C launcher that packs the arguments (on a GPU the launch hooks' check too:
+    `_Compiled.launch_metadata`)."""
     from triton.runtime import driver
 
     from fastseq.kernels._compile import jit_function
+    from fastseq.kernels._launch import launch_kernel
 
     driver.set_active(_Driver())
     jits: dict = {}
@@ -208,12 +212,15 @@ def _triton_launches(launches: list):
             jit.device_caches[0]  # its binder, for sm_90; this sets `jit.compile`, so it comes first
             jit.compile = lambda *args, **kwargs: _Compiled()
             jits[kernel.fn] = jit
-        runs.append((jit[grid], args, kwargs))
-        runs[-1][0](*args, **kwargs)  # a kernel's first launch "compiles" it into the cache
+        if through_run:
+            runs.append(functools.partial(jit[grid], *args, **kwargs))
+        else:
+            runs.append(functools.partial(launch_kernel, jit, grid, args, kwargs))
+        runs[-1]()  # a kernel's first launch "compiles" it into the cache
 
     def call():
-        for run, args, kwargs in runs:
-            run(*args, **kwargs)
+        for run in runs:
+            run()
 
     return call
 
@@ -255,8 +262,10 @@ def host_time(calls: int = 50, reps: int = 9) -> list[dict]:
       and gradients, the floor of a Python autograd op; `torch_mul`, `torch_mul_layer`: a plain op;
     - `bias_grad_sum`: the one reduction of the backward that is arithmetic on the CPU here (the bias
       gradient's partial rows summed per head) and one reduction launch on a GPU;
-    - `triton_launch_layer`: what the replaced launches leave out, Triton's own launch up to its C
-      launcher (`_triton_launches`), for the launches of `fastseq_train_layer`'s stack.
+    - `triton_launch_layer`: what the replaced launches leave out, the launch up to Triton's C launcher
+      as the launchers make it (`launch_kernel`), for the launches of `fastseq_train_layer`'s stack;
+      `triton_run_layer`: the same launches through Triton's `JITFunction.run` every time
+      (`_triton_launches`).
     """
     import os
 
@@ -324,7 +333,8 @@ def host_time(calls: int = 50, reps: int = 9) -> list[dict]:
 
     _NoLaunch.launches = []
     fastseq_layers()
-    triton_launches, _NoLaunch.launches = _triton_launches(_NoLaunch.launches), None
+    recorded, _NoLaunch.launches = _NoLaunch.launches, None
+    triton_launches, triton_runs = _triton_launches(recorded), _triton_launches(recorded, through_run=True)
     cases = (
         ("fastseq_train", one_call(**train), 1),
         ("fastseq_eval", one_call(), 1),
@@ -334,6 +344,7 @@ def host_time(calls: int = 50, reps: int = 9) -> list[dict]:
         ("torch_mul_layer", stack(lambda x, k, v: x.mul(2.0)), HOST_LAYERS),
         ("bias_grad_sum", lambda: partials.sum(1), 1),
         ("triton_launch_layer", triton_launches, HOST_LAYERS),
+        ("triton_run_layer", triton_runs, HOST_LAYERS),
     )
     rows = []
     for name, call, per in cases:

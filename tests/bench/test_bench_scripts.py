@@ -128,7 +128,8 @@ def test_plots_and_the_results_table(quick):
 
 
 def test_bench_bucketed_attention_host(tmp_path):
-    """`--host` times every case, Triton's own launch up to its C launcher included."""
+    """`--host` times every case, the launchers' launch and Triton's `JITFunction.run` up to the C
+    launcher included."""
     out = tmp_path / "host.csv"
     proc = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_bucketed_attention.py"), "--host", "--label",
                            "test", "--out", str(out)], capture_output=True, text=True, timeout=600)  # fmt: skip
@@ -136,5 +137,5 @@ def test_bench_bucketed_attention_host(tmp_path):
     rows = list(csv.DictReader(out.open()))
     assert {r["provider"] for r in rows} == {"fastseq_train", "fastseq_eval", "fastseq_train_layer",
                                              "noop_function_layer", "torch_mul", "torch_mul_layer", "bias_grad_sum",
-                                             "triton_launch_layer"}  # fmt: skip
+                                             "triton_launch_layer", "triton_run_layer"}  # fmt: skip
     assert all(float(r["p50"]) > 0 and r["metric"] == "host_time" and r["formula"].endswith("; test") for r in rows)
