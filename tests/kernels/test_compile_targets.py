@@ -294,13 +294,9 @@ def test_every_op_with_a_kernel_is_compile_checked():
     assert with_kernel == set(OPS)
 
 
-def _launch_specializations(monkeypatch, module, kernel_names, calls) -> dict:
-    """What Triton specializes at launch (its own argument binder, for sm_90) for every launch that
-    `calls` make of `module`'s kernels, by kernel and meta-parameters: the launches are recorded, not run."""
+def record_launches(monkeypatch, module, calls) -> list:
+    """(kernel, grid, args, meta) of every launch that `calls` make of `module`'s kernels: recorded, not run."""
     import torch
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler.compiler import make_backend
-    from triton.runtime.jit import create_function_from_signature
 
     monkeypatch.setenv("TRITON_INTERPRET", "1")  # CPU tensors reach the launchers
     launches = []
@@ -310,15 +306,25 @@ def _launch_specializations(monkeypatch, module, kernel_names, calls) -> dict:
             self.kernel = kernel
 
         def __getitem__(self, grid):
-            return lambda *args, **kwargs: launches.append((self.kernel, args, kwargs))
+            return lambda *args, **meta: launches.append((self.kernel, grid, args, meta))
 
-    for name in kernel_names:
+    for name in [n for n in vars(module) if n.startswith("_") and n.endswith("_kernel")]:
         monkeypatch.setattr(module, name, Recorded(getattr(module, name)))
     with torch.no_grad():
         calls()
+    return launches
+
+
+def _launch_specializations(monkeypatch, module, calls) -> dict:
+    """What Triton specializes at launch (its own argument binder, for sm_90) for every launch that
+    `calls` make of `module`'s kernels, by kernel and meta-parameters: the launches are recorded, not run."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler.compiler import make_backend
+    from triton.runtime.jit import create_function_from_signature
+
     backend = make_backend(GPUTarget("cuda", 90, 32))
     found: dict = {}
-    for kernel, args, kwargs in launches:
+    for kernel, _, args, kwargs in record_launches(monkeypatch, module, calls):
         kernel = _compile.jit_function(kernel)
         binder = create_function_from_signature(kernel.signature, kernel.params, backend)
         _, specialization, options = binder(*args, **kwargs)
@@ -396,9 +402,7 @@ def test_a_configuration_compiles_once_whatever_the_batch(monkeypatch, module):
     a multiple of 16, and batches of other lengths compiled the attention, the norm's backward and
     LongT5's sums again."""
     calls, kernels = CALLS[module]
-    mod = importlib.import_module(module)
-    names = [n for n in vars(mod) if n.startswith("_") and n.endswith("_kernel")]
-    found = _launch_specializations(monkeypatch, mod, names, calls)
+    found = _launch_specializations(monkeypatch, importlib.import_module(module), calls)
     assert len({name for name, _ in found}) == kernels, found
     assert all(len(specializations) == 1 for specializations in found.values()), found
 

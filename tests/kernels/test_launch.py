@@ -13,7 +13,7 @@ import importlib
 import pytest
 
 from fastseq.kernels import _compile, _launch
-from tests.kernels.test_compile_targets import CALLS
+from tests.kernels.test_compile_targets import CALLS, record_launches
 
 
 class _Compiled:
@@ -104,27 +104,6 @@ class _Replay:
         return fast
 
 
-def _record(monkeypatch, module, calls) -> list:
-    """(kernel, grid, args, meta) of every launch `calls` make of `module`'s kernels, not run."""
-    import torch
-
-    monkeypatch.setenv("TRITON_INTERPRET", "1")  # CPU tensors reach the launchers
-    launches = []
-
-    class Recorded:
-        def __init__(self, kernel):
-            self.kernel = kernel
-
-        def __getitem__(self, grid):
-            return lambda *args, **meta: launches.append((self.kernel, grid, args, meta))
-
-    for name in [n for n in vars(module) if n.startswith("_") and n.endswith("_kernel")]:
-        monkeypatch.setattr(module, name, Recorded(getattr(module, name)))
-    with torch.no_grad():
-        calls()
-    return launches
-
-
 def _attention_layout_calls():
     """The attention's forward and backward, causal or not, on q, k and v laid out as a model's
     projections lay them out, contiguous, with rows of D + 1 (strides no multiple of 16), 4 bytes past a
@@ -180,7 +159,7 @@ def test_launch_kernel_launches_what_triton_launches(monkeypatch, case):
     from triton import knobs
 
     module, calls = REPLAYS[case]
-    launches = _record(monkeypatch, importlib.import_module(module), calls)
+    launches = record_launches(monkeypatch, importlib.import_module(module), calls)
     replay = _Replay(monkeypatch)
     fast_again = []  # each launch of the second and the fourth pass: (straight to the launcher, fits 32 bits)
     passes = ((0, 7, False, False), (0, 7, False, False), (1, 9, False, False), (0, 7, False, False),
@@ -238,8 +217,8 @@ def test_launch_hooks_get_tritons_launch(monkeypatch):
     """With a launch hook set (a profiler's), a launch goes through `JITFunction.run`, which calls it."""
     from triton import knobs
 
-    calls = CALLS["fastseq.kernels.rms_norm"][0]
-    kernel, grid, args, meta = _record(monkeypatch, importlib.import_module("fastseq.kernels.rms_norm"), calls)[0]
+    norm = importlib.import_module("fastseq.kernels.rms_norm")
+    kernel, grid, args, meta = record_launches(monkeypatch, norm, CALLS["fastseq.kernels.rms_norm"][0])[0]
     replay = _Replay(monkeypatch)
     fast = []
     for hooks in ([], [], [lambda metadata: None]):
