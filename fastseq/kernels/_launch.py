@@ -57,12 +57,12 @@ class _Site:
         (an integer it does not specialize on past 32 bits)."""
         runtime, compilation = knobs.runtime, knobs.compilation
         plain = self.get_plain(args)
-        if plain and (min(plain) < _INT32[0] or max(plain) >= _INT32[1]):
-            return None
         try:
+            if plain and (min(plain) < _INT32[0] or max(plain) >= _INT32[1]):
+                return None
             pointers = tuple([(t.dtype, t.data_ptr() & 15) for t in self.get_pointers(args)])
-        except AttributeError:  # None (or another object) where the site's first launch had a tensor
-            return None
+        except (AttributeError, TypeError):  # None or another object where the site's first launch had
+            return None  # a tensor or a number
         values = self.get_values(args)
         types = tuple(map(type, plain + values))
         options = (

@@ -178,11 +178,12 @@ def test_launch_kernel_launches_what_triton_launches(monkeypatch, case):
 
 
 def _probe_kernel():
-    """A kernel with a pointer, an integer, a number passed by keyword and a constexpr."""
+    """A kernel with a pointer, an integer it does not specialize on, a number passed by keyword and a
+    constexpr."""
     import triton
     import triton.language as tl
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["n"])
     def _probe_kernel(x_ptr, n, s, BLOCK: tl.constexpr):
         offsets = tl.arange(0, BLOCK)
         tl.store(x_ptr + offsets, tl.load(x_ptr + offsets, mask=offsets < n) * s, mask=offsets < n)
@@ -191,8 +192,9 @@ def _probe_kernel():
 
 
 def test_launch_kernel_leaves_to_triton_what_its_key_cannot_tell(monkeypatch):
-    """None where a tensor was, a number Triton specializes passed by keyword (16, then 16.0 and True),
-    a callable grid and a kernel made with `debug`: the launches still get what Triton's give them."""
+    """None where a tensor or a number was, a number Triton specializes passed by keyword (16, then 16.0
+    and True), a callable grid and a kernel made with `debug`: the launches still get what Triton's
+    give them."""
     import torch
 
     kernel = _probe_kernel()
@@ -202,13 +204,14 @@ def test_launch_kernel_leaves_to_triton_what_its_key_cannot_tell(monkeypatch):
         ((1,), (x, 16, 2.0), {"BLOCK": 16}),
         ((1,), (x, 16, 2.0), {"BLOCK": 16}),
         ((1,), (None, 16, 2.0), {"BLOCK": 16}),
+        ((1,), (x, None, 2.0), {"BLOCK": 16}),
         ((1,), (x, 16), {"s": 16, "BLOCK": 16}),
         ((1,), (x, 16), {"s": 16.0, "BLOCK": 16}),
         ((1,), (x, 16), {"s": True, "BLOCK": 16}),
         (lambda meta: (1,), (x, 16, 2.0), {"BLOCK": 16}),
     ]
     fast = [replay.launch(kernel, grid, args, meta) for grid, args, meta in launches]
-    assert fast == [False, True, False, False, False, False, False]
+    assert fast == [False, True, False, False, False, False, False, False]
     monkeypatch.setattr(replay.jit(kernel), "debug", True)
     assert not replay.launch(kernel, (1,), (x, 16, 2.0), {"BLOCK": 16})
 
