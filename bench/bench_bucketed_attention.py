@@ -264,8 +264,8 @@ def host_time(calls: int = 50, reps: int = 9) -> list[dict]:
       gradient's partial rows summed per head) and one reduction launch on a GPU;
     - `triton_launch_layer`: what the replaced launches leave out, the launch up to Triton's C launcher
       as the launchers make it (`launch_kernel`), for the launches of `fastseq_train_layer`'s stack;
-      `triton_run_layer`: the same launches through Triton's `JITFunction.run` every time
-      (`_triton_launches`).
+      `triton_run_layer`: the same launches through Triton's `JITFunction.run` every time (both made
+      by `_triton_launches`).
     """
     import os
 

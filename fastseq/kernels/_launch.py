@@ -5,9 +5,10 @@ and works out what each one specializes on (its type, a pointer's 16-byte alignm
 value 1 or divisibility by 16, `triton.jit`'s `do_not_specialize` aside), builds the key of the
 compiled kernel from them, looks the kernel up and only then calls its launcher. On this project's
 CPU that Python took 16 µs of the attention forward's launch and 58 µs of a layer's four launches
-(`bench/bench_bucketed_attention.py --host`), more than half of the layer's host time.
+(`bench/bench_bucketed_attention.py --host`), almost half of the layer's host time.
 
-`launch_kernel` goes through `JITFunction.run` once per configuration and keeps the compiled kernel
+`launch_kernel` goes through `JITFunction.run` once per configuration (a new shape is a new
+configuration: the key holds the values of the strides and sizes) and keeps the compiled kernel
 under a key of its own that determines everything the binding would have specialized: the values and
 types of the numbers Triton specializes on, the types of those it does not (`do_not_specialize`) and
 whether they fit in 32 bits, each pointer's dtype and address modulo 16, the meta-parameters, the
@@ -48,21 +49,24 @@ class _Site:
         self.get_values = _getter(self.values)
         # What a call's meta-parameters leave to the kernel's defaults, in the order of its parameters.
         self.rest = [(p.name, jit.signature.parameters[p.name].default) for p in params[len(args) :]]
-        # Parameters that Triton specializes by type and value: the key reads them by position only.
+        # The runtime (not constexpr) parameters: the key reads them by position, so a call that passes
+        # one by keyword is not kept.
         self.runtime = {p.name for p in params if not p.is_constexpr}
         self.compiled: dict = {}
 
     def key(self, args: tuple, meta: dict, device) -> tuple | None:
-        """What determines the compiled kernel of this call, or None where Triton's binding must decide
-        (an integer it does not specialize on past 32 bits)."""
+        """What determines the compiled kernel of this call, or None where Triton's binding must decide:
+        an integer it does not specialize on past int32, or an argument that is not what the site's first
+        launch had there (None or another object for a tensor; anything its comparison with a number
+        fails on)."""
         runtime, compilation = knobs.runtime, knobs.compilation
         plain = self.get_plain(args)
         try:
             if plain and (min(plain) < _INT32[0] or max(plain) >= _INT32[1]):
                 return None
             pointers = tuple([(t.dtype, t.data_ptr() & 15) for t in self.get_pointers(args)])
-        except (AttributeError, TypeError):  # None or another object where the site's first launch had
-            return None  # a tensor or a number
+        except (AttributeError, TypeError, RuntimeError):  # (a tensor's comparison raises RuntimeError)
+            return None
         values = self.get_values(args)
         types = tuple(map(type, plain + values))
         options = (
@@ -73,12 +77,13 @@ class _Site:
         return (device, pointers, values, types, tuple(meta.items()), options)
 
     def lays_out(self, args: tuple, meta: dict) -> bool:
-        """Whether `args` hold tensors exactly where the site's first launch did (and Python numbers
-        elsewhere) and `meta` only constexprs and launch options: the layout the key reads (it holds
-        `meta`'s values, which Triton types apart only for a parameter that is not a constexpr)."""
-        tensors = tuple(i for i, a in enumerate(args) if isinstance(a, torch.Tensor))
+        """Whether `args` hold Python numbers wherever the site's first launch did, and `meta` only
+        constexprs and launch options: the layout the key reads. (A tensor or a tuple there would be
+        keyed as an object, whose storage can change under it; `meta`'s values are keyed without their
+        types, which Triton reads only for a parameter that is not a constexpr.) A pointer's place holds
+        no number: the key reads its dtype and address, or gives up."""
         numbers = all(isinstance(args[i], (int, float)) for i in self.plain + self.values)
-        return tensors == self.pointers and numbers and not self.runtime.intersection(meta)
+        return numbers and not self.runtime.intersection(meta)
 
     def tail(self, meta: dict) -> tuple:
         """The values after the positional ones that Triton's launch passes to the C launcher: every
@@ -141,8 +146,8 @@ def launch_kernel(kernel, grid: tuple[int, ...], args: tuple, meta: dict) -> Non
 
 def _triton_decides(kernel) -> bool:
     """Whether this launch needs Triton's own: a launch hook that calls something (a profiler's), a
-    pre-run hook, a kernel made with `debug`, or Triton 3.9's compiler-stage hook (its hash joins the
-    key of the compiled kernel)."""
+    pre-run hook, a kernel made with `debug`, or the compiler-stage hook (Triton 3.9 adds its hash to
+    the compiled kernel's key)."""
     runtime = knobs.runtime
     return bool(
         _hooked(runtime.launch_enter_hook)

@@ -52,8 +52,10 @@ class _Replay:
     """Launches through Triton's `JITFunction.run` and through `launch_kernel`, each into a stand-in
     compiled kernel per specialization (Triton compiles on every miss of its own cache), compared."""
 
-    def __init__(self, monkeypatch):
+    def __init__(self, monkeypatch, compiled=None):
         from triton.runtime import driver
+
+        self.compiled = compiled or _Compiled
 
         self.driver = _Driver()
         monkeypatch.setattr(driver, "_active", self.driver)
@@ -77,7 +79,7 @@ class _Replay:
             jit.run = counted
         if self.driver.device not in jit.device_caches:
             jit.device_caches[self.driver.device]  # sets `jit.compile`, which the stand-in replaces
-        jit.compile = lambda *args, **kwargs: _Compiled(self.sink)
+        jit.compile = lambda *args, **kwargs: self.compiled(self.sink)
         return jit
 
     def launch(self, kernel, grid, args, meta) -> bool:
@@ -106,8 +108,8 @@ class _Replay:
 
 def _attention_layout_calls():
     """The attention's forward and backward, causal or not, on q, k and v laid out as a model's
-    projections lay them out, contiguous, with rows of D + 1 (strides no multiple of 16), 4 bytes past a
-    16-byte boundary, and in fp16 (one plan each dtype), with a seed past 32 bits: what changes a
+    projections lay them out, contiguous, with rows of D + 1 (strides no multiple of 16), 4 or 8 bytes
+    past a 16-byte boundary, and in fp16 (one plan each dtype), with a seed past int32: what changes a
     launch's specialization between calls of one plan."""
     import torch
 
@@ -178,23 +180,24 @@ def test_launch_kernel_launches_what_triton_launches(monkeypatch, case):
 
 
 def _probe_kernel():
-    """A kernel with a pointer, an integer it does not specialize on, a number passed by keyword and a
-    constexpr."""
+    """A kernel with a pointer, an integer it does not specialize on, a number passed by keyword, a
+    constexpr, and a constexpr left to its default."""
     import triton
     import triton.language as tl
 
     @triton.jit(do_not_specialize=["n"])
-    def _probe_kernel(x_ptr, n, s, BLOCK: tl.constexpr):
+    def _probe_kernel(x_ptr, n, s, BLOCK: tl.constexpr, SCALE: tl.constexpr = 2):
         offsets = tl.arange(0, BLOCK)
-        tl.store(x_ptr + offsets, tl.load(x_ptr + offsets, mask=offsets < n) * s, mask=offsets < n)
+        x = tl.load(x_ptr + offsets, mask=offsets < n)
+        tl.store(x_ptr + offsets, x * s * SCALE, mask=offsets < n)
 
     return _probe_kernel
 
 
 def test_launch_kernel_leaves_to_triton_what_its_key_cannot_tell(monkeypatch):
-    """None where a tensor or a number was, a number Triton specializes passed by keyword (16, then 16.0
-    and True), a callable grid and a kernel made with `debug`: the launches still get what Triton's
-    give them."""
+    """None where a tensor or a number was, a tensor where a number was, a number Triton specializes
+    passed by keyword (16, then 16.0 and True), a callable grid and a kernel made with `debug`: the
+    launches still get what Triton's give them, the constexpr left to its default included."""
     import torch
 
     kernel = _probe_kernel()
@@ -205,26 +208,87 @@ def test_launch_kernel_leaves_to_triton_what_its_key_cannot_tell(monkeypatch):
         ((1,), (x, 16, 2.0), {"BLOCK": 16}),
         ((1,), (None, 16, 2.0), {"BLOCK": 16}),
         ((1,), (x, None, 2.0), {"BLOCK": 16}),
+        ((1,), (x, None, None), {"BLOCK": 16}),
+        ((1,), (x, torch.ones(2), 2.0), {"BLOCK": 16}),
         ((1,), (x, 16), {"s": 16, "BLOCK": 16}),
         ((1,), (x, 16), {"s": 16.0, "BLOCK": 16}),
         ((1,), (x, 16), {"s": True, "BLOCK": 16}),
         (lambda meta: (1,), (x, 16, 2.0), {"BLOCK": 16}),
     ]
     fast = [replay.launch(kernel, grid, args, meta) for grid, args, meta in launches]
-    assert fast == [False, True, False, False, False, False, False, False]
+    assert fast == [False, True] + [False] * 8
     monkeypatch.setattr(replay.jit(kernel), "debug", True)
     assert not replay.launch(kernel, (1,), (x, 16, 2.0), {"BLOCK": 16})
 
 
-def test_launch_hooks_get_tritons_launch(monkeypatch):
-    """With a launch hook set (a profiler's), a launch goes through `JITFunction.run`, which calls it."""
+def test_a_tensor_where_a_number_was_is_never_kept(monkeypatch):
+    """A tensor (or a tuple of them) where the site's first launch had a number is keyed by the object,
+    whose storage can change under it (`set_`): such a launch always goes through Triton's, which reads
+    its address again."""
+    import torch
+
+    kernel = _probe_kernel()
+    replay = _Replay(monkeypatch)
+    x, storage = torch.randn(16), torch.zeros(8)
+    assert replay.launch(kernel, (1,), (x, 16, 2.0), {"BLOCK": 16}) is False
+    for wrap in (lambda t: t, lambda t: (t,)):
+        y = torch.zeros(1)
+        for offset in (0, 0, 1):  # 16-byte aligned twice, then 4 bytes off
+            y.set_(storage.untyped_storage(), offset, (1,))
+            assert replay.launch(kernel, (1,), (x, 16, wrap(y)), {"BLOCK": 16}) is False
+
+
+def test_kernels_kept_per_site_are_bounded(monkeypatch):
+    """Past `_PER_SITE` compiled kernels a site starts over: the first configuration goes through
+    Triton's launch again, the latest straight to its launcher."""
+    import torch
+
+    monkeypatch.setattr(_launch, "_PER_SITE", 2)
+    kernel = _probe_kernel()
+    replay = _Replay(monkeypatch)
+    x = torch.randn(16)
+    fast = [replay.launch(kernel, (1,), (x, 16, 2.0), {"BLOCK": block}) for block in (16, 32, 64, 16, 64)]
+    assert fast == [False, False, False, False, True]
+
+
+class _Compiling(_Compiled):
+    """A compile still under way (Triton 3.9's asynchronous mode returns its future)."""
+
+    def result(self):
+        return self
+
+
+def test_a_compile_under_way_is_not_kept(monkeypatch):
+    import torch
+
+    replay = _Replay(monkeypatch, compiled=_Compiling)
+    kernel, x = _probe_kernel(), torch.randn(16)
+    assert [replay.launch(kernel, (1,), (x, 16, 2.0), {"BLOCK": 16}) for _ in range(3)] == [False] * 3
+
+
+HOOKS = ["launch enter", "launch exit", "pre-run", "compiler stages"]
+
+
+@pytest.mark.parametrize("hook", HOOKS)
+def test_hooks_get_tritons_launch(monkeypatch, hook):
+    """With a hook set (a profiler's launch hooks, a kernel's pre-run hook, the compiler-stage hook, whose
+    hash Triton 3.9 adds to the compiled kernel's key), a launch goes through `JITFunction.run`."""
     from triton import knobs
 
     norm = importlib.import_module("fastseq.kernels.rms_norm")
     kernel, grid, args, meta = record_launches(monkeypatch, norm, CALLS["fastseq.kernels.rms_norm"][0])[0]
     replay = _Replay(monkeypatch)
-    fast = []
-    for hooks in ([], [], [lambda metadata: None]):
-        monkeypatch.setattr(knobs.runtime.launch_enter_hook, "calls", hooks)
-        fast.append(replay.launch(kernel, grid, args, meta))
+    fast = [replay.launch(kernel, grid, args, meta) for _ in range(2)]
+    called = []
+    if hook == "launch enter":
+        monkeypatch.setattr(knobs.runtime.launch_enter_hook, "calls", [called.append])
+    elif hook == "launch exit":
+        monkeypatch.setattr(knobs.runtime.launch_exit_hook, "calls", [called.append])
+    elif hook == "pre-run":
+        monkeypatch.setattr(replay.jit(kernel), "pre_run_hooks", [lambda *args, **kwargs: called.append(1)])
+    else:
+        monkeypatch.setattr(knobs.runtime, "add_stages_inspection_hook", lambda: called.append(1) or ("stages", 1))
+    fast.append(replay.launch(kernel, grid, args, meta))
     assert fast == [False, True, False]
+    if hook == "pre-run":  # (the stand-in launcher calls no launch hook; Triton 3.6 reads the stage hook
+        assert called  # only when it compiles)
