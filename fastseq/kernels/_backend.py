@@ -139,6 +139,21 @@ def unsupported_gpu(device: torch.device) -> str | None:
     )
 
 
+def draw_seed(op: str, dropout_p: float, device: torch.device) -> torch.Tensor | None:
+    """A kernel call's dropout seed, `(1,)` int64, drawn from PyTorch's CPU generator so that
+    `torch.manual_seed` fixes the mask; None without dropout. Refused while a CUDA graph is being
+    captured (eagerly, as `torch.cuda.graph` does): the graph would keep the seed drawn here, and every
+    replay would drop the same elements."""
+    if dropout_p <= 0.0:
+        return None
+    if device.type == "cuda" and not torch.compiler.is_compiling() and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError(
+            f"{op}: dropout {dropout_p} inside a captured CUDA graph would drop the same elements at every "
+            "replay (the kernels draw their seed on the host); capture with dropout 0, or outside this op"
+        )
+    return torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64)
+
+
 def interpreting() -> bool:
     """True when Triton runs its kernels on the CPU through the interpreter."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"

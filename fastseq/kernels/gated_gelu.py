@@ -16,7 +16,16 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._backend import autocast_cast, autocast_dtype, autocast_off, cdiv, unsupported_dtypes, upcast, use_triton
+from ._backend import (
+    autocast_cast,
+    autocast_dtype,
+    autocast_off,
+    cdiv,
+    draw_seed,
+    unsupported_dtypes,
+    upcast,
+    use_triton,
+)
 from ._launch import launch_kernel
 
 HAS_TRITON_KERNEL = True
@@ -259,8 +268,7 @@ class _FFN(torch.autograd.Function):
 
 
 def _fused_ffn(x, wi_0, wi_1, wo, dropout_p):
-    # Drawn from PyTorch's CPU generator, so torch.manual_seed fixes the dropout mask.
-    seed = torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64) if dropout_p > 0.0 else None
+    seed = draw_seed("gated_ffn" if wi_1 is not None else "relu_ffn", dropout_p, x.device)
     out = _FFN.apply(x.reshape(-1, x.shape[-1]), wi_0, wi_1, wo, dropout_p, seed)
     return out.view(*x.shape[:-1], wo.shape[0])
 

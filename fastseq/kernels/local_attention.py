@@ -21,7 +21,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from ._backend import autocast_cast, autocast_dtype, autocast_off, upcast, use_triton
+from ._backend import autocast_cast, autocast_dtype, autocast_off, draw_seed, upcast, use_triton
 from .bucketed_attention import (
     GlobalTokens,
     PositionBias,
@@ -263,10 +263,7 @@ def _local_attention_triton(
     if global_k is not None:
         B, _, L, _ = q.shape
         caps = global_caps(key_padding_mask, B, L, global_block_size, q.device)
-    seed = None
-    if dropout_p > 0.0:
-        # Drawn from PyTorch's CPU generator, so torch.manual_seed fixes the dropout mask.
-        seed = torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64)
+    seed = draw_seed("local_attention", dropout_p, q.device)
     if not torch.compiler.is_compiling():
         args = (int(radius), int(global_block_size), float(dropout_p))
         return _EagerLocalAttention.apply(q, k, v, dist_table, table, key_padding_mask, global_k, global_v,

@@ -104,3 +104,64 @@ def test_host_rounding_is_tritons():
         assert next_power_of_2(n) == triton.next_power_of_2(n), n
         for block in (1, 3, 16, 64, 128):
             assert cdiv(n, block) == triton.cdiv(n, block), (n, block)
+
+
+def test_dropout_inside_a_cuda_graph_capture_is_refused(monkeypatch):
+    """A kernel's dropout seed is drawn on the host: a captured CUDA graph would keep it, and every replay
+    would drop the same elements. Drawing one while a capture runs is an error that says so; without
+    dropout, or outside a capture, the seed is drawn as ever (`torch.manual_seed` fixes it)."""
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    with pytest.raises(RuntimeError, match=r"^gated_ffn: dropout 0.1 inside a captured CUDA graph would drop the same"):
+        _backend.draw_seed("gated_ffn", 0.1, cuda)
+    assert _backend.draw_seed("gated_ffn", 0.0, cuda) is None
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    seeds = []
+    for _ in range(2):
+        torch.manual_seed(3)
+        seeds.append(_backend.draw_seed("gated_ffn", 0.1, cuda))
+    assert seeds[0].dtype == torch.int64 and torch.equal(*seeds)
+
+
+class _Drawn(Exception):
+    """Raised by the stand-in `draw_seed`: the call stops there."""
+
+
+# Each op whose Triton kernel takes a dropout seed, the module that draws it, and a call with dropout.
+SEEDED = {
+    "bucketed_attention": "fastseq.kernels.bucketed_attention.op",
+    "local_attention": "fastseq.kernels.local_attention",
+    "gated_ffn": "fastseq.kernels.gated_gelu",
+    "relu_ffn": "fastseq.kernels.gated_gelu",
+}
+
+
+def _seeded_call(op: str):
+    from fastseq.kernels import gated_ffn, local_attention, relu_ffn
+
+    q = torch.randn(1, 2, 16, 8)
+    x, wi, wo = torch.randn(2, 3, 8), torch.randn(16, 8), torch.randn(8, 16)
+    return {
+        "bucketed_attention": lambda: bucketed_attention(q, q, q, None, dropout_p=0.1),
+        "local_attention": lambda: local_attention(q, q, q, None, radius=3, dropout_p=0.1),
+        "gated_ffn": lambda: gated_ffn(x, wi, wi.clone(), wo, 0.1),
+        "relu_ffn": lambda: relu_ffn(x, wi, wo, 0.1),
+    }[op]
+
+
+@pytest.mark.parametrize("op", list(SEEDED))
+def test_every_kernel_with_dropout_draws_its_seed_through_draw_seed(monkeypatch, triton_backend, op):
+    """Each op's Triton path draws its dropout seed through `draw_seed`, with its name and its input's
+    device, so none escapes the capture check."""
+    import importlib
+
+    drawn = []
+
+    def draw_seed(name, dropout_p, device):
+        drawn.append((name, dropout_p, device))
+        raise _Drawn
+
+    monkeypatch.setattr(importlib.import_module(SEEDED[op]), "draw_seed", draw_seed)
+    with pytest.raises(_Drawn):
+        _seeded_call(op)()
+    assert drawn == [(op, 0.1, torch.device("cpu"))]

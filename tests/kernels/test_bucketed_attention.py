@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from fastseq.kernels import PositionBias, bucketed_attention, relative_position_bucket
+from fastseq.kernels._backend import draw_seed
 from fastseq.kernels.bucketed_attention import (
     bucketed_attention_reference,
     distance_table,
@@ -865,7 +866,6 @@ def test_triton_call_is_the_custom_ops(triton_backend):
     its backward) gives bitwise the outputs and gradients of the ops, with dropout, causality, padding and
     the table's gradient; with the table as a `PositionBias` and the mask as bool (what the models pass)
     too."""
-    from fastseq.kernels.bucketed_attention import op
 
     case = dict(MASK_CASE, causal=True, bidirectional=False)
     leaves, mask = _random_inputs(case)
@@ -873,7 +873,7 @@ def test_triton_call_is_the_custom_ops(triton_backend):
     kwargs = dict(_kwargs(case), dropout_p=0.25)
 
     def ops():
-        seed = op._draw_seed(0.25)
+        seed = draw_seed("bucketed_attention", 0.25, torch.device(DEVICE))
         table = distance_table(leaves[3], bidirectional=False, max_distance=12)
         out, _ = torch.ops.fastseq.bucketed_attention_fwd(*leaves[:3], table, mask, seed, True, 0, 1.0, 0.25, -1,
                                                           None, None)  # fmt: skip

@@ -7,7 +7,7 @@ import functools
 
 import torch
 
-from .._backend import autocast_cast, autocast_dtype, autocast_off, unsupported_dtypes, use_triton
+from .._backend import autocast_cast, autocast_dtype, autocast_off, draw_seed, unsupported_dtypes, use_triton
 from . import launch
 from .reference import bucketed_attention_reference
 from .tiles import _MAX_HEAD_DIM
@@ -196,11 +196,6 @@ def _eager(q, k, v, bias, key_padding_mask, seed, causal, q_offset, scale, dropo
     return _EagerAttention.apply(q, k, v, dist_table, bias, kpm, segs, launch.seed_value(seed), args, with_lse)
 
 
-def _draw_seed(dropout_p: float) -> torch.Tensor | None:
-    """The dropout seed, drawn from PyTorch's CPU generator so that torch.manual_seed fixes the mask."""
-    return torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64) if dropout_p > 0.0 else None
-
-
 def attention_with_lse(
     q,
     k,
@@ -229,7 +224,7 @@ def _attention(q, k, v, bias, key_padding_mask, causal, q_offset, scale, dropout
                k_segment_ids, *, with_lse: bool) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """The eager path or, under torch.compile, the ops (on the distance table: an op takes tensors):
     out `(B, H, Lq, D)` and the log2-domain log-sum-exp."""
-    seed = _draw_seed(dropout_p)
+    seed = draw_seed("bucketed_attention", dropout_p, q.device)
     args = (causal, q_offset, float(scale), float(dropout_p), int(window), q_segment_ids, k_segment_ids)
     if not torch.compiler.is_compiling():
         return _eager(q, k, v, bias, key_padding_mask, seed, *args, with_lse=with_lse)
