@@ -140,18 +140,29 @@ def unsupported_gpu(device: torch.device) -> str | None:
 
 
 def draw_seed(op: str, dropout_p: float, device: torch.device) -> torch.Tensor | None:
-    """A kernel call's dropout seed, `(1,)` int64, drawn from PyTorch's CPU generator so that
-    `torch.manual_seed` fixes the mask; None without dropout. Refused while a CUDA graph is being
-    captured (eagerly, as `torch.cuda.graph` does): the graph would keep the seed drawn here, and every
-    replay would drop the same elements."""
+    """A kernel call's dropout seed, `(1,)` int32, drawn on the inputs' device from PyTorch's generator
+    of that device (`torch.manual_seed` fixes the masks); None without dropout. The kernels read it
+    there (`seed_arg`): nothing goes back to the host, and a CUDA graph that captures the call draws a
+    new seed at every replay (PyTorch's CUDA generators are graph-safe), so captured dropout drops
+    other elements each time."""
     if dropout_p <= 0.0:
         return None
-    if device.type == "cuda" and not torch.compiler.is_compiling() and torch.cuda.is_current_stream_capturing():
-        raise RuntimeError(
-            f"{op}: dropout {dropout_p} inside a captured CUDA graph would drop the same elements at every "
-            "replay (the kernels draw their seed on the host); capture with dropout 0, or outside this op"
+    return torch.randint(0, 2**31 - 1, (1,), dtype=torch.int32, device=device)
+
+
+def seed_arg(seed: torch.Tensor | None, dropout_p: float, device: torch.device) -> torch.Tensor:
+    """What a kernel's seed pointer gets: with dropout, the call's `(1,)` int32 seed on the inputs'
+    device (`draw_seed`), which the kernel reads once per program (32 bits: one register where the key
+    loops need every one, and Philox's high key word the constant 0); without, a placeholder it never
+    reads."""
+    if dropout_p == 0.0:
+        return placeholder((1,), torch.int32, device)
+    if seed is None or seed.device != device or seed.dtype != torch.int32 or seed.numel() != 1:
+        got = "None" if seed is None else f"{seed.dtype} {tuple(seed.shape)} on {seed.device}"
+        raise ValueError(
+            f"a kernel with dropout needs its seed as a (1,) int32 tensor on {device} (draw_seed); got {got}"
         )
-    return torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64)
+    return seed
 
 
 def interpreting() -> bool:

@@ -22,6 +22,7 @@ from ._backend import (
     autocast_off,
     cdiv,
     draw_seed,
+    seed_arg,
     unsupported_dtypes,
     upcast,
     use_triton,
@@ -31,11 +32,8 @@ from ._launch import launch_kernel
 HAS_TRITON_KERNEL = True
 _BLOCK = 1024
 _SQRT_2_OVER_PI = 0.7978845608028654
-# The dropout seed changes with every call: Triton does not specialize on its value (a seed that is 1 or
-# a multiple of 16 would otherwise compile another kernel, at the first call that draws one). The element
-# count, tokens x d_ff, stays specialized: a multiple of 16 wherever d_ff is (every T5, mT5, ByT5 and
-# LongT5 size), so it compiles once.
-_PLAIN = ("seed",)
+# The element count, tokens x d_ff, stays specialized: a multiple of 16 wherever d_ff is (every T5, mT5,
+# ByT5 and LongT5 size), so it compiles once. The dropout seed is a tensor the kernels read.
 
 
 @triton.jit
@@ -56,15 +54,15 @@ def _dropout(x, keep, dropout_p, DROPOUT: tl.constexpr):
     return x
 
 
-@triton.jit(do_not_specialize=_PLAIN)
+@triton.jit
 def _ffn_activation_fwd_kernel(
     # pointers
     G,  # gate (the ReLU FFN's pre-activation), n elements
     U,  # up, n elements (only with GATED)
     H,  # out, n elements
+    SEED,  # (1,) int32: the call's dropout seed, read on the device (with DROPOUT; `_backend.draw_seed`)
     # sizes and scalars
     n,
-    seed,
     dropout_p,
     # meta-parameters
     GATED: tl.constexpr,  # gelu_tanh(gate) * up (T5 v1.1); else relu(gate) (T5 v1.0)
@@ -79,12 +77,12 @@ def _ffn_activation_fwd_kernel(
         h = gelu * tl.load(U + offs, mask=mask, other=0.0).to(tl.float32)
     else:
         h = tl.maximum(g, 0.0)
-    keep = tl.rand(seed, offs) >= dropout_p if DROPOUT else None  # Philox: the call's seed, 64-bit index
+    keep = tl.rand(tl.load(SEED), offs) >= dropout_p if DROPOUT else None  # Philox: the call's seed, 64-bit index
     h = _dropout(h, keep, dropout_p, DROPOUT)
     tl.store(H + offs, h.to(H.dtype.element_ty), mask=mask)
 
 
-@triton.jit(do_not_specialize=_PLAIN)
+@triton.jit
 def _ffn_activation_bwd_kernel(
     # pointers
     DH,  # gradient of the output, n elements
@@ -93,9 +91,9 @@ def _ffn_activation_bwd_kernel(
     DG,
     DU,  # only with GATED
     H,  # the recomputed output (written only with RECOMPUTE)
+    SEED,
     # sizes and scalars
     n,
-    seed,
     dropout_p,
     # meta-parameters
     GATED: tl.constexpr,
@@ -106,7 +104,7 @@ def _ffn_activation_bwd_kernel(
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     g = tl.load(G + offs, mask=mask, other=0.0).to(tl.float32)
-    keep = tl.rand(seed, offs) >= dropout_p if DROPOUT else None
+    keep = tl.rand(tl.load(SEED), offs) >= dropout_p if DROPOUT else None
     dh = _dropout(tl.load(DH + offs, mask=mask, other=0.0).to(tl.float32), keep, dropout_p, DROPOUT)
     if GATED:
         u = tl.load(U + offs, mask=mask, other=0.0).to(tl.float32)
@@ -126,13 +124,13 @@ def _flat(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(-1) if x.is_contiguous() else x.contiguous().reshape(-1)
 
 
-def _forward(gate: torch.Tensor, up: torch.Tensor | None, seed: int, dropout_p: float) -> torch.Tensor:
-    """dropout(gelu_tanh(gate) * up), or dropout(relu(gate)) when `up` is None."""
+def _forward(gate: torch.Tensor, up: torch.Tensor | None, seed: torch.Tensor | None, dropout_p: float) -> torch.Tensor:
+    """dropout(gelu_tanh(gate) * up), or dropout(relu(gate)) when `up` is None; `seed` from `draw_seed`."""
     g = _flat(gate)
     h = torch.empty_like(g)
     if g.numel():
         launch_kernel(_ffn_activation_fwd_kernel, (cdiv(g.numel(), _BLOCK),), (
-            g, _flat(up) if up is not None else g, h, g.numel(), seed, dropout_p,
+            g, _flat(up) if up is not None else g, h, seed_arg(seed, dropout_p, g.device), g.numel(), dropout_p,
         ), dict(GATED=up is not None, DROPOUT=dropout_p > 0.0, BLOCK=_BLOCK, num_warps=4))  # fmt: skip
     return h.view(gate.shape)
 
@@ -146,7 +144,7 @@ def _backward(dh, gate, up, seed, dropout_p, recompute: bool):
     h = torch.empty_like(g) if recompute else dg
     if g.numel():
         launch_kernel(_ffn_activation_bwd_kernel, (cdiv(g.numel(), _BLOCK),), (
-            d, g, u, dg, du, h, g.numel(), seed, dropout_p,
+            d, g, u, dg, du, h, seed_arg(seed, dropout_p, g.device), g.numel(), dropout_p,
         ), dict(GATED=up is not None, DROPOUT=dropout_p > 0.0, RECOMPUTE=recompute, BLOCK=_BLOCK,
                 num_warps=4))  # fmt: skip
     shape = gate.shape
@@ -158,15 +156,11 @@ def gated_gelu_reference(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return (F.gelu(upcast(gate), approximate="tanh") * upcast(up)).to(gate.dtype)
 
 
-def _seed_value(seed: torch.Tensor | None) -> int:
-    return int(seed.item()) if seed is not None else 0
-
-
 @torch.library.custom_op("fastseq::ffn_activation_fwd", mutates_args=())
 def _fwd_op(gate: torch.Tensor, up: torch.Tensor | None, seed: torch.Tensor | None, dropout_p: float) -> torch.Tensor:
-    """dropout(gelu_tanh(gate) * up), or dropout(relu(gate)) without `up`; `seed` a 1-element int64
-    CPU tensor (None without dropout)."""
-    return _forward(gate, up, _seed_value(seed), dropout_p)
+    """dropout(gelu_tanh(gate) * up), or dropout(relu(gate)) without `up`; `seed` from `draw_seed`
+    (None without dropout)."""
+    return _forward(gate, up, seed, dropout_p)
 
 
 @_fwd_op.register_fake
@@ -184,7 +178,7 @@ def _bwd_op(
     recompute: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """dgate, dup (`(0,)` without `up`), and the forward's output recomputed (`(0,)` unless `recompute`)."""
-    dg, du, h = _backward(dh, gate, up, _seed_value(seed), dropout_p, recompute)
+    dg, du, h = _backward(dh, gate, up, seed, dropout_p, recompute)
     empty = gate.new_empty(0)
     return dg, du if du is not None else empty, h if h is not None else empty
 
@@ -345,12 +339,13 @@ def compile_specs() -> list:
             options = dict(num_warps=4)
             ce = dict(GATED=gated, DROPOUT=dropout, BLOCK=_BLOCK)
             k = _ffn_activation_fwd_kernel
-            sig = signature(k, {p: f"*{dtype}" for p in ("G", "U", "H")}, ("dropout_p",), ce)
+            sig = signature(k, {p: f"*{dtype}" for p in ("G", "U", "H")} | {"SEED": "*i32"}, ("dropout_p",), ce)
             specs.append(CompileSpec(f"fwd-{tag}", k.__name__, sig, ce, options, capability))
             for recompute in (False, True):
                 ce = dict(GATED=gated, DROPOUT=dropout, RECOMPUTE=recompute, BLOCK=_BLOCK)
                 k = _ffn_activation_bwd_kernel
-                sig = signature(k, {p: f"*{dtype}" for p in ("DH", "G", "U", "DG", "DU", "H")}, ("dropout_p",), ce)
+                pointers = {p: f"*{dtype}" for p in ("DH", "G", "U", "DG", "DU", "H")} | {"SEED": "*i32"}
+                sig = signature(k, pointers, ("dropout_p",), ce)
                 specs.append(CompileSpec(f"bwd-{tag}-recompute{int(recompute)}", k.__name__, sig, ce, options,
                                          capability))  # fmt: skip
     return specs

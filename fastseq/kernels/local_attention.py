@@ -32,7 +32,6 @@ from .bucketed_attention import (
     kept_mask,
     relative_bias,
     relative_position_bucket,
-    seed_value,
     unsupported_inputs,
 )
 from .global_aggregate import global_block_ids, global_caps, global_positions
@@ -82,7 +81,7 @@ def _fwd_op(
     tokens, in the kernels' log2 domain (+inf for a row with no key), as the backward reads it."""
     globals_ = _globals(global_k, global_v, global_dist_table, caps, global_block_size)
     out, lse2 = attention_forward(
-        q, k, v, dist_table, key_padding_mask, seed_value(seed), False, 0, 1.0, dropout_p, radius, globals_
+        q, k, v, dist_table, key_padding_mask, seed, False, 0, 1.0, dropout_p, radius, globals_
     )
     return out.transpose(1, 2), lse2
 
@@ -117,7 +116,7 @@ def _bwd_op(
     values' `(B, G, H, D)` gradients and the global distance table's; absent ones as empty tensors."""
     globals_ = _globals(global_k, global_v, global_dist_table, caps, global_block_size)
     dq, dk, dv, ddt, dgk, dgv, dgdt = attention_backward(
-        do, q, k, v, out, lse, dist_table, key_padding_mask, seed_value(seed), False, 0, 1.0, dropout_p, radius,
+        do, q, k, v, out, lse, dist_table, key_padding_mask, seed, False, 0, 1.0, dropout_p, radius,
         grad_lse, globals_,
     )  # fmt: skip
 
@@ -195,8 +194,8 @@ class _EagerLocalAttention(torch.autograd.Function):
 
     Inputs: q, k, v, the distance table (None: no bias) whose gradient is returned and what the
     launchers read for it (that table or its `PositionBias`), the launchers' mask, the global keys and
-    values, the global distance table and its launch form, caps, the seed (an int) and (radius,
-    global_block_size, dropout_p)."""
+    values, the global distance table and its launch form, caps, the seed (`draw_seed`, None without
+    dropout) and (radius, global_block_size, dropout_p)."""
 
     @staticmethod
     def forward(ctx, q, k, v, dist_table, table, kpm, global_k, global_v, global_dist_table, global_table, caps,
@@ -267,7 +266,7 @@ def _local_attention_triton(
     if not torch.compiler.is_compiling():
         args = (int(radius), int(global_block_size), float(dropout_p))
         return _EagerLocalAttention.apply(q, k, v, dist_table, table, key_padding_mask, global_k, global_v,
-                                          global_dist_table, global_table, caps, seed_value(seed), args)  # fmt: skip
+                                          global_dist_table, global_table, caps, seed, args)  # fmt: skip
     out, _ = torch.ops.fastseq.local_attention_fwd(
         q, k, v, dist_table, key_padding_mask, global_k, global_v, global_dist_table, caps, seed, int(radius),
         int(global_block_size), float(dropout_p),

@@ -106,21 +106,42 @@ def test_host_rounding_is_tritons():
             assert cdiv(n, block) == triton.cdiv(n, block), (n, block)
 
 
-def test_dropout_inside_a_cuda_graph_capture_is_refused(monkeypatch):
-    """A kernel's dropout seed is drawn on the host: a captured CUDA graph would keep it, and every replay
-    would drop the same elements. Drawing one while a capture runs is an error that says so; without
-    dropout, or outside a capture, the seed is drawn as ever (`torch.manual_seed` fixes it)."""
-    cuda = torch.device("cuda")
+def test_dropout_seed_is_drawn_on_the_inputs_device_even_inside_a_cuda_graph_capture(monkeypatch):
+    """A kernel's dropout seed is drawn on its inputs' device, from that device's generator, and read
+    there by the kernels: a captured CUDA graph draws a new one at every replay, so a capture with
+    dropout is not refused. `torch.manual_seed` fixes it; without dropout there is none."""
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
-    with pytest.raises(RuntimeError, match=r"^gated_ffn: dropout 0.1 inside a captured CUDA graph would drop the same"):
-        _backend.draw_seed("gated_ffn", 0.1, cuda)
-    assert _backend.draw_seed("gated_ffn", 0.0, cuda) is None
-    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    meta = _backend.draw_seed("gated_ffn", 0.1, torch.device("meta"))
+    assert (meta.device.type, meta.dtype, tuple(meta.shape)) == ("meta", torch.int32, (1,))
+    assert _backend.draw_seed("gated_ffn", 0.0, torch.device("meta")) is None
     seeds = []
-    for _ in range(2):
-        torch.manual_seed(3)
-        seeds.append(_backend.draw_seed("gated_ffn", 0.1, cuda))
-    assert seeds[0].dtype == torch.int64 and torch.equal(*seeds)
+    for manual in (3, 3, 4):
+        torch.manual_seed(manual)
+        seeds.append(_backend.draw_seed("gated_ffn", 0.1, torch.device("cpu")))
+    assert seeds[0].dtype == torch.int32 and torch.equal(seeds[0], seeds[1]) and not torch.equal(seeds[0], seeds[2])
+
+
+def test_a_launch_with_dropout_refuses_a_seed_it_cannot_read():
+    """The launchers pass the seed tensor to the kernels, which read it on the inputs' device: a missing
+    seed, one on another device or of another dtype is one line naming `draw_seed`; without dropout the
+    kernels get a placeholder they never read."""
+    cpu = torch.device("cpu")
+    seed = torch.tensor([5], dtype=torch.int32)
+    assert _backend.seed_arg(seed, 0.1, cpu) is seed
+    assert _backend.seed_arg(None, 0.0, cpu).dtype == torch.int32
+    bad_seeds = {
+        "None": None,
+        "torch.int64 (1,) on cpu": seed.long(),
+        "torch.int32 (1,) on meta": seed.to("meta"),
+        "torch.int32 (2,) on cpu": torch.tensor([1, 2], dtype=torch.int32),
+    }
+    for got, bad in bad_seeds.items():
+        with pytest.raises(ValueError) as error:
+            _backend.seed_arg(bad, 0.1, cpu)
+        assert (
+            str(error.value)
+            == f"a kernel with dropout needs its seed as a (1,) int32 tensor on cpu (draw_seed); got {got}"
+        )
 
 
 class _Drawn(Exception):
@@ -152,7 +173,7 @@ def _seeded_call(op: str):
 @pytest.mark.parametrize("op", list(SEEDED))
 def test_every_kernel_with_dropout_draws_its_seed_through_draw_seed(monkeypatch, triton_backend, op):
     """Each op's Triton path draws its dropout seed through `draw_seed`, with its name and its input's
-    device, so none escapes the capture check."""
+    device, so that every seed lives where the kernels read it."""
     import importlib
 
     drawn = []

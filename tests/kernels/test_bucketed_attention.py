@@ -547,7 +547,7 @@ def test_triton_dropout_mask_is_the_documented_philox_draw_on_every_tile(tile, t
     leaves, mask = _random_inputs(case)
     probe, plain = _keep_mask(case, 7, p, leaves, mask)
     torch.manual_seed(7)
-    seed = int(torch.randint(0, 2**31 - 1, (1,)).item())  # the draw `attention_with_lse` makes
+    seed = int(draw_seed("bucketed_attention", p, torch.device(DEVICE)).item())  # the draw `attention_with_lse` makes
     keep = _philox_keep(seed, 2, 3, case["Lq"], case["Lk"], p)
     allowed = (plain > 0).cpu()
     assert torch.equal((probe.cpu() > 0)[allowed], keep[allowed])
@@ -677,7 +677,7 @@ def test_triton_backward_on_head_chunks_and_key_major_tiles(case, triton_backend
     p = 0.25
     leaves, mask = _random_inputs(case)
     torch.manual_seed(7)
-    seed = int(torch.randint(0, 2**31 - 1, (1,)).item())  # the draw `attention_with_lse` makes
+    seed = int(draw_seed("bucketed_attention", p, torch.device(DEVICE)).item())  # the draw `attention_with_lse` makes
     keep = _philox_keep(seed, 2, 3, case["Lq"], case["Lk"], p)
     _check_dropout_against_float64(case, leaves, mask, keep, p, seed=7, floor=1.0)
 
@@ -798,7 +798,7 @@ def test_triton_eager_path_is_the_custom_ops(triton_backend):
     results = []
     for forward in (op._eager, torch.ops.fastseq.bucketed_attention_fwd):
         table = distance_table(leaves[3], bidirectional=True, max_distance=12)
-        seed = torch.tensor([12345])
+        seed = torch.tensor([12345], dtype=torch.int32, device=DEVICE)
         out, lse = forward(*leaves[:3], table, mask, seed, True, 0, 1.0, 0.25, -1, None, None)
         out = out.transpose(1, 2) if forward is op._eager else out  # as the op's, (B, Lq, H, D)
         lse = launch.natural_lse(lse)
@@ -1018,13 +1018,52 @@ def test_cuda_kernel_at_real_tile_sizes(case, dtype, triton_backend):
         assert err <= 2 * torch_err + slack, f"{name}: {err:.3e} vs torch {torch_err:.3e} (+{slack:.1e})"
 
 
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_graph_replays_draw_a_new_dropout_mask_each_time():
+    """A CUDA graph that captures the attention with dropout, forward and backward, draws the seed on the
+    device at every replay (`draw_seed`): two replays draw different seeds, and each replay's output and
+    gradients are bitwise those of an eager call with the seed that replay drew."""
+    case = dict(CUDA_CASES[0], Lq=300, Lk=300)
+    leaves, mask = _random_inputs(case, dtype=torch.bfloat16)
+    q, k, v = (t.detach() for t in leaves[:3])
+    table = distance_table(leaves[3].detach().float(), bidirectional=True, max_distance=12)
+    grad_out = torch.randn_like(q)
+    args = (False, 0, 1.0, 0.1)  # causal, q_offset, scale, dropout_p
+
+    def step(seed=None):
+        seed = draw_seed("bucketed_attention", 0.1, q.device) if seed is None else seed
+        out, lse = launch.attention_forward(q, k, v, table, mask, seed, *args)
+        dq, dk, dv, ddt, *_ = launch.attention_backward(grad_out, q, k, v, out, lse, table, mask, seed, *args)
+        return seed, (out, dq, dk, dv, ddt)
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # compiled and cached before the capture
+        step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        seed, results = step()
+    replays = []
+    for _ in range(2):
+        graph.replay()
+        replays.append((seed.clone(), [t.clone() for t in results]))
+    assert not torch.equal(replays[0][0], replays[1][0])
+    assert not torch.equal(replays[0][1][0], replays[1][1][0])
+    for drawn, got in replays:
+        _, expected = step(drawn)
+        for name, a, b in zip(("out", "dq", "dk", "dv", "ddt"), got, expected, strict=True):
+            assert torch.equal(a, b), name
+
+
 def test_launchers_refuse_a_batch_element_past_32_bit_offsets():
     """Only the batch offsets are 64-bit in the kernels: a tensor whose one batch element spans 2**31
     elements is refused with the reason, while any number of smaller batch elements is taken."""
 
     q = torch.empty(2, 3, 2**15, 2**15, dtype=torch.bfloat16, device="meta")  # 3 * 2**30 elements per batch element
     with pytest.raises(ValueError, match=r"2\*\*31 per batch element"):
-        launch.attention_forward(q, q, q, None, None, 0, False, 0, 1.0, 0.0)
+        launch.attention_forward(q, q, q, None, None, None, False, 0, 1.0, 0.0)
     launch._check_batch_span(torch.empty(2, 2, 2**15, 2**15, device="meta"))  # the largest offset is 2**31 - 1
     launch._check_batch_span(torch.empty(2**24, 8, 128, 64, device="meta"))  # 2**40 elements in all
 

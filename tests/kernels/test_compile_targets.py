@@ -334,8 +334,8 @@ def _launch_specializations(monkeypatch, module, calls) -> dict:
 
 
 def _attention_calls():
-    """T5's training call, forward and backward, with the seed, the lengths and the decoding position each
-    at 1, at a multiple of 16 and otherwise."""
+    """T5's training call, forward and backward, with the lengths and the decoding position each at 1, at a
+    multiple of 16 and otherwise (and the seed, which the kernels read from a tensor)."""
     import torch
 
     from fastseq.kernels.bucketed_attention import launch
@@ -345,18 +345,19 @@ def _attention_calls():
     for Lq, Lk, q_offset, seed in ((32, 32, 0, 32), (17, 1, 1, 1), (33, 48, 7, 5), (1, 48, 47, 5)):
         q, k, v = torch.randn(B, H, Lq, D), torch.randn(B, H, Lk, D), torch.randn(B, H, Lk, D)
         mask = torch.ones(B, Lk, dtype=torch.bool)
+        seed = torch.tensor([seed], dtype=torch.int32)
         out, lse = launch.attention_forward(q, k, v, table, mask, seed, True, q_offset, 1.0, 0.1)
         launch.attention_backward(torch.randn_like(out), q, k, v, out, lse, table, mask, seed, True, q_offset, 1.0,
                                   0.1)  # fmt: skip
 
 
 def _ffn_calls():
-    """The FFN's activation forward and backward with seeds 32, 1 and 5."""
+    """The FFN's activation forward and backward with seeds 32, 1 and 5 (read from a tensor)."""
     import torch
 
     gated_gelu = importlib.import_module("fastseq.kernels.gated_gelu")
     gate, up = torch.randn(4, 64), torch.randn(4, 64)
-    for seed in (32, 1, 5):
+    for seed in (torch.tensor([s], dtype=torch.int32) for s in (32, 1, 5)):
         gated_gelu._forward(gate, up, seed, 0.1)
         gated_gelu._backward(gate, gate, up, seed, 0.1, True)
 
@@ -397,10 +398,10 @@ CALLS = {
 def test_a_configuration_compiles_once_whatever_the_batch(monkeypatch, module):
     """Triton compiles a kernel per specialization of its integer arguments (1: a constant; a multiple
     of 16: a divisibility hint). Launches of one configuration (kernel and meta-parameters) whose
-    dropout seed, lengths, decoding position or rows take each of those kinds of value get one
-    specialization: a run with dropout compiled the attention and the FFN again at its first seed that was
-    a multiple of 16, and batches of other lengths compiled the attention, the norm's backward and
-    LongT5's sums again."""
+    lengths, decoding position or rows take each of those kinds of value get one specialization: batches
+    of other lengths compiled the attention, the norm's backward and LongT5's sums again. (The dropout
+    seed, once an integer argument that compiled the attention and the FFN again at its first multiple of
+    16, is a tensor the kernels read.)"""
     calls, kernels = CALLS[module]
     found = _launch_specializations(monkeypatch, importlib.import_module(module), calls)
     assert len({name for name, _ in found}) == kernels, found

@@ -299,7 +299,7 @@ def test_triton_eager_path_is_the_custom_ops(triton_backend):
     w_out = torch.randn(4, 2, L, 8, generator=torch.Generator().manual_seed(1)).to(DEVICE)
 
     def ops():
-        seed = torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64)
+        seed = torch.randint(0, 2**31 - 1, (1,), dtype=torch.int32, device=DEVICE)
         tables = [distance_table(t, bidirectional=True, max_distance=12) for t in (table, gtable)]
         caps = global_caps(mask, 4, L, gbs, q.device)
         out, _ = torch.ops.fastseq.local_attention_fwd(q, k, v, tables[0], mask, gk, gv, tables[1], caps, seed,

@@ -55,7 +55,6 @@ from .launch import (
     kept_mask,
     key_bias,
     natural_lse,
-    seed_value,
 )
 from .op import HAS_TRITON_KERNEL, attention_with_lse, bucketed_attention, unsupported_inputs
 from .reference import bucketed_attention_reference, relative_bias, relative_position_bucket
@@ -93,6 +92,5 @@ __all__ = [
     "natural_lse",
     "relative_bias",
     "relative_position_bucket",
-    "seed_value",
     "unsupported_inputs",
 ]

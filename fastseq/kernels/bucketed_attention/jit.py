@@ -242,6 +242,17 @@ def _key_tiles(m0, Lk, q_offset, window, SPAN_b, num_tiles, CAUSAL: tl.constexpr
 
 
 @triton.jit
+def _load_seed(SEED, DROPOUT: tl.constexpr):
+    """The call's dropout seed, read once per program from its `(1,)` int64 tensor (0 without dropout,
+    which reads nothing): drawn on the device, so that a captured CUDA graph draws a new one at every
+    replay (`_backend.draw_seed`)."""
+    if DROPOUT:
+        return tl.load(SEED)
+    else:
+        return 0
+
+
+@triton.jit
 def _philox7(seed, c0, c1):
     """Philox4x32 with seven rounds, of the counter (c0, c1, 0, 0) under the key (the seed's low and high
     words): `tl.philox(seed, c0, c1, 0, 0, 7)` word for word, but each round's two products are 32 x 32

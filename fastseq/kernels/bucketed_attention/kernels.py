@@ -22,6 +22,7 @@ from .jit import (
     _key_tile,
     _load_kv,
     _load_rows,
+    _load_seed,
     _program,
     _query_tile_keys,
     _segment_ids,
@@ -37,15 +38,15 @@ from .jit import (
 #
 # Triton specializes an integer argument at launch on its value: 1 becomes a constant, a multiple of 16
 # gets a divisibility hint, and each case compiles a kernel of its own. The sizes and scalars below change
-# between the calls of one configuration (the lengths, the decoding position, the dropout seed of every
-# call, a chunked launch's first tile, head and batch element) or are the model's (heads, cut-offs,
+# between the calls of one configuration (the lengths, the decoding position, a chunked launch's first
+# tile, head and batch element) or are the model's (heads, cut-offs,
 # window): none is specialized, so that a configuration compiles once, whatever the batch, and runs the
 # build that the static report holds (`tiles.compile_specs` builds them plain; with the lengths taken as
 # multiples of 16, the t5 forwards at D = 64 on sm_80 and sm_90 compiled to the same code, the dK/dV key
 # loops lost 2 instructions of 454 (sm_80) and 662 (sm_90), and sm_90's dQ 8 of 1,368 outside its key
 # loop). The head dim and the strides of (B, H, L, D) tensors stay specialized.
 # fmt: off
-_PLAIN = ("H", "Lq", "Lk", "G", "q_offset", "C", "CG", "window", "key_base", "m_base", "h_base", "b_base", "seed",
+_PLAIN = ("H", "Lq", "Lk", "G", "q_offset", "C", "CG", "window", "key_base", "m_base", "h_base", "b_base",
           "stride_qsegb", "stride_ksegb")
 
 
@@ -68,7 +69,8 @@ def _bucketed_attention_fwd_kernel(
     G,  # global tokens (0 without)
     D, q_offset, C, CG,
     window,  # keys at distance |j - (q_offset + i)| <= window only (with WINDOWED)
-    scale_log2, dropout_p, seed,
+    scale_log2, dropout_p,
+    SEED,  # (1,) int32: the call's dropout seed, read on the device (with DROPOUT; `_backend.draw_seed`)
     HAS_BIAS: tl.constexpr, HAS_KPM: tl.constexpr, CAUSAL: tl.constexpr, WINDOWED: tl.constexpr,
     HAS_SEG: tl.constexpr,  # packed rows: queries see only the keys of their own segment
     HAS_GLOBAL: tl.constexpr, HAS_GBIAS: tl.constexpr, DROPOUT: tl.constexpr,
@@ -76,6 +78,7 @@ def _bucketed_attention_fwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
 ):
     pid_m, b, b64, h, bh, m0, offs_m, offs_d, d_ok = _program(0, 0, 0, H, D, BLOCK_M, BLOCK_D)
+    seed = _load_seed(SEED, DROPOUT)
     q = _load_rows(Q, b64, h, offs_m, stride_qb, stride_qh, stride_qm, offs_d, (offs_m < Lq)[:, None] & d_ok[None, :])
     K_bh = K + b64 * stride_kb + h * stride_kh
     V_bh = V + b64 * stride_vb + h * stride_vh
@@ -152,7 +155,8 @@ def _bucketed_attention_bwd_dkdv_kernel(
     D, q_offset, C,
     window,  # keys at distance |j - (q_offset + i)| <= window only (with WINDOWED)
     key_base,  # with GLOBAL_KEYS the ordinary keys' Lk (globals' dropout ids from `_dropout_base(Lk)`), else 0
-    scale, scale_log2, dropout_p, seed,
+    scale, scale_log2, dropout_p,
+    SEED,  # (1,) int32: the call's dropout seed, read on the device (with DROPOUT; `_backend.draw_seed`)
     HAS_BIAS: tl.constexpr, HAS_KPM: tl.constexpr, CAUSAL: tl.constexpr, WINDOWED: tl.constexpr,
     HAS_SEG: tl.constexpr, GLOBAL_KEYS: tl.constexpr, DROPOUT: tl.constexpr,
     GBS: tl.constexpr,  # global block size: query i sits at global position min(i // GBS, cap)
@@ -164,6 +168,7 @@ def _bucketed_attention_bwd_dkdv_kernel(
     rows than keys computes its scores and dP key-major (`_dot_t`)."""
     KEY_MAJOR: tl.constexpr = BLOCK_M < BLOCK_N
     pid_n, b, b64, h, bh, n0, offs_n, offs_d, d_ok = _program(0, 0, 0, H, D, BLOCK_N, BLOCK_D, BLOCK_D // BLOCK_DC)
+    seed = _load_seed(SEED, DROPOUT)
     offs_dc, dc_ok = _head_chunk(D, BLOCK_D, BLOCK_DC)
     kv_mask = (offs_n < Lk)[:, None] & d_ok[None, :]
     k = _load_rows(K, b64, h, offs_n, stride_kb, stride_kh, stride_kn, offs_d, kv_mask)
@@ -257,7 +262,8 @@ def _bucketed_attention_bwd_dq_kernel(
     # This launch's first query tile, head and batch element: program (i, j, k) takes query tile
     # m_base + i of head h_base + j in batch element b_base + k.
     m_base, h_base, b_base,
-    scale, scale_log2, dropout_p, seed,
+    scale, scale_log2, dropout_p,
+    SEED,  # (1,) int32: the call's dropout seed, read on the device (with DROPOUT; `_backend.draw_seed`)
     HAS_BIAS: tl.constexpr, HAS_KPM: tl.constexpr, CAUSAL: tl.constexpr, WINDOWED: tl.constexpr,
     HAS_SEG: tl.constexpr,
     ORDINARY: tl.constexpr,  # this launch covers the ordinary keys
@@ -279,6 +285,7 @@ def _bucketed_attention_bwd_dq_kernel(
     gradients; the chunks of a tile share its slot."""
     CHUNKS: tl.constexpr = BLOCK_D // BLOCK_DC  # programs per query tile
     pid_m, b, b64, h, bh, m0, offs_m, offs_d, d_ok = _program(m_base, h_base, b_base, H, D, BLOCK_M, BLOCK_D, CHUNKS)
+    seed = _load_seed(SEED, DROPOUT)
     offs_dc, dc_ok = _head_chunk(D, BLOCK_D, BLOCK_DC)
     # The first chunk's program alone touches the slot's scratch and partial rows (`diagonals`): a GPU runs
     # a tile's chunks at once, and another chunk zeroing the scratch while the first sums its diagonals

@@ -11,7 +11,7 @@ from typing import NamedTuple
 
 import torch
 
-from .._backend import autocast_off, cdiv, interpreting, last_dim_contiguous, placeholder
+from .._backend import autocast_off, cdiv, interpreting, last_dim_contiguous, placeholder, seed_arg
 from .._launch import launch_kernel
 from . import tiles
 from .kernels import (
@@ -205,10 +205,6 @@ def natural_lse(lse2: torch.Tensor) -> torch.Tensor:
     the forwards return the log2 one, which their backwards read as it is, and a caller that wants the
     log-sum-exp converts it here (a row with no key passes no gradient back)."""
     return torch.where(torch.isinf(lse2), float("-inf"), lse2 / _LOG2E)
-
-
-def seed_value(seed: torch.Tensor | None) -> int:
-    return int(seed.item()) if seed is not None else 0
 
 
 def quantized_dropout(dropout_p: float) -> float:
@@ -418,7 +414,8 @@ def attention_forward(q, k, v, dist_table, key_padding_mask, seed, causal, q_off
                       globals_=None, segs=None):  # fmt: skip
     """Launch the forward. Returns out `(B, H, Lq, D)` (laid out `(B, Lq, H, D)`) and lse `(B, H, Lq)`
     fp32 (log2 domain). `dist_table` is the `(H, 2C + 1)` distance table or a `PositionBias` (None: no
-    bias). With `globals_` every row also attends to the global tokens; with `segs` (packed rows) only
+    bias); `seed` the `(1,)` int64 dropout seed on q's device (`_backend.draw_seed`; None without
+    dropout). With `globals_` every row also attends to the global tokens; with `segs` (packed rows) only
     the keys of its own segment."""
     B, H, Lq, D = q.shape
     Lk = k.shape[2]
@@ -454,7 +451,7 @@ def attention_forward(q, k, v, dist_table, key_padding_mask, seed, causal, q_off
         q, k, v, table, kpm, gk, gv, gtable, caps, qseg, kseg, spans, out, lse,
         qs[0], qs[1], qs[2], ks[0], ks[1], ks[2], vs[0], vs[1], vs[2], gks[0], gks[1], gks[2], gvs[0], gvs[1], gvs[2],
         os_[0], os_[1], os_[2], kpm.stride(0), qseg.stride(0), kseg.stride(0),
-        H, Lq, Lk, G, D, q_offset, cut, cut_g, window, scale * _LOG2E, dropout_p, seed,
+        H, Lq, Lk, G, D, q_offset, cut, cut_g, window, scale * _LOG2E, dropout_p, seed_arg(seed, dropout_p, q.device),
     ), plan.meta)  # fmt: skip
     return out, lse
 
@@ -583,7 +580,7 @@ def attention_backward(do, q, k, v, out, lse, dist_table, key_padding_mask, seed
         # -grad; `grad_lse` is the gradient on the log2 one, log2(e) times smaller.
         delta.sub_(grad_lse, alpha=_LOG2E)
     kpm = _mask_args(key_padding_mask, segs, Lk, device)
-    tail = (scale, scale * _LOG2E, dropout_p, seed)
+    tail = (scale, scale * _LOG2E, dropout_p, seed_arg(seed, dropout_p, q.device))
     qs, ks, vs, gks, gvs = q.stride(), k.stride(), v.stride(), gk.stride(), gv.stride()
     bm, bn = plan.dkdv_block
     qseg = kseg = spans = absent.ids

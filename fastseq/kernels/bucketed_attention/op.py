@@ -56,7 +56,7 @@ def _forward(
     the natural one). `window` < 0: no window."""
     segs = launch._segments(q_segment_ids, k_segment_ids, key_padding_mask)
     out, lse2 = launch.attention_forward(
-        q, k, v, dist_table, None if segs else key_padding_mask, launch.seed_value(seed), causal, q_offset, scale,
+        q, k, v, dist_table, None if segs else key_padding_mask, seed, causal, q_offset, scale,
         dropout_p, window, segs=segs,
     )  # fmt: skip
     return out.transpose(1, 2), lse2
@@ -82,7 +82,7 @@ def _backward(
     (`(0, 0)` without one). `lse` is the forward's log2-domain one and `grad_lse` the gradient on it."""
     segs = launch._segments(q_segment_ids, k_segment_ids, key_padding_mask)
     dq, dk, dv, ddt, *_ = launch.attention_backward(
-        do, q, k, v, out, lse, dist_table, None if segs else key_padding_mask, launch.seed_value(seed), causal,
+        do, q, k, v, out, lse, dist_table, None if segs else key_padding_mask, seed, causal,
         q_offset, scale, dropout_p, window, grad_lse, segs=segs,
     )  # fmt: skip
     if ddt is None:
@@ -157,9 +157,10 @@ class _EagerAttention(torch.autograd.Function):
 
     Inputs: q, k, v, the `(H, 2C + 1)` distance table (None: no bias) whose gradient is returned, what
     the launchers read for it (that table or its `PositionBias`), the padding mask (`launch.key_bias`),
-    segment ids (`launch.Segments`) or None, the seed (an int), (causal, q_offset, scale, dropout_p,
-    window) and `with_lse`. Returns the output and each row's log2-domain log-sum-exp, the one the
-    backward reads, differentiable with `with_lse` (`launch.natural_lse` converts it)."""
+    segment ids (`launch.Segments`) or None, the seed (`draw_seed`, None without dropout), (causal,
+    q_offset, scale, dropout_p, window) and `with_lse`. Returns the output and each row's log2-domain
+    log-sum-exp, the one the backward reads, differentiable with `with_lse` (`launch.natural_lse`
+    converts it)."""
 
     @staticmethod
     def forward(ctx, q, k, v, dist_table, launch_table, kpm, segs, seed, args, with_lse):
@@ -188,12 +189,12 @@ class _EagerAttention(torch.autograd.Function):
 def _eager(q, k, v, bias, key_padding_mask, seed, causal, q_offset, scale, dropout_p, window, q_segment_ids,
            k_segment_ids, with_lse=True):  # fmt: skip
     """`_EagerAttention` on the ops' arguments (`bias`: the distance table, a `PositionBias` or None;
-    `seed`: a `(1,)` int64 tensor or None) -> (out `(B, H, Lq, D)`, log2-domain lse `(B, H, Lq)`)."""
+    `seed`: `draw_seed`'s or None) -> (out `(B, H, Lq, D)`, log2-domain lse `(B, H, Lq)`)."""
     segs = launch._segments(q_segment_ids, k_segment_ids, key_padding_mask)
     kpm = None if segs is not None else key_padding_mask  # the launchers convert it once (`launch.key_bias`)
     dist_table = bias.dist_table if isinstance(bias, launch.PositionBias) else bias
     args = (causal, q_offset, scale, dropout_p, window)
-    return _EagerAttention.apply(q, k, v, dist_table, bias, kpm, segs, launch.seed_value(seed), args, with_lse)
+    return _EagerAttention.apply(q, k, v, dist_table, bias, kpm, segs, seed, args, with_lse)
 
 
 def attention_with_lse(

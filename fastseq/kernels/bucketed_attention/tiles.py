@@ -311,7 +311,7 @@ def compile_specs() -> list:
             pointers = {n: f"*{dtype}" for n in ("Q", "K", "V", "GK", "GV", "Out", "DO", "DQ", "DK", "DV")}
             pointers.update(DT="*fp32", GDT="*fp32", LSE="*fp32", DELTA="*fp32", DDT="*fp32", DDTG="*fp32",
                                         SCR="*fp32", DQP="*fp32", KPM="*fp32", CAP="*i32", QSEG="*i32", KSEG="*i32",
-                            SPAN="*i32")  # fmt: skip
+                            SPAN="*i32", SEED="*i32")  # fmt: skip
 
             def add(role, features, kernel, tile, extra=(), arch=arch, block_d=block_d, dtype=dtype, pointers=pointers):
                 bm, bn, warps, stages = tile[:4]
