@@ -139,6 +139,12 @@ def unsupported_gpu(device: torch.device) -> str | None:
     )
 
 
+def capturing(tensor: torch.Tensor) -> bool:
+    """Whether a CUDA graph is capturing the current stream of `tensor`'s CUDA device (False for other
+    devices: CPU builds of torch cannot ask)."""
+    return tensor.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
 def draw_seed(op: str, dropout_p: float, device: torch.device) -> torch.Tensor | None:
     """A kernel call's dropout seed, `(1,)` int32, drawn on the inputs' device from PyTorch's generator
     of that device (`torch.manual_seed` fixes the masks); None without dropout. The kernels read it

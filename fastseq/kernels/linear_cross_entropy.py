@@ -27,6 +27,7 @@ from ._backend import (
     autocast_cast,
     autocast_dtype,
     autocast_off,
+    capturing,
     next_power_of_2,
     unsupported_dtypes,
     upcast,
@@ -329,9 +330,11 @@ def linear_cross_entropy(
             )
     hidden = hidden.reshape(-1, hidden.shape[-1])
     labels = labels.reshape(-1)
-    # A clear error needs the labels on the host; torch.compile traces without that check (the kernel
-    # then returns a NaN loss for an out-of-range label rather than reading outside the row).
-    counted = labels[labels != ignore_index] if not torch.compiler.is_compiling() else labels[:0]
+    # A clear error needs the labels on the host; torch.compile traces without that check, and a CUDA
+    # graph's capture runs without it (a read back to the host cannot be captured): the kernel then
+    # returns a NaN loss for an out-of-range label rather than reading outside the row.
+    on_host = not (torch.compiler.is_compiling() or capturing(labels))
+    counted = labels[labels != ignore_index] if on_host else labels[:0]
     if counted.numel() and (int(counted.min()) < 0 or int(counted.max()) >= weight.shape[0]):
         bad = counted[(counted < 0) | (counted >= weight.shape[0])][0].item()
         raise ValueError(

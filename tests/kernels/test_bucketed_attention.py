@@ -369,6 +369,16 @@ def test_key_bias_is_the_mask_added_to_the_scores_and_follows_in_place_changes()
     assert launch.key_bias(None, 3, torch.device("cpu")).shape == (0, 64)
 
 
+def test_key_bias_converts_the_mask_anew_while_a_cuda_graph_captures(monkeypatch):
+    """While a CUDA graph captures the mask's device, each call converts its mask (a replay must convert
+    what its mask then holds) and keeps nothing."""
+    launch._KEY_BIAS_CACHE.clear()
+    mask = torch.ones(2, 70, dtype=torch.bool)
+    monkeypatch.setattr(launch, "capturing", lambda tensor: tensor is mask)
+    first = launch.key_bias(mask, 70, torch.device("cpu"))
+    assert launch.key_bias(mask, 70, torch.device("cpu")) is not first and not launch._KEY_BIAS_CACHE
+
+
 def test_triton_backward_reads_the_mask_its_forward_read(triton_backend):
     """A mask changed in place between the forward and the backward: the gradients are the forward's
     mask's."""

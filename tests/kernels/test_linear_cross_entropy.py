@@ -88,6 +88,20 @@ def test_out_of_range_label_is_named():
         linear_cross_entropy(hidden, weight, labels)
 
 
+def test_a_cuda_graph_capture_leaves_the_labels_on_the_device(monkeypatch, triton_backend):
+    """Naming a bad label reads the labels back to the host, which a CUDA graph cannot capture: while a
+    capture runs the loss reads nothing back, and an out-of-range label makes it NaN (as under
+    torch.compile), where a valid batch gives the same loss as outside a capture."""
+    module = importlib.import_module("fastseq.kernels.linear_cross_entropy")
+    hidden, weight, _, labels = _case()
+    hidden, weight = hidden.float(), weight.float()
+    expected = linear_cross_entropy(hidden, weight, labels)
+    monkeypatch.setattr(module, "capturing", lambda tensor: True)
+    assert torch.equal(linear_cross_entropy(hidden, weight, labels), expected)
+    labels[3] = 99
+    assert torch.isnan(linear_cross_entropy(hidden, weight, labels))
+
+
 def _unfused(hidden, weight, labels, bias=None, smoothing=0.0, z_loss=0.0):
     """The definition over full logits, autograd included (float64 in these tests)."""
     logits = hidden @ weight.t() + (bias if bias is not None else 0)

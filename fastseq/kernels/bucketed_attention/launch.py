@@ -11,7 +11,7 @@ from typing import NamedTuple
 
 import torch
 
-from .._backend import autocast_off, cdiv, interpreting, last_dim_contiguous, placeholder, seed_arg
+from .._backend import autocast_off, capturing, cdiv, interpreting, last_dim_contiguous, placeholder, seed_arg
 from .._launch import launch_kernel
 from . import tiles
 from .kernels import (
@@ -63,8 +63,7 @@ def key_bias(key_padding_mask: torch.Tensor | KeyBias | None, Lk: int, device: t
     if isinstance(key_padding_mask, KeyBias):
         return key_padding_mask.bias
     mask = key_padding_mask
-    cacheable = not (torch.compiler.is_compiling() or mask.is_inference()
-                     or (mask.is_cuda and torch.cuda.is_current_stream_capturing()))  # fmt: skip
+    cacheable = not (torch.compiler.is_compiling() or mask.is_inference() or capturing(mask))
     if cacheable:
         ident = (id(mask), Lk, device)
         entry = _KEY_BIAS_CACHE.get(ident)
