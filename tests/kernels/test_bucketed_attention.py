@@ -1033,18 +1033,70 @@ def test_cuda_kernel_at_real_tile_sizes(case, dtype, triton_backend):
         assert err <= 2 * torch_err + slack, f"{name}: {err:.3e} vs torch {torch_err:.3e} (+{slack:.1e})"
 
 
+def _dropped(leaves, allowed, keep, p, case, grad_out, *, exact):
+    """T5's attention written out with a given keep mask: in float64 on the CPU (`exact`), or as PyTorch
+    computes it in the inputs' dtype (scores and products in that dtype, softmax in fp32), with its
+    gradients. `allowed` `(B, 1, Lq, Lk)` holds the scores kept before dropout."""
+    if exact:
+        leaves = [t.detach().cpu().double().requires_grad_() for t in leaves]
+        allowed, keep, grad_out = allowed.cpu(), keep.cpu(), grad_out.cpu().double()
+    q, k, v, table = leaves
+    Lq, Lk = q.shape[2], k.shape[2]
+    bias = relative_bias(table, Lq, Lk, bidirectional=case["bidirectional"], max_distance=12, q_offset=case["q_offset"])
+    scores = torch.matmul(q, k.transpose(-1, -2)) * case["scale"] + bias.to(q.dtype)
+    probs = torch.softmax((scores if exact else scores.float()).masked_fill(~allowed, float("-inf")), -1)
+    probs = (probs.nan_to_num(0.0) * keep / (1 - p)).to(q.dtype)
+    out = torch.matmul(probs, v)
+    return out, torch.autograd.grad(out, leaves, grad_out)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("D, packed", [(64, False), (128, False), (64, True)], ids=["D64", "D128", "D64-packed"])
+def test_cuda_t5_training_call_with_dropout_at_real_tiles(D, packed, triton_backend):
+    """T5's training call with the GPU's tiles, bf16: bias, causal, dropout 0.1 and padding (or packed rows,
+    which the kernels read as segment ids). The mask is the documented draw (`_philox_keep` of the call's
+    seed) and the backward regenerates it: output and gradients within twice PyTorch's own bf16 error
+    (through that mask) of float64, the gradients one unit of bf16 more (as at real tiles without dropout)."""
+    dtype, p, L = torch.bfloat16, launch.quantized_dropout(0.1), 300
+    case = dict(Lq=L, Lk=L, D=D, causal=True, bidirectional=False, mask=True, q_offset=0, scale=1.0, bias=True)
+    leaves, mask = _random_inputs(case, dtype=dtype)
+    grad_out = torch.randn(2, 3, L, D, generator=torch.Generator().manual_seed(1)).to(DEVICE, dtype)
+    allowed = _allowed(mask, case, 2, L, L, DEVICE)
+    extra = dict(dropout_p=0.1)
+    if packed:
+        ids = _segment_ids([[150, 1, 90, 40], [17, 283]], L).to(DEVICE)  # 19 padding rows at the end of row 0
+        mask, extra = None, dict(extra, q_segment_ids=ids, k_segment_ids=ids)
+        same = (ids[:, :, None] == ids[:, None, :]) & (ids > 0)[:, :, None]  # a real query and its segment's keys
+        allowed = _allowed(None, case, 2, L, L, DEVICE) & same[:, None]
+    torch.manual_seed(7)
+    out, grads = _run(leaves, mask, case, grad_out, **extra)
+    torch.manual_seed(7)
+    seed = int(draw_seed("bucketed_attention", 0.1, torch.device(DEVICE)).item())  # the draw the call made
+    keep = _philox_keep(seed, 2, 3, L, L, p).to(DEVICE)
+    exact, exact_grads = _dropped(leaves, allowed, keep, p, case, grad_out, exact=True)
+    t_out, t_grads = _dropped(leaves, allowed, keep, p, case, grad_out, exact=False)
+    for name, got, torch_got, ref in zip(
+        ["out", "q", "k", "v", "bias_table"], (out, *grads), (t_out, *t_grads), (exact, *exact_grads), strict=True
+    ):
+        err = (got.cpu().double() - ref).abs().max().item()
+        torch_err = (torch_got.cpu().double() - ref).abs().max().item()
+        slack = 0.0 if name == "out" else torch.finfo(dtype).eps * ref.abs().max().item()
+        assert err <= 2 * torch_err + slack, f"{name}: {err:.3e} vs torch {torch_err:.3e} (+{slack:.1e})"
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_graph_replays_draw_a_new_dropout_mask_each_time():
     """A CUDA graph that captures the attention with dropout, forward and backward, draws the seed on the
     device at every replay (`draw_seed`): two replays draw different seeds, and each replay's output and
     gradients are bitwise those of an eager call with the seed that replay drew."""
-    case = dict(CUDA_CASES[0], Lq=300, Lk=300)
-    leaves, mask = _random_inputs(case, dtype=torch.bfloat16)
+    case = dict(Lq=300, Lk=300, D=64, causal=True, bidirectional=False, mask=True, q_offset=0, scale=1.0, bias=True)
+    leaves, mask = _random_inputs(case, dtype=torch.bfloat16)  # T5's training call: the builds of the test above
     q, k, v = (t.detach() for t in leaves[:3])
-    table = distance_table(leaves[3].detach().float(), bidirectional=True, max_distance=12)
+    table = distance_table(leaves[3].detach().float(), bidirectional=False, max_distance=12)
     grad_out = torch.randn_like(q)
-    args = (False, 0, 1.0, 0.1)  # causal, q_offset, scale, dropout_p
+    args = (True, 0, 1.0, 0.1)  # causal, q_offset, scale, dropout_p
 
     def step(seed=None):
         seed = draw_seed("bucketed_attention", 0.1, q.device) if seed is None else seed
