@@ -243,7 +243,7 @@ def _key_tiles(m0, Lk, q_offset, window, SPAN_b, num_tiles, CAUSAL: tl.constexpr
 
 @triton.jit
 def _load_seed(SEED, DROPOUT: tl.constexpr):
-    """The call's dropout seed, read once per program from its `(1,)` int64 tensor (0 without dropout,
+    """The call's dropout seed, read once per program from its `(1,)` int32 tensor (0 without dropout,
     which reads nothing): drawn on the device, so that a captured CUDA graph draws a new one at every
     replay (`_backend.draw_seed`)."""
     if DROPOUT:

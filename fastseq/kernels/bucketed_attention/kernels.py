@@ -39,12 +39,12 @@ from .jit import (
 # Triton specializes an integer argument at launch on its value: 1 becomes a constant, a multiple of 16
 # gets a divisibility hint, and each case compiles a kernel of its own. The sizes and scalars below change
 # between the calls of one configuration (the lengths, the decoding position, a chunked launch's first
-# tile, head and batch element) or are the model's (heads, cut-offs,
-# window): none is specialized, so that a configuration compiles once, whatever the batch, and runs the
-# build that the static report holds (`tiles.compile_specs` builds them plain; with the lengths taken as
-# multiples of 16, the t5 forwards at D = 64 on sm_80 and sm_90 compiled to the same code, the dK/dV key
-# loops lost 2 instructions of 454 (sm_80) and 662 (sm_90), and sm_90's dQ 8 of 1,368 outside its key
-# loop). The head dim and the strides of (B, H, L, D) tensors stay specialized.
+# tile, head and batch element) or are the model's (heads, cut-offs, window): none is specialized, so
+# that a configuration compiles once, whatever the batch, and runs the build that the static report holds
+# (`tiles.compile_specs` builds them plain; with the lengths taken as multiples of 16, the t5 forwards at
+# D = 64 on sm_80 and sm_90 compiled to the same code, the dK/dV key loops lost 2 instructions of 454
+# (sm_80) and 662 (sm_90), and sm_90's dQ 8 of 1,368 outside its key loop). The head dim and the strides
+# of (B, H, L, D) tensors stay specialized. The dropout seed is a tensor the kernels read (`SEED`).
 # fmt: off
 _PLAIN = ("H", "Lq", "Lk", "G", "q_offset", "C", "CG", "window", "key_base", "m_base", "h_base", "b_base",
           "stride_qsegb", "stride_ksegb")

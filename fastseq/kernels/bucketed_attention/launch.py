@@ -413,7 +413,7 @@ def attention_forward(q, k, v, dist_table, key_padding_mask, seed, causal, q_off
                       globals_=None, segs=None):  # fmt: skip
     """Launch the forward. Returns out `(B, H, Lq, D)` (laid out `(B, Lq, H, D)`) and lse `(B, H, Lq)`
     fp32 (log2 domain). `dist_table` is the `(H, 2C + 1)` distance table or a `PositionBias` (None: no
-    bias); `seed` the `(1,)` int64 dropout seed on q's device (`_backend.draw_seed`; None without
+    bias); `seed` the `(1,)` int32 dropout seed on q's device (`_backend.draw_seed`; None without
     dropout). With `globals_` every row also attends to the global tokens; with `segs` (packed rows) only
     the keys of its own segment."""
     B, H, Lq, D = q.shape
