@@ -106,11 +106,11 @@ def test_host_rounding_is_tritons():
             assert cdiv(n, block) == triton.cdiv(n, block), (n, block)
 
 
-def test_dropout_seed_is_drawn_on_the_inputs_device_even_inside_a_cuda_graph_capture(monkeypatch):
+def test_dropout_seed_is_drawn_on_the_inputs_device():
     """A kernel's dropout seed is drawn on its inputs' device, from that device's generator, and read
-    there by the kernels: a captured CUDA graph draws a new one at every replay, so a capture with
-    dropout is not refused. `torch.manual_seed` fixes it; without dropout there is none."""
-    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    there by the kernels (a captured CUDA graph then draws a new one at every replay: the CUDA-marked
+    `test_cuda_graph_replays_draw_a_new_dropout_mask_each_time`). `torch.manual_seed` fixes it; without
+    dropout there is none."""
     meta = _backend.draw_seed("gated_ffn", 0.1, torch.device("meta"))
     assert (meta.device.type, meta.dtype, tuple(meta.shape)) == ("meta", torch.int32, (1,))
     assert _backend.draw_seed("gated_ffn", 0.0, torch.device("meta")) is None

@@ -266,9 +266,15 @@ def test_triton_fp32_against_float64(case, triton_backend):
         assert_close(g.cpu(), r, rel=2e-5, floor=1.0, what=f"grad of {name}")
 
 
-def _torch_in_dtype(leaves, mask, case, grad_out):
-    """The same attention computed by plain PyTorch in the inputs' dtype (scores and products in
-    that dtype, softmax in fp32), as `transformers` does it."""
+def _written_out(leaves, allowed, keep, p, case, grad_out, *, exact):
+    """The attention written out with a given keep mask (True: none dropped, p = 0), and its gradients:
+    in float64 on the CPU (`exact`), or as PyTorch computes it in the inputs' dtype (scores and products
+    in that dtype, softmax in fp32), as `transformers` does. `allowed` `(B, 1, Lq, Lk)` holds the scores
+    kept before dropout; without a table (three leaves) there is no bias."""
+    if exact:
+        leaves = [t.detach().cpu().double().requires_grad_() for t in leaves]
+        allowed, grad_out = allowed.cpu(), grad_out.cpu().double()
+        keep = keep.cpu() if isinstance(keep, torch.Tensor) else keep
     q, k, v = leaves[:3]
     Lq, Lk = q.shape[2], k.shape[2]
     scores = torch.matmul(q, k.transpose(-1, -2)) * case["scale"]
@@ -277,10 +283,17 @@ def _torch_in_dtype(leaves, mask, case, grad_out):
             leaves[3], Lq, Lk, bidirectional=case["bidirectional"], max_distance=12, q_offset=case["q_offset"]
         )
         scores = scores + bias.to(q.dtype)
-    ok = _allowed(mask, case, q.shape[0], Lq, Lk, q.device)
-    probs = torch.softmax(scores.float().masked_fill(~ok, float("-inf")), -1).nan_to_num(0.0).to(q.dtype)
+    probs = torch.softmax((scores if exact else scores.float()).masked_fill(~allowed, float("-inf")), -1)
+    probs = (probs.nan_to_num(0.0) * keep / (1 - p)).to(q.dtype)
     out = torch.matmul(probs, v)
     return out, torch.autograd.grad(out, leaves, grad_out)
+
+
+def _torch_in_dtype(leaves, mask, case, grad_out):
+    """The same attention computed by plain PyTorch in the inputs' dtype (`_written_out`)."""
+    q, k = leaves[:2]
+    allowed = _allowed(mask, case, q.shape[0], q.shape[2], k.shape[2], q.device)
+    return _written_out(leaves, allowed, True, 0.0, case, grad_out, exact=False)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
@@ -1033,23 +1046,6 @@ def test_cuda_kernel_at_real_tile_sizes(case, dtype, triton_backend):
         assert err <= 2 * torch_err + slack, f"{name}: {err:.3e} vs torch {torch_err:.3e} (+{slack:.1e})"
 
 
-def _dropped(leaves, allowed, keep, p, case, grad_out, *, exact):
-    """T5's attention written out with a given keep mask: in float64 on the CPU (`exact`), or as PyTorch
-    computes it in the inputs' dtype (scores and products in that dtype, softmax in fp32), with its
-    gradients. `allowed` `(B, 1, Lq, Lk)` holds the scores kept before dropout."""
-    if exact:
-        leaves = [t.detach().cpu().double().requires_grad_() for t in leaves]
-        allowed, keep, grad_out = allowed.cpu(), keep.cpu(), grad_out.cpu().double()
-    q, k, v, table = leaves
-    Lq, Lk = q.shape[2], k.shape[2]
-    bias = relative_bias(table, Lq, Lk, bidirectional=case["bidirectional"], max_distance=12, q_offset=case["q_offset"])
-    scores = torch.matmul(q, k.transpose(-1, -2)) * case["scale"] + bias.to(q.dtype)
-    probs = torch.softmax((scores if exact else scores.float()).masked_fill(~allowed, float("-inf")), -1)
-    probs = (probs.nan_to_num(0.0) * keep / (1 - p)).to(q.dtype)
-    out = torch.matmul(probs, v)
-    return out, torch.autograd.grad(out, leaves, grad_out)
-
-
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("D, packed", [(64, False), (128, False), (64, True)], ids=["D64", "D128", "D64-packed"])
@@ -1074,8 +1070,8 @@ def test_cuda_t5_training_call_with_dropout_at_real_tiles(D, packed, triton_back
     torch.manual_seed(7)
     seed = int(draw_seed("bucketed_attention", 0.1, torch.device(DEVICE)).item())  # the draw the call made
     keep = _philox_keep(seed, 2, 3, L, L, p).to(DEVICE)
-    exact, exact_grads = _dropped(leaves, allowed, keep, p, case, grad_out, exact=True)
-    t_out, t_grads = _dropped(leaves, allowed, keep, p, case, grad_out, exact=False)
+    exact, exact_grads = _written_out(leaves, allowed, keep, p, case, grad_out, exact=True)
+    t_out, t_grads = _written_out(leaves, allowed, keep, p, case, grad_out, exact=False)
     for name, got, torch_got, ref in zip(
         ["out", "q", "k", "v", "bias_table"], (out, *grads), (t_out, *t_grads), (exact, *exact_grads), strict=True
     ):
