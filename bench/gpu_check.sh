@@ -1,19 +1,40 @@
 #!/usr/bin/env bash
-# The harvest of a lent GPU machine in one call: about 8 minutes on a fresh H100/H200, install
-# included. The step limits below add up to GPU_CHECK_BUDGET (495 s), which also caps each step at
-# what is left of it. Steps are ordered by value, and a step that fails does not stop the next.
+# The harvest of a lent GPU machine in one call: at most 450 s (GPU_CHECK_BUDGET) on a fresh H100/H200,
+# install included. Steps are ordered by value; each has its own time limit, capped at what is left of
+# the budget, and a step that fails does not stop the next.
 #
 #     bash bench/gpu_check.sh              # results in $OUT (default out/gpu_check)
 #
 # 0. install (below) and versions: GPU, driver, Python, torch, CUDA, Triton, transformers, DeepSpeed;
-# 1. the CUDA tests at real tiles (the 16-bit tensor-core path, which the interpreter cannot run);
+# 1. cuda_kernels: the kernels' CUDA tests at real tiles (the 16-bit tensor-core path, which the
+#    interpreter cannot run);
 # 2. bucketed attention forward and backward, L = 512, 2048, 4096 (B * L = 16k, H = 12, D = 64,
 #    bf16) against transformers' SDPA with the same bias and FlexAttention with a learnable bias;
-# 3. LongT5 local and transient-global attention at 16k tokens;
-# 4. the FFN, the norm and the fused loss;
-# 5. one patched transformers T5 v1.1-base training step against the unpatched model;
-# 6. padded, length-bucketed and packed batches of a FLAN-like mixture (T5 v1.1-base, 2,048 tokens);
-# 7. a one-GPU ZeRO-3 run of t5-base.
+# 3. cuda_models: the models' CUDA tests, a training step of each family under bf16 autocast;
+# 4. one patched transformers T5 v1.1-base training step against the unpatched model;
+# 5. LongT5 local and transient-global attention at 16k tokens;
+# 6. the FFN, the norm and the fused loss;
+# 7. padded, length-bucketed and packed batches of a FLAN-like mixture (T5 v1.1-base, 2,048 tokens);
+# 8. a one-GPU ZeRO-3 run of t5-base.
+#
+# Time limits: (cold compiles + the step's run) * 1.3. A cold Triton cache compiles each build a step
+# launches once, where the step's first call of it waits.
+# - Seconds per build, measured on the development machine's CPU (2 cores) with Triton 3.6, the GPU
+#   machines' release: every sm_90 bf16 build of the static report, one process, a fresh cache, 0.39 s
+#   on average and 1.02 s at most (145 builds in 56 s); each build's C launcher 0.2 s more (gcc -O3 of
+#   the launcher's source). Limits take 1.22 s a build.
+# - Builds per step, counted by running the step's calls on the CPU with every launch keyed as Triton's
+#   own launch keys it for sm_90 (its binder: argument types, 16-byte alignment, integers equal to 1 or
+#   divisible by 16, the constexprs), the interpreter's tiles standing in for the GPU's (one tile per
+#   call either way): cuda_kernels 62 (66, less 4 fp32 builds that a GPU sends to PyTorch), cuda_models
+#   35, local_attention 20, packing 24, a training step of T5 v1.1 15, the op benchmarks 2 to 4 (at their
+#   --smoke sizes). Keyed without running the kernels, the models' tests gave the same 35 as when the
+#   interpreter ran them.
+# - The runs themselves (imports, do_bench, inductor's compiles of FlexAttention and the torch.compile
+#   baselines) are estimates: no GPU has run them yet.
+# The limits of the later steps add up past the budget: they run on what the earlier ones leave. Each
+# step's line in steps.txt says how many kernels and C launchers it compiled (new files in the Triton
+# cache, TRITON_CACHE_DIR, which torch.compile's kernels share): the measured counts for the next limits.
 #
 # What it writes: the device tool returns at most 8 files from $OUT, at most 2 folders deep, 16 MiB
 # each. Everything is written as the run goes, so a run cut short returns every step that finished:
@@ -42,7 +63,7 @@ set -uo pipefail
 
 cd "$(dirname "$0")/.." || exit 1
 export PY="${PYTHON:-python3}" WHEELS="${WHEELS:-.whl}" GPU_CHECK_INSTALL="${GPU_CHECK_INSTALL:-1}"
-BUDGET="${GPU_CHECK_BUDGET:-495}"
+BUDGET="${GPU_CHECK_BUDGET:-450}"
 OUT="${OUT:-out/gpu_check}"
 mkdir -p "$OUT" && OUT="$(cd "$OUT" && pwd)" || exit 1
 rm -f "$OUT"/{steps.txt,steps.txt.part,versions.txt,results.tar.gz,results.tar.gz.part,current.log}
@@ -51,21 +72,34 @@ export RES="$WORK/gpu_check" SITE="$WORK/site" WORK  # RES is what results.tar.g
 mkdir -p "$RES" "$SITE"
 : > "$RES/steps.txt"
 export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+# One cache for Triton and torch.compile's Triton kernels (inductor takes TRITON_CACHE_DIR when it is set),
+# kept across a rerun on the same machine.
+export TRITON_CACHE_DIR="${TRITON_CACHE_DIR:-$HOME/.triton/cache}"
 started=$(date +%s)
 has_cuda=0
 tag=nocuda
 current=""  # the step running now
 child=""    # its `timeout` process
+before=(0 0)  # the cache's kernels and launchers when it started (`compiled`)
 
 pack() {  # $RES into results.tar.gz, then steps.txt beside it: each step in steps.txt is in the archive
     tar -C "$WORK" -czf "$OUT/results.tar.gz.part" gpu_check && mv -f "$OUT/results.tar.gz.part" "$OUT/results.tar.gz"
     cp "$RES/steps.txt" "$OUT/steps.txt.part" && mv -f "$OUT/steps.txt.part" "$OUT/steps.txt"
 }
 
-finish() {  # finish NAME EXIT SECONDS LIMIT: file the step's log, note its outcome, re-pack
+compiled() {  # "KERNELS LAUNCHERS": the compiled kernels (cubins) and C launchers in the Triton cache
+    echo "$(find "$TRITON_CACHE_DIR" -name '*.cubin' 2> /dev/null | wc -l) $(find "$TRITON_CACHE_DIR" -name '__triton_launcher*' 2> /dev/null | wc -l)"
+}
+
+finish() {  # finish NAME EXIT SECONDS LIMIT: file the step's log, note its outcome and compiles, re-pack
     mv -f "$OUT/current.log" "$RES/$1.log"
     current=""
-    { echo "$1: exit $2 in $3 s (limit $4 s)"; tail -n 6 "$RES/$1.log" | sed 's/^/    /'; } | tee -a "$RES/steps.txt"
+    local now
+    read -r -a now <<< "$(compiled)"
+    {
+        echo "$1: exit $2 in $3 s (limit $4 s); compiled $(( now[0] - before[0] )) kernels, $(( now[1] - before[1] )) launchers"
+        tail -n 6 "$RES/$1.log" | sed 's/^/    /'
+    } | tee -a "$RES/steps.txt"
     pack
 }
 
@@ -76,6 +110,7 @@ step() {  # step [--cuda] NAME SECONDS COMMAND...: run COMMAND with a time limit
     shift 2
     if [ -n "${GPU_CHECK_ONLY:-}" ] && [[ " install versions $GPU_CHECK_ONLY " != *" $name "* ]]; then return; fi
     t0=$(date +%s)
+    read -r -a before <<< "$(compiled)"
     local left=$(( BUDGET - (t0 - started) ))
     if (( limit > left )); then limit=$(( left > 0 ? left : 0 )); fi
     current=$name
@@ -205,19 +240,23 @@ if grep -q "^tag: " "$RES/versions.log"; then
 fi
 export tag
 
-# Without CUDA the tests marked `cuda` would run through the interpreter (slowly): only collected then.
-collect_only=$( (( has_cuda )) || echo --collect-only)
-step pytest_cuda 140 "$PY" -m pytest -q -m cuda tests -p no:cacheprovider -rfEs --tb=short \
-    --continue-on-collection-errors $collect_only
-step bucketed_attention 95 "$PY" bench/bench_bucketed_attention.py --lengths 512 2048 4096 \
+# Without CUDA the tests marked `cuda` would run through the interpreter (slowly): only collected then
+# (one test id a line). With CUDA, -v: each test's outcome as it ends, so a step cut short says which passed.
+mode=$( (( has_cuda )) && echo -v || echo "--collect-only -q")
+# shellcheck disable=SC2206  # $mode: one or two words
+pytest_cuda=("$PY" -m pytest $mode -m cuda -p no:cacheprovider -rfEs --tb=short --durations=10
+             --continue-on-collection-errors)
+step cuda_kernels 125 "${pytest_cuda[@]}" tests/kernels
+step bucketed_attention 75 "$PY" bench/bench_bucketed_attention.py --lengths 512 2048 4096 \
     --out "$RES/bucketed_attention_$tag.csv"
-step local_attention 40 "$PY" bench/bench_local_attention.py --lengths 16384 --out "$RES/local_attention_$tag.csv"
-step ffn 20 "$PY" bench/bench_ffn.py --out "$RES/ffn_$tag.csv"
-step rms_norm 15 "$PY" bench/bench_rms_norm.py --out "$RES/rms_norm_$tag.csv"
-step cross_entropy 20 "$PY" bench/bench_cross_entropy.py --out "$RES/cross_entropy_$tag.csv"
-step train 35 "$PY" bench/bench_train.py --models google/t5-v1_1-base --steps 10 --warmup 2 --out "$RES/train_$tag.csv"
-step packing 45 "$PY" bench/bench_train.py --packing --steps 8 --warmup 2 --passes 2 --out "$RES/packing_$tag.csv"
-step --cuda zero3_t5_base 35 bash -c zero3
+step cuda_models 82 "${pytest_cuda[@]}" tests --ignore=tests/kernels
+step train 50 "$PY" bench/bench_train.py --models google/t5-v1_1-base --steps 10 --warmup 2 --out "$RES/train_$tag.csv"
+step local_attention 45 "$PY" bench/bench_local_attention.py --lengths 16384 --out "$RES/local_attention_$tag.csv"
+step ffn 25 "$PY" bench/bench_ffn.py --out "$RES/ffn_$tag.csv"
+step rms_norm 20 "$PY" bench/bench_rms_norm.py --out "$RES/rms_norm_$tag.csv"
+step cross_entropy 25 "$PY" bench/bench_cross_entropy.py --out "$RES/cross_entropy_$tag.csv"
+step packing 55 "$PY" bench/bench_train.py --packing --steps 8 --warmup 2 --passes 2 --out "$RES/packing_$tag.csv"
+step --cuda zero3_t5_base 45 bash -c zero3
 
 echo "gpu_check: done in $(( $(date +%s) - started )) s" >> "$RES/steps.txt"
 pack

@@ -25,8 +25,8 @@ SCRIPT = ROOT / "bench" / "gpu_check.sh"
 sys.path.insert(0, str(ROOT / "bench"))
 import carry  # noqa: E402
 
-STEPS = ["install", "versions", "pytest_cuda", "bucketed_attention", "local_attention", "ffn", "rms_norm",
-         "cross_entropy", "train", "packing", "zero3_t5_base"]  # fmt: skip
+STEPS = ["install", "versions", "cuda_kernels", "bucketed_attention", "cuda_models", "train", "local_attention",
+         "ffn", "rms_norm", "cross_entropy", "packing", "zero3_t5_base"]  # fmt: skip
 BENCH_STEPS = ["bucketed_attention", "local_attention", "ffn", "rms_norm", "cross_entropy", "train", "packing"]
 NAME = re.compile(r"^[A-Za-z0-9._-]+$")
 MIB = 2**20
@@ -127,9 +127,16 @@ def test_dry_run_returns_every_step_within_the_limits(tmp_path):
         __import__("gpu_check_probe")
     # Every GPU step failed fast for the want of CUDA, not for a wrong argument or a missing module.
     assert outcomes["versions"] == 0
-    assert outcomes["pytest_cuda"] == 0, logs["pytest_cuda.log"]
-    summary = logs["pytest_cuda.log"].strip().splitlines()[-1]  # "33/590 tests collected (557 deselected) in 5.1s"
-    assert "tests collected" in summary and "error" not in summary, summary
+    for name in ("cuda_kernels", "cuda_models"):
+        assert outcomes[name] == 0, logs[f"{name}.log"]
+        summary = logs[f"{name}.log"].strip().splitlines()[-1]  # "22/328 tests collected (306 deselected) in 5.1s"
+        assert "tests collected" in summary and "error" not in summary, summary
+    # The CUDA tests split between the two steps: every one collected once.
+    ids = [{line for line in logs[f"{name}.log"].splitlines() if "::" in line} for name in ("cuda_kernels", "cuda_models")]
+    assert ids[0] and ids[1] and not ids[0] & ids[1]
+    # Each step's line says what it compiled (nothing here: no step launched a kernel).
+    lines = [line for line in (out / "steps.txt").read_text().splitlines() if re.match(r"^\w+: exit ", line)]
+    assert all(re.search(r"; compiled 0 kernels, 0 launchers$", line) for line in lines), lines
     for name in BENCH_STEPS:
         assert outcomes[name] == 1 and "no CUDA device" in logs[f"{name}.log"], logs[f"{name}.log"]
     assert outcomes["zero3_t5_base"] == 2 and "no CUDA device: not run" in logs["zero3_t5_base.log"]
