@@ -145,7 +145,7 @@ def capturing(tensor: torch.Tensor) -> bool:
     return tensor.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
-def draw_seed(op: str, dropout_p: float, device: torch.device) -> torch.Tensor | None:
+def draw_seed(dropout_p: float, device: torch.device) -> torch.Tensor | None:
     """A kernel call's dropout seed, `(1,)` int32, drawn on the inputs' device from PyTorch's generator
     of that device (`torch.manual_seed` fixes the masks); None without dropout. The kernels read it
     there (`seed_arg`): nothing goes back to the host, and a CUDA graph that captures the call draws a

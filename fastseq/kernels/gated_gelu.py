@@ -262,7 +262,7 @@ class _FFN(torch.autograd.Function):
 
 
 def _fused_ffn(x, wi_0, wi_1, wo, dropout_p):
-    seed = draw_seed("gated_ffn" if wi_1 is not None else "relu_ffn", dropout_p, x.device)
+    seed = draw_seed(dropout_p, x.device)
     out = _FFN.apply(x.reshape(-1, x.shape[-1]), wi_0, wi_1, wo, dropout_p, seed)
     return out.view(*x.shape[:-1], wo.shape[0])
 

@@ -262,7 +262,7 @@ def _local_attention_triton(
     if global_k is not None:
         B, _, L, _ = q.shape
         caps = global_caps(key_padding_mask, B, L, global_block_size, q.device)
-    seed = draw_seed("local_attention", dropout_p, q.device)
+    seed = draw_seed(dropout_p, q.device)
     if not torch.compiler.is_compiling():
         args = (int(radius), int(global_block_size), float(dropout_p))
         return _EagerLocalAttention.apply(q, k, v, dist_table, table, key_padding_mask, global_k, global_v,

@@ -111,13 +111,13 @@ def test_dropout_seed_is_drawn_on_the_inputs_device():
     there by the kernels (a captured CUDA graph then draws a new one at every replay: the CUDA-marked
     `test_cuda_graph_replays_draw_a_new_dropout_mask_each_time`). `torch.manual_seed` fixes it; without
     dropout there is none."""
-    meta = _backend.draw_seed("gated_ffn", 0.1, torch.device("meta"))
+    meta = _backend.draw_seed(0.1, torch.device("meta"))
     assert (meta.device.type, meta.dtype, tuple(meta.shape)) == ("meta", torch.int32, (1,))
-    assert _backend.draw_seed("gated_ffn", 0.0, torch.device("meta")) is None
+    assert _backend.draw_seed(0.0, torch.device("meta")) is None
     seeds = []
     for manual in (3, 3, 4):
         torch.manual_seed(manual)
-        seeds.append(_backend.draw_seed("gated_ffn", 0.1, torch.device("cpu")))
+        seeds.append(_backend.draw_seed(0.1, torch.device("cpu")))
     assert seeds[0].dtype == torch.int32 and torch.equal(seeds[0], seeds[1]) and not torch.equal(seeds[0], seeds[2])
 
 
@@ -172,17 +172,17 @@ def _seeded_call(op: str):
 
 @pytest.mark.parametrize("op", list(SEEDED))
 def test_every_kernel_with_dropout_draws_its_seed_through_draw_seed(monkeypatch, triton_backend, op):
-    """Each op's Triton path draws its dropout seed through `draw_seed`, with its name and its input's
-    device, so that every seed lives where the kernels read it."""
+    """Each op's Triton path draws its dropout seed through `draw_seed`, on its input's device, so that
+    every seed lives where the kernels read it."""
     import importlib
 
     drawn = []
 
-    def draw_seed(name, dropout_p, device):
-        drawn.append((name, dropout_p, device))
+    def draw_seed(dropout_p, device):
+        drawn.append((dropout_p, device))
         raise _Drawn
 
     monkeypatch.setattr(importlib.import_module(SEEDED[op]), "draw_seed", draw_seed)
     with pytest.raises(_Drawn):
         _seeded_call(op)()
-    assert drawn == [(op, 0.1, torch.device("cpu"))]
+    assert drawn == [(0.1, torch.device("cpu"))]

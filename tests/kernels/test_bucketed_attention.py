@@ -570,7 +570,7 @@ def test_triton_dropout_mask_is_the_documented_philox_draw_on_every_tile(tile, t
     leaves, mask = _random_inputs(case)
     probe, plain = _keep_mask(case, 7, p, leaves, mask)
     torch.manual_seed(7)
-    seed = int(draw_seed("bucketed_attention", p, torch.device(DEVICE)).item())  # the draw `attention_with_lse` makes
+    seed = int(draw_seed(p, torch.device(DEVICE)).item())  # the draw `attention_with_lse` makes
     keep = _philox_keep(seed, 2, 3, case["Lq"], case["Lk"], p)
     allowed = (plain > 0).cpu()
     assert torch.equal((probe.cpu() > 0)[allowed], keep[allowed])
@@ -700,7 +700,7 @@ def test_triton_backward_on_head_chunks_and_key_major_tiles(case, triton_backend
     p = 0.25
     leaves, mask = _random_inputs(case)
     torch.manual_seed(7)
-    seed = int(draw_seed("bucketed_attention", p, torch.device(DEVICE)).item())  # the draw `attention_with_lse` makes
+    seed = int(draw_seed(p, torch.device(DEVICE)).item())  # the draw `attention_with_lse` makes
     keep = _philox_keep(seed, 2, 3, case["Lq"], case["Lk"], p)
     _check_dropout_against_float64(case, leaves, mask, keep, p, seed=7, floor=1.0)
 
@@ -901,7 +901,7 @@ def test_triton_call_is_the_custom_ops(triton_backend):
     kwargs = dict(_kwargs(case), dropout_p=0.25)
 
     def ops():
-        seed = draw_seed("bucketed_attention", 0.25, torch.device(DEVICE))
+        seed = draw_seed(0.25, torch.device(DEVICE))
         table = distance_table(leaves[3], bidirectional=False, max_distance=12)
         out, _ = torch.ops.fastseq.bucketed_attention_fwd(*leaves[:3], table, mask, seed, True, 0, 1.0, 0.25, -1,
                                                           None, None)  # fmt: skip
@@ -1068,7 +1068,7 @@ def test_cuda_t5_training_call_with_dropout_at_real_tiles(D, packed, triton_back
     torch.manual_seed(7)
     out, grads = _run(leaves, mask, case, grad_out, **extra)
     torch.manual_seed(7)
-    seed = int(draw_seed("bucketed_attention", 0.1, torch.device(DEVICE)).item())  # the draw the call made
+    seed = int(draw_seed(0.1, torch.device(DEVICE)).item())  # the draw the call made
     keep = _philox_keep(seed, 2, 3, L, L, p).to(DEVICE)
     exact, exact_grads = _written_out(leaves, allowed, keep, p, case, grad_out, exact=True)
     t_out, t_grads = _written_out(leaves, allowed, keep, p, case, grad_out, exact=False)
@@ -1095,7 +1095,7 @@ def test_cuda_graph_replays_draw_a_new_dropout_mask_each_time():
     args = (True, 0, 1.0, 0.1)  # causal, q_offset, scale, dropout_p
 
     def step(seed=None):
-        seed = draw_seed("bucketed_attention", 0.1, q.device) if seed is None else seed
+        seed = draw_seed(0.1, q.device) if seed is None else seed
         out, lse = launch.attention_forward(q, k, v, table, mask, seed, *args)
         dq, dk, dv, ddt, *_ = launch.attention_backward(grad_out, q, k, v, out, lse, table, mask, seed, *args)
         return seed, (out, dq, dk, dv, ddt)

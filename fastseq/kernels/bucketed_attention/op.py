@@ -225,7 +225,7 @@ def _attention(q, k, v, bias, key_padding_mask, causal, q_offset, scale, dropout
                k_segment_ids, *, with_lse: bool) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """The eager path or, under torch.compile, the ops (on the distance table: an op takes tensors):
     out `(B, H, Lq, D)` and the log2-domain log-sum-exp."""
-    seed = draw_seed("bucketed_attention", dropout_p, q.device)
+    seed = draw_seed(dropout_p, q.device)
     args = (causal, q_offset, float(scale), float(dropout_p), int(window), q_segment_ids, k_segment_ids)
     if not torch.compiler.is_compiling():
         return _eager(q, k, v, bias, key_padding_mask, seed, *args, with_lse=with_lse)
