@@ -23,13 +23,11 @@
 #   machines' release: every sm_90 bf16 build of the static report, one process, a fresh cache, 0.39 s
 #   on average and 1.02 s at most (145 builds in 56 s); each build's C launcher 0.2 s more (gcc -O3 of
 #   the launcher's source). Limits take 1.22 s a build.
-# - Builds per step, counted by running the step's calls on the CPU with every launch keyed as Triton's
-#   own launch keys it for sm_90 (its binder: argument types, 16-byte alignment, integers equal to 1 or
-#   divisible by 16, the constexprs), the interpreter's tiles standing in for the GPU's (one tile per
-#   call either way): cuda_kernels 62 (66, less 4 fp32 builds that a GPU sends to PyTorch), cuda_models
-#   35, local_attention 20, packing 24, a training step of T5 v1.1 15, the op benchmarks 2 to 4 (at their
-#   --smoke sizes). Keyed without running the kernels, the models' tests gave the same 35 as when the
-#   interpreter ran them.
+# - Builds per step, counted on the CPU by `bench/compile_count.py` (each launch keyed as Triton's own
+#   launch keys it for sm_90, without a GPU): cuda_kernels 62 (`--gpu-tests pytest -m cuda tests/kernels`:
+#   66, less the 4 fp32 builds of a test whose fp32 a GPU sends to PyTorch), cuda_models 35, a T5 v1.1
+#   training step 15 (the models' test of it, patched), packing 24 and the op benchmarks 2 to 20 (their
+#   --smoke runs; local_attention 20).
 # - The runs themselves (imports, do_bench, inductor's compiles of FlexAttention and the torch.compile
 #   baselines) are estimates: no GPU has run them yet.
 # The limits of the later steps add up past the budget: they run on what the earlier ones leave. Each

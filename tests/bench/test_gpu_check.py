@@ -132,8 +132,9 @@ def test_dry_run_returns_every_step_within_the_limits(tmp_path):
         summary = logs[f"{name}.log"].strip().splitlines()[-1]  # "22/328 tests collected (306 deselected) in 5.1s"
         assert "tests collected" in summary and "error" not in summary, summary
     # The CUDA tests split between the two steps: every one collected once.
-    ids = [{line for line in logs[f"{name}.log"].splitlines() if "::" in line} for name in ("cuda_kernels", "cuda_models")]
-    assert ids[0] and ids[1] and not ids[0] & ids[1]
+    kernels, models = ({line for line in logs[f"{name}.log"].splitlines() if "::" in line}
+                       for name in ("cuda_kernels", "cuda_models"))  # fmt: skip
+    assert kernels and models and not kernels & models
     # Each step's line says what it compiled (nothing here: no step launched a kernel).
     lines = [line for line in (out / "steps.txt").read_text().splitlines() if re.match(r"^\w+: exit ", line)]
     assert all(re.search(r"; compiled 0 kernels, 0 launchers$", line) for line in lines), lines
