@@ -25,8 +25,9 @@ def step(n, d):
 
 def _count(tmp_path: Path, *command: str) -> tuple[int, list[str]]:
     """The tool's exit status (the command's) and the lines it printed."""
-    env = dict(os.environ, FASTSEQ_BACKEND="triton")
-    env.pop("TRITON_INTERPRET", None)  # the tool sets it itself
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="")  # the GPU-only test skips, as on the CPU
+    env.pop("TRITON_INTERPRET", None)  # the tool sets it itself, and FASTSEQ_BACKEND=triton where unset
+    env.pop("FASTSEQ_BACKEND", None)
     proc = subprocess.run([sys.executable, str(TOOL), *command], cwd=tmp_path, env=env, capture_output=True,
                           text=True, timeout=300)  # fmt: skip
     assert proc.stdout.strip(), proc.stderr[-3000:]
@@ -73,3 +74,19 @@ def test_anywhere():
     _, lines = _count(tmp_path, "--gpu-tests", *args)
     assert "test_gpu_only.py::test_gpu_only: 4 builds, 4 new" in lines
     assert "test_gpu_only.py::test_anywhere: 2 builds, 0 new" in lines and lines[-1].startswith("builds: 4 ")
+
+
+def test_a_benchmark_counts_at_its_gpu_sizes(tmp_path):
+    """`--gpu-sizes`: a benchmark that stops without CUDA (its `smoke_setup`, in the `_common.py` beside
+    it) runs on the CPU at its own sizes, its launches keyed; without the flag it stops, having launched
+    nothing, and the tool says so."""
+    (tmp_path / "_common.py").write_text("def smoke_setup(smoke):\n    raise SystemExit('no CUDA device')\n")
+    script = CALLS + "from _common import smoke_setup\n\nsmoke_setup(False)\nstep(4, 32)\n"
+    (tmp_path / "bench_norm.py").write_text(script)
+    status, lines = _count(tmp_path, "--gpu-sizes", "bench_norm.py")
+    assert status == 0 and lines[-1] == "builds: 2 (_rms_norm_bwd_kernel 1, _rms_norm_fwd_kernel 1)"
+    status, lines = _count(tmp_path, "bench_norm.py")
+    assert status == 1 and lines[-2:] == [
+        "builds: 0 ()",
+        "no fastseq kernel was launched: is the command's backend the Triton one (FASTSEQ_BACKEND)?",
+    ]

@@ -85,9 +85,11 @@ def make_wheel(folder: Path, name: str, version: str) -> Path:
 
 
 def script_env(tmp_path: Path, **extra: str) -> dict[str, str]:
-    """The dry run's environment: this interpreter, no CUDA, no install into it, temporaries in tmp_path."""
+    """The dry run's environment: this interpreter, no CUDA, no install into it, temporaries and a Triton
+    cache (a name with a space) in tmp_path."""
     env = dict(os.environ, PYTHON=sys.executable, GPU_CHECK_INSTALL="0", CUDA_VISIBLE_DEVICES="",
-               OUT=str(tmp_path / "out"), TMPDIR=str(tmp_path), WHEELS=str(tmp_path / "wheels"))  # fmt: skip
+               OUT=str(tmp_path / "out"), TMPDIR=str(tmp_path), WHEELS=str(tmp_path / "wheels"),
+               TRITON_CACHE_DIR=str(tmp_path / "triton cache"))  # fmt: skip
     env.pop("PYTHONPATH", None)
     return env | extra
 
@@ -134,7 +136,10 @@ def test_dry_run_returns_every_step_within_the_limits(tmp_path):
     # The CUDA tests split between the two steps: every one collected once.
     kernels, models = ({line for line in logs[f"{name}.log"].splitlines() if "::" in line}
                        for name in ("cuda_kernels", "cuda_models"))  # fmt: skip
+    collect = [sys.executable, "-m", "pytest", "--collect-only", "-q", "-m", "cuda", "-p", "no:cacheprovider", "tests"]
+    every = subprocess.run(collect, cwd=ROOT, capture_output=True, text=True, timeout=300).stdout
     assert kernels and models and not kernels & models
+    assert kernels | models == {line for line in every.splitlines() if "::" in line}
     # Each step's line says what it compiled (nothing here: no step launched a kernel).
     lines = [line for line in (out / "steps.txt").read_text().splitlines() if re.match(r"^\w+: exit ", line)]
     assert all(re.search(r"; compiled 0 kernels, 0 launchers$", line) for line in lines), lines
@@ -185,6 +190,31 @@ def test_no_time_left_runs_no_step_and_still_returns_the_bundle(tmp_path):
     assert list(outcomes) == STEPS and set(outcomes.values()) == {124}
     logs = bundle(out)
     assert all("s are spent: not run" in logs[f"{s}.log"] for s in STEPS)
+
+
+def test_each_step_says_what_it_compiled(tmp_path):
+    """A step's line in steps.txt counts the kernels (cubins) and C launchers that appeared in the Triton
+    cache while it ran: here an interpreter that, for the FFN's benchmark, writes two kernels and a
+    launcher into the cache as Triton's compile would (one folder a build), and runs the rest."""
+    python = tmp_path / "python"
+    python.write_text(f"""#!/usr/bin/env bash
+for a in "$@"; do
+    if [[ $a == *bench_ffn.py ]]; then
+        mkdir -p "$TRITON_CACHE_DIR/a" "$TRITON_CACHE_DIR/b c"
+        touch "$TRITON_CACHE_DIR/a/k.cubin" "$TRITON_CACHE_DIR/b c/k.cubin" "$TRITON_CACHE_DIR/a/__triton_launcher.so"
+        exit 0
+    fi
+done
+exec {sys.executable} "$@"
+""")
+    python.chmod(0o755)
+    env = script_env(tmp_path, PYTHON=str(python), GPU_CHECK_ONLY="ffn rms_norm")
+    proc = subprocess.run(["bash", str(SCRIPT)], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    text = (tmp_path / "out" / "steps.txt").read_text()
+    lines = {m[1]: m[2] for m in re.finditer(r"^(\w+): exit \d+ in .*; (compiled .*)$", text, re.M)}
+    none = "compiled 0 kernels, 0 launchers"
+    assert lines == {"install": none, "versions": none, "ffn": "compiled 2 kernels, 1 launchers", "rms_norm": none}
 
 
 def test_a_rerun_of_some_steps_runs_those_alone(tmp_path):
