@@ -3,11 +3,15 @@
     python bench/carry.py fetch              # build .whl/ here, where the registries are reachable
     python bench/carry.py size               # the working tree plus .whl/ against the 64 MiB a run carries
     python bench/carry.py select .whl        # the wheels this interpreter needs (what gpu_check.sh installs)
+    python bench/carry.py check fastseq deepspeed   # one line: what their requirements miss here
 
 The GPU machine (Python 3.12, torch 2.11, Triton 3.6, transformers 5.17, no DeepSpeed) reaches no
-registry. `fastseq.patch` needs transformers >= 5.23, and the ZeRO-3 step needs DeepSpeed and the
-packages DeepSpeed imports that the machine lacks (hjson, pydantic and its own dependencies). All
-are small and pure Python except pydantic-core, which is fetched for CPython 3.12 on x86-64 Linux.
+registry. `fastseq.patch` needs transformers >= 5.23, and the ZeRO-3 step needs DeepSpeed and what
+DeepSpeed requires that the machine may lack: hjson, pydantic and its own dependencies, psutil,
+msgpack, py-cpuinfo, ninja and einops (fastseq's too). A wheel is installed there only where the
+package is missing or older (`select`), and `check` then names, in one line, any requirement still
+missing. All are small; pydantic-core, psutil, msgpack and ninja are compiled, fetched for CPython
+3.12 on x86-64 Linux.
 """
 
 from __future__ import annotations
@@ -18,10 +22,12 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-# name -> version. transformers: the newest of fastseq.patch.TRANSFORMERS_TESTED (a test checks the
-# two agree). DeepSpeed is published as a source archive only, so its wheel is built here.
+# name -> version. transformers: the newest release in fastseq.patch.TRANSFORMERS_TESTED whose own
+# requirements the GPU machine meets (a test checks the range): 5.25 asks for huggingface-hub >= 2.4 (the
+# machine has 1.33) and the `kernels` package, 5.24 for huggingface-hub >= 1.31. DeepSpeed is published
+# as a source archive only, so its wheel is built here.
 CARRIED = {
-    "transformers": "5.25.0",
+    "transformers": "5.24.0",
     "deepspeed": "0.19.8",
     "hjson": "3.1.0",
     "pydantic": "2.14.4",
@@ -29,6 +35,11 @@ CARRIED = {
     "annotated-types": "0.8.0",
     "typing-inspection": "0.4.5",
     "typing-extensions": "4.16.0",  # pydantic 2.14 asks for >= 4.16
+    "psutil": "7.2.2",
+    "msgpack": "1.2.4",
+    "py-cpuinfo": "9.0.0",
+    "ninja": "1.13.2",
+    "einops": "0.8.2",
 }
 BUILT_HERE = ("deepspeed",)
 # The GPU machine's interpreter, for `pip download` of the one compiled wheel (pydantic-core).
@@ -99,12 +110,46 @@ def select(wheel_dir: Path) -> Iterator[tuple[Path, str]]:
             print(f"carry: {name} {have} is here: {path.name} skipped", file=sys.stderr)
 
 
+def unmet(distributions: list[str]) -> list[str]:
+    """What the runtime requirements of `distributions` (their metadata's, without extras) miss in this
+    environment: "NAME (missing, for DIST)" or "NAME VERSION (DIST needs SPEC)"; a distribution itself
+    missing is "DIST (missing)"."""
+    import importlib.metadata
+
+    try:
+        from packaging.requirements import Requirement
+    except ImportError:  # pip carries its own copy
+        from pip._vendor.packaging.requirements import Requirement
+
+    problems = []
+    for dist in distributions:
+        try:
+            requires = importlib.metadata.requires(dist) or []
+        except importlib.metadata.PackageNotFoundError:
+            problems.append(f"{dist} (missing)")
+            continue
+        for text in requires:
+            req = Requirement(text)
+            if req.marker is not None and not req.marker.evaluate({"extra": ""}):
+                continue  # an extra's, or another platform's
+            try:
+                have = importlib.metadata.version(req.name)
+            except importlib.metadata.PackageNotFoundError:
+                problems.append(f"{req.name} (missing, for {dist})")
+                continue
+            if req.specifier and not req.specifier.contains(have, prereleases=True):
+                problems.append(f"{req.name} {have} ({dist} needs {req.specifier})")
+    return problems
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     for name, what in (("fetch", "download and build the carried wheels"),
                        ("select", "print the wheels this interpreter needs")):  # fmt: skip
         sub.add_parser(name, help=what).add_argument("dir", nargs="?", default=".whl")
+    check = sub.add_parser("check", help="one line: what the distributions' requirements miss here")
+    check.add_argument("distributions", nargs="+")
     size = sub.add_parser("size", help="what a run carries against its limit")
     size.add_argument("carried", nargs="*", default=[".whl"], help="the run's carry list (default .whl)")
     size.add_argument("--limit-mib", type=float, default=LIMIT_MIB)
@@ -116,6 +161,13 @@ def main(argv: list[str] | None = None) -> int:
         for path, why in select(Path(args.dir)):
             print(f"carry: installing {why}", file=sys.stderr)
             print(path)
+        return 0
+    if args.command == "check":
+        names = ", ".join(args.distributions)
+        if problems := unmet(args.distributions):
+            print(f"carry: what {names} require is not all here: {', '.join(problems)}; carry wheels (CARRIED)")
+            return 1
+        print(f"carry: every requirement of {names} is here")
         return 0
     tree, extra = carried_bytes(ROOT, [ROOT / p for p in args.carried])
     total = (tree + extra) / 2**20

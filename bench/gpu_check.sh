@@ -182,6 +182,8 @@ sys.exit(0 if ours else 1)"; then
     else
         "$PY" -m pip install -q --no-index --no-build-isolation --no-deps -e . || rc=1
     fi
+    # What fastseq, DeepSpeed and transformers require and this machine still lacks, in one line.
+    "$PY" bench/carry.py check fastseq deepspeed transformers || rc=1
     return $rc
 }
 

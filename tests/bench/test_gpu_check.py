@@ -124,6 +124,9 @@ def test_dry_run_returns_every_step_within_the_limits(tmp_path):
     assert "installing gpu-check-probe 1.0 (missing here)" in logs["install.log"]
     assert "gpu_check_other-1.0-cp27-cp27mu-manylinux1_x86_64.whl is not for this interpreter" in logs["install.log"]
     assert "carried: gpu_check_probe 1.0\n" in logs["versions.log"]
+    # What fastseq, DeepSpeed and transformers require is all here (on the GPU machine the line names what
+    # is not).
+    assert "carry: every requirement of fastseq, deepspeed, transformers is here" in logs["install.log"]
     assert "device: no CUDA device" in logs["versions.log"]
     with pytest.raises(ImportError):
         __import__("gpu_check_probe")
@@ -258,8 +261,35 @@ def test_the_carried_wheels_fit(capsys):
     assert sorted(names) == sorted(carry.CARRIED)
 
 
-def test_the_carried_transformers_is_the_newest_tested():
+def test_check_names_every_requirement_missing_here(tmp_path, monkeypatch, capsys):
+    """`carry.py check` reads a distribution's runtime requirements (not its extras' nor another
+    platform's) and names, in one line, each one missing or too old here."""
+    import packaging
+
+    info = tmp_path / "gpu_check_needy-1.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(
+        "Metadata-Version: 2.1\nName: gpu-check-needy\nVersion: 1.0\n"
+        "Requires-Dist: gpu-check-absent>=1\nRequires-Dist: packaging>=999\nRequires-Dist: pytest\n"
+        "Requires-Dist: gpu-check-extra; extra == 'docs'\nRequires-Dist: gpu-check-win; sys_platform == 'win32'\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert carry.unmet(["gpu-check-needy", "gpu-check-nowhere"]) == [
+        "gpu-check-absent (missing, for gpu-check-needy)",
+        f"packaging {packaging.__version__} (gpu-check-needy needs >=999)",
+        "gpu-check-nowhere (missing)",
+    ]
+    assert carry.main(["check", "gpu-check-needy"]) == 1
+    line = capsys.readouterr().out.strip()
+    assert line.startswith("carry: what gpu-check-needy require is not all here: gpu-check-absent (missing, for ")
+    assert carry.main(["check", "pytest"]) == 0
+    assert capsys.readouterr().out.strip() == "carry: every requirement of pytest is here"
+
+
+def test_the_carried_transformers_is_in_the_tested_range():
+    """The GPU machine gets a transformers that fastseq.patch is tested with (one whose requirements
+    that machine meets: `carry.CARRIED`'s comment)."""
     from fastseq.patch import TRANSFORMERS_TESTED
 
     major, minor, _ = (int(part) for part in carry.CARRIED["transformers"].split("."))
-    assert (major, minor) == TRANSFORMERS_TESTED[1]
+    assert TRANSFORMERS_TESTED[0] <= (major, minor) <= TRANSFORMERS_TESTED[1]
