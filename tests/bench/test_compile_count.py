@@ -9,8 +9,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 TOOL = ROOT / "bench" / "compile_count.py"
+# Each test starts the tool (and torch) in a new process, seconds apiece: the full matrix's.
+pytestmark = pytest.mark.slow
 
 CALLS = """
 import torch
