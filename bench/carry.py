@@ -42,7 +42,7 @@ CARRIED = {
     "einops": "0.8.2",
 }
 BUILT_HERE = ("deepspeed",)
-# The GPU machine's interpreter, for `pip download` of the one compiled wheel (pydantic-core).
+# The GPU machine's interpreter, for `pip download` of the compiled wheels (pydantic-core, psutil, msgpack, ninja).
 TARGET = ["--python-version", "3.12", "--implementation", "cp", "--platform", "manylinux_2_28_x86_64",
           "--platform", "manylinux_2_17_x86_64", "--platform", "manylinux2014_x86_64"]  # fmt: skip
 LIMIT_MIB = 64  # the working tree, untracked files that git does not ignore, and the carried paths
