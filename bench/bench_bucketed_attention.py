@@ -173,25 +173,10 @@ class _Compiled:
         return None
 
 
-class _Driver:
-    """The GPU driver as Triton's launch asks it for `_triton_launches`: device 0, stream 0, sm_90."""
-
-    def get_current_device(self):
-        return 0
-
-    def get_current_stream(self, device):
-        return 0
-
-    def get_current_target(self):
-        from triton.backends.compiler import GPUTarget
-
-        return GPUTarget("cuda", 90, 32)
-
-
 def _triton_launches(launches: list, through_run: bool = False):
     """A call that makes each recorded launch as the launchers make it (`launch_kernel`: Triton's own
     `JITFunction.run` once per configuration, then the compiled kernel's C launcher directly) or, with
-    `through_run`, through `JITFunction.run` every time, for sm_90 on a stand-in driver (`_Driver`, made
+    `through_run`, through `JITFunction.run` every time, for sm_90 on a stand-in driver (`StandInDriver`, made
     the process's active driver: without a GPU Triton has none to go back to, and `--host` launches
     nothing else) and with `_Compiled` in the kernel cache: the Python of a launch (binding the arguments
     or keying them, finding the compiled kernel, reading the grid) without the device and stream queries
@@ -199,10 +184,10 @@ def _triton_launches(launches: list, through_run: bool = False):
     `_Compiled.launch_metadata`)."""
     from triton.runtime import driver
 
-    from fastseq.kernels._compile import jit_function
+    from fastseq.kernels._compile import StandInDriver, jit_function
     from fastseq.kernels._launch import launch_kernel
 
-    driver.set_active(_Driver())
+    driver.set_active(StandInDriver())
     jits: dict = {}
     runs = []
     for kernel, grid, args, kwargs in launches:

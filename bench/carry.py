@@ -17,10 +17,22 @@ missing. All are small; pydantic-core, psutil, msgpack and ninja are compiled, f
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+
+try:
+    from packaging.requirements import Requirement
+    from packaging.tags import sys_tags
+    from packaging.utils import parse_wheel_filename
+    from packaging.version import Version
+except ImportError:  # pip carries its own copy
+    from pip._vendor.packaging.requirements import Requirement
+    from pip._vendor.packaging.tags import sys_tags
+    from pip._vendor.packaging.utils import parse_wheel_filename
+    from pip._vendor.packaging.version import Version
 
 # name -> version. transformers: the newest release in fastseq.patch.TRANSFORMERS_TESTED whose own
 # requirements the GPU machine meets (a test checks the range): 5.25 asks for huggingface-hub >= 2.4 (the
@@ -82,17 +94,6 @@ def select(wheel_dir: Path) -> Iterator[tuple[Path, str]]:
     """(wheel, why) for each wheel in `wheel_dir` that this interpreter can install and lacks: the
     package is missing or older. A wheel for another interpreter is skipped, so that one such wheel
     cannot stop `pip install` of the others."""
-    import importlib.metadata
-
-    try:
-        from packaging.tags import sys_tags
-        from packaging.utils import parse_wheel_filename
-        from packaging.version import Version
-    except ImportError:  # pip carries its own copy
-        from pip._vendor.packaging.tags import sys_tags
-        from pip._vendor.packaging.utils import parse_wheel_filename
-        from pip._vendor.packaging.version import Version
-
     supported = set(sys_tags())
     for path in sorted(wheel_dir.glob("*.whl")):
         name, version, _, tags = parse_wheel_filename(path.name)
@@ -114,13 +115,6 @@ def unmet(distributions: list[str]) -> list[str]:
     """What the runtime requirements of `distributions` (their metadata's, without extras) miss in this
     environment: "NAME (missing, for DIST)" or "NAME VERSION (DIST needs SPEC)"; a distribution itself
     missing is "DIST (missing)"."""
-    import importlib.metadata
-
-    try:
-        from packaging.requirements import Requirement
-    except ImportError:  # pip carries its own copy
-        from pip._vendor.packaging.requirements import Requirement
-
     problems = []
     for dist in distributions:
         try:

@@ -39,30 +39,14 @@ from pathlib import Path
 _UNSKIP_REASON = "CUDA"  # the tests' `skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")`
 
 
-class _Driver:
-    """The GPU driver as a kernel's binder asks it: device 0, stream 0, the target of `--arch`."""
-
-    def __init__(self, arch: int):
-        self.arch = arch
-
-    def get_current_device(self):
-        return 0
-
-    def get_current_stream(self, device):
-        return 0
-
-    def get_current_target(self):
-        from triton.backends.compiler import GPUTarget
-
-        return GPUTarget("cuda", self.arch, 32)
-
-
 class Counter:
     """The builds launched so far: key -> the first launcher of it (a test or the script), and each
     launcher's keys."""
 
     def __init__(self, arch: int, record_only: bool):
-        self.driver = _Driver(arch)
+        from fastseq.kernels._compile import StandInDriver
+
+        self.driver = StandInDriver(arch)
         self.record_only = record_only
         self.first: dict[tuple, str] = {}
         self.by_caller: dict[str, set] = collections.defaultdict(set)

@@ -204,6 +204,27 @@ def jit_function(kernel):
     return JITFunction(kernel.fn, **kernel.kwargs) if isinstance(kernel, InterpretedFunction) else kernel
 
 
+class StandInDriver:
+    """The GPU driver as Triton's launch asks it, on a machine without one: device 0, stream 0 and the
+    target sm_`arch`. Made the active driver, it lets a kernel's binder key a launch as it would on that
+    GPU (`bench/compile_count.py`) and a launch be timed up to the C launcher (`bench_bucketed_attention.py
+    --host`)."""
+
+    def __init__(self, arch: int = 90):
+        self.arch = arch
+
+    def get_current_device(self):
+        return 0
+
+    def get_current_stream(self, device):
+        return 0
+
+    def get_current_target(self):
+        from triton.backends.compiler import GPUTarget
+
+        return GPUTarget("cuda", self.arch, 32)
+
+
 def compile_spec(op: str, spec: CompileSpec):
     """The compiled kernel of one spec (`.asm` holds its ttgir, ptx and cubin)."""
     import triton
