@@ -372,7 +372,9 @@ def main(argv: list[str] | None = None) -> int:
         fns["flex"] = _flex_provider(compiled=True)
 
     meta = provenance(device, "fwd 4*B*H*L*L*D; bwd 2.5x; full 3.5x")
-    agreement = check_agreement(fns, 2, args.heads, min(args.lengths), args.head_dim, dtype, device)
+    # At the first timed shape: FlexAttention, compiled for each shape it meets, compiles nothing more for it.
+    first = args.lengths[0]
+    agreement = check_agreement(fns, max(1, args.tokens // first), args.heads, first, args.head_dim, dtype, device)
     print("largest relative difference from hf_eager (out and all grads): "
           + ", ".join(f"{k} {v:.2e}" for k, v in agreement.items()))  # fmt: skip
     rows = []

@@ -201,9 +201,12 @@ def measure(name: str, quick: bool, device: str, *, steps: int, warmup: int, com
             peaks[n] = torch.cuda.max_memory_allocated() / 2**20
         else:
             peaks[n] = float("nan")
-    for _ in range(steps):  # interleaved, so that machine noise hits every provider alike
+        print(f"{name:>34} {n:>22}: warmed up, loss {losses[n]:.5f}, peak {peaks[n]:.1f} MiB", flush=True)
+    for i in range(steps):  # interleaved, so that machine noise hits every provider alike
         for n, m in models.items():
             times[n].append(_timed(m, optimizers[n], batch, device))
+        # Each round as it is timed: a run cut short still says what it measured.
+        print(f"  step {i + 1}/{steps}: " + ", ".join(f"{n} {t[-1]:.2f} ms" for n, t in times.items()), flush=True)
     tokens = batch_size * (source + target)
     for n in models:
         t = Timing.of(times[n])
@@ -338,6 +341,8 @@ def packing(quick: bool, device: str, *, steps: int, warmup: int, passes: int) -
                 torch.cuda.reset_peak_memory_stats()
             elapsed = sum(_timed(models[model], optimizers[model], batch, device) for batch in data[batching][warmup:])
             rates[provider].append(real[batching] / elapsed * 1e3)
+            last = rates[provider][-1]
+            print(f"  pass {len(rates[provider])}/{passes} {provider}: {last:.1f} real tokens/s", flush=True)
             if device == "cuda":
                 peaks[provider] = torch.cuda.max_memory_allocated() / 2**20
     meta = provenance(device, f"real tokens/s = real (not padding) input + target tokens of {steps} batches / their "

@@ -5,7 +5,8 @@
 #
 #     bash bench/gpu_check.sh              # results in $OUT (default out/gpu_check)
 #
-# 0. install (below) and versions: GPU, driver, Python, torch, CUDA, Triton, transformers, DeepSpeed;
+# 0. install (below) and versions: GPU, driver, Python, torch, CUDA, Triton, transformers, DeepSpeed (the
+#    device first: whether the run has CUDA, and its GPU's name in the results' file names);
 # 1. cuda_kernels: the kernels' CUDA tests at real tiles (the 16-bit tensor-core path, which the
 #    interpreter cannot run);
 # 2. bucketed attention forward and backward, L = 512, 2048, 4096 (B * L = 16k, H = 12, D = 64,
@@ -57,7 +58,8 @@
 # fit cannot leave an installed package half replaced. fastseq itself: `pip install -e .` only when
 # the interpreter does not already import this checkout's fastseq; GPU_CHECK_INSTALL=0 never does.
 #
-# Environment: OUT; PYTHON (default python3); WHEELS (default .whl); GPU_CHECK_BUDGET (seconds);
+# Environment: OUT; PYTHON (default python3); WHEELS (default .whl); GPU_CHECK_COMMIT (the commit, for
+# versions.txt, where the checkout has no git); GPU_CHECK_BUDGET (seconds);
 # GPU_CHECK_INSTALL=0 (install nothing into the Python environment); GPU_CHECK_ONLY="STEP ..." (a
 # rerun of these steps alone, after the install and the versions). Without CUDA every GPU step
 # fails within seconds: the benchmark scripts stop at "no CUDA device", the CUDA tests are only
@@ -74,10 +76,19 @@ WORK="$(mktemp -d "${TMPDIR:-/tmp}/gpu_check.XXXXXX")" || exit 1
 export RES="$WORK/gpu_check" SITE="$WORK/site" WORK  # RES is what results.tar.gz holds
 mkdir -p "$RES" "$SITE"
 : > "$RES/steps.txt"
-export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+# The checkout on the path too: the benchmarks (`python bench/x.py`) import fastseq from it even where its
+# editable install failed.
+export PYTHONPATH="$SITE:$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+# The kernels as a user runs them: compiled for the GPU (not interpreted), under the default backend.
+unset TRITON_INTERPRET FASTSEQ_BACKEND
+for var in $(compgen -e | grep '^FASTSEQ_BACKEND_'); do unset "$var"; done
 # One cache for Triton and torch.compile's Triton kernels (inductor takes TRITON_CACHE_DIR when it is set),
-# kept across a rerun on the same machine.
+# kept across a rerun on the same machine; the run's own folder where that one cannot be written.
 export TRITON_CACHE_DIR="${TRITON_CACHE_DIR:-${HOME:-/tmp}/.triton/cache}"
+if ! { mkdir -p "$TRITON_CACHE_DIR" && [ -w "$TRITON_CACHE_DIR" ]; } 2> /dev/null; then
+    TRITON_CACHE_DIR="$WORK/triton_cache"
+    mkdir -p "$TRITON_CACHE_DIR"
+fi
 started=$(date +%s)
 has_cuda=0
 tag=nocuda
@@ -113,7 +124,7 @@ step() {  # step [--cuda] NAME SECONDS COMMAND...: run COMMAND with a time limit
     if [ "$1" = --cuda ]; then need_cuda=1; shift; fi
     local name=$1 limit=$2 rc t0
     shift 2
-    if [ -n "${GPU_CHECK_ONLY:-}" ] && [[ " install versions $GPU_CHECK_ONLY " != *" $name "* ]]; then return; fi
+    if [ -n "${GPU_CHECK_ONLY:-}" ] && [[ " install versions device_probe $GPU_CHECK_ONLY " != *" $name "* ]]; then return; fi
     t0=$(date +%s)
     read -r -a before <<< "$(compiled)"
     local left=$(( BUDGET - (t0 - started) ))
@@ -187,59 +198,97 @@ sys.exit(0 if ours else 1)"; then
     return $rc
 }
 
-versions() {
-    if command -v nvidia-smi > /dev/null; then nvidia-smi 2>&1 | head -n 20; else echo "no nvidia-smi"; fi
-    "$PY" - <<'PY'
-import datetime
-import importlib
-import platform
-import subprocess
-import sys
-
-print("date:", datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
-print("python:", platform.python_version(), sys.executable)
-commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
-print("commit:", commit or "(no git here)")
-for name in ("torch", "triton", "transformers", "deepspeed", "fastseq"):
-    try:
-        module = importlib.import_module(name)
-        print(f"{name}: {module.__version__} from {module.__file__}")
-    except Exception as err:  # noqa: BLE001 - a missing package is a line of the report
-        print(f"{name}: missing ({type(err).__name__}: {err})")
-import importlib.metadata
-import os
-import pathlib
-
-site = pathlib.Path(os.environ["SITE"])
-for dist in importlib.metadata.distributions(path=[str(site)]):
-    name = dist.metadata["Name"]
-    seen = pathlib.Path(importlib.metadata.distribution(name).locate_file("")) == site
-    print(f"carried: {name} {dist.version}" + ("" if seen else " (shadowed by another copy!)"))
+# The device's lines in versions.txt: "tag: NAME" (h100, h200: the results' file names) where there is
+# a CUDA device, "device: no CUDA device" where there is none. The versions step prints them first; where
+# it printed neither (it failed or was cut before torch answered), `device_probe` asks again.
+export DEVICE_PY='
 import torch
 
-print("cuda runtime:", torch.version.cuda, "cudnn:", torch.backends.cudnn.version())
 if torch.cuda.is_available():
     p = torch.cuda.get_device_properties(0)
     print(f"device: {p.name}, sm_{p.major}{p.minor}, {p.multi_processor_count} SMs, {p.total_memory / 2**30:.1f} GiB")
     print("tag:", p.name.split()[1].lower() if " " in p.name else "gpu")
 else:
     print("device: no CUDA device")
+'
+
+versions() {
+    "$PY" - <<'PY'
+import os
+
+exec(os.environ["DEVICE_PY"])
+import datetime
+import importlib
+import importlib.metadata
+import pathlib
+import platform
+import shutil
+import subprocess
+import sys
+
+print("date:", datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
+print("python:", platform.python_version(), sys.executable)
+commit = os.environ.get("GPU_CHECK_COMMIT", "")
+if not commit and shutil.which("git"):
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        pass
+print("commit:", commit or "(no git here; GPU_CHECK_COMMIT names it)")
+print("cuda runtime:", torch.version.cuda, "cudnn:", torch.backends.cudnn.version())
+for name in ("torch", "triton", "transformers", "deepspeed", "fastseq"):
+    try:
+        module = importlib.import_module(name)
+        print(f"{name}: {module.__version__} from {module.__file__}")
+    except Exception as err:  # noqa: BLE001 - a missing package is a line of the report
+        print(f"{name}: missing ({type(err).__name__}: {err})")
+for name in ("pytest", "regex", "huggingface-hub", "safetensors", "tokenizers"):
+    try:
+        print(f"{name}: {importlib.metadata.version(name)}")
+    except importlib.metadata.PackageNotFoundError:
+        print(f"{name}: missing")
+site = pathlib.Path(os.environ["SITE"])
+for dist in importlib.metadata.distributions(path=[str(site)]):
+    name = dist.metadata["Name"]
+    seen = pathlib.Path(importlib.metadata.distribution(name).locate_file("")) == site
+    print(f"carried: {name} {dist.version}" + ("" if seen else " (shadowed by another copy!)"))
+for key in sorted(os.environ):
+    if key.startswith(("FASTSEQ_", "TRITON_", "CUDA_", "TORCH_")):
+        print(f"env: {key}={os.environ[key]}")
 PY
+    local rc=$?
+    if command -v gcc > /dev/null; then gcc --version | head -n 1; else echo "no gcc"; fi
+    if command -v nvidia-smi > /dev/null; then nvidia-smi 2>&1 | head -n 20; else echo "no nvidia-smi"; fi
+    return $rc
+}
+
+device_probe() {  # the device's lines alone, where the versions step printed neither
+    "$PY" -c "$DEVICE_PY"
 }
 
 zero3() {  # ZeRO-3 on one GPU: a ByT5 tokenizer (nothing to download), 20 steps of t5-base
     "$PY" -c "import sys; from fastseq.tokenizers import ByT5Tokenizer; ByT5Tokenizer().save_pretrained(sys.argv[1])" \
         "$WORK/byt5_tokenizer" || return
+    # Its metrics so far whatever the outcome: a run that fails or is cut (TERM) still says how far it got.
+    local keep="cp '$WORK/zero3_run/metrics.jsonl' '$RES/zero3_t5_base_$tag.jsonl' 2> /dev/null"
+    trap "$keep; exit 143" TERM
     "$PY" -m deepspeed.launcher.runner --num_gpus 1 --module fastseq.train \
         --deepspeed configs/deepspeed/zero3.json --model t5-base --random-init --tokenizer "$WORK/byt5_tokenizer" \
         --steps 20 --batch-size 8 --optimizer adamw --lr 1e-4 --quiet --max-eval-samples 0 \
-        --output-dir "$WORK/zero3_run" || return
-    cp "$WORK/zero3_run/metrics.jsonl" "$RES/zero3_t5_base_$tag.jsonl"
+        --output-dir "$WORK/zero3_run"
+    local rc=$?
+    eval "$keep"
+    return $rc
 }
-export -f install versions zero3
+export -f install versions device_probe zero3
 
 step install 40 bash -c install
-step versions 10 bash -c versions
+# 30 s: the first import of torch and CUDA on a freshly started machine reads their libraries from a cold disk.
+step versions 30 bash -c versions
+if ! grep -q "^tag: \|^device: no CUDA device\|s are spent: not run" "$RES/versions.log"; then
+    step device_probe 30 bash -c device_probe
+    cat "$RES/device_probe.log" >> "$RES/versions.log"
+fi
 cp "$RES/versions.log" "$OUT/versions.txt"
 if grep -q "^tag: " "$RES/versions.log"; then
     has_cuda=1

@@ -220,6 +220,39 @@ exec {sys.executable} "$@"
     assert lines == {"install": none, "versions": none, "ffn": "compiled 2 kernels, 1 launchers", "rms_norm": none}
 
 
+@pytest.mark.slow
+def test_the_device_is_asked_again_and_a_cut_zero3_run_keeps_its_metrics(tmp_path):
+    """An interpreter that stands in for a GPU machine's: the versions step dies before it says which
+    device there is (a cold start past its limit, say), so the device's lines are asked for on their own
+    and the run goes on as a CUDA run (named after the GPU); its ZeRO-3 launch writes a line of metrics
+    and is then cut (TERM, what the step's time limit sends), and that line comes back."""
+    python = tmp_path / "python"
+    python.write_text(f"""#!/usr/bin/env bash
+if [ "$1" = - ]; then cat > /dev/null; echo "the versions died"; exit 1; fi
+if [ "$1" = -c ] && [[ $2 == *get_device_properties* ]]; then
+    echo "device: NVIDIA H100 80GB HBM3, sm_90, 132 SMs, 79.1 GiB"; echo "tag: h100"; exit 0
+fi
+if [ "$1" = -m ] && [ "$2" = deepspeed.launcher.runner ]; then
+    while [ $# -gt 0 ] && [ "$1" != --output-dir ]; do shift; done
+    mkdir -p "$2" && echo '{{"step": 1, "loss": 9.5}}' > "$2/metrics.jsonl"
+    kill -TERM $PPID
+    exit 0
+fi
+exec {sys.executable} "$@"
+""")
+    python.chmod(0o755)
+    env = script_env(tmp_path, PYTHON=str(python), GPU_CHECK_ONLY="zero3_t5_base")
+    proc = subprocess.run(["bash", str(SCRIPT)], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out = tmp_path / "out"
+    assert_returnable(out)
+    outcomes = step_lines(out / "steps.txt")
+    assert outcomes == {"install": 0, "versions": 1, "device_probe": 0, "zero3_t5_base": 143}, outcomes
+    assert "tag: h100" in (out / "versions.txt").read_text()
+    logs = bundle(out)
+    assert logs["zero3_t5_base_h100.jsonl"] == '{"step": 1, "loss": 9.5}\n'
+
+
 def test_a_rerun_of_some_steps_runs_those_alone(tmp_path):
     env = script_env(tmp_path, GPU_CHECK_BUDGET="0", GPU_CHECK_ONLY="ffn zero3_t5_base")
     proc = subprocess.run(["bash", str(SCRIPT)], env=env, capture_output=True, text=True, timeout=120)
