@@ -39,6 +39,7 @@ def _convert(args: argparse.Namespace) -> None:
         if not destination or args.source:
             raise ValueError("use: fastseq convert --from-deepspeed OUTPUT/checkpoint-STEP --to DIR")
         check_apart(destination, "--to", {"--from-deepspeed": args.from_deepspeed}, _OWN_DIRECTORY)
+        _check_empty(destination, "--to", args.overwrite)
         with _disk_full_said(args.from_deepspeed, destination, dtype):
             convert(args.from_deepspeed, destination, max_shard_size=args.max_shard_size, dtype=dtype)
         return
@@ -63,6 +64,8 @@ def _convert(args: argparse.Namespace) -> None:
         base = args.base or read_adapter_config(source).get("base_model_name_or_path")
         if base and Path(base).is_dir():  # the base is an input too: DST may not overwrite it
             check_apart(destination, "DST", {"the base model": base}, _OWN_DIRECTORY)
+    _check_empty(destination, "DST", args.overwrite)
+    if args.merge_lora:
         model = merged_model(source, base=args.base, dtype=dtype)
     else:
         model = from_pretrained(source, dtype=dtype)
@@ -71,6 +74,20 @@ def _convert(args: argparse.Namespace) -> None:
         copied = copy_side_files(source, Path(destination))
     print(f"fastseq convert: {type(model).__name__} ({model.num_parameters():,} parameters) -> {destination}"
           f"{'; copied ' + ', '.join(copied) if copied else ''}")  # fmt: skip
+
+
+def _check_empty(destination: str, flag: str, overwrite: bool) -> None:
+    """convert writes a new directory: one that holds anything (another model, a run and its checkpoints)
+    is refused unless --overwrite asks to replace its model files there (saving removes the weight shards
+    of another model, and leaves the rest)."""
+    path = Path(destination)
+    if overwrite or not path.is_dir():
+        return
+    entries = sorted(p.name for p in path.iterdir())
+    if entries:
+        shown = ", ".join(entries[:3]) + (f" and {len(entries) - 3} more" if len(entries) > 3 else "")
+        raise ValueError(f"{flag} {destination} is not empty (it holds {shown}); convert to a new directory, or pass "
+                         "--overwrite to replace its model files")  # fmt: skip
 
 
 @contextlib.contextmanager
@@ -206,7 +223,9 @@ def _check_generate_options(args: argparse.Namespace) -> None:
         from .files import check_apart
 
         source = args.input_file if args.input_file != "-" else None
-        check_apart(out, "--output-file", {"--input-file": source}, "write the outputs to another file")
+        # Nor into the model or its tokenizer: a name such as config.json would replace their own file.
+        inputs = {"--input-file": source, "--model": args.model, "--tokenizer": args.tokenizer}
+        check_apart(out, "--output-file", inputs, "write the outputs to another file")
 
 
 def _generate_inputs(args: argparse.Namespace) -> tuple[list[str], list[dict] | None]:
@@ -567,6 +586,8 @@ def build_parser() -> argparse.ArgumentParser:
                            help="with --merge-lora: the base model (default: the adapter config's)")  # fmt: skip
     p_convert.add_argument("--dtype", default=None, help="float32, bfloat16 or float16")
     p_convert.add_argument("--max-shard-size", default="5GB")
+    p_convert.add_argument("--overwrite", action="store_true",
+                           help="write into a destination that is not empty, replacing its model files")  # fmt: skip
     p_convert.set_defaults(func=_convert)
     p_plan = sub.add_parser(
         "plan",

@@ -603,6 +603,21 @@ def test_the_generate_case_table_is_complete(tmp_path):
     assert sorted(_generate_cases(tmp_path)) == sorted(GENERATE_CASES)
 
 
+@pytest.mark.parametrize("file", ["config.json", "model.safetensors", "predictions.txt"])
+def test_generate_writes_nothing_into_the_model_or_its_tokenizer(tmp_path, capfd, generate_model, file):
+    """--output-file inside --model (or --tokenizer) is refused before anything is read: a model's own file
+    name would have been replaced by the outputs."""
+    before = {p.name: p.read_bytes() for p in generate_model.iterdir() if p.is_file()}
+    out = generate_model / file
+    refused(capfd, ["generate", "--model", str(generate_model), "x", "--output-file", str(out)],
+            f"--output-file {out} lies inside --model", "write the outputs to another file")  # fmt: skip
+    tokenizer = tmp_path / "tokenizer"
+    shutil.copytree(generate_model, tokenizer)
+    refused(capfd, ["generate", "--model", str(generate_model), "--tokenizer", str(tokenizer), "x",
+                    "--output-file", str(tokenizer / file)], "lies inside --tokenizer")  # fmt: skip
+    assert {p.name: p.read_bytes() for p in generate_model.iterdir() if p.is_file()} == before
+
+
 @pytest.mark.parametrize("name", GENERATE_CASES)
 def test_bad_generate_input_is_one_line(tmp_path, capfd, generate_model, name):
     if name == "no CUDA" and torch.cuda.is_available():

@@ -193,6 +193,32 @@ def test_convert_refuses_a_destination_that_overlaps_its_source(tmp_path, capfd,
     assert sorted((p.relative_to(tmp_path), p.stat().st_mtime_ns) for p in tmp_path.rglob("*")) == before
 
 
+def test_convert_refuses_a_destination_that_holds_anything_unless_overwrite(tmp_path, capfd):
+    """DST (or --to) holding another run's files is refused before anything is read or written: saving
+    would have replaced its model and removed its shard-named files. --overwrite replaces the model files
+    there and keeps the rest."""
+    from fastseq.cli import main
+
+    source, run = tmp_path / "model", tmp_path / "run"
+    _tiny_model_dir(source)
+    shutil.copytree(source, run)
+    (run / "notes.txt").write_text("mine")
+    (run / "model-00001-of-00002.safetensors").write_text("x")
+    before = sorted((p.relative_to(tmp_path), p.stat().st_mtime_ns) for p in tmp_path.rglob("*"))
+    shown = "config.json, generation_config.json, model-00001-of-00002.safetensors and 4 more"
+    for argv, flag in ((["convert", str(source), str(run), "--dtype", "bf16"], "DST"),
+                       (["convert", "--from-deepspeed", str(source), "--to", str(run)], "--to")):  # fmt: skip
+        refused(capfd, argv, f"{flag} {run} is not empty (it holds {shown}); convert to a new directory, or pass "
+                             "--overwrite to replace its model files")  # fmt: skip
+    assert sorted((p.relative_to(tmp_path), p.stat().st_mtime_ns) for p in tmp_path.rglob("*")) == before
+    (tmp_path / "empty").mkdir()  # an empty directory is a new one
+    assert main(["convert", str(source), str(tmp_path / "empty")]) == 0
+    assert main(["convert", str(source), str(run), "--dtype", "bf16", "--overwrite"]) == 0
+    assert (run / "notes.txt").read_text() == "mine"
+    assert json.loads((run / "config.json").read_text())["dtype"] == "bfloat16"
+    assert fastseq.from_pretrained(run).num_parameters() == fastseq.from_pretrained(source).num_parameters()
+
+
 def test_convert_from_deepspeed_refuses_a_model_type_it_cannot_build(tmp_path, capfd):
     """A checkpoint whose config.json names another model type: one line naming the file and the types
     fastseq reads (it printed only "error: bert"), nothing written."""
