@@ -236,6 +236,14 @@ def test_a_fresh_run_refuses_a_used_output_directory_unless_overwrite(tmp_path, 
     assert main(["train", *QUICK, "--steps", "2", "--overwrite", "--output-dir", str(out)]) == 0
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2"]  # the old run's are gone
     assert (out / "notes.txt").read_text() == "mine"  # what a run does not write is kept
+    # A directory of the user's under a checkpoint's name is no run's checkpoint: refused, not removed.
+    (out / "checkpoint-5").mkdir()
+    (out / "checkpoint-5" / "data.txt").write_text("mine")
+    refused(capfd, ["train", *QUICK, "--overwrite", "--output-dir", str(out)],
+            f"--output-dir {out} holds checkpoint-5, which is not a checkpoint of a run (no trainer_state.json)",
+            "move it out of --output-dir")  # fmt: skip
+    assert (out / "checkpoint-5" / "data.txt").read_text() == "mine" and (out / "checkpoint-2").is_dir()
+    shutil.rmtree(out / "checkpoint-5")
     # Resuming a checkpoint into another used directory is a fresh start there: refused the same way.
     used = tmp_path / "used"
     used.mkdir()

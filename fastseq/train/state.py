@@ -93,6 +93,13 @@ def _check_output_dir(args: TrainArgs, out: Path) -> None:
             f"--output-dir {out} already holds files ({shown}); pass --resume to continue that run, --overwrite "
             "to replace it, or choose an empty directory"
         )
+    if entries:  # --overwrite: what it would remove under a checkpoint's name must be a run's checkpoint
+        for path in _run_files(out):
+            if _CHECKPOINT.fullmatch(path.name) and not path.name.startswith(".") and not (path / STATE_FILE).is_file():
+                raise ValueError(
+                    f"--output-dir {out} holds {path.name}, which is not a checkpoint of a run (no {STATE_FILE}) and "
+                    "which --overwrite would remove; move it out of --output-dir, or choose another directory"
+                )
 
 
 def clear_output_dir(args: TrainArgs, out: Path) -> None:
