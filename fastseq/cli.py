@@ -121,7 +121,7 @@ def _generate(args: argparse.Namespace) -> None:
     from .generation import PREDICTION_CONFIG, read_json_file, settings_from_file
     from .hub import model_directory
     from .lora import is_adapter_directory, merged_model
-    from .tokenizers import load_tokenizer
+    from .tokenizers import check_vocabulary, load_tokenizer
     from .train.engine import resolve_device
 
     _check_generate_options(args)
@@ -133,6 +133,7 @@ def _generate(args: argparse.Namespace) -> None:
     else:
         model = from_pretrained(directory).to(device)
     tokenizer = load_tokenizer(args.tokenizer or directory)
+    check_vocabulary(tokenizer, model.config.vocab_size)  # its ids past the embedding would index out of range
     # As the run that trained the model evaluated: its source prefix and max source length, and the
     # generation_config.json settings (transformers' generate reads the same file); a flag wins.
     recorded = read_json_file(directory / PREDICTION_CONFIG)

@@ -626,6 +626,15 @@ def test_generate_writes_nothing_into_the_model_or_its_tokenizer(tmp_path, capfd
     assert {p.name: p.read_bytes() for p in generate_model.iterdir() if p.is_file()} == before
 
 
+def test_generate_refuses_a_tokenizer_past_the_models_vocabulary(tmp_path, capfd, generate_model):
+    """A tokenizer with more ids than the model's embedding (here 500 sentinels on ByT5's bytes) is the
+    line train gives, not an IndexError from the embedding."""
+    tokenizer = tmp_path / "tokenizer"
+    ByT5Tokenizer(extra_ids=500).save_pretrained(tokenizer)
+    refused(capfd, ["generate", "--model", str(generate_model), "--tokenizer", str(tokenizer), "a <extra_id_200> b"],
+            "the tokenizer has 759 ids but the model's vocabulary has 384", "use the tokenizer the model was trained")  # fmt: skip
+
+
 @pytest.mark.parametrize("name", GENERATE_CASES)
 def test_bad_generate_input_is_one_line(tmp_path, capfd, generate_model, name):
     if name == "no CUDA" and torch.cuda.is_available():
