@@ -631,8 +631,8 @@ def test_generate_refuses_a_tokenizer_past_the_models_vocabulary(tmp_path, capfd
     line train gives, not an IndexError from the embedding."""
     tokenizer = tmp_path / "tokenizer"
     ByT5Tokenizer(extra_ids=500).save_pretrained(tokenizer)
-    refused(capfd, ["generate", "--model", str(generate_model), "--tokenizer", str(tokenizer), "a <extra_id_200> b"],
-            "the tokenizer has 759 ids but the model's vocabulary has 384", "use the tokenizer the model was trained")  # fmt: skip
+    argv = ["generate", "--model", str(generate_model), "--tokenizer", str(tokenizer), "a <extra_id_200> b"]
+    refused(capfd, argv, "the tokenizer has 759 ids but the model's vocabulary has 384", "use the tokenizer the model")
 
 
 @pytest.mark.parametrize("name", GENERATE_CASES)
