@@ -118,7 +118,7 @@ def _generate(args: argparse.Namespace) -> None:
     import torch
 
     from .checkpoint import from_pretrained
-    from .generation import PREDICTION_CONFIG, read_json_file, settings_from_file
+    from .generation import PREDICTION_CONFIG, check_settings, read_json_file, recorded_prediction, settings_from_file
     from .hub import model_directory
     from .lora import is_adapter_directory, merged_model
     from .tokenizers import check_vocabulary, load_tokenizer
@@ -136,12 +136,18 @@ def _generate(args: argparse.Namespace) -> None:
     check_vocabulary(tokenizer, model.config.vocab_size)  # its ids past the embedding would index out of range
     # As the run that trained the model evaluated: its source prefix and max source length, and the
     # generation_config.json settings (transformers' generate reads the same file); a flag wins.
-    recorded = read_json_file(directory / PREDICTION_CONFIG)
-    from_file = settings_from_file(read_json_file(directory / "generation_config.json"))
+    recorded_prefix, recorded_limit = recorded_prediction(read_json_file(directory / PREDICTION_CONFIG),
+                                                          directory / PREDICTION_CONFIG)  # fmt: skip
+    generation_file = directory / "generation_config.json"
+    from_file = settings_from_file(read_json_file(generation_file), generation_file)
     flags = {name: getattr(args, name) for name in GENERATE_DEFAULTS if getattr(args, name, None) is not None}
-    prefix = args.source_prefix if args.source_prefix is not None else recorded.get("source_prefix") or ""
-    limit = args.max_source_length if args.max_source_length is not None else recorded.get("max_source_length")
+    prefix = args.source_prefix if args.source_prefix is not None else recorded_prefix or ""
+    limit = args.max_source_length if args.max_source_length is not None else recorded_limit
     applied = {k: v for k, v in from_file.items() if k not in flags}
+    try:  # the file's settings that no flag overrides, before any work: a bad one names the file
+        check_settings(model.config, **{**GENERATE_DEFAULTS, **applied})
+    except ValueError as err:
+        raise ValueError(f"{generation_file}: {err}; fix the field, or pass its flag") from None
     if args.source_prefix is None and prefix:
         applied["source_prefix"] = prefix
     if args.max_source_length is None and limit is not None:
@@ -169,9 +175,13 @@ def _generate(args: argparse.Namespace) -> None:
                 yield from tokenizer.batch_decode(out[:, 1:], skip_special_tokens=True)
                 progress.update(len(chunk))
         if cut[0]:
-            where = "--max-source-length" if args.max_source_length is not None else f"{PREDICTION_CONFIG}'s"
-            log.warning("%d of %d inputs are longer than %d tokens (%s max_source_length) and were cut to it; pass "
-                        "--max-source-length N to change it", cut[0], len(texts), limit, where)  # fmt: skip
+            why = "(--max-source-length) and were cut to it"
+            if args.max_source_length is None:
+                why = (
+                    f"({PREDICTION_CONFIG}'s max_source_length) and were cut to it; pass --max-source-length N to "
+                    "change it"
+                )
+            log.warning("%d of %d inputs are longer than %d tokens %s", cut[0], len(texts), limit, why)
 
     lines = (_output_line(text, i, records, args.output_field) for i, text in enumerate(outputs()))
     if args.output_file in (None, "-"):

@@ -246,18 +246,45 @@ FILE_SETTINGS = {"num_beams": "num_beams", "max_new_tokens": "max_new_tokens", "
                  "repetition_penalty": "repetition_penalty", "early_stopping": "early_stopping"}  # fmt: skip
 
 
-def settings_from_file(generation_config: dict) -> dict:
-    """The `generate` settings a model directory's generation_config.json sets, with the meaning
-    `transformers`' `generate` gives them: `max_new_tokens` (else `max_length` - 1, as an
-    encoder-decoder's `max_length` counts the decoder start token), `min_new_tokens` (else
+# The type each field `settings_from_file` reads must have: what the error says, and the test.
+_FIELD_TYPES = {
+    "an integer": (("num_beams", "max_new_tokens", "min_new_tokens", "no_repeat_ngram_size", "max_length",
+                    "min_length"), lambda v: isinstance(v, int) and not isinstance(v, bool)),
+    "a number": (("length_penalty", "repetition_penalty"),
+                 lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)),
+    "true, false or \"never\"": (("early_stopping",), lambda v: isinstance(v, bool) or v == "never"),
+}  # fmt: skip
+
+
+def settings_from_file(generation_config: dict, file: str | Path = "generation_config.json") -> dict:
+    """The `generate` settings a model directory's generation_config.json (`file`, for the errors) sets,
+    with the meaning `transformers`' `generate` gives them: `max_new_tokens` (else `max_length` - 1, as
+    an encoder-decoder's `max_length` counts the decoder start token), `min_new_tokens` (else
     `min_length` - 1), `num_beams`, `length_penalty`, `no_repeat_ngram_size`, `repetition_penalty`
-    and `early_stopping`. A field left out, or null, is not set."""
+    and `early_stopping`. A field left out, or null, is not set; one of another type is a ValueError
+    naming the file."""
+    for what, (keys, fits) in _FIELD_TYPES.items():
+        for key in keys:
+            value = generation_config.get(key)
+            if value is not None and not fits(value):
+                raise ValueError(f"{file}: {key} is {value!r}; it must be {what}: fix or remove the field")
     settings = {name: generation_config[key] for key, name in FILE_SETTINGS.items()
                 if generation_config.get(key) is not None}  # fmt: skip
     for length, new in (("max_length", "max_new_tokens"), ("min_length", "min_new_tokens")):
-        if new not in settings and isinstance(generation_config.get(length), int):
+        if new not in settings and generation_config.get(length) is not None:
             settings[new] = max(generation_config[length] - 1, 0)
     return settings
+
+
+def recorded_prediction(recorded: dict, file: str | Path = PREDICTION_CONFIG) -> tuple[str | None, int | None]:
+    """The source prefix and max source length that prediction_config.json (`recorded`, read from `file`)
+    holds, None where it holds none; a value of another type is a ValueError naming the file."""
+    prefix, limit = recorded.get("source_prefix"), recorded.get("max_source_length")
+    if prefix is not None and not isinstance(prefix, str):
+        raise ValueError(f"{file}: source_prefix is {prefix!r}; it must be text: fix or remove the field")
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise ValueError(f"{file}: max_source_length is {limit!r}; it must be an integer >= 1: fix or remove the field")
+    return prefix, limit
 
 
 def position_limit(config) -> int | None:

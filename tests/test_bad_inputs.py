@@ -626,6 +626,37 @@ def test_generate_writes_nothing_into_the_model_or_its_tokenizer(tmp_path, capfd
     assert {p.name: p.read_bytes() for p in generate_model.iterdir() if p.is_file()} == before
 
 
+@pytest.mark.parametrize(
+    "file,fields,expected",
+    [
+        ("generation_config.json", {"num_beams": "x"}, "num_beams is 'x'; it must be an integer: fix or remove"),
+        ("generation_config.json", {"max_new_tokens": "5"}, "max_new_tokens is '5'; it must be an integer"),
+        ("generation_config.json", {"no_repeat_ngram_size": 1.5}, "no_repeat_ngram_size is 1.5; it must be an integer"),
+        ("generation_config.json", {"repetition_penalty": "x"}, "repetition_penalty is 'x'; it must be a number"),
+        ("generation_config.json", {"min_length": "a"}, "min_length is 'a'; it must be an integer"),
+        ("generation_config.json", {"early_stopping": 1}, "early_stopping is 1; it must be true, false or \"never\""),
+        ("generation_config.json", {"max_length": -4},
+         "max_new_tokens must be between 1 and 65536 (the KV cache is allocated up front); got 0; fix the field, or "
+         "pass its flag"),
+        ("prediction_config.json", {"source_prefix": 5}, "source_prefix is 5; it must be text: fix or remove"),
+        ("prediction_config.json", {"max_source_length": "x"}, "max_source_length is 'x'; it must be an integer >= 1"),
+        ("prediction_config.json", {"max_source_length": -3}, "max_source_length is -3; it must be an integer >= 1"),
+    ],
+)  # fmt: skip
+def test_a_model_directorys_bad_generation_settings_name_their_file(tmp_path, capfd, generate_model, file, fields,
+                                                                    expected):  # fmt: skip
+    """A setting of another type or range in generation_config.json or prediction_config.json is one line
+    naming the file and the field (an internal TypeError, or a line that named neither, before)."""
+    model = tmp_path / "model"
+    shutil.copytree(generate_model, model)
+    path = model / file
+    settings = json.loads(path.read_text()) if path.is_file() else {}
+    path.write_text(json.dumps({**settings, **fields}))
+    refused(capfd, ["generate", "--model", str(model), "x"], f"{path}: {expected}")
+    if "max_length" in fields:  # a flag that sets it leaves the file's value unread
+        assert main(["generate", "--model", str(model), "x", "--max-new-tokens", "2", "--quiet"]) == 0
+
+
 def test_generate_refuses_a_tokenizer_past_the_models_vocabulary(tmp_path, capfd, generate_model):
     """A tokenizer with more ids than the model's embedding (here 500 sentinels on ByT5's bytes) is the
     line train gives, not an IndexError from the embedding."""
