@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
-from .files import SAFE_INDEX, SAFE_WEIGHTS, save_pretrained
+from .files import SAFE_INDEX, SAFE_WEIGHTS, save_pretrained, utf8_problem
 from .hub import model_directory
 from .models import FAMILIES, PreTrainedModel
 
@@ -109,6 +109,8 @@ def open_safetensors(file: Path) -> Iterator:
     not readable safetensors (truncated, a garbage header), found on opening it or reading a tensor,
     is a CheckpointError naming it."""
     _readable([file])
+    if problem := utf8_problem(file):  # an intact file that safetensors cannot open by this name
+        raise CheckpointError(f"{problem}; rename the directory (or copy the model to a UTF-8 path)")
     try:
         with safe_open(str(file), framework="pt", device="cpu") as handle:
             yield handle

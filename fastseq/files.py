@@ -117,6 +117,18 @@ def _signals_deferred() -> Iterator[None]:
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
+def utf8_problem(path: str | os.PathLike) -> str | None:
+    """Why safetensors cannot open files under `path` (its bytes are not UTF-8: it takes paths as text),
+    with the path shown with its stray bytes escaped; None for a UTF-8 path."""
+    raw = os.fsencode(os.path.abspath(path))
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError:
+        shown = raw.decode("utf-8", "backslashreplace")
+        return f"{shown} is not a UTF-8 path, and safetensors opens only UTF-8 paths"
+    return None
+
+
 def check_apart(
     output: str | os.PathLike, output_flag: str, inputs: dict[str, str | os.PathLike | None], why: str
 ) -> None:

@@ -657,6 +657,20 @@ def test_a_model_directorys_bad_generation_settings_name_their_file(tmp_path, ca
         assert main(["generate", "--model", str(model), "x", "--max-new-tokens", "2", "--quiet"]) == 0
 
 
+def test_a_path_that_is_not_utf8_is_named_not_called_corrupt(tmp_path, capfd, generate_model):
+    """safetensors opens only UTF-8 paths: an --output-dir whose name is not UTF-8 is refused before the
+    run (its checkpoints could never be resumed), and a model there is an intact file it cannot open, not
+    a "truncated or corrupted" one."""
+    odd = tmp_path / os.fsdecode(b"bad\xff")
+    shown = f"{tmp_path}/bad\\xff is not a UTF-8 path, and safetensors opens only UTF-8 paths"
+    refused(capfd, ["train", *QUICK, "--output-dir", str(odd)], f"--output-dir: {shown}", "choose a UTF-8 name")
+    assert not odd.exists()
+    shutil.copytree(generate_model, odd)
+    weights = f"{tmp_path}/bad\\xff/model.safetensors is not a UTF-8 path"
+    line = refused(capfd, ["generate", "--model", str(odd), "x"], weights, "rename the directory")
+    assert "corrupted" not in line
+
+
 def test_generate_refuses_a_tokenizer_past_the_models_vocabulary(tmp_path, capfd, generate_model):
     """A tokenizer with more ids than the model's embedding (here 500 sentinels on ByT5's bytes) is the
     line train gives, not an IndexError from the embedding."""

@@ -9,7 +9,7 @@ import typing
 from dataclasses import dataclass
 from pathlib import Path
 
-from fastseq.files import check_apart
+from fastseq.files import check_apart, utf8_problem
 from fastseq.hub import is_repo_id
 from fastseq.metrics import check_available, greater_is_better, metric_keys, parse_metrics
 from fastseq.optim import OPTIMIZERS, SCHEDULES
@@ -270,6 +270,9 @@ class TrainArgs:
             )
         if self.continues_in_output_dir and self.overwrite:
             raise ValueError("--resume continues the run in --output-dir and --overwrite replaces it; pass one")
+        if problem := utf8_problem(self.output_dir):  # its checkpoints would be written, never read back
+            raise ValueError(f"--output-dir: {problem} (no checkpoint written there could be resumed); choose a "
+                             "UTF-8 name")  # fmt: skip
         self._validate_evaluation()
         self._validate_lora()
         self._check_output_dir_apart()
