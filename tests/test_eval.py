@@ -443,6 +443,10 @@ def test_early_stopping_patience_ends_the_run_at_the_step_hfs_callback_would(tmp
      (["--test-data", "TEST", "--max-predict-samples", "0"], "--max-predict-samples must be at least 1; got 0"),
      (["--test-data", "TEST", "--task", "denoise", "--data", "TEST"],
       "--test-data predicts seq2seq examples; --task denoise has none to predict"),
+     (["--eval-data", "TEST", "--task", "denoise", "--data", "TEST"],
+      "--eval-data holds seq2seq examples to evaluate; --task denoise evaluates none: drop --eval-data"),
+     (["--source-prefix", "zz: ", "--task", "denoise", "--data", "TEST"],
+      "--source-prefix goes before seq2seq sources; --task denoise corrupts spans of plain text"),
      (["--load-best-model-at-end"], "--load-best-model-at-end loads the best checkpoint by --metric-for-best-model: "
       "pass --metric-for-best-model"),
      (["--load-best-model-at-end", "--metric-for-best-model", "loss", "--eval-every", "2"],

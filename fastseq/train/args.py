@@ -386,6 +386,12 @@ class TrainArgs:
         if self.test_data is not None and self.task == "denoise":
             raise ValueError("--test-data predicts seq2seq examples; --task denoise has none to predict: drop "
                              "--test-data")  # fmt: skip
+        if self.eval_data is not None and self.task == "denoise":
+            raise ValueError("--eval-data holds seq2seq examples to evaluate; --task denoise evaluates none: drop "
+                             "--eval-data")  # fmt: skip
+        if self.source_prefix and self.task == "denoise":
+            raise ValueError("--source-prefix goes before seq2seq sources; --task denoise corrupts spans of plain text "
+                             "and puts nothing before them: drop --source-prefix")  # fmt: skip
         if self.max_predict_samples is not None and self.test_data is None:
             raise ValueError("--max-predict-samples limits --test-data's examples: pass --test-data FILE")
         for name in ("data", "eval_data", "test_data"):
