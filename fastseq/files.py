@@ -55,6 +55,28 @@ def parse_size(size: int | str, what: str = "max_shard_size") -> int:
     return value
 
 
+def _new_file_mode() -> int:
+    """The mode `open` gives a new file: 0o666 less the process's umask (read from /proc where it is
+    there, so that the umask is never changed under another thread)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return 0o666 & ~int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def save_safetensors(tensors: dict, path: str | os.PathLike, metadata: dict[str, str] | None = None) -> None:
+    """safetensors' `save_file` at `path`, the file then given the mode `open` gives a new one:
+    safetensors writes 0600, which leaves the weights unreadable to the other users of a shared machine
+    that can read every other file of the run."""
+    save_file(tensors, str(path), metadata=metadata)
+    os.chmod(path, _new_file_mode())
+
+
 def atomic_write(target: Path, write: Callable[[Path], None]) -> None:
     """`write(tmp)` to a temporary name beside `target`, synced, then renamed onto it. An OS error that
     names no file (a write past `ulimit -f` says only "File too large") names `target`."""
@@ -406,13 +428,13 @@ def save_pretrained(model, path: str | os.PathLike, *, max_shard_size: int | str
     metadata = {"format": "pt"}
     written: set[str] = set()
     if len(shards) == 1:
-        atomic_write(path / SAFE_WEIGHTS, lambda tmp: save_file(shards[0], str(tmp), metadata=metadata))
+        atomic_write(path / SAFE_WEIGHTS, lambda tmp: save_safetensors(shards[0], tmp, metadata))
         written.add(SAFE_WEIGHTS)
     else:
         weight_map = {}
         for i, shard in enumerate(shards, start=1):
             name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-            atomic_write(path / name, lambda tmp, shard=shard: save_file(shard, str(tmp), metadata=metadata))
+            atomic_write(path / name, lambda tmp, shard=shard: save_safetensors(shard, tmp, metadata))
             weight_map.update(dict.fromkeys(shard, name))
             written.add(name)
         total = sum(t.numel() * t.element_size() for t in tensors.values())

@@ -98,9 +98,7 @@ def save_adapters(wrapper, directory: Path) -> None:
     """`adapter_config.json` and `adapter_model.safetensors` in `directory`, each written atomically:
     peft's state dict (keys `base_model.model.<layer>.lora_A.weight`) and config, what
     `PeftModel.save_pretrained` writes (without its model card, so a run writes no README.md)."""
-    from safetensors.torch import save_file
-
-    from fastseq.files import atomic_write
+    from fastseq.files import atomic_write, save_safetensors
 
     peft = peft_module()
     directory = Path(directory)
@@ -108,7 +106,7 @@ def save_adapters(wrapper, directory: Path) -> None:
     # No embedding layer is ever a target: peft would otherwise probe the base model (on the hub, too).
     state = peft.get_peft_model_state_dict(wrapper, adapter_name=PEFT_NAME, save_embedding_layers=False)
     state = {k: v.detach().cpu().contiguous() for k, v in state.items()}
-    atomic_write(directory / ADAPTER_WEIGHTS, lambda tmp: save_file(state, str(tmp), metadata={"format": "pt"}))
+    atomic_write(directory / ADAPTER_WEIGHTS, lambda tmp: save_safetensors(state, tmp, {"format": "pt"}))
     config = wrapper.peft_config[PEFT_NAME].to_dict()
     config["target_modules"] = sorted(config["target_modules"])  # peft keeps a set
     atomic_write(directory / ADAPTER_CONFIG, lambda tmp: tmp.write_text(json.dumps(config, indent=2) + "\n"))

@@ -254,6 +254,26 @@ def test_a_fresh_run_refuses_a_used_output_directory_unless_overwrite(tmp_path, 
     assert [r["step"] for r in records if "loss" in r] == [1, 2]
 
 
+def test_every_file_a_run_writes_has_the_mode_of_a_new_file(tmp_path):
+    """safetensors writes its files 0600: the run's weights, checkpoints' optimizer and RNG states and a
+    LoRA run's adapters get the mode the umask gives every other file (0644 under umask 022), so that
+    the other users of a shared machine who read the run's logs can read its weights too."""
+    from fastseq.files import save_safetensors
+
+    old = os.umask(0o027)
+    try:
+        save_safetensors({"a": torch.zeros(1)}, tmp_path / "x.safetensors")
+        assert (tmp_path / "x.safetensors").stat().st_mode & 0o777 == 0o640
+        os.umask(0o022)
+        out = tmp_path / "out"
+        assert main(["train", *QUICK, "--save-every", "2", "--output-dir", str(out)]) == 0
+    finally:
+        os.umask(old)
+    modes = {str(p.relative_to(out)): oct(p.stat().st_mode & 0o777) for p in out.rglob("*") if p.is_file()}
+    assert any(name.endswith("rng-0.safetensors") for name in modes) and "model.safetensors" in modes, modes
+    assert {name: mode for name, mode in modes.items() if mode != "0o644"} == {}
+
+
 def test_resume_refuses_another_runs_checkpoint(tmp_path, capfd):
     data = tmp_path / "train.jsonl"
     data.write_text("".join(json.dumps({"source": f"copy {w}", "target": w}) + "\n" for w in "abcdefgh"))

@@ -13,13 +13,12 @@ import math
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
 from fastseq import hub, presets
 from fastseq.checkpoint import fit_embeddings, from_pretrained, read_model_config, stored_embeddings
-from fastseq.files import SAFE_INDEX, SAFE_WEIGHTS, SHARD_RE, copy_file, write_json
+from fastseq.files import SAFE_INDEX, SAFE_WEIGHTS, SHARD_RE, copy_file, save_safetensors, write_json
 from fastseq.hub import HubModelNotFound, model_directory
 from fastseq.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from fastseq.models import FAMILIES, T5Config
@@ -411,7 +410,7 @@ class LocalEngine(Engine):
                     tensors[f"optimizer/{index}/{name}"] = value.detach().cpu().contiguous()
                 else:
                     scalars.setdefault(str(index), {})[name] = value
-        save_file(tensors, str(directory / "trainer_state.safetensors"))
+        save_safetensors(tensors, directory / "trainer_state.safetensors")
         scheduler = {k: v for k, v in self.scheduler.state_dict().items() if k != "lr_lambdas"}
         return {"optimizer": {"scalars": scalars, "param_groups": state["param_groups"]}, "scheduler": scheduler,
                 "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None}  # fmt: skip

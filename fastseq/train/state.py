@@ -20,9 +20,18 @@ import tempfile
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-from fastseq.files import LOCK_FILE, SAFE_INDEX, SAFE_WEIGHTS, SHARD_RE, DirectoryLock, fingerprint, write_json
+from fastseq.files import (
+    LOCK_FILE,
+    SAFE_INDEX,
+    SAFE_WEIGHTS,
+    SHARD_RE,
+    DirectoryLock,
+    fingerprint,
+    save_safetensors,
+    write_json,
+)
 from fastseq.generation import PREDICTION_CONFIG, read_json_file
 from fastseq.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from fastseq.tokenizers import Tokenizer
@@ -425,7 +434,7 @@ def rng_file(rank: int) -> str:
 
 def save_rng(directory: Path, rank: int, states: dict[str, torch.Tensor] | None = None) -> None:
     """`rng-RANK.safetensors`: `states` (default: the RNG states now)."""
-    save_file(states if states is not None else rng_states(), str(directory / rng_file(rank)))
+    save_safetensors(states if states is not None else rng_states(), directory / rng_file(rank))
 
 
 def check_rank_files(path: Path, state: dict, engine) -> None:
