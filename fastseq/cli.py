@@ -171,7 +171,17 @@ def _generate(args: argparse.Namespace) -> None:
                 batch = tokenizer(chunk, padding=True, truncation=limit is not None, max_length=limit)
                 if limit is not None:
                     cut[0] += int((tokenizer(chunk, padding=True)["attention_mask"].sum(1) > limit).sum())
-                out = model.generate(batch["input_ids"].to(device), batch["attention_mask"].to(device), **settings)
+                try:
+                    out = model.generate(batch["input_ids"].to(device), batch["attention_mask"].to(device), **settings)
+                except (RuntimeError, MemoryError) as err:
+                    if not _out_of_memory(err):
+                        raise
+                    longest = int(batch["attention_mask"].sum(1).max())
+                    raise ValueError(
+                        f"generating for inputs of up to {longest} tokens ran out of memory "
+                        f"({str(err).splitlines()[0][:160]}); pass --max-source-length N to cut the inputs to N "
+                        "tokens, or a smaller --batch-size"
+                    ) from None
                 yield from tokenizer.batch_decode(out[:, 1:], skip_special_tokens=True)
                 progress.update(len(chunk))
         if cut[0]:
@@ -213,6 +223,13 @@ def _count(text: str) -> int:
     if not value.is_integer():
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number")
     return int(value)
+
+
+def _out_of_memory(err: BaseException) -> bool:
+    """Whether `err` is an allocation that failed: CUDA's out-of-memory error, the CPU allocator's."""
+    import torch
+
+    return isinstance(err, (torch.OutOfMemoryError, MemoryError)) or "can't allocate memory" in str(err)
 
 
 def _check_generate_options(args: argparse.Namespace) -> None:

@@ -691,6 +691,22 @@ def test_a_path_that_is_not_utf8_is_named_not_called_corrupt(tmp_path, capfd, ge
     assert "corrupted" not in line
 
 
+def test_generate_out_of_memory_says_to_cut_the_inputs(tmp_path, capfd, generate_model, monkeypatch):
+    """An input too long for memory (a model without prediction_config.json cuts nothing) is one line
+    naming its length and --max-source-length, not an internal error (the allocator's failure is made
+    here: a real one could bring the machine's out-of-memory killer instead)."""
+    from fastseq.models import T5ForConditionalGeneration
+
+    def allocate(self, *args, **kwargs):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory: you "
+                           "tried to allocate 123906816016 bytes. Error code 12 (Cannot allocate memory)")  # fmt: skip
+
+    monkeypatch.setattr(T5ForConditionalGeneration, "generate", allocate)
+    refused(capfd, ["generate", "--model", str(generate_model), "hello world " * 20],
+            "generating for inputs of up to 241 tokens ran out of memory ([enforce fail at alloc_cpu.cpp:117] "
+            "DefaultCPUAllocator: can't allocate memory", "pass --max-source-length N to cut the inputs")  # fmt: skip
+
+
 def test_generate_refuses_a_tokenizer_past_the_models_vocabulary(tmp_path, capfd, generate_model):
     """A tokenizer with more ids than the model's embedding (here 500 sentinels on ByT5's bytes) is the
     line train gives, not an IndexError from the embedding."""
