@@ -193,6 +193,11 @@ def check_settings(config, *, max_new_tokens: int, num_beams: int = 1, do_sample
                    min_new_tokens: int = 0, early_stopping: bool | str = False) -> None:  # fmt: skip
     """Every setting of a generation by the model of `config`, before any work (`fastseq train` checks
     its evaluation's at start): a bad one is a ValueError naming it, its value and the fix."""
+    counts = dict(max_new_tokens=max_new_tokens, num_beams=num_beams, top_k=top_k,
+                  no_repeat_ngram_size=no_repeat_ngram_size, min_new_tokens=min_new_tokens)  # fmt: skip
+    for name, value in counts.items():
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"{name} must be an integer; got {value!r}")
     positions = position_limit(config)
     limit = min(MAX_NEW_TOKENS, positions or MAX_NEW_TOKENS)
     if not 1 <= max_new_tokens <= limit:
@@ -293,6 +298,28 @@ def position_limit(config) -> int | None:
     return getattr(config, "max_position_embeddings", None)
 
 
+def _check_inputs(config, input_ids, attention_mask) -> None:
+    """`generate`'s inputs: integer ids `(B, L)` with B, L >= 1, each in the model's vocabulary, and a
+    mask of their shape; anything else is a ValueError saying what was given."""
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype not in _ID_DTYPES:
+        got = f"{input_ids.dtype} {tuple(input_ids.shape)}" if isinstance(input_ids, torch.Tensor) else type(input_ids)
+        raise ValueError(f"input_ids must be an integer tensor (batch, length); got {got}")
+    if input_ids.numel() == 0:
+        raise ValueError(f"input_ids {tuple(input_ids.shape)} holds no token; give each row at least one (its eos)")
+    if attention_mask is not None and (
+        not isinstance(attention_mask, torch.Tensor) or attention_mask.shape != input_ids.shape
+    ):
+        got = tuple(attention_mask.shape) if isinstance(attention_mask, torch.Tensor) else type(attention_mask)
+        raise ValueError(f"attention_mask must have input_ids' shape {tuple(input_ids.shape)}; got {got}")
+    low, high = int(input_ids.min()), int(input_ids.max())
+    if low < 0 or high >= config.vocab_size:
+        raise ValueError(f"input_ids hold {low if low < 0 else high}, outside the model's vocabulary (0 to "
+                         f"{config.vocab_size - 1}); encode the inputs with the model's tokenizer")  # fmt: skip
+
+
+_ID_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
+
+
 @torch.no_grad()
 def generate(
     model,
@@ -325,6 +352,7 @@ def generate(
     (`forced_eos_token_id` too: eos forced at the last step). `max_new_tokens` is at most
     `MAX_NEW_TOKENS`, and at most the model's learned positions where it has them."""
     config = model.config
+    _check_inputs(config, input_ids, attention_mask)
     eos = _setting(eos_token_id, config, "eos_token_id")
     pad = _setting(pad_token_id, config, "pad_token_id")
     start = _setting(decoder_start_token_id, config, "decoder_start_token_id")

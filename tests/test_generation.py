@@ -277,13 +277,26 @@ def test_sampling_sees_the_processed_scores(tmp_path, reference_backend):
         (dict(no_repeat_ngram_size=-1), "no_repeat_ngram_size must be >= 0"),
         (dict(min_new_tokens=-2), "min_new_tokens must be >= 0"),
         (dict(length_penalty=float("inf"), num_beams=2), "length_penalty must be a finite number"),
+        (dict(max_new_tokens=2.5), "max_new_tokens must be an integer; got 2.5"),
+        (dict(num_beams=True), "num_beams must be an integer; got True"),
+        (dict(input_ids=torch.zeros(2, 0, dtype=torch.long), attention_mask=torch.zeros(2, 0, dtype=torch.long)),
+         "input_ids (2, 0) holds no token; give each row at least one"),
+        (dict(input_ids=torch.zeros(2, 3)), "input_ids must be an integer tensor (batch, length); got torch.float32"),
+        (dict(input_ids=torch.zeros(3, dtype=torch.long)), "input_ids must be an integer tensor (batch, length)"),
+        (dict(input_ids=torch.full((1, 3), 10**6)), "input_ids hold 1000000, outside the model's vocabulary"),
+        (dict(input_ids=torch.full((1, 3), -1)), "input_ids hold -1, outside the model's vocabulary"),
+        (dict(attention_mask=torch.ones(1, 1)), "attention_mask must have input_ids' shape"),
     ],
-)
+)  # fmt: skip
 def test_bad_settings_are_refused_before_any_work(settings, message, tmp_path):
     _, ours = _pair("t5_v10_tied", tmp_path)
     inputs = batch("t5_v10_tied")
+    args = {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"]}
+    if "input_ids" in settings:
+        args["attention_mask"] = None
+    args.update(settings)
     with pytest.raises(ValueError, match=re.escape(message)):
-        ours.generate(inputs["input_ids"], inputs["attention_mask"], **settings)
+        ours.generate(**args)
 
 
 def test_learned_positions_bound_max_new_tokens(tmp_path):
