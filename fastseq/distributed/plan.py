@@ -77,6 +77,7 @@ class Setup:
     gradient_checkpointing: bool = False
     lora_r: int = 0  # LoRA's rank: the base frozen (in bf16 under mixed precision), the adapters trained
     lora_targets: tuple[str, ...] = DEFAULT_TARGETS
+    pretrained: bool = True  # pretrained weights: LoRA can adapt them (random ones it refuses)
 
     @property
     def mixed(self) -> bool:
@@ -366,7 +367,7 @@ def _changes(setup: Setup) -> list[dict]:
         batch, accum = (batch + 1) // 2, accum * 2
         change = {**change, "batch_size": batch, "grad_accum": accum}
         steps.append(change)
-    if not setup.lora_r:  # the last resort (it trains adapters, not every weight): alone, then with the rest
+    if not setup.lora_r and setup.pretrained:  # the last resort (adapters, not every weight): alone, then with the rest
         steps += [{"lora_r": LORA_RANK}, {**change, "lora_r": LORA_RANK}]
     return steps
 
@@ -444,7 +445,8 @@ def setup_of(args, config) -> Setup:
                  target_length=args.max_target_length, optimizer=args.optimizer,
                  precision="bf16" if args.precision == "auto" else args.precision,
                  gradient_checkpointing=args.gradient_checkpointing, lora_r=args.lora_r,
-                 lora_targets=args.lora.targets if args.lora else DEFAULT_TARGETS)  # fmt: skip
+                 lora_targets=args.lora.targets if args.lora else DEFAULT_TARGETS,
+                 pretrained=_pretrained(args))  # fmt: skip
 
 
 def strategy_of(config: dict) -> str:
@@ -550,6 +552,12 @@ def lora_line(sizes: Sizes, cluster: Cluster, setup: Setup) -> str:
     return line
 
 
+def _pretrained(args) -> bool:
+    """Whether the planned run fine-tunes pretrained weights: a model named without --random-init (a
+    preset's name or a hub id that `fastseq train` downloads, which planning does not)."""
+    return args.model is not None and not args.random_init
+
+
 def _model_config(args):
     """The planned model's config: a preset's published config by its name (planning needs no
     weights, so no --random-init and no download); otherwise a model directory or a hub id as
@@ -568,6 +576,7 @@ def show(args, options: dict, cluster: Cluster, *, cpu_from_machine: bool) -> No
 
     args: the run's TrainArgs; options: the train options given (field -> value) for the command."""
     config = _model_config(args)
+    args.check_lora(config, _pretrained(args))  # the LoRA options refused here as `fastseq train` refuses them
     check_parameter_memory(config, cluster.gpus * cluster.gpu_mem * GIB + cluster.nodes * cluster.cpu_mem * GIB,
                            "the cluster's GPU and host memory together,")  # fmt: skip
     if args.deepspeed:  # the config a user chose is refused here as `fastseq train` refuses it

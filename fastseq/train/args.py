@@ -137,14 +137,15 @@ class TrainArgs:
         dropout = self.lora_dropout if self.lora_dropout is not None else DEFAULT_DROPOUT
         return LoraSettings(r=self.lora_r, alpha=alpha, dropout=dropout, targets=targets)
 
-    def check_lora(self, model_config) -> None:
-        """The LoRA options against the model: its family's layers, and a base worth adapting."""
+    def check_lora(self, model_config, pretrained: bool | None = None) -> None:
+        """The LoRA options against the model: its family's layers, and a base worth adapting (`pretrained`:
+        whether its weights are, default `self.pretrained`)."""
         if not self.lora_r:
             return
         from fastseq.lora import check_targets, peft_module
 
         peft_module()
-        if not self.pretrained:
+        if not (self.pretrained if pretrained is None else pretrained):
             raise ValueError(
                 "--lora-r trains adapters on a pretrained model's frozen weights, and this run's model has random "
                 "weights; pass --model DIR (or a hub id) without --random-init, or drop --lora-r"
