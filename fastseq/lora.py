@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -121,11 +122,26 @@ def adapter_state(directory: Path) -> dict[str, torch.Tensor]:
     return load_file(str(file))
 
 
+_SIZE_MISMATCH = re.compile(r"size mismatch for (\S+): copying a param with shape torch\.Size\((\[[^]]*\])\) from "
+                            r"checkpoint, the shape in current model is torch\.Size\((\[[^]]*\])\)")  # fmt: skip
+
+
 def load_adapters(wrapper, directory: Path) -> None:
     """The adapter weights saved in `directory` into `wrapper`'s adapters; every one must be there."""
     peft = peft_module()
     state = adapter_state(directory)
-    result = peft.set_peft_model_state_dict(wrapper, state, adapter_name=PEFT_NAME)
+    try:
+        result = peft.set_peft_model_state_dict(wrapper, state, adapter_name=PEFT_NAME)
+    except RuntimeError as err:  # torch's load_state_dict lists every adapter of another shape, a line each
+        sizes = _SIZE_MISMATCH.findall(str(err))
+        if not sizes:
+            raise
+        name, saved, expected = sizes[0]
+        raise ValueError(
+            f"{directory / ADAPTER_WEIGHTS} does not fit this base model ({len(sizes)} adapters differ in shape, e.g. "
+            f"{name}: {saved} saved, {expected} here); pass the base model they were trained on, with the --lora-* "
+            "options they were trained with"
+        ) from None
     missing = [k for k in result.missing_keys if ".lora_" in k]
     if missing or result.unexpected_keys:
         wrong = missing or result.unexpected_keys

@@ -282,4 +282,16 @@ def test_lora_refusals(tmp_path, capfd, reference_backend):
     refused(capfd, ["convert", "--merge-lora", str(adapters), str(model)], "DST", "base model")
     refused(capfd, ["convert", "--merge-lora", str(adapters), str(model / "sub")], "DST", "base model")
     assert fingerprint(model) == before
+    # A base of another width: one line naming an adapter and both shapes (peft's error listed every one).
+    import dataclasses
+
+    from fastseq.models import T5ForConditionalGeneration
+
+    config = fastseq.from_pretrained(model).config
+    wide = tmp_path / "wide"
+    T5ForConditionalGeneration(dataclasses.replace(config, d_model=2 * config.d_model)).save_pretrained(wide)
+    line = refused(capfd, ["convert", "--merge-lora", str(adapters), str(tmp_path / "m2"), "--base", str(wide)],
+                   f"{adapters / ADAPTER_WEIGHTS} does not fit this base model (", "pass the base model they were "
+                   "trained on")  # fmt: skip
+    assert f"[4, {config.d_model}] saved, [4, {2 * config.d_model}] here" in line, line
     assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())
