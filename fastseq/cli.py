@@ -242,6 +242,11 @@ def _check_generate_options(args: argparse.Namespace) -> None:
         raise ValueError(f"--seed must be below 2**64 (torch's seeds are 64-bit); got {args.seed}")
     if args.texts and args.input_file is not None:
         raise ValueError("pass input texts as arguments or --input-file FILE, not both")
+    jsonl = args.input_field is not None or (args.input_file or "").lower().endswith(".jsonl")
+    input_field = args.input_field or "source"
+    if jsonl and args.output_field == input_field.split(".")[0]:
+        raise ValueError(f"--output-field {args.output_field} would replace each record's input ({input_field}) with "
+                         "its output; choose another --output-field")  # fmt: skip
     if args.output_file not in (None, "-"):
         out = Path(args.output_file)
         if out.is_dir():

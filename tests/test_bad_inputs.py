@@ -578,6 +578,8 @@ def _generate_cases(tmp: Path) -> dict[str, tuple[list[str], tuple[str, ...]]]:
     not_text.write_text('{"source": 3}\n')
     latin1 = tmp / "latin1.txt"
     latin1.write_bytes(b"ok\ncaf\xe9\n")
+    good = tmp / "good.jsonl"
+    good.write_text('{"source": "a", "translation": {"en": "b"}}\n')
     empty = tmp / "empty.txt"
     empty.write_text("")
     return {
@@ -610,6 +612,10 @@ def _generate_cases(tmp: Path) -> dict[str, tuple[list[str], tuple[str, ...]]]:
         "output onto the input": (["--input-file", str(texts), "--output-file", str(texts)], ("is --input-file",)),
         "output in a missing directory": (["x", "--output-file", str(tmp / "no" / "out.txt")], ("does not exist",)),
         "output that is a directory": (["x", "--output-file", str(tmp)], ("is a directory",)),
+        "output field over the input": (["--input-file", str(good), "--output-field", "source"],
+                                        ("--output-field source would replace each record's input (source)",)),
+        "output field over a nested input": (["--input-file", str(good), "--input-field", "translation.en",
+                                              "--output-field", "translation"], ("(translation.en) with its output",)),
     }  # fmt: skip
 
 
@@ -619,6 +625,7 @@ GENERATE_CASES = [
     "infinite length penalty", "seed of 10^23", "negative seed", "zero batch size", "texts and a file",
     "missing input file", "directory as input", "bad JSON line", "missing nested field", "field that is not text",
     "not UTF-8", "empty input", "output onto the input", "output in a missing directory", "output that is a directory",
+    "output field over the input", "output field over a nested input",
 ]  # fmt: skip
 
 
