@@ -471,6 +471,7 @@ def _yaml_options(path: Path) -> dict:
     try:
         text = path.read_text(encoding="utf-8")
         _check_yaml_events(yaml, path, text)
+        _check_yaml_keys(yaml, path, text)
         loaded = yaml.safe_load(text) or {}
     except (yaml.YAMLError, UnicodeDecodeError) as err:
         raise ValueError(f"--config {path} is not valid YAML ({str(err).splitlines()[0]}); fix the file") from err
@@ -496,6 +497,23 @@ def _check_yaml_events(yaml, path: Path, text: str) -> None:
             kind = "alias *" if isinstance(event, yaml.AliasEvent) else "anchor &"
             raise ValueError(f"--config {path}:{event.start_mark.line + 1}: YAML {kind}{event.anchor} is not "
                              "accepted in a training config; write each option out")  # fmt: skip
+
+
+def _check_yaml_keys(yaml, path: Path, text: str) -> None:
+    """An option given twice (`steps:` twice, or `batch_size:` and `batch-size:`) is refused: YAML keeps
+    the last one without a word."""
+    node = yaml.compose(text, Loader=yaml.SafeLoader)
+    if not isinstance(node, yaml.MappingNode):
+        return
+    seen: dict[str, tuple[str, int]] = {}
+    for key, _ in node.value:
+        name = str(key.value).replace("-", "_")
+        line = key.start_mark.line + 1
+        if name in seen:
+            given, first = seen[name]
+            raise ValueError(f"--config {path}:{line}: option {key.value} is given twice (also as {given} on line "
+                             f"{first}); keep one")  # fmt: skip
+        seen[name] = (str(key.value), line)
 
 
 def _plan(ns: argparse.Namespace) -> None:

@@ -514,6 +514,22 @@ def test_damaged_safetensors_are_one_line_naming_the_file(tmp_path, capfd, damag
     assert not (tmp_path / "converted").exists()
 
 
+def test_an_option_given_twice_in_a_config_is_one_line(tmp_path, capfd):
+    """YAML keeps the last of two equal keys without a word: an option given twice in --config, or under
+    both spellings, is refused naming both lines (for train and for plan)."""
+    twice = tmp_path / "twice.yaml"
+    twice.write_text("steps: 1\nlr: 1.0e-3\nsteps: 2\n")
+    spellings = tmp_path / "spellings.yaml"
+    spellings.write_text("batch_size: 4\nbatch-size: 2\n")
+    out = ["--output-dir", str(tmp_path / "out")]
+    refused(capfd, ["train", "--config", str(twice), *out],
+            f"--config {twice}:3: option steps is given twice (also as steps on line 1); keep one")  # fmt: skip
+    refused(capfd, ["train", "--config", str(spellings), *out],
+            f"--config {spellings}:2: option batch-size is given twice (also as batch_size on line 1)")  # fmt: skip
+    refused(capfd, ["plan", "--gpus", "1", "--config", str(twice)], "option steps is given twice")
+    assert not (tmp_path / "out").exists()
+
+
 def test_configs_nested_beyond_reading_are_one_line(tmp_path, capfd):
     """A DeepSpeed JSON or a YAML --config nested 100,000 deep (RecursionError; the YAML loader took two
     minutes to get there): one line naming the file, at once."""
