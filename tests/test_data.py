@@ -54,6 +54,12 @@ def test_csv_and_tsv(tmp_path):
         list(read_csv(tmp_path / "bad.csv"))
     (tmp_path / "empty.csv").write_text("")
     assert list(read_csv(tmp_path / "empty.csv")) == []
+    # A column read twice in the header: which one is meant is not guessed; one named twice but unread is fine.
+    (tmp_path / "twice.csv").write_text("source,target,source\na,b,c\n")
+    with pytest.raises(ValueError, match=r"twice.csv:1: the header names column 'source' 2 times; rename all but"):
+        list(read_csv(tmp_path / "twice.csv"))
+    (tmp_path / "notes.csv").write_text("source,notes,target,notes\na,x,b,y\n")
+    assert list(read_csv(tmp_path / "notes.csv")) == [("a", "b")]
     with pytest.raises(ValueError, match="unknown data format '.xlsx'"):
         read_examples(tmp_path / "d.xlsx")
 

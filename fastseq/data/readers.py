@@ -258,6 +258,10 @@ def _csv(handle, path: Path, delimiter: str, source_field: str, target_field: st
         header = next(reader, None)
         if header is None:
             return
+        for name in dict.fromkeys((source_field, target_field)):
+            if header.count(name) > 1:  # a dict of the row would keep the last one without a word
+                raise ValueError(f"{path}:{reader.line_num}: the header names column {name!r} {header.count(name)} "
+                                 "times; rename all but the one to read")  # fmt: skip
         for row in reader:
             where = f"{path}:{reader.line_num}"
             if not row:
