@@ -126,14 +126,24 @@ def _read_safetensors(file: Path) -> dict[str, torch.Tensor]:
         return {key: handle.get_tensor(key) for key in handle.keys()}
 
 
+def refused_load(err: BaseException) -> str:
+    """What `torch.load(weights_only=True)` refused, without torch's advice to load the file again with
+    `weights_only=False` (which runs whatever the file holds): its unpickler's own reason."""
+    text = str(err)
+    if "WeightsUnpickler error:" in text:
+        reason = text.split("WeightsUnpickler error:", 1)[1].split("Check the documentation of torch.load")[0]
+        return "refused by the weights-only unpickler: " + " ".join(reason.split())
+    return " ".join(text.splitlines()[0].split()) if text else type(err).__name__
+
+
 def _read_bin(file: Path) -> dict[str, torch.Tensor]:
     _readable([file])
     try:
         state = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as err:
         raise CheckpointError(
-            f"{file} could not be read with torch.load(weights_only=True) ({err}); fastseq never unpickles "
-            "arbitrary objects: convert the file to safetensors with a trusted tool first"
+            f"{file} could not be read with torch.load(weights_only=True) ({refused_load(err)}); fastseq never "
+            "unpickles arbitrary objects: convert the file to safetensors with a trusted tool first"
         ) from err
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(f"{file} does not hold a flat dict of tensors; it is not a model state dict")

@@ -157,9 +157,13 @@ def test_pickle_with_code_is_refused(tmp_path, capsys):
     path = _hf(tmp_path)
     (path / "model.safetensors").unlink()
     torch.save({"shared.weight": _Payload()}, path / "pytorch_model.bin")
-    with pytest.raises(CheckpointError, match="weights_only=True"):
+    with pytest.raises(CheckpointError, match="weights_only=True") as refused:
         fastseq.from_pretrained(path)
     assert "this must never run" not in capsys.readouterr().out
+    # The unpickler's reason, in one line, and never torch's advice to load it with weights_only=False.
+    message = str(refused.value)
+    assert "refused by the weights-only unpickler: " in message and "\n" not in message, message
+    assert "weights_only` set to `False`" not in message and "likely succeed" not in message, message
 
 
 def test_failed_write_keeps_the_previous_file(tmp_path, monkeypatch):

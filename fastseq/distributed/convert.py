@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from fastseq.checkpoint import CheckpointError, match_state, read_model_config
+from fastseq.checkpoint import CheckpointError, match_state, read_model_config, refused_load
 from fastseq.files import copy_file
 
 # What a model directory holds beside its weights and config.json, copied as they are so that the
@@ -48,7 +48,8 @@ def safe_torch_load():
                 return original(*args, **kwargs)
         except Exception as err:
             raise CheckpointError(
-                f"{args[0] if args else kwargs.get('f')}: not readable with torch.load(weights_only=True) ({err}); "
+                f"{args[0] if args else kwargs.get('f')}: not readable with torch.load(weights_only=True) "
+                f"({refused_load(err)}); "
                 "fastseq never unpickles arbitrary objects"
             ) from err
 
