@@ -319,15 +319,14 @@ def _input_lines(source: str):
 
 def _input_field(record, name: str, where: str) -> str:
     """record[name], where `a.b` reaches into nested objects (`translation.en`), as `--source-field` does."""
-    from .data.readers import MISSING, field
+    from .data.readers import MISSING, field, json_kind
 
     value = field(record, name) if isinstance(record, dict) else MISSING
     if value is MISSING:
-        keys = sorted(record) if isinstance(record, dict) else type(record).__name__
-        raise ValueError(f"{where}: no field {name!r} (the record has {keys}); choose it with --input-field")
+        has = f"the record has {sorted(record)}" if isinstance(record, dict) else f"the line is {json_kind(record)}"
+        raise ValueError(f"{where}: no field {name!r} ({has}); choose it with --input-field")
     if not isinstance(value, str):
-        kind = type(value).__name__
-        raise ValueError(f"{where}: field {name!r} is a {kind}, not text; choose another --input-field")
+        raise ValueError(f"{where}: field {name!r} is {json_kind(value)}, not text; choose another --input-field")
     return value
 
 

@@ -622,7 +622,7 @@ def _generate_cases(tmp: Path) -> dict[str, tuple[list[str], tuple[str, ...]]]:
         "bad JSON line": (["--input-file", str(bad_json)], ("bad.jsonl:2", "not valid JSON")),
         "missing nested field": (["--input-file", str(no_field), "--input-field", "translation.en"],
                                  ("nofield.jsonl:1", "'translation.en'", "--input-field")),
-        "field that is not text": (["--input-file", str(not_text)], ("number.jsonl:1", "is a int, not text")),
+        "field that is not text": (["--input-file", str(not_text)], ("number.jsonl:1", "is a number, not text")),
         "not UTF-8": (["--input-file", str(latin1)], ("latin1.txt:2", "not UTF-8")),
         "empty input": (["--input-file", str(empty)], ("holds no input",)),
         "output onto the input": (["--input-file", str(texts), "--output-file", str(texts)], ("is --input-file",)),

@@ -40,7 +40,7 @@ def test_jsonl_streams_and_names_the_bad_line(tmp_path):
     with pytest.raises(ValueError, match=r":1: expected an object"):
         list(read_jsonl(path))
     path.write_text('{"source": 1, "target": "x"}\n')
-    with pytest.raises(ValueError, match="must be strings"):
+    with pytest.raises(ValueError, match="must be strings; got a number and a string"):
         list(read_jsonl(path))
 
 

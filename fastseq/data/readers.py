@@ -144,6 +144,16 @@ def field(record: dict, name: str):
     return value
 
 
+def json_kind(value) -> str:
+    """What a JSON value is, in JSON's words with an article ("a number", "an object", "null"), for errors."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return f"{str(value).lower()} (a boolean)"
+    kinds = ((str, "a string"), ((int, float), "a number"), (dict, "an object"), (list, "a list"))
+    return next((kind for types, kind in kinds if isinstance(value, types)), f"a {type(value).__name__}")
+
+
 def fields(record, source_field: str, target_field: str, where: str) -> Example:
     """The (source, target) strings of one record."""
     if not isinstance(record, dict):
@@ -157,8 +167,8 @@ def fields(record, source_field: str, target_field: str, where: str) -> Example:
         )
     if not isinstance(source, str) or not isinstance(target, str):
         raise ValueError(
-            f"{where}: {source_field!r} and {target_field!r} must be strings; got {type(source).__name__} and "
-            f"{type(target).__name__}"
+            f"{where}: {source_field!r} and {target_field!r} must be strings; got {json_kind(source)} and "
+            f"{json_kind(target)}"
         )
     return valid_text(source, where), valid_text(target, where)
 
