@@ -205,7 +205,8 @@ def check_settings(config, *, max_new_tokens: int, num_beams: int = 1, do_sample
         if limit == positions:
             why = f"the model's learned positions cover {positions} tokens"
         raise ValueError(f"max_new_tokens must be between 1 and {limit} ({why}); got {max_new_tokens}")
-    if not (math.isfinite(temperature) and temperature > 0):
+    # Greedy search and beams read no temperature (as in transformers): only sampling's is checked.
+    if do_sample and not (math.isfinite(temperature) and temperature > 0):
         raise ValueError(f"temperature must be a finite number > 0; got {temperature} (use do_sample=False for greedy)")
     if top_k < 0:
         raise ValueError(f"top_k must be >= 0 (0: no top-k filtering); got {top_k}")

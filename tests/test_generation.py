@@ -83,6 +83,7 @@ def test_sampling_is_seeded_and_filters(tmp_path, reference_backend):
     assert torch.equal(sample(4, temperature=1e-4), greedy)
     with pytest.raises(ValueError, match="temperature must be a finite number > 0"):
         sample(0, temperature=0.0)
+    assert torch.equal(ours.generate(*args, max_new_tokens=10, temperature=0.0), greedy)  # greedy reads none
     with pytest.raises(ValueError, match="max_new_tokens must be between 1 and"):
         ours.generate(*args, max_new_tokens=0)
 
