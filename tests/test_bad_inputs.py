@@ -54,6 +54,9 @@ def _cases(tmp: Path) -> dict[str, tuple[list[str], tuple[str, ...]]]:
     out = ["--output-dir", str(tmp / "out")]
     plain = tmp / "plain_dir"  # a directory that is not a `datasets` one
     plain.mkdir(exist_ok=True)
+    dangling = tmp / "dangling"
+    if not dangling.is_symlink():
+        dangling.symlink_to(tmp / "nowhere")
     bad_yaml = tmp / "list.yaml"
     bad_yaml.write_text("- steps\n- 3\n")
     typo_yaml = tmp / "typo.yaml"
@@ -158,6 +161,11 @@ def _cases(tmp: Path) -> dict[str, tuple[list[str], tuple[str, ...]]]:
         "not a device": (["--device", "tpu0", *out], ("--device 'tpu0' is not a device",)),
         "resume nothing": (["--resume", *out], ("no checkpoint to resume from",)),
         "resume a non-directory": (["--resume", str(a_file), *out], ("is not a checkpoint directory",)),
+        "resume an empty path": (["--resume", "", *out], ("--resume is given an empty path",)),
+        "a dangling link as output directory": (
+            ["--output-dir", str(dangling)],
+            (f"is a link to {tmp / 'nowhere'}, which does not exist",),
+        ),
         "resume and overwrite": (["--resume", "--overwrite", *out], ("pass one",)),
         "missing DeepSpeed config": (["--deepspeed", str(tmp / "ds.nope"), *out], ("--deepspeed", "does not exist")),
         "DeepSpeed config that is a list": (["--deepspeed", str(ds_list), *out], ("JSON object, not a list",)),
@@ -177,6 +185,7 @@ CASE_NAMES = [
     "YAML word for a count", "unknown model", "config.json that is a list",
     "a pretrained model without data", "missing tokenizer", "no CUDA",
     "not a device", "resume nothing", "resume a non-directory", "resume and overwrite", "missing DeepSpeed config",
+    "resume an empty path", "a dangling link as output directory",
     "DeepSpeed config that is a list",
 ]  # fmt: skip
 
@@ -272,6 +281,14 @@ def test_every_file_a_run_writes_has_the_mode_of_a_new_file(tmp_path):
     modes = {str(p.relative_to(out)): oct(p.stat().st_mode & 0o777) for p in out.rglob("*") if p.is_file()}
     assert any(name.endswith("rng-0.safetensors") for name in modes) and "model.safetensors" in modes, modes
     assert {name: mode for name, mode in modes.items() if mode != "0o644"} == {}
+
+
+def test_resume_of_an_output_directory_names_its_latest_checkpoint(tmp_path, capfd):
+    out = tmp_path / "out"
+    assert main(["train", *QUICK, "--save-every", "2", "--output-dir", str(out)]) == 0
+    refused(capfd, ["train", *QUICK, "--resume", str(out), "--output-dir", str(tmp_path / "next")],
+            f"--resume: {out} has no trainer_state.json", f"it is a run's output directory: pass --resume "
+            f"{out / 'checkpoint-3'} (its latest checkpoint)")  # fmt: skip
 
 
 def test_resume_refuses_another_runs_checkpoint(tmp_path, capfd):

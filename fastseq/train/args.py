@@ -264,6 +264,9 @@ class TrainArgs:
         # process group exists, and leave the others waiting; the ranks refuse it together once they can
         # (`check_rank_files`).
         first_rank = int(os.environ.get("RANK", "0")) == 0
+        if self.resume is not None and not str(self.resume).strip():
+            raise ValueError("--resume is given an empty path; pass OUTPUT/checkpoint-STEP, or --resume alone for the "
+                             "latest checkpoint in --output-dir")  # fmt: skip
         if self.resume not in (None, "latest") and first_rank and not Path(self.resume).is_dir():
             raise FileNotFoundError(
                 f"--resume {self.resume} is not a checkpoint directory; pass OUTPUT/checkpoint-STEP, or --resume "

@@ -14,6 +14,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import re
 import shutil
 import tempfile
@@ -75,6 +76,9 @@ def prepare_output_dir(args: TrainArgs) -> tuple[Path, DirectoryLock]:
     out = Path(args.output_dir)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--output-dir {out} is a file; pass a directory")
+    if out.is_symlink() and not out.exists():
+        raise ValueError(f"--output-dir {out} is a link to {os.readlink(out)}, which does not exist; create that "
+                         "directory, or pass another --output-dir")  # fmt: skip
     try:
         out.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=out, prefix=".write-test-"):
@@ -260,7 +264,11 @@ def find_checkpoint(args: TrainArgs) -> Path:
                 f"written by `fastseq train`); move it out of {out}, or {hint}"
             )
     if not (path / STATE_FILE).is_file():
-        raise FileNotFoundError(f"--resume: {path} has no {STATE_FILE}, so it is not a checkpoint of `fastseq train`")
+        inside = latest_checkpoint(path)  # a run's output directory given for one of its checkpoints
+        hint = f"; it is a run's output directory: pass --resume {inside} (its latest checkpoint)" if inside else ""
+        raise FileNotFoundError(
+            f"--resume: {path} has no {STATE_FILE}, so it is not a checkpoint of `fastseq train`{hint}"
+        )
     return path
 
 
