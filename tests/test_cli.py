@@ -219,6 +219,20 @@ def test_convert_refuses_a_destination_that_holds_anything_unless_overwrite(tmp_
     assert fastseq.from_pretrained(run).num_parameters() == fastseq.from_pretrained(source).num_parameters()
 
 
+def test_convert_from_deepspeed_names_a_checkpoint_without_deepspeed_states(tmp_path, capfd):
+    """A one-process run's checkpoint given to --from-deepspeed: one line saying what it is and the command
+    that converts it (DeepSpeed's own error said only that no *_model_states.pt files were found)."""
+    checkpoint = tmp_path / "run" / "checkpoint-5"
+    _tiny_model_dir(checkpoint)
+    refused(capfd, ["convert", "--from-deepspeed", str(checkpoint), "--to", str(tmp_path / "hf")],
+            f"--from-deepspeed {checkpoint} holds a Hugging Face model and no DeepSpeed states",
+            f"convert it with `fastseq convert {checkpoint} DST`")  # fmt: skip
+    (checkpoint / "model.safetensors").unlink()
+    refused(capfd, ["convert", "--from-deepspeed", str(checkpoint), "--to", str(tmp_path / "hf")],
+            "holds no DeepSpeed model states (*model_states.pt)")  # fmt: skip
+    assert not (tmp_path / "hf").exists()
+
+
 def test_convert_from_deepspeed_refuses_a_model_type_it_cannot_build(tmp_path, capfd):
     """A checkpoint whose config.json names another model type: one line naming the file and the types
     fastseq reads (it printed only "error: bert"), nothing written."""

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from fastseq.checkpoint import CheckpointError, match_state, read_model_config, refused_load
-from fastseq.files import copy_file
+from fastseq.files import SAFE_INDEX, SAFE_WEIGHTS, copy_file
 
 # What a model directory holds beside its weights and config.json, copied as they are so that the
 # converted directory generates and fine-tunes like its source.
@@ -102,6 +102,18 @@ def convert(ckpt: str | Path, dest: str | Path, *, max_shard_size: str | int = "
         raise FileNotFoundError(
             f"{ckpt} has no config.json: pass a checkpoint directory written by `fastseq train --deepspeed` "
             "(OUTPUT/checkpoint-STEP)"
+        )
+    read_model_config(ckpt)  # its model type and every field first: what the states are read into
+    # ZeRO writes mp_rank_*_model_states.pt, the pipeline stages layer_*-model_states.pt.
+    if not any(ckpt.glob("*model_states.pt")):
+        if (ckpt / SAFE_WEIGHTS).is_file() or (ckpt / SAFE_INDEX).is_file():
+            raise ValueError(
+                f"--from-deepspeed {ckpt} holds a Hugging Face model and no DeepSpeed states: it is a checkpoint of "
+                f"a run without DeepSpeed; convert it with `fastseq convert {ckpt} DST`"
+            )
+        raise FileNotFoundError(
+            f"--from-deepspeed {ckpt} holds no DeepSpeed model states (*model_states.pt): pass a checkpoint "
+            "directory written by `fastseq train --deepspeed` (OUTPUT/checkpoint-STEP)"
         )
     model, copied = write_model(ckpt, dest, max_shard_size=max_shard_size, dtype=dtype)
     meta = ckpt / "trainer_state.json"
