@@ -101,6 +101,12 @@ pack() {  # $RES into results.tar.gz, then steps.txt beside it: each step in ste
     cp "$RES/steps.txt" "$OUT/steps.txt.part" && mv -f "$OUT/steps.txt.part" "$OUT/steps.txt"
 }
 
+keep_zero3_metrics() {  # the ZeRO-3 run's metrics so far, whatever its outcome: a failed or cut run says how far it got
+    if [ -f "$WORK/zero3_run/metrics.jsonl" ]; then
+        cp "$WORK/zero3_run/metrics.jsonl" "$RES/zero3_t5_base_$tag.jsonl"
+    fi
+}
+
 compiled() {  # "KERNELS LAUNCHERS": the compiled kernels (cubins) and C launchers in the Triton cache
     local kernels launchers
     kernels=$(find "$TRITON_CACHE_DIR" -name '*.cubin' 2> /dev/null | wc -l)
@@ -159,6 +165,7 @@ cut_short() {  # on TERM, INT or HUP: stop the step, keep its log so far, re-pac
         finish "$current" 143 "?" "?"
     fi
     echo "gpu_check: cut short by a signal after $(( $(date +%s) - started )) s" >> "$RES/steps.txt"
+    keep_zero3_metrics
     pack
     rm -rf "$WORK"
     exit 143
@@ -216,7 +223,10 @@ versions() {
     "$PY" - <<'PY'
 import os
 
-exec(os.environ["DEVICE_PY"])
+try:
+    exec(os.environ["DEVICE_PY"])
+except Exception as err:  # noqa: BLE001 - the versions below say what the machine has all the same
+    print(f"device: unknown (torch: {type(err).__name__}: {err})")
 import datetime
 import importlib
 import importlib.metadata
@@ -269,17 +279,12 @@ device_probe() {  # the device's lines alone, where the versions step printed ne
 zero3() {  # ZeRO-3 on one GPU: a ByT5 tokenizer (nothing to download), 20 steps of t5-base
     "$PY" -c "import sys; from fastseq.tokenizers import ByT5Tokenizer; ByT5Tokenizer().save_pretrained(sys.argv[1])" \
         "$WORK/byt5_tokenizer" || return
-    # Its metrics so far whatever the outcome: a run that fails or is cut (TERM) still says how far it got.
-    local keep="cp '$WORK/zero3_run/metrics.jsonl' '$RES/zero3_t5_base_$tag.jsonl' 2> /dev/null"
-    trap "$keep; exit 143" TERM
     "$PY" -m deepspeed.launcher.runner --num_gpus 1 --module fastseq.train \
         --deepspeed configs/deepspeed/zero3.json --model t5-base --random-init --tokenizer "$WORK/byt5_tokenizer" \
         --steps 20 --batch-size 8 --optimizer adamw --lr 1e-4 --quiet --max-eval-samples 0 \
         --output-dir "$WORK/zero3_run"
-    local rc=$?
-    eval "$keep"
-    return $rc
 }
+
 export -f install versions device_probe zero3
 
 step install 40 bash -c install
@@ -313,6 +318,7 @@ step rms_norm 27 "$PY" bench/bench_rms_norm.py --out "$RES/rms_norm_$tag.csv"
 step cross_entropy 25 "$PY" bench/bench_cross_entropy.py --out "$RES/cross_entropy_$tag.csv"
 step packing 55 "$PY" bench/bench_train.py --packing --steps 8 --warmup 2 --passes 2 --out "$RES/packing_$tag.csv"
 step --cuda zero3_t5_base 45 bash -c zero3
+keep_zero3_metrics
 
 echo "gpu_check: done in $(( $(date +%s) - started )) s" >> "$RES/steps.txt"
 pack

@@ -131,7 +131,9 @@ def refused_load(err: BaseException) -> str:
     `weights_only=False` (which runs whatever the file holds): its unpickler's own reason."""
     text = str(err)
     if "WeightsUnpickler error:" in text:
-        reason = text.split("WeightsUnpickler error:", 1)[1].split("Check the documentation of torch.load")[0]
+        reason = text.split("WeightsUnpickler error:", 1)[1]
+        for advice in ("Check the documentation of torch.load", ". Please use", "Please use"):  # not fastseq's to take
+            reason = reason.split(advice)[0]
         return "refused by the weights-only unpickler: " + " ".join(reason.split())
     return " ".join(text.splitlines()[0].split()) if text else type(err).__name__
 

@@ -7,6 +7,7 @@ import argparse
 import contextlib
 import json
 import logging
+import os
 import signal
 import sys
 from pathlib import Path
@@ -46,7 +47,7 @@ def _convert(args: argparse.Namespace) -> None:
     if not args.source or not destination:
         raise ValueError("use: fastseq convert SRC DST, or fastseq convert --from-deepspeed CKPT --to DIR")
     from .distributed.convert import copy_side_files
-    from .lora import ADAPTER_CONFIG, is_adapter_directory, merged_model
+    from .lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, is_adapter_directory, merged_model
 
     check_apart(destination, "DST", {"SRC": args.source}, _OWN_DIRECTORY)
     source = model_directory(args.source)  # a hub id: its snapshot, whose tokenizer files are copied too
@@ -69,6 +70,9 @@ def _convert(args: argparse.Namespace) -> None:
         model = merged_model(source, base=args.base, dtype=dtype)
     else:
         model = from_pretrained(source, dtype=dtype)
+    if args.overwrite:  # a LoRA run's adapters left there would be loaded in place of the model written
+        for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
+            Path(destination, name).unlink(missing_ok=True)
     with _disk_full_said(source, destination, dtype):
         model.save_pretrained(destination, max_shard_size=args.max_shard_size)
         copied = copy_side_files(source, Path(destination))
@@ -118,6 +122,7 @@ def _generate(args: argparse.Namespace) -> None:
     import torch
 
     from .checkpoint import from_pretrained
+    from .files import reason
     from .generation import PREDICTION_CONFIG, check_settings, read_json_file, recorded_prediction, settings_from_file
     from .hub import model_directory
     from .lora import is_adapter_directory, merged_model
@@ -179,7 +184,7 @@ def _generate(args: argparse.Namespace) -> None:
                     longest = int(batch["attention_mask"].sum(1).max())
                     raise ValueError(
                         f"generating for inputs of up to {longest} tokens ran out of memory "
-                        f"({str(err).splitlines()[0][:160]}); pass --max-source-length N to cut the inputs to N "
+                        f"({reason(err)}); pass --max-source-length N to cut the inputs to N "
                         "tokens, or a smaller --batch-size"
                     ) from None
                 yield from tokenizer.batch_decode(out[:, 1:], skip_special_tokens=True)
@@ -242,8 +247,7 @@ def _check_generate_options(args: argparse.Namespace) -> None:
         raise ValueError(f"--seed must be below 2**64 (torch's seeds are 64-bit); got {args.seed}")
     if args.texts and args.input_file is not None:
         raise ValueError("pass input texts as arguments or --input-file FILE, not both")
-    jsonl = args.input_field is not None or (args.input_file or "").lower().endswith(".jsonl")
-    input_field = args.input_field or "source"
+    jsonl, input_field = _jsonl_input(args)
     if jsonl and args.output_field == input_field.split(".")[0]:
         raise ValueError(f"--output-field {args.output_field} would replace each record's input ({input_field}) with "
                          "its output; choose another --output-field")  # fmt: skip
@@ -256,9 +260,37 @@ def _check_generate_options(args: argparse.Namespace) -> None:
         from .files import check_apart
 
         source = args.input_file if args.input_file != "-" else None
-        # Nor into the model or its tokenizer: a name such as config.json would replace their own file.
-        inputs = {"--input-file": source, "--model": args.model, "--tokenizer": args.tokenizer}
-        check_apart(out, "--output-file", inputs, "write the outputs to another file")
+        check_apart(out, "--output-file", {"--input-file": source}, "write the outputs to another file")
+        _check_model_files_kept(out, {"--model": args.model, "--tokenizer": args.tokenizer})
+
+
+# What a model directory's loaders read besides the names below: a new file of these kinds there would be read
+# as the model's own (a config, weights, a tokenizer's model).
+_MODEL_SUFFIXES = (".json", ".safetensors", ".bin", ".pt", ".model")
+_MODEL_NAMES = ("merges.txt",)
+
+
+def _check_model_files_kept(out: Path, directories: dict[str, str | None]) -> None:
+    """generate's --output-file may be a new file inside --model or --tokenizer (predictions beside the model),
+    but not one that is already there (a run's own file) nor one the model's loaders would read."""
+    target = Path(os.path.realpath(out))
+    for flag, value in directories.items():
+        if value is None or not Path(value).is_dir() or Path(os.path.realpath(value)) not in target.parents:
+            continue
+        if target.exists():
+            raise ValueError(f"--output-file {out} would replace a file of {flag} {value}; write the outputs to "
+                             "another file")  # fmt: skip
+        if target.suffix in _MODEL_SUFFIXES or target.name in _MODEL_NAMES:
+            raise ValueError(f"--output-file {out} lies inside {flag} {value}, whose loaders would read it as the "
+                             "model's own file; write the outputs to another file")  # fmt: skip
+
+
+def _jsonl_input(args: argparse.Namespace) -> tuple[bool, str]:
+    """Whether `generate` reads JSON-lines records (a `.jsonl` --input-file, or any input with
+    --input-field; texts given as arguments are text), and the records' input field."""
+    source = args.input_file or "-"
+    jsonl = not args.texts and (args.input_field is not None or source.lower().endswith(".jsonl"))
+    return jsonl, args.input_field or "source"
 
 
 def _generate_inputs(args: argparse.Namespace) -> tuple[list[str], list[dict] | None]:
@@ -271,8 +303,7 @@ def _generate_inputs(args: argparse.Namespace) -> tuple[list[str], list[dict] | 
     source = args.input_file or "-"
     if source == "-" and sys.stdin.isatty():
         raise ValueError("no input: pass texts as arguments, --input-file FILE, or pipe them on stdin")
-    jsonl = args.input_field is not None or source.lower().endswith(".jsonl")
-    field = args.input_field or "source"
+    jsonl, field = _jsonl_input(args)
     name = "<stdin>" if source == "-" else source
     texts, records = [], []
     for number, line in _input_lines(source):

@@ -74,7 +74,8 @@ def save_safetensors(tensors: dict, path: str | os.PathLike, metadata: dict[str,
     safetensors writes 0600, which leaves the weights unreadable to the other users of a shared machine
     that can read every other file of the run."""
     save_file(tensors, str(path), metadata=metadata)
-    os.chmod(path, _new_file_mode())
+    with contextlib.suppress(OSError):  # a filesystem without permission bits keeps what it gives
+        os.chmod(path, _new_file_mode())
 
 
 def atomic_write(target: Path, write: Callable[[Path], None]) -> None:
@@ -142,7 +143,7 @@ def _signals_deferred() -> Iterator[None]:
 def utf8_problem(path: str | os.PathLike) -> str | None:
     """Why safetensors cannot open files under `path` (its bytes are not UTF-8: it takes paths as text),
     with the path shown with its stray bytes escaped; None for a UTF-8 path."""
-    raw = os.fsencode(os.path.abspath(path))
+    raw = os.fsencode(path)  # as given: a relative path is opened relative to a directory of any name
     try:
         raw.decode("utf-8")
     except UnicodeDecodeError:

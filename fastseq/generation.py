@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 from pathlib import Path
 
 import torch
@@ -196,7 +197,7 @@ def check_settings(config, *, max_new_tokens: int, num_beams: int = 1, do_sample
     counts = dict(max_new_tokens=max_new_tokens, num_beams=num_beams, top_k=top_k,
                   no_repeat_ngram_size=no_repeat_ngram_size, min_new_tokens=min_new_tokens)  # fmt: skip
     for name, value in counts.items():
-        if isinstance(value, bool) or not isinstance(value, int):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
             raise ValueError(f"{name} must be an integer; got {value!r}")
     positions = position_limit(config)
     limit = min(MAX_NEW_TOKENS, positions or MAX_NEW_TOKENS)
@@ -242,7 +243,9 @@ def read_json_file(path: Path) -> dict:
     except (ValueError, UnicodeDecodeError) as err:
         raise ValueError(f"{path} is not valid JSON ({err}); fix or remove the file") from None
     if not isinstance(data, dict):
-        raise ValueError(f"{path} holds a {type(data).__name__}, not a JSON object; fix or remove the file")
+        from fastseq.data.readers import json_kind
+
+        raise ValueError(f"{path} holds {json_kind(data)}, not a JSON object; fix or remove the file")
     return data
 
 

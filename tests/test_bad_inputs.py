@@ -249,10 +249,15 @@ def test_a_fresh_run_refuses_a_used_output_directory_unless_overwrite(tmp_path, 
     (out / "checkpoint-5").mkdir()
     (out / "checkpoint-5" / "data.txt").write_text("mine")
     refused(capfd, ["train", *QUICK, "--overwrite", "--output-dir", str(out)],
-            f"--output-dir {out} holds checkpoint-5, which is not a checkpoint of a run (no trainer_state.json)",
+            f"--output-dir {out} holds checkpoint-5, which is not a checkpoint of a run (no trainer_state.json of "
+            "fastseq's)",
             "move it out of --output-dir")  # fmt: skip
     assert (out / "checkpoint-5" / "data.txt").read_text() == "mine" and (out / "checkpoint-2").is_dir()
     shutil.rmtree(out / "checkpoint-5")
+    (out / "checkpoint-7").mkdir()  # another trainer's: a trainer_state.json without fastseq's format
+    (out / "checkpoint-7" / "trainer_state.json").write_text('{"global_step": 7}')
+    refused(capfd, ["train", *QUICK, "--overwrite", "--output-dir", str(out)], "holds checkpoint-7, which is not")
+    shutil.rmtree(out / "checkpoint-7")
     # Resuming a checkpoint into another used directory is a fresh start there: refused the same way.
     used = tmp_path / "used"
     used.mkdir()
@@ -671,19 +676,29 @@ def test_the_generate_case_table_is_complete(tmp_path):
     assert sorted(_generate_cases(tmp_path)) == sorted(GENERATE_CASES)
 
 
-@pytest.mark.parametrize("file", ["config.json", "model.safetensors", "predictions.txt"])
-def test_generate_writes_nothing_into_the_model_or_its_tokenizer(tmp_path, capfd, generate_model, file):
-    """--output-file inside --model (or --tokenizer) is refused before anything is read: a model's own file
-    name would have been replaced by the outputs."""
-    before = {p.name: p.read_bytes() for p in generate_model.iterdir() if p.is_file()}
-    out = generate_model / file
-    refused(capfd, ["generate", "--model", str(generate_model), "x", "--output-file", str(out)],
-            f"--output-file {out} lies inside --model", "write the outputs to another file")  # fmt: skip
+@pytest.mark.parametrize(
+    "file,expected",
+    [("config.json", "would replace a file of"), ("model.safetensors", "would replace a file of"),
+     ("extra.safetensors", "whose loaders would read it as the model's own file")],
+)  # fmt: skip
+def test_generate_replaces_nothing_the_model_loads(tmp_path, capfd, generate_model, file, expected):
+    """--output-file inside --model (or --tokenizer) is refused before anything is read where it would replace
+    a file there or add one its loaders read; new predictions beside the model are written."""
+    model = tmp_path / "model"
+    shutil.copytree(generate_model, model)
+    before = {p.name: p.read_bytes() for p in model.iterdir() if p.is_file()}
+    out = model / file
+    refused(capfd, ["generate", "--model", str(model), "x", "--output-file", str(out)],
+            f"--output-file {out} {expected} --model {model}" if "replace" in expected else expected,
+            "write the outputs to another file")  # fmt: skip
     tokenizer = tmp_path / "tokenizer"
     shutil.copytree(generate_model, tokenizer)
-    refused(capfd, ["generate", "--model", str(generate_model), "--tokenizer", str(tokenizer), "x",
-                    "--output-file", str(tokenizer / file)], "lies inside --tokenizer")  # fmt: skip
-    assert {p.name: p.read_bytes() for p in generate_model.iterdir() if p.is_file()} == before
+    refused(capfd, ["generate", "--model", str(model), "--tokenizer", str(tokenizer), "x", "--output-file",
+                    str(tokenizer / file)], "--tokenizer")  # fmt: skip
+    assert {p.name: p.read_bytes() for p in model.iterdir() if p.is_file()} == before
+    assert main(["generate", "--model", str(model), "x", "--max-new-tokens", "2", "--output-file",
+                 str(model / "predictions.txt")]) == 0  # fmt: skip
+    assert len((model / "predictions.txt").read_text().splitlines()) == 1
 
 
 @pytest.mark.parametrize(
@@ -722,6 +737,11 @@ def test_a_path_that_is_not_utf8_is_named_not_called_corrupt(tmp_path, capfd, ge
     run (its checkpoints could never be resumed), and a model there is an intact file it cannot open, not
     a "truncated or corrupted" one."""
     odd = tmp_path / os.fsdecode(b"bad\xff")
+    try:
+        odd.mkdir()
+        odd.rmdir()
+    except OSError:
+        pytest.skip("this filesystem takes only UTF-8 names")
     shown = f"{tmp_path}/bad\\xff is not a UTF-8 path, and safetensors opens only UTF-8 paths"
     refused(capfd, ["train", *QUICK, "--output-dir", str(odd)], f"--output-dir: {shown}", "choose a UTF-8 name")
     assert not odd.exists()
@@ -745,6 +765,12 @@ def test_generate_out_of_memory_says_to_cut_the_inputs(tmp_path, capfd, generate
     refused(capfd, ["generate", "--model", str(generate_model), "hello world " * 20],
             "generating for inputs of up to 241 tokens ran out of memory ([enforce fail at alloc_cpu.cpp:117] "
             "DefaultCPUAllocator: can't allocate memory", "pass --max-source-length N to cut the inputs")  # fmt: skip
+
+    def bare(self, *args, **kwargs):  # Python's own, with no message
+        raise MemoryError()
+
+    monkeypatch.setattr(T5ForConditionalGeneration, "generate", bare)
+    refused(capfd, ["generate", "--model", str(generate_model), "hi"], "ran out of memory (MemoryError)")
 
 
 def test_generate_refuses_a_tokenizer_past_the_models_vocabulary(tmp_path, capfd, generate_model):

@@ -213,8 +213,9 @@ def test_convert_refuses_a_destination_that_holds_anything_unless_overwrite(tmp_
     assert sorted((p.relative_to(tmp_path), p.stat().st_mtime_ns) for p in tmp_path.rglob("*")) == before
     (tmp_path / "empty").mkdir()  # an empty directory is a new one
     assert main(["convert", str(source), str(tmp_path / "empty")]) == 0
+    (run / "adapter_config.json").write_text("{}")  # a LoRA run's, which generate would load in its place
     assert main(["convert", str(source), str(run), "--dtype", "bf16", "--overwrite"]) == 0
-    assert (run / "notes.txt").read_text() == "mine"
+    assert (run / "notes.txt").read_text() == "mine" and not (run / "adapter_config.json").exists()
     assert json.loads((run / "config.json").read_text())["dtype"] == "bfloat16"
     assert fastseq.from_pretrained(run).num_parameters() == fastseq.from_pretrained(source).num_parameters()
 

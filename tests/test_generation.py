@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 
+import numpy as np
 import pytest
 import torch
 
@@ -84,6 +85,7 @@ def test_sampling_is_seeded_and_filters(tmp_path, reference_backend):
     with pytest.raises(ValueError, match="temperature must be a finite number > 0"):
         sample(0, temperature=0.0)
     assert torch.equal(ours.generate(*args, max_new_tokens=10, temperature=0.0), greedy)  # greedy reads none
+    assert torch.equal(ours.generate(*args, max_new_tokens=np.int64(10)), greedy)  # numpy's integers are integers
     with pytest.raises(ValueError, match="max_new_tokens must be between 1 and"):
         ours.generate(*args, max_new_tokens=0)
 

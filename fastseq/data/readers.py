@@ -150,7 +150,7 @@ def json_kind(value) -> str:
         return "null"
     if isinstance(value, bool):
         return f"{str(value).lower()} (a boolean)"
-    kinds = ((str, "a string"), ((int, float), "a number"), (dict, "an object"), (list, "a list"))
+    kinds = ((str, "a string"), ((int, float), "a number"), (dict, "an object"), (list, "an array"))
     return next((kind for types, kind in kinds if isinstance(value, types)), f"a {type(value).__name__}")
 
 

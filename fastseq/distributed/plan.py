@@ -576,7 +576,7 @@ def show(args, options: dict, cluster: Cluster, *, cpu_from_machine: bool) -> No
 
     args: the run's TrainArgs; options: the train options given (field -> value) for the command."""
     config = _model_config(args)
-    args.check_lora(config, _pretrained(args))  # the LoRA options refused here as `fastseq train` refuses them
+    args.check_lora(config, _pretrained(args), needs_peft=False)  # refused here as `fastseq train` refuses them
     check_parameter_memory(config, cluster.gpus * cluster.gpu_mem * GIB + cluster.nodes * cluster.cpu_mem * GIB,
                            "the cluster's GPU and host memory together,")  # fmt: skip
     if args.deepspeed:  # the config a user chose is refused here as `fastseq train` refuses it

@@ -137,14 +137,16 @@ class TrainArgs:
         dropout = self.lora_dropout if self.lora_dropout is not None else DEFAULT_DROPOUT
         return LoraSettings(r=self.lora_r, alpha=alpha, dropout=dropout, targets=targets)
 
-    def check_lora(self, model_config, pretrained: bool | None = None) -> None:
+    def check_lora(self, model_config, pretrained: bool | None = None, *, needs_peft: bool = True) -> None:
         """The LoRA options against the model: its family's layers, and a base worth adapting (`pretrained`:
-        whether its weights are, default `self.pretrained`)."""
+        whether its weights are, default `self.pretrained`); with `needs_peft`, peft installed (a plan
+        estimates without it)."""
         if not self.lora_r:
             return
         from fastseq.lora import check_targets, peft_module
 
-        peft_module()
+        if needs_peft:
+            peft_module()
         if not (self.pretrained if pretrained is None else pretrained):
             raise ValueError(
                 "--lora-r trains adapters on a pretrained model's frozen weights, and this run's model has random "

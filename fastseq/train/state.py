@@ -108,11 +108,22 @@ def _check_output_dir(args: TrainArgs, out: Path) -> None:
         )
     if entries:  # --overwrite: what it would remove under a checkpoint's name must be a run's checkpoint
         for path in _run_files(out):
-            if _CHECKPOINT.fullmatch(path.name) and not path.name.startswith(".") and not (path / STATE_FILE).is_file():
+            if _CHECKPOINT.fullmatch(path.name) and not path.name.startswith(".") and not _is_checkpoint(path):
                 raise ValueError(
-                    f"--output-dir {out} holds {path.name}, which is not a checkpoint of a run (no {STATE_FILE}) and "
-                    "which --overwrite would remove; move it out of --output-dir, or choose another directory"
+                    f"--output-dir {out} holds {path.name}, which is not a checkpoint of a run (no {STATE_FILE} of "
+                    "fastseq's) and which --overwrite would remove; move it out of --output-dir, or choose another "
+                    "directory"
                 )
+
+
+def _is_checkpoint(path: Path) -> bool:
+    """Whether `path` is a checkpoint of `fastseq train`: its trainer_state.json records fastseq's format
+    (another trainer writes a file of that name too)."""
+    try:
+        state = json.loads((path / STATE_FILE).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(state, dict) and "format" in state
 
 
 def clear_output_dir(args: TrainArgs, out: Path) -> None:
