@@ -225,6 +225,7 @@ import os
 
 try:
     exec(os.environ["DEVICE_PY"])
+    print("cuda runtime:", torch.version.cuda, "cudnn:", torch.backends.cudnn.version())
 except Exception as err:  # noqa: BLE001 - the versions below say what the machine has all the same
     print(f"device: unknown (torch: {type(err).__name__}: {err})")
 import datetime
@@ -245,7 +246,6 @@ if not commit and shutil.which("git"):
     except (OSError, subprocess.SubprocessError):
         pass
 print("commit:", commit or "(no git here; GPU_CHECK_COMMIT names it)")
-print("cuda runtime:", torch.version.cuda, "cudnn:", torch.backends.cudnn.version())
 for name in ("torch", "triton", "transformers", "deepspeed", "fastseq"):
     try:
         module = importlib.import_module(name)
