@@ -188,6 +188,11 @@ def _beam_search(
     return finished[:, 0, :length]
 
 
+def _is_integer(value) -> bool:
+    """An integer of any kind (Python's, numpy's), not a bool: what a count among the settings must be."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
 def check_settings(config, *, max_new_tokens: int, num_beams: int = 1, do_sample: bool = False,
                    temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, length_penalty: float = 1.0,
                    repetition_penalty: float = 1.0, no_repeat_ngram_size: int = 0,
@@ -197,7 +202,7 @@ def check_settings(config, *, max_new_tokens: int, num_beams: int = 1, do_sample
     counts = dict(max_new_tokens=max_new_tokens, num_beams=num_beams, top_k=top_k,
                   no_repeat_ngram_size=no_repeat_ngram_size, min_new_tokens=min_new_tokens)  # fmt: skip
     for name, value in counts.items():
-        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        if not _is_integer(value):
             raise ValueError(f"{name} must be an integer; got {value!r}")
     positions = position_limit(config)
     limit = min(MAX_NEW_TOKENS, positions or MAX_NEW_TOKENS)
@@ -258,7 +263,7 @@ FILE_SETTINGS = {"num_beams": "num_beams", "max_new_tokens": "max_new_tokens", "
 # The type each field `settings_from_file` reads must have: what the error says, and the test.
 _FIELD_TYPES = {
     "an integer": (("num_beams", "max_new_tokens", "min_new_tokens", "no_repeat_ngram_size", "max_length",
-                    "min_length"), lambda v: isinstance(v, int) and not isinstance(v, bool)),
+                    "min_length"), _is_integer),
     "a number": (("length_penalty", "repetition_penalty"),
                  lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)),
     "true, false or \"never\"": (("early_stopping",), lambda v: isinstance(v, bool) or v == "never"),
@@ -291,7 +296,7 @@ def recorded_prediction(recorded: dict, file: str | Path = PREDICTION_CONFIG) ->
     prefix, limit = recorded.get("source_prefix"), recorded.get("max_source_length")
     if prefix is not None and not isinstance(prefix, str):
         raise ValueError(f"{file}: source_prefix is {prefix!r}; it must be text: fix or remove the field")
-    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+    if limit is not None and (not _is_integer(limit) or limit < 1):
         raise ValueError(f"{file}: max_source_length is {limit!r}; it must be an integer >= 1: fix or remove the field")
     return prefix, limit
 
